@@ -1,0 +1,1 @@
+"""Server-rendered admin and self-service pages."""

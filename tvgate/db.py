@@ -1,0 +1,133 @@
+"""Opening the database, running numbered migrations, and running queries off the IOLoop.
+
+Peewee is synchronous and keeps one connection per thread. Request handlers
+never query on the IOLoop thread: they go through :class:`DatabaseRunner`,
+whose thread pool gives each worker thread its own connection. When the
+database goes away, a thread's broken connection is closed so that the next
+call reconnects instead of failing forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import unquote, urlparse
+
+import peewee
+
+from tvgate import models
+
+log = logging.getLogger("tvgate.db")
+T = TypeVar("T")
+
+#: Errors that mean "the database is not reachable right now", not "bad query".
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (peewee.OperationalError, peewee.InterfaceError)
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not be reached; callers answer 503 or spool."""
+
+
+def open_database(url: str) -> peewee.Database:
+    """Open (lazily) the database at ``url`` and bind the models to it."""
+    parsed = urlparse(url)
+    db: peewee.Database
+    if parsed.scheme == "sqlite":
+        path = unquote(url[len("sqlite:///") :])
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        db = peewee.SqliteDatabase(
+            path,
+            pragmas={
+                # WAL lets the trace writer, the CLI and readers work at once.
+                "journal_mode": "wal",
+                "synchronous": "normal",
+                "busy_timeout": 10000,
+                "foreign_keys": 1,
+            },
+            check_same_thread=False,
+        )
+    elif parsed.scheme in ("postgresql", "postgres"):
+        db = peewee.PostgresqlDatabase(
+            unquote(parsed.path.lstrip("/")),
+            user=unquote(parsed.username) if parsed.username else None,
+            password=unquote(parsed.password) if parsed.password else None,
+            host=parsed.hostname or None,
+            port=parsed.port or 5432,
+            autorollback=True,
+            connect_timeout=5,
+        )
+    else:
+        raise ValueError(f"unsupported database URL scheme {parsed.scheme!r}")
+    models.database.initialize(db)
+    return db
+
+
+def reset_connection(db: peewee.Database) -> None:
+    """Drop this thread's connection after a connection error, so the next call reconnects."""
+    try:
+        if not db.is_closed():
+            db.close()
+    except Exception:  # noqa: BLE001 - the connection is already broken; nothing to save
+        state = getattr(db, "_state", None)
+        if state is not None:
+            state.reset()
+
+
+def _migration_1(db: peewee.Database) -> None:
+    db.create_tables(list(models.ALL_MODELS))
+
+
+#: Numbered migrations, applied in order, each once. Append; never edit a released one.
+MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
+    (1, _migration_1),
+]
+
+
+def migrate(db: peewee.Database) -> list[int]:
+    """Apply the migrations this database has not seen; returns the versions applied."""
+    applied: list[int] = []
+    with db.connection_context():
+        db.create_tables([models.SchemaVersion], safe=True)
+        done = {row.version for row in models.SchemaVersion.select()}
+        for version, step in MIGRATIONS:
+            if version in done:
+                continue
+            with db.atomic():
+                step(db)
+                models.SchemaVersion.create(version=version)
+            applied.append(version)
+            log.info("applied migration %d", version)
+    return applied
+
+
+class DatabaseRunner:
+    """Runs synchronous Peewee work in a thread pool, one connection per thread."""
+
+    def __init__(self, db: peewee.Database, threads: int = 0) -> None:
+        self.db = db
+        self.executor = ThreadPoolExecutor(
+            max_workers=threads or min(16, (os.cpu_count() or 2) * 4),
+            thread_name_prefix="tvgate-db",
+        )
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except CONNECTION_ERRORS as exc:
+            reset_connection(self.db)
+            raise DatabaseUnavailable(
+                str(exc).splitlines()[0] if str(exc) else "unavailable"
+            ) from exc
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in the pool; connection failures become DatabaseUnavailable."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._call, fn)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,79 @@
+"""The Gateway: every long-lived service of one tvgate process, built once, stopped once.
+
+Handlers reach these through ``BaseHandler`` properties; the CLI builds only
+the parts it needs. Nothing here runs per request.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import peewee
+from tornado.curl_httpclient import CurlAsyncHTTPClient
+
+from tvgate.config import Settings
+from tvgate.db import DatabaseRunner, migrate, open_database
+from tvgate.identity.tokens import ProxyTokenAuthenticator
+from tvgate.keyring import Keyring, PlaintextCache, build_keyring
+from tvgate.routing import Router
+from tvgate.traces.writer import TraceWriter
+
+log = logging.getLogger("tvgate")
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    db: peewee.Database
+    runner: DatabaseRunner
+    keyring: Keyring
+    keys: PlaintextCache
+    tokens: ProxyTokenAuthenticator
+    router: Router
+    traces: TraceWriter
+    http: CurlAsyncHTTPClient
+
+    @classmethod
+    def build(cls, settings: Settings) -> Gateway:
+        """Open the database (migrating it), the keyring, and the caches. Call on the IOLoop."""
+        db = open_database(settings.resolved_database_url)
+        migrate(db)
+        runner = DatabaseRunner(db)
+        keyring = build_keyring(settings)
+        # Peewee connections are per thread, so the writer thread has its own.
+        writer = TraceWriter(
+            db,
+            queue_size=settings.trace_queue_size,
+            batch_size=settings.trace_batch_size,
+        )
+        http = CurlAsyncHTTPClient(
+            max_clients=settings.max_clients,
+            # Responses are streamed to the client, never buffered whole; this only bounds
+            # what Tornado would hold if a body were buffered.
+            max_body_size=settings.max_body_bytes,
+            force_instance=True,
+        )
+        gateway = cls(
+            settings=settings,
+            db=db,
+            runner=runner,
+            keyring=keyring,
+            keys=PlaintextCache(keyring, runner.executor, settings.key_cache_ttl),
+            tokens=ProxyTokenAuthenticator(runner, settings.cache_ttl),
+            router=Router(runner, settings.cache_ttl),
+            traces=writer,
+            http=http,
+        )
+        return gateway
+
+    def start(self) -> None:
+        self.traces.start()
+        self.router.start()
+
+    def stop(self) -> None:
+        """Flush traces and release connections. Call after the listeners are closed."""
+        self.router.stop()
+        self.http.close()
+        self.traces.stop()
+        self.runner.close()

@@ -1,0 +1,194 @@
+"""Peewee models: the tables tvgate keeps, and nothing else.
+
+The database is bound at run time through ``database`` (a proxy), so the same
+models serve SQLite and PostgreSQL. Times are seconds since the epoch as
+doubles: cheap to write from the trace writer and the same on both engines.
+Schema changes go through the numbered migrations in ``tvgate.db``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import peewee
+
+database = peewee.DatabaseProxy()
+
+ROLE_ADMIN = "admin"
+ROLE_MEMBER = "member"
+ROLE_AUDITOR = "auditor"
+ROLES = (ROLE_ADMIN, ROLE_MEMBER, ROLE_AUDITOR)
+
+PROVIDER_ANTHROPIC = "anthropic"
+PROVIDER_OPENAI = "openai"
+PROVIDERS = (PROVIDER_ANTHROPIC, PROVIDER_OPENAI)
+
+#: Route scopes: visible to the whole org, made by an admin for one user,
+#: made by a user for themselves.
+SCOPE_ORG = "org"
+SCOPE_USER = "user"
+SCOPE_OWNED = "owned"
+SCOPES = (SCOPE_ORG, SCOPE_USER, SCOPE_OWNED)
+
+
+def now() -> float:
+    return time.time()
+
+
+class BaseModel(peewee.Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class Org(BaseModel):
+    id: int
+
+    name = peewee.CharField(max_length=200, unique=True)
+    display_name = peewee.CharField(max_length=200, default="")
+    #: Visdom Trace's org id, when the org came from there.
+    external_id = peewee.CharField(max_length=64, null=True, unique=True)
+    allow_user_keys = peewee.BooleanField(default=False)
+    allow_user_routes = peewee.BooleanField(default=False)
+    capture_bodies = peewee.BooleanField(default=True)
+    created_at = peewee.DoubleField(default=now)
+
+
+class User(BaseModel):
+    """One person's membership of one org (a person in two orgs has two rows)."""
+
+    id: int
+    org_id: int
+
+    org = peewee.ForeignKeyField(Org, backref="users", on_delete="CASCADE")
+    email = peewee.CharField(max_length=320)
+    name = peewee.CharField(max_length=200, default="")
+    role = peewee.CharField(max_length=16, default=ROLE_MEMBER)
+    disabled = peewee.BooleanField(default=False)
+    #: Visdom Trace's user id, when the user came from there.
+    external_id = peewee.CharField(max_length=64, null=True)
+    password_hash = peewee.CharField(max_length=400, null=True)
+    created_at = peewee.DoubleField(default=now)
+
+    class Meta:
+        indexes = ((("org", "email"), True),)
+
+
+class ProviderKey(BaseModel):
+    """A provider API key: only its ciphertext and last four characters are stored."""
+
+    id: int
+    org_id: int
+    owner_id: int | None
+
+    org = peewee.ForeignKeyField(Org, backref="keys", on_delete="CASCADE")
+    name = peewee.CharField(max_length=200)
+    provider = peewee.CharField(max_length=16)
+    base_url = peewee.CharField(max_length=2000)
+    ciphertext = peewee.TextField()
+    fingerprint = peewee.CharField(max_length=8)
+    #: The user who owns a private key; null for an admin-managed key.
+    owner = peewee.ForeignKeyField(User, null=True, backref="own_keys", on_delete="CASCADE")
+    disabled = peewee.BooleanField(default=False)
+    created_by = peewee.ForeignKeyField(User, null=True, on_delete="SET NULL")
+    created_at = peewee.DoubleField(default=now)
+    updated_at = peewee.DoubleField(default=now)
+    last_used_at = peewee.DoubleField(null=True)
+
+    class Meta:
+        indexes = ((("org", "name"), True),)
+
+
+class Route(BaseModel):
+    """A name a tool asks for as its ``model``, mapped to a key and an upstream model."""
+
+    id: int
+    org_id: int
+    key_id: int
+    user_id: int | None
+
+    org = peewee.ForeignKeyField(Org, backref="routes", on_delete="CASCADE")
+    #: Exact name or glob pattern (``claude-haiku-*``).
+    name = peewee.CharField(max_length=200)
+    #: Model sent upstream; empty: the requested name is passed through.
+    upstream_model = peewee.CharField(max_length=200, default="")
+    key = peewee.ForeignKeyField(ProviderKey, backref="routes", on_delete="CASCADE")
+    scope = peewee.CharField(max_length=8, default=SCOPE_ORG)
+    #: For scope user: the user it was made for; for scope owned: its owner.
+    user = peewee.ForeignKeyField(User, null=True, backref="routes", on_delete="CASCADE")
+    enabled = peewee.BooleanField(default=True)
+    description = peewee.TextField(default="")
+    created_at = peewee.DoubleField(default=now)
+    updated_at = peewee.DoubleField(default=now)
+
+    class Meta:
+        indexes = ((("org", "name", "scope", "user"), True),)
+
+
+class ProxyToken(BaseModel):
+    """A ``tvg_`` token minted by tvgate; only its SHA-256 is stored."""
+
+    id: int
+    user_id: int
+
+    user = peewee.ForeignKeyField(User, backref="tokens", on_delete="CASCADE")
+    name = peewee.CharField(max_length=200, default="")
+    token_hash = peewee.CharField(max_length=64, unique=True)
+    #: First characters, so a person can tell tokens apart in a list.
+    prefix = peewee.CharField(max_length=16)
+    created_at = peewee.DoubleField(default=now)
+    expires_at = peewee.DoubleField(null=True)
+    last_used_at = peewee.DoubleField(null=True)
+    revoked_at = peewee.DoubleField(null=True)
+
+
+class Trace(BaseModel):
+    """One call through the proxy. Written by the trace writer only."""
+
+    id = peewee.CharField(max_length=32, primary_key=True)
+    org_id = peewee.IntegerField(index=True)
+    user_id = peewee.IntegerField(null=True, index=True)
+    route_name = peewee.CharField(max_length=200, default="")
+    key_name = peewee.CharField(max_length=200, default="")
+    provider = peewee.CharField(max_length=16, default="")
+    endpoint = peewee.CharField(max_length=64)
+    requested_model = peewee.CharField(max_length=200, default="")
+    upstream_model = peewee.CharField(max_length=200, default="")
+    response_model = peewee.CharField(max_length=200, default="")
+    stream = peewee.BooleanField(default=False)
+    status_code = peewee.IntegerField(default=0)
+    outcome = peewee.CharField(max_length=24)
+    error_type = peewee.CharField(max_length=100, default="")
+    error_message = peewee.TextField(default="")
+    received_at = peewee.DoubleField(index=True)
+    first_byte_at = peewee.DoubleField(null=True)
+    finished_at = peewee.DoubleField(null=True)
+    overhead_ms = peewee.DoubleField(default=0.0)
+    input_tokens = peewee.IntegerField(default=0)
+    output_tokens = peewee.IntegerField(default=0)
+    cache_read_tokens = peewee.IntegerField(default=0)
+    cache_write_tokens = peewee.IntegerField(default=0)
+    reasoning_tokens = peewee.IntegerField(default=0)
+    bytes_in = peewee.IntegerField(default=0)
+    bytes_out = peewee.IntegerField(default=0)
+    tool = peewee.CharField(max_length=32, default="")
+    tool_version = peewee.CharField(max_length=64, default="")
+    session_id = peewee.CharField(max_length=200, default="", index=True)
+    upstream_request_id = peewee.CharField(max_length=200, default="")
+    message_id = peewee.CharField(max_length=200, default="")
+
+
+class SchemaVersion(BaseModel):
+    version = peewee.IntegerField(primary_key=True)
+    applied_at = peewee.DoubleField(default=now)
+
+
+ALL_MODELS: tuple[type[BaseModel], ...] = (
+    Org,
+    User,
+    ProviderKey,
+    Route,
+    ProxyToken,
+    Trace,
+    SchemaVersion,
+)

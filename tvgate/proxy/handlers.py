@@ -1,0 +1,156 @@
+"""Proxy handlers: the provider-compatible endpoints tools call, kept thin.
+
+Each handler reads the request and hands it to ``ProxyCall``. The paths are
+those of the providers' APIs, also under ``/anthropic`` and ``/openai`` for
+tools that want a provider-specific base URL.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from tornado.web import stream_request_body
+
+from tvgate.db import DatabaseUnavailable
+from tvgate.identity import AuthError, IdentityUnavailable, credential_from_headers
+from tvgate.models import PROVIDER_ANTHROPIC
+from tvgate.providers import ENDPOINTS, Endpoint
+from tvgate.proxy.call import ProxyCall
+from tvgate.web import BaseHandler
+
+
+@stream_request_body
+class ProxyHandler(BaseHandler):
+    """``POST /v1/<endpoint>``: authenticate, route, stream to the provider and back."""
+
+    SUPPORTED_METHODS = ("POST", "GET")
+
+    def initialize(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.call: ProxyCall | None = None
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._too_large = False
+
+    def prepare(self) -> None:
+        if self.request.method != "POST":
+            return
+        limit = self.gateway.settings.max_body_bytes
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > limit:
+            self._too_large = True
+        # Tornado would drop the connection past its own limit; tvgate wants to answer
+        # 413 in the API's envelope, so it reads (and discards) an oversized body itself.
+        self.request.connection.set_max_body_size(max(limit * 4, 64 * 1024 * 1024))  # type: ignore[union-attr]
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._too_large:
+            return
+        self._size += len(chunk)
+        if self._size > self.gateway.settings.max_body_bytes:
+            self._too_large = True
+            self._chunks.clear()
+            return
+        self._chunks.append(chunk)
+
+    async def post(self, *_args: str) -> None:
+        started = time.perf_counter()
+        if self._too_large:
+            limit = self.gateway.settings.max_body_bytes
+            self.send_api_error(
+                413, f"request body is over the {limit}-byte limit", self.endpoint.provider
+            )
+            return
+        self.call = ProxyCall(self, self.endpoint, started)
+        body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks = []
+        await self.call.run(body)
+
+    async def get(self, *_args: str) -> None:
+        if self.request.headers.get("Upgrade", "").lower() == "websocket":
+            # Codex tries Responses over WebSocket first; 426 makes it fall back to HTTP at once.
+            self.set_header("Connection", "close")
+            self.send_api_error(
+                426, "tvgate serves this endpoint over HTTP only", self.endpoint.provider
+            )
+            return
+        self.send_api_error(405, f"use POST for {self.request.path}", self.endpoint.provider)
+
+    def on_connection_close(self) -> None:
+        if self.call is not None:
+            self.call.on_client_gone()
+
+
+class ModelsHandler(BaseHandler):
+    """``GET /v1/models``: the routes this caller may use, in the format its API uses."""
+
+    async def get(self, *_args: str) -> None:
+        token = credential_from_headers(self.request.headers)
+        if not token:
+            self.send_api_error(401, "no credential: send your tvgate token")
+            return
+        try:
+            principal = await self.gateway.tokens.authenticate(token)
+            snapshot = await self.gateway.router.snapshot(principal.org_id)
+        except AuthError as exc:
+            self.send_api_error(401, f"invalid credential: {exc}")
+            return
+        except (IdentityUnavailable, DatabaseUnavailable):
+            self.send_api_error(503, "identity check unavailable; try again shortly")
+            return
+        routes = [r for r in snapshot.available(principal) if not r.is_pattern]
+        self.set_header("Content-Type", "application/json")
+        if self.error_provider() == PROVIDER_ANTHROPIC:
+            created = datetime.fromtimestamp(0, UTC).isoformat().replace("+00:00", "Z")
+            data: list[dict[str, Any]] = [
+                {"type": "model", "id": r.name, "display_name": r.name, "created_at": created}
+                for r in routes
+            ]
+            self.finish(
+                orjson.dumps(
+                    {
+                        "data": data,
+                        "has_more": False,
+                        "first_id": data[0]["id"] if data else None,
+                        "last_id": data[-1]["id"] if data else None,
+                    }
+                )
+            )
+        else:
+            data = [
+                {"id": r.name, "object": "model", "created": 0, "owned_by": r.key.provider}
+                for r in routes
+            ]
+            self.finish(orjson.dumps({"object": "list", "data": data}))
+
+
+class RootHandler(BaseHandler):
+    """``GET /`` and ``HEAD /``: tools probe the base URL; browsers get a link to the UI."""
+
+    def head(self) -> None:
+        self.set_status(200)
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish(
+            b'<!doctype html><meta charset="utf-8"><title>tvgate</title>'
+            b'<p>tvgate is running. <a href="/ui/">Open the web UI</a>.</p>'
+        )
+
+
+def _endpoint_routes() -> list[tuple[str, type, dict[str, Any]]]:
+    routes: list[tuple[str, type, dict[str, Any]]] = []
+    for suffix, endpoint in ENDPOINTS.items():
+        for prefix in ("", "/" + endpoint.provider):
+            routes.append((f"{prefix}/v1/{suffix}", ProxyHandler, {"endpoint": endpoint}))
+    return routes
+
+
+default_handlers: list[tuple[str, type, dict[str, Any]] | tuple[str, type]] = [
+    ("/", RootHandler),
+    *_endpoint_routes(),
+    (r"(?:/anthropic|/openai)?/v1/models", ModelsHandler),
+]

@@ -1,0 +1,193 @@
+"""One transfer to a provider through ``CurlAsyncHTTPClient``, streamed as it arrives.
+
+Tornado's curl client queues response chunks and header lines onto the IOLoop;
+tvgate replaces curl's header and write functions in ``prepare_curl_callback``
+so that headers and bytes reach the listener synchronously, in order, with no
+extra hop per chunk. That also gives tvgate the controls Tornado does not offer:
+
+* backpressure: when the client is slow the write function returns
+  ``WRITEFUNC_PAUSE`` and the transfer is resumed once the client drains;
+* abort: a client that goes away makes the write function return 0 and the
+  progress function return 1, which ends the transfer at once even while the
+  provider is silent (a Tornado future cannot be cancelled);
+* an idle timeout instead of a whole-transfer timeout (``LOW_SPEED_*``), so a
+  long stream lives as long as bytes keep coming;
+* an address check on every connection, after DNS (``OPENSOCKETFUNCTION``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pycurl
+from tornado.curl_httpclient import CurlAsyncHTTPClient
+from tornado.httpclient import HTTPRequest
+from tornado.httputil import HTTPHeaders
+
+#: curl error codes tvgate tells apart.
+CURLE_COULDNT_RESOLVE_HOST = 6
+CURLE_COULDNT_CONNECT = 7
+CURLE_WRITE_ERROR = 23
+CURLE_OPERATION_TIMEDOUT = 28
+CURLE_ABORTED_BY_CALLBACK = 42
+
+log = logging.getLogger("tvgate.proxy")
+
+
+class UpstreamListener(Protocol):
+    def on_upstream_headers(self, status: int, headers: list[tuple[str, str]]) -> None: ...
+
+    def on_upstream_chunk(self, chunk: bytes) -> bool:
+        """Take a chunk; False means "not taken, pause until resume()"."""
+
+
+@dataclass(slots=True)
+class UpstreamResult:
+    #: 0 when the transfer completed; else curl's error code.
+    curl_error: int
+    message: str
+    #: Set when tvgate refused the connection (address check).
+    refused: str = ""
+
+
+def is_public_address(host: str) -> bool:
+    """False for loopback, private, link-local, multicast, reserved and unspecified addresses."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+class UpstreamExchange:
+    """A single provider call. Create, ``await run()``; ``abort()``/``resume()`` from the IOLoop."""
+
+    def __init__(
+        self,
+        client: CurlAsyncHTTPClient,
+        url: str,
+        headers: HTTPHeaders,
+        body: bytes | None,
+        listener: UpstreamListener,
+        *,
+        method: str = "POST",
+        connect_timeout: float,
+        idle_timeout: int,
+        allow_private: bool,
+    ) -> None:
+        self.client = client
+        self.listener: UpstreamListener | None = listener
+        self.allow_private = allow_private
+        self.idle_timeout = idle_timeout
+        self.aborted = False
+        self.paused = False
+        self.refused = ""
+        self.status = 0
+        self._headers: list[tuple[str, str]] = []
+        self._curl: pycurl.Curl | None = None
+        self.request = HTTPRequest(
+            url,
+            method=method,
+            headers=headers,
+            body=body,
+            connect_timeout=connect_timeout,
+            request_timeout=0,  # no whole-transfer limit: LOW_SPEED_* is the idle timeout
+            follow_redirects=False,
+            decompress_response=False,
+            prepare_curl_callback=self._prepare,
+        )
+
+    def _prepare(self, curl: Any) -> None:
+        self._curl = curl
+        curl.setopt(pycurl.HEADERFUNCTION, self._on_header_line)
+        curl.setopt(pycurl.WRITEFUNCTION, self._on_body)
+        curl.setopt(pycurl.NOPROGRESS, 0)
+        curl.setopt(pycurl.XFERINFOFUNCTION, self._on_progress)
+        curl.setopt(pycurl.LOW_SPEED_LIMIT, 1)
+        curl.setopt(pycurl.LOW_SPEED_TIME, self.idle_timeout)
+        if not self.allow_private:
+            curl.setopt(pycurl.OPENSOCKETFUNCTION, self._open_socket)
+        else:
+            curl.unsetopt(pycurl.OPENSOCKETFUNCTION)
+
+    # --- curl callbacks: run inside curl_multi_socket_action on the IOLoop thread ---
+
+    def _on_header_line(self, raw: bytes) -> None:
+        line = raw.decode("latin-1").rstrip("\r\n")
+        if line.startswith("HTTP/"):
+            # A new header block (after a 1xx, or the first one).
+            parts = line.split(" ", 2)
+            self.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            self._headers = []
+        elif line:
+            name, sep, value = line.partition(":")
+            if sep and name and not name[0].isspace():
+                self._headers.append((name.strip(), value.strip()))
+        elif self.status >= 200 and self.listener is not None:
+            self.listener.on_upstream_headers(self.status, self._headers)
+
+    def _on_body(self, chunk: bytes) -> int | None:
+        if self.aborted or self.listener is None:
+            return 0
+        try:
+            taken = self.listener.on_upstream_chunk(chunk)
+        except Exception:
+            # Never let an exception unwind into libcurl; end the transfer instead.
+            log.exception("relaying an upstream chunk failed")
+            self.aborted = True
+            return 0
+        if not taken:
+            self.paused = True
+            return pycurl.WRITEFUNC_PAUSE
+        return None
+
+    def _on_progress(self, _dltotal: int, _dlnow: int, _ultotal: int, _ulnow: int) -> int:
+        return 1 if self.aborted else 0
+
+    def _open_socket(self, _purpose: int, address: Any) -> Any:
+        family, socktype, protocol, addr = address
+        if family not in (socket.AF_INET, socket.AF_INET6) or not is_public_address(addr[0]):
+            self.refused = f"upstream address {addr[0]} is not a public address"
+            return pycurl.SOCKET_BAD
+        return socket.socket(family, socktype, protocol)
+
+    # --- control, from the IOLoop ---
+
+    def abort(self) -> None:
+        """Stop the transfer: the client is gone or tvgate gave up."""
+        self.aborted = True
+        if self.paused:
+            # A paused transfer calls no write function; resume it so that it can fail now.
+            self.resume()
+
+    def resume(self) -> None:
+        if self.paused and self._curl is not None:
+            self.paused = False
+            # A pycurl.error here means the transfer already failed; run() reports it.
+            with contextlib.suppress(pycurl.error):
+                self._curl.pause(pycurl.PAUSE_CONT)
+
+    async def run(self) -> UpstreamResult:
+        try:
+            response = await self.client.fetch(self.request, raise_error=False)
+        finally:
+            # The curl handle goes back to Tornado's pool; keep it from holding our listener.
+            self.listener = None
+            self._curl = None
+        if response.code != 599:
+            # Any HTTP status, 4xx and 5xx included, is a completed transfer.
+            return UpstreamResult(0, "", self.refused)
+        code = getattr(response.error, "errno", 0) or 0
+        return UpstreamResult(int(code), str(response.error), self.refused)
+
+
+def upstream_url(base_url: str, path: str, query: str) -> str:
+    url = base_url.rstrip("/") + path
+    return f"{url}?{query}" if query else url

@@ -1,0 +1,219 @@
+"""Route resolution: which provider, upstream model and key a principal gets for a name.
+
+Each org's routes and keys are held in memory as an immutable snapshot, loaded
+in the database pool on first use and refreshed in the background every
+``cache_ttl`` seconds, so a request never waits on the database in the steady
+state. A change made in this process invalidates the snapshot at once.
+
+Precedence: an exact name beats a pattern; within each, a user-owned route
+beats a route an admin made for that user, which beats an org route; among
+patterns of the same scope the longest literal prefix wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+from tornado.ioloop import PeriodicCallback
+
+from tvgate.db import DatabaseRunner
+from tvgate.identity import Principal
+from tvgate.models import SCOPE_ORG, SCOPE_OWNED, SCOPE_USER, Org, ProviderKey, Route
+
+log = logging.getLogger("tvgate.routing")
+
+_SCOPE_RANK = {SCOPE_OWNED: 0, SCOPE_USER: 1, SCOPE_ORG: 2}
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class RouteNotFound(Exception):
+    """No route of that name is usable by this principal."""
+
+    def __init__(self, name: str, available: list[str]) -> None:
+        self.name = name
+        self.available = available
+        listed = ", ".join(available) if available else "none"
+        super().__init__(f"no route named {name!r} for you; routes you may use: {listed}")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRef:
+    """What the proxy needs of a provider key; the secret stays encrypted here."""
+
+    id: int
+    org_id: int
+    name: str
+    provider: str
+    base_url: str
+    ciphertext: str
+    owner_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteEntry:
+    id: int
+    name: str
+    upstream_model: str
+    scope: str
+    user_id: int | None
+    key: KeyRef
+    is_pattern: bool
+    literal_prefix: int
+    matcher: re.Pattern[str] | None
+
+    def visible_to(self, principal: Principal, allow_user_routes: bool) -> bool:
+        if self.scope == SCOPE_ORG:
+            visible = True
+        elif self.scope == SCOPE_USER:
+            visible = self.user_id == principal.user_id
+        else:
+            visible = allow_user_routes and self.user_id == principal.user_id
+        # The key must be usable by this principal now, whatever held when the route was made.
+        return visible and (self.key.owner_id is None or self.key.owner_id == principal.user_id)
+
+    def upstream_model_for(self, requested: str) -> str:
+        return self.upstream_model or requested
+
+
+@dataclass(slots=True)
+class OrgSnapshot:
+    org_id: int
+    allow_user_routes: bool
+    exact: dict[str, list[RouteEntry]] = field(default_factory=dict)
+    patterns: list[RouteEntry] = field(default_factory=list)
+    loaded_at: float = 0.0
+
+    def resolve(self, principal: Principal, name: str) -> RouteEntry | None:
+        candidates = [
+            r for r in self.exact.get(name, ()) if r.visible_to(principal, self.allow_user_routes)
+        ]
+        if not candidates:
+            candidates = [
+                r
+                for r in self.patterns
+                if r.matcher is not None
+                and r.matcher.match(name)
+                and r.visible_to(principal, self.allow_user_routes)
+            ]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda r: (_SCOPE_RANK[r.scope], -r.literal_prefix, r.id))
+
+    def available(self, principal: Principal) -> list[RouteEntry]:
+        """Every route this principal may use, one per name, in name order."""
+        seen: dict[str, RouteEntry] = {}
+        entries = [r for rs in self.exact.values() for r in rs] + self.patterns
+        for entry in entries:
+            if not entry.visible_to(principal, self.allow_user_routes):
+                continue
+            best = seen.get(entry.name)
+            if best is None or _SCOPE_RANK[entry.scope] < _SCOPE_RANK[best.scope]:
+                seen[entry.name] = entry
+        return [seen[name] for name in sorted(seen)]
+
+
+def _entry(route: Route, key: ProviderKey) -> RouteEntry:
+    is_pattern = bool(_GLOB_CHARS.search(route.name))
+    match = _GLOB_CHARS.search(route.name)
+    return RouteEntry(
+        id=route.id,
+        name=route.name,
+        upstream_model=route.upstream_model,
+        scope=route.scope,
+        user_id=route.user_id,
+        key=KeyRef(
+            id=key.id,
+            org_id=key.org_id,
+            name=key.name,
+            provider=key.provider,
+            base_url=key.base_url,
+            ciphertext=key.ciphertext,
+            owner_id=key.owner_id,
+        ),
+        is_pattern=is_pattern,
+        literal_prefix=match.start() if match else len(route.name),
+        matcher=re.compile(fnmatch.translate(route.name)) if is_pattern else None,
+    )
+
+
+def load_snapshot(org_id: int) -> OrgSnapshot:
+    """Read an org's enabled routes and their enabled keys (runs in the database pool)."""
+    org = Org.get_by_id(org_id)
+    snapshot = OrgSnapshot(org_id=org_id, allow_user_routes=org.allow_user_routes)
+    query = (
+        Route.select(Route, ProviderKey)
+        .join(ProviderKey)
+        .where((Route.org == org_id) & Route.enabled & ~ProviderKey.disabled)
+    )
+    for route in query:
+        entry = _entry(route, route.key)
+        if entry.is_pattern:
+            snapshot.patterns.append(entry)
+        else:
+            snapshot.exact.setdefault(entry.name, []).append(entry)
+    snapshot.loaded_at = time.monotonic()
+    return snapshot
+
+
+class Router:
+    """Per-org snapshots, with background refresh."""
+
+    def __init__(self, runner: DatabaseRunner, ttl: float) -> None:
+        self.runner = runner
+        self.ttl = ttl
+        self._snapshots: dict[int, OrgSnapshot] = {}
+        self._loading: dict[int, asyncio.Future[OrgSnapshot]] = {}
+        self._refresher: PeriodicCallback | None = None
+
+    def start(self) -> None:
+        """Refresh every known snapshot in the background, every TTL/2."""
+        self._refresher = PeriodicCallback(self._refresh_all, max(50.0, self.ttl * 500))
+        self._refresher.start()
+
+    def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.stop()
+
+    async def snapshot(self, org_id: int) -> OrgSnapshot:
+        snapshot = self._snapshots.get(org_id)
+        if snapshot is not None:
+            return snapshot
+        return await self._load(org_id)
+
+    async def _load(self, org_id: int) -> OrgSnapshot:
+        loading = self._loading.get(org_id)
+        if loading is None:
+            loading = asyncio.ensure_future(self.runner.run(lambda: load_snapshot(org_id)))
+            self._loading[org_id] = loading
+            try:
+                snapshot = await loading
+            finally:
+                self._loading.pop(org_id, None)
+            self._snapshots[org_id] = snapshot
+            return snapshot
+        return await loading
+
+    async def _refresh_all(self) -> None:
+        deadline = time.monotonic() - self.ttl / 2
+        for org_id, snapshot in list(self._snapshots.items()):
+            if snapshot.loaded_at <= deadline:
+                try:
+                    await self._load(org_id)
+                except Exception as exc:  # noqa: BLE001 - keep serving the last snapshot
+                    log.warning("route refresh for org %d failed: %s", org_id, exc)
+
+    async def resolve(self, principal: Principal, name: str) -> RouteEntry:
+        snapshot = await self.snapshot(principal.org_id)
+        entry = snapshot.resolve(principal, name)
+        if entry is None:
+            raise RouteNotFound(name, [r.name for r in snapshot.available(principal)])
+        return entry
+
+    def invalidate(self, org_id: int) -> None:
+        """Forget an org's snapshot: the next request loads the change."""
+        self._snapshots.pop(org_id, None)

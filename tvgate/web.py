@@ -1,0 +1,52 @@
+"""BaseHandler: what every tvgate handler gets — its services, and errors in the right envelope."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tornado.web import RequestHandler
+
+from tvgate.gateway import Gateway
+from tvgate.models import PROVIDER_ANTHROPIC, PROVIDER_OPENAI
+from tvgate.providers import error_body
+
+
+class BaseHandler(RequestHandler):
+    @property
+    def gateway(self) -> Gateway:
+        gateway: Gateway = self.application.settings["gateway"]
+        return gateway
+
+    def error_provider(self) -> str:
+        """Which API's envelope an error on this request should use."""
+        if "anthropic-version" in self.request.headers or self.request.path.startswith(
+            "/anthropic/"
+        ):
+            return PROVIDER_ANTHROPIC
+        return PROVIDER_OPENAI
+
+    def send_api_error(
+        self, status: int, message: str, provider: str | None = None, **headers: str
+    ) -> None:
+        """Answer with ``status`` and the provider's JSON error envelope."""
+        self.clear()
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        for name, value in headers.items():
+            self.set_header(name.replace("_", "-"), value)
+        self.finish(error_body(provider or self.error_provider(), status, message))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # Unhandled exceptions and tornado's own HTTPErrors: the envelope, never a traceback.
+        reason = self._reason if status_code < 500 else "internal error in tvgate"
+        self.set_header("Content-Type", "application/json")
+        self.finish(error_body(self.error_provider(), status_code, reason))
+
+
+class NotFoundHandler(BaseHandler):
+    """Any path tvgate does not serve: a 404 in the API's envelope."""
+
+    def prepare(self) -> None:
+        self.send_api_error(
+            404, f"tvgate has no endpoint {self.request.method} {self.request.path}"
+        )
