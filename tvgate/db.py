@@ -59,7 +59,6 @@ def open_database(url: str) -> peewee.Database:
             password=unquote(parsed.password) if parsed.password else None,
             host=parsed.hostname or None,
             port=parsed.port or 5432,
-            autorollback=True,
             connect_timeout=5,
         )
     else:

@@ -94,7 +94,15 @@ def stream_error_event(api: str, message: str, kind: str = "api_error") -> bytes
         payload = {"type": "error", "error": {"type": kind, "message": message}}
         return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"
     if api == OPENAI_RESPONSES:
-        payload2 = {"type": "error", "code": kind, "message": message, "param": None}
+        # The Responses API's own error event, plus the nested "error" object that
+        # makes the openai SDKs raise instead of yielding it as an ordinary event.
+        payload2 = {
+            "type": "error",
+            "code": kind,
+            "message": message,
+            "param": None,
+            "error": {"type": kind, "code": kind, "message": message},
+        }
         return b"event: error\ndata: " + orjson.dumps(payload2) + b"\n\n"
     payload3 = {"error": {"message": message, "type": kind, "param": None, "code": None}}
     return b"data: " + orjson.dumps(payload3) + b"\n\n"

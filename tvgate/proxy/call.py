@@ -155,7 +155,7 @@ class ProxyCall:
             await self._proxy(raw_body)
         except Exception:
             log.exception("proxy call failed")
-            self._fail_before_upstream(500, "internal error in tvgate", OUTCOME_UPSTREAM_ERROR)
+            self._fail(500, "internal error in tvgate", OUTCOME_UPSTREAM_ERROR)
         finally:
             self._queue_trace()
 
@@ -187,23 +187,23 @@ class ProxyCall:
             )
             self.body = parse_request_body(decoded)
         except BodyError as exc:
-            self._fail_before_upstream(exc.status, str(exc), OUTCOME_REJECTED)
+            self._fail(exc.status, str(exc), OUTCOME_REJECTED)
             return
         assert self.principal is not None
         try:
             route = await self.gateway.router.resolve(self.principal, self.body.model)
         except RouteNotFound as exc:
-            self._fail_before_upstream(404, str(exc), OUTCOME_REJECTED)
+            self._fail(404, str(exc), OUTCOME_REJECTED)
             return
         except DatabaseUnavailable:
-            self._fail_before_upstream(
+            self._fail(
                 503, "route store unavailable; try again shortly", OUTCOME_REJECTED
             )
             return
         self.route = route
         self.upstream_model = route.upstream_model_for(self.body.model)
         if route.key.provider != self.endpoint.provider:
-            self._fail_before_upstream(
+            self._fail(
                 400,
                 f"route {route.name!r} goes to {route.key.provider}, which does not serve "
                 f"this {self.endpoint.provider} endpoint",
@@ -211,7 +211,7 @@ class ProxyCall:
             )
             return
         if not settings.allow_private_upstreams and not route.key.base_url.startswith("https://"):
-            self._fail_before_upstream(
+            self._fail(
                 502,
                 f"route {route.name!r} has a non-https upstream, which is not allowed",
                 OUTCOME_REJECTED,
@@ -223,13 +223,13 @@ class ProxyCall:
                 key.ciphertext, KeyContext(key.org_id, key.id, key.owner_id)
             )
         except KeyringUnavailable:
-            self._fail_before_upstream(
+            self._fail(
                 503, "the key store is unavailable; try again shortly", OUTCOME_UPSTREAM_ERROR
             )
             return
         except KeyringError:
             log.error("key %s of org %d does not decrypt", key.name, key.org_id)
-            self._fail_before_upstream(
+            self._fail(
                 502,
                 f"the key of route {route.name!r} cannot be used; ask an admin",
                 OUTCOME_UPSTREAM_ERROR,
@@ -338,13 +338,23 @@ class ProxyCall:
             return (time.perf_counter() - self.started) * 1000
         return (self.upstream_started - self.started) * 1000
 
-    def _fail_before_upstream(self, status: int, message: str, outcome: str) -> None:
-        self.status = status
+    def _fail(self, status: int, message: str, outcome: str) -> None:
+        """End the call with an error, told the way the client can still hear it."""
+        handler = self.handler
         self.outcome = outcome
         self.error_type = "gateway_error"
         self.error_message = message
-        if not self.handler._finished and not self.client_gone:
-            self.handler.send_api_error(status, message, self.provider)
+        if handler._finished or self.client_gone:
+            return
+        if not self.committed:
+            self.status = status
+            handler.send_api_error(status, message, self.provider)
+        elif self.is_stream_response:
+            handler.write(stream_error_event(self.endpoint.api, message))
+            handler.finish()
+        else:
+            # A JSON answer cut halfway cannot be mended; make the cut visible to the client.
+            handler.request.connection.stream.close()  # type: ignore[union-attr]
 
     def _complete(self, result: UpstreamResult) -> None:
         handler = self.handler
@@ -355,19 +365,7 @@ class ProxyCall:
             self.outcome = OUTCOME_OK if self.status < 400 else OUTCOME_UPSTREAM_ERROR
             handler.finish()
             return
-        status, outcome, message = _classify(result)
-        self.outcome = outcome
-        self.error_type = "gateway_error"
-        self.error_message = message
-        if not self.committed:
-            self.status = status
-            handler.send_api_error(status, message, self.provider)
-        elif self.is_stream_response:
-            handler.write(stream_error_event(self.endpoint.api, message))
-            handler.finish()
-        else:
-            # A JSON answer cut halfway cannot be mended; make the cut visible to the client.
-            handler.request.connection.stream.close()  # type: ignore[union-attr]
+        self._fail(*_classify(result))
 
     def _queue_trace(self) -> None:
         principal = self.principal
@@ -434,11 +432,11 @@ class ProxyCall:
 
 
 def _classify(result: UpstreamResult) -> tuple[int, str, str]:
-    """(status, outcome, message) for a transfer that failed."""
+    """(status, message, outcome) for a transfer that failed."""
     if result.refused:
-        return 502, OUTCOME_UPSTREAM_ERROR, result.refused
+        return 502, result.refused, OUTCOME_UPSTREAM_ERROR
     if result.curl_error == CURLE_OPERATION_TIMEDOUT:
-        return 504, OUTCOME_TIMEOUT, "timed out waiting for the provider"
+        return 504, "timed out waiting for the provider", OUTCOME_TIMEOUT
     if result.curl_error in (CURLE_COULDNT_RESOLVE_HOST, CURLE_COULDNT_CONNECT):
-        return 502, OUTCOME_UPSTREAM_ERROR, "could not connect to the provider"
-    return 502, OUTCOME_UPSTREAM_ERROR, "the connection to the provider failed"
+        return 502, "could not connect to the provider", OUTCOME_UPSTREAM_ERROR
+    return 502, "the connection to the provider failed", OUTCOME_UPSTREAM_ERROR

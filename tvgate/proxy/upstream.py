@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pycurl
-from tornado.curl_httpclient import CurlAsyncHTTPClient
+from tornado.curl_httpclient import CurlAsyncHTTPClient, CurlError
 from tornado.httpclient import HTTPRequest
 from tornado.httputil import HTTPHeaders
 
@@ -176,16 +176,15 @@ class UpstreamExchange:
 
     async def run(self) -> UpstreamResult:
         try:
-            response = await self.client.fetch(self.request, raise_error=False)
+            # raise_error=False returns HTTP error statuses; transport failures still raise.
+            await self.client.fetch(self.request, raise_error=False)
+        except CurlError as exc:
+            return UpstreamResult(int(exc.errno), exc.message or "", self.refused)
         finally:
             # The curl handle goes back to Tornado's pool; keep it from holding our listener.
             self.listener = None
             self._curl = None
-        if response.code != 599:
-            # Any HTTP status, 4xx and 5xx included, is a completed transfer.
-            return UpstreamResult(0, "", self.refused)
-        code = getattr(response.error, "errno", 0) or 0
-        return UpstreamResult(int(code), str(response.error), self.refused)
+        return UpstreamResult(0, "", self.refused)
 
 
 def upstream_url(base_url: str, path: str, query: str) -> str:

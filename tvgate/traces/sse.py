@@ -1,0 +1,198 @@
+"""Incremental Server-Sent Events parsing for the capture layer.
+
+This module owns turning the raw bytes of an upstream ``text/event-stream``
+response, as they arrive in chunks of any size, into complete events. It
+follows the WHATWG EventSource interpretation rules: lines end in ``\\r\\n``,
+``\\n`` or ``\\r``; a line starting with ``:`` is a comment; ``field: value``
+loses one leading space; ``id`` and ``retry`` are accepted and ignored; an
+event is dispatched on a blank line, and only if it had at least one ``data``
+line. It knows nothing of what the events mean (see
+:mod:`tvgate.providers.assemble`).
+
+It sits on the proxy's hot path, so lines are found with ``bytes.find`` and
+only the unfinished tail of the stream is ever held, never the stream itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_LF = 0x0A
+_SPACE = 0x20
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(slots=True)
+class SSEEvent:
+    """One dispatched event."""
+
+    #: The ``event:`` field; None when absent (or empty, which the spec treats alike).
+    event: str | None
+    #: The event's ``data`` lines joined with ``b"\\n"``.
+    data: bytes
+
+
+class SSEParser:
+    """Feed it chunks; it returns the events each chunk completes.
+
+    ``overflowed`` is set once an event's lines (comments included) grew past
+    ``max_event_bytes``: that event is dropped and parsing resumes after the
+    next blank line, so one runaway event cannot hold the gateway's memory.
+    Only the tail of the current line and the current event's data are held.
+    ``truncated`` is set by :meth:`close` when the stream ended inside an event.
+    """
+
+    __slots__ = (
+        "_cr_pending",
+        "_data",
+        "_event",
+        "_first_line",
+        "_max",
+        "_partial",
+        "_size",
+        "_skip_content",
+        "_skipping",
+        "overflowed",
+        "truncated",
+    )
+
+    def __init__(self, max_event_bytes: int = 16 * 1024 * 1024) -> None:
+        self._max = max_event_bytes
+        # The unterminated tail of the last chunk: the start of a line.
+        self._partial = bytearray()
+        self._data: list[bytes] = []
+        self._event: str | None = None
+        # Bytes of the current event's complete lines (the partial one is apart).
+        self._size = 0
+        # The last chunk ended in "\r": a "\n" opening the next one is the rest of "\r\n".
+        self._cr_pending = False
+        self._first_line = True
+        # After an overflow, lines are dropped until a blank one; the partial
+        # line is then not kept, only whether it has any content.
+        self._skipping = False
+        self._skip_content = False
+        self.truncated = False
+        self.overflowed = False
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        """The events completed by ``chunk``, in order."""
+        out: list[SSEEvent] = []
+        n = len(chunk)
+        if not n:
+            return out
+        pos = 0
+        if self._cr_pending:
+            self._cr_pending = False
+            if chunk[0] == _LF:
+                pos = 1
+        find = chunk.find
+        # Each terminator is searched for once per pass over the chunk; a miss
+        # (-1) stays a miss, so the scan is linear even with no "\r" at all.
+        nl = find(b"\n", pos)
+        cr = find(b"\r", pos)
+        while pos < n:
+            if nl != -1 and nl < pos:
+                nl = find(b"\n", pos)
+            if cr != -1 and cr < pos:
+                cr = find(b"\r", pos)
+            if cr == -1:
+                if nl == -1:
+                    break
+                end = nl
+                nxt = nl + 1
+            elif nl == -1 or cr < nl:
+                end = cr
+                if cr + 1 < n:
+                    nxt = cr + 2 if chunk[cr + 1] == _LF else cr + 1
+                else:
+                    nxt = n
+                    self._cr_pending = True
+            else:
+                end = nl
+                nxt = nl + 1
+            if self._skipping:
+                blank = end == pos and not self._skip_content
+                self._skip_content = False
+                if blank:
+                    self._skipping = False
+            else:
+                if self._partial:
+                    self._partial += chunk[pos:end]
+                    line = bytes(self._partial)
+                    self._partial.clear()
+                else:
+                    line = chunk[pos:end]
+                self._line(line, out)
+            pos = nxt
+        if pos < n:
+            self._hold(chunk, pos)
+        return out
+
+    def close(self) -> list[SSEEvent]:
+        """End of stream. Per the spec an unterminated event is never dispatched."""
+        if self._partial or self._data or self._event is not None or self._skipping:
+            self.truncated = True
+        self._partial.clear()
+        self._data = []
+        self._event = None
+        self._size = 0
+        return []
+
+    def _hold(self, chunk: bytes, pos: int) -> None:
+        """Keep ``chunk[pos:]``, the start of a line the next chunk will finish."""
+        if self._skipping:
+            self._skip_content = True
+            return
+        extra = len(chunk) - pos
+        if self._size + len(self._partial) + extra > self._max:
+            self._overflow()
+            self._skip_content = True
+            return
+        self._partial += chunk[pos:] if pos else chunk
+
+    def _overflow(self) -> None:
+        self.overflowed = True
+        self._skipping = True
+        self._skip_content = False
+        self._partial.clear()
+        self._data = []
+        self._event = None
+        self._size = 0
+
+    def _line(self, line: bytes, out: list[SSEEvent]) -> None:
+        if self._first_line:
+            self._first_line = False
+            if line.startswith(_BOM):
+                line = line[3:]
+                self._size += 3
+        if not line:
+            if self._data:
+                data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+                out.append(SSEEvent(self._event, data))
+            self._data = []
+            self._event = None
+            self._size = 0
+            return
+        # Every line of the event counts, comments too, so that whether an
+        # event overflows does not depend on where the chunks were cut.
+        self._size += len(line)
+        if self._size > self._max:
+            self._overflow()
+            return
+        if line[0] == 0x3A:  # ":" starts a comment
+            return
+        colon = line.find(b":")
+        if colon == -1:
+            field = line
+            value = b""
+        else:
+            field = line[:colon]
+            start = colon + 1
+            if start < len(line) and line[start] == _SPACE:
+                start += 1
+            value = line[start:]
+        if field == b"data":
+            self._data.append(value)
+        elif field == b"event":
+            self._event = value.decode("utf-8", "replace") or None
+        # "id", "retry" and unknown fields are ignored.
