@@ -264,4 +264,3 @@ def gateway(
 @pytest.fixture
 def member_token(gateway: GatewayProcess) -> str:
     return gateway.tokens["dev@acme.test"]
-

@@ -41,13 +41,18 @@ def scenario(name: str, session: str = "") -> dict[str, Any]:
 def test_create_equals_direct(
     gateway: GatewayProcess, fake_provider: FakeProvider, member_token: str, name: str
 ) -> None:
-    kwargs: dict[str, Any] = {"max_tokens": 256, "messages": PROMPT, "tools": TOOLS, **scenario(name)}
+    kwargs: dict[str, Any] = {
+        "max_tokens": 256,
+        "messages": PROMPT,
+        "tools": TOOLS,
+        **scenario(name),
+    }
     through = via_gateway(gateway, member_token).messages.create(model="claude-test", **kwargs)
     expected = direct(fake_provider).messages.create(model="claude-upstream-1", **kwargs)
     assert through.model_dump() == expected.model_dump()
     assert through.model == "claude-upstream-1"
     if name == "tool_use":
-        tool = [block for block in through.content if block.type == "tool_use"][0]
+        tool = next(block for block in through.content if block.type == "tool_use")
         assert tool.input == {"path": "README.md", "limit": 10}
 
 
@@ -55,7 +60,12 @@ def test_create_equals_direct(
 def test_stream_final_message_equals_direct(
     gateway: GatewayProcess, fake_provider: FakeProvider, member_token: str, name: str
 ) -> None:
-    kwargs: dict[str, Any] = {"max_tokens": 256, "messages": PROMPT, "tools": TOOLS, **scenario(name)}
+    kwargs: dict[str, Any] = {
+        "max_tokens": 256,
+        "messages": PROMPT,
+        "tools": TOOLS,
+        **scenario(name),
+    }
     with via_gateway(gateway, member_token).messages.stream(model="claude-test", **kwargs) as s:
         through = s.get_final_message()
     with direct(fake_provider).messages.stream(model="claude-upstream-1", **kwargs) as s:
@@ -78,9 +88,10 @@ async def test_async_stream_and_create(
         expected = await s.get_final_message()
     assert through.model_dump() == expected.model_dump()
     created = await client.messages.create(model="claude-test", **kwargs)
-    assert created.model_dump() == (
-        await reference.messages.create(model="claude-upstream-1", **kwargs)
-    ).model_dump()
+    assert (
+        created.model_dump()
+        == (await reference.messages.create(model="claude-upstream-1", **kwargs)).model_dump()
+    )
     await client.close()
     await reference.close()
 
@@ -106,7 +117,9 @@ def test_count_tokens_and_models(
 ) -> None:
     client = via_gateway(gateway, member_token)
     counted = client.messages.count_tokens(model="claude-test", messages=PROMPT)
-    expected = direct(fake_provider).messages.count_tokens(model="claude-upstream-1", messages=PROMPT)
+    expected = direct(fake_provider).messages.count_tokens(
+        model="claude-upstream-1", messages=PROMPT
+    )
     assert counted.input_tokens == expected.input_tokens
     names = [m.id for m in client.models.list()]
     assert names == sorted(["claude-pass", "claude-test", "embed-test", "gpt-test"])
@@ -127,7 +140,10 @@ def test_529_passes_through_unchanged(
     expected_body.pop("request_id")
     assert body == expected_body
     assert through.value.response.headers["retry-after"] == "1"
-    assert through.value.response.headers["retry-after"] == expected.value.response.headers["retry-after"]
+    assert (
+        through.value.response.headers["retry-after"]
+        == expected.value.response.headers["retry-after"]
+    )
 
 
 def test_429_keeps_retry_after(gateway: GatewayProcess, member_token: str) -> None:

@@ -35,7 +35,9 @@ def recorded(fake: FakeProvider, test_id: str, timeout: float = 5.0) -> Recorded
     raise AssertionError(f"the provider never saw request {test_id}")
 
 
-def raw_stream_request(gateway: GatewayProcess, token: str, headers: dict[str, str]) -> socket.socket:
+def raw_stream_request(
+    gateway: GatewayProcess, token: str, headers: dict[str, str]
+) -> socket.socket:
     """Open a streaming /v1/messages call on a raw socket, so the test controls the close."""
     body = orjson.dumps({**MESSAGE_BODY, "stream": True})
     host, port = gateway.url.removeprefix("http://").split(":")
@@ -91,7 +93,12 @@ def test_client_disconnect_before_upstream_answers(
     sock = raw_stream_request(
         gateway,
         member_token,
-        {"x-fake-scenario": "hang", "x-fake-hang": "10", "x-test-id": test_id, "x-tvgate-session": session},
+        {
+            "x-fake-scenario": "hang",
+            "x-fake-hang": "10",
+            "x-test-id": test_id,
+            "x-tvgate-session": session,
+        },
     )
     upstream = recorded(fake_provider, test_id)
     sock.close()
@@ -161,7 +168,9 @@ def test_headers_query_and_body_reach_the_provider_as_sent(
     assert upstream.query == "beta=true"
     assert upstream.headers["x-api-key"] == ANTHROPIC_SECRET
     assert "authorization" not in upstream.headers
-    assert upstream.headers["anthropic-beta"] == "claude-code-20250219,interleaved-thinking-2025-05-14"
+    assert (
+        upstream.headers["anthropic-beta"] == "claude-code-20250219,interleaved-thinking-2025-05-14"
+    )
     assert upstream.headers["x-claude-code-session-id"] == "8f91d5c2-ae4e-411a-b178-477b32eaa22e"
     assert "x-tvgate-repo" not in upstream.headers and "x-tracevault-branch" not in upstream.headers
     sent = orjson.loads(upstream.body)
@@ -175,11 +184,17 @@ def test_passthrough_route_sends_the_bytes_unchanged(
     gateway: GatewayProcess, fake_provider: FakeProvider, member_token: str
 ) -> None:
     test_id = uuid.uuid4().hex
-    raw = b'{"model": "claude-pass",  "max_tokens": 5, "messages": [{"role":"user","content":"hi"}]}'
+    raw = (
+        b'{"model": "claude-pass",  "max_tokens": 5, "messages": [{"role":"user","content":"hi"}]}'
+    )
     response = httpx2.post(
         gateway.url + "/v1/messages",
         content=raw,
-        headers={"x-api-key": member_token, "x-test-id": test_id, "content-type": "application/json"},
+        headers={
+            "x-api-key": member_token,
+            "x-test-id": test_id,
+            "content-type": "application/json",
+        },
     )
     assert response.status_code == 200
     assert recorded(fake_provider, test_id).body == raw
@@ -191,7 +206,9 @@ def test_compressed_request_bodies(
 ) -> None:
     test_id = uuid.uuid4().hex
     plain = orjson.dumps({"model": "gpt-test", "input": "compressed hello", "stream": True})
-    packed = gzip.compress(plain) if encoding == "gzip" else zstandard.ZstdCompressor().compress(plain)
+    packed = (
+        gzip.compress(plain) if encoding == "gzip" else zstandard.ZstdCompressor().compress(plain)
+    )
     response = httpx2.post(
         gateway.openai_url + "/responses",
         content=packed,
@@ -235,12 +252,22 @@ def test_missing_and_bad_credentials_are_401_in_each_envelope(gateway: GatewayPr
         (b"", {}, 400, "empty"),
         (b'{"model":"nope-model"}', {}, 404, "claude-pass, claude-test, embed-test, gpt-test"),
         (b'{"model":"other-claude"}', {}, 404, "no route named 'other-claude'"),
-        (b'{"model":"claude-test"}', {"Content-Encoding": "br"}, 415, "unsupported Content-Encoding"),
+        (
+            b'{"model":"claude-test"}',
+            {"Content-Encoding": "br"},
+            415,
+            "unsupported Content-Encoding",
+        ),
         (b"\x1f\x8b garbage", {"Content-Encoding": "gzip"}, 400, "does not decode"),
     ],
 )
 def test_bad_input_gets_a_4xx_in_the_anthropic_envelope(
-    gateway: GatewayProcess, member_token: str, content: bytes, headers: dict[str, str], status: int, words: str
+    gateway: GatewayProcess,
+    member_token: str,
+    content: bytes,
+    headers: dict[str, str],
+    status: int,
+    words: str,
 ) -> None:
     response = _post(gateway, "/v1/messages", content, **{"x-api-key": member_token, **headers})
     assert response.status_code == status, response.text

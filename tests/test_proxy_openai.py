@@ -102,7 +102,9 @@ def test_responses_equal_direct(
     assert through.model_dump() == expected.model_dump()
     with client.responses.stream(model="gpt-test", **kwargs, **headers(scenario)) as stream:
         streamed = stream.get_final_response()
-    with reference.responses.stream(model="gpt-upstream-1", **kwargs, **headers(scenario)) as stream:
+    with reference.responses.stream(
+        model="gpt-upstream-1", **kwargs, **headers(scenario)
+    ) as stream:
         expected_streamed = stream.get_final_response()
     assert streamed.model_dump() == expected_streamed.model_dump()
     assert streamed.usage is not None and streamed.usage.output_tokens > 0
@@ -125,9 +127,10 @@ async def test_async_chat_and_responses(
         expected = await stream.get_final_completion()
     assert through.model_dump() == expected.model_dump()
     response = await client.responses.create(model="gpt-test", input="hello")
-    assert response.model_dump() == (
-        await reference.responses.create(model="gpt-upstream-1", input="hello")
-    ).model_dump()
+    assert (
+        response.model_dump()
+        == (await reference.responses.create(model="gpt-upstream-1", input="hello")).model_dump()
+    )
     await client.close()
     await reference.close()
 
@@ -145,8 +148,12 @@ def test_embeddings_equal_direct(
     assert len(through.data) == 2 and len(through.data[0].embedding) > 0
 
 
-def test_legacy_completions(gateway: GatewayProcess, fake_provider: FakeProvider, member_token: str) -> None:
-    through = via_gateway(gateway, member_token).completions.create(model="gpt-test", prompt="Say hi")
+def test_legacy_completions(
+    gateway: GatewayProcess, fake_provider: FakeProvider, member_token: str
+) -> None:
+    through = via_gateway(gateway, member_token).completions.create(
+        model="gpt-test", prompt="Say hi"
+    )
     expected = direct(fake_provider).completions.create(model="gpt-upstream-1", prompt="Say hi")
     assert through.model_dump() == expected.model_dump()
 

@@ -117,16 +117,32 @@ class OrgSnapshot:
         return [seen[name] for name in sorted(seen)]
 
 
-def _entry(route: Route, key: ProviderKey) -> RouteEntry:
-    is_pattern = bool(_GLOB_CHARS.search(route.name))
-    match = _GLOB_CHARS.search(route.name)
+def _entry_from(
+    route_id: int, name: str, upstream_model: str, scope: str, user_id: int | None, key: KeyRef
+) -> RouteEntry:
+    glob = _GLOB_CHARS.search(name)
     return RouteEntry(
-        id=route.id,
-        name=route.name,
-        upstream_model=route.upstream_model,
-        scope=route.scope,
-        user_id=route.user_id,
-        key=KeyRef(
+        id=route_id,
+        name=name,
+        upstream_model=upstream_model,
+        scope=scope,
+        user_id=user_id,
+        key=key,
+        is_pattern=glob is not None,
+        literal_prefix=glob.start() if glob else len(name),
+        # Compiled once per snapshot, never per request.
+        matcher=re.compile(fnmatch.translate(name)) if glob else None,
+    )
+
+
+def _entry(route: Route, key: ProviderKey) -> RouteEntry:
+    return _entry_from(
+        route.id,
+        route.name,
+        route.upstream_model,
+        route.scope,
+        route.user_id,
+        KeyRef(
             id=key.id,
             org_id=key.org_id,
             name=key.name,
@@ -135,9 +151,6 @@ def _entry(route: Route, key: ProviderKey) -> RouteEntry:
             ciphertext=key.ciphertext,
             owner_id=key.owner_id,
         ),
-        is_pattern=is_pattern,
-        literal_prefix=match.start() if match else len(route.name),
-        matcher=re.compile(fnmatch.translate(route.name)) if is_pattern else None,
     )
 
 

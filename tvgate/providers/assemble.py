@@ -44,6 +44,8 @@ JSON = dict[str, Any]
 
 @dataclass(slots=True)
 class Usage:
+    """Token counts of one call; zero where the provider did not say."""
+
     input_tokens: int = 0
     output_tokens: int = 0
     cache_read_tokens: int = 0
@@ -53,6 +55,8 @@ class Usage:
 
 @dataclass(slots=True)
 class Assembled:
+    """What a trace records of a call's answer."""
+
     #: The answer as the provider's non-streaming API would have returned it.
     response: JSON | None
     usage: Usage = field(default_factory=Usage)
@@ -68,6 +72,8 @@ class Assembled:
 
 
 class StreamAssembler(Protocol):
+    """Fed a streamed body chunk by chunk; :meth:`finish` may be called more than once."""
+
     def feed(self, chunk: bytes) -> None: ...
 
     def finish(self) -> Assembled: ...
@@ -172,7 +178,11 @@ def _sub(d: JSON, key: str) -> JSON:
 def _error_fields(err: object) -> tuple[str | None, str | None]:
     if not isinstance(err, dict):
         return None, None
-    return _str(err.get("type")) or _str(err.get("code")), _str(err.get("message"))
+    code = err.get("code")
+    # Some OpenAI-compatible servers give an HTTP status as the code.
+    if isinstance(code, int) and not isinstance(code, bool):
+        code = str(code)
+    return _str(err.get("type")) or _str(code), _str(err.get("message"))
 
 
 def _anthropic_usage(u: object) -> Usage:
@@ -465,7 +475,7 @@ _STREAMED_STRINGS = frozenset(("reasoning_content", "reasoning"))
 
 
 class _ChatStream(_Stream):
-    """Chat Completions; ``_LEGACY`` switches to the legacy Completions shape."""
+    """Chat Completions; legacy Completions subclasses it for its ``text`` choices."""
 
     __slots__ = ("_choices", "_done", "_top", "_usage")
 
@@ -761,9 +771,16 @@ class _ResponsesStream(_Stream):
             oi = obj["output_index"]
             item = obj["item"]
             if isinstance(oi, int) and isinstance(item, dict):
+                # The finished item replaces the one built from deltas, if it fits
+                # in the budget that replacing frees.
+                freed = sum(map(len, self._args.get(oi, ())))
+                freed += sum(sum(map(len, v)) for k, v in self._parts.items() if k[0] == oi)
+                if size > self._budget + freed:
+                    self._truncated = True
+                    return
                 self._drop_item(oi)
-                if self._charge(size):
-                    self._done_items[oi] = item
+                self._charge(size)
+                self._done_items[oi] = item
         elif kind in _RESPONSE_DONES:
             spec = _RESPONSE_DONES[kind]
             oi = obj["output_index"]

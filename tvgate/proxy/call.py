@@ -196,9 +196,7 @@ class ProxyCall:
             self._fail(404, str(exc), OUTCOME_REJECTED)
             return
         except DatabaseUnavailable:
-            self._fail(
-                503, "route store unavailable; try again shortly", OUTCOME_REJECTED
-            )
+            self._fail(503, "route store unavailable; try again shortly", OUTCOME_REJECTED)
             return
         self.route = route
         self.upstream_model = route.upstream_model_for(self.body.model)

@@ -1,0 +1,190 @@
+"""The ``tvgate`` command as an operator uses it, against a fresh data directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import anthropic
+import pytest
+
+from tests.conftest import ROOT, free_port, gateway_env, start_gateway, stop_gateway
+from tests.fake_provider import FakeProvider
+
+SECRET = "sk-ant-api03-cli-canary-0123456789abcdef"
+
+
+def run(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tvgate.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def fresh_env(tmp_path: Path) -> dict[str, str]:
+    env = gateway_env(
+        f"sqlite:///{tmp_path / 'data' / 'tvgate.db'}", tmp_path / "data", free_port()
+    )
+    # The embedded default: a master key file in the data directory, not the environment.
+    del env["TVGATE_MASTER_KEY"]
+    return env
+
+
+def test_first_start_bootstraps_once_and_the_token_works(
+    fresh_env: dict[str, str], tmp_path: Path, fake_provider: FakeProvider
+) -> None:
+    log = tmp_path / "serve.log"
+    proc = start_gateway(fresh_env, log)
+    accepted = fake_provider.accepted_keys
+    try:
+        output = log.read_text()
+        token = re.search(r"admin proxy token \(shown once, keep it\): (tvg_\S+)", output)
+        assert token is not None, output
+        assert f"http://{fresh_env['TVGATE_LISTEN']}" in output
+        key_file = tmp_path / "data" / "master.key"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        added = run(
+            fresh_env,
+            "keys",
+            "add",
+            "org-anthropic-key",
+            "--provider",
+            "anthropic",
+            "--base-url",
+            fake_provider.url,
+            stdin=SECRET + "\n",
+        )
+        assert added.returncode == 0, added.stderr
+        assert (
+            run(fresh_env, "routes", "add", "claude", "--key", "org-anthropic-key").returncode == 0
+        )
+        client = anthropic.Anthropic(
+            base_url="http://" + fresh_env["TVGATE_LISTEN"], api_key=token.group(1), max_retries=0
+        )
+        fake_provider.accepted_keys = {SECRET}
+        message = client.messages.create(
+            model="claude", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+        )
+        assert message.model == "claude"
+        assert fake_provider.requests[-1].headers["x-api-key"] == SECRET
+    finally:
+        fake_provider.accepted_keys = accepted
+        stop_gateway(proc)
+    # A second start on the same data directory creates nothing and prints no token.
+    second_log = tmp_path / "second.log"
+    proc = start_gateway(fresh_env, second_log)
+    stop_gateway(proc)
+    assert "tvg_" not in second_log.read_text()
+
+
+def test_users_tokens_keys_routes(fresh_env: dict[str, str], tmp_path: Path) -> None:
+    assert run(fresh_env, "migrate").returncode == 0
+    created = run(fresh_env, "users", "add", "Dev@Example.com", "--org", "acme")
+    assert created.returncode == 0 and "dev@example.com" in created.stdout
+    duplicate = run(fresh_env, "users", "add", "dev@example.com", "--org", "acme")
+    assert duplicate.returncode == 1 and "already exists" in duplicate.stderr
+
+    issued = run(
+        fresh_env, "tokens", "issue", "dev@example.com", "--org", "acme", "--name", "laptop"
+    )
+    assert issued.returncode == 0
+    assert re.fullmatch(r"tvg_[A-Za-z0-9_\-]{43}\n", issued.stdout), issued.stdout
+    assert run(fresh_env, "tokens", "issue", "nobody@example.com", "--org", "acme").returncode == 1
+
+    added = run(
+        fresh_env,
+        "keys",
+        "add",
+        "openai-main",
+        "--provider",
+        "openai",
+        "--org",
+        "acme",
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        stdin=SECRET + "\n",
+    )
+    assert added.returncode == 0, added.stderr
+    metadata = json.loads(added.stdout)
+    assert metadata["name"] == "openai-main" and metadata["fingerprint"] == "…" + SECRET[-4:]
+    assert SECRET not in added.stdout + added.stderr
+    assert (
+        run(fresh_env, "keys", "add", "empty", "--provider", "openai", "--org", "acme").returncode
+        == 1
+    )
+
+    routed = run(fresh_env, "routes", "add", "gpt-4o", "--key", "openai-main", "--org", "acme")
+    assert routed.returncode == 0 and "openai-main" in routed.stdout
+    mapped = run(
+        fresh_env,
+        "routes",
+        "add",
+        "fast",
+        "--key",
+        "openai-main",
+        "--model",
+        "gpt-4o-mini",
+        "--org",
+        "acme",
+    )
+    assert mapped.returncode == 0 and "gpt-4o-mini" in mapped.stdout
+    assert run(fresh_env, "routes", "add", "x", "--key", "missing", "--org", "acme").returncode == 1
+
+    # Only the token's hash and the key's ciphertext are in the database file.
+    with sqlite3.connect(tmp_path / "data" / "tvgate.db") as conn:
+        dump = "\n".join(conn.iterdump())
+    assert SECRET not in dump
+    assert issued.stdout.strip() not in dump
+
+
+def test_private_upstreams_are_refused_unless_allowed(fresh_env: dict[str, str]) -> None:
+    env = {**fresh_env, "TVGATE_ALLOW_PRIVATE_UPSTREAMS": "false"}
+    run(env, "users", "add", "a@example.com", "--org", "acme")
+    for url in ("http://api.example.com", "https://127.0.0.1", "https://169.254.169.254/v1"):
+        refused = run(
+            env,
+            "keys",
+            "add",
+            "k",
+            "--provider",
+            "openai",
+            "--org",
+            "acme",
+            "--base-url",
+            url,
+            stdin="sk-test-123456789\n",
+        )
+        assert refused.returncode == 1, url
+    accepted = run(
+        env,
+        "keys",
+        "add",
+        "k",
+        "--provider",
+        "openai",
+        "--org",
+        "acme",
+        stdin="sk-test-123456789\n",
+    )
+    assert accepted.returncode == 0
+    assert json.loads(accepted.stdout)["base_url"] == "https://api.openai.com/v1"
+
+
+def test_bad_configuration_is_reported(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TVGATE_")}
+    env["TVGATE_KEYRING"] = "nonsense"
+    result = run(env, "migrate")
+    assert result.returncode == 2 and "keyring" in result.stderr

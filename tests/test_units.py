@@ -1,0 +1,204 @@
+"""Focused tests of the small pieces: settings, body decoding, the local keyring, routing, addresses."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from tvgate.config import ConfigError, load_settings
+from tvgate.identity import Principal
+from tvgate.keyring import KeyContext, KeyringError
+from tvgate.keyring.local import LocalKeyring
+from tvgate.models import SCOPE_ORG, SCOPE_OWNED, SCOPE_USER
+from tvgate.proxy.body import BodyError, decode_content, parse_request_body, with_model
+from tvgate.proxy.upstream import is_public_address
+from tvgate.routing import KeyRef, OrgSnapshot, _entry_from
+
+# --- settings ---
+
+
+def test_environment_overrides_the_toml_file(tmp_path: Path) -> None:
+    config = tmp_path / "tvgate.toml"
+    config.write_text(
+        'listen = "0.0.0.0:9000"\nidle_timeout = 60\nallow_private_upstreams = true\n'
+    )
+    settings = load_settings(str(config), {"TVGATE_IDLE_TIMEOUT": "5"})
+    assert settings.listen == "0.0.0.0:9000" and settings.port == 9000
+    assert settings.idle_timeout == 5
+    assert settings.allow_private_upstreams is True
+    assert settings.max_clients == 1000 and settings.max_body_bytes == 32 * 1024 * 1024
+
+
+def test_defaults_are_embedded() -> None:
+    settings = load_settings(None, {})
+    assert settings.listen == "127.0.0.1:8080"
+    assert settings.resolved_database_url.startswith("sqlite:///")
+    assert settings.keyring == "local" and settings.allow_private_upstreams is False
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"TVGATE_LISTEN": "nohost"},
+        {"TVGATE_MAX_CLIENTS": "many"},
+        {"TVGATE_ALLOW_PRIVATE_UPSTREAMS": "perhaps"},
+        {"TVGATE_DATABASE_URL": "mysql://x"},
+        {"TVGATE_KEYRING": "plaintext"},
+    ],
+)
+def test_bad_settings_are_refused(environ: dict[str, str]) -> None:
+    with pytest.raises(ConfigError):
+        load_settings(None, environ)
+
+
+def test_unknown_setting_in_file_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "tvgate.toml"
+    config.write_text("lisen = 1\n")
+    with pytest.raises(ConfigError, match="lisen"):
+        load_settings(str(config), {})
+
+
+# --- request bodies ---
+
+LIMIT = 1024
+
+
+def test_gzip_and_zstd_decode_within_the_limit() -> None:
+    plain = b'{"model": "m"}'
+    assert decode_content(gzip.compress(plain), "gzip", LIMIT) == plain
+    assert decode_content(zstandard.ZstdCompressor().compress(plain), "zstd", LIMIT) == plain
+    assert decode_content(plain, "identity", LIMIT) == plain
+
+
+@pytest.mark.parametrize("coding", ["gzip", "zstd"])
+def test_decoding_stops_at_the_limit(coding: str) -> None:
+    big = b"0" * (LIMIT * 50)
+    packed = gzip.compress(big) if coding == "gzip" else zstandard.ZstdCompressor().compress(big)
+    with pytest.raises(BodyError) as caught:
+        decode_content(packed, coding, LIMIT)
+    assert caught.value.status == 413
+
+
+def test_truncated_and_unknown_encodings() -> None:
+    with pytest.raises(BodyError, match="truncated"):
+        decode_content(gzip.compress(b'{"model": "m"}')[:-6], "gzip", LIMIT)
+    with pytest.raises(BodyError) as caught:
+        decode_content(b"x", "br", LIMIT)
+    assert caught.value.status == 415
+
+
+def test_model_rewrite_keeps_every_other_field() -> None:
+    raw = b'{"model":"alias","stream":true,"odd":{"n":[1,2]}}'
+    body = parse_request_body(raw)
+    assert with_model(body, "alias") is raw
+    rewritten = parse_request_body(with_model(body, "real-model"))
+    assert rewritten.document == {"model": "real-model", "stream": True, "odd": {"n": [1, 2]}}
+
+
+# --- local keyring ---
+
+
+def test_local_keyring_binds_ciphertext_to_its_row() -> None:
+    keyring = LocalKeyring(b"m" * 32)
+    context = KeyContext(org_id=1, key_id=7, owner_id=None)
+    sealed = keyring.encrypt("sk-secret-value", context)
+    assert "sk-secret-value" not in sealed
+    assert keyring.decrypt(sealed, context) == "sk-secret-value"
+    assert sealed != keyring.encrypt("sk-secret-value", context)  # a fresh nonce each time
+    for moved in (KeyContext(1, 8), KeyContext(2, 7), KeyContext(1, 7, owner_id=3)):
+        with pytest.raises(KeyringError) as caught:
+            keyring.decrypt(sealed, moved)
+        assert "sk-secret" not in str(caught.value)
+    with pytest.raises(KeyringError):
+        LocalKeyring(b"x" * 32).decrypt(sealed, context)
+    tampered = sealed[:-4] + ("AAAA" if not sealed.endswith("AAAA") else "BBBB")
+    with pytest.raises(KeyringError):
+        keyring.decrypt(tampered, context)
+
+
+def test_master_key_from_environment(tmp_path: Path) -> None:
+    settings = load_settings(
+        None,
+        {
+            "TVGATE_MASTER_KEY": base64.b64encode(b"z" * 32).decode(),
+            "TVGATE_DATA_DIR": str(tmp_path),
+        },
+    )
+    keyring = LocalKeyring.from_settings(settings)
+    assert keyring.decrypt(keyring.encrypt("s", KeyContext(1, 1)), KeyContext(1, 1)) == "s"
+    assert not (tmp_path / "master.key").exists()
+
+
+# --- routing ---
+
+ALICE = Principal(user_id=10, org_id=1, org_name="acme", email="a@x", role="member")
+BOB = Principal(user_id=11, org_id=1, org_name="acme", email="b@x", role="member")
+
+
+def snapshot(
+    *routes: tuple[int, str, str, int | None, int | None], allow_user_routes: bool = True
+) -> OrgSnapshot:
+    snap = OrgSnapshot(org_id=1, allow_user_routes=allow_user_routes)
+    for route_id, name, scope, user_id, key_owner in routes:
+        key = KeyRef(route_id, 1, f"k{route_id}", "anthropic", "https://x", "ct", key_owner)
+        entry = _entry_from(route_id, name, "", scope, user_id, key)
+        (
+            snap.patterns.append(entry)
+            if entry.is_pattern
+            else snap.exact.setdefault(name, []).append(entry)
+        )
+    return snap
+
+
+def test_exact_beats_pattern_and_scope_order() -> None:
+    snap = snapshot(
+        (1, "claude-*", SCOPE_ORG, None, None),
+        (2, "claude-haiku-*", SCOPE_ORG, None, None),
+        (3, "claude-sonnet", SCOPE_ORG, None, None),
+        (4, "claude-sonnet", SCOPE_USER, 10, None),
+        (5, "claude-sonnet", SCOPE_OWNED, 10, 10),
+    )
+    assert snap.resolve(ALICE, "claude-sonnet").id == 5
+    assert snap.resolve(BOB, "claude-sonnet").id == 3
+    assert snap.resolve(ALICE, "claude-haiku-4-5").id == 2  # longest literal prefix
+    assert snap.resolve(ALICE, "claude-opus").id == 1
+    assert snap.resolve(ALICE, "gpt-4o") is None
+
+
+def test_owned_routes_follow_the_org_switch_and_key_ownership() -> None:
+    snap = snapshot((5, "mine", SCOPE_OWNED, 10, 10), allow_user_routes=False)
+    assert snap.resolve(ALICE, "mine") is None
+    # An org route that points at someone's private key is not usable by others.
+    snap = snapshot((6, "shared", SCOPE_ORG, None, 10))
+    assert snap.resolve(ALICE, "shared") is not None
+    assert snap.resolve(BOB, "shared") is None
+    assert [r.name for r in snap.available(BOB)] == []
+
+
+# --- upstream addresses ---
+
+
+@pytest.mark.parametrize(
+    ("host", "public"),
+    [
+        ("8.8.8.8", True),
+        ("2606:4700::1111", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),
+        ("::1", False),
+        ("fe80::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+        ("not-an-ip", False),
+    ],
+)
+def test_public_address_check(host: str, public: bool) -> None:
+    assert is_public_address(host) is public
