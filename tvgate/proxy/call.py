@@ -355,13 +355,15 @@ class ProxyCall:
             handler.request.connection.stream.close()  # type: ignore[union-attr]
 
     def _complete(self, result: UpstreamResult) -> None:
-        handler = self.handler
+        if result.curl_error == 0:
+            # The provider's answer is complete. A client that hung up right after the last
+            # event (SDKs do, on [DONE]) still got it all: that is a success, not a cancel.
+            self.outcome = OUTCOME_OK if self.status < 400 else OUTCOME_UPSTREAM_ERROR
+            if not self.client_gone:
+                self.handler.finish()
+            return
         if self.client_gone:
             self.outcome = OUTCOME_CLIENT_CANCELLED
-            return
-        if result.curl_error == 0:
-            self.outcome = OUTCOME_OK if self.status < 400 else OUTCOME_UPSTREAM_ERROR
-            handler.finish()
             return
         self._fail(*_classify(result))
 
