@@ -86,6 +86,22 @@ def test_client_disconnect_mid_stream_aborts_upstream(
     assert trace.outcome == "client_cancelled"
 
 
+def test_client_that_hangs_up_after_the_last_event_got_an_ok_call(
+    gateway: GatewayProcess, member_token: str
+) -> None:
+    session = uuid.uuid4().hex
+    for _ in range(5):
+        sock = raw_stream_request(gateway, member_token, {"x-tvgate-session": session})
+        received = b""
+        while b"message_stop" not in received:
+            chunk = sock.recv(65536)
+            assert chunk
+            received += chunk
+        sock.close()  # before the chunked body's end, as SDKs do once they have the last event
+    traces = gateway.wait_traces(5, session_id=session)
+    assert {t.outcome for t in traces} == {"ok"}
+
+
 def test_client_disconnect_before_upstream_answers(
     gateway: GatewayProcess, fake_provider: FakeProvider, member_token: str
 ) -> None:

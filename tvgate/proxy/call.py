@@ -355,9 +355,12 @@ class ProxyCall:
             handler.request.connection.stream.close()  # type: ignore[union-attr]
 
     def _complete(self, result: UpstreamResult) -> None:
-        if result.curl_error == 0:
-            # The provider's answer is complete. A client that hung up right after the last
-            # event (SDKs do, on [DONE]) still got it all: that is a success, not a cancel.
+        # A client that hangs up right after the last event (SDKs do, on [DONE]) got the
+        # whole answer, even if that made tvgate abort the transfer's last empty chunk.
+        answered = result.curl_error == 0 or (
+            self.assembler is not None and self.assembler.finish().complete
+        )
+        if answered:
             self.outcome = OUTCOME_OK if self.status < 400 else OUTCOME_UPSTREAM_ERROR
             if not self.client_gone:
                 self.handler.finish()
