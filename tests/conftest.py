@@ -239,16 +239,14 @@ def seed(database_url: str, data_dir: Path, fake: FakeProvider) -> dict[str, str
     return tokens
 
 
-@pytest.fixture(scope="session")
-def gateway(
-    database_url: str, fake_provider: FakeProvider, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[GatewayProcess]:
-    data_dir = tmp_path_factory.mktemp("gateway")
-    tokens = seed(database_url, data_dir, fake_provider)
-    env = gateway_env(database_url, data_dir, free_port())
-    log_path = data_dir / "tvgate.log"
+def launch_gateway(
+    database_url: str, data_dir: Path, tokens: dict[str, str], **extra_env: str
+) -> GatewayProcess:
+    """Start ``tvgate serve`` on a free port over an already seeded database."""
+    env = gateway_env(database_url, data_dir, free_port(), **extra_env)
+    log_path = data_dir / f"tvgate-{env['TVGATE_LISTEN'].rsplit(':', 1)[1]}.log"
     proc = start_gateway(env, log_path)
-    gw = GatewayProcess(
+    return GatewayProcess(
         url="http://" + env["TVGATE_LISTEN"],
         database_url=database_url,
         data_dir=data_dir,
@@ -257,8 +255,17 @@ def gateway(
         log_path=log_path,
         tokens=tokens,
     )
+
+
+@pytest.fixture(scope="session")
+def gateway(
+    database_url: str, fake_provider: FakeProvider, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    data_dir = tmp_path_factory.mktemp("gateway")
+    tokens = seed(database_url, data_dir, fake_provider)
+    gw = launch_gateway(database_url, data_dir, tokens)
     yield gw
-    stop_gateway(proc)
+    stop_gateway(gw.proc)
 
 
 @pytest.fixture

@@ -75,7 +75,8 @@ def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
 
 def cmd_users_add(settings: Settings, args: argparse.Namespace) -> int:
     _open(settings)
-    user = services.add_user(args.email, args.org, admin=args.admin)
+    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else None
+    user = services.add_user(args.email, args.org, admin=args.admin, password=password)
     print(f"user {user.email} ({user.role}) in org {user.org.name}")
     return 0
 
@@ -86,6 +87,26 @@ def cmd_tokens_issue(settings: Settings, args: argparse.Namespace) -> int:
         args.email, args.org, name=args.name or "", expires_days=args.expires_days
     )
     print(token)
+    return 0
+
+
+def cmd_tokens_list(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    for token in services.list_tokens(args.email, args.org):
+        state = "revoked" if token.revoked_at else "active"
+        expires = (
+            time.strftime("%Y-%m-%d", time.gmtime(token.expires_at))
+            if token.expires_at
+            else "never"
+        )
+        print(f"{token.id}\t{token.prefix}…\t{token.name or '-'}\t{state}\texpires {expires}")
+    return 0
+
+
+def cmd_tokens_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    token = services.revoke_token(args.token_id)
+    print(f"revoked token {token.id} ({token.prefix}…) of {token.user}")
     return 0
 
 
@@ -138,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("email")
     p.add_argument("--org", required=True)
     p.add_argument("--admin", action="store_true")
+    p.add_argument(
+        "--password-stdin", action="store_true", help="read a password for a local user from stdin"
+    )
 
     tokens = commands.add_parser("tokens", help="manage proxy tokens").add_subparsers(required=True)
     p = command(tokens, "issue", cmd_tokens_issue, "mint a proxy token and print it")
@@ -145,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--org")
     p.add_argument("--name")
     p.add_argument("--expires-days", type=float)
+    p = command(
+        tokens, "list", cmd_tokens_list, "list a user's tokens (never the tokens themselves)"
+    )
+    p.add_argument("email")
+    p.add_argument("--org")
+    p = command(tokens, "revoke", cmd_tokens_revoke, "revoke a token by its id")
+    p.add_argument("token_id", type=int)
 
     keys = commands.add_parser("keys", help="manage provider keys").add_subparsers(required=True)
     p = command(keys, "add", cmd_keys_add, "add a key; the secret is read from standard input")

@@ -61,6 +61,46 @@ class Settings:
     log_level: str = "info"
     #: Base URL printed for users (e.g. behind nginx); empty: derived from ``listen``.
     public_url: str = ""
+    #: Org every principal acts in, whatever their memberships say; empty: not pinned.
+    pinned_org: str = ""
+    #: Visdom Trace server that checks ``tvs_`` tokens and sign-ins; empty: not used.
+    visdom_url: str = ""
+    #: Seconds a Visdom Trace token that checked out is trusted without asking again.
+    visdom_cache_ttl: float = 60.0
+    #: Seconds a rejected Visdom Trace token stays rejected without asking again.
+    visdom_negative_ttl: float = 5.0
+    #: Expected ``iss`` of JWTs; empty: JWT sign-in is off.
+    jwt_issuer: str = ""
+    #: Expected ``aud`` of JWTs; empty: not checked.
+    jwt_audience: str = ""
+    #: Comma-separated algorithms accepted (RS256, ES256, EdDSA, HS256...); never ``none``.
+    jwt_algorithms: str = "RS256,ES256,EdDSA"
+    #: JWKS URL of the issuer (cached; refetched on an unknown ``kid``).
+    jwt_jwks_url: str = ""
+    #: Least seconds between two JWKS fetches (an unknown ``kid`` triggers one).
+    jwt_jwks_refetch_interval: float = 60.0
+    #: PEM file with the issuer's public key, instead of a JWKS URL.
+    jwt_public_key: str = ""
+    #: Shared secret for HS256 tokens.
+    jwt_secret: str = ""
+    #: Seconds of clock skew tolerated on ``exp``, ``nbf`` and ``iat``.
+    jwt_leeway: float = 30.0
+    #: Claim holding the stable user id.
+    jwt_claim_user_id: str = "sub"
+    #: Claim holding the email address.
+    jwt_claim_email: str = "email"
+    #: Claim holding the org name (empty claim: ``pinned_org`` must be set).
+    jwt_claim_org: str = "org"
+    #: Claim holding the role (owner/admin → admin, auditor → auditor, else member).
+    jwt_claim_role: str = "role"
+    #: Secret that signs web UI session cookies; empty: a 0600 file in data_dir.
+    cookie_secret: str = ""
+    #: Seconds a web UI session may sit unused before it ends.
+    session_idle_timeout: float = 8 * 3600.0
+    #: Seconds a web UI session lasts at most.
+    session_max_age: float = 7 * 86400.0
+    #: Sign-in attempts allowed per address and per email in 15 minutes.
+    login_attempts: int = 10
 
     @property
     def host(self) -> str:
@@ -140,5 +180,11 @@ def validate(settings: Settings) -> None:
     url = settings.resolved_database_url
     if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ConfigError("database_url must start with sqlite:/// or postgresql://")
+    algorithms = [a.strip() for a in settings.jwt_algorithms.split(",") if a.strip()]
+    if settings.jwt_issuer:
+        if not algorithms or any(a.lower() == "none" for a in algorithms):
+            raise ConfigError("jwt_algorithms must list real algorithms; 'none' is never accepted")
+        if not (settings.jwt_jwks_url or settings.jwt_public_key or settings.jwt_secret):
+            raise ConfigError("JWT sign-in needs jwt_jwks_url, jwt_public_key or jwt_secret")
     if settings.max_body_bytes <= 0 or settings.max_clients <= 0 or settings.idle_timeout <= 0:
         raise ConfigError("max_body_bytes, max_clients and idle_timeout must be positive")

@@ -11,10 +11,15 @@ from dataclasses import dataclass
 
 import peewee
 from tornado.curl_httpclient import CurlAsyncHTTPClient
+from tornado.ioloop import PeriodicCallback
 
 from tvgate.config import Settings
 from tvgate.db import DatabaseRunner, migrate, open_database
+from tvgate.identity.authenticator import Authenticator
+from tvgate.identity.jwt_issuer import JWTAuthenticator
+from tvgate.identity.sessions import Throttle
 from tvgate.identity.tokens import ProxyTokenAuthenticator
+from tvgate.identity.visdom import VisdomAuthenticator, VisdomClient
 from tvgate.keyring import Keyring, PlaintextCache, build_keyring
 from tvgate.routing import Router
 from tvgate.traces.writer import TraceWriter
@@ -29,10 +34,13 @@ class Gateway:
     runner: DatabaseRunner
     keyring: Keyring
     keys: PlaintextCache
-    tokens: ProxyTokenAuthenticator
+    auth: Authenticator
+    visdom: VisdomClient | None
     router: Router
     traces: TraceWriter
     http: CurlAsyncHTTPClient
+    login_throttle: Throttle
+    _token_flusher: PeriodicCallback | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Gateway:
@@ -54,25 +62,46 @@ class Gateway:
             max_body_size=settings.max_body_bytes,
             force_instance=True,
         )
+        visdom = VisdomClient(settings.visdom_url) if settings.visdom_url else None
+        auth = Authenticator(
+            ProxyTokenAuthenticator(runner, settings.cache_ttl),
+            VisdomAuthenticator(
+                visdom,
+                runner,
+                ttl=settings.visdom_cache_ttl,
+                negative_ttl=settings.visdom_negative_ttl,
+                pinned_org=settings.pinned_org,
+            )
+            if visdom is not None
+            else None,
+            JWTAuthenticator(settings, runner) if settings.jwt_issuer else None,
+            settings.pinned_org,
+        )
         gateway = cls(
             settings=settings,
             db=db,
             runner=runner,
             keyring=keyring,
             keys=PlaintextCache(keyring, runner.executor, settings.key_cache_ttl),
-            tokens=ProxyTokenAuthenticator(runner, settings.cache_ttl),
+            auth=auth,
+            visdom=visdom,
             router=Router(runner, settings.cache_ttl),
             traces=writer,
             http=http,
+            login_throttle=Throttle(settings.login_attempts),
         )
         return gateway
 
     def start(self) -> None:
         self.traces.start()
         self.router.start()
+        self._token_flusher = PeriodicCallback(self.auth.proxy_tokens.flush_last_used, 30_000)
+        self._token_flusher.start()
 
     def stop(self) -> None:
         """Flush traces and release connections. Call after the listeners are closed."""
+        if self._token_flusher is not None:
+            self._token_flusher.stop()
         self.router.stop()
         self.http.close()
         self.traces.stop()

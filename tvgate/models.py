@@ -142,6 +142,19 @@ class ProxyToken(BaseModel):
     revoked_at = peewee.DoubleField(null=True)
 
 
+class WebSession(BaseModel):
+    """A signed-in browser: the cookie carries a random id, the table keeps its SHA-256."""
+
+    id: int
+    user_id: int
+
+    session_hash = peewee.CharField(max_length=64, unique=True)
+    user = peewee.ForeignKeyField(User, backref="sessions", on_delete="CASCADE")
+    created_at = peewee.DoubleField(default=now)
+    last_seen_at = peewee.DoubleField(default=now)
+    address = peewee.CharField(max_length=64, default="")
+
+
 class Trace(BaseModel):
     """One call through the proxy. Written by the trace writer only."""
 
@@ -189,6 +202,7 @@ ALL_MODELS: tuple[type[BaseModel], ...] = (
     ProviderKey,
     Route,
     ProxyToken,
+    WebSession,
     Trace,
     SchemaVersion,
 )

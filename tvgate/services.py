@@ -8,7 +8,10 @@ at the command line with direct access to the database.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -91,16 +94,68 @@ def get_user(email: str, org: Org) -> User:
     return user
 
 
-def add_user(email: str, org_name: str, *, admin: bool = False) -> User:
-    """Add a user to an org, creating the org when it does not exist yet."""
+def add_user(
+    email: str, org_name: str, *, admin: bool = False, password: str | None = None
+) -> User:
+    """Add a user to an org, creating the org when it does not exist yet.
+
+    A password makes a local user, who signs in to the web UI without Visdom Trace.
+    """
     email = email.strip().lower()
     if "@" not in email or len(email) > 320:
         raise ServiceError(f"{email!r} is not an email address")
+    if password is not None and len(password) < 12:
+        raise ServiceError("a password needs at least 12 characters")
     with database.atomic():
         org = ensure_org(org_name)
         if User.get_or_none((User.email == email) & (User.org == org)) is not None:
             raise ServiceError(f"user {email!r} already exists in org {org.name!r}", 409)
-        return User.create(org=org, email=email, role=ROLE_ADMIN if admin else ROLE_MEMBER)
+        return User.create(
+            org=org,
+            email=email,
+            role=ROLE_ADMIN if admin else ROLE_MEMBER,
+            password_hash=hash_password(password) if password is not None else None,
+        )
+
+
+def verify_local_password(email: str, password: str) -> list[User]:
+    """The local users (one per org) whose password this is; empty when none matches."""
+    users = User.select().where(
+        (User.email == email.strip().lower()) & User.password_hash.is_null(False) & ~User.disabled
+    )
+    return [u for u in users if check_password(password, u.password_hash or "")]
+
+
+# --- passwords (local users only; Visdom Trace users never give tvgate a password to keep) ---
+
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**15, 8, 1
+
+
+def hash_password(password: str) -> str:
+    """scrypt (memory-hard, 32 MiB per guess) with a random salt."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(
+        password.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, maxmem=64 * 1024 * 1024
+    )
+    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${salt.hex()}${digest.hex()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        computed = hashlib.scrypt(
+            password.encode(),
+            salt=bytes.fromhex(salt),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            maxmem=64 * 1024 * 1024,
+        )
+    except ValueError:
+        return False
+    return hmac.compare_digest(computed.hex(), digest)
 
 
 # --- proxy tokens ---
@@ -132,6 +187,77 @@ def issue_token(
         expires_at=time.time() + expires_days * 86400 if expires_days else None,
     )
     return token, row
+
+
+@dataclass(frozen=True, slots=True)
+class TokenView:
+    """What may be shown of a proxy token: never the token, which is not stored."""
+
+    id: int
+    user: str
+    name: str
+    prefix: str
+    created_at: float
+    expires_at: float | None
+    last_used_at: float | None
+    revoked_at: float | None
+
+    @classmethod
+    def of(cls, token: ProxyToken) -> TokenView:
+        return cls(
+            id=token.id,
+            user=token.user.email,
+            name=token.name,
+            prefix=token.prefix,
+            created_at=token.created_at,
+            expires_at=token.expires_at,
+            last_used_at=token.last_used_at,
+            revoked_at=token.revoked_at,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "user": self.user,
+            "name": self.name,
+            "prefix": self.prefix,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "last_used_at": self.last_used_at,
+            "revoked_at": self.revoked_at,
+        }
+
+
+def list_tokens(
+    email: str | None = None, org_name: str | None = None, *, actor: Principal | None = None
+) -> list[TokenView]:
+    """Tokens of one user, or of the whole org for an admin."""
+    if actor is not None:
+        org = Org.get_by_id(actor.org_id)
+        if email is None and actor.role != ROLE_ADMIN:
+            email = actor.email
+    else:
+        org = get_org(org_name)
+    query = ProxyToken.select(ProxyToken, User).join(User).where(User.org == org)
+    if email is not None:
+        user = get_user(email, org)
+        if actor is not None and user.id != actor.user_id:
+            _require_admin(actor, org)
+        query = query.where(ProxyToken.user == user)
+    return [TokenView.of(t) for t in query.order_by(ProxyToken.id)]
+
+
+def revoke_token(token_id: int, *, actor: Principal | None = None) -> TokenView:
+    """Revoke a token: its owner may, and an admin of its org may."""
+    token = ProxyToken.select(ProxyToken, User).join(User).where(ProxyToken.id == token_id).first()
+    if token is None or (actor is not None and token.user.org_id != actor.org_id):
+        raise NotFound(f"no token {token_id}")
+    if actor is not None and token.user_id != actor.user_id:
+        _require_admin(actor, token.user.org)
+    if token.revoked_at is None:
+        token.revoked_at = time.time()
+        token.save()
+    return TokenView.of(token)
 
 
 # --- provider keys ---

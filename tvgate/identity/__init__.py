@@ -7,9 +7,17 @@ turns it into a Principal or refuses it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tornado.httputil import HTTPHeaders
+
+if TYPE_CHECKING:
+    from tvgate.identity.provision import Membership
+
+#: The header a person in several orgs uses to say which org a request is for.
+ORG_HEADER = "X-Tvgate-Org"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +41,35 @@ class AuthError(Exception):
 
 class IdentityUnavailable(Exception):
     """The identity provider could not be asked (503: an outage is not a revoked login)."""
+
+
+class OrgSelectionError(Exception):
+    """The credential is good but the org of the request is not one of the caller's (403)."""
+
+
+def select_membership(
+    memberships: Sequence[Membership], requested: str | None, pinned: str
+) -> Membership:
+    """The org a request acts in: the pinned org, the one asked for, or the only one."""
+    names = sorted(m.org_name for m in memberships)
+    wanted = pinned or requested
+    if wanted:
+        for membership in memberships:
+            if membership.org_name == wanted:
+                return membership
+        if pinned:
+            raise OrgSelectionError(f"this gateway serves org {pinned!r}, which you are not in")
+        raise OrgSelectionError(
+            f"you are not a member of org {wanted!r}; yours: {', '.join(names)}"
+        )
+    if len(memberships) == 1:
+        return memberships[0]
+    if not memberships:
+        raise OrgSelectionError("you are not a member of any org")
+    raise OrgSelectionError(
+        f"you are a member of several orgs ({', '.join(names)}); "
+        f"pick one with the {ORG_HEADER} header"
+    )
 
 
 def credential_from_headers(headers: HTTPHeaders) -> str | None:

@@ -35,9 +35,10 @@ class _Cached:
     principal: Principal | None
     reason: str
     expires: float
+    token_id: int = 0
 
 
-def lookup_token(token_hash: str, at: float) -> tuple[Principal | None, str, float | None]:
+def lookup_token(token_hash: str, at: float) -> tuple[Principal | None, str, float | None, int]:
     """The principal a token hash stands for, or why it stands for nobody (runs in the pool)."""
     row = (
         ProxyToken.select(ProxyToken, User, Org)
@@ -47,14 +48,14 @@ def lookup_token(token_hash: str, at: float) -> tuple[Principal | None, str, flo
         .first()
     )
     if row is None:
-        return None, "unknown token", None
+        return None, "unknown token", None, 0
     if row.revoked_at is not None:
-        return None, "token revoked", None
+        return None, "token revoked", None, row.id
     if row.expires_at is not None and row.expires_at <= at:
-        return None, "token expired", None
+        return None, "token expired", None, row.id
     user = row.user
     if user.disabled:
-        return None, "user disabled", None
+        return None, "user disabled", None, row.id
     principal = Principal(
         user_id=user.id,
         org_id=user.org.id,
@@ -62,7 +63,13 @@ def lookup_token(token_hash: str, at: float) -> tuple[Principal | None, str, flo
         email=user.email,
         role=user.role,
     )
-    return principal, "", row.expires_at
+    return principal, "", row.expires_at, row.id
+
+
+def record_last_used(used: dict[int, float]) -> None:
+    """Write when tokens were last used (runs in the pool, a batch at a time)."""
+    for token_id, at in used.items():
+        ProxyToken.update(last_used_at=at).where(ProxyToken.id == token_id).execute()
 
 
 class ProxyTokenAuthenticator:
@@ -70,6 +77,8 @@ class ProxyTokenAuthenticator:
         self.runner = runner
         self.ttl = ttl
         self._cache: dict[str, _Cached] = {}
+        #: Token id -> when it was last used, written in batches by ``flush_last_used``.
+        self._used: dict[int, float] = {}
 
     async def authenticate(self, token: str) -> Principal:
         token_hash = hash_token(token)
@@ -77,7 +86,7 @@ class ProxyTokenAuthenticator:
         cached = self._cache.get(token_hash)
         if cached is None or cached.expires <= now:
             at = time.time()
-            principal, reason, expires_at = await self.runner.run(
+            principal, reason, expires_at, token_id = await self.runner.run(
                 lambda: lookup_token(token_hash, at)
             )
             if len(self._cache) > 100_000:
@@ -86,11 +95,22 @@ class ProxyTokenAuthenticator:
             if expires_at is not None:
                 # Never serve a token from the cache past its own expiry.
                 lifetime = min(lifetime, max(0.0, expires_at - at))
-            cached = _Cached(principal, reason, time.monotonic() + lifetime)
+            cached = _Cached(principal, reason, time.monotonic() + lifetime, token_id)
             self._cache[token_hash] = cached
         if cached.principal is None:
             raise AuthError(cached.reason)
+        self._used[cached.token_id] = time.time()
         return cached.principal
+
+    async def flush_last_used(self) -> None:
+        """Record last-used times, at most once per flush, never on the request path."""
+        if not self._used:
+            return
+        used, self._used = self._used, {}
+        try:
+            await self.runner.run(lambda: record_last_used(used))
+        except Exception:  # noqa: BLE001 - a missed last-used time is not worth an error
+            return
 
     def forget_all(self) -> None:
         """Drop every cached result (a token was revoked or a user changed in this process)."""

@@ -17,7 +17,14 @@ from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
 
 from tvgate.db import DatabaseUnavailable
-from tvgate.identity import AuthError, IdentityUnavailable, Principal, credential_from_headers
+from tvgate.identity import (
+    ORG_HEADER,
+    AuthError,
+    IdentityUnavailable,
+    OrgSelectionError,
+    Principal,
+    credential_from_headers,
+)
 from tvgate.keyring import KeyContext, KeyringError, KeyringUnavailable
 from tvgate.providers import (
     ANTHROPIC_COUNT_TOKENS,
@@ -169,9 +176,13 @@ class ProxyCall:
             )
             return None
         try:
-            return await self.gateway.tokens.authenticate(token)
+            return await self.gateway.auth.authenticate(
+                token, self.handler.request.headers.get(ORG_HEADER)
+            )
         except AuthError as exc:
             self.handler.send_api_error(401, f"invalid credential: {exc}", self.provider)
+        except OrgSelectionError as exc:
+            self.handler.send_api_error(403, str(exc), self.provider)
         except (IdentityUnavailable, DatabaseUnavailable):
             self.handler.send_api_error(
                 503, "identity check unavailable; try again shortly", self.provider

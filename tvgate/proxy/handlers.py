@@ -15,7 +15,13 @@ import orjson
 from tornado.web import stream_request_body
 
 from tvgate.db import DatabaseUnavailable
-from tvgate.identity import AuthError, IdentityUnavailable, credential_from_headers
+from tvgate.identity import (
+    ORG_HEADER,
+    AuthError,
+    IdentityUnavailable,
+    OrgSelectionError,
+    credential_from_headers,
+)
 from tvgate.models import PROVIDER_ANTHROPIC
 from tvgate.providers import ENDPOINTS, Endpoint
 from tvgate.proxy.call import ProxyCall
@@ -93,10 +99,15 @@ class ModelsHandler(BaseHandler):
             self.send_api_error(401, "no credential: send your tvgate token")
             return
         try:
-            principal = await self.gateway.tokens.authenticate(token)
+            principal = await self.gateway.auth.authenticate(
+                token, self.request.headers.get(ORG_HEADER)
+            )
             snapshot = await self.gateway.router.snapshot(principal.org_id)
         except AuthError as exc:
             self.send_api_error(401, f"invalid credential: {exc}")
+            return
+        except OrgSelectionError as exc:
+            self.send_api_error(403, str(exc))
             return
         except (IdentityUnavailable, DatabaseUnavailable):
             self.send_api_error(503, "identity check unavailable; try again shortly")

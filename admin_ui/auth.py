@@ -1,0 +1,112 @@
+"""Sign-in and sign-out pages: Visdom Trace email and password, a token, or a local user."""
+
+from __future__ import annotations
+
+from tornado.web import authenticated
+
+from admin_ui.base import SESSION_COOKIE, UIHandler
+from tvgate import services
+from tvgate.db import DatabaseUnavailable
+from tvgate.identity import AuthError, IdentityUnavailable, OrgSelectionError, Principal
+from tvgate.identity.sessions import end_session, start_session
+
+
+class LoginHandler(UIHandler):
+    def get(self) -> None:
+        if self.current_user is not None:
+            self.redirect("/ui/")
+            return
+        self.render(
+            "login.html", error="", email="", org="", visdom=self.gateway.visdom is not None
+        )
+
+    async def post(self) -> None:
+        email = self.get_body_argument("email", "").strip()
+        password = self.get_body_argument("password", "")
+        token = self.get_body_argument("token", "").strip()
+        org = self.get_body_argument("org", "").strip() or None
+        address = self.request.remote_ip or "unknown"
+        keys = [f"address:{address}"] + ([f"email:{email.lower()}"] if email else [])
+        if not self.gateway.login_throttle.allow(*keys):
+            self._fail(
+                429, "Too many sign-in attempts. Wait a few minutes and try again.", email, org
+            )
+            return
+        try:
+            principal = await self._sign_in(email, password, token, org)
+        except AuthError:
+            self._fail(401, "Wrong email, password or token.", email, org)
+            return
+        except OrgSelectionError as exc:
+            self._fail(403, f"{exc}. Enter the org to sign in to.", email, org)
+            return
+        except (IdentityUnavailable, DatabaseUnavailable):
+            self._fail(503, "Sign-in is unavailable right now; try again shortly.", email, org)
+            return
+        # A new session id at every sign-in: a session id planted before is never promoted.
+        session_id = await self.gateway.runner.run(
+            lambda: start_session(principal.user_id, address)
+        )
+        self.set_signed_cookie(
+            SESSION_COOKIE,
+            session_id,
+            expires_days=None,
+            httponly=True,
+            samesite="Lax",
+            secure=self.secure_cookies,
+            path="/ui/",
+        )
+        self.redirect("/ui/")
+
+    async def _sign_in(self, email: str, password: str, token: str, org: str | None) -> Principal:
+        gateway = self.gateway
+        if token:
+            return await gateway.auth.authenticate(token, org)
+        if not email or not password:
+            raise AuthError("email and password, or a token, are required")
+        local = await gateway.runner.run(lambda: services.verify_local_password(email, password))
+        if local:
+            chosen = [u for u in local if org is None or u.org.name == org]
+            if len(chosen) != 1:
+                names = ", ".join(sorted(u.org.name for u in local))
+                raise OrgSelectionError(f"you are a member of several orgs ({names})")
+            user = chosen[0]
+            return Principal(user.id, user.org.id, user.org.name, user.email, user.role)
+        if gateway.visdom is None:
+            raise AuthError("no such local user")
+        # The password goes to Visdom Trace once and is never stored; neither is its token.
+        visdom_token = await gateway.visdom.login(email, password)
+        return await gateway.auth.authenticate(visdom_token, org)
+
+    def _fail(self, status: int, message: str, email: str, org: str | None) -> None:
+        self.set_status(status)
+        self.render(
+            "login.html",
+            error=message,
+            email=email,
+            org=org or "",
+            visdom=self.gateway.visdom is not None,
+        )
+
+
+class LogoutHandler(UIHandler):
+    async def post(self) -> None:
+        session_id = self.get_signed_cookie(SESSION_COOKIE, max_age_days=31)
+        if session_id:
+            sid = session_id.decode()
+            await self.gateway.runner.run(lambda: end_session(sid))
+        self.clear_cookie(SESSION_COOKIE, path="/ui/")
+        self.redirect("/ui/login")
+
+
+class HomeHandler(UIHandler):
+    @authenticated
+    def get(self) -> None:
+        self.render("home.html", user=self.current_user)
+
+
+default_handlers = [
+    (r"/ui/?", HomeHandler),
+    (r"/ui/login", LoginHandler),
+    (r"/ui/logout", LogoutHandler),
+]

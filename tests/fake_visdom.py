@@ -1,0 +1,213 @@
+"""A fake Visdom Trace server that behaves like the real one, for identity tests.
+
+It keeps users with passwords and org memberships, issues ``tvs_`` + 64 hex
+session tokens at login and stores only their SHA-256, and answers the three
+calls tvgate makes. Tests can revoke a session, change a membership, count the
+calls, stop the server (connections refused) and start it again on the same
+port. It also serves a JWKS document at ``/jwks.json`` for the JWT tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import socket
+import threading
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import tornado.web
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+
+
+@dataclass
+class FakeUser:
+    user_id: str
+    email: str
+    password: str
+    name: str | None
+    #: org name -> role
+    roles: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class FakeOrg:
+    org_id: str
+    org_name: str
+    display_name: str | None
+
+
+class _Handler(tornado.web.RequestHandler):
+    @property
+    def fake(self) -> FakeVisdom:
+        fake: FakeVisdom = self.application.settings["fake"]
+        return fake
+
+    def send(self, status: int, document: Any) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(orjson.dumps(document))
+
+    def user(self) -> FakeUser | None:
+        header = self.request.headers.get("Authorization", "")
+        if not header.startswith("Bearer "):
+            return None
+        digest = hashlib.sha256(header[7:].encode()).hexdigest()
+        with self.fake.lock:
+            user_id = self.fake.sessions.get(digest)
+            return self.fake.users.get(user_id) if user_id else None
+
+
+class LoginHandler(_Handler):
+    def post(self) -> None:
+        self.fake.count("login")
+        try:
+            body = orjson.loads(self.request.body)
+            email, password = body["email"], body["password"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            self.send(400, {"error": "email and password required"})
+            return
+        with self.fake.lock:
+            user = next((u for u in self.fake.users.values() if u.email == email), None)
+            if user is None or not secrets.compare_digest(user.password, str(password)):
+                self.send(401, {"error": "invalid credentials"})
+                return
+            token = "tvs_" + secrets.token_hex(32)
+            self.fake.sessions[hashlib.sha256(token.encode()).hexdigest()] = user.user_id
+        self.send(200, {"token": token, "user_id": user.user_id, "email": user.email})
+
+
+class MeHandler(_Handler):
+    def get(self) -> None:
+        self.fake.count("me")
+        user = self.user()
+        if user is None:
+            self.send(401, {"error": "unauthorized"})
+            return
+        self.send(200, {"user_id": user.user_id, "email": user.email, "name": user.name})
+
+
+class MyOrgsHandler(_Handler):
+    def get(self) -> None:
+        self.fake.count("orgs")
+        user = self.user()
+        if user is None:
+            self.send(401, {"error": "unauthorized"})
+            return
+        with self.fake.lock:
+            orgs = [
+                {
+                    "org_id": self.fake.orgs[name].org_id,
+                    "org_name": name,
+                    "display_name": self.fake.orgs[name].display_name,
+                    "role": role,
+                }
+                for name, role in user.roles.items()
+            ]
+        self.send(200, orgs)
+
+
+class JWKSHandler(_Handler):
+    def get(self) -> None:
+        self.fake.count("jwks")
+        self.send(200, {"keys": list(self.fake.jwks)})
+
+
+class FakeVisdom:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users: dict[str, FakeUser] = {}
+        self.orgs: dict[str, FakeOrg] = {}
+        self.sessions: dict[str, str] = {}
+        self.calls: Counter[str] = Counter()
+        self.jwks: list[dict[str, Any]] = []
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._loop: IOLoop | None = None
+        self._server: HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- directory ---
+
+    def add_org(self, name: str, display_name: str | None = None) -> FakeOrg:
+        org = FakeOrg(str(uuid.uuid4()), name, display_name)
+        with self.lock:
+            self.orgs[name] = org
+        return org
+
+    def add_user(
+        self, email: str, password: str, roles: dict[str, str], name: str | None = None
+    ) -> FakeUser:
+        for org in roles:
+            if org not in self.orgs:
+                self.add_org(org)
+        user = FakeUser(str(uuid.uuid4()), email, password, name, dict(roles))
+        with self.lock:
+            self.users[user.user_id] = user
+        return user
+
+    def issue_session(self, user: FakeUser) -> str:
+        token = "tvs_" + secrets.token_hex(32)
+        with self.lock:
+            self.sessions[hashlib.sha256(token.encode()).hexdigest()] = user.user_id
+        return token
+
+    def revoke(self, token: str) -> None:
+        with self.lock:
+            self.sessions.pop(hashlib.sha256(token.encode()).hexdigest(), None)
+
+    def count(self, call: str) -> None:
+        with self.lock:
+            self.calls[call] += 1
+
+    # --- lifecycle ---
+
+    def start(self) -> FakeVisdom:
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(asyncio.new_event_loop())
+            self._loop = IOLoop.current()
+            app = tornado.web.Application(
+                [
+                    (r"/api/v1/auth/login", LoginHandler),
+                    (r"/api/v1/auth/me", MeHandler),
+                    (r"/api/v1/me/orgs", MyOrgsHandler),
+                    (r"/jwks.json", JWKSHandler),
+                ],
+                fake=self,
+                log_function=lambda _h: None,
+            )
+            self._server = HTTPServer(app)
+            self._server.listen(self.port, "127.0.0.1")
+            ready.set()
+            self._loop.start()
+            self._loop.close(all_fds=True)
+
+        self._thread = threading.Thread(target=run, name="fake-visdom", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and drop connections: Visdom Trace is down until start()."""
+        loop, server = self._loop, self._server
+        if loop is None or server is None:
+            return
+
+        async def shutdown() -> None:
+            server.stop()
+            await server.close_all_connections()
+            IOLoop.current().stop()
+
+        loop.add_callback(shutdown)
+        if self._thread is not None:
+            self._thread.join(10)
+        self._loop = self._server = self._thread = None

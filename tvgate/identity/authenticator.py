@@ -1,0 +1,58 @@
+"""The front door of identity: which authenticator a credential goes to, and the org it acts in.
+
+``tvg_`` tokens are tvgate's own, ``tvs_`` tokens are Visdom Trace sessions,
+and three dot-separated base64 parts are a JWT. Each kind is checked by its own
+authenticator; a kind that is not configured is refused like an unknown token.
+"""
+
+from __future__ import annotations
+
+from tvgate.identity import AuthError, OrgSelectionError, Principal
+from tvgate.identity.jwt_issuer import JWTAuthenticator, looks_like_jwt
+from tvgate.identity.tokens import TOKEN_PREFIX as PROXY_PREFIX
+from tvgate.identity.tokens import ProxyTokenAuthenticator
+from tvgate.identity.visdom import TOKEN_PREFIX as VISDOM_PREFIX
+from tvgate.identity.visdom import VisdomAuthenticator
+
+
+class Authenticator:
+    def __init__(
+        self,
+        proxy_tokens: ProxyTokenAuthenticator,
+        visdom: VisdomAuthenticator | None,
+        jwt: JWTAuthenticator | None,
+        pinned_org: str,
+    ) -> None:
+        self.proxy_tokens = proxy_tokens
+        self.visdom = visdom
+        self.jwt = jwt
+        self.pinned_org = pinned_org
+
+    async def authenticate(self, token: str, requested_org: str | None = None) -> Principal:
+        """The principal for a credential, in the org the request asked for (if any)."""
+        if token.startswith(PROXY_PREFIX):
+            principal = await self.proxy_tokens.authenticate(token)
+            wanted = self.pinned_org or requested_org
+            if wanted and wanted != principal.org_name:
+                # A proxy token belongs to one org; no header moves it to another.
+                raise OrgSelectionError(
+                    f"this token is for org {principal.org_name!r}, not {wanted!r}"
+                )
+            return principal
+        if token.startswith(VISDOM_PREFIX):
+            if self.visdom is None:
+                raise AuthError("Visdom Trace sign-in is not configured on this gateway")
+            return await self.visdom.authenticate(token, requested_org)
+        if looks_like_jwt(token):
+            if self.jwt is None:
+                raise AuthError("JWT sign-in is not configured on this gateway")
+            return await self.jwt.authenticate(token, requested_org)
+        raise AuthError("unknown credential")
+
+    def forget_all(self) -> None:
+        """Drop every cached identity: a token, user or role changed in this process."""
+        self.proxy_tokens.forget_all()
+        if self.visdom is not None:
+            self.visdom.forget_all()
+        if self.jwt is not None:
+            self.jwt.forget_all()
