@@ -108,6 +108,17 @@ class GatewayProcess:
             query = query.where(getattr(Trace, name) == value)
         return list(query)
 
+    def dump_database(self) -> str:
+        """Every row of every table, as text: what a stolen database dump would show."""
+        self.bind()
+        from tvgate.models import database
+
+        rows = []
+        for table in database.get_tables():
+            # Table names come from the database itself, not from input.
+            rows.extend(database.execute_sql(f"SELECT * FROM {table}").fetchall())  # noqa: S608
+        return "\n".join(map(str, rows))
+
     def wait_traces(self, count: int, timeout: float = 10.0, **where: Any) -> list[Trace]:
         """The traces matching ``where`` once there are ``count`` of them (or fail)."""
         deadline = time.monotonic() + timeout

@@ -83,14 +83,7 @@ def test_visdom_trace_sign_in_makes_a_session_and_stores_no_password(
         assert "Secure" not in cookie  # plain http in the tests; set over https
         home = client.get("/ui/")
         assert home.status_code == 200 and email in home.text and "acme" in home.text
-    uigate.bind()
-    from tvgate.models import database
-
-    tables = database.get_tables()
-    dump = " ".join(
-        str(row) for table in tables for row in database.execute_sql(f"SELECT * FROM {table}")
-    )  # noqa: S608
-    assert PASSWORD not in dump
+    assert PASSWORD not in uigate.dump_database()
     assert visdom.calls["login"] >= 1
 
 
