@@ -14,6 +14,7 @@ from tornado.httpserver import HTTPServer
 import admin_ui
 from admin_ui import auth as ui_auth
 from tvgate import ops
+from tvgate.api import handlers as api_handlers
 from tvgate.config import Settings
 from tvgate.gateway import Gateway
 from tvgate.keyring.local import load_or_create_key_file
@@ -35,6 +36,7 @@ def make_app(gateway: Gateway) -> tornado.web.Application:
         *ops.default_handlers,
         *proxy_handlers.default_handlers,
         *ui_auth.default_handlers,
+        *api_handlers.default_handlers,
     ]
     return tornado.web.Application(
         handlers,

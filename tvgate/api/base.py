@@ -1,0 +1,129 @@
+"""APIHandler: the JSON API's authentication, body parsing and single error envelope.
+
+Every API request carries a credential (the same kinds the proxy takes), every
+operation is one call into ``tvgate.services`` run in the database pool, and
+every error — a refused operation, a bad body, an unknown path, a crash —
+answers ``{"error": {"status": …, "type": …, "message": …}}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import orjson
+from tornado.web import HTTPError
+
+from tvgate import services
+from tvgate.db import DatabaseUnavailable
+from tvgate.identity import (
+    ORG_HEADER,
+    AuthError,
+    IdentityUnavailable,
+    OrgSelectionError,
+    Principal,
+    credential_from_headers,
+)
+from tvgate.web import BaseHandler
+
+T = TypeVar("T")
+
+_TYPES = {
+    400: "invalid_request",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+MAX_API_BODY = 1024 * 1024
+
+
+class APIError(HTTPError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, reason=message[:200])
+        self.message = message
+
+
+class APIHandler(BaseHandler):
+    principal: Principal
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+
+    async def prepare(self) -> None:
+        token = credential_from_headers(self.request.headers)
+        if not token:
+            raise APIError(401, "send a token as Authorization: Bearer or x-api-key")
+        try:
+            self.principal = await self.gateway.auth.authenticate(
+                token, self.request.headers.get(ORG_HEADER)
+            )
+        except AuthError as exc:
+            raise APIError(401, f"invalid credential: {exc}") from None
+        except OrgSelectionError as exc:
+            raise APIError(403, str(exc)) from None
+        except (IdentityUnavailable, DatabaseUnavailable):
+            raise APIError(503, "identity check unavailable; try again shortly") from None
+
+    def body(self) -> dict[str, Any]:
+        """The JSON object in the request body (an empty body is an empty object)."""
+        raw = self.request.body
+        if len(raw) > MAX_API_BODY:
+            raise APIError(413, "request body is too large")
+        if not raw.strip():
+            return {}
+        try:
+            document = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise APIError(400, f"body is not valid JSON: {exc}") from None
+        if not isinstance(document, dict):
+            raise APIError(400, "body must be a JSON object")
+        return document
+
+    async def service(self, fn: Callable[[], T]) -> T:
+        """Run one service call in the database pool, turning its refusals into API errors."""
+        try:
+            return await self.gateway.runner.run(fn)
+        except services.ServiceError as exc:
+            raise APIError(exc.status, str(exc)) from None
+        except DatabaseUnavailable:
+            raise APIError(503, "database unavailable; try again shortly") from None
+
+    def send(self, document: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(orjson.dumps(document))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, APIError):
+            message = exc.message
+        elif status_code >= 500:
+            message = "internal error in tvgate"
+        else:
+            message = self._reason
+        self.set_header("Content-Type", "application/json")
+        self.finish(
+            orjson.dumps(
+                {
+                    "error": {
+                        "status": status_code,
+                        "type": _TYPES.get(status_code, "server_error"),
+                        "message": message,
+                    }
+                }
+            )
+        )
+
+
+def int_arg(value: str, name: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise APIError(400, f"{name} must be an integer") from None

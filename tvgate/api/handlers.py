@@ -1,0 +1,19 @@
+"""The API's URL table, and its answer for paths it does not have."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvgate.api import tokens
+from tvgate.api.base import APIError, APIHandler
+
+
+class APINotFoundHandler(APIHandler):
+    async def prepare(self) -> None:
+        raise APIError(404, f"the API has no {self.request.method} {self.request.path}")
+
+
+default_handlers: list[Any] = [
+    *tokens.default_handlers,
+    (r"/api/.*", APINotFoundHandler),
+]
