@@ -16,7 +16,7 @@ from tvgate.keyring.local import LocalKeyring
 from tvgate.models import SCOPE_ORG, SCOPE_OWNED, SCOPE_USER
 from tvgate.proxy.body import BodyError, decode_content, parse_request_body, with_model
 from tvgate.proxy.upstream import is_public_address
-from tvgate.routing import KeyRef, OrgSnapshot, _entry_from
+from tvgate.routing import KeyRef, OrgPolicy, OrgSnapshot, _entry_from
 
 # --- settings ---
 
@@ -142,7 +142,7 @@ BOB = Principal(user_id=11, org_id=1, org_name="acme", email="b@x", role="member
 def snapshot(
     *routes: tuple[int, str, str, int | None, int | None], allow_user_routes: bool = True
 ) -> OrgSnapshot:
-    snap = OrgSnapshot(org_id=1, allow_user_routes=allow_user_routes)
+    snap = OrgSnapshot(org_id=1, policy=OrgPolicy(allow_user_routes, allow_user_keys=True))
     for route_id, name, scope, user_id, key_owner in routes:
         key = KeyRef(route_id, 1, f"k{route_id}", "anthropic", "https://x", "ct", key_owner)
         entry = _entry_from(route_id, name, "", scope, user_id, key)

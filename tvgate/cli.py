@@ -122,19 +122,96 @@ def cmd_keys_add(settings: Settings, args: argparse.Namespace) -> int:
         build_keyring(settings),
         org_name=args.org,
         base_url=args.base_url,
+        owner_email=args.owner,
+        available_to_all=not args.granted_only,
         allow_private=settings.allow_private_upstreams,
     )
     print(json.dumps(view.as_dict(), indent=2))
     return 0
 
 
+def cmd_keys_grant(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    holders = services.grant_key(args.name, args.emails, args.org, revoke=args.revoke)
+    print(f"key {args.name} is granted to: {', '.join(holders) or 'nobody'}")
+    return 0
+
+
+def cmd_policy_set(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    policy = services.set_policy(
+        args.org,
+        allow_user_keys=_on_off(args.user_keys),
+        allow_user_routes=_on_off(args.user_routes),
+        capture_bodies=_on_off(args.capture_bodies),
+    )
+    print(json.dumps(policy.as_dict(), indent=2))
+    return 0
+
+
+def _on_off(value: str | None) -> bool | None:
+    return None if value is None else value == "on"
+
+
+def cmd_users_list(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    for user in services.list_users(args.org):
+        state = "disabled" if user.disabled else "active"
+        print(f"{user.email}\t{user.role}\t{state}")
+    return 0
+
+
+def cmd_users_set(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    user = services.update_user(
+        args.email, role=args.role, disabled=_on_off(args.disabled), org_name=args.org
+    )
+    print(f"user {user.email}: {user.role}, {'disabled' if user.disabled else 'active'}")
+    return 0
+
+
+def cmd_routes_list(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    for route in services.list_routes(args.org):
+        who = route.user or "-"
+        state = "enabled" if route.enabled else "disabled"
+        model = route.upstream_model or "(as requested)"
+        print(f"{route.id}\t{route.name}\t{route.scope}\t{who}\t{route.key}\t{model}\t{state}")
+    return 0
+
+
+def cmd_routes_resolve(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    found = services.resolve_route(args.name, args.user, args.org)
+    if found.route is None:
+        print(f"{found.user} gets no route for {found.name!r}: {found.reason}")
+        print(f"routes {found.user} may use: {', '.join(found.available) or 'none'}")
+        return 1
+    route = found.route
+    who = f" for {route.user}" if route.user else ""
+    print(
+        f"{found.user} asking for {found.name!r} gets the {route.scope} route {route.name!r}{who}: "
+        f"{route.provider} model {found.upstream_model} with key {route.key}"
+    )
+    return 0
+
+
 def cmd_routes_add(settings: Settings, args: argparse.Namespace) -> int:
     _open(settings)
     route = services.add_route(
-        args.name, args.key, model=args.model or "", org_name=args.org, description=args.description
+        args.name,
+        args.key,
+        model=args.model or "",
+        org_name=args.org,
+        description=args.description,
+        for_user=args.for_user,
+        owner=args.owner,
     )
     target = route.upstream_model or "(the requested name)"
-    print(f"route {route.name} -> {route.key.provider} {target} with key {route.key.name}")
+    who = f" for {route.user}" if route.user else ""
+    print(
+        f"{route.scope} route {route.name}{who} -> {route.provider} {target} with key {route.key}"
+    )
     return 0
 
 
@@ -162,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--password-stdin", action="store_true", help="read a password for a local user from stdin"
     )
+    p = command(users, "list", cmd_users_list, "list the users of an org")
+    p.add_argument("--org")
+    p = command(users, "set", cmd_users_set, "change a user's role, or disable them")
+    p.add_argument("email")
+    p.add_argument("--org")
+    p.add_argument("--role", choices=["admin", "member", "auditor"])
+    p.add_argument("--disabled", choices=["on", "off"])
 
     tokens = commands.add_parser("tokens", help="manage proxy tokens").add_subparsers(required=True)
     p = command(tokens, "issue", cmd_tokens_issue, "mint a proxy token and print it")
@@ -183,14 +267,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", required=True, choices=["anthropic", "openai"])
     p.add_argument("--base-url")
     p.add_argument("--org")
+    p.add_argument("--owner", help="a user's own key (when the org allows user keys)")
+    p.add_argument(
+        "--granted-only", action="store_true", help="only users granted the key may use it"
+    )
+    p = command(keys, "grant", cmd_keys_grant, "let users use an org key (or --revoke)")
+    p.add_argument("name")
+    p.add_argument("emails", nargs="+")
+    p.add_argument("--org")
+    p.add_argument("--revoke", action="store_true")
+
+    policy = commands.add_parser("policy", help="org switches").add_subparsers(required=True)
+    p = command(
+        policy, "set", cmd_policy_set, "turn user keys, user routes, body capture on or off"
+    )
+    p.add_argument("--org", required=True)
+    p.add_argument("--user-keys", choices=["on", "off"])
+    p.add_argument("--user-routes", choices=["on", "off"])
+    p.add_argument("--capture-bodies", choices=["on", "off"])
 
     routes = commands.add_parser("routes", help="manage routes").add_subparsers(required=True)
-    p = command(routes, "add", cmd_routes_add, "add an org route")
-    p.add_argument("name")
+    p = command(routes, "add", cmd_routes_add, "add a route (org-wide unless --for-user/--owner)")
+    p.add_argument("name", help="the name tools ask for, or a glob such as claude-haiku-*")
     p.add_argument("--key", required=True)
     p.add_argument("--model", help="upstream model (default: the requested name)")
     p.add_argument("--org")
     p.add_argument("--description", default="")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--for-user", metavar="EMAIL", help="a route an admin makes for one user")
+    scope.add_argument("--owner", metavar="EMAIL", help="a user's own route")
+    p = command(routes, "list", cmd_routes_list, "list an org's routes")
+    p.add_argument("--org")
+    p = command(routes, "resolve", cmd_routes_resolve, "the route a user would get for a name")
+    p.add_argument("name")
+    p.add_argument("--user", required=True)
+    p.add_argument("--org")
     return parser
 
 

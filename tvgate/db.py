@@ -19,6 +19,7 @@ from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
 import peewee
+import playhouse.migrate
 
 from tvgate import models
 
@@ -78,6 +79,8 @@ def reset_connection(db: peewee.Database) -> None:
             state.reset()
 
 
+# Tables are created from today's model classes, so a later migration that adds a column
+# must tolerate a table that already has it (add_column_if_missing).
 def _migration_1(db: peewee.Database) -> None:
     db.create_tables(
         [models.Org, models.User, models.ProviderKey, models.Route, models.ProxyToken, models.Trace]
@@ -88,10 +91,24 @@ def _migration_2(db: peewee.Database) -> None:
     db.create_tables([models.WebSession])
 
 
+def add_column_if_missing(db: peewee.Database, model: type[peewee.Model], name: str) -> None:
+    """Add a model's column to an existing table (a fresh table already has it)."""
+    table = model._meta.table_name
+    if name not in {column.name for column in db.get_columns(table)}:
+        migrator = playhouse.migrate.SchemaMigrator.from_database(db)
+        playhouse.migrate.migrate(migrator.add_column(table, name, model._meta.fields[name]))
+
+
+def _migration_4(db: peewee.Database) -> None:
+    add_column_if_missing(db, models.ProviderKey, "available_to_all")
+    db.create_tables([models.KeyGrant, models.AuditEvent], safe=True)
+
+
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
 MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (1, _migration_1),
     (2, _migration_2),
+    (4, _migration_4),
 ]
 
 

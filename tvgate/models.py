@@ -90,6 +90,8 @@ class ProviderKey(BaseModel):
     #: The user who owns a private key; null for an admin-managed key.
     owner = peewee.ForeignKeyField(User, null=True, backref="own_keys", on_delete="CASCADE")
     disabled = peewee.BooleanField(default=False)
+    #: For an admin-managed key: every user of the org may use it, or only those granted.
+    available_to_all = peewee.BooleanField(default=True)
     created_by = peewee.ForeignKeyField(User, null=True, on_delete="SET NULL")
     created_at = peewee.DoubleField(default=now)
     updated_at = peewee.DoubleField(default=now)
@@ -123,6 +125,37 @@ class Route(BaseModel):
 
     class Meta:
         indexes = ((("org", "name", "scope", "user"), True),)
+
+
+class KeyGrant(BaseModel):
+    """An admin-managed key made usable by one user (when it is not available to all)."""
+
+    id: int
+    key_id: int
+    user_id: int
+
+    key = peewee.ForeignKeyField(ProviderKey, backref="grants", on_delete="CASCADE")
+    user = peewee.ForeignKeyField(User, backref="key_grants", on_delete="CASCADE")
+    created_at = peewee.DoubleField(default=now)
+
+    class Meta:
+        indexes = ((("key", "user"), True),)
+
+
+class AuditEvent(BaseModel):
+    """Who did what, when, and the change: never a secret. Refusals are recorded too."""
+
+    id = peewee.AutoField()
+    org_id = peewee.IntegerField(index=True)
+    at = peewee.DoubleField(default=now, index=True)
+    #: The user who acted; null for an operator at the command line.
+    actor_id = peewee.IntegerField(null=True)
+    actor = peewee.CharField(max_length=320)
+    action = peewee.CharField(max_length=64)
+    target = peewee.CharField(max_length=400, default="")
+    #: JSON: the fields that changed (before/after), or why the action was refused.
+    change = peewee.TextField(default="{}")
+    allowed = peewee.BooleanField(default=True)
 
 
 class ProxyToken(BaseModel):
@@ -203,6 +236,8 @@ ALL_MODELS: tuple[type[BaseModel], ...] = (
     Route,
     ProxyToken,
     WebSession,
+    KeyGrant,
+    AuditEvent,
     Trace,
     SchemaVersion,
 )

@@ -23,7 +23,16 @@ from tornado.ioloop import PeriodicCallback
 
 from tvgate.db import DatabaseRunner
 from tvgate.identity import Principal
-from tvgate.models import SCOPE_ORG, SCOPE_OWNED, SCOPE_USER, Org, ProviderKey, Route
+from tvgate.models import (
+    SCOPE_ORG,
+    SCOPE_OWNED,
+    SCOPE_USER,
+    KeyGrant,
+    Org,
+    ProviderKey,
+    Route,
+    User,
+)
 
 log = logging.getLogger("tvgate.routing")
 
@@ -52,6 +61,15 @@ class KeyRef:
     base_url: str
     ciphertext: str
     owner_id: int | None
+    #: For an org key: usable by everyone in the org, or only by ``granted``.
+    available_to_all: bool = True
+    granted: frozenset[int] = frozenset()
+
+    def usable_by(self, principal: Principal, allow_user_keys: bool) -> bool:
+        if self.owner_id is not None:
+            # A user's own key is theirs alone, and only while the org allows user keys.
+            return allow_user_keys and self.owner_id == principal.user_id
+        return self.available_to_all or principal.user_id in self.granted
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,39 +84,43 @@ class RouteEntry:
     literal_prefix: int
     matcher: re.Pattern[str] | None
 
-    def visible_to(self, principal: Principal, allow_user_routes: bool) -> bool:
+    def visible_to(self, principal: Principal, policy: OrgPolicy) -> bool:
         if self.scope == SCOPE_ORG:
             visible = True
         elif self.scope == SCOPE_USER:
             visible = self.user_id == principal.user_id
         else:
-            visible = allow_user_routes and self.user_id == principal.user_id
+            visible = policy.allow_user_routes and self.user_id == principal.user_id
         # The key must be usable by this principal now, whatever held when the route was made.
-        return visible and (self.key.owner_id is None or self.key.owner_id == principal.user_id)
+        return visible and self.key.usable_by(principal, policy.allow_user_keys)
 
     def upstream_model_for(self, requested: str) -> str:
         return self.upstream_model or requested
 
 
+@dataclass(frozen=True, slots=True)
+class OrgPolicy:
+    allow_user_routes: bool = False
+    allow_user_keys: bool = False
+
+
 @dataclass(slots=True)
 class OrgSnapshot:
     org_id: int
-    allow_user_routes: bool
+    policy: OrgPolicy
     exact: dict[str, list[RouteEntry]] = field(default_factory=dict)
     patterns: list[RouteEntry] = field(default_factory=list)
     loaded_at: float = 0.0
 
     def resolve(self, principal: Principal, name: str) -> RouteEntry | None:
-        candidates = [
-            r for r in self.exact.get(name, ()) if r.visible_to(principal, self.allow_user_routes)
-        ]
+        candidates = [r for r in self.exact.get(name, ()) if r.visible_to(principal, self.policy)]
         if not candidates:
             candidates = [
                 r
                 for r in self.patterns
                 if r.matcher is not None
                 and r.matcher.match(name)
-                and r.visible_to(principal, self.allow_user_routes)
+                and r.visible_to(principal, self.policy)
             ]
         if not candidates:
             return None
@@ -109,7 +131,7 @@ class OrgSnapshot:
         seen: dict[str, RouteEntry] = {}
         entries = [r for rs in self.exact.values() for r in rs] + self.patterns
         for entry in entries:
-            if not entry.visible_to(principal, self.allow_user_routes):
+            if not entry.visible_to(principal, self.policy):
                 continue
             best = seen.get(entry.name)
             if best is None or _SCOPE_RANK[entry.scope] < _SCOPE_RANK[best.scope]:
@@ -135,7 +157,7 @@ def _entry_from(
     )
 
 
-def _entry(route: Route, key: ProviderKey) -> RouteEntry:
+def _entry(route: Route, key: ProviderKey, granted: frozenset[int]) -> RouteEntry:
     return _entry_from(
         route.id,
         route.name,
@@ -150,6 +172,8 @@ def _entry(route: Route, key: ProviderKey) -> RouteEntry:
             base_url=key.base_url,
             ciphertext=key.ciphertext,
             owner_id=key.owner_id,
+            available_to_all=key.available_to_all,
+            granted=granted,
         ),
     )
 
@@ -157,14 +181,31 @@ def _entry(route: Route, key: ProviderKey) -> RouteEntry:
 def load_snapshot(org_id: int) -> OrgSnapshot:
     """Read an org's enabled routes and their enabled keys (runs in the database pool)."""
     org = Org.get_by_id(org_id)
-    snapshot = OrgSnapshot(org_id=org_id, allow_user_routes=org.allow_user_routes)
+    snapshot = OrgSnapshot(
+        org_id=org_id,
+        policy=OrgPolicy(
+            allow_user_routes=org.allow_user_routes, allow_user_keys=org.allow_user_keys
+        ),
+    )
+    grants: dict[int, set[int]] = {}
+    for grant in (
+        KeyGrant.select(KeyGrant.key, KeyGrant.user)
+        .join(ProviderKey)
+        .where(ProviderKey.org == org_id)
+    ):
+        grants.setdefault(grant.key_id, set()).add(grant.user_id)
+    disabled_users = {
+        u.id for u in User.select(User.id).where((User.org == org_id) & User.disabled)
+    }
     query = (
         Route.select(Route, ProviderKey)
         .join(ProviderKey)
         .where((Route.org == org_id) & Route.enabled & ~ProviderKey.disabled)
     )
     for route in query:
-        entry = _entry(route, route.key)
+        if route.user_id in disabled_users:
+            continue  # a disabled user's routes are never used
+        entry = _entry(route, route.key, frozenset(grants.get(route.key_id, ())))
         if entry.is_pattern:
             snapshot.patterns.append(entry)
         else:

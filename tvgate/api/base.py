@@ -123,7 +123,11 @@ class APIHandler(BaseHandler):
 
 
 def int_arg(value: str, name: str) -> int:
+    """An integer argument within what the database can hold."""
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise APIError(400, f"{name} must be an integer") from None
+    if not -(2**63) <= number < 2**63:
+        raise APIError(400, f"{name} is out of range")
+    return number

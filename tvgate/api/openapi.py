@@ -1,0 +1,243 @@
+"""``GET /api/v1/openapi.json``: the OpenAPI 3.1 document of the JSON API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from tornado.web import RequestHandler
+
+from tvgate import __version__
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_STR = {"type": "string"}
+_NAME = {"type": "string", "minLength": 1, "maxLength": 200}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _op(
+    summary: str, ok: str, body: dict[str, Any] | None = None, params: list[Any] | None = None
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            ok: {"description": "success", **_json({"type": "object"})},
+            "400": {"description": "bad input", **_json(_ERROR)},
+            "401": {"description": "no or bad credential", **_json(_ERROR)},
+            "403": {"description": "not allowed", **_json(_ERROR)},
+            "404": {"description": "not found", **_json(_ERROR)},
+            "409": {"description": "conflict", **_json(_ERROR)},
+            "413": {"description": "body too large", **_json(_ERROR)},
+            "503": {"description": "a backing service is unavailable", **_json(_ERROR)},
+        },
+    }
+    if body is not None:
+        operation["requestBody"] = {"required": True, **_json(body)}
+    if params:
+        operation["parameters"] = params
+    return operation
+
+
+def _path_param(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
+def _query(name: str, schema: dict[str, Any], required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": schema}
+
+
+_ROUTE_CREATE = {
+    "type": "object",
+    "required": ["name", "key"],
+    "properties": {
+        "name": _NAME,
+        "key": _NAME,
+        "upstream_model": {"type": "string", "maxLength": 200},
+        "description": {"type": "string", "maxLength": 2000},
+        "for_user": _STR,
+        "owner": _STR,
+        "enabled": {"type": "boolean"},
+    },
+}
+_ROUTE_PATCH = {
+    "type": "object",
+    "properties": {
+        "name": _NAME,
+        "key": _NAME,
+        "upstream_model": {"type": "string", "maxLength": 200},
+        "description": {"type": "string", "maxLength": 2000},
+        "enabled": {"type": "boolean"},
+    },
+    "additionalProperties": False,
+}
+_KEY_CREATE = {
+    "type": "object",
+    "required": ["name", "provider", "secret"],
+    "properties": {
+        "name": _NAME,
+        "provider": {"type": "string", "enum": ["anthropic", "openai"]},
+        "secret": {"type": "string", "writeOnly": True, "minLength": 1},
+        "base_url": _STR,
+        "owner": _STR,
+        "available_to_all": {"type": "boolean"},
+    },
+}
+_TOKEN_CREATE = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 200},
+        "expires_days": {"type": "number", "exclusiveMinimum": 0},
+        "user": _STR,
+    },
+}
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "tvgate API",
+        "version": __version__,
+        "description": "Routes, keys, users, org policy, tokens and audit of a tvgate gateway. "
+        "Authenticate with a tvgate proxy token, a Visdom Trace token or a JWT as a Bearer "
+        "token; pick an org with X-Tvgate-Org when you are in several.",
+    },
+    "servers": [{"url": "/"}],
+    "security": [{"bearer": []}],
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "required": ["status", "type", "message"],
+                        "properties": {
+                            "status": {"type": "integer"},
+                            "type": {"type": "string"},
+                            "message": {"type": "string"},
+                        },
+                    }
+                },
+            }
+        },
+    },
+    "paths": {
+        "/api/v1/me": {"get": _op("Who am I, in which org, under which policy", "200")},
+        "/api/v1/routes": {
+            "get": _op("Routes I may see", "200"),
+            "post": _op("Create a route (org, for a user, or my own)", "201", _ROUTE_CREATE),
+        },
+        "/api/v1/routes/{route_id}": {
+            "parameters": [_path_param("route_id", {"type": "integer"})],
+            "get": _op("One route", "200"),
+            "patch": _op("Change a route", "200", _ROUTE_PATCH),
+            "delete": _op("Delete a route", "200"),
+        },
+        "/api/v1/resolve": {
+            "get": _op(
+                "The route a user would get for a name",
+                "200",
+                params=[_query("name", _NAME, required=True), _query("user", _STR)],
+            )
+        },
+        "/api/v1/keys": {
+            "get": _op("Key metadata (never a secret)", "200"),
+            "post": _op("Add a key; the secret is write-only", "201", _KEY_CREATE),
+        },
+        "/api/v1/keys/{name}": {
+            "parameters": [_path_param("name", _NAME)],
+            "patch": _op(
+                "Change who may use an org key",
+                "200",
+                {
+                    "type": "object",
+                    "required": ["available_to_all"],
+                    "properties": {"available_to_all": {"type": "boolean"}},
+                },
+            ),
+        },
+        "/api/v1/keys/{name}/grants": {
+            "parameters": [_path_param("name", _NAME)],
+            "post": _op(
+                "Grant an org key to users (or revoke with revoke: true)",
+                "200",
+                {
+                    "type": "object",
+                    "required": ["users"],
+                    "properties": {
+                        "users": {"type": "array", "items": _STR, "minItems": 1},
+                        "revoke": {"type": "boolean"},
+                    },
+                },
+            ),
+        },
+        "/api/v1/users": {"get": _op("Users of the org (admins and auditors)", "200")},
+        "/api/v1/users/{email}": {
+            "parameters": [_path_param("email", _STR)],
+            "patch": _op(
+                "Change a user's role or disable them",
+                "200",
+                {
+                    "type": "object",
+                    "properties": {
+                        "role": {"type": "string", "enum": ["admin", "member", "auditor"]},
+                        "disabled": {"type": "boolean"},
+                    },
+                },
+            ),
+        },
+        "/api/v1/policy": {
+            "get": _op("The org's switches", "200"),
+            "patch": _op(
+                "Change the org's switches",
+                "200",
+                {
+                    "type": "object",
+                    "properties": {
+                        "allow_user_keys": {"type": "boolean"},
+                        "allow_user_routes": {"type": "boolean"},
+                        "capture_bodies": {"type": "boolean"},
+                    },
+                    "additionalProperties": False,
+                },
+            ),
+        },
+        "/api/v1/audit": {
+            "get": _op(
+                "Audit events, newest first",
+                "200",
+                params=[
+                    _query("before", {"type": "integer"}),
+                    _query("limit", {"type": "integer"}),
+                ],
+            )
+        },
+        "/api/v1/tokens": {
+            "get": _op(
+                "Proxy tokens (mine; an admin may ask for a user's or all)",
+                "200",
+                params=[_query("user", _STR), _query("all", _STR)],
+            ),
+            "post": _op("Mint a proxy token, shown once", "201", _TOKEN_CREATE),
+        },
+        "/api/v1/tokens/{token_id}": {
+            "parameters": [_path_param("token_id", {"type": "integer"})],
+            "delete": _op("Revoke a token", "200"),
+        },
+    },
+}
+
+_RENDERED = orjson.dumps(DOCUMENT)
+
+
+class OpenAPIHandler(RequestHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.finish(_RENDERED)
+
+
+default_handlers = [(r"/api/v1/openapi.json", OpenAPIHandler)]

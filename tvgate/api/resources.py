@@ -1,0 +1,255 @@
+"""``/api/v1`` resources: routes, keys, grants, users, org policy, audit, "who gets what".
+
+Each handler parses, calls one service, and answers; the services decide who
+may do what and write the audit log. After a change, this process's caches
+are told at once (other processes see it within ``cache_ttl``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvgate import services
+from tvgate.api.base import APIError, APIHandler, int_arg
+
+
+def _str(body: dict[str, Any], name: str, default: str | None = None) -> str | None:
+    value = body.get(name, default)
+    if value is not None and not isinstance(value, str):
+        raise APIError(400, f"{name} must be a string")
+    return value
+
+
+def _required_str(body: dict[str, Any], name: str) -> str:
+    value = _str(body, name)
+    if not value:
+        raise APIError(400, f"{name} is required")
+    return value
+
+
+def _bool(body: dict[str, Any], name: str) -> bool | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise APIError(400, f"{name} must be true or false")
+    return value
+
+
+class ResourceHandler(APIHandler):
+    def changed(self, *, identities: bool = False) -> None:
+        """A write succeeded: this process stops using what it cached of the org."""
+        self.gateway.router.invalidate(self.principal.org_id)
+        if identities:
+            self.gateway.auth.forget_all()
+
+
+class MeHandler(ResourceHandler):
+    async def get(self) -> None:
+        p = self.principal
+        policy = await self.service(lambda: services.get_policy(actor=p))
+        self.send(
+            {
+                "email": p.email,
+                "org": p.org_name,
+                "role": p.role,
+                "policy": policy.as_dict(),
+            }
+        )
+
+
+class RoutesHandler(ResourceHandler):
+    async def get(self) -> None:
+        routes = await self.service(lambda: services.list_routes(actor=self.principal))
+        self.send({"routes": [r.as_dict() for r in routes]})
+
+    async def post(self) -> None:
+        body = self.body()
+        name, key = _required_str(body, "name"), _required_str(body, "key")
+        model = _str(body, "upstream_model", "") or ""
+        description = _str(body, "description", "") or ""
+        for_user, owner = _str(body, "for_user"), _str(body, "owner")
+        enabled = _bool(body, "enabled")
+        route = await self.service(
+            lambda: services.add_route(
+                name,
+                key,
+                model=model,
+                description=description,
+                for_user=for_user,
+                owner=owner,
+                enabled=True if enabled is None else enabled,
+                actor=self.principal,
+            )
+        )
+        self.changed()
+        self.send(route.as_dict(), status=201)
+
+
+class RouteHandler(ResourceHandler):
+    async def get(self, route_id: str) -> None:
+        ident = int_arg(route_id, "route id")
+        routes = await self.service(lambda: services.list_routes(actor=self.principal))
+        found = next((r for r in routes if r.id == ident), None)
+        if found is None:
+            raise APIError(404, f"no route {ident}")
+        self.send(found.as_dict())
+
+    async def patch(self, route_id: str) -> None:
+        ident = int_arg(route_id, "route id")
+        changes = self.body()
+        route = await self.service(
+            lambda: services.update_route(ident, changes, actor=self.principal)
+        )
+        self.changed()
+        self.send(route.as_dict())
+
+    async def delete(self, route_id: str) -> None:
+        ident = int_arg(route_id, "route id")
+        await self.service(lambda: services.delete_route(ident, actor=self.principal))
+        self.changed()
+        self.send({"deleted": ident})
+
+
+class ResolveHandler(ResourceHandler):
+    async def get(self) -> None:
+        name = self.get_query_argument("name", "")
+        email = self.get_query_argument("user", self.principal.email)
+        if not name:
+            raise APIError(400, "name is required")
+        resolution = await self.service(
+            lambda: services.resolve_route(name, email, actor=self.principal)
+        )
+        self.send(resolution.as_dict())
+
+
+class KeysHandler(ResourceHandler):
+    async def get(self) -> None:
+        keys = await self.service(lambda: services.list_keys(actor=self.principal))
+        self.send({"keys": [k.as_dict() for k in keys]})
+
+    async def post(self) -> None:
+        body = self.body()
+        name = _required_str(body, "name")
+        provider = _required_str(body, "provider")
+        secret = _required_str(body, "secret")
+        base_url, owner = _str(body, "base_url"), _str(body, "owner")
+        available = _bool(body, "available_to_all")
+        gateway = self.gateway
+        view = await self.service(
+            lambda: services.add_key(
+                name,
+                provider,
+                secret,
+                gateway.keyring,
+                base_url=base_url,
+                owner_email=owner,
+                available_to_all=True if available is None else available,
+                allow_private=gateway.settings.allow_private_upstreams,
+                actor=self.principal,
+            )
+        )
+        self.changed()
+        self.send(view.as_dict(), status=201)
+
+
+class KeyHandler(ResourceHandler):
+    async def patch(self, name: str) -> None:
+        body = self.body()
+        available = _bool(body, "available_to_all")
+        if available is None:
+            raise APIError(400, "nothing to change: give available_to_all")
+        view = await self.service(
+            lambda: services.set_key_availability(name, available, actor=self.principal)
+        )
+        self.changed()
+        self.send(view.as_dict())
+
+
+class KeyGrantsHandler(ResourceHandler):
+    async def post(self, name: str) -> None:
+        body = self.body()
+        users = body.get("users")
+        if not isinstance(users, list) or not users or not all(isinstance(u, str) for u in users):
+            raise APIError(400, "users must be a non-empty list of emails")
+        revoke = bool(_bool(body, "revoke"))
+        holders = await self.service(
+            lambda: services.grant_key(name, users, revoke=revoke, actor=self.principal)
+        )
+        self.changed()
+        self.send({"key": name, "granted_to": holders})
+
+
+class UsersHandler(ResourceHandler):
+    async def get(self) -> None:
+        users = await self.service(lambda: services.list_users(actor=self.principal))
+        self.send({"users": [u.as_dict() for u in users]})
+
+
+class UserHandler(ResourceHandler):
+    async def patch(self, email: str) -> None:
+        body = self.body()
+        role, disabled = _str(body, "role"), _bool(body, "disabled")
+        if role is None and disabled is None:
+            raise APIError(400, "nothing to change: give role or disabled")
+        view = await self.service(
+            lambda: services.update_user(email, role=role, disabled=disabled, actor=self.principal)
+        )
+        self.changed(identities=True)
+        self.send(view.as_dict())
+
+
+class PolicyHandler(ResourceHandler):
+    async def get(self) -> None:
+        policy = await self.service(lambda: services.get_policy(actor=self.principal))
+        self.send(policy.as_dict())
+
+    async def patch(self) -> None:
+        body = self.body()
+        unknown = set(body) - {"allow_user_keys", "allow_user_routes", "capture_bodies"}
+        if unknown:
+            raise APIError(400, f"unknown policy fields: {', '.join(sorted(unknown))}")
+        keys, routes, capture = (
+            _bool(body, "allow_user_keys"),
+            _bool(body, "allow_user_routes"),
+            _bool(body, "capture_bodies"),
+        )
+        policy = await self.service(
+            lambda: services.set_policy(
+                allow_user_keys=keys,
+                allow_user_routes=routes,
+                capture_bodies=capture,
+                actor=self.principal,
+            )
+        )
+        self.changed()
+        self.send(policy.as_dict())
+
+
+class AuditHandler(ResourceHandler):
+    async def get(self) -> None:
+        before = self.get_query_argument("before", None)
+        limit = int_arg(self.get_query_argument("limit", "100"), "limit")
+        before_id = int_arg(before, "before") if before is not None else None
+        events = await self.service(
+            lambda: services.list_audit(before_id=before_id, limit=limit, actor=self.principal)
+        )
+        self.send(
+            {
+                "events": events,
+                "next": str(events[-1]["id"]) if len(events) == max(1, min(limit, 500)) else None,
+            }
+        )
+
+
+default_handlers = [
+    (r"/api/v1/me", MeHandler),
+    (r"/api/v1/routes", RoutesHandler),
+    (r"/api/v1/routes/([^/]+)", RouteHandler),
+    (r"/api/v1/resolve", ResolveHandler),
+    (r"/api/v1/keys", KeysHandler),
+    (r"/api/v1/keys/([^/]+)", KeyHandler),
+    (r"/api/v1/keys/([^/]+)/grants", KeyGrantsHandler),
+    (r"/api/v1/users", UsersHandler),
+    (r"/api/v1/users/([^/]+)", UserHandler),
+    (r"/api/v1/policy", PolicyHandler),
+    (r"/api/v1/audit", AuditHandler),
+]
