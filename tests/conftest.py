@@ -246,6 +246,10 @@ def seed(database_url: str, data_dir: Path, fake: FakeProvider) -> dict[str, str
     services.add_route("gpt-test", "fake-openai", model="gpt-upstream-1", org_name="acme")
     services.add_route("embed-test", "fake-openai", model="text-embedding-3-small", org_name="acme")
     services.add_route("other-claude", "other-anthropic", model="claude-other", org_name="other")
+    # A route to a model the price table knows, for cost tests.
+    services.add_route(
+        "claude-sonnet", "fake-anthropic", model="claude-sonnet-4-5-20250929", org_name="acme"
+    )
     database.close()
     return tokens
 

@@ -122,7 +122,9 @@ def test_count_tokens_and_models(
     )
     assert counted.input_tokens == expected.input_tokens
     names = [m.id for m in client.models.list()]
-    assert names == sorted(["claude-pass", "claude-test", "embed-test", "gpt-test"])
+    assert names == sorted(
+        ["claude-pass", "claude-sonnet", "claude-test", "embed-test", "gpt-test"]
+    )
 
 
 def test_529_passes_through_unchanged(

@@ -266,7 +266,12 @@ def test_missing_and_bad_credentials_are_401_in_each_envelope(gateway: GatewayPr
         (b'{"messages": []}', {}, 400, "no 'model'"),
         (b'{"model": 42}', {}, 400, "no 'model'"),
         (b"", {}, 400, "empty"),
-        (b'{"model":"nope-model"}', {}, 404, "claude-pass, claude-test, embed-test, gpt-test"),
+        (
+            b'{"model":"nope-model"}',
+            {},
+            404,
+            "claude-pass, claude-sonnet, claude-test, embed-test, gpt-test",
+        ),
         (b'{"model":"other-claude"}', {}, 404, "no route named 'other-claude'"),
         (
             b'{"model":"claude-test"}',

@@ -160,7 +160,13 @@ def test_legacy_completions(
 
 def test_models_list_in_openai_format(gateway: GatewayProcess, member_token: str) -> None:
     models = via_gateway(gateway, member_token).models.list()
-    assert [m.id for m in models] == ["claude-pass", "claude-test", "embed-test", "gpt-test"]
+    assert [m.id for m in models] == [
+        "claude-pass",
+        "claude-sonnet",
+        "claude-test",
+        "embed-test",
+        "gpt-test",
+    ]
     assert {m.owned_by for m in models} == {"anthropic", "openai"}
 
 

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import orjson
+
 from tvgate import __version__, services
 from tvgate.config import ConfigError, Settings, load_settings
 from tvgate.db import migrate, open_database
@@ -107,6 +109,27 @@ def cmd_tokens_revoke(settings: Settings, args: argparse.Namespace) -> int:
     _open(settings)
     token = services.revoke_token(args.token_id)
     print(f"revoked token {token.id} ({token.prefix}…) of {token.user}")
+    return 0
+
+
+def cmd_traces_export(settings: Settings, args: argparse.Namespace) -> int:
+    """Stream traces as JSON lines to stdout, oldest first, a page at a time."""
+    _open(settings)
+    since = services.parse_time(args.since)
+    until = services.parse_time(args.until) if args.until else None
+    out = sys.stdout.buffer
+    for document in services.export_traces(args.org, since, until, bodies=args.bodies):
+        out.write(orjson.dumps(document) + b"\n")
+    out.flush()
+    return 0
+
+
+def cmd_traces_purge(settings: Settings, _args: argparse.Namespace) -> int:
+    from tvgate.traces.retention import purge_all
+
+    _open(settings)
+    for org, purged in purge_all().items():
+        print(f"{org}: {purged.traces} traces and {purged.blobs} blobs past retention deleted")
     return 0
 
 
@@ -285,6 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user-keys", choices=["on", "off"])
     p.add_argument("--user-routes", choices=["on", "off"])
     p.add_argument("--capture-bodies", choices=["on", "off"])
+
+    traces = commands.add_parser("traces", help="read and keep traces").add_subparsers(
+        required=True
+    )
+    p = command(traces, "export", cmd_traces_export, "stream traces as JSON lines")
+    p.add_argument("--since", required=True, help="epoch seconds or ISO 8601")
+    p.add_argument("--until")
+    p.add_argument("--org")
+    p.add_argument("--bodies", action="store_true", help="include requests and answers")
+    command(traces, "purge", cmd_traces_purge, "delete traces past each org's retention now")
 
     routes = commands.add_parser("routes", help="manage routes").add_subparsers(required=True)
     p = command(routes, "add", cmd_routes_add, "add a route (org-wide unless --for-user/--owner)")

@@ -101,6 +101,14 @@ class Settings:
     session_max_age: float = 7 * 86400.0
     #: Sign-in attempts allowed per address and per email in 15 minutes.
     login_attempts: int = 10
+    #: URL the push sink POSTs batches of traces to; empty: no push sink.
+    sink_url: str = ""
+    #: Secret for the push sink's HMAC-SHA256 signature.
+    sink_secret: str = ""
+    #: Traces per push.
+    sink_batch_size: int = 100
+    #: Seconds between pushes.
+    sink_interval: float = 5.0
 
     @property
     def host(self) -> str:
@@ -186,5 +194,7 @@ def validate(settings: Settings) -> None:
             raise ConfigError("jwt_algorithms must list real algorithms; 'none' is never accepted")
         if not (settings.jwt_jwks_url or settings.jwt_public_key or settings.jwt_secret):
             raise ConfigError("JWT sign-in needs jwt_jwks_url, jwt_public_key or jwt_secret")
+    if settings.sink_url and not settings.sink_secret:
+        raise ConfigError("sink_url needs sink_secret, so receivers can check what they get")
     if settings.max_body_bytes <= 0 or settings.max_clients <= 0 or settings.idle_timeout <= 0:
         raise ConfigError("max_body_bytes, max_clients and idle_timeout must be positive")

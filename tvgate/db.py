@@ -104,11 +104,32 @@ def _migration_4(db: peewee.Database) -> None:
     db.create_tables([models.KeyGrant, models.AuditEvent], safe=True)
 
 
+def _migration_5(db: peewee.Database) -> None:
+    for name in ("retention_days", "redaction_patterns"):
+        add_column_if_missing(db, models.Org, name)
+    for name in (
+        "repo",
+        "branch",
+        "cost_usd",
+        "request_blob",
+        "response_blob",
+        "truncated",
+        "written_at",
+    ):
+        add_column_if_missing(db, models.Trace, name)
+    db.execute_sql("CREATE INDEX IF NOT EXISTS trace_written_at ON trace (written_at)")
+    db.create_tables([models.Blob, models.ModelPrice, models.SinkState], safe=True)
+    from tvgate.traces.pricing import seed_prices
+
+    seed_prices()
+
+
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
 MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (1, _migration_1),
     (2, _migration_2),
     (4, _migration_4),
+    (5, _migration_5),
 ]
 
 

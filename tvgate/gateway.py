@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import peewee
 from tornado.curl_httpclient import CurlAsyncHTTPClient
@@ -22,6 +23,8 @@ from tvgate.identity.tokens import ProxyTokenAuthenticator
 from tvgate.identity.visdom import VisdomAuthenticator, VisdomClient
 from tvgate.keyring import Keyring, PlaintextCache, build_keyring
 from tvgate.routing import Router
+from tvgate.traces.retention import purge_all
+from tvgate.traces.sink import PushSink
 from tvgate.traces.writer import TraceWriter
 
 log = logging.getLogger("tvgate")
@@ -40,7 +43,9 @@ class Gateway:
     traces: TraceWriter
     http: CurlAsyncHTTPClient
     login_throttle: Throttle
+    sink: PushSink | None = None
     _token_flusher: PeriodicCallback | None = None
+    _purger: PeriodicCallback | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Gateway:
@@ -52,8 +57,11 @@ class Gateway:
         # Peewee connections are per thread, so the writer thread has its own.
         writer = TraceWriter(
             db,
+            keyring,
             queue_size=settings.trace_queue_size,
             batch_size=settings.trace_batch_size,
+            spool_path=Path(settings.data_dir) / "traces.spool",
+            settings_ttl=settings.cache_ttl,
         )
         http = CurlAsyncHTTPClient(
             max_clients=settings.max_clients,
@@ -89,6 +97,7 @@ class Gateway:
             traces=writer,
             http=http,
             login_throttle=Throttle(settings.login_attempts),
+            sink=PushSink(settings, runner) if settings.sink_url else None,
         )
         return gateway
 
@@ -97,11 +106,25 @@ class Gateway:
         self.router.start()
         self._token_flusher = PeriodicCallback(self.auth.proxy_tokens.flush_last_used, 30_000)
         self._token_flusher.start()
+        self._purger = PeriodicCallback(self._purge, 3600_000)
+        self._purger.start()
+        if self.sink is not None:
+            self.sink.start()
+
+    async def _purge(self) -> None:
+        """Retention, hourly, in the pool (several processes purging at once is harmless)."""
+        try:
+            await self.runner.run(purge_all)
+        except Exception:
+            log.exception("retention purge failed")
 
     def stop(self) -> None:
         """Flush traces and release connections. Call after the listeners are closed."""
-        if self._token_flusher is not None:
-            self._token_flusher.stop()
+        for timer in (self._token_flusher, self._purger):
+            if timer is not None:
+                timer.stop()
+        if self.sink is not None:
+            self.sink.stop()
         self.router.stop()
         self.http.close()
         self.traces.stop()

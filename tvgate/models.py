@@ -51,6 +51,10 @@ class Org(BaseModel):
     allow_user_keys = peewee.BooleanField(default=False)
     allow_user_routes = peewee.BooleanField(default=False)
     capture_bodies = peewee.BooleanField(default=True)
+    #: Days traces are kept; 0 keeps them for ever.
+    retention_days = peewee.IntegerField(default=90)
+    #: JSON list of extra regular expressions redacted from captured bodies.
+    redaction_patterns = peewee.TextField(default="[]")
     created_at = peewee.DoubleField(default=now)
 
 
@@ -222,6 +226,55 @@ class Trace(BaseModel):
     session_id = peewee.CharField(max_length=200, default="", index=True)
     upstream_request_id = peewee.CharField(max_length=200, default="")
     message_id = peewee.CharField(max_length=200, default="")
+    repo = peewee.CharField(max_length=200, default="")
+    branch = peewee.CharField(max_length=200, default="")
+    cost_usd = peewee.DoubleField(default=0.0)
+    #: Root blob of the captured (redacted) request, byte-exact; empty when not captured.
+    request_blob = peewee.CharField(max_length=64, default="")
+    #: Blob of the reassembled (redacted) answer as JSON; empty when not captured.
+    response_blob = peewee.CharField(max_length=64, default="")
+    #: True when the stream was cut before its last event (what arrived is kept).
+    truncated = peewee.BooleanField(default=False)
+    #: When the writer stored it: the push sink's cursor follows this, so traces written
+    #: late (a spool replayed after an outage) are still sent.
+    written_at = peewee.DoubleField(default=0.0, index=True)
+
+
+class Blob(BaseModel):
+    """A piece of captured content, stored once per org, zstd-compressed, keyed by its digest."""
+
+    id = peewee.AutoField()
+    org_id = peewee.IntegerField()
+    digest = peewee.CharField(max_length=64)
+    data = peewee.BlobField()
+    size = peewee.IntegerField()
+    #: When a trace last referred to it (updated at most daily): retention deletes by it.
+    referenced_at = peewee.DoubleField(default=now, index=True)
+
+    class Meta:
+        indexes = ((("org_id", "digest"), True),)
+
+
+class ModelPrice(BaseModel):
+    """USD per million tokens for models matching ``model`` (exact name or glob)."""
+
+    id = peewee.AutoField()
+    model = peewee.CharField(max_length=200, unique=True)
+    input_per_mtok = peewee.DoubleField()
+    output_per_mtok = peewee.DoubleField()
+    cache_read_per_mtok = peewee.DoubleField(default=0.0)
+    cache_write_per_mtok = peewee.DoubleField(default=0.0)
+    updated_at = peewee.DoubleField(default=now)
+
+
+class SinkState(BaseModel):
+    """The push sink's durable cursor, and which process holds the lease to push."""
+
+    name = peewee.CharField(max_length=64, primary_key=True)
+    cursor_at = peewee.DoubleField(default=0.0)
+    cursor_id = peewee.CharField(max_length=32, default="")
+    holder = peewee.CharField(max_length=200, default="")
+    lease_until = peewee.DoubleField(default=0.0)
 
 
 class SchemaVersion(BaseModel):
@@ -239,5 +292,8 @@ ALL_MODELS: tuple[type[BaseModel], ...] = (
     KeyGrant,
     AuditEvent,
     Trace,
+    Blob,
+    ModelPrice,
+    SinkState,
     SchemaVersion,
 )

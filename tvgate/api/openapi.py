@@ -201,6 +201,8 @@ DOCUMENT: dict[str, Any] = {
                         "allow_user_keys": {"type": "boolean"},
                         "allow_user_routes": {"type": "boolean"},
                         "capture_bodies": {"type": "boolean"},
+                        "retention_days": {"type": "integer", "minimum": 0, "maximum": 36500},
+                        "redaction_patterns": {"type": "array", "items": _STR, "maxItems": 100},
                     },
                     "additionalProperties": False,
                 },
@@ -223,6 +225,52 @@ DOCUMENT: dict[str, Any] = {
                 params=[_query("user", _STR), _query("all", _STR)],
             ),
             "post": _op("Mint a proxy token, shown once", "201", _TOKEN_CREATE),
+        },
+        "/api/v1/traces": {
+            "get": _op(
+                "Traces, newest first (mine; the org's for admins and auditors)",
+                "200",
+                params=[
+                    _query("user", _STR),
+                    _query("route", _STR),
+                    _query("tool", _STR),
+                    _query("session", _STR),
+                    _query("outcome", _STR),
+                    _query("since", _STR),
+                    _query("until", _STR),
+                    _query("cursor", _STR),
+                    _query("limit", {"type": "integer"}),
+                ],
+            )
+        },
+        "/api/v1/traces/{trace_id}": {
+            "parameters": [_path_param("trace_id", _STR)],
+            "get": _op("One trace, with its request and reassembled answer", "200"),
+        },
+        "/api/v1/sessions/{session_id}": {
+            "parameters": [_path_param("session_id", _STR)],
+            "get": _op("A tool session's traces, oldest first", "200"),
+        },
+        "/api/v1/prices": {"get": _op("The price table (USD per million tokens)", "200")},
+        "/api/v1/prices/{model}": {
+            "parameters": [_path_param("model", _NAME)],
+            "put": _op(
+                "Set a model's prices (admins)",
+                "200",
+                {
+                    "type": "object",
+                    "required": ["input_per_mtok", "output_per_mtok"],
+                    "properties": {
+                        name: {"type": "number", "minimum": 0, "maximum": 999999}
+                        for name in (
+                            "input_per_mtok",
+                            "output_per_mtok",
+                            "cache_read_per_mtok",
+                            "cache_write_per_mtok",
+                        )
+                    },
+                },
+            ),
         },
         "/api/v1/tokens/{token_id}": {
             "parameters": [_path_param("token_id", {"type": "integer"})],

@@ -204,7 +204,13 @@ class PolicyHandler(ResourceHandler):
 
     async def patch(self) -> None:
         body = self.body()
-        unknown = set(body) - {"allow_user_keys", "allow_user_routes", "capture_bodies"}
+        unknown = set(body) - {
+            "allow_user_keys",
+            "allow_user_routes",
+            "capture_bodies",
+            "retention_days",
+            "redaction_patterns",
+        }
         if unknown:
             raise APIError(400, f"unknown policy fields: {', '.join(sorted(unknown))}")
         keys, routes, capture = (
@@ -212,11 +218,23 @@ class PolicyHandler(ResourceHandler):
             _bool(body, "allow_user_routes"),
             _bool(body, "capture_bodies"),
         )
+        retention = body.get("retention_days")
+        if retention is not None and (
+            isinstance(retention, bool) or not isinstance(retention, int)
+        ):
+            raise APIError(400, "retention_days must be an integer")
+        patterns = body.get("redaction_patterns")
+        if patterns is not None and (
+            not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns)
+        ):
+            raise APIError(400, "redaction_patterns must be a list of strings")
         policy = await self.service(
             lambda: services.set_policy(
                 allow_user_keys=keys,
                 allow_user_routes=routes,
                 capture_bodies=capture,
+                retention_days=retention,
+                redaction_patterns=patterns,
                 actor=self.principal,
             )
         )

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from tvgate.config import ConfigError, Settings
-from tvgate.db import DatabaseRunner
+from tvgate.db import DatabaseRunner, DatabaseUnavailable
 from tvgate.identity import AuthError, IdentityUnavailable, Principal, select_membership
 from tvgate.identity.provision import Membership, OutsideIdentity, provision
 
@@ -149,7 +149,14 @@ class JWTAuthenticator:
         )
         membership = select_membership(memberships, requested_org, settings.pinned_org)
         identity = OutsideIdentity(str(user_id), email, str(claims.get("name") or ""), memberships)
-        principal = await self.runner.run(lambda: provision(identity, membership))
+        try:
+            principal = await self.runner.run(lambda: provision(identity, membership))
+        except DatabaseUnavailable:
+            # Stale if error: the signature and expiry were just checked; only the user row
+            # could not be refreshed.
+            if known is not None:
+                return known[0]
+            raise
         until = min(float(claims["exp"]), time.time() + settings.cache_ttl)
         if len(self._verified) > 100_000:
             self._verified.clear()

@@ -13,7 +13,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from tvgate.db import DatabaseRunner
+from tvgate.db import DatabaseRunner, DatabaseUnavailable
 from tvgate.identity import AuthError, Principal
 from tvgate.models import Org, ProxyToken, User
 
@@ -86,9 +86,17 @@ class ProxyTokenAuthenticator:
         cached = self._cache.get(token_hash)
         if cached is None or cached.expires <= now:
             at = time.time()
-            principal, reason, expires_at, token_id = await self.runner.run(
-                lambda: lookup_token(token_hash, at)
-            )
+            try:
+                principal, reason, expires_at, token_id = await self.runner.run(
+                    lambda: lookup_token(token_hash, at)
+                )
+            except DatabaseUnavailable:
+                # Stale if error: a token that was good moments ago keeps working while the
+                # database is away (revocations wait for it); an unknown token cannot.
+                if cached is not None and cached.principal is not None:
+                    self._used[cached.token_id] = time.time()
+                    return cached.principal
+                raise
             if len(self._cache) > 100_000:
                 self._cache.clear()
             lifetime = self.ttl

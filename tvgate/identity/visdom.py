@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import orjson
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from tvgate.db import DatabaseRunner
+from tvgate.db import DatabaseRunner, DatabaseUnavailable
 from tvgate.identity import AuthError, IdentityUnavailable, Principal, select_membership
 from tvgate.identity.provision import Membership, OutsideIdentity, provision
 
@@ -141,7 +141,12 @@ class VisdomAuthenticator:
         known = self._principals.get(key)
         if known is not None and known[1] > time.monotonic():
             return known[0]
-        principal = await self.runner.run(lambda: provision(identity, membership))
+        try:
+            principal = await self.runner.run(lambda: provision(identity, membership))
+        except DatabaseUnavailable:
+            if known is not None:
+                return known[0]  # stale if error: the database is away, Visdom Trace is not
+            raise
         expires = self._identities[token_hash].expires
         self._principals[key] = (principal, expires)
         return principal

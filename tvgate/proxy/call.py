@@ -43,7 +43,13 @@ from tvgate.proxy.upstream import (
     upstream_url,
 )
 from tvgate.routing import RouteEntry, RouteNotFound
-from tvgate.traces.attribution import ATTRIBUTION_PREFIXES, detect_tool, session_id
+from tvgate.traces.attribution import (
+    ATTRIBUTION_PREFIXES,
+    attribution_header,
+    detect_tool,
+    session_id,
+)
+from tvgate.traces.writer import CapturedBody
 
 if TYPE_CHECKING:
     from tvgate.proxy.handlers import ProxyHandler
@@ -394,6 +400,14 @@ class ProxyCall:
         usage = assembled.usage if assembled is not None else None
         finished = time.perf_counter()
         route = self.route
+        truncated = assembled is not None and (
+            assembled.truncated or (self.assembler is not None and not assembled.complete)
+        )
+        captured = (
+            CapturedBody(body.raw, assembled.response if assembled is not None else None)
+            if body is not None
+            else None
+        )
         self.gateway.traces.submit(
             {
                 "id": uuid.uuid4().hex,
@@ -431,7 +445,14 @@ class ProxyCall:
                 "session_id": session_id(headers),
                 "upstream_request_id": self.upstream_request_id,
                 "message_id": (assembled.message_id or "") if assembled else "",
-            }
+                "repo": attribution_header(headers, "repo"),
+                "branch": attribution_header(headers, "branch"),
+                "truncated": truncated,
+                "request_blob": "",
+                "response_blob": "",
+                "cost_usd": 0.0,
+            },
+            captured,
         )
 
     def _at(self, perf: float) -> float | None:

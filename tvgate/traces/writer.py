@@ -1,120 +1,286 @@
-"""The trace writer: a bounded queue drained in batches by one thread.
+"""The trace writer: a bounded queue drained in batches by one thread, with a spool for outages.
 
 The request path only appends to the queue (never blocks, never touches the
-database). One thread takes what is queued, up to ``batch_size`` rows at a
-time, and inserts them in one transaction. Inserts are idempotent by trace id,
-so a batch that is retried after a failure never duplicates a trace. While the
-database is unreachable the writer keeps the failed batch and retries with
-backoff; ``stop()`` drains everything that was queued before it returns.
+database or the disk). One thread takes what is queued, up to ``batch_size``
+traces at a time, stores their captured bodies (redacted, content-addressed),
+prices them, and inserts everything in one transaction. Inserts are
+idempotent by trace id.
+
+When the database cannot be reached, the batch is appended to a spool file in
+the data directory (and fsynced) instead, and so is every later batch until
+the spool has been replayed, in order, once the database answers again. A
+trace is acknowledged once it is in the database or in the spool; ``stop()``
+writes or spools everything queued before it returns, so a SIGTERM loses
+nothing. Bodies are held in memory only up to ``body_budget`` bytes while
+queued; past that a trace is recorded without its body rather than not at all.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
 import queue
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import orjson
 import peewee
 
 from tvgate.db import CONNECTION_ERRORS, reset_connection
+from tvgate.keyring import Keyring
 from tvgate.models import Trace
+from tvgate.traces.content import blob_digest, store_request
+from tvgate.traces.pricing import PriceTable
+from tvgate.traces.store import BlobStore, CaptureSettings, load_capture_settings
 
 log = logging.getLogger("tvgate.traces")
 
 TraceRow = dict[str, Any]
+_PRICES_TTL = 60.0
+
+
+@dataclass(slots=True)
+class CapturedBody:
+    """What a call said and answered, as captured on the request path (not yet redacted)."""
+
+    request: bytes
+    response: dict[str, Any] | None
+
+    @property
+    def size(self) -> int:
+        return len(self.request)
+
+
+@dataclass(slots=True)
+class _Item:
+    row: TraceRow
+    body: CapturedBody | None
 
 
 class TraceWriter:
-    def __init__(self, db: peewee.Database, queue_size: int, batch_size: int) -> None:
+    def __init__(
+        self,
+        db: peewee.Database,
+        keyring: Keyring,
+        *,
+        queue_size: int,
+        batch_size: int,
+        spool_path: Path,
+        settings_ttl: float,
+        body_budget: int = 256 * 1024 * 1024,
+    ) -> None:
         self.db = db
+        self.keyring = keyring
         self.batch_size = batch_size
-        self._queue: queue.Queue[TraceRow | None] = queue.Queue(maxsize=queue_size)
+        self.spool_path = spool_path
+        self.body_budget = body_budget
+        self.settings_ttl = settings_ttl
+        self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._run, name="tvgate-trace-writer", daemon=True)
-        self._stopping = threading.Event()
+        self._pending_body_bytes = 0
+        self._settings: dict[int, CaptureSettings] = {}
+        self._prices: PriceTable | None = None
+        self._prices_at = 0.0
+        self._spool_lines = 0
         self.written = 0
+        self.spooled = 0
         self.dropped = 0
+        self.bodies_dropped = 0
         self.failures = 0
 
+    # --- the request path (IOLoop thread) ---
+
     def start(self) -> None:
+        if self.spool_path.exists():
+            with self.spool_path.open("rb") as fh:
+                self._spool_lines = sum(1 for _ in fh)
         self._thread.start()
 
     @property
     def depth(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, row: TraceRow) -> None:
-        """Queue a trace; called on the IOLoop, so it must never block."""
+    @property
+    def spool_size(self) -> int:
+        """Traces waiting in the spool for the database to come back."""
+        return self._spool_lines
+
+    def submit(self, row: TraceRow, body: CapturedBody | None = None) -> None:
+        """Queue a trace; never blocks."""
+        if body is not None:
+            if self._pending_body_bytes + body.size > self.body_budget:
+                self.bodies_dropped += 1
+                body = None
+            else:
+                self._pending_body_bytes += body.size
         try:
-            self._queue.put_nowait(row)
+            self._queue.put_nowait(_Item(row, body))
         except queue.Full:
             self.dropped += 1
             log.error("trace queue full; trace %s dropped", row.get("id"))
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Write everything queued so far, then end the thread."""
-        self._stopping.set()
+    def stop(self, timeout: float = 60.0) -> None:
+        """Write (or spool) everything queued so far, then end the thread."""
         self._queue.put(None)
         self._thread.join(timeout)
 
-    def _take_batch(self) -> tuple[list[TraceRow], bool]:
-        first = self._queue.get()
+    # --- the writer thread ---
+
+    def _take_batch(self) -> tuple[list[_Item], bool]:
+        try:
+            first = self._queue.get(timeout=1.0 if self._spool_lines else None)
+        except queue.Empty:
+            return [], False
         if first is None:
-            batch: list[TraceRow] = []
-            ended = True
-        else:
-            batch, ended = [first], False
+            return [], True
+        batch = [first]
         while len(batch) < self.batch_size:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is None:
-                ended = True
-                break
+                return batch, True
             batch.append(item)
-        return batch, ended
+        return batch, False
 
     def _run(self) -> None:
         ended = False
         while not ended:
             batch, ended = self._take_batch()
+            for item in batch:
+                if item.body is not None:
+                    self._pending_body_bytes -= item.body.size
+            if self._spool_lines and not self._replay_spool():
+                # The database is still away; keep the order: new traces go behind the spooled.
+                self._spool(batch)
+                continue
             if batch:
-                self._write_with_retry(batch)
-        # Anything submitted after the stop marker still gets written.
-        rest: list[TraceRow] = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                rest.append(item)
-        if rest:
-            self._write_with_retry(rest)
+                self._write_or_spool(batch)
         if not self.db.is_closed():
             self.db.close()
 
-    def _write_with_retry(self, batch: list[TraceRow]) -> None:
-        delay = 0.1
-        while True:
-            try:
-                self._write(batch)
-                self.written += len(batch)
-                return
-            except CONNECTION_ERRORS as exc:
-                self.failures += 1
-                reset_connection(self.db)
-                log.warning("trace batch of %d not written (%s); retrying", len(batch), exc)
-                if self._stopping.is_set() and delay > 5:
-                    log.error("database unreachable at stop; %d traces not written", len(batch))
-                    self.dropped += len(batch)
-                    return
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+    def _write_or_spool(self, batch: list[_Item]) -> None:
+        try:
+            self._write(batch)
+            self.written += len(batch)
+        except CONNECTION_ERRORS as exc:
+            self.failures += 1
+            reset_connection(self.db)
+            log.warning("database unavailable (%s); spooling %d traces", exc, len(batch))
+            self._spool(batch)
 
-    def _write(self, batch: list[TraceRow]) -> None:
+    def _write(self, batch: list[_Item]) -> None:
+        prices = self._price_table()
+        stores: dict[int, BlobStore] = {}
+        rows: list[TraceRow] = []
+        written_at = time.time()
         with self.db.atomic():
-            for chunk in peewee.chunked(batch, 100):
-                Trace.insert_many(chunk).on_conflict_ignore().execute()
+            for item in batch:
+                row = dict(item.row)
+                row["written_at"] = written_at
+                row["cost_usd"] = prices.cost(
+                    row["provider"],
+                    row["response_model"] or row["upstream_model"],
+                    row["input_tokens"],
+                    row["output_tokens"],
+                    row["cache_read_tokens"],
+                    row["cache_write_tokens"],
+                )
+                if item.body is not None:
+                    self._capture(row, item.body, stores)
+                rows.append(row)
+            for store in stores.values():
+                store.flush()
+            for start in range(0, len(rows), 100):
+                Trace.insert_many(rows[start : start + 100]).on_conflict_ignore().execute()
+        for store in stores.values():
+            store.committed()
+
+    def _capture(self, row: TraceRow, body: CapturedBody, stores: dict[int, BlobStore]) -> None:
+        org_id = row["org_id"]
+        settings = self._settings.get(org_id)
+        if settings is None or time.monotonic() - settings.loaded_at > self.settings_ttl:
+            settings = load_capture_settings(org_id, self.keyring)
+            self._settings[org_id] = settings
+        if not settings.capture_bodies:
+            return
+        store = stores.setdefault(org_id, BlobStore(org_id))
+        redact = settings.redactor.redact
+        row["request_blob"] = store_request(redact(body.request), store).hex()
+        if body.response is not None:
+            answer = redact(orjson.dumps(body.response))
+            digest = blob_digest(answer)
+            if not store.has(digest):
+                store.put(digest, answer)
+            row["response_blob"] = digest.hex()
+
+    def _price_table(self) -> PriceTable:
+        if self._prices is None or time.monotonic() - self._prices_at > _PRICES_TTL:
+            try:
+                self._prices = PriceTable.load()
+            except CONNECTION_ERRORS:
+                reset_connection(self.db)
+                if self._prices is None:
+                    raise
+            self._prices_at = time.monotonic()
+        return self._prices
+
+    # --- the spool ---
+
+    def _spool(self, batch: list[_Item]) -> None:
+        if not batch:
+            return
+        lines = []
+        for item in batch:
+            entry: dict[str, Any] = {"row": item.row}
+            if item.body is not None:
+                entry["request"] = base64.b64encode(item.body.request).decode()
+                entry["response"] = item.body.response
+            lines.append(orjson.dumps(entry) + b"\n")
+        self.spool_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.spool_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, b"".join(lines))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._spool_lines += len(lines)
+        self.spooled += len(lines)
+
+    def _replay_spool(self) -> bool:
+        """Write the spool to the database in order; True once it is empty."""
+        try:
+            with self.spool_path.open("rb") as fh:
+                batch: list[_Item] = []
+                for line in fh:
+                    if not line.strip():
+                        continue
+                    entry = orjson.loads(line)
+                    body = None
+                    if "request" in entry:
+                        body = CapturedBody(
+                            base64.b64decode(entry["request"]), entry.get("response")
+                        )
+                    batch.append(_Item(entry["row"], body))
+                    if len(batch) >= self.batch_size:
+                        self._write(batch)
+                        batch = []
+                if batch:
+                    self._write(batch)
+        except CONNECTION_ERRORS:
+            reset_connection(self.db)
+            return False
+        except FileNotFoundError:
+            pass
+        replayed = self._spool_lines
+        # Replay is idempotent by trace id, so a crash before this unlink only repeats work.
+        self.spool_path.unlink(missing_ok=True)
+        self._spool_lines = 0
+        self.written += replayed
+        log.info("replayed %d spooled traces", replayed)
+        return True

@@ -1,0 +1,57 @@
+"""``/api/v1/traces``, ``/api/v1/sessions``, ``/api/v1/prices``: reading what went through."""
+
+from __future__ import annotations
+
+from tvgate import services
+from tvgate.api.base import APIError, APIHandler, int_arg
+
+
+class TracesHandler(APIHandler):
+    async def get(self) -> None:
+        filters = {
+            name: value
+            for name in services.TRACE_FILTERS
+            if (value := self.get_query_argument(name, "")) != ""
+        }
+        cursor = self.get_query_argument("cursor", None)
+        limit = int_arg(self.get_query_argument("limit", "50"), "limit")
+        page, following = await self.service(
+            lambda: services.list_traces(filters, cursor=cursor, limit=limit, actor=self.principal)
+        )
+        self.send({"traces": page, "next_cursor": following})
+
+
+class TraceHandler(APIHandler):
+    async def get(self, trace_id: str) -> None:
+        document = await self.service(lambda: services.get_trace(trace_id, actor=self.principal))
+        self.send(document)
+
+
+class SessionHandler(APIHandler):
+    async def get(self, session: str) -> None:
+        traces = await self.service(lambda: services.session_traces(session, actor=self.principal))
+        self.send({"session_id": session, "traces": traces})
+
+
+class PricesHandler(APIHandler):
+    async def get(self) -> None:
+        prices = await self.service(services.list_prices)
+        self.send({"prices": prices})
+
+
+class PriceHandler(APIHandler):
+    async def put(self, model: str) -> None:
+        body = self.body()
+        if not body:
+            raise APIError(400, "give input_per_mtok and output_per_mtok (USD per million tokens)")
+        price = await self.service(lambda: services.set_price(model, body, actor=self.principal))
+        self.send(price)
+
+
+default_handlers = [
+    (r"/api/v1/traces", TracesHandler),
+    (r"/api/v1/traces/([^/]+)", TraceHandler),
+    (r"/api/v1/sessions/([^/]+)", SessionHandler),
+    (r"/api/v1/prices", PricesHandler),
+    (r"/api/v1/prices/([^/]+)", PriceHandler),
+]

@@ -1,0 +1,118 @@
+"""What a call cost: a price table per model (exact names or globs), seeded, editable by admins.
+
+Prices are USD per million tokens. Anthropic reports input tokens without the
+cached ones; OpenAI's prompt tokens include them; ``cost`` takes each
+provider's way of counting into account.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+from tvgate.models import PROVIDER_ANTHROPIC, ModelPrice
+
+# Public list prices (USD per million tokens) at the time of writing:
+# (model pattern, input, output, cache read, cache write).
+SEED_PRICES: tuple[tuple[str, float, float, float, float], ...] = (
+    ("claude-opus-4-5*", 5.0, 25.0, 0.50, 6.25),
+    ("claude-opus-4*", 15.0, 75.0, 1.50, 18.75),
+    ("claude-sonnet-4*", 3.0, 15.0, 0.30, 3.75),
+    ("claude-3-7-sonnet*", 3.0, 15.0, 0.30, 3.75),
+    ("claude-haiku-4-5*", 1.0, 5.0, 0.10, 1.25),
+    ("claude-3-5-haiku*", 0.80, 4.0, 0.08, 1.0),
+    ("gpt-5-mini*", 0.25, 2.0, 0.025, 0.0),
+    ("gpt-5-nano*", 0.05, 0.40, 0.005, 0.0),
+    ("gpt-5*", 1.25, 10.0, 0.125, 0.0),
+    ("gpt-4.1-mini*", 0.40, 1.60, 0.10, 0.0),
+    ("gpt-4.1-nano*", 0.10, 0.40, 0.025, 0.0),
+    ("gpt-4.1*", 2.0, 8.0, 0.50, 0.0),
+    ("gpt-4o-mini*", 0.15, 0.60, 0.075, 0.0),
+    ("gpt-4o*", 2.50, 10.0, 1.25, 0.0),
+    ("o3*", 2.0, 8.0, 0.50, 0.0),
+    ("o4-mini*", 1.10, 4.40, 0.275, 0.0),
+    ("text-embedding-3-small", 0.02, 0.0, 0.0, 0.0),
+    ("text-embedding-3-large", 0.13, 0.0, 0.0, 0.0),
+)
+
+
+def seed_prices() -> None:
+    """Insert the seed prices that are not in the table (an admin's edits are kept)."""
+    known = {row.model for row in ModelPrice.select(ModelPrice.model)}
+    for model, input_, output, cache_read, cache_write in SEED_PRICES:
+        if model not in known:
+            ModelPrice.create(
+                model=model,
+                input_per_mtok=input_,
+                output_per_mtok=output,
+                cache_read_per_mtok=cache_read,
+                cache_write_per_mtok=cache_write,
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    model: str
+    input: float
+    output: float
+    cache_read: float
+    cache_write: float
+
+
+class PriceTable:
+    """Prices in memory; the most specific pattern (exact, then longest literal prefix) wins."""
+
+    def __init__(self, prices: list[Price]) -> None:
+        def specificity(price: Price) -> tuple[int, int]:
+            glob = re.search(r"[*?\[]", price.model)
+            return (0 if glob is None else 1, -(glob.start() if glob else len(price.model)))
+
+        self._ordered = sorted(prices, key=specificity)
+        self._compiled = [(re.compile(fnmatch.translate(p.model)), p) for p in self._ordered]
+
+    @classmethod
+    def load(cls) -> PriceTable:
+        return cls(
+            [
+                Price(
+                    r.model,
+                    r.input_per_mtok,
+                    r.output_per_mtok,
+                    r.cache_read_per_mtok,
+                    r.cache_write_per_mtok,
+                )
+                for r in ModelPrice.select()
+            ]
+        )
+
+    def find(self, model: str) -> Price | None:
+        for pattern, price in self._compiled:
+            if pattern.match(model):
+                return price
+        return None
+
+    def cost(
+        self,
+        provider: str,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        cache_read_tokens: int,
+        cache_write_tokens: int,
+    ) -> float:
+        price = self.find(model)
+        if price is None:
+            return 0.0
+        if provider == PROVIDER_ANTHROPIC:
+            uncached = input_tokens
+        else:
+            # OpenAI counts cached tokens inside prompt_tokens.
+            uncached = max(0, input_tokens - cache_read_tokens)
+        total = (
+            uncached * price.input
+            + output_tokens * price.output
+            + cache_read_tokens * price.cache_read
+            + cache_write_tokens * price.cache_write
+        )
+        return round(total / 1_000_000, 8)

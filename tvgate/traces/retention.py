@@ -1,0 +1,60 @@
+"""Retention: each org's traces older than its ``retention_days`` are deleted, a batch at a time,
+and then the blobs no kept trace refers to.
+
+Blobs carry ``referenced_at``, moved forward whenever a trace refers to them
+(at most a day late, see ``traces.store``), so a blob whose ``referenced_at``
+is more than a day older than the cutoff belongs to no kept trace.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from tvgate.models import Blob, Org, Trace, database
+
+_DAY = 86400.0
+_BATCH = 1000
+
+
+@dataclass(slots=True)
+class Purged:
+    traces: int = 0
+    blobs: int = 0
+
+
+def purge_org(org: Org, now: float | None = None, batch: int = _BATCH) -> Purged:
+    """Delete one org's expired traces and unreferenced blobs, in small transactions."""
+    purged = Purged()
+    if org.retention_days <= 0:
+        return purged
+    cutoff = (now or time.time()) - org.retention_days * _DAY
+    while True:
+        with database.atomic():
+            ids = [
+                t.id
+                for t in Trace.select(Trace.id)
+                .where((Trace.org_id == org.id) & (Trace.received_at < cutoff))
+                .limit(batch)
+            ]
+            if not ids:
+                break
+            purged.traces += Trace.delete().where(Trace.id.in_(ids)).execute()
+    # A blob touched within a day of a kept trace may belong to it; leave a day and an hour.
+    blob_cutoff = cutoff - _DAY - 3600
+    while True:
+        with database.atomic():
+            blob_ids = [
+                b.id
+                for b in Blob.select(Blob.id)
+                .where((Blob.org_id == org.id) & (Blob.referenced_at < blob_cutoff))
+                .limit(batch)
+            ]
+            if not blob_ids:
+                break
+            purged.blobs += Blob.delete().where(Blob.id.in_(blob_ids)).execute()
+    return purged
+
+
+def purge_all(now: float | None = None) -> dict[str, Purged]:
+    return {org.name: purge_org(org, now) for org in Org.select()}

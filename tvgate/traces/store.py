@@ -1,0 +1,115 @@
+"""Captured content in the database: the blob sink, and the per-org capture settings.
+
+Blobs are zstd-compressed and stored once per org, keyed by digest. Every time
+a trace refers to a blob its ``referenced_at`` is moved forward (at most once a
+day per blob and process), so retention can delete blobs no kept trace needs.
+Runs in the trace writer's thread (and in the pool for reads), never on the IOLoop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import orjson
+import zstandard
+
+from tvgate.keyring import KeyContext, Keyring
+from tvgate.models import Blob, Org, ProviderKey
+from tvgate.traces.redact import Redactor
+
+log = logging.getLogger("tvgate.traces")
+
+_DAY = 86400.0
+_COMPRESS = zstandard.ZstdCompressor(level=3)
+_DECOMPRESS = zstandard.ZstdDecompressor()
+#: (org, digest) -> when this process last stored or touched that blob.
+_TOUCHED: dict[tuple[int, bytes], float] = {}
+
+
+class BlobStore:
+    """One org's blobs. Puts are buffered until ``flush`` (inside the writer's transaction)."""
+
+    def __init__(self, org_id: int) -> None:
+        self.org_id = org_id
+        self._pending: dict[bytes, bytes] = {}
+        self._flushed: list[bytes] = []
+
+    def has(self, digest: bytes) -> bool:
+        touched = _TOUCHED.get((self.org_id, digest))
+        return digest in self._pending or (touched is not None and time.time() - touched < _DAY)
+
+    def put(self, digest: bytes, data: bytes) -> None:
+        self._pending[digest] = data
+
+    def get(self, digest: bytes) -> bytes:
+        if digest in self._pending:
+            return self._pending[digest]
+        row = Blob.get_or_none((Blob.org_id == self.org_id) & (Blob.digest == digest.hex()))
+        if row is None:
+            raise KeyError(digest.hex())
+        return bytes(_DECOMPRESS.decompress(bytes(row.data)))
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        now = time.time()
+        rows = [
+            {
+                "org_id": self.org_id,
+                "digest": digest.hex(),
+                "data": _COMPRESS.compress(data),
+                "size": len(data),
+                "referenced_at": now,
+            }
+            for digest, data in self._pending.items()
+        ]
+        for start in range(0, len(rows), 200):
+            Blob.insert_many(rows[start : start + 200]).on_conflict(
+                conflict_target=[Blob.org_id, Blob.digest],
+                update={Blob.referenced_at: now},
+            ).execute()
+        self._flushed.extend(self._pending)
+        self._pending.clear()
+
+    def committed(self) -> None:
+        """The transaction holding the flushed blobs committed: skip them for a day."""
+        if len(_TOUCHED) > 500_000:
+            _TOUCHED.clear()
+        now = time.time()
+        for digest in self._flushed:
+            _TOUCHED[(self.org_id, digest)] = now
+        self._flushed.clear()
+
+
+@dataclass(slots=True)
+class CaptureSettings:
+    """What the writer needs of an org to store its bodies."""
+
+    capture_bodies: bool
+    redactor: Redactor
+    loaded_at: float = field(default_factory=time.monotonic)
+
+
+def load_capture_settings(org_id: int, keyring: Keyring) -> CaptureSettings:
+    """Read an org's switch and patterns, and its keys' plaintexts to redact them."""
+    org = Org.get_by_id(org_id)
+    literals = []
+    for key in ProviderKey.select().where(ProviderKey.org == org_id):
+        try:
+            literals.append(
+                keyring.decrypt(key.ciphertext, KeyContext(org_id, key.id, key.owner_id))
+            )
+        except Exception as exc:  # noqa: BLE001 - a key that cannot be read cannot be redacted
+            log.warning("key %s of org %d not redactable: %s", key.name, org_id, type(exc).__name__)
+    try:
+        patterns = [p for p in orjson.loads(org.redaction_patterns) if isinstance(p, str)]
+    except orjson.JSONDecodeError:
+        patterns = []
+    try:
+        redactor = Redactor(literals=literals, patterns=patterns)
+    except ValueError:
+        # An admin pattern that does not compile was refused when saved; be safe regardless.
+        redactor = Redactor(literals=literals)
+    return CaptureSettings(capture_bodies=org.capture_bodies, redactor=redactor)
