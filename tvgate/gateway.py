@@ -7,16 +7,20 @@ the parts it needs. Nothing here runs per request.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import peewee
 from tornado.curl_httpclient import CurlAsyncHTTPClient
+from tornado.ioloop import IOLoop, PeriodicCallback
 
+from tvgate import services
 from tvgate.config import Settings
 from tvgate.db import DatabaseRunner, migrate, open_database
 from tvgate.identity.tokens import ProxyTokenAuthenticator
 from tvgate.keyring import Keyring, PlaintextCache, build_keyring
-from tvgate.routing import Router
+from tvgate.routing import OrgSnapshot, Router, snapshot_key_refs
 from tvgate.traces.writer import TraceWriter
 
 log = logging.getLogger("tvgate")
@@ -33,6 +37,8 @@ class Gateway:
     router: Router
     traces: TraceWriter
     http: CurlAsyncHTTPClient
+    _sweeper: PeriodicCallback | None = None
+    _unsubscribe: Callable[[], None] | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Gateway:
@@ -70,9 +76,50 @@ class Gateway:
     def start(self) -> None:
         self.traces.start()
         self.router.start()
+        self._watch_keys()
+
+    def _watch_keys(self) -> None:
+        """Keep plaintexts in memory no longer than needed.
+
+        A key changed through the services in this process (the API, the UI) is dropped at
+        once, with its org's route snapshot. A key changed elsewhere (the CLI, another
+        gateway) is dropped when the snapshot refresh no longer carries its ciphertext.
+        Expired plaintexts are swept, not kept until the next lookup.
+        """
+        loop = IOLoop.current()
+        loop_thread = threading.get_ident()
+
+        def key_changed(org_id: int, key_id: int) -> None:
+            def drop() -> None:
+                self.keys.forget(key_id)
+                self.router.invalidate(org_id)
+
+            if threading.get_ident() == loop_thread:
+                drop()
+            else:
+                loop.add_callback(drop)
+
+        def reloaded(previous: OrgSnapshot | None, snapshot: OrgSnapshot) -> None:
+            if previous is not None:
+                for key_id, ciphertext in snapshot_key_refs(previous) - snapshot_key_refs(snapshot):
+                    self.keys.forget_version(key_id, ciphertext)
+
+        self._unsubscribe = services.on_key_change(key_changed)
+        self.router.on_reload = reloaded
+        period = max(1.0, min(self.settings.key_cache_ttl, 60.0))
+
+        def sweep() -> None:
+            self.keys.sweep()
+
+        self._sweeper = PeriodicCallback(sweep, period * 1000)
+        self._sweeper.start()
 
     def stop(self) -> None:
         """Flush traces and release connections. Call after the listeners are closed."""
+        if self._sweeper is not None:
+            self._sweeper.stop()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
         self.router.stop()
         self.http.close()
         self.traces.stop()

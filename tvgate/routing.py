@@ -17,6 +17,7 @@ import fnmatch
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tornado.ioloop import PeriodicCallback
@@ -173,6 +174,12 @@ def load_snapshot(org_id: int) -> OrgSnapshot:
     return snapshot
 
 
+def snapshot_key_refs(snapshot: OrgSnapshot) -> set[tuple[int, str]]:
+    """(key id, ciphertext) of every key a snapshot's routes use."""
+    entries = [r for rs in snapshot.exact.values() for r in rs] + snapshot.patterns
+    return {(r.key.id, r.key.ciphertext) for r in entries}
+
+
 class Router:
     """Per-org snapshots, with background refresh."""
 
@@ -182,6 +189,8 @@ class Router:
         self._snapshots: dict[int, OrgSnapshot] = {}
         self._loading: dict[int, asyncio.Future[OrgSnapshot]] = {}
         self._refresher: PeriodicCallback | None = None
+        #: Called on the IOLoop with (previous, new) each time an org's snapshot is loaded.
+        self.on_reload: Callable[[OrgSnapshot | None, OrgSnapshot], None] | None = None
 
     def start(self) -> None:
         """Refresh every known snapshot in the background, every TTL/2."""
@@ -207,7 +216,10 @@ class Router:
                 snapshot = await loading
             finally:
                 self._loading.pop(org_id, None)
+            previous = self._snapshots.get(org_id)
             self._snapshots[org_id] = snapshot
+            if self.on_reload is not None:
+                self.on_reload(previous, snapshot)
             return snapshot
         return await loading
 
