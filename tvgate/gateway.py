@@ -53,6 +53,10 @@ class Gateway:
             queue_size=settings.trace_queue_size,
             batch_size=settings.trace_batch_size,
         )
+        # Tornado switches curl to verbose mode when this logger is at DEBUG, and curl's
+        # verbose output prints every request header: the provider key in x-api-key or
+        # Authorization. Never let it run, whatever the log level (the canary test).
+        logging.getLogger("tornado.curl_httpclient").setLevel(logging.INFO)
         http = CurlAsyncHTTPClient(
             max_clients=settings.max_clients,
             # Responses are streamed to the client, never buffered whole; this only bounds

@@ -121,7 +121,7 @@ class VaultKeyring:
         self.token_accessor = ""  # not a secret: identifies the token in Vault's audit log
         self.logins = 0
         self.renewals = 0
-        self._available = True
+        self._failure = ""  # the cause of the current outage, logged once
         base = f"/v1/{quote(self.mount, safe='/')}"
         name = quote(self.key, safe="")
         self._paths = {op: f"{base}/{op}/{name}" for op in ("encrypt", "decrypt", "rewrap")}
@@ -340,56 +340,58 @@ class VaultKeyring:
         except hvac.exceptions.InvalidRequest as exc:
             text = " ".join(str(e) for e in (exc.errors or [])) or str(exc.args[0] or "")
             if any(marker in text for marker in _CIPHERTEXT_ERRORS):
-                self._mark_available()
+                self._mark_available()  # Vault answered: it is the row that is wrong
                 raise KeyringError("key ciphertext does not decrypt for this key") from None
-            if "encryption key not found" in text or "no handler" in text:
-                raise self._unavailable(
-                    f"cannot {what}: transit key {self.key!r} not found on mount {self.mount!r}"
-                ) from None
             if "permission denied" in text or "invalid secret id" in text or "invalid role" in text:
                 raise self._denied(what) from None
-            raise self._unavailable(
-                f"cannot {what}: vault refused the request (HTTP 400)"
-            ) from None
+            if "encryption key not found" in text or "no handler" in text:
+                cause = f"transit key {self.key!r} not found on mount {self.mount!r}"
+            else:
+                cause = "vault refused the request (HTTP 400)"
+            raise self._unavailable(what, cause) from None
         except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized):
             raise self._denied(what) from None
-        except hvac.exceptions.VaultDown:
-            raise self._unavailable(f"cannot {what}: vault is sealed or in standby") from None
-        except hvac.exceptions.VaultNotInitialized:
-            raise self._unavailable(f"cannot {what}: vault is not initialized") from None
-        except hvac.exceptions.InvalidPath:
-            raise self._unavailable(
-                f"cannot {what}: no such path in vault (is the transit mount {self.mount!r} enabled?)"
-            ) from None
         except hvac.exceptions.VaultError as exc:
-            status = {
-                hvac.exceptions.InternalServerError: "HTTP 500",
-                hvac.exceptions.BadGateway: "HTTP 502",
-                hvac.exceptions.RateLimitExceeded: "HTTP 429",
-            }.get(type(exc), type(exc).__name__)
-            raise self._unavailable(f"cannot {what}: vault answered {status}") from None
+            cause = {
+                hvac.exceptions.VaultDown: "vault is sealed or in standby",
+                hvac.exceptions.VaultNotInitialized: "vault is not initialized",
+                hvac.exceptions.InvalidPath: (
+                    f"no such path in vault (is the transit mount {self.mount!r} enabled?)"
+                ),
+                hvac.exceptions.InternalServerError: "vault answered HTTP 500",
+                hvac.exceptions.BadGateway: "vault answered HTTP 502",
+                hvac.exceptions.RateLimitExceeded: "vault answered HTTP 429",
+            }.get(type(exc), f"vault answered {type(exc).__name__}")
+            raise self._unavailable(what, cause) from None
         except requests.exceptions.Timeout:
             raise self._unavailable(
-                f"cannot {what}: vault did not answer within {self.timeout:g} s"
+                what, f"vault did not answer within {self.timeout:g} s"
             ) from None
         except requests.exceptions.RequestException:
-            raise self._unavailable(f"cannot {what}: vault is unreachable") from None
+            raise self._unavailable(what, "vault is unreachable") from None
         self._mark_available()
         return result
 
+    # Vault's state is logged when it changes (down, sealed, back), not on every request.
+
     def _mark_available(self) -> None:
-        if not self._available:
-            self._available = True
+        if self._failure:
+            self._failure = ""
             log.warning("vault is available again")
 
-    def _unavailable(self, message: str) -> KeyringUnavailable:
-        if self._available:
-            self._available = False
+    def _unavailable(self, what: str, cause: str) -> KeyringUnavailable:
+        message = f"cannot {what}: {cause}"
+        if cause != self._failure:
+            self._failure = cause
             log.warning("%s", message)
         return KeyringUnavailable(message)
 
     def _denied(self, what: str) -> _Denied:
-        return _Denied(f"vault denied the request to {what}")
+        message = f"vault denied the request to {what}"
+        if self._failure != "denied":
+            self._failure = "denied"
+            log.warning("%s", message)
+        return _Denied(message)
 
 
 class _Denied(KeyringUnavailable):
