@@ -28,7 +28,7 @@ import pytest
 from tests.conftest import GatewayFactory, GatewayProcess, VaultEnv, setup_vault
 from tests.fake_provider import FakeProvider
 from tests.openbao import OpenBao
-from tvgate.models import ProviderKey, database
+from tvgate.models import Org, ProviderKey, Route, database
 
 KEY_STORE_DOWN = "the key store is unavailable; try again shortly"
 
@@ -261,6 +261,18 @@ def test_a_ciphertext_copied_onto_another_key_is_refused(
         answer["error"]["message"] == "the key of route 'route-second' cannot be used; ask an admin"
     )
     assert call(gateway, "route-first").status == 200
+
+    # A route row in another org pointing at this org's key, written straight into the
+    # database, does not lend the key out: the route does not exist for that org.
+    gateway.bind()
+    first_key = ProviderKey.get(ProviderKey.name == "first")
+    other_org = Org.get(Org.name == "other")
+    Route.create(org=other_org, name="borrowed", key=first_key, scope="org")
+    database.close()
+    outsider = gateway.tokens["dev@other.test"]
+    borrowed = call(gateway, "borrowed", token=outsider)  # first call of org other: fresh load
+    assert borrowed.status == 404
+    assert borrowed.json()["error"]["message"].endswith("routes you may use: none")
     assert first not in gateway.log_text()
 
 

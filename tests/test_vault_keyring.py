@@ -11,7 +11,10 @@ from __future__ import annotations
 import base64
 import http.server
 import os
+import signal
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -610,3 +613,56 @@ def test_setup_refuses_a_key_that_is_not_derived(own_vault: VaultEnv) -> None:
         vault_admin.setup(root, key="plain")
     assert "not derived" in str(raised.value)
     assert root.secrets.transit.read_key(name="plain")["data"]["derived"] is False
+
+
+def test_make_dev_vault_starts_a_ready_openbao(tmp_path: Path) -> None:
+    """``make dev-vault``: a dev server set up for tvgate, its settings printed, Ctrl-C ends it."""
+    venv = Path(sys.executable).parent.parent
+    port = free_port()
+    output = tmp_path / "make.out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TVGATE_", "VAULT_"))}
+    with output.open("wb") as out:
+        # The venv is already installed: tell make not to reinstall it (-o).
+        proc = subprocess.Popen(
+            [
+                "make",
+                "--no-print-directory",
+                "-o",
+                f"{venv}/.installed-test",
+                "-o",
+                f"{venv}/.installed",
+                "dev-vault",
+                f"VENV={venv}",
+                f"DEV_VAULT_PORT={port}",
+                f"DEV_VAULT_DIR={tmp_path / 'dev'}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "Ctrl-C stops it." not in output.read_text():
+            assert proc.poll() is None, output.read_text()
+            assert time.monotonic() < deadline, output.read_text()
+            time.sleep(0.1)
+        printed = output.read_text()
+        exports = dict(
+            line.strip().removeprefix("export ").split("=", 1)
+            for line in printed.splitlines()
+            if line.strip().startswith("export TVGATE_")
+        )
+        assert exports["TVGATE_VAULT_ADDR"] == f"http://127.0.0.1:{port}"
+        assert stat.S_IMODE((tmp_path / "dev" / "dev-vault.env").stat().st_mode) == 0o600
+        settings = load_settings(None, exports)
+        keyring = build_keyring(settings)
+        context = KeyContext(1, 2, None)
+        assert keyring.decrypt(keyring.encrypt(SECRET, context), context) == SECRET
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
+        proc.wait(30)
+    closed = OpenBao(tmp_path, dev=True)
+    closed.addr = f"http://127.0.0.1:{port}"
+    assert closed.health() == 0

@@ -162,7 +162,14 @@ def load_snapshot(org_id: int) -> OrgSnapshot:
     query = (
         Route.select(Route, ProviderKey)
         .join(ProviderKey)
-        .where((Route.org == org_id) & Route.enabled & ~ProviderKey.disabled)
+        # The key's org too: a route row pointing at another org's key (written straight
+        # into the database) must not lend that key out; the key's context would decrypt.
+        .where(
+            (Route.org == org_id)
+            & (ProviderKey.org == org_id)
+            & Route.enabled
+            & ~ProviderKey.disabled
+        )
     )
     for route in query:
         entry = _entry(route, route.key)
