@@ -4,6 +4,8 @@ The gateway runs as ``tvgate serve`` in a subprocess, exactly as deployed; the
 fake provider (outside systems only) runs in a thread of the test process. Each
 PostgreSQL run creates its own database and drops it at the end. PostgreSQL
 is required: a missing server fails the suite rather than skipping a tier.
+So is OpenBao (``bao``, tests/openbao.py): one dev server per session, set up
+with tvgate's own ``vault setup``, for the vault keyring and its gateways.
 """
 
 from __future__ import annotations
