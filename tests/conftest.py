@@ -4,6 +4,8 @@ The gateway runs as ``tvgate serve`` in a subprocess, exactly as deployed; the
 fake provider (outside systems only) runs in a thread of the test process. Each
 PostgreSQL run creates its own database and drops it at the end. PostgreSQL
 is required: a missing server fails the suite rather than skipping a tier.
+So is OpenBao (``bao``, tests/openbao.py): one dev server per session, set up
+with tvgate's own ``vault setup``, for the vault keyring and its gateways.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +27,12 @@ import psycopg2
 import pytest
 
 from tests.fake_provider import FakeProvider
+from tests.openbao import OpenBao
 from tvgate import services
 from tvgate.db import migrate, open_database
+from tvgate.keyring import vault_admin
 from tvgate.keyring.local import LocalKeyring
+from tvgate.keyring.vault import VaultKeyring
 from tvgate.models import Trace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -286,3 +291,133 @@ def gateway(
 @pytest.fixture
 def member_token(gateway: GatewayProcess) -> str:
     return gateway.tokens["dev@acme.test"]
+
+
+# --- Vault: a real OpenBao per session, set up by tvgate's own `vault setup` ---
+
+
+@dataclass(frozen=True)
+class VaultEnv:
+    """The session's OpenBao, after ``vault_admin.setup``: the gateway's AppRole login."""
+
+    server: OpenBao
+    role_id: str
+    secret_id: str
+
+    @property
+    def addr(self) -> str:
+        return self.server.addr
+
+    @property
+    def root_token(self) -> str:
+        return self.server.root_token
+
+    def keyring(self, **kwargs: Any) -> VaultKeyring:
+        """A vault keyring logged in the way a gateway is (AppRole, policy tvgate only)."""
+        kwargs.setdefault("role_id", self.role_id)
+        kwargs.setdefault("secret_id", self.secret_id)
+        return VaultKeyring(self.addr, **kwargs)
+
+    def env(self) -> dict[str, str]:
+        return {
+            "TVGATE_KEYRING": "vault",
+            "TVGATE_VAULT_ADDR": self.addr,
+            "TVGATE_VAULT_ROLE_ID": self.role_id,
+            "TVGATE_VAULT_SECRET_ID": self.secret_id,
+        }
+
+
+def setup_vault(server: OpenBao) -> VaultEnv:
+    result = vault_admin.setup(server.client())
+    return VaultEnv(server=server, role_id=result.role_id, secret_id=result.secret_id)
+
+
+@pytest.fixture(scope="session")
+def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
+    server = OpenBao(tmp_path_factory.mktemp("openbao"), dev=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def vault(openbao: OpenBao) -> VaultEnv:
+    return setup_vault(openbao)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fresh_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of its own for one test, on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'own.db'}"
+        return
+    name = "tvgate_test_" + secrets.token_hex(6)
+    try:
+        _pg_execute(f"CREATE DATABASE {name}")
+    except psycopg2.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is required for the test suite ({PG_ADMIN_DSN}): {exc}")
+    yield f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{name}"
+    open_database(f"sqlite:///{tmp_path / 'unbind.db'}")  # let go of the dropped database
+    _pg_execute(
+        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"  # noqa: S608
+    )
+    _pg_execute(f"DROP DATABASE IF EXISTS {name}")
+
+
+def seed_users(database_url: str) -> dict[str, str]:
+    """Org acme (an admin and a member) and org other (a member); tokens by email."""
+    open_database(database_url)
+    from tvgate.models import database
+
+    migrate(database.obj)
+    tokens: dict[str, str] = {}
+    for email, org, admin in (
+        ("admin@acme.test", "acme", True),
+        ("dev@acme.test", "acme", False),
+        ("dev@other.test", "other", False),
+    ):
+        services.add_user(email, org, admin=admin)
+        tokens[email], _ = services.issue_token(email, org, name="tests")
+    database.close()
+    return tokens
+
+
+GatewayFactory = Callable[..., GatewayProcess]
+
+
+@pytest.fixture
+def vault_gateways(vault: VaultEnv, tmp_path: Path) -> Iterator[GatewayFactory]:
+    """Start gateways with TVGATE_KEYRING=vault (AppRole login): ``start(name, database_url=…,
+    **env)``; each is stopped at the end of the test. Extra env overrides the defaults."""
+    started: list[GatewayProcess] = []
+
+    def start(
+        name: str = "gateway",
+        *,
+        database_url: str = "",
+        vault_env: VaultEnv | None = None,
+        **env: str,
+    ) -> GatewayProcess:
+        data_dir = tmp_path / name
+        data_dir.mkdir(parents=True, exist_ok=True)
+        url = database_url or f"sqlite:///{data_dir / 'tvgate.db'}"
+        tokens = seed_users(url)
+        gw_env = gateway_env(url, data_dir, free_port(), **(vault_env or vault).env())
+        del gw_env["TVGATE_MASTER_KEY"]
+        gw_env.update(env)
+        log_path = data_dir / "tvgate.log"
+        proc = start_gateway(gw_env, log_path)
+        gateway = GatewayProcess(
+            url="http://" + gw_env["TVGATE_LISTEN"],
+            database_url=url,
+            data_dir=data_dir,
+            env=gw_env,
+            proc=proc,
+            log_path=log_path,
+            tokens=tokens,
+        )
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        stop_gateway(gateway.proc)

@@ -371,9 +371,11 @@ def test_a_change_in_one_process_reaches_another_within_the_ttl(
     mia = matrix.tokens["mia"]
     assert ask(second_gateway, mia, name) == "404"
     with api(gateway, matrix.tokens["admin"]) as client:
-        route = client.post(
+        made = client.post(
             "/routes", json={"name": name, "key": "all", "upstream_model": "up-late"}
-        ).json()
+        )
+        assert made.status_code == 201, made.text
+        route = made.json()
     assert ask(gateway, mia, name) == "up-late"  # at once where it was made
     changed = time.monotonic()
     while ask(second_gateway, mia, name) != "up-late":

@@ -11,17 +11,22 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import hvac
 import orjson
 
 from tvgate import __version__, services
 from tvgate.config import ConfigError, Settings, load_settings
 from tvgate.db import migrate, open_database
-from tvgate.keyring import build_keyring
+from tvgate.keyring import Keyring, KeyringError, KeyringUnavailable, build_keyring, vault_admin
+from tvgate.keyring.local import LocalKeyring
+from tvgate.keyring.vault import VaultKeyring
 
 
 class JsonFormatter(logging.Formatter):
@@ -135,9 +140,7 @@ def cmd_traces_purge(settings: Settings, _args: argparse.Namespace) -> int:
 
 def cmd_keys_add(settings: Settings, args: argparse.Namespace) -> int:
     _open(settings)
-    secret = sys.stdin.readline().strip()
-    if not secret:
-        raise services.ServiceError("give the key's secret on standard input")
+    secret = _read_secret()
     view = services.add_key(
         args.name,
         args.provider,
@@ -150,6 +153,214 @@ def cmd_keys_add(settings: Settings, args: argparse.Namespace) -> int:
         allow_private=settings.allow_private_upstreams,
     )
     print(json.dumps(view.as_dict(), indent=2))
+    return 0
+
+
+def _read_secret() -> str:
+    secret = sys.stdin.readline().strip()
+    if not secret:
+        raise services.ServiceError("give the key's secret on standard input")
+    return secret
+
+
+def cmd_keys_list(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    views = services.list_keys(args.org)
+    if args.json:
+        print(json.dumps([view.as_dict() for view in views], indent=2))
+        return 0
+    rows = [("NAME", "PROVIDER", "KEY", "OWNER", "STATE", "BASE URL")]
+    for view in views:
+        shown = view.as_dict()
+        state = "disabled" if view.disabled else "enabled"
+        rows.append(
+            (
+                view.name,
+                view.provider,
+                shown["fingerprint"],
+                view.owner or "-",
+                state,
+                view.base_url,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
+        )
+    return 0
+
+
+def cmd_keys_rotate(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    view = services.rotate_key(
+        args.name, _read_secret(), build_keyring(settings), org_name=args.org
+    )
+    print(json.dumps(view.as_dict(), indent=2))
+    return 0
+
+
+def cmd_keys_disable(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    view = services.set_key_disabled(args.name, args.disabled, org_name=args.org)
+    print(f"key {view.name} is {'disabled' if view.disabled else 'enabled'}")
+    return 0
+
+
+def cmd_keys_delete(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    routes = services.delete_key(args.name, org_name=args.org, force=args.force)
+    print(f"deleted key {args.name}" + (f" and routes {', '.join(routes)}" if routes else ""))
+    return 0
+
+
+def _print_progress(report: services.CiphertextReport) -> None:
+    print(
+        f"  updated {report.updated}, unchanged {report.unchanged}, "
+        f"failed {len(report.failed)}, changed meanwhile {report.conflicts}",
+        file=sys.stderr,
+    )
+
+
+def _finish_report(report: services.CiphertextReport, what: str) -> int:
+    print(f"{what}: updated {report.updated}, unchanged {report.unchanged}")
+    if report.versions:
+        print("ciphertexts: " + ", ".join(f"{k} {v}" for k, v in sorted(report.versions.items())))
+    if report.failed:
+        print(f"keys that do not decrypt: {', '.join(report.failed)}", file=sys.stderr)
+    if report.conflicts:
+        print(f"{report.conflicts} keys changed meanwhile; run it again", file=sys.stderr)
+    return 0 if report.complete else 1
+
+
+def cmd_keys_rewrap(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    vault = build_keyring(settings).readers.get("vault")
+    if not isinstance(vault, VaultKeyring):
+        raise services.ServiceError("keys rewrap needs vault_addr and the gateway's credentials")
+    report = services.rewrap_keys(vault, batch_size=args.batch_size, progress=_print_progress)
+    code = _finish_report(report, "rewrapped to the newest transit key version")
+    if code == 0 and len(report.versions) == 1:
+        newest = next(iter(report.versions)).lstrip("v")
+        print(
+            f"every vault ciphertext is at v{newest}; older versions may be retired with: "
+            f"tvgate vault retire {newest}"
+        )
+    return code
+
+
+def cmd_keys_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    target: Keyring
+    if args.to == "vault":
+        target = VaultKeyring.from_settings(settings)
+    else:
+        target = LocalKeyring.from_settings(settings)
+    report = services.migrate_keys(
+        build_keyring(settings), target, batch_size=args.batch_size, progress=_print_progress
+    )
+    code = _finish_report(report, f"re-encrypted with the {args.to} keyring")
+    if code == 0:
+        print(f"now set TVGATE_KEYRING={args.to} on every gateway (they read both meanwhile)")
+    return code
+
+
+def _operator(settings: Settings, args: argparse.Namespace) -> hvac.Client:
+    return vault_admin.operator_client(
+        args.addr or settings.vault_addr or os.environ.get("VAULT_ADDR", ""),
+        args.token or os.environ.get("VAULT_TOKEN", ""),
+        args.ca_cert or settings.vault_ca_cert or os.environ.get("VAULT_CACERT", ""),
+    )
+
+
+def cmd_vault_setup(settings: Settings, args: argparse.Namespace) -> int:
+    client = _operator(settings, args)
+    result = vault_admin.setup(
+        client,
+        mount=settings.vault_transit_mount,
+        key=settings.vault_transit_key,
+        ttl=args.ttl,
+        max_ttl=args.max_ttl,
+    )
+    for step in result.steps:
+        print(f"  {step}", file=sys.stderr)
+    lines = [f"TVGATE_VAULT_ROLE_ID={result.role_id}", f"TVGATE_VAULT_SECRET_ID={result.secret_id}"]
+    if not args.output:
+        print("\n".join(lines))
+        return 0
+    env = [
+        "TVGATE_KEYRING=vault",
+        f"TVGATE_VAULT_ADDR={client.url}",
+        *lines,
+    ]
+    if settings.vault_transit_mount != "transit":
+        env.append(f"TVGATE_VAULT_TRANSIT_MOUNT={settings.vault_transit_mount}")
+    if settings.vault_transit_key != "tvgate":
+        env.append(f"TVGATE_VAULT_TRANSIT_KEY={settings.vault_transit_key}")
+    write_private_file(Path(args.output), "\n".join(env) + "\n")
+    print(f"TVGATE_VAULT_ROLE_ID={result.role_id}")
+    print(f"secret_id written to {args.output} (mode 0600)")
+    return 0
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Write ``text`` to a file only its owner can read, also when it existed before."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(text)
+
+
+def _print_status(status: vault_admin.KeyStatus) -> None:
+    print(
+        f"transit key {status.name}: latest version {status.latest_version}, "
+        f"min decryption version {status.min_decryption_version}, "
+        f"versions {', '.join(map(str, status.versions))}, "
+        f"derived {'yes' if status.derived else 'NO'}"
+    )
+
+
+def cmd_vault_status(settings: Settings, args: argparse.Namespace) -> int:
+    _print_status(
+        vault_admin.key_status(
+            _operator(settings, args),
+            mount=settings.vault_transit_mount,
+            key=settings.vault_transit_key,
+        )
+    )
+    return 0
+
+
+def cmd_vault_rotate(settings: Settings, args: argparse.Namespace) -> int:
+    status = vault_admin.rotate(
+        _operator(settings, args),
+        mount=settings.vault_transit_mount,
+        key=settings.vault_transit_key,
+    )
+    _print_status(status)
+    print("new keys use the new version now; move stored ones with: tvgate keys rewrap")
+    return 0
+
+
+def cmd_vault_retire(settings: Settings, args: argparse.Namespace) -> int:
+    status = vault_admin.retire(
+        _operator(settings, args),
+        args.version,
+        mount=settings.vault_transit_mount,
+        key=settings.vault_transit_key,
+    )
+    _print_status(status)
+    return 0
+
+
+def cmd_vault_policy(settings: Settings, args: argparse.Namespace) -> int:
+    print(
+        vault_admin.render_policy(
+            args.kind, settings.vault_transit_mount, settings.vault_transit_key
+        ),
+        end="",
+    )
     return 0
 
 
@@ -300,6 +511,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--org")
     p.add_argument("--revoke", action="store_true")
 
+    p = command(keys, "list", cmd_keys_list, "list keys (metadata only, never a secret)")
+    p.add_argument("--org")
+    p.add_argument("--json", action="store_true", help="JSON for scripts")
+    p = command(keys, "rotate", cmd_keys_rotate, "replace a key's secret (read from stdin)")
+    p.add_argument("name")
+    p.add_argument("--org")
+    p = command(keys, "disable", cmd_keys_disable, "switch a key off; its routes stop working")
+    p.add_argument("name")
+    p.add_argument("--org")
+    p.set_defaults(disabled=True)
+    p = command(keys, "enable", cmd_keys_disable, "switch a disabled key on again")
+    p.add_argument("name")
+    p.add_argument("--org")
+    p.set_defaults(disabled=False)
+    p = command(keys, "delete", cmd_keys_delete, "delete a key and its ciphertext")
+    p.add_argument("name")
+    p.add_argument("--org")
+    p.add_argument("--force", action="store_true", help="also delete the routes that use it")
+    p = command(
+        keys, "rewrap", cmd_keys_rewrap, "move vault ciphertexts to the newest transit version"
+    )
+    p.add_argument("--batch-size", type=int, default=100)
+    p = command(keys, "migrate", cmd_keys_migrate, "re-encrypt every key with another keyring")
+    p.add_argument("--to", required=True, choices=["vault", "local"])
+    p.add_argument("--batch-size", type=int, default=100)
+
+    vault = commands.add_parser(
+        "vault", help="operator tasks in Vault (with an operator token)"
+    ).add_subparsers(required=True)
+
+    def operator_command(
+        name: str, handler: Callable[[Settings, argparse.Namespace], int], help_: str
+    ) -> argparse.ArgumentParser:
+        sub = command(vault, name, handler, help_)
+        sub.add_argument("--addr", help="Vault address (default: vault_addr, then $VAULT_ADDR)")
+        sub.add_argument(
+            "--token", help="operator token (default: $VAULT_TOKEN, which keeps it out of ps)"
+        )
+        sub.add_argument("--ca-cert", help="CA file (default: vault_ca_cert, then $VAULT_CACERT)")
+        return sub
+
+    p = operator_command(
+        "setup", cmd_vault_setup, "transit, derived key, policies, AppRole; print credentials"
+    )
+    p.add_argument("--output", help="write the gateway's settings to this file (mode 0600)")
+    p.add_argument("--ttl", default="1h", help="TTL of the gateway's tokens")
+    p.add_argument("--max-ttl", default="24h", help="max TTL before the gateway logs in again")
+    operator_command("status", cmd_vault_status, "show the transit key's versions")
+    operator_command("rotate", cmd_vault_rotate, "add a new transit key version")
+    p = operator_command(
+        "retire", cmd_vault_retire, "refuse decryption below VERSION (after keys rewrap)"
+    )
+    p.add_argument("version", type=int)
+    p = command(vault, "policy", cmd_vault_policy, "print a policy for the configured mount/key")
+    p.add_argument("kind", choices=["gateway", "operator"])
+
     policy = commands.add_parser("policy", help="org switches").add_subparsers(required=True)
     p = command(
         policy, "set", cmd_policy_set, "turn user keys, user routes, body capture on or off"
@@ -352,6 +619,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except services.ServiceError as exc:
         print(f"tvgate: {exc}", file=sys.stderr)
+        return 1
+    except (KeyringError, KeyringUnavailable, vault_admin.VaultAdminError) as exc:
+        # Their messages never carry a secret or a token.
+        print(f"tvgate: key store: {exc}", file=sys.stderr)
         return 1
 
 

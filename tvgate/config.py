@@ -36,6 +36,25 @@ class Settings:
     keyring: str = "local"
     #: Base64 32-byte master key of the local keyring; empty: a 0600 file in data_dir.
     master_key: str = ""
+    #: Vault (or OpenBao) address, ``https://vault.example.com:8200``; needed by the vault
+    #: keyring, and by a local gateway that should also read vault ciphertexts (migration).
+    vault_addr: str = ""
+    #: A Vault token for the gateway (renewed before expiry while it is renewable); prefer
+    #: AppRole in production. Never shown in logs or messages.
+    vault_token: str = dataclasses.field(default="", repr=False)
+    #: AppRole role_id; with vault_secret_id, tvgate logs in, renews its token, and logs in
+    #: again when renewal is no longer possible.
+    vault_role_id: str = ""
+    #: AppRole secret_id (a credential: keep it out of TOML files in version control).
+    vault_secret_id: str = dataclasses.field(default="", repr=False)
+    #: Mount path of the transit secrets engine.
+    vault_transit_mount: str = "transit"
+    #: Name of the transit key (created with ``derived=true`` by ``tvgate vault setup``).
+    vault_transit_key: str = "tvgate"
+    #: PEM file of the CA that signed Vault's TLS certificate; empty: the system's CAs.
+    vault_ca_cert: str = ""
+    #: Seconds to wait for Vault to connect or answer before the key store counts as unavailable.
+    vault_timeout: float = 5.0
     #: Seconds to wait for a TCP/TLS connection to a provider.
     connect_timeout: float = 10.0
     #: Seconds an upstream transfer may go without receiving a byte before it is aborted.
@@ -185,6 +204,19 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"listen: bad port in {settings.listen!r}") from None
     if settings.keyring not in ("local", "vault"):
         raise ConfigError("keyring must be 'local' or 'vault'")
+    if bool(settings.vault_role_id) != bool(settings.vault_secret_id):
+        raise ConfigError("vault_role_id and vault_secret_id go together (AppRole)")
+    if settings.keyring == "vault":
+        if not settings.vault_addr:
+            raise ConfigError("keyring 'vault' needs vault_addr")
+        if not (settings.vault_token or settings.vault_role_id):
+            raise ConfigError(
+                "keyring 'vault' needs vault_role_id + vault_secret_id or vault_token"
+            )
+    if settings.vault_addr and not settings.vault_addr.startswith(("http://", "https://")):
+        raise ConfigError("vault_addr must be an http(s) URL")
+    if settings.vault_timeout <= 0:
+        raise ConfigError("vault_timeout must be positive")
     url = settings.resolved_database_url
     if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ConfigError("database_url must start with sqlite:/// or postgresql://")

@@ -52,6 +52,9 @@ def open_database(url: str) -> peewee.Database:
                 "foreign_keys": 1,
             },
             check_same_thread=False,
+            # A deferred transaction that reads and then writes fails at once with "database
+            # is locked" when another connection writes; IMMEDIATE waits (busy_timeout).
+            lock_type="IMMEDIATE",
         )
     elif parsed.scheme in ("postgresql", "postgres"):
         db = peewee.PostgresqlDatabase(

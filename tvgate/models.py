@@ -42,7 +42,7 @@ class BaseModel(peewee.Model):
 
 
 class Org(BaseModel):
-    id: int
+    id = peewee.AutoField()
 
     name = peewee.CharField(max_length=200, unique=True)
     display_name = peewee.CharField(max_length=200, default="")
@@ -61,7 +61,7 @@ class Org(BaseModel):
 class User(BaseModel):
     """One person's membership of one org (a person in two orgs has two rows)."""
 
-    id: int
+    id = peewee.AutoField()
     org_id: int
 
     org = peewee.ForeignKeyField(Org, backref="users", on_delete="CASCADE")
@@ -81,7 +81,7 @@ class User(BaseModel):
 class ProviderKey(BaseModel):
     """A provider API key: only its ciphertext and last four characters are stored."""
 
-    id: int
+    id = peewee.AutoField()
     org_id: int
     owner_id: int | None
 
@@ -108,7 +108,7 @@ class ProviderKey(BaseModel):
 class Route(BaseModel):
     """A name a tool asks for as its ``model``, mapped to a key and an upstream model."""
 
-    id: int
+    id = peewee.AutoField()
     org_id: int
     key_id: int
     user_id: int | None
@@ -134,7 +134,7 @@ class Route(BaseModel):
 class KeyGrant(BaseModel):
     """An admin-managed key made usable by one user (when it is not available to all)."""
 
-    id: int
+    id = peewee.AutoField()
     key_id: int
     user_id: int
 
@@ -165,7 +165,7 @@ class AuditEvent(BaseModel):
 class ProxyToken(BaseModel):
     """A ``tvg_`` token minted by tvgate; only its SHA-256 is stored."""
 
-    id: int
+    id = peewee.AutoField()
     user_id: int
 
     user = peewee.ForeignKeyField(User, backref="tokens", on_delete="CASCADE")
@@ -182,7 +182,7 @@ class ProxyToken(BaseModel):
 class WebSession(BaseModel):
     """A signed-in browser: the cookie carries a random id, the table keeps its SHA-256."""
 
-    id: int
+    id = peewee.AutoField()
     user_id: int
 
     session_hash = peewee.CharField(max_length=64, unique=True)

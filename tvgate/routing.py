@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tornado.ioloop import PeriodicCallback
@@ -200,7 +202,14 @@ def load_snapshot(org_id: int) -> OrgSnapshot:
     query = (
         Route.select(Route, ProviderKey)
         .join(ProviderKey)
-        .where((Route.org == org_id) & Route.enabled & ~ProviderKey.disabled)
+        # The key's org too: a route row pointing at another org's key (written straight
+        # into the database) must not lend that key out; the key's context would decrypt.
+        .where(
+            (Route.org == org_id)
+            & (ProviderKey.org == org_id)
+            & Route.enabled
+            & ~ProviderKey.disabled
+        )
     )
     for route in query:
         if route.user_id in disabled_users:
@@ -214,6 +223,12 @@ def load_snapshot(org_id: int) -> OrgSnapshot:
     return snapshot
 
 
+def snapshot_key_refs(snapshot: OrgSnapshot) -> set[tuple[int, str]]:
+    """(key id, ciphertext) of every key a snapshot's routes use."""
+    entries = [r for rs in snapshot.exact.values() for r in rs] + snapshot.patterns
+    return {(r.key.id, r.key.ciphertext) for r in entries}
+
+
 class Router:
     """Per-org snapshots, with background refresh."""
 
@@ -222,7 +237,11 @@ class Router:
         self.ttl = ttl
         self._snapshots: dict[int, OrgSnapshot] = {}
         self._loading: dict[int, asyncio.Future[OrgSnapshot]] = {}
+        #: Bumped by invalidate(): a load that started before a change must not be kept.
+        self._generation: dict[int, int] = {}
         self._refresher: PeriodicCallback | None = None
+        #: Called on the IOLoop with (previous, new) each time an org's snapshot is loaded.
+        self.on_reload: Callable[[OrgSnapshot | None, OrgSnapshot], None] | None = None
 
     def start(self) -> None:
         """Refresh every known snapshot in the background, every TTL/2."""
@@ -240,17 +259,30 @@ class Router:
         return await self._load(org_id)
 
     async def _load(self, org_id: int) -> OrgSnapshot:
-        loading = self._loading.get(org_id)
-        if loading is None:
-            loading = asyncio.ensure_future(self.runner.run(lambda: load_snapshot(org_id)))
-            self._loading[org_id] = loading
-            try:
-                snapshot = await loading
-            finally:
-                self._loading.pop(org_id, None)
-            self._snapshots[org_id] = snapshot
-            return snapshot
-        return await loading
+        while True:
+            generation = self._generation.get(org_id, 0)
+            loading = self._loading.get(org_id)
+            if loading is None:
+                loading = asyncio.ensure_future(self.runner.run(lambda: load_snapshot(org_id)))
+                self._loading[org_id] = loading
+                loading.add_done_callback(functools.partial(self._loaded, org_id, generation))
+            snapshot = await loading
+            if self._generation.get(org_id, 0) == generation:
+                return snapshot
+            # The org changed while this load read the database: read it again.
+
+    def _loaded(self, org_id: int, generation: int, done: asyncio.Future[OrgSnapshot]) -> None:
+        if self._loading.get(org_id) is done:
+            del self._loading[org_id]
+        if done.cancelled() or done.exception() is not None:
+            return
+        if self._generation.get(org_id, 0) != generation:
+            return  # read before a change made in this process: stale already
+        previous = self._snapshots.get(org_id)
+        snapshot = done.result()
+        self._snapshots[org_id] = snapshot
+        if self.on_reload is not None:
+            self.on_reload(previous, snapshot)
 
     async def _refresh_all(self) -> None:
         deadline = time.monotonic() - self.ttl / 2
@@ -269,5 +301,8 @@ class Router:
         return entry
 
     def invalidate(self, org_id: int) -> None:
-        """Forget an org's snapshot: the next request loads the change."""
+        """Forget an org's snapshot: the next request loads the change, and a load already
+        under way (which may have read the database before the change) is not kept."""
+        self._generation[org_id] = self._generation.get(org_id, 0) + 1
         self._snapshots.pop(org_id, None)
+        self._loading.pop(org_id, None)

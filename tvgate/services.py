@@ -12,10 +12,11 @@ import base64
 import hashlib
 import hmac
 import ipaddress
+import logging
 import secrets
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlparse
@@ -25,7 +26,7 @@ import peewee
 
 from tvgate.identity import Principal
 from tvgate.identity.tokens import mint_token
-from tvgate.keyring import KeyContext, Keyring, fingerprint
+from tvgate.keyring import KeyContext, Keyring, KeyringError, Rewrapper, backend_of, fingerprint
 from tvgate.models import (
     PROVIDERS,
     ROLE_ADMIN,
@@ -49,6 +50,8 @@ from tvgate.models import (
 from tvgate.providers import DEFAULT_BASE_URLS
 
 DEFAULT_ORG = "default"
+
+log = logging.getLogger("tvgate.services")
 
 
 class ServiceError(Exception):
@@ -418,9 +421,7 @@ def add_key(
         _require_admin(actor, org, "add key", name)
     if provider not in PROVIDERS:
         raise ServiceError(f"provider must be one of {', '.join(PROVIDERS)}")
-    secret = secret.strip()
-    if not secret or any(c.isspace() for c in secret) or len(secret) > 4096:
-        raise ServiceError("the key must be one line without spaces")
+    secret = _check_secret(secret)
     _check_name(name, "a key")
     url = check_base_url(base_url or DEFAULT_BASE_URLS[provider], allow_private=allow_private)
     with database.atomic():
@@ -539,6 +540,293 @@ def set_key_availability(
         key.save()
         audit(actor, org.id, "update key", name, {"available_to_all": available_to_all})
     return KeyView.of(key)
+
+
+def _check_secret(secret: str) -> str:
+    secret = secret.strip()
+    if not secret or any(c.isspace() for c in secret) or len(secret) > 4096:
+        raise ServiceError("the key must be one line without spaces")
+    return secret
+
+
+#: Called with (org_id, key_id) after a key's secret, state or existence changed in this
+#: process, so the gateway drops the plaintext and the route snapshot at once. Listeners
+#: run on the caller's thread (a database pool thread or the CLI).
+KeyListener = Callable[[int, int], None]
+_key_listeners: list[KeyListener] = []
+
+
+def on_key_change(listener: KeyListener) -> Callable[[], None]:
+    """Register ``listener``; returns the function that unregisters it."""
+    _key_listeners.append(listener)
+    return lambda: _key_listeners.remove(listener)
+
+
+def _key_changed(key: ProviderKey) -> None:
+    for listener in list(_key_listeners):
+        try:
+            listener(key.org_id, key.id)
+        except Exception:  # a listener's failure must not undo a committed change
+            log.exception("key change listener failed")
+
+
+def _key_for(
+    name: str, org_name: str | None, actor: Principal | None, *, owner_only: bool = False
+) -> ProviderKey:
+    """The key ``actor`` may manage: an org key needs an org admin; a user's own key its
+    owner, or an org admin unless ``owner_only`` (an admin may switch a member's private
+    key off or remove it, but not replace its secret)."""
+    org = _actor_org(actor, org_name)
+    key = get_key(name, org)
+    if actor is None:
+        return key
+    if key.owner_id is not None and key.owner_id == actor.user_id:
+        return key
+    if key.owner_id is not None and owner_only:
+        raise _deny(
+            actor,
+            "change key",
+            name,
+            Forbidden("only the owner of this key may replace its secret"),
+        )
+    if actor.role != ROLE_ADMIN:
+        if key.owner_id is not None:
+            raise _deny(
+                actor, "change key", name, NotFound(f"no key named {name!r} in org {org.name!r}")
+            )
+        raise _deny(actor, "change key", name, Forbidden("only an admin of this org may do that"))
+    return key
+
+
+def rotate_key(
+    name: str,
+    secret: str,
+    keyring: Keyring,
+    *,
+    org_name: str | None = None,
+    actor: Principal | None = None,
+) -> KeyView:
+    """Replace a key's secret. The row (and so its id and routes) stays; requests already
+    under way finish with the old secret, later ones get the new one."""
+    key = _key_for(name, org_name, actor, owner_only=True)
+    secret = _check_secret(secret)
+    ciphertext = keyring.encrypt(secret, KeyContext(key.org_id, key.id, key.owner_id))
+    updated = (
+        ProviderKey.update(
+            ciphertext=ciphertext, fingerprint=fingerprint(secret), updated_at=time.time()
+        )
+        .where(ProviderKey.id == key.id)
+        .execute()
+    )
+    if not updated:
+        raise NotFound(f"key {name!r} was deleted meanwhile")
+    key = ProviderKey.get_by_id(key.id)
+    audit(actor, key.org_id, "rotate key", key.name, {"fingerprint": key.fingerprint})
+    log.info("key %s of org %d: secret replaced", key.name, key.org_id)
+    _key_changed(key)
+    return KeyView.of(key)
+
+
+def set_key_disabled(
+    name: str, disabled: bool, *, org_name: str | None = None, actor: Principal | None = None
+) -> KeyView:
+    """Switch a key off (its routes stop resolving) or on again; the secret stays stored."""
+    key = _key_for(name, org_name, actor)
+    if key.disabled != disabled:
+        ProviderKey.update(disabled=disabled, updated_at=time.time()).where(
+            ProviderKey.id == key.id
+        ).execute()
+        key = ProviderKey.get_by_id(key.id)
+        audit(actor, key.org_id, "disable key" if disabled else "enable key", key.name)
+        log.info(
+            "key %s of org %d: %s", key.name, key.org_id, "disabled" if disabled else "enabled"
+        )
+        _key_changed(key)
+    return KeyView.of(key)
+
+
+def delete_key(
+    name: str, *, org_name: str | None = None, force: bool = False, actor: Principal | None = None
+) -> list[str]:
+    """Delete a key and its ciphertext; returns the names of the routes that went with it.
+    A key that routes use is only deleted with ``force`` (the routes are deleted too)."""
+    key = _key_for(name, org_name, actor)
+    with database.atomic():
+        routes = [r.name for r in Route.select(Route.name).where(Route.key == key.id)]
+        if routes and not force:
+            raise ServiceError(
+                f"key {name!r} is used by routes {', '.join(sorted(routes))}; delete them "
+                "first, or delete the key with its routes (force)",
+                409,
+            )
+        Route.delete().where(Route.key == key.id).execute()
+        ProviderKey.delete().where(ProviderKey.id == key.id).execute()
+        audit(actor, key.org_id, "delete key", key.name, {"routes": sorted(routes)})
+    log.info("key %s of org %d deleted with %d routes", key.name, key.org_id, len(routes))
+    _key_changed(key)
+    return sorted(routes)
+
+
+# --- moving ciphertexts: rewrap after a Vault key rotation, migrate between backends ---
+
+
+def update_ciphertext_if_unchanged(key_id: int, old: str, new: str) -> bool:
+    """Store ``new`` only if the row still holds ``old`` (nobody rotated it meanwhile)."""
+    updated = (
+        ProviderKey.update(ciphertext=new)
+        .where((ProviderKey.id == key_id) & (ProviderKey.ciphertext == old))
+        .execute()
+    )
+    return bool(updated)
+
+
+@dataclass
+class CiphertextReport:
+    """What a rewrap or migration did, row by row counted (names only, never secrets)."""
+
+    updated: int = 0
+    unchanged: int = 0
+    conflicts: int = 0
+    failed: list[str] = field(default_factory=list)
+    versions: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed and not self.conflicts
+
+
+def _key_batches(batch_size: int) -> Iterator[list[tuple[int, str, KeyContext, str]]]:
+    """Every key row as (id, name, context, ciphertext), ``batch_size`` rows at a time,
+    by id, each batch read fresh (rows may change between batches)."""
+    last = 0
+    while True:
+        rows = list(
+            ProviderKey.select(
+                ProviderKey.id,
+                ProviderKey.org,
+                ProviderKey.owner,
+                ProviderKey.name,
+                ProviderKey.ciphertext,
+            )
+            .where(ProviderKey.id > last)
+            .order_by(ProviderKey.id)
+            .limit(batch_size)
+        )
+        if not rows:
+            return
+        last = rows[-1].id
+        yield [(r.id, r.name, KeyContext(r.org_id, r.id, r.owner_id), r.ciphertext) for r in rows]
+
+
+def _store(
+    report: CiphertextReport, changes: list[tuple[int, str, str, str]]
+) -> list[tuple[int, str, str, str]]:
+    """Write (id, name, old, new) changes in one transaction; returns the conflicting ones."""
+    conflicts = []
+    with database.atomic():
+        for key_id, name, old, new in changes:
+            if update_ciphertext_if_unchanged(key_id, old, new):
+                report.updated += 1
+            else:
+                conflicts.append((key_id, name, old, new))
+    return conflicts
+
+
+def rewrap_keys(
+    vault: Rewrapper,
+    *,
+    batch_size: int = 100,
+    progress: Callable[[CiphertextReport], None] | None = None,
+) -> CiphertextReport:
+    """Move every vault ciphertext to the newest transit key version, while gateways serve.
+
+    Vault rewraps without returning plaintext. Each batch is one Vault request and one
+    transaction; a row is updated only if it still holds what was read, so a secret
+    replaced meanwhile is never overwritten (it was encrypted under the newest version
+    anyway). Rows of another backend are left alone.
+    """
+    if batch_size <= 0:
+        raise ServiceError("batch size must be positive")
+    report = CiphertextReport()
+    for batch in _key_batches(batch_size):
+        rows = [row for row in batch if backend_of(row[3]) == "vault"]
+        report.unchanged += len(batch) - len(rows)
+        results = vault.rewrap_batch([(ct, ctx) for _id, _name, ctx, ct in rows])
+        changes = []
+        for (key_id, name, _ctx, old), new in zip(rows, results, strict=True):
+            if new is None:
+                report.failed.append(name)
+                continue
+            version = new.split(":", 2)[1] if new.count(":") >= 2 else "?"
+            report.versions[version] = report.versions.get(version, 0) + 1
+            if new.split(":", 2)[:2] == old.split(":", 2)[:2]:
+                report.unchanged += 1  # already under the newest version: no write needed
+            else:
+                changes.append((key_id, name, old, new))
+        report.conflicts += len(_store(report, changes))
+        if progress is not None:
+            progress(report)
+    return report
+
+
+def migrate_keys(
+    keyring: Keyring,
+    target: Keyring,
+    *,
+    batch_size: int = 100,
+    progress: Callable[[CiphertextReport], None] | None = None,
+) -> CiphertextReport:
+    """Re-encrypt every key with ``target`` (decrypting with ``keyring``, which reads every
+    configured backend), while gateways serve: a gateway configured with both backends
+    decrypts either form, so a row may switch at any moment. Rows changed meanwhile are
+    retried once; the plaintexts never leave this process's memory."""
+    if batch_size <= 0:
+        raise ServiceError("batch size must be positive")
+    report = CiphertextReport()
+
+    def convert(
+        row_id: int, name: str, ctx: KeyContext, old: str
+    ) -> tuple[int, str, str, str] | None:
+        try:
+            new = target.encrypt(keyring.decrypt(old, ctx), ctx)
+        except KeyringError:
+            report.failed.append(name)
+            return None
+        return (row_id, name, old, new)
+
+    for batch in _key_batches(batch_size):
+        changes = []
+        for row_id, name, ctx, old in batch:
+            if backend_of(old) == target.name:
+                report.unchanged += 1
+                continue
+            change = convert(row_id, name, ctx, old)
+            if change is not None:
+                changes.append(change)
+        for key_id, name, _old, _new in _store(report, changes):
+            # Rotated or migrated by someone else between our read and write: read it again.
+            current = ProviderKey.get_or_none(ProviderKey.id == key_id)
+            if current is None:
+                continue  # deleted meanwhile: nothing left to migrate
+            if backend_of(current.ciphertext) == target.name:
+                report.unchanged += 1
+                continue
+            ctx = KeyContext(current.org_id, current.id, current.owner_id)
+            retry = convert(key_id, name, ctx, current.ciphertext)
+            if retry is not None and _store(report, [retry]):
+                report.conflicts += 1  # changing under us again: left for the next run
+        if progress is not None:
+            progress(report)
+    report.versions = _backend_counts()
+    return report
+
+
+def _backend_counts() -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for key in ProviderKey.select(ProviderKey.ciphertext):
+        backend = backend_of(key.ciphertext)
+        counts[backend] = counts.get(backend, 0) + 1
+    return counts
 
 
 # --- routes ---

@@ -1,4 +1,4 @@
-"""Provider-key encryption: the backend interface, the backend factory, and the plaintext cache.
+"""Provider-key encryption: the backend interface, the backend set, and the plaintext cache.
 
 A backend turns a key's secret into ciphertext bound to that key's org, id and
 owner (a ciphertext copied onto another row does not decrypt) and back.
@@ -9,13 +9,16 @@ only in :class:`PlaintextCache`, in memory, for a short TTL.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
 
 from tvgate.config import Settings
+
+log = logging.getLogger("tvgate.keyring")
 
 
 class KeyringError(Exception):
@@ -51,12 +54,79 @@ class Keyring(Protocol):
         """Raise KeyringUnavailable when the backend cannot serve."""
 
 
-def build_keyring(settings: Settings) -> Keyring:
-    if settings.keyring == "local":
-        from tvgate.keyring.local import LocalKeyring
+class Rewrapper(Protocol):
+    """A backend whose key has versions: ciphertexts can move to the newest one unseen."""
 
-        return LocalKeyring.from_settings(settings)
-    raise KeyringUnavailable(f"keyring backend {settings.keyring!r} is not available")
+    def rewrap_batch(self, items: Sequence[tuple[str, KeyContext]]) -> list[str | None]:
+        """Each ciphertext under the newest key version, or None where that item fails."""
+        ...
+
+
+#: Every ciphertext says which backend made it, so a process configured with both can
+#: decrypt either while keys move between them (``tvgate keys migrate``).
+LOCAL_PREFIX = "local:v1:"
+VAULT_PREFIX = "vault:v"
+
+
+def backend_of(ciphertext: str) -> str:
+    """``local`` or ``vault`` by the ciphertext's prefix; ``unknown`` otherwise."""
+    if ciphertext.startswith(LOCAL_PREFIX):
+        return "local"
+    if ciphertext.startswith(VAULT_PREFIX):
+        return "vault"
+    return "unknown"
+
+
+class KeyringSet:
+    """The keyring of a process: the configured backend encrypts; every backend that is
+    configured decrypts the ciphertexts it made (chosen by their prefix).
+
+    ``keyring`` in the settings picks the encrypting backend. The local backend also reads
+    when a master key is configured or its file exists; the vault backend also reads when
+    ``vault_addr`` is set. So during a migration a gateway serves both forms.
+    """
+
+    def __init__(self, primary: Keyring, readers: Mapping[str, Keyring]) -> None:
+        self.primary = primary
+        self.name = primary.name
+        self.readers = {primary.name: primary, **readers}
+
+    def encrypt(self, plaintext: str, context: KeyContext) -> str:
+        return self.primary.encrypt(plaintext, context)
+
+    def decrypt(self, ciphertext: str, context: KeyContext) -> str:
+        return self.backend(backend_of(ciphertext)).decrypt(ciphertext, context)
+
+    def check(self) -> None:
+        # Readiness is about the backend new keys need; a second backend that is only
+        # there for a migration must not take the gateway out of a load balancer.
+        self.primary.check()
+
+    def backend(self, name: str) -> Keyring:
+        reader = self.readers.get(name)
+        if reader is None:
+            raise KeyringError(
+                f"this key was encrypted by the {name} keyring, which is not configured here"
+            )
+        return reader
+
+
+def build_keyring(settings: Settings) -> KeyringSet:
+    """The process's keyring: the configured backend, plus every other one configured."""
+    from tvgate.keyring.local import LocalKeyring, local_is_configured
+    from tvgate.keyring.vault import VaultKeyring
+
+    readers: dict[str, Keyring] = {}
+    if settings.keyring == "local" or local_is_configured(settings):
+        readers["local"] = LocalKeyring.from_settings(settings)
+    vault_credentials = bool(settings.vault_token or settings.vault_role_id)
+    if settings.keyring == "vault" or (settings.vault_addr and vault_credentials):
+        # Building it does not contact Vault: a gateway starts (and says it is not ready)
+        # while Vault is away.
+        readers["vault"] = VaultKeyring.from_settings(settings)
+    if settings.keyring not in readers:
+        raise KeyringUnavailable(f"keyring backend {settings.keyring!r} is not available")
+    return KeyringSet(readers[settings.keyring], readers)
 
 
 def fingerprint(secret: str) -> str:
@@ -67,41 +137,78 @@ def fingerprint(secret: str) -> str:
 @dataclass(slots=True)
 class _Entry:
     plaintext: str
-    version: str
     expires: float
 
 
 class PlaintextCache:
-    """Decrypted keys in memory, keyed by key id, valid while the ciphertext is unchanged."""
+    """Decrypted keys in memory for ``ttl`` seconds, keyed by key id and ciphertext.
+
+    Keying by the ciphertext makes a secret's replacement atomic for requests in flight:
+    a request holds the route snapshot it started with, whose ciphertext still finds (or
+    decrypts to) the old secret, while requests on the new snapshot get the new one.
+    Used on the IOLoop thread only; decryption runs in ``executor``.
+    """
 
     def __init__(self, keyring: Keyring, executor: Executor, ttl: float) -> None:
         self.keyring = keyring
         self.executor = executor
         self.ttl = ttl
-        self._entries: dict[int, _Entry] = {}
+        self._entries: dict[tuple[int, str], _Entry] = {}
         self._pending: dict[tuple[int, str], asyncio.Future[str]] = {}
+        # Bumped by forget(): a decryption that started before must not be cached after.
+        self._generation = 0
         self.clock: Callable[[], float] = time.monotonic
+        self.hits = 0
+        self.misses = 0
 
     async def get(self, ciphertext: str, context: KeyContext) -> str:
         """The plaintext for this key, decrypting in the pool at most once at a time."""
-        entry = self._entries.get(context.key_id)
-        now = self.clock()
-        if entry is not None and entry.version == ciphertext and entry.expires > now:
+        cache_key = (context.key_id, ciphertext)
+        entry = self._entries.get(cache_key)
+        if entry is not None and entry.expires > self.clock():
+            self.hits += 1
             return entry.plaintext
-        pending_key = (context.key_id, ciphertext)
-        pending = self._pending.get(pending_key)
-        if pending is None:
-            loop = asyncio.get_running_loop()
-            pending = asyncio.ensure_future(
-                loop.run_in_executor(self.executor, self.keyring.decrypt, ciphertext, context)
-            )
-            self._pending[pending_key] = pending
-            pending.add_done_callback(lambda _f: self._pending.pop(pending_key, None))
-            plaintext = await pending
-            self._entries[context.key_id] = _Entry(plaintext, ciphertext, self.clock() + self.ttl)
-            return plaintext
-        return await pending
+        pending = self._pending.get(cache_key)
+        if pending is not None:
+            return await pending
+        self.misses += 1
+        loop = asyncio.get_running_loop()
+        generation = self._generation
+        started = time.perf_counter()
+        pending = asyncio.ensure_future(
+            loop.run_in_executor(self.executor, self.keyring.decrypt, ciphertext, context)
+        )
+        self._pending[cache_key] = pending
+        pending.add_done_callback(lambda _f: self._pending.pop(cache_key, None))
+        plaintext = await pending
+        log.debug(
+            "key %d decrypted by the %s keyring in %.1f ms",
+            context.key_id,
+            backend_of(ciphertext),
+            (time.perf_counter() - started) * 1000,
+        )
+        if generation == self._generation:
+            self._entries[cache_key] = _Entry(plaintext, self.clock() + self.ttl)
+        return plaintext
 
     def forget(self, key_id: int) -> None:
         """Drop a key at once (changed, disabled or deleted in this process)."""
-        self._entries.pop(key_id, None)
+        self._generation += 1
+        for cache_key in [k for k in self._entries if k[0] == key_id]:
+            del self._entries[cache_key]
+
+    def forget_version(self, key_id: int, ciphertext: str) -> None:
+        """Drop one ciphertext's plaintext (the key row no longer holds it)."""
+        self._generation += 1
+        self._entries.pop((key_id, ciphertext), None)
+
+    def sweep(self) -> int:
+        """Drop expired plaintexts, so none stays in memory long past its TTL."""
+        now = self.clock()
+        expired = [k for k, entry in self._entries.items() if entry.expires <= now]
+        for cache_key in expired:
+            del self._entries[cache_key]
+        return len(expired)
+
+    def __len__(self) -> int:
+        return len(self._entries)

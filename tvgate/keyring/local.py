@@ -17,9 +17,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tvgate.config import ConfigError, Settings
-from tvgate.keyring import KeyContext, KeyringError
+from tvgate.keyring import LOCAL_PREFIX, KeyContext, KeyringError
 
-PREFIX = "local:v1:"
+PREFIX = LOCAL_PREFIX
 NONCE_BYTES = 12
 
 
@@ -59,6 +59,12 @@ class LocalKeyring:
 
     def check(self) -> None:
         return None
+
+
+def local_is_configured(settings: Settings) -> bool:
+    """True when a master key exists (setting or file): then this process can read local
+    ciphertexts even when another backend encrypts. The file is never created for that."""
+    return bool(settings.master_key) or (Path(settings.data_dir) / "master.key").exists()
 
 
 def load_or_create_key_file(path: Path) -> bytes:

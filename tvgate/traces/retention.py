@@ -2,8 +2,9 @@
 and then the blobs no kept trace refers to.
 
 Blobs carry ``referenced_at``, moved forward whenever a trace refers to them
-(at most a day late, see ``traces.store``), so a blob whose ``referenced_at``
-is more than a day older than the cutoff belongs to no kept trace.
+(a blob deep in a request's tree may lag by an hour per level, see
+``traces.store``), so a blob whose ``referenced_at`` is more than a day older
+than the cutoff belongs to no kept trace.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def purge_org(org: Org, now: float | None = None, batch: int = _BATCH) -> Purged
             if not ids:
                 break
             purged.traces += Trace.delete().where(Trace.id.in_(ids)).execute()
-    # A blob touched within a day of a kept trace may belong to it; leave a day and an hour.
-    blob_cutoff = cutoff - _DAY - 3600
+    # A blob touched within a day of a kept trace may belong to it; leave a day.
+    blob_cutoff = cutoff - _DAY
     while True:
         with database.atomic():
             blob_ids = [

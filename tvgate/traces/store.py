@@ -1,8 +1,12 @@
 """Captured content in the database: the blob sink, and the per-org capture settings.
 
 Blobs are zstd-compressed and stored once per org, keyed by digest. Every time
-a trace refers to a blob its ``referenced_at`` is moved forward (at most once a
-day per blob and process), so retention can delete blobs no kept trace needs.
+a trace refers to a blob its ``referenced_at`` is moved forward, so retention
+can delete blobs no kept trace needs. To save writes, a process treats a blob it
+stored or touched in the last ``TOUCH_WINDOW`` as present; ``store_request``
+then does not descend into that node, so a descendant's ``referenced_at`` may
+lag its ancestor's by one window per tree level. Retention keeps a margin of a
+day, far more than any tree's depth in windows.
 Runs in the trace writer's thread (and in the pool for reads), never on the IOLoop.
 """
 
@@ -21,7 +25,8 @@ from tvgate.traces.redact import Redactor
 
 log = logging.getLogger("tvgate.traces")
 
-_DAY = 86400.0
+#: How long a process trusts that a blob it stored is still there and recently touched.
+TOUCH_WINDOW = 3600.0
 _COMPRESS = zstandard.ZstdCompressor(level=3)
 _DECOMPRESS = zstandard.ZstdDecompressor()
 #: (org, digest) -> when this process last stored or touched that blob.
@@ -38,7 +43,9 @@ class BlobStore:
 
     def has(self, digest: bytes) -> bool:
         touched = _TOUCHED.get((self.org_id, digest))
-        return digest in self._pending or (touched is not None and time.time() - touched < _DAY)
+        return digest in self._pending or (
+            touched is not None and time.time() - touched < TOUCH_WINDOW
+        )
 
     def put(self, digest: bytes, data: bytes) -> None:
         self._pending[digest] = data
@@ -74,7 +81,7 @@ class BlobStore:
         self._pending.clear()
 
     def committed(self) -> None:
-        """The transaction holding the flushed blobs committed: skip them for a day."""
+        """The transaction holding the flushed blobs committed: skip them for a window."""
         if len(_TOUCHED) > 500_000:
             _TOUCHED.clear()
         now = time.time()

@@ -1,0 +1,538 @@
+"""Content-addressed, byte-exact storage of request bodies, split where conversations repeat.
+
+This module owns turning one request body into immutable blobs (and back). Coding
+agents resend the whole conversation on every call, so storing each body whole
+grows with the square of the session's length; here each body becomes a tree of
+blobs keyed by their content, and a new call only adds the blobs its new turn made.
+
+Splitting (:func:`split_offsets`)
+    The body is cut at byte offsets only, never parsed into objects and
+    re-serialised, so joining the parts gives back the exact bytes whatever they
+    are. For a JSON object the cuts fall at:
+
+    * the start and end of the values of ``system``, ``tools`` and
+      ``instructions`` (each value is one part: they rarely change in a session);
+    * inside the conversation arrays ``messages`` and ``input`` (a string
+      ``input`` is one part): after the ``[`` and after each element. A part is
+      therefore an element *with the separator before it* (``,`` plus any
+      whitespace): the conversation only grows at its end, so an element is
+      preceded by the same separator on every later turn and nothing is lost
+      against storing the separators apart, while the references and hash calls
+      halve;
+    * around every string of at least :data:`BIG_STRING` bytes inside an element
+      (a tool result, a file, an image). The bytes around it (``tool_use_id``,
+      ``cache_control``...) change between turns or calls (Claude Code moves its
+      ``cache_control`` marker to the newest message) while the big string does
+      not, and an agent re-reads the same file often: the big string still dedupes.
+
+    The bytes between those cuts (``{"model":...,"messages":[``, ``],"system":``)
+    are parts too; they are the same on every call of a session. Parts larger than
+    :data:`MAX_PART` are cut every :data:`MAX_PART` bytes; a body that is not a JSON
+    object, or the rest of one after a syntax error, is cut only that way.
+
+    The scan never loops over characters in Python. A first pass, one regular
+    expression matched again per string that may be big, finds the big strings;
+    strings are matched quote to quote (``[^"]*+`` runs at memchr-like speed in
+    ``re``, a class such as ``[^"\\\\]`` several times slower), a quote being
+    escaped when a fixed-width lookbehind sees an odd run of backslashes before it.
+    The structure is then parsed in a skeleton, the body with each big string
+    replaced by ``""`` (a tenth of a coding agent's body), where one regular
+    expression (:data:`_VALUE`) matches a whole element, hopping over strings and
+    up to :data:`_NEST` levels of brackets inside the C regex engine (deeper
+    elements fall back to a loop per bracket), and the cuts are mapped back. A
+    wrong guess about malformed JSON can only make the cuts worse, never the bytes
+    wrong: the parts are consecutive slices of the body by construction. The
+    Python-level steps are bounded per body (:data:`SCAN_BUDGET`).
+
+The reference tree (:func:`store_request`)
+    A flat list of part digests would grow linearly per request, hence with the
+    square of the session across its requests. The digests are grouped instead:
+
+    * level 1 nodes list consecutive part digests, level 2 nodes list level 1
+      digests, and so on; a node is a blob like any other (``b"TVN"``, the digest
+      size, the level, then the digests);
+    * where a node ends is decided by content (content-defined chunking over the
+      digest list): after entry *i* when ``(digest[i][0] ^ digest[i-1][1]) & 15 ==
+      0``, with at least :data:`MIN_FANOUT` and at most :data:`MAX_FANOUT` entries.
+      The decision looks at two neighbouring digests, so a run of equal parts (or a
+      part that repeats everywhere) cannot force a cut at every entry, and it does
+      not depend on an entry's position, so the nodes of an unchanged prefix are
+      the same blobs on every turn, and so are the nodes after an insertion once
+      the boundaries realign (within a node or two);
+    * levels are added until at most :data:`ROOT_FANOUT` digests remain: they form
+      the root, whose digest :func:`store_request` returns.
+
+    Appending a turn rewrites the last node of each level and the root: for a
+    session of P parts that is O(log P) nodes of at most :data:`MAX_FANOUT`
+    digests, not O(P).
+
+Writing order and the sink
+    Blobs are written children first, root last, and ``put`` only for blobs that
+    ``has`` does not know. The walk is top down: a node the sink already has is
+    not descended into, so an unchanged prefix costs one ``has`` per node, not one
+    per part. That relies on two rules the sink must keep: ``has`` must see every
+    earlier ``put`` (also one not yet flushed to the database), and a blob is only
+    ever removed together with every node above it (a mark and sweep from live
+    roots keeps this; deleting blobs by age does not).
+
+Digests
+    :func:`blob_digest` is SHA-256 truncated to 16 bytes. SHA-256 runs on the
+    CPU's SHA extensions through OpenSSL, 2.4 times faster than BLAKE2b on the
+    build machine (0.82 against 0.34 GB/s), and the body is hashed in full on every
+    call. 128 bits put an accidental collision out of reach (birthday bound 2**64
+    blobs); a deliberate one needs about 2**64 hash evaluations. A node records its
+    digest size, so moving to 32 bytes (:data:`DIGEST_SIZE`) keeps old trees
+    readable.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import hashlib
+import itertools
+import re
+from typing import Protocol
+
+__all__ = [
+    "BIG_STRING",
+    "DIGEST_SIZE",
+    "MAX_PART",
+    "SCAN_BUDGET",
+    "BlobSink",
+    "blob_digest",
+    "load_request",
+    "split_offsets",
+    "store_request",
+]
+
+#: Bytes kept of the SHA-256 of a blob.
+DIGEST_SIZE = 16
+#: A string token (quotes included) at least this long inside a conversation
+#: element becomes its own part. Longer than any key looked for (`"instructions"`):
+#: the structure is parsed with big strings blanked out.
+BIG_STRING = 1024
+#: No part is longer than this: bounds the size of one stored row.
+MAX_PART = 1 << 20
+#: Python-level steps (members, elements, hops over brackets nested too deep, strings
+#: measured) a scan of one body may take; past it the rest of the body is cut in
+#: plain chunks. A real session has thousands; a hostile body of a million one-byte
+#: elements then costs a tenth of a second, not seconds.
+SCAN_BUDGET = 50_000
+#: Content-defined node sizes, in digests. With the 1-in-16 cut test a node holds
+#: about MIN_FANOUT - 1 + 16 = 19 digests on average.
+MIN_FANOUT = 4
+MAX_FANOUT = 64
+_CUT_MASK = 0x0F
+#: A level with at most this many digests is the root.
+ROOT_FANOUT = 32
+
+#: The keys whose array elements are parts of their own.
+CONVERSATION_KEYS = frozenset({b"messages", b"input"})
+#: The keys whose whole value is one part.
+WHOLE_KEYS = frozenset({b"system", b"tools", b"instructions"})
+
+_NODE_MAGIC = b"TVN"
+_NODE_HEADER = len(_NODE_MAGIC) + 2
+
+
+class BlobSink(Protocol):
+    """Where blobs live, keyed by digest. Data is raw (uncompressed); the sink compresses it.
+
+    ``has`` must see every earlier ``put``, flushed or not; ``put`` must tolerate a
+    digest that another writer stored meanwhile (insert or ignore: same digest,
+    same bytes); ``get`` raises when the blob is missing.
+    """
+
+    def has(self, digest: bytes) -> bool: ...
+
+    def put(self, digest: bytes, data: bytes) -> None: ...
+
+    def get(self, digest: bytes) -> bytes: ...
+
+
+Buffer = bytes | bytearray | memoryview
+
+
+def blob_digest(data: Buffer) -> bytes:
+    """The content address of a blob: SHA-256, first :data:`DIGEST_SIZE` bytes."""
+    return hashlib.sha256(data).digest()[:DIGEST_SIZE]
+
+
+# --- splitting -----------------------------------------------------------------
+
+# A closing quote is escaped when an odd run of backslashes precedes it. The first
+# lookbehind rejects the usual case (no backslash) at once; fixed-width ones then
+# count runs of 1, 3, 5 and 7. A quote after 9 or more backslashes is taken for a
+# closing one, which can only misplace a cut (the bytes stay exact).
+_ESCAPED = (
+    rb"(?<=\\)"
+    rb"(?:(?<=[^\\]\\)|(?<=[^\\]\\\\\\)|(?<=[^\\]\\\\\\\\\\)|(?<=[^\\]\\\\\\\\\\\\\\))"
+)
+# One JSON string, hopping from quote to quote.
+_STR = rb'"(?>[^"]*+(?:' + _ESCAPED + rb'"[^"]*+)*+)"'
+#: Bracket levels inside an element that the one-call match handles.
+_NEST = 16
+
+
+def _nested(depth: int) -> bytes:
+    """The inside of a container: anything, with up to ``depth`` levels of nesting."""
+    inner = rb'(?:[^"\[\]{}]++|' + _STR + rb")*+"
+    for _ in range(depth):
+        inner = rb'(?:[^"\[\]{}]++|' + _STR + rb"|[\[{]" + inner + rb"[\]}])*+"
+    return inner
+
+
+# A value inside a container: stops before a `,` `]` or `}` of its own level (or
+# before a bracket nested deeper than _NEST, which sends the caller to the slow path).
+_VALUE = re.compile(
+    rb'(?:[^"\[\]{},]++|' + _STR + rb"|[\[{]" + _nested(_NEST - 1) + rb"[\]}])*+", re.S
+)
+# The slow path: hop to the next bracket or comma outside strings.
+_HOP = re.compile(rb'(?:[^"\[\]{},]++|' + _STR + rb")*+([\[\]{},])?", re.S)
+_OPEN = re.compile(rb"[ \t\r\n]*\{")
+_KEY = re.compile(rb'[ \t\r\n]*"((?:[^"\\]|\\.)*)"[ \t\r\n]*:[ \t\r\n]*', re.S)
+_OBJECT_NEXT = re.compile(rb"[ \t\r\n]*([,}])")
+_ARRAY_NEXT = re.compile(rb"[ \t\r\n]*([,\]])")
+_WS = re.compile(rb"[ \t\r\n]*")
+_WS_BYTES = frozenset(b" \t\r\n")
+
+
+class _Unparsable(Exception):
+    """The JSON scan cannot go on; the rest of the body becomes plain chunks."""
+
+
+def split_offsets(raw: bytes) -> list[int]:
+    """The cut offsets of a body: 0, ..., len(raw), strictly increasing.
+
+    Part *i* is ``raw[offsets[i]:offsets[i + 1]]``; an empty body gives ``[0]``.
+    """
+    # The big strings are most of a body's bytes. One pass finds them; the structure
+    # is then parsed in a skeleton where each is an empty string `""`, a tenth of the
+    # body, instead of hopping over them a second time.
+    bigs = _big_strings(raw)
+    holes: list[int] = []  # where each big string's `""` starts in the skeleton
+    shifts: list[int] = []  # bytes removed up to and including each big string
+    if bigs:
+        view = memoryview(raw)
+        pieces: list[bytes | memoryview] = []
+        previous = removed = 0
+        for start, end in bigs:
+            pieces += (view[previous:start], b'""')
+            holes.append(start - removed)
+            removed += end - start - 2
+            shifts.append(removed)
+            previous = end
+        pieces.append(view[previous:])
+        skeleton = b"".join(pieces)
+    else:
+        skeleton = raw
+    scan = _Scan(skeleton, holes)
+    # On a syntax error the cuts made so far stay: the rest is one tail, chunked below.
+    with contextlib.suppress(_Unparsable):
+        scan.object()
+    cuts = scan.cuts
+    if bigs:
+        cuts = [_raw_offset(cut, holes, shifts, bigs) for cut in cuts]
+    if cuts[-1] != len(raw):
+        cuts.append(len(raw))
+    return _cap_parts(cuts)
+
+
+_big_scans: dict[int, re.Pattern[bytes]] = {}
+
+
+def _big_strings(raw: bytes) -> list[tuple[int, int]]:
+    """The spans of the strings of at least :data:`BIG_STRING` bytes, quotes included."""
+    scan = _big_scans.get(BIG_STRING)
+    if scan is None:
+        # Strings that close, unescaped, within BIG_STRING bytes are passed over inside
+        # the regex engine; the rest (big ones, and small ones holding an escaped
+        # quote) come back here to be measured.
+        small = rb'"[^"]{0,%d}+(?<!\\)"' % max(BIG_STRING - 3, 0)
+        scan = _big_scans[BIG_STRING] = re.compile(
+            rb'(?:[^"]++|' + small + rb")*+(" + _STR + rb")?", re.S
+        )
+    found: list[tuple[int, int]] = []
+    pos = 0
+    for _ in range(SCAN_BUDGET):  # past it, big strings further on are not cut out
+        match = scan.match(raw, pos)
+        assert match is not None  # the pattern matches the empty string at least
+        start, end = match.span(1)
+        if start < 0:
+            break  # the end, or an unterminated string
+        if end - start >= BIG_STRING:
+            found.append((start, end))
+        pos = end
+    return found
+
+
+def _raw_offset(
+    offset: int, holes: list[int], shifts: list[int], bigs: list[tuple[int, int]]
+) -> int:
+    """Map an offset in the skeleton back to the body."""
+    index = bisect.bisect_right(holes, offset) - 1
+    if index < 0:
+        return offset
+    if offset < holes[index] + 2:  # on the `""` itself: only a malformed body cuts there
+        return bigs[index][0] + offset - holes[index]
+    return offset + shifts[index]
+
+
+class _Scan:
+    """The structural scan of one skeleton: where it cuts, within a step budget."""
+
+    __slots__ = ("budget", "cuts", "data", "holes")
+
+    def __init__(self, data: bytes, holes: list[int]) -> None:
+        self.data = data
+        self.holes = holes
+        self.cuts = [0]
+        self.budget = SCAN_BUDGET
+
+    def step(self) -> None:
+        self.budget -= 1
+        if self.budget < 0:
+            raise _Unparsable  # a hostile shape: a million tiny elements or brackets
+
+    def cut(self, offset: int) -> None:
+        if offset > self.cuts[-1]:
+            self.cuts.append(offset)
+
+    def object(self) -> None:
+        data = self.data
+        opened = _OPEN.match(data)
+        if opened is None:
+            raise _Unparsable
+        pos = opened.end()
+        if data[self.skip(pos) : self.skip(pos) + 1] == b"}":
+            return  # {}
+        while True:
+            self.step()
+            member = _KEY.match(data, pos)
+            if member is None:
+                raise _Unparsable
+            key = member.group(1)
+            start = member.end()
+            if key in CONVERSATION_KEYS and data[start : start + 1] == b"[":
+                pos = self.array(start + 1)
+            else:
+                pos = self.value_end(start)
+                if key in WHOLE_KEYS or key in CONVERSATION_KEYS:
+                    self.cut(start)
+                    self.cut(pos)
+            after = _OBJECT_NEXT.match(data, pos)
+            if after is None:
+                raise _Unparsable
+            if after.group(1) == b"}":
+                return
+            pos = after.end()
+
+    def array(self, pos: int) -> int:
+        """Cut a conversation array whose ``[`` ends at ``pos``, and around the big
+        strings in its elements; return the offset after its ``]``."""
+        data, holes = self.data, self.holes
+        self.cut(pos)
+        first = self.skip(pos)
+        if data[first : first + 1] == b"]":
+            return first + 1  # []
+        while True:
+            self.step()
+            start = pos
+            end = self.value_end(pos)
+            index = bisect.bisect_left(holes, start)
+            while index < len(holes) and holes[index] < end:
+                self.cut(holes[index])
+                self.cut(holes[index] + 2)
+                index += 1
+            self.cut(end)
+            after = _ARRAY_NEXT.match(data, end)
+            if after is None:
+                raise _Unparsable
+            if after.group(1) == b"]":
+                return after.end()
+            pos = after.end()
+
+    def skip(self, pos: int) -> int:
+        match = _WS.match(self.data, pos)
+        return match.end() if match else pos
+
+    def value_end(self, pos: int) -> int:
+        """Where the value starting at ``pos`` (after optional whitespace) ends."""
+        data = self.data
+        match = _VALUE.match(data, pos)
+        assert match is not None  # the pattern matches the empty string at least
+        end = match.end()
+        following = data[end : end + 1]
+        if following in (b"[", b"{"):
+            end = self.value_end_slow(pos)  # nested deeper than _NEST
+        elif following not in (b",", b"]", b"}"):
+            raise _Unparsable  # an unterminated string, or the end of the body
+        while end > pos and data[end - 1] in _WS_BYTES:
+            end -= 1
+        if end == pos:
+            raise _Unparsable  # an empty value: `[,` or `: ,`
+        return end
+
+    def value_end_slow(self, pos: int) -> int:
+        depth = 0
+        while True:
+            self.step()
+            hop = _HOP.match(self.data, pos)
+            assert hop is not None
+            char = hop.group(1)
+            if char is None:
+                raise _Unparsable
+            if char in b"[{":
+                depth += 1
+            elif depth == 0:
+                return hop.start(1)  # `,` `]` or `}` of the value's own level
+            elif char != b",":
+                depth -= 1
+            pos = hop.end()
+
+
+def _cap_parts(cuts: list[int]) -> list[int]:
+    if all(b - a <= MAX_PART for a, b in itertools.pairwise(cuts)):
+        return cuts
+    capped = [0]
+    for end in cuts[1:]:
+        while end - capped[-1] > MAX_PART:
+            capped.append(capped[-1] + MAX_PART)
+        capped.append(end)
+    return capped
+
+
+# --- the reference tree ----------------------------------------------------------
+
+# Digests of short parts (a separator, `}]}` after a big string) repeat within and
+# across requests; hashing costs a call of about a microsecond whatever the length,
+# a dict lookup much less. Bounded, and shared by threads (dict operations are atomic).
+_SHORT_PART = 64
+_SHORT_MEMO_MAX = 4096
+_short_memo: dict[bytes, bytes] = {}
+
+
+def _part_digest(part: memoryview) -> bytes:
+    if len(part) > _SHORT_PART:
+        return blob_digest(part)
+    key = part.tobytes()
+    digest = _short_memo.get(key)
+    if digest is None:
+        if len(_short_memo) >= _SHORT_MEMO_MAX:
+            _short_memo.clear()
+        digest = _short_memo[key] = blob_digest(key)
+    return digest
+
+
+def _node(level: int, digests: list[bytes]) -> bytes:
+    return _NODE_MAGIC + bytes((DIGEST_SIZE, level)) + b"".join(digests)
+
+
+def _chunk(digests: list[bytes]) -> list[list[bytes]]:
+    """Group digests into nodes whose ends depend on content (see the module doc)."""
+    chunks: list[list[bytes]] = []
+    start = 0
+    previous = 0
+    for index, digest in enumerate(digests):
+        size = index + 1 - start
+        if size >= MAX_FANOUT or (size >= MIN_FANOUT and (digest[0] ^ previous) & _CUT_MASK == 0):
+            chunks.append(digests[start : index + 1])
+            start = index + 1
+        previous = digest[1]
+    if start < len(digests):
+        chunks.append(digests[start:])
+    return chunks
+
+
+def store_request(raw: bytes, sink: BlobSink) -> bytes:
+    """Store a body through ``sink``; return the root digest that :func:`load_request` takes."""
+    offsets = split_offsets(raw)
+    view = memoryview(raw)
+    data: dict[bytes, Buffer] = {}
+    children: dict[bytes, list[bytes]] = {}
+    digests: list[bytes] = []
+    for start, end in itertools.pairwise(offsets):
+        part = view[start:end]
+        digest = _part_digest(part)
+        data[digest] = part
+        digests.append(digest)
+    level = 1
+    while len(digests) > ROOT_FANOUT:
+        upper: list[bytes] = []
+        for chunk in _chunk(digests):
+            node = _node(level, chunk)
+            digest = blob_digest(node)
+            data[digest] = node
+            children[digest] = chunk
+            upper.append(digest)
+        digests = upper
+        level += 1
+    root_node = _node(level, digests)
+    root = blob_digest(root_node)
+    data[root] = root_node
+    children[root] = digests
+    _write(root, data, children, sink, set())
+    return root
+
+
+def _write(
+    digest: bytes,
+    data: dict[bytes, Buffer],
+    children: dict[bytes, list[bytes]],
+    sink: BlobSink,
+    visited: set[bytes],
+) -> None:
+    """Write a subtree the sink lacks, children before their parent."""
+    if digest in visited:
+        return
+    visited.add(digest)
+    if sink.has(digest):
+        return  # and so does its whole subtree: it was written children first
+    for child in children.get(digest, ()):
+        _write(child, data, children, sink, visited)
+    sink.put(digest, bytes(data[digest]))
+
+
+def load_request(root: bytes, sink: BlobSink) -> bytes:
+    """The exact body stored under ``root``.
+
+    Every blob read is checked against its digest; a missing blob is whatever the
+    sink's ``get`` raises, a corrupt or foreign one raises ValueError.
+    """
+    parts: list[bytes] = []
+    _load(root, None, sink, parts, {})
+    return b"".join(parts)
+
+
+def _load(
+    digest: bytes,
+    expected_level: int | None,
+    sink: BlobSink,
+    parts: list[bytes],
+    cache: dict[bytes, bytes],
+) -> None:
+    node = _get(digest, sink, cache)
+    if len(node) < _NODE_HEADER or node[: len(_NODE_MAGIC)] != _NODE_MAGIC:
+        raise ValueError(f"blob {digest.hex()} is not a request tree node")
+    size, level = node[len(_NODE_MAGIC)], node[len(_NODE_MAGIC) + 1]
+    body = len(node) - _NODE_HEADER
+    level_ok = level >= 1 if expected_level is None else level == expected_level
+    if size == 0 or body % size or not level_ok:
+        raise ValueError(f"blob {digest.hex()} is a malformed request tree node")
+    for offset in range(_NODE_HEADER, len(node), size):
+        child = node[offset : offset + size]
+        if level == 1:
+            parts.append(_get(child, sink, cache))
+        else:
+            _load(child, level - 1, sink, parts, cache)
+
+
+def _get(digest: bytes, sink: BlobSink, cache: dict[bytes, bytes]) -> bytes:
+    blob = cache.get(digest)
+    if blob is None:
+        blob = sink.get(digest)
+        if hashlib.sha256(blob).digest()[: len(digest)] != digest:
+            raise ValueError(f"blob {digest.hex()} does not match its digest")
+        cache[digest] = blob
+    return blob
