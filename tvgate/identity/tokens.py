@@ -92,6 +92,10 @@ class ProxyTokenAuthenticator:
             raise AuthError(cached.reason)
         return cached.principal
 
+    async def check(self) -> None:
+        """Raise when tokens cannot be looked up (the token store is the database)."""
+        await self.runner.run(lambda: ProxyToken.select().limit(1).count())
+
     def forget_all(self) -> None:
         """Drop every cached result (a token was revoked or a user changed in this process)."""
         self._cache.clear()
