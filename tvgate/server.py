@@ -191,6 +191,12 @@ class Supervisor:
             code = 1
             try:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISOR_SIGNALS)
+                # Keep only this worker's socket: a copy of another worker's would keep it
+                # open (and queueing connections nobody accepts) after that worker stops.
+                for other, group in enumerate(self.sockets):
+                    if other != index:
+                        for sock in group:
+                            sock.close()
                 asyncio.run(
                     serve_worker(
                         self.settings, self.sockets[index], index, self.config_file, self.overrides
