@@ -216,7 +216,13 @@ def test_openbao_runs_with_tls_and_the_operator_initialises_it(deployed: dict[st
         timeout=60,
         check=True,
     )
-    health = httpx2.get(OPENBAO + "/v1/sys/health", verify=trusting(OPENBAO_CERT), timeout=10)
+    # Unsealed, the node first answers 429 (standby) until raft has elected it leader.
+    deadline = time.monotonic() + 30
+    while True:
+        health = httpx2.get(OPENBAO + "/v1/sys/health", verify=trusting(OPENBAO_CERT), timeout=10)
+        if health.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert health.status_code == 200 and health.json()["sealed"] is False
 
 
