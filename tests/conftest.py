@@ -161,6 +161,8 @@ def gateway_env(database_url: str, data_dir: Path, port: int, **extra: str) -> d
             "TVGATE_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
             "TVGATE_CACHE_TTL": "1",
             "TVGATE_LOG_LEVEL": "info",
+            # One process, so that a test sees one cache and one set of metrics.
+            "TVGATE_WORKERS": "1",
             "PYTHONPATH": str(ROOT),
         }
     )

@@ -8,7 +8,7 @@ a script needs one value (``tokens issue`` prints the token and nothing else).
 from __future__ import annotations
 
 import argparse
-import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -22,7 +22,7 @@ import hvac
 import orjson
 
 from tvgate import __version__, services
-from tvgate.config import ConfigError, Settings, load_settings
+from tvgate.config import ConfigError, Settings, load_settings, validate
 from tvgate.db import migrate, open_database
 from tvgate.keyring import Keyring, KeyringError, KeyringUnavailable, build_keyring, vault_admin
 from tvgate.keyring.local import LocalKeyring
@@ -50,6 +50,11 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Python warnings would otherwise be printed as plain text, breaking one-JSON-per-line.
+    logging.captureWarnings(True)
+    # At debug, Tornado turns on curl's verbose trace, which logs the upstream request
+    # headers (the provider key) and body (the prompt). Never let it: pin that logger.
+    logging.getLogger("tornado.curl_httpclient").setLevel(logging.INFO)
 
 
 def _open(settings: Settings) -> None:
@@ -57,10 +62,20 @@ def _open(settings: Settings) -> None:
     migrate(db)
 
 
-def cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
-    from tvgate.server import serve
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from tvgate.models import database
+    from tvgate.server import cookie_secret, run
 
+    overrides: dict[str, Any] = {}
+    if args.workers is not None:
+        overrides["workers"] = args.workers
+        settings = dataclasses.replace(settings, **overrides)
+        validate(settings)
     _open(settings)
+    # Before any fork: a keyring that cannot be built fails here once, not in every worker,
+    # and the master key and cookie secret files are created by one process only.
+    build_keyring(settings)
+    cookie_secret(settings)
     first = services.bootstrap_if_empty()
     if first is not None:
         print(
@@ -69,8 +84,9 @@ def cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
             f"  admin proxy token (shown once, keep it): {first.token}",
             flush=True,
         )
-    asyncio.run(serve(settings))
-    return 0
+    # Workers are forked from this process: none may inherit its database connection.
+    database.close()
+    return run(settings, args.config, overrides)
 
 
 def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
@@ -462,7 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    command(commands, "serve", cmd_serve, "run the gateway")
+    p = command(commands, "serve", cmd_serve, "run the gateway")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes on the one port (default: the workers setting; 0: one per core)",
+    )
     command(commands, "migrate", cmd_migrate, "bring the database schema up to date")
 
     users = commands.add_parser("users", help="manage users").add_subparsers(required=True)

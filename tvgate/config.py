@@ -128,6 +128,13 @@ class Settings:
     sink_batch_size: int = 100
     #: Seconds between pushes.
     sink_interval: float = 5.0
+    #: Worker processes sharing the listening socket; 0: one per CPU core (``serve --workers``).
+    workers: int = 0
+    #: Seconds a stop (SIGTERM) waits for open calls and streams to finish before cutting them.
+    drain_timeout: float = 30.0
+    #: host:port where each worker also serves ``/metrics``, worker k on port + k; empty: none
+    #: (``/metrics`` on ``listen`` answers for whichever worker took the connection).
+    metrics_listen: str = ""
 
     @property
     def host(self) -> str:
@@ -136,6 +143,11 @@ class Settings:
     @property
     def port(self) -> int:
         return int(self.listen.rsplit(":", 1)[1])
+
+    @property
+    def worker_count(self) -> int:
+        """How many worker processes ``serve`` runs."""
+        return self.workers or os.cpu_count() or 1
 
     @property
     def base_url(self) -> str:
@@ -230,3 +242,9 @@ def validate(settings: Settings) -> None:
         raise ConfigError("sink_url needs sink_secret, so receivers can check what they get")
     if settings.max_body_bytes <= 0 or settings.max_clients <= 0 or settings.idle_timeout <= 0:
         raise ConfigError("max_body_bytes, max_clients and idle_timeout must be positive")
+    if settings.workers < 0 or settings.drain_timeout < 0:
+        raise ConfigError("workers and drain_timeout must not be negative")
+    if settings.metrics_listen:
+        _host, sep, port = settings.metrics_listen.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ConfigError(f"metrics_listen must be host:port, not {settings.metrics_listen!r}")

@@ -1,15 +1,20 @@
 """The Gateway: every long-lived service of one tvgate process, built once, stopped once.
 
 Handlers reach these through ``BaseHandler`` properties; the CLI builds only
-the parts it needs. Nothing here runs per request.
+the parts it needs. Nothing here runs per request. It also owns what a
+graceful stop and a reload need: the count of proxy calls in flight and the
+list of settings that can change while the process runs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import peewee
@@ -25,12 +30,48 @@ from tvgate.identity.sessions import Throttle
 from tvgate.identity.tokens import ProxyTokenAuthenticator
 from tvgate.identity.visdom import VisdomAuthenticator, VisdomClient
 from tvgate.keyring import Keyring, PlaintextCache, build_keyring
+from tvgate.metrics import Metrics
 from tvgate.routing import OrgSnapshot, Router, snapshot_key_refs
 from tvgate.traces.retention import purge_all
 from tvgate.traces.sink import PushSink
 from tvgate.traces.writer import TraceWriter
 
 log = logging.getLogger("tvgate")
+
+#: Settings a SIGHUP applies to a running process. Everything else (listen,
+#: database, keyring, workers, queue sizes, max_clients) is built once at start
+#: and needs a restart; a reload that changes one of those says so in the log.
+RELOADABLE_SETTINGS = (
+    "log_level",
+    "cache_ttl",
+    "key_cache_ttl",
+    "connect_timeout",
+    "idle_timeout",
+    "max_body_bytes",
+    "client_buffer_bytes",
+    "drain_timeout",
+)
+
+
+class InFlight:
+    """Proxy calls in progress in this process, so that a stop can wait for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is in flight or ``timeout`` seconds pass; True when idle."""
+        deadline = time.monotonic() + timeout
+        # Polling only runs during a stop, never on the request path.
+        while self.count > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.count <= 0
 
 
 @dataclass
@@ -51,9 +92,13 @@ class Gateway:
     _purger: PeriodicCallback | None = None
     _sweeper: PeriodicCallback | None = None
     _unsubscribe: Callable[[], None] | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    inflight: InFlight = field(default_factory=InFlight)
+    #: Index of this worker process (0 when there is one process).
+    worker: int = 0
 
     @classmethod
-    def build(cls, settings: Settings) -> Gateway:
+    def build(cls, settings: Settings, worker: int = 0) -> Gateway:
         """Open the database (migrating it), the keyring, and the caches. Call on the IOLoop."""
         db = open_database(settings.resolved_database_url)
         migrate(db)
@@ -107,8 +152,76 @@ class Gateway:
             http=http,
             login_throttle=Throttle(settings.login_attempts),
             sink=PushSink(settings, runner) if settings.sink_url else None,
+            metrics=Metrics(worker),
+            worker=worker,
         )
+        gateway._export_metrics()
         return gateway
+
+    def _export_metrics(self) -> None:
+        metrics, traces, inflight = self.metrics, self.traces, self.inflight
+        metrics.sample(
+            "tvgate_requests_in_flight",
+            "Proxy calls in progress (streaming or not); a stop waits for them.",
+            lambda: inflight.count,
+        )
+        metrics.sample(
+            "tvgate_trace_queue_depth",
+            "Traces waiting for the writer thread.",
+            lambda: traces.depth,
+        )
+        metrics.sample(
+            "tvgate_traces_written_total",
+            "Traces written to the database.",
+            lambda: traces.written,
+            kind="counter",
+        )
+        metrics.sample(
+            "tvgate_trace_spool_size",
+            "Traces waiting in the spool file for the database to come back.",
+            lambda: traces.spool_size,
+        )
+        metrics.sample(
+            "tvgate_traces_spooled_total",
+            "Traces written to the spool while the database was unreachable.",
+            lambda: traces.spooled,
+            kind="counter",
+        )
+        metrics.sample(
+            "tvgate_traces_dropped_total",
+            "Traces lost: the queue was full, or the database was unreachable at stop.",
+            lambda: traces.dropped,
+            kind="counter",
+        )
+        metrics.sample(
+            "tvgate_trace_write_failures_total",
+            "Trace batches that failed to write and were retried.",
+            lambda: traces.failures,
+            kind="counter",
+        )
+
+    def reload(self, new: Settings) -> list[str]:
+        """Apply the reloadable settings of ``new``; returns the changed ones that need a restart."""
+        current = self.settings
+        for name in RELOADABLE_SETTINGS:
+            value = getattr(new, name)
+            if getattr(current, name) != value:
+                log.info("reload: %s changed", name)
+                setattr(current, name, value)
+        logging.getLogger().setLevel(current.log_level.upper())
+        self.auth.proxy_tokens.ttl = current.cache_ttl
+        self.keys.ttl = current.key_cache_ttl
+        if self.router.ttl != current.cache_ttl:
+            # The refresh period follows the TTL, so restart the refresher.
+            self.router.stop()
+            self.router.ttl = current.cache_ttl
+            self.router.start()
+        return [
+            f.name
+            for f in dataclasses.fields(new)
+            if f.name not in RELOADABLE_SETTINGS
+            and getattr(new, f.name) != getattr(current, f.name)
+        ]
 
     def start(self) -> None:
         self.traces.start()

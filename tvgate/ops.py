@@ -1,50 +1,91 @@
-"""Operations endpoints: ``/healthz`` (alive) and ``/readyz`` (can serve)."""
+"""Operations endpoints: ``/healthz`` (alive), ``/readyz`` (can serve) and ``/metrics`` (Prometheus).
+
+``/healthz`` answers as long as the IOLoop turns, and says which worker
+process answered. ``/readyz`` asks the database, the keyring and the identity
+provider, each with a timeout, and says which one is not ready (a load
+balancer takes the VM out of rotation on 503). ``/metrics`` renders this
+process's registry (``tvgate.metrics``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
+from tvgate.metrics import CONTENT_TYPE
 from tvgate.models import Org
 from tvgate.web import BaseHandler
+
+#: Seconds each readiness check may take before it counts as unavailable.
+CHECK_TIMEOUT = 5.0
 
 
 class HealthHandler(BaseHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "application/json")
-        self.finish(b'{"status":"ok"}')
+        self.set_header("Cache-Control", "no-store")
+        self.finish(
+            orjson.dumps({"status": "ok", "worker": self.gateway.worker, "pid": os.getpid()})
+        )
+
+
+async def _check(probe: Callable[[], Awaitable[Any]]) -> str:
+    try:
+        await asyncio.wait_for(probe(), timeout=CHECK_TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return f"unavailable: {type(exc).__name__}"
+    return "ok"
 
 
 class ReadyHandler(BaseHandler):
-    """Ready when the database and the keyring answer; says which does not."""
+    """Ready when the database, the keyring and the identity provider answer; says which does not."""
 
     async def get(self) -> None:
-        checks: dict[str, Any] = {}
         gateway = self.gateway
-        try:
-            await asyncio.wait_for(
-                gateway.runner.run(lambda: Org.select().limit(1).count()), timeout=5
-            )
-            checks["database"] = "ok"
-        except Exception as exc:  # noqa: BLE001 - reported, not raised
-            checks["database"] = f"unavailable: {type(exc).__name__}"
-        try:
-            loop = asyncio.get_running_loop()
-            await asyncio.wait_for(
-                loop.run_in_executor(gateway.runner.executor, gateway.keyring.check), timeout=5
-            )
-            checks["keyring"] = "ok"
-        except Exception as exc:  # noqa: BLE001
-            checks["keyring"] = f"unavailable: {type(exc).__name__}"
+        loop = asyncio.get_running_loop()
+
+        def database() -> Awaitable[Any]:
+            return gateway.runner.run(lambda: Org.select().limit(1).count())
+
+        def keyring() -> Awaitable[Any]:
+            return loop.run_in_executor(gateway.runner.executor, gateway.keyring.check)
+
+        async def identity() -> None:
+            await gateway.auth.proxy_tokens.check()
+            if gateway.visdom is not None:
+                await gateway.visdom.check()
+
+        names = ("database", "keyring", "identity")
+        results = await asyncio.gather(*(_check(p) for p in (database, keyring, identity)))
+        checks = dict(zip(names, results, strict=True))
         ready = all(v == "ok" for v in checks.values())
         self.set_status(200 if ready else 503)
         self.set_header("Content-Type", "application/json")
-        self.finish(orjson.dumps({"ready": ready, "checks": checks}))
+        self.set_header("Cache-Control", "no-store")
+        self.finish(orjson.dumps({"ready": ready, "checks": checks, "worker": gateway.worker}))
+
+
+class MetricsHandler(BaseHandler):
+    """This process's metrics in the Prometheus text format."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE)
+        self.set_header("Cache-Control", "no-store")
+        self.finish(self.gateway.metrics.render())
 
 
 default_handlers = [
     ("/healthz", HealthHandler),
     ("/readyz", ReadyHandler),
+    ("/metrics", MetricsHandler),
+]
+
+#: What the per-worker metrics listener (``metrics_listen``) serves.
+metrics_handlers: list[Any] = [
+    ("/metrics", MetricsHandler),
+    ("/healthz", HealthHandler),
 ]

@@ -1,27 +1,63 @@
-"""The tvgate process: builds the services, the URL table and the listener; stops gracefully."""
+"""The tvgate process: the URL table, the listeners, the worker processes, reload and graceful stop.
+
+``run`` binds the listening sockets before anything else. With one worker
+the process serves on its socket itself; with more, it forks the workers
+(each a full gateway: its own database pool, caches, trace writer and
+metrics, all built after the fork) and supervises them: a worker that dies is
+restarted, SIGTERM/SIGINT and SIGHUP are forwarded.
+
+With several workers the parent binds one SO_REUSEPORT socket per worker on
+the same port and keeps them open. The kernel spreads new connections over
+the sockets evenly (one shared socket would let whichever worker wakes first
+take the whole accept queue: Tornado accepts in bursts). Because the parent
+holds each socket, connections queued for a worker that crashed wait for its
+replacement instead of being refused.
+
+A worker stops like this: stop accepting; answer every further request on an
+open connection with ``Connection: close``; wait until the proxy calls in
+flight have sent their last byte, up to ``drain_timeout``; close the
+remaining connections (which aborts their upstream transfers and queues their
+traces); write every queued trace; exit 0.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
+import os
 import signal
+import socket
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import tornado.web
 from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
 
 import admin_ui
 from admin_ui import auth as ui_auth
 from tvgate import ops
 from tvgate.api import handlers as api_handlers
-from tvgate.config import Settings
+from tvgate.config import ConfigError, Settings, load_settings
 from tvgate.gateway import Gateway
 from tvgate.keyring.local import load_or_create_key_file
 from tvgate.proxy import handlers as proxy_handlers
 from tvgate.web import NotFoundHandler
 
 log = logging.getLogger("tvgate")
+
+#: Signals the supervisor takes synchronously (blocked, then sigtimedwait).
+_SUPERVISOR_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+#: After a stop is forwarded, how long past drain_timeout the supervisor waits before SIGKILL.
+_STOP_GRACE = 15.0
+#: Listen backlog (the kernel caps it at net.core.somaxconn).
+_BACKLOG = 1024
+#: A worker that lived less than this counts as crashing at start: its restart is delayed.
+_QUICK_EXIT = 10.0
 
 
 def cookie_secret(settings: Settings) -> bytes:
@@ -55,26 +91,244 @@ def make_app(gateway: Gateway) -> tornado.web.Application:
     )
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then stop accepting, finish, flush traces."""
-    gateway = Gateway.build(settings)
+def make_metrics_app(gateway: Gateway) -> tornado.web.Application:
+    """The per-worker metrics listener: ``/metrics`` and ``/healthz`` only."""
+    return tornado.web.Application(
+        ops.metrics_handlers,
+        gateway=gateway,
+        default_handler_class=NotFoundHandler,
+        log_function=lambda _handler: None,
+    )
+
+
+def _split(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+def reload_settings(
+    gateway: Gateway, config_file: str | None, overrides: Mapping[str, Any]
+) -> None:
+    """SIGHUP: read the settings again and apply those that can change at run time."""
+    try:
+        new = dataclasses.replace(load_settings(config_file), **overrides)
+    except ConfigError as exc:
+        log.error("reload refused, settings unchanged: %s", exc)
+        return
+    restart = gateway.reload(new)
+    if restart:
+        log.warning("reload: changed settings need a restart to apply: %s", ", ".join(restart))
+    log.info("settings reloaded")
+
+
+async def drain(server: HTTPServer, gateway: Gateway) -> None:
+    """Stop accepting, let open calls finish (up to drain_timeout), then close what is left."""
+    server.stop()
+    # Every request read from now on is answered with "Connection: close", so keep-alive
+    # clients (nginx included) reconnect, and land on a worker that is not stopping.
+    server.conn_params.no_keep_alive = True
+    timeout = gateway.settings.drain_timeout
+    log.info(
+        "stopping: %d calls in flight, waiting up to %.0fs for them",
+        gateway.inflight.count,
+        timeout,
+    )
+    started = time.monotonic()
+    if await gateway.inflight.wait_idle(timeout):
+        log.info("drained in %.2fs", time.monotonic() - started)
+    else:
+        log.warning("drain timeout: cutting %d calls", gateway.inflight.count)
+    await server.close_all_connections()
+    # A cut call notices its closed connection at once, aborts its upstream transfer and
+    # queues its trace; give those callbacks a moment before the trace writer stops.
+    await gateway.inflight.wait_idle(5.0)
+
+
+async def serve_worker(
+    settings: Settings,
+    sockets: list[socket.socket],
+    worker: int = 0,
+    config_file: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> None:
+    """One gateway on the given listening sockets, until SIGTERM or SIGINT."""
+    gateway = Gateway.build(settings, worker)
     gateway.start()
-    app = make_app(gateway)
     server = HTTPServer(
-        app,
+        make_app(gateway),
         xheaders=False,
         # Proxy handlers stream their bodies and enforce the limit themselves.
         max_body_size=max(settings.max_body_bytes * 4, 64 * 1024 * 1024),
         idle_connection_timeout=3600,
     )
-    server.listen(settings.port, settings.host)
-    log.info("tvgate listening on %s", settings.base_url)
+    server.add_sockets(sockets)
+    metrics_server: HTTPServer | None = None
+    if settings.metrics_listen:
+        host, port = _split(settings.metrics_listen)
+        metrics_server = HTTPServer(make_metrics_app(gateway))
+        metrics_server.listen(port + worker, host)
+        log.info("worker %d serves /metrics on %s:%d", worker, host, port + worker)
+    log.info("tvgate worker %d (pid %d) listening on %s", worker, os.getpid(), settings.base_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(
+        signal.SIGHUP, reload_settings, gateway, config_file, dict(overrides or {})
+    )
     await stop.wait()
-    log.info("stopping")
-    server.stop()
-    await server.close_all_connections()
+    if metrics_server is not None:
+        metrics_server.stop()
+    await drain(server, gateway)
     await loop.run_in_executor(None, gateway.stop)
+    log.info(
+        "worker %d stopped: %d traces written, %d dropped",
+        worker,
+        gateway.traces.written,
+        gateway.traces.dropped,
+    )
+
+
+class Supervisor:
+    """The parent of the workers: forks them, restarts them, forwards signals to them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sockets: list[list[socket.socket]],
+        config_file: str | None,
+        overrides: Mapping[str, Any],
+    ) -> None:
+        self.settings = settings
+        self.sockets = sockets  # by worker index
+        self.config_file = config_file
+        self.overrides = overrides
+        self.children: dict[int, int] = {}  # pid -> worker index
+        self.started: dict[int, float] = {}  # worker index -> when it was last started
+        self.delays: dict[int, float] = {}  # worker index -> restart delay after a quick exit
+        self.due: dict[int, float] = {}  # worker index -> when to restart it
+
+    def spawn(self, index: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISOR_SIGNALS)
+                # Keep only this worker's socket: a copy of another worker's would keep it
+                # open (and queueing connections nobody accepts) after that worker stops.
+                for other, group in enumerate(self.sockets):
+                    if other != index:
+                        for sock in group:
+                            sock.close()
+                asyncio.run(
+                    serve_worker(
+                        self.settings, self.sockets[index], index, self.config_file, self.overrides
+                    )
+                )
+                code = 0
+            except BaseException:
+                log.exception("worker %d failed", index)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.children[pid] = index
+        self.started[index] = time.monotonic()
+        log.info("started worker %d (pid %d)", index, pid)
+
+    def forward(self, sig: int) -> None:
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def reap(self, stopping: bool) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            index = self.children.pop(pid, None)
+            if index is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if stopping:
+                log.info("worker %d (pid %d) stopped with %d", index, pid, code)
+                continue
+            lived = time.monotonic() - self.started.get(index, 0.0)
+            delay = 0.5
+            if lived < _QUICK_EXIT:
+                # Crashing at start (say, the database is down): back off, up to 30 s.
+                delay = min(self.delays.get(index, 0.5) * 2, 30.0)
+            self.delays[index] = delay
+            self.due[index] = time.monotonic() + delay
+            log.error(
+                "worker %d (pid %d) exited with %d; restarting in %.1fs", index, pid, code, delay
+            )
+
+    def run(self) -> int:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISOR_SIGNALS)
+        for index in range(self.settings.worker_count):
+            self.spawn(index)
+        stopping = False
+        kill_at = 0.0
+        while self.children or (self.due and not stopping):
+            info = signal.sigtimedwait(_SUPERVISOR_SIGNALS, 0.5)
+            if info is not None:
+                if info.si_signo in (signal.SIGTERM, signal.SIGINT) and not stopping:
+                    stopping = True
+                    self.due.clear()
+                    kill_at = time.monotonic() + self.settings.drain_timeout + _STOP_GRACE
+                    log.info("stopping %d workers", len(self.children))
+                    self.forward(signal.SIGTERM)
+                    # Once the workers close theirs too, the port refuses connections at
+                    # once (a load balancer tries the next VM) instead of queueing them.
+                    self._close_sockets()
+                elif info.si_signo == signal.SIGHUP:
+                    self._reload_own_log_level()
+                    self.forward(signal.SIGHUP)
+            self.reap(stopping)
+            now = time.monotonic()
+            for index, at in list(self.due.items()):
+                if at <= now and not stopping:
+                    del self.due[index]
+                    self.spawn(index)
+            if stopping and self.children and now > kill_at:
+                log.error("workers still running past the drain timeout; killing them")
+                self.forward(signal.SIGKILL)
+                kill_at = now + 5
+        self._close_sockets()
+        log.info("tvgate stopped")
+        return 0
+
+    def _close_sockets(self) -> None:
+        for group in self.sockets:
+            for sock in group:
+                sock.close()
+
+    def _reload_own_log_level(self) -> None:
+        try:
+            level = load_settings(self.config_file).log_level
+        except ConfigError:
+            return  # the workers log why
+        logging.getLogger().setLevel(level.upper())
+
+
+def run(
+    settings: Settings, config_file: str | None = None, overrides: Mapping[str, Any] | None = None
+) -> int:
+    """Serve until SIGTERM or SIGINT with ``settings.worker_count`` workers; the exit code."""
+    overrides = dict(overrides or {})
+    workers = settings.worker_count
+    if workers == 1:
+        sockets = bind_sockets(settings.port, settings.host, backlog=_BACKLOG)
+        asyncio.run(serve_worker(settings, sockets, 0, config_file, overrides))
+        for sock in sockets:
+            sock.close()
+        return 0
+    by_worker = [
+        bind_sockets(settings.port, settings.host, backlog=_BACKLOG, reuse_port=True)
+        for _ in range(workers)
+    ]
+    log.info("tvgate supervisor (pid %d) starting %d workers", os.getpid(), workers)
+    return Supervisor(settings, by_worker, config_file, overrides).run()

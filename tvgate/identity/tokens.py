@@ -120,6 +120,10 @@ class ProxyTokenAuthenticator:
         except Exception:  # noqa: BLE001 - a missed last-used time is not worth an error
             return
 
+    async def check(self) -> None:
+        """Raise when tokens cannot be looked up (the token store is the database)."""
+        await self.runner.run(lambda: ProxyToken.select().limit(1).count())
+
     def forget_all(self) -> None:
         """Drop every cached result (a token was revoked or a user changed in this process)."""
         self._cache.clear()

@@ -94,6 +94,13 @@ class VisdomClient:
             raise IdentityUnavailable("Visdom Trace sent no session token")
         return token
 
+    async def check(self) -> None:
+        """Raise IdentityUnavailable unless Visdom Trace answers (a 401 to no token counts)."""
+        try:
+            await self._call("GET", "/api/v1/auth/me", None, None)
+        except AuthError:
+            return
+
     def close(self) -> None:
         self.http.close()
 

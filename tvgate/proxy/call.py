@@ -144,6 +144,7 @@ class ProxyCall:
         self.committed = False
         self.client_gone = False
         self.is_stream_response = False
+        self.stream_counted = False
         self.assembler: StreamAssembler | None = None
         self.captured: list[bytes] = []
         self.captured_size = 0
@@ -292,6 +293,9 @@ class ProxyCall:
             if lower in ("request-id", "x-request-id"):
                 self.upstream_request_id = value
         handler.set_header("x-tvgate-overhead-ms", f"{self._overhead_ms():.3f}")
+        if self.is_stream_response and not self.stream_counted:
+            self.stream_counted = True  # closed again in _queue_trace
+            self.gateway.metrics.stream_opened()
         if self.is_stream_response and self.endpoint.api != ANTHROPIC_COUNT_TOKENS:
             self.assembler = stream_assembler(self.endpoint.api)
 
@@ -408,8 +412,10 @@ class ProxyCall:
             if body is not None
             else None
         )
+        if self.stream_counted:
+            self.gateway.metrics.stream_closed()
         self.gateway.traces.submit(
-            {
+            row := {
                 "id": uuid.uuid4().hex,
                 "org_id": principal.org_id,
                 "user_id": principal.user_id,
@@ -454,6 +460,7 @@ class ProxyCall:
             },
             captured,
         )
+        self.gateway.metrics.observe(row)
 
     def _at(self, perf: float) -> float | None:
         return self.received_at + (perf - self.started) if perf else None

@@ -7,11 +7,14 @@ tools that want a provider-specific base URL.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from asyncio import Future
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
 
 from tvgate.db import DatabaseUnavailable
@@ -40,6 +43,7 @@ class ProxyHandler(BaseHandler):
         self._chunks: list[bytes] = []
         self._size = 0
         self._too_large = False
+        self._sent: Future[None] | None = None
 
     def prepare(self) -> None:
         if self.request.method != "POST":
@@ -73,7 +77,21 @@ class ProxyHandler(BaseHandler):
         self.call = ProxyCall(self, self.endpoint, started)
         body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks = []
-        await self.call.run(body)
+        # A graceful stop waits for the calls counted here, until their last byte is sent.
+        inflight = self.gateway.inflight
+        inflight.enter()
+        try:
+            await self.call.run(body)
+            if self._sent is not None:
+                with contextlib.suppress(StreamClosedError):
+                    await self._sent
+        finally:
+            inflight.leave()
+
+    def finish(self, chunk: str | bytes | dict[str, Any] | None = None) -> Future[None]:
+        # Keep the future that resolves once the response has been written to the socket.
+        self._sent = super().finish(chunk)
+        return self._sent
 
     async def get(self, *_args: str) -> None:
         if self.request.headers.get("Upgrade", "").lower() == "websocket":

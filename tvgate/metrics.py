@@ -1,0 +1,277 @@
+"""Prometheus metrics of one tvgate process: a small registry fed from trace rows, rendered on scrape.
+
+Every proxied call is observed once, from the trace row ``ProxyCall`` queues
+(``Metrics.observe``), so the metrics and the traces cannot disagree about
+what a call was. Observing runs on the IOLoop thread and only bumps numbers
+in dicts keyed by label tuples: no lock (the IOLoop is the only writer and
+the scrape handler runs on the same thread), no string formatting. Text is
+rendered only when ``/metrics`` is scraped.
+
+Each process has its own registry. With ``--workers N``, every worker also
+serves its own ``/metrics`` on ``metrics_listen``'s port + its worker index,
+so Prometheus scrapes each worker as a target of its own (the ``/metrics`` of
+the shared port answers for whichever worker accepted that connection).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from tvgate import __version__
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Seconds, for time to first byte and total time: LLM calls run from
+#: milliseconds (count_tokens, cached answers) to many minutes (long streams).
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+#: Seconds, for the gateway's own added time: it should stay in the low milliseconds.
+OVERHEAD_BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+
+#: Outcomes that count as an upstream error (see tvgate.proxy.call).
+_UPSTREAM_ERROR_OUTCOMES = frozenset({"upstream_error", "timeout"})
+#: Token counts a trace row carries, and the ``type`` label each is exported under.
+_TOKEN_FIELDS = (
+    ("input_tokens", "input"),
+    ("output_tokens", "output"),
+    ("cache_read_tokens", "cache_read"),
+    ("cache_write_tokens", "cache_write"),
+)
+
+
+def _escape(value: Any) -> str:
+    """A label value in the text format: backslash, quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(names: tuple[str, ...], values: tuple[Any, ...], extra: str = "") -> str:
+    parts = [f'{name}="{_escape(value)}"' for name, value in zip(names, values, strict=True)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def _number(value: float) -> str:
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
+
+
+class Counter:
+    """A counter family: one float per label tuple."""
+
+    def __init__(self, name: str, help_: str, label_names: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.help = help_
+        self.label_names = label_names
+        self.values: dict[tuple[Any, ...], float] = {}
+
+    def inc(self, labels: tuple[Any, ...] = (), amount: float = 1.0) -> None:
+        values = self.values
+        values[labels] = values.get(labels, 0.0) + amount
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} counter"
+        for labels, value in sorted(self.values.items(), key=lambda item: str(item[0])):
+            yield f"{self.name}{_labels(self.label_names, labels)} {_number(value)}"
+
+
+class _Buckets:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self, size: int) -> None:
+        self.counts = [0] * size
+        self.sum = 0.0
+
+
+class Histogram:
+    """A histogram family with fixed buckets; observing is one bisect and two additions."""
+
+    def __init__(
+        self,
+        name: str,
+        help_: str,
+        buckets: tuple[float, ...],
+        label_names: tuple[str, ...] = (),
+    ) -> None:
+        self.name = name
+        self.help = help_
+        self.buckets = buckets
+        self.label_names = label_names
+        self.children: dict[tuple[Any, ...], _Buckets] = {}
+
+    def observe(self, value: float, labels: tuple[Any, ...] = ()) -> None:
+        child = self.children.get(labels)
+        if child is None:
+            # One slot per bucket plus the +Inf overflow.
+            child = self.children[labels] = _Buckets(len(self.buckets) + 1)
+        # bisect_left: a value equal to a bound belongs to that bound's bucket (le).
+        child.counts[bisect_left(self.buckets, value)] += 1
+        child.sum += value
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} histogram"
+        bounds = [_number(b) for b in self.buckets] + ["+Inf"]
+        for labels, child in sorted(self.children.items(), key=lambda item: str(item[0])):
+            cumulative = 0
+            for bound, count in zip(bounds, child.counts, strict=True):
+                cumulative += count
+                label_text = _labels(self.label_names, labels, f'le="{bound}"')
+                yield f"{self.name}_bucket{label_text} {cumulative}"
+            plain = _labels(self.label_names, labels)
+            yield f"{self.name}_sum{plain} {_number(child.sum)}"
+            yield f"{self.name}_count{plain} {cumulative}"
+
+
+class Sampled:
+    """A value read only at scrape time (a queue depth, a counter kept elsewhere)."""
+
+    def __init__(self, name: str, help_: str, kind: str, read: Callable[[], float]) -> None:
+        self.name = name
+        self.help = help_
+        self.kind = kind
+        self.read = read
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} {self.kind}"
+        yield f"{self.name} {_number(self.read())}"
+
+
+class Metrics:
+    """The registry of one tvgate process."""
+
+    def __init__(self, worker: int = 0) -> None:
+        self.worker = worker
+        self.started = time.time()
+        self.open_streams = 0
+        self.requests = Counter(
+            "tvgate_requests_total",
+            "Proxied calls that reached authentication, by route, HTTP status and outcome.",
+            ("route", "status", "outcome"),
+        )
+        self.time_to_first_byte = Histogram(
+            "tvgate_time_to_first_byte_seconds",
+            "From the complete client request to the first response byte sent to the client.",
+            LATENCY_BUCKETS,
+            ("route",),
+        )
+        self.duration = Histogram(
+            "tvgate_request_duration_seconds",
+            "From the complete client request to the end of the call.",
+            LATENCY_BUCKETS,
+            ("route",),
+        )
+        self.overhead = Histogram(
+            "tvgate_overhead_seconds",
+            "Time tvgate adds before the upstream request goes out (identity, body, routing, key).",
+            OVERHEAD_BUCKETS,
+        )
+        self.tokens = Counter(
+            "tvgate_tokens_total",
+            "Tokens reported by the provider, by route and type (input, output, cache_read, cache_write).",
+            ("route", "type"),
+        )
+        self.upstream_errors = Counter(
+            "tvgate_upstream_errors_total",
+            "Calls that ended in a provider error, a failed connection or a timeout.",
+            ("route", "outcome", "error_type"),
+        )
+        self._sampled: list[Sampled] = [
+            Sampled(
+                "tvgate_open_streams",
+                "Streaming responses being relayed right now.",
+                "gauge",
+                lambda: self.open_streams,
+            )
+        ]
+
+    # --- the hot path (IOLoop thread) ---
+
+    def observe(self, row: dict[str, Any]) -> None:
+        """Count one finished call from its trace row."""
+        route = row["route_name"]
+        outcome = row["outcome"]
+        self.requests.inc((route, row["status_code"], outcome))
+        received = row["received_at"]
+        first_byte = row["first_byte_at"]
+        if first_byte is not None:
+            self.time_to_first_byte.observe(first_byte - received, (route,))
+        finished = row["finished_at"]
+        if finished is not None:
+            self.duration.observe(finished - received, (route,))
+        self.overhead.observe(row["overhead_ms"] / 1000.0)
+        for field, kind in _TOKEN_FIELDS:
+            count = row[field]
+            if count:
+                self.tokens.inc((route, kind), count)
+        if outcome in _UPSTREAM_ERROR_OUTCOMES:
+            self.upstream_errors.inc((route, outcome, row["error_type"]))
+
+    def stream_opened(self) -> None:
+        self.open_streams += 1
+
+    def stream_closed(self) -> None:
+        self.open_streams -= 1
+
+    # --- wiring and scraping ---
+
+    def sample(self, name: str, help_: str, read: Callable[[], float], kind: str = "gauge") -> None:
+        """Export a value that is read at scrape time (``kind``: gauge or counter)."""
+        self._sampled.append(Sampled(name, help_, kind, read))
+
+    def render(self) -> bytes:
+        lines: list[str] = [
+            "# HELP tvgate_worker_info This process: worker index, pid and tvgate version.",
+            "# TYPE tvgate_worker_info gauge",
+            f'tvgate_worker_info{{worker="{self.worker}",pid="{os.getpid()}",'
+            f'version="{_escape(__version__)}"}} 1',
+            "# HELP tvgate_process_start_time_seconds When this process started (Unix time).",
+            "# TYPE tvgate_process_start_time_seconds gauge",
+            f"tvgate_process_start_time_seconds {self.started:.3f}",
+        ]
+        for family in (
+            self.requests,
+            self.time_to_first_byte,
+            self.duration,
+            self.overhead,
+            self.tokens,
+            self.upstream_errors,
+        ):
+            lines.extend(family.render())
+        for sampled in self._sampled:
+            lines.extend(sampled.render())
+        lines.append("")
+        return "\n".join(lines).encode()
