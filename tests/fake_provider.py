@@ -117,8 +117,13 @@ SCENARIOS = frozenset(
         "reset",
         "drip",
         "hang",
+        "malformed",
+        "redirect",
+        "bulk",
     }
 )
+MALFORMED_BYTES = b"data: {not json\n\nevent\x00: \xff\xfe???\r\n: comment\ndata: [1, 2\n\n"
+"""What ``malformed`` puts in the middle of a stream: broken JSON, NUL, invalid UTF-8."""
 
 ANTHROPIC_ORGANIZATION_ID = "8f2d1c3e-5b4a-4f6e-9d7c-0a1b2c3d4e5f"
 ANTHROPIC_RESET_AT = "2023-11-14T22:14:20Z"
@@ -933,6 +938,15 @@ class _Handler(tornado.web.RequestHandler):
                 )
             if scenario == "hang" and await self._sleep(self._number("x-fake-hang", DEFAULT_HANG)):
                 return
+            if scenario == "redirect":
+                # A provider (or something pretending to be one) sending the client elsewhere.
+                self.set_status(307)
+                self.set_header("Location", f"http://{self.request.host}/v1/redirected")
+                self.finish()
+                return
+            if scenario == "bulk":
+                await self._bulk(int(self._number("x-fake-mb", 20)))
+                return
             ctx = self._context(body, scenario)
             if scenario == "error_event" and not ctx.stream:
                 scenario = "error_529"
@@ -1251,6 +1265,18 @@ class _Handler(tornado.web.RequestHandler):
             return
         await self.finish(payload)
 
+    async def _bulk(self, megabytes: int) -> None:
+        """An SSE stream of ``megabytes`` MiB of ping events, as fast as the client takes it."""
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        event = b'event: ping\ndata: {"type": "ping", "pad": "' + b"x" * 1000 + b'"}\n\n'
+        chunk = event * 64
+        for _ in range(megabytes * 1024 * 1024 // len(chunk)):
+            if self.client_gone.is_set():
+                return
+            self.write(chunk)
+            await self.flush()
+        await self.finish()
+
     async def _deliver_stream(self, ctx: _Ctx, reply: _Reply, interval: float) -> None:
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
@@ -1263,6 +1289,8 @@ class _Handler(tornado.web.RequestHandler):
                 await asyncio.sleep(RESET_DELAY)
                 self._reset()
                 return
+            if ctx.scenario == "malformed" and index == cut:
+                self.write(MALFORMED_BYTES)
             if interval and frame.delta and await self._sleep(interval):
                 return
             self.write(frame.data)

@@ -30,6 +30,7 @@ from tests.pg_private import PrivatePostgres
 from tvgate.db import open_database
 from tvgate.models import Trace
 
+OUTAGE_SECONDS = 60
 BODY = orjson.dumps(
     {"model": "claude-test", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 )
@@ -62,7 +63,7 @@ def test_database_stopped_under_load_loses_no_trace(
                     headers={"x-api-key": tokens["dev@acme.test"], "x-tvgate-session": session},
                 )
                 statuses.append(response.status_code)
-                time.sleep(0.02)
+                time.sleep(0.05)
 
     worker = threading.Thread(target=load)
     try:
@@ -70,7 +71,8 @@ def test_database_stopped_under_load_loses_no_trace(
         time.sleep(1.5)
         private_pg.stop()
         down_from = len(statuses)
-        time.sleep(4)  # past the gateway's 1 s caches: routes, tokens and keys are stale now
+        # A minute, long past the gateway's 1 s caches: routes, tokens and keys are stale.
+        time.sleep(OUTAGE_SECONDS)
         down_until = len(statuses)
         private_pg.start()
         time.sleep(1.5)

@@ -477,7 +477,7 @@ def _classify(result: UpstreamResult) -> tuple[int, str, str]:
     """(status, message, outcome) for a transfer that failed."""
     if result.refused:
         return 502, result.refused, OUTCOME_UPSTREAM_ERROR
-    if result.curl_error == CURLE_OPERATION_TIMEDOUT:
+    if result.timed_out or result.curl_error == CURLE_OPERATION_TIMEDOUT:
         return 504, "timed out waiting for the provider", OUTCOME_TIMEOUT
     if result.curl_error in (CURLE_COULDNT_RESOLVE_HOST, CURLE_COULDNT_CONNECT):
         return 502, "could not connect to the provider", OUTCOME_UPSTREAM_ERROR

@@ -21,6 +21,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -53,6 +54,8 @@ class UpstreamResult:
     message: str
     #: Set when tvgate refused the connection (address check).
     refused: str = ""
+    #: The provider sent nothing for longer than the idle timeout.
+    timed_out: bool = False
 
 
 def is_public_address(host: str) -> bool:
@@ -89,6 +92,8 @@ class UpstreamExchange:
         self.aborted = False
         self.paused = False
         self.refused = ""
+        self.timed_out = False
+        self.last_activity = time.monotonic()
         self.status = 0
         self._headers: list[tuple[str, str]] = []
         self._curl: pycurl.Curl | None = None
@@ -120,6 +125,7 @@ class UpstreamExchange:
     # --- curl callbacks: run inside curl_multi_socket_action on the IOLoop thread ---
 
     def _on_header_line(self, raw: bytes) -> None:
+        self.last_activity = time.monotonic()
         line = raw.decode("latin-1").rstrip("\r\n")
         if line.startswith("HTTP/"):
             # A new header block (after a 1xx, or the first one).
@@ -136,6 +142,7 @@ class UpstreamExchange:
     def _on_body(self, chunk: bytes) -> int | None:
         if self.aborted or self.listener is None:
             return 0
+        self.last_activity = time.monotonic()
         try:
             taken = self.listener.on_upstream_chunk(chunk)
         except Exception:
@@ -149,7 +156,15 @@ class UpstreamExchange:
         return None
 
     def _on_progress(self, _dltotal: int, _dlnow: int, _ultotal: int, _ulnow: int) -> int:
-        return 1 if self.aborted else 0
+        # curl calls this at least once a second while LOW_SPEED_* is set. curl's own low
+        # speed check averages over seconds, so a stream that sends a little every few
+        # seconds would never trip it: the idle timeout is measured here, exactly.
+        if self.aborted:
+            return 1
+        if not self.paused and time.monotonic() - self.last_activity > self.idle_timeout:
+            self.timed_out = True
+            return 1
+        return 0
 
     def _open_socket(self, _purpose: int, address: Any) -> Any:
         family, socktype, protocol, addr = address
@@ -170,6 +185,7 @@ class UpstreamExchange:
     def resume(self) -> None:
         if self.paused and self._curl is not None:
             self.paused = False
+            self.last_activity = time.monotonic()  # the wait was the client's, not the provider's
             # A pycurl.error here means the transfer already failed; run() reports it.
             with contextlib.suppress(pycurl.error):
                 self._curl.pause(pycurl.PAUSE_CONT)
@@ -179,7 +195,7 @@ class UpstreamExchange:
             # raise_error=False returns HTTP error statuses; transport failures still raise.
             await self.client.fetch(self.request, raise_error=False)
         except CurlError as exc:
-            return UpstreamResult(int(exc.errno), exc.message or "", self.refused)
+            return UpstreamResult(int(exc.errno), exc.message or "", self.refused, self.timed_out)
         finally:
             # The curl handle goes back to Tornado's pool; keep it from holding our listener.
             self.listener = None
