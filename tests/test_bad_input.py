@@ -12,7 +12,6 @@ import socket
 import string
 
 import httpx2
-import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
