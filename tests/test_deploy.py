@@ -1,12 +1,16 @@
 """The Ansible deployment, run for real against this machine with the test inventory.
 
-The playbook runs twice (the second run must change nothing); then the gateway
-it deployed answers ``/readyz`` against PostgreSQL, and streams a call from the
-fake provider through nginx with a user, token, key and route made with the
-deployed ``tvgate`` command. OpenBao is initialised and unsealed the way an
-operator would. ``ansible-lint`` passes on the roles and the unit files pass
-``systemd-analyze verify``. Everything the playbook started is stopped at the
-end. It needs root (it installs Debian packages and writes /etc and /opt).
+In the order of docs/deploy.md, "A first VM, in order": a run of the PostgreSQL and
+OpenBao plays; OpenBao initialised and unsealed the way an operator would (the keys in
+this test's memory only); the whole playbook with the root token for that run only
+(the tvgate play runs ``tvgate vault setup``); the root token revoked; the whole
+playbook again, which must change nothing. The gateway it deployed then answers
+``/readyz`` against PostgreSQL and OpenBao, encrypts a key added with the deployed
+``tvgate`` command with Vault's transit engine, and streams a call from the fake
+provider through nginx. ``ansible-lint`` passes on the roles and the unit files pass
+``systemd-analyze verify``. Everything the playbook started is stopped at the end
+(and at the start, if an earlier run was cut short). It needs root (it installs
+Debian packages and writes /etc and /opt).
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ NGINX = "https://127.0.0.1:18443"
 NGINX_CERT = "/etc/nginx/tls/tvgate.crt"
 OPENBAO = "https://127.0.0.1:18200"
 OPENBAO_CERT = "/etc/openbao/tls/openbao.crt"
+BAO = "/opt/openbao/venv/bin/bao"
+# Where the tvgate role keeps the AppRole credentials `tvgate vault setup` issued.
+VAULT_ENV = Path("/etc/tvgate/vault.env")
 PG_DSN = (
     "host=127.0.0.1 port=55433 user=tvgate dbname=tvgate password=test-only-password-not-secret"
 )
@@ -67,13 +74,15 @@ def ansible_env() -> dict[str, str]:
     return env
 
 
-def run_playbook(log: Path) -> tuple[dict[str, int], float]:
+def run_playbook(
+    log: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[dict[str, int], float]:
     """Run site.yml with the test inventory; the recap counts and the run time."""
     started = time.monotonic()
     result = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", "inventories/test", "site.yml"],
+        [str(BIN / "ansible-playbook"), "-i", "inventories/test", "site.yml", *args],
         cwd=ANSIBLE_DIR,
-        env=ansible_env(),
+        env={**ansible_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=600,
@@ -116,20 +125,63 @@ def stop_deployed() -> None:
         capture_output=True,
         timeout=60,
     )
-    # The test's OpenBao was initialised with throw-away keys: start the next run afresh.
+    # The test's OpenBao was initialised with throw-away keys, and the AppRole credentials
+    # belong to it: start the next run afresh.
     raft = Path("/var/lib/openbao/raft")
     if raft.is_dir():
         for child in raft.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
+    VAULT_ENV.unlink(missing_ok=True)
+
+
+def bao(*args: str, token: str = "") -> str:
+    """The deployed ``bao`` command, as an operator on this machine runs it."""
+    env = {**ansible_env(), "BAO_ADDR": OPENBAO, "BAO_CACERT": OPENBAO_CERT}
+    if token:
+        env["BAO_TOKEN"] = token
+    result = subprocess.run(
+        [BAO, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, f"bao {args[:2]}: {result.stderr}"
+    return result.stdout
+
+
+def openbao_health() -> httpx2.Response:
+    return httpx2.get(OPENBAO + "/v1/sys/health", verify=trusting(OPENBAO_CERT), timeout=10)
+
+
+def initialise_openbao() -> str:
+    """docs/deploy.md, "OpenBao": init and unseal; the root token (keys stay in memory)."""
+    health = openbao_health()
+    assert health.status_code == 501 and health.json()["initialized"] is False
+    init = json.loads(bao("operator", "init", "-key-shares=1", "-key-threshold=1", "-format=json"))
+    bao("operator", "unseal", init["unseal_keys_b64"][0])
+    # Unsealed, the node first answers 429 (standby) until raft has elected it leader.
+    deadline = time.monotonic() + 30
+    while openbao_health().status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return str(init["root_token"])
 
 
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, float]]:
     logs = tmp_path_factory.mktemp("ansible")
+    stop_deployed()
     try:
-        first, first_time = run_playbook(logs / "first.log")
+        _, bao_time = run_playbook(logs / "openbao.log", "--tags", "postgresql,openbao")
+        root_token = initialise_openbao()
+        # The root token for this run only, from the environment (not on a command line).
+        first, first_time = run_playbook(
+            logs / "first.log",
+            "-e",
+            "tvgate_vault_operator_token={{ lookup('env', 'VAULT_TOKEN') }}",
+            env={"VAULT_TOKEN": root_token},
+        )
+        # As the docs say: the root token goes once the gateway is set up.
+        bao("token", "revoke", "-self", token=root_token)
         second, second_time = run_playbook(logs / "second.log")
         figures = {
+            "openbao_run_s": round(bao_time, 1),
             "first_run_s": round(first_time, 1),
             "first_changed": first["changed"],
             "second_run_s": round(second_time, 1),
@@ -174,56 +226,34 @@ def test_unit_files_pass_systemd_analyze_verify(deployed: dict[str, float]) -> N
 
 
 def test_deployed_files_are_private(deployed: dict[str, float]) -> None:
-    config = Path("/etc/tvgate/tvgate.toml")
-    assert config.stat().st_mode & 0o777 == 0o640
-    assert oct(Path("/var/lib/tvgate/master.key").stat().st_mode & 0o777) == "0o600"
+    config = Path("/etc/tvgate/tvgate.toml").stat()
+    assert (config.st_mode & 0o777, config.st_uid) == (0o640, 0)
+    # What `tvgate vault setup` issued: root's only.
+    credentials = VAULT_ENV.stat()
+    assert (credentials.st_mode & 0o777, credentials.st_uid) == (0o600, 0)
 
 
-def test_gateway_is_ready_against_postgresql(deployed: dict[str, float]) -> None:
+def test_gateway_is_ready_against_postgresql_and_openbao(deployed: dict[str, float]) -> None:
     ready = httpx2.get(GATEWAY + "/readyz", timeout=10).json()
     assert ready["ready"] is True
+    # With the vault keyring, "keyring": "ok" means a probe encryption by OpenBao worked.
     assert ready["checks"] == {"database": "ok", "keyring": "ok", "identity": "ok"}
-    assert 'database_url = "postgresql://' in Path("/etc/tvgate/tvgate.toml").read_text()
+    settings = Path("/etc/tvgate/tvgate.toml").read_text()
+    assert 'database_url = "postgresql://' in settings
+    assert 'keyring = "vault"' in settings and f'vault_addr = "{OPENBAO}"' in settings
+    assert 'vault_ca_cert = "/etc/tvgate/vault-ca.crt"' in settings
+    credentials = dict(line.split("=", 1) for line in VAULT_ENV.read_text().splitlines())
+    assert f'vault_role_id = "{credentials["TVGATE_VAULT_ROLE_ID"]}"' in settings
+    assert f'vault_secret_id = "{credentials["TVGATE_VAULT_SECRET_ID"]}"' in settings
     # The same through nginx, over TLS.
     via_nginx = httpx2.get(NGINX + "/readyz", verify=trusting(NGINX_CERT), timeout=10)
     assert via_nginx.status_code == 200 and via_nginx.json()["ready"] is True
 
 
-def test_openbao_runs_with_tls_and_the_operator_initialises_it(deployed: dict[str, float]) -> None:
-    env = {
-        **ansible_env(),
-        "BAO_ADDR": OPENBAO,
-        "BAO_CACERT": OPENBAO_CERT,
-    }
-    health = httpx2.get(OPENBAO + "/v1/sys/health", verify=trusting(OPENBAO_CERT), timeout=10)
-    assert health.status_code == 501 and health.json()["initialized"] is False
-    # docs/deploy.md, "OpenBao": init and unseal from the operator's machine. Here the
-    # keys live in this test's memory only.
-    bao = "/opt/openbao/venv/bin/bao"
-    init = subprocess.run(
-        [bao, "operator", "init", "-key-shares=1", "-key-threshold=1", "-format=json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    unseal_key = json.loads(init.stdout)["unseal_keys_b64"][0]
-    subprocess.run(
-        [bao, "operator", "unseal", unseal_key],
-        env=env,
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
-    # Unsealed, the node first answers 429 (standby) until raft has elected it leader.
-    deadline = time.monotonic() + 30
-    while True:
-        health = httpx2.get(OPENBAO + "/v1/sys/health", verify=trusting(OPENBAO_CERT), timeout=10)
-        if health.status_code == 200 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert health.status_code == 200 and health.json()["sealed"] is False
+def test_openbao_runs_with_tls_initialised_and_unsealed(deployed: dict[str, float]) -> None:
+    health = openbao_health()
+    assert health.status_code == 200
+    assert health.json()["initialized"] is True and health.json()["sealed"] is False
 
 
 def deployed_cli(*args: str, stdin: str = "") -> str:
@@ -260,6 +290,11 @@ def test_a_stream_through_nginx_from_the_deployed_gateway(
         stdin=ANTHROPIC_SECRET + "\n",
     )
     assert ANTHROPIC_SECRET not in added
+    # Encrypted by OpenBao's transit engine, not the local keyring.
+    with psycopg2.connect(PG_DSN) as conn, conn.cursor() as cur:
+        cur.execute("SELECT ciphertext FROM provider_key WHERE name = %s", (key,))
+        (ciphertext,) = cur.fetchone() or ("",)
+    assert ciphertext.startswith("vault:v"), ciphertext[:12]
     deployed_cli(
         "routes", "add", route, "--key", key, "--model", "claude-upstream-1", "--org", "default"
     )
