@@ -1619,7 +1619,7 @@ def usage_overview(
             peewee.fn.MAX(duration).alias("max_s"),
         ).group_by(*group)
 
-    def row(label: str, r: Trace) -> dict[str, Any]:
+    def row(label: str, r: Any) -> dict[str, Any]:
         return {
             "label": label,
             "requests": int(r.requests),
@@ -1630,14 +1630,15 @@ def usage_overview(
             "max_ms": round(float(r.max_s) * 1000, 1) if r.max_s is not None else None,
         }
 
-    by_bucket = {int(r.bucket): r for r in aggregate(bucket.alias("bucket"))}
+    by_bucket: dict[int, Any] = {
+        int(getattr(r, "bucket")): r  # noqa: B009 (an aggregate column, not a field)
+        for r in aggregate(bucket.alias("bucket"))
+    }
     series = []
     for i in range(count):
         at = start + i * width
         found = by_bucket.get(at // width)
-        series.append(
-            {"at": at, **(row("", found) if found is not None else row("", _EMPTY_ROW))}
-        )
+        series.append({"at": at, **(row("", found) if found is not None else row("", _EMPTY_ROW))})
     users = {u.id: u.email for u in User.select(User.id, User.email).where(User.org == org)}
     by_user = [
         row(users.get(r.user_id or 0, "(deleted user)"), r)
