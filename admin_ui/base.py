@@ -81,7 +81,9 @@ class UIHandler(BaseHandler):
             )
 
     def get_current_user(self) -> Principal | None:
-        return self.current_user
+        # prepare() sets current_user; before it (the XSRF check runs earlier) nobody is
+        # signed in. Reading self.current_user here would recurse through the property.
+        return None
 
     def get_login_url(self) -> str:
         return "/ui/login"
