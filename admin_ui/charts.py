@@ -15,7 +15,7 @@ from typing import Any
 
 from tornado.web import UIModule
 
-WIDTH, HEIGHT = 600, 160
+WIDTH, HEIGHT = 360, 130
 TOP, BOTTOM, LEFT = 16, 22, 4
 
 
@@ -34,7 +34,7 @@ class Chart:
     total: str
     peak: str
     bars: tuple[Bar, ...]
-    labels: tuple[tuple[float, str], ...]
+    labels: tuple[tuple[float, str, str], ...]  # x, anchor, text
     css: str
     width: int = WIDTH
     height: int = HEIGHT
@@ -75,8 +75,14 @@ def bar_chart(
         )
     # A label at the first, middle and last bucket (and no more, so they never collide).
     picks = sorted({0, len(series) // 2, len(series) - 1}) if series else []
+    # The first label starts at its bar and the last ends at its bar: none is cut off.
+    last = len(series) - 1
     labels = tuple(
-        (round(LEFT + i * step + step / 2, 2), _bucket_label(series[i]["at"], bucket_seconds))
+        (
+            round(LEFT if i == 0 else WIDTH if i == last else LEFT + i * step + step / 2, 2),
+            "start" if i == 0 else "end" if i == last else "middle",
+            _bucket_label(series[i]["at"], bucket_seconds),
+        )
         for i in picks
     )
     return Chart(
