@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 DEV_VAULT_PORT ?= 8200
 DEV_VAULT_DIR ?= data
 
-.PHONY: run test lint format bench clean dev-vault
+.PHONY: run test lint format bench clean dev-vault browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,14 @@ run: $(VENV)/.installed
 	$(BIN)/tvgate serve
 
 ## test: install what the tests need, lint, and run every test
-test: $(VENV)/.installed-test lint
+test: $(VENV)/.installed-test browser lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The browser tests drive Debian's Chromium through Playwright (never `playwright install`,
+# which would download a browser build of its own).
+browser:
+	@command -v chromium >/dev/null || (apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -o DPkg::Lock::Timeout=600 chromium)
 
 ## dev-vault: a local OpenBao dev server (in memory) on 127.0.0.1:$(DEV_VAULT_PORT), set up by
 ## `tvgate vault setup`; prints the settings a gateway needs. Ctrl-C stops it, and loses its

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from tornado.web import authenticated
-
 from admin_ui.base import SESSION_COOKIE, UIHandler
 from tvgate import services
 from tvgate.db import DatabaseUnavailable
@@ -99,14 +97,7 @@ class LogoutHandler(UIHandler):
         self.redirect("/ui/login")
 
 
-class HomeHandler(UIHandler):
-    @authenticated
-    def get(self) -> None:
-        self.render("home.html", user=self.current_user)
-
-
 default_handlers = [
-    (r"/ui/?", HomeHandler),
     (r"/ui/login", LoginHandler),
     (r"/ui/logout", LogoutHandler),
 ]

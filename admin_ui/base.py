@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from tornado.web import HTTPError
+
+from tvgate import services
 from tvgate.identity import Principal
 from tvgate.identity.sessions import session_principal
 from tvgate.web import BaseHandler
 
 SESSION_COOKIE = "tvgate_session"
+
+T = TypeVar("T")
+
+#: Roles that may open the org's admin pages (auditors read them; only admins change).
+READERS = ("admin", "auditor")
+
+#: Messages a redirect after a successful form may ask for, by code: a page shows only
+#: these, never text from the URL (a link cannot make tvgate say something it did not).
+NOTICES = {
+    "saved": "Saved.",
+    "deleted": "Deleted.",
+    "key-added": "Key added. Its secret is stored encrypted and will not be shown again.",
+    "key-rotated": "Secret replaced. The old one is no longer used for new requests.",
+    "route-added": "Route added.",
+    "token-revoked": "Token revoked.",
+}
+
+
+class PageError(HTTPError):
+    """A page or action refused, with a message for the person (shown escaped)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status)
+        self.message = message
+
 
 #: Nothing inline, nothing from elsewhere: the pages work on an offline network, and an
 #: injected <script> would not run even if escaping ever failed.
@@ -52,12 +81,66 @@ class UIHandler(BaseHandler):
             )
 
     def get_current_user(self) -> Principal | None:
-        return self.current_user
+        # prepare() sets current_user; before it (the XSRF check runs earlier) nobody is
+        # signed in. Reading self.current_user here would recurse through the property.
+        return None
 
     def get_login_url(self) -> str:
         return "/ui/login"
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.set_header("Content-Type", "text/html; charset=utf-8")
-        message = self._reason if status_code < 500 else "Something went wrong in tvgate."
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, PageError):
+            message = exc.message
+        elif status_code == 403 and isinstance(exc, HTTPError) and "xsrf" in str(exc).lower():
+            message = "This form has expired or did not come from tvgate. Reload the page."
+        else:
+            message = self._reason if status_code < 500 else "Something went wrong in tvgate."
         self.render("error.html", status=status_code, message=message)
+
+    # --- what the pages share ---
+
+    @property
+    def user(self) -> Principal:
+        """The signed-in principal (pages are @authenticated, so there is one)."""
+        assert self.current_user is not None
+        return self.current_user
+
+    @property
+    def is_admin(self) -> bool:
+        return self.current_user is not None and self.current_user.role == "admin"
+
+    def require(self, *roles: str) -> None:
+        """Refuse the page (403) to a role not listed; the services check again."""
+        if self.user.role not in roles:
+            raise PageError(403, "Your role may not open this page.")
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run one service call in the database pool; a refusal becomes an error page."""
+        try:
+            return await self.gateway.runner.run(fn)
+        except services.ServiceError as exc:
+            raise PageError(exc.status, str(exc)) from None
+
+    def changed(self, *, identities: bool = False) -> None:
+        """A write succeeded: this process stops using what it cached of the org."""
+        self.gateway.router.invalidate(self.user.org_id)
+        if identities:
+            self.gateway.auth.forget_all()
+
+    def done(self, url: str, notice: str = "saved") -> None:
+        """After a successful form: back to a page (post/redirect/get) with a notice."""
+        sep = "&" if "?" in url else "?"
+        self.redirect(f"{url}{sep}ok={notice}")
+
+    def get_template_namespace(self) -> dict[str, Any]:
+        namespace = super().get_template_namespace()
+        notice = self.get_query_argument("ok", "") if self.request.method == "GET" else ""
+        namespace.update(
+            notice=NOTICES.get(notice, ""),
+            is_admin=self.is_admin,
+            is_reader=self.current_user is not None and self.current_user.role in READERS,
+            nav_path=self.request.path,
+        )
+        return namespace

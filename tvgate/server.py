@@ -40,6 +40,11 @@ from tornado.netutil import bind_sockets
 
 import admin_ui
 from admin_ui import auth as ui_auth
+from admin_ui import charts as ui_charts
+from admin_ui import manage as ui_manage
+from admin_ui import me as ui_me
+from admin_ui import overview as ui_overview
+from admin_ui import traces as ui_traces
 from tvgate import ops
 from tvgate.api import handlers as api_handlers
 from tvgate.config import ConfigError, Settings, load_settings
@@ -72,6 +77,10 @@ def make_app(gateway: Gateway) -> tornado.web.Application:
         *ops.default_handlers,
         *proxy_handlers.default_handlers,
         *ui_auth.default_handlers,
+        *ui_overview.default_handlers,
+        *ui_me.default_handlers,
+        *ui_traces.default_handlers,
+        *ui_manage.default_handlers,
         *api_handlers.default_handlers,
     ]
     return tornado.web.Application(
@@ -84,6 +93,7 @@ def make_app(gateway: Gateway) -> tornado.web.Application:
         template_path=admin_ui.TEMPLATE_PATH,
         static_path=admin_ui.STATIC_PATH,
         static_url_prefix="/ui/static/",
+        ui_modules={"Chart": ui_charts.ChartModule},
         # Tornado's own access log formats a line per request on the IOLoop; tvgate
         # records every call as a trace instead.
         log_function=lambda _handler: None,

@@ -1,0 +1,160 @@
+""" "My gateway": every user's own page — models, keys and routes (where the org allows),
+usage and traces, proxy tokens, and how to connect each tool to this server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tornado.web import authenticated
+
+from admin_ui.base import PageError, UIHandler
+from admin_ui.connect import tool_configs
+from admin_ui.traces import when
+from tvgate import services
+from tvgate.identity import Principal
+
+
+def _my_page(user: Principal) -> dict[str, Any]:
+    """Everything the page shows, read in one trip to the database pool."""
+    policy = services.get_policy(actor=user)
+    routes = [
+        r for r in services.list_routes(actor=user) if r.scope == "org" or r.user == user.email
+    ]
+    # The names a request may use right now, by the code the proxy itself runs.
+    available = services.resolve_route("", user.email, actor=user).available
+    keys = [k for k in services.list_keys(actor=user) if k.owner == user.email]
+    # A member's own route may use their own keys, or an org key they can already reach
+    # through an org route (services.add_route checks again).
+    usable_keys = sorted({k.name for k in keys} | {r.key for r in routes if r.scope == "org"})
+    tokens = services.list_tokens(user.email, actor=user)
+    usage = services.usage_overview("30d", user_email=user.email, actor=user)
+    traces, _next = services.list_traces({"user": user.email}, limit=10, actor=user)
+    return {
+        "policy": policy,
+        "routes": routes,
+        "available": available,
+        "keys": keys,
+        "usable_keys": usable_keys,
+        "tokens": tokens,
+        "usage": usage["totals"],
+        "traces": traces,
+    }
+
+
+class MeHandler(UIHandler):
+    @authenticated
+    async def get(self) -> None:
+        await self.show()
+
+    async def show(self, new_token: str = "", status: int = 200) -> None:
+        user = self.user
+        data = await self.call(lambda: _my_page(user))
+        routes = data["routes"]
+        claude = next(
+            (r.name for r in routes if r.provider == "anthropic" and "*" not in r.name), "ROUTE"
+        )
+        openai = next(
+            (r.name for r in routes if r.provider == "openai" and "*" not in r.name), "ROUTE"
+        )
+        base_url = (
+            self.gateway.settings.public_url.rstrip("/")
+            or f"{self.request.protocol}://{self.request.host}"
+        )
+        self.set_status(status)
+        self.render(
+            "me.html",
+            new_token=new_token,
+            base_url=base_url,
+            tools=tool_configs(base_url, claude, openai),
+            when=when,
+            **data,
+        )
+
+
+class MintTokenHandler(MeHandler):
+    @authenticated
+    async def post(self) -> None:
+        user = self.user
+        name = self.get_body_argument("name", "").strip()
+        days_text = self.get_body_argument("expires_days", "").strip()
+        try:
+            days = float(days_text) if days_text else None
+        except ValueError:
+            raise PageError(400, "Expiry must be a number of days.") from None
+        token, _row = await self.call(
+            lambda: services.issue_token(
+                user.email, user.org_name, name=name, expires_days=days, actor=user
+            )
+        )
+        # Shown once, on this response only (no redirect: the token is in no URL or cookie).
+        await self.show(new_token=token, status=201)
+
+
+class RevokeTokenHandler(UIHandler):
+    @authenticated
+    async def post(self, token_id: str) -> None:
+        user = self.user
+        await self.call(lambda: services.revoke_token(int(token_id), actor=user))
+        self.gateway.auth.forget_all()
+        back = self.get_body_argument("back", "/ui/me")
+        self.done(back if back.startswith("/ui/") else "/ui/me", "token-revoked")
+
+
+class MyKeyHandler(UIHandler):
+    """A user's own key, where the org allows it."""
+
+    @authenticated
+    async def post(self) -> None:
+        user = self.user
+        gateway = self.gateway
+        name = self.get_body_argument("name", "").strip()
+        provider = self.get_body_argument("provider", "")
+        secret = self.get_body_argument("secret", "")
+        base_url = self.get_body_argument("base_url", "").strip() or None
+        await self.call(
+            lambda: services.add_key(
+                name,
+                provider,
+                secret,
+                gateway.keyring,
+                base_url=base_url,
+                owner_email=user.email,
+                allow_private=gateway.settings.allow_private_upstreams,
+                actor=user,
+            )
+        )
+        self.changed()
+        self.done("/ui/me", "key-added")
+
+
+class MyKeyDeleteHandler(UIHandler):
+    @authenticated
+    async def post(self, name: str) -> None:
+        user = self.user
+        await self.call(lambda: services.delete_key(name, force=True, actor=user))
+        self.changed()
+        self.done("/ui/me", "deleted")
+
+
+class MyRouteHandler(UIHandler):
+    @authenticated
+    async def post(self) -> None:
+        user = self.user
+        name = self.get_body_argument("name", "").strip()
+        key = self.get_body_argument("key", "")
+        model = self.get_body_argument("model", "").strip()
+        await self.call(
+            lambda: services.add_route(name, key, model=model, owner=user.email, actor=user)
+        )
+        self.changed()
+        self.done("/ui/me", "route-added")
+
+
+default_handlers = [
+    (r"/ui/me", MeHandler),
+    (r"/ui/me/tokens", MintTokenHandler),
+    (r"/ui/me/tokens/([0-9]+)/revoke", RevokeTokenHandler),
+    (r"/ui/me/keys", MyKeyHandler),
+    (r"/ui/me/keys/([^/]+)/delete", MyKeyDeleteHandler),
+    (r"/ui/me/routes", MyRouteHandler),
+]

@@ -1,0 +1,55 @@
+"""The overview page: usage over time and by user, route and tool, drawn on the server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tornado.web import authenticated
+
+from admin_ui.base import READERS, UIHandler
+from admin_ui.charts import Chart, bar_chart
+from tvgate import services
+
+
+class OverviewHandler(UIHandler):
+    @authenticated
+    async def get(self) -> None:
+        range_name = self.get_query_argument("range", "24h")
+        user = self.user
+        data = await self.call(lambda: services.usage_overview(range_name, actor=user))
+        self.render(
+            "overview.html",
+            data=data,
+            subject="",
+            scope_org=user.role in READERS,
+            charts=overview_charts(data),
+            tables=overview_tables(data, user.role in READERS),
+        )
+
+
+def overview_charts(data: dict[str, Any]) -> list[Chart]:
+    seconds = data["bucket_seconds"]
+    series = data["series"]
+    return [
+        bar_chart("Requests", series, "requests", seconds),
+        bar_chart("Tokens (in + out)", series, "tokens", seconds, css="tokens"),
+        bar_chart("Cost (USD)", series, "cost", seconds, fmt=lambda v: f"${v:,.2f}", css="cost"),
+        bar_chart("Errors", series, "errors", seconds, css="errors"),
+    ]
+
+
+def overview_tables(
+    data: dict[str, Any], with_users: bool
+) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    tables = [
+        ("By route", "Route", data["by_route"]),
+        ("By tool", "Tool", data["by_tool"]),
+        ("Slowest routes", "Route", data["slowest_routes"]),
+        ("Failing routes", "Route", data["failing_routes"]),
+    ]
+    if with_users:
+        tables.insert(0, ("By user", "User", data["by_user"]))
+    return tables
+
+
+default_handlers = [(r"/ui/?", OverviewHandler)]

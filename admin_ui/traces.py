@@ -1,0 +1,93 @@
+"""Trace pages: a filterable list, one trace as a readable conversation, its raw JSON,
+and a tool session's traces in order. Members see their own traces; admins and
+auditors their org's (the services decide)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+from tornado.web import authenticated
+
+from admin_ui.base import UIHandler
+from admin_ui.conversation import conversation
+from tvgate import services
+
+OUTCOMES = ("ok", "client_cancelled", "upstream_error", "timeout", "rejected")
+
+
+def when(at: float | None) -> str:
+    """A UTC time the way every page shows it."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at)) if at else ""
+
+
+class TracesHandler(UIHandler):
+    @authenticated
+    async def get(self) -> None:
+        filters = {
+            name: value.strip()
+            for name in services.TRACE_FILTERS
+            if (value := self.get_query_argument(name, "")).strip()
+        }
+        cursor = self.get_query_argument("cursor", "") or None
+        user = self.user
+        page, next_cursor = await self.call(
+            lambda: services.list_traces(filters, cursor=cursor, limit=50, actor=user)
+        )
+        query = urlencode(filters)
+        self.render(
+            "traces.html",
+            traces=page,
+            filters=filters,
+            next_cursor=next_cursor,
+            filter_query=query,
+            outcomes=OUTCOMES,
+            when=when,
+        )
+
+
+class TraceHandler(UIHandler):
+    @authenticated
+    async def get(self, trace_id: str) -> None:
+        user = self.user
+        trace = await self.call(lambda: services.get_trace(trace_id, actor=user))
+        talk = conversation(
+            trace["endpoint"], trace["provider"], trace["request"], trace["response"]
+        )
+        self.render("trace.html", trace=trace, talk=talk, when=when)
+
+
+class TraceRawHandler(UIHandler):
+    """The trace as the JSON API gives it: request and answer exactly as captured."""
+
+    @authenticated
+    async def get(self, trace_id: str) -> None:
+        user = self.user
+        trace = await self.call(lambda: services.get_trace(trace_id, actor=user))
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        # A browser shows it as text; nosniff (set for every page) keeps it that way.
+        self.finish(orjson.dumps(trace, option=orjson.OPT_INDENT_2))
+
+
+class SessionHandler(UIHandler):
+    @authenticated
+    async def get(self, session_id: str) -> None:
+        user = self.user
+        traces = await self.call(lambda: services.session_traces(session_id, actor=user))
+        totals: dict[str, Any] = {
+            "input": sum(t["usage"]["input_tokens"] for t in traces),
+            "output": sum(t["usage"]["output_tokens"] for t in traces),
+            "cost": sum(t["cost_usd"] or 0 for t in traces),
+            "errors": sum(1 for t in traces if t["outcome"] != "ok"),
+        }
+        self.render("session.html", session_id=session_id, traces=traces, totals=totals, when=when)
+
+
+default_handlers = [
+    (r"/ui/traces", TracesHandler),
+    (r"/ui/traces/([0-9a-zA-Z_-]+)", TraceHandler),
+    (r"/ui/traces/([0-9a-zA-Z_-]+)/raw", TraceRawHandler),
+    (r"/ui/sessions/([^/]+)", SessionHandler),
+]

@@ -1,0 +1,298 @@
+"""The web UI in a real browser (Playwright driving Debian's Chromium).
+
+One browser for the module. The flow: an admin signs in, adds a key and an org
+route; a member signs in, reads the Claude Code configuration from the page, calls
+the gateway with the official anthropic SDK and finds the trace and its answer.
+Around it: an XSS payload renders inert, a form without its XSRF token is refused,
+a member cannot open admin pages, every page is screenshotted at 1280 and 390 px and
+has no horizontal overflow on a phone, and no page ever carries a key's secret.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import httpx2
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+
+from tests.conftest import ANTHROPIC_SECRET, OPENAI_SECRET, GatewayProcess
+from tests.fake_provider import FakeProvider
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOTS = Path(__file__).parent / "artifacts" / "screenshots"
+XSS = "<script>window.__xss=1</script><img src=x onerror=window.__xss=1>"
+ADMIN, MEMBER = "admin@acme.test", "dev@acme.test"
+
+#: The HTML of every page any test of this module showed, checked for secrets at the end.
+SEEN: list[tuple[str, str]] = []
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def record(page: Page) -> str:
+    html = page.content()
+    SEEN.append((page.url, html))
+    return html
+
+
+def visit(page: Page, url: str, status: int = 200) -> str:
+    response = page.goto(url)
+    assert response is not None
+    assert response.status == status, f"{url}: {response.status}"
+    return record(page)
+
+
+def sign_in(context: BrowserContext, gateway: GatewayProcess, email: str) -> Page:
+    page = context.new_page()
+    visit(page, gateway.url + "/ui/login")
+    page.locator("summary", has_text="token").click()
+    page.fill("input[name=token]", gateway.tokens[email])
+    page.click("button[type=submit]:has-text('Sign in')")
+    page.wait_for_url(gateway.url + "/ui/")
+    record(page)
+    return page
+
+
+def shoot(page: Page, name: str) -> None:
+    """Screenshots at desktop and phone widths; at the phone width, no sideways scrolling."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    for width, height in ((1280, 900), (390, 844)):
+        page.set_viewport_size({"width": width, "height": height})
+        page.screenshot(path=str(SCREENSHOTS / f"{name}-{width}.png"), full_page=True)
+    overflow = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert overflow[0] <= overflow[1], f"{name} overflows at 390 px: {overflow}"
+    page.set_viewport_size({"width": 1280, "height": 900})
+
+
+@pytest.fixture(scope="module")
+def admin_page(browser: Browser, gateway: GatewayProcess) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    yield sign_in(context, gateway, ADMIN)
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def member_page(browser: Browser, gateway: GatewayProcess) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    yield sign_in(context, gateway, MEMBER)
+    context.close()
+
+
+def test_admin_adds_a_key_and_an_org_route(
+    admin_page: Page, gateway: GatewayProcess, fake_provider: FakeProvider
+) -> None:
+    page = admin_page
+    visit(page, gateway.url + "/ui/keys")
+    secret_field = page.locator("#add-key input[name=secret]")
+    assert secret_field.get_attribute("type") == "password"
+    assert secret_field.get_attribute("autocomplete") == "off"
+    page.fill("#add-key input[name=name]", "ui-anthropic")
+    page.select_option("#add-key select[name=provider]", "anthropic")
+    page.fill("#add-key input[name=base_url]", fake_provider.url)
+    page.fill("#add-key input[name=secret]", ANTHROPIC_SECRET)
+    page.click("#add-key button[type=submit]")
+    page.wait_for_url(re.compile(r".*/ui/keys\?ok=key-added"))
+    html = record(page)
+    assert "ui-anthropic" in html and "…" + ANTHROPIC_SECRET[-4:] in html
+    shoot(page, "keys")
+
+    visit(page, gateway.url + "/ui/keys/ui-anthropic")
+    shoot(page, "key")
+
+    visit(page, gateway.url + "/ui/routes")
+    page.fill("#add-route input[name=name]", "ui-claude")
+    page.select_option("#add-route select[name=key]", "ui-anthropic")
+    page.fill("#add-route input[name=model]", "claude-ui-upstream")
+    page.fill("#add-route input[name=description]", "Made in the browser test")
+    page.click("#add-route button[type=submit]")
+    page.wait_for_url(re.compile(r".*/ui/routes\?ok=route-added"))
+    assert "ui-claude" in record(page)
+    shoot(page, "routes")
+
+    # Who gets what: the member asking for ui-claude gets the new route.
+    page.goto(gateway.url + f"/ui/routes?name=ui-claude&user={MEMBER}")
+    html = record(page)
+    assert "claude-ui-upstream" in page.inner_text("#resolve")
+    route_id = re.search(r'href="/ui/routes/(\d+)">ui-claude<', html)
+    assert route_id is not None
+    visit(page, gateway.url + f"/ui/routes/{route_id.group(1)}")
+    shoot(page, "route")
+
+
+def test_member_connects_claude_code_and_reads_the_answer(
+    member_page: Page, gateway: GatewayProcess
+) -> None:
+    page = member_page
+    visit(page, gateway.url + "/ui/me")
+    shoot(page, "me")
+    config = page.inner_text("#config-claude-code-0")
+    env = dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in config.splitlines()
+        if line.startswith("export ")
+    )
+    base_url = env["ANTHROPIC_BASE_URL"]
+    assert base_url == gateway.url
+    assert env["ANTHROPIC_AUTH_TOKEN"] == '"$TVGATE_TOKEN"'
+    settings_json = page.inner_text("#config-claude-code-1")
+    assert '"apiKeyHelper"' in settings_json and gateway.url in settings_json
+    codex = page.text_content("#tool-codex") or ""
+    assert 'wire_api = "responses"' in codex and gateway.url + "/v1" in codex
+    for tool in ("cursor", "gsd2", "aider", "continue", "cline", "opencode", "curl"):
+        assert page.locator(f"#tool-{tool}").count() == 1
+
+    client = anthropic.Anthropic(
+        base_url=base_url, auth_token=gateway.tokens[MEMBER], api_key=None, max_retries=0
+    )
+    question = "What is the colour of the browser test? " + XSS
+    message = client.messages.create(
+        model="ui-claude",
+        max_tokens=64,
+        system="You are tested by a browser.",
+        messages=[{"role": "user", "content": question}],
+        extra_headers={"x-tvgate-session": "ui-session-1"},
+    )
+    answer = message.content[0].text  # type: ignore[union-attr]
+    assert answer.startswith("You said:")
+    gateway.wait_traces(1, route_name="ui-claude")
+
+    visit(page, gateway.url + "/ui/traces?route=ui-claude")
+    shoot(page, "traces")
+    page.click("table.traces a >> nth=0")
+    page.wait_for_url(re.compile(r".*/ui/traces/[0-9a-zA-Z_-]+$"))
+    record(page)
+    assert page.evaluate("window.__xss") is None
+    # The payload is shown as text (in the question and in the echoed answer), not run.
+    assert XSS in page.inner_text(".turn.user")
+    assert "You said:" in page.inner_text("#answer")
+    assert "You are tested by a browser." in page.inner_text(".turn.system")
+    assert page.locator(".turn img").count() == 0
+    shoot(page, "trace")
+
+    trace_url = page.url
+    raw = page.goto(trace_url + "/raw")
+    assert raw is not None and raw.status == 200
+    assert raw.headers["content-type"].startswith("application/json")
+    record(page)
+    assert '"route": "ui-claude"' in page.inner_text("body")
+
+    visit(page, gateway.url + "/ui/sessions/ui-session-1")
+    assert "ui-claude" in page.inner_text("main")
+    shoot(page, "session")
+
+    visit(page, gateway.url + "/ui/")
+    assert page.locator("svg rect.bar").count() > 0
+    shoot(page, "overview-member")
+
+
+def test_member_mints_a_token_shown_once_and_revokes_it(
+    member_page: Page, gateway: GatewayProcess
+) -> None:
+    page = member_page
+    visit(page, gateway.url + "/ui/me")
+    page.fill("form[action='/ui/me/tokens'] input[name=name]", "ui-minted")
+    page.click("form[action='/ui/me/tokens'] button[type=submit]")
+    page.wait_for_selector("#token-value")
+    record(page)
+    token = page.inner_text("#token-value").strip()
+    assert token.startswith("tvg_")
+    models = httpx2.get(gateway.url + "/v1/models", headers={"authorization": f"Bearer {token}"})
+    assert models.status_code == 200
+    # Shown once: the next visit has only its prefix.
+    html = visit(page, gateway.url + "/ui/me")
+    assert token not in html
+    row = page.locator("tr", has_text="ui-minted")
+    row.locator("button:has-text('Revoke')").click()
+    page.wait_for_url(re.compile(r".*ok=token-revoked"))
+    record(page)
+    refused = httpx2.get(gateway.url + "/v1/models", headers={"authorization": f"Bearer {token}"})
+    assert refused.status_code == 401
+
+
+def test_member_cannot_open_admin_pages(member_page: Page, gateway: GatewayProcess) -> None:
+    page = member_page
+    nav = page.inner_text("header nav")
+    assert "Keys" not in nav and "Audit" not in nav
+    for path in (
+        "/ui/keys",
+        "/ui/routes",
+        "/ui/users",
+        "/ui/policy",
+        "/ui/audit",
+        f"/ui/users/{ADMIN}",
+        "/ui/keys/fake-anthropic",
+    ):
+        visit(page, gateway.url + path, status=403)
+    shoot(page, "forbidden")
+
+
+def test_form_without_xsrf_token_is_refused(admin_page: Page, gateway: GatewayProcess) -> None:
+    # The signed-in admin's own browser, posting a form from which the token was removed.
+    page = admin_page
+    visit(page, gateway.url + "/ui/policy")
+    page.evaluate("document.querySelector('#policy input[name=_xsrf]').remove()")
+    with page.expect_navigation() as navigation:
+        page.click("#policy button[type=submit]")
+    response = navigation.value
+    assert response is not None and response.status == 403
+    record(page)
+    # And with the token, the same form saves.
+    visit(page, gateway.url + "/ui/policy")
+    page.click("#policy button[type=submit]")
+    page.wait_for_url(re.compile(r".*/ui/policy\?ok=saved"))
+    record(page)
+
+
+def test_admin_pages_render_at_both_widths(admin_page: Page, gateway: GatewayProcess) -> None:
+    page = admin_page
+    for name, path in (
+        ("overview", "/ui/"),
+        ("overview-30d", "/ui/?range=30d"),
+        ("users", "/ui/users"),
+        ("user", f"/ui/users/{MEMBER}"),
+        ("policy", "/ui/policy"),
+        ("audit", "/ui/audit"),
+        ("admin-me", "/ui/me"),
+        ("admin-traces", "/ui/traces"),
+    ):
+        visit(page, gateway.url + path)
+        shoot(page, name)
+    html = visit(page, gateway.url + "/ui/audit")
+    assert "add key" in html and "ui-anthropic" in html
+    visit(page, gateway.url + "/ui/login")  # signed in: redirected to the overview
+    shoot(page, "login-redirect")
+
+
+def test_sign_in_page(browser: Browser, gateway: GatewayProcess) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    visit(page, gateway.url + "/ui/login")
+    shoot(page, "login")
+    visit(page, gateway.url + "/ui/keys")  # not signed in: to the sign-in page
+    assert "/ui/login" in page.url
+    context.close()
+
+
+def test_no_page_ever_showed_a_secret() -> None:
+    assert len(SEEN) > 20
+    for url, html in SEEN:
+        for secret in (ANTHROPIC_SECRET, OPENAI_SECRET):
+            assert secret not in html, f"a provider key's secret is in {url}"
