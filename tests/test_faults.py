@@ -41,26 +41,54 @@ MESSAGE = {
 
 
 @pytest.fixture(scope="module")
-def faulty(gateway: GatewayProcess, fake_provider: FakeProvider) -> Iterator[GatewayProcess]:
-    """A gateway with short timeouts, and a route to a port where nothing listens."""
+def fault_token(gateway: GatewayProcess, fake_provider: FakeProvider) -> str:
+    """An org of its own (its odd routes must not show up in other tests' route lists):
+    a route to the fake provider, a route to a port where nothing listens, and routes an
+    attacker with database access pointed at private places."""
     gateway.bind()
-    dead_port = free_port()
-    name = "dead-" + uuid.uuid4().hex[:6]
-    services.add_key(
-        name,
-        "anthropic",
-        ANTHROPIC_SECRET,
-        KEYRING,
-        org_name="acme",
-        base_url=f"http://127.0.0.1:{dead_port}",
-        allow_private=True,
-    )
-    services.add_route("dead-upstream", name, org_name="acme")
+    org_name = "faults-" + uuid.uuid4().hex[:6]
+    services.add_user(f"dev@{org_name}.test", org_name)
+    token, _ = services.issue_token(f"dev@{org_name}.test", org_name)
+    for name, url in (("fake", fake_provider.url), ("dead", f"http://127.0.0.1:{free_port()}")):
+        services.add_key(
+            name,
+            "anthropic",
+            ANTHROPIC_SECRET,
+            KEYRING,
+            org_name=org_name,
+            base_url=url,
+            allow_private=True,
+        )
+    services.add_route("claude-test", "fake", model="claude-upstream-1", org_name=org_name)
+    services.add_route("claude-pass", "fake", org_name=org_name)
+    services.add_route("dead-upstream", "dead", org_name=org_name)
+    org = Org.get(Org.name == org_name)
+    port = fake_provider.url.rsplit(":", 1)[1]
+    for name, url in (
+        ("ssrf-http", fake_provider.url),
+        ("ssrf-loopback", f"https://127.0.0.1:{port}"),
+        ("ssrf-localhost", f"https://localhost:{port}"),
+        ("ssrf-metadata", "https://169.254.169.254"),
+        ("ssrf-private", "https://10.255.255.1"),
+    ):
+        # Written straight into the database: the services would refuse these URLs.
+        key = ProviderKey.create(
+            org=org, name=name, provider="anthropic", base_url=url, ciphertext="", fingerprint="…"
+        )
+        key.ciphertext = KEYRING.encrypt(ANTHROPIC_SECRET, KeyContext(org.id, key.id, None))
+        key.save()
+        Route.create(org=org, name=name, key=key, scope="org")
     database.close()
+    return token
+
+
+@pytest.fixture(scope="module")
+def faulty(gateway: GatewayProcess, fault_token: str) -> Iterator[GatewayProcess]:
+    """A gateway with short timeouts."""
     gw = launch_gateway(
         gateway.database_url,
         gateway.data_dir,
-        gateway.tokens,
+        {**gateway.tokens, "dev@acme.test": fault_token},
         TVGATE_IDLE_TIMEOUT="2",
         TVGATE_CONNECT_TIMEOUT="2",
     )
@@ -210,36 +238,12 @@ def test_logs_never_carry_secrets(faulty: GatewayProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def strict(gateway: GatewayProcess, fake_provider: FakeProvider) -> Iterator[GatewayProcess]:
-    """A gateway that allows only public https upstreams, with keys an attacker with
-    database access (or an old configuration) pointed at private places."""
-    gateway.bind()
-    org = Org.get(Org.name == "acme")
-    port = fake_provider.url.rsplit(":", 1)[1]
-    for name, url in (
-        ("ssrf-http", fake_provider.url),
-        ("ssrf-loopback", f"https://127.0.0.1:{port}"),
-        ("ssrf-localhost", f"https://localhost:{port}"),
-        ("ssrf-metadata", "https://169.254.169.254"),
-        ("ssrf-private", "https://10.255.255.1"),
-    ):
-        suffix = uuid.uuid4().hex[:6]
-        key = ProviderKey.create(
-            org=org,
-            name=f"{name}-{suffix}",
-            provider="anthropic",
-            base_url=url,
-            ciphertext="",
-            fingerprint="…",
-        )
-        key.ciphertext = KEYRING.encrypt(ANTHROPIC_SECRET, KeyContext(org.id, key.id, None))
-        key.save()
-        Route.create(org=org, name=name, key=key, scope="org")
-    database.close()
+def strict(gateway: GatewayProcess, fault_token: str) -> Iterator[GatewayProcess]:
+    """A gateway that allows only public https upstreams."""
     gw = launch_gateway(
         gateway.database_url,
         gateway.data_dir,
-        gateway.tokens,
+        {**gateway.tokens, "dev@acme.test": fault_token},
         TVGATE_ALLOW_PRIVATE_UPSTREAMS="false",
         TVGATE_CONNECT_TIMEOUT="2",
     )

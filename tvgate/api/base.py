@@ -58,6 +58,9 @@ class APIHandler(BaseHandler):
         self.set_header("Cache-Control", "no-store")
 
     async def prepare(self) -> None:
+        if "%00" in self.request.path:
+            # PostgreSQL cannot store NUL in text; nothing tvgate names contains one.
+            raise APIError(400, "NUL characters are not allowed")
         token = credential_from_headers(self.request.headers)
         if not token:
             raise APIError(401, "send a token as Authorization: Bearer or x-api-key")
@@ -79,6 +82,8 @@ class APIHandler(BaseHandler):
             raise APIError(413, "request body is too large")
         if not raw.strip():
             return {}
+        if b"\\u0000" in raw:
+            raise APIError(400, "NUL characters are not allowed")
         try:
             document = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
