@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 DEV_VAULT_PORT ?= 8200
 DEV_VAULT_DIR ?= data
 
-.PHONY: run test lint format bench clean dev-vault browser
+.PHONY: run test lint format bench bench-quick bench-tools clean dev-vault browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,28 @@ dev-vault: $(VENV)/.installed-test
 	sed 's/^/  export /' $(DEV_VAULT_DIR)/dev-vault.env; \
 	echo "Ctrl-C stops it."; \
 	wait $$pid
+
+## bench: the benchmark harness (about 10 minutes); writes bench/RESULTS.md
+bench: $(VENV)/.installed bench-tools
+	$(BIN)/python -m bench.run
+
+## bench-quick: the same workloads, one short repeat each (about 2 minutes)
+bench-quick: $(VENV)/.installed bench-tools
+	$(BIN)/python -m bench.run --quick
+
+# nginx (the upstream) and wrk (the load generator) from Debian's packages when they
+# are missing and this machine can install them; otherwise the harness falls back to
+# its built-in upstream and load generator, and says so in RESULTS.md.
+bench-tools:
+	@if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx wrk \
+			|| { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx wrk; } \
+			|| echo "bench: nginx/wrk not installed; using the built-in upstream and load generator"; \
+		else \
+			echo "bench: nginx/wrk missing and not installable here; using the built-in ones"; \
+		fi; \
+	fi
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check tvgate admin_ui tests bench
