@@ -247,6 +247,8 @@ def start_tvgate(
             "TVGATE_MASTER_KEY": base64.b64encode(MASTER_KEY).decode(),
             "TVGATE_ALLOW_PRIVATE_UPSTREAMS": "true",
             "TVGATE_LOG_LEVEL": "info",
+            # The goals are per process: one worker, measured as the process it is.
+            "TVGATE_WORKERS": "1",
         }
     )
     env.update({"TVGATE_" + k.upper(): v for k, v in settings.items()})

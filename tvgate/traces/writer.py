@@ -91,6 +91,8 @@ class TraceWriter:
         self.dropped = 0
         self.bodies_dropped = 0
         self.failures = 0
+        #: The deepest the queue was when the writer took a batch (the benchmark reports it).
+        self.peak_depth = 0
 
     # --- the request path (IOLoop thread) ---
 
@@ -137,6 +139,7 @@ class TraceWriter:
             return [], False
         if first is None:
             return [], True
+        self.peak_depth = max(self.peak_depth, self._queue.qsize() + 1)
         batch = [first]
         while len(batch) < self.batch_size:
             try:
@@ -163,6 +166,13 @@ class TraceWriter:
                 self._write_or_spool(batch)
         if not self.db.is_closed():
             self.db.close()
+        log.info(
+            "trace writer stopped: written=%d dropped=%d failures=%d peak_depth=%d",
+            self.written,
+            self.dropped,
+            self.failures,
+            self.peak_depth,
+        )
 
     def _write_or_spool(self, batch: list[_Item]) -> None:
         try:
