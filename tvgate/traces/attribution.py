@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 from tornado.httputil import HTTPHeaders
@@ -28,8 +29,13 @@ _TOOLS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
 ATTRIBUTION_PREFIXES = ("x-tvgate-", "x-tracevault-")
 
 
+@functools.lru_cache(maxsize=1024)
 def detect_tool(user_agent: str) -> tuple[str, str]:
-    """(tool, version) named by a User-Agent; ("other", "") when none matches."""
+    """(tool, version) named by a User-Agent; ("other", "") when none matches.
+
+    Cached: a team sends a handful of User-Agents, so the patterns run once per string,
+    not once per request.
+    """
     for name, pattern in _TOOLS:
         match = pattern.search(user_agent)
         if match:
