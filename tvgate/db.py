@@ -127,12 +127,22 @@ def _migration_5(db: peewee.Database) -> None:
     seed_prices()
 
 
+def _migration_6(db: peewee.Database) -> None:
+    add_column_if_missing(db, models.ProviderKey, "max_concurrent")
+    add_column_if_missing(db, models.Route, "fallbacks")
+    add_column_if_missing(db, models.Trace, "attempts")
+    db.create_tables(
+        [models.Budget, models.RateLimit, models.UsageCounter, models.ConcurrencySlot], safe=True
+    )
+
+
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
 MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (1, _migration_1),
     (2, _migration_2),
     (4, _migration_4),
     (5, _migration_5),
+    (6, _migration_6),
 ]
 
 

@@ -100,6 +100,8 @@ class ProviderKey(BaseModel):
     created_at = peewee.DoubleField(default=now)
     updated_at = peewee.DoubleField(default=now)
     last_used_at = peewee.DoubleField(null=True)
+    #: Calls that may be open on this key at once, across every gateway process; 0: no cap.
+    max_concurrent = peewee.IntegerField(default=0)
 
     class Meta:
         indexes = ((("org", "name"), True),)
@@ -124,6 +126,9 @@ class Route(BaseModel):
     user = peewee.ForeignKeyField(User, null=True, backref="routes", on_delete="CASCADE")
     enabled = peewee.BooleanField(default=True)
     description = peewee.TextField(default="")
+    #: JSON list of route names tried in order when this route's provider fails
+    #: (429, 529, 5xx or unreachable) before the first byte reached the client.
+    fallbacks = peewee.TextField(default="[]")
     created_at = peewee.DoubleField(default=now)
     updated_at = peewee.DoubleField(default=now)
 
@@ -235,6 +240,8 @@ class Trace(BaseModel):
     response_blob = peewee.CharField(max_length=64, default="")
     #: True when the stream was cut before its last event (what arrived is kept).
     truncated = peewee.BooleanField(default=False)
+    #: JSON list of every upstream attempt when fallbacks were tried; empty for one attempt.
+    attempts = peewee.TextField(default="")
     #: When the writer stored it: the push sink's cursor follows this, so traces written
     #: late (a spool replayed after an outage) are still sent.
     written_at = peewee.DoubleField(default=0.0, index=True)
@@ -277,6 +284,80 @@ class SinkState(BaseModel):
     lease_until = peewee.DoubleField(default=0.0)
 
 
+#: Governance scopes: what a budget or a rate limit applies to.
+GOVERN_ORG = "org"
+GOVERN_USER = "user"
+GOVERN_ROUTE = "route"
+GOVERN_KEY = "key"
+BUDGET_SCOPES = (GOVERN_ORG, GOVERN_USER, GOVERN_ROUTE, GOVERN_KEY)
+LIMIT_SCOPES = (GOVERN_ORG, GOVERN_USER, GOVERN_ROUTE)
+METRIC_TOKENS = "tokens"
+METRIC_USD = "usd"
+PERIOD_DAY = "day"
+PERIOD_MONTH = "month"
+
+
+class Budget(BaseModel):
+    """A cap on tokens or cost per UTC day or month, for an org, a user, a route or a key."""
+
+    id = peewee.AutoField()
+    org_id: int
+
+    org = peewee.ForeignKeyField(Org, backref="budgets", on_delete="CASCADE")
+    scope = peewee.CharField(max_length=8)
+    #: "" for the org; the user's id for a user; the route's or key's name.
+    subject = peewee.CharField(max_length=200, default="")
+    metric = peewee.CharField(max_length=8)
+    period = peewee.CharField(max_length=8)
+    amount = peewee.DoubleField()
+    #: Percent of the budget from which answers carry a warning header.
+    warn_percent = peewee.DoubleField(default=80.0)
+    updated_at = peewee.DoubleField(default=now)
+
+    class Meta:
+        indexes = ((("org", "scope", "subject", "metric", "period"), True),)
+
+
+class RateLimit(BaseModel):
+    """Requests and tokens per minute for an org, a user or a route (null: no limit)."""
+
+    id = peewee.AutoField()
+    org_id: int
+
+    org = peewee.ForeignKeyField(Org, backref="rate_limits", on_delete="CASCADE")
+    scope = peewee.CharField(max_length=8)
+    subject = peewee.CharField(max_length=200, default="")
+    rpm = peewee.IntegerField(null=True)
+    tpm = peewee.IntegerField(null=True)
+    updated_at = peewee.DoubleField(default=now)
+
+    class Meta:
+        indexes = ((("org", "scope", "subject"), True),)
+
+
+class UsageCounter(BaseModel):
+    """A shared counter for one window (see ``tvgate.governance.windows``), summed by every
+    gateway process in batches."""
+
+    key = peewee.CharField(max_length=300, primary_key=True)
+    value = peewee.DoubleField(default=0.0)
+    #: End of the window: the counter is useless after it, and purged.
+    expires_at = peewee.DoubleField(index=True)
+
+
+class ConcurrencySlot(BaseModel):
+    """Calls one gateway process holds open on a capped resource (a key, the gateway)."""
+
+    resource = peewee.CharField(max_length=100)
+    holder = peewee.CharField(max_length=100)
+    slots = peewee.IntegerField(default=0)
+    #: Refreshed by the holder; a holder silent for the slot TTL (it died) holds nothing.
+    heartbeat_at = peewee.DoubleField()
+
+    class Meta:
+        primary_key = peewee.CompositeKey("resource", "holder")
+
+
 class SchemaVersion(BaseModel):
     version = peewee.IntegerField(primary_key=True)
     applied_at = peewee.DoubleField(default=now)
@@ -295,5 +376,9 @@ ALL_MODELS: tuple[type[BaseModel], ...] = (
     Blob,
     ModelPrice,
     SinkState,
+    Budget,
+    RateLimit,
+    UsageCounter,
+    ConcurrencySlot,
     SchemaVersion,
 )

@@ -1,0 +1,1 @@
+"""Governance: budgets, rate limits, concurrency caps, shared by every gateway process."""
