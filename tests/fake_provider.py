@@ -44,6 +44,10 @@ Behaviour is chosen with the request header ``x-fake-scenario`` (default ``norma
                  Non-streaming requests wait events x interval, then answer.
 ``hang``         nothing at all for ``x-fake-hang`` seconds (default 30), then ``normal``.
 
+A base URL ending in ``/scenario/<name>`` (so request paths ``/scenario/<name>/v1/…``)
+picks the scenario for every request sent there, whatever the header says: two keys
+on one fake provider can then behave differently (a failing primary and its fallback).
+
 Every SSE event is written and flushed separately. A request that names an unknown
 scenario gets a 400 in the API's envelope, so typos fail loudly.
 
@@ -170,6 +174,7 @@ OPENAI_MODELS: list[dict[str, Any]] = [
 ]
 
 _log = logging.getLogger("fake_provider")
+_SCENARIO_PREFIX = re.compile(r"/scenario/([a-z0-9_]+)(/.*)")
 
 _B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -873,6 +878,11 @@ class _Handler(tornado.web.RequestHandler):
         return None
 
     def prepare(self) -> None:
+        self.path_scenario = ""
+        prefixed = _SCENARIO_PREFIX.fullmatch(self.request.path)
+        if prefixed is not None:
+            self.path_scenario = prefixed[1]
+            self.request.path = prefixed[2]
         headers: dict[str, str] = {}
         for name, value in self.request.headers.get_all():
             key = name.lower()
@@ -931,7 +941,11 @@ class _Handler(tornado.web.RequestHandler):
             self._authenticate(self.api)
             route = self._route()
             body = self._parse_body()
-            scenario = self.request.headers.get("x-fake-scenario", "normal").strip() or "normal"
+            scenario = (
+                self.path_scenario
+                or self.request.headers.get("x-fake-scenario", "normal").strip()
+                or "normal"
+            )
             if scenario not in SCENARIOS:
                 raise _HTTPError(
                     400, "invalid_request_error", f"unknown x-fake-scenario: {scenario}"

@@ -72,6 +72,13 @@ class Settings:
     key_cache_ttl: float = 300.0
     #: Bytes the gateway may hold for one slow client before it pauses the upstream.
     client_buffer_bytes: int = 1024 * 1024
+    #: Calls open at once across every gateway process sharing the database; 0: no cap.
+    max_concurrent_calls: int = 0
+    #: Seconds a call waits for a free slot under a concurrency cap before a 429.
+    queue_timeout: float = 10.0
+    #: Seconds between a process's batches to the shared budget, rate and slot counters:
+    #: the accuracy of budgets across processes (docs/governance.md).
+    governance_sync_interval: float = 1.0
     #: Traces waiting to be written; when full, the request path never blocks (see traces).
     trace_queue_size: int = 10000
     #: Largest number of traces written in one database transaction.
@@ -242,6 +249,10 @@ def validate(settings: Settings) -> None:
         raise ConfigError("sink_url needs sink_secret, so receivers can check what they get")
     if settings.max_body_bytes <= 0 or settings.max_clients <= 0 or settings.idle_timeout <= 0:
         raise ConfigError("max_body_bytes, max_clients and idle_timeout must be positive")
+    if settings.max_concurrent_calls < 0 or settings.queue_timeout < 0:
+        raise ConfigError("max_concurrent_calls and queue_timeout must not be negative")
+    if not 0.05 <= settings.governance_sync_interval <= 60:
+        raise ConfigError("governance_sync_interval must be between 0.05 and 60 seconds")
     if settings.workers < 0 or settings.drain_timeout < 0:
         raise ConfigError("workers and drain_timeout must not be negative")
     if settings.metrics_listen:

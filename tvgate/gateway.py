@@ -24,6 +24,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from tvgate import services
 from tvgate.config import Settings
 from tvgate.db import DatabaseRunner, migrate, open_database
+from tvgate.governance.governor import Governor
 from tvgate.identity.authenticator import Authenticator
 from tvgate.identity.jwt_issuer import JWTAuthenticator
 from tvgate.identity.sessions import Throttle
@@ -50,6 +51,7 @@ RELOADABLE_SETTINGS = (
     "max_body_bytes",
     "client_buffer_bytes",
     "drain_timeout",
+    "queue_timeout",
 )
 
 
@@ -87,7 +89,9 @@ class Gateway:
     traces: TraceWriter
     http: CurlAsyncHTTPClient
     login_throttle: Throttle
+    governor: Governor
     sink: PushSink | None = None
+    _governance_syncer: PeriodicCallback | None = None
     _token_flusher: PeriodicCallback | None = None
     _purger: PeriodicCallback | None = None
     _sweeper: PeriodicCallback | None = None
@@ -151,6 +155,12 @@ class Gateway:
             traces=writer,
             http=http,
             login_throttle=Throttle(settings.login_attempts),
+            governor=Governor(
+                runner,
+                sync_interval=settings.governance_sync_interval,
+                queue_timeout=settings.queue_timeout,
+                gateway_cap=settings.max_concurrent_calls,
+            ),
             sink=PushSink(settings, runner) if settings.sink_url else None,
             metrics=Metrics(worker),
             worker=worker,
@@ -211,6 +221,7 @@ class Gateway:
         logging.getLogger().setLevel(current.log_level.upper())
         self.auth.proxy_tokens.ttl = current.cache_ttl
         self.keys.ttl = current.key_cache_ttl
+        self.governor.queue_timeout = current.queue_timeout
         if self.router.ttl != current.cache_ttl:
             # The refresh period follows the TTL, so restart the refresher.
             self.router.stop()
@@ -226,6 +237,10 @@ class Gateway:
     def start(self) -> None:
         self.traces.start()
         self.router.start()
+        self._governance_syncer = PeriodicCallback(
+            self.governor.sync, self.settings.governance_sync_interval * 1000
+        )
+        self._governance_syncer.start()
         self._token_flusher = PeriodicCallback(self.auth.proxy_tokens.flush_last_used, 30_000)
         self._token_flusher.start()
         self._purger = PeriodicCallback(self._purge, 3600_000)
@@ -274,12 +289,18 @@ class Gateway:
         """Retention, hourly, in the pool (several processes purging at once is harmless)."""
         try:
             await self.runner.run(purge_all)
+            await self.runner.run(self.governor.purge)
         except Exception:
             log.exception("retention purge failed")
 
     def stop(self) -> None:
         """Flush traces and release connections. Call after the listeners are closed."""
-        for timer in (self._token_flusher, self._purger, self._sweeper):
+        for timer in (
+            self._governance_syncer,
+            self._token_flusher,
+            self._purger,
+            self._sweeper,
+        ):
             if timer is not None:
                 timer.stop()
         if self._unsubscribe is not None:

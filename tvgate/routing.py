@@ -21,9 +21,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import orjson
 from tornado.ioloop import PeriodicCallback
 
 from tvgate.db import DatabaseRunner
+from tvgate.governance.policy import NO_GOVERNANCE, Governance, load_governance
 from tvgate.identity import Principal
 from tvgate.models import (
     SCOPE_ORG,
@@ -66,6 +68,8 @@ class KeyRef:
     #: For an org key: usable by everyone in the org, or only by ``granted``.
     available_to_all: bool = True
     granted: frozenset[int] = frozenset()
+    #: Calls that may be open on this key at once across every process; 0: no cap.
+    max_concurrent: int = 0
 
     def usable_by(self, principal: Principal, allow_user_keys: bool) -> bool:
         if self.owner_id is not None:
@@ -85,6 +89,8 @@ class RouteEntry:
     is_pattern: bool
     literal_prefix: int
     matcher: re.Pattern[str] | None
+    #: Names of the routes tried, in order, when this one's provider fails.
+    fallbacks: tuple[str, ...] = ()
 
     def visible_to(self, principal: Principal, policy: OrgPolicy) -> bool:
         if self.scope == SCOPE_ORG:
@@ -112,6 +118,7 @@ class OrgSnapshot:
     policy: OrgPolicy
     exact: dict[str, list[RouteEntry]] = field(default_factory=dict)
     patterns: list[RouteEntry] = field(default_factory=list)
+    governance: Governance = NO_GOVERNANCE
     loaded_at: float = 0.0
 
     def resolve(self, principal: Principal, name: str) -> RouteEntry | None:
@@ -128,6 +135,17 @@ class OrgSnapshot:
             return None
         return min(candidates, key=lambda r: (_SCOPE_RANK[r.scope], -r.literal_prefix, r.id))
 
+    def named(self, principal: Principal, name: str) -> RouteEntry | None:
+        """The route called ``name`` (a fallback names a route, it does not match a model)."""
+        candidates = [
+            r
+            for r in (self.exact.get(name) or [p for p in self.patterns if p.name == name])
+            if r.visible_to(principal, self.policy)
+        ]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda r: (_SCOPE_RANK[r.scope], r.id))
+
     def available(self, principal: Principal) -> list[RouteEntry]:
         """Every route this principal may use, one per name, in name order."""
         seen: dict[str, RouteEntry] = {}
@@ -142,7 +160,13 @@ class OrgSnapshot:
 
 
 def _entry_from(
-    route_id: int, name: str, upstream_model: str, scope: str, user_id: int | None, key: KeyRef
+    route_id: int,
+    name: str,
+    upstream_model: str,
+    scope: str,
+    user_id: int | None,
+    key: KeyRef,
+    fallbacks: tuple[str, ...] = (),
 ) -> RouteEntry:
     glob = _GLOB_CHARS.search(name)
     return RouteEntry(
@@ -156,6 +180,7 @@ def _entry_from(
         literal_prefix=glob.start() if glob else len(name),
         # Compiled once per snapshot, never per request.
         matcher=re.compile(fnmatch.translate(name)) if glob else None,
+        fallbacks=fallbacks,
     )
 
 
@@ -176,8 +201,18 @@ def _entry(route: Route, key: ProviderKey, granted: frozenset[int]) -> RouteEntr
             owner_id=key.owner_id,
             available_to_all=key.available_to_all,
             granted=granted,
+            max_concurrent=key.max_concurrent,
         ),
+        tuple(_fallback_names(route.fallbacks)),
     )
+
+
+def _fallback_names(stored: str) -> list[str]:
+    try:
+        names = orjson.loads(stored or "[]")
+    except orjson.JSONDecodeError:
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
 def load_snapshot(org_id: int) -> OrgSnapshot:
@@ -188,6 +223,7 @@ def load_snapshot(org_id: int) -> OrgSnapshot:
         policy=OrgPolicy(
             allow_user_routes=org.allow_user_routes, allow_user_keys=org.allow_user_keys
         ),
+        governance=load_governance(org_id),
     )
     grants: dict[int, set[int]] = {}
     for grant in (
@@ -293,12 +329,13 @@ class Router:
                 except Exception as exc:  # noqa: BLE001 - keep serving the last snapshot
                     log.warning("route refresh for org %d failed: %s", org_id, exc)
 
-    async def resolve(self, principal: Principal, name: str) -> RouteEntry:
+    async def resolve(self, principal: Principal, name: str) -> tuple[OrgSnapshot, RouteEntry]:
+        """The org's snapshot and the route ``name`` resolves to in it."""
         snapshot = await self.snapshot(principal.org_id)
         entry = snapshot.resolve(principal, name)
         if entry is None:
             raise RouteNotFound(name, [r.name for r in snapshot.available(principal)])
-        return entry
+        return snapshot, entry
 
     def invalidate(self, org_id: int) -> None:
         """Forget an org's snapshot: the next request loads the change, and a load already

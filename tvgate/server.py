@@ -190,6 +190,7 @@ async def serve_worker(
     if metrics_server is not None:
         metrics_server.stop()
     await drain(server, gateway)
+    await gateway.governor.close()
     await loop.run_in_executor(None, gateway.stop)
     log.info(
         "worker %d stopped: %d traces written, %d dropped",

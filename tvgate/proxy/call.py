@@ -13,10 +13,19 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
 
 from tvgate.db import DatabaseUnavailable
+from tvgate.governance.governor import (
+    ATTEMPT_SCOPES,
+    GATEWAY_RESOURCE,
+    Admission,
+    Refused,
+    key_resource,
+)
+from tvgate.governance.policy import NO_GOVERNANCE, Governance
 from tvgate.identity import (
     ORG_HEADER,
     AuthError,
@@ -101,6 +110,8 @@ _DROPPED_RESPONSE_HEADERS = frozenset(
 )
 #: How much of a non-streamed answer is kept for its trace.
 _CAPTURE_LIMIT = 8 * 1024 * 1024
+#: How much of a failed answer is kept while a fallback is tried.
+_HELD_LIMIT = 64 * 1024
 
 
 def upstream_headers(client_headers: HTTPHeaders, provider: str, secret: str) -> HTTPHeaders:
@@ -156,6 +167,16 @@ class ProxyCall:
         self.outcome = ""
         self.error_type = ""
         self.error_message = ""
+        self.governance: Governance = NO_GOVERNANCE
+        self.admission: Admission | None = None
+        #: The admission charged when a fallback with budgets of its own served the call.
+        self.serving_admission: Admission | None = None
+        self.gateway_slot = False
+        #: True while the route being tried has fallbacks left after it.
+        self.may_fall_back = False
+        self.holding: _HeldAnswer | None = None
+        self.last_failure: _HeldAnswer | None = None
+        self.attempts: list[dict[str, Any]] = []
 
     # --- stages ---
 
@@ -171,6 +192,8 @@ class ProxyCall:
             log.exception("proxy call failed")
             self._fail(500, "internal error in tvgate", OUTCOME_UPSTREAM_ERROR)
         finally:
+            if self.gateway_slot:
+                self.gateway.governor.release(GATEWAY_RESOURCE)
             self._queue_trace()
 
     async def _authenticate(self) -> Principal | None:
@@ -207,9 +230,10 @@ class ProxyCall:
         except BodyError as exc:
             self._fail(exc.status, str(exc), OUTCOME_REJECTED)
             return
-        assert self.principal is not None
+        principal = self.principal
+        assert principal is not None
         try:
-            route = await self.gateway.router.resolve(self.principal, self.body.model)
+            snapshot, route = await self.gateway.router.resolve(principal, self.body.model)
         except RouteNotFound as exc:
             self._fail(404, str(exc), OUTCOME_REJECTED)
             return
@@ -218,45 +242,112 @@ class ProxyCall:
             return
         self.route = route
         self.upstream_model = route.upstream_model_for(self.body.model)
-        if route.key.provider != self.endpoint.provider:
-            self._fail(
+        governor = self.gateway.governor
+        self.governance = snapshot.governance
+        try:
+            if self.governance.active:
+                self.admission = await governor.admit(
+                    self.governance, principal.org_id, principal.user_id, route.name, route.key.name
+                )
+            if governor.gateway_cap:
+                await governor.acquire(GATEWAY_RESOURCE, governor.gateway_cap)
+                self.gateway_slot = True
+        except Refused as exc:
+            self._refuse(exc)
+            return
+        # A fallback this principal may not use (or that no longer exists) is skipped.
+        chain: list[tuple[str, RouteEntry | None]] = [(route.name, route)]
+        chain += [(name, snapshot.named(principal, name)) for name in route.fallbacks]
+        for index, (name, entry) in enumerate(chain):
+            self.may_fall_back = index + 1 < len(chain)
+            if entry is None:
+                self._record_attempt(None, name, 0, OUTCOME_REJECTED, "no such route for you")
+                continue
+            if await self._attempt(entry, is_fallback=index > 0):
+                return
+            if self.client_gone:
+                self.outcome = OUTCOME_CLIENT_CANCELLED
+                return
+        self._answer_last_failure()
+
+    async def _attempt(self, entry: RouteEntry, *, is_fallback: bool) -> bool:
+        """One upstream attempt on ``entry``; False when the next fallback should be tried."""
+        assert self.body is not None and self.principal is not None
+        settings = self.gateway.settings
+        governor = self.gateway.governor
+        model = entry.upstream_model_for(self.body.model)
+        refusal: tuple[int, str] | None = None
+        if entry.key.provider != self.endpoint.provider:
+            refusal = (
                 400,
-                f"route {route.name!r} goes to {route.key.provider}, which does not serve "
+                f"route {entry.name!r} goes to {entry.key.provider}, which does not serve "
                 f"this {self.endpoint.provider} endpoint",
-                OUTCOME_REJECTED,
             )
-            return
-        if not settings.allow_private_upstreams and not route.key.base_url.startswith("https://"):
-            self._fail(
-                502,
-                f"route {route.name!r} has a non-https upstream, which is not allowed",
-                OUTCOME_REJECTED,
-            )
-            return
-        key = route.key
+        elif not settings.allow_private_upstreams and not entry.key.base_url.startswith("https://"):
+            refusal = (502, f"route {entry.name!r} has a non-https upstream, which is not allowed")
+        if refusal is not None:
+            if is_fallback:
+                self._record_attempt(entry, model, 0, OUTCOME_REJECTED, refusal[1])
+                return False
+            self._fail(*refusal, OUTCOME_REJECTED)
+            return True
+        attempt_admission: Admission | None = None
+        key_resource_name = ""
+        try:
+            if is_fallback and self.governance.active:
+                attempt_admission = await governor.admit(
+                    self.governance,
+                    self.principal.org_id,
+                    self.principal.user_id,
+                    entry.name,
+                    entry.key.name,
+                    scopes=ATTEMPT_SCOPES,
+                )
+            if entry.key.max_concurrent:
+                await governor.acquire(key_resource(entry.key.id), entry.key.max_concurrent)
+                key_resource_name = key_resource(entry.key.id)
+        except Refused as exc:
+            if is_fallback:
+                self._record_attempt(entry, model, 429, OUTCOME_REJECTED, str(exc))
+                return False
+            self._refuse(exc)
+            return True
+        try:
+            self.route = entry
+            self.upstream_model = model
+            if attempt_admission is not None and self.admission is not None:
+                self.serving_admission = self.admission.for_attempt(attempt_admission)
+            return await self._attempt_with_key(entry, is_fallback=is_fallback)
+        finally:
+            if key_resource_name:
+                governor.release(key_resource_name)
+
+    async def _attempt_with_key(self, entry: RouteEntry, *, is_fallback: bool) -> bool:
+        key = entry.key
         try:
             secret = await self.gateway.keys.get(
                 key.ciphertext, KeyContext(key.org_id, key.id, key.owner_id)
             )
-        except KeyringUnavailable:
-            self._fail(
-                503, "the key store is unavailable; try again shortly", OUTCOME_UPSTREAM_ERROR
-            )
-            return
-        except KeyringError:
-            log.error("key %s of org %d does not decrypt", key.name, key.org_id)
-            self._fail(
-                502,
-                f"the key of route {route.name!r} cannot be used; ask an admin",
-                OUTCOME_UPSTREAM_ERROR,
-            )
-            return
+        except (KeyringUnavailable, KeyringError) as exc:
+            if isinstance(exc, KeyringUnavailable):
+                status, message = 503, "the key store is unavailable; try again shortly"
+            else:
+                log.error("key %s of org %d does not decrypt", key.name, key.org_id)
+                status = 502
+                message = f"the key of route {entry.name!r} cannot be used; ask an admin"
+            if is_fallback:
+                self._record_attempt(
+                    entry, self.upstream_model, status, OUTCOME_UPSTREAM_ERROR, message
+                )
+                return False
+            self._fail(status, message, OUTCOME_UPSTREAM_ERROR)
+            return True
         if self.client_gone:
             self.outcome = OUTCOME_CLIENT_CANCELLED
-            return
-        await self._forward(secret)
+            return True
+        return await self._forward(secret)
 
-    async def _forward(self, secret: str) -> None:
+    async def _forward(self, secret: str) -> bool:
         assert self.route is not None and self.body is not None
         settings = self.gateway.settings
         request = self.handler.request
@@ -270,13 +361,103 @@ class ProxyCall:
             idle_timeout=settings.idle_timeout,
             allow_private=settings.allow_private_upstreams,
         )
-        self.upstream_started = time.perf_counter()
+        started = time.perf_counter()
+        if not self.upstream_started:
+            self.upstream_started = started
         result = await self.exchange.run()
+        elapsed = (time.perf_counter() - started) * 1000
+        held = self.holding
+        if held is not None:
+            # The provider failed in a way a fallback may mend, and the client has seen none
+            # of it: keep the answer in case no fallback does better.
+            self.holding = None
+            self.last_failure = held
+            self._record_attempt(
+                self.route,
+                self.upstream_model,
+                held.status,
+                OUTCOME_UPSTREAM_ERROR,
+                held.message(),
+                elapsed,
+            )
+            return False
+        if self.may_fall_back and result.curl_error and not self.status and not self.client_gone:
+            status, message, outcome = _classify(result)
+            self.last_failure = _HeldAnswer(
+                self.route, self.upstream_model, status, [], [], (message, outcome)
+            )
+            self._record_attempt(self.route, self.upstream_model, status, outcome, message, elapsed)
+            return False
         self._complete(result)
+        if self.attempts:
+            self._record_attempt(
+                self.route,
+                self.upstream_model,
+                self.status,
+                self.outcome,
+                self.error_message,
+                elapsed,
+            )
+        return True
+
+    def _answer_last_failure(self) -> None:
+        """Every route failed: the client gets the last provider failure, as it came."""
+        failure = self.last_failure
+        if failure is None:
+            self._fail(502, "no route could serve this request", OUTCOME_UPSTREAM_ERROR)
+            return
+        self.route = failure.route
+        self.upstream_model = failure.upstream_model
+        self.may_fall_back = False
+        if failure.classified is not None:
+            message, outcome = failure.classified
+            self._fail(failure.status, message, outcome)
+            return
+        self.on_upstream_headers(failure.status, failure.headers)
+        for chunk in failure.chunks:
+            self.on_upstream_chunk(chunk)
+        self._complete(UpstreamResult(0, ""))
+
+    def _record_attempt(
+        self,
+        route: RouteEntry | None,
+        name_or_model: str,
+        status: int,
+        outcome: str,
+        error: str,
+        ms: float = 0.0,
+    ) -> None:
+        self.attempts.append(
+            {
+                "route": route.name if route is not None else name_or_model,
+                "key": route.key.name if route is not None else "",
+                "provider": route.key.provider if route is not None else "",
+                "upstream_model": name_or_model if route is not None else "",
+                "status": status,
+                "outcome": outcome,
+                "error": error[:500],
+                "ms": round(ms, 1),
+            }
+        )
+
+    def _refuse(self, refusal: Refused) -> None:
+        """Over a budget, a rate limit or a cap: 429 in the API's envelope, with retry-after."""
+        self.outcome = OUTCOME_REJECTED
+        self.error_type = "rate_limited"
+        self.error_message = str(refusal)
+        self.status = 429
+        if not self.client_gone:
+            self.handler.send_api_error(
+                429, str(refusal), self.provider, retry_after=str(refusal.retry_after)
+            )
 
     # --- the upstream listener (called synchronously from curl's callbacks) ---
 
     def on_upstream_headers(self, status: int, headers: list[tuple[str, str]]) -> None:
+        if self.may_fall_back and (status in (429, 529) or status >= 500):
+            assert self.route is not None
+            self.holding = _HeldAnswer(self.route, self.upstream_model, status, headers, [], None)
+            return
         handler = self.handler
         self.status = status
         handler.set_status(status)
@@ -293,6 +474,9 @@ class ProxyCall:
             if lower in ("request-id", "x-request-id"):
                 self.upstream_request_id = value
         handler.set_header("x-tvgate-overhead-ms", f"{self._overhead_ms():.3f}")
+        admission = self.serving_admission or self.admission
+        if admission is not None and admission.warnings:
+            handler.set_header("x-tvgate-budget-warning", "; ".join(admission.warnings))
         if self.is_stream_response and not self.stream_counted:
             self.stream_counted = True  # closed again in _queue_trace
             self.gateway.metrics.stream_opened()
@@ -302,6 +486,9 @@ class ProxyCall:
     def on_upstream_chunk(self, chunk: bytes) -> bool:
         if self.client_gone:
             return True  # the exchange is aborting; nothing to deliver to
+        if self.holding is not None:
+            self.holding.keep(chunk)
+            return True
         handler = self.handler
         if self.unflushed >= self.gateway.settings.client_buffer_bytes:
             stream = handler.request.connection.stream  # type: ignore[union-attr]
@@ -454,6 +641,7 @@ class ProxyCall:
                 "repo": attribution_header(headers, "repo"),
                 "branch": attribution_header(headers, "branch"),
                 "truncated": truncated,
+                "attempts": orjson.dumps(self.attempts).decode() if len(self.attempts) > 1 else "",
                 "request_blob": "",
                 "response_blob": "",
                 "cost_usd": 0.0,
@@ -461,6 +649,23 @@ class ProxyCall:
             captured,
         )
         self.gateway.metrics.observe(row)
+        admission = self.serving_admission or self.admission
+        if admission is not None and usage is not None:
+            self.gateway.governor.charge(
+                admission,
+                usage.input_tokens
+                + usage.output_tokens
+                + usage.cache_read_tokens
+                + usage.cache_write_tokens,
+                self.provider,
+                (assembled.model if assembled is not None else "") or self.upstream_model,
+                (
+                    usage.input_tokens,
+                    usage.output_tokens,
+                    usage.cache_read_tokens,
+                    usage.cache_write_tokens,
+                ),
+            )
 
     def _at(self, perf: float) -> float | None:
         return self.received_at + (perf - self.started) if perf else None
@@ -471,6 +676,49 @@ class ProxyCall:
         if self.captured and self.endpoint.api != ANTHROPIC_COUNT_TOKENS:
             return assemble_json(self.endpoint.api, b"".join(self.captured))
         return None
+
+
+class _HeldAnswer:
+    """A provider failure kept back while fallbacks are tried: status, headers and (the start
+    of) its body, or the transfer error it ended with (``classified``)."""
+
+    __slots__ = ("chunks", "classified", "headers", "route", "size", "status", "upstream_model")
+
+    def __init__(
+        self,
+        route: RouteEntry,
+        upstream_model: str,
+        status: int,
+        headers: list[tuple[str, str]],
+        chunks: list[bytes],
+        classified: tuple[str, str] | None,
+    ) -> None:
+        self.route = route
+        self.upstream_model = upstream_model
+        self.status = status
+        self.headers = headers
+        self.chunks = chunks
+        self.classified = classified
+        self.size = 0
+
+    def keep(self, chunk: bytes) -> None:
+        # Error bodies are small; past this much, the rest is not needed to tell the client.
+        if self.size < _HELD_LIMIT:
+            self.chunks.append(chunk)
+            self.size += len(chunk)
+
+    def message(self) -> str:
+        if self.classified is not None:
+            return self.classified[0]
+        body = b"".join(self.chunks)
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body[:200].decode("utf-8", "replace")
+        error = document.get("error") if isinstance(document, dict) else None
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return error["message"]
+        return body[:200].decode("utf-8", "replace")
 
 
 def _classify(result: UpstreamResult) -> tuple[int, str, str]:

@@ -1,0 +1,427 @@
+"""The per-process side of governance: admit or refuse a call, count what it used, cap concurrency.
+
+The proxy never waits on the database in the steady state:
+
+- Budgets and tokens per minute are checked against the shared total read at
+  the last sync plus what this process counted since; usage is added locally
+  when a call ends and flushed in the next batch. A counter seen for the
+  first time is read once before it is trusted.
+- Requests per minute are spent from units reserved in blocks from the shared
+  counter (``CounterStore.reserve``); a block is asked for only when the last
+  one is used up, and units left over go back at the next sync.
+- Concurrency slots won from the shared table stay with the process while
+  its calls reuse them; idle ones go back at the next sync.
+
+The accuracy this buys is in docs/governance.md. When the database cannot be
+reached, budgets and limits are judged on what this process knows, and caps
+hold per process: tvgate keeps serving rather than fail every call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import os
+import secrets
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from tvgate.db import DatabaseRunner, DatabaseUnavailable
+from tvgate.governance.policy import Governance
+from tvgate.governance.store import CounterStore
+from tvgate.governance.windows import (
+    COUNT_REQUESTS,
+    COUNT_TOKENS,
+    COUNT_USD,
+    PERIOD_MINUTE,
+    counter_key,
+    window,
+)
+from tvgate.models import GOVERN_KEY, GOVERN_ORG, GOVERN_ROUTE, GOVERN_USER, METRIC_USD
+from tvgate.traces.pricing import PriceTable
+
+log = logging.getLogger("tvgate.governance")
+
+#: The resource name of the gateway-wide concurrency cap.
+GATEWAY_RESOURCE = "gateway"
+_PRICES_TTL = 60.0
+
+
+class Refused(Exception):
+    """A call over a budget, a rate limit or a cap: answered 429 with ``retry_after``."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+
+ALL_SCOPES = (GOVERN_ORG, GOVERN_USER, GOVERN_ROUTE, GOVERN_KEY)
+#: What a fallback attempt is checked and charged for on its own.
+ATTEMPT_SCOPES = (GOVERN_ROUTE, GOVERN_KEY)
+
+
+@dataclass(frozen=True, slots=True)
+class _Check:
+    name: str
+    limit: float
+    end: float
+    text: str
+    #: Fraction of the limit from which answers carry a warning; None: no warning.
+    warn: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Charge:
+    name: str
+    counts: str
+    scope: str
+
+
+@dataclass(slots=True)
+class Admission:
+    """What one admitted call counts against, and the warnings its answer carries."""
+
+    charges: list[_Charge] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def for_attempt(self, attempt: Admission) -> Admission:
+        """This call's org and user charges with the route and key charges of ``attempt``."""
+        kept = [c for c in self.charges if c.scope not in ATTEMPT_SCOPES]
+        return Admission(kept + attempt.charges, self.warnings + attempt.warnings)
+
+
+def _when(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def key_resource(key_id: int) -> str:
+    return f"key:{key_id}"
+
+
+class Governor:
+    def __init__(
+        self,
+        runner: DatabaseRunner,
+        *,
+        sync_interval: float = 1.0,
+        queue_timeout: float = 10.0,
+        gateway_cap: int = 0,
+    ) -> None:
+        self.runner = runner
+        self.sync_interval = sync_interval
+        self.queue_timeout = queue_timeout
+        self.gateway_cap = gateway_cap
+        holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        # A holder silent this long has died: its slots no longer count.
+        self.store = CounterStore(runner.db, holder, slot_ttl=max(10.0, 10 * sync_interval))
+        self.totals: dict[str, float] = {}
+        self.pending: dict[str, float] = {}
+        #: Counts on their way to the database in the sync under way.
+        self.flushing: dict[str, float] = {}
+        #: Counters to read back at each sync, with the end of their window.
+        self.watched: dict[str, float] = {}
+        #: Request units reserved from the shared counter and not yet spent.
+        self.units: dict[str, int] = {}
+        self._reserving: dict[str, asyncio.Future[int]] = {}
+        self._reading: dict[str, asyncio.Future[None]] = {}
+        self.held: dict[str, int] = {}
+        self.busy: dict[str, int] = {}
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self._slot_lock = asyncio.Lock()
+        self._syncing = False
+        self._prices: PriceTable | None = None
+        self._prices_at = 0.0
+        self.refused = 0
+
+    # --- budgets and rate limits ---
+
+    async def admit(
+        self,
+        governance: Governance,
+        org_id: int,
+        user_id: int,
+        route: str,
+        key: str,
+        scopes: tuple[str, ...] = ALL_SCOPES,
+    ) -> Admission:
+        """Admit a call or raise ``Refused`` naming the budget or limit it would break.
+
+        ``scopes`` narrows the check: a fallback attempt is checked for its own route
+        and key only, the org and the user having admitted the call already.
+        """
+        now = time.time()
+        admission = Admission()
+        checks: list[_Check] = []
+        rpm: list[tuple[str, int, float, str]] = []
+        for scope, subject in Governance.subjects(user_id, route, key):
+            if scope not in scopes:
+                continue
+            for rule in governance.budgets.get((scope, subject), ()):
+                counts = COUNT_USD if rule.metric == METRIC_USD else COUNT_TOKENS
+                start, end = window(rule.period, now)
+                name = counter_key(org_id, counts, rule.period, start, scope, subject)
+                admission.charges.append(_Charge(name, counts, scope))
+                checks.append(
+                    _Check(
+                        name,
+                        rule.amount,
+                        end,
+                        f"{rule.title} ({rule.amount_text(rule.amount)})",
+                        rule.warn_percent / 100,
+                    )
+                )
+                self._watch(name, end)
+            rate = governance.rates.get((scope, subject))
+            if rate is None:
+                continue
+            start, end = window(PERIOD_MINUTE, now)
+            if rate.tpm:
+                name = counter_key(org_id, COUNT_TOKENS, PERIOD_MINUTE, start, scope, subject)
+                admission.charges.append(_Charge(name, COUNT_TOKENS, scope))
+                text = f"the limit of {rate.tpm:,} tokens per minute of {rate.owner}"
+                checks.append(_Check(name, rate.tpm, end, text, None))
+                self._watch(name, end)
+            if rate.rpm:
+                name = counter_key(org_id, COUNT_REQUESTS, PERIOD_MINUTE, start, scope, subject)
+                text = f"the limit of {rate.rpm:,} requests per minute of {rate.owner}"
+                rpm.append((name, rate.rpm, end, text))
+        unknown = [check.name for check in checks if check.name not in self.totals]
+        if unknown:
+            await self._read(unknown)
+        for check in checks:
+            used = self._used(check.name)
+            if used >= check.limit:
+                self.refused += 1
+                raise Refused(
+                    f"{check.text} is used up; it resets at {_when(check.end)}", check.end - now
+                )
+            if check.warn is not None and used >= check.limit * check.warn:
+                admission.warnings.append(f"{check.text}: {used / check.limit:.0%} used")
+        spent: list[str] = []
+        for name, limit, end, text in rpm:
+            if not await self._spend_unit(name, limit, end):
+                for earlier in spent:  # not counted for a call that was refused
+                    self.units[earlier] = self.units.get(earlier, 0) + 1
+                self.refused += 1
+                raise Refused(f"{text} is reached; it resets at {_when(end)}", end - now)
+            spent.append(name)
+        return admission
+
+    def _used(self, name: str) -> float:
+        """The shared total at the last sync, plus what this process counted since."""
+        return (
+            self.totals.get(name, 0.0) + self.pending.get(name, 0.0) + self.flushing.get(name, 0.0)
+        )
+
+    def charge(
+        self,
+        admission: Admission,
+        tokens: int,
+        provider: str,
+        model: str,
+        usage: tuple[int, int, int, int],
+    ) -> None:
+        """Count a finished call's usage against everything it was admitted under."""
+        usd: float | None = None
+        for charge in admission.charges:
+            if charge.counts == COUNT_TOKENS:
+                amount = float(tokens)
+            else:
+                if usd is None:
+                    usd = self._cost(provider, model, usage)
+                amount = usd
+            if amount:
+                self.pending[charge.name] = self.pending.get(charge.name, 0.0) + amount
+
+    def _cost(self, provider: str, model: str, usage: tuple[int, int, int, int]) -> float:
+        if self._prices is None:
+            return 0.0
+        return self._prices.cost(provider, model, *usage)
+
+    def _watch(self, name: str, end: float) -> None:
+        if name not in self.watched:
+            self.watched[name] = end
+
+    async def _read(self, names: list[str]) -> None:
+        """Read counters seen for the first time (once each, shared by concurrent calls)."""
+        waiting = [self._reading[n] for n in names if n in self._reading]
+        fresh = [n for n in names if n not in self._reading]
+        if fresh:
+            future = asyncio.ensure_future(self._read_now(fresh))
+            for name in fresh:
+                self._reading[name] = future
+            waiting.append(future)
+        await asyncio.gather(*waiting)
+
+    async def _read_now(self, names: list[str]) -> None:
+        try:
+            totals = await self.runner.run(lambda: self.store.sync({}, {}, names))
+        except DatabaseUnavailable as exc:
+            log.warning("governance counters unavailable (%s); judging on local counts", exc)
+            totals = dict.fromkeys(names, 0.0)
+        finally:
+            for name in names:
+                self._reading.pop(name, None)
+        for name, value in totals.items():
+            self.totals.setdefault(name, value)
+
+    async def _spend_unit(self, name: str, limit: int, end: float) -> bool:
+        while True:
+            if self.units.get(name, 0) > 0:
+                self.units[name] -= 1
+                return True
+            reserving = self._reserving.get(name)
+            if reserving is None:
+                # Blocks of a tenth of the limit: one round trip per ten percent of it, and
+                # little held back from other processes when the limit is nearly reached.
+                block = max(1, limit // 10)
+                reserving = asyncio.ensure_future(
+                    self.runner.run(functools.partial(self.store.reserve, name, block, limit, end))
+                )
+                self._reserving[name] = reserving
+                try:
+                    granted = await reserving
+                except DatabaseUnavailable as exc:
+                    log.warning("rate limit counter unavailable (%s); admitting", exc)
+                    return True
+                finally:
+                    self._reserving.pop(name, None)
+                self._watch(name, end)
+                self.units[name] = self.units.get(name, 0) + granted
+                if not granted:
+                    return False
+            else:
+                try:
+                    if not await asyncio.shield(reserving):
+                        return False
+                except DatabaseUnavailable:
+                    return True
+
+    # --- concurrency caps ---
+
+    async def acquire(self, resource: str, cap: int) -> None:
+        """Take a slot of ``resource`` (at most ``cap`` across every process), waiting up to
+        the queue timeout for one to free; raise ``Refused`` after that."""
+        deadline = time.monotonic() + self.queue_timeout
+        while True:
+            if self.busy.get(resource, 0) < self.held.get(resource, 0):
+                self.busy[resource] = self.busy.get(resource, 0) + 1
+                return
+            if await self._grow(resource, cap):
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.refused += 1
+                raise Refused(
+                    f"{_resource_name(resource)} has {cap} calls open already (its cap); "
+                    "try again shortly",
+                    1,
+                )
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            queue = self._waiters.setdefault(resource, deque())
+            queue.append(waiter)
+            try:
+                # Woken by a release here; a slot freed by another process shows at a sync.
+                await asyncio.wait_for(waiter, timeout=min(left, self.sync_interval))
+            except TimeoutError:
+                pass
+            finally:
+                if waiter in queue:
+                    queue.remove(waiter)
+
+    def release(self, resource: str) -> None:
+        self.busy[resource] = max(0, self.busy.get(resource, 0) - 1)
+        queue = self._waiters.get(resource)
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    async def _grow(self, resource: str, cap: int) -> bool:
+        async with self._slot_lock:
+            held = self.held.get(resource, 0)
+            if self.busy.get(resource, 0) < held:
+                return True  # a slot came free while this call waited for the lock
+            try:
+                won = await self.runner.run(lambda: self.store.acquire_slot(resource, held, cap))
+            except DatabaseUnavailable as exc:
+                log.warning("concurrency slots unavailable (%s); capping this process only", exc)
+                won = held < cap
+            if won:
+                self.held[resource] = held + 1
+            return won
+
+    # --- the batch ---
+
+    async def sync(self) -> None:
+        """Flush counts, give back unused units and idle slots, read the shared totals."""
+        if self._syncing:
+            return
+        self._syncing = True
+        try:
+            await self._sync()
+        finally:
+            self._syncing = False
+
+    async def close(self) -> None:
+        """The last batch at a stop: flush what was counted and give back every slot."""
+        while self._syncing:
+            await asyncio.sleep(0.01)
+        await self.sync()
+
+    async def _sync(self) -> None:
+        now = time.time()
+        for name, end in list(self.watched.items()):
+            if end < now:
+                del self.watched[name]
+                self.totals.pop(name, None)
+                self.units.pop(name, None)
+        if self._prices is None or time.monotonic() - self._prices_at > _PRICES_TTL:
+            await self._load_prices()
+        if not (self.pending or self.watched or self.held):
+            return
+        add = {name: (amount, self.watched.get(name, now)) for name, amount in self.pending.items()}
+        self.flushing, self.pending = self.pending, {}
+        for name, units in self.units.items():
+            if units:
+                amount, _ = add.get(name, (0.0, 0.0))
+                add[name] = (amount - units, self.watched.get(name, now))
+        self.units = {}
+        read = list(self.watched)
+        async with self._slot_lock:
+            # Idle slots go back; the busy ones are this process's heartbeat. Lowered here,
+            # before the write, so no call takes a slot that is being given back.
+            slots = {resource: self.busy.get(resource, 0) for resource in self.held}
+            self.held = {resource: n for resource, n in slots.items() if n}
+            try:
+                totals = await self.runner.run(lambda: self.store.sync(add, slots, read))
+            except DatabaseUnavailable as exc:
+                log.warning("governance sync failed (%s); counts kept for the next one", exc)
+                for name, amount in self.flushing.items():
+                    self.pending[name] = self.pending.get(name, 0.0) + amount
+                return
+            finally:
+                self.flushing = {}
+        self.totals.update(totals)
+        for queue in self._waiters.values():
+            if queue and not queue[0].done():
+                queue[0].set_result(None)  # a slot may have come free elsewhere
+
+    async def _load_prices(self) -> None:
+        self._prices_at = time.monotonic()
+        with contextlib.suppress(DatabaseUnavailable):
+            self._prices = await self.runner.run(PriceTable.load)
+
+    def purge(self) -> int:
+        return self.store.purge()
+
+
+def _resource_name(resource: str) -> str:
+    return "the gateway" if resource == GATEWAY_RESOURCE else "this route's provider key"
