@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx2
 import openai
 import pytest
 from anthropic.types import MessageParam
@@ -145,6 +146,13 @@ def test_fallback_answers_when_the_primary_fails(
     assert attempts[0]["status"] == status and attempts[0]["outcome"] == outcome
     assert attempts[0]["error"]
     assert attempts[1]["status"] == 200 and attempts[1]["outcome"] == "ok"
+    # The caller reads the same attempts through the API.
+    shown = httpx2.get(
+        f"{gateway.url}/api/v1/traces/{trace.id}",
+        headers={"authorization": f"Bearer {caller.token}"},
+    )
+    assert shown.status_code == 200, shown.text
+    assert [a["route"] for a in shown.json()["attempts"]] == ["primary", "backup"]
 
 
 def test_the_last_failure_reaches_the_client_when_every_route_fails(

@@ -27,6 +27,7 @@ from tests.conftest import (
     stop_gateway,
 )
 from tests.fake_provider import FakeProvider, RecordedRequest
+from tests.test_server import scrape
 from tvgate import services
 from tvgate.governance.store import CounterStore
 from tvgate.governance.windows import COUNT_REQUESTS, PERIOD_MINUTE, counter_key, window
@@ -374,6 +375,8 @@ def test_key_cap_refuses_with_retry_after_when_the_queue_times_out(
         for stream in streams:
             stream.join()
         assert ask(gateway, org).status_code == 200
+        counted = scrape(gateway.url)
+        assert counted["tvgate_governance_refused_total"] == 2
     finally:
         stop_gateway(gateway.proc)
 

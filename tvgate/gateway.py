@@ -169,7 +169,23 @@ class Gateway:
         return gateway
 
     def _export_metrics(self) -> None:
-        metrics, traces, inflight = self.metrics, self.traces, self.inflight
+        metrics, traces, inflight, governor = (
+            self.metrics,
+            self.traces,
+            self.inflight,
+            self.governor,
+        )
+        metrics.sample(
+            "tvgate_governance_refused_total",
+            "Calls refused (429) by a budget, a rate limit or a concurrency cap.",
+            lambda: governor.refused,
+            kind="counter",
+        )
+        metrics.sample(
+            "tvgate_concurrency_slots_held",
+            "Concurrency slots this process holds on capped keys and the gateway cap.",
+            lambda: sum(governor.held.values()),
+        )
         metrics.sample(
             "tvgate_requests_in_flight",
             "Proxy calls in progress (streaming or not); a stop waits for them.",

@@ -1453,6 +1453,8 @@ def trace_summary(trace: Trace, email: str) -> dict[str, Any]:
         "bytes_out": trace.bytes_out,
         "truncated": trace.truncated,
         "captured": bool(trace.request_blob),
+        # Every upstream attempt when fallbacks were tried; empty when the first route answered.
+        "attempts": orjson.loads(trace.attempts) if trace.attempts else [],
     }
 
 
