@@ -100,8 +100,17 @@ def postgres_database() -> Iterator[str]:
 # --- seeding and counting, through tvgate's own code ---
 
 
-def seed(database_url: str, upstream: str, drip_upstream: str) -> str:
-    """A user, a token, keys and routes (model rewritten, as a route alias does); the token."""
+#: The name of the database variant whose org has budgets, rate limits and caps set.
+GOVERNED = "sqlite+governance"
+
+
+def seed(database_url: str, upstream: str, drip_upstream: str, *, governed: bool = False) -> str:
+    """A user, a token, keys and routes (model rewritten, as a route alias does); the token.
+
+    ``governed``: also budgets for the org, the user, each route and each key, rate limits
+    for the org, the user and each route, and a concurrency cap on each key, all far above
+    what a run uses, so every call is judged against all of them and none is refused.
+    """
     from tvgate import services
     from tvgate.db import migrate, open_database
     from tvgate.keyring.local import LocalKeyring
@@ -128,8 +137,28 @@ def seed(database_url: str, upstream: str, drip_upstream: str) -> str:
             allow_private=True,
         )
         services.add_route(route, route + "-key", model=UPSTREAM_MODEL, org_name=org)
+    if governed:
+        _govern(org, [ROUTE_JSON, ROUTE_SSE, ROUTE_DRIP])
     database.close()
     return token
+
+
+def _govern(org_name: str, routes: list[str]) -> None:
+    from tvgate.models import Budget, Org, ProviderKey, RateLimit, User
+
+    org = Org.get(Org.name == org_name)
+    user = User.get(User.org == org)
+    subjects = [("org", ""), ("user", str(user.id))] + [("route", r) for r in routes]
+    for scope, subject in subjects + [("key", r + "-key") for r in routes]:
+        Budget.create(
+            org=org, scope=scope, subject=subject, metric="tokens", period="day", amount=1e15
+        )
+        Budget.create(
+            org=org, scope=scope, subject=subject, metric="usd", period="month", amount=1e12
+        )
+    for scope, subject in subjects:
+        RateLimit.create(org=org, scope=scope, subject=subject, rpm=10**9, tpm=10**12)
+    ProviderKey.update(max_concurrent=100_000).where(ProviderKey.org == org).execute()
 
 
 def trace_counts(database_url: str, route: str | None = None) -> dict[str, int]:

@@ -280,7 +280,7 @@ class Bench:
 
     @contextlib.contextmanager
     def database(self, kind: str) -> Iterator[str]:
-        if kind == "sqlite":
+        if kind.startswith("sqlite"):
             path = self.tmp / f"sqlite-{time.monotonic_ns()}" / "tvgate.db"
             path.parent.mkdir(parents=True)
             yield f"sqlite:///{path}"
@@ -318,8 +318,14 @@ class Bench:
         too, as client_cancelled (at most ``connections`` per run).
         """
         before = gw.trace_counts(database_url)
+        governed = workload.database == gw.GOVERNED
         tvgate = gw.start_tvgate(
-            database_url, token, self.tmp / "gateway", f"{workload.name}-{workload.database}"
+            database_url,
+            token,
+            self.tmp / "gateway",
+            f"{workload.name}-{workload.database}".replace("+", "-"),
+            # The gateway-wide cap too, so every call takes a slot.
+            **({"max_concurrent_calls": "100000"} if governed else {}),
         )
         gw_headers = write_headers_file(
             self.tmp / "tvgate.headers",
@@ -507,6 +513,36 @@ def postgres_workloads(bodies: payloads.BodyFiles) -> list[Workload]:
     ]
 
 
+def governed_workloads(bodies: payloads.BodyFiles) -> list[Workload]:
+    """The goals' workloads again, with budgets, rate limits and caps on every call."""
+    return [
+        Workload(
+            "latency-json", "small JSON, c=1", bodies.small_json, "json", 1, True, gw.GOVERNED
+        ),
+        Workload(
+            "latency-sse", "50-event stream, c=1", bodies.small_sse, "sse", 1, True, gw.GOVERNED
+        ),
+        Workload(
+            "tp-small-json-c16",
+            "200 B JSON, c=16",
+            bodies.small_json,
+            "json",
+            16,
+            False,
+            gw.GOVERNED,
+        ),
+        Workload(
+            "tp-large-json-c16",
+            "190 KB JSON, c=16",
+            bodies.large_json,
+            "json",
+            16,
+            False,
+            gw.GOVERNED,
+        ),
+    ]
+
+
 def run(plan: Plan, output: Path, quick: bool) -> int:
     raise_fd_limit()
     started = time.monotonic()
@@ -528,15 +564,21 @@ def run(plan: Plan, output: Path, quick: bool) -> int:
     streams: list[StreamResult] = []
     try:
         with bench.services():
-            databases = ["sqlite"] + (["postgresql"] if pg else [])
+            databases = ["sqlite", gw.GOVERNED] + (["postgresql"] if pg else [])
+            plans = {
+                "sqlite": workloads,
+                gw.GOVERNED: governed_workloads,
+                "postgresql": postgres_workloads,
+            }
             for database in databases:
                 with bench.database(database) as url:
-                    token = gw.seed(url, bench.upstream, bench.drip_upstream)
-                    todo = (
-                        workloads(bench.bodies)
-                        if database == "sqlite"
-                        else postgres_workloads(bench.bodies)
+                    token = gw.seed(
+                        url,
+                        bench.upstream,
+                        bench.drip_upstream,
+                        governed=database == gw.GOVERNED,
                     )
+                    todo = plans[database](bench.bodies)
                     for workload in todo:
                         bench.say(f"  {database:10s} {workload.title} ...")
                         result = bench.run_workload(workload, url, token)

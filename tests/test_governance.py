@@ -207,8 +207,8 @@ def test_token_budget_holds_across_two_processes(pair: Pair, fake_provider: Fake
     name = counter_key(org.org_id, "tokens", "day", start, "user", str(org.user_id))
     pair.a.bind()
     assert UsageCounter.get_by_id(name).value == admitted * per_call
-    refused = [t for t in pair.a.traces(org_id=org.org_id) if t.status_code == 429]
-    assert len(refused) == 3 and all(t.outcome == "rejected" for t in refused)
+    refused = pair.a.wait_traces(3, org_id=org.org_id, status_code=429)
+    assert all(t.outcome == "rejected" and t.error_type == "rate_limited" for t in refused)
 
 
 def test_cost_budget_of_a_route_refuses_in_openai_format(

@@ -51,6 +51,8 @@ log = logging.getLogger("tvgate.governance")
 #: The resource name of the gateway-wide concurrency cap.
 GATEWAY_RESOURCE = "gateway"
 _PRICES_TTL = 60.0
+#: Distinct (user, route, key) combinations whose plans are kept; past it, all are dropped.
+_PLAN_CACHE_SIZE = 10_000
 
 
 class Refused(Exception):
@@ -81,6 +83,18 @@ class _Charge:
     name: str
     counts: str
     scope: str
+
+
+@dataclass(slots=True)
+class _Plan:
+    governance: Governance
+    #: The end of the first of its windows: the plan is worked out again from then on.
+    expires: float
+    checks: tuple[_Check, ...]
+    charges: tuple[_Charge, ...]
+    rpm: tuple[tuple[str, int, float, str], ...]
+    #: False once every counter it checks has been read at least once.
+    unread: bool = True
 
 
 @dataclass(slots=True)
@@ -129,9 +143,12 @@ class Governor:
         #: Request units reserved from the shared counter and not yet spent.
         self.units: dict[str, int] = {}
         self._reserving: dict[str, asyncio.Future[int]] = {}
+        self._plans: dict[tuple[int, int, str, str, tuple[str, ...]], _Plan] = {}
         self._reading: dict[str, asyncio.Future[None]] = {}
         self.held: dict[str, int] = {}
         self.busy: dict[str, int] = {}
+        #: The most slots busy at once since the last sync: what the process keeps.
+        self.peak: dict[str, int] = {}
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._slot_lock = asyncio.Lock()
         self._syncing = False
@@ -156,45 +173,20 @@ class Governor:
         and key only, the org and the user having admitted the call already.
         """
         now = time.time()
-        admission = Admission()
-        checks: list[_Check] = []
-        rpm: list[tuple[str, int, float, str]] = []
-        for scope, subject in Governance.subjects(user_id, route, key):
-            if scope not in scopes:
-                continue
-            for rule in governance.budgets.get((scope, subject), ()):
-                counts = COUNT_USD if rule.metric == METRIC_USD else COUNT_TOKENS
-                start, end = window(rule.period, now)
-                name = counter_key(org_id, counts, rule.period, start, scope, subject)
-                admission.charges.append(_Charge(name, counts, scope))
-                checks.append(
-                    _Check(
-                        name,
-                        rule.amount,
-                        end,
-                        f"{rule.title} ({rule.amount_text(rule.amount)})",
-                        rule.warn_percent / 100,
-                    )
-                )
-                self._watch(name, end)
-            rate = governance.rates.get((scope, subject))
-            if rate is None:
-                continue
-            start, end = window(PERIOD_MINUTE, now)
-            if rate.tpm:
-                name = counter_key(org_id, COUNT_TOKENS, PERIOD_MINUTE, start, scope, subject)
-                admission.charges.append(_Charge(name, COUNT_TOKENS, scope))
-                text = f"the limit of {rate.tpm:,} tokens per minute of {rate.owner}"
-                checks.append(_Check(name, rate.tpm, end, text, None))
-                self._watch(name, end)
-            if rate.rpm:
-                name = counter_key(org_id, COUNT_REQUESTS, PERIOD_MINUTE, start, scope, subject)
-                text = f"the limit of {rate.rpm:,} requests per minute of {rate.owner}"
-                rpm.append((name, rate.rpm, end, text))
-        unknown = [check.name for check in checks if check.name not in self.totals]
-        if unknown:
-            await self._read(unknown)
-        for check in checks:
+        cache_key = (org_id, user_id, route, key, scopes)
+        plan = self._plans.get(cache_key)
+        if plan is None or plan.governance is not governance or plan.expires <= now:
+            plan = self._plan(governance, org_id, user_id, route, key, scopes, now)
+            if len(self._plans) >= _PLAN_CACHE_SIZE:
+                self._plans.clear()
+            self._plans[cache_key] = plan
+        admission = Admission(list(plan.charges))
+        if plan.unread:
+            unknown = [check.name for check in plan.checks if check.name not in self.totals]
+            if unknown:
+                await self._read(unknown)
+            plan.unread = False
+        for check in plan.checks:
             used = self._used(check.name)
             if used >= check.limit:
                 self.refused += 1
@@ -204,7 +196,7 @@ class Governor:
             if check.warn is not None and used >= check.limit * check.warn:
                 admission.warnings.append(f"{check.text}: {used / check.limit:.0%} used")
         spent: list[str] = []
-        for name, limit, end, text in rpm:
+        for name, limit, end, text in plan.rpm:
             if not await self._spend_unit(name, limit, end):
                 for earlier in spent:  # not counted for a call that was refused
                     self.units[earlier] = self.units.get(earlier, 0) + 1
@@ -212,6 +204,55 @@ class Governor:
                 raise Refused(f"{text} is reached; it resets at {_when(end)}", end - now)
             spent.append(name)
         return admission
+
+    def _plan(
+        self,
+        governance: Governance,
+        org_id: int,
+        user_id: int,
+        route: str,
+        key: str,
+        scopes: tuple[str, ...],
+        now: float,
+    ) -> _Plan:
+        """The counters a call of this user on this route and key is judged by, until the
+        first of their windows ends (worked out once, not per call)."""
+        checks: list[_Check] = []
+        charges: list[_Charge] = []
+        rpm: list[tuple[str, int, float, str]] = []
+        for scope, subject in Governance.subjects(user_id, route, key):
+            if scope not in scopes:
+                continue
+            for rule in governance.budgets.get((scope, subject), ()):
+                counts = COUNT_USD if rule.metric == METRIC_USD else COUNT_TOKENS
+                start, end = window(rule.period, now)
+                name = counter_key(org_id, counts, rule.period, start, scope, subject)
+                charges.append(_Charge(name, counts, scope))
+                text = f"{rule.title} ({rule.amount_text(rule.amount)})"
+                checks.append(_Check(name, rule.amount, end, text, rule.warn_percent / 100))
+            rate = governance.rates.get((scope, subject))
+            if rate is None:
+                continue
+            start, end = window(PERIOD_MINUTE, now)
+            if rate.tpm:
+                name = counter_key(org_id, COUNT_TOKENS, PERIOD_MINUTE, start, scope, subject)
+                charges.append(_Charge(name, COUNT_TOKENS, scope))
+                text = f"the limit of {rate.tpm:,} tokens per minute of {rate.owner}"
+                checks.append(_Check(name, rate.tpm, end, text, None))
+            if rate.rpm:
+                name = counter_key(org_id, COUNT_REQUESTS, PERIOD_MINUTE, start, scope, subject)
+                text = f"the limit of {rate.rpm:,} requests per minute of {rate.owner}"
+                rpm.append((name, rate.rpm, end, text))
+        for check in checks:
+            self._watch(check.name, check.end)
+        ends = [c.end for c in checks] + [r[2] for r in rpm]
+        return _Plan(
+            governance,
+            min(ends, default=now + 60),
+            tuple(checks),
+            tuple(charges),
+            tuple(rpm),
+        )
 
     def _used(self, name: str) -> float:
         """The shared total at the last sync, plus what this process counted since."""
@@ -310,8 +351,11 @@ class Governor:
         the queue timeout for one to free; raise ``Refused`` after that."""
         deadline = time.monotonic() + self.queue_timeout
         while True:
-            if self.busy.get(resource, 0) < self.held.get(resource, 0):
-                self.busy[resource] = self.busy.get(resource, 0) + 1
+            busy = self.busy.get(resource, 0)
+            if busy < self.held.get(resource, 0):
+                self.busy[resource] = busy + 1
+                if busy + 1 > self.peak.get(resource, 0):
+                    self.peak[resource] = busy + 1
                 return
             if await self._grow(resource, cap):
                 continue
@@ -396,9 +440,14 @@ class Governor:
         self.units = {}
         read = list(self.watched)
         async with self._slot_lock:
-            # Idle slots go back; the busy ones are this process's heartbeat. Lowered here,
-            # before the write, so no call takes a slot that is being given back.
-            slots = {resource: self.busy.get(resource, 0) for resource in self.held}
+            # Slots nobody here needed since the last sync go back; the rest are kept (a
+            # steady load does not win them again every second) and heartbeated. Lowered
+            # here, before the write, so no call takes a slot that is being given back.
+            slots = {
+                resource: max(self.busy.get(resource, 0), self.peak.get(resource, 0))
+                for resource in self.held
+            }
+            self.peak = {r: n for r, n in self.busy.items() if n}
             self.held = {resource: n for resource, n in slots.items() if n}
             try:
                 totals = await self.runner.run(lambda: self.store.sync(add, slots, read))

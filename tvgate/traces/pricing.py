@@ -70,6 +70,7 @@ class PriceTable:
 
         self._ordered = sorted(prices, key=specificity)
         self._compiled = [(re.compile(fnmatch.translate(p.model)), p) for p in self._ordered]
+        self._found: dict[str, Price | None] = {}
 
     @classmethod
     def load(cls) -> PriceTable:
@@ -87,10 +88,13 @@ class PriceTable:
         )
 
     def find(self, model: str) -> Price | None:
-        for pattern, price in self._compiled:
-            if pattern.match(model):
-                return price
-        return None
+        # A table lives a minute and sees few distinct models: match each once.
+        if model in self._found:
+            return self._found[model]
+        found = next((price for pattern, price in self._compiled if pattern.match(model)), None)
+        if len(self._found) < 1000:
+            self._found[model] = found
+        return found
 
     def cost(
         self,
