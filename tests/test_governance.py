@@ -112,12 +112,14 @@ def client(gateway: GatewayProcess, org: Org_) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=gateway.url, api_key=org.token, max_retries=0)
 
 
-def ask(gateway: GatewayProcess, org: Org_, **headers: str) -> httpx2.Response:
+def ask(
+    gateway: GatewayProcess, org: Org_, model: str = "claude", **headers: str
+) -> httpx2.Response:
     return httpx2.post(
         gateway.url + "/v1/messages",
         headers={"x-api-key": org.token, "anthropic-version": "2023-06-01", **headers},
         json={
-            "model": "claude",
+            "model": model,
             "max_tokens": 50,
             "messages": [{"role": "user", "content": "count my tokens please"}],
         },
@@ -241,6 +243,28 @@ def test_cost_budget_of_a_route_refuses_in_openai_format(
         assert error["type"] and "retry-after" in refused.headers
     # Another route of the same org is not held by the route's budget.
     assert ask(pair.b, org).status_code == 200
+
+
+def test_warning_header_for_a_route_with_a_unicode_name(
+    pair: Pair, fake_provider: FakeProvider
+) -> None:
+    org = new_org(pair.a, fake_provider)
+    services.add_route("ruta-ñ", "main", org_name=org.name)
+    Budget.create(
+        org=org.org_id,
+        scope="route",
+        subject="ruta-ñ",
+        metric="tokens",
+        period="day",
+        amount=1e9,
+        warn_percent=0,
+    )
+    settle()
+    response = ask(pair.b, org, model="ruta-ñ")
+    assert response.status_code == 200
+    assert response.headers["x-tvgate-budget-warning"] == (
+        "the token budget per day of route ruta-\\xf1 (1,000,000,000 tokens): 0% used"
+    )
 
 
 # --- rate limits ---

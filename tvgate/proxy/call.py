@@ -476,7 +476,9 @@ class ProxyCall:
         handler.set_header("x-tvgate-overhead-ms", f"{self._overhead_ms():.3f}")
         admission = self.serving_admission or self.admission
         if admission is not None and admission.warnings:
-            handler.set_header("x-tvgate-budget-warning", "; ".join(admission.warnings))
+            # Names may be any Unicode; a header is Latin-1 on the wire: escape the rest.
+            warning = "; ".join(admission.warnings).encode("ascii", "backslashreplace")
+            handler.set_header("x-tvgate-budget-warning", warning.decode())
         if self.is_stream_response and not self.stream_counted:
             self.stream_counted = True  # closed again in _queue_trace
             self.gateway.metrics.stream_opened()
