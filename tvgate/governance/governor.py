@@ -418,6 +418,7 @@ class Governor:
         """The last batch at a stop: flush what was counted and give back every slot."""
         while self._syncing:
             await asyncio.sleep(0.01)
+        self.peak = {}  # nothing is kept for later: every idle slot goes back now
         await self.sync()
 
     async def _sync(self) -> None:
