@@ -403,6 +403,11 @@ def test_key_cap_refuses_with_retry_after_when_the_queue_times_out(
         assert counted["tvgate_governance_refused_total"] == 2
     finally:
         stop_gateway(gateway.proc)
+    # A process that stops gives back every slot it held, at once.
+    gateway.bind()
+    gateway_slots = ConcurrencySlot.select().where(ConcurrencySlot.resource == "gateway")
+    assert gateway_slots.count() >= 1
+    assert sum(s.slots for s in gateway_slots) == 0
 
 
 # --- the shared store itself ---
