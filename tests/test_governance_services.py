@@ -389,16 +389,16 @@ def test_key_concurrency_caps(people: dict[str, Principal]) -> None:
         with pytest.raises(services.ServiceError, match="max_concurrent"):
             services.add_key("bad", "openai", SECRET, KEYRING, max_concurrent=bad, actor=admin)  # type: ignore[arg-type]
         with pytest.raises(services.ServiceError, match="max_concurrent"):
-            services.set_key_max_concurrent("capped", bad, actor=admin)  # type: ignore[arg-type]
-    assert services.set_key_max_concurrent("capped", 10, actor=admin).max_concurrent == 10
+            services.update_key("capped", max_concurrent=bad, actor=admin)  # type: ignore[arg-type]
+    assert services.update_key("capped", max_concurrent=10, actor=admin).max_concurrent == 10
     assert [k.max_concurrent for k in services.list_keys(actor=admin) if k.name == "capped"] == [10]
     with pytest.raises(services.Forbidden):
-        services.set_key_max_concurrent("capped", 1, actor=dev)
+        services.update_key("capped", max_concurrent=1, actor=dev)
     with pytest.raises(services.Forbidden):
-        services.set_key_max_concurrent("capped", 1, actor=auditor)
+        services.update_key("capped", max_concurrent=1, actor=auditor)
     with pytest.raises(services.NotFound):
-        services.set_key_max_concurrent("capped", 1, actor=people["admin_b"])
-    assert services.set_key_max_concurrent("capped", 0, "org-a").max_concurrent == 0
+        services.update_key("capped", max_concurrent=1, actor=people["admin_b"])
+    assert services.update_key("capped", max_concurrent=0, org_name="org-a").max_concurrent == 0
     change = (
         AuditEvent.select()
         .where((AuditEvent.action == "update key") & AuditEvent.allowed)

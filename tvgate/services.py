@@ -592,28 +592,46 @@ def _check_max_concurrent(value: Any) -> int:
     return value
 
 
-def set_key_max_concurrent(
-    name: str, max_concurrent: int, org_name: str | None = None, *, actor: Principal | None = None
+def update_key(
+    name: str,
+    *,
+    available_to_all: bool | None = None,
+    max_concurrent: int | None = None,
+    org_name: str | None = None,
+    actor: Principal | None = None,
 ) -> KeyView:
-    """Cap the calls open on a key at once, across every gateway process (0: no cap).
-    An org key is an admin's to cap; a user's own key its owner's (or an admin's)."""
+    """Change who may use an org key and the cap on calls open on a key at once, across
+    every gateway process (0: no cap). An org key is an admin's to change; a user's own
+    key its owner's (or an admin's), and it is only ever available to its owner."""
     key = _key_for(name, org_name, actor)
     if actor is not None and actor.role == ROLE_AUDITOR:
         raise _deny(actor, "update key", name, Forbidden("auditors read; they change nothing"))
-    max_concurrent = _check_max_concurrent(max_concurrent)
-    if key.max_concurrent != max_concurrent:
-        before = key.max_concurrent
-        ProviderKey.update(max_concurrent=max_concurrent, updated_at=time.time()).where(
-            ProviderKey.id == key.id
-        ).execute()
+    changes: dict[str, Any] = {}
+    if available_to_all is not None:
+        if not isinstance(available_to_all, bool):
+            raise ServiceError("available_to_all must be true or false")
+        if key.owner_id is not None:
+            raise ServiceError("a user's own key is only ever available to its owner")
+        if key.available_to_all != available_to_all:
+            changes["available_to_all"] = available_to_all
+    if max_concurrent is not None:
+        max_concurrent = _check_max_concurrent(max_concurrent)
+        if key.max_concurrent != max_concurrent:
+            changes["max_concurrent"] = max_concurrent
+    if changes:
+        before = {field: getattr(key, field) for field in changes}
+        with database.atomic():
+            ProviderKey.update(**changes, updated_at=time.time()).where(
+                ProviderKey.id == key.id
+            ).execute()
+            audit(
+                actor,
+                key.org_id,
+                "update key",
+                key.name,
+                {field: [before[field], value] for field, value in changes.items()},
+            )
         key = ProviderKey.get_by_id(key.id)
-        audit(
-            actor,
-            key.org_id,
-            "update key",
-            key.name,
-            {"max_concurrent": [before, max_concurrent]},
-        )
     return KeyView.of(key)
 
 
@@ -1589,7 +1607,10 @@ def _budget_order(query: peewee.ModelSelect[Budget]) -> list[Budget]:
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ServiceError(f"{what} must be a number")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ServiceError(f"{what} must be a finite number") from None
     if not math.isfinite(number):
         raise ServiceError(f"{what} must be a finite number")
     return number
