@@ -10,11 +10,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx2
 import pytest
 
-from tests.conftest import ANTHROPIC_SECRET, GatewayProcess
+from tests.conftest import ANTHROPIC_SECRET, GatewayProcess, launch_gateway, stop_gateway
 from tests.fake_provider import FakeProvider
 from tvgate import services
 from tvgate.governance.windows import counter_key, window
@@ -242,3 +243,45 @@ def test_openapi_documents_the_governance_paths(gateway: GatewayProcess) -> None
         assert path in paths
     route_fields = paths["/api/v1/routes"]["post"]["requestBody"]["content"]["application/json"]
     assert "fallbacks" in route_fields["schema"]["properties"]
+
+
+def test_a_change_through_the_api_is_in_force_at_once_in_that_process(
+    gateway: GatewayProcess, gov: GovOrg, tmp_path: Path
+) -> None:
+    """A gateway whose snapshots live five minutes: only the invalidation after each change
+    can put a new budget (or its removal) in force before the next request."""
+    slow = launch_gateway(gateway.database_url, tmp_path, {}, TVGATE_CACHE_TTL="300")
+    try:
+        api = httpx2.Client(
+            base_url=slow.url,
+            headers={"Authorization": f"Bearer {gov.tokens['admin']}"},
+            timeout=30,
+        )
+
+        def call() -> int:
+            return api.post(
+                "/v1/messages",
+                json={
+                    "model": "g-spare",
+                    "max_tokens": 8,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+            ).status_code
+
+        assert call() == 200  # the org's snapshot is now cached
+        budget = api.post(
+            "/api/v1/budgets",
+            json={
+                "scope": "route",
+                "subject": "g-spare",
+                "metric": "tokens",
+                "period": "day",
+                "amount": 0,
+            },
+        ).json()
+        assert call() == 429
+        assert api.delete(f"/api/v1/budgets/{budget['id']}").status_code == 200
+        assert call() == 200
+        api.close()
+    finally:
+        stop_gateway(slow.proc)
