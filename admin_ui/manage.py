@@ -21,6 +21,21 @@ def _form_bool(handler: UIHandler, name: str) -> bool:
     return handler.get_body_argument(name, "") in ("on", "true", "1")
 
 
+def _form_names(handler: UIHandler, name: str) -> list[str]:
+    """Names typed into one field, separated by commas or spaces."""
+    return handler.get_body_argument(name, "").replace(",", " ").split()
+
+
+def _form_int(handler: UIHandler, name: str, what: str, default: int = 0) -> int:
+    text = handler.get_body_argument(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise PageError(400, f"{what} must be a whole number.") from None
+
+
 def _back(handler: UIHandler, default: str) -> str:
     back = handler.get_body_argument("back", default)
     return back if back.startswith("/ui/") and "//" not in back else default
@@ -59,9 +74,16 @@ class RoutesHandler(UIHandler):
         model = self.get_body_argument("model", "").strip()
         description = self.get_body_argument("description", "").strip()
         for_user = self.get_body_argument("for_user", "").strip() or None
+        fallbacks = _form_names(self, "fallbacks")
         await self.call(
             lambda: services.add_route(
-                name, key, model=model, description=description, for_user=for_user, actor=user
+                name,
+                key,
+                model=model,
+                description=description,
+                for_user=for_user,
+                fallbacks=fallbacks,
+                actor=user,
             )
         )
         self.changed()
@@ -94,6 +116,7 @@ class RouteHandler(UIHandler):
             "key": self.get_body_argument("key", ""),
             "description": self.get_body_argument("description", "").strip(),
             "enabled": _form_bool(self, "enabled"),
+            "fallbacks": _form_names(self, "fallbacks"),
         }
         await self.call(lambda: services.update_route(int(route_id), changes, actor=user))
         self.changed()
@@ -142,6 +165,7 @@ class KeysHandler(UIHandler):
         secret = self.get_body_argument("secret", "")
         base_url = self.get_body_argument("base_url", "").strip() or None
         available = _form_bool(self, "available_to_all")
+        max_concurrent = _form_int(self, "max_concurrent", "Max concurrent calls")
         await self.call(
             lambda: services.add_key(
                 name,
@@ -150,6 +174,7 @@ class KeysHandler(UIHandler):
                 gateway.keyring,
                 base_url=base_url,
                 available_to_all=available,
+                max_concurrent=max_concurrent,
                 allow_private=gateway.settings.allow_private_upstreams,
                 actor=user,
             )
@@ -201,6 +226,11 @@ class KeyHandler(UIHandler):
         elif action == "availability":
             everyone = _form_bool(self, "available_to_all")
             await self.call(lambda: services.set_key_availability(name, everyone, actor=user))
+            self.changed()
+            self.done(f"/ui/keys/{url_escape(name, plus=False)}")
+        elif action == "max_concurrent":
+            cap = _form_int(self, "max_concurrent", "Max concurrent calls")
+            await self.call(lambda: services.update_key(name, max_concurrent=cap, actor=user))
             self.changed()
             self.done(f"/ui/keys/{url_escape(name, plus=False)}")
         elif action in ("grant", "revoke"):

@@ -9,7 +9,7 @@ from tornado.web import authenticated
 
 from admin_ui.base import PageError, UIHandler
 from admin_ui.connect import tool_configs
-from admin_ui.traces import when
+from admin_ui.governance import template_helpers
 from tvgate import services
 from tvgate.identity import Principal
 
@@ -29,7 +29,10 @@ def _my_page(user: Principal) -> dict[str, Any]:
     tokens = services.list_tokens(user.email, actor=user)
     usage = services.usage_overview("30d", user_email=user.email, actor=user)
     traces, _next = services.list_traces({"user": user.email}, limit=10, actor=user)
+    governance = services.my_budgets(user)
     return {
+        "budgets": governance.budgets,
+        "limits": governance.limits,
         "policy": policy,
         "routes": routes,
         "available": available,
@@ -66,7 +69,8 @@ class MeHandler(UIHandler):
             new_token=new_token,
             base_url=base_url,
             tools=tool_configs(base_url, claude, openai),
-            when=when,
+            deletable=False,
+            **template_helpers(),
             **data,
         )
 
@@ -143,8 +147,11 @@ class MyRouteHandler(UIHandler):
         name = self.get_body_argument("name", "").strip()
         key = self.get_body_argument("key", "")
         model = self.get_body_argument("model", "").strip()
+        fallbacks = self.get_body_argument("fallbacks", "").replace(",", " ").split()
         await self.call(
-            lambda: services.add_route(name, key, model=model, owner=user.email, actor=user)
+            lambda: services.add_route(
+                name, key, model=model, owner=user.email, fallbacks=fallbacks, actor=user
+            )
         )
         self.changed()
         self.done("/ui/me", "route-added")

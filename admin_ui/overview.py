@@ -8,6 +8,7 @@ from tornado.web import authenticated
 
 from admin_ui.base import READERS, UIHandler
 from admin_ui.charts import Chart, bar_chart
+from admin_ui.governance import template_helpers
 from tvgate import services
 
 
@@ -16,14 +17,27 @@ class OverviewHandler(UIHandler):
     async def get(self) -> None:
         range_name = self.get_query_argument("range", "24h")
         user = self.user
-        data = await self.call(lambda: services.usage_overview(range_name, actor=user))
+        reader = user.role in READERS
+
+        def load() -> tuple[dict[str, Any], list[services.BudgetView]]:
+            usage = services.usage_overview(range_name, actor=user)
+            # Readers see every budget of the org; members the ones that apply to them.
+            budgets = (
+                services.list_budgets(actor=user) if reader else services.my_budgets(user).budgets
+            )
+            return usage, budgets
+
+        data, budgets = await self.call(load)
         self.render(
             "overview.html",
             data=data,
             subject="",
-            scope_org=user.role in READERS,
+            scope_org=reader,
             charts=overview_charts(data),
-            tables=overview_tables(data, user.role in READERS),
+            tables=overview_tables(data, reader),
+            budgets=budgets,
+            deletable=False,
+            **template_helpers(),
         )
 
 

@@ -188,3 +188,131 @@ def test_bad_configuration_is_reported(tmp_path: Path) -> None:
     env["TVGATE_KEYRING"] = "nonsense"
     result = run(env, "migrate")
     assert result.returncode == 2 and "keyring" in result.stderr
+
+
+def test_governance_commands(fresh_env: dict[str, str]) -> None:
+    """Budgets, rate limits, route fallbacks and key concurrency caps from the command line."""
+    env = fresh_env
+    assert run(env, "users", "add", "dev@example.com", "--org", "acme").returncode == 0
+    added = run(
+        env,
+        "keys",
+        "add",
+        "main",
+        "--provider",
+        "openai",
+        "--org",
+        "acme",
+        "--max-concurrent",
+        "2",
+        stdin=SECRET + "\n",
+    )
+    assert added.returncode == 0 and json.loads(added.stdout)["max_concurrent"] == 2
+    capped = run(env, "keys", "set", "main", "--org", "acme", "--max-concurrent", "5")
+    assert capped.returncode == 0 and "at most 5 calls" in capped.stdout, capped.stderr
+    bad_cap = run(env, "keys", "set", "main", "--org", "acme", "--max-concurrent", "-1")
+    assert bad_cap.returncode == 1 and "max_concurrent" in bad_cap.stderr
+    listed = json.loads(run(env, "keys", "list", "--org", "acme", "--json").stdout)
+    assert [k["max_concurrent"] for k in listed] == [5]
+
+    for name in ("spare", "other"):
+        assert run(env, "routes", "add", name, "--key", "main", "--org", "acme").returncode == 0
+    routed = run(
+        env,
+        "routes",
+        "add",
+        "gpt",
+        "--key",
+        "main",
+        "--org",
+        "acme",
+        "--fallback",
+        "spare",
+        "--fallback",
+        "other",
+    )
+    assert routed.returncode == 0 and "then spare, other" in routed.stdout, routed.stderr
+    unknown = run(env, "routes", "add", "x", "--key", "main", "--org", "acme", "--fallback", "no")
+    assert unknown.returncode == 1 and "no route named 'no'" in unknown.stderr
+    updated = run(env, "routes", "update", "gpt", "--org", "acme", "--fallback", "other")
+    assert updated.returncode == 0 and "then other" in updated.stdout, updated.stderr
+    routes = run(env, "routes", "list", "--org", "acme").stdout
+    assert "fallbacks: other" in routes
+    cleared = run(env, "routes", "update", "gpt", "--org", "acme", "--no-fallbacks")
+    assert cleared.returncode == 0 and "then" not in cleared.stdout
+
+    org_budget = run(env, "budgets", "set", "--org", "acme", "--tokens-per-day", "1000000")
+    assert org_budget.returncode == 0, org_budget.stderr
+    assert "org, 1,000,000 tokens per day" in org_budget.stdout
+    user_budget = run(
+        env,
+        "budgets",
+        "set",
+        "--org",
+        "acme",
+        "--user",
+        "dev@example.com",
+        "--usd-per-month",
+        "25.5",
+        "--warn-percent",
+        "90",
+    )
+    assert "user dev@example.com, $25.50 per month (warn at 90%)" in user_budget.stdout
+    assert (
+        run(
+            env, "budgets", "set", "--org", "acme", "--route", "gpt", "--tokens-per-month", "5"
+        ).returncode
+        == 0
+    )
+    assert (
+        run(
+            env, "budgets", "set", "--org", "acme", "--key", "main", "--usd-per-day", "3"
+        ).returncode
+        == 0
+    )
+    for args, message in (
+        (("--user", "nobody@example.com", "--usd-per-day", "1"), "no user"),
+        (("--route", "nope", "--usd-per-day", "1"), "no route named 'nope'"),
+        (("--usd-per-day", "-1"), "amount"),
+        (("--usd-per-day", "nan"), "finite"),
+        (("--usd-per-day", "1", "--warn-percent", "150"), "warn_percent"),
+    ):
+        refused = run(env, "budgets", "set", "--org", "acme", *args)
+        assert refused.returncode == 1 and message in refused.stderr, (args, refused.stderr)
+    two_amounts = run(
+        env, "budgets", "set", "--org", "acme", "--usd-per-day", "1", "--tokens-per-day", "2"
+    )
+    assert two_amounts.returncode == 2  # argparse: one amount per budget
+    table = run(env, "budgets", "list", "--org", "acme")
+    assert table.returncode == 0
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:3] == ["ID", "SCOPE", "SUBJECT"] and len(lines) == 5
+    assert "dev@example.com" in lines[2] and "$25.50" in lines[2] and "0%" in lines[2]
+    budgets = json.loads(run(env, "budgets", "list", "--org", "acme", "--json").stdout)
+    assert [(b["scope"], b["subject"]) for b in budgets] == [
+        ("org", ""),
+        ("user", "dev@example.com"),
+        ("route", "gpt"),
+        ("key", "main"),
+    ]
+    assert run(env, "budgets", "delete", "--org", "other", str(budgets[1]["id"])).returncode == 1
+    deleted = run(env, "budgets", "delete", "--org", "acme", str(budgets[1]["id"]))
+    assert deleted.returncode == 0 and f"deleted budget {budgets[1]['id']}" in deleted.stdout
+    assert len(json.loads(run(env, "budgets", "list", "--org", "acme", "--json").stdout)) == 3
+
+    limited = run(env, "limits", "set", "--org", "acme", "--user", "dev@example.com", "--rpm", "60")
+    assert limited.returncode == 0, limited.stderr
+    assert "user dev@example.com, 60 requests and any number of tokens per minute" in (
+        limited.stdout
+    )
+    assert run(env, "limits", "set", "--org", "acme", "--tpm", "100000").returncode == 0
+    assert run(env, "limits", "set", "--org", "acme", "--route", "gpt").returncode == 1
+    assert run(env, "limits", "set", "--org", "acme", "--rpm", "0").returncode == 1
+    limits = json.loads(run(env, "limits", "list", "--org", "acme", "--json").stdout)
+    assert [(r["scope"], r["rpm"], r["tpm"]) for r in limits] == [
+        ("org", None, 100000),
+        ("user", 60, None),
+    ]
+    assert "REQUESTS THIS MINUTE" in run(env, "limits", "list", "--org", "acme").stdout
+    assert run(env, "limits", "delete", "--org", "acme", str(limits[0]["id"])).returncode == 0
+    assert run(env, "limits", "delete", "--org", "acme", str(limits[0]["id"])).returncode == 1

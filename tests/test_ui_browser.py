@@ -108,23 +108,32 @@ def test_admin_adds_a_key_and_an_org_route(
     page.select_option("#add-key select[name=provider]", "anthropic")
     page.fill("#add-key input[name=base_url]", fake_provider.url)
     page.fill("#add-key input[name=secret]", ANTHROPIC_SECRET)
+    page.fill("#add-key input[name=max_concurrent]", "50")
     page.click("#add-key button[type=submit]")
     page.wait_for_url(re.compile(r".*/ui/keys\?ok=key-added"))
     html = record(page)
     assert "ui-anthropic" in html and "…" + ANTHROPIC_SECRET[-4:] in html
+    assert "50" in page.locator("tr", has_text="ui-anthropic").inner_text()
     shoot(page, "keys")
 
     visit(page, gateway.url + "/ui/keys/ui-anthropic")
     shoot(page, "key")
+    page.fill("#key-cap input[name=max_concurrent]", "60")
+    page.click("#key-cap button[type=submit]")
+    page.wait_for_url(re.compile(r".*/ui/keys/ui-anthropic\?ok=saved"))
+    assert "60" in page.locator("dl.facts").inner_text()
 
     visit(page, gateway.url + "/ui/routes")
     page.fill("#add-route input[name=name]", "ui-claude")
     page.select_option("#add-route select[name=key]", "ui-anthropic")
     page.fill("#add-route input[name=model]", "claude-ui-upstream")
     page.fill("#add-route input[name=description]", "Made in the browser test")
+    page.fill("#add-route input[name=fallbacks]", "claude-test, claude-pass")
     page.click("#add-route button[type=submit]")
     page.wait_for_url(re.compile(r".*/ui/routes\?ok=route-added"))
     assert "ui-claude" in record(page)
+    row = page.locator("tr", has_text="ui-claude").inner_text()
+    assert "claude-test, claude-pass" in row
     shoot(page, "routes")
 
     # Who gets what: the member asking for ui-claude gets the new route.
@@ -135,6 +144,65 @@ def test_admin_adds_a_key_and_an_org_route(
     assert route_id is not None
     visit(page, gateway.url + f"/ui/routes/{route_id.group(1)}")
     shoot(page, "route")
+    page.fill("input[name=fallbacks]", "claude-pass")
+    page.click("button[type=submit]:has-text('Save')")
+    page.wait_for_url(re.compile(r".*/ui/routes\?ok=saved"))
+    assert "claude-pass" in page.locator("tr", has_text="ui-claude").inner_text()
+    assert "claude-test" not in page.locator("tr", has_text="ui-claude").inner_text()
+
+
+def test_admin_sets_budgets_and_limits_and_the_member_sees_them(
+    admin_page: Page, member_page: Page, gateway: GatewayProcess
+) -> None:
+    page = admin_page
+    visit(page, gateway.url + "/ui/governance")
+    page.select_option("#set-budget select[name=scope]", "user")
+    page.fill("#set-budget input[name=subject]", MEMBER)
+    page.select_option("#set-budget select[name=measure]", "usd-month")
+    page.fill("#set-budget input[name=amount]", "1000000")
+    page.fill("#set-budget input[name=warn_percent]", "90")
+    page.click("#set-budget button[type=submit]")
+    page.wait_for_url(re.compile(r".*/ui/governance\?ok=saved"))
+    record(page)
+    budget = page.locator("#budgets tbody tr", has_text=MEMBER)
+    assert "cost per month" in budget.inner_text() and "$1,000,000.00" in budget.inner_text()
+    assert budget.locator("meter").count() == 1
+    page.select_option("#set-limit select[name=scope]", "route")
+    page.fill("#set-limit input[name=subject]", "claude-test")
+    page.fill("#set-limit input[name=rpm]", "100000")
+    page.click("#set-limit button[type=submit]")
+    page.wait_for_url(re.compile(r".*/ui/governance\?ok=saved"))
+    record(page)
+    assert "100,000" in page.locator("#limits tbody tr", has_text="claude-test").inner_text()
+    shoot(page, "governance")
+    # A refusal comes back as a page saying why.
+    visit(page, gateway.url + "/ui/governance")
+    page.select_option("#set-budget select[name=scope]", "user")
+    page.fill("#set-budget input[name=subject]", "nobody@acme.test")
+    page.fill("#set-budget input[name=amount]", "5")
+    with page.expect_navigation() as navigation:
+        page.click("#set-budget button[type=submit]")
+    assert navigation.value is not None and navigation.value.status == 404
+    assert "no user" in page.inner_text("main")
+
+    visit(member_page, gateway.url + "/ui/me")
+    mine = member_page.inner_text("#my-budgets")
+    assert "$1,000,000.00" in mine and "claude-test" in mine
+    shoot(member_page, "me-budgets")
+    visit(member_page, gateway.url + "/ui/")
+    assert MEMBER in member_page.inner_text("#budgets")
+    visit(page, gateway.url + "/ui/")
+    assert MEMBER in page.inner_text("#budgets")
+    shoot(page, "overview-budgets")
+
+    # Removed again, so that no other test of the session runs under them.
+    visit(page, gateway.url + "/ui/governance")
+    page.locator("#budgets tbody tr", has_text=MEMBER).locator("button").click()
+    page.wait_for_url(re.compile(r".*/ui/governance\?ok=deleted"))
+    page.locator("#limits tbody tr", has_text="claude-test").locator("button").click()
+    page.wait_for_url(re.compile(r".*/ui/governance\?ok=deleted"))
+    html = record(page)
+    assert MEMBER not in page.inner_text("#budgets") and "No rate limits." in html
 
 
 def test_member_connects_claude_code_and_reads_the_answer(
@@ -237,6 +305,7 @@ def test_member_cannot_open_admin_pages(member_page: Page, gateway: GatewayProce
         "/ui/users",
         "/ui/policy",
         "/ui/audit",
+        "/ui/governance",
         f"/ui/users/{ADMIN}",
         "/ui/keys/fake-anthropic",
     ):

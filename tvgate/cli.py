@@ -166,9 +166,20 @@ def cmd_keys_add(settings: Settings, args: argparse.Namespace) -> int:
         base_url=args.base_url,
         owner_email=args.owner,
         available_to_all=not args.granted_only,
+        max_concurrent=args.max_concurrent,
         allow_private=settings.allow_private_upstreams,
     )
     print(json.dumps(view.as_dict(), indent=2))
+    return 0
+
+
+def cmd_keys_set(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    if args.max_concurrent is None:
+        raise services.ServiceError("nothing to change: give --max-concurrent")
+    view = services.update_key(args.name, max_concurrent=args.max_concurrent, org_name=args.org)
+    cap = f"at most {view.max_concurrent}" if view.max_concurrent else "no cap on"
+    print(f"key {view.name}: {cap} calls at once")
     return 0
 
 
@@ -185,7 +196,7 @@ def cmd_keys_list(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([view.as_dict() for view in views], indent=2))
         return 0
-    rows = [("NAME", "PROVIDER", "KEY", "OWNER", "STATE", "BASE URL")]
+    rows = [("NAME", "PROVIDER", "KEY", "OWNER", "STATE", "MAX CALLS", "BASE URL")]
     for view in views:
         shown = view.as_dict()
         state = "disabled" if view.disabled else "enabled"
@@ -196,6 +207,7 @@ def cmd_keys_list(settings: Settings, args: argparse.Namespace) -> int:
                 shown["fingerprint"],
                 view.owner or "-",
                 state,
+                str(view.max_concurrent or "-"),
                 view.base_url,
             )
         )
@@ -426,7 +438,10 @@ def cmd_routes_list(settings: Settings, args: argparse.Namespace) -> int:
         who = route.user or "-"
         state = "enabled" if route.enabled else "disabled"
         model = route.upstream_model or "(as requested)"
-        print(f"{route.id}\t{route.name}\t{route.scope}\t{who}\t{route.key}\t{model}\t{state}")
+        line = f"{route.id}\t{route.name}\t{route.scope}\t{who}\t{route.key}\t{model}\t{state}"
+        if route.fallbacks:
+            line += f"\tfallbacks: {', '.join(route.fallbacks)}"
+        print(line)
     return 0
 
 
@@ -456,12 +471,198 @@ def cmd_routes_add(settings: Settings, args: argparse.Namespace) -> int:
         description=args.description,
         for_user=args.for_user,
         owner=args.owner,
+        fallbacks=args.fallback,
     )
+    _print_route(route)
+    return 0
+
+
+def _print_route(route: services.RouteView) -> None:
     target = route.upstream_model or "(the requested name)"
     who = f" for {route.user}" if route.user else ""
+    fallbacks = f", then {', '.join(route.fallbacks)}" if route.fallbacks else ""
+    state = "" if route.enabled else " (disabled)"
     print(
-        f"{route.scope} route {route.name}{who} -> {route.provider} {target} with key {route.key}"
+        f"{route.scope} route {route.name}{who} -> {route.provider} {target} with key "
+        f"{route.key}{fallbacks}{state}"
     )
+
+
+def cmd_routes_update(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    org = services.get_org(args.org)
+    routes = [r for r in services.list_routes(org.name) if str(r.id) == args.route]
+    if not routes:
+        routes = [r for r in services.list_routes(org.name) if r.name == args.route]
+    if not routes:
+        raise services.NotFound(f"no route {args.route!r} in org {org.name!r}")
+    if len(routes) > 1:
+        ids = ", ".join(f"{r.id} ({r.scope}{' of ' + r.user if r.user else ''})" for r in routes)
+        raise services.ServiceError(
+            f"{len(routes)} routes are named {args.route!r}: give the id of one ({ids})"
+        )
+    changes: dict[str, Any] = {}
+    if args.no_fallbacks:
+        changes["fallbacks"] = []
+    elif args.fallback is not None:
+        changes["fallbacks"] = args.fallback
+    if args.model is not None:
+        changes["upstream_model"] = args.model
+    if args.key is not None:
+        changes["key"] = args.key
+    if args.description is not None:
+        changes["description"] = args.description
+    if args.enabled is not None:
+        changes["enabled"] = args.enabled == "on"
+    if not changes:
+        raise services.ServiceError(
+            "nothing to change: give --fallback, --no-fallbacks, --model, --key, "
+            "--description or --enabled"
+        )
+    _print_route(services.update_route(routes[0].id, changes))
+    return 0
+
+
+def _subject(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The scope and subject a budgets or limits command names (the org by default)."""
+    for scope in ("user", "route", "key"):
+        value = getattr(args, scope, None)
+        if value is not None:
+            return scope, value
+    return "org", None
+
+
+def _amount(value: float, metric: str) -> str:
+    return f"${value:,.2f}" if metric == "usd" else f"{value:,.0f} tokens"
+
+
+def cmd_budgets_set(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    scope, subject = _subject(args)
+    metric, period, amount = next(
+        (metric, period, value)
+        for (metric, period), value in (
+            (("tokens", "day"), args.tokens_per_day),
+            (("tokens", "month"), args.tokens_per_month),
+            (("usd", "day"), args.usd_per_day),
+            (("usd", "month"), args.usd_per_month),
+        )
+        if value is not None
+    )
+    budget = services.set_budget(
+        args.org,
+        scope=scope,
+        subject=subject,
+        metric=metric,
+        period=period,
+        amount=amount,
+        warn_percent=args.warn_percent,
+    )
+    who = f"{scope} {budget.subject}" if budget.subject else scope
+    print(
+        f"budget {budget.id}: {who}, {_amount(budget.amount, metric)} per {period} "
+        f"(warn at {budget.warn_percent:g}%); used {_amount(budget.used, metric)} so far"
+    )
+    return 0
+
+
+def _when(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(at))
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_budgets_list(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    budgets = services.list_budgets(args.org)
+    if args.json:
+        print(json.dumps([b.as_dict() for b in budgets], indent=2))
+        return 0
+    if not budgets:
+        print("no budgets")
+        return 0
+    rows: list[tuple[str, ...]] = [
+        ("ID", "SCOPE", "SUBJECT", "PER", "AMOUNT", "USED", "USED %", "STATE", "RESETS (UTC)")
+    ]
+    for b in budgets:
+        rows.append(
+            (
+                str(b.id),
+                b.scope,
+                b.subject or "-",
+                b.period,
+                _amount(b.amount, b.metric),
+                _amount(b.used, b.metric),
+                f"{b.percent:g}%",
+                b.state,
+                _when(b.resets_at),
+            )
+        )
+    _table(rows)
+    return 0
+
+
+def cmd_budgets_delete(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    services.delete_budget(args.budget_id, org_name=args.org)
+    print(f"deleted budget {args.budget_id}")
+    return 0
+
+
+def cmd_limits_set(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    if args.rpm is None and args.tpm is None:
+        raise services.ServiceError(
+            "give --rpm and/or --tpm (to remove a limit: tvgate limits delete)"
+        )
+    scope, subject = _subject(args)
+    limit = services.set_rate_limit(
+        args.org, scope=scope, subject=subject, rpm=args.rpm, tpm=args.tpm
+    )
+    assert limit is not None
+    who = f"{scope} {limit.subject}" if limit.subject else scope
+    rpm = f"{limit.rpm} requests" if limit.rpm is not None else "any number of requests"
+    tpm = f"{limit.tpm} tokens" if limit.tpm is not None else "any number of tokens"
+    print(f"limit {limit.id}: {who}, {rpm} and {tpm} per minute")
+    return 0
+
+
+def cmd_limits_list(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    limits = services.list_rate_limits(args.org)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in limits], indent=2))
+        return 0
+    if not limits:
+        print("no rate limits")
+        return 0
+    rows: list[tuple[str, ...]] = [
+        ("ID", "SCOPE", "SUBJECT", "RPM", "TPM", "REQUESTS THIS MINUTE", "TOKENS THIS MINUTE")
+    ]
+    for r in limits:
+        rows.append(
+            (
+                str(r.id),
+                r.scope,
+                r.subject or "-",
+                str(r.rpm) if r.rpm is not None else "-",
+                str(r.tpm) if r.tpm is not None else "-",
+                f"{int(r.used_requests):,}",
+                f"{int(r.used_tokens):,}",
+            )
+        )
+    _table(rows)
+    return 0
+
+
+def cmd_limits_delete(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    services.delete_rate_limit(args.limit_id, org_name=args.org)
+    print(f"deleted rate limit {args.limit_id}")
     return 0
 
 
@@ -525,6 +726,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owner", help="a user's own key (when the org allows user keys)")
     p.add_argument(
         "--granted-only", action="store_true", help="only users granted the key may use it"
+    )
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=0,
+        metavar="N",
+        help="calls open on the key at once, across every gateway process (0: no cap)",
+    )
+    p = command(keys, "set", cmd_keys_set, "change a key's concurrency cap")
+    p.add_argument("name")
+    p.add_argument("--org")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        metavar="N",
+        help="calls open on the key at once, across every gateway process (0: no cap)",
     )
     p = command(keys, "grant", cmd_keys_grant, "let users use an org key (or --revoke)")
     p.add_argument("name")
@@ -617,12 +834,80 @@ def build_parser() -> argparse.ArgumentParser:
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("--for-user", metavar="EMAIL", help="a route an admin makes for one user")
     scope.add_argument("--owner", metavar="EMAIL", help="a user's own route")
+    p.add_argument(
+        "--fallback",
+        action="append",
+        metavar="ROUTE",
+        help="a route tried when this one's provider fails (repeat for more, in order)",
+    )
+    p = command(routes, "update", cmd_routes_update, "change a route (by id, or by name)")
+    p.add_argument("route", help="the route's id (see routes list), or its name if unique")
+    p.add_argument("--org")
+    fallbacks = p.add_mutually_exclusive_group()
+    fallbacks.add_argument(
+        "--fallback",
+        action="append",
+        metavar="ROUTE",
+        help="replace the fallbacks with these routes (repeat for more, in order)",
+    )
+    fallbacks.add_argument("--no-fallbacks", action="store_true", help="remove every fallback")
+    p.add_argument("--model", help="upstream model (empty: the requested name)")
+    p.add_argument("--key")
+    p.add_argument("--description")
+    p.add_argument("--enabled", choices=["on", "off"])
     p = command(routes, "list", cmd_routes_list, "list an org's routes")
     p.add_argument("--org")
     p = command(routes, "resolve", cmd_routes_resolve, "the route a user would get for a name")
     p.add_argument("name")
     p.add_argument("--user", required=True)
     p.add_argument("--org")
+
+    budgets = commands.add_parser(
+        "budgets", help="caps on tokens or cost per UTC day or month"
+    ).add_subparsers(required=True)
+    p = command(
+        budgets, "set", cmd_budgets_set, "set the budget of the org, a user, a route or a key"
+    )
+    p.add_argument("--org", required=True)
+    subject = p.add_mutually_exclusive_group()
+    subject.add_argument("--user", metavar="EMAIL")
+    subject.add_argument("--route", metavar="NAME")
+    subject.add_argument("--key", metavar="NAME")
+    amount = p.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--tokens-per-day", type=int, metavar="N")
+    amount.add_argument("--tokens-per-month", type=int, metavar="N")
+    amount.add_argument("--usd-per-day", type=float, metavar="X")
+    amount.add_argument("--usd-per-month", type=float, metavar="X")
+    p.add_argument(
+        "--warn-percent",
+        type=float,
+        default=80.0,
+        metavar="P",
+        help="answers carry a warning header from this share of the budget (default 80)",
+    )
+    p = command(budgets, "list", cmd_budgets_list, "list budgets with this day's or month's use")
+    p.add_argument("--org")
+    p.add_argument("--json", action="store_true", help="JSON for scripts")
+    p = command(budgets, "delete", cmd_budgets_delete, "delete a budget by its id")
+    p.add_argument("--org")
+    p.add_argument("budget_id", type=int)
+
+    limits = commands.add_parser("limits", help="requests and tokens per minute").add_subparsers(
+        required=True
+    )
+    p = command(limits, "set", cmd_limits_set, "set the rate limit of the org, a user or a route")
+    p.add_argument("--org", required=True)
+    subject = p.add_mutually_exclusive_group()
+    subject.add_argument("--user", metavar="EMAIL")
+    subject.add_argument("--route", metavar="NAME")
+    p.add_argument("--rpm", type=int, metavar="N", help="requests per minute (unset: no limit)")
+    p.add_argument("--tpm", type=int, metavar="N", help="tokens per minute (unset: no limit)")
+    p = command(limits, "list", cmd_limits_list, "list rate limits with this minute's use")
+    p.add_argument("--org")
+    p.add_argument("--json", action="store_true", help="JSON for scripts")
+    p = command(limits, "delete", cmd_limits_delete, "delete a rate limit by its id")
+    p.add_argument("--org")
+    p.add_argument("limit_id", type=int)
     return parser
 
 

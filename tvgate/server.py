@@ -41,6 +41,7 @@ from tornado.netutil import bind_sockets
 import admin_ui
 from admin_ui import auth as ui_auth
 from admin_ui import charts as ui_charts
+from admin_ui import governance as ui_governance
 from admin_ui import manage as ui_manage
 from admin_ui import me as ui_me
 from admin_ui import overview as ui_overview
@@ -81,6 +82,7 @@ def make_app(gateway: Gateway) -> tornado.web.Application:
         *ui_me.default_handlers,
         *ui_traces.default_handlers,
         *ui_manage.default_handlers,
+        *ui_governance.default_handlers,
         *api_handlers.default_handlers,
     ]
     return tornado.web.Application(

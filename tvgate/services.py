@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -24,10 +25,27 @@ from urllib.parse import urlparse
 import orjson
 import peewee
 
+from tvgate.governance.windows import (
+    COUNT_REQUESTS,
+    COUNT_TOKENS,
+    PERIOD_MINUTE,
+    counter_key,
+    window,
+)
 from tvgate.identity import Principal
 from tvgate.identity.tokens import mint_token
 from tvgate.keyring import KeyContext, Keyring, KeyringError, Rewrapper, backend_of, fingerprint
 from tvgate.models import (
+    BUDGET_SCOPES,
+    GOVERN_KEY,
+    GOVERN_ORG,
+    GOVERN_ROUTE,
+    GOVERN_USER,
+    LIMIT_SCOPES,
+    METRIC_TOKENS,
+    METRIC_USD,
+    PERIOD_DAY,
+    PERIOD_MONTH,
     PROVIDERS,
     ROLE_ADMIN,
     ROLE_AUDITOR,
@@ -37,13 +55,16 @@ from tvgate.models import (
     SCOPE_OWNED,
     SCOPE_USER,
     AuditEvent,
+    Budget,
     KeyGrant,
     ModelPrice,
     Org,
     ProviderKey,
     ProxyToken,
+    RateLimit,
     Route,
     Trace,
+    UsageCounter,
     User,
     database,
 )
@@ -361,6 +382,7 @@ class KeyView:
     disabled: bool
     created_at: float
     last_used_at: float | None
+    max_concurrent: int = 0
 
     @classmethod
     def of(cls, key: ProviderKey) -> KeyView:
@@ -374,6 +396,7 @@ class KeyView:
             disabled=key.disabled,
             created_at=key.created_at,
             last_used_at=key.last_used_at,
+            max_concurrent=key.max_concurrent,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -387,6 +410,7 @@ class KeyView:
             "disabled": self.disabled,
             "created_at": self.created_at,
             "last_used_at": self.last_used_at,
+            "max_concurrent": self.max_concurrent,
         }
 
 
@@ -401,11 +425,14 @@ def add_key(
     allow_private: bool = False,
     owner_email: str | None = None,
     available_to_all: bool = True,
+    max_concurrent: int = 0,
     actor: Principal | None = None,
 ) -> KeyView:
     """Store a provider key encrypted; only ciphertext and fingerprint reach the database.
 
     An admin adds org keys; a user adds a private key of their own when the org allows it.
+    ``max_concurrent`` caps the calls open on the key at once, across every gateway
+    process (0: no cap).
     """
     org = _actor_org(actor, org_name)
     owner: User | None = None
@@ -423,6 +450,7 @@ def add_key(
         raise ServiceError(f"provider must be one of {', '.join(PROVIDERS)}")
     secret = _check_secret(secret)
     _check_name(name, "a key")
+    max_concurrent = _check_max_concurrent(max_concurrent)
     url = check_base_url(base_url or DEFAULT_BASE_URLS[provider], allow_private=allow_private)
     with database.atomic():
         if ProviderKey.get_or_none((ProviderKey.org == org) & (ProviderKey.name == name)):
@@ -437,6 +465,7 @@ def add_key(
             owner=owner,
             available_to_all=available_to_all if owner is None else False,
             created_by=actor.user_id if actor else None,
+            max_concurrent=max_concurrent,
         )
         # The id (and owner) are part of the encryption context, so encrypt once the row exists.
         key.ciphertext = keyring.encrypt(secret, KeyContext(org.id, key.id, key.owner_id))
@@ -446,7 +475,12 @@ def add_key(
             org.id,
             "add key",
             name,
-            {"provider": provider, "base_url": url, "owner": owner_email},
+            {
+                "provider": provider,
+                "base_url": url,
+                "owner": owner_email,
+                "max_concurrent": max_concurrent,
+            },
         )
     return KeyView.of(key)
 
@@ -539,6 +573,65 @@ def set_key_availability(
         key.updated_at = time.time()
         key.save()
         audit(actor, org.id, "update key", name, {"available_to_all": available_to_all})
+    return KeyView.of(key)
+
+
+#: The highest concurrency cap a key may have (0 means no cap at all).
+MAX_CONCURRENT_LIMIT = 100_000
+
+
+def _check_max_concurrent(value: Any) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not 0 <= value <= MAX_CONCURRENT_LIMIT
+    ):
+        raise ServiceError(
+            f"max_concurrent must be a whole number from 0 (no cap) to {MAX_CONCURRENT_LIMIT}"
+        )
+    return value
+
+
+def update_key(
+    name: str,
+    *,
+    available_to_all: bool | None = None,
+    max_concurrent: int | None = None,
+    org_name: str | None = None,
+    actor: Principal | None = None,
+) -> KeyView:
+    """Change who may use an org key and the cap on calls open on a key at once, across
+    every gateway process (0: no cap). An org key is an admin's to change; a user's own
+    key its owner's (or an admin's), and it is only ever available to its owner."""
+    key = _key_for(name, org_name, actor)
+    if actor is not None and actor.role == ROLE_AUDITOR:
+        raise _deny(actor, "update key", name, Forbidden("auditors read; they change nothing"))
+    changes: dict[str, Any] = {}
+    if available_to_all is not None:
+        if not isinstance(available_to_all, bool):
+            raise ServiceError("available_to_all must be true or false")
+        if key.owner_id is not None:
+            raise ServiceError("a user's own key is only ever available to its owner")
+        if key.available_to_all != available_to_all:
+            changes["available_to_all"] = available_to_all
+    if max_concurrent is not None:
+        max_concurrent = _check_max_concurrent(max_concurrent)
+        if key.max_concurrent != max_concurrent:
+            changes["max_concurrent"] = max_concurrent
+    if changes:
+        before = {field: getattr(key, field) for field in changes}
+        with database.atomic():
+            ProviderKey.update(**changes, updated_at=time.time()).where(
+                ProviderKey.id == key.id
+            ).execute()
+            audit(
+                actor,
+                key.org_id,
+                "update key",
+                key.name,
+                {field: [before[field], value] for field, value in changes.items()},
+            )
+        key = ProviderKey.get_by_id(key.id)
     return KeyView.of(key)
 
 
@@ -843,6 +936,7 @@ class RouteView:
     user: str | None
     enabled: bool
     description: str
+    fallbacks: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, route: Route) -> RouteView:
@@ -856,6 +950,7 @@ class RouteView:
             user=route.user.email if route.user is not None else None,
             enabled=route.enabled,
             description=route.description,
+            fallbacks=route_fallbacks(route),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -869,7 +964,51 @@ class RouteView:
             "user": self.user,
             "enabled": self.enabled,
             "description": self.description,
+            "fallbacks": list(self.fallbacks),
         }
+
+
+def route_fallbacks(route: Route) -> tuple[str, ...]:
+    """A route's fallbacks as stored (a JSON list of route names); nothing if unreadable."""
+    try:
+        names = orjson.loads(route.fallbacks or "[]")
+    except orjson.JSONDecodeError:
+        return ()
+    if not isinstance(names, list):
+        return ()
+    return tuple(n for n in names if isinstance(n, str))
+
+
+#: How many fallbacks a route may have: each is a whole extra upstream call when tried.
+MAX_FALLBACKS = 5
+
+
+def _check_fallbacks(
+    fallbacks: Any, org: Org, name: str, scope: str, user: User | None
+) -> list[str]:
+    """Route names tried in order when this route's provider fails: each names a route of
+    the org (for a user's own route, one that user can see), never the route itself, at
+    most MAX_FALLBACKS, no name twice."""
+    if not isinstance(fallbacks, list | tuple) or not all(isinstance(f, str) for f in fallbacks):
+        raise ServiceError("fallbacks must be a list of route names")
+    names = [f.strip() for f in fallbacks]
+    if len(names) > MAX_FALLBACKS:
+        raise ServiceError(f"a route may have at most {MAX_FALLBACKS} fallbacks")
+    if len(set(names)) != len(names):
+        raise ServiceError("fallbacks must not name a route twice")
+    if name in names:
+        raise ServiceError(f"route {name!r} cannot be its own fallback")
+    if not names:
+        return names
+    query = Route.select(Route.name).where((Route.org == org) & Route.name.in_(names))
+    if scope == SCOPE_OWNED:
+        # A member's own route may only fall back to names that member can see.
+        query = query.where((Route.scope == SCOPE_ORG) | (Route.user == user))
+    known = {r.name for r in query}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ServiceError(f"no route named {', '.join(map(repr, missing))} to fall back to")
+    return names
 
 
 def _usable_key(key: ProviderKey, user: User) -> bool:
@@ -891,9 +1030,11 @@ def add_route(
     for_user: str | None = None,
     owner: str | None = None,
     enabled: bool = True,
+    fallbacks: list[str] | None = None,
     actor: Principal | None = None,
 ) -> RouteView:
-    """A route: org-wide, made by an admin for one user (``for_user``), or a user's own (``owner``)."""
+    """A route: org-wide, made by an admin for one user (``for_user``), or a user's own
+    (``owner``). ``fallbacks`` are route names tried in order when its provider fails."""
     org = _actor_org(actor, org_name)
     if for_user is not None and owner is not None:
         raise ServiceError("a route is for one user or owned by one user, not both")
@@ -925,6 +1066,7 @@ def add_route(
             raise _deny(actor, "add route", name, error2) if actor is not None else error2
     elif key.owner_id is not None:
         raise ServiceError("an admin's route needs an org key, not a user's own key")
+    fallback_names = _check_fallbacks(fallbacks or [], org, name, scope, user)
     with database.atomic():
         if (
             Route.select()
@@ -948,13 +1090,20 @@ def add_route(
             user=user,
             enabled=enabled,
             description=description,
+            fallbacks=orjson.dumps(fallback_names).decode(),
         )
         audit(
             actor,
             org.id,
             "add route",
             name,
-            {"scope": scope, "user": user.email if user else None, "key": key.name, "model": model},
+            {
+                "scope": scope,
+                "user": user.email if user else None,
+                "key": key.name,
+                "model": model,
+                "fallbacks": fallback_names,
+            },
         )
     return RouteView.of(route)
 
@@ -996,8 +1145,8 @@ def _editable_route(route_id: int, actor: Principal | None, action: str) -> Rout
 def update_route(
     route_id: int, changes: dict[str, Any], *, actor: Principal | None = None
 ) -> RouteView:
-    """Change a route's name, model, key, enabled flag or description."""
-    allowed = {"name", "upstream_model", "key", "enabled", "description"}
+    """Change a route's name, model, key, enabled flag, description or fallbacks."""
+    allowed = {"name", "upstream_model", "key", "enabled", "description", "fallbacks"}
     unknown = set(changes) - allowed
     if unknown:
         raise ServiceError(f"cannot change {', '.join(sorted(unknown))}")
@@ -1031,6 +1180,16 @@ def update_route(
         elif key.owner_id is not None:
             raise ServiceError("an admin's route needs an org key, not a user's own key")
         route.key = key
+    if "fallbacks" in changes or ("name" in changes and route.name in route_fallbacks(route)):
+        route.fallbacks = orjson.dumps(
+            _check_fallbacks(
+                changes.get("fallbacks", list(route_fallbacks(route))),
+                route.org,
+                route.name,
+                route.scope,
+                route.user,
+            )
+        ).decode()
     route.updated_at = time.time()
     try:
         with database.atomic():
@@ -1306,6 +1465,457 @@ def list_audit(
         }
         for e in query.order_by(AuditEvent.id.desc()).limit(max(1, min(limit, 500)))
     ]
+
+
+# --- governance: budgets and rate limits ---
+
+#: The metrics a budget counts and the periods it counts over (UTC days and months).
+BUDGET_METRICS = (METRIC_TOKENS, METRIC_USD)
+BUDGET_PERIODS = (PERIOD_DAY, PERIOD_MONTH)
+#: The largest budget amount and per-minute limit accepted: far above any real one, and
+#: small enough that a typo of many zeros is caught.
+MAX_BUDGET_AMOUNT = 1e15
+MAX_PER_MINUTE = 2**31 - 1
+
+
+def _subject_row(org: Org, scope: str, subject: str | None) -> tuple[str, str]:
+    """(stored subject, subject as shown) for a budget or a limit, checked to exist:
+    "" for the org, the user's id for a user (shown as the email), a route's or key's name."""
+    if scope == GOVERN_ORG:
+        return "", ""
+    if not subject or not subject.strip():
+        what = {GOVERN_USER: "a user's email", GOVERN_ROUTE: "a route name"}.get(
+            scope, "a key name"
+        )
+        raise ServiceError(f"a {scope} budget or limit needs {what}")
+    subject = subject.strip()
+    if scope == GOVERN_USER:
+        user = get_user(subject, org)
+        return str(user.id), user.email
+    if scope == GOVERN_ROUTE:
+        if not Route.select().where((Route.org == org) & (Route.name == subject)).exists():
+            raise NotFound(f"no route named {subject!r} in org {org.name!r}")
+        return subject, subject
+    get_key(subject, org)
+    return subject, subject
+
+
+def _shown_subjects(org_id: int, rows: list[Any]) -> dict[str, str]:
+    """Emails of the users that user-scoped rows name, by stored subject (the user id)."""
+    ids = [int(r.subject) for r in rows if r.scope == GOVERN_USER and r.subject.isdigit()]
+    if not ids:
+        return {}
+    users = User.select(User.id, User.email).where((User.org == org_id) & User.id.in_(ids))
+    return {str(u.id): u.email for u in users}
+
+
+def _shown(row: Budget | RateLimit, emails: dict[str, str]) -> str:
+    if row.scope == GOVERN_USER:
+        return emails.get(row.subject, f"(deleted user {row.subject})")
+    return str(row.subject)
+
+
+def _counters(keys: list[str]) -> dict[str, float]:
+    """The shared counters of these names (a counter not yet written is 0)."""
+    if not keys:
+        return {}
+    found = {c.key: c.value for c in UsageCounter.select().where(UsageCounter.key.in_(keys))}
+    return {k: float(found.get(k, 0.0)) for k in keys}
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetView:
+    """A budget and what has been counted against it in the current window. ``used`` is
+    what every gateway process has flushed so far (they flush about every second)."""
+
+    id: int
+    scope: str
+    subject: str
+    metric: str
+    period: str
+    amount: float
+    warn_percent: float
+    used: float
+    resets_at: float
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.amount - self.used)
+
+    @property
+    def percent(self) -> float:
+        """Used, in percent of the amount (100 when a budget of 0 has been touched)."""
+        if self.amount > 0:
+            return round(100.0 * self.used / self.amount, 1)
+        return 100.0 if self.used > 0 else 0.0
+
+    @property
+    def state(self) -> str:
+        """ok, warn (at or past warn_percent) or exceeded (nothing left)."""
+        if self.used >= self.amount and (self.used > 0 or self.amount == 0):
+            return "exceeded"
+        return "warn" if self.percent >= self.warn_percent else "ok"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "scope": self.scope,
+            "subject": self.subject,
+            "metric": self.metric,
+            "period": self.period,
+            "amount": self.amount,
+            "warn_percent": self.warn_percent,
+            "used": self.used,
+            "remaining": self.remaining,
+            "percent": self.percent,
+            "state": self.state,
+            "resets_at": self.resets_at,
+        }
+
+
+def _budget_views(org_id: int, rows: list[Budget], now: float | None = None) -> list[BudgetView]:
+    at = time.time() if now is None else now
+    keys = [
+        counter_key(org_id, b.metric, b.period, window(b.period, at)[0], b.scope, b.subject)
+        for b in rows
+    ]
+    used = _counters(keys)
+    emails = _shown_subjects(org_id, rows)
+    return [
+        BudgetView(
+            id=b.id,
+            scope=b.scope,
+            subject=_shown(b, emails),
+            metric=b.metric,
+            period=b.period,
+            amount=b.amount,
+            warn_percent=b.warn_percent,
+            used=used[key],
+            resets_at=window(b.period, at)[1],
+        )
+        for b, key in zip(rows, keys, strict=True)
+    ]
+
+
+def _budget_order(query: peewee.ModelSelect[Budget]) -> list[Budget]:
+    scope_rank = peewee.Case(
+        Budget.scope, [(s, i) for i, s in enumerate(BUDGET_SCOPES)], len(BUDGET_SCOPES)
+    )
+    return list(query.order_by(scope_rank, Budget.subject, Budget.metric, Budget.period))
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ServiceError(f"{what} must be a number")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ServiceError(f"{what} must be a finite number") from None
+    if not math.isfinite(number):
+        raise ServiceError(f"{what} must be a finite number")
+    return number
+
+
+def set_budget(
+    org_name: str | None = None,
+    *,
+    scope: str,
+    subject: str | None = None,
+    metric: str,
+    period: str,
+    amount: float,
+    warn_percent: float = 80.0,
+    actor: Principal | None = None,
+) -> BudgetView:
+    """Set (create or replace) the budget of one subject for one metric and period: the
+    org, a user (by email), a route or a key (by name). Tokens count input, output and
+    cache tokens; usd the cost from the price table. Admins only."""
+    org = _actor_org(actor, org_name)
+    target = f"{scope} {subject or ''} {metric}/{period}".replace("  ", " ")
+    _require_admin(actor, org, "set budget", target)
+    if scope not in BUDGET_SCOPES:
+        raise ServiceError(f"scope must be one of {', '.join(BUDGET_SCOPES)}")
+    if metric not in BUDGET_METRICS:
+        raise ServiceError(f"metric must be one of {', '.join(BUDGET_METRICS)}")
+    if period not in BUDGET_PERIODS:
+        raise ServiceError(f"period must be one of {', '.join(BUDGET_PERIODS)}")
+    amount = _number(amount, "amount")
+    if not 0 <= amount <= MAX_BUDGET_AMOUNT:
+        raise ServiceError(f"amount must be from 0 to {MAX_BUDGET_AMOUNT:,.0f}")
+    warn_percent = _number(warn_percent, "warn_percent")
+    if not 0 <= warn_percent <= 100:
+        raise ServiceError("warn_percent must be from 0 to 100")
+    stored, shown = _subject_row(org, scope, subject)
+    target = f"{scope} {shown} {metric}/{period}" if shown else f"{scope} {metric}/{period}"
+    where = (
+        (Budget.org == org)
+        & (Budget.scope == scope)
+        & (Budget.subject == stored)
+        & (Budget.metric == metric)
+        & (Budget.period == period)
+    )
+    try:
+        with database.atomic():
+            row = Budget.get_or_none(where)
+            before = (row.amount, row.warn_percent) if row is not None else (None, None)
+            if row is None:
+                row = Budget.create(
+                    org=org,
+                    scope=scope,
+                    subject=stored,
+                    metric=metric,
+                    period=period,
+                    amount=amount,
+                    warn_percent=warn_percent,
+                )
+            else:
+                row.amount, row.warn_percent, row.updated_at = amount, warn_percent, time.time()
+                row.save()
+            audit(
+                actor,
+                org.id,
+                "set budget",
+                target,
+                {"amount": [before[0], amount], "warn_percent": [before[1], warn_percent]},
+            )
+    except peewee.IntegrityError:
+        raise ServiceError("that budget was changed meanwhile; try again", 409) from None
+    return _budget_views(org.id, [row])[0]
+
+
+def _governed_row(
+    model: type[Budget] | type[RateLimit],
+    row_id: int,
+    org_name: str | None,
+    actor: Principal | None,
+    action: str,
+) -> Budget | RateLimit:
+    """The budget or limit ``row_id`` of the actor's org (of ``org_name`` for an operator)."""
+    what = "budget" if model is Budget else "limit"
+    org = _actor_org(actor, org_name) if (actor is not None or org_name is not None) else None
+    if org is not None:
+        _require_admin(actor, org, action, str(row_id))
+    row = model.get_or_none(model.id == row_id)
+    if row is None or (org is not None and row.org_id != org.id):
+        raise NotFound(f"no {what} {row_id}")
+    return row
+
+
+def delete_budget(
+    budget_id: int, *, org_name: str | None = None, actor: Principal | None = None
+) -> None:
+    """Remove a budget (admins); what was counted against it stays until its window ends."""
+    row = _governed_row(Budget, budget_id, org_name, actor, "delete budget")
+    assert isinstance(row, Budget)
+    emails = _shown_subjects(row.org_id, [row])
+    with database.atomic():
+        row.delete_instance()
+        audit(
+            actor,
+            row.org_id,
+            "delete budget",
+            f"{row.scope} {_shown(row, emails)} {row.metric}/{row.period}".replace("  ", " "),
+            {"amount": row.amount},
+        )
+
+
+def list_budgets(
+    org_name: str | None = None, *, actor: Principal | None = None, now: float | None = None
+) -> list[BudgetView]:
+    """Every budget of the org with its use in the current window (admins and auditors)."""
+    org = _actor_org(actor, org_name)
+    _require_reader(actor, org)
+    return _budget_views(org.id, _budget_order(Budget.select().where(Budget.org == org)), now)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitView:
+    """A rate limit and this UTC minute's requests and tokens counted against it."""
+
+    id: int
+    scope: str
+    subject: str
+    rpm: int | None
+    tpm: int | None
+    used_requests: float
+    used_tokens: float
+    resets_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "scope": self.scope,
+            "subject": self.subject,
+            "rpm": self.rpm,
+            "tpm": self.tpm,
+            "used_requests": int(self.used_requests),
+            "used_tokens": int(self.used_tokens),
+            "remaining_requests": None
+            if self.rpm is None
+            else max(0, self.rpm - int(self.used_requests)),
+            "remaining_tokens": None
+            if self.tpm is None
+            else max(0, self.tpm - int(self.used_tokens)),
+            "resets_at": self.resets_at,
+        }
+
+
+def _limit_views(
+    org_id: int, rows: list[RateLimit], now: float | None = None
+) -> list[RateLimitView]:
+    start, end = window(PERIOD_MINUTE, time.time() if now is None else now)
+    pairs = [
+        (
+            counter_key(org_id, COUNT_REQUESTS, PERIOD_MINUTE, start, r.scope, r.subject),
+            counter_key(org_id, COUNT_TOKENS, PERIOD_MINUTE, start, r.scope, r.subject),
+        )
+        for r in rows
+    ]
+    used = _counters([k for pair in pairs for k in pair])
+    emails = _shown_subjects(org_id, rows)
+    return [
+        RateLimitView(
+            id=r.id,
+            scope=r.scope,
+            subject=_shown(r, emails),
+            rpm=r.rpm,
+            tpm=r.tpm,
+            used_requests=used[requests],
+            used_tokens=used[tokens],
+            resets_at=end,
+        )
+        for r, (requests, tokens) in zip(rows, pairs, strict=True)
+    ]
+
+
+def _limit_order(query: peewee.ModelSelect[RateLimit]) -> list[RateLimit]:
+    scope_rank = peewee.Case(
+        RateLimit.scope, [(s, i) for i, s in enumerate(LIMIT_SCOPES)], len(LIMIT_SCOPES)
+    )
+    return list(query.order_by(scope_rank, RateLimit.subject))
+
+
+def _per_minute(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PER_MINUTE:
+        raise ServiceError(f"{what} must be a whole number from 1 to {MAX_PER_MINUTE}, or none")
+    return value
+
+
+def set_rate_limit(
+    org_name: str | None = None,
+    *,
+    scope: str,
+    subject: str | None = None,
+    rpm: int | None = None,
+    tpm: int | None = None,
+    actor: Principal | None = None,
+) -> RateLimitView | None:
+    """Set the requests and tokens per minute of the org, a user (by email) or a route (by
+    name); None lifts that limit, and with both None the limit is removed (returns None).
+    Admins only."""
+    org = _actor_org(actor, org_name)
+    _require_admin(actor, org, "set limit", f"{scope} {subject or ''}".strip())
+    if scope not in LIMIT_SCOPES:
+        raise ServiceError(f"scope must be one of {', '.join(LIMIT_SCOPES)}")
+    rpm, tpm = _per_minute(rpm, "rpm"), _per_minute(tpm, "tpm")
+    stored, shown = _subject_row(org, scope, subject)
+    target = f"{scope} {shown}".strip()
+    where = (RateLimit.org == org) & (RateLimit.scope == scope) & (RateLimit.subject == stored)
+    try:
+        with database.atomic():
+            row = RateLimit.get_or_none(where)
+            before = (row.rpm, row.tpm) if row is not None else (None, None)
+            if rpm is None and tpm is None:
+                if row is not None:
+                    row.delete_instance()
+                    audit(actor, org.id, "delete limit", target, {"rpm": row.rpm, "tpm": row.tpm})
+                return None
+            if row is None:
+                row = RateLimit.create(org=org, scope=scope, subject=stored, rpm=rpm, tpm=tpm)
+            else:
+                row.rpm, row.tpm, row.updated_at = rpm, tpm, time.time()
+                row.save()
+            audit(
+                actor,
+                org.id,
+                "set limit",
+                target,
+                {"rpm": [before[0], rpm], "tpm": [before[1], tpm]},
+            )
+    except peewee.IntegrityError:
+        raise ServiceError("that limit was changed meanwhile; try again", 409) from None
+    return _limit_views(org.id, [row])[0]
+
+
+def delete_rate_limit(
+    limit_id: int, *, org_name: str | None = None, actor: Principal | None = None
+) -> None:
+    row = _governed_row(RateLimit, limit_id, org_name, actor, "delete limit")
+    assert isinstance(row, RateLimit)
+    emails = _shown_subjects(row.org_id, [row])
+    with database.atomic():
+        row.delete_instance()
+        audit(
+            actor,
+            row.org_id,
+            "delete limit",
+            f"{row.scope} {_shown(row, emails)}".strip(),
+            {"rpm": row.rpm, "tpm": row.tpm},
+        )
+
+
+def list_rate_limits(
+    org_name: str | None = None, *, actor: Principal | None = None, now: float | None = None
+) -> list[RateLimitView]:
+    """Every rate limit of the org with this minute's use (admins and auditors)."""
+    org = _actor_org(actor, org_name)
+    _require_reader(actor, org)
+    return _limit_views(org.id, _limit_order(RateLimit.select().where(RateLimit.org == org)), now)
+
+
+@dataclass(frozen=True, slots=True)
+class MyGovernance:
+    """The budgets and rate limits that apply to one user's requests."""
+
+    budgets: list[BudgetView]
+    limits: list[RateLimitView]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "budgets": [b.as_dict() for b in self.budgets],
+            "limits": [r.as_dict() for r in self.limits],
+        }
+
+
+def my_budgets(actor: Principal, *, now: float | None = None) -> MyGovernance:
+    """What caps the actor's requests: the org's budgets and limits, their own, and those
+    of the routes they may use and of the keys behind those routes."""
+    from tvgate.routing import load_snapshot
+
+    org = Org.get_by_id(actor.org_id)
+    usable = load_snapshot(org.id).available(actor)
+    routes = sorted({r.name for r in usable})
+    keys = sorted({r.key.name for r in usable})
+    me = str(actor.user_id)
+
+    def applies(model: type[Budget] | type[RateLimit]) -> Any:
+        condition = (
+            (model.scope == GOVERN_ORG)
+            | ((model.scope == GOVERN_USER) & (model.subject == me))
+            | ((model.scope == GOVERN_ROUTE) & model.subject.in_(routes or [""]))
+        )
+        if model is Budget:
+            condition |= (model.scope == GOVERN_KEY) & model.subject.in_(keys or [""])
+        return (model.org == org) & condition
+
+    return MyGovernance(
+        budgets=_budget_views(org.id, _budget_order(Budget.select().where(applies(Budget))), now),
+        limits=_limit_views(
+            org.id, _limit_order(RateLimit.select().where(applies(RateLimit))), now
+        ),
+    )
 
 
 # --- first start ---

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tvgate.api import openapi, resources, tokens, traces
+from tvgate.api import governance, openapi, resources, tokens, traces
 from tvgate.api.base import APIError, APIHandler
 
 
@@ -17,6 +17,7 @@ default_handlers: list[Any] = [
     *openapi.default_handlers,
     *tokens.default_handlers,
     *resources.default_handlers,
+    *governance.default_handlers,
     *traces.default_handlers,
     (r"/api/.*", APINotFoundHandler),
 ]

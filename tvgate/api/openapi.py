@@ -60,6 +60,13 @@ _ROUTE_CREATE = {
         "for_user": _STR,
         "owner": _STR,
         "enabled": {"type": "boolean"},
+        "fallbacks": {
+            "type": "array",
+            "items": _NAME,
+            "maxItems": 5,
+            "uniqueItems": True,
+            "description": "route names tried in order when this route's provider fails",
+        },
     },
 }
 _ROUTE_PATCH = {
@@ -70,8 +77,21 @@ _ROUTE_PATCH = {
         "upstream_model": {"type": "string", "maxLength": 200},
         "description": {"type": "string", "maxLength": 2000},
         "enabled": {"type": "boolean"},
+        "fallbacks": {
+            "type": "array",
+            "items": _NAME,
+            "maxItems": 5,
+            "uniqueItems": True,
+            "description": "route names tried in order when this route's provider fails",
+        },
     },
     "additionalProperties": False,
+}
+_MAX_CONCURRENT = {
+    "type": "integer",
+    "minimum": 0,
+    "maximum": 100000,
+    "description": "calls open on the key at once, across every gateway process; 0: no cap",
 }
 _KEY_CREATE = {
     "type": "object",
@@ -83,7 +103,36 @@ _KEY_CREATE = {
         "base_url": _STR,
         "owner": _STR,
         "available_to_all": {"type": "boolean"},
+        "max_concurrent": _MAX_CONCURRENT,
     },
+}
+_SUBJECT = {
+    "type": "string",
+    "description": "a user's email, a route's or a key's name; ignored for the org",
+}
+_BUDGET_SET = {
+    "type": "object",
+    "required": ["metric", "period", "amount"],
+    "properties": {
+        "scope": {"type": "string", "enum": ["org", "user", "route", "key"], "default": "org"},
+        "subject": _SUBJECT,
+        "metric": {"type": "string", "enum": ["tokens", "usd"]},
+        "period": {"type": "string", "enum": ["day", "month"]},
+        "amount": {"type": "number", "minimum": 0, "maximum": 1e15},
+        "warn_percent": {"type": "number", "minimum": 0, "maximum": 100, "default": 80},
+    },
+    "additionalProperties": False,
+}
+_PER_MINUTE = {"type": ["integer", "null"], "minimum": 1, "maximum": 2**31 - 1}
+_LIMIT_SET = {
+    "type": "object",
+    "properties": {
+        "scope": {"type": "string", "enum": ["org", "user", "route"], "default": "org"},
+        "subject": _SUBJECT,
+        "rpm": _PER_MINUTE,
+        "tpm": _PER_MINUTE,
+    },
+    "additionalProperties": False,
 }
 _TOKEN_CREATE = {
     "type": "object",
@@ -99,7 +148,8 @@ DOCUMENT: dict[str, Any] = {
     "info": {
         "title": "tvgate API",
         "version": __version__,
-        "description": "Routes, keys, users, org policy, tokens and audit of a tvgate gateway. "
+        "description": "Routes, keys, users, org policy, budgets and rate limits, tokens and "
+        "audit of a tvgate gateway. "
         "Authenticate with a tvgate proxy token, a Visdom Trace token or a JWT as a Bearer "
         "token; pick an org with X-Tvgate-Org when you are in several.",
     },
@@ -151,12 +201,16 @@ DOCUMENT: dict[str, Any] = {
         "/api/v1/keys/{name}": {
             "parameters": [_path_param("name", _NAME)],
             "patch": _op(
-                "Change who may use an org key",
+                "Change who may use an org key, or a key's concurrency cap",
                 "200",
                 {
                     "type": "object",
-                    "required": ["available_to_all"],
-                    "properties": {"available_to_all": {"type": "boolean"}},
+                    "properties": {
+                        "available_to_all": {"type": "boolean"},
+                        "max_concurrent": _MAX_CONCURRENT,
+                    },
+                    "minProperties": 1,
+                    "additionalProperties": False,
                 },
             ),
         },
@@ -217,6 +271,34 @@ DOCUMENT: dict[str, Any] = {
                     _query("limit", {"type": "integer"}),
                 ],
             )
+        },
+        "/api/v1/budgets": {
+            "get": _op("Budgets with this day's or month's use (admins and auditors)", "200"),
+            "post": _op(
+                "Set (create or replace) a budget of the org, a user, a route or a key",
+                "200",
+                _BUDGET_SET,
+            ),
+        },
+        "/api/v1/budgets/{budget_id}": {
+            "parameters": [_path_param("budget_id", {"type": "integer"})],
+            "delete": _op("Delete a budget", "200"),
+        },
+        "/api/v1/limits": {
+            "get": _op("Rate limits with this minute's use (admins and auditors)", "200"),
+            "post": _op(
+                "Set the requests and tokens per minute of the org, a user or a route "
+                "(null lifts one; both null removes the limit)",
+                "200",
+                _LIMIT_SET,
+            ),
+        },
+        "/api/v1/limits/{limit_id}": {
+            "parameters": [_path_param("limit_id", {"type": "integer"})],
+            "delete": _op("Delete a rate limit", "200"),
+        },
+        "/api/v1/me/budgets": {
+            "get": _op("The budgets and rate limits that apply to my requests, with use", "200")
         },
         "/api/v1/tokens": {
             "get": _op(

@@ -34,6 +34,22 @@ def _bool(body: dict[str, Any], name: str) -> bool | None:
     return value
 
 
+def _str_list(body: dict[str, Any], name: str) -> list[str] | None:
+    value = body.get(name)
+    if value is not None and (
+        not isinstance(value, list) or not all(isinstance(v, str) for v in value)
+    ):
+        raise APIError(400, f"{name} must be a list of strings")
+    return value
+
+
+def _int(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise APIError(400, f"{name} must be an integer")
+    return value
+
+
 class ResourceHandler(APIHandler):
     def changed(self, *, identities: bool = False) -> None:
         """A write succeeded: this process stops using what it cached of the org."""
@@ -68,6 +84,7 @@ class RoutesHandler(ResourceHandler):
         description = _str(body, "description", "") or ""
         for_user, owner = _str(body, "for_user"), _str(body, "owner")
         enabled = _bool(body, "enabled")
+        fallbacks = _str_list(body, "fallbacks")
         route = await self.service(
             lambda: services.add_route(
                 name,
@@ -77,6 +94,7 @@ class RoutesHandler(ResourceHandler):
                 for_user=for_user,
                 owner=owner,
                 enabled=True if enabled is None else enabled,
+                fallbacks=fallbacks,
                 actor=self.principal,
             )
         )
@@ -133,6 +151,7 @@ class KeysHandler(ResourceHandler):
         secret = _required_str(body, "secret")
         base_url, owner = _str(body, "base_url"), _str(body, "owner")
         available = _bool(body, "available_to_all")
+        max_concurrent = _int(body, "max_concurrent")
         gateway = self.gateway
         view = await self.service(
             lambda: services.add_key(
@@ -143,6 +162,7 @@ class KeysHandler(ResourceHandler):
                 base_url=base_url,
                 owner_email=owner,
                 available_to_all=True if available is None else available,
+                max_concurrent=max_concurrent or 0,
                 allow_private=gateway.settings.allow_private_upstreams,
                 actor=self.principal,
             )
@@ -154,11 +174,20 @@ class KeysHandler(ResourceHandler):
 class KeyHandler(ResourceHandler):
     async def patch(self, name: str) -> None:
         body = self.body()
+        unknown = set(body) - {"available_to_all", "max_concurrent"}
+        if unknown:
+            raise APIError(400, f"cannot change {', '.join(sorted(unknown))}")
         available = _bool(body, "available_to_all")
-        if available is None:
-            raise APIError(400, "nothing to change: give available_to_all")
+        max_concurrent = _int(body, "max_concurrent")
+        if available is None and max_concurrent is None:
+            raise APIError(400, "nothing to change: give available_to_all or max_concurrent")
         view = await self.service(
-            lambda: services.set_key_availability(name, available, actor=self.principal)
+            lambda: services.update_key(
+                name,
+                available_to_all=available,
+                max_concurrent=max_concurrent,
+                actor=self.principal,
+            )
         )
         self.changed()
         self.send(view.as_dict())

@@ -1,0 +1,103 @@
+"""``/api/v1`` governance: budgets and rate limits (admins set them; admins and auditors
+read them with the current window's use), and ``/api/v1/me/budgets``, what caps my own
+requests. The services decide who may do what and write the audit log."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvgate import services
+from tvgate.api.base import APIError, int_arg
+from tvgate.api.resources import ResourceHandler, _str
+
+_BUDGET_FIELDS = {"scope", "subject", "metric", "period", "amount", "warn_percent"}
+_LIMIT_FIELDS = {"scope", "subject", "rpm", "tpm"}
+
+
+def _only(body: dict[str, Any], allowed: set[str]) -> None:
+    unknown = set(body) - allowed
+    if unknown:
+        raise APIError(400, f"unknown fields: {', '.join(sorted(unknown))}")
+
+
+class BudgetsHandler(ResourceHandler):
+    async def get(self) -> None:
+        budgets = await self.service(lambda: services.list_budgets(actor=self.principal))
+        self.send({"budgets": [b.as_dict() for b in budgets]})
+
+    async def post(self) -> None:
+        """Set (create or replace) the budget of a subject for a metric and period."""
+        body = self.body()
+        _only(body, _BUDGET_FIELDS)
+        scope = _str(body, "scope", "org") or "org"
+        subject = _str(body, "subject")
+        metric, period = _str(body, "metric"), _str(body, "period")
+        if metric is None or period is None or "amount" not in body:
+            raise APIError(400, "metric, period and amount are required")
+        amount, warn = body["amount"], body.get("warn_percent", 80.0)
+        view = await self.service(
+            lambda: services.set_budget(
+                scope=scope,
+                subject=subject,
+                metric=metric,
+                period=period,
+                amount=amount,
+                warn_percent=warn,
+                actor=self.principal,
+            )
+        )
+        self.changed()
+        self.send(view.as_dict())
+
+
+class BudgetHandler(ResourceHandler):
+    async def delete(self, budget_id: str) -> None:
+        ident = int_arg(budget_id, "budget id")
+        await self.service(lambda: services.delete_budget(ident, actor=self.principal))
+        self.changed()
+        self.send({"deleted": ident})
+
+
+class LimitsHandler(ResourceHandler):
+    async def get(self) -> None:
+        limits = await self.service(lambda: services.list_rate_limits(actor=self.principal))
+        self.send({"limits": [r.as_dict() for r in limits]})
+
+    async def post(self) -> None:
+        """Set the requests and tokens per minute of a subject; null lifts one, and with
+        both null the limit is removed."""
+        body = self.body()
+        _only(body, _LIMIT_FIELDS)
+        scope = _str(body, "scope", "org") or "org"
+        subject = _str(body, "subject")
+        rpm, tpm = body.get("rpm"), body.get("tpm")
+        view = await self.service(
+            lambda: services.set_rate_limit(
+                scope=scope, subject=subject, rpm=rpm, tpm=tpm, actor=self.principal
+            )
+        )
+        self.changed()
+        self.send(view.as_dict() if view is not None else {"deleted": True})
+
+
+class LimitHandler(ResourceHandler):
+    async def delete(self, limit_id: str) -> None:
+        ident = int_arg(limit_id, "limit id")
+        await self.service(lambda: services.delete_rate_limit(ident, actor=self.principal))
+        self.changed()
+        self.send({"deleted": ident})
+
+
+class MyBudgetsHandler(ResourceHandler):
+    async def get(self) -> None:
+        mine = await self.service(lambda: services.my_budgets(self.principal))
+        self.send(mine.as_dict())
+
+
+default_handlers = [
+    (r"/api/v1/budgets", BudgetsHandler),
+    (r"/api/v1/budgets/([^/]+)", BudgetHandler),
+    (r"/api/v1/limits", LimitsHandler),
+    (r"/api/v1/limits/([^/]+)", LimitHandler),
+    (r"/api/v1/me/budgets", MyBudgetsHandler),
+]
