@@ -27,7 +27,7 @@ from tests.conftest import GatewayProcess, free_port, launch_gateway, stop_gatew
 from tests.fake_provider import FakeProvider
 from tvgate import services
 from tvgate.keyring.local import LocalKeyring
-from tvgate.models import Route, Trace, User
+from tvgate.models import Trace, User
 
 _orgs = itertools.count(1)
 
@@ -101,9 +101,10 @@ def org_with_fallback(
     if backup_scenario:
         healthy = failing_url(fake, backup_scenario, backup_provider)
     _key(fake, org, "healthy", healthy, backup_provider)
-    services.add_route("primary", "failing", model="model-primary", org_name=org)
     services.add_route("backup", "healthy", model="model-backup", org_name=org)
-    Route.update(fallbacks=json.dumps(["backup"])).where(Route.name == "primary").execute()
+    services.add_route(
+        "primary", "failing", model="model-primary", org_name=org, fallbacks=["backup"]
+    )
     return Caller(token, User.get(User.email == email).id)
 
 

@@ -32,7 +32,7 @@ from tvgate import services
 from tvgate.governance.store import CounterStore
 from tvgate.governance.windows import COUNT_REQUESTS, PERIOD_MINUTE, counter_key, window
 from tvgate.keyring.local import LocalKeyring
-from tvgate.models import Budget, ConcurrencySlot, Org, ProviderKey, RateLimit, UsageCounter, User
+from tvgate.models import ConcurrencySlot, Org, UsageCounter, User
 
 SYNC = 0.2
 _orgs = itertools.count(1)
@@ -169,15 +169,12 @@ def test_token_budget_holds_across_two_processes(pair: Pair, fake_provider: Fake
     first = ask(pair.a, org)
     assert first.status_code == 200, first.text
     per_call = tokens_of(first)
-    Budget.create(
-        org=org.org_id,
-        scope="user",
-        subject=str(org.user_id),
-        metric="tokens",
-        period="day",
-        amount=3.5 * per_call,
-        warn_percent=50,
-    )
+    budget = str(int(3.5 * per_call))
+    made = pair.a.cli(
+        "budgets", "set", "--org", org.name, "--user", org.email,
+        "--tokens-per-day", budget, "--warn-percent", "50",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
     settle()
     admitted, warned = 0, 0
     refusal: httpx2.Response | None = None
@@ -226,8 +223,8 @@ def test_cost_budget_of_a_route_refuses_in_openai_format(
         "openai",
     )
     services.add_route("gpt", "oa", model="gpt-4o", org_name=org.name)
-    Budget.create(
-        org=org.org_id, scope="route", subject="gpt", metric="usd", period="month", amount=1e-6
+    services.set_budget(
+        org.name, scope="route", subject="gpt", metric="usd", period="month", amount=1e-6
     )
     settle()
     body = {"model": "gpt", "messages": [{"role": "user", "content": "hello there"}]}
@@ -250,8 +247,8 @@ def test_warning_header_for_a_route_with_a_unicode_name(
 ) -> None:
     org = new_org(pair.a, fake_provider)
     services.add_route("ruta-ñ", "main", org_name=org.name)
-    Budget.create(
-        org=org.org_id,
+    services.set_budget(
+        org.name,
         scope="route",
         subject="ruta-ñ",
         metric="tokens",
@@ -274,7 +271,8 @@ def test_requests_per_minute_hold_exactly_across_two_processes(
     pair: Pair, fake_provider: FakeProvider
 ) -> None:
     org = new_org(pair.a, fake_provider)
-    RateLimit.create(org=org.org_id, scope="route", subject="claude", rpm=6)
+    made = pair.b.cli("limits", "set", "--org", org.name, "--route", "claude", "--rpm", "6")
+    assert made.returncode == 0, made.stderr
     settle()
     away_from_minute_end()
     gateways = [pair.a, pair.b] * 8
@@ -298,7 +296,7 @@ def test_tokens_per_minute_of_a_user(pair: Pair, fake_provider: FakeProvider) ->
     org = new_org(pair.a, fake_provider)
     away_from_minute_end()
     per_call = tokens_of(ask(pair.a, org))
-    RateLimit.create(org=org.org_id, scope="user", subject=str(org.user_id), tpm=per_call * 2)
+    services.set_rate_limit(org.name, scope="user", subject=org.email, tpm=per_call * 2)
     settle()
     assert ask(pair.a, org).status_code == 200
     assert ask(pair.b, org).status_code == 200
@@ -346,7 +344,8 @@ def test_key_concurrency_cap_holds_across_two_processes(
     pair: Pair, fake_provider: FakeProvider
 ) -> None:
     org = new_org(pair.a, fake_provider)
-    ProviderKey.update(max_concurrent=2).where(ProviderKey.org == org.org_id).execute()
+    made = pair.a.cli("keys", "set", "main", "--org", org.name, "--max-concurrent", "2")
+    assert made.returncode == 0, made.stderr
     settle()
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
@@ -377,7 +376,7 @@ def test_key_cap_refuses_with_retry_after_when_the_queue_times_out(
     )
     try:
         org = new_org(gateway, fake_provider)
-        ProviderKey.update(max_concurrent=1).where(ProviderKey.org == org.org_id).execute()
+        services.update_key("main", max_concurrent=1, org_name=org.name)
         settle()
         holder = threading.Thread(target=_drip_stream, args=(gateway, org, 25))
         holder.start()
