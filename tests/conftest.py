@@ -261,6 +261,27 @@ def seed(database_url: str, data_dir: Path, fake: FakeProvider) -> dict[str, str
     return tokens
 
 
+def add_fake_key(
+    fake: FakeProvider, org: str, name: str, base_url: str, provider: str = "anthropic"
+) -> str:
+    """A key of ``org`` on the fake provider with a secret of its own (so its calls can be
+    told apart there), which the fake provider accepts; returns the secret."""
+    prefix = "sk-ant-api03-" if provider == "anthropic" else "sk-proj-"
+    secret = prefix + secrets.token_hex(16)
+    if fake.accepted_keys is not None:
+        fake.accepted_keys.add(secret)
+    services.add_key(
+        name,
+        provider,
+        secret,
+        LocalKeyring(b"k" * 32),
+        org_name=org,
+        base_url=base_url,
+        allow_private=True,
+    )
+    return secret
+
+
 def launch_gateway(
     database_url: str, data_dir: Path, tokens: dict[str, str], **extra_env: str
 ) -> GatewayProcess:

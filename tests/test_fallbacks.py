@@ -23,10 +23,15 @@ import pytest
 from anthropic.types import MessageParam
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.conftest import GatewayProcess, free_port, launch_gateway, stop_gateway
+from tests.conftest import (
+    GatewayProcess,
+    add_fake_key,
+    free_port,
+    launch_gateway,
+    stop_gateway,
+)
 from tests.fake_provider import FakeProvider
 from tvgate import services
-from tvgate.keyring.local import LocalKeyring
 from tvgate.models import Trace, User
 
 _orgs = itertools.count(1)
@@ -55,23 +60,6 @@ def gateway(
     stop_gateway(gw.proc)
 
 
-def _key(fake: FakeProvider, org: str, name: str, base_url: str, provider: str) -> None:
-    secret = ("sk-ant-api03-fb-" if provider == "anthropic" else "sk-proj-fb-") + secrets.token_hex(
-        10
-    )
-    if fake.accepted_keys is not None:
-        fake.accepted_keys.add(secret)
-    services.add_key(
-        name,
-        provider,
-        secret,
-        LocalKeyring(b"k" * 32),
-        org_name=org,
-        base_url=base_url,
-        allow_private=True,
-    )
-
-
 def failing_url(fake: FakeProvider, failure: str, provider: str) -> str:
     if failure == "unreachable":
         return f"http://127.0.0.1:{free_port()}"
@@ -96,11 +84,11 @@ def org_with_fallback(
     services.add_user(email, org)
     token, _ = services.issue_token(email, org)
     backup_provider = backup_provider or provider
-    _key(fake, org, "failing", failing_url(fake, failure, provider), provider)
+    add_fake_key(fake, org, "failing", failing_url(fake, failure, provider), provider)
     healthy = fake.url if backup_provider == "anthropic" else fake.openai_url
     if backup_scenario:
         healthy = failing_url(fake, backup_scenario, backup_provider)
-    _key(fake, org, "healthy", healthy, backup_provider)
+    add_fake_key(fake, org, "healthy", healthy, backup_provider)
     services.add_route("backup", "healthy", model="model-backup", org_name=org)
     services.add_route(
         "primary", "failing", model="model-primary", org_name=org, fallbacks=["backup"]

@@ -23,6 +23,7 @@ import pytest
 
 from tests.conftest import (
     GatewayProcess,
+    add_fake_key,
     launch_gateway,
     stop_gateway,
 )
@@ -31,7 +32,6 @@ from tests.test_server import scrape
 from tvgate import services
 from tvgate.governance.store import CounterStore
 from tvgate.governance.windows import COUNT_REQUESTS, PERIOD_MINUTE, counter_key, window
-from tvgate.keyring.local import LocalKeyring
 from tvgate.models import ConcurrencySlot, Org, UsageCounter, User
 
 SYNC = 0.2
@@ -84,28 +84,13 @@ def new_org(gateway: GatewayProcess, fake: FakeProvider, *, scenario: str = "") 
     email = f"dev@{name}.test"
     services.add_user(email, name)
     token, _ = services.issue_token(email, name, name="tests")
-    secret = "sk-ant-api03-gov-" + secrets.token_hex(12)
-    add_key(fake, name, "main", secret, fake.url + (f"/scenario/{scenario}" if scenario else ""))
+    secret = add_fake_key(
+        fake, name, "main", fake.url + (f"/scenario/{scenario}" if scenario else "")
+    )
     services.add_route("claude", "main", model="claude-upstream-1", org_name=name)
     org = Org.get(Org.name == name)
     user = User.get(User.email == email)
     return Org_(name, org.id, user.id, email, token, secret)
-
-
-def add_key(
-    fake: FakeProvider, org: str, name: str, secret: str, base_url: str, provider: str = "anthropic"
-) -> None:
-    if fake.accepted_keys is not None:
-        fake.accepted_keys.add(secret)  # each key its own secret: its calls can be told apart
-    services.add_key(
-        name,
-        provider,
-        secret,
-        LocalKeyring(b"k" * 32),
-        org_name=org,
-        base_url=base_url,
-        allow_private=True,
-    )
 
 
 def client(gateway: GatewayProcess, org: Org_) -> anthropic.Anthropic:
@@ -214,14 +199,7 @@ def test_cost_budget_of_a_route_refuses_in_openai_format(
     pair: Pair, fake_provider: FakeProvider
 ) -> None:
     org = new_org(pair.a, fake_provider)
-    add_key(
-        fake_provider,
-        org.name,
-        "oa",
-        "sk-proj-gov-" + secrets.token_hex(8),
-        fake_provider.openai_url,
-        "openai",
-    )
+    add_fake_key(fake_provider, org.name, "oa", fake_provider.openai_url, "openai")
     services.add_route("gpt", "oa", model="gpt-4o", org_name=org.name)
     services.set_budget(
         org.name, scope="route", subject="gpt", metric="usd", period="month", amount=1e-6
