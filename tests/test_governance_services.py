@@ -408,3 +408,26 @@ def test_key_concurrency_caps(people: dict[str, Principal]) -> None:
         {"max_concurrent": [4, 10]},
         {"max_concurrent": [10, 0]},
     ]
+
+
+def test_rules_of_a_deleted_route_or_key_go_with_it(people: dict[str, Principal]) -> None:
+    admin = people["admin"]
+    for scope, subject in (("route", "haiku"), ("route", "claude"), ("key", "shared")):
+        services.set_budget(
+            scope=scope, subject=subject, metric="tokens", period="day", amount=10, actor=admin
+        )
+    services.set_rate_limit(scope="route", subject="haiku", rpm=5, actor=admin)
+    # Another route named "claude" (a member's own) keeps that name's rules alive.
+    services.add_route("claude", "shared", owner="dev@a.test", org_name="org-a")
+    org_route = Route.get((Route.name == "claude") & (Route.scope == "org"))
+    services.delete_route(org_route.id, actor=admin)
+    haiku = Route.get(Route.name == "haiku")
+    services.delete_route(haiku.id, actor=admin)
+    assert {(b.scope, b.subject) for b in Budget.select()} == {
+        ("route", "claude"),
+        ("key", "shared"),
+    }
+    assert RateLimit.select().count() == 0
+    services.delete_key("shared", org_name="org-a", force=True, actor=admin)
+    assert Budget.select().count() == 0  # the key's, and the last "claude" route's
+    assert AuditEvent.select().where(AuditEvent.action == "delete route rules").count() == 2

@@ -755,6 +755,9 @@ def delete_key(
         Route.delete().where(Route.key == key.id).execute()
         ProviderKey.delete().where(ProviderKey.id == key.id).execute()
         audit(actor, key.org_id, "delete key", key.name, {"routes": sorted(routes)})
+        _drop_rules_of(actor, key.org_id, GOVERN_KEY, key.name)
+        for route_name in set(routes):
+            _drop_rules_of(actor, key.org_id, GOVERN_ROUTE, route_name)
     log.info("key %s of org %d deleted with %d routes", key.name, key.org_id, len(routes))
     _key_changed(key)
     return sorted(routes)
@@ -1214,6 +1217,28 @@ def delete_route(route_id: int, *, actor: Principal | None = None) -> None:
     with database.atomic():
         route.delete_instance()
         audit(actor, route.org_id, "delete route", route.name, {"scope": route.scope})
+        _drop_rules_of(actor, route.org_id, GOVERN_ROUTE, route.name)
+
+
+def _drop_rules_of(actor: Principal | None, org_id: int, scope: str, name: str) -> None:
+    """Budgets and limits of a route name or key that no longer exists go with it (a route
+    rule stays while another route of the org still has that name)."""
+    if scope == GOVERN_ROUTE and (
+        Route.select().where((Route.org == org_id) & (Route.name == name)).exists()
+    ):
+        return
+    budgets = (
+        Budget.delete()
+        .where((Budget.org == org_id) & (Budget.scope == scope) & (Budget.subject == name))
+        .execute()
+    )
+    limits = (
+        RateLimit.delete()
+        .where((RateLimit.org == org_id) & (RateLimit.scope == scope) & (RateLimit.subject == name))
+        .execute()
+    )
+    if budgets or limits:
+        audit(actor, org_id, f"delete {scope} rules", name, {"budgets": budgets, "limits": limits})
 
 
 @dataclass(frozen=True, slots=True)
