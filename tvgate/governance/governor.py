@@ -142,6 +142,9 @@ class Governor:
         self.watched: dict[str, float] = {}
         #: Request units reserved from the shared counter and not yet spent.
         self.units: dict[str, int] = {}
+        #: Per-minute counters found at their limit; asked again after the next sync, when
+        #: other processes may have given units back.
+        self.exhausted: set[str] = set()
         self._reserving: dict[str, asyncio.Future[int]] = {}
         self._plans: dict[tuple[int, int, str, str, tuple[str, ...]], _Plan] = {}
         self._reading: dict[str, asyncio.Future[None]] = {}
@@ -317,6 +320,8 @@ class Governor:
             if self.units.get(name, 0) > 0:
                 self.units[name] -= 1
                 return True
+            if name in self.exhausted:
+                return False  # the limit was reached: no round trip until the next sync
             reserving = self._reserving.get(name)
             if reserving is None:
                 # Blocks of a tenth of the limit: one round trip per ten percent of it, and
@@ -326,23 +331,31 @@ class Governor:
                     self.runner.run(functools.partial(self.store.reserve, name, block, limit, end))
                 )
                 self._reserving[name] = reserving
-                try:
-                    granted = await reserving
-                except DatabaseUnavailable as exc:
-                    log.warning("rate limit counter unavailable (%s); admitting", exc)
-                    return True
-                finally:
-                    self._reserving.pop(name, None)
-                self._watch(name, end)
-                self.units[name] = self.units.get(name, 0) + granted
-                if not granted:
-                    return False
-            else:
-                try:
-                    if not await asyncio.shield(reserving):
-                        return False
-                except DatabaseUnavailable:
-                    return True
+                # Credited by a callback, before any waiter resumes: every call that sees the
+                # reservation done also sees its units.
+                reserving.add_done_callback(functools.partial(self._reserved, name, end))
+            elif reserving.done():
+                # Done, but its callback has not run yet: awaiting a done future does not
+                # yield, so yield here, or this loop would spin on the event loop for ever.
+                await asyncio.sleep(0)
+                continue
+            try:
+                await asyncio.shield(reserving)
+            except DatabaseUnavailable as exc:
+                log.warning("rate limit counter unavailable (%s); admitting", exc)
+                return True
+
+    def _reserved(self, name: str, end: float, done: asyncio.Future[int]) -> None:
+        if self._reserving.get(name) is done:
+            del self._reserving[name]
+        if done.cancelled() or done.exception() is not None:
+            return
+        granted = done.result()
+        self._watch(name, end)
+        if granted:
+            self.units[name] = self.units.get(name, 0) + granted
+        else:
+            self.exhausted.add(name)
 
     # --- concurrency caps ---
 
@@ -439,6 +452,7 @@ class Governor:
                 amount, _ = add.get(name, (0.0, 0.0))
                 add[name] = (amount - units, self.watched.get(name, now))
         self.units = {}
+        self.exhausted = set()
         read = list(self.watched)
         async with self._slot_lock:
             # Slots nobody here needed since the last sync go back; the rest are kept (a
