@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -156,6 +157,18 @@ async def drain(server: HTTPServer, gateway: Gateway) -> None:
     await gateway.inflight.wait_idle(5.0)
 
 
+def freeze_startup_objects() -> None:
+    """Leave what start-up built (modules, classes, the app, caches) out of the collector.
+
+    A proxy call's objects are freed by reference counting (no reference cycle holds
+    them); what the cyclic collector's full passes walked was mostly this long-lived
+    start-up state, ~50,000 objects, 50-140 ms a pass with the event loop stopped.
+    Frozen objects are never collected, which long-lived objects are not anyway.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 async def serve_worker(
     settings: Settings,
     sockets: list[socket.socket],
@@ -181,6 +194,7 @@ async def serve_worker(
         metrics_server.listen(port + worker, host)
         log.info("worker %d serves /metrics on %s:%d", worker, host, port + worker)
     log.info("tvgate worker %d (pid %d) listening on %s", worker, os.getpid(), settings.base_url)
+    freeze_startup_objects()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
