@@ -76,7 +76,7 @@ class UpstreamExchange:
         self,
         client: CurlAsyncHTTPClient,
         url: str,
-        headers: HTTPHeaders,
+        headers: HTTPHeaders | dict[str, str],
         body: bytes | None,
         listener: UpstreamListener,
         *,
