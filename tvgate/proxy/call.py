@@ -504,12 +504,15 @@ class ProxyCall:
         self.status = status
         handler.set_status(status)
         length = ""
+        framed = False
         seen: set[str] = set()
         for name, value in headers:
             lower = name.lower()
             if lower in _DROPPED_RESPONSE_HEADERS:
                 if lower == "content-length":
                     length = value
+                elif lower == "transfer-encoding":
+                    framed = True  # the length, if any, is not the body's (RFC 9112 6.3)
                 continue
             if lower in ("content-type", "server", "date"):
                 handler.set_header(name, value)
@@ -526,6 +529,7 @@ class ProxyCall:
                 self.upstream_request_id = value
         if (
             length.isdigit()
+            and not framed
             and whole_body
             and not self.is_stream_response
             and status >= 200

@@ -220,6 +220,8 @@ class TraceWriter:
             batch = self._take_batch()
             if not batch:
                 if ending:
+                    if self._spool_lines:
+                        self._replay_spool()  # a last try: what stays is replayed at start
                     break
                 if self._spool_lines and time.monotonic() - last_replay >= _SPOOL_RETRY:
                     last_replay = time.monotonic()
