@@ -202,3 +202,28 @@ def test_owned_routes_follow_the_org_switch_and_key_ownership() -> None:
 )
 def test_public_address_check(host: str, public: bool) -> None:
     assert is_public_address(host) is public
+
+
+# --- the trace writer's memory of recent bodies ---
+
+
+def test_recent_bodies_give_a_root_only_for_the_same_bytes_and_redactor() -> None:
+    from tvgate.traces.redact import Redactor
+    from tvgate.traces.writer import _RecentBodies
+
+    recent = _RecentBodies(budget=1000)
+    redactor = Redactor()
+    body = b'{"model":"m","messages":[{"role":"user","content":"' + b"x" * 100 + b'"}]}'
+    recent.remember(1, redactor, body, b"root-1")
+    assert recent.root(1, redactor, bytes(body)) == b"root-1"
+    # Same length and tail, other bytes: not the same body.
+    other = body.replace(b'"m"', b'"n"')
+    assert len(other) == len(body) and recent.root(1, redactor, other) is None
+    assert recent.root(2, redactor, body) is None  # another org
+    assert recent.root(1, Redactor(), body) is None  # new redaction settings
+    # Bounded: older bodies leave first; a body over a quarter of the budget is not kept.
+    for n in range(20):
+        recent.remember(1, redactor, body + b" " * n, b"root")
+    assert recent.size <= 1000 and recent.root(1, redactor, body) is None
+    recent.remember(1, redactor, b" " * 300, b"big")
+    assert recent.root(1, redactor, b" " * 300) is None

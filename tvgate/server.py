@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -36,6 +37,7 @@ from typing import Any
 
 import tornado.web
 from tornado.httpserver import HTTPServer
+from tornado.iostream import IOStream
 from tornado.netutil import bind_sockets
 
 import admin_ui
@@ -156,6 +158,46 @@ async def drain(server: HTTPServer, gateway: Gateway) -> None:
     await gateway.inflight.wait_idle(5.0)
 
 
+class GatewayHTTPServer(HTTPServer):
+    """Tornado's HTTP server with Nagle's algorithm off for good on every connection.
+
+    Tornado turns ``TCP_NODELAY`` on when a response finishes and off again after it:
+    two system calls per request, and Nagle on while a stream is relayed, so an event
+    written while the previous one is unacknowledged waits (up to the peer's delayed
+    ACK, tens of milliseconds). A proxy sends every byte as soon as it has it: the
+    option is set once when the connection is accepted and Tornado's toggling skipped.
+    """
+
+    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
+        sock = stream.socket
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):  # the client may be gone already
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            stream.set_nodelay = _keep_nodelay  # type: ignore[method-assign,assignment]
+        super().handle_stream(stream, address)
+
+
+def _keep_nodelay(_value: bool) -> None:
+    """``IOStream.set_nodelay`` on a connection whose Nagle is off for good: nothing to do."""
+
+
+def freeze_startup_objects() -> None:
+    """Leave what start-up built (modules, classes, the app, caches) out of the collector.
+
+    A proxy call's objects are freed by reference counting (no reference cycle holds
+    them); what the cyclic collector's full passes walked was mostly this long-lived
+    start-up state, ~50,000 objects, 50-140 ms a pass with the event loop stopped.
+    Frozen objects are never collected, which long-lived objects are not anyway.
+
+    The youngest generation is collected every 7,000 allocations instead of 700: a
+    190 KB body parses into thousands of containers, which at 700 were walked by
+    several young collections each and promoted to the older generations.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(7000, 10, 10)
+
+
 async def serve_worker(
     settings: Settings,
     sockets: list[socket.socket],
@@ -166,7 +208,7 @@ async def serve_worker(
     """One gateway on the given listening sockets, until SIGTERM or SIGINT."""
     gateway = Gateway.build(settings, worker)
     gateway.start()
-    server = HTTPServer(
+    server = GatewayHTTPServer(
         make_app(gateway),
         xheaders=False,
         # Proxy handlers stream their bodies and enforce the limit themselves.
@@ -181,6 +223,7 @@ async def serve_worker(
         metrics_server.listen(port + worker, host)
         log.info("worker %d serves /metrics on %s:%d", worker, host, port + worker)
     log.info("tvgate worker %d (pid %d) listening on %s", worker, os.getpid(), settings.base_url)
+    freeze_startup_objects()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

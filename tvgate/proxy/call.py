@@ -9,6 +9,7 @@ provider fails, tvgate refuses) the call ends by queueing exactly one trace.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -108,17 +109,51 @@ _DROPPED_RESPONSE_HEADERS = frozenset(
         "set-cookie",
     }
 )
+#: A header name (RFC 9110 token), as Tornado checks it.
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 #: How much of a non-streamed answer is kept for its trace.
 _CAPTURE_LIMIT = 8 * 1024 * 1024
 #: How much of a failed answer is kept while a fallback is tried.
 _HELD_LIMIT = 64 * 1024
 
 
-def upstream_headers(client_headers: HTTPHeaders, provider: str, secret: str) -> HTTPHeaders:
-    """The client's headers as the provider should see them, with the provider key injected."""
+def upstream_headers(
+    client_headers: HTTPHeaders, provider: str, secret: str
+) -> dict[str, str] | HTTPHeaders:
+    """The client's headers as the provider should see them, with the provider key injected.
+
+    A plain dict when no header name repeats (the usual case): the HTTP client copies it
+    into its own ``HTTPHeaders`` anyway, and building one here too would validate and
+    normalise every header twice more. Names are already normalised by Tornado's parser.
+    """
     connection_listed = {
         token.strip().lower() for token in client_headers.get("Connection", "").split(",")
     }
+    headers: dict[str, str] = {}
+    repeated = False
+    for name, value in client_headers.get_all():
+        lower = name.lower()
+        if (
+            lower in _DROPPED_REQUEST_HEADERS
+            or lower in connection_listed
+            or lower.startswith(ATTRIBUTION_PREFIXES)
+        ):
+            continue
+        if name in headers:
+            repeated = True
+            break
+        headers[name] = value
+    if repeated:
+        return _upstream_headers_repeated(client_headers, connection_listed, provider, secret)
+    for name, value in auth_headers(provider, secret):
+        headers[name] = value
+    return headers
+
+
+def _upstream_headers_repeated(
+    client_headers: HTTPHeaders, connection_listed: set[str], provider: str, secret: str
+) -> HTTPHeaders:
+    """``upstream_headers`` when a name repeats: every line is kept, as the client sent it."""
     headers = HTTPHeaders()
     for name, value in client_headers.get_all():
         lower = name.lower()
@@ -413,7 +448,7 @@ class ProxyCall:
             message, outcome = failure.classified
             self._fail(failure.status, message, outcome)
             return
-        self.on_upstream_headers(failure.status, failure.headers)
+        self.on_upstream_headers(failure.status, failure.headers, whole_body=False)
         for chunk in failure.chunks:
             self.on_upstream_chunk(chunk)
         self._complete(UpstreamResult(0, ""))
@@ -453,7 +488,14 @@ class ProxyCall:
 
     # --- the upstream listener (called synchronously from curl's callbacks) ---
 
-    def on_upstream_headers(self, status: int, headers: list[tuple[str, str]]) -> None:
+    def on_upstream_headers(
+        self, status: int, headers: list[tuple[str, str]], *, whole_body: bool = True
+    ) -> None:
+        """The provider's status and headers, passed on to the client.
+
+        ``whole_body``: every byte of the body will follow (not a held answer cut at
+        its limit), so a ``Content-Length`` can be kept.
+        """
         if self.may_fall_back and (status in (429, 529) or status >= 500):
             assert self.route is not None
             self.holding = _HeldAnswer(self.route, self.upstream_model, status, headers, [], None)
@@ -461,18 +503,42 @@ class ProxyCall:
         handler = self.handler
         self.status = status
         handler.set_status(status)
+        length = ""
+        framed = False
+        seen: set[str] = set()
         for name, value in headers:
             lower = name.lower()
             if lower in _DROPPED_RESPONSE_HEADERS:
+                if lower == "content-length":
+                    length = value
+                elif lower == "transfer-encoding":
+                    framed = True  # the length, if any, is not the body's (RFC 9112 6.3)
                 continue
             if lower in ("content-type", "server", "date"):
                 handler.set_header(name, value)
                 if lower == "content-type" and value.startswith("text/event-stream"):
                     self.is_stream_response = True
+            elif lower in seen or not _FIELD_NAME.fullmatch(name):
+                handler.add_header(name, value)  # a repeated line; or refused, as it should be
             else:
-                handler.add_header(name, value)
+                # The first line of this name: add_header would validate the name and value
+                # again on top of set_header's check of the value.
+                seen.add(lower)
+                handler.set_header(name, value)
             if lower in ("request-id", "x-request-id"):
                 self.upstream_request_id = value
+        if (
+            length.isdigit()
+            and not framed
+            and whole_body
+            and not self.is_stream_response
+            and status >= 200
+            and status not in (204, 304)
+        ):
+            # The body is relayed byte for byte: with its length known, Tornado sends it
+            # with the headers in one write, not chunked with a closing chunk after it.
+            # (A stream is left chunked: a failure may add an error event to it.)
+            handler.set_header("Content-Length", length)
         handler.set_header("x-tvgate-overhead-ms", f"{self._overhead_ms():.3f}")
         admission = self.serving_admission or self.admission
         if admission is not None and admission.warnings:

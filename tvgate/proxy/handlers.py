@@ -87,6 +87,9 @@ class ProxyHandler(BaseHandler):
                     await self._sent
         finally:
             inflight.leave()
+            # The call refers to this handler: drop the reference back so that both are
+            # freed when the request ends, not by the cyclic garbage collector.
+            self.call = None
 
     def finish(self, chunk: str | bytes | dict[str, Any] | None = None) -> Future[None]:
         # Keep the future that resolves once the response has been written to the socket.

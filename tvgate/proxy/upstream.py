@@ -76,7 +76,7 @@ class UpstreamExchange:
         self,
         client: CurlAsyncHTTPClient,
         url: str,
-        headers: HTTPHeaders,
+        headers: HTTPHeaders | dict[str, str],
         body: bytes | None,
         listener: UpstreamListener,
         *,
@@ -97,7 +97,9 @@ class UpstreamExchange:
         self.status = 0
         self._headers: list[tuple[str, str]] = []
         self._curl: pycurl.Curl | None = None
-        self.request = HTTPRequest(
+        # The request refers back to this exchange (prepare_curl_callback); only run()
+        # holds it, so that no reference cycle keeps a finished call for the collector.
+        self._request: HTTPRequest | None = HTTPRequest(
             url,
             method=method,
             headers=headers,
@@ -191,9 +193,11 @@ class UpstreamExchange:
                 self._curl.pause(pycurl.PAUSE_CONT)
 
     async def run(self) -> UpstreamResult:
+        request, self._request = self._request, None
+        assert request is not None, "run() is called once"
         try:
             # raise_error=False returns HTTP error statuses; transport failures still raise.
-            await self.client.fetch(self.request, raise_error=False)
+            await self.client.fetch(request, raise_error=False)
         except CurlError as exc:
             return UpstreamResult(int(exc.errno), exc.message or "", self.refused, self.timed_out)
         finally:

@@ -85,6 +85,23 @@ class SSEParser:
             self._cr_pending = False
             if chunk[0] == _LF:
                 pos = 1
+        elif not (self._partial or self._data or self._size or self._skipping) and (
+            self._event is None
+        ):
+            # Nothing pending: the whole events at the head of the chunk (up to its last
+            # blank line) are taken at once, when no "\r" can end a line among them.
+            end = chunk.rfind(b"\n\n")
+            if (
+                end != -1
+                and end <= self._max
+                and chunk.find(b"\r", 0, end) == -1
+                and not (self._first_line and chunk.startswith(_BOM))
+            ):
+                self._first_line = False
+                self._whole_events(chunk[:end], out)
+                pos = end + 2
+                if pos == n:
+                    return out
         find = chunk.find
         # Each terminator is searched for once per pass over the chunk; a miss
         # (-1) stays a miss, so the scan is linear even with no "\r" at all.
@@ -127,6 +144,40 @@ class SSEParser:
         if pos < n:
             self._hold(chunk, pos)
         return out
+
+    def _whole_events(self, events: bytes, out: list[SSEEvent]) -> None:
+        """Complete events (what comes before a blank line, which is not included), with
+        lines ending in "\\n" only and no event anywhere near ``max_event_bytes``: the
+        rules of ``_line``, without its per-line bookkeeping."""
+        for block in events.split(b"\n\n"):
+            data: list[bytes] = []
+            event: str | None = None
+            for line in block.split(b"\n"):
+                if not line:
+                    # A blank line inside the block: "\n\n\n" puts one at its start.
+                    if data:
+                        out.append(SSEEvent(event, data[0] if len(data) == 1 else b"\n".join(data)))
+                    data = []
+                    event = None
+                    continue
+                if line[0] == 0x3A:  # a comment
+                    continue
+                colon = line.find(b":")
+                if colon == -1:
+                    field = line
+                    value = b""
+                else:
+                    field = line[:colon]
+                    start = colon + 1
+                    if start < len(line) and line[start] == _SPACE:
+                        start += 1
+                    value = line[start:]
+                if field == b"data":
+                    data.append(value)
+                elif field == b"event":
+                    event = value.decode("utf-8", "replace") or None
+            if data:
+                out.append(SSEEvent(event, data[0] if len(data) == 1 else b"\n".join(data)))
 
     def close(self) -> list[SSEEvent]:
         """End of stream. Per the spec an unterminated event is never dispatched."""

@@ -6,6 +6,12 @@ traces at a time, stores their captured bodies (redacted, content-addressed),
 prices them, and inserts everything in one transaction. Inserts are
 idempotent by trace id.
 
+The queue is a ``deque`` the writer polls every ``POLL_INTERVAL``: appending
+takes no lock and wakes no thread, and under load a batch holds every trace of
+the interval, so the writer runs (and takes the GIL from the event loop) a few
+times a second, not once per call. Rows go in through one prepared multi-row
+``INSERT`` per batch size, built once, not by the ORM per batch.
+
 When the database cannot be reached, the batch is appended to a spool file in
 the data directory (and fsynced) instead, and so is every later batch until
 the spool has been replayed, in order, once the database answers again. A
@@ -20,9 +26,9 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +41,19 @@ from tvgate.keyring import Keyring
 from tvgate.models import Trace
 from tvgate.traces.content import blob_digest, store_request
 from tvgate.traces.pricing import PriceTable
+from tvgate.traces.redact import Redactor
 from tvgate.traces.store import BlobStore, CaptureSettings, load_capture_settings
 
 log = logging.getLogger("tvgate.traces")
 
 TraceRow = dict[str, Any]
 _PRICES_TTL = 60.0
+#: How often the writer looks for queued traces (it is woken at once to stop).
+POLL_INTERVAL = 0.05
+#: While the spool is not empty, how often a replay is tried when no trace comes.
+_SPOOL_RETRY = 1.0
+#: Rows per INSERT statement.
+_INSERT_ROWS = 100
 
 
 @dataclass(slots=True)
@@ -53,6 +66,58 @@ class CapturedBody:
     @property
     def size(self) -> int:
         return len(self.request)
+
+
+class _RecentBodies:
+    """The last request bodies stored, byte for byte, with the root each was stored under.
+
+    A body sent again unchanged (an SDK's retry after a 429 or 529, a fallback, a client
+    replaying a call) is redacted, split and hashed to the same root as before: when that
+    root is still in the store, nothing else would be written. Found by length and tail,
+    confirmed by comparing the bytes (a memcmp); tied to the redactor it was stored with,
+    so new redaction settings store it again. Bounded by ``budget`` bytes of bodies.
+    """
+
+    def __init__(self, budget: int = 8 * 1024 * 1024) -> None:
+        self.budget = budget
+        self.size = 0
+        self._entries: dict[tuple[int, int, bytes], tuple[bytes, Redactor, bytes]] = {}
+
+    @staticmethod
+    def _key(org_id: int, raw: bytes) -> tuple[int, int, bytes]:
+        return (org_id, len(raw), raw[-64:])
+
+    def root(self, org_id: int, redactor: Redactor, raw: bytes) -> bytes | None:
+        entry = self._entries.get(self._key(org_id, raw))
+        if entry is None or entry[1] is not redactor or entry[0] != raw:
+            return None
+        return entry[2]
+
+    def remember(self, org_id: int, redactor: Redactor, raw: bytes, root: bytes) -> None:
+        if len(raw) > self.budget // 4:
+            return
+        key = self._key(org_id, raw)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.size -= len(old[0])
+        while self._entries and self.size + len(raw) > self.budget:
+            evicted = self._entries.pop(next(iter(self._entries)))  # the oldest
+            self.size -= len(evicted[0])
+        self._entries[key] = (raw, redactor, root)
+        self.size += len(raw)
+
+
+def _column(field: peewee.Field) -> tuple[str, Any, Any]:
+    default = field.default
+    return (field.name, field.db_value, default if callable(default) else lambda: default)
+
+
+#: Every column of a trace, in the model's order: (name, to the database's type, default).
+_COLUMNS: tuple[tuple[str, Any, Any], ...] = tuple(
+    _column(field) for field in Trace._meta.sorted_fields
+)
+#: A row of every column, in that order, from which the INSERT of each size is built.
+_SAMPLE_ROW = (None,) * len(_COLUMNS)
 
 
 @dataclass(slots=True)
@@ -79,7 +144,11 @@ class TraceWriter:
         self.spool_path = spool_path
         self.body_budget = body_budget
         self.settings_ttl = settings_ttl
-        self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        self._queue: deque[_Item] = deque()
+        self._stopping = threading.Event()
+        self._inserts: dict[int, str] = {}
+        self._recent = _RecentBodies()
         self._thread = threading.Thread(target=self._run, name="tvgate-trace-writer", daemon=True)
         self._pending_body_bytes = 0
         self._settings: dict[int, CaptureSettings] = {}
@@ -104,7 +173,7 @@ class TraceWriter:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     @property
     def spool_size(self) -> int:
@@ -113,57 +182,63 @@ class TraceWriter:
 
     def submit(self, row: TraceRow, body: CapturedBody | None = None) -> None:
         """Queue a trace; never blocks."""
+        if len(self._queue) >= self.queue_size:
+            self.dropped += 1
+            log.error("trace queue full; trace %s dropped", row.get("id"))
+            return
         if body is not None:
             if self._pending_body_bytes + body.size > self.body_budget:
                 self.bodies_dropped += 1
                 body = None
             else:
                 self._pending_body_bytes += body.size
-        try:
-            self._queue.put_nowait(_Item(row, body))
-        except queue.Full:
-            self.dropped += 1
-            log.error("trace queue full; trace %s dropped", row.get("id"))
+        # deque.append is atomic: the writer thread takes from the other end, no lock.
+        self._queue.append(_Item(row, body))
 
     def stop(self, timeout: float = 60.0) -> None:
         """Write (or spool) everything queued so far, then end the thread."""
-        self._queue.put(None)
+        self._stopping.set()
         self._thread.join(timeout)
 
     # --- the writer thread ---
 
-    def _take_batch(self) -> tuple[list[_Item], bool]:
-        try:
-            first = self._queue.get(timeout=1.0 if self._spool_lines else None)
-        except queue.Empty:
-            return [], False
-        if first is None:
-            return [], True
-        self.peak_depth = max(self.peak_depth, self._queue.qsize() + 1)
-        batch = [first]
-        while len(batch) < self.batch_size:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                return batch, True
-            batch.append(item)
-        return batch, False
+    def _take_batch(self) -> list[_Item]:
+        queued = self._queue
+        depth = len(queued)
+        if not depth:
+            return []
+        self.peak_depth = max(self.peak_depth, depth)
+        popleft = queued.popleft
+        return [popleft() for _ in range(min(depth, self.batch_size))]
 
     def _run(self) -> None:
-        ended = False
-        while not ended:
-            batch, ended = self._take_batch()
+        last_replay = time.monotonic()
+        while True:
+            # Read before taking a batch: a stop asked for after the queue was found empty
+            # still finds every trace queued before it.
+            ending = self._stopping.is_set()
+            batch = self._take_batch()
+            if not batch:
+                if ending:
+                    if self._spool_lines:
+                        self._replay_spool()  # a last try: what stays is replayed at start
+                    break
+                if self._spool_lines and time.monotonic() - last_replay >= _SPOOL_RETRY:
+                    last_replay = time.monotonic()
+                    self._replay_spool()
+                    continue
+                self._stopping.wait(POLL_INTERVAL)
+                continue
             for item in batch:
                 if item.body is not None:
                     self._pending_body_bytes -= item.body.size
-            if self._spool_lines and not self._replay_spool():
-                # The database is still away; keep the order: new traces go behind the spooled.
-                self._spool(batch)
-                continue
-            if batch:
-                self._write_or_spool(batch)
+            if self._spool_lines:
+                last_replay = time.monotonic()
+                if not self._replay_spool():
+                    # The database is still away; keep the order: new traces go behind.
+                    self._spool(batch)
+                    continue
+            self._write_or_spool(batch)
         if not self.db.is_closed():
             self.db.close()
         log.info(
@@ -206,10 +281,29 @@ class TraceWriter:
                 rows.append(row)
             for store in stores.values():
                 store.flush()
-            for start in range(0, len(rows), 100):
-                Trace.insert_many(rows[start : start + 100]).on_conflict_ignore().execute()
+            for start in range(0, len(rows), _INSERT_ROWS):
+                self._insert(rows[start : start + _INSERT_ROWS])
         for store in stores.values():
             store.committed()
+
+    def _insert(self, rows: list[TraceRow]) -> None:
+        """``INSERT`` the rows, ignoring ids already stored, with one statement built once."""
+        sql = self._inserts.get(len(rows))
+        if sql is None:
+            # The ORM writes the statement (dialect, quoting, conflict clause) once per size.
+            query = Trace.insert_many([_SAMPLE_ROW] * len(rows), fields=Trace._meta.sorted_fields)
+            sql = query.on_conflict_ignore().sql()[0]
+            self._inserts[len(rows)] = sql
+        params: list[Any] = []
+        extend = params.extend
+        for row in rows:
+            extend(
+                [
+                    convert(row[name]) if name in row else default()
+                    for name, convert, default in _COLUMNS
+                ]
+            )
+        self.db.execute_sql(sql, params)
 
     def _capture(self, row: TraceRow, body: CapturedBody, stores: dict[int, BlobStore]) -> None:
         org_id = row["org_id"]
@@ -220,8 +314,15 @@ class TraceWriter:
         if not settings.capture_bodies:
             return
         store = stores.setdefault(org_id, BlobStore(org_id))
-        redact = settings.redactor.redact
-        row["request_blob"] = store_request(redact(body.request), store).hex()
+        redactor = settings.redactor
+        redact = redactor.redact
+        raw = body.request
+        root = self._recent.root(org_id, redactor, raw)
+        if root is None or not store.has(root):
+            # store_request would find the root in the store too, and write nothing.
+            root = store_request(redact(raw), store)
+            self._recent.remember(org_id, redactor, raw, root)
+        row["request_blob"] = root.hex()
         if body.response is not None:
             answer = redact(orjson.dumps(body.response))
             digest = blob_digest(answer)
