@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from bench.payloads import SEQUENCE_MARK
 
 LUA_SCRIPT = Path(__file__).with_name("post.lua")
 
@@ -171,7 +175,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, int, str]:
 
 async def _worker(
     url: str,
-    request: bytes,
+    next_request: Callable[[], bytes],
     deadline: float,
     latencies: list[float],
     overheads: list[float],
@@ -186,7 +190,7 @@ async def _worker(
     try:
         while time.perf_counter() < deadline:
             started = time.perf_counter()
-            writer.write(request)
+            writer.write(next_request())
             try:
                 status, size, overhead = await asyncio.wait_for(_read_response(reader), 30)
             except TimeoutError:
@@ -221,13 +225,26 @@ async def builtin_load(
     head = [f"POST {target} HTTP/1.1", f"Host: {parts.netloc}", f"Content-Length: {len(body)}"]
     head += [f"{k}: {v}" for k, v in headers.items()]
     request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+    # Each request gets its own sequence number in the body's mark (same width, same length).
+    mark = request.find(SEQUENCE_MARK)
+    numbers = itertools.count(int(time.time()) % 100000 * 10000)
+
+    def next_request() -> bytes:
+        if mark < 0:
+            return request
+        number = b"%010d" % (next(numbers) % 10**10)
+        return request[:mark] + number + request[mark + len(SEQUENCE_MARK) :]
+
     result = LoadResult()
     latencies: list[float] = []
     overheads: list[float] = []
     started = time.perf_counter()
     deadline = started + duration
     await asyncio.gather(
-        *(_worker(url, request, deadline, latencies, overheads, result) for _ in range(connections))
+        *(
+            _worker(url, next_request, deadline, latencies, overheads, result)
+            for _ in range(connections)
+        )
     )
     result.duration_us = int((time.perf_counter() - started) * 1e6)
     result.lat_p50_us = _percentile(latencies, 50)

@@ -174,6 +174,12 @@ def anthropic_message(words: int = 44) -> bytes:
     )
 
 
+#: Stands in the last user message of every body; the load generators write a sequence
+#: number of the same width there, so no two requests of a run are the same bytes (a real
+#: session's requests never are: caches of whole bodies must not flatter the figures).
+SEQUENCE_MARK = b"@@@@@@@@@@"
+
+
 def small_request(route: str, stream: bool, size: int = SMALL_BODY_BYTES) -> bytes:
     """A short one-turn request, padded to ``size`` bytes."""
     doc: dict[str, Any] = {
@@ -184,7 +190,8 @@ def small_request(route: str, stream: bool, size: int = SMALL_BODY_BYTES) -> byt
     if stream:
         doc["stream"] = True
     base = len(_compact(doc))
-    text = ("Write a haiku about retries. " * 20)[: max(1, size - base)]
+    mark = SEQUENCE_MARK.decode()
+    text = (f"Request {mark}. " + "Write a haiku about retries. " * 20)[: max(1, size - base)]
     doc["messages"][0]["content"] = text
     return _compact(doc)
 
@@ -270,9 +277,8 @@ def large_request(route: str, stream: bool, size: int = LARGE_BODY_BYTES) -> byt
     # Pad the last message to the exact size.
     messages.append({"role": "user", "content": ""})
     missing = size - len(_compact(doc))
-    messages[-1]["content"] = ("Now fix the failing test. " * (missing // 26 + 1))[
-        : max(1, missing)
-    ]
+    pad = f"Request {SEQUENCE_MARK.decode()}. " + "Now fix the failing test. " * (missing // 26 + 1)
+    messages[-1]["content"] = pad[: max(1, missing)]
     return _compact(doc)
 
 

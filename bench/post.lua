@@ -1,13 +1,15 @@
 -- wrk script of the tvgate benchmark: POST a body file with Claude Code's headers.
 --
 -- wrk -s post.lua URL -- BODY_FILE HEADERS_FILE
---   BODY_FILE     the request body, sent as is
+--   BODY_FILE     the request body; its "@@@@@@@@@@" (if any) becomes a 10-digit sequence
+--                 number per request, so no two requests are the same bytes
 --   HEADERS_FILE  "Name: value" lines (the token among them when going through tvgate)
 -- With BENCH_OVERHEAD=1 in the environment it also reads each response's
 -- x-tvgate-overhead-ms header (that makes wrk parse every response: latency runs only).
 -- It prints one line "BENCH_JSON {...}" with the figures the harness reads.
 
 local threads = {}
+local head, tail, seq = nil, nil, 0
 
 function setup(thread)
    table.insert(threads, thread)
@@ -17,6 +19,12 @@ function init(args)
    local f = assert(io.open(args[1], "rb"))
    wrk.body = f:read("*a")
    f:close()
+   local first, last = wrk.body:find("@@@@@@@@@@", 1, true)
+   if first then
+      head, tail = wrk.body:sub(1, first - 1), wrk.body:sub(last + 1)
+      -- Runs of one workload follow each other: start each where no earlier one was.
+      seq = (os.time() % 100000) * 10000
+   end
    wrk.method = "POST"
    for line in io.lines(args[2]) do
       local name, value = line:match("^([^:]+):%s*(.*)$")
@@ -26,6 +34,14 @@ function init(args)
    end
    statuses = {}
    overheads = {}
+end
+
+function request()
+   if head == nil then
+      return wrk.format()
+   end
+   seq = seq + 1
+   return wrk.format(nil, nil, nil, head .. string.format("%010d", seq % 10000000000) .. tail)
 end
 
 if os.getenv("BENCH_OVERHEAD") == "1" then
