@@ -162,16 +162,7 @@ class SSEParser:
                     continue
                 if line[0] == 0x3A:  # a comment
                     continue
-                colon = line.find(b":")
-                if colon == -1:
-                    field = line
-                    value = b""
-                else:
-                    field = line[:colon]
-                    start = colon + 1
-                    if start < len(line) and line[start] == _SPACE:
-                        start += 1
-                    value = line[start:]
+                field, value = _field(line)
                 if field == b"data":
                     data.append(value)
                 elif field == b"event":
@@ -232,18 +223,20 @@ class SSEParser:
             return
         if line[0] == 0x3A:  # ":" starts a comment
             return
-        colon = line.find(b":")
-        if colon == -1:
-            field = line
-            value = b""
-        else:
-            field = line[:colon]
-            start = colon + 1
-            if start < len(line) and line[start] == _SPACE:
-                start += 1
-            value = line[start:]
+        field, value = _field(line)
         if field == b"data":
             self._data.append(value)
         elif field == b"event":
             self._event = value.decode("utf-8", "replace") or None
         # "id", "retry" and unknown fields are ignored.
+
+
+def _field(line: bytes) -> tuple[bytes, bytes]:
+    """A field line's name and value: one space after the colon is not part of the value."""
+    colon = line.find(b":")
+    if colon == -1:
+        return line, b""
+    start = colon + 1
+    if start < len(line) and line[start] == _SPACE:
+        start += 1
+    return line[:colon], line[start:]
