@@ -26,11 +26,8 @@ import orjson
 import peewee
 
 from tvgate.governance.windows import (
-    COUNT_REQUESTS,
-    COUNT_TOKENS,
-    PERIOD_MINUTE,
-    counter_key,
-    window,
+    budget_counter,
+    minute_counters,
 )
 from tvgate.identity import Principal
 from tvgate.identity.tokens import mint_token
@@ -1600,11 +1597,8 @@ class BudgetView:
 
 def _budget_views(org_id: int, rows: list[Budget], now: float | None = None) -> list[BudgetView]:
     at = time.time() if now is None else now
-    keys = [
-        counter_key(org_id, b.metric, b.period, window(b.period, at)[0], b.scope, b.subject)
-        for b in rows
-    ]
-    used = _counters(keys)
+    counters = [budget_counter(org_id, b.scope, b.subject, b.metric, b.period, at) for b in rows]
+    used = _counters([key for key, _counts, _end in counters])
     emails = _shown_subjects(org_id, rows)
     return [
         BudgetView(
@@ -1616,9 +1610,9 @@ def _budget_views(org_id: int, rows: list[Budget], now: float | None = None) -> 
             amount=b.amount,
             warn_percent=b.warn_percent,
             used=used[key],
-            resets_at=window(b.period, at)[1],
+            resets_at=end,
         )
-        for b, key in zip(rows, keys, strict=True)
+        for b, (key, _counts, end) in zip(rows, counters, strict=True)
     ]
 
 
@@ -1788,15 +1782,9 @@ class RateLimitView:
 def _limit_views(
     org_id: int, rows: list[RateLimit], now: float | None = None
 ) -> list[RateLimitView]:
-    start, end = window(PERIOD_MINUTE, time.time() if now is None else now)
-    pairs = [
-        (
-            counter_key(org_id, COUNT_REQUESTS, PERIOD_MINUTE, start, r.scope, r.subject),
-            counter_key(org_id, COUNT_TOKENS, PERIOD_MINUTE, start, r.scope, r.subject),
-        )
-        for r in rows
-    ]
-    used = _counters([k for pair in pairs for k in pair])
+    at = time.time() if now is None else now
+    counters = [minute_counters(org_id, r.scope, r.subject, at) for r in rows]
+    used = _counters([k for requests, tokens, _end in counters for k in (requests, tokens)])
     emails = _shown_subjects(org_id, rows)
     return [
         RateLimitView(
@@ -1809,7 +1797,7 @@ def _limit_views(
             used_tokens=used[tokens],
             resets_at=end,
         )
-        for r, (requests, tokens) in zip(rows, pairs, strict=True)
+        for r, (requests, tokens, end) in zip(rows, counters, strict=True)
     ]
 
 

@@ -36,14 +36,11 @@ from tvgate.db import DatabaseRunner, DatabaseUnavailable
 from tvgate.governance.policy import Governance
 from tvgate.governance.store import CounterStore
 from tvgate.governance.windows import (
-    COUNT_REQUESTS,
     COUNT_TOKENS,
-    COUNT_USD,
-    PERIOD_MINUTE,
-    counter_key,
-    window,
+    budget_counter,
+    minute_counters,
 )
-from tvgate.models import GOVERN_KEY, GOVERN_ORG, GOVERN_ROUTE, GOVERN_USER, METRIC_USD
+from tvgate.models import GOVERN_KEY, GOVERN_ORG, GOVERN_ROUTE, GOVERN_USER
 from tvgate.traces.pricing import PriceTable
 
 log = logging.getLogger("tvgate.governance")
@@ -227,25 +224,23 @@ class Governor:
             if scope not in scopes:
                 continue
             for rule in governance.budgets.get((scope, subject), ()):
-                counts = COUNT_USD if rule.metric == METRIC_USD else COUNT_TOKENS
-                start, end = window(rule.period, now)
-                name = counter_key(org_id, counts, rule.period, start, scope, subject)
+                name, counts, end = budget_counter(
+                    org_id, scope, subject, rule.metric, rule.period, now
+                )
                 charges.append(_Charge(name, counts, scope))
                 text = f"{rule.title} ({rule.amount_text(rule.amount)})"
                 checks.append(_Check(name, rule.amount, end, text, rule.warn_percent / 100))
             rate = governance.rates.get((scope, subject))
             if rate is None:
                 continue
-            start, end = window(PERIOD_MINUTE, now)
+            requests, tokens, end = minute_counters(org_id, scope, subject, now)
             if rate.tpm:
-                name = counter_key(org_id, COUNT_TOKENS, PERIOD_MINUTE, start, scope, subject)
-                charges.append(_Charge(name, COUNT_TOKENS, scope))
+                charges.append(_Charge(tokens, COUNT_TOKENS, scope))
                 text = f"the limit of {rate.tpm:,} tokens per minute of {rate.owner}"
-                checks.append(_Check(name, rate.tpm, end, text, None))
+                checks.append(_Check(tokens, rate.tpm, end, text, None))
             if rate.rpm:
-                name = counter_key(org_id, COUNT_REQUESTS, PERIOD_MINUTE, start, scope, subject)
                 text = f"the limit of {rate.rpm:,} requests per minute of {rate.owner}"
-                rpm.append((name, rate.rpm, end, text))
+                rpm.append((requests, rate.rpm, end, text))
         for check in checks:
             self._watch(check.name, check.end)
         ends = [c.end for c in checks] + [r[2] for r in rpm]

@@ -42,3 +42,24 @@ def counter_key(
 ) -> str:
     """The shared counter's name: the same in every process for the same window."""
     return f"{org_id}|{counts}|{period}|{int(window_start)}|{scope}|{subject}"
+
+
+def budget_counter(
+    org_id: int, scope: str, subject: str, metric: str, period: str, at: float
+) -> tuple[str, str, float]:
+    """The counter a budget (``metric`` "tokens" or "usd" per ``period``) is judged by at
+    ``at``, what it counts, and the end of its window: the proxy counts into it, the
+    views read it."""
+    start, end = window(period, at)
+    counts = COUNT_USD if metric == COUNT_USD else COUNT_TOKENS
+    return counter_key(org_id, counts, period, start, scope, subject), counts, end
+
+
+def minute_counters(org_id: int, scope: str, subject: str, at: float) -> tuple[str, str, float]:
+    """The requests and tokens counters of a rate limit at ``at``, and the minute's end."""
+    start, end = window(PERIOD_MINUTE, at)
+    return (
+        counter_key(org_id, COUNT_REQUESTS, PERIOD_MINUTE, start, scope, subject),
+        counter_key(org_id, COUNT_TOKENS, PERIOD_MINUTE, start, scope, subject),
+        end,
+    )
