@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import psycopg2
 import pytest
 
@@ -147,6 +148,19 @@ class GatewayProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def scrape(url: str) -> dict[str, float]:
+    """``/metrics`` as {"name{labels}": value}."""
+    response = httpx2.get(url + "/metrics", timeout=5)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples: dict[str, float] = {}
+    for line in response.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
 
 
 def gateway_env(database_url: str, data_dir: Path, port: int, **extra: str) -> dict[str, str]:

@@ -25,10 +25,10 @@ from tests.conftest import (
     GatewayProcess,
     add_fake_key,
     launch_gateway,
+    scrape,
     stop_gateway,
 )
 from tests.fake_provider import FakeProvider, RecordedRequest
-from tests.test_server import scrape
 from tvgate import services
 from tvgate.governance.store import CounterStore
 from tvgate.governance.windows import COUNT_REQUESTS, PERIOD_MINUTE, counter_key, window

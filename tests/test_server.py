@@ -27,6 +27,7 @@ from tests.conftest import (
     GatewayProcess,
     free_port,
     gateway_env,
+    scrape,
     seed,
     start_gateway,
     stop_gateway,
@@ -328,19 +329,6 @@ def test_logs_are_json_lines_without_secrets_or_prompts_and_sighup_reloads(
     messages_logged = [entry["msg"] for entry in entries]
     assert "reload: log_level changed" in messages_logged
     assert "reload: changed settings need a restart to apply: max_clients" in messages_logged
-
-
-def scrape(url: str) -> dict[str, float]:
-    """``/metrics`` as {"name{labels}": value}."""
-    response = httpx2.get(url + "/metrics", timeout=5)
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    samples: dict[str, float] = {}
-    for line in response.text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
 
 
 def test_metrics_count_each_call_from_its_trace(gateway: GatewayProcess, member_token: str) -> None:
