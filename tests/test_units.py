@@ -6,6 +6,7 @@ import base64
 import gzip
 from pathlib import Path
 
+import orjson
 import pytest
 import zstandard
 
@@ -95,8 +96,61 @@ def test_model_rewrite_keeps_every_other_field() -> None:
     raw = b'{"model":"alias","stream":true,"odd":{"n":[1,2]}}'
     body = parse_request_body(raw)
     assert with_model(body, "alias") is raw
-    rewritten = parse_request_body(with_model(body, "real-model"))
-    assert rewritten.document == {"model": "real-model", "stream": True, "odd": {"n": [1, 2]}}
+    rewritten = with_model(body, "real-model")
+    assert rewritten == b'{"model":"real-model","stream":true,"odd":{"n":[1,2]}}'
+    assert parse_request_body(rewritten).stream is True
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        # Only the top level's model changes, wherever it is and whatever else says "model".
+        (
+            b'{"messages":[{"content":{"model":"alias"}}], "model" : "alias","x":"\\\\"}',
+            b'{"messages":[{"content":{"model":"alias"}}], "model" : "real","x":"\\\\"}',
+        ),
+        (
+            b'{"tools":{"model":"alias"},"model":"alias"}',
+            b'{"tools":{"model":"alias"},"model":"real"}',
+        ),
+        (
+            b'{"m":"\\"model\\":\\"alias\\"","model":"alias"}',
+            b'{"m":"\\"model\\":\\"alias\\"","model":"real"}',
+        ),
+        # Written with escapes: rewritten through objects (the rest is equal, not byte-equal).
+        (b'{"mod\\u0065l":"alias","n":1}', b'{"model":"real","n":1}'),
+        (b'{"model":"\\u0061lias","n":1}', b'{"model":"real","n":1}'),
+        # A body simdjson refuses and orjson takes (an integer past 64 bits).
+        (b'{"model":"alias","seed":123456789012345678901234}', None),
+    ],
+)
+def test_model_rewrite_changes_only_the_top_level_model(raw: bytes, expected: bytes | None) -> None:
+    body = parse_request_body(raw)
+    assert body.model == "alias"
+    rewritten = with_model(body, "real")
+    if expected is not None:
+        assert rewritten == expected
+    assert orjson.loads(rewritten)["model"] == "real"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b'{"model":"a","model":"b"}', "more than once"),
+        (b'{"model":"a","seed":123456789012345678901234,"model":"b"}', "more than once"),
+        (b'{"model":"a",}', "not valid JSON: trailing comma"),
+        (b'{"model":"\\ud800"}', "not valid JSON"),
+        (b'{"model":"a"} x', "not valid JSON"),
+        (b'{"model":"a\xff"}', "not valid JSON"),
+        (b'["model"]', "must be a JSON object"),
+        (b'{"model":{"name":"a"}}', "has no 'model'"),
+        (b'{"messages":[]}', "has no 'model'"),
+    ],
+)
+def test_bad_bodies_are_refused_with_a_reason(raw: bytes, message: str) -> None:
+    with pytest.raises(BodyError, match=message) as caught:
+        parse_request_body(raw)
+    assert caught.value.status == 400
 
 
 # --- local keyring ---
@@ -202,28 +256,3 @@ def test_owned_routes_follow_the_org_switch_and_key_ownership() -> None:
 )
 def test_public_address_check(host: str, public: bool) -> None:
     assert is_public_address(host) is public
-
-
-# --- the trace writer's memory of recent bodies ---
-
-
-def test_recent_bodies_give_a_root_only_for_the_same_bytes_and_redactor() -> None:
-    from tvgate.traces.redact import Redactor
-    from tvgate.traces.writer import _RecentBodies
-
-    recent = _RecentBodies(budget=1000)
-    redactor = Redactor()
-    body = b'{"model":"m","messages":[{"role":"user","content":"' + b"x" * 100 + b'"}]}'
-    recent.remember(1, redactor, body, b"root-1")
-    assert recent.root(1, redactor, bytes(body)) == b"root-1"
-    # Same length and tail, other bytes: not the same body.
-    other = body.replace(b'"m"', b'"n"')
-    assert len(other) == len(body) and recent.root(1, redactor, other) is None
-    assert recent.root(2, redactor, body) is None  # another org
-    assert recent.root(1, Redactor(), body) is None  # new redaction settings
-    # Bounded: older bodies leave first; a body over a quarter of the budget is not kept.
-    for n in range(20):
-        recent.remember(1, redactor, body + b" " * n, b"root")
-    assert recent.size <= 1000 and recent.root(1, redactor, body) is None
-    recent.remember(1, redactor, b" " * 300, b"big")
-    assert recent.root(1, redactor, b" " * 300) is None

@@ -4,15 +4,33 @@ Codex compresses its requests with zstd; other tools may gzip. The size limit
 applies to the bytes received and again to the decoded bytes, and decoding
 stops as soon as the limit is crossed, so a compression bomb costs at most
 ``limit`` bytes of memory.
+
+The body is validated and read with simdjson, which checks the whole document
+(structure, strings, UTF-8) into a tape of its own and builds Python objects only
+for what is asked: ``model`` and ``stream``. A coding agent's 190 KB body costs
+about 0.1 ms that way, against 0.5 ms to build it as Python objects with orjson
+and 0.3 ms more to free them. What simdjson refuses is parsed again by orjson, so
+a body is accepted or refused (with orjson's message, which names line and
+column) exactly as orjson would: simdjson refuses a few bodies orjson takes, such
+as integers past 64 bits.
+
+A route that names another upstream model rewrites ``model`` in the bytes: its
+top-level member is found by a literal search and the rewrite is checked by
+parsing the result, so every other byte goes up unchanged. A body whose top
+level has ``model`` twice is refused: the gateway routes on one and the
+provider might read the other.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import threading
 import zlib
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
+import simdjson
 import zstandard
 
 
@@ -27,8 +45,9 @@ class BodyError(Exception):
 @dataclass(slots=True)
 class ParsedBody:
     raw: bytes
-    document: dict[str, Any]
     model: str
+    #: ``"stream": true`` at the top level.
+    stream: bool
 
 
 _READ_SIZE = 256 * 1024
@@ -85,28 +104,92 @@ def decode_content(data: bytes, content_encoding: str | None, limit: int) -> byt
     return data
 
 
-def parse_request_body(raw: bytes) -> ParsedBody:
-    """Parse a decoded JSON body and read its ``model``."""
-    if not raw:
-        raise BodyError(400, "request body is empty; expected a JSON object")
+_parsers = threading.local()
+# `"model"` as a member name, up to its value.
+_MODEL_MEMBER = re.compile(rb'"model"[ \t\r\n]*:[ \t\r\n]*')
+
+
+def _parser() -> simdjson.Parser:
+    # A parser holds one document at a time and is not thread-safe: one per thread.
+    parser: simdjson.Parser | None = getattr(_parsers, "parser", None)
+    if parser is None:
+        parser = _parsers.parser = simdjson.Parser()
+    return parser
+
+
+def _top_level(raw: bytes) -> tuple[object, int, bool]:
+    """The top level's ``model`` (a str or a stand-in), how many ``model`` members it
+    has, and whether ``stream`` is true; raises BodyError for a body that is not a
+    JSON object."""
+    try:
+        document = _parser().parse(raw)
+    except (ValueError, RuntimeError):
+        return _top_level_orjson(raw)
+    try:
+        if not isinstance(document, simdjson.Object):
+            raise BodyError(400, "request body must be a JSON object")
+        model = document.get("model")
+        # Only scalars leave: an Object or Array would pin the parser's document.
+        model = model if isinstance(model, str) else None
+        count = sum(1 for key in document if key == "model")
+        return model, count, document.get("stream") is True
+    finally:
+        del document
+
+
+def _top_level_orjson(raw: bytes) -> tuple[object, int, bool]:
+    """:func:`_top_level` for the rare body simdjson refuses (it may still be valid)."""
     try:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BodyError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise BodyError(400, "request body must be a JSON object")
-    model = document.get("model")
+    # A dict keeps only the last of duplicate members; the json module shows them all.
+    # The outermost object is the last one it completes.
+    count = 0
+
+    def count_models(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        nonlocal count
+        count = sum(1 for key, _ in pairs if key == "model")
+        return {}
+
+    json.loads(raw, object_pairs_hook=count_models)
+    return document.get("model"), count, document.get("stream") is True
+
+
+def parse_request_body(raw: bytes) -> ParsedBody:
+    """Parse a decoded JSON body and read its ``model``."""
+    if not raw:
+        raise BodyError(400, "request body is empty; expected a JSON object")
+    model, count, stream = _top_level(raw)
     if not isinstance(model, str) or not model:
         raise BodyError(400, "request body has no 'model' (a route name)")
+    if count > 1:
+        raise BodyError(400, "request body has 'model' more than once")
     if len(model) > 200:
         raise BodyError(400, "'model' is longer than 200 characters")
-    return ParsedBody(raw=raw, document=document, model=model)
+    return ParsedBody(raw=raw, model=model, stream=stream)
 
 
 def with_model(body: ParsedBody, upstream_model: str) -> bytes:
     """The body to send upstream: unchanged bytes unless ``model`` must be rewritten."""
     if upstream_model == body.model:
         return body.raw
-    document = dict(body.document)
+    raw = body.raw
+    value = orjson.dumps(body.model)
+    replacement = orjson.dumps(upstream_model)
+    position = raw.find(b'"model"')
+    while position >= 0:
+        member = _MODEL_MEMBER.match(raw, position)
+        if member is not None and raw.startswith(value, member.end()):
+            rewritten = raw[: member.end()] + replacement + raw[member.end() + len(value) :]
+            # The first such member is usually the top level's (coding agents send
+            # `model` first); a nested one leaves the top level's unchanged.
+            if _top_level(rewritten)[0] == upstream_model:
+                return rewritten
+        position = raw.find(b'"model"', position + 1)
+    # `model` written in another form (escapes): rewrite through objects.
+    document = orjson.loads(raw)
     document["model"] = upstream_model
     return orjson.dumps(document)

@@ -681,7 +681,7 @@ class ProxyCall:
                 "requested_model": body.model if body else "",
                 "upstream_model": self.upstream_model,
                 "response_model": (assembled.model or "") if assembled else "",
-                "stream": bool(body and body.document.get("stream") is True),
+                "stream": bool(body and body.stream),
                 "status_code": self.status,
                 "outcome": self.outcome or OUTCOME_CLIENT_CANCELLED,
                 "error_type": (assembled.error_type if assembled and assembled.error_type else "")

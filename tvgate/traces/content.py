@@ -92,6 +92,7 @@ import contextlib
 import hashlib
 import itertools
 import re
+from dataclasses import dataclass
 from typing import Protocol
 
 __all__ = [
@@ -196,10 +197,25 @@ _OBJECT_NEXT = re.compile(rb"[ \t\r\n]*([,}])")
 _ARRAY_NEXT = re.compile(rb"[ \t\r\n]*([,\]])")
 _WS = re.compile(rb"[ \t\r\n]*")
 _WS_BYTES = frozenset(b" \t\r\n")
+#: The last byte of an element whose end does not depend on what follows it.
+_CLOSING = frozenset(b'}]"')
 
 
 class _Unparsable(Exception):
     """The JSON scan cannot go on; the rest of the body becomes plain chunks."""
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """Where one body is cut, and where the scan of a later body may take over from it."""
+
+    #: The cut offsets: 0, ..., len(body), strictly increasing.
+    cuts: list[int]
+    #: Offsets just after an element of a top-level conversation array that ends in
+    #: ``}``, ``]`` or ``"`` (ascending). Such an element ends there whatever follows,
+    #: so a body that starts with the same bytes up to one of these offsets is cut
+    #: there exactly as this one was: :func:`continue_split` scans only the rest.
+    resumes: list[int]
 
 
 def split_offsets(raw: bytes) -> list[int]:
@@ -207,43 +223,77 @@ def split_offsets(raw: bytes) -> list[int]:
 
     Part *i* is ``raw[offsets[i]:offsets[i + 1]]``; an empty body gives ``[0]``.
     """
+    return split_body(raw).cuts
+
+
+def split_body(raw: bytes) -> Split:
+    """Scan a whole body: its cuts, and the offsets a later body may resume at."""
+    return _split(raw, 0, [0], [])
+
+
+def continue_split(raw: bytes, previous: Split, resume: int) -> Split:
+    """Split ``raw``, which starts with the same bytes as ``previous``'s body up to ``resume``.
+
+    ``resume`` must be one of ``previous.resumes``. Only ``raw[resume:]`` is scanned;
+    the cuts before it are ``previous``'s, which a whole scan of ``raw`` would find
+    too (up to the step budget, which each scan has anew).
+    """
+    index = bisect.bisect_left(previous.cuts, resume)
+    if index == len(previous.cuts) or previous.cuts[index] != resume:
+        raise ValueError(f"offset {resume} is not a cut of the previous body")
+    resumes = previous.resumes[: bisect.bisect_right(previous.resumes, resume)]
+    if not resumes or resumes[-1] != resume:
+        raise ValueError(f"offset {resume} is not where the previous body's scan can resume")
+    return _split(raw, resume, previous.cuts[: index + 1], resumes)
+
+
+def _split(raw: bytes, start: int, cuts: list[int], resumes: list[int]) -> Split:
+    """Scan ``raw[start:]`` (the whole body from 0, or the rest after a resume offset)."""
     # The big strings are most of a body's bytes. One pass finds them; the structure
     # is then parsed in a skeleton where each is an empty string `""`, a tenth of the
-    # body, instead of hopping over them a second time.
-    bigs = _big_strings(raw)
+    # body, instead of hopping over them a second time. Offsets in the skeleton are
+    # relative to `start`.
+    bigs = [(begin - start, end - start) for begin, end in _big_strings(raw, start)]
     holes: list[int] = []  # where each big string's `""` starts in the skeleton
     shifts: list[int] = []  # bytes removed up to and including each big string
+    view = memoryview(raw)[start:]
     if bigs:
-        view = memoryview(raw)
         pieces: list[bytes | memoryview] = []
         previous = removed = 0
-        for start, end in bigs:
-            pieces += (view[previous:start], b'""')
-            holes.append(start - removed)
-            removed += end - start - 2
+        for begin, end in bigs:
+            pieces += (view[previous:begin], b'""')
+            holes.append(begin - removed)
+            removed += end - begin - 2
             shifts.append(removed)
             previous = end
         pieces.append(view[previous:])
         skeleton = b"".join(pieces)
     else:
-        skeleton = raw
+        skeleton = raw if start == 0 else view.tobytes()
     scan = _Scan(skeleton, holes)
     # On a syntax error the cuts made so far stay: the rest is one tail, chunked below.
     with contextlib.suppress(_Unparsable):
-        scan.object()
-    cuts = scan.cuts
-    if bigs:
-        cuts = [_raw_offset(cut, holes, shifts, bigs) for cut in cuts]
+        if start:
+            scan.resume()
+        else:
+            scan.object()
+
+    def to_raw(offset: int) -> int:
+        return start + (_raw_offset(offset, holes, shifts, bigs) if bigs else offset)
+
+    cuts.extend(to_raw(cut) for cut in scan.cuts[1:])
+    resumes.extend(to_raw(offset) for offset in scan.resumes)
     if cuts[-1] != len(raw):
         cuts.append(len(raw))
-    return _cap_parts(cuts)
+    return Split(_cap_parts(cuts), resumes)
 
 
 _big_scans: dict[int, re.Pattern[bytes]] = {}
 
 
-def _big_strings(raw: bytes) -> list[tuple[int, int]]:
-    """The spans of the strings of at least :data:`BIG_STRING` bytes, quotes included."""
+def _big_strings(raw: bytes, pos: int = 0) -> list[tuple[int, int]]:
+    """The spans of the strings of at least :data:`BIG_STRING` bytes, quotes included,
+    from ``pos`` (outside any string) on."""
     scan = _big_scans.get(BIG_STRING)
     if scan is None:
         # Strings that close, unescaped, within BIG_STRING bytes are passed over inside
@@ -254,7 +304,6 @@ def _big_strings(raw: bytes) -> list[tuple[int, int]]:
             rb'(?:[^"]++|' + small + rb")*+(" + _STR + rb")?", re.S
         )
     found: list[tuple[int, int]] = []
-    pos = 0
     for _ in range(SCAN_BUDGET):  # past it, big strings further on are not cut out
         match = scan.match(raw, pos)
         assert match is not None  # the pattern matches the empty string at least
@@ -282,12 +331,13 @@ def _raw_offset(
 class _Scan:
     """The structural scan of one skeleton: where it cuts, within a step budget."""
 
-    __slots__ = ("budget", "cuts", "data", "holes")
+    __slots__ = ("budget", "cuts", "data", "holes", "resumes")
 
     def __init__(self, data: bytes, holes: list[int]) -> None:
         self.data = data
         self.holes = holes
         self.cuts = [0]
+        self.resumes: list[int] = []
         self.budget = SCAN_BUDGET
 
     def step(self) -> None:
@@ -300,6 +350,7 @@ class _Scan:
             self.cuts.append(offset)
 
     def object(self) -> None:
+        """Scan the top-level object."""
         data = self.data
         opened = _OPEN.match(data)
         if opened is None:
@@ -307,6 +358,19 @@ class _Scan:
         pos = opened.end()
         if data[self.skip(pos) : self.skip(pos) + 1] == b"}":
             return  # {}
+        self.members(pos)
+
+    def resume(self) -> None:
+        """Scan on from offset 0, just after an element of a top-level conversation array."""
+        after = _ARRAY_NEXT.match(self.data, 0)
+        if after is None:
+            raise _Unparsable
+        end = after.end() if after.group(1) == b"]" else self.elements(after.end())
+        self.members_after(end)
+
+    def members(self, pos: int) -> None:
+        """The top-level object's members from the one whose key starts at ``pos``."""
+        data = self.data
         while True:
             self.step()
             member = _KEY.match(data, pos)
@@ -315,27 +379,40 @@ class _Scan:
             key = member.group(1)
             start = member.end()
             if key in CONVERSATION_KEYS and data[start : start + 1] == b"[":
-                pos = self.array(start + 1)
+                end = self.array(start + 1)
             else:
-                pos = self.value_end(start)
+                end = self.value_end(start)
                 if key in WHOLE_KEYS or key in CONVERSATION_KEYS:
                     self.cut(start)
-                    self.cut(pos)
-            after = _OBJECT_NEXT.match(data, pos)
+                    self.cut(end)
+            after = _OBJECT_NEXT.match(data, end)
             if after is None:
                 raise _Unparsable
             if after.group(1) == b"}":
                 return
             pos = after.end()
 
+    def members_after(self, end: int) -> None:
+        """The members after a value that ends at ``end``."""
+        after = _OBJECT_NEXT.match(self.data, end)
+        if after is None:
+            raise _Unparsable
+        if after.group(1) == b",":
+            self.members(after.end())
+
     def array(self, pos: int) -> int:
         """Cut a conversation array whose ``[`` ends at ``pos``, and around the big
         strings in its elements; return the offset after its ``]``."""
-        data, holes = self.data, self.holes
         self.cut(pos)
         first = self.skip(pos)
-        if data[first : first + 1] == b"]":
+        if self.data[first : first + 1] == b"]":
             return first + 1  # []
+        return self.elements(pos)
+
+    def elements(self, pos: int) -> int:
+        """The elements of a conversation array from the one at ``pos``; return the
+        offset after the array's ``]``."""
+        data, holes = self.data, self.holes
         while True:
             self.step()
             start = pos
@@ -346,6 +423,8 @@ class _Scan:
                 self.cut(holes[index] + 2)
                 index += 1
             self.cut(end)
+            if data[end - 1] in _CLOSING:
+                self.resumes.append(end)
             after = _ARRAY_NEXT.match(data, end)
             if after is None:
                 raise _Unparsable
@@ -447,16 +526,27 @@ def _chunk(digests: list[bytes]) -> list[list[bytes]]:
 
 def store_request(raw: bytes, sink: BlobSink) -> bytes:
     """Store a body through ``sink``; return the root digest that :func:`load_request` takes."""
-    offsets = split_offsets(raw)
+    return store_parts(raw, split_offsets(raw), sink)[0]
+
+
+def store_parts(
+    raw: bytes, cuts: list[int], sink: BlobSink, known: list[bytes] | None = None
+) -> tuple[bytes, list[bytes]]:
+    """Store a body cut at ``cuts``; return its root digest and the digests of its parts.
+
+    ``known``: the digests of the first parts, when the caller has them from an earlier
+    body that starts with the same bytes (they are not hashed again).
+    """
     view = memoryview(raw)
     data: dict[bytes, Buffer] = {}
     children: dict[bytes, list[bytes]] = {}
-    digests: list[bytes] = []
-    for start, end in itertools.pairwise(offsets):
+    digests: list[bytes] = list(known or ())
+    for start, end in itertools.pairwise(cuts[len(digests) :]):
         part = view[start:end]
         digest = _part_digest(part)
         data[digest] = part
         digests.append(digest)
+    parts = digests
     level = 1
     while len(digests) > ROOT_FANOUT:
         upper: list[bytes] = []
@@ -472,13 +562,39 @@ def store_request(raw: bytes, sink: BlobSink) -> bytes:
     root = blob_digest(root_node)
     data[root] = root_node
     children[root] = digests
-    _write(root, data, children, sink, set())
-    return root
+    _write(root, _Blobs(data, view, cuts, parts), children, sink, set())
+    return root, parts
+
+
+class _Blobs:
+    """The bytes of each blob of one body, by digest: new parts and nodes from a dict,
+    known parts sliced from the body only when the sink lacks them (rare: the memory of
+    an earlier body can outlive a blob that a retention sweep removed)."""
+
+    __slots__ = ("_cuts", "_data", "_digests", "_index", "_view")
+
+    def __init__(
+        self, data: dict[bytes, Buffer], view: memoryview, cuts: list[int], digests: list[bytes]
+    ) -> None:
+        self._data = data
+        self._view = view
+        self._cuts = cuts
+        self._digests = digests
+        self._index: dict[bytes, int] | None = None
+
+    def __getitem__(self, digest: bytes) -> Buffer:
+        found = self._data.get(digest)
+        if found is not None:
+            return found
+        if self._index is None:
+            self._index = {digest: index for index, digest in enumerate(self._digests)}
+        index = self._index[digest]
+        return self._view[self._cuts[index] : self._cuts[index + 1]]
 
 
 def _write(
     digest: bytes,
-    data: dict[bytes, Buffer],
+    data: _Blobs,
     children: dict[bytes, list[bytes]],
     sink: BlobSink,
     visited: set[bytes],

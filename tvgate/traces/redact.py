@@ -204,8 +204,18 @@ class Redactor:
     """Masks secrets in JSON bytes or text. Build once, use from any thread."""
 
     def __init__(self, literals: Iterable[str] = (), patterns: Iterable[str] = ()) -> None:
-        self._literals = _compile_literals(literals)
+        self._literals, forms = _compile_literals(literals)
         self._patterns = _compile_patterns(patterns)
+        # The built-in patterns never match `"`, `}` or `]`, and look at most one byte
+        # past a match (never past a string's closing quote); an org's literal keys are
+        # only as safe when no form of them holds those bytes. Admin patterns may match
+        # anything.
+        self.element_local = not self._patterns and not any(
+            byte in form for form in forms for byte in b'"}]'
+        )
+        """True when no secret this redactor finds can span the end of a JSON array
+        element that ends in ``}``, ``]`` or ``"``: redacting the bytes before such an
+        end and the bytes after it apart gives the same as redacting them together."""
 
     def redact_text(self, text: str) -> str:
         """:meth:`redact` for text."""
@@ -215,6 +225,11 @@ class Redactor:
 
     def redact(self, data: bytes) -> bytes:
         """``data`` with every secret replaced by its marker; ``data`` itself when none."""
+        return self.redact_shifts(data)[0]
+
+    def redact_shifts(self, data: bytes) -> tuple[bytes, list[tuple[int, int]]]:
+        """:meth:`redact`, and where offsets moved: for each marker, the offset just
+        after it in the output and the output's length minus the input's up to there."""
         spans = list(self._builtin_spans(data))
         spans.extend(self._literal_spans(data))
         custom = [
@@ -226,7 +241,7 @@ class Redactor:
         if custom:
             spans.extend(_custom_spans(data, custom))
         if not spans:
-            return data
+            return data, []
         return _apply(data, spans)
 
     def _builtin_spans(self, data: bytes) -> Iterator[_Span]:
@@ -266,7 +281,8 @@ class Redactor:
                 yield _Span(start, match.end(), marker, 0)
 
 
-def _compile_literals(literals: Iterable[str]) -> list[re.Pattern[bytes]]:
+def _compile_literals(literals: Iterable[str]) -> tuple[list[re.Pattern[bytes]], set[bytes]]:
+    """The searches for the literal keys, and every form of them searched for."""
     forms: set[bytes] = set()
     for literal in literals:
         if not isinstance(literal, str):
@@ -285,10 +301,11 @@ def _compile_literals(literals: Iterable[str]) -> list[re.Pattern[bytes]]:
     for form in forms:
         groups.setdefault(form[:3], []).append(form)
     # Longest first, so that a key that extends another is masked whole.
-    return [
+    searches = [
         re.compile(b"|".join(re.escape(form) for form in sorted(group, key=len, reverse=True)))
         for _, group in sorted(groups.items())
     ]
+    return searches, forms
 
 
 def _compile_patterns(patterns: Iterable[str]) -> list[tuple[re.Pattern[bytes], bytes | None]]:
@@ -537,20 +554,23 @@ def _clip_to_strings(data: bytes, matches: list[tuple[int, int]]) -> Iterator[tu
             index += 1
 
 
-def _apply(data: bytes, spans: list[_Span]) -> bytes:
+def _apply(data: bytes, spans: list[_Span]) -> tuple[bytes, list[tuple[int, int]]]:
+    """Replace the spans (merged where they overlap); see :meth:`Redactor.redact_shifts`."""
     spans.sort(key=lambda span: (span.start, -span.end, span.rank))
     pieces: list[bytes] = []
-    position = 0
+    shifts: list[tuple[int, int]] = []
+    position = length = 0
     current: _Span | None = None
-    for span in spans:
-        if current is not None and span.start < current.end:
+    for span in [*spans, None]:
+        if span is not None and current is not None and span.start < current.end:
             if span.end > current.end:
                 current = current._replace(end=span.end)
             continue
         if current is not None:
             pieces += (data[position : current.start], current.marker)
+            length += current.start - position + len(current.marker)
             position = current.end
+            shifts.append((length, length - position))
         current = span
-    assert current is not None
-    pieces += (data[position : current.start], current.marker, data[current.end :])
-    return b"".join(pieces)
+    pieces.append(data[position:])
+    return b"".join(pieces), shifts

@@ -39,9 +39,9 @@ import peewee
 from tvgate.db import CONNECTION_ERRORS, reset_connection
 from tvgate.keyring import Keyring
 from tvgate.models import Trace
-from tvgate.traces.content import blob_digest, store_request
+from tvgate.traces.content import blob_digest
+from tvgate.traces.conversations import Conversations
 from tvgate.traces.pricing import PriceTable
-from tvgate.traces.redact import Redactor
 from tvgate.traces.store import BlobStore, CaptureSettings, load_capture_settings
 
 log = logging.getLogger("tvgate.traces")
@@ -66,45 +66,6 @@ class CapturedBody:
     @property
     def size(self) -> int:
         return len(self.request)
-
-
-class _RecentBodies:
-    """The last request bodies stored, byte for byte, with the root each was stored under.
-
-    A body sent again unchanged (an SDK's retry after a 429 or 529, a fallback, a client
-    replaying a call) is redacted, split and hashed to the same root as before: when that
-    root is still in the store, nothing else would be written. Found by length and tail,
-    confirmed by comparing the bytes (a memcmp); tied to the redactor it was stored with,
-    so new redaction settings store it again. Bounded by ``budget`` bytes of bodies.
-    """
-
-    def __init__(self, budget: int = 8 * 1024 * 1024) -> None:
-        self.budget = budget
-        self.size = 0
-        self._entries: dict[tuple[int, int, bytes], tuple[bytes, Redactor, bytes]] = {}
-
-    @staticmethod
-    def _key(org_id: int, raw: bytes) -> tuple[int, int, bytes]:
-        return (org_id, len(raw), raw[-64:])
-
-    def root(self, org_id: int, redactor: Redactor, raw: bytes) -> bytes | None:
-        entry = self._entries.get(self._key(org_id, raw))
-        if entry is None or entry[1] is not redactor or entry[0] != raw:
-            return None
-        return entry[2]
-
-    def remember(self, org_id: int, redactor: Redactor, raw: bytes, root: bytes) -> None:
-        if len(raw) > self.budget // 4:
-            return
-        key = self._key(org_id, raw)
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.size -= len(old[0])
-        while self._entries and self.size + len(raw) > self.budget:
-            evicted = self._entries.pop(next(iter(self._entries)))  # the oldest
-            self.size -= len(evicted[0])
-        self._entries[key] = (raw, redactor, root)
-        self.size += len(raw)
 
 
 def _column(field: peewee.Field) -> tuple[str, Any, Any]:
@@ -148,7 +109,7 @@ class TraceWriter:
         self._queue: deque[_Item] = deque()
         self._stopping = threading.Event()
         self._inserts: dict[int, str] = {}
-        self._recent = _RecentBodies()
+        self._conversations = Conversations()
         self._thread = threading.Thread(target=self._run, name="tvgate-trace-writer", daemon=True)
         self._pending_body_bytes = 0
         self._settings: dict[int, CaptureSettings] = {}
@@ -315,16 +276,11 @@ class TraceWriter:
             return
         store = stores.setdefault(org_id, BlobStore(org_id))
         redactor = settings.redactor
-        redact = redactor.redact
-        raw = body.request
-        root = self._recent.root(org_id, redactor, raw)
-        if root is None or not store.has(root):
-            # store_request would find the root in the store too, and write nothing.
-            root = store_request(redact(raw), store)
-            self._recent.remember(org_id, redactor, raw, root)
+        conversation = (org_id, row.get("user_id"), row.get("session_id") or "")
+        root = self._conversations.store(conversation, redactor, body.request, store)
         row["request_blob"] = root.hex()
         if body.response is not None:
-            answer = redact(orjson.dumps(body.response))
+            answer = redactor.redact(orjson.dumps(body.response))
             digest = blob_digest(answer)
             if not store.has(digest):
                 store.put(digest, answer)
