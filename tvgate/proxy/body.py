@@ -107,6 +107,8 @@ def decode_content(data: bytes, content_encoding: str | None, limit: int) -> byt
 _parsers = threading.local()
 # `"model"` as a member name, up to its value.
 _MODEL_MEMBER = re.compile(rb'"model"[ \t\r\n]*:[ \t\r\n]*')
+# The opening of an object, up to its first member.
+_OPEN = re.compile(rb"[ \t\r\n]*\{[ \t\r\n]*")
 
 
 def _parser() -> simdjson.Parser:
@@ -179,14 +181,17 @@ def with_model(body: ParsedBody, upstream_model: str) -> bytes:
     raw = body.raw
     value = orjson.dumps(body.model)
     replacement = orjson.dumps(upstream_model)
+    first = _OPEN.match(raw)
     position = raw.find(b'"model"')
     while position >= 0:
         member = _MODEL_MEMBER.match(raw, position)
         if member is not None and raw.startswith(value, member.end()):
             rewritten = raw[: member.end()] + replacement + raw[member.end() + len(value) :]
-            # The first such member is usually the top level's (coding agents send
-            # `model` first); a nested one leaves the top level's unchanged.
-            if _top_level(rewritten)[0] == upstream_model:
+            # The first member of the object is the top level's `model` (coding agents
+            # send it first). Elsewhere it may be a nested one, which would leave the
+            # top level's unchanged: parsing the result tells.
+            is_first = first is not None and first.end() == position
+            if is_first or _top_level(rewritten)[0] == upstream_model:
                 return rewritten
         position = raw.find(b'"model"', position + 1)
     # `model` written in another form (escapes): rewrite through objects.
