@@ -114,6 +114,10 @@ def test_model_rewrite_keeps_every_other_field() -> None:
             b'{"tools":{"model":"alias"},"model":"real"}',
         ),
         (
+            b' {\n "model" : "alias", "n": {"model":"alias"}}',
+            b' {\n "model" : "real", "n": {"model":"alias"}}',
+        ),
+        (
             b'{"m":"\\"model\\":\\"alias\\"","model":"alias"}',
             b'{"m":"\\"model\\":\\"alias\\"","model":"real"}',
         ),
