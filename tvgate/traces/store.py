@@ -12,6 +12,7 @@ Runs in the trace writer's thread (and in the pool for reads), never on the IOLo
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,26 @@ _COMPRESS = zstandard.ZstdCompressor(level=3)
 _DECOMPRESS = zstandard.ZstdDecompressor()
 #: (org, digest) -> when this process last stored or touched that blob.
 _TOUCHED: dict[tuple[int, bytes], float] = {}
+#: Rows per INSERT statement, and the columns each gives, in order.
+_INSERT_ROWS = 200
+_BLOB_COLUMNS = ("org_id", "digest", "data", "size", "referenced_at")
+_INSERTS: dict[tuple[type, int], str] = {}
+
+
+def _insert_sql(rows: int) -> str:
+    """``INSERT`` of ``rows`` blobs that moves ``referenced_at`` of those already stored;
+    the ORM writes it (dialect, quoting, conflict clause) once per database and size.
+    Its parameters: each row's columns in :data:`_BLOB_COLUMNS` order, then the time."""
+    key = (type(Blob._meta.database.obj), rows)
+    sql = _INSERTS.get(key)
+    if sql is None:
+        sample = dict.fromkeys(_BLOB_COLUMNS, 0)
+        query = Blob.insert_many([sample] * rows, fields=[getattr(Blob, c) for c in _BLOB_COLUMNS])
+        query = query.on_conflict(
+            conflict_target=[Blob.org_id, Blob.digest], update={Blob.referenced_at: 0.0}
+        )
+        sql = _INSERTS[key] = query.sql()[0]
+    return sql
 
 
 class BlobStore:
@@ -62,21 +83,15 @@ class BlobStore:
         if not self._pending:
             return
         now = time.time()
+        to_db = Blob.data.db_value
         rows = [
-            {
-                "org_id": self.org_id,
-                "digest": digest.hex(),
-                "data": _COMPRESS.compress(data),
-                "size": len(data),
-                "referenced_at": now,
-            }
+            (self.org_id, digest.hex(), to_db(_COMPRESS.compress(data)), len(data), now)
             for digest, data in self._pending.items()
         ]
-        for start in range(0, len(rows), 200):
-            Blob.insert_many(rows[start : start + 200]).on_conflict(
-                conflict_target=[Blob.org_id, Blob.digest],
-                update={Blob.referenced_at: now},
-            ).execute()
+        execute = Blob._meta.database.execute_sql
+        for start in range(0, len(rows), _INSERT_ROWS):
+            chunk = rows[start : start + _INSERT_ROWS]
+            execute(_insert_sql(len(chunk)), [*itertools.chain.from_iterable(chunk), now])
         self._flushed.extend(self._pending)
         self._pending.clear()
 
