@@ -113,6 +113,9 @@ _DROPPED_RESPONSE_HEADERS = frozenset(
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 #: How much of a non-streamed answer is kept for its trace.
 _CAPTURE_LIMIT = 8 * 1024 * 1024
+#: Stream chunks relayed but not yet parsed, at most: a stream is parsed after its
+#: answer is finished, so the client does not wait for it, or in runs of this size.
+_UNPARSED_LIMIT = 16 * 1024
 #: How much of a failed answer is kept while a fallback is tried.
 _HELD_LIMIT = 64 * 1024
 
@@ -194,6 +197,8 @@ class ProxyCall:
         self.assembler: StreamAssembler | None = None
         self.captured: list[bytes] = []
         self.captured_size = 0
+        self.unparsed: list[bytes] = []
+        self.unparsed_size = 0
         self.bytes_in = 0
         self.bytes_out = 0
         self.unflushed = 0
@@ -573,11 +578,21 @@ class ProxyCall:
         self.bytes_out += size
         self.unflushed += size
         if self.assembler is not None:
-            self.assembler.feed(chunk)
+            self.unparsed.append(chunk)
+            self.unparsed_size += size
+            if self.unparsed_size >= _UNPARSED_LIMIT:
+                self._parse_unparsed(self.assembler)
         elif self.captured_size < _CAPTURE_LIMIT:
             self.captured.append(chunk)
             self.captured_size += size
         return True
+
+    def _parse_unparsed(self, assembler: StreamAssembler) -> StreamAssembler:
+        for chunk in self.unparsed:
+            assembler.feed(chunk)
+        self.unparsed.clear()
+        self.unparsed_size = 0
+        return assembler
 
     def _wait_for_client(self, stream: Any) -> None:
         """Pause the provider until the client has read what it was sent."""
@@ -634,7 +649,7 @@ class ProxyCall:
         # A client that hangs up right after the last event (SDKs do, on [DONE]) got the
         # whole answer, even if that made tvgate abort the transfer's last empty chunk.
         answered = result.curl_error == 0 or (
-            self.assembler is not None and self.assembler.finish().complete
+            self.assembler is not None and self._parse_unparsed(self.assembler).finish().complete
         )
         if answered:
             self.outcome = OUTCOME_OK if self.status < 400 else OUTCOME_UPSTREAM_ERROR
@@ -740,7 +755,7 @@ class ProxyCall:
 
     def _assembled(self) -> Assembled | None:
         if self.assembler is not None:
-            return self.assembler.finish()
+            return self._parse_unparsed(self.assembler).finish()
         if self.captured and self.endpoint.api != ANTHROPIC_COUNT_TOKENS:
             return assemble_json(self.endpoint.api, b"".join(self.captured))
         return None
