@@ -44,6 +44,15 @@ Splitting (:func:`split_offsets`)
     wrong: the parts are consecutive slices of the body by construction. The
     Python-level steps are bounded per body (:data:`SCAN_BUDGET`).
 
+Continuing a scan (:func:`continue_split`)
+    A scan also records where it may be taken over (:attr:`Split.resumes`): just
+    after each element of a top-level conversation array that ends in ``}``, ``]``
+    or ``"``. Such an element ends there whatever bytes follow, and the scan before
+    it never looked further, so a later body that starts with the same bytes up to
+    that offset is cut there exactly as this one was: only the rest is scanned, and
+    :func:`store_parts` is given the digests of the parts before it. The trace
+    writer uses this for a conversation's next body (:mod:`.conversations`).
+
 The reference tree (:func:`store_request`)
     A flat list of part digests would grow linearly per request, hence with the
     square of the session across its requests. The digests are grouped instead:
