@@ -6,7 +6,7 @@ through ``fetch(HTTPRequest)`` and get an ``HTTPResponse`` or a ``CurlError``
 exactly as with the stock client; what changes is the work done per request:
 
 * Options that are the same for every transfer (protocols, user agent, TLS
-  checks, no signals, no verbose output, the close-socket function) are set
+  checks, no signals, no verbose output) are set
   once, when a handle is created, instead of after a ``curl.reset()`` on every
   request. Per request only the URL, the method and body, the headers, the
   connect timeout and the caller's ``prepare_curl_callback`` are applied.
@@ -19,7 +19,7 @@ exactly as with the stock client; what changes is the work done per request:
   its own header and write functions (``UpstreamExchange`` does), so the
   ``HTTPResponse`` carries the status code only; no header parsing, no body
   buffer, no timing ``getinfo`` calls.
-* libcurl's timer and socket callbacks are followed without the stock
+* libcurl's timer and socket functions are followed without the stock
   client's extra loop iterations and ``epoll_ctl`` calls (see the methods).
 
 It serves the requests a provider call makes and refuses, with a ``ValueError``
@@ -32,7 +32,6 @@ certificates, or a method other than GET and POST.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +52,18 @@ _IOLOOP_EVENTS = {
     pycurl.POLL_OUT: ioloop.IOLoop.WRITE,
     pycurl.POLL_INOUT: ioloop.IOLoop.READ | ioloop.IOLoop.WRITE,
 }
+
+#: The stock client removes and re-adds an fd on every change of what libcurl waits for,
+#: because libcurl might close a socket and open another with the same number without a
+#: POLL_REMOVE in between (epoll drops a closed fd, so updating the old registration
+#: fails or, when the events are the same, leaves the new socket unwatched). libcurl
+#: 7.30 and later call the socket function with POLL_REMOVE for every socket they told
+#: it about before they close it ("Curl_multi_closed", now "Curl_multi_will_close"):
+#: an fd in the client's map is then always the socket that was registered.
+#: A close-socket function would say the same, but pycurl runs it in the thread state
+#: of the handle that opened the connection, which a pooled connection may outlive its
+#: transfer on; pycurl then cannot run it and the socket is never closed.
+_REMOVES_BEFORE_CLOSE = pycurl.version_info()[2] >= 0x071E00
 
 # The unbound methods, so that the client's own per-request options skip the
 # recording ``setopt`` of ``TransferHandle`` (they are always set, never restored).
@@ -158,8 +169,6 @@ class UpstreamCurlClient(CurlAsyncHTTPClient):
         _setopt(curl, pycurl.TIMEOUT_MS, 0)
         _setopt(curl, pycurl.HEADERFUNCTION, _discard)
         _setopt(curl, pycurl.WRITEFUNCTION, _discard)
-        # Told when libcurl closes a socket, so that _handle_socket can trust its fd map.
-        _setopt(curl, pycurl.CLOSESOCKETFUNCTION, self._close_socket)
 
     def _release(self, curl: TransferHandle) -> None:
         """Put a handle back as ``_configure`` left it, before anyone else may use it."""
@@ -337,31 +346,12 @@ class UpstreamCurlClient(CurlAsyncHTTPClient):
         if current is None:
             self.io_loop.add_handler(fd, self._handle_events, events)
         elif current != events:
-            # The stock client removes and re-adds the fd every time, in case libcurl closed
-            # it and a new socket got the same number without a POLL_REMOVE in between.
-            # _close_socket forgets an fd before libcurl closes it, so an fd still in the
-            # map is the socket that was registered: updating it in place is safe.
-            self.io_loop.update_handler(fd, events)
+            if _REMOVES_BEFORE_CLOSE:
+                # An fd still in the map is the socket that was registered: update in place.
+                self.io_loop.update_handler(fd, events)
+            else:
+                # The stock client's way (old libcurl might close an fd and reuse its
+                # number without a POLL_REMOVE, and epoll forgets closed fds).
+                self.io_loop.remove_handler(fd)
+                self.io_loop.add_handler(fd, self._handle_events, events)
         fds[fd] = events
-
-    def _close_socket(self, fd: int) -> int:
-        """libcurl's close-socket function: stop watching ``fd``, then close it."""
-        if self._fds.pop(fd, None) is not None:
-            self.io_loop.remove_handler(fd)
-        try:
-            os.close(fd)
-        except OSError:
-            return 1
-        return 0
-
-    def close(self) -> None:
-        # Close the multi handle (and with it the pooled connections, through
-        # _close_socket, while the easy handles are alive) before the easy handles.
-        if self._timeout is not None:
-            self.io_loop.remove_timeout(self._timeout)
-            self._timeout = None
-        self._multi.close()
-        for curl in self._curls:
-            curl.close()
-        super(CurlAsyncHTTPClient, self).close()
-        self._multi = None
