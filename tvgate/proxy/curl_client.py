@@ -61,9 +61,10 @@ _IOLOOP_EVENTS = {
 #: 7.30 and later call the socket function with POLL_REMOVE for every socket they told
 #: it about before they close it ("Curl_multi_closed", now "Curl_multi_will_close"):
 #: an fd in the client's map is then always the socket that was registered.
-#: A close-socket function would say the same, but pycurl runs it in the thread state
-#: of the handle that opened the connection, which a pooled connection may outlive its
-#: transfer on; pycurl then cannot run it and the socket is never closed.
+#: (A close-socket function would tell the same, but pycurl can only run it while the
+#: handle that opened the connection is in a transfer; a pooled connection is often
+#: closed later, from another handle's transfer or by the multi handle's close, and
+#: pycurl then skips the function with a warning: the socket is never closed.)
 _REMOVES_BEFORE_CLOSE = pycurl.version_info()[2] >= 0x071E00
 
 # The unbound methods, so that the client's own per-request options skip the
