@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import peewee
-from tornado.curl_httpclient import CurlAsyncHTTPClient
 from tornado.ioloop import IOLoop, PeriodicCallback
 
 from tvgate import services
@@ -32,6 +31,7 @@ from tvgate.identity.tokens import ProxyTokenAuthenticator
 from tvgate.identity.visdom import VisdomAuthenticator, VisdomClient
 from tvgate.keyring import Keyring, PlaintextCache, build_keyring
 from tvgate.metrics import Metrics
+from tvgate.proxy.curl_client import UpstreamCurlClient
 from tvgate.routing import OrgSnapshot, Router, snapshot_key_refs
 from tvgate.traces.retention import purge_all
 from tvgate.traces.sink import PushSink
@@ -87,7 +87,7 @@ class Gateway:
     visdom: VisdomClient | None
     router: Router
     traces: TraceWriter
-    http: CurlAsyncHTTPClient
+    http: UpstreamCurlClient
     login_throttle: Throttle
     governor: Governor
     sink: PushSink | None = None
@@ -121,13 +121,9 @@ class Gateway:
             spool_path=Path(settings.data_dir) / "traces.spool",
             settings_ttl=settings.cache_ttl,
         )
-        http = CurlAsyncHTTPClient(
-            max_clients=settings.max_clients,
-            # Responses are streamed to the client, never buffered whole; this only bounds
-            # what Tornado would hold if a body were buffered.
-            max_body_size=settings.max_body_bytes,
-            force_instance=True,
-        )
+        # Provider calls only: it streams every response through the caller's callbacks
+        # and never buffers a body, so it takes no max_body_size.
+        http = UpstreamCurlClient(max_clients=settings.max_clients, force_instance=True)
         visdom = VisdomClient(settings.visdom_url) if settings.visdom_url else None
         auth = Authenticator(
             ProxyTokenAuthenticator(runner, settings.cache_ttl),
