@@ -53,6 +53,23 @@ SAMPLES: dict[str, tuple[bytes, list[SSEEvent]]] = {
             SSEEvent(None, b"[DONE]"),
         ],
     ),
+    # "\n" only: whole events are taken by the fast path, one match per usual event,
+    # and the general rules from the first event of another shape on.
+    "lf_mixed_shapes": (
+        b"event: a\ndata: 1\n\ndata:2\n\nevent:\ndata: 3\n\n"
+        b": comment\ndata: 4\n\ndata: 5\ndata: 6\n\nid: 7\ndata: 7\n\n"
+        b"event: b\ndata:  8\n\n\ndata: 9\n\n",
+        [
+            SSEEvent("a", b"1"),
+            SSEEvent(None, b"2"),
+            SSEEvent(None, b"3"),
+            SSEEvent(None, b"4"),
+            SSEEvent(None, b"5\n6"),
+            SSEEvent(None, b"7"),
+            SSEEvent("b", b" 8"),
+            SSEEvent(None, b"9"),
+        ],
+    ),
     "cr_only": (
         b"event: a\rdata: one\r\rdata: two\rdata\r\r:c\r\r",
         [SSEEvent("a", b"one"), SSEEvent(None, b"two\n")],

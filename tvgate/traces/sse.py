@@ -15,11 +15,19 @@ only the unfinished tail of the stream is ever held, never the stream itself.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 _LF = 0x0A
 _SPACE = 0x20
 _BOM = b"\xef\xbb\xbf"
+# The shape nearly every provider event has: an optional `event:` line, one `data:`
+# line, the blank line. One match takes a whole event; any other shape (comments,
+# several data lines, `id:`) goes through the general rules.
+_SIMPLE_EVENT = re.compile(rb"(?:event: ?([^\n]*)\n)?data: ?([^\n]*)\n\n")
+#: Event names decoded so far: a stream repeats a handful of them.
+_EVENT_NAMES: dict[bytes, str | None] = {}
+_EVENT_NAMES_MAX = 256
 
 
 @dataclass(slots=True)
@@ -98,7 +106,7 @@ class SSEParser:
                 and not (self._first_line and chunk.startswith(_BOM))
             ):
                 self._first_line = False
-                self._whole_events(chunk[:end], out)
+                self._whole_events(chunk, end + 2, out)
                 pos = end + 2
                 if pos == n:
                     return out
@@ -145,10 +153,30 @@ class SSEParser:
             self._hold(chunk, pos)
         return out
 
-    def _whole_events(self, events: bytes, out: list[SSEEvent]) -> None:
-        """Complete events (what comes before a blank line, which is not included), with
-        lines ending in "\\n" only and no event anywhere near ``max_event_bytes``: the
-        rules of ``_line``, without its per-line bookkeeping."""
+    def _whole_events(self, chunk: bytes, end: int, out: list[SSEEvent]) -> None:
+        """The complete events in ``chunk[:end]``, which ends in a blank line, with lines
+        ending in "\\n" only and no event anywhere near ``max_event_bytes``: the rules
+        of ``_line``, without its per-line bookkeeping."""
+        pos = 0
+        match = _SIMPLE_EVENT.match
+        while pos < end:
+            simple = match(chunk, pos, end)
+            if simple is None:
+                self._blocks(chunk[pos : end - 2], out)
+                return
+            name = simple.group(1)
+            event = None
+            if name:
+                event = _EVENT_NAMES.get(name)
+                if event is None:
+                    event = name.decode("utf-8", "replace")
+                    if len(_EVENT_NAMES) < _EVENT_NAMES_MAX:
+                        _EVENT_NAMES[name] = event
+            out.append(SSEEvent(event, simple.group(2)))
+            pos = simple.end()
+
+    def _blocks(self, events: bytes, out: list[SSEEvent]) -> None:
+        """:meth:`_whole_events` for any shape: ``events`` lacks its last blank line."""
         for block in events.split(b"\n\n"):
             data: list[bytes] = []
             event: str | None = None
