@@ -594,3 +594,41 @@ def test_children_are_written_before_their_parents() -> None:
             size = blob[3]
             for offset in range(5, len(blob), size):
                 assert position[blob[offset : offset + size]] < position[digest]
+
+
+def reference_chunk(digests: list[bytes]) -> list[list[bytes]]:
+    """The node grouping of the module doc, entry by entry."""
+    chunks: list[list[bytes]] = []
+    start = previous = 0
+    for index, digest in enumerate(digests):
+        size = index + 1 - start
+        cut = (digest[0] ^ previous) & content._CUT_MASK == 0
+        if size >= content.MAX_FANOUT or (size >= content.MIN_FANOUT and cut):
+            chunks.append(digests[start : index + 1])
+            start = index + 1
+        previous = digest[1]
+    if start < len(digests):
+        chunks.append(digests[start:])
+    return chunks
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    count=st.integers(min_value=0, max_value=400),
+    seed=st.integers(min_value=0, max_value=2**32),
+    mode=st.sampled_from(["random", "never", "always", "mixed"]),
+)
+def test_nodes_end_where_the_entry_by_entry_rule_ends_them(
+    count: int, seed: int, mode: str
+) -> None:
+    rng = random.Random(seed)
+    digests: list[bytes] = []
+    for _ in range(count):
+        digest = bytearray(rng.randbytes(16))
+        if digests and mode != "random":
+            # Steer the cut test: never passing (runs of MAX_FANOUT), always, or either.
+            passes = mode == "always" or (mode == "mixed" and rng.random() < 0.3)
+            low = digests[-1][1] & 0x0F
+            digest[0] = (digest[0] & 0xF0) | (low if passes else low ^ 1)
+        digests.append(bytes(digest))
+    assert content._chunk(digests) == reference_chunk(digests)

@@ -100,6 +100,7 @@ import bisect
 import contextlib
 import hashlib
 import itertools
+import operator
 import re
 from dataclasses import dataclass
 from typing import Protocol
@@ -290,11 +291,12 @@ def _split(raw: bytes, start: int, cuts: list[int], resumes: list[int]) -> Split
     def to_raw(offset: int) -> int:
         return start + (_raw_offset(offset, holes, shifts, bigs) if bigs else offset)
 
+    kept = len(cuts) - 1  # the cuts before it were capped already
     cuts.extend(to_raw(cut) for cut in scan.cuts[1:])
     resumes.extend(to_raw(offset) for offset in scan.resumes)
     if cuts[-1] != len(raw):
         cuts.append(len(raw))
-    return Split(_cap_parts(cuts), resumes)
+    return Split(_cap_parts(cuts, kept), resumes)
 
 
 _big_scans: dict[int, re.Pattern[bytes]] = {}
@@ -480,11 +482,12 @@ class _Scan:
             pos = hop.end()
 
 
-def _cap_parts(cuts: list[int]) -> list[int]:
-    if all(b - a <= MAX_PART for a, b in itertools.pairwise(cuts)):
+def _cap_parts(cuts: list[int], start: int = 0) -> list[int]:
+    """``cuts`` with a cut every :data:`MAX_PART` bytes in longer parts, from ``cuts[start]`` on."""
+    if max(map(operator.sub, cuts[start + 1 :], cuts[start:-1]), default=0) <= MAX_PART:
         return cuts
-    capped = [0]
-    for end in cuts[1:]:
+    capped = cuts[: start + 1]
+    for end in cuts[start + 1 :]:
         while end - capped[-1] > MAX_PART:
             capped.append(capped[-1] + MAX_PART)
         capped.append(end)
@@ -517,19 +520,41 @@ def _node(level: int, digests: list[bytes]) -> bytes:
     return _NODE_MAGIC + bytes((DIGEST_SIZE, level)) + b"".join(digests)
 
 
+# For each byte value, 1 when it passes the cut test.
+_CUT_TEST = bytes(int(not value & _CUT_MASK) for value in range(256))
+
+
 def _chunk(digests: list[bytes]) -> list[list[bytes]]:
-    """Group digests into nodes whose ends depend on content (see the module doc)."""
+    """Group digests into nodes whose ends depend on content (see the module doc).
+
+    A node ends after entry *i* when it holds :data:`MAX_FANOUT` entries, or at least
+    :data:`MIN_FANOUT` and *i* passes the cut test. The test is run for every entry at
+    once, on the digests' first and second bytes taken as two big integers (a loop over
+    the entries cost 0.3 us each, a tenth of a millisecond for a long conversation).
+    """
+    count = len(digests)
+    if not count:
+        return []
+    size = len(digests[0])
+    joined = b"".join(digests)
+    # Entry i (from 1) is tested on digests[i][0] ^ digests[i - 1][1].
+    firsts = int.from_bytes(joined[size::size], "big")
+    seconds = int.from_bytes(joined[1 : (count - 1) * size : size], "big")
+    passed = (firsts ^ seconds).to_bytes(count - 1, "big").translate(_CUT_TEST)
+    candidates: list[int] = []
+    index = passed.find(1)
+    while index != -1:
+        candidates.append(index + 1)
+        index = passed.find(1, index + 1)
     chunks: list[list[bytes]] = []
     start = 0
-    previous = 0
-    for index, digest in enumerate(digests):
-        size = index + 1 - start
-        if size >= MAX_FANOUT or (size >= MIN_FANOUT and (digest[0] ^ previous) & _CUT_MASK == 0):
-            chunks.append(digests[start : index + 1])
-            start = index + 1
-        previous = digest[1]
-    if start < len(digests):
-        chunks.append(digests[start:])
+    while start < count:
+        end = start + MAX_FANOUT - 1
+        found = bisect.bisect_left(candidates, start + MIN_FANOUT - 1)
+        if found < len(candidates) and candidates[found] < end:
+            end = candidates[found]
+        chunks.append(digests[start : end + 1])
+        start = end + 1
     return chunks
 
 

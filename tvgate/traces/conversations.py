@@ -66,12 +66,18 @@ class _Body:
     def shared_resume(self, raw: bytes) -> tuple[int, int] | None:
         """The last resume offsets whose bytes before them ``raw`` starts with."""
         resumes = self.resumes
-        view = memoryview(self.raw)
-        if not resumes or not raw.startswith(view[: resumes[0][0]]):
+        if not resumes:
             return None
-        if raw.startswith(view[: resumes[-1][0]]):
-            return resumes[-1]  # the usual case: only the last turn is new
-        low, high = 0, len(resumes) - 1  # resumes[low] is shared, resumes[high] is not
+        view = memoryview(self.raw)
+        # One or two memcmps in the usual cases: a body sent again, or the same
+        # conversation with its last element changed (Claude Code moves its
+        # cache_control marker there) and new ones after it.
+        for back in (1, 2):
+            if back <= len(resumes) and raw.startswith(view[: resumes[-back][0]]):
+                return resumes[-back]
+        if not raw.startswith(view[: resumes[0][0]]):
+            return None
+        low, high = 0, len(resumes) - 2  # resumes[low] is shared, resumes[high] is not
         while high - low > 1:
             middle = (low + high) // 2
             if raw.startswith(view[: resumes[middle][0]]):
@@ -79,6 +85,17 @@ class _Body:
             else:
                 high = middle
         return resumes[low]
+
+    def same_as(self, raw: bytes, shared: tuple[int, int] | None) -> bool:
+        """Whether ``raw`` is this body, given what :meth:`shared_resume` found."""
+        if len(raw) != len(self.raw):
+            return False
+        if shared is None:
+            return not self.resumes and raw == self.raw
+        # The bytes before the resume offset are known to be the same: compare the rest.
+        return shared is self.resumes[-1] and raw.startswith(
+            memoryview(self.raw)[shared[0] :], shared[0]
+        )
 
 
 def _to_raw(offset: int, shifts: list[tuple[int, int]]) -> int:
@@ -107,10 +124,10 @@ class Conversations:
         for body in bodies:
             if body.redactor is not redactor:
                 continue
-            if body.raw == raw and sink.has(body.root):
+            found = body.shared_resume(raw)
+            if body.same_as(raw, found) and sink.has(body.root):
                 self._bodies.move_to_end(key)
                 return body.root
-            found = body.shared_resume(raw)
             if found is not None and (shared is None or found[0] > shared[0]):
                 base, shared = body, found
         if base is not None and shared is not None and redactor.element_local:
