@@ -186,7 +186,10 @@ def with_model(body: ParsedBody, upstream_model: str) -> bytes:
     while position >= 0:
         member = _MODEL_MEMBER.match(raw, position)
         if member is not None and raw.startswith(value, member.end()):
-            rewritten = raw[: member.end()] + replacement + raw[member.end() + len(value) :]
+            view = memoryview(raw)  # one copy of the body, not three
+            rewritten = b"".join(
+                (view[: member.end()], replacement, view[member.end() + len(value) :])
+            )
             # The first member of the object is the top level's `model` (coding agents
             # send it first). Elsewhere it may be a nested one, which would leave the
             # top level's unchanged: parsing the result tells.
