@@ -369,6 +369,38 @@ def test_metrics_count_each_call_from_its_trace(gateway: GatewayProcess, member_
     assert after["tvgate_traces_written_total"] >= before.get("tvgate_traces_written_total", 0)
 
 
+def test_a_conversation_is_captured_from_what_each_turn_added(
+    gateway: GatewayProcess, member_token: str
+) -> None:
+    before = scrape(gateway.url)
+    client = anthropic.Anthropic(base_url=gateway.url, api_key=member_token, max_retries=0)
+    session = {"X-Claude-Code-Session-Id": "conversation-capture"}
+    messages: list[dict[str, str]] = []
+    for turn in range(4):
+        messages.append({"role": "user", "content": f"turn {turn}: " + "lorem ipsum " * 500})
+        client.messages.create(
+            model="claude-test", max_tokens=64, messages=messages, extra_headers=session
+        )
+        messages.append({"role": "assistant", "content": f"answer {turn}"})
+    deadline = time.monotonic() + 10
+    while True:
+        after = scrape(gateway.url)
+        written = after["tvgate_traces_written_total"] - before["tvgate_traces_written_total"]
+        if written >= 4:
+            break
+        assert time.monotonic() < deadline, "traces not written"
+        time.sleep(0.1)
+    stored = after["tvgate_capture_body_bytes_total"] - before["tvgate_capture_body_bytes_total"]
+    scanned = (
+        after["tvgate_capture_scanned_bytes_total"] - before["tvgate_capture_scanned_bytes_total"]
+    )
+    # Four bodies of about 6, 12, 18 and 24 KB (61 KB) are stored in full; what is
+    # scanned is each turn's new messages (24 KB): the first body whole, then each from
+    # the last message it shares with the one before. Whole, it would be all 61 KB.
+    assert stored > 55_000
+    assert 20_000 < scanned < stored / 2
+
+
 def test_metrics_text_format() -> None:
     metrics = Metrics(worker=3)
     row = {

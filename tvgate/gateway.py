@@ -199,6 +199,19 @@ class Gateway:
             kind="counter",
         )
         metrics.sample(
+            "tvgate_capture_body_bytes_total",
+            "Request body bytes stored with traces.",
+            lambda: traces.capture_stored_bytes,
+            kind="counter",
+        )
+        metrics.sample(
+            "tvgate_capture_scanned_bytes_total",
+            "Of those, the bytes redacted, cut and hashed; the rest continued a conversation's "
+            "previous body.",
+            lambda: traces.capture_scanned_bytes,
+            kind="counter",
+        )
+        metrics.sample(
             "tvgate_trace_spool_size",
             "Traces waiting in the spool file for the database to come back.",
             lambda: traces.spool_size,

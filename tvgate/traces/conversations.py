@@ -110,14 +110,17 @@ class Conversations:
     def __init__(self, budget: int = DEFAULT_BUDGET) -> None:
         self.budget = budget
         self.size = 0
-        #: Bodies stored from a shared prefix, and the bytes that were redacted and
-        #: scanned for all bodies (the work this memory saves shows in both).
-        self.continued = 0
+        #: Bytes of every body stored; of those, the bytes that were redacted and
+        #: scanned (the rest continued from a conversation's previous body); and the
+        #: bodies that continued so.
+        self.stored = 0
         self.scanned = 0
+        self.continued = 0
         self._bodies: OrderedDict[ConversationKey, list[_Body]] = OrderedDict()
 
     def store(self, key: ConversationKey, redactor: Redactor, raw: bytes, sink: BlobSink) -> bytes:
         """Redact ``raw``, store it through ``sink``; return its root digest."""
+        self.stored += len(raw)
         bodies = self._bodies.get(key, [])
         base: _Body | None = None
         shared: tuple[int, int] | None = None

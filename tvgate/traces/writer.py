@@ -137,6 +137,16 @@ class TraceWriter:
         return len(self._queue)
 
     @property
+    def capture_stored_bytes(self) -> int:
+        """Bytes of request bodies stored (read from any thread)."""
+        return self._conversations.stored
+
+    @property
+    def capture_scanned_bytes(self) -> int:
+        """Of those, the bytes redacted and scanned; the rest continued a conversation."""
+        return self._conversations.scanned
+
+    @property
     def spool_size(self) -> int:
         """Traces waiting in the spool for the database to come back."""
         return self._spool_lines
