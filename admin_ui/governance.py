@@ -4,6 +4,7 @@ members get 403 (they see what applies to them on the overview and "My gateway")
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tornado.web import authenticated
@@ -106,17 +107,6 @@ class BudgetsHandler(UIHandler):
         self.done("/ui/governance")
 
 
-class BudgetDeleteHandler(UIHandler):
-    @authenticated
-    async def post(self, budget_id: str) -> None:
-        self.require(*ADMIN)
-        user = self.user
-        ident = _ident(budget_id, "budget")
-        await self.call(lambda: services.delete_budget(ident, actor=user))
-        self.changed()
-        self.done("/ui/governance", "deleted")
-
-
 class LimitsHandler(UIHandler):
     @authenticated
     async def post(self) -> None:
@@ -134,13 +124,19 @@ class LimitsHandler(UIHandler):
         self.done("/ui/governance", "saved" if view is not None else "deleted")
 
 
-class LimitDeleteHandler(UIHandler):
+class RuleDeleteHandler(UIHandler):
+    """Deletes a budget or a rate limit: ``kind`` and its service are the route's."""
+
+    def initialize(self, kind: str, delete: Callable[..., None]) -> None:
+        self.kind = kind
+        self.delete = delete
+
     @authenticated
-    async def post(self, limit_id: str) -> None:
+    async def post(self, rule_id: str) -> None:
         self.require(*ADMIN)
         user = self.user
-        ident = _ident(limit_id, "limit")
-        await self.call(lambda: services.delete_rate_limit(ident, actor=user))
+        ident = _ident(rule_id, self.kind)
+        await self.call(lambda: self.delete(ident, actor=user))
         self.changed()
         self.done("/ui/governance", "deleted")
 
@@ -148,7 +144,15 @@ class LimitDeleteHandler(UIHandler):
 default_handlers = [
     (r"/ui/governance", GovernanceHandler),
     (r"/ui/governance/budgets", BudgetsHandler),
-    (r"/ui/governance/budgets/([0-9]+)/delete", BudgetDeleteHandler),
+    (
+        r"/ui/governance/budgets/([0-9]+)/delete",
+        RuleDeleteHandler,
+        {"kind": "budget", "delete": services.delete_budget},
+    ),
     (r"/ui/governance/limits", LimitsHandler),
-    (r"/ui/governance/limits/([0-9]+)/delete", LimitDeleteHandler),
+    (
+        r"/ui/governance/limits/([0-9]+)/delete",
+        RuleDeleteHandler,
+        {"kind": "limit", "delete": services.delete_rate_limit},
+    ),
 ]

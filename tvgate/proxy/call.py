@@ -129,47 +129,32 @@ def upstream_headers(
     into its own ``HTTPHeaders`` anyway, and building one here too would validate and
     normalise every header twice more. Names are already normalised by Tornado's parser.
     """
+    lines = _forwarded_lines(client_headers)
+    headers: dict[str, str] | HTTPHeaders = dict(lines)
+    if len(headers) < len(lines):
+        # A name repeats: every line is kept, as the client sent it.
+        headers = HTTPHeaders()
+        for name, value in lines:
+            headers.add(name, value)
+    for name, value in auth_headers(provider, secret):
+        headers[name] = value
+    return headers
+
+
+def _forwarded_lines(client_headers: HTTPHeaders) -> list[tuple[str, str]]:
+    """The client's header lines less hop-by-hop, credentials and tvgate's own."""
     connection_listed = {
         token.strip().lower() for token in client_headers.get("Connection", "").split(",")
     }
-    headers: dict[str, str] = {}
-    repeated = False
-    for name, value in client_headers.get_all():
-        lower = name.lower()
-        if (
-            lower in _DROPPED_REQUEST_HEADERS
+    return [
+        (name, value)
+        for name, value in client_headers.get_all()
+        if not (
+            (lower := name.lower()) in _DROPPED_REQUEST_HEADERS
             or lower in connection_listed
             or lower.startswith(ATTRIBUTION_PREFIXES)
-        ):
-            continue
-        if name in headers:
-            repeated = True
-            break
-        headers[name] = value
-    if repeated:
-        return _upstream_headers_repeated(client_headers, connection_listed, provider, secret)
-    for name, value in auth_headers(provider, secret):
-        headers[name] = value
-    return headers
-
-
-def _upstream_headers_repeated(
-    client_headers: HTTPHeaders, connection_listed: set[str], provider: str, secret: str
-) -> HTTPHeaders:
-    """``upstream_headers`` when a name repeats: every line is kept, as the client sent it."""
-    headers = HTTPHeaders()
-    for name, value in client_headers.get_all():
-        lower = name.lower()
-        if (
-            lower in _DROPPED_REQUEST_HEADERS
-            or lower in connection_listed
-            or lower.startswith(ATTRIBUTION_PREFIXES)
-        ):
-            continue
-        headers.add(name, value)
-    for name, value in auth_headers(provider, secret):
-        headers[name] = value
-    return headers
+        )
+    ]
 
 
 class ProxyCall:
