@@ -5,7 +5,13 @@ from __future__ import annotations
 from admin_ui.base import SESSION_COOKIE, UIHandler
 from tvgate import services
 from tvgate.db import DatabaseUnavailable
-from tvgate.identity import AuthError, IdentityUnavailable, OrgSelectionError, Principal
+from tvgate.identity import (
+    AuthError,
+    IdentityUnavailable,
+    NotLinked,
+    OrgSelectionError,
+    Principal,
+)
 from tvgate.identity.sessions import end_session, start_session
 
 
@@ -34,6 +40,11 @@ class LoginHandler(UIHandler):
             principal = await self._sign_in(email, password, token, org)
         except AuthError:
             self._fail(401, "Wrong email, password or token.", email, org)
+            return
+        except NotLinked as exc:
+            # The sign-in is good but names an org or user tvgate has not linked to it: say
+            # so, with the operator's command, rather than "wrong password".
+            self._fail(403, f"Sign-in refused: {exc}.", email, org)
             return
         except OrgSelectionError as exc:
             self._fail(403, f"{exc}. Enter the org to sign in to.", email, org)

@@ -57,6 +57,8 @@ def keys() -> Keys:
 def visdom(keys: Keys) -> Iterator[FakeVisdom]:
     fake = FakeVisdom()
     fake.jwks = keys.jwks()
+    for name in ("acme", "other"):
+        fake.add_org(name)
     fake.start()
     yield fake
     fake.stop()
@@ -80,6 +82,13 @@ def idgate(gateway: GatewayProcess, visdom: FakeVisdom) -> Iterator[GatewayProce
         TVGATE_JWT_LEEWAY="0",
         TVGATE_JWT_JWKS_REFETCH_INTERVAL="1",
     )
+    # acme and other were made in tvgate: only an operator's link lets outside orgs in.
+    links = [("acme", "--jwt-org", "acme")] + [
+        (name, "--visdom-org-id", visdom.orgs[name].org_id) for name in ("acme", "other")
+    ]
+    for name, option, value in links:
+        linked = gw.cli("orgs", "link", name, option, value)
+        assert linked.returncode == 0, linked.stderr
     yield gw
     stop_gateway(gw.proc)
 
@@ -220,7 +229,8 @@ def test_valid_jwts_are_accepted(
     key = {"rsa-1": keys.rsa, "ec-1": keys.ec, "ed-1": keys.ed}[kid]
     response = call(idgate, make_jwt(key, algorithm, kid))
     assert response.status_code == 200, response.text
-    assert call(idgate, make_jwt(HMAC_SECRET, "HS256", None, sub="hmac-user")).status_code == 200
+    hmac_token = make_jwt(HMAC_SECRET, "HS256", None, sub="hmac-user", email="hmac@acme.test")
+    assert call(idgate, hmac_token).status_code == 200
 
 
 def _forged(keys: Keys) -> dict[str, str]:
@@ -294,14 +304,18 @@ def test_unknown_kid_refetches_the_rotated_jwks(
     kid = "rsa-" + uuid.uuid4().hex[:8]
     visdom.jwks = [*keys.jwks(), {**jwk, "kid": kid}]
     time.sleep(1.1)  # the test gateway refetches at most once a second
+    token = make_jwt(rotated, "RS256", kid, sub="rotated-user", email="rotated@acme.test")
+    # Made before the fetch: generating a key takes a while on a busy machine, and the
+    # unknown kids must arrive within the refetch interval.
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    strangers = [make_jwt(stranger, "RS256", "rsa-9") for _ in range(3)]
     fetched = visdom.calls["jwks"]
-    response = call(idgate, make_jwt(rotated, "RS256", kid, sub="rotated-user"))
+    response = call(idgate, token)
     assert response.status_code == 200, response.text
     assert visdom.calls["jwks"] == fetched + 1
     # An unknown kid right after a fetch does not make tvgate hammer the issuer.
-    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    for _ in range(3):
-        assert call(idgate, make_jwt(stranger, "RS256", "rsa-9")).status_code == 401
+    for unknown in strangers:
+        assert call(idgate, unknown).status_code == 401
     assert visdom.calls["jwks"] == fetched + 1
 
 

@@ -19,7 +19,9 @@ PASSWORD = "correct horse battery staple"
 
 @pytest.fixture(scope="module")
 def visdom() -> Iterator[FakeVisdom]:
-    fake = FakeVisdom().start()
+    fake = FakeVisdom()
+    fake.add_org("acme")
+    fake.start()
     yield fake
     fake.stop()
 
@@ -34,6 +36,9 @@ def uigate(gateway: GatewayProcess, visdom: FakeVisdom) -> Iterator[GatewayProce
         TVGATE_SESSION_IDLE_TIMEOUT="3",
         TVGATE_LOGIN_ATTEMPTS="1000",
     )
+    # acme was made in tvgate: only an operator's link lets Visdom Trace's acme in.
+    linked = gw.cli("orgs", "link", "acme", "--visdom-org-id", visdom.orgs["acme"].org_id)
+    assert linked.returncode == 0, linked.stderr
     yield gw
     stop_gateway(gw.proc)
 

@@ -1,4 +1,4 @@
-"""The ``tvgate`` command: serve, migrate, and manage users, tokens, keys and routes.
+"""The ``tvgate`` command: serve, migrate, and manage orgs, users, tokens, keys and routes.
 
 Management commands work on the database directly, as an operator, through
 the same services as the API. Their output is meant for people, except where
@@ -101,6 +101,30 @@ def cmd_users_add(settings: Settings, args: argparse.Namespace) -> int:
     password = sys.stdin.readline().rstrip("\n") if args.password_stdin else None
     user = services.add_user(args.email, args.org, admin=args.admin, password=password)
     print(f"user {user.email} ({user.role}) in org {user.org.name}")
+    return 0
+
+
+def cmd_orgs_list(settings: Settings, _args: argparse.Namespace) -> int:
+    _open(settings)
+    for org in services.list_orgs():
+        visdom = org.visdom_org_id or "-"
+        jwt = f"{org.jwt_issuer} {org.jwt_org}" if org.jwt_org else "-"
+        print(f"{org.name}\tvisdom {visdom}\tjwt {jwt}")
+    return 0
+
+
+def cmd_orgs_link(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    org = services.link_org(
+        args.name,
+        visdom_org_id=args.visdom_org_id,
+        jwt_org=args.jwt_org,
+        jwt_issuer=args.jwt_issuer or settings.jwt_issuer,
+    )
+    if args.visdom_org_id is not None:
+        print(f"org {org.name} is linked to Visdom Trace org {org.visdom_org_id}")
+    else:
+        print(f"org {org.name} is linked to JWT org {org.jwt_org!r} of issuer {org.jwt_issuer}")
     return 0
 
 
@@ -702,6 +726,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--org")
     p.add_argument("--role", choices=["admin", "member", "auditor"])
     p.add_argument("--disabled", choices=["on", "off"])
+
+    orgs = commands.add_parser("orgs", help="orgs and the outside orgs they are linked to")
+    org_commands = orgs.add_subparsers(required=True)
+    command(org_commands, "list", cmd_orgs_list, "list orgs and their links")
+    p = command(
+        org_commands, "link", cmd_orgs_link, "link an org to a Visdom Trace org or a JWT org"
+    )
+    p.add_argument("name", help="the tvgate org")
+    outside = p.add_mutually_exclusive_group(required=True)
+    outside.add_argument("--visdom-org-id", metavar="ID", help="the Visdom Trace org's id")
+    outside.add_argument("--jwt-org", metavar="VALUE", help="the JWT org claim's value")
+    p.add_argument(
+        "--jwt-issuer", metavar="ISS", help="the JWT org's issuer (default: the jwt_issuer setting)"
+    )
 
     tokens = commands.add_parser("tokens", help="manage proxy tokens").add_subparsers(required=True)
     p = command(tokens, "issue", cmd_tokens_issue, "mint a proxy token and print it")

@@ -119,6 +119,9 @@ class Settings:
     jwt_claim_org: str = "org"
     #: Claim holding the role (owner/admin → admin, auditor → auditor, else member).
     jwt_claim_role: str = "role"
+    #: Link a JWT to a tvgate user made without an outside id (``users add``) by its email,
+    #: when the token says ``email_verified: true``; Visdom Trace sign-ins never are.
+    link_users_by_email: bool = False
     #: Secret that signs web UI session cookies; empty: a 0600 file in data_dir.
     cookie_secret: str = ""
     #: Seconds a web UI session may sit unused before it ends.

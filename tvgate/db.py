@@ -136,6 +136,16 @@ def _migration_6(db: peewee.Database) -> None:
     )
 
 
+def _migration_8(db: peewee.Database) -> None:
+    # Orgs bound to a JWT issuer's org claim (review finding 16.3): one tvgate org per
+    # (issuer, claim value); rows with neither are not bound, and NULLs never collide.
+    for name in ("jwt_issuer", "jwt_org"):
+        add_column_if_missing(db, models.Org, name)
+    db.execute_sql(
+        "CREATE UNIQUE INDEX IF NOT EXISTS org_jwt_issuer_jwt_org ON org (jwt_issuer, jwt_org)"
+    )
+
+
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
 MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (1, _migration_1),
@@ -143,6 +153,7 @@ MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (4, _migration_4),
     (5, _migration_5),
     (6, _migration_6),
+    (8, _migration_8),
 ]
 
 

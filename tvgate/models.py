@@ -46,8 +46,12 @@ class Org(BaseModel):
 
     name = peewee.CharField(max_length=200, unique=True)
     display_name = peewee.CharField(max_length=200, default="")
-    #: Visdom Trace's org id, when the org came from there.
+    #: The Visdom Trace org id this org is bound to: set when the org came from there, or by
+    #: an operator's ``tvgate orgs link``; never by a matching name.
     external_id = peewee.CharField(max_length=64, null=True, unique=True)
+    #: The JWT issuer (``iss``) and org claim value this org is bound to, the same way.
+    jwt_issuer = peewee.CharField(max_length=400, null=True)
+    jwt_org = peewee.CharField(max_length=200, null=True)
     allow_user_keys = peewee.BooleanField(default=False)
     allow_user_routes = peewee.BooleanField(default=False)
     capture_bodies = peewee.BooleanField(default=True)
@@ -56,6 +60,9 @@ class Org(BaseModel):
     #: JSON list of extra regular expressions redacted from captured bodies.
     redaction_patterns = peewee.TextField(default="[]")
     created_at = peewee.DoubleField(default=now)
+
+    class Meta:
+        indexes = ((("jwt_issuer", "jwt_org"), True),)
 
 
 class User(BaseModel):
@@ -69,7 +76,8 @@ class User(BaseModel):
     name = peewee.CharField(max_length=200, default="")
     role = peewee.CharField(max_length=16, default=ROLE_MEMBER)
     disabled = peewee.BooleanField(default=False)
-    #: Visdom Trace's user id, when the user came from there.
+    #: The outside user id (Visdom Trace's, or the JWT's user id claim) this user is bound to;
+    #: once set, no other outside identity is ever let in as this user.
     external_id = peewee.CharField(max_length=64, null=True)
     password_hash = peewee.CharField(max_length=400, null=True)
     created_at = peewee.DoubleField(default=now)

@@ -169,6 +169,88 @@ def ensure_org(name: str) -> Org:
     return org
 
 
+def audit_refused_sign_in(
+    org_id: int, who: str, target: str, reason: str, detail: dict[str, str]
+) -> None:
+    """Record an outside identity refused by a binding rule (there is no principal yet)."""
+    AuditEvent.create(
+        org_id=org_id,
+        actor=who.strip().lower()[:320],
+        action="sign in",
+        target=target[:400],
+        change=orjson.dumps({"refused": reason, **detail}).decode(),
+        allowed=False,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class OrgView:
+    name: str
+    visdom_org_id: str | None
+    jwt_issuer: str | None
+    jwt_org: str | None
+
+    @classmethod
+    def of(cls, org: Org) -> OrgView:
+        return cls(org.name, org.external_id, org.jwt_issuer, org.jwt_org)
+
+
+def list_orgs() -> list[OrgView]:
+    """Every org and the outside orgs it is linked to (operator only: no API shows it)."""
+    return [OrgView.of(org) for org in Org.select().order_by(Org.name)]
+
+
+def link_org(
+    name: str,
+    *,
+    visdom_org_id: str | None = None,
+    jwt_org: str | None = None,
+    jwt_issuer: str = "",
+) -> OrgView:
+    """Bind a tvgate org to a Visdom Trace org id, or to a JWT issuer's org claim value.
+
+    The operator's explicit act, and the only way an org made in tvgate is joined to an
+    outside org (sign-in never binds by name). Operator only: an org admin cannot pick
+    which outside org's members become theirs. A binding an org already has is replaced
+    (audited, before and after); an outside org bound to another tvgate org is refused.
+    """
+    org = get_org(name)
+    if (visdom_org_id is None) == (jwt_org is None):
+        raise ServiceError("link either a Visdom Trace org id or a JWT org claim value")
+    if jwt_org is not None and not jwt_issuer:
+        raise ServiceError("linking a JWT org needs the issuer: set jwt_issuer")
+    binding: dict[str, str | None] = (
+        {"external_id": visdom_org_id.strip()}
+        if visdom_org_id is not None
+        else {"jwt_issuer": jwt_issuer, "jwt_org": (jwt_org or "").strip()}
+    )
+    for column, value in binding.items():
+        longest = Org._meta.fields[column].max_length
+        if not value or len(value) > longest:
+            raise ServiceError(f"{column} must be 1 to {longest} characters")
+    where = [getattr(Org, column) == value for column, value in binding.items()]
+    holder = Org.get_or_none(*where)
+    if holder is not None and holder.id != org.id:
+        error = ServiceError(
+            f"that outside org is already linked to tvgate org {holder.name!r}", 409
+        )
+        audit(None, org.id, "link org", org.name, {"refused": str(error)}, allowed=False)
+        raise error
+    before = {column: getattr(org, column) for column in binding}
+    with database.atomic():
+        for column, value in binding.items():
+            setattr(org, column, value)
+        org.save()
+        audit(
+            None,
+            org.id,
+            "link org",
+            org.name,
+            {column: [before[column], value] for column, value in binding.items()},
+        )
+    return OrgView.of(org)
+
+
 def get_user(email: str, org: Org) -> User:
     user = User.get_or_none((User.email == email.lower()) & (User.org == org))
     if user is None:

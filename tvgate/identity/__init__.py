@@ -47,6 +47,11 @@ class OrgSelectionError(Exception):
     """The credential is good but the org of the request is not one of the caller's (403)."""
 
 
+class NotLinked(OrgSelectionError):
+    """The outside identity is good, but its org or user is not the tvgate one of that name
+    or email (403): binding is by outside id only, and a clash is refused, never merged."""
+
+
 def select_membership(
     memberships: Sequence[Membership], requested: str | None, pinned: str
 ) -> Membership:

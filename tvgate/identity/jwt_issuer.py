@@ -24,7 +24,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from tvgate.config import ConfigError, Settings
 from tvgate.db import DatabaseRunner, DatabaseUnavailable
-from tvgate.identity import AuthError, IdentityUnavailable, Principal, select_membership
+from tvgate.identity import AuthError, IdentityUnavailable, OrgSelectionError, Principal
 from tvgate.identity.provision import Membership, OutsideIdentity, provision
 
 log = logging.getLogger("tvgate.identity")
@@ -140,17 +140,34 @@ class JWTAuthenticator:
         org_names = [org_claim] if isinstance(org_claim, str) else org_claim or []
         if not isinstance(org_names, list) or not all(isinstance(o, str) for o in org_names):
             raise AuthError("JWT org claim must be a string or a list of strings")
-        if not org_names and settings.pinned_org:
-            org_names = [settings.pinned_org]
-        role = claims.get(settings.jwt_claim_role)
-        memberships = tuple(
-            Membership(org_name=name, org_external_id=None, display_name="", role=str(role or ""))
-            for name in org_names
+        if not org_names and not settings.pinned_org:
+            raise OrgSelectionError("the JWT names no org and this gateway pins none")
+        role = str(claims.get(settings.jwt_claim_role) or "")
+        if org_names:
+            # A JWT org is the issuer's: bound by (iss, claim value), never by the name alone.
+            memberships = tuple(
+                Membership(name, name, "", role, jwt_issuer=settings.jwt_issuer)
+                for name in org_names
+            )
+        else:
+            # No org claim: the operator pinned the org every token of the issuer acts in.
+            memberships = (Membership(settings.pinned_org, None, "", role),)
+        identity = OutsideIdentity(
+            str(user_id),
+            email,
+            str(claims.get("name") or ""),
+            memberships,
+            email_verified=claims.get("email_verified") is True,
         )
-        membership = select_membership(memberships, requested_org, settings.pinned_org)
-        identity = OutsideIdentity(str(user_id), email, str(claims.get("name") or ""), memberships)
         try:
-            principal = await self.runner.run(lambda: provision(identity, membership))
+            principal = await self.runner.run(
+                lambda: provision(
+                    identity,
+                    requested_org,
+                    settings.pinned_org,
+                    link_by_email=settings.link_users_by_email,
+                )
+            )
         except DatabaseUnavailable:
             # Stale if error: the signature and expiry were just checked; only the user row
             # could not be refreshed.

@@ -18,7 +18,7 @@ import orjson
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from tvgate.db import DatabaseRunner, DatabaseUnavailable
-from tvgate.identity import AuthError, IdentityUnavailable, Principal, select_membership
+from tvgate.identity import AuthError, IdentityUnavailable, Principal
 from tvgate.identity.provision import Membership, OutsideIdentity, provision
 
 TOKEN_PREFIX = "tvs_"  # noqa: S105 - a prefix, not a secret
@@ -121,6 +121,7 @@ class VisdomAuthenticator:
         self.negative_ttl = negative_ttl
         self.pinned_org = pinned_org
         self._identities: dict[str, _Cached] = {}
+        #: (token hash, requested org) -> principal, until the identity's expiry.
         self._principals: dict[tuple[str, str], tuple[Principal, float]] = {}
 
     async def _identity(self, token: str, token_hash: str) -> OutsideIdentity:
@@ -143,13 +144,17 @@ class VisdomAuthenticator:
     async def authenticate(self, token: str, requested_org: str | None) -> Principal:
         token_hash = hashlib.sha256(token.encode()).hexdigest()
         identity = await self._identity(token, token_hash)
-        membership = select_membership(identity.memberships, requested_org, self.pinned_org)
-        key = (token_hash, membership.org_name)
+        key = (token_hash, requested_org or "")
         known = self._principals.get(key)
         if known is not None and known[1] > time.monotonic():
             return known[0]
         try:
-            principal = await self.runner.run(lambda: provision(identity, membership))
+            # The org is chosen among the tvgate orgs the memberships are bound to, so it
+            # takes the database; Visdom Trace's emails are never verified ones (its answer
+            # does not say), so they never link a user by email.
+            principal = await self.runner.run(
+                lambda: provision(identity, requested_org, self.pinned_org)
+            )
         except DatabaseUnavailable:
             if known is not None:
                 return known[0]  # stale if error: the database is away, Visdom Trace is not
