@@ -6,6 +6,7 @@ from typing import Any
 
 from tornado.web import RequestHandler
 
+from tvgate.forwarded import client_address
 from tvgate.gateway import Gateway
 from tvgate.models import PROVIDER_ANTHROPIC, PROVIDER_OPENAI
 from tvgate.providers import error_body
@@ -16,6 +17,15 @@ class BaseHandler(RequestHandler):
     def gateway(self) -> Gateway:
         gateway: Gateway = self.application.settings["gateway"]
         return gateway
+
+    @property
+    def client_ip(self) -> str:
+        """The client's address: X-Forwarded-For's, only when the peer is a trusted proxy."""
+        return client_address(
+            self.request.remote_ip or "",
+            self.request.headers.get_list("X-Forwarded-For"),
+            self.gateway.trusted_proxies,
+        )
 
     def check_xsrf_cookie(self) -> None:
         # The proxy and the JSON API authenticate every request by a token in a header,
