@@ -201,10 +201,22 @@ def add_user(
 
 
 def verify_local_password(email: str, password: str) -> list[User]:
-    """The local users (one per org) whose password this is; empty when none matches."""
-    users = User.select().where(
-        (User.email == email.strip().lower()) & User.password_hash.is_null(False) & ~User.disabled
+    """The local users (one per org) whose password this is; empty when none matches.
+
+    An email with no local password is checked against a dummy hash, so that it costs
+    the same scrypt as one with a password: the time taken does not tell which emails
+    have one.
+    """
+    users = list(
+        User.select().where(
+            (User.email == email.strip().lower())
+            & User.password_hash.is_null(False)
+            & ~User.disabled
+        )
     )
+    if not users:
+        check_password(password, _DUMMY_HASH)
+        return []
     return [u for u in users if check_password(password, u.password_hash or "")]
 
 
@@ -220,6 +232,14 @@ def hash_password(password: str) -> str:
         password.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, maxmem=64 * 1024 * 1024
     )
     return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${salt.hex()}${digest.hex()}"
+
+
+#: What an email without a local password is checked against: real parameters and a
+#: random salt, so the check costs what a real one does, and a random digest that no
+#: password produces.
+_DUMMY_HASH = (
+    f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${secrets.token_hex(16)}${secrets.token_hex(64)}"
+)
 
 
 def check_password(password: str, stored: str) -> bool:
