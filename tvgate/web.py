@@ -11,12 +11,21 @@ from tvgate.gateway import Gateway
 from tvgate.models import PROVIDER_ANTHROPIC, PROVIDER_OPENAI
 from tvgate.providers import error_body
 
+#: Strict-Transport-Security when ``public_url`` is https: a year, subdomains too.
+HSTS = "max-age=31536000; includeSubDomains"
+
 
 class BaseHandler(RequestHandler):
     @property
     def gateway(self) -> Gateway:
         gateway: Gateway = self.application.settings["gateway"]
         return gateway
+
+    def set_default_headers(self) -> None:
+        # Served over https (nginx in front): browsers must never try plain http here,
+        # where a network attacker could strip TLS and read the session cookie.
+        if self.gateway.settings.public_url.startswith("https://"):
+            self.set_header("Strict-Transport-Security", HSTS)
 
     @property
     def client_ip(self) -> str:
