@@ -116,9 +116,24 @@ def audit(
     )
 
 
-def _deny(actor: Principal, action: str, target: str, error: ServiceError) -> ServiceError:
-    """Record a refused attempt in the actor's own org, and return the error to raise."""
-    audit(actor, actor.org_id, action, target, {"refused": str(error)}, allowed=False)
+def _deny(
+    actor: Principal,
+    action: str,
+    target: str,
+    error: ServiceError,
+    *,
+    owner_org_id: int | None = None,
+) -> ServiceError:
+    """Record a refused attempt in the actor's own org, and return the error to raise.
+
+    When the object belongs to another org (``owner_org_id``), the attempt is recorded
+    there too: that org's admins are the ones who need to know someone tried. The error
+    the actor gets stays "not found" and names nothing of the other org.
+    """
+    change = {"refused": str(error)}
+    audit(actor, actor.org_id, action, target, change, allowed=False)
+    if owner_org_id is not None and owner_org_id != actor.org_id:
+        audit(actor, owner_org_id, action, target, change, allowed=False)
     return error
 
 
@@ -353,9 +368,13 @@ def revoke_token(token_id: int, *, actor: Principal | None = None) -> TokenView:
     """Revoke a token: its owner may, and an admin of its org may."""
     token = ProxyToken.select(ProxyToken, User).join(User).where(ProxyToken.id == token_id).first()
     if token is None or (actor is not None and token.user.org_id != actor.org_id):
-        raise NotFound(f"no token {token_id}")
+        error = NotFound(f"no token {token_id}")
+        if actor is None:
+            raise error
+        owner = token.user.org_id if token is not None else None
+        raise _deny(actor, "revoke token", str(token_id), error, owner_org_id=owner)
     if actor is not None and token.user_id != actor.user_id:
-        _require_admin(actor, token.user.org)
+        _require_admin(actor, token.user.org, "revoke token", str(token_id))
     if token.revoked_at is None:
         token.revoked_at = time.time()
         token.save()
@@ -1150,9 +1169,11 @@ def list_routes(org_name: str | None = None, *, actor: Principal | None = None) 
 def _editable_route(route_id: int, actor: Principal | None, action: str) -> Route:
     route = Route.get_or_none(Route.id == route_id)
     if route is None or (actor is not None and route.org_id != actor.org_id):
-        if actor is not None:
-            raise _deny(actor, action, str(route_id), NotFound(f"no route {route_id}"))
-        raise NotFound(f"no route {route_id}")
+        error = NotFound(f"no route {route_id}")
+        if actor is None:
+            raise error
+        owner = route.org_id if route is not None else None
+        raise _deny(actor, action, str(route_id), error, owner_org_id=owner)
     if actor is None or actor.role == ROLE_ADMIN:
         return route
     if route.scope == SCOPE_OWNED and route.user_id == actor.user_id:
@@ -1736,7 +1757,11 @@ def _governed_row(
         _require_admin(actor, org, action, str(row_id))
     row = model.get_or_none(model.id == row_id)
     if row is None or (org is not None and row.org_id != org.id):
-        raise NotFound(f"no {what} {row_id}")
+        error = NotFound(f"no {what} {row_id}")
+        if actor is None:
+            raise error
+        owner = row.org_id if row is not None else None
+        raise _deny(actor, action, str(row_id), error, owner_org_id=owner)
     return row
 
 
@@ -2118,7 +2143,11 @@ def get_trace(
     org = _actor_org(actor, org_name)
     trace = _trace_scope(actor, org).where(Trace.id == trace_id).first()
     if trace is None:
-        raise NotFound(f"no trace {trace_id}")
+        error = NotFound(f"no trace {trace_id}")
+        hidden = Trace.select(Trace.org_id).where(Trace.id == trace_id).first()
+        if actor is None or hidden is None:
+            raise error
+        raise _deny(actor, "read trace", trace_id, error, owner_org_id=hidden.org_id)
     user = User.get_or_none(User.id == trace.user_id)
     document = trace_summary(trace, user.email if user else "")
     store = BlobStore(org.id)
