@@ -39,8 +39,9 @@ from tvgate.models import AuditEvent, Org, ProviderKey, ProxyToken, Route, User,
 
 PASSWORD = "correct horse battery staple"
 LIMIT = 3
-#: The nginx in front of the gateway, as the gateway sees it (the test process).
-PROXY = "127.0.0.1/32"
+#: The nginx in front of the gateway, as the gateway sees it (the test process), and the
+#: load balancers' network in front of nginx.
+PROXIES = "127.0.0.1/32,10.0.0.0/8"
 
 
 def local_user(gateway: GatewayProcess, org: str = "acme") -> str:
@@ -89,7 +90,7 @@ def behind_nginx(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
         gateway.database_url,
         gateway.data_dir,
         gateway.tokens,
-        TVGATE_TRUSTED_PROXIES=PROXY,
+        TVGATE_TRUSTED_PROXIES=PROXIES,
         TVGATE_LOGIN_ATTEMPTS=str(LIMIT),
         TVGATE_WORKERS="2",
     )
@@ -117,6 +118,29 @@ def test_failures_lock_only_that_address_and_email_behind_a_trusted_proxy(
     behind_nginx.bind()
     sessions = WebSession.select().join(User).where(User.email == victim)
     assert [s.address for s in sessions] == [colleague]
+
+
+def test_a_client_cannot_choose_its_address_behind_trusted_proxies(
+    behind_nginx: GatewayProcess,
+) -> None:
+    victim = local_user(behind_nginx)
+    attacker = "198.51.100.88"
+    # What the attacker writes into X-Forwarded-For comes before what the proxies append
+    # (the balancer 10.1.2.3, then nginx the address it saw): it is never reached.
+    statuses = [
+        attempt(behind_nginx, victim, "guess", f"{forwarded()}, {attacker}, 10.1.2.3")
+        for _ in range(LIMIT + 1)
+    ]
+    assert statuses == [401] * LIMIT + [429]
+    assert attempt(behind_nginx, victim, PASSWORD, f"not-an-address, {attacker}") == 429
+    # A password typed into the email field is not kept: the table holds a digest.
+    typed = "hunter2-" + uuid.uuid4().hex
+    assert attempt(behind_nginx, typed, "guess", attacker) == 401
+    assert typed not in behind_nginx.dump_database()
+    assert attempt(behind_nginx, victim, PASSWORD, f"{attacker}, 198.51.100.99, 10.1.2.3") == 302
+    behind_nginx.bind()
+    [session] = WebSession.select().join(User).where(User.email == victim)
+    assert session.address == "198.51.100.99"
 
 
 def test_forwarded_for_from_an_untrusted_peer_is_ignored(gateway: GatewayProcess) -> None:
