@@ -141,7 +141,7 @@ def _require_admin(actor: Principal | None, org: Org, action: str = "", target: 
     if actor is None:
         return
     if actor.org_id != org.id:
-        raise _deny(actor, action or "access", target, NotFound("no such org"))
+        raise _deny(actor, action or "access", target, NotFound("no such org"), owner_org_id=org.id)
     if actor.role != ROLE_ADMIN:
         raise _deny(
             actor, action or "access", target, Forbidden("only an admin of this org may do that")
@@ -151,7 +151,8 @@ def _require_admin(actor: Principal | None, org: Org, action: str = "", target: 
 def _require_reader(actor: Principal | None, org: Org) -> None:
     """Admins and auditors read the whole org; members only what is theirs."""
     if actor is not None and (actor.org_id != org.id or actor.role == ROLE_MEMBER):
-        raise _deny(actor, "read", org.name, Forbidden("only admins and auditors may see this"))
+        error = Forbidden("only admins and auditors may see this")
+        raise _deny(actor, "read", org.name, error, owner_org_id=org.id)
 
 
 def _actor_org(actor: Principal | None, org_name: str | None) -> Org:
@@ -159,7 +160,9 @@ def _actor_org(actor: Principal | None, org_name: str | None) -> Org:
     if actor is None:
         return get_org(org_name)
     if org_name is not None and org_name != actor.org_name:
-        raise _deny(actor, "access", org_name, NotFound(f"no org named {org_name!r}"))
+        named = Org.get_or_none(Org.name == org_name)
+        error = NotFound(f"no org named {org_name!r}")
+        raise _deny(actor, "access", org_name, error, owner_org_id=named.id if named else None)
     return Org.get_by_id(actor.org_id)
 
 
