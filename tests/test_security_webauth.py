@@ -401,3 +401,4 @@ def test_debug_log_holds_no_ciphertext_and_no_body(
     assert ciphertext[-24:] not in log
     assert marker not in log
     assert secret not in log and ANTHROPIC_SECRET not in log
+    assert not [token for token in gateway.tokens.values() if token in log]
