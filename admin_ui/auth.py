@@ -1,4 +1,8 @@
-"""Sign-in and sign-out pages: Visdom Trace email and password, a token, or a local user."""
+"""Sign-in and sign-out pages: Visdom Trace email and password, a token, or a local user.
+
+Failed sign-ins are limited per (client address, email): ``identity.sessions.LoginThrottle``,
+with the address from ``BaseHandler.client_ip`` (X-Forwarded-For from trusted proxies only).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,10 @@ from tvgate.identity import (
 from tvgate.identity.sessions import end_session, start_session
 
 
+class SignInLocked(Exception):
+    """This (address, email) failed too often lately; the form answers 429."""
+
+
 class LoginHandler(UIHandler):
     def get(self) -> None:
         if self.current_user is not None:
@@ -29,15 +37,14 @@ class LoginHandler(UIHandler):
         password = self.get_body_argument("password", "")
         token = self.get_body_argument("token", "").strip()
         org = self.get_body_argument("org", "").strip() or None
-        address = self.request.remote_ip or "unknown"
-        keys = [f"address:{address}"] + ([f"email:{email.lower()}"] if email else [])
-        if not self.gateway.login_throttle.allow(*keys):
+        address = self.client_ip
+        try:
+            principal = await self._throttled_sign_in(address, email, password, token, org)
+        except SignInLocked:
             self._fail(
                 429, "Too many sign-in attempts. Wait a few minutes and try again.", email, org
             )
             return
-        try:
-            principal = await self._sign_in(email, password, token, org)
         except AuthError:
             self._fail(401, "Wrong email, password or token.", email, org)
             return
@@ -52,10 +59,14 @@ class LoginHandler(UIHandler):
         except (IdentityUnavailable, DatabaseUnavailable):
             self._fail(503, "Sign-in is unavailable right now; try again shortly.", email, org)
             return
-        # A new session id at every sign-in: a session id planted before is never promoted.
-        session_id = await self.gateway.runner.run(
-            lambda: start_session(principal.user_id, address)
-        )
+        throttle = self.gateway.login_throttle
+
+        def signed_in() -> str:
+            throttle.succeeded(address, email)
+            # A new session id at every sign-in: a session id planted before is never promoted.
+            return start_session(principal.user_id, address)
+
+        session_id = await self.gateway.runner.run(signed_in)
         self.set_signed_cookie(
             SESSION_COOKIE,
             session_id,
@@ -66,6 +77,19 @@ class LoginHandler(UIHandler):
             path="/ui/",
         )
         self.redirect("/ui/")
+
+    async def _throttled_sign_in(
+        self, address: str, email: str, password: str, token: str, org: str | None
+    ) -> Principal:
+        """Sign in unless this (address, email) is locked; a wrong credential counts."""
+        throttle, runner = self.gateway.login_throttle, self.gateway.runner
+        if await runner.run(lambda: throttle.locked(address, email)):
+            raise SignInLocked
+        try:
+            return await self._sign_in(email, password, token, org)
+        except AuthError:
+            await runner.run(lambda: throttle.failed(address, email))
+            raise
 
     async def _sign_in(self, email: str, password: str, token: str, org: str | None) -> Principal:
         gateway = self.gateway

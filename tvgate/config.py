@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tvgate.forwarded import parse_networks
+
 ENV_PREFIX = "TVGATE_"
 
 
@@ -128,8 +130,12 @@ class Settings:
     session_idle_timeout: float = 8 * 3600.0
     #: Seconds a web UI session lasts at most.
     session_max_age: float = 7 * 86400.0
-    #: Sign-in attempts allowed per address and per email in 15 minutes.
+    #: Failed sign-ins allowed per client address and email in 15 minutes (successes do not
+    #: count); counted in the database, so every worker and gateway sees the same count.
     login_attempts: int = 10
+    #: Comma-separated addresses or CIDR networks of the reverse proxies (nginx) whose
+    #: ``X-Forwarded-For`` names the client; empty: none, the peer is the client.
+    trusted_proxies: str = ""
     #: URL the push sink POSTs batches of traces to; empty: no push sink.
     sink_url: str = ""
     #: Secret for the push sink's HMAC-SHA256 signature.
@@ -258,6 +264,12 @@ def validate(settings: Settings) -> None:
         raise ConfigError("governance_sync_interval must be between 0.05 and 60 seconds")
     if settings.workers < 0 or settings.drain_timeout < 0:
         raise ConfigError("workers and drain_timeout must not be negative")
+    try:
+        parse_networks(settings.trusted_proxies)
+    except ValueError as exc:
+        raise ConfigError(f"trusted_proxies: {exc}") from None
+    if settings.login_attempts <= 0:
+        raise ConfigError("login_attempts must be positive")
     if settings.metrics_listen:
         _host, sep, port = settings.metrics_listen.rpartition(":")
         if not sep or not port.isdigit():

@@ -10,6 +10,7 @@ call reconnects instead of failing forever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -34,14 +35,37 @@ class DatabaseUnavailable(Exception):
     """The database could not be reached; callers answer 503 or spool."""
 
 
+class SqlWithoutValues(logging.Filter):
+    """Keep a query's statement in peewee's debug log, never its values.
+
+    Peewee logs every query at debug as ``(sql, params)``; the params are ciphertexts,
+    captured request bodies, token hashes and emails. The statement has placeholders
+    only, so it is kept, with the number of values left out.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, tuple) and len(record.msg) == 2:
+            sql, params = record.msg
+            record.msg = "%s [%d values not logged]"
+            record.args = (sql, len(params or ()))
+        return True
+
+
+def _quiet_sql_values() -> None:
+    logger = logging.getLogger("peewee")
+    if not any(isinstance(f, SqlWithoutValues) for f in logger.filters):
+        logger.addFilter(SqlWithoutValues())
+
+
 def open_database(url: str) -> peewee.Database:
     """Open (lazily) the database at ``url`` and bind the models to it."""
+    _quiet_sql_values()
     parsed = urlparse(url)
     db: peewee.Database
     if parsed.scheme == "sqlite":
         path = unquote(url[len("sqlite:///") :])
         if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _make_private(path)
         db = peewee.SqliteDatabase(
             path,
             pragmas={
@@ -69,6 +93,22 @@ def open_database(url: str) -> peewee.Database:
         raise ValueError(f"unsupported database URL scheme {parsed.scheme!r}")
     models.database.initialize(db)
     return db
+
+
+def _make_private(path: str) -> None:
+    """Create the SQLite file 0600 (it holds ciphertexts and captured bodies), and make an
+    older one 0600. SQLite gives its -wal and -shm files the database file's mode."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            if os.stat(name).st_mode & 0o077:
+                os.chmod(name, 0o600)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:  # someone else's file (the CLI run by another user)
+            log.warning("cannot make %s private: %s", name, exc.strerror)
 
 
 def reset_connection(db: peewee.Database) -> None:
@@ -146,6 +186,10 @@ def _migration_8(db: peewee.Database) -> None:
     )
 
 
+def _migration_11(db: peewee.Database) -> None:
+    db.create_tables([models.LoginFailure], safe=True)
+
+
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
 MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (1, _migration_1),
@@ -154,6 +198,7 @@ MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (5, _migration_5),
     (6, _migration_6),
     (8, _migration_8),
+    (11, _migration_11),
 ]
 
 

@@ -23,10 +23,11 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from tvgate import services
 from tvgate.config import Settings
 from tvgate.db import DatabaseRunner, migrate, open_database
+from tvgate.forwarded import Network, parse_networks
 from tvgate.governance.governor import Governor
 from tvgate.identity.authenticator import Authenticator
 from tvgate.identity.jwt_issuer import JWTAuthenticator
-from tvgate.identity.sessions import Throttle
+from tvgate.identity.sessions import LoginThrottle
 from tvgate.identity.tokens import ProxyTokenAuthenticator
 from tvgate.identity.visdom import VisdomAuthenticator, VisdomClient
 from tvgate.keyring import Keyring, PlaintextCache, build_keyring
@@ -88,7 +89,7 @@ class Gateway:
     router: Router
     traces: TraceWriter
     http: UpstreamCurlClient
-    login_throttle: Throttle
+    login_throttle: LoginThrottle
     governor: Governor
     sink: PushSink | None = None
     _governance_syncer: PeriodicCallback | None = None
@@ -100,6 +101,8 @@ class Gateway:
     inflight: InFlight = field(default_factory=InFlight)
     #: Index of this worker process (0 when there is one process).
     worker: int = 0
+    #: The reverse proxies whose X-Forwarded-For is believed (``trusted_proxies``).
+    trusted_proxies: tuple[Network, ...] = ()
 
     @classmethod
     def build(cls, settings: Settings, worker: int = 0) -> Gateway:
@@ -150,7 +153,7 @@ class Gateway:
             router=Router(runner, settings.cache_ttl),
             traces=writer,
             http=http,
-            login_throttle=Throttle(settings.login_attempts),
+            login_throttle=LoginThrottle(settings.login_attempts),
             governor=Governor(
                 runner,
                 sync_interval=settings.governance_sync_interval,
@@ -160,6 +163,7 @@ class Gateway:
             sink=PushSink(settings, runner) if settings.sink_url else None,
             metrics=Metrics(worker),
             worker=worker,
+            trusted_proxies=parse_networks(settings.trusted_proxies),
         )
         gateway._export_metrics()
         return gateway

@@ -205,6 +205,18 @@ class WebSession(BaseModel):
     address = peewee.CharField(max_length=64, default="")
 
 
+class LoginFailure(BaseModel):
+    """A failed web UI sign-in, kept for the throttle's window (``identity.sessions``).
+
+    ``subject`` is the SHA-256 of the client address and the email typed, never the email
+    itself: people type passwords into the email field.
+    """
+
+    id = peewee.AutoField()
+    subject = peewee.CharField(max_length=64, index=True)
+    failed_at = peewee.DoubleField(default=now, index=True)
+
+
 class Trace(BaseModel):
     """One call through the proxy. Written by the trace writer only."""
 
@@ -378,6 +390,7 @@ ALL_MODELS: tuple[type[BaseModel], ...] = (
     Route,
     ProxyToken,
     WebSession,
+    LoginFailure,
     KeyGrant,
     AuditEvent,
     Trace,

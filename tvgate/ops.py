@@ -1,9 +1,10 @@
 """Operations endpoints: ``/healthz`` (alive), ``/readyz`` (can serve) and ``/metrics`` (Prometheus).
 
 ``/healthz`` answers as long as the IOLoop turns, and says which worker
-process answered. ``/readyz`` asks the database, the keyring and the identity
-provider, each with a timeout, and says which one is not ready (a load
-balancer takes the VM out of rotation on 503). ``/metrics`` renders this
+process answered. ``/readyz`` asks the database, the keyring, the token store
+and Visdom Trace (when configured), each with a timeout, and says which one
+is not ready; a load balancer takes the VM out of rotation on 503, which
+Visdom Trace alone never causes. ``/metrics`` renders this
 process's registry (``tvgate.metrics``).
 """
 
@@ -22,6 +23,8 @@ from tvgate.web import BaseHandler
 
 #: Seconds each readiness check may take before it counts as unavailable.
 CHECK_TIMEOUT = 5.0
+#: The checks that decide readiness; the others (Visdom Trace) are only reported.
+REQUIRED_CHECKS = ("database", "keyring", "identity")
 
 
 class HealthHandler(BaseHandler):
@@ -42,7 +45,12 @@ async def _check(probe: Callable[[], Awaitable[Any]]) -> str:
 
 
 class ReadyHandler(BaseHandler):
-    """Ready when the database, the keyring and the identity provider answer; says which does not."""
+    """Ready when the database, the keyring and the token store answer; says which does not.
+
+    Visdom Trace is reported too but does not decide readiness: while it is down, tokens
+    minted by tvgate and the principals cached from it still work, and taking every
+    gateway out of the load balancer would stop those as well.
+    """
 
     async def get(self) -> None:
         gateway = self.gateway
@@ -54,15 +62,19 @@ class ReadyHandler(BaseHandler):
         def keyring() -> Awaitable[Any]:
             return loop.run_in_executor(gateway.runner.executor, gateway.keyring.check)
 
-        async def identity() -> None:
-            await gateway.auth.proxy_tokens.check()
-            if gateway.visdom is not None:
-                await gateway.visdom.check()
+        def identity() -> Awaitable[None]:
+            return gateway.auth.proxy_tokens.check()
 
-        names = ("database", "keyring", "identity")
-        results = await asyncio.gather(*(_check(p) for p in (database, keyring, identity)))
-        checks = dict(zip(names, results, strict=True))
-        ready = all(v == "ok" for v in checks.values())
+        probes: dict[str, Callable[[], Awaitable[Any]]] = {
+            "database": database,
+            "keyring": keyring,
+            "identity": identity,
+        }
+        if gateway.visdom is not None:
+            probes["visdom"] = gateway.visdom.check
+        results = await asyncio.gather(*(_check(p) for p in probes.values()))
+        checks = dict(zip(probes, results, strict=True))
+        ready = all(checks[name] == "ok" for name in REQUIRED_CHECKS)
         self.set_status(200 if ready else 503)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")

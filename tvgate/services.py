@@ -116,9 +116,24 @@ def audit(
     )
 
 
-def _deny(actor: Principal, action: str, target: str, error: ServiceError) -> ServiceError:
-    """Record a refused attempt in the actor's own org, and return the error to raise."""
-    audit(actor, actor.org_id, action, target, {"refused": str(error)}, allowed=False)
+def _deny(
+    actor: Principal,
+    action: str,
+    target: str,
+    error: ServiceError,
+    *,
+    owner_org_id: int | None = None,
+) -> ServiceError:
+    """Record a refused attempt in the actor's own org, and return the error to raise.
+
+    When the object belongs to another org (``owner_org_id``), the attempt is recorded
+    there too: that org's admins are the ones who need to know someone tried. The error
+    the actor gets stays "not found" and names nothing of the other org.
+    """
+    change = {"refused": str(error)}
+    audit(actor, actor.org_id, action, target, change, allowed=False)
+    if owner_org_id is not None and owner_org_id != actor.org_id:
+        audit(actor, owner_org_id, action, target, change, allowed=False)
     return error
 
 
@@ -126,7 +141,7 @@ def _require_admin(actor: Principal | None, org: Org, action: str = "", target: 
     if actor is None:
         return
     if actor.org_id != org.id:
-        raise _deny(actor, action or "access", target, NotFound("no such org"))
+        raise _deny(actor, action or "access", target, NotFound("no such org"), owner_org_id=org.id)
     if actor.role != ROLE_ADMIN:
         raise _deny(
             actor, action or "access", target, Forbidden("only an admin of this org may do that")
@@ -136,7 +151,8 @@ def _require_admin(actor: Principal | None, org: Org, action: str = "", target: 
 def _require_reader(actor: Principal | None, org: Org) -> None:
     """Admins and auditors read the whole org; members only what is theirs."""
     if actor is not None and (actor.org_id != org.id or actor.role == ROLE_MEMBER):
-        raise _deny(actor, "read", org.name, Forbidden("only admins and auditors may see this"))
+        error = Forbidden("only admins and auditors may see this")
+        raise _deny(actor, "read", org.name, error, owner_org_id=org.id)
 
 
 def _actor_org(actor: Principal | None, org_name: str | None) -> Org:
@@ -144,7 +160,9 @@ def _actor_org(actor: Principal | None, org_name: str | None) -> Org:
     if actor is None:
         return get_org(org_name)
     if org_name is not None and org_name != actor.org_name:
-        raise _deny(actor, "access", org_name, NotFound(f"no org named {org_name!r}"))
+        named = Org.get_or_none(Org.name == org_name)
+        error = NotFound(f"no org named {org_name!r}")
+        raise _deny(actor, "access", org_name, error, owner_org_id=named.id if named else None)
     return Org.get_by_id(actor.org_id)
 
 
@@ -283,10 +301,22 @@ def add_user(
 
 
 def verify_local_password(email: str, password: str) -> list[User]:
-    """The local users (one per org) whose password this is; empty when none matches."""
-    users = User.select().where(
-        (User.email == email.strip().lower()) & User.password_hash.is_null(False) & ~User.disabled
+    """The local users (one per org) whose password this is; empty when none matches.
+
+    An email with no local password is checked against a dummy hash, so that it costs
+    the same scrypt as one with a password: the time taken does not tell which emails
+    have one.
+    """
+    users = list(
+        User.select().where(
+            (User.email == email.strip().lower())
+            & User.password_hash.is_null(False)
+            & ~User.disabled
+        )
     )
+    if not users:
+        check_password(password, _DUMMY_HASH)
+        return []
     return [u for u in users if check_password(password, u.password_hash or "")]
 
 
@@ -302,6 +332,14 @@ def hash_password(password: str) -> str:
         password.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, maxmem=64 * 1024 * 1024
     )
     return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${salt.hex()}${digest.hex()}"
+
+
+#: What an email without a local password is checked against: real parameters and a
+#: random salt, so the check costs what a real one does, and a random digest that no
+#: password produces.
+_DUMMY_HASH = (
+    f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${secrets.token_hex(16)}${secrets.token_hex(64)}"
+)
 
 
 def check_password(password: str, stored: str) -> bool:
@@ -415,9 +453,13 @@ def revoke_token(token_id: int, *, actor: Principal | None = None) -> TokenView:
     """Revoke a token: its owner may, and an admin of its org may."""
     token = ProxyToken.select(ProxyToken, User).join(User).where(ProxyToken.id == token_id).first()
     if token is None or (actor is not None and token.user.org_id != actor.org_id):
-        raise NotFound(f"no token {token_id}")
+        error = NotFound(f"no token {token_id}")
+        if actor is None:
+            raise error
+        owner = token.user.org_id if token is not None else None
+        raise _deny(actor, "revoke token", str(token_id), error, owner_org_id=owner)
     if actor is not None and token.user_id != actor.user_id:
-        _require_admin(actor, token.user.org)
+        _require_admin(actor, token.user.org, "revoke token", str(token_id))
     if token.revoked_at is None:
         token.revoked_at = time.time()
         token.save()
@@ -1212,9 +1254,11 @@ def list_routes(org_name: str | None = None, *, actor: Principal | None = None) 
 def _editable_route(route_id: int, actor: Principal | None, action: str) -> Route:
     route = Route.get_or_none(Route.id == route_id)
     if route is None or (actor is not None and route.org_id != actor.org_id):
-        if actor is not None:
-            raise _deny(actor, action, str(route_id), NotFound(f"no route {route_id}"))
-        raise NotFound(f"no route {route_id}")
+        error = NotFound(f"no route {route_id}")
+        if actor is None:
+            raise error
+        owner = route.org_id if route is not None else None
+        raise _deny(actor, action, str(route_id), error, owner_org_id=owner)
     if actor is None or actor.role == ROLE_ADMIN:
         return route
     if route.scope == SCOPE_OWNED and route.user_id == actor.user_id:
@@ -1798,7 +1842,11 @@ def _governed_row(
         _require_admin(actor, org, action, str(row_id))
     row = model.get_or_none(model.id == row_id)
     if row is None or (org is not None and row.org_id != org.id):
-        raise NotFound(f"no {what} {row_id}")
+        error = NotFound(f"no {what} {row_id}")
+        if actor is None:
+            raise error
+        owner = row.org_id if row is not None else None
+        raise _deny(actor, action, str(row_id), error, owner_org_id=owner)
     return row
 
 
@@ -2180,7 +2228,11 @@ def get_trace(
     org = _actor_org(actor, org_name)
     trace = _trace_scope(actor, org).where(Trace.id == trace_id).first()
     if trace is None:
-        raise NotFound(f"no trace {trace_id}")
+        error = NotFound(f"no trace {trace_id}")
+        hidden = Trace.select(Trace.org_id).where(Trace.id == trace_id).first()
+        if actor is None or hidden is None:
+            raise error
+        raise _deny(actor, "read trace", trace_id, error, owner_org_id=hidden.org_id)
     user = User.get_or_none(User.id == trace.user_id)
     document = trace_summary(trace, user.email if user else "")
     store = BlobStore(org.id)

@@ -6,9 +6,13 @@ from typing import Any
 
 from tornado.web import RequestHandler
 
+from tvgate.forwarded import client_address
 from tvgate.gateway import Gateway
 from tvgate.models import PROVIDER_ANTHROPIC, PROVIDER_OPENAI
 from tvgate.providers import error_body
+
+#: Strict-Transport-Security when ``public_url`` is https: a year, subdomains too.
+HSTS = "max-age=31536000; includeSubDomains"
 
 
 class BaseHandler(RequestHandler):
@@ -16,6 +20,21 @@ class BaseHandler(RequestHandler):
     def gateway(self) -> Gateway:
         gateway: Gateway = self.application.settings["gateway"]
         return gateway
+
+    def set_default_headers(self) -> None:
+        # Served over https (nginx in front): browsers must never try plain http here,
+        # where a network attacker could strip TLS and read the session cookie.
+        if self.gateway.settings.public_url.startswith("https://"):
+            self.set_header("Strict-Transport-Security", HSTS)
+
+    @property
+    def client_ip(self) -> str:
+        """The client's address: X-Forwarded-For's, only when the peer is a trusted proxy."""
+        return client_address(
+            self.request.remote_ip or "",
+            self.request.headers.get_list("X-Forwarded-For"),
+            self.gateway.trusted_proxies,
+        )
 
     def check_xsrf_cookie(self) -> None:
         # The proxy and the JSON API authenticate every request by a token in a header,

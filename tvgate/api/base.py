@@ -54,6 +54,7 @@ class APIHandler(BaseHandler):
     principal: Principal
 
     def set_default_headers(self) -> None:
+        super().set_default_headers()
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
 
