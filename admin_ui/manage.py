@@ -176,6 +176,7 @@ class KeysHandler(UIHandler):
                 available_to_all=available,
                 max_concurrent=max_concurrent,
                 allow_private=gateway.settings.allow_private_upstreams,
+                allow_private_user=gateway.settings.allow_private_user_upstreams,
                 actor=user,
             )
         )

@@ -66,6 +66,7 @@ from tvgate.models import (
     database,
 )
 from tvgate.providers import DEFAULT_BASE_URLS
+from tvgate.proxy.upstream import is_public_address
 
 DEFAULT_ORG = "default"
 
@@ -345,25 +346,41 @@ def revoke_token(token_id: int, *, actor: Principal | None = None) -> TokenView:
 # --- provider keys ---
 
 
-def check_base_url(url: str, *, allow_private: bool) -> str:
-    """A provider base URL tvgate may call: http(s), and https to a public host unless allowed."""
+def check_base_url(
+    url: str, *, allow_private: bool, switch: str = "allow_private_upstreams"
+) -> str:
+    """A provider base URL tvgate may call: http(s), and https to a public host unless
+    ``allow_private`` (the setting named ``switch``) is on."""
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ServiceError(f"base URL {url!r} must be an http(s) URL")
     if parsed.username or parsed.password:
         raise ServiceError("base URL must not carry credentials")
+    _check_no_query_or_fragment(url)
     if not allow_private:
-        if parsed.scheme != "https":
-            raise ServiceError("base URL must be https (allow_private_upstreams is off)")
-        try:
-            ip = ipaddress.ip_address(parsed.hostname)
-        except ValueError:
-            ip = None
-        if (ip is not None and not ip.is_global) or parsed.hostname == "localhost":
-            raise ServiceError(
-                "base URL points at a private address (allow_private_upstreams is off)"
-            )
+        _check_public_upstream(parsed.scheme, parsed.hostname, switch)
     return url.rstrip("/")
+
+
+def _check_no_query_or_fragment(url: str) -> None:
+    # The proxy appends the endpoint's path to the base URL: after a "?" or a "#" that path
+    # is a query or a fragment, and the base URL alone picks any path on the host.
+    if "?" in url or "#" in url:
+        raise ServiceError("base URL must not have a query or fragment ('?' or '#')")
+
+
+def _check_public_upstream(scheme: str, hostname: str, switch: str) -> None:
+    if scheme != "https":
+        raise ServiceError(f"base URL must be https ({switch} is off)")
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        # A name: it is checked after DNS, on every connection (tvgate/proxy/upstream.py).
+        private = hostname == "localhost"
+    else:
+        private = not is_public_address(hostname)
+    if private:
+        raise ServiceError(f"base URL points at a private address ({switch} is off)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +437,7 @@ def add_key(
     org_name: str | None = None,
     base_url: str | None = None,
     allow_private: bool = False,
+    allow_private_user: bool = False,
     owner_email: str | None = None,
     available_to_all: bool = True,
     max_concurrent: int = 0,
@@ -429,7 +447,8 @@ def add_key(
 
     An admin adds org keys; a user adds a private key of their own when the org allows it.
     ``max_concurrent`` caps the calls open on the key at once, across every gateway
-    process (0: no cap).
+    process (0: no cap). ``allow_private`` lets an org key, ``allow_private_user`` a
+    user's own key, reach http and private upstreams (the two settings of that name).
     """
     org = _actor_org(actor, org_name)
     owner: User | None = None
@@ -448,7 +467,11 @@ def add_key(
     secret = _check_secret(secret)
     _check_name(name, "a key")
     max_concurrent = _check_max_concurrent(max_concurrent)
-    url = check_base_url(base_url or DEFAULT_BASE_URLS[provider], allow_private=allow_private)
+    url = check_base_url(
+        base_url or DEFAULT_BASE_URLS[provider],
+        allow_private=allow_private_user if owner is not None else allow_private,
+        switch="allow_private_user_upstreams" if owner is not None else "allow_private_upstreams",
+    )
     with database.atomic():
         if ProviderKey.get_or_none((ProviderKey.org == org) & (ProviderKey.name == name)):
             raise ServiceError(f"a key named {name!r} already exists in org {org.name!r}", 409)
