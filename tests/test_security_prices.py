@@ -10,6 +10,7 @@ addresses through.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from tvgate.models import Trace, database
 from tvgate.proxy.upstream import is_public_address
 
 KEYRING = LocalKeyring(b"k" * 32)
+OPERATOR = "operator (command line)"
 #: The operator's default price of the test models (input, output per million tokens).
 DEFAULT = (3.0, 15.0)
 
@@ -48,7 +50,8 @@ class PriceOrg:
 class Priced:
     orgs: dict[str, PriceOrg]
     #: Unique model names: "attacked" (another org's admin set it to 0), "override"
-    #: (an org's own price), "budgeted" (behind a dollar budget), "cli" (set by the CLI).
+    #: (an org's own price), "budgeted" (behind a dollar budget), "cli" (set by the CLI),
+    #: "ui" (set on the Policy page).
     models: dict[str, str]
     #: The other org's admin's PUT of the "attacked" model, made before ``gateway`` started.
     attack: httpx2.Response
@@ -91,7 +94,9 @@ def priced(gateway: GatewayProcess, fake_provider: FakeProvider) -> Iterator[Pri
     """Orgs "a" and "b"; the default prices set by the operator; then org b's admin's attack
     on the shared gateway; then a gateway of this module, which prices what it sees after."""
     tag = uuid.uuid4().hex[:8]
-    models = {kind: f"pm-{tag}-{kind}" for kind in ("attacked", "override", "budgeted", "cli")}
+    models = {
+        kind: f"pm-{tag}-{kind}" for kind in ("attacked", "override", "budgeted", "cli", "ui")
+    }
     gateway.bind()
     for model in models.values():
         services.set_price(model, {"input_per_mtok": DEFAULT[0], "output_per_mtok": DEFAULT[1]})
@@ -242,6 +247,64 @@ def test_an_org_admins_price_prices_that_orgs_traces_only_and_is_audited_there(
     assert not [e for e in audit_events(gw, b.tokens["admin"]) if e["target"] == model]
 
 
+def test_an_org_admin_goes_back_to_the_default_and_no_other_org_can(priced: Priced) -> None:
+    """After the test above: org a's own price of the "override" model is deleted."""
+    a, b = priced.orgs["a"], priced.orgs["b"]
+    model = priced.models["override"]
+    gw = priced.gateway
+    with api(gw, b.tokens["admin"]) as client:
+        # Org b has no price of its own to delete; org a's is out of its reach.
+        assert client.delete(f"/prices/{model}").status_code == 404
+    with api(gw, a.tokens["dev"]) as client:
+        assert client.delete(f"/prices/{model}").status_code == 403
+    assert listed_price(gw, a.tokens["admin"], model)["org"] == a.name
+    with api(gw, a.tokens["admin"]) as client:
+        response = client.delete(f"/prices/{model}")
+    assert response.status_code == 200, response.text
+    listed = listed_price(gw, a.tokens["admin"], model)
+    assert (listed["org"], listed["input_per_mtok"]) == (None, DEFAULT[0])
+    trace_priced_at(gw, a.tokens["dev"], "override", DEFAULT)
+    actions = [e["action"] for e in audit_events(gw, a.tokens["admin"]) if e["target"] == model]
+    assert actions[0] == "delete price"
+
+
+def test_an_org_admin_sets_the_orgs_price_on_the_policy_page(priced: Priced) -> None:
+    a, b = priced.orgs["a"], priced.orgs["b"]
+    model = priced.models["ui"]
+    gw = priced.gateway
+    with httpx2.Client(base_url=gw.url, follow_redirects=False, timeout=30) as browser:
+        login = browser.get("/ui/login")
+        xsrf = re.search(r'name="_xsrf" value="([^"]+)"', login.text)
+        assert xsrf is not None
+        signed_in = browser.post(
+            "/ui/login", data={"_xsrf": xsrf.group(1), "token": a.tokens["admin"]}
+        )
+        assert signed_in.status_code == 302, signed_in.text
+        page = browser.get("/ui/policy")
+        assert page.status_code == 200 and model in page.text
+        xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page.text)
+        assert xsrf is not None
+        saved = browser.post(
+            "/ui/prices",
+            data={
+                "_xsrf": xsrf.group(1),
+                "model": model,
+                "input_per_mtok": "11",
+                "output_per_mtok": "22",
+            },
+        )
+        assert saved.status_code in (302, 303), saved.text
+        row = re.search(
+            rf"<tr><td>{re.escape(model)}</td><td>([^<]+)</td>", browser.get("/ui/policy").text
+        )
+        assert row is not None and row.group(1) == "this org"
+    assert listed_price(gw, a.tokens["admin"], model)["input_per_mtok"] == 11.0
+    assert listed_price(gw, b.tokens["admin"], model)["input_per_mtok"] == DEFAULT[0]
+    trace_priced_at(gw, a.tokens["dev"], "ui", (11.0, 22.0))
+    (event,) = [e for e in audit_events(gw, a.tokens["admin"]) if e["target"] == model]
+    assert (event["action"], event["actor"]) == ("set price", f"admin@{a.name}.test")
+
+
 @pytest.mark.parametrize("who", ["dev", "auditor"])
 def test_members_and_auditors_cannot_set_prices(priced: Priced, who: str) -> None:
     a = priced.orgs["a"]
@@ -267,11 +330,18 @@ def test_the_operator_sets_the_default_table_and_org_prices_with_the_cli(priced:
     assert listed_price(gw, b.tokens["admin"], model)["input_per_mtok"] == 1.0
     trace_priced_at(gw, a.tokens["dev"], "cli", (4.0, 40.0))
     trace_priced_at(gw, b.tokens["dev"], "cli", (1.0, 2.0))
-    # The default table's change is audited in the org it affects, as the operator's.
-    a_events = [e for e in audit_events(gw, a.tokens["admin"]) if e["target"] == model]
-    assert [(e["action"], e["actor"]) for e in a_events] == [("set default price", "operator")]
-    b_events = [e for e in audit_events(gw, b.tokens["admin"]) if e["target"] == model]
-    assert [(e["action"], e["actor"]) for e in b_events] == [("set price", "operator")]
+
+    # The default table's change is audited in the org it affects (not in org b, which
+    # has its own price), as the operator's.
+    def operators(org: PriceOrg) -> list[object]:
+        events = audit_events(gw, org.tokens["admin"])
+        return [e["action"] for e in events if e["target"] == model and e["actor"] == OPERATOR]
+
+    assert operators(a) == ["set default price"]
+    assert operators(b) == ["set price"]
+    # The CLI refuses what the API refuses.
+    bad = gw.cli("prices", "set", model, "--input", "-1", "--output", "1")
+    assert bad.returncode == 1 and "input_per_mtok must be" in bad.stderr
     listed = gw.cli("prices", "list", "--org", b.name, "--json")
     assert listed.returncode == 0, listed.stderr
     (row,) = [p for p in orjson.loads(listed.stdout) if p["model"] == model]

@@ -68,7 +68,7 @@ class Settings:
     #: The same for users' own keys (any member may add one where the org allows user keys),
     #: independent of allow_private_upstreams, which is for admins' and the operator's keys.
     allow_private_user_upstreams: bool = False
-    #: Seconds a route, key or token lookup is cached in memory; changes made in another
+    #: Seconds a route, key, token or price lookup is cached in memory; changes made in another
     #: process are in force after at most this long.
     cache_ttl: float = 5.0
     #: Seconds a decrypted provider key stays in memory.

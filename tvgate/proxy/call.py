@@ -726,6 +726,7 @@ class ProxyCall:
         if admission is not None and usage is not None:
             self.gateway.governor.charge(
                 admission,
+                principal.org_id,
                 usage.input_tokens
                 + usage.output_tokens
                 + usage.cache_read_tokens
