@@ -30,7 +30,7 @@ from tests.conftest import (
 from tests.fake_provider import FakeProvider
 from tvgate import services
 from tvgate.keyring.local import LocalKeyring
-from tvgate.models import Trace, database
+from tvgate.models import ProviderKey, Trace, database
 from tvgate.proxy.upstream import is_public_address
 
 KEYRING = LocalKeyring(b"k" * 32)
@@ -432,6 +432,33 @@ def test_a_base_url_with_a_query_or_fragment_is_refused(
     with api(gateway, user_keys_org.tokens["admin"]) as client:
         names = [k["name"] for k in client.get("/keys").json()["keys"]]
     assert not [n for n in names if n.startswith("q-")]
+
+
+def test_a_stored_base_url_with_a_fragment_is_refused_by_the_proxy(
+    gateway: GatewayProcess, fake_provider: FakeProvider, user_keys_org: PriceOrg
+) -> None:
+    """A key stored before add_key refused them: the proxy does not call it."""
+    dev = user_keys_org.tokens["dev"]
+    created = add_key(gateway, dev, "own-old", fake_provider.url)
+    assert created.status_code == 201, created.text
+    with api(gateway, dev) as client:
+        assert client.post("/routes", json={"name": "own-old", "key": "own-old"}).status_code == 201
+    gateway.bind()
+    ProviderKey.update(base_url=fake_provider.url + "/internal/secret#").where(
+        ProviderKey.id == created.json()["id"]
+    ).execute()
+    database.close()
+    before = len(fake_provider.requests)
+    # The key is cached for up to cache_ttl (1 s here): ask until the stored URL is in force.
+    for _ in range(50):
+        response = call(gateway, dev, "own-old")
+        if response.status_code != 200:
+            break
+        time.sleep(0.2)
+        before = len(fake_provider.requests)
+    assert response.status_code == 502, response.text
+    assert "query or fragment" in response.json()["error"]["message"]
+    assert len(fake_provider.requests) == before
 
 
 def test_a_members_private_base_url_needs_the_user_switch(
