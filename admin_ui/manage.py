@@ -176,6 +176,7 @@ class KeysHandler(UIHandler):
                 available_to_all=available,
                 max_concurrent=max_concurrent,
                 allow_private=gateway.settings.allow_private_upstreams,
+                allow_private_user=gateway.settings.allow_private_user_upstreams,
                 actor=user,
             )
         )
@@ -315,7 +316,7 @@ class PolicyHandler(UIHandler):
         self.require(*READERS)
         user = self.user
         policy = await self.call(lambda: services.get_policy(actor=user))
-        prices = await self.call(services.list_prices)
+        prices = await self.call(lambda: services.list_prices(actor=user))
         self.render("policy.html", policy=policy, prices=prices)
 
     @authenticated
@@ -353,12 +354,7 @@ class PriceHandler(UIHandler):
         user = self.user
         model = self.get_body_argument("model", "").strip()
         prices: dict[str, float] = {}
-        for name in (
-            "input_per_mtok",
-            "output_per_mtok",
-            "cache_read_per_mtok",
-            "cache_write_per_mtok",
-        ):
+        for name in services.PRICE_FIELDS:
             text = self.get_body_argument(name, "").strip() or "0"
             try:
                 prices[name] = float(text)

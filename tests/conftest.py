@@ -172,6 +172,7 @@ def gateway_env(database_url: str, data_dir: Path, port: int, **extra: str) -> d
             "TVGATE_DATABASE_URL": database_url,
             "TVGATE_MASTER_KEY": base64.b64encode(b"k" * 32).decode(),
             "TVGATE_ALLOW_PRIVATE_UPSTREAMS": "true",
+            "TVGATE_ALLOW_PRIVATE_USER_UPSTREAMS": "true",
             "TVGATE_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
             "TVGATE_CACHE_TTL": "1",
             "TVGATE_LOG_LEVEL": "info",

@@ -55,6 +55,7 @@ def matrix(gateway: GatewayProcess, fake_provider: FakeProvider) -> Matrix:
             org_name=org,
             base_url=fake_provider.url,
             allow_private=True,
+            allow_private_user=True,
             **kwargs,  # type: ignore[arg-type]
         )
 

@@ -1,4 +1,4 @@
-"""The ``tvgate`` command: serve, migrate, and manage orgs, users, tokens, keys and routes.
+"""The ``tvgate`` command: serve, migrate, and manage orgs, users, tokens, keys, routes and prices.
 
 Management commands work on the database directly, as an operator, through
 the same services as the API. Their output is meant for people, except where
@@ -192,6 +192,7 @@ def cmd_keys_add(settings: Settings, args: argparse.Namespace) -> int:
         available_to_all=not args.granted_only,
         max_concurrent=args.max_concurrent,
         allow_private=settings.allow_private_upstreams,
+        allow_private_user=settings.allow_private_user_upstreams,
     )
     print(json.dumps(view.as_dict(), indent=2))
     return 0
@@ -690,6 +691,50 @@ def cmd_limits_delete(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prices_set(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    price = services.set_price(
+        args.model,
+        {
+            "input_per_mtok": args.input,
+            "output_per_mtok": args.output,
+            "cache_read_per_mtok": args.cache_read,
+            "cache_write_per_mtok": args.cache_write,
+        },
+        org_name=args.org,
+    )
+    print(json.dumps(price, indent=2))
+    return 0
+
+
+def cmd_prices_list(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    prices = services.list_prices(args.org, default_table=args.org is None)
+    if args.json:
+        print(json.dumps(prices, indent=2))
+        return 0
+    rows: list[tuple[str, ...]] = [
+        ("MODEL", "SET BY", "INPUT", "OUTPUT", "CACHE READ", "CACHE WRITE")
+    ]
+    for p in prices:
+        rows.append(
+            (
+                p["model"],
+                p["org"] or "default",
+                *(f"{p[name]:g}" for name in services.PRICE_FIELDS),
+            )
+        )
+    _table(rows)
+    return 0
+
+
+def cmd_prices_delete(settings: Settings, args: argparse.Namespace) -> int:
+    _open(settings)
+    services.delete_price(args.model, org_name=args.org)
+    print(f"deleted the price of {args.model} of org {args.org}; the default applies")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tvgate", description="tvgate, the LLM gateway")
     parser.add_argument("--config", help="TOML settings file (default: $TVGATE_CONFIG)")
@@ -946,6 +991,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(limits, "delete", cmd_limits_delete, "delete a rate limit by its id")
     p.add_argument("--org")
     p.add_argument("limit_id", type=int)
+
+    prices = commands.add_parser(
+        "prices", help="USD per million tokens: the default table, and orgs' own"
+    ).add_subparsers(required=True)
+    p = command(
+        prices, "set", cmd_prices_set, "set a model's price (the default table without --org)"
+    )
+    p.add_argument("model", help="an exact model name or a glob such as claude-sonnet-4*")
+    p.add_argument("--org", help="an org's own price, which wins over the default for it")
+    p.add_argument("--input", type=float, required=True, metavar="USD")
+    p.add_argument("--output", type=float, required=True, metavar="USD")
+    p.add_argument("--cache-read", type=float, default=0.0, metavar="USD")
+    p.add_argument("--cache-write", type=float, default=0.0, metavar="USD")
+    p = command(prices, "list", cmd_prices_list, "the default table, or what an org pays (--org)")
+    p.add_argument("--org")
+    p.add_argument("--json", action="store_true", help="JSON for scripts")
+    p = command(prices, "delete", cmd_prices_delete, "remove an org's own price of a model")
+    p.add_argument("model")
+    p.add_argument("--org", required=True)
     return parser
 
 

@@ -67,7 +67,10 @@ class Settings:
     max_clients: int = 1000
     #: Allow upstream base URLs that are plain http or resolve to loopback/private addresses.
     allow_private_upstreams: bool = False
-    #: Seconds a route, key or token lookup is cached in memory; changes made in another
+    #: The same for users' own keys (any member may add one where the org allows user keys),
+    #: independent of allow_private_upstreams, which is for admins' and the operator's keys.
+    allow_private_user_upstreams: bool = False
+    #: Seconds a route, key, token or price lookup is cached in memory; changes made in another
     #: process are in force after at most this long.
     cache_ttl: float = 5.0
     #: Seconds a decrypted provider key stays in memory.
@@ -168,6 +171,13 @@ class Settings:
     @property
     def base_url(self) -> str:
         return self.public_url.rstrip("/") or f"http://{self.host}:{self.port}"
+
+    def allows_private_upstream(self, users_own_key: bool) -> bool:
+        """Whether a key may reach http and private upstreams: a user's own key has its
+        own switch."""
+        if users_own_key:
+            return self.allow_private_user_upstreams
+        return self.allow_private_upstreams
 
     @property
     def resolved_database_url(self) -> str:

@@ -186,6 +186,20 @@ def _migration_8(db: peewee.Database) -> None:
     )
 
 
+def _migration_10(db: peewee.Database) -> None:
+    # Prices per org over the default table (issue 16.7): the model's unique index becomes
+    # one over the default rows and one over each org's rows.
+    add_column_if_missing(db, models.ModelPrice, "org_id")
+    db.execute_sql("DROP INDEX IF EXISTS model_price_model")
+    db.execute_sql(
+        "CREATE UNIQUE INDEX IF NOT EXISTS model_price_default_model"
+        " ON model_price (model) WHERE org_id IS NULL"
+    )
+    db.execute_sql(
+        "CREATE UNIQUE INDEX IF NOT EXISTS model_price_org_id_model ON model_price (org_id, model)"
+    )
+
+
 def _migration_11(db: peewee.Database) -> None:
     db.create_tables([models.LoginFailure], safe=True)
 
@@ -198,6 +212,7 @@ MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (5, _migration_5),
     (6, _migration_6),
     (8, _migration_8),
+    (10, _migration_10),
     (11, _migration_11),
 ]
 

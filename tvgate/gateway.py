@@ -159,6 +159,7 @@ class Gateway:
                 sync_interval=settings.governance_sync_interval,
                 queue_timeout=settings.queue_timeout,
                 gateway_cap=settings.max_concurrent_calls,
+                prices_ttl=settings.cache_ttl,
             ),
             sink=PushSink(settings, runner) if settings.sink_url else None,
             metrics=Metrics(worker),
@@ -251,6 +252,7 @@ class Gateway:
         self.auth.proxy_tokens.ttl = current.cache_ttl
         self.keys.ttl = current.key_cache_ttl
         self.governor.queue_timeout = current.queue_timeout
+        self.governor.prices_ttl = current.cache_ttl
         if self.router.ttl != current.cache_ttl:
             # The refresh period follows the TTL, so restart the refresher.
             self.router.stop()

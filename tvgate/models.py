@@ -283,10 +283,17 @@ class Blob(BaseModel):
 
 
 class ModelPrice(BaseModel):
-    """USD per million tokens for models matching ``model`` (exact name or glob)."""
+    """USD per million tokens for models matching ``model`` (exact name or glob).
+
+    A row with no org is the gateway-wide default, which only the operator changes; an
+    org's own row prices that org's calls of the model instead. One row per pattern and
+    org (unique indexes of migration 10: NULLs are distinct in a plain unique index).
+    """
 
     id = peewee.AutoField()
-    model = peewee.CharField(max_length=200, unique=True)
+    model = peewee.CharField(max_length=200)
+    #: The org these prices are for; None: the default table, for every org.
+    org_id = peewee.IntegerField(null=True)
     input_per_mtok = peewee.DoubleField()
     output_per_mtok = peewee.DoubleField()
     cache_read_per_mtok = peewee.DoubleField(default=0.0)

@@ -66,6 +66,7 @@ from tvgate.models import (
     database,
 )
 from tvgate.providers import DEFAULT_BASE_URLS
+from tvgate.proxy.upstream import is_public_address
 
 DEFAULT_ORG = "default"
 
@@ -469,25 +470,41 @@ def revoke_token(token_id: int, *, actor: Principal | None = None) -> TokenView:
 # --- provider keys ---
 
 
-def check_base_url(url: str, *, allow_private: bool) -> str:
-    """A provider base URL tvgate may call: http(s), and https to a public host unless allowed."""
+def check_base_url(
+    url: str, *, allow_private: bool, switch: str = "allow_private_upstreams"
+) -> str:
+    """A provider base URL tvgate may call: http(s), and https to a public host unless
+    ``allow_private`` (the setting named ``switch``) is on."""
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ServiceError(f"base URL {url!r} must be an http(s) URL")
     if parsed.username or parsed.password:
         raise ServiceError("base URL must not carry credentials")
+    _check_no_query_or_fragment(url)
     if not allow_private:
-        if parsed.scheme != "https":
-            raise ServiceError("base URL must be https (allow_private_upstreams is off)")
-        try:
-            ip = ipaddress.ip_address(parsed.hostname)
-        except ValueError:
-            ip = None
-        if (ip is not None and not ip.is_global) or parsed.hostname == "localhost":
-            raise ServiceError(
-                "base URL points at a private address (allow_private_upstreams is off)"
-            )
+        _check_public_upstream(parsed.scheme, parsed.hostname, switch)
     return url.rstrip("/")
+
+
+def _check_no_query_or_fragment(url: str) -> None:
+    # The proxy appends the endpoint's path to the base URL: after a "?" or a "#" that path
+    # is a query or a fragment, and the base URL alone picks any path on the host.
+    if "?" in url or "#" in url:
+        raise ServiceError("base URL must not have a query or fragment ('?' or '#')")
+
+
+def _check_public_upstream(scheme: str, hostname: str, switch: str) -> None:
+    if scheme != "https":
+        raise ServiceError(f"base URL must be https ({switch} is off)")
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        # A name: it is checked after DNS, on every connection (tvgate/proxy/upstream.py).
+        private = hostname == "localhost"
+    else:
+        private = not is_public_address(hostname)
+    if private:
+        raise ServiceError(f"base URL points at a private address ({switch} is off)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -544,6 +561,7 @@ def add_key(
     org_name: str | None = None,
     base_url: str | None = None,
     allow_private: bool = False,
+    allow_private_user: bool = False,
     owner_email: str | None = None,
     available_to_all: bool = True,
     max_concurrent: int = 0,
@@ -553,7 +571,8 @@ def add_key(
 
     An admin adds org keys; a user adds a private key of their own when the org allows it.
     ``max_concurrent`` caps the calls open on the key at once, across every gateway
-    process (0: no cap).
+    process (0: no cap). ``allow_private`` lets an org key, ``allow_private_user`` a
+    user's own key, reach http and private upstreams (the two settings of that name).
     """
     org = _actor_org(actor, org_name)
     owner: User | None = None
@@ -572,7 +591,11 @@ def add_key(
     secret = _check_secret(secret)
     _check_name(name, "a key")
     max_concurrent = _check_max_concurrent(max_concurrent)
-    url = check_base_url(base_url or DEFAULT_BASE_URLS[provider], allow_private=allow_private)
+    url = check_base_url(
+        base_url or DEFAULT_BASE_URLS[provider],
+        allow_private=allow_private_user if owner is not None else allow_private,
+        switch="allow_private_user_upstreams" if owner is not None else "allow_private_upstreams",
+    )
     with database.atomic():
         if ProviderKey.get_or_none((ProviderKey.org == org) & (ProviderKey.name == name)):
             raise ServiceError(f"a key named {name!r} already exists in org {org.name!r}", 409)
@@ -2294,41 +2317,131 @@ def export_traces(
 # --- prices ---
 
 
-def list_prices() -> list[dict[str, Any]]:
-    return [
-        {
-            "model": p.model,
-            "input_per_mtok": p.input_per_mtok,
-            "output_per_mtok": p.output_per_mtok,
-            "cache_read_per_mtok": p.cache_read_per_mtok,
-            "cache_write_per_mtok": p.cache_write_per_mtok,
-        }
-        for p in ModelPrice.select().order_by(ModelPrice.model)
-    ]
+#: A price's fields, USD per million tokens.
+PRICE_FIELDS = ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok")
 
 
-def set_price(
-    model: str, prices: dict[str, float], *, actor: Principal | None = None
-) -> dict[str, Any]:
-    """Set a model's prices (USD per million tokens). Prices are the same for every org,
-    so only an admin may change them (and the change is audited in the admin's org)."""
-    if actor is not None and actor.role != ROLE_ADMIN:
-        raise _deny(actor, "set price", model, Forbidden("only an admin may change prices"))
-    _check_name(model, "a price")
-    fields = ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok")
+def _price_dict(price: ModelPrice, org: Org | None) -> dict[str, Any]:
+    """A price as shown; ``org`` is None for the default table's."""
+    return {
+        "model": price.model,
+        "org": org.name if org is not None and price.org_id == org.id else None,
+        **{name: getattr(price, name) for name in PRICE_FIELDS},
+    }
+
+
+def list_prices(
+    org_name: str | None = None, *, default_table: bool = False, actor: Principal | None = None
+) -> list[dict[str, Any]]:
+    """The prices an org's calls are charged: its own, then the default table's for the
+    models it has no price of. ``default_table`` (operator): the default table alone."""
+    if default_table and actor is None:
+        return [_price_dict(p, None) for p in _default_prices()]
+    org = _actor_org(actor, org_name)
+    own = {p.model: p for p in ModelPrice.select().where(ModelPrice.org_id == org.id)}
+    defaults = [p for p in _default_prices() if p.model not in own]
+    return [_price_dict(p, org) for p in sorted([*own.values(), *defaults], key=lambda p: p.model)]
+
+
+def _default_prices() -> list[ModelPrice]:
+    return list(ModelPrice.select().where(ModelPrice.org_id.is_null()).order_by(ModelPrice.model))
+
+
+def _check_prices(prices: dict[str, Any]) -> dict[str, float]:
+    unknown = sorted(set(prices) - set(PRICE_FIELDS))
+    if unknown:
+        raise ServiceError(
+            f"unknown price field(s): {', '.join(unknown)}; prices are set for your own org"
+            f" (give {', '.join(PRICE_FIELDS)})"
+        )
     values = {}
-    for name in fields:
+    for name in PRICE_FIELDS:
         value = prices.get(name, 0.0)
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e6:
             raise ServiceError(f"{name} must be a number of dollars per million tokens")
         values[name] = float(value)
+    return values
+
+
+def set_price(
+    model: str,
+    prices: dict[str, Any],
+    *,
+    org_name: str | None = None,
+    actor: Principal | None = None,
+) -> dict[str, Any]:
+    """Set a model's prices (USD per million tokens) for one org: an admin for their own
+    org, audited there. The operator (no actor) sets an org's with ``org_name``, and
+    without it the default table, which every org without a price of its own pays."""
+    if actor is not None and actor.role != ROLE_ADMIN:
+        raise _deny(actor, "set price", model, Forbidden("only an admin may change prices"))
+    _check_name(model, "a price")
+    values = _check_prices(prices)
+    if actor is None and org_name is None:
+        return _set_default_price(model, values)
+    org = _actor_org(actor, org_name)
     with database.atomic():
-        ModelPrice.insert(model=model, updated_at=time.time(), **values).on_conflict(
-            conflict_target=[ModelPrice.model], update={**values, "updated_at": time.time()}
+        ModelPrice.insert(model=model, org_id=org.id, updated_at=time.time(), **values).on_conflict(
+            conflict_target=[ModelPrice.org_id, ModelPrice.model],
+            update={**values, "updated_at": time.time()},
         ).execute()
-        if actor is not None:
-            audit(actor, actor.org_id, "set price", model, values)
-    return {"model": model, **values}
+        audit(actor, org.id, "set price", model, values)
+    return {"model": model, "org": org.name, **values}
+
+
+def _set_default_price(model: str, values: dict[str, float]) -> dict[str, Any]:
+    """The operator's default price, audited in every org it changes: those without a price
+    of their own for this pattern (one row each, in one statement)."""
+    with database.atomic():
+        ModelPrice.insert(model=model, org_id=None, updated_at=time.time(), **values).on_conflict(
+            conflict_target=[ModelPrice.model],
+            conflict_where=ModelPrice.org_id.is_null(),
+            update={**values, "updated_at": time.time()},
+        ).execute()
+        overridden = ModelPrice.select(ModelPrice.org_id).where(
+            (ModelPrice.model == model) & ModelPrice.org_id.is_null(False)
+        )
+        affected = Org.select(Org.id).where(Org.id.not_in(overridden))
+        change = orjson.dumps(values).decode()
+        AuditEvent.insert_from(
+            affected.select_extend(
+                peewee.Value(OPERATOR),
+                peewee.Value("set default price"),
+                peewee.Value(model[:400]),
+                peewee.Value(change),
+                peewee.Value(True),
+                peewee.Value(time.time()),
+            ),
+            [
+                AuditEvent.org_id,
+                AuditEvent.actor,
+                AuditEvent.action,
+                AuditEvent.target,
+                AuditEvent.change,
+                AuditEvent.allowed,
+                AuditEvent.at,
+            ],
+        ).execute()
+    return {"model": model, "org": None, **values}
+
+
+def delete_price(
+    model: str, *, org_name: str | None = None, actor: Principal | None = None
+) -> None:
+    """Remove an org's own price of a model (it pays the default again): an admin for their
+    own org, audited there. The default table's rows are kept (the operator resets them)."""
+    if actor is not None and actor.role != ROLE_ADMIN:
+        raise _deny(actor, "delete price", model, Forbidden("only an admin may change prices"))
+    org = _actor_org(actor, org_name)
+    with database.atomic():
+        deleted = (
+            ModelPrice.delete()
+            .where((ModelPrice.org_id == org.id) & (ModelPrice.model == model))
+            .execute()
+        )
+        if not deleted:
+            raise NotFound(f"org {org.name!r} has no price of its own for {model!r}")
+        audit(actor, org.id, "delete price", model)
 
 
 # --- usage overview (the web UI's charts) ---

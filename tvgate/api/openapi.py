@@ -333,14 +333,22 @@ DOCUMENT: dict[str, Any] = {
             "parameters": [_path_param("session_id", _STR)],
             "get": _op("A tool session's traces, oldest first", "200"),
         },
-        "/api/v1/prices": {"get": _op("The price table (USD per million tokens)", "200")},
+        "/api/v1/prices": {
+            "get": _op(
+                "The org's prices (USD per million tokens): its own (org set), else the"
+                " gateway's default (org null)",
+                "200",
+            )
+        },
         "/api/v1/prices/{model}": {
             "parameters": [_path_param("model", _NAME)],
             "put": _op(
-                "Set a model's prices (admins)",
+                "Set a model's prices for the admin's own org (audited there); the default"
+                " table is the operator's (tvgate prices set)",
                 "200",
                 {
                     "type": "object",
+                    "additionalProperties": False,
                     "required": ["input_per_mtok", "output_per_mtok"],
                     "properties": {
                         name: {"type": "number", "minimum": 0, "maximum": 999999}
@@ -352,6 +360,9 @@ DOCUMENT: dict[str, Any] = {
                         )
                     },
                 },
+            ),
+            "delete": _op(
+                "Remove the org's own price of a model (admins): the default applies", "200"
             ),
         },
         "/api/v1/tokens/{token_id}": {

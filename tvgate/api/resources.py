@@ -164,6 +164,7 @@ class KeysHandler(ResourceHandler):
                 available_to_all=True if available is None else available,
                 max_concurrent=max_concurrent or 0,
                 allow_private=gateway.settings.allow_private_upstreams,
+                allow_private_user=gateway.settings.allow_private_user_upstreams,
                 actor=self.principal,
             )
         )

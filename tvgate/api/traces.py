@@ -35,17 +35,24 @@ class SessionHandler(APIHandler):
 
 class PricesHandler(APIHandler):
     async def get(self) -> None:
-        prices = await self.service(services.list_prices)
+        prices = await self.service(lambda: services.list_prices(actor=self.principal))
         self.send({"prices": prices})
 
 
 class PriceHandler(APIHandler):
+    """A model's price for the caller's own org (admins); the default table is the
+    operator's (``tvgate prices set``)."""
+
     async def put(self, model: str) -> None:
         body = self.body()
         if not body:
             raise APIError(400, "give input_per_mtok and output_per_mtok (USD per million tokens)")
         price = await self.service(lambda: services.set_price(model, body, actor=self.principal))
         self.send(price)
+
+    async def delete(self, model: str) -> None:
+        await self.service(lambda: services.delete_price(model, actor=self.principal))
+        self.send({"deleted": model})
 
 
 default_handlers = [

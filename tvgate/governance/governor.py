@@ -47,7 +47,6 @@ log = logging.getLogger("tvgate.governance")
 
 #: The resource name of the gateway-wide concurrency cap.
 GATEWAY_RESOURCE = "gateway"
-_PRICES_TTL = 60.0
 #: Distinct (user, route, key) combinations whose plans are kept; past it, all are dropped.
 _PLAN_CACHE_SIZE = 10_000
 
@@ -123,8 +122,11 @@ class Governor:
         sync_interval: float = 1.0,
         queue_timeout: float = 10.0,
         gateway_cap: int = 0,
+        prices_ttl: float = 60.0,
     ) -> None:
         self.runner = runner
+        #: Seconds the price table is kept: an org admin's price counts after this long.
+        self.prices_ttl = prices_ttl
         self.sync_interval = sync_interval
         self.queue_timeout = queue_timeout
         self.gateway_cap = gateway_cap
@@ -261,27 +263,31 @@ class Governor:
     def charge(
         self,
         admission: Admission,
+        org_id: int,
         tokens: int,
         provider: str,
         model: str,
         usage: tuple[int, int, int, int],
     ) -> None:
-        """Count a finished call's usage against everything it was admitted under."""
+        """Count a finished call's usage against everything it was admitted under, in
+        dollars at the prices of the call's org."""
         usd: float | None = None
         for charge in admission.charges:
             if charge.counts == COUNT_TOKENS:
                 amount = float(tokens)
             else:
                 if usd is None:
-                    usd = self._cost(provider, model, usage)
+                    usd = self._cost(org_id, provider, model, usage)
                 amount = usd
             if amount:
                 self.pending[charge.name] = self.pending.get(charge.name, 0.0) + amount
 
-    def _cost(self, provider: str, model: str, usage: tuple[int, int, int, int]) -> float:
+    def _cost(
+        self, org_id: int, provider: str, model: str, usage: tuple[int, int, int, int]
+    ) -> float:
         if self._prices is None:
             return 0.0
-        return self._prices.cost(provider, model, *usage)
+        return self._prices.cost(org_id, provider, model, *usage)
 
     def _watch(self, name: str, end: float) -> None:
         if name not in self.watched:
@@ -436,7 +442,7 @@ class Governor:
                 del self.watched[name]
                 self.totals.pop(name, None)
                 self.units.pop(name, None)
-        if self._prices is None or time.monotonic() - self._prices_at > _PRICES_TTL:
+        if self._prices is None or time.monotonic() - self._prices_at > self.prices_ttl:
             await self._load_prices()
         if not (self.pending or self.watched or self.held):
             return

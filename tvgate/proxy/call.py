@@ -308,8 +308,13 @@ class ProxyCall:
                 f"route {entry.name!r} goes to {entry.key.provider}, which does not serve "
                 f"this {self.endpoint.provider} endpoint",
             )
-        elif not settings.allow_private_upstreams and not entry.key.base_url.startswith("https://"):
+        elif not entry.key.base_url.startswith("https://") and not settings.allows_private_upstream(
+            entry.key.owner_id is not None
+        ):
             refusal = (502, f"route {entry.name!r} has a non-https upstream, which is not allowed")
+        elif "?" in entry.key.base_url or "#" in entry.key.base_url:
+            # Stored before base URLs with a query or a fragment were refused (add_key).
+            refusal = (502, f"route {entry.name!r} has a base URL with a query or fragment")
         if refusal is not None:
             if is_fallback:
                 self._record_attempt(entry, model, 0, OUTCOME_REJECTED, refusal[1])
@@ -384,7 +389,7 @@ class ProxyCall:
             self,
             connect_timeout=settings.connect_timeout,
             idle_timeout=settings.idle_timeout,
-            allow_private=settings.allow_private_upstreams,
+            allow_private=settings.allows_private_upstream(self.route.key.owner_id is not None),
         )
         started = time.perf_counter()
         if not self.upstream_started:
@@ -721,6 +726,7 @@ class ProxyCall:
         if admission is not None and usage is not None:
             self.gateway.governor.charge(
                 admission,
+                principal.org_id,
                 usage.input_tokens
                 + usage.output_tokens
                 + usage.cache_read_tokens

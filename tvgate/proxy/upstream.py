@@ -58,14 +58,46 @@ class UpstreamResult:
     timed_out: bool = False
 
 
+#: IPv6 ranges that are never a provider: site-local (deprecated), IPv4-compatible
+#: (deprecated; ``::7f00:1`` is 127.0.0.1) and local-use NAT64, whose embedding depends on
+#: a prefix length only the local network knows (RFC 8215).
+_NEVER_PUBLIC_V6 = tuple(
+    ipaddress.IPv6Network(net) for net in ("fec0::/10", "::/96", "64:ff9b:1::/48")
+)
+#: Ranges whose last 32 bits are an IPv4 address the packets end up at: IPv4-translated
+#: (RFC 2765) and well-known NAT64 (RFC 6052).
+_LOW_32_BITS_V4 = tuple(ipaddress.IPv6Network(net) for net in ("::ffff:0:0:0/96", "64:ff9b::/96"))
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for (mapped, translated, NAT64, 6to4), if any."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if any(ip in net for net in _LOW_32_BITS_V4):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def is_public_address(host: str) -> bool:
-    """False for loopback, private, link-local, multicast, reserved and unspecified addresses."""
+    """False for loopback, private, link-local, multicast, reserved and unspecified addresses,
+    also when written inside an IPv6 address (NAT64, 6to4, mapped, translated, compatible)."""
     try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(
+            host.split("%", 1)[0]
+        )
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in net for net in _NEVER_PUBLIC_V6):
+            return False
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None:
+            ip = embedded
+        elif ip.is_reserved:
+            # Python counts unassigned IPv6 space as global; nothing is routed there.
+            return False
     return ip.is_global and not ip.is_multicast
 
 

@@ -1,8 +1,10 @@
-"""What a call cost: a price table per model (exact names or globs), seeded, editable by admins.
+"""What a call cost: a price table per model (exact names or globs), seeded, and per org.
 
-Prices are USD per million tokens. Anthropic reports input tokens without the
-cached ones; OpenAI's prompt tokens include them; ``cost`` takes each
-provider's way of counting into account.
+Prices are USD per million tokens. The default table (rows with no org) is the
+operator's; an org's admins set their own org's prices, which win over the default
+for that org's calls. Anthropic reports input tokens without the cached ones;
+OpenAI's prompt tokens include them; ``cost`` takes each provider's way of counting
+into account.
 """
 
 from __future__ import annotations
@@ -38,8 +40,11 @@ SEED_PRICES: tuple[tuple[str, float, float, float, float], ...] = (
 
 
 def seed_prices() -> None:
-    """Insert the seed prices that are not in the table (an admin's edits are kept)."""
-    known = {row.model for row in ModelPrice.select(ModelPrice.model)}
+    """Insert the seed prices that are not in the default table (the operator's edits are
+    kept)."""
+    known = {
+        row.model for row in ModelPrice.select(ModelPrice.model).where(ModelPrice.org_id.is_null())
+    }
     for model, input_, output, cache_read, cache_write in SEED_PRICES:
         if model not in known:
             ModelPrice.create(
@@ -60,35 +65,21 @@ class Price:
     cache_write: float
 
 
-class PriceTable:
-    """Prices in memory; the most specific pattern (exact, then longest literal prefix) wins."""
+class _Patterns:
+    """Prices of one table; the most specific pattern (exact, then longest literal prefix) wins."""
 
     def __init__(self, prices: list[Price]) -> None:
         def specificity(price: Price) -> tuple[int, int]:
             glob = re.search(r"[*?\[]", price.model)
             return (0 if glob is None else 1, -(glob.start() if glob else len(price.model)))
 
-        self._ordered = sorted(prices, key=specificity)
-        self._compiled = [(re.compile(fnmatch.translate(p.model)), p) for p in self._ordered]
+        self._compiled = [
+            (re.compile(fnmatch.translate(p.model)), p) for p in sorted(prices, key=specificity)
+        ]
         self._found: dict[str, Price | None] = {}
 
-    @classmethod
-    def load(cls) -> PriceTable:
-        return cls(
-            [
-                Price(
-                    r.model,
-                    r.input_per_mtok,
-                    r.output_per_mtok,
-                    r.cache_read_per_mtok,
-                    r.cache_write_per_mtok,
-                )
-                for r in ModelPrice.select()
-            ]
-        )
-
     def find(self, model: str) -> Price | None:
-        # A table lives a minute and sees few distinct models: match each once.
+        # A table lives seconds (cache_ttl) and sees few distinct models: match each once.
         if model in self._found:
             return self._found[model]
         found = next((price for pattern, price in self._compiled if pattern.match(model)), None)
@@ -96,8 +87,37 @@ class PriceTable:
             self._found[model] = found
         return found
 
+
+class PriceTable:
+    """Prices in memory: an org's own price of a model, else the default table's."""
+
+    def __init__(self, defaults: list[Price], orgs: dict[int, list[Price]] | None = None) -> None:
+        self._default = _Patterns(defaults)
+        self._orgs = {org_id: _Patterns(prices) for org_id, prices in (orgs or {}).items()}
+
+    @classmethod
+    def load(cls) -> PriceTable:
+        defaults: list[Price] = []
+        orgs: dict[int, list[Price]] = {}
+        for r in ModelPrice.select():
+            price = Price(
+                r.model,
+                r.input_per_mtok,
+                r.output_per_mtok,
+                r.cache_read_per_mtok,
+                r.cache_write_per_mtok,
+            )
+            (defaults if r.org_id is None else orgs.setdefault(r.org_id, [])).append(price)
+        return cls(defaults, orgs)
+
+    def find(self, org_id: int, model: str) -> Price | None:
+        own = self._orgs.get(org_id)
+        found = own.find(model) if own is not None else None
+        return found if found is not None else self._default.find(model)
+
     def cost(
         self,
+        org_id: int,
         provider: str,
         model: str,
         input_tokens: int,
@@ -105,7 +125,7 @@ class PriceTable:
         cache_read_tokens: int,
         cache_write_tokens: int,
     ) -> float:
-        price = self.find(model)
+        price = self.find(org_id, model)
         if price is None:
             return 0.0
         if provider == PROVIDER_ANTHROPIC:

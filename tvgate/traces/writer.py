@@ -47,7 +47,6 @@ from tvgate.traces.store import BlobStore, CaptureSettings, load_capture_setting
 log = logging.getLogger("tvgate.traces")
 
 TraceRow = dict[str, Any]
-_PRICES_TTL = 60.0
 #: How often the writer looks for queued traces (it is woken at once to stop).
 POLL_INTERVAL = 0.05
 #: While the spool is not empty, how often a replay is tried when no trace comes.
@@ -240,6 +239,7 @@ class TraceWriter:
                 row = dict(item.row)
                 row["written_at"] = written_at
                 row["cost_usd"] = prices.cost(
+                    row["org_id"],
                     row["provider"],
                     row["response_model"] or row["upstream_model"],
                     row["input_tokens"],
@@ -297,7 +297,8 @@ class TraceWriter:
             row["response_blob"] = digest.hex()
 
     def _price_table(self) -> PriceTable:
-        if self._prices is None or time.monotonic() - self._prices_at > _PRICES_TTL:
+        # Prices are org settings now (an org's admins change them): the same TTL.
+        if self._prices is None or time.monotonic() - self._prices_at > self.settings_ttl:
             try:
                 self._prices = PriceTable.load()
             except CONNECTION_ERRORS:
