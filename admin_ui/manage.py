@@ -176,6 +176,7 @@ class KeysHandler(UIHandler):
                 available_to_all=available,
                 max_concurrent=max_concurrent,
                 allow_private=gateway.settings.allow_private_upstreams,
+                gateway_urls=gateway.settings.gateway_urls,
                 actor=user,
             )
         )

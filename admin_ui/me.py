@@ -124,6 +124,7 @@ class MyKeyHandler(UIHandler):
                 base_url=base_url,
                 owner_email=user.email,
                 allow_private=gateway.settings.allow_private_upstreams,
+                gateway_urls=gateway.settings.gateway_urls,
                 actor=user,
             )
         )

@@ -37,6 +37,7 @@ from tests.conftest import (
 from tests.fake_provider import FakeProvider
 from tvgate import services
 from tvgate.models import Org, Trace
+from tvgate.proxy.scrub import KeyScrubber, masked
 
 MESSAGE = {"model": "leak-echo", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 CHAT = {"model": "leak-echo-gpt", "messages": [{"role": "user", "content": "hi"}]}
@@ -228,9 +229,33 @@ def test_echoed_keys_of_every_attempt_are_masked(gateway: GatewayProcess, leak: 
     (trace,) = gateway.wait_traces(1, session_id=session)
     attempts = json.loads(trace.attempts)
     assert [a["status"] for a in attempts] == [500, 529]
-    assert all("sent with key" in a["error"] for a in attempts)
+    # The primary's failure is kept as an attempt; the backup's answered the client.
+    assert "sent with key" in attempts[0]["error"] and "sent with key" in trace.error_message
     assert_trace_clean(trace, leak)
     assert_stores_clean(gateway, leak)
+
+
+def test_the_masked_form_keeps_the_length_and_hides_the_key() -> None:
+    key = "sk-ant-api03-" + "0123456789abcdef" * 6
+    assert masked(key) == "sk-ant-" + "*" * (len(key) - 11) + key[-4:]
+    assert masked("tvg_" + "x" * 43)[-4:] == "xxxx" and masked("abcdefgh") == "********"
+
+
+def test_the_scrubber_masks_a_key_split_anywhere_and_a_key_cut_short() -> None:
+    key = "sk-proj-" + secrets.token_hex(20)
+    body = b'data: {"error": {"message": "bad key ' + key.encode() + b'"}}\n\n'
+    want = body.replace(key.encode(), masked(key).encode())
+    for first in range(len(body) + 1):
+        for second in range(first, len(body) + 1, 7):
+            scrubber = KeyScrubber()
+            scrubber.add(key)
+            parts = (body[:first], body[first:second], body[second:])
+            assert b"".join(scrubber.chunk(part) for part in parts) + scrubber.end() == want
+    scrubber = KeyScrubber()
+    scrubber.add(key)
+    # All but the last character of the key, then the body ends: nothing of it gets out.
+    out = scrubber.chunk(b"key " + key[:-1].encode()) + scrubber.end()
+    assert out == b"key " + masked(key)[:-1].encode()
 
 
 # --- 16.9: a route through the gateway itself ---------------------------------------------
@@ -304,6 +329,25 @@ def test_a_key_whose_base_url_is_the_gateway_itself_is_refused(
         assert name not in {k["name"] for k in client.get("/keys").json()["keys"]}
 
 
+def test_the_cli_refuses_the_gateways_own_address_too(
+    gateway: GatewayProcess, leak: LeakOrg
+) -> None:
+    refused = gateway.cli(
+        "keys",
+        "add",
+        "self-cli",
+        "--provider",
+        "anthropic",
+        "--org",
+        leak.name,
+        "--base-url",
+        gateway.url.replace("127.0.0.1", "localhost"),
+        stdin=leak.member + "\n",
+    )
+    assert refused.returncode == 1 and "this gateway itself" in refused.stderr, refused.stderr
+    assert leak.member not in refused.stdout + refused.stderr
+
+
 def test_a_route_looping_through_the_deployment_ends_in_one_508(
     deployment: Deployment, leak: LeakOrg, fake_provider: FakeProvider
 ) -> None:
@@ -332,10 +376,13 @@ def test_a_route_looping_through_the_deployment_ends_in_one_508(
         )
     assert raised.value.status_code == 508
     assert raised.value.body["error"]["type"] == "loop_detected"  # type: ignore[index]
-    # One trace of the call the member made, one of the call the gateway made to itself.
-    traces = first.wait_traces(2, org_id=leak.org_id, route_name=route)
-    assert sorted(t.status_code for t in traces) == [508, 508]
-    assert {t.error_type for t in traces} == {"loop_detected"}
+    # One trace of the call the member made (the provider's answer: the second gateway's
+    # 508), one of the call that came back (refused before it had a route).
+    traces = first.wait_traces(2, org_id=leak.org_id, requested_model=route)
+    assert sorted((t.route_name, t.status_code, t.error_type) for t in traces) == [
+        ("", 508, "loop_detected"),
+        (route, 508, "loop_detected"),
+    ]
     assert_no_secret(str([t.error_message for t in traces]), leak, "the loop's traces")
     # No slot stays held: with a cap of 4, four calls at once still get through.
     ok = [post(first, leak.member, MESSAGE) for _ in range(4)]

@@ -168,6 +168,7 @@ def cmd_keys_add(settings: Settings, args: argparse.Namespace) -> int:
         available_to_all=not args.granted_only,
         max_concurrent=args.max_concurrent,
         allow_private=settings.allow_private_upstreams,
+        gateway_urls=settings.gateway_urls,
     )
     print(json.dumps(view.as_dict(), indent=2))
     return 0

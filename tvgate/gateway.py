@@ -32,6 +32,7 @@ from tvgate.identity.visdom import VisdomAuthenticator, VisdomClient
 from tvgate.keyring import Keyring, PlaintextCache, build_keyring
 from tvgate.metrics import Metrics
 from tvgate.proxy.curl_client import UpstreamCurlClient
+from tvgate.proxy.hops import deployment_id
 from tvgate.routing import OrgSnapshot, Router, snapshot_key_refs
 from tvgate.traces.retention import purge_all
 from tvgate.traces.sink import PushSink
@@ -100,6 +101,8 @@ class Gateway:
     inflight: InFlight = field(default_factory=InFlight)
     #: Index of this worker process (0 when there is one process).
     worker: int = 0
+    #: The loop mark of this deployment's upstream requests (``tvgate.proxy.hops``).
+    hop_id: str = ""
 
     @classmethod
     def build(cls, settings: Settings, worker: int = 0) -> Gateway:
@@ -160,6 +163,7 @@ class Gateway:
             sink=PushSink(settings, runner) if settings.sink_url else None,
             metrics=Metrics(worker),
             worker=worker,
+            hop_id=deployment_id(db),
         )
         gateway._export_metrics()
         return gateway

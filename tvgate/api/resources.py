@@ -164,6 +164,7 @@ class KeysHandler(ResourceHandler):
                 available_to_all=True if available is None else available,
                 max_concurrent=max_concurrent or 0,
                 allow_private=gateway.settings.allow_private_upstreams,
+                gateway_urls=gateway.settings.gateway_urls,
                 actor=self.principal,
             )
         )

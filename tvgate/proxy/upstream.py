@@ -57,6 +57,11 @@ class UpstreamResult:
     #: The provider sent nothing for longer than the idle timeout.
     timed_out: bool = False
 
+    @property
+    def failed(self) -> bool:
+        """The transfer did not complete, or what came is not to be passed on (refused)."""
+        return self.curl_error != 0 or bool(self.refused)
+
 
 def is_public_address(host: str) -> bool:
     """False for loopback, private, link-local, multicast, reserved and unspecified addresses."""
