@@ -574,11 +574,11 @@ class ProxyCall:
             and not framed
             and whole_body
             and not self.is_stream_response
-            and status >= 200
-            and status not in (204, 304)
+            and status != 204
         ):
-            # The body is relayed byte for byte: with its length known, Tornado sends it
-            # with the headers in one write, not chunked with a closing chunk after it.
+            # The body is relayed byte for byte (a masked key is as long as the key): with
+            # its length known, Tornado sends it with the headers in one write, not chunked
+            # with a closing chunk after it.
             # (A stream is left chunked: a failure may add an error event to it.)
             handler.set_header("Content-Length", length)
         handler.set_header("x-tvgate-overhead-ms", f"{self._overhead_ms():.3f}")
@@ -594,8 +594,8 @@ class ProxyCall:
             self.assembler = stream_assembler(self.endpoint.api)
 
     def on_upstream_chunk(self, chunk: bytes) -> bool:
-        if self.client_gone or self.redirected:
-            return True  # the exchange is aborting; nothing to deliver (or to deliver to)
+        if self.client_gone:
+            return True  # the exchange is aborting; nothing to deliver to
         if self.holding is not None:
             self.holding.keep(chunk)
             return True
