@@ -177,6 +177,7 @@ class KeysHandler(UIHandler):
                 max_concurrent=max_concurrent,
                 allow_private=gateway.settings.allow_private_upstreams,
                 allow_private_user=gateway.settings.allow_private_user_upstreams,
+                gateway_urls=gateway.settings.gateway_urls,
                 actor=user,
             )
         )

@@ -125,6 +125,7 @@ class MyKeyHandler(UIHandler):
                 owner_email=user.email,
                 allow_private=gateway.settings.allow_private_upstreams,
                 allow_private_user=gateway.settings.allow_private_user_upstreams,
+                gateway_urls=gateway.settings.gateway_urls,
                 actor=user,
             )
         )

@@ -44,6 +44,19 @@ Behaviour is chosen with the request header ``x-fake-scenario`` (default ``norma
                  Non-streaming requests wait events x interval, then answer.
 ``hang``         nothing at all for ``x-fake-hang`` seconds (default 30), then ``normal``.
 
+``redirect``     a 307 (``x-fake-redirect-status`` picks another 3xx) with a ``Location``
+                 on the fake provider itself, and no body.
+
+Knobs that combine with any scenario (request headers):
+
+``x-fake-echo-key: 1``  a provider that echoes the credential it was sent: every answer
+                 carries it in ``x-fake-echoed-key`` (as ``Bearer <key>``); error answers
+                 also put it in their message and in their request id header; the in-band
+                 error of ``error_event`` puts it in its message, written in two flushed
+                 halves so that the key is split across chunks.
+``x-fake-cors: 1``  every answer carries ``Content-Security-Policy`` and
+                 ``Access-Control-Allow-Origin: *`` (with ``-Credentials: true``).
+
 A base URL ending in ``/scenario/<name>`` (so request paths ``/scenario/<name>/v1/…``)
 picks the scenario for every request sent there, whatever the header says: two keys
 on one fake provider can then behave differently (a failing primary and its fallback).
@@ -873,6 +886,25 @@ class _Handler(tornado.web.RequestHandler):
     def set_default_headers(self) -> None:
         self.set_header("Server", "cloudflare")
         self.set_header("x-fake-request-id", self.fake_id)
+        headers = self.request.headers
+        if headers.get("x-fake-echo-key") and self.sent_key:
+            self.set_header("x-fake-echoed-key", "Bearer " + self.sent_key)
+        if headers.get("x-fake-cors"):
+            self.set_header("Content-Security-Policy", "default-src 'none'; frame-ancestors *")
+            self.set_header("Access-Control-Allow-Origin", "*")
+            self.set_header("Access-Control-Allow-Credentials", "true")
+
+    @property
+    def sent_key(self) -> str:
+        """The credential the request carried (x-api-key, else the bearer token), or ""."""
+        headers = self.request.headers
+        authorization = headers.get("Authorization", "")
+        bearer = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
+        return headers.get("x-api-key", "").strip() or bearer
+
+    @property
+    def echo_key(self) -> bool:
+        return bool(self.request.headers.get("x-fake-echo-key")) and bool(self.sent_key)
 
     def compute_etag(self) -> str | None:
         return None
@@ -932,6 +964,8 @@ class _Handler(tornado.web.RequestHandler):
     @property
     def upstream_request_id(self) -> str:
         """The provider's own request id header value (unique per request)."""
+        if self.echo_key and self.get_status() >= 400:
+            return "req_" + self.sent_key
         if self.api == "anthropic":
             return "req_011C" + _ident(self.fake_id, "req", 20)
         return "req_" + _hex(self.fake_id, "req", 32)
@@ -954,7 +988,7 @@ class _Handler(tornado.web.RequestHandler):
                 return
             if scenario == "redirect":
                 # A provider (or something pretending to be one) sending the client elsewhere.
-                self.set_status(307)
+                self.set_status(int(self._number("x-fake-redirect-status", 307)))
                 self.set_header("Location", f"http://{self.request.host}/v1/redirected")
                 self.finish()
                 return
@@ -1154,6 +1188,8 @@ class _Handler(tornado.web.RequestHandler):
         self.clear()
         reason = {529: "Overloaded"}.get(error.status)
         self.set_status(error.status, reason)
+        if self.echo_key:
+            error.message += f" (the request was sent with key {self.sent_key})"
         retry_after = error.extra.get("retry_after")
         if self.api == "anthropic":
             self._set_anthropic_headers(limited=error.status == 429)
@@ -1297,7 +1333,7 @@ class _Handler(tornado.web.RequestHandler):
         frames = list(reply.frames or [])
         cut = _cut_index(frames)
         if ctx.scenario == "error_event" and reply.error_frame is not None:
-            frames = [*frames[:cut], _Frame(reply.error_frame)]
+            frames = [*frames[:cut], _Frame(self._echoing(reply.error_frame))]
         for index, frame in enumerate(frames):
             if ctx.scenario == "reset" and index == cut:
                 await asyncio.sleep(RESET_DELAY)
@@ -1307,9 +1343,28 @@ class _Handler(tornado.web.RequestHandler):
                 self.write(MALFORMED_BYTES)
             if interval and frame.delta and await self._sleep(interval):
                 return
+            key = self.sent_key.encode()
+            if self.echo_key and key in frame.data:
+                # The key split across two chunks, as a provider might happen to send it.
+                split = frame.data.index(key) + len(key) // 2
+                self.write(frame.data[:split])
+                await self.flush()
+                await asyncio.sleep(RESET_DELAY)
+                frame = _Frame(frame.data[split:])
             self.write(frame.data)
             await self.flush()
         await self.finish()
+
+    def _echoing(self, error_frame: bytes) -> bytes:
+        """The in-band error event, with the key in its message when asked to echo it."""
+        if not self.echo_key:
+            return error_frame
+        head, sep, data = error_frame.partition(b"data: ")
+        event = json.loads(data)
+        error = event.get("error", event)
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            error["message"] += f" (the request was sent with key {self.sent_key})"
+        return head + sep + _compact(event).encode() + b"\n\n"
 
 
 def _log_request(handler: tornado.web.RequestHandler) -> None:

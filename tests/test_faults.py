@@ -180,7 +180,9 @@ def test_redirects_are_never_followed(faulty: GatewayProcess, fake_provider: Fak
     response = post(
         faulty, MESSAGE, uuid.uuid4().hex, **{"x-fake-scenario": "redirect", "x-test-id": test_id}
     )
-    assert response.status_code == 307
+    # Nor relayed: the client gets a 502 in its API's envelope, without the Location.
+    assert response.status_code == 502 and "location" not in response.headers
+    assert response.json()["error"]["type"] == "api_error"
     assert not any(r.path == "/v1/redirected" for r in fake_provider.requests)
     assert len([r for r in fake_provider.requests if r.headers.get("x-test-id") == test_id]) == 1
 

@@ -193,6 +193,7 @@ def cmd_keys_add(settings: Settings, args: argparse.Namespace) -> int:
         max_concurrent=args.max_concurrent,
         allow_private=settings.allow_private_upstreams,
         allow_private_user=settings.allow_private_user_upstreams,
+        gateway_urls=settings.gateway_urls,
     )
     print(json.dumps(view.as_dict(), indent=2))
     return 0

@@ -180,6 +180,16 @@ class Settings:
         return self.allow_private_upstreams
 
     @property
+    def gateway_urls(self) -> tuple[str, ...]:
+        """Where this gateway answers: its listen address and its public URL (a provider
+        base URL that is one of these would make a route call the gateway itself)."""
+        host = self.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 address, as a URL writes it
+        listen = f"http://{host}:{self.port}"
+        return (listen, self.public_url) if self.public_url else (listen,)
+
+    @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{Path(self.data_dir).resolve() / 'tvgate.db'}"
 

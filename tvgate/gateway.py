@@ -33,6 +33,7 @@ from tvgate.identity.visdom import VisdomAuthenticator, VisdomClient
 from tvgate.keyring import Keyring, PlaintextCache, build_keyring
 from tvgate.metrics import Metrics
 from tvgate.proxy.curl_client import UpstreamCurlClient
+from tvgate.proxy.hops import deployment_id
 from tvgate.routing import OrgSnapshot, Router, snapshot_key_refs
 from tvgate.traces.retention import purge_all
 from tvgate.traces.sink import PushSink
@@ -103,6 +104,8 @@ class Gateway:
     worker: int = 0
     #: The reverse proxies whose X-Forwarded-For is believed (``trusted_proxies``).
     trusted_proxies: tuple[Network, ...] = ()
+    #: The loop mark of this deployment's upstream requests (``tvgate.proxy.hops``).
+    hop_id: str = ""
 
     @classmethod
     def build(cls, settings: Settings, worker: int = 0) -> Gateway:
@@ -165,6 +168,7 @@ class Gateway:
             metrics=Metrics(worker),
             worker=worker,
             trusted_proxies=parse_networks(settings.trusted_proxies),
+            hop_id=deployment_id(db),
         )
         gateway._export_metrics()
         return gateway

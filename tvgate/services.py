@@ -16,7 +16,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -507,6 +507,47 @@ def _check_public_upstream(scheme: str, hostname: str, switch: str) -> None:
         raise ServiceError(f"base URL points at a private address ({switch} is off)")
 
 
+#: Host names under which a gateway listening on a loopback or unspecified address (a
+#: 0.0.0.0 bind answers on every local address) reaches itself.
+_LOCAL_HOST_NAMES = frozenset({"localhost", "localhost.", "localhost.localdomain"})
+
+
+def check_not_this_gateway(url: str, gateway_urls: Collection[str]) -> None:
+    """Refuse a base URL that is this gateway itself (its listen address under any local
+    name, or its public URL): a route there would call the gateway in a loop. Other
+    names for it (DNS aliases, another VM) are caught per request by the loop mark."""
+    host, port = _host_and_port(url)
+    for own_url in gateway_urls:
+        own_host, own_port = _host_and_port(own_url)
+        if port == own_port and (host == own_host or (_is_local(host) and _is_local(own_host))):
+            raise ServiceError(
+                f"base URL {url!r} is this gateway itself: a route there would call tvgate "
+                "in a loop"
+            )
+
+
+def _host_and_port(url: str) -> tuple[str, int]:
+    parsed = urlparse(url)
+    try:
+        port = parsed.port
+    except ValueError:
+        raise ServiceError(f"base URL {url!r} has a bad port") from None
+    return (parsed.hostname or "").lower(), port or (443 if parsed.scheme == "https" else 80)
+
+
+def _is_local(host: str) -> bool:
+    """A loopback or unspecified address, or a name that always means this machine."""
+    if host in _LOCAL_HOST_NAMES:
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or ip.is_unspecified
+
+
 @dataclass(frozen=True, slots=True)
 class KeyView:
     """What may be shown of a key. There is deliberately no field for the secret."""
@@ -565,6 +606,7 @@ def add_key(
     owner_email: str | None = None,
     available_to_all: bool = True,
     max_concurrent: int = 0,
+    gateway_urls: Collection[str] = (),
     actor: Principal | None = None,
 ) -> KeyView:
     """Store a provider key encrypted; only ciphertext and fingerprint reach the database.
@@ -573,6 +615,7 @@ def add_key(
     ``max_concurrent`` caps the calls open on the key at once, across every gateway
     process (0: no cap). ``allow_private`` lets an org key, ``allow_private_user`` a
     user's own key, reach http and private upstreams (the two settings of that name).
+    ``gateway_urls``: where this gateway answers (``Settings``), refused as base URLs.
     """
     org = _actor_org(actor, org_name)
     owner: User | None = None
@@ -596,6 +639,7 @@ def add_key(
         allow_private=allow_private_user if owner is not None else allow_private,
         switch="allow_private_user_upstreams" if owner is not None else "allow_private_upstreams",
     )
+    check_not_this_gateway(url, gateway_urls)
     with database.atomic():
         if ProviderKey.get_or_none((ProviderKey.org == org) & (ProviderKey.name == name)):
             raise ServiceError(f"a key named {name!r} already exists in org {org.name!r}", 409)

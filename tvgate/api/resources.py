@@ -165,6 +165,7 @@ class KeysHandler(ResourceHandler):
                 max_concurrent=max_concurrent or 0,
                 allow_private=gateway.settings.allow_private_upstreams,
                 allow_private_user=gateway.settings.allow_private_user_upstreams,
+                gateway_urls=gateway.settings.gateway_urls,
                 actor=self.principal,
             )
         )

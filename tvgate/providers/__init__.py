@@ -66,6 +66,7 @@ _ANTHROPIC_TYPES = {
     413: "request_too_large",
     415: "invalid_request_error",
     429: "rate_limit_error",
+    508: "loop_detected",
     529: "overloaded_error",
 }
 _OPENAI_TYPES = {
@@ -76,6 +77,7 @@ _OPENAI_TYPES = {
     413: ("invalid_request_error", "request_too_large"),
     415: ("invalid_request_error", "unsupported_content_encoding"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
+    508: ("loop_detected", "loop_detected"),
 }
 
 

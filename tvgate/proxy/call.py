@@ -8,6 +8,7 @@ provider fails, tvgate refuses) the call ends by queueing exactly one trace.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -44,6 +45,8 @@ from tvgate.providers import (
 )
 from tvgate.providers.assemble import Assembled, StreamAssembler, assemble_json, stream_assembler
 from tvgate.proxy.body import BodyError, ParsedBody, decode_content, parse_request_body, with_model
+from tvgate.proxy.hops import HOP_HEADER, incoming_marks, is_loop, outgoing_marks
+from tvgate.proxy.scrub import KeyScrubber
 from tvgate.proxy.upstream import (
     CURLE_COULDNT_CONNECT,
     CURLE_COULDNT_RESOLVE_HOST,
@@ -96,7 +99,10 @@ _DROPPED_REQUEST_HEADERS = frozenset(
         "cookie",
     }
 )
-#: Response headers that are the business of each hop, not of the client.
+#: Response headers that are the business of each hop, not of the client; and what a
+#: provider must not say on the gateway's origin, which also serves the web UI: cookies,
+#: a content security policy, CORS grants (every ``access-control-*`` header:
+#: ``_CORS_PREFIX``); and the loop mark of an upstream tvgate.
 _DROPPED_RESPONSE_HEADERS = frozenset(
     {
         "connection",
@@ -107,8 +113,12 @@ _DROPPED_RESPONSE_HEADERS = frozenset(
         "trailer",
         "upgrade",
         "set-cookie",
+        "content-security-policy",
+        "content-security-policy-report-only",
+        HOP_HEADER,
     }
 )
+_CORS_PREFIX = "access-control-"
 #: A header name (RFC 9110 token), as Tornado checks it.
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 #: How much of a non-streamed answer is kept for its trace.
@@ -121,9 +131,10 @@ _HELD_LIMIT = 64 * 1024
 
 
 def upstream_headers(
-    client_headers: HTTPHeaders, provider: str, secret: str
+    client_headers: HTTPHeaders, provider: str, secret: str, hop_marks: str
 ) -> dict[str, str] | HTTPHeaders:
-    """The client's headers as the provider should see them, with the provider key injected.
+    """The client's headers as the provider should see them, with the provider key injected
+    and the loop mark (``tvgate.proxy.hops``) set.
 
     A plain dict when no header name repeats (the usual case): the HTTP client copies it
     into its own ``HTTPHeaders`` anyway, and building one here too would validate and
@@ -138,6 +149,7 @@ def upstream_headers(
             headers.add(name, value)
     for name, value in auth_headers(provider, secret):
         headers[name] = value
+    headers[HOP_HEADER] = hop_marks
     return headers
 
 
@@ -202,6 +214,11 @@ class ProxyCall:
         self.holding: _HeldAnswer | None = None
         self.last_failure: _HeldAnswer | None = None
         self.attempts: list[dict[str, Any]] = []
+        #: The provider keys this call sent, masked in whatever comes back from upstream.
+        self.scrubber = KeyScrubber()
+        #: The 3xx status the provider answered the current attempt with (0: none).
+        self.redirected = 0
+        self.hop_marks: list[str] = []
 
     # --- stages ---
 
@@ -254,6 +271,17 @@ class ProxyCall:
             self.body = parse_request_body(decoded)
         except BodyError as exc:
             self._fail(exc.status, str(exc), OUTCOME_REJECTED)
+            return
+        self.hop_marks = incoming_marks(headers)
+        if is_loop(self.hop_marks, self.gateway.hop_id):
+            # Before routing and governance: a loop must not take a slot or a budget.
+            self._fail(
+                508,
+                "loop detected: this request already passed through this gateway "
+                "(a route's base URL leads back to tvgate)",
+                OUTCOME_REJECTED,
+            )
+            self.error_type = "loop_detected"
             return
         principal = self.principal
         assert principal is not None
@@ -375,6 +403,7 @@ class ProxyCall:
         if self.client_gone:
             self.outcome = OUTCOME_CLIENT_CANCELLED
             return True
+        self.scrubber.add(secret)
         return await self._forward(secret)
 
     async def _forward(self, secret: str) -> bool:
@@ -384,7 +413,12 @@ class ProxyCall:
         self.exchange = UpstreamExchange(
             self.gateway.http,
             upstream_url(self.route.key.base_url, self.endpoint.upstream_path, request.query),
-            upstream_headers(request.headers, self.provider, secret),
+            upstream_headers(
+                request.headers,
+                self.provider,
+                secret,
+                outgoing_marks(self.hop_marks, self.gateway.hop_id),
+            ),
             with_model(self.body, self.upstream_model),
             self,
             connect_timeout=settings.connect_timeout,
@@ -394,7 +428,14 @@ class ProxyCall:
         started = time.perf_counter()
         if not self.upstream_started:
             self.upstream_started = started
+        self.redirected = 0
         result = await self.exchange.run()
+        if self.redirected:
+            result = dataclasses.replace(
+                result,
+                refused=f"the provider answered with a redirect ({self.redirected}), "
+                "which tvgate neither follows nor relays",
+            )
         elapsed = (time.perf_counter() - started) * 1000
         held = self.holding
         if held is not None:
@@ -411,7 +452,7 @@ class ProxyCall:
                 elapsed,
             )
             return False
-        if self.may_fall_back and result.curl_error and not self.status and not self.client_gone:
+        if self.may_fall_back and result.failed and not self.status and not self.client_gone:
             status, message, outcome = _classify(result)
             self.last_failure = _HeldAnswer(
                 self.route, self.upstream_model, status, [], [], (message, outcome)
@@ -465,7 +506,8 @@ class ProxyCall:
                 "upstream_model": name_or_model if route is not None else "",
                 "status": status,
                 "outcome": outcome,
-                "error": error[:500],
+                # Masked before it is cut: a cut key would no longer be recognised.
+                "error": self.scrubber.text(error)[:500],
                 "ms": round(ms, 1),
             }
         )
@@ -489,8 +531,16 @@ class ProxyCall:
         """The provider's status and headers, passed on to the client.
 
         ``whole_body``: every byte of the body will follow (not a held answer cut at
-        its limit), so a ``Content-Length`` can be kept.
+        its limit), so a ``Content-Length`` can be kept. A redirect is neither followed nor
+        relayed (its ``Location`` would send the client, credential and all, wherever the
+        provider says): the transfer is stopped and the call fails with a 502. Keys the
+        provider echoes are masked in every header.
         """
+        if 300 <= status < 400:
+            self.redirected = status
+            if self.exchange is not None:
+                self.exchange.abort()
+            return
         if self.may_fall_back and (status in (429, 529) or status >= 500):
             assert self.route is not None
             self.holding = _HeldAnswer(self.route, self.upstream_model, status, headers, [], None)
@@ -501,14 +551,16 @@ class ProxyCall:
         length = ""
         framed = False
         seen: set[str] = set()
-        for name, value in headers:
-            lower = name.lower()
-            if lower in _DROPPED_RESPONSE_HEADERS:
+        mask = self.scrubber.text
+        for raw_name, raw_value in headers:
+            lower = raw_name.lower()
+            if lower in _DROPPED_RESPONSE_HEADERS or lower.startswith(_CORS_PREFIX):
                 if lower == "content-length":
-                    length = value
+                    length = raw_value
                 elif lower == "transfer-encoding":
                     framed = True  # the length, if any, is not the body's (RFC 9112 6.3)
                 continue
+            name, value = mask(raw_name), mask(raw_value)
             if lower in ("content-type", "server", "date"):
                 handler.set_header(name, value)
                 if lower == "content-type" and value.startswith("text/event-stream"):
@@ -527,11 +579,11 @@ class ProxyCall:
             and not framed
             and whole_body
             and not self.is_stream_response
-            and status >= 200
-            and status not in (204, 304)
+            and status != 204
         ):
-            # The body is relayed byte for byte: with its length known, Tornado sends it
-            # with the headers in one write, not chunked with a closing chunk after it.
+            # The body is relayed byte for byte (a masked key is as long as the key): with
+            # its length known, Tornado sends it with the headers in one write, not chunked
+            # with a closing chunk after it.
             # (A stream is left chunked: a failure may add an error event to it.)
             handler.set_header("Content-Length", length)
         handler.set_header("x-tvgate-overhead-ms", f"{self._overhead_ms():.3f}")
@@ -559,6 +611,15 @@ class ProxyCall:
                 self._wait_for_client(stream)
                 return False
             self.unflushed = 0
+        # Masked only once taken: a chunk refused above comes again after the pause.
+        self._relay(self.scrubber.chunk(chunk))
+        return True
+
+    def _relay(self, chunk: bytes) -> None:
+        """Send (and keep for the trace) a part of the provider's body, keys masked."""
+        if not chunk:
+            return  # all of it held back by the scrubber until the next chunk
+        handler = self.handler
         if not self.committed:
             self.committed = True
             self.first_byte = time.perf_counter()
@@ -575,7 +636,6 @@ class ProxyCall:
         elif self.captured_size < _CAPTURE_LIMIT:
             self.captured.append(chunk)
             self.captured_size += size
-        return True
 
     def _parse_unparsed(self, assembler: StreamAssembler) -> StreamAssembler:
         for chunk in self.unparsed:
@@ -636,9 +696,11 @@ class ProxyCall:
             handler.request.connection.stream.close()  # type: ignore[union-attr]
 
     def _complete(self, result: UpstreamResult) -> None:
+        if not self.client_gone:
+            self._relay(self.scrubber.end())  # what was held back as the possible start of a key
         # A client that hangs up right after the last event (SDKs do, on [DONE]) got the
         # whole answer, even if that made tvgate abort the transfer's last empty chunk.
-        answered = result.curl_error == 0 or (
+        answered = not result.failed or (
             self.assembler is not None and self._parse_unparsed(self.assembler).finish().complete
         )
         if answered:

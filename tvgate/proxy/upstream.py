@@ -57,6 +57,11 @@ class UpstreamResult:
     #: The provider sent nothing for longer than the idle timeout.
     timed_out: bool = False
 
+    @property
+    def failed(self) -> bool:
+        """The transfer did not complete, or what came is not to be passed on (refused)."""
+        return self.curl_error != 0 or bool(self.refused)
+
 
 #: IPv6 ranges that are never a provider: site-local (deprecated), IPv4-compatible
 #: (deprecated; ``::7f00:1`` is 127.0.0.1) and local-use NAT64, whose embedding depends on
