@@ -136,6 +136,10 @@ def _migration_6(db: peewee.Database) -> None:
     )
 
 
+def _migration_7(db: peewee.Database) -> None:
+    add_column_if_missing(db, models.Trace, "anomalies")
+
+
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
 MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (1, _migration_1),
@@ -143,6 +147,7 @@ MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (4, _migration_4),
     (5, _migration_5),
     (6, _migration_6),
+    (7, _migration_7),
 ]
 
 
