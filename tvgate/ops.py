@@ -3,7 +3,9 @@
 ``/healthz`` answers as long as the IOLoop turns, and says which worker
 process answered. ``/readyz`` asks the database, the keyring and the identity
 provider, each with a timeout, and says which one is not ready (a load
-balancer takes the VM out of rotation on 503). ``/metrics`` renders this
+balancer takes the VM out of rotation on 503); it also tells how the trace
+writer is (not ready when its thread has stopped) and how many traces it could
+not write. ``/metrics`` renders this
 process's registry (``tvgate.metrics``).
 """
 
@@ -42,7 +44,8 @@ async def _check(probe: Callable[[], Awaitable[Any]]) -> str:
 
 
 class ReadyHandler(BaseHandler):
-    """Ready when the database, the keyring and the identity provider answer; says which does not."""
+    """Ready when the database, the keyring and the identity provider answer and the trace
+    writer runs; says which does not."""
 
     async def get(self) -> None:
         gateway = self.gateway
@@ -62,11 +65,24 @@ class ReadyHandler(BaseHandler):
         names = ("database", "keyring", "identity")
         results = await asyncio.gather(*(_check(p) for p in (database, keyring, identity)))
         checks = dict(zip(names, results, strict=True))
-        ready = all(v == "ok" for v in checks.values())
+        traces = gateway.traces
+        # A gateway whose calls are no longer recorded must leave the rotation.
+        ready = all(v == "ok" for v in checks.values()) and traces.running
+        writer = {
+            "running": traces.running,
+            "restarts": traces.restarts,
+            "spool": traces.spool_size,
+            "dead_letter": traces.dead_letters,
+            "dropped": traces.dropped_by,
+        }
         self.set_status(200 if ready else 503)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
-        self.finish(orjson.dumps({"ready": ready, "checks": checks, "worker": gateway.worker}))
+        self.finish(
+            orjson.dumps(
+                {"ready": ready, "checks": checks, "trace_writer": writer, "worker": gateway.worker}
+            )
+        )
 
 
 class MetricsHandler(BaseHandler):
