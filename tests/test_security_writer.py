@@ -435,3 +435,39 @@ def test_a_spool_that_cannot_be_written_is_counted_and_the_writer_goes_on(
         assert "the spool could not be written" in gateway.log_text()
     finally:
         stop_gateway(gateway.proc)
+
+
+def test_the_writer_is_restarted_after_a_failure_and_readiness_says_so(
+    fake_provider: FakeProvider, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'tvgate.db'}"
+    tokens = seed(url, tmp_path, fake_provider)
+    gateway = launch_gateway(url, tmp_path, tokens)
+    spool, aside = tmp_path / "traces.spool", tmp_path / "spool.aside"
+    session = uuid.uuid4().hex
+    try:
+        with SqliteLock(str(tmp_path / "tvgate.db")):
+            assert ask(gateway, session).status_code == 200
+            deadline = time.monotonic() + 60
+            while not spool.exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            # The spool turns into something that cannot be read (a link to itself): every
+            # replay fails with an error that is not the database's.
+            spool.rename(aside)
+            spool.symlink_to(spool.name)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if scrape(gateway.url).get("tvgate_trace_writer_restarts_total", 0) >= 1:
+                    break
+                time.sleep(0.2)
+        ready = httpx2.get(gateway.url + "/readyz", timeout=10).json()
+        assert ready["trace_writer"]["restarts"] >= 1
+        assert ready["trace_writer"]["running"] is True and ready["ready"] is True
+        assert scrape(gateway.url)["tvgate_trace_writer_up"] == 1
+        assert "trace writer failed; starting it again" in gateway.log_text()
+        aside.replace(spool)  # at once: the writer never finds the spool missing
+        assert ask(gateway, session).status_code == 200
+        gateway.wait_traces(2, timeout=30, session_id=session)
+        assert not spool.exists()
+    finally:
+        stop_gateway(gateway.proc)
