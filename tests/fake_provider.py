@@ -57,6 +57,11 @@ Knobs that combine with any scenario (request headers):
 ``x-fake-cors: 1``  every answer carries ``Content-Security-Policy`` and
                  ``Access-Control-Allow-Origin: *`` (with ``-Credentials: true``).
 
+The header ``x-fake-override`` (a JSON object) makes an Anthropic Messages answer
+hostile, as a server of a member's own may be: ``usage`` (fields replacing those of
+every usage object sent), ``model`` (the answer's model), ``id`` (the message id) and
+``request_id`` (the ``request-id`` header). Everything else stays as the real API sends it.
+
 A base URL ending in ``/scenario/<name>`` (so request paths ``/scenario/<name>/v1/…``)
 picks the scenario for every request sent there, whatever the header says: two keys
 on one fake provider can then behave differently (a failing primary and its fallback).
@@ -381,6 +386,8 @@ class _Ctx:
     error_style: str
     interval: float = 0.0
     model: str = ""
+    #: What ``x-fake-override`` replaces in the answer (Anthropic Messages).
+    override: dict[str, Any] = field(default_factory=dict)
 
     @property
     def include_usage(self) -> bool:
@@ -419,7 +426,7 @@ def _anthropic_blocks(ctx: _Ctx) -> list[_Block]:
 
 
 def _anthropic_usage(ctx: _Ctx, output_tokens: int) -> dict[str, Any]:
-    return {
+    usage = {
         "input_tokens": ctx.input_tokens,
         "cache_creation_input_tokens": ANTHROPIC_CACHE_CREATION_TOKENS,
         "cache_read_input_tokens": ANTHROPIC_CACHE_READ_TOKENS,
@@ -430,6 +437,7 @@ def _anthropic_usage(ctx: _Ctx, output_tokens: int) -> dict[str, Any]:
         "output_tokens": output_tokens,
         "service_tier": "standard",
     }
+    return {**usage, **ctx.override.get("usage", {})}
 
 
 def _anthropic_block_json(block: _Block, *, final: bool) -> dict[str, Any]:
@@ -453,14 +461,15 @@ def _anthropic_message(ctx: _Ctx) -> _Reply:
     blocks = _anthropic_blocks(ctx)
     output_tokens = sum(len(block.pieces) for block in blocks)
     stop_reason = "tool_use" if blocks[-1].kind == "tool_use" else "end_turn"
-    message_id = "msg_01" + _ident(ctx.seed, "msg", 22)
+    message_id = ctx.override.get("id", "msg_01" + _ident(ctx.seed, "msg", 22))
+    model = ctx.override.get("model", ctx.model)
     if not ctx.stream:
         return _Reply(
             body={
                 "id": message_id,
                 "type": "message",
                 "role": "assistant",
-                "model": ctx.model,
+                "model": model,
                 "content": [_anthropic_block_json(block, final=True) for block in blocks],
                 "stop_reason": stop_reason,
                 "stop_sequence": None,
@@ -471,7 +480,7 @@ def _anthropic_message(ctx: _Ctx) -> _Reply:
         "id": message_id,
         "type": "message",
         "role": "assistant",
-        "model": ctx.model,
+        "model": model,
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,
@@ -517,6 +526,7 @@ def _anthropic_message(ctx: _Ctx) -> _Reply:
             "cache_creation_input_tokens": ANTHROPIC_CACHE_CREATION_TOKENS,
             "cache_read_input_tokens": ANTHROPIC_CACHE_READ_TOKENS,
             "output_tokens": output_tokens,
+            **ctx.override.get("usage", {}),
         },
     }
     frames.append(_Frame(_anthropic_sse("message_delta", message_delta)))
@@ -967,6 +977,9 @@ class _Handler(tornado.web.RequestHandler):
         if self.echo_key and self.get_status() >= 400:
             return "req_" + self.sent_key
         if self.api == "anthropic":
+            with contextlib.suppress(_HTTPError):  # a bad override is answered as an error
+                if "request_id" in self._override:
+                    return str(self._override["request_id"])
             return "req_011C" + _ident(self.fake_id, "req", 20)
         return "req_" + _hex(self.fake_id, "req", 32)
 
@@ -1139,7 +1152,18 @@ class _Handler(tornado.web.RequestHandler):
             error_style=self.request.headers.get("x-fake-error-style", "nested"),
             interval=interval,
             model=str(body.get("model", "")),
+            override=self._override,
         )
+
+    @property
+    def _override(self) -> dict[str, Any]:
+        try:
+            override = json.loads(self.request.headers.get("x-fake-override", "{}"))
+        except ValueError:
+            raise _HTTPError(400, "invalid_request_error", "x-fake-override is not JSON") from None
+        if not isinstance(override, dict):
+            raise _HTTPError(400, "invalid_request_error", "x-fake-override is not an object")
+        return override
 
     # ---- errors
 

@@ -365,7 +365,10 @@ def test_metrics_count_each_call_from_its_trace(gateway: GatewayProcess, member_
     assert after["tvgate_open_streams"] == 0
     assert after["tvgate_requests_in_flight"] == 0
     assert "tvgate_trace_queue_depth" in after
-    assert "tvgate_traces_dropped_total" in after
+    assert all(
+        f'tvgate_traces_dropped_total{{reason="{reason}"}}' in after
+        for reason in ("queue_full", "dead_letter", "spool_error", "writer_error")
+    )
     assert after["tvgate_traces_written_total"] >= before.get("tvgate_traces_written_total", 0)
 
 

@@ -176,6 +176,10 @@ def _migration_6(db: peewee.Database) -> None:
     )
 
 
+def _migration_7(db: peewee.Database) -> None:
+    add_column_if_missing(db, models.Trace, "anomalies")
+
+
 def _migration_8(db: peewee.Database) -> None:
     # Orgs bound to a JWT issuer's org claim (review finding 16.3): one tvgate org per
     # (issuer, claim value); rows with neither are not bound, and NULLs never collide.
@@ -211,6 +215,7 @@ MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (4, _migration_4),
     (5, _migration_5),
     (6, _migration_6),
+    (7, _migration_7),
     (8, _migration_8),
     (10, _migration_10),
     (11, _migration_11),

@@ -231,10 +231,30 @@ class Gateway:
             lambda: traces.spooled,
             kind="counter",
         )
-        metrics.sample(
+        metrics.sample_by(
             "tvgate_traces_dropped_total",
-            "Traces lost: the queue was full, or the database was unreachable at stop.",
-            lambda: traces.dropped,
+            "Traces not in the database, by reason: the queue was full; the database refused "
+            "the row even alone (dead_letter: kept in the dead-letter file); the spool could not "
+            "be written; the writer failed while holding them.",
+            "reason",
+            lambda: traces.dropped_by,
+            kind="counter",
+        )
+        metrics.sample(
+            "tvgate_trace_dead_letter_size",
+            "Traces in the dead-letter file (rows the database refused), also from before a "
+            "restart.",
+            lambda: traces.dead_letters,
+        )
+        metrics.sample(
+            "tvgate_trace_writer_up",
+            "1 while the trace writer's thread runs.",
+            lambda: 1 if traces.running else 0,
+        )
+        metrics.sample(
+            "tvgate_trace_writer_restarts_total",
+            "Times the trace writer's loop failed and was started again.",
+            lambda: traces.restarts,
             kind="counter",
         )
         metrics.sample(

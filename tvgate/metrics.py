@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from tvgate import __version__
@@ -170,6 +170,26 @@ class Sampled:
         yield f"{self.name} {_number(self.read())}"
 
 
+class SampledByLabel:
+    """Values read only at scrape time, one per value of a label (a count kept elsewhere
+    by reason)."""
+
+    def __init__(
+        self, name: str, help_: str, kind: str, label: str, read: Callable[[], Mapping[str, float]]
+    ) -> None:
+        self.name = name
+        self.help = help_
+        self.kind = kind
+        self.label = label
+        self.read = read
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} {self.kind}"
+        for value, count in sorted(self.read().items()):
+            yield f"{self.name}{_labels((self.label,), (value,))} {_number(count)}"
+
+
 class Metrics:
     """The registry of one tvgate process."""
 
@@ -209,7 +229,7 @@ class Metrics:
             "Calls that ended in a provider error, a failed connection or a timeout.",
             ("route", "outcome", "error_type"),
         )
-        self._sampled: list[Sampled] = [
+        self._sampled: list[Sampled | SampledByLabel] = [
             Sampled(
                 "tvgate_open_streams",
                 "Streaming responses being relayed right now.",
@@ -251,6 +271,17 @@ class Metrics:
     def sample(self, name: str, help_: str, read: Callable[[], float], kind: str = "gauge") -> None:
         """Export a value that is read at scrape time (``kind``: gauge or counter)."""
         self._sampled.append(Sampled(name, help_, kind, read))
+
+    def sample_by(
+        self,
+        name: str,
+        help_: str,
+        label: str,
+        read: Callable[[], Mapping[str, float]],
+        kind: str = "gauge",
+    ) -> None:
+        """Export values read at scrape time, one per value of ``label``."""
+        self._sampled.append(SampledByLabel(name, help_, kind, label, read))
 
     def render(self) -> bytes:
         lines: list[str] = [

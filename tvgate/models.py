@@ -265,6 +265,9 @@ class Trace(BaseModel):
     #: When the writer stored it: the push sink's cursor follows this, so traces written
     #: late (a spool replayed after an outage) are still sent.
     written_at = peewee.DoubleField(default=0.0, index=True)
+    #: JSON list of what was wrong with the call's figures and how the writer mended
+    #: them ("usage.input_tokens out of range", "truncated: response_model"); empty if nothing.
+    anomalies = peewee.TextField(default="")
 
 
 class Blob(BaseModel):

@@ -4,7 +4,9 @@
 process answered. ``/readyz`` asks the database, the keyring, the token store
 and Visdom Trace (when configured), each with a timeout, and says which one
 is not ready; a load balancer takes the VM out of rotation on 503, which
-Visdom Trace alone never causes. ``/metrics`` renders this
+Visdom Trace alone never causes. It also tells how the trace writer is (not
+ready when its thread has stopped) and how many traces it could not write.
+``/metrics`` renders this
 process's registry (``tvgate.metrics``).
 """
 
@@ -45,7 +47,8 @@ async def _check(probe: Callable[[], Awaitable[Any]]) -> str:
 
 
 class ReadyHandler(BaseHandler):
-    """Ready when the database, the keyring and the token store answer; says which does not.
+    """Ready when the database, the keyring and the token store answer and the trace writer
+    runs; says which does not.
 
     Visdom Trace is reported too but does not decide readiness: while it is down, tokens
     minted by tvgate and the principals cached from it still work, and taking every
@@ -74,11 +77,24 @@ class ReadyHandler(BaseHandler):
             probes["visdom"] = gateway.visdom.check
         results = await asyncio.gather(*(_check(p) for p in probes.values()))
         checks = dict(zip(probes, results, strict=True))
-        ready = all(checks[name] == "ok" for name in REQUIRED_CHECKS)
+        traces = gateway.traces
+        # A gateway whose calls are no longer recorded must leave the rotation.
+        ready = all(checks[name] == "ok" for name in REQUIRED_CHECKS) and traces.running
+        writer = {
+            "running": traces.running,
+            "restarts": traces.restarts,
+            "spool": traces.spool_size,
+            "dead_letter": traces.dead_letters,
+            "dropped": traces.dropped_by,
+        }
         self.set_status(200 if ready else 503)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
-        self.finish(orjson.dumps({"ready": ready, "checks": checks, "worker": gateway.worker}))
+        self.finish(
+            orjson.dumps(
+                {"ready": ready, "checks": checks, "trace_writer": writer, "worker": gateway.worker}
+            )
+        )
 
 
 class MetricsHandler(BaseHandler):

@@ -2275,6 +2275,9 @@ def trace_summary(trace: Trace, email: str) -> dict[str, Any]:
         "captured": bool(trace.request_blob),
         # Every upstream attempt when fallbacks were tried; empty when the first route answered.
         "attempts": orjson.loads(trace.attempts) if trace.attempts else [],
+        # What the writer found wrong with the call's figures and mended (an absurd
+        # usage figure counted as 0, a provider's over-long value cut).
+        "anomalies": orjson.loads(trace.anomalies) if trace.anomalies else [],
     }
 
 

@@ -13,12 +13,15 @@ and ``Assembled.truncated`` says so. A stream that ends early keeps what
 arrived, with ``complete`` False. Malformed events are skipped, never raised.
 
 Token counts are as the provider reports them: Anthropic's ``input_tokens``
-excludes cached tokens, OpenAI's ``prompt_tokens`` includes them.
+excludes cached tokens, OpenAI's ``prompt_tokens`` includes them. A provider may
+be a member's own server, so :func:`checked_usage` keeps only figures a real call
+can have: a negative or absurd one counts as 0 and is named as an anomaly.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
 import orjson
@@ -51,6 +54,24 @@ class Usage:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+
+
+#: The largest token count one figure of one call may have: a hundred times the
+#: largest context window sold today, and small enough that the five figures summed
+#: fit a 32-bit column.
+MAX_TOKENS = 100_000_000
+_USAGE_FIELDS = tuple(f.name for f in fields(Usage))
+
+
+def checked_usage(usage: Usage) -> tuple[Usage, list[str]]:
+    """``usage`` with every figure outside 0..MAX_TOKENS set to 0, and the anomalies
+    (``"usage.input_tokens out of range"``) naming them."""
+    wrong = [name for name in _USAGE_FIELDS if not 0 <= getattr(usage, name) <= MAX_TOKENS]
+    if not wrong:
+        return usage, []
+    return replace(usage, **dict.fromkeys(wrong, 0)), [
+        f"usage.{name} out of range" for name in wrong
+    ]
 
 
 @dataclass(slots=True)
@@ -155,7 +176,8 @@ def _int(v: object) -> int:
     if isinstance(v, int):
         return v
     if isinstance(v, float):
-        return int(v)
+        # 1e400 parses as infinity; -1 is out of range, so checked_usage names it.
+        return int(v) if math.isfinite(v) else -1
     return 0
 
 

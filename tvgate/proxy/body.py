@@ -109,6 +109,9 @@ _parsers = threading.local()
 _MODEL_MEMBER = re.compile(rb'"model"[ \t\r\n]*:[ \t\r\n]*')
 # The opening of an object, up to its first member.
 _OPEN = re.compile(rb"[ \t\r\n]*\{[ \t\r\n]*")
+# C0 and C1 control characters and DEL: no route or model name has them, and a NUL
+# cannot even be stored in a PostgreSQL text column.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def _parser() -> simdjson.Parser:
@@ -171,6 +174,8 @@ def parse_request_body(raw: bytes) -> ParsedBody:
         raise BodyError(400, "request body has 'model' more than once")
     if len(model) > 200:
         raise BodyError(400, "'model' is longer than 200 characters")
+    if _CONTROL.search(model):
+        raise BodyError(400, "'model' contains control characters")
     return ParsedBody(raw=raw, model=model, stream=stream)
 
 

@@ -43,7 +43,13 @@ from tvgate.providers import (
     auth_headers,
     stream_error_event,
 )
-from tvgate.providers.assemble import Assembled, StreamAssembler, assemble_json, stream_assembler
+from tvgate.providers.assemble import (
+    Assembled,
+    StreamAssembler,
+    assemble_json,
+    checked_usage,
+    stream_assembler,
+)
 from tvgate.proxy.body import BodyError, ParsedBody, decode_content, parse_request_body, with_model
 from tvgate.proxy.hops import HOP_HEADER, incoming_marks, is_loop, outgoing_marks
 from tvgate.proxy.scrub import KeyScrubber
@@ -723,7 +729,8 @@ class ProxyCall:
         headers = self.handler.request.headers
         tool, tool_version = detect_tool(headers.get("User-Agent", ""))
         body = self.body
-        usage = assembled.usage if assembled is not None else None
+        # The provider may be a member's own server: an absurd figure counts toward nothing.
+        usage, anomalies = checked_usage(assembled.usage) if assembled is not None else (None, [])
         finished = time.perf_counter()
         route = self.route
         truncated = assembled is not None and (
@@ -780,6 +787,7 @@ class ProxyCall:
                 "request_blob": "",
                 "response_blob": "",
                 "cost_usd": 0.0,
+                "anomalies": anomalies,
             },
             captured,
         )

@@ -172,6 +172,12 @@ class Conversations:
         ]
         return _Body(raw, redacted, redactor, split, digests, resumes, root)
 
+    def forget(self) -> None:
+        """Drop every body kept: a transaction that stored their blobs was rolled back,
+        and a later body must not continue from blobs that are not there."""
+        self._bodies.clear()
+        self.size = 0
+
     def _remember(self, key: ConversationKey, body: _Body, replacing: _Body | None) -> None:
         if body.size > self.budget // 4:
             return

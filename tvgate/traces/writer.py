@@ -19,11 +19,23 @@ trace is acknowledged once it is in the database or in the spool; ``stop()``
 writes or spools everything queued before it returns, so a SIGTERM loses
 nothing. Bodies are held in memory only up to ``body_budget`` bytes while
 queued; past that a trace is recorded without its body rather than not at all.
+A spooled body is the redacted form the database would have stored (none for an
+org that does not capture bodies), so replay stores exactly the blobs the direct
+path would have.
+
+No row can stop the writer. Values from clients and providers are mended before
+the insert (:func:`mend_row`: text cut to its column, NULs removed, integers out
+of the column's range set to 0, each named in the trace's ``anomalies``). A batch
+that fails for any reason but the connection is written again row by row, and a
+row that still fails goes to the dead-letter file (redacted like the spool, 0600)
+and is counted, as is every trace lost (``dropped_by``). The thread itself is
+supervised: an error that escapes is logged, counted and the loop started again.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import logging
 import os
 import threading
@@ -39,7 +51,7 @@ import peewee
 from tvgate.db import CONNECTION_ERRORS, reset_connection
 from tvgate.keyring import Keyring
 from tvgate.models import Trace
-from tvgate.traces.content import blob_digest
+from tvgate.traces.content import blob_digest, store_request
 from tvgate.traces.conversations import Conversations
 from tvgate.traces.pricing import PriceTable
 from tvgate.traces.store import BlobStore, CaptureSettings, load_capture_settings
@@ -53,6 +65,14 @@ POLL_INTERVAL = 0.05
 _SPOOL_RETRY = 1.0
 #: Rows per INSERT statement.
 _INSERT_ROWS = 100
+#: Why traces were lost: the queue was full; the database refused the row even alone
+#: (it is kept in the dead-letter file); the spool could not be written in an outage;
+#: the writer failed while it held them.
+DROP_REASONS = ("queue_full", "dead_letter", "spool_error", "writer_error")
+#: How long the supervisor waits before it starts the writer's loop again.
+_RESTART_DELAY = 1.0
+#: PostgreSQL's ``integer``, the narrower of the two databases' integer columns.
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 
 
 @dataclass(slots=True)
@@ -67,6 +87,15 @@ class CapturedBody:
         return len(self.request)
 
 
+@dataclass(slots=True)
+class RedactedBody:
+    """A body as the writer stores it, redacted already: the request, and the answer as
+    JSON. What the spool and the dead-letter file hold."""
+
+    request: bytes
+    response: bytes | None
+
+
 def _column(field: peewee.Field) -> tuple[str, Any, Any]:
     default = field.default
     return (field.name, field.db_value, default if callable(default) else lambda: default)
@@ -78,12 +107,52 @@ _COLUMNS: tuple[tuple[str, Any, Any], ...] = tuple(
 )
 #: A row of every column, in that order, from which the INSERT of each size is built.
 _SAMPLE_ROW = (None,) * len(_COLUMNS)
+#: Text columns and their sizes (None: unbounded), and integer columns.
+_TEXT_COLUMNS: tuple[tuple[str, int | None], ...] = tuple(
+    (field.name, field.max_length if isinstance(field, peewee.CharField) else None)
+    for field in Trace._meta.sorted_fields
+    if isinstance(field, (peewee.CharField, peewee.TextField)) and field.name != "anomalies"
+)
+_INT_COLUMNS: tuple[str, ...] = tuple(
+    field.name for field in Trace._meta.sorted_fields if isinstance(field, peewee.IntegerField)
+)
+
+
+def mend_row(row: TraceRow) -> TraceRow:
+    """The row as the database can take it, whatever a client or provider put in it.
+
+    Text is cut to its column (a provider's 300-character model path) and loses NULs
+    (PostgreSQL refuses them); an integer outside the column's range becomes 0. Each
+    mend is added to the row's ``anomalies`` (a list on the request path), which
+    becomes the column's JSON text.
+    """
+    anomalies = list(row.get("anomalies") or ())
+    mended = dict(row)
+    for name, size in _TEXT_COLUMNS:
+        value = row.get(name)
+        if not isinstance(value, str):
+            continue
+        if "\x00" in value:
+            value = value.replace("\x00", "")
+            anomalies.append(f"control characters removed: {name}")
+        if size is not None and len(value) > size:
+            value = value[:size]
+            anomalies.append(f"truncated: {name}")
+        mended[name] = value
+    for name in _INT_COLUMNS:
+        value = row.get(name)
+        # A float too: a spool line's integer past 64 bits reads back as one.
+        if isinstance(value, (int, float)) and not _INT_MIN <= value <= _INT_MAX:
+            mended[name] = 0
+            anomalies.append(f"{name} out of range")
+    mended["anomalies"] = orjson.dumps(anomalies).decode() if anomalies else ""
+    return mended
 
 
 @dataclass(slots=True)
 class _Item:
     row: TraceRow
-    body: CapturedBody | None
+    body: CapturedBody | RedactedBody | None
 
 
 class TraceWriter:
@@ -102,6 +171,8 @@ class TraceWriter:
         self.keyring = keyring
         self.batch_size = batch_size
         self.spool_path = spool_path
+        #: Rows the database refused even alone, beside the spool.
+        self.dead_letter_path = spool_path.with_suffix(".deadletter")
         self.body_budget = body_budget
         self.settings_ttl = settings_ttl
         self.queue_size = queue_size
@@ -109,31 +180,50 @@ class TraceWriter:
         self._stopping = threading.Event()
         self._inserts: dict[int, str] = {}
         self._conversations = Conversations()
-        self._thread = threading.Thread(target=self._run, name="tvgate-trace-writer", daemon=True)
+        self._thread = threading.Thread(
+            target=self._supervise, name="tvgate-trace-writer", daemon=True
+        )
         self._pending_body_bytes = 0
         self._settings: dict[int, CaptureSettings] = {}
         self._prices: PriceTable | None = None
         self._prices_at = 0.0
         self._spool_lines = 0
+        #: The batch the writer is working on, for the supervisor if the loop fails.
+        self._in_hand: list[_Item] = []
+        #: Ids dead-lettered by this process: a replay cut short tries them again.
+        self._dead_ids: set[str] = set()
         self.written = 0
         self.spooled = 0
-        self.dropped = 0
+        self.dropped_by = dict.fromkeys(DROP_REASONS, 0)
+        #: Entries in the dead-letter file (counted at start, so a restart still tells).
+        self.dead_letters = 0
         self.bodies_dropped = 0
         self.failures = 0
+        #: Times the supervisor started the writer's loop again after an error.
+        self.restarts = 0
         #: The deepest the queue was when the writer took a batch (the benchmark reports it).
         self.peak_depth = 0
 
     # --- the request path (IOLoop thread) ---
 
     def start(self) -> None:
-        if self.spool_path.exists():
-            with self.spool_path.open("rb") as fh:
-                self._spool_lines = sum(1 for _ in fh)
+        self._spool_lines = _count_lines(self.spool_path)
+        self.dead_letters = _count_lines(self.dead_letter_path)
         self._thread.start()
 
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def dropped(self) -> int:
+        """Traces lost, for every reason."""
+        return sum(self.dropped_by.values())
+
+    @property
+    def running(self) -> bool:
+        """The writer's thread is alive (readiness reports it)."""
+        return self._thread.is_alive()
 
     @property
     def capture_stored_bytes(self) -> int:
@@ -153,7 +243,7 @@ class TraceWriter:
     def submit(self, row: TraceRow, body: CapturedBody | None = None) -> None:
         """Queue a trace; never blocks."""
         if len(self._queue) >= self.queue_size:
-            self.dropped += 1
+            self.dropped_by["queue_full"] += 1
             log.error("trace queue full; trace %s dropped", row.get("id"))
             return
         if body is not None:
@@ -172,6 +262,39 @@ class TraceWriter:
 
     # --- the writer thread ---
 
+    def _supervise(self) -> None:
+        """Run the loop; if an error escapes it, count it, keep what it held, run it again."""
+        while True:
+            try:
+                self._run()
+            except Exception as exc:
+                self.restarts += 1
+                log.exception("trace writer failed; starting it again")
+                held, self._in_hand = self._in_hand, []
+                self._conversations.forget()
+                reset_connection(self.db)
+                for item in held:
+                    self._dead_letter(item, exc, reason="writer_error")
+                if self._stopping.is_set():
+                    # No second failure at stop: what is queued goes to the spool, for
+                    # the next start to replay.
+                    self._spool([self._queue.popleft() for _ in range(len(self._queue))])
+                    break
+                self._stopping.wait(_RESTART_DELAY)
+                continue
+            break
+        if not self.db.is_closed():
+            self.db.close()
+        log.info(
+            "trace writer stopped: written=%d dropped=%d %s failures=%d restarts=%d peak_depth=%d",
+            self.written,
+            self.dropped,
+            " ".join(f"{reason}={count}" for reason, count in self.dropped_by.items()),
+            self.failures,
+            self.restarts,
+            self.peak_depth,
+        )
+
     def _take_batch(self) -> list[_Item]:
         queued = self._queue
         depth = len(queued)
@@ -179,7 +302,8 @@ class TraceWriter:
             return []
         self.peak_depth = max(self.peak_depth, depth)
         popleft = queued.popleft
-        return [popleft() for _ in range(min(depth, self.batch_size))]
+        self._in_hand = [popleft() for _ in range(min(depth, self.batch_size))]
+        return self._in_hand
 
     def _run(self) -> None:
         last_replay = time.monotonic()
@@ -187,12 +311,13 @@ class TraceWriter:
             # Read before taking a batch: a stop asked for after the queue was found empty
             # still finds every trace queued before it.
             ending = self._stopping.is_set()
+            self._in_hand = []
             batch = self._take_batch()
             if not batch:
                 if ending:
                     if self._spool_lines:
                         self._replay_spool()  # a last try: what stays is replayed at start
-                    break
+                    return
                 if self._spool_lines and time.monotonic() - last_replay >= _SPOOL_RETRY:
                     last_replay = time.monotonic()
                     self._replay_spool()
@@ -200,7 +325,7 @@ class TraceWriter:
                 self._stopping.wait(POLL_INTERVAL)
                 continue
             for item in batch:
-                if item.body is not None:
+                if isinstance(item.body, CapturedBody):
                     self._pending_body_bytes -= item.body.size
             if self._spool_lines:
                 last_replay = time.monotonic()
@@ -209,25 +334,43 @@ class TraceWriter:
                     self._spool(batch)
                     continue
             self._write_or_spool(batch)
-        if not self.db.is_closed():
-            self.db.close()
-        log.info(
-            "trace writer stopped: written=%d dropped=%d failures=%d peak_depth=%d",
-            self.written,
-            self.dropped,
-            self.failures,
-            self.peak_depth,
-        )
 
     def _write_or_spool(self, batch: list[_Item]) -> None:
         try:
-            self._write(batch)
-            self.written += len(batch)
+            self._store(batch)
         except CONNECTION_ERRORS as exc:
             self.failures += 1
             reset_connection(self.db)
             log.warning("database unavailable (%s); spooling %d traces", exc, len(batch))
             self._spool(batch)
+
+    def _store(self, batch: list[_Item]) -> None:
+        """Write a batch; when it fails for a reason other than the connection (which is
+        raised), write its rows one by one and dead-letter each that fails alone."""
+        try:
+            self._write(batch)
+        except CONNECTION_ERRORS:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any row's error: the rows are tried alone
+            self.failures += 1
+            log.warning(
+                "a batch of %d traces failed (%r); writing them one by one", len(batch), exc
+            )
+        else:
+            self.written += len(batch)
+            return
+        # The failed transaction kept none of the blobs the bodies last seen refer to.
+        self._conversations.forget()
+        for item in batch:
+            try:
+                self._write([item])
+            except CONNECTION_ERRORS:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the row is kept aside, not lost
+                self._conversations.forget()
+                self._dead_letter(item, exc)
+            else:
+                self.written += 1
 
     def _write(self, batch: list[_Item]) -> None:
         prices = self._price_table()
@@ -236,7 +379,7 @@ class TraceWriter:
         written_at = time.time()
         with self.db.atomic():
             for item in batch:
-                row = dict(item.row)
+                row = mend_row(item.row)
                 row["written_at"] = written_at
                 row["cost_usd"] = prices.cost(
                     row["org_id"],
@@ -247,7 +390,9 @@ class TraceWriter:
                     row["cache_read_tokens"],
                     row["cache_write_tokens"],
                 )
-                if item.body is not None:
+                if isinstance(item.body, RedactedBody):
+                    self._store_redacted(row, item.body, stores)
+                elif item.body is not None:
                     self._capture(row, item.body, stores)
                 rows.append(row)
             for store in stores.values():
@@ -276,12 +421,16 @@ class TraceWriter:
             )
         self.db.execute_sql(sql, params)
 
-    def _capture(self, row: TraceRow, body: CapturedBody, stores: dict[int, BlobStore]) -> None:
-        org_id = row["org_id"]
+    def _capture_settings(self, org_id: int) -> CaptureSettings:
         settings = self._settings.get(org_id)
         if settings is None or time.monotonic() - settings.loaded_at > self.settings_ttl:
             settings = load_capture_settings(org_id, self.keyring)
             self._settings[org_id] = settings
+        return settings
+
+    def _capture(self, row: TraceRow, body: CapturedBody, stores: dict[int, BlobStore]) -> None:
+        org_id = row["org_id"]
+        settings = self._capture_settings(org_id)
         if not settings.capture_bodies:
             return
         store = stores.setdefault(org_id, BlobStore(org_id))
@@ -290,11 +439,23 @@ class TraceWriter:
         root = self._conversations.store(conversation, redactor, body.request, store)
         row["request_blob"] = root.hex()
         if body.response is not None:
-            answer = redactor.redact(orjson.dumps(body.response))
-            digest = blob_digest(answer)
-            if not store.has(digest):
-                store.put(digest, answer)
-            row["response_blob"] = digest.hex()
+            self._store_answer(row, redactor.redact(orjson.dumps(body.response)), store)
+
+    def _store_redacted(
+        self, row: TraceRow, body: RedactedBody, stores: dict[int, BlobStore]
+    ) -> None:
+        """Store a spooled body: redacted already, cut and hashed as the direct path does."""
+        store = stores.setdefault(row["org_id"], BlobStore(row["org_id"]))
+        row["request_blob"] = store_request(body.request, store).hex()
+        if body.response is not None:
+            self._store_answer(row, body.response, store)
+
+    @staticmethod
+    def _store_answer(row: TraceRow, answer: bytes, store: BlobStore) -> None:
+        digest = blob_digest(answer)
+        if not store.has(digest):
+            store.put(digest, answer)
+        row["response_blob"] = digest.hex()
 
     def _price_table(self) -> PriceTable:
         # Prices are org settings now (an org's admins change them): the same TTL.
@@ -308,27 +469,127 @@ class TraceWriter:
             self._prices_at = time.monotonic()
         return self._prices
 
-    # --- the spool ---
+    # --- the spool and the dead-letter file ---
+
+    def _redacted(self, item: _Item) -> RedactedBody | None:
+        """The body as the database would store it: redacted, or none for an org that does
+        not capture bodies (or whose settings cannot be read now: then none is kept)."""
+        body = item.body
+        if body is None or isinstance(body, RedactedBody):
+            return body
+        org_id: int = item.row.get("org_id", 0)
+        # In an outage the settings last read are used, however old: they are what the
+        # direct path used a moment ago.
+        settings = self._settings.get(org_id)
+        if settings is None:
+            try:
+                settings = self._capture_settings(org_id)
+            except Exception as exc:  # noqa: BLE001 - no settings: the body is not kept
+                if isinstance(exc, CONNECTION_ERRORS):
+                    reset_connection(self.db)
+                self.bodies_dropped += 1
+                item.row["anomalies"] = [
+                    *(item.row.get("anomalies") or ()),
+                    "body not kept: capture settings unreadable",
+                ]
+                return None
+        if not settings.capture_bodies:
+            return None
+        redactor = settings.redactor
+        answer = None if body.response is None else redactor.redact(orjson.dumps(body.response))
+        return RedactedBody(redactor.redact(body.request), answer)
+
+    def _entry(self, item: _Item) -> dict[str, Any]:
+        """A spool (and dead-letter) line of a trace: its row and its redacted body."""
+        entry: dict[str, Any] = {"row": item.row}
+        body = self._redacted(item)
+        if body is not None:
+            entry["redacted_request"] = base64.b64encode(body.request).decode()
+            if body.response is not None:
+                entry["redacted_response"] = base64.b64encode(body.response).decode()
+        return entry
 
     def _spool(self, batch: list[_Item]) -> None:
-        if not batch:
-            return
         lines = []
         for item in batch:
-            entry: dict[str, Any] = {"row": item.row}
-            if item.body is not None:
-                entry["request"] = base64.b64encode(item.body.request).decode()
-                entry["response"] = item.body.response
-            lines.append(orjson.dumps(entry) + b"\n")
-        self.spool_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.spool_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                lines.append(orjson.dumps(self._entry(item)) + b"\n")
+            except TypeError as exc:  # a value JSON cannot hold: nowhere to keep it
+                self.dropped_by["spool_error"] += 1
+                log.error("trace %s lost: it cannot be spooled (%s)", item.row.get("id"), exc)
+        if not lines:
+            return
         try:
-            os.write(fd, b"".join(lines))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            _append(self.spool_path, lines)
+        except OSError as exc:
+            self.dropped_by["spool_error"] += len(lines)
+            log.error("%d traces lost: the spool could not be written (%r)", len(lines), exc)
+            return
         self._spool_lines += len(lines)
         self.spooled += len(lines)
+
+    def _dead_letter(self, item: _Item, exc: BaseException, reason: str = "dead_letter") -> None:
+        """Keep a row the database refused even alone in the dead-letter file, and count it."""
+        trace_id = str(item.row.get("id"))
+        if trace_id in self._dead_ids:
+            return
+        self._dead_ids.add(trace_id)
+        self.dropped_by[reason] += 1
+        log.error(
+            "trace %s not written (%s: %s); kept in %s",
+            trace_id,
+            type(exc).__name__,
+            exc,
+            self.dead_letter_path,
+        )
+        try:
+            entry = {**self._entry(item), "error": type(exc).__name__}
+            _append(self.dead_letter_path, [orjson.dumps(entry) + b"\n"])
+        except (OSError, TypeError) as write_error:
+            log.error("trace %s lost: the dead-letter file failed (%r)", trace_id, write_error)
+            return
+        self.dead_letters += 1
+
+    def _dead_letter_line(self, line: bytes, exc: Exception) -> None:
+        """A spool line that does not read (a write torn by a crash): its content cannot be
+        redacted, so only that it was there is kept."""
+        digest = blob_digest(line).hex()
+        if digest in self._dead_ids:
+            return
+        self._dead_ids.add(digest)
+        self.dropped_by["dead_letter"] += 1
+        log.error("an unreadable spool line (%d bytes) was dropped: %r", len(line), exc)
+        entry = {"error": type(exc).__name__, "unreadable_spool_line_bytes": len(line)}
+        try:
+            _append(self.dead_letter_path, [orjson.dumps(entry) + b"\n"])
+        except OSError as write_error:
+            log.error("the dead-letter file failed (%r)", write_error)
+            return
+        self.dead_letters += 1
+
+    def _unspooled(self, line: bytes) -> _Item | None:
+        """A spool line as a queued trace; None (dead-lettered) when it does not read.
+
+        Lines spooled before bodies were redacted first hold ``request`` (base64) and
+        ``response`` (JSON): they are redacted on the way in, as queued traces are."""
+        try:
+            entry = orjson.loads(line)
+            row = entry["row"]
+            if not isinstance(row, dict):
+                raise TypeError("the row is not an object")
+            body: CapturedBody | RedactedBody | None = None
+            if "redacted_request" in entry:
+                answer = entry.get("redacted_response")
+                body = RedactedBody(
+                    base64.b64decode(entry["redacted_request"]),
+                    None if answer is None else base64.b64decode(answer),
+                )
+            elif "request" in entry:
+                body = CapturedBody(base64.b64decode(entry["request"]), entry.get("response"))
+        except (orjson.JSONDecodeError, KeyError, TypeError, binascii.Error) as exc:
+            self._dead_letter_line(line, exc)
+            return None
+        return _Item(row, body)
 
     def _replay_spool(self) -> bool:
         """Write the spool to the database in order; True once it is empty."""
@@ -338,18 +599,15 @@ class TraceWriter:
                 for line in fh:
                     if not line.strip():
                         continue
-                    entry = orjson.loads(line)
-                    body = None
-                    if "request" in entry:
-                        body = CapturedBody(
-                            base64.b64decode(entry["request"]), entry.get("response")
-                        )
-                    batch.append(_Item(entry["row"], body))
+                    item = self._unspooled(line)
+                    if item is None:
+                        continue
+                    batch.append(item)
                     if len(batch) >= self.batch_size:
-                        self._write(batch)
+                        self._store(batch)
                         batch = []
                 if batch:
-                    self._write(batch)
+                    self._store(batch)
         except CONNECTION_ERRORS:
             reset_connection(self.db)
             return False
@@ -359,6 +617,24 @@ class TraceWriter:
         # Replay is idempotent by trace id, so a crash before this unlink only repeats work.
         self.spool_path.unlink(missing_ok=True)
         self._spool_lines = 0
-        self.written += replayed
         log.info("replayed %d spooled traces", replayed)
         return True
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with path.open("rb") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def _append(path: Path, lines: list[bytes]) -> None:
+    """Append lines to a file only this user may read (0600, also if it was not), fsynced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, b"".join(lines))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
