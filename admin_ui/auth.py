@@ -5,8 +5,16 @@ from __future__ import annotations
 from admin_ui.base import SESSION_COOKIE, UIHandler
 from tvgate import services
 from tvgate.db import DatabaseUnavailable
-from tvgate.identity import AuthError, IdentityUnavailable, OrgSelectionError, Principal
+from tvgate.identity import (
+    VIA_PASSWORD,
+    VIA_VISDOM,
+    AuthError,
+    IdentityUnavailable,
+    OrgSelectionError,
+    Principal,
+)
 from tvgate.identity.sessions import end_session, start_session
+from tvgate.keyring import KeyringUnavailable
 
 
 class LoginHandler(UIHandler):
@@ -31,7 +39,7 @@ class LoginHandler(UIHandler):
             )
             return
         try:
-            principal = await self._sign_in(email, password, token, org)
+            principal, visdom_session = await self._sign_in(email, password, token, org)
         except AuthError:
             self._fail(401, "Wrong email, password or token.", email, org)
             return
@@ -42,9 +50,14 @@ class LoginHandler(UIHandler):
             self._fail(503, "Sign-in is unavailable right now; try again shortly.", email, org)
             return
         # A new session id at every sign-in: a session id planted before is never promoted.
-        session_id = await self.gateway.runner.run(
-            lambda: start_session(principal.user_id, address)
-        )
+        keyring = self.gateway.keyring
+        try:
+            session_id = await self.gateway.runner.run(
+                lambda: start_session(principal, address, keyring, visdom_session)
+            )
+        except (KeyringUnavailable, DatabaseUnavailable):
+            self._fail(503, "Sign-in is unavailable right now; try again shortly.", email, org)
+            return
         self.set_signed_cookie(
             SESSION_COOKIE,
             session_id,
@@ -56,10 +69,14 @@ class LoginHandler(UIHandler):
         )
         self.redirect("/ui/")
 
-    async def _sign_in(self, email: str, password: str, token: str, org: str | None) -> Principal:
+    async def _sign_in(
+        self, email: str, password: str, token: str, org: str | None
+    ) -> tuple[Principal, str | None]:
+        """Who signs in, and the Visdom Trace session the web session will be held to."""
         gateway = self.gateway
         if token:
-            return await gateway.auth.authenticate(token, org)
+            principal = await gateway.auth.authenticate(token, org)
+            return principal, token if principal.via == VIA_VISDOM else None
         if not email or not password:
             raise AuthError("email and password, or a token, are required")
         local = await gateway.runner.run(lambda: services.verify_local_password(email, password))
@@ -69,12 +86,16 @@ class LoginHandler(UIHandler):
                 names = ", ".join(sorted(u.org.name for u in local))
                 raise OrgSelectionError(f"you are a member of several orgs ({names})")
             user = chosen[0]
-            return Principal(user.id, user.org.id, user.org.name, user.email, user.role)
+            principal = Principal(
+                user.id, user.org.id, user.org.name, user.email, user.role, via=VIA_PASSWORD
+            )
+            return principal, None
         if gateway.visdom is None:
             raise AuthError("no such local user")
-        # The password goes to Visdom Trace once and is never stored; neither is its token.
+        # The password goes to Visdom Trace once and is never stored; its session token is
+        # kept only sealed by the keyring, to re-check the web session against.
         visdom_token = await gateway.visdom.login(email, password)
-        return await gateway.auth.authenticate(visdom_token, org)
+        return await gateway.auth.authenticate(visdom_token, org), visdom_token
 
     def _fail(self, status: int, message: str, email: str, org: str | None) -> None:
         self.set_status(status)

@@ -136,6 +136,14 @@ def _migration_6(db: peewee.Database) -> None:
     )
 
 
+def _migration_9(db: peewee.Database) -> None:
+    # Where a token or a web session came from, so it ends when that does (issue 16.4).
+    for name in ("visdom_session", "visdom_checked_at"):
+        add_column_if_missing(db, models.ProxyToken, name)
+    for name in ("via", "token_id", "expires_at", "visdom_session", "visdom_checked_at"):
+        add_column_if_missing(db, models.WebSession, name)
+
+
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
 MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (1, _migration_1),
@@ -143,6 +151,7 @@ MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (4, _migration_4),
     (5, _migration_5),
     (6, _migration_6),
+    (9, _migration_9),
 ]
 
 

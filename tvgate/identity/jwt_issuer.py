@@ -11,6 +11,7 @@ cache TTL passes), so its signature is not checked again on every request.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -24,7 +25,13 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from tvgate.config import ConfigError, Settings
 from tvgate.db import DatabaseRunner, DatabaseUnavailable
-from tvgate.identity import AuthError, IdentityUnavailable, Principal, select_membership
+from tvgate.identity import (
+    VIA_JWT,
+    AuthError,
+    IdentityUnavailable,
+    Principal,
+    select_membership,
+)
 from tvgate.identity.provision import Membership, OutsideIdentity, provision
 
 log = logging.getLogger("tvgate.identity")
@@ -150,13 +157,15 @@ class JWTAuthenticator:
         membership = select_membership(memberships, requested_org, settings.pinned_org)
         identity = OutsideIdentity(str(user_id), email, str(claims.get("name") or ""), memberships)
         try:
-            principal = await self.runner.run(lambda: provision(identity, membership))
+            provisioned = await self.runner.run(lambda: provision(identity, membership))
         except DatabaseUnavailable:
             # Stale if error: the signature and expiry were just checked; only the user row
             # could not be refreshed.
             if known is not None:
                 return known[0]
             raise
+        # What it mints lasts at most jwt_token_max_age; a web session, until ``exp``.
+        principal = dataclasses.replace(provisioned, via=VIA_JWT, expires_at=float(claims["exp"]))
         until = min(float(claims["exp"]), time.time() + settings.cache_ttl)
         if len(self._verified) > 100_000:
             self._verified.clear()

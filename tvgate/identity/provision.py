@@ -43,13 +43,22 @@ class OutsideIdentity:
     memberships: tuple[Membership, ...]
 
 
+def find_org(membership: Membership) -> Org | None:
+    """The org a membership stands for, if tvgate has it: by outside id, else by name."""
+    if membership.org_external_id:
+        org = Org.get_or_none(Org.external_id == membership.org_external_id)
+        if org is not None:
+            return org
+    # An org an operator created by name is linked to the outside org of that name.
+    return Org.get_or_none(Org.name == membership.org_name)
+
+
 def _org_for(membership: Membership) -> Org:
     org = None
     if membership.org_external_id:
         org = Org.get_or_none(Org.external_id == membership.org_external_id)
     if org is None:
-        # An org an operator created by name is linked to the outside org of that name.
-        org = Org.get_or_none(Org.name == membership.org_name)
+        org = find_org(membership)
         if org is None:
             org = Org.create(
                 name=membership.org_name,
