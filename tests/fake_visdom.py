@@ -3,9 +3,10 @@
 It keeps users with passwords and org memberships, issues ``tvs_`` + 64 hex
 session tokens at login and stores only their SHA-256, and answers the three
 calls tvgate makes. Tests can revoke a session (or every session of a user),
-change a role, remove a user from an org, see the tokens it issued, count the
-calls, stop the server (connections refused) and start it again on the same
-port. It also serves a JWKS document at ``/jwks.json`` for the JWT tests.
+change a role, remove a user from an org, see the tokens it issued and the
+credentials sent to it, count the calls, stop the server (connections
+refused) and start it again on the same port. It also serves a JWKS document
+at ``/jwks.json`` for the JWT tests.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class _Handler(tornado.web.RequestHandler):
             return None
         digest = hashlib.sha256(header[7:].encode()).hexdigest()
         with self.fake.lock:
+            self.fake.bearers.add(header[7:])
             user_id = self.fake.sessions.get(digest)
             return self.fake.users.get(user_id) if user_id else None
 
@@ -128,6 +130,8 @@ class FakeVisdom:
         self.sessions: dict[str, str] = {}
         #: user id -> the session tokens issued at login, so tests can look for them.
         self.issued: dict[str, list[str]] = {}
+        #: Every Bearer credential sent to it, so tests can tell what tvgate sent where.
+        self.bearers: set[str] = set()
         self.calls: Counter[str] = Counter()
         self.jwks: list[dict[str, Any]] = []
         with socket.socket() as sock:

@@ -22,9 +22,9 @@ import jwt
 import orjson
 import pytest
 
-from tests.conftest import GatewayProcess, launch_gateway, stop_gateway
+from tests.conftest import ANTHROPIC_SECRET, GatewayProcess, launch_gateway, stop_gateway
 from tests.fake_visdom import FakeUser, FakeVisdom
-from tvgate.models import ProxyToken, User, WebSession
+from tvgate.models import AuditEvent, ProviderKey, ProxyToken, User, WebSession
 
 ISSUER = "https://issuer.revoke.test"
 JWT_SECRET = "revoke-hmac-secret-" + uuid.uuid4().hex
@@ -142,6 +142,10 @@ def test_token_minted_by_a_visdom_user_stops_when_they_leave_the_org(
     revgate.bind()
     row = ProxyToken.get(ProxyToken.prefix == token[:10])
     assert row.revoked_at is not None
+    ended = AuditEvent.get(
+        (AuditEvent.action == "revoke token") & (AuditEvent.target == f"token {row.id}")
+    )
+    assert ended.actor == "tvgate (Visdom Trace re-check)" and "no longer" in ended.change
     assert session not in revgate.dump_database()
     assert session not in revgate.log_text()
 
@@ -198,6 +202,29 @@ def test_visdom_outage_stops_derived_tokens_after_the_ttl_then_recovers(
     finally:
         visdom.start()
     assert proxy(revgate, token).status_code == 200
+
+
+def test_sealed_visdom_session_opens_only_on_its_own_row(
+    revgate: GatewayProcess, visdom: FakeVisdom
+) -> None:
+    first = mint(revgate, visdom.issue_session(visdom_person(visdom, "developer")))
+    second = mint(revgate, visdom.issue_session(visdom_person(visdom, "developer")))
+    third = mint(revgate, visdom.issue_session(visdom_person(visdom, "developer")))
+    revgate.bind()
+    sealed = ProxyToken.get_by_id(first["id"]).visdom_session
+    assert sealed and sealed.startswith("local:v1:")
+    provider_key = ProviderKey.get(ProviderKey.name == "fake-anthropic").ciphertext
+    # Someone who can write the database moves ciphertexts between rows: another token's,
+    # and a provider key's (which must never be sent to Visdom Trace as a session).
+    for target, ciphertext in ((second, sealed), (third, provider_key)):
+        ProxyToken.update(visdom_session=ciphertext, visdom_checked_at=0).where(
+            ProxyToken.id == target["id"]
+        ).execute()
+    time.sleep(PAST_THE_TTL)
+    for target in (second, third):
+        assert proxy(revgate, target["token"]).status_code == 401
+    assert proxy(revgate, first["token"]).status_code == 200
+    assert ANTHROPIC_SECRET not in visdom.bearers
 
 
 # --- Visdom Trace users: web sessions ---
@@ -277,10 +304,20 @@ def test_session_opened_with_a_token_ends_when_the_token_expires(
 # --- JWT users ---
 
 
-def make_jwt(email: str, role: str = "developer") -> str:
+def make_jwt(email: str, role: str = "developer", lifetime: int = 600) -> str:
     now = int(time.time())
     claims = {"iss": ISSUER, "sub": "sub-" + email, "email": email, "org": "acme", "role": role}
-    return jwt.encode({**claims, "iat": now, "exp": now + 600}, JWT_SECRET, algorithm="HS256")
+    return jwt.encode({**claims, "iat": now, "exp": now + lifetime}, JWT_SECRET, algorithm="HS256")
+
+
+def test_session_opened_with_a_jwt_ends_when_the_jwt_expires(revgate: GatewayProcess) -> None:
+    credential = make_jwt(f"jwt-{uuid.uuid4().hex[:8]}@acme.test", lifetime=3)
+    expires = jwt.decode(credential, options={"verify_signature": False})["exp"]
+    with browser(revgate) as client:
+        sign_in(client, token=credential)
+        assert signed_in(client)
+        time.sleep(max(0.0, expires - time.time()) + 0.5)
+        assert not signed_in(client)
 
 
 def test_tokens_jwt_users_mint_expire_within_the_max_age(

@@ -6,9 +6,10 @@ session ends after ``session_idle_timeout`` unused or ``session_max_age`` in
 all, at sign-out, or when its user is disabled. It also ends with what it was
 opened with (issue 16.4): at once when a pasted ``tvg_`` token is revoked or
 expires, at a pasted JWT's ``exp``, and when the Visdom Trace session of a
-Visdom Trace sign-in no longer vouches for it (``tvgate.identity.origin``). Sign-in attempts are counted
-per address and per email in memory; past ``login_attempts`` in 15 minutes
-the form answers 429 until the window moves on.
+Visdom Trace sign-in no longer vouches for it (``tvgate.identity.origin``).
+Sign-in attempts are counted per address and per email in memory; past
+``login_attempts`` in 15 minutes the form answers 429 until the window moves
+on.
 """
 
 from __future__ import annotations
