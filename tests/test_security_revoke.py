@@ -24,7 +24,8 @@ import pytest
 
 from tests.conftest import ANTHROPIC_SECRET, GatewayProcess, launch_gateway, stop_gateway
 from tests.fake_visdom import FakeUser, FakeVisdom
-from tvgate.models import AuditEvent, ProviderKey, ProxyToken, User, WebSession
+from tvgate.db import migrate, open_database
+from tvgate.models import AuditEvent, ProviderKey, ProxyToken, SchemaVersion, User, WebSession
 
 ISSUER = "https://issuer.revoke.test"
 JWT_SECRET = "revoke-hmac-secret-" + uuid.uuid4().hex
@@ -337,3 +338,27 @@ def test_tokens_jwt_users_mint_expire_within_the_max_age(
     # An admin may mint a lasting token for the same user.
     by_admin = mint(revgate, gateway.tokens["admin@acme.test"], user=email)
     assert by_admin["expires_at"] is None
+
+
+# --- the schema ---
+
+
+def test_migration_9_adds_the_origin_columns_to_an_older_database(
+    fresh_database_url: str,
+) -> None:
+    db = open_database(fresh_database_url)
+    migrate(db)
+    added = {
+        "proxy_token": ["visdom_session", "visdom_checked_at"],
+        "web_session": ["via", "token_id", "expires_at", "visdom_session", "visdom_checked_at"],
+    }
+    # The database as migration 6 left it: without the columns, and without version 9.
+    for table, columns in added.items():
+        for column in columns:
+            db.execute_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
+    SchemaVersion.delete().where(SchemaVersion.version == 9).execute()
+    assert migrate(db) == [9]
+    for table, columns in added.items():
+        assert set(columns) <= {c.name for c in db.get_columns(table)}
+    assert migrate(db) == []
+    db.close()
