@@ -34,7 +34,7 @@ from tvgate.keyring import Keyring
 
 
 class OriginChecker:
-    """Re-checks sealed origins with Visdom Trace, at most once per TTL per row."""
+    """Re-checks sealed origins with Visdom Trace once their last confirmation is a TTL old."""
 
     def __init__(
         self,
@@ -57,9 +57,9 @@ class OriginChecker:
         return None if origin is None else origin.checked_at + self.ttl
 
     async def confirm(self, origin: SealedOrigin) -> None:
-        """Ask Visdom Trace about the session behind ``origin``; AuthError (the row has been
-        ended) when it no longer holds; IdentityUnavailable (from the client or the keyring)
-        when it cannot be asked."""
+        """Ask Visdom Trace about the session behind ``origin``. AuthError when it no longer
+        holds (the row is then ended) or cannot be read or checked here; IdentityUnavailable
+        when Visdom Trace or the keyring cannot be reached."""
         if self.visdom is None:
             # Another gateway on this database minted it; this one cannot check it.
             raise AuthError("made from a Visdom Trace sign-in this gateway cannot check")
