@@ -10,6 +10,8 @@ from admin_ui.base import SESSION_COOKIE, UIHandler
 from tvgate import services
 from tvgate.db import DatabaseUnavailable
 from tvgate.identity import (
+    VIA_PASSWORD,
+    VIA_VISDOM,
     AuthError,
     IdentityUnavailable,
     NotLinked,
@@ -17,6 +19,7 @@ from tvgate.identity import (
     Principal,
 )
 from tvgate.identity.sessions import end_session, start_session
+from tvgate.keyring import KeyringUnavailable
 
 
 class SignInLocked(Exception):
@@ -39,7 +42,9 @@ class LoginHandler(UIHandler):
         org = self.get_body_argument("org", "").strip() or None
         address = self.client_ip
         try:
-            principal = await self._throttled_sign_in(address, email, password, token, org)
+            principal, visdom_session = await self._throttled_sign_in(
+                address, email, password, token, org
+            )
         except SignInLocked:
             self._fail(
                 429, "Too many sign-in attempts. Wait a few minutes and try again.", email, org
@@ -59,14 +64,18 @@ class LoginHandler(UIHandler):
         except (IdentityUnavailable, DatabaseUnavailable):
             self._fail(503, "Sign-in is unavailable right now; try again shortly.", email, org)
             return
-        throttle = self.gateway.login_throttle
+        # A new session id at every sign-in: a session id planted before is never promoted.
+        throttle, keyring = self.gateway.login_throttle, self.gateway.keyring
 
         def signed_in() -> str:
             throttle.succeeded(address, email)
-            # A new session id at every sign-in: a session id planted before is never promoted.
-            return start_session(principal.user_id, address)
+            return start_session(principal, address, keyring, visdom_session)
 
-        session_id = await self.gateway.runner.run(signed_in)
+        try:
+            session_id = await self.gateway.runner.run(signed_in)
+        except (KeyringUnavailable, DatabaseUnavailable):
+            self._fail(503, "Sign-in is unavailable right now; try again shortly.", email, org)
+            return
         self.set_signed_cookie(
             SESSION_COOKIE,
             session_id,
@@ -80,7 +89,7 @@ class LoginHandler(UIHandler):
 
     async def _throttled_sign_in(
         self, address: str, email: str, password: str, token: str, org: str | None
-    ) -> Principal:
+    ) -> tuple[Principal, str | None]:
         """Sign in unless this (address, email) is locked; a wrong credential counts."""
         throttle, runner = self.gateway.login_throttle, self.gateway.runner
         if await runner.run(lambda: throttle.locked(address, email)):
@@ -91,10 +100,14 @@ class LoginHandler(UIHandler):
             await runner.run(lambda: throttle.failed(address, email))
             raise
 
-    async def _sign_in(self, email: str, password: str, token: str, org: str | None) -> Principal:
+    async def _sign_in(
+        self, email: str, password: str, token: str, org: str | None
+    ) -> tuple[Principal, str | None]:
+        """Who signs in, and the Visdom Trace session the web session will be held to."""
         gateway = self.gateway
         if token:
-            return await gateway.auth.authenticate(token, org)
+            principal = await gateway.auth.authenticate(token, org)
+            return principal, token if principal.via == VIA_VISDOM else None
         if not email or not password:
             raise AuthError("email and password, or a token, are required")
         local = await gateway.runner.run(lambda: services.verify_local_password(email, password))
@@ -104,12 +117,16 @@ class LoginHandler(UIHandler):
                 names = ", ".join(sorted(u.org.name for u in local))
                 raise OrgSelectionError(f"you are a member of several orgs ({names})")
             user = chosen[0]
-            return Principal(user.id, user.org.id, user.org.name, user.email, user.role)
+            principal = Principal(
+                user.id, user.org.id, user.org.name, user.email, user.role, via=VIA_PASSWORD
+            )
+            return principal, None
         if gateway.visdom is None:
             raise AuthError("no such local user")
-        # The password goes to Visdom Trace once and is never stored; neither is its token.
+        # The password goes to Visdom Trace once and is never stored; its session token is
+        # kept only sealed by the keyring, to re-check the web session against.
         visdom_token = await gateway.visdom.login(email, password)
-        return await gateway.auth.authenticate(visdom_token, org)
+        return await gateway.auth.authenticate(visdom_token, org), visdom_token
 
     def _fail(self, status: int, message: str, email: str, org: str | None) -> None:
         self.set_status(status)

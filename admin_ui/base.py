@@ -8,8 +8,9 @@ from typing import Any, TypeVar
 from tornado.web import HTTPError
 
 from tvgate import services
-from tvgate.identity import Principal
-from tvgate.identity.sessions import session_principal
+from tvgate.db import DatabaseUnavailable
+from tvgate.identity import AuthError, IdentityUnavailable, Principal, SealedOrigin
+from tvgate.identity.sessions import end_session, session_principal
 from tvgate.web import BaseHandler
 
 SESSION_COOKIE = "tvgate_session"
@@ -73,13 +74,30 @@ class UIHandler(BaseHandler):
         self.current_user = None
         session_id = self.get_signed_cookie(SESSION_COOKIE, max_age_days=31)
         if session_id:
-            settings = self.gateway.settings
-            sid = session_id.decode()
-            self.current_user = await self.gateway.runner.run(
-                lambda: session_principal(
-                    sid, settings.session_idle_timeout, settings.session_max_age
-                )
-            )
+            self.current_user = await self._session_user(session_id.decode())
+
+    async def _session_user(self, sid: str) -> Principal | None:
+        """The session's principal, once what it was opened with still holds."""
+        gateway, settings = self.gateway, self.gateway.settings
+
+        def lookup() -> tuple[Principal | None, SealedOrigin | None]:
+            return session_principal(sid, settings.session_idle_timeout, settings.session_max_age)
+
+        principal, origin = await gateway.runner.run(lookup)
+        if principal is None or origin is None or not gateway.origins.due(origin):
+            return principal
+        try:
+            await gateway.origins.confirm(origin)
+        except AuthError:
+            # The Visdom Trace sign-in behind it is gone: so is this session.
+            await gateway.runner.run(lambda: end_session(sid))
+            return None
+        except (IdentityUnavailable, DatabaseUnavailable):
+            raise PageError(
+                503, "Your sign-in cannot be checked right now; try again shortly."
+            ) from None
+        principal, _origin = await gateway.runner.run(lookup)  # with the role it has now
+        return principal
 
     def get_current_user(self) -> Principal | None:
         # prepare() sets current_user; before it (the XSRF check runs earlier) nobody is

@@ -85,9 +85,16 @@ class MintTokenHandler(MeHandler):
             days = float(days_text) if days_text else None
         except ValueError:
             raise PageError(400, "Expiry must be a number of days.") from None
+        gateway = self.gateway
         token, _row = await self.call(
             lambda: services.issue_token(
-                user.email, user.org_name, name=name, expires_days=days, actor=user
+                user.email,
+                user.org_name,
+                name=name,
+                expires_days=days,
+                actor=user,
+                keyring=gateway.keyring,
+                jwt_max_age=gateway.settings.jwt_token_max_age,
             )
         )
         # Shown once, on this response only (no redirect: the token is in no URL or cookie).

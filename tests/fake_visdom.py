@@ -2,9 +2,11 @@
 
 It keeps users with passwords and org memberships, issues ``tvs_`` + 64 hex
 session tokens at login and stores only their SHA-256, and answers the three
-calls tvgate makes. Tests can revoke a session, change a membership, count the
-calls, stop the server (connections refused) and start it again on the same
-port. It also serves a JWKS document at ``/jwks.json`` for the JWT tests.
+calls tvgate makes. Tests can revoke a session (or every session of a user),
+change a role, remove a user from an org, see the tokens it issued and the
+credentials sent to it, count the calls, stop the server (connections
+refused) and start it again on the same port. It also serves a JWKS document
+at ``/jwks.json`` for the JWT tests.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class _Handler(tornado.web.RequestHandler):
             return None
         digest = hashlib.sha256(header[7:].encode()).hexdigest()
         with self.fake.lock:
+            self.fake.bearers.add(header[7:])
             user_id = self.fake.sessions.get(digest)
             return self.fake.users.get(user_id) if user_id else None
 
@@ -79,6 +82,7 @@ class LoginHandler(_Handler):
                 return
             token = "tvs_" + secrets.token_hex(32)
             self.fake.sessions[hashlib.sha256(token.encode()).hexdigest()] = user.user_id
+            self.fake.issued.setdefault(user.user_id, []).append(token)
         self.send(200, {"token": token, "user_id": user.user_id, "email": user.email})
 
 
@@ -124,6 +128,10 @@ class FakeVisdom:
         self.users: dict[str, FakeUser] = {}
         self.orgs: dict[str, FakeOrg] = {}
         self.sessions: dict[str, str] = {}
+        #: user id -> the session tokens issued at login, so tests can look for them.
+        self.issued: dict[str, list[str]] = {}
+        #: Every Bearer credential sent to it, so tests can tell what tvgate sent where.
+        self.bearers: set[str] = set()
         self.calls: Counter[str] = Counter()
         self.jwks: list[dict[str, Any]] = []
         with socket.socket() as sock:
@@ -162,6 +170,20 @@ class FakeVisdom:
     def revoke(self, token: str) -> None:
         with self.lock:
             self.sessions.pop(hashlib.sha256(token.encode()).hexdigest(), None)
+
+    def revoke_user(self, user: FakeUser) -> None:
+        """End every session of a user (a sign-out everywhere, or an account locked)."""
+        with self.lock:
+            self.sessions = {h: u for h, u in self.sessions.items() if u != user.user_id}
+
+    def set_role(self, user: FakeUser, org: str, role: str) -> None:
+        with self.lock:
+            user.roles[org] = role
+
+    def remove_member(self, user: FakeUser, org: str) -> None:
+        """Take a user out of an org: their sessions stay valid, ``/me/orgs`` no longer lists it."""
+        with self.lock:
+            user.roles.pop(org, None)
 
     def count(self, call: str) -> None:
         with self.lock:

@@ -127,6 +127,9 @@ class Settings:
     #: Link a JWT to a tvgate user made without an outside id (``users add``) by its email,
     #: when the token says ``email_verified: true``; Visdom Trace sign-ins never are.
     link_users_by_email: bool = False
+    #: Seconds a ``tvg_`` token lasts at most when someone signed in with a JWT mints it
+    #: (tvgate cannot ask a JWT issuer later whether the person is still there).
+    jwt_token_max_age: float = 86400.0
     #: Secret that signs web UI session cookies; empty: a 0600 file in data_dir.
     cookie_secret: str = ""
     #: Seconds a web UI session may sit unused before it ends.
@@ -274,6 +277,8 @@ def validate(settings: Settings) -> None:
             raise ConfigError("jwt_algorithms must list real algorithms; 'none' is never accepted")
         if not (settings.jwt_jwks_url or settings.jwt_public_key or settings.jwt_secret):
             raise ConfigError("JWT sign-in needs jwt_jwks_url, jwt_public_key or jwt_secret")
+    if settings.jwt_token_max_age <= 0:
+        raise ConfigError("jwt_token_max_age must be a positive number of seconds")
     if settings.sink_url and not settings.sink_secret:
         raise ConfigError("sink_url needs sink_secret, so receivers can check what they get")
     if settings.max_body_bytes <= 0 or settings.max_clients <= 0 or settings.idle_timeout <= 0:

@@ -190,6 +190,14 @@ def _migration_8(db: peewee.Database) -> None:
     )
 
 
+def _migration_9(db: peewee.Database) -> None:
+    # Where a token or a web session came from, so it ends when that does (issue 16.4).
+    for name in ("visdom_session", "visdom_checked_at"):
+        add_column_if_missing(db, models.ProxyToken, name)
+    for name in ("via", "token_id", "expires_at", "visdom_session", "visdom_checked_at"):
+        add_column_if_missing(db, models.WebSession, name)
+
+
 def _migration_10(db: peewee.Database) -> None:
     # Prices per org over the default table (issue 16.7): the model's unique index becomes
     # one over the default rows and one over each org's rows.
@@ -217,6 +225,7 @@ MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (6, _migration_6),
     (7, _migration_7),
     (8, _migration_8),
+    (9, _migration_9),
     (10, _migration_10),
     (11, _migration_11),
 ]

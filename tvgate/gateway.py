@@ -27,6 +27,7 @@ from tvgate.forwarded import Network, parse_networks
 from tvgate.governance.governor import Governor
 from tvgate.identity.authenticator import Authenticator
 from tvgate.identity.jwt_issuer import JWTAuthenticator
+from tvgate.identity.origin import OriginChecker
 from tvgate.identity.sessions import LoginThrottle
 from tvgate.identity.tokens import ProxyTokenAuthenticator
 from tvgate.identity.visdom import VisdomAuthenticator, VisdomClient
@@ -86,6 +87,8 @@ class Gateway:
     keyring: Keyring
     keys: PlaintextCache
     auth: Authenticator
+    #: Re-checks tokens and web sessions made from a Visdom Trace sign-in.
+    origins: OriginChecker
     visdom: VisdomClient | None
     router: Router
     traces: TraceWriter
@@ -131,8 +134,7 @@ class Gateway:
         # and never buffers a body, so it takes no max_body_size.
         http = UpstreamCurlClient(max_clients=settings.max_clients, force_instance=True)
         visdom = VisdomClient(settings.visdom_url) if settings.visdom_url else None
-        auth = Authenticator(
-            ProxyTokenAuthenticator(runner, settings.cache_ttl),
+        visdom_auth = (
             VisdomAuthenticator(
                 visdom,
                 runner,
@@ -141,7 +143,12 @@ class Gateway:
                 pinned_org=settings.pinned_org,
             )
             if visdom is not None
-            else None,
+            else None
+        )
+        origins = OriginChecker(visdom_auth, runner, keyring, settings.visdom_cache_ttl)
+        auth = Authenticator(
+            ProxyTokenAuthenticator(runner, settings.cache_ttl, origins),
+            visdom_auth,
             JWTAuthenticator(settings, runner) if settings.jwt_issuer else None,
             settings.pinned_org,
         )
@@ -152,6 +159,7 @@ class Gateway:
             keyring=keyring,
             keys=PlaintextCache(keyring, runner.executor, settings.key_cache_ttl),
             auth=auth,
+            origins=origins,
             visdom=visdom,
             router=Router(runner, settings.cache_ttl),
             traces=writer,

@@ -190,6 +190,11 @@ class ProxyToken(BaseModel):
     expires_at = peewee.DoubleField(null=True)
     last_used_at = peewee.DoubleField(null=True)
     revoked_at = peewee.DoubleField(null=True)
+    #: The Visdom Trace session it was minted under, sealed by the keyring (bound to this
+    #: row); null for a token minted otherwise. See ``tvgate.identity.origin``.
+    visdom_session = peewee.TextField(null=True)
+    #: When Visdom Trace last confirmed that session (its answer's time).
+    visdom_checked_at = peewee.DoubleField(null=True)
 
 
 class WebSession(BaseModel):
@@ -203,6 +208,15 @@ class WebSession(BaseModel):
     created_at = peewee.DoubleField(default=now)
     last_seen_at = peewee.DoubleField(default=now)
     address = peewee.CharField(max_length=64, default="")
+    #: How the person signed in (a VIA_ kind of ``tvgate.identity``).
+    via = peewee.CharField(max_length=16, default="")
+    #: The pasted ``tvg_`` token it was opened with: it ends when that token does.
+    token_id = peewee.IntegerField(null=True)
+    #: When the credential it was opened with stops proving anything (a JWT's ``exp``).
+    expires_at = peewee.DoubleField(null=True)
+    #: The Visdom Trace session it was opened with, sealed by the keyring (bound to this row).
+    visdom_session = peewee.TextField(null=True)
+    visdom_checked_at = peewee.DoubleField(null=True)
 
 
 class LoginFailure(BaseModel):

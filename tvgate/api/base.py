@@ -52,6 +52,8 @@ class APIError(HTTPError):
 
 class APIHandler(BaseHandler):
     principal: Principal
+    #: The credential the request came with (only ever passed on to be sealed).
+    credential: str
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
@@ -65,6 +67,7 @@ class APIHandler(BaseHandler):
         token = credential_from_headers(self.request.headers)
         if not token:
             raise APIError(401, "send a token as Authorization: Bearer or x-api-key")
+        self.credential = token
         try:
             self.principal = await self.gateway.auth.authenticate(
                 token, self.request.headers.get(ORG_HEADER)

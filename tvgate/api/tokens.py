@@ -6,6 +6,7 @@ from typing import Any
 
 from tvgate import services
 from tvgate.api.base import APIError, APIHandler, int_arg
+from tvgate.identity import VIA_VISDOM
 
 
 class TokensHandler(APIHandler):
@@ -27,13 +28,19 @@ class TokensHandler(APIHandler):
             isinstance(expires_days, bool) or not isinstance(expires_days, int | float)
         ):
             raise APIError(400, "expires_days must be a number")
+        principal, gateway = self.principal, self.gateway
+        # A token minted with a Visdom Trace session is held to that session.
+        visdom_session = self.credential if principal.via == VIA_VISDOM else None
         token, row = await self.service(
             lambda: services.issue_token(
                 email,
-                self.principal.org_name,
+                principal.org_name,
                 name=name,
                 expires_days=expires_days,
-                actor=self.principal,
+                actor=principal,
+                keyring=gateway.keyring,
+                visdom_session=visdom_session,
+                jwt_max_age=gateway.settings.jwt_token_max_age,
             )
         )
         view: dict[str, Any] = services.TokenView.of(row).as_dict()

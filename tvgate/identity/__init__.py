@@ -8,7 +8,7 @@ turns it into a Principal or refuses it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tornado.httputil import HTTPHeaders
@@ -19,20 +19,50 @@ if TYPE_CHECKING:
 #: The header a person in several orgs uses to say which org a request is for.
 ORG_HEADER = "X-Tvgate-Org"
 
+#: How a principal proved who they are: what a credential they make inherits from.
+VIA_TOKEN = "token"  # noqa: S105 - a kind of credential, not a secret
+VIA_VISDOM = "visdom"
+VIA_JWT = "jwt"
+VIA_PASSWORD = "password"  # noqa: S105 - a kind of credential, not a secret
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """An authenticated user acting in one org."""
+    """An authenticated user acting in one org, and what they authenticated with."""
 
     user_id: int
     org_id: int
     org_name: str
     email: str
     role: str
+    #: One of the VIA_ kinds; empty for a principal tvgate made itself (a lookup).
+    via: str = ""
+    #: The ``tvg_`` token behind it: the one sent, or the one a web session was opened with.
+    token_id: int | None = None
+    #: The web session it came from, when it came from one.
+    session_id: int | None = None
+    #: When the credential stops proving anything (a JWT's ``exp``); None: no fixed end.
+    expires_at: float | None = None
 
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class SealedOrigin:
+    """The Visdom Trace session a token or web session came from, as stored: sealed.
+
+    ``kind`` is the keyring's SEALED_TOKEN_ORIGIN or SEALED_SESSION_ORIGIN: which table
+    ``row_id`` is in. ``user_id`` is the tvgate user the row acts as.
+    """
+
+    kind: str
+    row_id: int
+    org_id: int
+    user_id: int
+    checked_at: float
+    ciphertext: str = field(repr=False)
 
 
 class AuthError(Exception):

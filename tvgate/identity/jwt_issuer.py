@@ -11,6 +11,7 @@ cache TTL passes), so its signature is not checked again on every request.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -24,7 +25,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from tvgate.config import ConfigError, Settings
 from tvgate.db import DatabaseRunner, DatabaseUnavailable
-from tvgate.identity import AuthError, IdentityUnavailable, OrgSelectionError, Principal
+from tvgate.identity import VIA_JWT, AuthError, IdentityUnavailable, OrgSelectionError, Principal
 from tvgate.identity.provision import Membership, OutsideIdentity, provision
 
 log = logging.getLogger("tvgate.identity")
@@ -160,7 +161,7 @@ class JWTAuthenticator:
             email_verified=claims.get("email_verified") is True,
         )
         try:
-            principal = await self.runner.run(
+            provisioned = await self.runner.run(
                 lambda: provision(
                     identity,
                     requested_org,
@@ -174,6 +175,8 @@ class JWTAuthenticator:
             if known is not None:
                 return known[0]
             raise
+        # What it mints lasts at most jwt_token_max_age; a web session, until ``exp``.
+        principal = dataclasses.replace(provisioned, via=VIA_JWT, expires_at=float(claims["exp"]))
         until = min(float(claims["exp"]), time.time() + settings.cache_ttl)
         if len(self._verified) > 100_000:
             self._verified.clear()

@@ -108,6 +108,14 @@ def _under_tvgate_names(memberships: Sequence[Membership]) -> list[Membership]:
     return bound + unbound
 
 
+def find_org(membership: Membership) -> Org | None:
+    """The tvgate org a membership stands for, if there is one: the org bound to its outside
+    org (the pinned org, which has no outside id, by its name). Never a namesake."""
+    if membership.org_external_id is None:
+        return Org.get_or_none(Org.name == membership.org_name)
+    return _bound_org(membership)
+
+
 def _org_for(membership: Membership) -> Org:
     if membership.org_external_id is None:
         org, _created = Org.get_or_create(

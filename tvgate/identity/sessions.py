@@ -3,9 +3,13 @@
 A session is a random id in a signed, HttpOnly, SameSite cookie; the database
 keeps only the id's SHA-256, the user, and when it was made and last used. A
 session ends after ``session_idle_timeout`` unused or ``session_max_age`` in
-all, at sign-out, or when its user is disabled. Failed sign-ins are counted
-per (client address, email) in the database; past ``login_attempts`` in 15
-minutes the form answers 429 for that pair until the window moves on.
+all, at sign-out, or when its user is disabled. It also ends with what it was
+opened with (issue 16.4): at once when a pasted ``tvg_`` token is revoked or
+expires, at a pasted JWT's ``exp``, and when the Visdom Trace session of a
+Visdom Trace sign-in no longer vouches for it (``tvgate.identity.origin``).
+Failed sign-ins are counted per (client address, email) in the database; past
+``login_attempts`` in 15 minutes the form answers 429 for that pair until the
+window moves on.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import hashlib
 import secrets
 import time
 
-from tvgate.identity import Principal
-from tvgate.models import LoginFailure, Org, User, WebSession, database
+from tvgate import services
+from tvgate.identity import Principal, SealedOrigin
+from tvgate.keyring import SEALED_SESSION_ORIGIN, Keyring
+from tvgate.models import LoginFailure, Org, ProxyToken, User, WebSession, database
 
 #: Touch ``last_seen_at`` at most this often (seconds): a page view is not a write.
 _TOUCH_EVERY = 60.0
@@ -25,15 +31,49 @@ def _digest(session_id: str) -> str:
     return hashlib.sha256(session_id.encode()).hexdigest()
 
 
-def start_session(user_id: int, address: str) -> str:
-    """A new session for a user; returns the id for the cookie (runs in the pool)."""
+def start_session(
+    principal: Principal,
+    address: str,
+    keyring: Keyring | None = None,
+    visdom_session: str | None = None,
+) -> str:
+    """A new session for a principal; returns the id for the cookie (runs in the pool).
+
+    It keeps how the person signed in: the pasted ``tvg_`` token it then lives no longer
+    than, a JWT's ``exp``, or the Visdom Trace session (sealed by ``keyring``) it is
+    re-checked against.
+    """
     session_id = secrets.token_urlsafe(32)
-    WebSession.create(session_hash=_digest(session_id), user=user_id, address=address[:64])
+    with database.atomic():
+        row = WebSession.create(
+            session_hash=_digest(session_id),
+            user=principal.user_id,
+            address=address[:64],
+            via=principal.via,
+            token_id=principal.token_id,
+            expires_at=principal.expires_at,
+        )
+        if visdom_session:
+            if keyring is None:
+                raise ValueError("a keyring is needed to keep a Visdom Trace sign-in")
+            row.visdom_session = services.seal_origin(
+                visdom_session,
+                keyring,
+                SEALED_SESSION_ORIGIN,
+                principal.org_id,
+                row.id,
+                principal.user_id,
+            )
+            row.visdom_checked_at = 0.0  # the first page asks Visdom Trace (its cache)
+            row.save()
     return session_id
 
 
-def session_principal(session_id: str, idle_timeout: float, max_age: float) -> Principal | None:
-    """The principal of a live session, or None (expired sessions are deleted)."""
+def session_principal(
+    session_id: str, idle_timeout: float, max_age: float
+) -> tuple[Principal | None, SealedOrigin | None]:
+    """The principal of a live session and the Visdom Trace origin it is held to, or
+    (None, None); ended sessions are deleted (runs in the pool)."""
     row = (
         WebSession.select(WebSession, User, Org)
         .join(User)
@@ -42,20 +82,45 @@ def session_principal(session_id: str, idle_timeout: float, max_age: float) -> P
         .first()
     )
     if row is None:
-        return None
+        return None, None
     now = time.time()
-    if now - row.last_seen_at > idle_timeout or now - row.created_at > max_age or row.user.disabled:
+    token = ProxyToken.get_or_none(ProxyToken.id == row.token_id) if row.token_id else None
+    if (
+        now - row.last_seen_at > idle_timeout
+        or now - row.created_at > max_age
+        or row.user.disabled
+        or (row.expires_at is not None and row.expires_at <= now)
+        or (row.token_id is not None and not _token_alive(token, now))
+    ):
         row.delete_instance()
-        return None
+        return None, None
     if now - row.last_seen_at > _TOUCH_EVERY:
         WebSession.update(last_seen_at=now).where(WebSession.id == row.id).execute()
     user = row.user
-    return Principal(
+    principal = Principal(
         user_id=user.id,
         org_id=user.org.id,
         org_name=user.org.name,
         email=user.email,
         role=user.role,
+        via=row.via,
+        token_id=row.token_id,
+        session_id=row.id,
+        expires_at=row.expires_at,
+    )
+    origin = services.session_origin(row, user.org.id)
+    if origin is None and token is not None:
+        # Opened with a token minted under a Visdom Trace sign-in: held to that sign-in.
+        origin = services.token_origin(token, user.org.id)
+    return principal, origin
+
+
+def _token_alive(token: ProxyToken | None, now: float) -> bool:
+    """A session opened with a pasted token ends when the token is revoked or expires."""
+    return (
+        token is not None
+        and token.revoked_at is None
+        and (token.expires_at is None or token.expires_at > now)
     )
 
 

@@ -3,7 +3,9 @@
 Only a token's SHA-256 is stored. A check on a cache miss runs one indexed
 query in the database pool; results (positive and negative) are kept for
 ``cache_ttl`` seconds, so a revocation made in another process is in force
-within that time, and at once in the process that made it.
+within that time, and at once in the process that made it. A token minted
+under a Visdom Trace sign-in is also held to that sign-in
+(``tvgate.identity.origin``): never cached past its next re-check.
 """
 
 from __future__ import annotations
@@ -12,10 +14,15 @@ import hashlib
 import secrets
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tvgate.db import DatabaseRunner, DatabaseUnavailable
-from tvgate.identity import AuthError, Principal
+from tvgate.identity import VIA_TOKEN, AuthError, Principal, SealedOrigin
+from tvgate.keyring import SEALED_TOKEN_ORIGIN
 from tvgate.models import Org, ProxyToken, User
+
+if TYPE_CHECKING:
+    from tvgate.identity.origin import OriginChecker
 
 TOKEN_PREFIX = "tvg_"  # noqa: S105 - a prefix, not a secret
 
@@ -38,7 +45,19 @@ class _Cached:
     token_id: int = 0
 
 
-def lookup_token(token_hash: str, at: float) -> tuple[Principal | None, str, float | None, int]:
+@dataclass(frozen=True, slots=True)
+class TokenLookup:
+    """What the database says of a token hash: its principal, or why it has none."""
+
+    principal: Principal | None
+    reason: str
+    expires_at: float | None = None
+    token_id: int = 0
+    #: The Visdom Trace session it was minted under, sealed; None for other tokens.
+    origin: SealedOrigin | None = None
+
+
+def lookup_token(token_hash: str, at: float) -> TokenLookup:
     """The principal a token hash stands for, or why it stands for nobody (runs in the pool)."""
     row = (
         ProxyToken.select(ProxyToken, User, Org)
@@ -48,22 +67,34 @@ def lookup_token(token_hash: str, at: float) -> tuple[Principal | None, str, flo
         .first()
     )
     if row is None:
-        return None, "unknown token", None, 0
+        return TokenLookup(None, "unknown token")
     if row.revoked_at is not None:
-        return None, "token revoked", None, row.id
+        return TokenLookup(None, "token revoked", token_id=row.id)
     if row.expires_at is not None and row.expires_at <= at:
-        return None, "token expired", None, row.id
+        return TokenLookup(None, "token expired", token_id=row.id)
     user = row.user
     if user.disabled:
-        return None, "user disabled", None, row.id
+        return TokenLookup(None, "user disabled", token_id=row.id)
     principal = Principal(
         user_id=user.id,
         org_id=user.org.id,
         org_name=user.org.name,
         email=user.email,
         role=user.role,
+        via=VIA_TOKEN,
+        token_id=row.id,
     )
-    return principal, "", row.expires_at, row.id
+    origin = None
+    if row.visdom_session:
+        origin = SealedOrigin(
+            SEALED_TOKEN_ORIGIN,
+            row.id,
+            user.org.id,
+            user.id,
+            row.visdom_checked_at or 0.0,
+            row.visdom_session,
+        )
+    return TokenLookup(principal, "", row.expires_at, row.id, origin)
 
 
 def record_last_used(used: dict[int, float]) -> None:
@@ -73,9 +104,13 @@ def record_last_used(used: dict[int, float]) -> None:
 
 
 class ProxyTokenAuthenticator:
-    def __init__(self, runner: DatabaseRunner, ttl: float) -> None:
+    def __init__(
+        self, runner: DatabaseRunner, ttl: float, origins: OriginChecker | None = None
+    ) -> None:
         self.runner = runner
         self.ttl = ttl
+        #: Re-checks tokens minted under a Visdom Trace sign-in (tvgate.identity.origin).
+        self.origins = origins
         self._cache: dict[str, _Cached] = {}
         #: Token id -> when it was last used, written in batches by ``flush_last_used``.
         self._used: dict[int, float] = {}
@@ -85,11 +120,8 @@ class ProxyTokenAuthenticator:
         now = time.monotonic()
         cached = self._cache.get(token_hash)
         if cached is None or cached.expires <= now:
-            at = time.time()
             try:
-                principal, reason, expires_at, token_id = await self.runner.run(
-                    lambda: lookup_token(token_hash, at)
-                )
+                cached = await self._lookup(token_hash)
             except DatabaseUnavailable:
                 # Stale if error: a token that was good moments ago keeps working while the
                 # database is away (revocations wait for it); an unknown token cannot.
@@ -99,16 +131,32 @@ class ProxyTokenAuthenticator:
                 raise
             if len(self._cache) > 100_000:
                 self._cache.clear()
-            lifetime = self.ttl
-            if expires_at is not None:
-                # Never serve a token from the cache past its own expiry.
-                lifetime = min(lifetime, max(0.0, expires_at - at))
-            cached = _Cached(principal, reason, time.monotonic() + lifetime, token_id)
             self._cache[token_hash] = cached
         if cached.principal is None:
             raise AuthError(cached.reason)
         self._used[cached.token_id] = time.time()
         return cached.principal
+
+    async def _lookup(self, token_hash: str) -> _Cached:
+        at = time.time()
+        found = await self.runner.run(lambda: lookup_token(token_hash, at))
+        origins = self.origins
+        if origins is not None and found.principal is not None and origins.due(found.origin):
+            assert found.origin is not None
+            try:
+                await origins.confirm(found.origin)
+            except AuthError as exc:
+                return _Cached(None, str(exc), time.monotonic() + self.ttl, found.token_id)
+            # Confirmed: read it again, with the role Visdom Trace gives the person now.
+            at = time.time()
+            found = await self.runner.run(lambda: lookup_token(token_hash, at))
+        lifetime = self.ttl
+        # Never serve a token from the cache past its own expiry, nor past the time its
+        # Visdom Trace origin must be asked about again.
+        for end in (found.expires_at, origins.fresh_until(found.origin) if origins else None):
+            if end is not None:
+                lifetime = min(lifetime, max(0.0, end - at))
+        return _Cached(found.principal, found.reason, time.monotonic() + lifetime, found.token_id)
 
     async def flush_last_used(self) -> None:
         """Record last-used times, at most once per flush, never on the request path."""

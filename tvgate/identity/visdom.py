@@ -10,6 +10,7 @@ gets a 503, never a 401: an outage must not look like a revoked sign-in.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import orjson
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from tvgate.db import DatabaseRunner, DatabaseUnavailable
-from tvgate.identity import AuthError, IdentityUnavailable, Principal
+from tvgate.identity import VIA_VISDOM, AuthError, IdentityUnavailable, Principal
 from tvgate.identity.provision import Membership, OutsideIdentity, provision
 
 TOKEN_PREFIX = "tvs_"  # noqa: S105 - a prefix, not a secret
@@ -29,6 +30,8 @@ class _Cached:
     identity: OutsideIdentity | None
     reason: str
     expires: float
+    #: When Visdom Trace gave this answer (epoch seconds).
+    seen_at: float = 0.0
 
 
 class VisdomClient:
@@ -124,26 +127,36 @@ class VisdomAuthenticator:
         #: (token hash, requested org) -> principal, until the identity's expiry.
         self._principals: dict[tuple[str, str], tuple[Principal, float]] = {}
 
-    async def _identity(self, token: str, token_hash: str) -> OutsideIdentity:
+    async def _identity(self, token: str, token_hash: str) -> _Cached:
         now = time.monotonic()
         cached = self._identities.get(token_hash)
         if cached is None or cached.expires <= now:
+            seen_at = time.time()
             try:
                 identity = await self.client.identity(token)
-                cached = _Cached(identity, "", time.monotonic() + self.ttl)
+                cached = _Cached(identity, "", time.monotonic() + self.ttl, seen_at)
             except AuthError as exc:
-                cached = _Cached(None, str(exc), time.monotonic() + self.negative_ttl)
+                cached = _Cached(None, str(exc), time.monotonic() + self.negative_ttl, seen_at)
             if len(self._identities) > 100_000:
                 self._identities.clear()
                 self._principals.clear()
             self._identities[token_hash] = cached
         if cached.identity is None:
             raise AuthError(cached.reason)
-        return cached.identity
+        return cached
+
+    async def identity(self, token: str) -> tuple[OutsideIdentity, float]:
+        """Who a session is and when Visdom Trace said so (epoch seconds), through the cache:
+        what a token or web session made from this session is re-checked with."""
+        cached = await self._identity(token, hashlib.sha256(token.encode()).hexdigest())
+        assert cached.identity is not None
+        return cached.identity, cached.seen_at
 
     async def authenticate(self, token: str, requested_org: str | None) -> Principal:
         token_hash = hashlib.sha256(token.encode()).hexdigest()
-        identity = await self._identity(token, token_hash)
+        cached = await self._identity(token, token_hash)
+        identity = cached.identity
+        assert identity is not None
         key = (token_hash, requested_org or "")
         known = self._principals.get(key)
         if known is not None and known[1] > time.monotonic():
@@ -152,15 +165,15 @@ class VisdomAuthenticator:
             # The org is chosen among the tvgate orgs the memberships are bound to, so it
             # takes the database; Visdom Trace's emails are never verified ones (its answer
             # does not say), so they never link a user by email.
-            principal = await self.runner.run(
+            provisioned = await self.runner.run(
                 lambda: provision(identity, requested_org, self.pinned_org)
             )
         except DatabaseUnavailable:
             if known is not None:
                 return known[0]  # stale if error: the database is away, Visdom Trace is not
             raise
-        expires = self._identities[token_hash].expires
-        self._principals[key] = (principal, expires)
+        principal = dataclasses.replace(provisioned, via=VIA_VISDOM)
+        self._principals[key] = (principal, cached.expires)
         return principal
 
     def forget_all(self) -> None:

@@ -29,18 +29,29 @@ class KeyringUnavailable(Exception):
     """The key store could not be reached; requests that need a key get a 503."""
 
 
+#: What a ciphertext holds: a provider key, or a credential tvgate keeps to re-check.
+SEALED_KEY = "key"
+SEALED_TOKEN_ORIGIN = "token-origin"  # noqa: S105 - a kind of ciphertext, not a secret
+SEALED_SESSION_ORIGIN = "session-origin"
+
+
 @dataclass(frozen=True, slots=True)
 class KeyContext:
-    """What a ciphertext is bound to."""
+    """What a ciphertext is bound to: its kind, org, row and owner."""
 
     org_id: int
     key_id: int
     owner_id: int | None = None
+    #: Part of the context so a provider key's ciphertext never opens as another kind's
+    #: (and is never sent to Visdom Trace as a session), even where the row ids match.
+    kind: str = SEALED_KEY
 
     def as_bytes(self) -> bytes:
-        return (
-            f"tvgate-key:org={self.org_id}:key={self.key_id}:owner={self.owner_id or ''}".encode()
-        )
+        owner = self.owner_id or ""
+        if self.kind == SEALED_KEY:
+            # Unchanged for provider keys: their stored ciphertexts must keep opening.
+            return f"tvgate-key:org={self.org_id}:key={self.key_id}:owner={owner}".encode()
+        return f"tvgate-{self.kind}:org={self.org_id}:row={self.key_id}:owner={owner}".encode()
 
 
 class Keyring(Protocol):
