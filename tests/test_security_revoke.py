@@ -60,6 +60,14 @@ def revgate(gateway: GatewayProcess, visdom: FakeVisdom) -> Iterator[GatewayProc
         TVGATE_JWT_SECRET=JWT_SECRET,
         TVGATE_LOGIN_ATTEMPTS="1000",
     )
+    # acme was made in tvgate: only an operator's link lets outside orgs in.
+    links = [
+        ("acme", "--jwt-org", "acme"),
+        ("acme", "--visdom-org-id", visdom.add_org("acme").org_id),
+    ]
+    for name, option, value in links:
+        linked = gw.cli("orgs", "link", name, option, value)
+        assert linked.returncode == 0, linked.stderr
     yield gw
     stop_gateway(gw.proc)
 
