@@ -85,9 +85,12 @@ Admin patterns
     therefore reads a window of twice :data:`MATCH_REACH` bytes (a match at most
     that long is found whole, a longer one may be cut), and past
     :data:`MAX_MATCHES` matches in one body (all patterns together) a pattern masks
-    everything from its next match on: a body's cost is bounded by its length times
-    the number of patterns, and masking too much is safer than letting a secret
-    after those matches through.
+    everything from its next match on (masking too much is safer than letting a
+    secret after those matches through). A body then costs each pattern time linear
+    in its length: a DFA pass in the common case, and at worst, when RE2's DFA runs
+    out of memory, a simulation costing about 20 ns per byte and instruction (3 s
+    per MB for ``(?:[ab]{0,8}a){8}c`` on random ``a`` and ``b``), which
+    :data:`MAX_PROGRAM_SIZE` bounds. RE2 releases the GIL while it searches.
 """
 
 from __future__ import annotations
