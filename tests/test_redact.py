@@ -263,12 +263,14 @@ def test_admin_pattern() -> None:
         (r"id=(?>[a-z]+-)+x", r"invalid perl operator: \(\?>"),
         (r"end\w++", r"bad repetition operator: \+\+"),
         (r"\pL{10}", "RE2 instructions; the limit is 1000"),
+        ("x\ud800", "lone surrogate"),
     ],
 )
 def test_bad_admin_patterns_are_refused(pattern: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason) as error:
         Redactor(patterns=["fine-[0-9]+", pattern])
-    assert "pattern 2" in str(error.value) and f"`{pattern}`" in str(error.value)
+    shown = pattern.encode("utf-8", "backslashreplace").decode()  # lone surrogates escaped
+    assert "pattern 2" in str(error.value) and f"`{shown}`" in str(error.value)
     assert invalid_patterns(["fine-[0-9]+", pattern]) == [
         (pattern, str(error.value).split("` ", 1)[1])
     ]

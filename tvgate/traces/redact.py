@@ -346,7 +346,11 @@ def _compile_pattern(pattern: str) -> tuple[Any, str]:
     if len(pattern) > MAX_PATTERN_LENGTH:
         return None, f"is {len(pattern)} characters long; the limit is {MAX_PATTERN_LENGTH}"
     try:
-        regex = re2.compile(pattern, _RE2_OPTIONS)
+        source = pattern.encode("utf-8")
+    except UnicodeEncodeError:
+        return None, "holds a lone surrogate, which is not text"
+    try:
+        regex = re2.compile(source, _RE2_OPTIONS)
     except re2.error as error:
         reason = error.args[0] if error.args else ""
         if isinstance(reason, bytes):
@@ -380,7 +384,9 @@ def _compile_patterns(patterns: Iterable[str]) -> list[Any]:
             raise ValueError(f"at most {MAX_PATTERNS} redaction patterns are allowed")
         regex, reason = _compile_pattern(pattern)
         if regex is None:
-            raise ValueError(f"redaction pattern {number} `{pattern}` {reason}")
+            # Shown as it was given, a lone surrogate escaped: errors are sent as JSON.
+            shown = pattern.encode("utf-8", "backslashreplace").decode("utf-8")
+            raise ValueError(f"redaction pattern {number} `{shown}` {reason}")
         compiled.append(regex)
     return compiled
 
