@@ -1387,7 +1387,7 @@ class Policy:
     retention_days: int
     redaction_patterns: tuple[str, ...]
     #: Stored patterns the trace writer skips, each with why: saved by a tvgate that
-    #: ran patterns on Python's ``re``, they are not RE2 syntax.
+    #: ran patterns on Python's ``re``, RE2 cannot run them (or they exceed its limits).
     invalid_redaction_patterns: tuple[tuple[str, str], ...]
 
     @classmethod
