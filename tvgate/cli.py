@@ -432,6 +432,7 @@ def cmd_policy_set(settings: Settings, args: argparse.Namespace) -> int:
         allow_user_keys=_on_off(args.user_keys),
         allow_user_routes=_on_off(args.user_routes),
         capture_bodies=_on_off(args.capture_bodies),
+        redaction_patterns=args.redaction_patterns,
     )
     print(json.dumps(policy.as_dict(), indent=2))
     return 0
@@ -891,12 +892,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     policy = commands.add_parser("policy", help="org switches").add_subparsers(required=True)
     p = command(
-        policy, "set", cmd_policy_set, "turn user keys, user routes, body capture on or off"
+        policy,
+        "set",
+        cmd_policy_set,
+        "turn user keys, user routes, body capture on or off; set redaction patterns",
     )
     p.add_argument("--org", required=True)
     p.add_argument("--user-keys", choices=["on", "off"])
     p.add_argument("--user-routes", choices=["on", "off"])
     p.add_argument("--capture-bodies", choices=["on", "off"])
+    p.add_argument(
+        "--redaction-pattern",
+        action="append",
+        dest="redaction_patterns",
+        metavar="RE2",
+        help="replace the org's redaction patterns (repeat for several; RE2 syntax)",
+    )
 
     traces = commands.add_parser("traces", help="read and keep traces").add_subparsers(
         required=True

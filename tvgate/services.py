@@ -86,6 +86,7 @@ from tvgate.models import (
 )
 from tvgate.providers import DEFAULT_BASE_URLS
 from tvgate.proxy.upstream import is_public_address
+from tvgate.traces.redact import MAX_PATTERNS, Redactor, invalid_patterns
 
 DEFAULT_ORG = "default"
 
@@ -1749,16 +1750,21 @@ class Policy:
     capture_bodies: bool
     retention_days: int
     redaction_patterns: tuple[str, ...]
+    #: Stored patterns the trace writer skips, each with why: saved by a tvgate that
+    #: ran patterns on Python's ``re``, RE2 cannot run them (or they exceed its limits).
+    invalid_redaction_patterns: tuple[tuple[str, str], ...]
 
     @classmethod
     def of(cls, org: Org) -> Policy:
+        patterns = tuple(orjson.loads(org.redaction_patterns))
         return cls(
             org.name,
             org.allow_user_keys,
             org.allow_user_routes,
             org.capture_bodies,
             org.retention_days,
-            tuple(orjson.loads(org.redaction_patterns)),
+            patterns,
+            tuple(invalid_patterns(patterns)),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -1769,6 +1775,10 @@ class Policy:
             "capture_bodies": self.capture_bodies,
             "retention_days": self.retention_days,
             "redaction_patterns": list(self.redaction_patterns),
+            "invalid_redaction_patterns": [
+                {"pattern": pattern, "reason": reason}
+                for pattern, reason in self.invalid_redaction_patterns
+            ],
         }
 
 
@@ -1802,16 +1812,7 @@ def set_policy(
             raise ServiceError("retention_days must be 0 (keep for ever) to 36500")
         org.retention_days = retention_days
     if redaction_patterns is not None:
-        from tvgate.traces.redact import Redactor
-
-        if len(redaction_patterns) > 100 or not all(isinstance(p, str) for p in redaction_patterns):
-            raise ServiceError(
-                "redaction_patterns must be a list of at most 100 regular expressions"
-            )
-        try:
-            Redactor(patterns=redaction_patterns)
-        except ValueError as exc:
-            raise ServiceError(str(exc)) from None
+        _check_redaction_patterns(actor, org, redaction_patterns)
         org.redaction_patterns = orjson.dumps(redaction_patterns).decode()
     with database.atomic():
         org.save()
@@ -1824,6 +1825,20 @@ def set_policy(
             {k: [before[k], after[k]] for k in after if before[k] != after[k]},
         )
     return Policy.of(org)
+
+
+def _check_redaction_patterns(actor: Principal | None, org: Org, patterns: list[str]) -> None:
+    """Refuse (and audit) patterns the trace writer could not run in linear time: the
+    Redactor compiles them with RE2, which names what it cannot run."""
+    if len(patterns) > MAX_PATTERNS or not all(isinstance(p, str) for p in patterns):
+        raise ServiceError(
+            f"redaction_patterns must be a list of at most {MAX_PATTERNS} regular expressions"
+        )
+    try:
+        Redactor(patterns=patterns)
+    except ValueError as exc:
+        audit(actor, org.id, "set policy", org.name, {"refused": str(exc)}, allowed=False)
+        raise ServiceError(str(exc)) from None
 
 
 def list_audit(

@@ -61,48 +61,74 @@ Speed
     Literal keys are grouped by their first three bytes (the regex parser factors
     a shared prefix out of an alternation). Everything is compiled in the
     constructor. About 0.6 ms for a 190 KB body on the build machine.
+    The built-ins are ours and linear: every unbounded repeat is possessive, the
+    lookarounds are fixed-width or scan one token run, and the AWS label is matched
+    within a bounded reach of each hit.
 
 Admin patterns
-    Python regular expressions, matched against the UTF-8 bytes (so ``\\w`` and
-    ``\\d`` are ASCII). ``re`` has no time limit, and a body is one long line that
-    may hold a long base64 run, so a pattern is refused (ValueError, with the
-    reason) when it is longer than :data:`MAX_PATTERN_LENGTH`, does not compile,
-    matches the empty string, nests a variable repeat inside another repeat
-    (``(a+)+``, ``(\\w+\\s?)*``: the shape that backtracks exponentially; make
-    the inner repeat possessive, ``a++``, or atomic, ``(?>...)``, if it is meant),
-    or fails a timing probe: run on a body-shaped sample, it must cost at most
-    :data:`PROBE_MAX_COST` times a literal search, and its time must grow about
-    linearly with the sample (a search that is retried at every offset of a long
-    run, such as ``.*secret`` or an unanchored ``\\w+@example\\.com``, grows
-    with its square; ``(?<![\\w.-])\\w+@example\\.com`` does not). The probe
-    costs a few milliseconds per pattern, once per Redactor: build one per
-    configuration, not per request.
+    RE2 syntax (``google-re2``), matched against the body as UTF-8 text (``.`` and
+    classes take whole characters, ``\\w`` and ``\\d`` are ASCII; offsets are in
+    bytes). The admin is not trusted to write patterns that are fast: RE2 runs
+    any pattern in time linear in the body (a DFA, no backtracking), so ``(a|a)*b``
+    or ``\\w*\\w*!`` cost what a simple pattern costs. What RE2 cannot run that way
+    (backreferences, lookaround, possessive and atomic repeats) does not compile and
+    is refused (ValueError, with RE2's reason), as is a pattern longer than
+    :data:`MAX_PATTERN_LENGTH`, one that compiles to more than
+    :data:`MAX_PROGRAM_SIZE` instructions (when RE2's DFA runs out of memory it
+    falls back to a simulation whose cost per byte grows with the program), and
+    one that matches the empty string.
 
-    A pattern is searched only in a body holding the longest literal its top level
-    requires (``@acme.example`` in ``(?<![\\w.-])[\\w.-]+@acme\\.example``), found by
-    one fast substring search: a pattern that starts with a character class costs
-    tens of times a literal search, because ``re`` retries it at every offset.
+    Searching for every match one after another is not linear even with RE2: each
+    search may read to the end of the body before it settles on a match
+    (``a.*b|a`` on a run of ``a``: every ``a`` matches, and each search looks for
+    a ``b`` first), so a body of n matches costs n times its length. Each search
+    therefore reads a window of twice :data:`MATCH_REACH` bytes (a match at most
+    that long is found whole, a longer one may be cut), and past
+    :data:`MAX_MATCHES` matches in one body (all patterns together) a pattern masks
+    everything from its next match on (masking too much is safer than letting a
+    secret after those matches through). A body then costs each pattern time linear
+    in its length: a DFA pass in the common case, and at worst, when RE2's DFA runs
+    out of memory, a simulation costing about 20 ns per byte and instruction (3 s
+    per MB for ``(?:[ab]{0,8}a){8}c`` on random ``a`` and ``b``), which
+    :data:`MAX_PROGRAM_SIZE` bounds. RE2 releases the GIL while it searches.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
-import importlib
 import itertools
 import json
 import re
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 import orjson
+import re2
 
-__all__ = ["MAX_PATTERNS", "MAX_PATTERN_LENGTH", "MIN_LITERAL_LENGTH", "Redactor", "builtin_kinds"]
+__all__ = [
+    "MATCH_REACH",
+    "MAX_MATCHES",
+    "MAX_PATTERNS",
+    "MAX_PATTERN_LENGTH",
+    "MAX_PROGRAM_SIZE",
+    "MIN_LITERAL_LENGTH",
+    "Redactor",
+    "builtin_kinds",
+    "invalid_patterns",
+]
 
 #: Admin patterns: at most this many, each at most this long.
 MAX_PATTERNS = 100
 MAX_PATTERN_LENGTH = 500
+#: RE2 instructions an admin pattern may compile to: ``\w{64}`` is about 200, a
+#: ``\pL`` class alone about 1200 (Unicode tables).
+MAX_PROGRAM_SIZE = 1000
+#: How far a search for an admin pattern reads past where it starts, and how many
+#: matches of the admin patterns in one body are looked for one by one (see the
+#: module doc).
+MATCH_REACH = 4096
+MAX_MATCHES = 10_000
 #: Literal keys shorter than this are ignored.
 MIN_LITERAL_LENGTH = 8
 
@@ -232,12 +258,9 @@ class Redactor:
         after it in the output and the output's length minus the input's up to there."""
         spans = list(self._builtin_spans(data))
         spans.extend(self._literal_spans(data))
-        custom = [
-            (match.start(), match.end())
-            for pattern, required in self._patterns
-            if required is None or required in data
-            for match in pattern.finditer(data)
-        ]
+        custom: list[tuple[int, int]] = []
+        for pattern in self._patterns:
+            custom.extend(_admin_matches(pattern, data, MAX_MATCHES - len(custom)))
         if custom:
             spans.extend(_custom_spans(data, custom))
         if not spans:
@@ -308,163 +331,100 @@ def _compile_literals(literals: Iterable[str]) -> tuple[list[re.Pattern[bytes]],
     return searches, forms
 
 
-def _compile_patterns(patterns: Iterable[str]) -> list[tuple[re.Pattern[bytes], bytes | None]]:
-    """Each pattern, checked, with the literal every match of it contains (if any)."""
-    compiled: list[tuple[re.Pattern[bytes], bytes | None]] = []
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a refused pattern is reported to the admin, not on stderr
+# Memory for the program and the DFA's states, per pattern (RE2's default is 8 MB): an
+# org's 100 patterns hold at most about 100 MB, and patterns of MAX_PROGRAM_SIZE
+# still run on the DFA as fast as with the default.
+_RE2_OPTIONS.max_mem = 1 << 20
+
+
+def _compile_pattern(pattern: str) -> tuple[Any, str]:
+    """``pattern`` compiled by RE2 and "", or None and why it is refused."""
+    if not pattern:
+        return None, "is empty"
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        return None, f"is {len(pattern)} characters long; the limit is {MAX_PATTERN_LENGTH}"
+    try:
+        source = pattern.encode("utf-8")
+    except UnicodeEncodeError:
+        return None, "holds a lone surrogate, which is not text"
+    try:
+        regex = re2.compile(source, _RE2_OPTIONS)
+    except re2.error as error:
+        reason = error.args[0] if error.args else ""
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        return None, (
+            f"is not RE2 syntax: {reason} (RE2 runs in linear time, so it has no "
+            "backreferences, lookaround, possessive or atomic repeats)"
+        )
+    if regex.programsize > MAX_PROGRAM_SIZE:
+        return None, (
+            f"compiles to {regex.programsize} RE2 instructions; the limit is "
+            f"{MAX_PROGRAM_SIZE} (use smaller repeat counts or classes)"
+        )
+    if regex.match(b"") is not None:
+        return None, "matches the empty string"
+    return regex, ""
+
+
+def invalid_patterns(patterns: Iterable[str]) -> list[tuple[str, str]]:
+    """The patterns among ``patterns`` that a :class:`Redactor` refuses, each with why."""
+    return [(pattern, reason) for pattern in patterns if (reason := _compile_pattern(pattern)[1])]
+
+
+def _compile_patterns(patterns: Iterable[str]) -> list[Any]:
+    """Each pattern compiled by RE2; ValueError naming the first one refused and why."""
+    compiled: list[Any] = []
     for number, pattern in enumerate(patterns, 1):
         if not isinstance(pattern, str):
             raise ValueError(f"redaction pattern {number} must be a string")
         if number > MAX_PATTERNS:
             raise ValueError(f"at most {MAX_PATTERNS} redaction patterns are allowed")
-        if not pattern:
-            raise ValueError(f"redaction pattern {number} is empty")
-        if len(pattern) > MAX_PATTERN_LENGTH:
-            raise ValueError(
-                f"redaction pattern {number} is {len(pattern)} characters long; "
-                f"the limit is {MAX_PATTERN_LENGTH}"
-            )
-        try:
-            regex = re.compile(pattern.encode("utf-8"))
-        except re.error as error:
-            raise ValueError(
-                f"redaction pattern {number} ({pattern!r}) does not compile: {error}"
-            ) from None
-        if regex.match(b"") is not None:
-            raise ValueError(f"redaction pattern {number} ({pattern!r}) matches the empty string")
-        if _nested_repeat(pattern):
-            raise ValueError(
-                f"redaction pattern {number} ({pattern!r}) repeats a variable repeat, which can "
-                "backtrack exponentially; make the inner repeat possessive (a++) or atomic (?>...)"
-            )
-        problem = _probe(regex)
-        if problem:
-            raise ValueError(f"redaction pattern {number} ({pattern!r}) {problem}")
-        compiled.append((regex, _required_literal(regex)))
+        regex, reason = _compile_pattern(pattern)
+        if regex is None:
+            # Shown as it was given, a lone surrogate escaped: errors are sent as JSON.
+            shown = pattern.encode("utf-8", "backslashreplace").decode("utf-8")
+            raise ValueError(f"redaction pattern {number} `{shown}` {reason}")
+        compiled.append(regex)
     return compiled
 
 
-def _required_literal(regex: re.Pattern[bytes]) -> bytes | None:
-    """The longest literal run (3 bytes or more) at the top level of ``regex``.
+def _admin_matches(regex: Any, data: bytes, allowed: int) -> Iterator[tuple[int, int]]:
+    """Where an admin pattern matches ``data``, in time bounded by its length.
 
-    Every match contains it, so a body without it cannot match: one fast substring
-    search then replaces a regex search that is tried at every offset (``\\w+@x``
-    costs tens of times a literal search).
+    Each search reads at most ``2 * MATCH_REACH`` bytes: without a match in them the
+    next search starts ``MATCH_REACH`` further on, so a match at most that long is
+    never missed; one that reaches the end of its window may go on, so it is looked
+    for again from its start. Past ``allowed`` matches, the rest of ``data`` is one
+    span (masked inside strings).
     """
-    if regex.flags & re.IGNORECASE:
-        return None
-    try:
-        parser: Any = importlib.import_module("re._parser")
-        items = list(parser.parse(regex.pattern, regex.flags))
-    except Exception:  # noqa: BLE001 - a private module: without it, no shortcut
-        return None
-    best = run = b""
-    for op, argument in items:
-        if str(op) == "LITERAL":
-            run += bytes((argument,))
-            best = max(best, run, key=len)
-        else:
-            run = b""
-    return best if len(best) >= 3 else None
-
-
-# The probe: a pattern is timed on a sample shaped like a request body (one line of
-# JSON with prose, escaped code, a number list and a base64 run) at two sizes.
-#: Slower than this many times a literal search on the small sample: rejected.
-PROBE_MAX_COST = 200
-#: Time on the sample 8 times larger over time on the small one: about 8 when the
-#: pattern is linear, 64 when quadratic (``.*x``, ``[^"]*x``, or ``\w+@`` inside a
-#: long base64 run, where the search restarts at every offset of the run).
-PROBE_MAX_GROWTH = 24
-_PROBE_BASELINE = _SK
-_probe_samples: tuple[bytes, bytes] | None = None
-
-
-def _probe_sample(scale: int) -> bytes:
-    prose = b"The quick brown fox jumps over the lazy dog; see https://example.com/a?b=c. " * (
-        4 * scale
-    )
-    code = b"".join(
-        b'    def handler_%d(self, request):\\n        return render(\\"page\\", id=%d)\\n' % (i, i)
-        for i in range(8 * scale)
-    )
-    # A deterministic base64-looking run (no randomness: the probe must be repeatable).
-    run = b"".join(b"%08X" % (i * 2654435761 % 4294967296) for i in range(128 * scale))
-    numbers = b",".join(b"%d" % (i * 7919) for i in range(40 * scale))
-    return (
-        b'{"model":"m","messages":[{"role":"user","content":"' + prose + b'"},'
-        b'{"role":"assistant","content":"' + code + b'"},'
-        b'{"type":"image","data":"' + run + b'"}],"n":[' + numbers + b"]}"
-    )
-
-
-def _best_time(regex: re.Pattern[bytes], data: bytes) -> float:
-    best = float("inf")
-    for _ in range(3):  # best of three: a preempted run must not reject a good pattern
-        began = time.perf_counter()
-        for _ in regex.finditer(data):
-            pass
-        best = min(best, time.perf_counter() - began)
-    return best
-
-
-def _probe(regex: re.Pattern[bytes]) -> str:
-    """Why ``regex`` is too slow for every request body, or "" when it is not."""
-    global _probe_samples
-    if _probe_samples is None:
-        _probe_samples = (_probe_sample(1), _probe_sample(8))
-    small, large = _probe_samples
-    cost = _best_time(regex, small)
-    if cost > PROBE_MAX_COST * _best_time(_PROBE_BASELINE, small):
-        return "is too slow: make it start with a literal or anchor it"
-    large_cost = _best_time(regex, large)
-    if large_cost > PROBE_MAX_GROWTH * cost and large_cost > 20 * _best_time(
-        _PROBE_BASELINE, large
-    ):
-        return (
-            "takes time growing faster than the text (a leading or unbounded repeat that "
-            "is retried at every offset); bound it or anchor it, e.g. (?<![\\w.-]) before "
-            "a leading \\w+"
-        )
-    return ""
-
-
-def _nested_repeat(pattern: str) -> bool:
-    """Whether a backtracking repeat holds a variable one (the exponential shape)."""
-    try:
-        parser: Any = importlib.import_module("re._parser")
-        tree = parser.parse(pattern)
-    except Exception:  # noqa: BLE001 - a private module: without it, skip the guard
-        return False
-    return _walk(tree, inside_repeat=False)
-
-
-def _walk(items: Iterable[Any], inside_repeat: bool) -> bool:
-    for op, argument in items:
-        name = str(op)
-        subpatterns: Iterable[Any]
-        if name in ("MAX_REPEAT", "MIN_REPEAT"):
-            low, high, subpattern = argument
-            # A variable repeat of more than one (`+`, `*`, `{2,5}`) inside another
-            # repeat can split a run in exponentially many ways; `?` cannot.
-            if inside_repeat and high != low and high > 1:
-                return True
-            subpatterns, inside = (subpattern,), inside_repeat or high > 1
-        elif name == "SUBPATTERN":
-            subpatterns, inside = (argument[3],), inside_repeat
-        elif name == "BRANCH":
-            subpatterns, inside = argument[1], inside_repeat
-        elif name in ("ASSERT", "ASSERT_NOT"):
-            subpatterns, inside = (argument[1],), inside_repeat
-        elif name == "POSSESSIVE_REPEAT":
-            # Never backtracked into, so it splits nothing; what it holds may still.
-            subpatterns, inside = (argument[2],), False
-        elif name == "ATOMIC_GROUP":
-            subpatterns, inside = (argument,), False
-        else:
-            continue  # literals, classes and anchors hold nothing
-        if any(_walk(subpattern, inside) for subpattern in subpatterns):
-            return True
-    return False
+    # One unbounded search first: most bodies hold no match, and it finds that in one
+    # pass; none starts before the first one it finds.
+    first = regex.search(data)
+    if first is None:
+        return
+    size = len(data)
+    position, found = first.start(), 0
+    while position < size:
+        window = min(size, position + 2 * MATCH_REACH)
+        match = regex.search(data, position, window)
+        if match is None:
+            if window == size:
+                return
+            position += MATCH_REACH
+            continue
+        start, end = match.span()
+        if end == window < size and start > position:
+            position = start  # it may go on past the window: search again from its start
+            continue
+        found += 1
+        if found > allowed:
+            yield start, size
+            return
+        yield start, end
+        position = end if end > start else end + 1
 
 
 def _inside_escape(data: bytes, position: int) -> bool:

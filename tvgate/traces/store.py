@@ -22,7 +22,7 @@ import zstandard
 
 from tvgate.keyring import KeyContext, Keyring
 from tvgate.models import Blob, Org, ProviderKey
-from tvgate.traces.redact import Redactor
+from tvgate.traces.redact import MAX_PATTERNS, Redactor, invalid_patterns
 
 log = logging.getLogger("tvgate.traces")
 
@@ -36,6 +36,8 @@ _TOUCHED: dict[tuple[int, bytes], float] = {}
 _INSERT_ROWS = 200
 _BLOB_COLUMNS = ("org_id", "digest", "data", "size", "referenced_at")
 _INSERTS: dict[tuple[type, int], str] = {}
+#: (org, pattern) of the stored redaction patterns already logged as skipped.
+_WARNED: set[tuple[int, str]] = set()
 
 
 def _insert_sql(rows: int) -> str:
@@ -129,9 +131,22 @@ def load_capture_settings(org_id: int, keyring: Keyring) -> CaptureSettings:
         patterns = [p for p in orjson.loads(org.redaction_patterns) if isinstance(p, str)]
     except orjson.JSONDecodeError:
         patterns = []
-    try:
-        redactor = Redactor(literals=literals, patterns=patterns)
-    except ValueError:
-        # An admin pattern that does not compile was refused when saved; be safe regardless.
-        redactor = Redactor(literals=literals)
-    return CaptureSettings(capture_bodies=org.capture_bodies, redactor=redactor)
+    return CaptureSettings(
+        capture_bodies=org.capture_bodies,
+        redactor=Redactor(literals=literals, patterns=_usable_patterns(org_id, patterns)),
+    )
+
+
+def _usable_patterns(org_id: int, patterns: list[str]) -> list[str]:
+    """``patterns`` less those RE2 refuses, each logged once per process.
+
+    Patterns are refused when saved; these were saved before (by a tvgate that ran
+    them on Python's ``re``). Skipping one keeps the others and the built-ins working,
+    and the policy shows it as invalid.
+    """
+    invalid = dict(invalid_patterns(patterns))
+    for pattern, reason in invalid.items():
+        if (org_id, pattern) not in _WARNED:
+            _WARNED.add((org_id, pattern))
+            log.warning("org %d: redaction pattern %s skipped: it %s", org_id, pattern, reason)
+    return [p for p in patterns if p not in invalid][:MAX_PATTERNS]
