@@ -136,6 +136,13 @@ def _migration_6(db: peewee.Database) -> None:
     )
 
 
+def _migration_14(db: peewee.Database) -> None:
+    # Budget reservations (tvgate.governance.store.CounterStore.reserve_budget).
+    for name in ("closed_limit", "closed_need"):
+        add_column_if_missing(db, models.UsageCounter, name)
+    db.create_tables([models.BudgetHold], safe=True)
+
+
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
 MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (1, _migration_1),
@@ -143,6 +150,7 @@ MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (4, _migration_4),
     (5, _migration_5),
     (6, _migration_6),
+    (14, _migration_14),
 ]
 
 
