@@ -30,6 +30,7 @@ from tvgate.db import migrate, open_database
 from tvgate.governance.store import CLOSED, GRANTED, WAIT, CounterStore
 from tvgate.governance.windows import counter_key, window
 from tvgate.models import BudgetHold, Org, UsageCounter
+from tvgate.proxy.body import parse_request_body
 
 #: The default sync interval, as the review ran it: the one that lets workers drift apart most.
 SYNC = 1.0
@@ -268,3 +269,22 @@ def test_one_oversized_call_does_not_close_the_budget_to_smaller_ones(
     statuses = [ask(two_workers, token).status_code for _ in range(fit + 2)]
     assert statuses == [200] * fit + [429, 429]
     assert counter_of(two_workers, org_id).value == fit * per_call
+
+
+@pytest.mark.parametrize(
+    ("members", "expected"),
+    [
+        ('"max_tokens": 32000', 32000),
+        ('"max_completion_tokens": 900', 900),
+        ('"max_output_tokens": 70, "max_tokens": 60', 70),
+        ('"max_tokens": true', 0),
+        ('"max_tokens": -5', 0),
+        ('"max_tokens": "9"', 0),
+        ('"stream": true', 0),
+    ],
+)
+def test_the_output_limit_a_budget_reserves_is_read_from_the_body(
+    members: str, expected: int
+) -> None:
+    body = parse_request_body(f'{{"model": "m", {members}}}'.encode())
+    assert body.max_output == expected

@@ -182,7 +182,8 @@ class Governor:
         #: need refused). A call needing as much is refused with no round trip, unless the
         #: budget has been raised since.
         self.closed: dict[str, tuple[float, float]] = {}
-        self._budget_lock = asyncio.Lock()
+        #: One round trip at a time per budget counter: calls arriving together share it.
+        self._budget_locks: dict[str, asyncio.Lock] = {}
         #: Calls waiting for budget headroom held by calls in progress to come back.
         self._headroom_waiters: list[asyncio.Future[None]] = []
         self._reserving: dict[str, asyncio.Future[int]] = {}
@@ -305,12 +306,14 @@ class Governor:
         while True:
             if self._is_closed(check, need):
                 raise Refused(
-                    f"{check.text} is used up; it resets at {_when(check.end)}", check.end - now
+                    f"{check.text} has too little left for a call of this size; "
+                    f"it resets at {_when(check.end)}",
+                    check.end - now,
                 )
             amount = self._take(check, need, want)
             if amount is not None:
                 return amount
-            async with self._budget_lock:
+            async with self._budget_locks.setdefault(name, asyncio.Lock()):
                 if self.free.get(name, 0.0) + EPSILON >= need:
                     continue  # another call refilled it while this one waited for the lock
                 answer = await self._ask_headroom(check, need, want)
@@ -634,6 +637,7 @@ class Governor:
                 for budget_state in (self.hold, self.free, self.running):
                     budget_state.pop(name, None)
                 self.closed.pop(name, None)
+                self._budget_locks.pop(name, None)
         if self._prices is None or time.monotonic() - self._prices_at > _PRICES_TTL:
             await self._load_prices()
         if not (self.pending or self.watched or self.held):
