@@ -13,12 +13,15 @@ call is admitted in that window.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import json
 import math
 import secrets
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx2
 import pytest
@@ -288,3 +291,56 @@ def test_the_output_limit_a_budget_reserves_is_read_from_the_body(
 ) -> None:
     body = parse_request_body(f'{{"model": "m", {members}}}'.encode())
     assert body.max_output == expected
+
+
+def test_headroom_held_by_a_killed_process_comes_back_after_its_heartbeat_stops(
+    database_url: str, fake_provider: FakeProvider, tmp_path: Path
+) -> None:
+    """Fault injection: a gateway is killed (SIGKILL) while a call holds most of a budget.
+    Another gateway's call waits for that headroom instead of being refused, and is
+    admitted once the dead process's heartbeat is ten syncs (10 s) old."""
+    (tmp_path / "doomed").mkdir()
+    (tmp_path / "survivor").mkdir()
+    settings = {"TVGATE_GOVERNANCE_SYNC_INTERVAL": str(SYNC), "TVGATE_CACHE_TTL": "0.5"}
+    doomed = launch_gateway(database_url, tmp_path / "doomed", {}, **settings)
+    survivor = launch_gateway(
+        database_url, tmp_path / "survivor", {}, TVGATE_QUEUE_TIMEOUT="30", **settings
+    )
+    try:
+        name, org_id, token, per_call = measure_call(survivor, fake_provider)
+        set_budget(survivor, name, 3 * per_call)
+
+        def hang() -> None:
+            with contextlib.suppress(httpx2.HTTPError):
+                httpx2.post(
+                    doomed.url + "/v1/messages",
+                    headers={
+                        "x-api-key": token,
+                        "anthropic-version": "2023-06-01",
+                        "x-fake-scenario": "hang",
+                        "x-fake-hang": "120",
+                    },
+                    content=BODY,
+                    timeout=60,
+                )
+
+        hanging = threading.Thread(target=hang, daemon=True)
+        hanging.start()
+        survivor.bind()
+        start, _ = window("day", time.time())
+        key = counter_key(org_id, "tokens", "day", start, "org", "")
+        deadline = time.monotonic() + 20
+        while not BudgetHold.select().where(BudgetHold.key == key).exists():
+            assert time.monotonic() < deadline, "the hanging call never reserved"
+            time.sleep(0.05)
+        doomed.proc.kill()  # no last sync: what it held stays in the table
+        doomed.proc.wait(10)
+        hanging.join(70)
+        held_by_dead = held(UsageCounter.get_by_id(key))
+        # What is left beside it cannot cover a call: without the expiry, this would wait
+        # for ever (and answer 429 after the queue timeout).
+        assert 3 * per_call - held_by_dead < math.ceil(len(BODY) / 4)
+        assert ask(survivor, token).status_code == 200
+    finally:
+        stop_gateway(doomed.proc)
+        stop_gateway(survivor.proc)
