@@ -216,6 +216,13 @@ def _migration_11(db: peewee.Database) -> None:
     db.create_tables([models.LoginFailure], safe=True)
 
 
+def _migration_14(db: peewee.Database) -> None:
+    # Budget reservations (tvgate.governance.store.CounterStore.reserve_budget).
+    for name in ("closed_limit", "closed_need"):
+        add_column_if_missing(db, models.UsageCounter, name)
+    db.create_tables([models.BudgetHold], safe=True)
+
+
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
 MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (1, _migration_1),
@@ -228,6 +235,7 @@ MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (9, _migration_9),
     (10, _migration_10),
     (11, _migration_11),
+    (14, _migration_14),
 ]
 
 

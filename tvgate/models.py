@@ -387,6 +387,12 @@ class UsageCounter(BaseModel):
     value = peewee.DoubleField(default=0.0)
     #: End of the window: the counter is useless after it, and purged.
     expires_at = peewee.DoubleField(index=True)
+    #: Budgets only: a call needing ``closed_need`` was refused here when the budget's
+    #: amount was ``closed_limit``. Until the window ends no call needing as much is
+    #: admitted (calls of one size never see an admission after a refusal), unless the
+    #: budget is raised above that amount.
+    closed_limit = peewee.DoubleField(null=True)
+    closed_need = peewee.DoubleField(null=True)
 
 
 class ConcurrencySlot(BaseModel):
@@ -400,6 +406,21 @@ class ConcurrencySlot(BaseModel):
 
     class Meta:
         primary_key = peewee.CompositeKey("resource", "holder")
+
+
+class BudgetHold(BaseModel):
+    """Budget headroom one gateway process holds at a counter (``UsageCounter.key``): for
+    calls it admitted and has not settled, and for its next ones. The counter's ``value``
+    is settled usage alone; what is left of a budget is its amount minus both."""
+
+    key = peewee.CharField(max_length=300)
+    holder = peewee.CharField(max_length=100)
+    amount = peewee.DoubleField(default=0.0)
+    #: Refreshed by the holder; a holder silent for the slot TTL (it died) holds nothing.
+    heartbeat_at = peewee.DoubleField()
+
+    class Meta:
+        primary_key = peewee.CompositeKey("key", "holder")
 
 
 class SchemaVersion(BaseModel):
@@ -425,5 +446,6 @@ ALL_MODELS: tuple[type[BaseModel], ...] = (
     RateLimit,
     UsageCounter,
     ConcurrencySlot,
+    BudgetHold,
     SchemaVersion,
 )

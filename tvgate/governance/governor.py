@@ -2,10 +2,19 @@
 
 The proxy never waits on the database in the steady state:
 
-- Budgets and tokens per minute are checked against the shared total read at
-  the last sync plus what this process counted since; usage is added locally
-  when a call ends and flushed in the next batch. A counter seen for the
-  first time is read once before it is trusted.
+- A budget admits a call against headroom reserved from the shared counter
+  (``CounterStore.reserve_budget``): the call takes its estimate (input bytes
+  / 4 + its ``max_tokens``, capped by what is left) from headroom this process
+  holds, asking the database for more, a tenth of the budget at a time, only
+  when that runs out. A call ends by settling: its reservation comes back and
+  its usage is counted. Headroom not held for running calls goes back at the
+  next sync. A budget found unable to fit a call, with no headroom held
+  anywhere that could come back, is closed for its window, in every process,
+  to every call as large.
+- Tokens per minute are checked against the shared total read at the last
+  sync plus what this process counted since; usage is added locally when a
+  call ends and flushed in the next batch. A counter seen for the first time
+  is read once before it is trusted.
 - Requests per minute are spent from units reserved in blocks from the shared
   counter (``CounterStore.reserve``); a block is asked for only when the last
   one is used up, and units left over go back at the next sync.
@@ -34,7 +43,7 @@ from datetime import UTC, datetime
 
 from tvgate.db import DatabaseRunner, DatabaseUnavailable
 from tvgate.governance.policy import Governance
-from tvgate.governance.store import CounterStore
+from tvgate.governance.store import CLOSED, EPSILON, GRANTED, CounterStore
 from tvgate.governance.windows import (
     COUNT_TOKENS,
     budget_counter,
@@ -60,8 +69,24 @@ class Refused(Exception):
 
 
 ALL_SCOPES = (GOVERN_ORG, GOVERN_USER, GOVERN_ROUTE, GOVERN_KEY)
+#: ``_ask_headroom``'s answer when the database cannot be reached.
+_UNAVAILABLE = "unavailable"
 #: What a fallback attempt is checked and charged for on its own.
 ATTEMPT_SCOPES = (GOVERN_ROUTE, GOVERN_KEY)
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """What a call may use, estimated before it goes out: what its budgets reserve."""
+
+    input_tokens: int
+    #: Its ``max_tokens`` (or the API's equivalent); 0 when it sets none.
+    output_tokens: int
+    provider: str
+    model: str
+
+
+NO_DEMAND = Demand(0, 0, "", "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +97,9 @@ class _Check:
     text: str
     #: Fraction of the limit from which answers carry a warning; None: no warning.
     warn: float | None
+    #: What it counts (tokens or usd); a budget's check reserves, a per-minute one does not.
+    counts: str = COUNT_TOKENS
+    reserves: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +127,8 @@ class Admission:
 
     charges: list[_Charge] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: Budget headroom the call holds until it ends (counter, amount): ``Governor.settle``.
+    reservations: list[tuple[str, float]] = field(default_factory=list)
 
     def for_attempt(self, attempt: Admission) -> Admission:
         """This call's org and user charges with the route and key charges of ``attempt``."""
@@ -144,6 +174,20 @@ class Governor:
         #: Per-minute counters found at their limit; asked again after the next sync, when
         #: other processes may have given units back.
         self.exhausted: set[str] = set()
+        #: Budget headroom this process holds at the shared counter; of it, what no running
+        #: call has reserved (negative: calls used more than they reserved), and what the
+        #: running calls reserved.
+        self.hold: dict[str, float] = {}
+        self.free: dict[str, float] = {}
+        self.running: dict[str, float] = {}
+        #: Budgets closed for their window: (the amount they were closed at, the smallest
+        #: need refused). A call needing as much is refused with no round trip, unless the
+        #: budget has been raised since.
+        self.closed: dict[str, tuple[float, float]] = {}
+        #: One round trip at a time per budget counter: calls arriving together share it.
+        self._budget_locks: dict[str, asyncio.Lock] = {}
+        #: Calls waiting for budget headroom held by calls in progress to come back.
+        self._headroom_waiters: list[asyncio.Future[None]] = []
         self._reserving: dict[str, asyncio.Future[int]] = {}
         self._plans: dict[tuple[int, int, str, str, tuple[str, ...]], _Plan] = {}
         self._reading: dict[str, asyncio.Future[None]] = {}
@@ -168,11 +212,14 @@ class Governor:
         route: str,
         key: str,
         scopes: tuple[str, ...] = ALL_SCOPES,
+        demand: Demand = NO_DEMAND,
     ) -> Admission:
         """Admit a call or raise ``Refused`` naming the budget or limit it would break.
 
         ``scopes`` narrows the check: a fallback attempt is checked for its own route
-        and key only, the org and the user having admitted the call already.
+        and key only, the org and the user having admitted the call already. Each budget
+        reserves ``demand`` (capped by what it has left) until ``settle``; the caller
+        settles the admission when the call ends, whatever became of it.
         """
         now = time.time()
         cache_key = (org_id, user_id, route, key, scopes)
@@ -190,22 +237,167 @@ class Governor:
             plan.unread = False
         for check in plan.checks:
             used = self._used(check.name)
-            if used >= check.limit:
+            if not check.reserves and used >= check.limit:
                 self.refused += 1
                 raise Refused(
                     f"{check.text} is used up; it resets at {_when(check.end)}", check.end - now
                 )
-            if check.warn is not None and used >= check.limit * check.warn:
+            # A budget of 0 warns of nothing: its reservation below refuses every call.
+            if check.warn is not None and check.limit > 0 and used >= check.limit * check.warn:
                 admission.warnings.append(f"{check.text}: {used / check.limit:.0%} used")
+        try:
+            for check in plan.checks:
+                if check.reserves:
+                    need, want = self._estimate(check, org_id, demand)
+                    amount = self._take(check, need, want)
+                    if amount is None:  # no headroom held here: the slow path
+                        amount = await self._reserve(check, need, want, now)
+                    admission.reservations.append((check.name, amount))
+        except Refused:
+            self.settle(admission)  # what it reserved on its other budgets goes back
+            self.refused += 1
+            raise
         spent: list[str] = []
         for name, limit, end, text in plan.rpm:
             if not await self._spend_unit(name, limit, end):
                 for earlier in spent:  # not counted for a call that was refused
                     self.units[earlier] = self.units.get(earlier, 0) + 1
+                self.settle(admission)
                 self.refused += 1
                 raise Refused(f"{text} is reached; it resets at {_when(end)}", end - now)
             spent.append(name)
         return admission
+
+    def _estimate(self, check: _Check, org_id: int, demand: Demand) -> tuple[float, float]:
+        """What a call must find left in the budget (its input: it is spent whatever the
+        answer), and what it reserves when there is more (its input and ``max_tokens``)."""
+        if check.counts == COUNT_TOKENS:
+            need = float(demand.input_tokens)
+            want = float(demand.input_tokens + demand.output_tokens)
+        else:
+            usage = (demand.input_tokens, demand.output_tokens, 0, 0)
+            need = self._cost(org_id, demand.provider, demand.model, (demand.input_tokens, 0, 0, 0))
+            want = self._cost(org_id, demand.provider, demand.model, usage)
+        # Something must be left, even for a call estimated at nothing (no price known).
+        need = max(need, EPSILON)
+        return need, max(want, need)
+
+    def _take(self, check: _Check, need: float, want: float) -> float | None:
+        """Reserve ``want`` (at least ``need``) from headroom held here; None if there is not
+        enough (or the budget is closed to such a call)."""
+        name = check.name
+        free = self.free.get(name, 0.0)
+        if free + EPSILON < need or (self.closed and self._is_closed(check, need)):
+            return None
+        amount = max(need, min(want, free))
+        self.free[name] = free - amount
+        self.running[name] = self.running.get(name, 0.0) + amount
+        return amount
+
+    def _is_closed(self, check: _Check, need: float) -> bool:
+        closed_limit, closed_need = self.closed.get(check.name, (-math.inf, math.inf))
+        return check.limit <= closed_limit and need + EPSILON >= closed_need
+
+    async def _reserve(self, check: _Check, need: float, want: float, now: float) -> float:
+        """Reserve a call's estimate of ``check``'s budget, capped by what is left and no
+        less than what it must find left, asking the shared counter and waiting for
+        headroom held by calls in progress; raise ``Refused`` when it is not there."""
+        name = check.name
+        deadline = time.monotonic() + self.queue_timeout
+        while True:
+            if self._is_closed(check, need):
+                raise Refused(
+                    f"{check.text} has too little left for a call of this size; "
+                    f"it resets at {_when(check.end)}",
+                    check.end - now,
+                )
+            amount = self._take(check, need, want)
+            if amount is not None:
+                return amount
+            async with self._budget_locks.setdefault(name, asyncio.Lock()):
+                if self.free.get(name, 0.0) + EPSILON >= need:
+                    continue  # another call refilled it while this one waited for the lock
+                answer = await self._ask_headroom(check, need, want)
+            if answer == GRANTED:
+                continue
+            if answer == CLOSED:
+                closed_limit, closed_need = self.closed.get(name, (-math.inf, math.inf))
+                smallest = closed_need if check.limit <= closed_limit else math.inf
+                self.closed[name] = (check.limit, min(need, smallest))
+                continue
+            if answer == _UNAVAILABLE:
+                # Judged on this process's view, as without reservations: the gateway
+                # serves on, and what the call uses is counted when it ends.
+                if self._used(name) >= check.limit:
+                    raise Refused(
+                        f"{check.text} is used up; it resets at {_when(check.end)}",
+                        check.end - now,
+                    )
+                return 0.0
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Refused(
+                    f"the rest of {check.text} is reserved by calls in progress; try again shortly",
+                    1,
+                )
+            await self._wait_for_headroom(min(left, self.sync_interval))
+
+    async def _ask_headroom(self, check: _Check, need: float, want: float) -> str:
+        """Ask the shared counter for headroom (a tenth of the budget beyond this call's
+        estimate, so the next calls need no round trip); credit what it grants."""
+        name = check.name
+        free = self.free.get(name, 0.0)
+        try:
+            granted, answer = await self.runner.run(
+                functools.partial(
+                    self.store.reserve_budget,
+                    name,
+                    want - free + check.limit / 10,
+                    need - free,
+                    check.limit,
+                    may_close=self.running.get(name, 0.0) <= EPSILON,
+                    expires_at=check.end,
+                )
+            )
+        except DatabaseUnavailable as exc:
+            log.warning("budget counter unavailable (%s); judging on local counts", exc)
+            return _UNAVAILABLE
+        self._watch(name, check.end)
+        if granted:
+            self.hold[name] = self.hold.get(name, 0.0) + granted
+            self.free[name] = self.free.get(name, 0.0) + granted
+        return answer
+
+    async def _wait_for_headroom(self, timeout: float) -> None:
+        """Until a call here settles or a sync has run (others give headroom back at theirs)."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._headroom_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout=timeout)
+        except TimeoutError:
+            pass
+        finally:
+            if waiter in self._headroom_waiters:
+                self._headroom_waiters.remove(waiter)
+
+    def _wake_headroom_waiters(self) -> None:
+        waiters, self._headroom_waiters = self._headroom_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def settle(self, admission: Admission) -> None:
+        """A call has ended (after ``charge``, if it used anything): what it reserved is free
+        for this process's next calls, and goes back to the shared counter at the next sync."""
+        if not admission.reservations:
+            return
+        for name, amount in admission.reservations:
+            if name in self.running:  # else its window ended and was dropped meanwhile
+                self.running[name] -= amount
+                self.free[name] = self.free.get(name, 0.0) + amount
+        admission.reservations = []
+        if self._headroom_waiters:
+            self._wake_headroom_waiters()
 
     def _plan(
         self,
@@ -231,7 +423,9 @@ class Governor:
                 )
                 charges.append(_Charge(name, counts, scope))
                 text = f"{rule.title} ({rule.amount_text(rule.amount)})"
-                checks.append(_Check(name, rule.amount, end, text, rule.warn_percent / 100))
+                checks.append(
+                    _Check(name, rule.amount, end, text, rule.warn_percent / 100, counts, True)
+                )
             rate = governance.rates.get((scope, subject))
             if rate is None:
                 continue
@@ -281,6 +475,9 @@ class Governor:
                 amount = usd
             if amount:
                 self.pending[charge.name] = self.pending.get(charge.name, 0.0) + amount
+                if charge.name in self.hold:
+                    # Spent from headroom held here: it reaches the shared total at the sync.
+                    self.free[charge.name] = self.free.get(charge.name, 0.0) - amount
 
     def _cost(
         self, org_id: int, provider: str, model: str, usage: tuple[int, int, int, int]
@@ -442,12 +639,24 @@ class Governor:
                 del self.watched[name]
                 self.totals.pop(name, None)
                 self.units.pop(name, None)
+                for budget_state in (self.hold, self.free, self.running):
+                    budget_state.pop(name, None)
+                self.closed.pop(name, None)
+                self._budget_locks.pop(name, None)
         if self._prices is None or time.monotonic() - self._prices_at > self.prices_ttl:
             await self._load_prices()
         if not (self.pending or self.watched or self.held):
             return
         add = {name: (amount, self.watched.get(name, now)) for name, amount in self.pending.items()}
         self.flushing, self.pending = self.pending, {}
+        # Budget headroom beyond what running calls reserved goes back (including what was
+        # spent, which reaches the shared total in this same transaction), or 0 is written
+        # as a heartbeat of what they keep. Lowered here, before the write, so no call
+        # takes headroom that is being given back.
+        unhold = {name: hold - self.running.get(name, 0.0) for name, hold in self.hold.items()}
+        given_back = self.free
+        self.hold = {name: amount for name, amount in self.running.items() if amount > EPSILON}
+        self.free = {}
         for name, units in self.units.items():
             if units:
                 amount, _ = add.get(name, (0.0, 0.0))
@@ -466,15 +675,20 @@ class Governor:
             self.peak = {r: n for r, n in self.busy.items() if n}
             self.held = {resource: n for resource, n in slots.items() if n}
             try:
-                totals = await self.runner.run(lambda: self.store.sync(add, slots, read))
+                totals = await self.runner.run(lambda: self.store.sync(add, slots, read, unhold))
             except DatabaseUnavailable as exc:
                 log.warning("governance sync failed (%s); counts kept for the next one", exc)
                 for name, amount in self.flushing.items():
                     self.pending[name] = self.pending.get(name, 0.0) + amount
+                for name, amount in unhold.items():  # still held: usable until the next one
+                    self.hold[name] = self.hold.get(name, 0.0) + amount
+                for name, amount in given_back.items():
+                    self.free[name] = self.free.get(name, 0.0) + amount
                 return
             finally:
                 self.flushing = {}
         self.totals.update(totals)
+        self._wake_headroom_waiters()  # other processes may have given headroom back
         for queue in self._waiters.values():
             if queue and not queue[0].done():
                 queue[0].set_result(None)  # a slot may have come free elsewhere

@@ -7,7 +7,7 @@ stops as soon as the limit is crossed, so a compression bomb costs at most
 
 The body is validated and read with simdjson, which checks the whole document
 (structure, strings, UTF-8) into a tape of its own and builds Python objects only
-for what is asked: ``model`` and ``stream``. A coding agent's 190 KB body costs
+for what is asked: ``model``, ``stream`` and the output token limit. A coding agent's 190 KB body costs
 about 0.1 ms that way, against 0.5 ms to build it as Python objects with orjson
 and 0.3 ms more to free them. What simdjson refuses is parsed again by orjson, so
 a body is accepted or refused (with orjson's message, which names line and
@@ -48,6 +48,9 @@ class ParsedBody:
     model: str
     #: ``"stream": true`` at the top level.
     stream: bool
+    #: The most output tokens it asks for (``max_tokens`` or the API's equivalent); 0: none
+    #: set. What its budgets reserve for the answer.
+    max_output: int = 0
 
 
 _READ_SIZE = 256 * 1024
@@ -105,6 +108,9 @@ def decode_content(data: bytes, content_encoding: str | None, limit: int) -> byt
 
 
 _parsers = threading.local()
+#: The members that cap a call's output tokens: Anthropic and Chat Completions' legacy
+#: ``max_tokens``, Chat Completions' ``max_completion_tokens``, Responses' ``max_output_tokens``.
+_OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # `"model"` as a member name, up to its value.
 _MODEL_MEMBER = re.compile(rb'"model"[ \t\r\n]*:[ \t\r\n]*')
 # The opening of an object, up to its first member.
@@ -122,10 +128,18 @@ def _parser() -> simdjson.Parser:
     return parser
 
 
-def _top_level(raw: bytes) -> tuple[object, int, bool]:
+def _max_output(document: simdjson.Object | dict[str, object]) -> int:
+    """The largest output token limit the top level sets (0: none)."""
+    limits = [document.get(name) for name in _OUTPUT_LIMITS]
+    return max(
+        (v for v in limits if isinstance(v, int) and not isinstance(v, bool) and v > 0), default=0
+    )
+
+
+def _top_level(raw: bytes) -> tuple[object, int, bool, int]:
     """The top level's ``model`` (a str or a stand-in), how many ``model`` members it
-    has, and whether ``stream`` is true; raises BodyError for a body that is not a
-    JSON object."""
+    has, whether ``stream`` is true, and its output token limit; raises BodyError for a
+    body that is not a JSON object."""
     try:
         document = _parser().parse(raw)
     except (ValueError, RuntimeError):
@@ -137,12 +151,12 @@ def _top_level(raw: bytes) -> tuple[object, int, bool]:
         # Only scalars leave: an Object or Array would pin the parser's document.
         model = model if isinstance(model, str) else None
         count = sum(1 for key in document if key == "model")
-        return model, count, document.get("stream") is True
+        return model, count, document.get("stream") is True, _max_output(document)
     finally:
         del document
 
 
-def _top_level_orjson(raw: bytes) -> tuple[object, int, bool]:
+def _top_level_orjson(raw: bytes) -> tuple[object, int, bool, int]:
     """:func:`_top_level` for the rare body simdjson refuses (it may still be valid)."""
     try:
         document = orjson.loads(raw)
@@ -160,14 +174,14 @@ def _top_level_orjson(raw: bytes) -> tuple[object, int, bool]:
         return {}
 
     json.loads(raw, object_pairs_hook=count_models)
-    return document.get("model"), count, document.get("stream") is True
+    return document.get("model"), count, document.get("stream") is True, _max_output(document)
 
 
 def parse_request_body(raw: bytes) -> ParsedBody:
     """Parse a decoded JSON body and read its ``model``."""
     if not raw:
         raise BodyError(400, "request body is empty; expected a JSON object")
-    model, count, stream = _top_level(raw)
+    model, count, stream, max_output = _top_level(raw)
     if not isinstance(model, str) or not model:
         raise BodyError(400, "request body has no 'model' (a route name)")
     if count > 1:
@@ -176,7 +190,7 @@ def parse_request_body(raw: bytes) -> ParsedBody:
         raise BodyError(400, "'model' is longer than 200 characters")
     if _CONTROL.search(model):
         raise BodyError(400, "'model' contains control characters")
-    return ParsedBody(raw=raw, model=model, stream=stream)
+    return ParsedBody(raw=raw, model=model, stream=stream, max_output=max_output)
 
 
 def with_model(body: ParsedBody, upstream_model: str) -> bytes:

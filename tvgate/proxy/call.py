@@ -24,6 +24,7 @@ from tvgate.governance.governor import (
     ATTEMPT_SCOPES,
     GATEWAY_RESOURCE,
     Admission,
+    Demand,
     Refused,
     key_resource,
 )
@@ -214,6 +215,8 @@ class ProxyCall:
         self.admission: Admission | None = None
         #: The admission charged when a fallback with budgets of its own served the call.
         self.serving_admission: Admission | None = None
+        #: Every admission made for the call (its own, its fallbacks'): settled at its end.
+        self.admissions: list[Admission] = []
         self.gateway_slot = False
         #: True while the route being tried has fallbacks left after it.
         self.may_fall_back = False
@@ -242,7 +245,9 @@ class ProxyCall:
         finally:
             if self.gateway_slot:
                 self.gateway.governor.release(GATEWAY_RESOURCE)
-            self._queue_trace()
+            self._queue_trace()  # charges the usage first: settling then frees the rest
+            for admission in self.admissions:
+                self.gateway.governor.settle(admission)
 
     async def _authenticate(self) -> Principal | None:
         token = credential_from_headers(self.handler.request.headers)
@@ -306,8 +311,14 @@ class ProxyCall:
         try:
             if self.governance.active:
                 self.admission = await governor.admit(
-                    self.governance, principal.org_id, principal.user_id, route.name, route.key.name
+                    self.governance,
+                    principal.org_id,
+                    principal.user_id,
+                    route.name,
+                    route.key.name,
+                    demand=self._demand(route),
                 )
+                self.admissions.append(self.admission)
             if governor.gateway_cap:
                 await governor.acquire(GATEWAY_RESOURCE, governor.gateway_cap)
                 self.gateway_slot = True
@@ -328,6 +339,17 @@ class ProxyCall:
                 self.outcome = OUTCOME_CLIENT_CANCELLED
                 return
         self._answer_last_failure()
+
+    def _demand(self, entry: RouteEntry) -> Demand:
+        """What the call may use on ``entry``: its input estimated at 4 bytes a token (about
+        what JSON and English text come to), and the output limit it sets."""
+        assert self.body is not None
+        return Demand(
+            -(-len(self.body.raw) // 4),
+            self.body.max_output,
+            entry.key.provider,
+            entry.upstream_model_for(self.body.model),
+        )
 
     async def _attempt(self, entry: RouteEntry, *, is_fallback: bool) -> bool:
         """One upstream attempt on ``entry``; False when the next fallback should be tried."""
@@ -366,7 +388,9 @@ class ProxyCall:
                     entry.name,
                     entry.key.name,
                     scopes=ATTEMPT_SCOPES,
+                    demand=self._demand(entry),
                 )
+                self.admissions.append(attempt_admission)
             if entry.key.max_concurrent:
                 await governor.acquire(key_resource(entry.key.id), entry.key.max_concurrent)
                 key_resource_name = key_resource(entry.key.id)
