@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx2
 import openai
+import orjson
 import psycopg2
 import pytest
 
@@ -41,6 +42,8 @@ from tests.fake_provider import FakeProvider
 from tvgate import services
 from tvgate.db import migrate, open_database
 from tvgate.models import Org, Trace, User, database
+from tvgate.providers import ANTHROPIC_MESSAGES, OPENAI_RESPONSES
+from tvgate.providers.assemble import JSON_TAIL_BYTES, assemble_json_tail
 from tvgate.traces import store
 
 _orgs = itertools.count(1)
@@ -49,28 +52,17 @@ CAPTURE_MAX = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def gw(
-    database_url: str, fake_provider: FakeProvider, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[GatewayProcess]:
-    data_dir = tmp_path_factory.mktemp("reliability")
-    gateway = launch_gateway(
-        database_url,
-        data_dir,
-        seed_once(database_url, data_dir, fake_provider),
+def gw(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
+    """A gateway over the session's database that keeps at most CAPTURE_MAX of an answer."""
+    own = launch_gateway(
+        gateway.database_url,
+        gateway.data_dir,
+        gateway.tokens,
         TVGATE_GOVERNANCE_SYNC_INTERVAL="0.2",
         TVGATE_CAPTURE_MAX_BYTES=str(CAPTURE_MAX),
     )
-    yield gateway
-    stop_gateway(gateway.proc)
-
-
-def seed_once(database_url: str, data_dir: Path, fake: FakeProvider) -> dict[str, str]:
-    """The suite's seed, unless the session's gateway already put it in this database."""
-    open_database(database_url)
-    migrate(database.obj)
-    if Org.select().where(Org.name == "acme").exists():
-        return {}
-    return seed(database_url, data_dir, fake)
+    yield own
+    stop_gateway(own.proc)
 
 
 @dataclass
@@ -358,3 +350,32 @@ def test_stream_capture_is_cut_at_the_capture_bound(
     metrics = scrape(gw.url)
     retained = metrics["tvgate_capture_retained_bytes_max"]
     assert 0 < retained <= CAPTURE_MAX
+
+
+def test_usage_is_read_from_the_tail_of_every_json_api() -> None:
+    """The end of a cut answer gives its usage, whichever API; a usage quoted inside the
+    answer's text is not taken for it."""
+    decoy = 'the model wrote "usage": {"input_tokens": 999999} in its text ' * 2000
+    anthropic_body = {
+        "id": "msg_1",
+        "type": "message",
+        "content": [{"type": "text", "text": decoy}],
+        "model": "claude-x",
+        "usage": {"input_tokens": 11, "output_tokens": 22, "cache_read_input_tokens": 3},
+    }
+    responses_body = {
+        "id": "resp_1",
+        "output": [{"type": "message", "content": [{"type": "output_text", "text": decoy}]}],
+        "usage": {"input_tokens": 5, "output_tokens": 6, "input_tokens_details": {}},
+        "user": None,
+        "metadata": {},
+    }
+    for api, body, expected in (
+        (ANTHROPIC_MESSAGES, anthropic_body, (11, 22, 3)),
+        (OPENAI_RESPONSES, responses_body, (5, 6, 0)),
+    ):
+        raw = orjson.dumps(body, option=orjson.OPT_INDENT_2)
+        assembled = assemble_json_tail(api, raw[-JSON_TAIL_BYTES:])
+        usage = assembled.usage
+        assert (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens) == expected
+        assert assembled.truncated
