@@ -77,6 +77,20 @@ class Settings:
     key_cache_ttl: float = 300.0
     #: Bytes the gateway may hold for one slow client before it pauses the upstream.
     client_buffer_bytes: int = 1024 * 1024
+    #: Bytes of one answer kept for its trace (a JSON body, or a stream's assembled answer);
+    #: past that the capture is cut and the trace marked truncated, its usage still read.
+    capture_max_bytes: int = 8 * 1024 * 1024
+    #: Seconds a new connection may take to send its first request's headers before it is
+    #: closed (later requests on a kept-alive connection may wait up to an hour).
+    header_timeout: float = 10.0
+    #: Connections open at once from one peer address; 0: no cap. Peers in
+    #: trusted_proxies (nginx, which carries many clients) are not capped.
+    max_connections_per_address: int = 256
+    #: Seconds a database connection may go unused before it is closed.
+    db_idle_timeout: float = 60.0
+    #: Seconds after which a database connection in steady use is closed between two uses
+    #: (and opened again), so a PostgreSQL smart shutdown is never held up for long.
+    db_max_age: float = 600.0
     #: Calls open at once across every gateway process sharing the database; 0: no cap.
     max_concurrent_calls: int = 0
     #: Seconds a call waits for a free slot under a concurrency cap before a 429.
@@ -283,6 +297,12 @@ def validate(settings: Settings) -> None:
         raise ConfigError("sink_url needs sink_secret, so receivers can check what they get")
     if settings.max_body_bytes <= 0 or settings.max_clients <= 0 or settings.idle_timeout <= 0:
         raise ConfigError("max_body_bytes, max_clients and idle_timeout must be positive")
+    if settings.capture_max_bytes <= 0 or settings.header_timeout <= 0:
+        raise ConfigError("capture_max_bytes and header_timeout must be positive")
+    if settings.max_connections_per_address < 0:
+        raise ConfigError("max_connections_per_address must not be negative")
+    if settings.db_idle_timeout <= 0 or settings.db_max_age <= 0:
+        raise ConfigError("db_idle_timeout and db_max_age must be positive")
     if settings.max_concurrent_calls < 0 or settings.queue_timeout < 0:
         raise ConfigError("max_concurrent_calls and queue_timeout must not be negative")
     if not 0.05 <= settings.governance_sync_interval <= 60:

@@ -5,6 +5,12 @@ never query on the IOLoop thread: they go through :class:`DatabaseRunner`,
 whose thread pool gives each worker thread its own connection. When the
 database goes away, a thread's broken connection is closed so that the next
 call reconnects instead of failing forever.
+
+A connection is closed between two uses once it has gone unused for
+``idle_timeout`` or is ``max_age`` old (:class:`ConnectionAge`; the runner's
+closer thread does it for the pool's threads): PostgreSQL's smart shutdown
+waits for every session to end, and a connection per pool thread held for the
+life of the process would keep it waiting for ever.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -256,28 +264,143 @@ def migrate(db: peewee.Database) -> list[int]:
     return applied
 
 
-class DatabaseRunner:
-    """Runs synchronous Peewee work in a thread pool, one connection per thread."""
+#: Defaults of ``db_idle_timeout`` and ``db_max_age`` (tvgate.config), in seconds.
+IDLE_TIMEOUT = 60.0
+MAX_AGE = 600.0
 
-    def __init__(self, db: peewee.Database, threads: int = 0) -> None:
+
+def current_connection(db: peewee.Database) -> object | None:
+    """This thread's open connection of ``db``, or None."""
+    return db._state.conn  # type: ignore[attr-defined]  # peewee's per-thread state
+
+
+class ConnectionAge:
+    """When one thread's connection was opened and last used, and whether it is due to be
+    closed: unused for ``idle_timeout``, or ``max_age`` old."""
+
+    __slots__ = ("conn", "idle_timeout", "max_age", "opened", "used")
+
+    def __init__(self, idle_timeout: float, max_age: float) -> None:
+        self.idle_timeout = idle_timeout
+        self.max_age = max_age
+        self.conn: object | None = None
+        self.opened = 0.0
+        self.used = 0.0
+
+    def note_use(self, conn: object | None) -> None:
+        """The thread just used its connection ``conn`` (None: it has none now)."""
+        now = time.monotonic()
+        if conn is not self.conn:
+            self.conn = conn
+            self.opened = now
+        self.used = now
+
+    def due(self, now: float) -> bool:
+        return self.conn is not None and (
+            now - self.used >= self.idle_timeout or now - self.opened >= self.max_age
+        )
+
+
+def close_own_connection_if_due(db: peewee.Database, age: ConnectionAge) -> None:
+    """In the thread that owns it: close this thread's connection if it is due."""
+    conn = current_connection(db)
+    if conn is not age.conn:
+        age.note_use(conn)  # opened by a use this thread did not report
+    if age.due(time.monotonic()):
+        reset_connection(db)
+        age.note_use(None)
+
+
+class _PooledConnection:
+    """A pool thread's connection, as the closer thread sees it. ``lock`` is held while the
+    thread uses it, so the closer never closes a connection in use."""
+
+    __slots__ = ("age", "closed_by_closer", "lock")
+
+    def __init__(self, idle_timeout: float, max_age: float) -> None:
+        self.lock = threading.Lock()
+        self.age = ConnectionAge(idle_timeout, max_age)
+        self.closed_by_closer = False
+
+
+class DatabaseRunner:
+    """Runs synchronous Peewee work in a thread pool, one connection per thread; a closer
+    thread closes the connections that are due (:class:`ConnectionAge`)."""
+
+    def __init__(
+        self,
+        db: peewee.Database,
+        threads: int = 0,
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_age: float = MAX_AGE,
+    ) -> None:
         self.db = db
         self.executor = ThreadPoolExecutor(
             max_workers=threads or min(16, (os.cpu_count() or 2) * 4),
             thread_name_prefix="tvgate-db",
         )
+        self.idle_timeout = idle_timeout
+        self.max_age = max_age
+        self._connections: dict[int, _PooledConnection] = {}
+        self._local = threading.local()
+        self._stopping = threading.Event()
+        self._closer = threading.Thread(
+            target=self._close_due, name="tvgate-db-closer", daemon=True
+        )
+        self._closer.start()
+
+    def _own(self) -> _PooledConnection:
+        own: _PooledConnection | None = getattr(self._local, "connection", None)
+        if own is None:
+            own = self._local.connection = _PooledConnection(self.idle_timeout, self.max_age)
+            self._connections[threading.get_ident()] = own
+        return own
 
     def _call(self, fn: Callable[[], T]) -> T:
-        try:
-            return fn()
-        except CONNECTION_ERRORS as exc:
-            reset_connection(self.db)
-            raise DatabaseUnavailable(
-                str(exc).splitlines()[0] if str(exc) else "unavailable"
-            ) from exc
+        own = self._own()
+        with own.lock:
+            if own.closed_by_closer:
+                # Peewee's state of this thread still names the closed connection.
+                self.db._state.reset()  # type: ignore[attr-defined]
+                own.closed_by_closer = False
+            try:
+                return fn()
+            except CONNECTION_ERRORS as exc:
+                reset_connection(self.db)
+                raise DatabaseUnavailable(
+                    str(exc).splitlines()[0] if str(exc) else "unavailable"
+                ) from exc
+            finally:
+                own.age.note_use(current_connection(self.db))
+
+    def _close_due(self) -> None:
+        """The closer thread: every so often, close the pool's connections that are due.
+
+        A connection is closed from this thread, not its own, which may be waiting for
+        work for hours; its own thread forgets it at its next use (``closed_by_closer``).
+        """
+        period = max(0.05, min(self.idle_timeout, self.max_age) / 4)
+        while not self._stopping.wait(period):
+            now = time.monotonic()
+            for own in list(self._connections.values()):
+                if not own.age.due(now) or not own.lock.acquire(blocking=False):
+                    continue  # in use right now: its thread notes the use when done
+                try:
+                    conn = own.age.conn
+                    if own.age.due(now) and conn is not None:
+                        with contextlib.suppress(Exception):  # broken already: gone either way
+                            conn.close()  # type: ignore[attr-defined]
+                        own.age.note_use(None)
+                        own.closed_by_closer = True
+                finally:
+                    own.lock.release()
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` in the pool; connection failures become DatabaseUnavailable."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, self._call, fn)
 
     def close(self) -> None:
+        self._stopping.set()
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self._closer.join()

@@ -60,3 +60,9 @@ def client_address(peer: str, forwarded_for: list[str], proxies: tuple[Network, 
         if not _trusted(current, proxies):
             break
     return str(current)
+
+
+def is_trusted_peer(peer: str, proxies: tuple[Network, ...]) -> bool:
+    """Whether the TCP peer ``peer`` is one of the trusted proxies."""
+    address = _address(peer)
+    return address is not None and _trusted(address, proxies)

@@ -22,7 +22,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 
 from tvgate import services
 from tvgate.config import Settings
-from tvgate.db import DatabaseRunner, migrate, open_database
+from tvgate.db import ConnectionAge, DatabaseRunner, migrate, open_database
 from tvgate.forwarded import Network, parse_networks
 from tvgate.governance.governor import Governor
 from tvgate.identity.authenticator import Authenticator
@@ -53,6 +53,7 @@ RELOADABLE_SETTINGS = (
     "idle_timeout",
     "max_body_bytes",
     "client_buffer_bytes",
+    "capture_max_bytes",
     "drain_timeout",
     "queue_timeout",
 )
@@ -115,7 +116,9 @@ class Gateway:
         """Open the database (migrating it), the keyring, and the caches. Call on the IOLoop."""
         db = open_database(settings.resolved_database_url)
         migrate(db)
-        runner = DatabaseRunner(db)
+        runner = DatabaseRunner(
+            db, idle_timeout=settings.db_idle_timeout, max_age=settings.db_max_age
+        )
         keyring = build_keyring(settings)
         # Tornado switches curl to verbose mode when this logger is at DEBUG, and curl's
         # verbose output prints every request header: the provider key in x-api-key or
@@ -129,6 +132,7 @@ class Gateway:
             batch_size=settings.trace_batch_size,
             spool_path=Path(settings.data_dir) / "traces.spool",
             settings_ttl=settings.cache_ttl,
+            connection_age=ConnectionAge(settings.db_idle_timeout, settings.db_max_age),
         )
         # Provider calls only: it streams every response through the caller's callbacks
         # and never buffers a body, so it takes no max_body_size.

@@ -229,13 +229,27 @@ class Metrics:
             "Calls that ended in a provider error, a failed connection or a timeout.",
             ("route", "outcome", "error_type"),
         )
+        self.connections_refused = Counter(
+            "tvgate_connections_refused_total",
+            "Client connections closed unserved: past the per-address cap, or without "
+            "their first request's headers within the header timeout.",
+            ("reason",),
+        )
+        #: The most answer bytes one call's capture has retained (at most capture_max_bytes).
+        self.capture_retained_max = 0
         self._sampled: list[Sampled | SampledByLabel] = [
             Sampled(
                 "tvgate_open_streams",
                 "Streaming responses being relayed right now.",
                 "gauge",
                 lambda: self.open_streams,
-            )
+            ),
+            Sampled(
+                "tvgate_capture_retained_bytes_max",
+                "The most bytes of answer one call's capture retained for its trace.",
+                "gauge",
+                lambda: self.capture_retained_max,
+            ),
         ]
 
     # --- the hot path (IOLoop thread) ---
@@ -300,6 +314,7 @@ class Metrics:
             self.overhead,
             self.tokens,
             self.upstream_errors,
+            self.connections_refused,
         ):
             lines.extend(family.render())
         for sampled in self._sampled:

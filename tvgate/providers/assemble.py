@@ -20,6 +20,7 @@ can have: a negative or absurd one counts as 0 and is named as an anomaly.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
@@ -38,6 +39,12 @@ from tvgate.traces.sse import SSEEvent, SSEParser
 
 #: Characters of answer an assembler keeps before it cuts (and marks) the rest.
 MAX_RETAINED = 64 * 1024 * 1024
+#: Bytes of the end of a JSON answer too large to keep whole that are kept to read its
+#: usage from: every API puts ``usage`` after the bulk (choices, content, embeddings),
+#: and a usage object is well under 1 KiB.
+JSON_TAIL_BYTES = 64 * 1024
+#: Occurrences of a key looked at, from the end of the tail back, before giving up.
+_TAIL_TRIES = 8
 
 # What a handler may raise on an event of unexpected shape; such events are skipped.
 _MALFORMED = (KeyError, TypeError, IndexError, AttributeError, ValueError)
@@ -99,6 +106,11 @@ class StreamAssembler(Protocol):
 
     def finish(self) -> Assembled: ...
 
+    @property
+    def retained(self) -> int:
+        """Characters of answer (text and kept structures) held so far."""
+        ...
+
 
 def stream_assembler(api: str, *, max_retained: int = MAX_RETAINED) -> StreamAssembler:
     """A fresh assembler for a streamed response of ``api``."""
@@ -122,6 +134,56 @@ def assemble_json(api: str, body: bytes) -> Assembled:
         return _assemble_obj(api, obj)
     except _MALFORMED:
         return Assembled(None)
+
+
+def assemble_json_tail(api: str, tail: bytes) -> Assembled:
+    """What the end of a JSON answer too large to keep whole says: its usage and, where it
+    comes after the bulk (an embeddings list), its model. Always marked truncated.
+
+    The head is gone, so the body cannot be parsed; the last ``"usage"`` key of the tail
+    whose value parses as an object is taken. A provider could put a fake one there, as it
+    could put false figures in a whole answer: :func:`checked_usage` bounds both.
+    """
+    reader = _USAGE_READERS.get(api)
+    if reader is None:
+        raise ValueError(f"no assembler for {api!r}")
+    text = tail.decode("utf-8", "replace")
+    usage = _last_value(text, "usage")
+    model = _last_value(text, "model")
+    return Assembled(
+        None,
+        reader(usage) if isinstance(usage, dict) else Usage(),
+        model=_str(model),
+        truncated=True,
+    )
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _last_value(text: str, key: str) -> object:
+    """The value of the last ``"key": value`` in ``text`` that parses, else None."""
+    needle = f'"{key}"'
+    end = len(text)
+    for _ in range(_TAIL_TRIES):
+        at = text.rfind(needle, 0, end)
+        if at == -1:
+            return None
+        end = at
+        pos = at + len(needle)
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        if pos >= len(text) or text[pos] != ":":
+            continue  # a string value, not a key
+        pos += 1
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        try:
+            value, _ = _DECODER.raw_decode(text, pos)
+        except ValueError:
+            continue
+        return value
+    return None
 
 
 def _assemble_obj(api: str, obj: JSON) -> Assembled:
@@ -257,10 +319,11 @@ def _responses_stop(resp: JSON) -> str | None:
 class _Stream:
     """SSE in, one orjson parse per event, a bounded budget of retained text."""
 
-    __slots__ = ("_budget", "_error", "_parser", "_result", "_truncated")
+    __slots__ = ("_budget", "_error", "_max_retained", "_parser", "_result", "_truncated")
 
     def __init__(self, max_retained: int) -> None:
         self._parser = SSEParser()
+        self._max_retained = max_retained
         self._budget = max_retained
         self._truncated = False
         self._error: tuple[str | None, str | None] | None = None
@@ -284,6 +347,10 @@ class _Stream:
             result.truncated = self._truncated or self._parser.overflowed
             self._result = result
         return self._result
+
+    @property
+    def retained(self) -> int:
+        return self._max_retained - self._budget
 
     def _dispatch(self, ev: SSEEvent) -> None:
         try:
@@ -935,3 +1002,11 @@ _JSON_APIS = frozenset(
         OPENAI_EMBEDDINGS,
     )
 )
+#: How each API's usage object (the value of a body's ``usage`` key) is read.
+_USAGE_READERS = {
+    ANTHROPIC_MESSAGES: _anthropic_usage,
+    OPENAI_CHAT: _chat_usage,
+    OPENAI_COMPLETIONS: _chat_usage,
+    OPENAI_EMBEDDINGS: _chat_usage,
+    OPENAI_RESPONSES: _responses_usage,
+}

@@ -45,9 +45,11 @@ from tvgate.providers import (
     stream_error_event,
 )
 from tvgate.providers.assemble import (
+    JSON_TAIL_BYTES,
     Assembled,
     StreamAssembler,
     assemble_json,
+    assemble_json_tail,
     checked_usage,
     stream_assembler,
 )
@@ -128,8 +130,6 @@ _DROPPED_RESPONSE_HEADERS = frozenset(
 _CORS_PREFIX = "access-control-"
 #: A header name (RFC 9110 token), as Tornado checks it.
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-#: How much of a non-streamed answer is kept for its trace.
-_CAPTURE_LIMIT = 8 * 1024 * 1024
 #: Stream chunks relayed but not yet parsed, at most: a stream is parsed after its
 #: answer is finished, so the client does not wait for it, or in runs of this size.
 _UNPARSED_LIMIT = 16 * 1024
@@ -201,6 +201,9 @@ class ProxyCall:
         self.assembler: StreamAssembler | None = None
         self.captured: list[bytes] = []
         self.captured_size = 0
+        #: The end of a non-streamed answer longer than ``capture_max_bytes``, where its
+        #: usage is (empty otherwise).
+        self.captured_tail = bytearray()
         self.unparsed: list[bytes] = []
         self.unparsed_size = 0
         self.bytes_in = 0
@@ -626,7 +629,11 @@ class ProxyCall:
             self.stream_counted = True  # closed again in _queue_trace
             self.gateway.metrics.stream_opened()
         if self.is_stream_response and self.endpoint.api != ANTHROPIC_COUNT_TOKENS:
-            self.assembler = stream_assembler(self.endpoint.api)
+            # What the trace keeps of the answer is bounded per call, whatever the stream's
+            # length: past the bound the capture is cut (and the trace marked truncated).
+            self.assembler = stream_assembler(
+                self.endpoint.api, max_retained=self.gateway.settings.capture_max_bytes
+            )
 
     def on_upstream_chunk(self, chunk: bytes) -> bool:
         if self.client_gone:
@@ -663,9 +670,28 @@ class ProxyCall:
             self.unparsed_size += size
             if self.unparsed_size >= _UNPARSED_LIMIT:
                 self._parse_unparsed(self.assembler)
-        elif self.captured_size < _CAPTURE_LIMIT:
+        elif not self.captured_tail and self.captured_size + size <= self._capture_max:
             self.captured.append(chunk)
             self.captured_size += size
+        else:
+            self._keep_tail(chunk)
+
+    @property
+    def _capture_max(self) -> int:
+        return self.gateway.settings.capture_max_bytes
+
+    def _keep_tail(self, chunk: bytes) -> None:
+        """Past ``capture_max_bytes`` of a JSON answer, keep only its end, where its usage is:
+        the head cannot be parsed without the rest, so it is let go."""
+        keep = min(JSON_TAIL_BYTES, self._capture_max)
+        tail = self.captured_tail
+        if self.captured:
+            tail += b"".join(self.captured)[-keep:]
+            self.captured.clear()
+            self.captured_size = 0
+        tail += chunk[-keep:]
+        if len(tail) > keep:
+            del tail[: len(tail) - keep]
 
     def _parse_unparsed(self, assembler: StreamAssembler) -> StreamAssembler:
         for chunk in self.unparsed:
@@ -760,8 +786,14 @@ class ProxyCall:
         truncated = assembled is not None and (
             assembled.truncated or (self.assembler is not None and not assembled.complete)
         )
+        retained = self._retained()
+        metrics = self.gateway.metrics
+        metrics.capture_retained_max = max(metrics.capture_retained_max, retained)
+        response = assembled.response if assembled is not None else None
         captured = (
-            CapturedBody(body.raw, assembled.response if assembled is not None else None)
+            # The answer is held (as a document) until the writer stores it: its size
+            # counts in the writer's memory budget with the request's.
+            CapturedBody(body.raw, response, retained if response is not None else 0)
             if body is not None
             else None
         )
@@ -835,13 +867,25 @@ class ProxyCall:
                 ),
             )
 
+    def _retained(self) -> int:
+        """Bytes of answer this call's capture holds for its trace."""
+        if self.assembler is not None:
+            return self.assembler.retained
+        return self.captured_size + len(self.captured_tail)
+
     def _at(self, perf: float) -> float | None:
         return self.received_at + (perf - self.started) if perf else None
 
     def _assembled(self) -> Assembled | None:
         if self.assembler is not None:
             return self._parse_unparsed(self.assembler).finish()
-        if self.captured and self.endpoint.api != ANTHROPIC_COUNT_TOKENS:
+        if self.endpoint.api == ANTHROPIC_COUNT_TOKENS:
+            return None
+        if self.captured_tail:
+            # Too large to parse whole: the usage (and so the charge) is read from the
+            # end, and the trace is marked truncated.
+            return assemble_json_tail(self.endpoint.api, bytes(self.captured_tail))
+        if self.captured:
             return assemble_json(self.endpoint.api, b"".join(self.captured))
         return None
 

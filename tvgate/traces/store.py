@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import orjson
@@ -30,8 +31,12 @@ log = logging.getLogger("tvgate.traces")
 TOUCH_WINDOW = 3600.0
 _COMPRESS = zstandard.ZstdCompressor(level=3)
 _DECOMPRESS = zstandard.ZstdDecompressor()
-#: (org, digest) -> when this process last stored or touched that blob.
-_TOUCHED: dict[tuple[int, bytes], float] = {}
+#: Blobs remembered as touched, at most: ~200 bytes each, ~10 MB per process. The oldest
+#: are forgotten first (and stored again if a trace needs them), so the set stays at
+#: this size under load instead of growing and being dropped at once.
+TOUCHED_MAX = 50_000
+#: (org, digest) -> when this process last stored or touched that blob; oldest first.
+_TOUCHED: OrderedDict[tuple[int, bytes], float] = OrderedDict()
 #: Rows per INSERT statement, and the columns each gives, in order.
 _INSERT_ROWS = 200
 _BLOB_COLUMNS = ("org_id", "digest", "data", "size", "referenced_at")
@@ -99,12 +104,22 @@ class BlobStore:
 
     def committed(self) -> None:
         """The transaction holding the flushed blobs committed: skip them for a window."""
-        if len(_TOUCHED) > 500_000:
-            _TOUCHED.clear()
         now = time.time()
         for digest in self._flushed:
-            _TOUCHED[(self.org_id, digest)] = now
+            key = (self.org_id, digest)
+            _TOUCHED[key] = now
+            _TOUCHED.move_to_end(key)
         self._flushed.clear()
+        _forget_oldest(now)
+
+
+def _forget_oldest(now: float) -> None:
+    """Forget the touched blobs past ``TOUCHED_MAX`` and those out of the window."""
+    while _TOUCHED:
+        at = next(iter(_TOUCHED.values()))
+        if len(_TOUCHED) <= TOUCHED_MAX and now - at < TOUCH_WINDOW:
+            return
+        _TOUCHED.popitem(last=False)
 
 
 @dataclass(slots=True)

@@ -48,7 +48,15 @@ from typing import Any
 import orjson
 import peewee
 
-from tvgate.db import CONNECTION_ERRORS, reset_connection
+from tvgate.db import (
+    CONNECTION_ERRORS,
+    IDLE_TIMEOUT,
+    MAX_AGE,
+    ConnectionAge,
+    close_own_connection_if_due,
+    current_connection,
+    reset_connection,
+)
 from tvgate.keyring import Keyring
 from tvgate.models import Trace
 from tvgate.traces.content import blob_digest, store_request
@@ -81,10 +89,13 @@ class CapturedBody:
 
     request: bytes
     response: dict[str, Any] | None
+    #: Bytes of answer the capture retained (``response`` is built from them).
+    response_size: int = 0
 
     @property
     def size(self) -> int:
-        return len(self.request)
+        """What the body holds in memory while queued, counted in ``body_budget``."""
+        return len(self.request) + self.response_size
 
 
 @dataclass(slots=True)
@@ -166,8 +177,11 @@ class TraceWriter:
         spool_path: Path,
         settings_ttl: float,
         body_budget: int = 256 * 1024 * 1024,
+        connection_age: ConnectionAge | None = None,
     ) -> None:
         self.db = db
+        #: The writer thread's connection is closed between batches once it is due.
+        self.connection_age = connection_age or ConnectionAge(IDLE_TIMEOUT, MAX_AGE)
         self.keyring = keyring
         self.batch_size = batch_size
         self.spool_path = spool_path
@@ -322,6 +336,7 @@ class TraceWriter:
                     last_replay = time.monotonic()
                     self._replay_spool()
                     continue
+                close_own_connection_if_due(self.db, self.connection_age)
                 self._stopping.wait(POLL_INTERVAL)
                 continue
             for item in batch:
@@ -334,6 +349,8 @@ class TraceWriter:
                     self._spool(batch)
                     continue
             self._write_or_spool(batch)
+            self.connection_age.note_use(current_connection(self.db))
+            close_own_connection_if_due(self.db, self.connection_age)
 
     def _write_or_spool(self, batch: list[_Item]) -> None:
         try:
