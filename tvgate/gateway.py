@@ -127,8 +127,9 @@ class Gateway:
             keyring,
             queue_size=settings.trace_queue_size,
             batch_size=settings.trace_batch_size,
-            spool_path=Path(settings.data_dir) / "traces.spool",
+            spool_dir=Path(settings.data_dir),
             settings_ttl=settings.cache_ttl,
+            worker=worker,
         )
         # Provider calls only: it streams every response through the caller's callbacks
         # and never buffers a body, so it takes no max_body_size.
@@ -234,6 +235,18 @@ class Gateway:
             lambda: traces.spool_size,
         )
         metrics.sample(
+            "tvgate_trace_held",
+            "Traces in memory only: the spool could not be written while the database was "
+            "away; they go to whichever comes back first.",
+            lambda: traces.held,
+        )
+        metrics.sample(
+            "tvgate_trace_spool_errors_total",
+            "Spool writes that failed (a full or read-only disk).",
+            lambda: traces.spool_errors,
+            kind="counter",
+        )
+        metrics.sample(
             "tvgate_traces_spooled_total",
             "Traces written to the spool while the database was unreachable.",
             lambda: traces.spooled,
@@ -242,8 +255,9 @@ class Gateway:
         metrics.sample_by(
             "tvgate_traces_dropped_total",
             "Traces not in the database, by reason: the queue was full; the database refused "
-            "the row even alone (dead_letter: kept in the dead-letter file); the spool could not "
-            "be written; the writer failed while holding them.",
+            "the row even alone (dead_letter: kept in the dead-letter file); neither the spool "
+            "nor the database took them while more than the queue size was held in memory, or "
+            "at stop (spool_error); the writer failed while holding them.",
             "reason",
             lambda: traces.dropped_by,
             kind="counter",
