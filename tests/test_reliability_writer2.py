@@ -1,4 +1,4 @@
-"""Trace durability under faults (reliability review, issues 17.2 and 17.4).
+"""Trace durability under faults (reliability review, issues 17.2, 17.4 and 17.7).
 
 Every attack runs against a real ``tvgate serve`` over a private PostgreSQL that the
 test stops and starts (``tests/pg_private.py``):
@@ -6,11 +6,13 @@ test stops and starts (``tests/pg_private.py``):
 - the data directory is a small tmpfs the test fills up, or remounts read-only, while
   the database is away: the spool cannot be written either (17.2);
 - two workers spool through an outage, the database comes back under load and goes
-  again, the gateway stops, and one worker starts in their place (17.4).
+  again, the gateway stops, and one worker starts in their place (17.4);
+- a stream still open at the drain timeout is cut (17.7).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -273,3 +275,83 @@ def test_two_workers_spool_apart_and_every_trace_is_written_exactly_once(
         assert ready(alone)[1]["trace_writer"]["spool"] == 0
     finally:
         stop_gateway(alone.proc)
+
+
+# --- 17.7: a stream cut at the drain timeout ---
+
+
+def _stream_lines(
+    gw: GatewayProcess, path: str, body: dict[str, Any], started: threading.Event, session: str
+) -> list[str]:
+    lines: list[str] = []
+    headers = {
+        "authorization": f"Bearer {gw.tokens['dev@acme.test']}",
+        "anthropic-version": "2023-06-01",
+        "x-tvgate-session": session,
+        "x-fake-scenario": "drip",
+        "x-fake-interval": "0.25",
+        "x-fake-events": "200",
+    }
+    with contextlib.suppress(httpx2.TransportError):
+        with httpx2.stream(
+            "POST", gw.url + path, json=body, headers=headers, timeout=60
+        ) as response:
+            for line in response.iter_lines():
+                lines.append(line)
+                if "drip 1/" in line:
+                    started.set()
+    return lines
+
+
+def test_a_stream_cut_at_the_drain_timeout_ends_with_an_error_event_and_is_gateway_shutdown(
+    fake_provider: FakeProvider, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    database_url = f"sqlite:///{data_dir / 'tvgate.db'}"
+    tokens = seed(database_url, data_dir, fake_provider)
+    gw = launch(database_url, data_dir, tmp_path, tokens, TVGATE_DRAIN_TIMEOUT="1")
+    session = uuid.uuid4().hex
+    calls = {
+        "anthropic": ("/v1/messages", {**MESSAGE, "stream": True}),
+        "openai": (
+            "/v1/chat/completions",
+            {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+        ),
+    }
+    results: dict[str, list[str]] = {}
+    started = {name: threading.Event() for name in calls}
+
+    def run(name: str) -> None:
+        path, body = calls[name]
+        results[name] = _stream_lines(gw, path, body, started[name], session)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in calls]
+    try:
+        for thread in threads:
+            thread.start()
+        for name, event in started.items():
+            assert event.wait(30), f"the {name} stream did not start"
+        gw.proc.send_signal(signal.SIGTERM)
+        assert gw.proc.wait(60) == 0
+        for thread in threads:
+            thread.join(30)
+    finally:
+        stop_gateway(gw.proc)
+    anthropic_lines = [line for line in results["anthropic"] if line]
+    anthropic_data = [line for line in anthropic_lines if line.startswith("data: ")]
+    assert anthropic_lines[-2:] == ["event: error", anthropic_data[-1]], anthropic_lines[-4:]
+    assert orjson.loads(anthropic_data[-1].removeprefix("data: ")) == {
+        "type": "error",
+        "error": {"type": "api_error", "message": "the gateway is shutting down"},
+    }
+    openai_data = [line for line in results["openai"] if line.startswith("data: ")]
+    assert orjson.loads(openai_data[-1].removeprefix("data: "))["error"] == {
+        "message": "the gateway is shutting down",
+        "type": "api_error",
+        "param": None,
+        "code": None,
+    }
+    open_database(database_url)
+    traces = list(Trace.select().where(Trace.session_id == session))
+    assert sorted(t.outcome for t in traces) == ["gateway_shutdown", "gateway_shutdown"]
+    assert all(t.error_message == "the gateway is shutting down" for t in traces)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import peewee
 from tornado.ioloop import IOLoop, PeriodicCallback
@@ -58,17 +59,33 @@ RELOADABLE_SETTINGS = (
 )
 
 
+class Interruptible(Protocol):
+    """A call in progress that a stop can end (``ProxyCall``)."""
+
+    def shut_down(self) -> None: ...
+
+
 class InFlight:
-    """Proxy calls in progress in this process, so that a stop can wait for them."""
+    """Proxy calls in progress in this process, so that a stop can wait for them, and end
+    those still open at the drain timeout."""
 
     def __init__(self) -> None:
-        self.count = 0
+        self.calls: set[Interruptible] = set()
 
-    def enter(self) -> None:
-        self.count += 1
+    @property
+    def count(self) -> int:
+        return len(self.calls)
 
-    def leave(self) -> None:
-        self.count -= 1
+    def enter(self, call: Interruptible) -> None:
+        self.calls.add(call)
+
+    def leave(self, call: Interruptible) -> None:
+        self.calls.discard(call)
+
+    def shut_down(self) -> None:
+        """End every call still open: each tells its client the gateway is stopping."""
+        for call in list(self.calls):
+            call.shut_down()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no call is in flight or ``timeout`` seconds pass; True when idle."""
