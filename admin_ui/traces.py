@@ -15,7 +15,7 @@ from admin_ui.base import UIHandler
 from admin_ui.conversation import conversation
 from tvgate import services
 
-OUTCOMES = ("ok", "client_cancelled", "upstream_error", "timeout", "rejected")
+OUTCOMES = ("ok", "client_cancelled", "upstream_error", "timeout", "rejected", "gateway_shutdown")
 
 
 def when(at: float | None) -> str:

@@ -300,30 +300,38 @@ def test_sigkill_loses_no_acknowledged_trace(fake_provider: FakeProvider, tmp_pa
         workers = [threading.Thread(target=load) for _ in range(4)]
         for worker in workers:
             worker.start()
-        time.sleep(3)
+        # The spool: the file appended to and the one renamed for replay (tvgate.traces.writer).
+        deadline = time.monotonic() + 120
+        while len(_spooled_ids(tmp_path)) <= 10:
+            assert time.monotonic() < deadline, "fewer than 11 traces spooled in the outage"
+            time.sleep(0.1)
         os.kill(gw.proc.pid, signal.SIGKILL)
         gw.proc.wait(10)
         stop.set()
         for worker in workers:
             worker.join(30)
-        spool = tmp_path / "traces.spool"
-        acknowledged = {
-            orjson.loads(line)["row"]["id"]
-            for line in spool.read_bytes().splitlines()
-            if line.strip()
-        }
+        acknowledged = _spooled_ids(tmp_path)
         assert len(acknowledged) > 10
         pg.start()
         restarted = launch_gateway(pg.url, tmp_path, tokens)
         try:
             open_database(pg.url)
             deadline = time.monotonic() + 30
-            while spool.exists() and time.monotonic() < deadline:
+            while list(tmp_path.glob("traces.spool*")) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert not spool.exists(), "the spool was not replayed after the restart"
+            assert not list(tmp_path.glob("traces.spool*")), "the spool was not replayed"
             written = {t.id for t in Trace.select(Trace.id).where(Trace.session_id == session)}
             assert acknowledged <= written
         finally:
             stop_gateway(restarted.proc)
     finally:
         pg.destroy()
+
+
+def _spooled_ids(data_dir: Path) -> set[str]:
+    return {
+        orjson.loads(line)["row"]["id"]
+        for path in data_dir.glob("traces.spool*")
+        for line in path.read_bytes().splitlines()
+        if line.strip()
+    }

@@ -242,7 +242,6 @@ def test_the_spool_holds_redacted_bodies_and_none_for_capture_off(
     tokens = seed(url, tmp_path, fake_provider)
     services.set_policy("other", capture_bodies=False)
     gateway = launch_gateway(url, tmp_path, tokens)
-    spool = tmp_path / "traces.spool"
     try:
         direct_session, spooled_session = uuid.uuid4().hex, uuid.uuid4().hex
         assert ask(gateway, direct_session, text=SECRET_TEXT).status_code == 200
@@ -264,18 +263,22 @@ def test_the_spool_holds_redacted_bodies_and_none_for_capture_off(
             for call in calls:
                 call.join(60)
             deadline = time.monotonic() + 60
-            while len(_spool_lines(spool)) < 2 and time.monotonic() < deadline:
+            # The file appended to and the one renamed for replay (tvgate.traces.writer).
+            spools = list(tmp_path.glob("traces.spool*"))
+            while sum(len(_spool_lines(path)) for path in spools) < 2:
+                assert time.monotonic() < deadline
                 time.sleep(0.2)
-            lines = _spool_lines(spool)
+                spools = list(tmp_path.glob("traces.spool*"))
+            lines = [line for path in spools for line in _spool_lines(path)]
             assert len(lines) == 2, "the writer did not spool while the database was locked"
-            assert stat.S_IMODE(os.stat(spool).st_mode) == 0o600
+            assert all(stat.S_IMODE(os.stat(path).st_mode) == 0o600 for path in spools)
             entries = [orjson.loads(line) for line in lines]
             for entry in entries:
                 assert ANTHROPIC_SECRET.encode() not in _decoded_strings(entry), entry
             (other,) = [e for e in entries if e["row"]["route_name"] == "other-claude"]
             assert set(other) == {"row"}, f"a capture-off org's body was spooled: {set(other)}"
         spooled = gateway.wait_traces(2, timeout=60, session_id=spooled_session)
-        assert not spool.exists()
+        assert not list(tmp_path.glob("traces.spool*"))
         (acme,) = [t for t in spooled if t.route_name == "claude-test"]
         (capture_off,) = [t for t in spooled if t.route_name == "other-claude"]
         # The same blobs as the direct path stored: content-addressed, so the same digests.
@@ -363,7 +366,7 @@ def test_a_poisoned_spool_is_replayed_row_by_row_and_dead_lettered(
         error_type="e" * 150,
     )
     of_a_deleted_org = _row(987654, session)
-    (tmp_path / "traces.spool").write_bytes(
+    (tmp_path / "traces.spool.0").write_bytes(
         _old_entry(good, body)
         + _old_entry(hostile)
         + _old_entry(of_a_deleted_org, body)
@@ -387,12 +390,12 @@ def test_a_poisoned_spool_is_replayed_row_by_row_and_dead_lettered(
         # A spool line of today's format (unredacted) still replays, redacted on the way.
         assert by_id[good["id"]].request_blob
         assert ANTHROPIC_SECRET not in gateway.dump_database()
-        dead_letter = tmp_path / "traces.deadletter"
+        dead_letter = tmp_path / "traces.deadletter.0"
         lines = _spool_lines(dead_letter)
         assert len(lines) == 2
         assert stat.S_IMODE(os.stat(dead_letter).st_mode) == 0o600
         assert ANTHROPIC_SECRET.encode() not in dead_letter.read_bytes()
-        assert not (tmp_path / "traces.spool").exists()
+        assert not list(tmp_path.glob("traces.spool*"))
         assert dropped(gateway, "dead_letter") == 2
         assert scrape(gateway.url)["tvgate_trace_dead_letter_size"] == 2
         ready = httpx2.get(gateway.url + "/readyz", timeout=10).json()
@@ -411,27 +414,33 @@ def test_a_poisoned_spool_is_replayed_row_by_row_and_dead_lettered(
         stop_gateway(again.proc)
 
 
-def test_a_spool_that_cannot_be_written_is_counted_and_the_writer_goes_on(
+def test_a_spool_that_cannot_be_written_holds_the_trace_and_the_writer_goes_on(
     fake_provider: FakeProvider, tmp_path: Path
 ) -> None:
     url = f"sqlite:///{tmp_path / 'tvgate.db'}"
     tokens = seed(url, tmp_path, fake_provider)
     gateway = launch_gateway(url, tmp_path, tokens)
     # Where the spool goes, something that is not a file (a full or broken disk).
-    (tmp_path / "traces.spool").mkdir()
+    (tmp_path / "traces.spool.0").mkdir()
     session = uuid.uuid4().hex
     try:
         with SqliteLock(str(tmp_path / "tvgate.db")):
-            assert ask(gateway, session, text="lost").status_code == 200
+            assert ask(gateway, session, text="held").status_code == 200
             deadline = time.monotonic() + 60
-            while dropped(gateway, "spool_error") < 1 and time.monotonic() < deadline:
+            while True:
+                response = httpx2.get(gateway.url + "/readyz", timeout=30)
+                if response.json()["trace_writer"]["held"] == 1:
+                    break
+                assert time.monotonic() < deadline, "the trace was not held"
                 time.sleep(0.2)
+            assert response.status_code == 503
+            assert response.json()["trace_writer"]["spool_error"].startswith("IsADirectoryError")
         assert ask(gateway, session, text="kept").status_code == 200
-        (kept,) = gateway.wait_traces(1, timeout=30, session_id=session)
-        assert kept.bytes_in > 0
-        assert dropped(gateway, "spool_error") == 1
+        traces = gateway.wait_traces(2, timeout=30, session_id=session)
+        assert all(trace.bytes_in > 0 for trace in traces)
+        assert dropped(gateway, "spool_error") == 0
         ready = httpx2.get(gateway.url + "/readyz", timeout=10).json()
-        assert ready["ready"] is True and ready["trace_writer"]["dropped"]["spool_error"] == 1
+        assert ready["ready"] is True and ready["trace_writer"]["held"] == 0
         assert "the spool could not be written" in gateway.log_text()
     finally:
         stop_gateway(gateway.proc)
@@ -443,18 +452,23 @@ def test_the_writer_is_restarted_after_a_failure_and_readiness_says_so(
     url = f"sqlite:///{tmp_path / 'tvgate.db'}"
     tokens = seed(url, tmp_path, fake_provider)
     gateway = launch_gateway(url, tmp_path, tokens)
-    spool, aside = tmp_path / "traces.spool", tmp_path / "spool.aside"
+    aside, loop = tmp_path / "spool.aside", tmp_path / "loop"
     session = uuid.uuid4().hex
     try:
         with SqliteLock(str(tmp_path / "tvgate.db")):
             assert ask(gateway, session).status_code == 200
+            # The writer renames its spool for the first replay, which fails (locked); the
+            # renamed file is not touched again until a replay succeeds.
             deadline = time.monotonic() + 60
-            while not spool.exists() and time.monotonic() < deadline:
+            while not (frozen := list(tmp_path.glob("traces.spool.0.replay-*"))):
+                assert time.monotonic() < deadline, "the spool was not renamed for replay"
                 time.sleep(0.2)
-            # The spool turns into something that cannot be read (a link to itself): every
-            # replay fails with an error that is not the database's.
+            (spool,) = frozen
+            # It turns into something that cannot be read (a link to a link to itself):
+            # every replay fails with an error that is not the database's.
             spool.rename(aside)
-            spool.symlink_to(spool.name)
+            spool.symlink_to(loop.name)
+            loop.symlink_to(loop.name)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 if scrape(gateway.url).get("tvgate_trace_writer_restarts_total", 0) >= 1:
@@ -465,9 +479,9 @@ def test_the_writer_is_restarted_after_a_failure_and_readiness_says_so(
         assert ready["trace_writer"]["running"] is True and ready["ready"] is True
         assert scrape(gateway.url)["tvgate_trace_writer_up"] == 1
         assert "trace writer failed; starting it again" in gateway.log_text()
-        aside.replace(spool)  # at once: the writer never finds the spool missing
+        aside.replace(loop)  # in one rename: the writer never finds the spool missing
         assert ask(gateway, session).status_code == 200
         gateway.wait_traces(2, timeout=30, session_id=session)
-        assert not spool.exists()
+        assert not list(tmp_path.glob("traces.spool*"))
     finally:
         stop_gateway(gateway.proc)

@@ -172,9 +172,11 @@ async def test_drain_timeout_cuts_streams_and_still_writes_their_traces(
         stop_gateway(gw.proc)
     for lines in results:
         assert "event: message_stop" not in lines
+        # Told in band, in the Anthropic format (tests/test_reliability_writer2.py has both).
+        assert "event: error" in lines
     traces = gw.traces(session_id=session)
     assert len(traces) == 5
-    assert {t.outcome for t in traces} == {"client_cancelled"}
+    assert {t.outcome for t in traces} == {"gateway_shutdown"}
     assert "drain timeout: cutting 5 calls" in gw.log_text()
 
 

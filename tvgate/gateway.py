@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import peewee
 from tornado.ioloop import IOLoop, PeriodicCallback
@@ -59,17 +60,33 @@ RELOADABLE_SETTINGS = (
 )
 
 
+class Interruptible(Protocol):
+    """A call in progress that a stop can end (``ProxyCall``)."""
+
+    def shut_down(self) -> None: ...
+
+
 class InFlight:
-    """Proxy calls in progress in this process, so that a stop can wait for them."""
+    """Proxy calls in progress in this process, so that a stop can wait for them, and end
+    those still open at the drain timeout."""
 
     def __init__(self) -> None:
-        self.count = 0
+        self.calls: set[Interruptible] = set()
 
-    def enter(self) -> None:
-        self.count += 1
+    @property
+    def count(self) -> int:
+        return len(self.calls)
 
-    def leave(self) -> None:
-        self.count -= 1
+    def enter(self, call: Interruptible) -> None:
+        self.calls.add(call)
+
+    def leave(self, call: Interruptible) -> None:
+        self.calls.discard(call)
+
+    def shut_down(self) -> None:
+        """End every call still open: each tells its client the gateway is stopping."""
+        for call in list(self.calls):
+            call.shut_down()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no call is in flight or ``timeout`` seconds pass; True when idle."""
@@ -130,9 +147,10 @@ class Gateway:
             keyring,
             queue_size=settings.trace_queue_size,
             batch_size=settings.trace_batch_size,
-            spool_path=Path(settings.data_dir) / "traces.spool",
+            spool_dir=Path(settings.data_dir),
             settings_ttl=settings.cache_ttl,
             connection_age=ConnectionAge(settings.db_idle_timeout, settings.db_max_age),
+            worker=worker,
         )
         # Provider calls only: it streams every response through the caller's callbacks
         # and never buffers a body, so it takes no max_body_size.
@@ -238,6 +256,18 @@ class Gateway:
             lambda: traces.spool_size,
         )
         metrics.sample(
+            "tvgate_trace_held",
+            "Traces in memory only: the spool could not be written while the database was "
+            "away; they go to whichever comes back first.",
+            lambda: traces.held,
+        )
+        metrics.sample(
+            "tvgate_trace_spool_errors_total",
+            "Spool writes that failed (a full or read-only disk).",
+            lambda: traces.spool_errors,
+            kind="counter",
+        )
+        metrics.sample(
             "tvgate_traces_spooled_total",
             "Traces written to the spool while the database was unreachable.",
             lambda: traces.spooled,
@@ -246,8 +276,9 @@ class Gateway:
         metrics.sample_by(
             "tvgate_traces_dropped_total",
             "Traces not in the database, by reason: the queue was full; the database refused "
-            "the row even alone (dead_letter: kept in the dead-letter file); the spool could not "
-            "be written; the writer failed while holding them.",
+            "the row even alone (dead_letter: kept in the dead-letter file); neither the spool "
+            "nor the database took them while more than the queue size was held in memory, or "
+            "at stop (spool_error); the writer failed while holding them.",
             "reason",
             lambda: traces.dropped_by,
             kind="counter",

@@ -5,7 +5,9 @@ process answered. ``/readyz`` asks the database, the keyring, the token store
 and Visdom Trace (when configured), each with a timeout, and says which one
 is not ready; a load balancer takes the VM out of rotation on 503, which
 Visdom Trace alone never causes. It also tells how the trace writer is (not
-ready when its thread has stopped) and how many traces it could not write.
+ready when its thread has stopped, or while it holds traces in memory that
+neither the database nor the spool took), whether the spool fails, and how
+many traces it could not write.
 ``/metrics`` renders this
 process's registry (``tvgate.metrics``).
 """
@@ -48,7 +50,7 @@ async def _check(probe: Callable[[], Awaitable[Any]]) -> str:
 
 class ReadyHandler(BaseHandler):
     """Ready when the database, the keyring and the token store answer and the trace writer
-    runs; says which does not.
+    runs with nothing held in memory only; says which does not.
 
     Visdom Trace is reported too but does not decide readiness: while it is down, tokens
     minted by tvgate and the principals cached from it still work, and taking every
@@ -78,12 +80,19 @@ class ReadyHandler(BaseHandler):
         results = await asyncio.gather(*(_check(p) for p in probes.values()))
         checks = dict(zip(probes, results, strict=True))
         traces = gateway.traces
-        # A gateway whose calls are no longer recorded must leave the rotation.
-        ready = all(checks[name] == "ok" for name in REQUIRED_CHECKS) and traces.running
+        # A gateway whose calls are no longer recorded (or only in memory, where a crash or
+        # a long outage loses them) must leave the rotation.
+        ready = (
+            all(checks[name] == "ok" for name in REQUIRED_CHECKS)
+            and traces.running
+            and not traces.held
+        )
         writer = {
             "running": traces.running,
             "restarts": traces.restarts,
             "spool": traces.spool_size,
+            "spool_error": traces.spool_error,
+            "held": traces.held,
             "dead_letter": traces.dead_letters,
             "dropped": traces.dropped_by,
         }

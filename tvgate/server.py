@@ -16,8 +16,10 @@ replacement instead of being refused.
 A worker stops like this: stop accepting; answer every further request on an
 open connection with ``Connection: close``; wait until the proxy calls in
 flight have sent their last byte, up to ``drain_timeout``; close the
-remaining connections (which aborts their upstream transfers and queues their
-traces); write every queued trace; exit 0.
+remaining calls, each with its API's error ("the gateway is shutting down", an
+in-band error event in a stream; recorded ``gateway_shutdown``), then the
+connections (which aborts their upstream transfers and queues their traces);
+write every queued trace; exit 0.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ log = logging.getLogger("tvgate")
 _SUPERVISOR_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 #: After a stop is forwarded, how long past drain_timeout the supervisor waits before SIGKILL.
 _STOP_GRACE = 15.0
+#: At the drain timeout, how long the calls cut get to send their error to their client.
+_CUT_GRACE = 2.0
 #: Listen backlog (the kernel caps it at net.core.somaxconn).
 _BACKLOG = 1024
 #: A worker that lived less than this counts as crashing at start: its restart is delayed.
@@ -162,6 +166,11 @@ async def drain(server: HTTPServer, gateway: Gateway) -> None:
         log.info("drained in %.2fs", time.monotonic() - started)
     else:
         log.warning("drain timeout: cutting %d calls", gateway.inflight.count)
+        # Each cut call ends with its API's error ("the gateway is shutting down", in band
+        # in a stream) and is recorded as gateway_shutdown; a moment for those last bytes
+        # to be sent before the connections close.
+        gateway.inflight.shut_down()
+        await gateway.inflight.wait_idle(_CUT_GRACE)
     await server.close_all_connections()
     # A cut call notices its closed connection at once, aborts its upstream transfer and
     # queues its trace; give those callbacks a moment before the trace writer stops.

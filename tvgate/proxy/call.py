@@ -83,6 +83,10 @@ OUTCOME_CLIENT_CANCELLED = "client_cancelled"
 OUTCOME_UPSTREAM_ERROR = "upstream_error"
 OUTCOME_TIMEOUT = "timeout"
 OUTCOME_REJECTED = "rejected"
+#: The gateway stopped (the drain timeout passed) before the call ended.
+OUTCOME_GATEWAY_SHUTDOWN = "gateway_shutdown"
+#: What a client cut at the drain timeout is told, in its API's format.
+SHUTDOWN_MESSAGE = "the gateway is shutting down"
 
 #: Request headers that never go upstream: hop-by-hop, the client's own credentials
 #: and cookies, and what tvgate recomputes (length, encoding).
@@ -196,6 +200,9 @@ class ProxyCall:
         self.status = 0
         self.committed = False
         self.client_gone = False
+        #: The outcome of a call whose client side ended before the call did: the client
+        #: hung up, unless the gateway cut it at stop.
+        self.gone_outcome = OUTCOME_CLIENT_CANCELLED
         self.is_stream_response = False
         self.stream_counted = False
         self.assembler: StreamAssembler | None = None
@@ -339,7 +346,7 @@ class ProxyCall:
             if await self._attempt(entry, is_fallback=index > 0):
                 return
             if self.client_gone:
-                self.outcome = OUTCOME_CLIENT_CANCELLED
+                self.outcome = self.gone_outcome
                 return
         self._answer_last_failure()
 
@@ -434,7 +441,7 @@ class ProxyCall:
             self._fail(status, message, OUTCOME_UPSTREAM_ERROR)
             return True
         if self.client_gone:
-            self.outcome = OUTCOME_CLIENT_CANCELLED
+            self.outcome = self.gone_outcome
             return True
         self.scrubber.add(secret)
         return await self._forward(secret)
@@ -725,6 +732,16 @@ class ProxyCall:
         if self.exchange is not None:
             self.exchange.abort()
 
+    def shut_down(self) -> None:
+        """The gateway stops and the drain timeout passed: tell the client in its API's
+        format (the in-band error event once a stream started), stop the provider's work,
+        and record the call as ``gateway_shutdown``, not as the client's doing."""
+        if self.client_gone or self.handler._finished:
+            return
+        self._fail(503, SHUTDOWN_MESSAGE, OUTCOME_GATEWAY_SHUTDOWN)
+        self.gone_outcome = OUTCOME_GATEWAY_SHUTDOWN
+        self.on_client_gone()
+
     # --- endings ---
 
     def _overhead_ms(self) -> float:
@@ -765,7 +782,7 @@ class ProxyCall:
                 self.handler.finish()
             return
         if self.client_gone:
-            self.outcome = OUTCOME_CLIENT_CANCELLED
+            self.outcome = self.gone_outcome
             return
         self._fail(*_classify(result))
 
@@ -813,7 +830,7 @@ class ProxyCall:
                 "response_model": (assembled.model or "") if assembled else "",
                 "stream": bool(body and body.stream),
                 "status_code": self.status,
-                "outcome": self.outcome or OUTCOME_CLIENT_CANCELLED,
+                "outcome": self.outcome or self.gone_outcome,
                 "error_type": (assembled.error_type if assembled and assembled.error_type else "")
                 or self.error_type,
                 "error_message": (

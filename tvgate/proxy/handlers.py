@@ -79,14 +79,14 @@ class ProxyHandler(BaseHandler):
         self._chunks = []
         # A graceful stop waits for the calls counted here, until their last byte is sent.
         inflight = self.gateway.inflight
-        inflight.enter()
+        inflight.enter(self.call)
         try:
             await self.call.run(body)
             if self._sent is not None:
                 with contextlib.suppress(StreamClosedError):
                     await self._sent
         finally:
-            inflight.leave()
+            inflight.leave(self.call)
             # The call refers to this handler: drop the reference back so that both are
             # freed when the request ends, not by the cyclic garbage collector.
             self.call = None

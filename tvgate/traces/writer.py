@@ -17,7 +17,24 @@ the data directory (and fsynced) instead, and so is every later batch until
 the spool has been replayed, in order, once the database answers again. A
 trace is acknowledged once it is in the database or in the spool; ``stop()``
 writes or spools everything queued before it returns, so a SIGTERM loses
-nothing. Bodies are held in memory only up to ``body_budget`` bytes while
+nothing.
+
+Each worker has its own spool, ``traces.spool.<worker>``, and holds an exclusive
+``flock`` on ``traces.lock.<worker>`` while it runs. A replay first renames the
+spool to ``traces.spool.<worker>.replay-<n>`` (later traces go to a fresh
+file), then writes and removes the renamed files in order. A worker also adopts
+the spools of workers that do not run (their lock is free: a restart with fewer
+workers, a crash): under that worker's lock it renames their files into its own
+``replay-<n>`` names, so no two processes ever read or append one file.
+
+When the spool cannot be written either (a full disk, a read-only one), the
+traces are held in memory, behind which every later trace waits in order, and
+the database and the spool are both tried again with a backoff: whichever comes
+back first takes them. What is held is bounded like the queue: past the body
+budget the oldest bodies are let go first (the traces are kept without them),
+past the queue size the oldest traces (counted as ``spool_error``).
+
+Bodies are held in memory only up to ``body_budget`` bytes while
 queued; past that a trace is recorded without its body rather than not at all.
 A spooled body is the redacted form the database would have stored (none for an
 org that does not capture bodies), so replay stores exactly the blobs the direct
@@ -36,8 +53,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import errno
+import fcntl
 import logging
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -73,9 +94,16 @@ POLL_INTERVAL = 0.05
 _SPOOL_RETRY = 1.0
 #: Rows per INSERT statement.
 _INSERT_ROWS = 100
+#: While neither the database nor the spool takes the traces held in memory, the first
+#: and the longest wait between two tries of both.
+_HELD_RETRY_MIN, _HELD_RETRY_MAX = 0.1, 5.0
+#: A spool file's name: ``traces.spool`` (before spools were per worker), or a worker's
+#: ``traces.spool.<worker>``, either possibly renamed for replay as ``...replay-<n>``.
+_SPOOL_NAME = re.compile(r"^traces\.spool(?:\.(\d+))?(?:\.replay-(\d+))?$")
 #: Why traces were lost: the queue was full; the database refused the row even alone
-#: (it is kept in the dead-letter file); the spool could not be written in an outage;
-#: the writer failed while it held them.
+#: (it is kept in the dead-letter file); neither the spool nor the database took them
+#: while more than the queue size was held in memory, or at stop; the writer failed
+#: while it held them.
 DROP_REASONS = ("queue_full", "dead_letter", "spool_error", "writer_error")
 #: How long the supervisor waits before it starts the writer's loop again.
 _RESTART_DELAY = 1.0
@@ -174,8 +202,9 @@ class TraceWriter:
         *,
         queue_size: int,
         batch_size: int,
-        spool_path: Path,
+        spool_dir: Path,
         settings_ttl: float,
+        worker: int = 0,
         body_budget: int = 256 * 1024 * 1024,
         connection_age: ConnectionAge | None = None,
     ) -> None:
@@ -184,9 +213,12 @@ class TraceWriter:
         self.connection_age = connection_age or ConnectionAge(IDLE_TIMEOUT, MAX_AGE)
         self.keyring = keyring
         self.batch_size = batch_size
-        self.spool_path = spool_path
+        self.spool_dir = spool_dir
+        self.worker = worker
+        #: Where this worker appends in an outage; only it touches the file (its lock).
+        self.spool_path = spool_dir / f"traces.spool.{worker}"
         #: Rows the database refused even alone, beside the spool.
-        self.dead_letter_path = spool_path.with_suffix(".deadletter")
+        self.dead_letter_path = spool_dir / f"traces.deadletter.{worker}"
         self.body_budget = body_budget
         self.settings_ttl = settings_ttl
         self.queue_size = queue_size
@@ -201,7 +233,20 @@ class TraceWriter:
         self._settings: dict[int, CaptureSettings] = {}
         self._prices: PriceTable | None = None
         self._prices_at = 0.0
+        #: Lines in the spool file being appended to, and in each file renamed for replay.
         self._spool_lines = 0
+        self._frozen: dict[Path, int] = {}
+        #: This worker's ``flock`` on its spool, held while the process lives.
+        self._lock_fd: int | None = None
+        #: Traces neither the database nor the spool took, oldest first, and their bodies'
+        #: bytes; when both are tried next, and the wait after that.
+        self._held: deque[_Item] = deque()
+        self._held_body_bytes = 0
+        self._held_retry_at = 0.0
+        self._held_delay = _HELD_RETRY_MIN
+        #: The last spool write's error while it fails (readiness reports it).
+        self.spool_error: str | None = None
+        self.spool_errors = 0
         #: The batch the writer is working on, for the supervisor if the loop fails.
         self._in_hand: list[_Item] = []
         #: Ids dead-lettered by this process: a replay cut short tries them again.
@@ -221,7 +266,6 @@ class TraceWriter:
     # --- the request path (IOLoop thread) ---
 
     def start(self) -> None:
-        self._spool_lines = _count_lines(self.spool_path)
         self.dead_letters = _count_lines(self.dead_letter_path)
         self._thread.start()
 
@@ -252,7 +296,13 @@ class TraceWriter:
     @property
     def spool_size(self) -> int:
         """Traces waiting in the spool for the database to come back."""
-        return self._spool_lines
+        # Read on the IOLoop thread: summing the dict's values runs in C, under the GIL.
+        return self._spool_lines + sum(self._frozen.values())
+
+    @property
+    def held(self) -> int:
+        """Traces in memory only: neither the database nor the spool took them (yet)."""
+        return len(self._held)
 
     def submit(self, row: TraceRow, body: CapturedBody | None = None) -> None:
         """Queue a trace; never blocks."""
@@ -278,6 +328,7 @@ class TraceWriter:
 
     def _supervise(self) -> None:
         """Run the loop; if an error escapes it, count it, keep what it held, run it again."""
+        self._take_own_spool()
         while True:
             try:
                 self._run()
@@ -292,13 +343,17 @@ class TraceWriter:
                 if self._stopping.is_set():
                     # No second failure at stop: what is queued goes to the spool, for
                     # the next start to replay.
-                    self._spool([self._queue.popleft() for _ in range(len(self._queue))])
+                    queued = [self._queue.popleft() for _ in range(len(self._queue))]
+                    self._hold(self._spool(queued))
+                    self._lose_held()
                     break
                 self._stopping.wait(_RESTART_DELAY)
                 continue
             break
         if not self.db.is_closed():
             self.db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the lock goes with it
         log.info(
             "trace writer stopped: written=%d dropped=%d %s failures=%d restarts=%d peak_depth=%d",
             self.written,
@@ -327,39 +382,125 @@ class TraceWriter:
             ending = self._stopping.is_set()
             self._in_hand = []
             batch = self._take_batch()
+            for item in batch:
+                if isinstance(item.body, CapturedBody):
+                    self._pending_body_bytes -= item.body.size
+            if self._held:
+                self._while_held(batch, ending)
+                if ending and not batch:
+                    return
+                continue
             if not batch:
                 if ending:
-                    if self._spool_lines:
+                    if self.spool_size:
                         self._replay_spool()  # a last try: what stays is replayed at start
                     return
-                if self._spool_lines and time.monotonic() - last_replay >= _SPOOL_RETRY:
+                if self.spool_size and time.monotonic() - last_replay >= _SPOOL_RETRY:
                     last_replay = time.monotonic()
                     self._replay_spool()
                     continue
                 close_own_connection_if_due(self.db, self.connection_age)
                 self._stopping.wait(POLL_INTERVAL)
                 continue
-            for item in batch:
-                if isinstance(item.body, CapturedBody):
-                    self._pending_body_bytes -= item.body.size
-            if self._spool_lines:
+            if self.spool_size:
                 last_replay = time.monotonic()
                 if not self._replay_spool():
                     # The database is still away; keep the order: new traces go behind.
-                    self._spool(batch)
+                    self._hold(self._spool(batch))
                     continue
-            self._write_or_spool(batch)
+            self._hold(self._write_or_spool(batch))
             self.connection_age.note_use(current_connection(self.db))
             close_own_connection_if_due(self.db, self.connection_age)
 
-    def _write_or_spool(self, batch: list[_Item]) -> None:
+    def _while_held(self, batch: list[_Item], ending: bool) -> None:
+        """Traces are held in memory: the batch waits behind them, and both the database
+        and the spool are tried when the backoff says so (at once when stopping: what
+        neither takes then is lost, and counted)."""
+        self._hold(batch)
+        self._in_hand = []
+        if ending and not batch:
+            self._flush_held()
+            self._lose_held()
+        elif ending or time.monotonic() >= self._held_retry_at:
+            self._flush_held()
+        else:
+            self._stopping.wait(POLL_INTERVAL)
+
+    def _flush_held(self) -> None:
+        """Write what is held to the database, behind the spool to keep the order; when the
+        database is away, to the spool. What neither takes is held again, tried later."""
+        # They stay held while they are tried (readiness reads it); a failure that escapes
+        # leaves them there for the restarted loop.
+        held = list(self._held)
+        if self.spool_size and not self._replay_spool():
+            rest = self._spool(held)
+        else:
+            rest = self._write_or_spool(held)
+        if rest:
+            if len(rest) != len(held):  # some could not be spooled at all (counted)
+                self._held = deque(rest)
+                self._held_body_bytes = sum(_body_size(item.body) for item in rest)
+            self._held_retry_at = time.monotonic() + self._held_delay
+            self._held_delay = min(self._held_delay * 2, _HELD_RETRY_MAX)
+        else:
+            self._held.clear()
+            self._held_body_bytes = 0
+            self._held_delay = _HELD_RETRY_MIN
+            log.info("%d traces held in memory are written or spooled", len(held))
+
+    def _hold(self, items: list[_Item]) -> None:
+        """Keep traces neither the database nor the spool took, within the queue's bounds:
+        past the body budget the oldest bodies go first, past the queue size the oldest
+        traces (counted)."""
+        if items and not self._held:
+            self._held_retry_at = time.monotonic() + self._held_delay
+        for item in items:
+            self._held.append(item)
+            self._held_body_bytes += _body_size(item.body)
+        while len(self._held) > self.queue_size:
+            lost = self._held.popleft()
+            self._held_body_bytes -= _body_size(lost.body)
+            self.dropped_by["spool_error"] += 1
+            log.error(
+                "trace %s lost: neither the database nor the spool took it, and %d traces "
+                "are held in memory already",
+                lost.row.get("id"),
+                self.queue_size,
+            )
+        for item in self._held:
+            if self._held_body_bytes <= self.body_budget:
+                break
+            if item.body is not None:
+                self._held_body_bytes -= _body_size(item.body)
+                item.body = None
+                self.bodies_dropped += 1
+                item.row["anomalies"] = [
+                    *(item.row.get("anomalies") or ()),
+                    "body not kept: the spool could not be written",
+                ]
+
+    def _lose_held(self) -> None:
+        """At stop: what is still held in memory is lost, and counted."""
+        if not self._held:
+            return
+        self.dropped_by["spool_error"] += len(self._held)
+        log.error(
+            "%d traces lost at stop: neither the database nor the spool took them",
+            len(self._held),
+        )
+        self._held.clear()
+        self._held_body_bytes = 0
+
+    def _write_or_spool(self, batch: list[_Item]) -> list[_Item]:
+        """Write the batch, or spool it when the database is away; what neither took."""
         try:
             self._store(batch)
         except CONNECTION_ERRORS as exc:
             self.failures += 1
             reset_connection(self.db)
             log.warning("database unavailable (%s); spooling %d traces", exc, len(batch))
-            self._spool(batch)
+            return self._spool(batch)
+        return []
 
     def _store(self, batch: list[_Item]) -> None:
         """Write a batch; when it fails for a reason other than the connection (which is
@@ -509,6 +650,7 @@ class TraceWriter:
                     *(item.row.get("anomalies") or ()),
                     "body not kept: capture settings unreadable",
                 ]
+                item.body = None  # once: a held trace may be spooled again
                 return None
         if not settings.capture_bodies:
             return None
@@ -526,24 +668,39 @@ class TraceWriter:
                 entry["redacted_response"] = base64.b64encode(body.response).decode()
         return entry
 
-    def _spool(self, batch: list[_Item]) -> None:
+    def _spool(self, batch: list[_Item]) -> list[_Item]:
+        """Append the batch to the spool; what it could not take, for the caller to hold
+        (a trace JSON cannot hold is lost, and counted)."""
         lines = []
+        kept: list[_Item] = []
         for item in batch:
             try:
                 lines.append(orjson.dumps(self._entry(item)) + b"\n")
+                kept.append(item)
             except TypeError as exc:  # a value JSON cannot hold: nowhere to keep it
                 self.dropped_by["spool_error"] += 1
                 log.error("trace %s lost: it cannot be spooled (%s)", item.row.get("id"), exc)
         if not lines:
-            return
+            return []
         try:
             _append(self.spool_path, lines)
         except OSError as exc:
-            self.dropped_by["spool_error"] += len(lines)
-            log.error("%d traces lost: the spool could not be written (%r)", len(lines), exc)
-            return
+            self.spool_errors += 1
+            if self.spool_error is None:
+                log.error(
+                    "the spool could not be written (%r); holding %d traces in memory and "
+                    "trying the database and the spool again",
+                    exc,
+                    len(lines),
+                )
+            self.spool_error = f"{type(exc).__name__}: {exc.strerror or exc}"
+            return kept
+        if self.spool_error is not None:
+            log.info("the spool is written again")
+            self.spool_error = None
         self._spool_lines += len(lines)
         self.spooled += len(lines)
+        return []
 
     def _dead_letter(self, item: _Item, exc: BaseException, reason: str = "dead_letter") -> None:
         """Keep a row the database refused even alone in the dead-letter file, and count it."""
@@ -609,9 +766,36 @@ class TraceWriter:
         return _Item(row, body)
 
     def _replay_spool(self) -> bool:
-        """Write the spool to the database in order; True once it is empty."""
+        """Write the spool to the database in order; True once it is empty.
+
+        Files renamed for replay (this worker's, and those adopted) go first, oldest
+        first, each removed once written. Only then is the file appended to renamed and
+        replayed, so what is spooled meanwhile goes to a fresh one, and an outage leaves
+        one renamed file, not one per try."""
+        self._adopt()
+        if not self._replay_frozen():
+            return False
+        self._freeze()
+        return self._replay_frozen()
+
+    def _replay_frozen(self) -> bool:
+        replayed = 0
+        for path in sorted(self._frozen, key=_replay_order):
+            try:
+                self._replay_file(path)
+            except CONNECTION_ERRORS:
+                reset_connection(self.db)
+                return False
+            # Replay is idempotent by trace id, so a crash before this unlink only repeats work.
+            path.unlink(missing_ok=True)
+            replayed += self._frozen.pop(path)
+        if replayed:
+            log.info("replayed %d spooled traces", replayed)
+        return True
+
+    def _replay_file(self, path: Path) -> None:
         try:
-            with self.spool_path.open("rb") as fh:
+            with path.open("rb") as fh:
                 batch: list[_Item] = []
                 for line in fh:
                     if not line.strip():
@@ -625,17 +809,98 @@ class TraceWriter:
                         batch = []
                 if batch:
                     self._store(batch)
-        except CONNECTION_ERRORS:
-            reset_connection(self.db)
-            return False
         except FileNotFoundError:
             pass
-        replayed = self._spool_lines
-        # Replay is idempotent by trace id, so a crash before this unlink only repeats work.
-        self.spool_path.unlink(missing_ok=True)
+
+    def _freeze(self) -> None:
+        """Rename the spool being appended to for replay (later traces go to a new file)."""
+        frozen = self.spool_dir / f"{self.spool_path.name}.replay-{time.time_ns()}"
+        try:
+            self.spool_path.rename(frozen)
+        except FileNotFoundError:
+            self._spool_lines = 0
+            return
+        self._frozen[frozen] = self._spool_lines
         self._spool_lines = 0
-        log.info("replayed %d spooled traces", replayed)
-        return True
+
+    # --- spools per worker: this worker's lock, and adopting what others left ---
+
+    def _take_own_spool(self) -> None:
+        """Lock this worker's spool (waiting for a worker adopting it to finish), then take
+        the files it left, and those of workers that do not run."""
+        try:
+            self._lock_fd = _lock(self.spool_dir, str(self.worker), wait=True)
+        except OSError as exc:
+            # The data directory is not writable: nothing can be spooled, nor adopted.
+            log.error("the spool lock could not be taken (%r)", exc)
+            return
+        self._spool_lines = _count_lines(self.spool_path)
+        for path in self.spool_dir.glob(f"{self.spool_path.name}.replay-*"):
+            self._frozen[path] = _count_lines(path)
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """Take the spool files of every worker that does not run (its lock is free) into
+        this worker's replay; a spool from before spools were per worker too. Not while
+        stopping: what a worker stopping beside this one leaves is for the next start."""
+        if self._lock_fd is None or self._stopping.is_set():
+            return
+        owners: dict[str, list[Path]] = {}
+        for path in self.spool_dir.glob("traces.spool*"):
+            match = _SPOOL_NAME.match(path.name)
+            if match is None or match[1] == str(self.worker):
+                continue
+            owners.setdefault(match[1] or "", []).append(path)
+        for owner, paths in owners.items():
+            try:
+                fd = _lock(self.spool_dir, owner, wait=False)
+            except BlockingIOError:
+                continue  # that worker runs: its spool is its own
+            except OSError as exc:
+                log.error("the spool of worker %s could not be adopted (%r)", owner, exc)
+                continue
+            try:
+                for path in sorted(paths, key=_replay_order):
+                    adopted = self.spool_dir / f"{self.spool_path.name}.replay-{time.time_ns()}"
+                    lines = _count_lines(path)
+                    path.rename(adopted)
+                    self._frozen[adopted] = lines
+                    log.info("adopted %d spooled traces of worker %s", lines, owner or "-")
+            except OSError as exc:
+                log.error("the spool of worker %s could not be adopted (%r)", owner, exc)
+            finally:
+                os.close(fd)
+
+
+def _lock(spool_dir: Path, owner: str, *, wait: bool) -> int:
+    """An exclusive ``flock`` on a worker's spool lock (``traces.lock`` for the spool from
+    before spools were per worker): its descriptor, which holds it until closed. The kernel
+    lets go of it when the process dies, however it dies."""
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    name = f"traces.lock.{owner}" if owner else "traces.lock"
+    # Read-only: flock needs no more, and a file open for writing would keep the file
+    # system from being remounted read-only.
+    fd = os.open(spool_dir / name, os.O_RDONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _replay_order(path: Path) -> int:
+    """Replay files oldest first: by the time in their name (the spool appended to last)."""
+    match = _SPOOL_NAME.match(path.name)
+    return int(match[2]) if match is not None and match[2] else time.time_ns()
+
+
+def _body_size(body: CapturedBody | RedactedBody | None) -> int:
+    if body is None:
+        return 0
+    if isinstance(body, CapturedBody):
+        return body.size
+    return len(body.request) + len(body.response or b"")
 
 
 def _count_lines(path: Path) -> int:
@@ -646,12 +911,23 @@ def _count_lines(path: Path) -> int:
 
 
 def _append(path: Path, lines: list[bytes]) -> None:
-    """Append lines to a file only this user may read (0600, also if it was not), fsynced."""
+    """Append lines to a file only this user may read (0600, also if it was not), fsynced.
+
+    All or nothing: a write cut short (a full disk) is taken back, so the file never ends
+    in a torn line and the traces that did not fit are only where the caller keeps them."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = b"".join(lines)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         os.fchmod(fd, 0o600)
-        os.write(fd, b"".join(lines))
-        os.fsync(fd)
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
     finally:
         os.close(fd)
