@@ -278,6 +278,9 @@ def start_tvgate(
             "TVGATE_LOG_LEVEL": "info",
             # The goals are per process: one worker, measured as the process it is.
             "TVGATE_WORKERS": "1",
+            # Every connection of the load generators comes from 127.0.0.1 (1,000 at once
+            # in the drip workload): the per-address cap is for clients, not for them.
+            "TVGATE_MAX_CONNECTIONS_PER_ADDRESS": "0",
         }
     )
     env.update({"TVGATE_" + k.upper(): v for k, v in settings.items()})
