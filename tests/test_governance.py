@@ -31,7 +31,13 @@ from tests.conftest import (
 from tests.fake_provider import FakeProvider, RecordedRequest
 from tvgate import services
 from tvgate.governance.store import CounterStore
-from tvgate.governance.windows import COUNT_REQUESTS, PERIOD_MINUTE, counter_key, window
+from tvgate.governance.windows import (
+    COUNT_REQUESTS,
+    PERIOD_MINUTE,
+    budget_counter,
+    counter_key,
+    window,
+)
 from tvgate.models import ConcurrencySlot, Org, UsageCounter, User
 
 SYNC = 0.2
@@ -221,6 +227,46 @@ def test_cost_budget_of_a_route_refuses_in_openai_format(
         assert error["type"] and "retry-after" in refused.headers
     # Another route of the same org is not held by the route's budget.
     assert ask(pair.b, org).status_code == 200
+
+
+def test_cost_budget_is_spent_by_the_calls_it_admits(
+    pair: Pair, fake_provider: FakeProvider
+) -> None:
+    """A dollar budget of 3.5 calls' cost admits three or four calls (the fourth only if
+    the half call left covers its input estimate), charges each at its own price and then
+    refuses, in both processes."""
+    org = new_org(pair.a, fake_provider)
+    add_fake_key(fake_provider, org.name, "oa", fake_provider.openai_url, "openai")
+    services.add_route("gpt", "oa", model="gpt-4o", org_name=org.name)
+    services.add_route("gpt-probe", "oa", model="gpt-4o", org_name=org.name)
+    headers = {"authorization": f"Bearer {org.token}"}
+
+    def chat(gateway: GatewayProcess, model: str) -> httpx2.Response:
+        body = {"model": model, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+        return httpx2.post(gateway.url + "/v1/chat/completions", json=body, headers=headers)
+
+    assert chat(pair.a, "gpt-probe").status_code == 200
+    (probe,) = pair.a.wait_traces(1, org_id=org.org_id, route_name="gpt-probe")
+    per_call = probe.cost_usd
+    assert per_call > 0
+    services.set_budget(
+        org.name, scope="route", subject="gpt", metric="usd", period="month", amount=3.5 * per_call
+    )
+    settle()
+    statuses = [chat(pair.a, "gpt").status_code for _ in range(8)]
+    admitted = statuses.count(200)
+    assert 3 <= admitted <= 4, statuses
+    assert statuses == [200] * admitted + [429] * (8 - admitted)  # never a 200 after a 429
+    traces = pair.a.wait_traces(admitted, org_id=org.org_id, route_name="gpt", status_code=200)
+    assert all(t.cost_usd == pytest.approx(per_call) for t in traces)
+    settle()
+    refused = chat(pair.b, "gpt")
+    assert refused.status_code == 429
+    assert "cost budget per month of route gpt" in refused.json()["error"]["message"]
+    name, _, _ = budget_counter(org.org_id, "route", "gpt", "usd", "month", time.time())
+    pair.a.bind()
+    spent = UsageCounter.get_by_id(name)
+    assert spent.value == pytest.approx(admitted * per_call)
 
 
 def test_warning_header_for_a_route_with_a_unicode_name(
