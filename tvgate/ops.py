@@ -85,6 +85,7 @@ class ReadyHandler(BaseHandler):
             "restarts": traces.restarts,
             "spool": traces.spool_size,
             "dead_letter": traces.dead_letters,
+            "held_bodies": traces.held_bodies,
             "dropped": traces.dropped_by,
         }
         self.set_status(200 if ready else 503)

@@ -23,6 +23,14 @@ A spooled body is the redacted form the database would have stored (none for an
 org that does not capture bodies), so replay stores exactly the blobs the direct
 path would have.
 
+The writer never waits on the keyring. It redacts an org's provider keys with the
+plaintexts the gateway's decrypted-key cache holds (a key a call used is there);
+while a key of the org is in no cache (the gateway warms it, off this thread), the
+org's traces are written at once but their bodies are *held* in memory, redacted
+with what is known, never stored or spooled, and stored once every key is known.
+Held bodies count against ``body_budget``; those still held at stop are dropped
+(counted in ``bodies_dropped``), the traces themselves are kept.
+
 No row can stop the writer. Values from clients and providers are mended before
 the insert (:func:`mend_row`: text cut to its column, NULs removed, integers out
 of the column's range set to 0, each named in the trace's ``anomalies``). A batch
@@ -49,12 +57,12 @@ import orjson
 import peewee
 
 from tvgate.db import CONNECTION_ERRORS, reset_connection
-from tvgate.keyring import Keyring
+from tvgate.keyring import KeyContext
 from tvgate.models import Trace
 from tvgate.traces.content import blob_digest, store_request
 from tvgate.traces.conversations import Conversations
 from tvgate.traces.pricing import PriceTable
-from tvgate.traces.store import BlobStore, CaptureSettings, load_capture_settings
+from tvgate.traces.store import BlobStore, CaptureSettings, KnownPlaintexts, load_capture_settings
 
 log = logging.getLogger("tvgate.traces")
 
@@ -150,6 +158,19 @@ def mend_row(row: TraceRow) -> TraceRow:
 
 
 @dataclass(slots=True)
+class _HeldBody:
+    """A body whose org has a key not known in plaintext yet: redacted with the keys known,
+    waiting in memory for the rest; its trace is in the database already."""
+
+    org_id: int
+    body: RedactedBody
+
+    @property
+    def size(self) -> int:
+        return len(self.body.request) + len(self.body.response or b"")
+
+
+@dataclass(slots=True)
 class _Item:
     row: TraceRow
     body: CapturedBody | RedactedBody | None
@@ -159,7 +180,7 @@ class TraceWriter:
     def __init__(
         self,
         db: peewee.Database,
-        keyring: Keyring,
+        keys: KnownPlaintexts,
         *,
         queue_size: int,
         batch_size: int,
@@ -168,7 +189,7 @@ class TraceWriter:
         body_budget: int = 256 * 1024 * 1024,
     ) -> None:
         self.db = db
-        self.keyring = keyring
+        self.keys = keys
         self.batch_size = batch_size
         self.spool_path = spool_path
         #: Rows the database refused even alone, beside the spool.
@@ -185,6 +206,13 @@ class TraceWriter:
         )
         self._pending_body_bytes = 0
         self._settings: dict[int, CaptureSettings] = {}
+        #: Bodies held until their org's keys are known, by trace id.
+        self._held: dict[str, _HeldBody] = {}
+        self._held_bytes = 0
+        self._release_at = 0.0
+        #: The keys each org's bodies wait for, for the gateway to decrypt (another thread).
+        self._wanted: dict[int, list[tuple[str, KeyContext]]] = {}
+        self._wanted_lock = threading.Lock()
         self._prices: PriceTable | None = None
         self._prices_at = 0.0
         self._spool_lines = 0
@@ -236,6 +264,16 @@ class TraceWriter:
         return self._conversations.scanned
 
     @property
+    def held_bodies(self) -> int:
+        """Bodies held until their org's keys are known in plaintext (read from any thread)."""
+        return len(self._held)
+
+    def wanted_keys(self) -> list[tuple[str, KeyContext]]:
+        """The keys (ciphertext, context) whose plaintext held bodies wait for (any thread)."""
+        with self._wanted_lock:
+            return [key for keys in self._wanted.values() for key in keys]
+
+    @property
     def spool_size(self) -> int:
         """Traces waiting in the spool for the database to come back."""
         return self._spool_lines
@@ -247,7 +285,7 @@ class TraceWriter:
             log.error("trace queue full; trace %s dropped", row.get("id"))
             return
         if body is not None:
-            if self._pending_body_bytes + body.size > self.body_budget:
+            if self._pending_body_bytes + self._held_bytes + body.size > self.body_budget:
                 self.bodies_dropped += 1
                 body = None
             else:
@@ -311,12 +349,18 @@ class TraceWriter:
             # Read before taking a batch: a stop asked for after the queue was found empty
             # still finds every trace queued before it.
             ending = self._stopping.is_set()
+            if self._held and not self._spool_lines and time.monotonic() >= self._release_at:
+                self._release_at = time.monotonic() + _SPOOL_RETRY
+                self._release_held()
             self._in_hand = []
             batch = self._take_batch()
             if not batch:
                 if ending:
                     if self._spool_lines:
                         self._replay_spool()  # a last try: what stays is replayed at start
+                    if self._held and not self._spool_lines:
+                        self._release_held()
+                    self._drop_held()
                     return
                 if self._spool_lines and time.monotonic() - last_replay >= _SPOOL_RETRY:
                     last_replay = time.monotonic()
@@ -424,14 +468,42 @@ class TraceWriter:
     def _capture_settings(self, org_id: int) -> CaptureSettings:
         settings = self._settings.get(org_id)
         if settings is None or time.monotonic() - settings.loaded_at > self.settings_ttl:
-            settings = load_capture_settings(org_id, self.keyring)
+            settings = load_capture_settings(org_id, self.keys, settings)
             self._settings[org_id] = settings
+        return self._known(org_id, settings)
+
+    def _known(self, org_id: int, settings: CaptureSettings) -> CaptureSettings:
+        """``settings`` with the plaintexts the gateway has decrypted since; the keys still
+        unknown are left for the gateway to decrypt."""
+        if settings.unknown:
+            settings.learn(self.keys)
+        wanted = [(ref[1], context) for ref, context in settings.unknown.items()]
+        if wanted or org_id in self._wanted:
+            with self._wanted_lock:
+                if wanted:
+                    self._wanted[org_id] = wanted
+                else:
+                    del self._wanted[org_id]
         return settings
+
+    def _hold(self, row: TraceRow, body: CapturedBody, settings: CaptureSettings) -> None:
+        """Keep the body in memory, redacted with the keys known, until all are known."""
+        trace_id = str(row.get("id"))
+        if trace_id in self._held:
+            return  # a batch written again row by row meets its bodies twice
+        redactor = settings.redactor
+        answer = None if body.response is None else redactor.redact(orjson.dumps(body.response))
+        held = _HeldBody(row["org_id"], RedactedBody(redactor.redact(body.request), answer))
+        self._held[trace_id] = held
+        self._held_bytes += held.size
 
     def _capture(self, row: TraceRow, body: CapturedBody, stores: dict[int, BlobStore]) -> None:
         org_id = row["org_id"]
         settings = self._capture_settings(org_id)
         if not settings.capture_bodies:
+            return
+        if settings.unknown:
+            self._hold(row, body, settings)
             return
         store = stores.setdefault(org_id, BlobStore(org_id))
         redactor = settings.redactor
@@ -469,6 +541,73 @@ class TraceWriter:
             self._prices_at = time.monotonic()
         return self._prices
 
+    # --- bodies held until their org's keys are known ---
+
+    def _release_held(self) -> None:
+        """Store the held bodies of every org whose keys are all known now, each onto its
+        trace; the database being away leaves them held for the next try."""
+        by_org: dict[int, list[str]] = {}
+        for trace_id, held in self._held.items():
+            by_org.setdefault(held.org_id, []).append(trace_id)
+        for org_id, trace_ids in by_org.items():
+            try:
+                settings = self._capture_settings(org_id)
+                if settings.unknown:
+                    continue
+                if settings.capture_bodies:
+                    self._store_held(org_id, trace_ids, settings)
+                else:
+                    self._unhold(trace_ids, stored=False)
+            except CONNECTION_ERRORS:
+                reset_connection(self.db)
+                return
+            except Exception:  # bodies that cannot be stored must not fail the loop again
+                log.exception(
+                    "%d held bodies of org %d could not be stored", len(trace_ids), org_id
+                )
+                self._conversations.forget()
+                self._unhold(trace_ids, stored=False)
+
+    def _store_held(self, org_id: int, trace_ids: list[str], settings: CaptureSettings) -> None:
+        """Redact the held bodies with every key of the org, store them, point their
+        traces at them (a trace not in the database, dead-lettered, gets none)."""
+        redact = settings.redactor.redact
+        store = BlobStore(org_id)
+        blobs: dict[str, TraceRow] = {}
+        for trace_id in trace_ids:
+            body = self._held[trace_id].body
+            row: TraceRow = {"request_blob": store_request(redact(body.request), store).hex()}
+            row["response_blob"] = ""
+            if body.response is not None:
+                self._store_answer(row, redact(body.response), store)
+            blobs[trace_id] = row
+        with self.db.atomic():
+            store.flush()
+            missing = [
+                trace_id
+                for trace_id, row in blobs.items()
+                if not Trace.update(**row).where(Trace.id == trace_id).execute()
+            ]
+        store.committed()
+        self._unhold(missing, stored=False)
+        self._unhold(list(blobs.keys() - set(missing)), stored=True)
+
+    def _unhold(self, trace_ids: list[str], *, stored: bool) -> None:
+        for trace_id in trace_ids:
+            held = self._held.pop(trace_id)
+            self._held_bytes -= held.size
+            if not stored:
+                self.bodies_dropped += 1
+
+    def _drop_held(self) -> None:
+        """At stop: bodies still waiting for a key are not kept (their traces are)."""
+        if self._held:
+            log.warning(
+                "%d held bodies dropped at stop: a key of their org was never known",
+                len(self._held),
+            )
+            self._unhold(list(self._held), stored=False)
+
     # --- the spool and the dead-letter file ---
 
     def _redacted(self, item: _Item) -> RedactedBody | None:
@@ -481,7 +620,9 @@ class TraceWriter:
         # In an outage the settings last read are used, however old: they are what the
         # direct path used a moment ago.
         settings = self._settings.get(org_id)
-        if settings is None:
+        if settings is not None:
+            settings = self._known(org_id, settings)
+        else:
             try:
                 settings = self._capture_settings(org_id)
             except Exception as exc:  # noqa: BLE001 - no settings: the body is not kept
@@ -494,6 +635,10 @@ class TraceWriter:
                 ]
                 return None
         if not settings.capture_bodies:
+            return None
+        if settings.unknown:
+            # Never into a file with a key not redacted: held, stored once it is known.
+            self._hold(item.row, body, settings)
             return None
         redactor = settings.redactor
         answer = None if body.response is None else redactor.redact(orjson.dumps(body.response))
