@@ -125,6 +125,12 @@ def test_frozen_vault_drops_no_trace_and_stores_no_key_unredacted(
     assert ask(gateway, "route-used", "hello").status_code == 200
     assert ask(gateway, "route-pasted", "hello").status_code == 200
     gateway.wait_traces(2)
+    # Their bodies stored, the writer has no reason to look at the org's keys again
+    # before a call comes.
+    wait_for(
+        lambda: not bodiless(gateway, "route-used") and not bodiless(gateway, "route-pasted"),
+        "the first bodies are stored",
+    )
     # A key nobody has called yet: its plaintext is nowhere in the gateway's memory.
     add_key_and_route(gateway, fake_provider, "fresh", "route-fresh", fresh)
 

@@ -565,7 +565,6 @@ class TraceWriter:
                 log.exception(
                     "%d held bodies of org %d could not be stored", len(trace_ids), org_id
                 )
-                self._conversations.forget()
                 self._unhold(trace_ids, stored=False)
 
     def _store_held(self, org_id: int, trace_ids: list[str], settings: CaptureSettings) -> None:
