@@ -158,7 +158,7 @@ def mend_row(row: TraceRow) -> TraceRow:
 
 
 @dataclass(slots=True)
-class _HeldBody:
+class _WaitingBody:
     """A body whose org has a key not known in plaintext yet: redacted with the keys known,
     waiting in memory for the rest; its trace is in the database already."""
 
@@ -207,8 +207,8 @@ class TraceWriter:
         self._pending_body_bytes = 0
         self._settings: dict[int, CaptureSettings] = {}
         #: Bodies held until their org's keys are known, by trace id.
-        self._held: dict[str, _HeldBody] = {}
-        self._held_bytes = 0
+        self._waiting: dict[str, _WaitingBody] = {}
+        self._waiting_bytes = 0
         self._release_at = 0.0
         #: The keys each org's bodies wait for, for the gateway to decrypt (another thread).
         self._wanted: dict[int, list[tuple[str, KeyContext]]] = {}
@@ -266,7 +266,7 @@ class TraceWriter:
     @property
     def held_bodies(self) -> int:
         """Bodies held until their org's keys are known in plaintext (read from any thread)."""
-        return len(self._held)
+        return len(self._waiting)
 
     def wanted_keys(self) -> list[tuple[str, KeyContext]]:
         """The keys (ciphertext, context) whose plaintext held bodies wait for (any thread)."""
@@ -285,7 +285,7 @@ class TraceWriter:
             log.error("trace queue full; trace %s dropped", row.get("id"))
             return
         if body is not None:
-            if self._pending_body_bytes + self._held_bytes + body.size > self.body_budget:
+            if self._pending_body_bytes + self._waiting_bytes + body.size > self.body_budget:
                 self.bodies_dropped += 1
                 body = None
             else:
@@ -349,18 +349,18 @@ class TraceWriter:
             # Read before taking a batch: a stop asked for after the queue was found empty
             # still finds every trace queued before it.
             ending = self._stopping.is_set()
-            if self._held and not self._spool_lines and time.monotonic() >= self._release_at:
+            if self._waiting and not self._spool_lines and time.monotonic() >= self._release_at:
                 self._release_at = time.monotonic() + _SPOOL_RETRY
-                self._release_held()
+                self._release_waiting()
             self._in_hand = []
             batch = self._take_batch()
             if not batch:
                 if ending:
                     if self._spool_lines:
                         self._replay_spool()  # a last try: what stays is replayed at start
-                    if self._held and not self._spool_lines:
-                        self._release_held()
-                    self._drop_held()
+                    if self._waiting and not self._spool_lines:
+                        self._release_waiting()
+                    self._drop_waiting()
                     return
                 if self._spool_lines and time.monotonic() - last_replay >= _SPOOL_RETRY:
                     last_replay = time.monotonic()
@@ -486,16 +486,16 @@ class TraceWriter:
                     del self._wanted[org_id]
         return settings
 
-    def _hold(self, row: TraceRow, body: CapturedBody, settings: CaptureSettings) -> None:
+    def _hold_body(self, row: TraceRow, body: CapturedBody, settings: CaptureSettings) -> None:
         """Keep the body in memory, redacted with the keys known, until all are known."""
         trace_id = str(row.get("id"))
-        if trace_id in self._held:
+        if trace_id in self._waiting:
             return  # a batch written again row by row meets its bodies twice
         redactor = settings.redactor
         answer = None if body.response is None else redactor.redact(orjson.dumps(body.response))
-        held = _HeldBody(row["org_id"], RedactedBody(redactor.redact(body.request), answer))
-        self._held[trace_id] = held
-        self._held_bytes += held.size
+        held = _WaitingBody(row["org_id"], RedactedBody(redactor.redact(body.request), answer))
+        self._waiting[trace_id] = held
+        self._waiting_bytes += held.size
 
     def _capture(self, row: TraceRow, body: CapturedBody, stores: dict[int, BlobStore]) -> None:
         org_id = row["org_id"]
@@ -503,7 +503,7 @@ class TraceWriter:
         if not settings.capture_bodies:
             return
         if settings.unknown:
-            self._hold(row, body, settings)
+            self._hold_body(row, body, settings)
             return
         store = stores.setdefault(org_id, BlobStore(org_id))
         redactor = settings.redactor
@@ -543,11 +543,11 @@ class TraceWriter:
 
     # --- bodies held until their org's keys are known ---
 
-    def _release_held(self) -> None:
+    def _release_waiting(self) -> None:
         """Store the held bodies of every org whose keys are all known now, each onto its
         trace; the database being away leaves them held for the next try."""
         by_org: dict[int, list[str]] = {}
-        for trace_id, held in self._held.items():
+        for trace_id, held in self._waiting.items():
             by_org.setdefault(held.org_id, []).append(trace_id)
         for org_id, trace_ids in by_org.items():
             try:
@@ -555,9 +555,9 @@ class TraceWriter:
                 if settings.unknown:
                     continue
                 if settings.capture_bodies:
-                    self._store_held(org_id, trace_ids, settings)
+                    self._store_waiting(org_id, trace_ids, settings)
                 else:
-                    self._unhold(trace_ids, stored=False)
+                    self._unwait(trace_ids, stored=False)
             except CONNECTION_ERRORS:
                 reset_connection(self.db)
                 return
@@ -565,16 +565,16 @@ class TraceWriter:
                 log.exception(
                     "%d held bodies of org %d could not be stored", len(trace_ids), org_id
                 )
-                self._unhold(trace_ids, stored=False)
+                self._unwait(trace_ids, stored=False)
 
-    def _store_held(self, org_id: int, trace_ids: list[str], settings: CaptureSettings) -> None:
+    def _store_waiting(self, org_id: int, trace_ids: list[str], settings: CaptureSettings) -> None:
         """Redact the held bodies with every key of the org, store them, point their
         traces at them (a trace not in the database, dead-lettered, gets none)."""
         redact = settings.redactor.redact
         store = BlobStore(org_id)
         blobs: dict[str, TraceRow] = {}
         for trace_id in trace_ids:
-            body = self._held[trace_id].body
+            body = self._waiting[trace_id].body
             row: TraceRow = {"request_blob": store_request(redact(body.request), store).hex()}
             row["response_blob"] = ""
             if body.response is not None:
@@ -588,24 +588,24 @@ class TraceWriter:
                 if not Trace.update(**row).where(Trace.id == trace_id).execute()
             ]
         store.committed()
-        self._unhold(missing, stored=False)
-        self._unhold(list(blobs.keys() - set(missing)), stored=True)
+        self._unwait(missing, stored=False)
+        self._unwait(list(blobs.keys() - set(missing)), stored=True)
 
-    def _unhold(self, trace_ids: list[str], *, stored: bool) -> None:
+    def _unwait(self, trace_ids: list[str], *, stored: bool) -> None:
         for trace_id in trace_ids:
-            held = self._held.pop(trace_id)
-            self._held_bytes -= held.size
+            held = self._waiting.pop(trace_id)
+            self._waiting_bytes -= held.size
             if not stored:
                 self.bodies_dropped += 1
 
-    def _drop_held(self) -> None:
+    def _drop_waiting(self) -> None:
         """At stop: bodies still waiting for a key are not kept (their traces are)."""
-        if self._held:
+        if self._waiting:
             log.warning(
                 "%d held bodies dropped at stop: a key of their org was never known",
-                len(self._held),
+                len(self._waiting),
             )
-            self._unhold(list(self._held), stored=False)
+            self._unwait(list(self._waiting), stored=False)
 
     # --- the spool and the dead-letter file ---
 
@@ -637,7 +637,7 @@ class TraceWriter:
             return None
         if settings.unknown:
             # Never into a file with a key not redacted: held, stored once it is known.
-            self._hold(item.row, body, settings)
+            self._hold_body(item.row, body, settings)
             return None
         redactor = settings.redactor
         answer = None if body.response is None else redactor.redact(orjson.dumps(body.response))
