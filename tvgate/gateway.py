@@ -32,7 +32,15 @@ from tvgate.identity.origin import OriginChecker
 from tvgate.identity.sessions import LoginThrottle
 from tvgate.identity.tokens import ProxyTokenAuthenticator
 from tvgate.identity.visdom import VisdomAuthenticator, VisdomClient
-from tvgate.keyring import Keyring, PlaintextCache, build_keyring
+from tvgate.keyring import (
+    Keyring,
+    KeyringError,
+    KeyringSet,
+    KeyringUnavailable,
+    PlaintextCache,
+    build_keyring,
+)
+from tvgate.keyring.vault import VaultKeyring
 from tvgate.metrics import Metrics
 from tvgate.proxy.curl_client import UpstreamCurlClient
 from tvgate.proxy.hops import deployment_id
@@ -42,6 +50,9 @@ from tvgate.traces.sink import PushSink
 from tvgate.traces.writer import TraceWriter
 
 log = logging.getLogger("tvgate")
+
+#: Seconds between two looks at the keys the trace writer waits for.
+WARM_INTERVAL = 1.0
 
 #: Settings a SIGHUP applies to a running process. Everything else (listen,
 #: database, keyring, workers, queue sizes, max_clients) is built once at start
@@ -118,6 +129,7 @@ class Gateway:
     _token_flusher: PeriodicCallback | None = None
     _purger: PeriodicCallback | None = None
     _sweeper: PeriodicCallback | None = None
+    _warmer: PeriodicCallback | None = None
     _unsubscribe: Callable[[], None] | None = None
     metrics: Metrics = field(default_factory=Metrics)
     inflight: InFlight = field(default_factory=InFlight)
@@ -137,6 +149,7 @@ class Gateway:
             db, idle_timeout=settings.db_idle_timeout, max_age=settings.db_max_age
         )
         keyring = build_keyring(settings)
+        keys = PlaintextCache(keyring, runner.executor, settings.key_cache_ttl)
         # Tornado switches curl to verbose mode when this logger is at DEBUG, and curl's
         # verbose output prints every request header: the provider key in x-api-key or
         # Authorization. Never let it run, whatever the log level (the canary test).
@@ -144,7 +157,7 @@ class Gateway:
         # Peewee connections are per thread, so the writer thread has its own.
         writer = TraceWriter(
             db,
-            keyring,
+            keys,
             queue_size=settings.trace_queue_size,
             batch_size=settings.trace_batch_size,
             spool_dir=Path(settings.data_dir),
@@ -179,7 +192,7 @@ class Gateway:
             db=db,
             runner=runner,
             keyring=keyring,
-            keys=PlaintextCache(keyring, runner.executor, settings.key_cache_ttl),
+            keys=keys,
             auth=auth,
             origins=origins,
             visdom=visdom,
@@ -290,6 +303,27 @@ class Gateway:
             lambda: traces.dead_letters,
         )
         metrics.sample(
+            "tvgate_trace_bodies_held",
+            "Bodies held in memory until every provider key of their org is known in "
+            "plaintext (to redact it); their traces are written already.",
+            lambda: traces.held_bodies,
+        )
+        vault = self.keyring.readers.get("vault") if isinstance(self.keyring, KeyringSet) else None
+        if isinstance(vault, VaultKeyring):
+            vault_keyring = vault
+            metrics.sample(
+                "tvgate_keyring_timeouts_total",
+                "Vault requests that timed out (each starts or prolongs a fail-fast period).",
+                lambda: vault_keyring.timeouts,
+                kind="counter",
+            )
+            metrics.sample(
+                "tvgate_keyring_refused_fast_total",
+                "Vault requests refused at once, unsent, while Vault did not answer.",
+                lambda: vault_keyring.refused_fast,
+                kind="counter",
+            )
+        metrics.sample(
             "tvgate_trace_writer_up",
             "1 while the trace writer's thread runs.",
             lambda: 1 if traces.running else 0,
@@ -382,6 +416,20 @@ class Gateway:
 
         self._sweeper = PeriodicCallback(sweep, period * 1000)
         self._sweeper.start()
+        self._warmer = PeriodicCallback(self._warm_keys, WARM_INTERVAL * 1000)
+        self._warmer.start()
+
+    async def _warm_keys(self) -> None:
+        """Decrypt, in the pool, the keys whose plaintext the trace writer waits for to
+        redact an org's bodies (keys no call has used lately), so that it never decrypts
+        (nor waits on the keyring) itself."""
+        for ciphertext, context in self.traces.wanted_keys():
+            try:
+                await self.keys.get(ciphertext, context)
+            except KeyringUnavailable:
+                return  # the next tick tries again; a hung Vault refuses at once meanwhile
+            except KeyringError:
+                continue  # noted by the cache: the writer stops waiting for this key
 
     async def _purge(self) -> None:
         """Retention, hourly, in the pool (several processes purging at once is harmless)."""
@@ -398,6 +446,7 @@ class Gateway:
             self._token_flusher,
             self._purger,
             self._sweeper,
+            self._warmer,
         ):
             if timer is not None:
                 timer.stop()

@@ -94,6 +94,7 @@ class ReadyHandler(BaseHandler):
             "spool_error": traces.spool_error,
             "held": traces.held,
             "dead_letter": traces.dead_letters,
+            "held_bodies": traces.held_bodies,
             "dropped": traces.dropped_by,
         }
         self.set_status(200 if ready else 503)

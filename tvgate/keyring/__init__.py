@@ -157,7 +157,10 @@ class PlaintextCache:
     Keying by the ciphertext makes a secret's replacement atomic for requests in flight:
     a request holds the route snapshot it started with, whose ciphertext still finds (or
     decrypts to) the old secret, while requests on the new snapshot get the new one.
-    Used on the IOLoop thread only; decryption runs in ``executor``.
+    Used on the IOLoop thread only (decryption runs in ``executor``), but for
+    :meth:`at_hand`, which the trace writer's thread calls to redact an org's keys
+    without ever waiting on the key store: it only reads a dict and a set, which the
+    IOLoop thread changes one item at a time or replaces.
     """
 
     def __init__(self, keyring: Keyring, executor: Executor, ttl: float) -> None:
@@ -166,6 +169,8 @@ class PlaintextCache:
         self.ttl = ttl
         self._entries: dict[tuple[int, str], _Entry] = {}
         self._pending: dict[tuple[int, str], asyncio.Future[str]] = {}
+        #: Ciphertexts the keyring answered do not decrypt (no call can use them either).
+        self._unreadable: frozenset[tuple[int, str]] = frozenset()
         # Bumped by forget(): a decryption that started before must not be cached after.
         self._generation = 0
         self.clock: Callable[[], float] = time.monotonic
@@ -191,7 +196,11 @@ class PlaintextCache:
         )
         self._pending[cache_key] = pending
         pending.add_done_callback(lambda _f: self._pending.pop(cache_key, None))
-        plaintext = await pending
+        try:
+            plaintext = await pending
+        except KeyringError:
+            self._unreadable = self._unreadable | {cache_key}
+            raise
         log.debug(
             "key %d decrypted by the %s keyring in %.1f ms",
             context.key_id,
@@ -201,6 +210,24 @@ class PlaintextCache:
         if generation == self._generation:
             self._entries[cache_key] = _Entry(plaintext, self.clock() + self.ttl)
         return plaintext
+
+    def at_hand(self, ciphertext: str, context: KeyContext) -> str | None:
+        """The plaintext if it can be had without waiting on a key store: in memory, or
+        from a backend that needs no network (local); None otherwise. Any thread; it
+        caches nothing. KeyringError when the key is known not to decrypt."""
+        cache_key = (context.key_id, ciphertext)
+        entry = self._entries.get(cache_key)
+        if entry is not None:
+            return entry.plaintext
+        if cache_key in self._unreadable:
+            raise KeyringError("key ciphertext does not decrypt for this key")
+        if isinstance(self.keyring, KeyringSet):
+            from tvgate.keyring.local import LocalKeyring
+
+            reader = self.keyring.readers.get(backend_of(ciphertext))
+            if isinstance(reader, LocalKeyring):
+                return reader.decrypt(ciphertext, context)
+        return None
 
     def forget(self, key_id: int) -> None:
         """Drop a key at once (changed, disabled or deleted in this process)."""

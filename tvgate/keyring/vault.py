@@ -19,6 +19,12 @@ PlaintextCache, ``readyz``) or in the CLI, never on the IOLoop. Each thread has
 its own hvac client (requests sessions are not meant to be shared); the token
 is shared, under a lock when it changes. Messages never contain a token, a
 secret_id, a plaintext or a ciphertext: they may end up in a log or a response.
+
+A Vault that accepts connections and never answers (hung, frozen) would make every
+request wait the full ``timeout``: after the first timeout the keyring is *stalled*
+and refuses every request at once (KeyringUnavailable, a 503 for a call) while a
+probe thread of its own asks Vault every ``PROBE_INTERVAL`` seconds; the first answer
+ends the stall.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ RELOGIN_BELOW = 1 / 2
 #: A context no key row can have (ids start at 1): what ``check()`` encrypts to prove
 #: that the gateway can use its transit key.
 PROBE_CONTEXT = KeyContext(org_id=0, key_id=0, owner_id=None)
+#: Seconds between two probes of a Vault that timed out.
+PROBE_INTERVAL = 1.0
 
 #: Vault's transit ``error`` texts that are about the ciphertext or its context, as
 #: opposed to the key store (which is unavailable, not the row broken).
@@ -122,6 +130,13 @@ class VaultKeyring:
         self.logins = 0
         self.renewals = 0
         self._failure = ""  # the cause of the current outage, logged once
+        #: Set from a timeout until the probe thread sees Vault answer again.
+        self._stalled = threading.Event()
+        self._probe_lock = threading.Lock()
+        self._prober: threading.Thread | None = None
+        #: Requests that timed out, and requests refused at once while stalled (metrics).
+        self.timeouts = 0
+        self.refused_fast = 0
         base = f"/v1/{quote(self.mount, safe='/')}"
         name = quote(self.key, safe="")
         self._paths = {op: f"{base}/{op}/{name}" for op in ("encrypt", "decrypt", "rewrap")}
@@ -308,7 +323,13 @@ class VaultKeyring:
 
     # --- requests ---
 
-    def _transit(self, op: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _transit(self, op: str, body: dict[str, Any], *, probe: bool = False) -> dict[str, Any]:
+        if self._stalled.is_set() and not probe:
+            self.refused_fast += 1
+            raise KeyringUnavailable(
+                f"cannot {op} with vault transit: vault did not answer within "
+                f"{self.timeout:g} s; waiting for it to answer again"
+            )
         path = self._paths[op]
         for attempt in (1, 2):
             token = self._ensure_token()
@@ -364,13 +385,47 @@ class VaultKeyring:
             }.get(type(exc), f"vault answered {type(exc).__name__}")
             raise self._unavailable(what, cause) from None
         except requests.exceptions.Timeout:
+            self._stall()
             raise self._unavailable(
-                what, f"vault did not answer within {self.timeout:g} s"
+                what, f"vault did not answer within {self.timeout:g} s", _Timeout
             ) from None
         except requests.exceptions.RequestException:
             raise self._unavailable(what, "vault is unreachable") from None
         self._mark_available()
         return result
+
+    # --- a Vault that does not answer ---
+
+    def _stall(self) -> None:
+        """A request timed out: refuse the next ones at once, and probe until Vault answers."""
+        self.timeouts += 1
+        with self._probe_lock:
+            self._stalled.set()
+            if self._prober is None or not self._prober.is_alive():
+                self._prober = threading.Thread(
+                    target=self._probe_until_answered, name="tvgate-vault-probe", daemon=True
+                )
+                self._prober.start()
+
+    def _probe_until_answered(self) -> None:
+        """Ask Vault every PROBE_INTERVAL; any answer (even a refusal) ends the stall, as
+        requests then fail or succeed quickly on their own."""
+        body = {
+            "plaintext": base64.b64encode(b"probe").decode(),
+            "context": context_b64(PROBE_CONTEXT),
+        }
+        while True:
+            time.sleep(PROBE_INTERVAL)
+            try:
+                self._transit("encrypt", body, probe=True)
+            except _Timeout:
+                continue
+            except (KeyringUnavailable, KeyringError):
+                pass  # Vault answered (sealed, refused): requests now fail quickly themselves
+            with self._probe_lock:
+                self._stalled.clear()
+                self._prober = None
+            return
 
     # Vault's state is logged when it changes (down, sealed, back), not on every request.
 
@@ -379,12 +434,14 @@ class VaultKeyring:
             self._failure = ""
             log.warning("vault is available again")
 
-    def _unavailable(self, what: str, cause: str) -> KeyringUnavailable:
+    def _unavailable(
+        self, what: str, cause: str, kind: type[KeyringUnavailable] = KeyringUnavailable
+    ) -> KeyringUnavailable:
         message = f"cannot {what}: {cause}"
         if cause != self._failure:
             self._failure = cause
             log.warning("%s", message)
-        return KeyringUnavailable(message)
+        return kind(message)
 
     def _denied(self, what: str) -> _Denied:
         message = f"vault denied the request to {what}"
@@ -396,3 +453,7 @@ class VaultKeyring:
 
 class _Denied(KeyringUnavailable):
     """Vault refused the token (403): the key store is unusable until the token is fixed."""
+
+
+class _Timeout(KeyringUnavailable):
+    """Vault accepted the request and did not answer within the timeout."""

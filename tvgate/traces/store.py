@@ -8,6 +8,11 @@ then does not descend into that node, so a descendant's ``referenced_at`` may
 lag its ancestor's by one window per tree level. Retention keeps a margin of a
 day, far more than any tree's depth in windows.
 Runs in the trace writer's thread (and in the pool for reads), never on the IOLoop.
+
+The capture settings hold the plaintexts of the org's keys (to redact them) as long
+as their rows hold the same ciphertexts; they are taken from the gateway's
+decrypted-key cache (or the local keyring, which needs no network), never from Vault
+here, so a hung key store cannot stall the writer.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import orjson
 import zstandard
 
-from tvgate.keyring import KeyContext, Keyring
+from tvgate.keyring import KeyContext, KeyringError
 from tvgate.models import Blob, Org, ProviderKey
 from tvgate.traces.redact import MAX_PATTERNS, Redactor, invalid_patterns
 
@@ -43,6 +49,8 @@ _BLOB_COLUMNS = ("org_id", "digest", "data", "size", "referenced_at")
 _INSERTS: dict[tuple[type, int], str] = {}
 #: (org, pattern) of the stored redaction patterns already logged as skipped.
 _WARNED: set[tuple[int, str]] = set()
+#: (org, key id) of the keys already logged as not redactable (they do not decrypt).
+_UNREADABLE_WARNED: set[tuple[int, int]] = set()
 
 
 def _insert_sql(rows: int) -> str:
@@ -122,34 +130,95 @@ def _forget_oldest(now: float) -> None:
         _TOUCHED.popitem(last=False)
 
 
+class KnownPlaintexts(Protocol):
+    """Where the writer finds keys' plaintexts without waiting on a key store: the
+    gateway's decrypted-key cache (:meth:`tvgate.keyring.PlaintextCache.at_hand`)."""
+
+    def at_hand(self, ciphertext: str, context: KeyContext) -> str | None: ...
+
+
+#: A key as the writer knows it: its id and the ciphertext its row holds.
+KeyRef = tuple[int, str]
+
+
 @dataclass(slots=True)
 class CaptureSettings:
-    """What the writer needs of an org to store its bodies."""
+    """What the writer needs of an org to store its bodies.
+
+    ``redactor`` masks the org's keys whose plaintext is known. While ``unknown`` is not
+    empty, a body may hold a key the redactor cannot find: the writer holds such bodies
+    back until :meth:`learn` finds every plaintext (or the keyring says a key does not
+    decrypt: then no call can use it, and it is left out, logged once).
+    """
 
     capture_bodies: bool
-    redactor: Redactor
+    patterns: list[str]
+    plaintexts: dict[KeyRef, str]
+    unknown: dict[KeyRef, KeyContext]
+    redactor: Redactor = field(init=False)
     loaded_at: float = field(default_factory=time.monotonic)
 
+    def __post_init__(self) -> None:
+        self.redactor = Redactor(literals=self.plaintexts.values(), patterns=self.patterns)
 
-def load_capture_settings(org_id: int, keyring: Keyring) -> CaptureSettings:
-    """Read an org's switch and patterns, and its keys' plaintexts to redact them."""
+    def learn(self, known: KnownPlaintexts) -> None:
+        """Take the plaintexts of unknown keys that are in memory now."""
+        found = False
+        for ref, context in list(self.unknown.items()):
+            try:
+                plaintext = known.at_hand(ref[1], context)
+            except KeyringError:
+                _warn_unreadable(context)
+                del self.unknown[ref]
+                continue
+            if plaintext is not None:
+                self.plaintexts[ref] = plaintext
+                del self.unknown[ref]
+                found = True
+        if found:
+            self.redactor = Redactor(literals=self.plaintexts.values(), patterns=self.patterns)
+
+
+def load_capture_settings(
+    org_id: int, known: KnownPlaintexts, previous: CaptureSettings | None = None
+) -> CaptureSettings:
+    """Read an org's switch, patterns and keys; the keys' plaintexts come from ``known``
+    or ``previous`` (the settings this replaces), never from a key store that may not
+    answer: the writer never waits on Vault. Keys found in neither are ``unknown``."""
     org = Org.get_by_id(org_id)
-    literals = []
+    remembered = previous.plaintexts if previous is not None else {}
+    plaintexts: dict[KeyRef, str] = {}
+    unknown: dict[KeyRef, KeyContext] = {}
     for key in ProviderKey.select().where(ProviderKey.org == org_id):
+        ref = (key.id, key.ciphertext)
+        context = KeyContext(org_id, key.id, key.owner_id)
         try:
-            literals.append(
-                keyring.decrypt(key.ciphertext, KeyContext(org_id, key.id, key.owner_id))
-            )
-        except Exception as exc:  # noqa: BLE001 - a key that cannot be read cannot be redacted
-            log.warning("key %s of org %d not redactable: %s", key.name, org_id, type(exc).__name__)
+            plaintext = remembered.get(ref) or known.at_hand(key.ciphertext, context)
+        except KeyringError:
+            _warn_unreadable(context)  # no call can use it either
+            continue
+        if plaintext is None:
+            unknown[ref] = context
+        else:
+            plaintexts[ref] = plaintext
     try:
         patterns = [p for p in orjson.loads(org.redaction_patterns) if isinstance(p, str)]
     except orjson.JSONDecodeError:
         patterns = []
     return CaptureSettings(
         capture_bodies=org.capture_bodies,
-        redactor=Redactor(literals=literals, patterns=_usable_patterns(org_id, patterns)),
+        patterns=_usable_patterns(org_id, patterns),
+        plaintexts=plaintexts,
+        unknown=unknown,
     )
+
+
+def _warn_unreadable(context: KeyContext) -> None:
+    if (context.org_id, context.key_id) not in _UNREADABLE_WARNED:
+        _UNREADABLE_WARNED.add((context.org_id, context.key_id))
+        log.warning(
+            "key %d of org %d not redactable: it does not decrypt", context.key_id, context.org_id
+        )
 
 
 def _usable_patterns(org_id: int, patterns: list[str]) -> list[str]:

@@ -40,6 +40,14 @@ A spooled body is the redacted form the database would have stored (none for an
 org that does not capture bodies), so replay stores exactly the blobs the direct
 path would have.
 
+The writer never waits on the keyring. It redacts an org's provider keys with the
+plaintexts the gateway's decrypted-key cache holds (a key a call used is there);
+while a key of the org is in no cache (the gateway warms it, off this thread), the
+org's traces are written at once but their bodies are *held* in memory, redacted
+with what is known, never stored or spooled, and stored once every key is known.
+Held bodies count against ``body_budget``; those still held at stop are dropped
+(counted in ``bodies_dropped``), the traces themselves are kept.
+
 No row can stop the writer. Values from clients and providers are mended before
 the insert (:func:`mend_row`: text cut to its column, NULs removed, integers out
 of the column's range set to 0, each named in the trace's ``anomalies``). A batch
@@ -78,12 +86,12 @@ from tvgate.db import (
     current_connection,
     reset_connection,
 )
-from tvgate.keyring import Keyring
+from tvgate.keyring import KeyContext
 from tvgate.models import Trace
 from tvgate.traces.content import blob_digest, store_request
 from tvgate.traces.conversations import Conversations
 from tvgate.traces.pricing import PriceTable
-from tvgate.traces.store import BlobStore, CaptureSettings, load_capture_settings
+from tvgate.traces.store import BlobStore, CaptureSettings, KnownPlaintexts, load_capture_settings
 
 log = logging.getLogger("tvgate.traces")
 
@@ -189,6 +197,19 @@ def mend_row(row: TraceRow) -> TraceRow:
 
 
 @dataclass(slots=True)
+class _WaitingBody:
+    """A body whose org has a key not known in plaintext yet: redacted with the keys known,
+    waiting in memory for the rest; its trace is in the database already."""
+
+    org_id: int
+    body: RedactedBody
+
+    @property
+    def size(self) -> int:
+        return len(self.body.request) + len(self.body.response or b"")
+
+
+@dataclass(slots=True)
 class _Item:
     row: TraceRow
     body: CapturedBody | RedactedBody | None
@@ -198,7 +219,7 @@ class TraceWriter:
     def __init__(
         self,
         db: peewee.Database,
-        keyring: Keyring,
+        keys: KnownPlaintexts,
         *,
         queue_size: int,
         batch_size: int,
@@ -211,7 +232,7 @@ class TraceWriter:
         self.db = db
         #: The writer thread's connection is closed between batches once it is due.
         self.connection_age = connection_age or ConnectionAge(IDLE_TIMEOUT, MAX_AGE)
-        self.keyring = keyring
+        self.keys = keys
         self.batch_size = batch_size
         self.spool_dir = spool_dir
         self.worker = worker
@@ -231,6 +252,13 @@ class TraceWriter:
         )
         self._pending_body_bytes = 0
         self._settings: dict[int, CaptureSettings] = {}
+        #: Bodies held until their org's keys are known, by trace id.
+        self._waiting: dict[str, _WaitingBody] = {}
+        self._waiting_bytes = 0
+        self._release_at = 0.0
+        #: The keys each org's bodies wait for, for the gateway to decrypt (another thread).
+        self._wanted: dict[int, list[tuple[str, KeyContext]]] = {}
+        self._wanted_lock = threading.Lock()
         self._prices: PriceTable | None = None
         self._prices_at = 0.0
         #: Lines in the spool file being appended to, and in each file renamed for replay.
@@ -294,6 +322,16 @@ class TraceWriter:
         return self._conversations.scanned
 
     @property
+    def held_bodies(self) -> int:
+        """Bodies held until their org's keys are known in plaintext (read from any thread)."""
+        return len(self._waiting)
+
+    def wanted_keys(self) -> list[tuple[str, KeyContext]]:
+        """The keys (ciphertext, context) whose plaintext held bodies wait for (any thread)."""
+        with self._wanted_lock:
+            return [key for keys in self._wanted.values() for key in keys]
+
+    @property
     def spool_size(self) -> int:
         """Traces waiting in the spool for the database to come back."""
         # Read on the IOLoop thread: summing the dict's values runs in C, under the GIL.
@@ -311,7 +349,7 @@ class TraceWriter:
             log.error("trace queue full; trace %s dropped", row.get("id"))
             return
         if body is not None:
-            if self._pending_body_bytes + body.size > self.body_budget:
+            if self._pending_body_bytes + self._waiting_bytes + body.size > self.body_budget:
                 self.bodies_dropped += 1
                 body = None
             else:
@@ -380,6 +418,9 @@ class TraceWriter:
             # Read before taking a batch: a stop asked for after the queue was found empty
             # still finds every trace queued before it.
             ending = self._stopping.is_set()
+            if self._waiting and not self.spool_size and time.monotonic() >= self._release_at:
+                self._release_at = time.monotonic() + _SPOOL_RETRY
+                self._release_waiting()
             self._in_hand = []
             batch = self._take_batch()
             for item in batch:
@@ -388,12 +429,14 @@ class TraceWriter:
             if self._held:
                 self._while_held(batch, ending)
                 if ending and not batch:
+                    self._finish_waiting()
                     return
                 continue
             if not batch:
                 if ending:
                     if self.spool_size:
                         self._replay_spool()  # a last try: what stays is replayed at start
+                    self._finish_waiting()
                     return
                 if self.spool_size and time.monotonic() - last_replay >= _SPOOL_RETRY:
                     last_replay = time.monotonic()
@@ -582,14 +625,42 @@ class TraceWriter:
     def _capture_settings(self, org_id: int) -> CaptureSettings:
         settings = self._settings.get(org_id)
         if settings is None or time.monotonic() - settings.loaded_at > self.settings_ttl:
-            settings = load_capture_settings(org_id, self.keyring)
+            settings = load_capture_settings(org_id, self.keys, settings)
             self._settings[org_id] = settings
+        return self._known(org_id, settings)
+
+    def _known(self, org_id: int, settings: CaptureSettings) -> CaptureSettings:
+        """``settings`` with the plaintexts the gateway has decrypted since; the keys still
+        unknown are left for the gateway to decrypt."""
+        if settings.unknown:
+            settings.learn(self.keys)
+        wanted = [(ref[1], context) for ref, context in settings.unknown.items()]
+        if wanted or org_id in self._wanted:
+            with self._wanted_lock:
+                if wanted:
+                    self._wanted[org_id] = wanted
+                else:
+                    del self._wanted[org_id]
         return settings
+
+    def _hold_body(self, row: TraceRow, body: CapturedBody, settings: CaptureSettings) -> None:
+        """Keep the body in memory, redacted with the keys known, until all are known."""
+        trace_id = str(row.get("id"))
+        if trace_id in self._waiting:
+            return  # a batch written again row by row meets its bodies twice
+        redactor = settings.redactor
+        answer = None if body.response is None else redactor.redact(orjson.dumps(body.response))
+        held = _WaitingBody(row["org_id"], RedactedBody(redactor.redact(body.request), answer))
+        self._waiting[trace_id] = held
+        self._waiting_bytes += held.size
 
     def _capture(self, row: TraceRow, body: CapturedBody, stores: dict[int, BlobStore]) -> None:
         org_id = row["org_id"]
         settings = self._capture_settings(org_id)
         if not settings.capture_bodies:
+            return
+        if settings.unknown:
+            self._hold_body(row, body, settings)
             return
         store = stores.setdefault(org_id, BlobStore(org_id))
         redactor = settings.redactor
@@ -627,6 +698,78 @@ class TraceWriter:
             self._prices_at = time.monotonic()
         return self._prices
 
+    # --- bodies held until their org's keys are known ---
+
+    def _release_waiting(self) -> None:
+        """Store the held bodies of every org whose keys are all known now, each onto its
+        trace; the database being away leaves them held for the next try."""
+        by_org: dict[int, list[str]] = {}
+        for trace_id, held in self._waiting.items():
+            by_org.setdefault(held.org_id, []).append(trace_id)
+        for org_id, trace_ids in by_org.items():
+            try:
+                settings = self._capture_settings(org_id)
+                if settings.unknown:
+                    continue
+                if settings.capture_bodies:
+                    self._store_waiting(org_id, trace_ids, settings)
+                else:
+                    self._unwait(trace_ids, stored=False)
+            except CONNECTION_ERRORS:
+                reset_connection(self.db)
+                return
+            except Exception:  # bodies that cannot be stored must not fail the loop again
+                log.exception(
+                    "%d held bodies of org %d could not be stored", len(trace_ids), org_id
+                )
+                self._unwait(trace_ids, stored=False)
+
+    def _store_waiting(self, org_id: int, trace_ids: list[str], settings: CaptureSettings) -> None:
+        """Redact the held bodies with every key of the org, store them, point their
+        traces at them (a trace not in the database, dead-lettered, gets none)."""
+        redact = settings.redactor.redact
+        store = BlobStore(org_id)
+        blobs: dict[str, TraceRow] = {}
+        for trace_id in trace_ids:
+            body = self._waiting[trace_id].body
+            row: TraceRow = {"request_blob": store_request(redact(body.request), store).hex()}
+            row["response_blob"] = ""
+            if body.response is not None:
+                self._store_answer(row, redact(body.response), store)
+            blobs[trace_id] = row
+        with self.db.atomic():
+            store.flush()
+            missing = [
+                trace_id
+                for trace_id, row in blobs.items()
+                if not Trace.update(**row).where(Trace.id == trace_id).execute()
+            ]
+        store.committed()
+        self._unwait(missing, stored=False)
+        self._unwait(list(blobs.keys() - set(missing)), stored=True)
+
+    def _unwait(self, trace_ids: list[str], *, stored: bool) -> None:
+        for trace_id in trace_ids:
+            held = self._waiting.pop(trace_id)
+            self._waiting_bytes -= held.size
+            if not stored:
+                self.bodies_dropped += 1
+
+    def _finish_waiting(self) -> None:
+        """At stop: store the waiting bodies whose keys are known by now, drop the rest."""
+        if self._waiting and not self.spool_size:
+            self._release_waiting()
+        self._drop_waiting()
+
+    def _drop_waiting(self) -> None:
+        """At stop: bodies still waiting for a key are not kept (their traces are)."""
+        if self._waiting:
+            log.warning(
+                "%d held bodies dropped at stop: a key of their org was never known",
+                len(self._waiting),
+            )
+            self._unwait(list(self._waiting), stored=False)
+
     # --- the spool and the dead-letter file ---
 
     def _redacted(self, item: _Item) -> RedactedBody | None:
@@ -639,7 +782,9 @@ class TraceWriter:
         # In an outage the settings last read are used, however old: they are what the
         # direct path used a moment ago.
         settings = self._settings.get(org_id)
-        if settings is None:
+        if settings is not None:
+            settings = self._known(org_id, settings)
+        else:
             try:
                 settings = self._capture_settings(org_id)
             except Exception as exc:  # noqa: BLE001 - no settings: the body is not kept
@@ -653,6 +798,10 @@ class TraceWriter:
                 item.body = None  # once: a held trace may be spooled again
                 return None
         if not settings.capture_bodies:
+            return None
+        if settings.unknown:
+            # Never into a file with a key not redacted: held, stored once it is known.
+            self._hold_body(item.row, body, settings)
             return None
         redactor = settings.redactor
         answer = None if body.response is None else redactor.redact(orjson.dumps(body.response))
