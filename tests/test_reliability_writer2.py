@@ -32,6 +32,7 @@ from tests.conftest import (
     GatewayProcess,
     free_port,
     gateway_env,
+    launch_gateway,
     scrape,
     seed,
     start_gateway,
@@ -355,3 +356,34 @@ def test_a_stream_cut_at_the_drain_timeout_ends_with_an_error_event_and_is_gatew
     traces = list(Trace.select().where(Trace.session_id == session))
     assert sorted(t.outcome for t in traces) == ["gateway_shutdown", "gateway_shutdown"]
     assert all(t.error_message == "the gateway is shutting down" for t in traces)
+
+
+def test_a_second_gateway_on_the_same_data_directory_spools_apart_and_records(
+    gateway: GatewayProcess,
+) -> None:
+    """A second ``tvgate serve`` on a data directory whose worker 0 runs in another process
+    finds that spool taken: it uses a slot of its own (1000) instead of waiting for the
+    lock, and its calls are recorded."""
+    second = launch_gateway(gateway.database_url, gateway.data_dir, gateway.tokens)
+    try:
+        session = uuid.uuid4().hex
+        response = httpx2.post(
+            second.url + "/v1/messages",
+            headers={
+                "x-api-key": gateway.tokens["dev@acme.test"],
+                "anthropic-version": "2023-06-01",
+                "x-claude-code-session-id": session,
+            },
+            json={
+                "model": "claude-test",
+                "max_tokens": 8,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+            timeout=30,
+        )
+        assert response.status_code == 200
+        (trace,) = second.wait_traces(1, timeout=30, session_id=session)
+        assert trace.outcome == "ok"
+        assert "this one spools as 1000" in second.log_text()
+    finally:
+        stop_gateway(second.proc)

@@ -107,6 +107,10 @@ _INSERT_ROWS = 100
 _HELD_RETRY_MIN, _HELD_RETRY_MAX = 0.1, 5.0
 #: A spool file's name: ``traces.spool`` (before spools were per worker), or a worker's
 #: ``traces.spool.<worker>``, either possibly renamed for replay as ``...replay-<n>``.
+#: Spool slots tried past a worker's own index, and the step between them.
+_SLOTS, _SLOT_STRIDE = 16, 1000
+#: How long a worker waits for its spool's lock (held a moment by a worker adopting it).
+_LOCK_WAIT = 2.0
 _SPOOL_NAME = re.compile(r"^traces\.spool(?:\.(\d+))?(?:\.replay-(\d+))?$")
 #: Why traces were lost: the queue was full; the database refused the row even alone
 #: (it is kept in the dead-letter file); neither the spool nor the database took them
@@ -236,6 +240,9 @@ class TraceWriter:
         self.batch_size = batch_size
         self.spool_dir = spool_dir
         self.worker = worker
+        #: Whose spool this writer appends to: the worker index, unless another process
+        #: on this data directory holds that one (``_take_own_spool``).
+        self.slot = worker
         #: Where this worker appends in an outage; only it touches the file (its lock).
         self.spool_path = spool_dir / f"traces.spool.{worker}"
         #: Rows the database refused even alone, beside the spool.
@@ -975,18 +982,45 @@ class TraceWriter:
     # --- spools per worker: this worker's lock, and adopting what others left ---
 
     def _take_own_spool(self) -> None:
-        """Lock this worker's spool (waiting for a worker adopting it to finish), then take
-        the files it left, and those of workers that do not run."""
-        try:
-            self._lock_fd = _lock(self.spool_dir, str(self.worker), wait=True)
-        except OSError as exc:
-            # The data directory is not writable: nothing can be spooled, nor adopted.
-            log.error("the spool lock could not be taken (%r)", exc)
+        """Lock a spool of this writer's own, then take the files it left, and those of
+        workers that do not run.
+
+        The spool is the worker index's, once a worker adopting it has let go. When a
+        process that runs holds it past that wait (another ``tvgate serve`` on the same
+        data directory has a worker of this index), the first free slot after it is used
+        instead (index + 1000, + 2000, …): two gateways never share a spool, and neither
+        waits on the other."""
+        for slot in range(self.worker, self.worker + _SLOT_STRIDE * _SLOTS, _SLOT_STRIDE):
+            try:
+                self._lock_fd = _lock_within(self.spool_dir, str(slot), _LOCK_WAIT)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                # The data directory is not writable: nothing can be spooled, nor adopted.
+                log.error("the spool lock could not be taken (%r)", exc)
+                return
+            if slot != self.worker:
+                log.warning(
+                    "the spool of worker %d is held by another process on this data directory"
+                    " (a second tvgate serve?); this one spools as %d",
+                    self.worker,
+                    slot,
+                )
+                self._use_slot(slot)
+            break
+        else:
+            log.error("no spool slot is free in %s: nothing can be spooled", self.spool_dir)
             return
         self._spool_lines = _count_lines(self.spool_path)
         for path in self.spool_dir.glob(f"{self.spool_path.name}.replay-*"):
             self._frozen[path] = _count_lines(path)
         self._adopt()
+
+    def _use_slot(self, slot: int) -> None:
+        self.slot = slot
+        self.spool_path = self.spool_dir / f"traces.spool.{slot}"
+        self.dead_letter_path = self.spool_dir / f"traces.deadletter.{slot}"
+        self.dead_letters = _count_lines(self.dead_letter_path)
 
     def _adopt(self) -> None:
         """Take the spool files of every worker that does not run (its lock is free) into
@@ -997,12 +1031,12 @@ class TraceWriter:
         owners: dict[str, list[Path]] = {}
         for path in self.spool_dir.glob("traces.spool*"):
             match = _SPOOL_NAME.match(path.name)
-            if match is None or match[1] == str(self.worker):
+            if match is None or match[1] == str(self.slot):
                 continue
             owners.setdefault(match[1] or "", []).append(path)
         for owner, paths in owners.items():
             try:
-                fd = _lock(self.spool_dir, owner, wait=False)
+                fd = _lock(self.spool_dir, owner)
             except BlockingIOError:
                 continue  # that worker runs: its spool is its own
             except OSError as exc:
@@ -1021,7 +1055,20 @@ class TraceWriter:
                 os.close(fd)
 
 
-def _lock(spool_dir: Path, owner: str, *, wait: bool) -> int:
+def _lock_within(spool_dir: Path, owner: str, seconds: float) -> int:
+    """``_lock`` of ``owner``'s spool, tried for up to ``seconds`` (an adoption holds it for
+    a moment only); BlockingIOError when a process that runs keeps it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return _lock(spool_dir, owner)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _lock(spool_dir: Path, owner: str) -> int:
     """An exclusive ``flock`` on a worker's spool lock (``traces.lock`` for the spool from
     before spools were per worker): its descriptor, which holds it until closed. The kernel
     lets go of it when the process dies, however it dies."""
@@ -1031,7 +1078,7 @@ def _lock(spool_dir: Path, owner: str, *, wait: bool) -> int:
     # system from being remounted read-only.
     fd = os.open(spool_dir / name, os.O_RDONLY | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
         raise
