@@ -202,8 +202,10 @@ def overhead_column(database_url: str, route: str, limit: int) -> list[float]:
 
 # --- processes ---
 
+#: The writer's last line: ``written=N dropped=N <reason>=N… failures=N restarts=N peak_depth=N``.
 _WRITER_STATS = re.compile(
-    r"trace writer stopped: written=(\d+) dropped=(\d+) failures=(\d+) peak_depth=(\d+)"
+    r"trace writer stopped: written=(\d+) dropped=(\d+) .*?failures=(\d+) (?:restarts=\d+ )?"
+    r"peak_depth=(\d+)"
 )
 
 
