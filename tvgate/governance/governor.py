@@ -245,10 +245,18 @@ class Governor:
             # A budget of 0 warns of nothing: its reservation below refuses every call.
             if check.warn is not None and check.limit > 0 and used >= check.limit * check.warn:
                 admission.warnings.append(f"{check.text}: {used / check.limit:.0%} used")
+        # A call's estimate is the same for every budget that counts the same thing: worked
+        # out once per call (pricing it is the costly part), not once per budget.
+        estimates: dict[str, tuple[float, float]] = {}
         try:
             for check in plan.checks:
                 if check.reserves:
-                    need, want = self._estimate(check, org_id, demand)
+                    estimate = estimates.get(check.counts)
+                    if estimate is None:
+                        estimate = estimates[check.counts] = self._estimate(
+                            check.counts, org_id, demand
+                        )
+                    need, want = estimate
                     amount = self._take(check, need, want)
                     if amount is None:  # no headroom held here: the slow path
                         amount = await self._reserve(check, need, want, now)
@@ -268,10 +276,11 @@ class Governor:
             spent.append(name)
         return admission
 
-    def _estimate(self, check: _Check, org_id: int, demand: Demand) -> tuple[float, float]:
-        """What a call must find left in the budget (its input: it is spent whatever the
-        answer), and what it reserves when there is more (its input and ``max_tokens``)."""
-        if check.counts == COUNT_TOKENS:
+    def _estimate(self, counts: str, org_id: int, demand: Demand) -> tuple[float, float]:
+        """What a call must find left in a budget counting ``counts`` (its input: it is
+        spent whatever the answer), and what it reserves when there is more (its input and
+        ``max_tokens``)."""
+        if counts == COUNT_TOKENS:
             need = float(demand.input_tokens)
             want = float(demand.input_tokens + demand.output_tokens)
         else:
