@@ -52,6 +52,7 @@ from tornado.netutil import bind_sockets
 
 import admin_ui
 from admin_ui import auth as ui_auth
+from admin_ui import base as ui_base
 from admin_ui import charts as ui_charts
 from admin_ui import governance as ui_governance
 from admin_ui import manage as ui_manage
@@ -99,6 +100,7 @@ def make_app(gateway: Gateway) -> tornado.web.Application:
         *ui_traces.default_handlers,
         *ui_manage.default_handlers,
         *ui_governance.default_handlers,
+        *ui_base.not_found_handlers,
         *api_handlers.default_handlers,
     ]
     return tornado.web.Application(
