@@ -22,7 +22,7 @@ import hvac
 import orjson
 
 from tvgate import __version__, services
-from tvgate.config import ConfigError, Settings, load_settings, validate
+from tvgate.config import ConfigError, Settings, load_settings, unknown_environment, validate
 from tvgate.db import migrate, open_database
 from tvgate.keyring import Keyring, KeyringError, KeyringUnavailable, build_keyring, vault_admin
 from tvgate.keyring.local import LocalKeyring
@@ -64,13 +64,20 @@ def _open(settings: Settings) -> None:
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from tvgate.models import database
-    from tvgate.server import cookie_secret, run
+    from tvgate.server import ListenError, bind_listeners, cookie_secret, run
 
     overrides: dict[str, Any] = {}
     if args.workers is not None:
         overrides["workers"] = args.workers
         settings = dataclasses.replace(settings, **overrides)
         validate(settings)
+    # First of all: a second serve on a taken address stops here, before it creates a
+    # database or prints a first admin's token for it.
+    try:
+        listeners = bind_listeners(settings)
+    except ListenError as exc:
+        print(f"tvgate: {exc}", file=sys.stderr)
+        return 1
     _open(settings)
     # Before any fork: a keyring that cannot be built fails here once, not in every worker,
     # and the master key and cookie secret files are created by one process only.
@@ -86,7 +93,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         )
     # Workers are forked from this process: none may inherit its database connection.
     database.close()
-    return run(settings, args.config, overrides)
+    return run(settings, listeners, args.config, overrides)
 
 
 def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
@@ -1030,6 +1037,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
         setup_logging(settings.log_level)
+        for warning in unknown_environment():
+            logging.getLogger("tvgate").warning("%s", warning)
         started = time.monotonic()
         code: int = args.handler(settings, args)
         logging.getLogger("tvgate").debug("%s took %.3fs", args.command, time.monotonic() - started)

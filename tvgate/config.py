@@ -4,11 +4,15 @@ Every setting has a default that runs tvgate on one machine with nothing else
 installed (SQLite, the local keyring, tokens minted by tvgate). A TOML file
 (``--config FILE`` or ``TVGATE_CONFIG``) overrides defaults; an environment
 variable named ``TVGATE_`` + the setting's name in upper case overrides both.
+Any other ``TVGATE_`` variable is a mistake (a misspelled setting is otherwise
+silently ignored) unless it is one of ``NON_SETTING_NAMES``: ``serve`` and the
+other commands warn about it at start.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -18,6 +22,14 @@ from typing import Any
 from tvgate.forwarded import parse_networks
 
 ENV_PREFIX = "TVGATE_"
+#: ``TVGATE_`` variables the project uses that are not settings: the settings file, the
+#: token users export for their tools (the UI's "Connect your tool" blocks), and the
+#: PostgreSQL server of the test suite and of the benchmark.
+NON_SETTING_NAMES = frozenset(
+    {"TVGATE_CONFIG", "TVGATE_TOKEN", "TVGATE_TEST_PG_DSN", "TVGATE_BENCH_PG_DSN"}
+)
+#: Log levels ``log_level`` accepts (in any case).
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ConfigError(ValueError):
@@ -259,14 +271,38 @@ def load_settings(
     return settings
 
 
+def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each ``TVGATE_`` variable that is no setting (say, a misspelled one),
+    naming the setting it probably meant."""
+    env = os.environ if environ is None else environ
+    known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
+    warnings = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name in known or name in NON_SETTING_NAMES:
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        warnings.append(f"ignoring {name}: no such setting{hint}")
+    return warnings
+
+
+def _check_port(setting: str, address: str) -> None:
+    """``address`` is host:port with a port from 1 to 65535 (a larger one would be cut to
+    16 bits by the socket layer: 80800 listened on 15264)."""
+    _host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(
+            f"{setting} must be host:port with a port from 1 to 65535, not {address!r}"
+        )
+
+
 def validate(settings: Settings) -> None:
     """Refuse settings that would fail later in a less clear way."""
-    if ":" not in settings.listen:
-        raise ConfigError("listen must be host:port")
-    try:
-        settings.port  # noqa: B018 - parses the port
-    except ValueError:
-        raise ConfigError(f"listen: bad port in {settings.listen!r}") from None
+    _check_port("listen", settings.listen)
+    if settings.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(
+            f"log_level must be one of {', '.join(LOG_LEVELS)}, not {settings.log_level!r}"
+        )
     if settings.keyring not in ("local", "vault"):
         raise ConfigError("keyring must be 'local' or 'vault'")
     if bool(settings.vault_role_id) != bool(settings.vault_secret_id):
@@ -316,6 +352,4 @@ def validate(settings: Settings) -> None:
     if settings.login_attempts <= 0:
         raise ConfigError("login_attempts must be positive")
     if settings.metrics_listen:
-        _host, sep, port = settings.metrics_listen.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ConfigError(f"metrics_listen must be host:port, not {settings.metrics_listen!r}")
+        _check_port("metrics_listen", settings.metrics_listen)

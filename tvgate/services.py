@@ -643,10 +643,10 @@ def revoke_token(token_id: int, *, actor: Principal | None = None) -> TokenView:
 
 
 def check_base_url(
-    url: str, *, allow_private: bool, switch: str = "allow_private_upstreams"
+    url: str, *, allow_private: bool, switch: str = "TVGATE_ALLOW_PRIVATE_UPSTREAMS"
 ) -> str:
     """A provider base URL tvgate may call: http(s), and https to a public host unless
-    ``allow_private`` (the setting named ``switch``) is on."""
+    ``allow_private`` (the setting named ``switch``, as the operator sets it) is on."""
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ServiceError(f"base URL {url!r} must be an http(s) URL")
@@ -809,7 +809,11 @@ def add_key(
     url = check_base_url(
         base_url or DEFAULT_BASE_URLS[provider],
         allow_private=allow_private_user if owner is not None else allow_private,
-        switch="allow_private_user_upstreams" if owner is not None else "allow_private_upstreams",
+        switch=(
+            "TVGATE_ALLOW_PRIVATE_USER_UPSTREAMS"
+            if owner is not None
+            else "TVGATE_ALLOW_PRIVATE_UPSTREAMS"
+        ),
     )
     check_not_this_gateway(url, gateway_urls)
     with database.atomic():
