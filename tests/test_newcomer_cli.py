@@ -52,9 +52,9 @@ def sql(database: Path, statement: str) -> list[tuple[object, ...]]:
 
 def user_env(**extra: str) -> dict[str, str]:
     """The environment of a user who set nothing: no data directory, no database URL."""
-    env = gateway_env("", Path(), free_port(), **extra)
+    env = gateway_env("", Path(), free_port())
     del env["TVGATE_DATA_DIR"], env["TVGATE_DATABASE_URL"]
-    return env
+    return {**env, **extra}
 
 
 @pytest.fixture
@@ -128,8 +128,8 @@ def test_a_command_that_finds_no_database_says_where_it_looked_and_stops(
 def test_commands_log_no_json_lines_among_their_output(checkout: Path) -> None:
     env = user_env(TVGATE_LOG_LEVEL="info")
     # A tvgate upgrade with a migration the database has not seen: the first command
-    # applies it, and says nothing about it.
-    # Migration 14 only adds what is missing, so it can be applied again.
+    # applies it, and says nothing about it. (Migration 14 only adds what is missing, so
+    # it can be applied again.)
     database = checkout / "data" / "tvgate.db"
     sql(database, "DELETE FROM schema_version WHERE version = 14")
     listed = tvgate(env, "routes", "list", "--org", "default", cwd=checkout)
