@@ -7,6 +7,9 @@ variable named ``TVGATE_`` + the setting's name in upper case overrides both.
 Any other ``TVGATE_`` variable is a mistake (a misspelled setting is otherwise
 silently ignored) unless it is one of ``NON_SETTING_NAMES``: ``serve`` and the
 other commands warn about it at start.
+
+When nothing names the data directory, :func:`discover_data_dir` finds the one a
+user expects: ``./data``, or that of the tvgate checkout the command runs inside.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,7 +46,8 @@ class Settings:
 
     #: host:port the gateway listens on.
     listen: str = "127.0.0.1:8080"
-    #: Directory for the SQLite file, the local master key, the trace spool.
+    #: Directory for the SQLite file, the local master key, the trace spool (``--data-dir``);
+    #: unset: ``./data``, or ``data/`` of the tvgate checkout the command runs inside.
     data_dir: str = "./data"
     #: ``sqlite:///path`` or ``postgresql://user@host:port/db``; empty: SQLite in data_dir.
     database_url: str = ""
@@ -244,6 +249,33 @@ def _coerce(name: str, field_type: Any, raw: Any) -> Any:
         raise ConfigError(f"setting {name!r}: cannot use {raw!r}") from None
 
 
+#: A ``name = tvgate`` line of setup.cfg or pyproject.toml: the folder is a tvgate checkout.
+_CHECKOUT_NAME = re.compile(r"""^name\s*=\s*["']?tvgate["']?\s*$""", re.MULTILINE)
+
+
+def _is_checkout(folder: Path) -> bool:
+    for manifest in ("setup.cfg", "pyproject.toml"):
+        try:
+            if _CHECKOUT_NAME.search((folder / manifest).read_text(errors="replace")):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def discover_data_dir(cwd: Path) -> str:
+    """The data directory when no setting names one: ``./data`` if it exists; else, run
+    from a folder inside a tvgate checkout, the checkout's ``data/`` if it holds a
+    database (the one ``make run`` created); else ``./data``, which serve and migrate
+    create and other commands refuse to (tvgate.cli)."""
+    if (cwd / "data").is_dir():
+        return "./data"
+    for folder in cwd.parents:
+        if (folder / "data" / "tvgate.db").is_file() and _is_checkout(folder):
+            return str(folder / "data")
+    return "./data"
+
+
 def load_settings(
     config_file: str | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
@@ -266,6 +298,8 @@ def load_settings(
         raw = env.get(ENV_PREFIX + name.upper())
         if raw is not None:
             values[name] = _coerce(name, field.type, raw)
+    if "data_dir" not in values:
+        values["data_dir"] = discover_data_dir(Path.cwd())
     settings = Settings(**values)
     validate(settings)
     return settings

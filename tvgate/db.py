@@ -43,6 +43,14 @@ class DatabaseUnavailable(Exception):
     """The database could not be reached; callers answer 503 or spool."""
 
 
+class DatabaseMissing(Exception):
+    """There is no SQLite file at the path, and the caller may not create one."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
+
+
 class SqlWithoutValues(logging.Filter):
     """Keep a query's statement in peewee's debug log, never its values.
 
@@ -65,14 +73,21 @@ def _quiet_sql_values() -> None:
         logger.addFilter(SqlWithoutValues())
 
 
-def open_database(url: str) -> peewee.Database:
-    """Open (lazily) the database at ``url`` and bind the models to it."""
+def open_database(url: str, *, create: bool = True) -> peewee.Database:
+    """Open (lazily) the database at ``url`` and bind the models to it.
+
+    Without ``create``, a SQLite file that does not exist is :class:`DatabaseMissing`:
+    a management command run with the wrong data directory would otherwise work on a
+    new, empty database of its own and look as if the real one had lost its data.
+    """
     _quiet_sql_values()
     parsed = urlparse(url)
     db: peewee.Database
     if parsed.scheme == "sqlite":
         path = unquote(url[len("sqlite:///") :])
         if path != ":memory:":
+            if not create and not os.path.exists(path):
+                raise DatabaseMissing(path)
             _make_private(path)
         db = peewee.SqliteDatabase(
             path,

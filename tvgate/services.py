@@ -1292,6 +1292,13 @@ def _backend_counts() -> dict[str, int]:
 # --- routes ---
 
 
+#: A route's state in force (RouteView.state).
+ROUTE_ENABLED = "enabled"
+ROUTE_DISABLED = "disabled"
+ROUTE_KEY_DISABLED = "key disabled"
+ROUTE_DISABLED_BY_ORG = "disabled by org policy"
+
+
 @dataclass(frozen=True, slots=True)
 class RouteView:
     id: int
@@ -1301,12 +1308,14 @@ class RouteView:
     provider: str
     scope: str
     user: str | None
+    #: The route's own switch; ``state`` is what is in force.
     enabled: bool
     description: str
     fallbacks: tuple[str, ...] = ()
+    state: str = ROUTE_ENABLED
 
     @classmethod
-    def of(cls, route: Route) -> RouteView:
+    def of(cls, route: Route, org: Org) -> RouteView:
         return cls(
             id=route.id,
             name=route.name,
@@ -1318,6 +1327,7 @@ class RouteView:
             enabled=route.enabled,
             description=route.description,
             fallbacks=route_fallbacks(route),
+            state=route_state(route, org),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -1330,9 +1340,25 @@ class RouteView:
             "scope": self.scope,
             "user": self.user,
             "enabled": self.enabled,
+            "state": self.state,
             "description": self.description,
             "fallbacks": list(self.fallbacks),
         }
+
+
+def route_state(route: Route, org: Org) -> str:
+    """Whether the proxy uses the route now, by the same rules as RouteEntry.visible_to:
+    a user's own route, or a route on a user's own key, is off while the org's switch
+    for them is off, whatever the route's own switch says."""
+    if not route.enabled:
+        return ROUTE_DISABLED
+    if route.key.disabled:
+        return ROUTE_KEY_DISABLED
+    if (route.scope == SCOPE_OWNED and not org.allow_user_routes) or (
+        route.key.owner_id is not None and not org.allow_user_keys
+    ):
+        return ROUTE_DISABLED_BY_ORG
+    return ROUTE_ENABLED
 
 
 def route_fallbacks(route: Route) -> tuple[str, ...]:
@@ -1472,7 +1498,7 @@ def add_route(
                 "fallbacks": fallback_names,
             },
         )
-    return RouteView.of(route)
+    return RouteView.of(route, org)
 
 
 def _routes_query(org: Org) -> peewee.ModelSelect[Route]:
@@ -1491,7 +1517,7 @@ def list_routes(org_name: str | None = None, *, actor: Principal | None = None) 
     query = _routes_query(org)
     if actor is not None and actor.role == ROLE_MEMBER:
         query = query.where((Route.scope == SCOPE_ORG) | (Route.user == actor.user_id))
-    return [RouteView.of(r) for r in query]
+    return [RouteView.of(r, org) for r in query]
 
 
 def _editable_route(route_id: int, actor: Principal | None, action: str) -> Route:
@@ -1520,7 +1546,8 @@ def update_route(
     if unknown:
         raise ServiceError(f"cannot change {', '.join(sorted(unknown))}")
     route = _editable_route(route_id, actor, "update route")
-    before = RouteView.of(route).as_dict()
+    org = route.org
+    before = RouteView.of(route, org).as_dict()
     if "name" in changes:
         name = changes["name"]
         if not isinstance(name, str):
@@ -1563,7 +1590,7 @@ def update_route(
     try:
         with database.atomic():
             route.save()
-            after = RouteView.of(route).as_dict()
+            after = RouteView.of(route, org).as_dict()
             audit(
                 actor,
                 route.org_id,
@@ -1575,7 +1602,7 @@ def update_route(
         raise ServiceError(
             f"there is already a route named {route.name!r} in this scope", 409
         ) from None
-    return RouteView.of(route)
+    return RouteView.of(route, org)
 
 
 def delete_route(route_id: int, *, actor: Principal | None = None) -> None:
@@ -1651,7 +1678,7 @@ def resolve_route(
         )
     route = Route.select(Route, ProviderKey).join(ProviderKey).where(Route.id == entry.id).get()
     return Resolution(
-        name, user.email, RouteView.of(route), entry.upstream_model_for(name), "", available
+        name, user.email, RouteView.of(route, org), entry.upstream_model_for(name), "", available
     )
 
 
