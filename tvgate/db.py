@@ -232,6 +232,9 @@ def _migration_14(db: peewee.Database) -> None:
 
 
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
+#: The numbers have gaps: 3, 12 and 13 were reserved by work done in parallel and never
+#: used, so no database has them. The gaps stay: a database records the numbers it has
+#: applied, and renumbering would run a migration twice or skip it.
 MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (1, _migration_1),
     (2, _migration_2),
@@ -260,7 +263,9 @@ def migrate(db: peewee.Database) -> list[int]:
                 step(db)
                 models.SchemaVersion.create(version=version)
             applied.append(version)
-            log.info("applied migration %d", version)
+    if applied:
+        # One line for a run, not one per step: a fresh database gets every migration.
+        log.info("applied migrations %s", ", ".join(map(str, applied)))
     return applied
 
 
