@@ -53,9 +53,11 @@ class MeHandler(UIHandler):
         user = self.user
         data = await self.call(lambda: _my_page(user))
         routes = data["routes"]
-        claude = next(
-            (r.name for r in routes if r.provider == "anthropic" and "*" not in r.name), "ROUTE"
-        )
+        claude_names = [r.name for r in routes if r.provider == "anthropic" and "*" not in r.name]
+        claude = next(iter(claude_names), "ROUTE")
+        # Claude Code also calls a small model in the background: a haiku route if there is
+        # one, else the main route, so that those calls never ask for a route that is missing.
+        claude_small = next((name for name in claude_names if "haiku" in name), claude)
         openai = next(
             (r.name for r in routes if r.provider == "openai" and "*" not in r.name), "ROUTE"
         )
@@ -68,7 +70,7 @@ class MeHandler(UIHandler):
             "me.html",
             new_token=new_token,
             base_url=base_url,
-            tools=tool_configs(base_url, claude, openai),
+            tools=tool_configs(base_url, claude, claude_small, openai),
             deletable=False,
             **template_helpers(),
             **data,
