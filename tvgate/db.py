@@ -231,6 +231,11 @@ def _migration_14(db: peewee.Database) -> None:
     db.create_tables([models.BudgetHold], safe=True)
 
 
+def _migration_19(db: peewee.Database) -> None:
+    # A minted token waits sealed in its web session for the page after the redirect.
+    add_column_if_missing(db, models.WebSession, "flash")
+
+
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
 #: The numbers have gaps: 3, 12 and 13 were reserved by work done in parallel and never
 #: used, so no database has them. The gaps stay: a database records the numbers it has
@@ -247,6 +252,7 @@ MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (10, _migration_10),
     (11, _migration_11),
     (14, _migration_14),
+    (19, _migration_19),
 ]
 
 
