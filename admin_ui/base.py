@@ -29,6 +29,7 @@ NOTICES = {
     "key-rotated": "Secret replaced. The old one is no longer used for new requests.",
     "route-added": "Route added.",
     "token-revoked": "Token revoked.",
+    "token-minted": "Token minted.",
 }
 
 

@@ -118,7 +118,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         print(
             f"tvgate: first start, created org {first.org!r} and admin {first.email}\n"
             f"  base URL: {settings.base_url}\n"
-            f"  admin proxy token (shown once, keep it): {first.token}",
+            f"  admin proxy token (shown once, keep it): {first.token}\n"
+            f"  another token for this admin: tvgate tokens issue {first.email}",
             flush=True,
         )
     # Workers are forked from this process: none may inherit its database connection.
@@ -129,7 +130,11 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     db = open_database(settings.resolved_database_url)
     applied = migrate(db)
-    print(f"applied migrations: {applied}" if applied else "database is up to date")
+    print(
+        f"applied migrations {', '.join(map(str, applied))}"
+        if applied
+        else "database is up to date"
+    )
     return 0
 
 

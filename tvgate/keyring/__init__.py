@@ -29,10 +29,12 @@ class KeyringUnavailable(Exception):
     """The key store could not be reached; requests that need a key get a 503."""
 
 
-#: What a ciphertext holds: a provider key, or a credential tvgate keeps to re-check.
+#: What a ciphertext holds: a provider key, a credential tvgate keeps to re-check, or a
+#: new proxy token a web session shows once.
 SEALED_KEY = "key"
 SEALED_TOKEN_ORIGIN = "token-origin"  # noqa: S105 - a kind of ciphertext, not a secret
 SEALED_SESSION_ORIGIN = "session-origin"
+SEALED_SESSION_FLASH = "session-flash"
 
 
 @dataclass(frozen=True, slots=True)
