@@ -222,7 +222,9 @@ def cmd_keys_list(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([view.as_dict() for view in views], indent=2))
         return 0
-    rows = [("NAME", "PROVIDER", "KEY", "OWNER", "STATE", "MAX CALLS", "BASE URL")]
+    rows = [
+        ("NAME", "PROVIDER", "KEY", "OWNER", "STATE", "MAX CALLS", "LAST USED (UTC)", "BASE URL")
+    ]
     for view in views:
         shown = view.as_dict()
         state = "disabled" if view.disabled else "enabled"
@@ -234,6 +236,7 @@ def cmd_keys_list(settings: Settings, args: argparse.Namespace) -> int:
                 view.owner or "-",
                 state,
                 str(view.max_concurrent or "-"),
+                _when(view.last_used_at) if view.last_used_at is not None else "never",
                 view.base_url,
             )
         )

@@ -995,6 +995,18 @@ def update_key(
     return KeyView.of(key)
 
 
+def record_key_uses(used: dict[int, float]) -> None:
+    """Write when keys were last sent upstream (key id -> time), in one statement for the
+    whole batch; a time is never moved back (another process may have written a later one)."""
+    if not used:
+        return
+    at = peewee.Case(ProviderKey.id, list(used.items()))
+    ProviderKey.update(last_used_at=at).where(
+        ProviderKey.id.in_(list(used))
+        & (ProviderKey.last_used_at.is_null() | (ProviderKey.last_used_at < at))
+    ).execute()
+
+
 def _check_secret(secret: str) -> str:
     secret = secret.strip()
     if not secret or any(c.isspace() for c in secret) or len(secret) > 4096:
