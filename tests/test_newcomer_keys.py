@@ -374,7 +374,7 @@ def test_put_price_with_wrong_or_missing_fields_stores_nothing(gateway: GatewayP
         # Half a price would charge $0 for every output token.
         half = admin.put(f"/prices/{model}", json={"input_per_mtok": 3})
         assert half.status_code == 400, half.text
-        assert "missing fields: output_per_mtok" in half.json()["error"]["message"]
+        assert "missing required fields: output_per_mtok" in half.json()["error"]["message"]
         wrong = admin.put(f"/prices/{model}", json={"input": 3, "output": 15})
         assert wrong.status_code == 400, wrong.text
         message = wrong.json()["error"]["message"]

@@ -146,7 +146,7 @@ def check_fields(
         )
     missing = [name for name in required if name not in body]
     if missing:
-        raise APIError(400, f"missing fields: {', '.join(missing)}")
+        raise APIError(400, f"missing required fields: {', '.join(missing)}")
 
 
 def int_arg(value: str, name: str) -> int:
