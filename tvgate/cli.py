@@ -261,11 +261,22 @@ def _print_key(view: services.KeyView, done: str, *, as_json: bool) -> None:
 
 def cmd_keys_set(settings: Settings, args: argparse.Namespace) -> int:
     _open(settings)
-    if args.max_concurrent is None:
-        raise services.ServiceError("nothing to change: give --max-concurrent")
-    view = services.update_key(args.name, max_concurrent=args.max_concurrent, org_name=args.org)
-    cap = f"at most {view.max_concurrent}" if view.max_concurrent else "no cap on"
-    print(f"key {view.name}: {cap} calls at once")
+    if args.max_concurrent is None and args.base_url is None:
+        raise services.ServiceError("nothing to change: give --max-concurrent or --base-url")
+    view = services.update_key(
+        args.name,
+        max_concurrent=args.max_concurrent,
+        base_url=args.base_url,
+        allow_private=settings.allow_private_upstreams,
+        allow_private_user=settings.allow_private_user_upstreams,
+        gateway_urls=settings.gateway_urls,
+        org_name=args.org,
+    )
+    if args.max_concurrent is not None:
+        cap = f"at most {view.max_concurrent}" if view.max_concurrent else "no cap on"
+        print(f"key {view.name}: {cap} calls at once")
+    if args.base_url is not None:
+        print(f"key {view.name}: calls go to {view.base_url}")
     return 0
 
 
@@ -282,7 +293,9 @@ def cmd_keys_list(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([view.as_dict() for view in views], indent=2))
         return 0
-    rows = [("NAME", "PROVIDER", "KEY", "OWNER", "STATE", "MAX CALLS", "BASE URL")]
+    rows = [
+        ("NAME", "PROVIDER", "KEY", "OWNER", "STATE", "MAX CALLS", "LAST USED (UTC)", "BASE URL")
+    ]
     for view in views:
         shown = view.as_dict()
         state = "disabled" if view.disabled else "enabled"
@@ -294,6 +307,7 @@ def cmd_keys_list(settings: Settings, args: argparse.Namespace) -> int:
                 view.owner or "-",
                 state,
                 str(view.max_concurrent or "-"),
+                _when(view.last_used_at) if view.last_used_at is not None else "never",
                 view.base_url,
             )
         )
@@ -905,9 +919,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="calls open on the key at once, across every gateway process (0: no cap)",
     )
     p.add_argument("--json", action="store_true", help="JSON for scripts")
-    p = command(keys, "set", cmd_keys_set, "change a key's concurrency cap")
+    p = command(keys, "set", cmd_keys_set, "change a key's concurrency cap or base URL")
     p.add_argument("name")
     p.add_argument("--org")
+    p.add_argument(
+        "--base-url",
+        metavar="URL",
+        help="where the key's calls go from now on (checked as in keys add); its routes stay",
+    )
     p.add_argument(
         "--max-concurrent",
         type=int,

@@ -647,11 +647,15 @@ def check_base_url(
 ) -> str:
     """A provider base URL tvgate may call: http(s), and https to a public host unless
     ``allow_private`` (the setting named ``switch``, as the operator sets it) is on."""
-    parsed = urlparse(url)
+    try:
+        parsed = urlparse(url)
+    except ValueError:  # a malformed bracketed host, say
+        raise ServiceError("base URL is not a valid URL") from None
+    # Credentials first: the other refusals quote the URL, and refusals are audited.
+    if parsed.username or parsed.password or "@" in parsed.path.split("/", 1)[0]:
+        raise ServiceError("base URL must not carry credentials")
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ServiceError(f"base URL {url!r} must be an http(s) URL")
-    if parsed.username or parsed.password:
-        raise ServiceError("base URL must not carry credentials")
     _check_no_query_or_fragment(url)
     if not allow_private:
         _check_public_upstream(parsed.scheme, parsed.hostname, switch)
@@ -806,16 +810,14 @@ def add_key(
     secret = _check_secret(secret)
     _check_name(name, "a key")
     max_concurrent = _check_max_concurrent(max_concurrent)
-    url = check_base_url(
+    url = _key_base_url(
         base_url or DEFAULT_BASE_URLS[provider],
-        allow_private=allow_private_user if owner is not None else allow_private,
-        switch=(
-            "TVGATE_ALLOW_PRIVATE_USER_UPSTREAMS"
-            if owner is not None
-            else "TVGATE_ALLOW_PRIVATE_UPSTREAMS"
-        ),
+        own=owner is not None,
+        allow_private=allow_private,
+        allow_private_user=allow_private_user,
+        gateway_urls=gateway_urls,
+        refused=lambda error: _refuse_base_url(actor, org.id, "add key", name, error),
     )
-    check_not_this_gateway(url, gateway_urls)
     with database.atomic():
         if ProviderKey.get_or_none((ProviderKey.org == org) & (ProviderKey.name == name)):
             raise ServiceError(f"a key named {name!r} already exists in org {org.name!r}", 409)
@@ -847,6 +849,43 @@ def add_key(
             },
         )
     return KeyView.of(key)
+
+
+def _key_base_url(
+    url: str,
+    *,
+    own: bool,
+    allow_private: bool,
+    allow_private_user: bool,
+    gateway_urls: Collection[str],
+    refused: Callable[[ServiceError], ServiceError],
+) -> str:
+    """The base URL a key may call (the same checks for a new key and a changed one): http(s)
+    without credentials, query or fragment; public https unless the setting of the key's
+    kind allows private upstreams (``own``: a user's own key); never this gateway. A
+    refusal goes through ``refused``, which audits it and returns the error to raise."""
+    try:
+        checked = check_base_url(
+            url,
+            allow_private=allow_private_user if own else allow_private,
+            switch="TVGATE_ALLOW_PRIVATE_USER_UPSTREAMS"
+            if own
+            else "TVGATE_ALLOW_PRIVATE_UPSTREAMS",
+        )
+        check_not_this_gateway(checked, gateway_urls)
+    except ServiceError as error:
+        raise refused(error) from None
+    return checked
+
+
+def _refuse_base_url(
+    actor: Principal | None, org_id: int, action: str, target: str, error: ServiceError
+) -> ServiceError:
+    """Audit a refused base URL (where a key's secret would have been sent) in the org."""
+    if actor is not None:
+        return _deny(actor, action, target, error)
+    audit(None, org_id, action, target, {"refused": str(error)}, allowed=False)
+    return error
 
 
 def _own_user(actor: Principal, email: str | None, action: str, target: str) -> User:
@@ -961,16 +1000,39 @@ def update_key(
     *,
     available_to_all: bool | None = None,
     max_concurrent: int | None = None,
+    base_url: str | None = None,
+    allow_private: bool = False,
+    allow_private_user: bool = False,
+    gateway_urls: Collection[str] = (),
     org_name: str | None = None,
     actor: Principal | None = None,
 ) -> KeyView:
-    """Change who may use an org key and the cap on calls open on a key at once, across
-    every gateway process (0: no cap). An org key is an admin's to change; a user's own
-    key its owner's (or an admin's), and it is only ever available to its owner."""
+    """Change who may use an org key, the cap on calls open on a key at once, across
+    every gateway process (0: no cap), and where the key's calls go. An org key is an
+    admin's to change; a user's own key its owner's (or an admin's), and it is only ever
+    available to its owner. A new base URL passes the checks of ``add_key`` (the three
+    settings of that name); a user's own key's only by its owner, since the owner's
+    secret goes wherever it points."""
     key = _key_for(name, org_name, actor)
     if actor is not None and actor.role == ROLE_AUDITOR:
         raise _deny(actor, "update key", name, Forbidden("auditors read; they change nothing"))
     changes: dict[str, Any] = {}
+    if base_url is not None:
+        if actor is not None and key.owner_id not in (None, actor.user_id):
+            error = Forbidden("only the owner of this key may change where its calls go")
+            raise _deny(actor, "update key", name, error)
+        if not isinstance(base_url, str):
+            raise ServiceError("base_url must be a string")
+        url = _key_base_url(
+            base_url,
+            own=key.owner_id is not None,
+            allow_private=allow_private,
+            allow_private_user=allow_private_user,
+            gateway_urls=gateway_urls,
+            refused=lambda error: _refuse_base_url(actor, key.org_id, "update key", name, error),
+        )
+        if key.base_url != url:
+            changes["base_url"] = url
     if available_to_all is not None:
         if not isinstance(available_to_all, bool):
             raise ServiceError("available_to_all must be true or false")
@@ -996,7 +1058,23 @@ def update_key(
                 {field: [before[field], value] for field, value in changes.items()},
             )
         key = ProviderKey.get_by_id(key.id)
+        if "base_url" in changes:
+            log.info("key %s of org %d: base URL changed", key.name, key.org_id)
+            # The route snapshot carries the base URL: this process calls the new one at once.
+            _key_changed(key)
     return KeyView.of(key)
+
+
+def record_key_uses(used: dict[int, float]) -> None:
+    """Write when keys were last sent upstream (key id -> time), in one statement for the
+    whole batch; a time is never moved back (another process may have written a later one)."""
+    if not used:
+        return
+    at = peewee.Case(ProviderKey.id, list(used.items()))
+    ProviderKey.update(last_used_at=at).where(
+        ProviderKey.id.in_(list(used))
+        & (ProviderKey.last_used_at.is_null() | (ProviderKey.last_used_at < at))
+    ).execute()
 
 
 def _check_secret(secret: str) -> str:
@@ -1113,7 +1191,8 @@ def delete_key(
         if routes and not force:
             raise ServiceError(
                 f"key {name!r} is used by routes {', '.join(sorted(routes))}; delete them "
-                "first, or delete the key with its routes (force)",
+                "first, or delete the key with its routes (tvgate keys delete --force, or "
+                "'also delete its routes' on the key's page)",
                 409,
             )
         Route.delete().where(Route.key == key.id).execute()
@@ -2583,6 +2662,8 @@ def export_traces(
 
 #: A price's fields, USD per million tokens.
 PRICE_FIELDS = ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok")
+#: Those every price must give (the cache prices are 0 unless given).
+REQUIRED_PRICE_FIELDS = PRICE_FIELDS[:2]
 
 
 def _price_dict(price: ModelPrice, org: Org | None) -> dict[str, Any]:
@@ -2618,6 +2699,10 @@ def _check_prices(prices: dict[str, Any]) -> dict[str, float]:
             f"unknown price field(s): {', '.join(unknown)}; prices are set for your own org"
             f" (give {', '.join(PRICE_FIELDS)})"
         )
+    # A price without its input or output figure would charge $0 for it, silently.
+    missing = [name for name in REQUIRED_PRICE_FIELDS if name not in prices]
+    if missing:
+        raise ServiceError(f"missing price field(s): {', '.join(missing)} (USD per million tokens)")
     values = {}
     for name in PRICE_FIELDS:
         value = prices.get(name, 0.0)

@@ -442,6 +442,7 @@ class ProxyCall:
             self.outcome = self.gone_outcome
             return True
         self.scrubber.add(secret)
+        self.gateway.key_uses.record(key.id)
         return await self._forward(secret)
 
     async def _forward(self, secret: str) -> bool:
