@@ -29,6 +29,7 @@ NOTICES = {
     "key-rotated": "Secret replaced. The old one is no longer used for new requests.",
     "route-added": "Route added.",
     "token-revoked": "Token revoked.",
+    "token-minted": "Token minted.",
 }
 
 
@@ -163,3 +164,15 @@ class UIHandler(BaseHandler):
             nav_path=self.request.path,
         )
         return namespace
+
+
+class PageNotFoundHandler(UIHandler):
+    """Any ``/ui/…`` path no page has: the UI's own 404 page, not the proxy's JSON error."""
+
+    async def prepare(self) -> None:
+        await super().prepare()  # the signed-in person still sees the navigation
+        raise PageError(404, f"tvgate has no page {self.request.path}.")
+
+
+#: Last in the URL table, after every page.
+not_found_handlers = [(r"/ui/.*", PageNotFoundHandler)]

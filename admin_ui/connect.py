@@ -28,8 +28,12 @@ class ToolConfig:
     snippets: tuple[Snippet, ...]
 
 
-def tool_configs(base_url: str, claude_route: str, openai_route: str) -> list[ToolConfig]:
-    """Configurations for ``base_url`` (no trailing slash) and the user's route names."""
+def tool_configs(
+    base_url: str, claude_route: str, claude_small_route: str, openai_route: str
+) -> list[ToolConfig]:
+    """Configurations for ``base_url`` (no trailing slash) and the user's route names;
+    ``claude_small_route`` is for the small model Claude Code asks for in the background
+    (``ANTHROPIC_DEFAULT_HAIKU_MODEL``, as in the README's Claude Code block)."""
     v1 = base_url + "/v1"
     https = base_url.startswith("https://")
     return [
@@ -44,7 +48,8 @@ def tool_configs(base_url: str, claude_route: str, openai_route: str) -> list[To
                     f"export {TOKEN_VAR}={TOKEN_PLACEHOLDER}\n"
                     f"export ANTHROPIC_BASE_URL={base_url}\n"
                     f'export ANTHROPIC_AUTH_TOKEN="${TOKEN_VAR}"\n'
-                    f"export ANTHROPIC_MODEL={claude_route}\n",
+                    f"export ANTHROPIC_MODEL={claude_route}\n"
+                    f"export ANTHROPIC_DEFAULT_HAIKU_MODEL={claude_small_route}\n",
                 ),
                 Snippet(
                     "~/.claude/settings.json (token in ~/.config/tvgate/token, mode 600)",
@@ -52,7 +57,8 @@ def tool_configs(base_url: str, claude_route: str, openai_route: str) -> list[To
                     '  "apiKeyHelper": "cat ~/.config/tvgate/token",\n'
                     '  "env": {\n'
                     f'    "ANTHROPIC_BASE_URL": "{base_url}",\n'
-                    f'    "ANTHROPIC_MODEL": "{claude_route}"\n'
+                    f'    "ANTHROPIC_MODEL": "{claude_route}",\n'
+                    f'    "ANTHROPIC_DEFAULT_HAIKU_MODEL": "{claude_small_route}"\n'
                     "  }\n"
                     "}\n",
                 ),

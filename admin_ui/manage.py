@@ -187,7 +187,8 @@ class KeysHandler(UIHandler):
 
 
 class KeyHandler(UIHandler):
-    """One key: rotate its secret, switch it, share it, grant it, delete it."""
+    """One key: rotate its secret, change its cap or base URL, switch it, share it, grant
+    it, delete it."""
 
     @authenticated
     async def get(self, name: str) -> None:
@@ -233,6 +234,23 @@ class KeyHandler(UIHandler):
         elif action == "max_concurrent":
             cap = _form_int(self, "max_concurrent", "Max concurrent calls")
             await self.call(lambda: services.update_key(name, max_concurrent=cap, actor=user))
+            self.changed()
+            self.done(f"/ui/keys/{url_escape(name, plus=False)}")
+        elif action == "base_url":
+            url = self.get_body_argument("base_url", "").strip()
+            if not url:
+                raise PageError(400, "Give the base URL the key's calls go to.")
+            settings = gateway.settings
+            await self.call(
+                lambda: services.update_key(
+                    name,
+                    base_url=url,
+                    allow_private=settings.allow_private_upstreams,
+                    allow_private_user=settings.allow_private_user_upstreams,
+                    gateway_urls=settings.gateway_urls,
+                    actor=user,
+                )
+            )
             self.changed()
             self.done(f"/ui/keys/{url_escape(name, plus=False)}")
         elif action in ("grant", "revoke"):

@@ -12,6 +12,8 @@ from admin_ui.connect import tool_configs
 from admin_ui.governance import template_helpers
 from tvgate import services
 from tvgate.identity import Principal
+from tvgate.identity.sessions import hold_once, take_once
+from tvgate.keyring import KeyringUnavailable
 
 
 def _my_page(user: Principal) -> dict[str, Any]:
@@ -47,15 +49,21 @@ def _my_page(user: Principal) -> dict[str, Any]:
 class MeHandler(UIHandler):
     @authenticated
     async def get(self) -> None:
-        await self.show()
+        new_token = ""
+        if self.get_query_argument("ok", "") == "token-minted":
+            user, keyring = self.user, self.gateway.keyring
+            new_token = await self.call(lambda: take_once(user, keyring))
+        await self.show(new_token=new_token)
 
     async def show(self, new_token: str = "", status: int = 200) -> None:
         user = self.user
         data = await self.call(lambda: _my_page(user))
         routes = data["routes"]
-        claude = next(
-            (r.name for r in routes if r.provider == "anthropic" and "*" not in r.name), "ROUTE"
-        )
+        claude_names = [r.name for r in routes if r.provider == "anthropic" and "*" not in r.name]
+        claude = next(iter(claude_names), "ROUTE")
+        # Claude Code also calls a small model in the background: a haiku route if there is
+        # one, else the main route, so that those calls never ask for a route that is missing.
+        claude_small = next((name for name in claude_names if "haiku" in name), claude)
         openai = next(
             (r.name for r in routes if r.provider == "openai" and "*" not in r.name), "ROUTE"
         )
@@ -68,7 +76,7 @@ class MeHandler(UIHandler):
             "me.html",
             new_token=new_token,
             base_url=base_url,
-            tools=tool_configs(base_url, claude, openai),
+            tools=tool_configs(base_url, claude, claude_small, openai),
             deletable=False,
             **template_helpers(),
             **data,
@@ -97,8 +105,15 @@ class MintTokenHandler(MeHandler):
                 jwt_max_age=gateway.settings.jwt_token_max_age,
             )
         )
-        # Shown once, on this response only (no redirect: the token is in no URL or cookie).
-        await self.show(new_token=token, status=201)
+        # Post/redirect/get: the token waits sealed in the web session (never in a URL or
+        # a cookie) and the page after the redirect shows it once.
+        try:
+            await self.call(lambda: hold_once(user, token, gateway.keyring))
+        except KeyringUnavailable:
+            # The key store cannot seal it: shown on this answer instead, not lost.
+            await self.show(new_token=token, status=201)
+            return
+        self.done("/ui/me", "token-minted")
 
 
 class RevokeTokenHandler(UIHandler):

@@ -2,7 +2,9 @@
 
 Management commands work on the database directly, as an operator, through
 the same services as the API. Their output is meant for people, except where
-a script needs one value (``tokens issue`` prints the token and nothing else).
+a script needs one value (``tokens issue`` prints the token and nothing else)
+or asks for ``--json``. They never create a database (only ``serve`` and
+``migrate`` do), and log warnings only, as plain text; ``serve`` logs JSON lines.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -22,8 +25,8 @@ import hvac
 import orjson
 
 from tvgate import __version__, services
-from tvgate.config import ConfigError, Settings, load_settings, validate
-from tvgate.db import migrate, open_database
+from tvgate.config import ConfigError, Settings, load_settings, unknown_environment, validate
+from tvgate.db import DatabaseMissing, migrate, open_database
 from tvgate.keyring import Keyring, KeyringError, KeyringUnavailable, build_keyring, vault_admin
 from tvgate.keyring.local import LocalKeyring
 from tvgate.keyring.vault import VaultKeyring
@@ -44,12 +47,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, *, serving: bool) -> None:
+    """JSON lines at ``level`` for ``serve``; plain text for the other commands, whose
+    output a person reads: warnings and errors only, unless debug is asked for."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
+    if serving:
+        handler.setFormatter(JsonFormatter())
+        root.setLevel(level.upper())
+    else:
+        handler.setFormatter(logging.Formatter("tvgate: %(levelname)s: %(message)s"))
+        root.setLevel(
+            logging.DEBUG if level.lower() == "debug" else max(logging.WARNING, _level(level))
+        )
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
     # Python warnings would otherwise be printed as plain text, breaking one-JSON-per-line.
     logging.captureWarnings(True)
     # At debug, Tornado turns on curl's verbose trace, which logs the upstream request
@@ -57,21 +68,47 @@ def setup_logging(level: str) -> None:
     logging.getLogger("tornado.curl_httpclient").setLevel(logging.INFO)
 
 
-def _open(settings: Settings) -> None:
-    db = open_database(settings.resolved_database_url)
+def _level(name: str) -> int:
+    level = logging.getLevelName(name.upper())
+    return level if isinstance(level, int) else logging.INFO
+
+
+def _open(settings: Settings, *, create: bool = False) -> None:
+    try:
+        db = open_database(settings.resolved_database_url, create=create)
+    except DatabaseMissing as exc:
+        where = (
+            "check database_url (TVGATE_DATABASE_URL)"
+            if settings.database_url
+            else "give the gateway's data directory with --data-dir DIR or TVGATE_DATA_DIR"
+        )
+        raise services.ServiceError(
+            f"no database at {exc.path}; {where} (tvgate migrate creates a new one)"
+        ) from None
     migrate(db)
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from tvgate.models import database
-    from tvgate.server import cookie_secret, run
+    from tvgate.server import ListenError, bind_listeners, cookie_secret, run
 
     overrides: dict[str, Any] = {}
     if args.workers is not None:
         overrides["workers"] = args.workers
+    if args.data_dir is not None:
+        # Workers and a SIGHUP reload read the settings again: the option must stay.
+        overrides["data_dir"] = args.data_dir
+    if overrides:
         settings = dataclasses.replace(settings, **overrides)
         validate(settings)
-    _open(settings)
+    # First of all: a second serve on a taken address stops here, before it creates a
+    # database or prints a first admin's token for it.
+    try:
+        listeners = bind_listeners(settings)
+    except ListenError as exc:
+        print(f"tvgate: {exc}", file=sys.stderr)
+        return 1
+    _open(settings, create=True)
     # Before any fork: a keyring that cannot be built fails here once, not in every worker,
     # and the master key and cookie secret files are created by one process only.
     build_keyring(settings)
@@ -81,18 +118,23 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         print(
             f"tvgate: first start, created org {first.org!r} and admin {first.email}\n"
             f"  base URL: {settings.base_url}\n"
-            f"  admin proxy token (shown once, keep it): {first.token}",
+            f"  admin proxy token (shown once, keep it): {first.token}\n"
+            f"  another token for this admin: tvgate tokens issue {first.email}",
             flush=True,
         )
     # Workers are forked from this process: none may inherit its database connection.
     database.close()
-    return run(settings, args.config, overrides)
+    return run(settings, listeners, args.config, overrides)
 
 
 def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     db = open_database(settings.resolved_database_url)
     applied = migrate(db)
-    print(f"applied migrations: {applied}" if applied else "database is up to date")
+    print(
+        f"applied migrations {', '.join(map(str, applied))}"
+        if applied
+        else "database is up to date"
+    )
     return 0
 
 
@@ -195,17 +237,46 @@ def cmd_keys_add(settings: Settings, args: argparse.Namespace) -> int:
         allow_private_user=settings.allow_private_user_upstreams,
         gateway_urls=settings.gateway_urls,
     )
-    print(json.dumps(view.as_dict(), indent=2))
+    _print_key(view, "added", as_json=args.json)
     return 0
+
+
+def _print_key(view: services.KeyView, done: str, *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(view.as_dict(), indent=2, ensure_ascii=False))
+        return
+    shown = view.as_dict()
+    print(f"{done} key {view.name} ({view.provider})")
+    _table(
+        [
+            ("  base URL", view.base_url),
+            ("  secret ends in", shown["fingerprint"]),
+            ("  owner", view.owner or "the org"),
+            ("  state", "disabled" if view.disabled else "enabled"),
+            ("  max calls at once", str(view.max_concurrent or "no cap")),
+            ("  created (UTC)", _when(view.created_at)),
+        ]
+    )
 
 
 def cmd_keys_set(settings: Settings, args: argparse.Namespace) -> int:
     _open(settings)
-    if args.max_concurrent is None:
-        raise services.ServiceError("nothing to change: give --max-concurrent")
-    view = services.update_key(args.name, max_concurrent=args.max_concurrent, org_name=args.org)
-    cap = f"at most {view.max_concurrent}" if view.max_concurrent else "no cap on"
-    print(f"key {view.name}: {cap} calls at once")
+    if args.max_concurrent is None and args.base_url is None:
+        raise services.ServiceError("nothing to change: give --max-concurrent or --base-url")
+    view = services.update_key(
+        args.name,
+        max_concurrent=args.max_concurrent,
+        base_url=args.base_url,
+        allow_private=settings.allow_private_upstreams,
+        allow_private_user=settings.allow_private_user_upstreams,
+        gateway_urls=settings.gateway_urls,
+        org_name=args.org,
+    )
+    if args.max_concurrent is not None:
+        cap = f"at most {view.max_concurrent}" if view.max_concurrent else "no cap on"
+        print(f"key {view.name}: {cap} calls at once")
+    if args.base_url is not None:
+        print(f"key {view.name}: calls go to {view.base_url}")
     return 0
 
 
@@ -222,7 +293,9 @@ def cmd_keys_list(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([view.as_dict() for view in views], indent=2))
         return 0
-    rows = [("NAME", "PROVIDER", "KEY", "OWNER", "STATE", "MAX CALLS", "BASE URL")]
+    rows = [
+        ("NAME", "PROVIDER", "KEY", "OWNER", "STATE", "MAX CALLS", "LAST USED (UTC)", "BASE URL")
+    ]
     for view in views:
         shown = view.as_dict()
         state = "disabled" if view.disabled else "enabled"
@@ -234,6 +307,7 @@ def cmd_keys_list(settings: Settings, args: argparse.Namespace) -> int:
                 view.owner or "-",
                 state,
                 str(view.max_concurrent or "-"),
+                _when(view.last_used_at) if view.last_used_at is not None else "never",
                 view.base_url,
             )
         )
@@ -250,7 +324,7 @@ def cmd_keys_rotate(settings: Settings, args: argparse.Namespace) -> int:
     view = services.rotate_key(
         args.name, _read_secret(), build_keyring(settings), org_name=args.org
     )
-    print(json.dumps(view.as_dict(), indent=2))
+    _print_key(view, "rotated", as_json=args.json)
     return 0
 
 
@@ -444,9 +518,10 @@ def _on_off(value: str | None) -> bool | None:
 
 def cmd_users_list(settings: Settings, args: argparse.Namespace) -> int:
     _open(settings)
+    rows: list[tuple[str, ...]] = [("EMAIL", "ROLE", "STATE")]
     for user in services.list_users(args.org):
-        state = "disabled" if user.disabled else "active"
-        print(f"{user.email}\t{user.role}\t{state}")
+        rows.append((user.email, user.role, "disabled" if user.disabled else "active"))
+    _table(rows)
     return 0
 
 
@@ -461,14 +536,28 @@ def cmd_users_set(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_routes_list(settings: Settings, args: argparse.Namespace) -> int:
     _open(settings)
-    for route in services.list_routes(args.org):
-        who = route.user or "-"
-        state = "enabled" if route.enabled else "disabled"
-        model = route.upstream_model or "(as requested)"
-        line = f"{route.id}\t{route.name}\t{route.scope}\t{who}\t{route.key}\t{model}\t{state}"
-        if route.fallbacks:
-            line += f"\tfallbacks: {', '.join(route.fallbacks)}"
-        print(line)
+    routes = services.list_routes(args.org)
+    if not routes:
+        print("no routes")
+        return 0
+    # The ID column is what ``routes update`` takes when a name is not unique.
+    rows: list[tuple[str, ...]] = [
+        ("ID", "NAME", "SCOPE", "USER", "KEY", "MODEL", "STATE", "FALLBACKS")
+    ]
+    for route in routes:
+        rows.append(
+            (
+                str(route.id),
+                route.name,
+                route.scope,
+                route.user or "-",
+                route.key,
+                route.upstream_model or "(as requested)",
+                route.state,
+                ", ".join(route.fallbacks) or "-",
+            )
+        )
+    _table(rows)
     return 0
 
 
@@ -508,7 +597,7 @@ def _print_route(route: services.RouteView) -> None:
     target = route.upstream_model or "(the requested name)"
     who = f" for {route.user}" if route.user else ""
     fallbacks = f", then {', '.join(route.fallbacks)}" if route.fallbacks else ""
-    state = "" if route.enabled else " (disabled)"
+    state = "" if route.state == services.ROUTE_ENABLED else f" ({route.state})"
     print(
         f"{route.scope} route {route.name}{who} -> {route.provider} {target} with key "
         f"{route.key}{fallbacks}{state}"
@@ -737,9 +826,16 @@ def cmd_prices_delete(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+DATA_DIR_HELP = (
+    "the data directory (default: $TVGATE_DATA_DIR, the config file's data_dir, ./data, "
+    "or data/ of the tvgate checkout the command runs in)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tvgate", description="tvgate, the LLM gateway")
     parser.add_argument("--config", help="TOML settings file (default: $TVGATE_CONFIG)")
+    parser.add_argument("--data-dir", metavar="DIR", help=DATA_DIR_HELP)
     parser.add_argument("--version", action="version", version=f"tvgate {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -748,6 +844,9 @@ def build_parser() -> argparse.ArgumentParser:
     ) -> argparse.ArgumentParser:
         sub: argparse.ArgumentParser = parent.add_parser(name, help=help_)
         sub.set_defaults(handler=handler)
+        # Also after the command (``tvgate routes list --data-dir DIR``); SUPPRESS keeps
+        # the value given before the command when it is not repeated here.
+        sub.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS, help=DATA_DIR_HELP)
         return sub
 
     p = command(commands, "serve", cmd_serve, "run the gateway")
@@ -819,9 +918,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="calls open on the key at once, across every gateway process (0: no cap)",
     )
-    p = command(keys, "set", cmd_keys_set, "change a key's concurrency cap")
+    p.add_argument("--json", action="store_true", help="JSON for scripts")
+    p = command(keys, "set", cmd_keys_set, "change a key's concurrency cap or base URL")
     p.add_argument("name")
     p.add_argument("--org")
+    p.add_argument(
+        "--base-url",
+        metavar="URL",
+        help="where the key's calls go from now on (checked as in keys add); its routes stay",
+    )
     p.add_argument(
         "--max-concurrent",
         type=int,
@@ -840,6 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(keys, "rotate", cmd_keys_rotate, "replace a key's secret (read from stdin)")
     p.add_argument("name")
     p.add_argument("--org")
+    p.add_argument("--json", action="store_true", help="JSON for scripts")
     p = command(keys, "disable", cmd_keys_disable, "switch a key off; its routes stop working")
     p.add_argument("name")
     p.add_argument("--org")
@@ -1029,11 +1135,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
-        setup_logging(settings.log_level)
+        if args.data_dir is not None:
+            settings = dataclasses.replace(settings, data_dir=args.data_dir)
+            validate(settings)
+        setup_logging(settings.log_level, serving=args.command == "serve")
+        for warning in unknown_environment():
+            logging.getLogger("tvgate").warning("%s", warning)
         started = time.monotonic()
         code: int = args.handler(settings, args)
         logging.getLogger("tvgate").debug("%s took %.3fs", args.command, time.monotonic() - started)
         return code
+    except BrokenPipeError:
+        # The reader went away (``tvgate traces export | head``): stop quietly, as cat
+        # does. Python would flush stdout once more at exit and print a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except ConfigError as exc:
         print(f"tvgate: configuration: {exc}", file=sys.stderr)
         return 2

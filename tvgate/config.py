@@ -4,12 +4,20 @@ Every setting has a default that runs tvgate on one machine with nothing else
 installed (SQLite, the local keyring, tokens minted by tvgate). A TOML file
 (``--config FILE`` or ``TVGATE_CONFIG``) overrides defaults; an environment
 variable named ``TVGATE_`` + the setting's name in upper case overrides both.
+Any other ``TVGATE_`` variable is a mistake (a misspelled setting is otherwise
+silently ignored) unless it is one of ``NON_SETTING_NAMES``: ``serve`` and the
+other commands warn about it at start.
+
+When nothing names the data directory, :func:`discover_data_dir` finds the one a
+user expects: ``./data``, or that of the tvgate checkout the command runs inside.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +26,14 @@ from typing import Any
 from tvgate.forwarded import parse_networks
 
 ENV_PREFIX = "TVGATE_"
+#: ``TVGATE_`` variables the project uses that are not settings: the settings file, the
+#: token users export for their tools (the UI's "Connect your tool" blocks), and the
+#: PostgreSQL server of the test suite and of the benchmark.
+NON_SETTING_NAMES = frozenset(
+    {"TVGATE_CONFIG", "TVGATE_TOKEN", "TVGATE_TEST_PG_DSN", "TVGATE_BENCH_PG_DSN"}
+)
+#: Log levels ``log_level`` accepts (in any case).
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ConfigError(ValueError):
@@ -30,7 +46,8 @@ class Settings:
 
     #: host:port the gateway listens on.
     listen: str = "127.0.0.1:8080"
-    #: Directory for the SQLite file, the local master key, the trace spool.
+    #: Directory for the SQLite file, the local master key, the trace spool (``--data-dir``);
+    #: unset: ``./data``, or ``data/`` of the tvgate checkout the command runs inside.
     data_dir: str = "./data"
     #: ``sqlite:///path`` or ``postgresql://user@host:port/db``; empty: SQLite in data_dir.
     database_url: str = ""
@@ -232,6 +249,33 @@ def _coerce(name: str, field_type: Any, raw: Any) -> Any:
         raise ConfigError(f"setting {name!r}: cannot use {raw!r}") from None
 
 
+#: A ``name = tvgate`` line of setup.cfg or pyproject.toml: the folder is a tvgate checkout.
+_CHECKOUT_NAME = re.compile(r"""^name\s*=\s*["']?tvgate["']?\s*$""", re.MULTILINE)
+
+
+def _is_checkout(folder: Path) -> bool:
+    for manifest in ("setup.cfg", "pyproject.toml"):
+        try:
+            if _CHECKOUT_NAME.search((folder / manifest).read_text(errors="replace")):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def discover_data_dir(cwd: Path) -> str:
+    """The data directory when no setting names one: ``./data`` if it exists; else, run
+    from a folder inside a tvgate checkout, the checkout's ``data/`` if it holds a
+    database (the one ``make run`` created); else ``./data``, which serve and migrate
+    create and other commands refuse to (tvgate.cli)."""
+    if (cwd / "data").is_dir():
+        return "./data"
+    for folder in cwd.parents:
+        if (folder / "data" / "tvgate.db").is_file() and _is_checkout(folder):
+            return str(folder / "data")
+    return "./data"
+
+
 def load_settings(
     config_file: str | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
@@ -254,19 +298,45 @@ def load_settings(
         raw = env.get(ENV_PREFIX + name.upper())
         if raw is not None:
             values[name] = _coerce(name, field.type, raw)
+    if "data_dir" not in values:
+        values["data_dir"] = discover_data_dir(Path.cwd())
     settings = Settings(**values)
     validate(settings)
     return settings
 
 
+def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each ``TVGATE_`` variable that is no setting (say, a misspelled one),
+    naming the setting it probably meant."""
+    env = os.environ if environ is None else environ
+    known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
+    warnings = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name in known or name in NON_SETTING_NAMES:
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        warnings.append(f"ignoring {name}: no such setting{hint}")
+    return warnings
+
+
+def _check_port(setting: str, address: str) -> None:
+    """``address`` is host:port with a port from 1 to 65535 (a larger one would be cut to
+    16 bits by the socket layer: 80800 listened on 15264)."""
+    _host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(
+            f"{setting} must be host:port with a port from 1 to 65535, not {address!r}"
+        )
+
+
 def validate(settings: Settings) -> None:
     """Refuse settings that would fail later in a less clear way."""
-    if ":" not in settings.listen:
-        raise ConfigError("listen must be host:port")
-    try:
-        settings.port  # noqa: B018 - parses the port
-    except ValueError:
-        raise ConfigError(f"listen: bad port in {settings.listen!r}") from None
+    _check_port("listen", settings.listen)
+    if settings.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(
+            f"log_level must be one of {', '.join(LOG_LEVELS)}, not {settings.log_level!r}"
+        )
     if settings.keyring not in ("local", "vault"):
         raise ConfigError("keyring must be 'local' or 'vault'")
     if bool(settings.vault_role_id) != bool(settings.vault_secret_id):
@@ -316,6 +386,4 @@ def validate(settings: Settings) -> None:
     if settings.login_attempts <= 0:
         raise ConfigError("login_attempts must be positive")
     if settings.metrics_listen:
-        _host, sep, port = settings.metrics_listen.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ConfigError(f"metrics_listen must be host:port, not {settings.metrics_listen!r}")
+        _check_port("metrics_listen", settings.metrics_listen)

@@ -54,6 +54,10 @@ log = logging.getLogger("tvgate")
 #: Seconds between two looks at the keys the trace writer waits for.
 WARM_INTERVAL = 1.0
 
+#: Seconds between two writes of when keys were last used (a key's "Last used" lags by
+#: at most this; what a stop cuts short of it is lost, which only ages the time shown).
+KEY_USE_FLUSH_INTERVAL = 5.0
+
 #: Settings a SIGHUP applies to a running process. Everything else (listen,
 #: database, keyring, workers, queue sizes, max_clients) is built once at start
 #: and needs a restart; a reload that changes one of those says so in the log.
@@ -75,6 +79,31 @@ class Interruptible(Protocol):
     """A call in progress that a stop can end (``ProxyCall``)."""
 
     def shut_down(self) -> None: ...
+
+
+class KeyUses:
+    """When this process last sent each provider key upstream. The proxy notes a use in
+    memory; ``flush`` writes them in one statement, from a timer, in the database pool."""
+
+    def __init__(self, runner: DatabaseRunner) -> None:
+        self.runner = runner
+        #: Key id -> when it was last sent upstream, since the last flush.
+        self._used: dict[int, float] = {}
+
+    def record(self, key_id: int) -> None:
+        self._used[key_id] = time.time()
+
+    async def flush(self) -> None:
+        if not self._used:
+            return
+        used, self._used = self._used, {}
+        try:
+            await self.runner.run(lambda: services.record_key_uses(used))
+        except Exception as exc:  # noqa: BLE001 - kept for the next flush, not worth more
+            log.warning("key last-used times not written (%s); trying again", type(exc).__name__)
+            for key_id, at in used.items():
+                # A use noted meanwhile is later than the one that was not written.
+                self._used.setdefault(key_id, at)
 
 
 class InFlight:
@@ -124,9 +153,11 @@ class Gateway:
     http: UpstreamCurlClient
     login_throttle: LoginThrottle
     governor: Governor
+    key_uses: KeyUses
     sink: PushSink | None = None
     _governance_syncer: PeriodicCallback | None = None
     _token_flusher: PeriodicCallback | None = None
+    _key_use_flusher: PeriodicCallback | None = None
     _purger: PeriodicCallback | None = None
     _sweeper: PeriodicCallback | None = None
     _warmer: PeriodicCallback | None = None
@@ -207,6 +238,7 @@ class Gateway:
                 gateway_cap=settings.max_concurrent_calls,
                 prices_ttl=settings.cache_ttl,
             ),
+            key_uses=KeyUses(runner),
             sink=PushSink(settings, runner) if settings.sink_url else None,
             metrics=Metrics(worker),
             worker=worker,
@@ -375,6 +407,8 @@ class Gateway:
         self._governance_syncer.start()
         self._token_flusher = PeriodicCallback(self.auth.proxy_tokens.flush_last_used, 30_000)
         self._token_flusher.start()
+        self._key_use_flusher = PeriodicCallback(self.key_uses.flush, KEY_USE_FLUSH_INTERVAL * 1000)
+        self._key_use_flusher.start()
         self._purger = PeriodicCallback(self._purge, 3600_000)
         self._purger.start()
         if self.sink is not None:
@@ -444,6 +478,7 @@ class Gateway:
         for timer in (
             self._governance_syncer,
             self._token_flusher,
+            self._key_use_flusher,
             self._purger,
             self._sweeper,
             self._warmer,

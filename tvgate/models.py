@@ -217,6 +217,9 @@ class WebSession(BaseModel):
     #: The Visdom Trace session it was opened with, sealed by the keyring (bound to this row).
     visdom_session = peewee.TextField(null=True)
     visdom_checked_at = peewee.DoubleField(null=True)
+    #: A proxy token just minted on a page, sealed by the keyring (bound to this row), until
+    #: the page the form redirects to shows it once (tvgate.identity.sessions.take_once).
+    flash = peewee.TextField(null=True)
 
 
 class LoginFailure(BaseModel):

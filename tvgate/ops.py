@@ -21,6 +21,9 @@ from typing import Any
 
 import orjson
 
+from tvgate.db import DatabaseUnavailable
+from tvgate.identity import IdentityUnavailable
+from tvgate.keyring import KeyringUnavailable
 from tvgate.metrics import CONTENT_TYPE
 from tvgate.models import Org
 from tvgate.web import BaseHandler
@@ -44,8 +47,21 @@ async def _check(probe: Callable[[], Awaitable[Any]]) -> str:
     try:
         await asyncio.wait_for(probe(), timeout=CHECK_TIMEOUT)
     except Exception as exc:  # noqa: BLE001 - reported, not raised
-        return f"unavailable: {type(exc).__name__}"
+        return f"unavailable: {_what_is_wrong(exc)}"
     return "ok"
+
+
+def _what_is_wrong(exc: Exception) -> str:
+    """A failed check's reason in words. ``/readyz`` answers anyone who can reach it: the
+    keyring's and the identity checks' messages are written to hold no secret and are
+    shown; the database's (which may name hosts and users) are not."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {CHECK_TIMEOUT:g} s"
+    if isinstance(exc, KeyringUnavailable | IdentityUnavailable):
+        return str(exc) or type(exc).__name__
+    if isinstance(exc, DatabaseUnavailable):
+        return "the database does not answer"
+    return f"the check failed ({type(exc).__name__})"
 
 
 class ReadyHandler(BaseHandler):

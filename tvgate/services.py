@@ -643,15 +643,19 @@ def revoke_token(token_id: int, *, actor: Principal | None = None) -> TokenView:
 
 
 def check_base_url(
-    url: str, *, allow_private: bool, switch: str = "allow_private_upstreams"
+    url: str, *, allow_private: bool, switch: str = "TVGATE_ALLOW_PRIVATE_UPSTREAMS"
 ) -> str:
     """A provider base URL tvgate may call: http(s), and https to a public host unless
-    ``allow_private`` (the setting named ``switch``) is on."""
-    parsed = urlparse(url)
+    ``allow_private`` (the setting named ``switch``, as the operator sets it) is on."""
+    try:
+        parsed = urlparse(url)
+    except ValueError:  # a malformed bracketed host, say
+        raise ServiceError("base URL is not a valid URL") from None
+    # Credentials first: the other refusals quote the URL, and refusals are audited.
+    if parsed.username or parsed.password or "@" in parsed.path.split("/", 1)[0]:
+        raise ServiceError("base URL must not carry credentials")
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ServiceError(f"base URL {url!r} must be an http(s) URL")
-    if parsed.username or parsed.password:
-        raise ServiceError("base URL must not carry credentials")
     _check_no_query_or_fragment(url)
     if not allow_private:
         _check_public_upstream(parsed.scheme, parsed.hostname, switch)
@@ -806,12 +810,14 @@ def add_key(
     secret = _check_secret(secret)
     _check_name(name, "a key")
     max_concurrent = _check_max_concurrent(max_concurrent)
-    url = check_base_url(
+    url = _key_base_url(
         base_url or DEFAULT_BASE_URLS[provider],
-        allow_private=allow_private_user if owner is not None else allow_private,
-        switch="allow_private_user_upstreams" if owner is not None else "allow_private_upstreams",
+        own=owner is not None,
+        allow_private=allow_private,
+        allow_private_user=allow_private_user,
+        gateway_urls=gateway_urls,
+        refused=lambda error: _refuse_base_url(actor, org.id, "add key", name, error),
     )
-    check_not_this_gateway(url, gateway_urls)
     with database.atomic():
         if ProviderKey.get_or_none((ProviderKey.org == org) & (ProviderKey.name == name)):
             raise ServiceError(f"a key named {name!r} already exists in org {org.name!r}", 409)
@@ -843,6 +849,43 @@ def add_key(
             },
         )
     return KeyView.of(key)
+
+
+def _key_base_url(
+    url: str,
+    *,
+    own: bool,
+    allow_private: bool,
+    allow_private_user: bool,
+    gateway_urls: Collection[str],
+    refused: Callable[[ServiceError], ServiceError],
+) -> str:
+    """The base URL a key may call (the same checks for a new key and a changed one): http(s)
+    without credentials, query or fragment; public https unless the setting of the key's
+    kind allows private upstreams (``own``: a user's own key); never this gateway. A
+    refusal goes through ``refused``, which audits it and returns the error to raise."""
+    try:
+        checked = check_base_url(
+            url,
+            allow_private=allow_private_user if own else allow_private,
+            switch="TVGATE_ALLOW_PRIVATE_USER_UPSTREAMS"
+            if own
+            else "TVGATE_ALLOW_PRIVATE_UPSTREAMS",
+        )
+        check_not_this_gateway(checked, gateway_urls)
+    except ServiceError as error:
+        raise refused(error) from None
+    return checked
+
+
+def _refuse_base_url(
+    actor: Principal | None, org_id: int, action: str, target: str, error: ServiceError
+) -> ServiceError:
+    """Audit a refused base URL (where a key's secret would have been sent) in the org."""
+    if actor is not None:
+        return _deny(actor, action, target, error)
+    audit(None, org_id, action, target, {"refused": str(error)}, allowed=False)
+    return error
 
 
 def _own_user(actor: Principal, email: str | None, action: str, target: str) -> User:
@@ -957,16 +1000,39 @@ def update_key(
     *,
     available_to_all: bool | None = None,
     max_concurrent: int | None = None,
+    base_url: str | None = None,
+    allow_private: bool = False,
+    allow_private_user: bool = False,
+    gateway_urls: Collection[str] = (),
     org_name: str | None = None,
     actor: Principal | None = None,
 ) -> KeyView:
-    """Change who may use an org key and the cap on calls open on a key at once, across
-    every gateway process (0: no cap). An org key is an admin's to change; a user's own
-    key its owner's (or an admin's), and it is only ever available to its owner."""
+    """Change who may use an org key, the cap on calls open on a key at once, across
+    every gateway process (0: no cap), and where the key's calls go. An org key is an
+    admin's to change; a user's own key its owner's (or an admin's), and it is only ever
+    available to its owner. A new base URL passes the checks of ``add_key`` (the three
+    settings of that name); a user's own key's only by its owner, since the owner's
+    secret goes wherever it points."""
     key = _key_for(name, org_name, actor)
     if actor is not None and actor.role == ROLE_AUDITOR:
         raise _deny(actor, "update key", name, Forbidden("auditors read; they change nothing"))
     changes: dict[str, Any] = {}
+    if base_url is not None:
+        if actor is not None and key.owner_id not in (None, actor.user_id):
+            error = Forbidden("only the owner of this key may change where its calls go")
+            raise _deny(actor, "update key", name, error)
+        if not isinstance(base_url, str):
+            raise ServiceError("base_url must be a string")
+        url = _key_base_url(
+            base_url,
+            own=key.owner_id is not None,
+            allow_private=allow_private,
+            allow_private_user=allow_private_user,
+            gateway_urls=gateway_urls,
+            refused=lambda error: _refuse_base_url(actor, key.org_id, "update key", name, error),
+        )
+        if key.base_url != url:
+            changes["base_url"] = url
     if available_to_all is not None:
         if not isinstance(available_to_all, bool):
             raise ServiceError("available_to_all must be true or false")
@@ -992,7 +1058,23 @@ def update_key(
                 {field: [before[field], value] for field, value in changes.items()},
             )
         key = ProviderKey.get_by_id(key.id)
+        if "base_url" in changes:
+            log.info("key %s of org %d: base URL changed", key.name, key.org_id)
+            # The route snapshot carries the base URL: this process calls the new one at once.
+            _key_changed(key)
     return KeyView.of(key)
+
+
+def record_key_uses(used: dict[int, float]) -> None:
+    """Write when keys were last sent upstream (key id -> time), in one statement for the
+    whole batch; a time is never moved back (another process may have written a later one)."""
+    if not used:
+        return
+    at = peewee.Case(ProviderKey.id, list(used.items()))
+    ProviderKey.update(last_used_at=at).where(
+        ProviderKey.id.in_(list(used))
+        & (ProviderKey.last_used_at.is_null() | (ProviderKey.last_used_at < at))
+    ).execute()
 
 
 def _check_secret(secret: str) -> str:
@@ -1109,7 +1191,8 @@ def delete_key(
         if routes and not force:
             raise ServiceError(
                 f"key {name!r} is used by routes {', '.join(sorted(routes))}; delete them "
-                "first, or delete the key with its routes (force)",
+                "first, or delete the key with its routes (tvgate keys delete --force, or "
+                "'also delete its routes' on the key's page)",
                 409,
             )
         Route.delete().where(Route.key == key.id).execute()
@@ -1288,6 +1371,13 @@ def _backend_counts() -> dict[str, int]:
 # --- routes ---
 
 
+#: A route's state in force (RouteView.state).
+ROUTE_ENABLED = "enabled"
+ROUTE_DISABLED = "disabled"
+ROUTE_KEY_DISABLED = "key disabled"
+ROUTE_DISABLED_BY_ORG = "disabled by org policy"
+
+
 @dataclass(frozen=True, slots=True)
 class RouteView:
     id: int
@@ -1297,12 +1387,14 @@ class RouteView:
     provider: str
     scope: str
     user: str | None
+    #: The route's own switch; ``state`` is what is in force.
     enabled: bool
     description: str
     fallbacks: tuple[str, ...] = ()
+    state: str = ROUTE_ENABLED
 
     @classmethod
-    def of(cls, route: Route) -> RouteView:
+    def of(cls, route: Route, org: Org) -> RouteView:
         return cls(
             id=route.id,
             name=route.name,
@@ -1314,6 +1406,7 @@ class RouteView:
             enabled=route.enabled,
             description=route.description,
             fallbacks=route_fallbacks(route),
+            state=route_state(route, org),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -1326,9 +1419,25 @@ class RouteView:
             "scope": self.scope,
             "user": self.user,
             "enabled": self.enabled,
+            "state": self.state,
             "description": self.description,
             "fallbacks": list(self.fallbacks),
         }
+
+
+def route_state(route: Route, org: Org) -> str:
+    """Whether the proxy uses the route now, by the same rules as RouteEntry.visible_to:
+    a user's own route, or a route on a user's own key, is off while the org's switch
+    for them is off, whatever the route's own switch says."""
+    if not route.enabled:
+        return ROUTE_DISABLED
+    if route.key.disabled:
+        return ROUTE_KEY_DISABLED
+    if (route.scope == SCOPE_OWNED and not org.allow_user_routes) or (
+        route.key.owner_id is not None and not org.allow_user_keys
+    ):
+        return ROUTE_DISABLED_BY_ORG
+    return ROUTE_ENABLED
 
 
 def route_fallbacks(route: Route) -> tuple[str, ...]:
@@ -1468,7 +1577,7 @@ def add_route(
                 "fallbacks": fallback_names,
             },
         )
-    return RouteView.of(route)
+    return RouteView.of(route, org)
 
 
 def _routes_query(org: Org) -> peewee.ModelSelect[Route]:
@@ -1487,7 +1596,7 @@ def list_routes(org_name: str | None = None, *, actor: Principal | None = None) 
     query = _routes_query(org)
     if actor is not None and actor.role == ROLE_MEMBER:
         query = query.where((Route.scope == SCOPE_ORG) | (Route.user == actor.user_id))
-    return [RouteView.of(r) for r in query]
+    return [RouteView.of(r, org) for r in query]
 
 
 def _editable_route(route_id: int, actor: Principal | None, action: str) -> Route:
@@ -1516,7 +1625,8 @@ def update_route(
     if unknown:
         raise ServiceError(f"cannot change {', '.join(sorted(unknown))}")
     route = _editable_route(route_id, actor, "update route")
-    before = RouteView.of(route).as_dict()
+    org = route.org
+    before = RouteView.of(route, org).as_dict()
     if "name" in changes:
         name = changes["name"]
         if not isinstance(name, str):
@@ -1559,7 +1669,7 @@ def update_route(
     try:
         with database.atomic():
             route.save()
-            after = RouteView.of(route).as_dict()
+            after = RouteView.of(route, org).as_dict()
             audit(
                 actor,
                 route.org_id,
@@ -1571,7 +1681,7 @@ def update_route(
         raise ServiceError(
             f"there is already a route named {route.name!r} in this scope", 409
         ) from None
-    return RouteView.of(route)
+    return RouteView.of(route, org)
 
 
 def delete_route(route_id: int, *, actor: Principal | None = None) -> None:
@@ -1647,7 +1757,7 @@ def resolve_route(
         )
     route = Route.select(Route, ProviderKey).join(ProviderKey).where(Route.id == entry.id).get()
     return Resolution(
-        name, user.email, RouteView.of(route), entry.upstream_model_for(name), "", available
+        name, user.email, RouteView.of(route, org), entry.upstream_model_for(name), "", available
     )
 
 
@@ -2552,6 +2662,8 @@ def export_traces(
 
 #: A price's fields, USD per million tokens.
 PRICE_FIELDS = ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok")
+#: Those every price must give (the cache prices are 0 unless given).
+REQUIRED_PRICE_FIELDS = PRICE_FIELDS[:2]
 
 
 def _price_dict(price: ModelPrice, org: Org | None) -> dict[str, Any]:
@@ -2587,6 +2699,10 @@ def _check_prices(prices: dict[str, Any]) -> dict[str, float]:
             f"unknown price field(s): {', '.join(unknown)}; prices are set for your own org"
             f" (give {', '.join(PRICE_FIELDS)})"
         )
+    # A price without its input or output figure would charge $0 for it, silently.
+    missing = [name for name in REQUIRED_PRICE_FIELDS if name not in prices]
+    if missing:
+        raise ServiceError(f"missing price field(s): {', '.join(missing)} (USD per million tokens)")
     values = {}
     for name in PRICE_FIELDS:
         value = prices.get(name, 0.0)

@@ -10,6 +10,12 @@ from tvgate.forwarded import client_address
 from tvgate.gateway import Gateway
 from tvgate.models import PROVIDER_ANTHROPIC, PROVIDER_OPENAI
 from tvgate.providers import error_body
+from tvgate.providers.misdirected import (
+    ERROR_CODE,
+    ERROR_TYPE,
+    envelope_is_anthropic,
+    unknown_endpoint,
+)
 
 #: Strict-Transport-Security when ``public_url`` is https: a year, subdomains too.
 HSTS = "max-age=31536000; includeSubDomains"
@@ -69,9 +75,26 @@ class BaseHandler(RequestHandler):
 
 
 class NotFoundHandler(BaseHandler):
-    """Any path tvgate does not serve: a 404 in the API's envelope."""
+    """Any path tvgate does not serve: the endpoint does not exist, in the envelope of the
+    API the request looks like, with a hint at the base URL (``tvgate.providers.misdirected``)."""
 
     def prepare(self) -> None:
-        self.send_api_error(
-            404, f"tvgate has no endpoint {self.request.method} {self.request.path}"
+        request = self.request
+        unknown = unknown_endpoint(
+            request.method or "GET", request.path, self.gateway.settings.base_url
+        )
+        anthropic = envelope_is_anthropic(
+            unknown, self.error_provider(), "x-api-key" in request.headers
+        )
+        self.clear()
+        self.set_status(unknown.status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(
+            error_body(
+                PROVIDER_ANTHROPIC if anthropic else PROVIDER_OPENAI,
+                unknown.status,
+                unknown.message,
+                kind=ERROR_TYPE,
+                code=ERROR_CODE,
+            )
         )

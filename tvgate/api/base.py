@@ -8,7 +8,7 @@ answers ``{"error": {"status": …, "type": …, "message": …}}``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 import orjson
@@ -129,6 +129,24 @@ class APIHandler(BaseHandler):
                 }
             )
         )
+
+
+def check_fields(
+    body: dict[str, Any], allowed: Collection[str], required: Collection[str] = ()
+) -> None:
+    """Refuse a body with a field the endpoint does not take, or without one it needs:
+    a misspelt field is never ignored (nor its default stored in its place). Every
+    endpoint with a body calls this first, before any change."""
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise APIError(
+            400,
+            f"unknown fields: {', '.join(unknown)} (this endpoint takes "
+            f"{', '.join(sorted(allowed))})",
+        )
+    missing = [name for name in required if name not in body]
+    if missing:
+        raise APIError(400, f"missing required fields: {', '.join(missing)}")
 
 
 def int_arg(value: str, name: str) -> int:

@@ -4,20 +4,12 @@ requests. The services decide who may do what and write the audit log."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from tvgate import services
-from tvgate.api.base import APIError, int_arg
+from tvgate.api.base import APIError, check_fields, int_arg
 from tvgate.api.resources import ResourceHandler, _str
 
-_BUDGET_FIELDS = {"scope", "subject", "metric", "period", "amount", "warn_percent"}
-_LIMIT_FIELDS = {"scope", "subject", "rpm", "tpm"}
-
-
-def _only(body: dict[str, Any], allowed: set[str]) -> None:
-    unknown = set(body) - allowed
-    if unknown:
-        raise APIError(400, f"unknown fields: {', '.join(sorted(unknown))}")
+BUDGET_FIELDS = {"scope", "subject", "metric", "period", "amount", "warn_percent"}
+LIMIT_FIELDS = {"scope", "subject", "rpm", "tpm"}
 
 
 class BudgetsHandler(ResourceHandler):
@@ -28,12 +20,12 @@ class BudgetsHandler(ResourceHandler):
     async def post(self) -> None:
         """Set (create or replace) the budget of a subject for a metric and period."""
         body = self.body()
-        _only(body, _BUDGET_FIELDS)
+        check_fields(body, BUDGET_FIELDS, required=("metric", "period", "amount"))
         scope = _str(body, "scope", "org") or "org"
         subject = _str(body, "subject")
         metric, period = _str(body, "metric"), _str(body, "period")
-        if metric is None or period is None or "amount" not in body:
-            raise APIError(400, "metric, period and amount are required")
+        if metric is None or period is None:
+            raise APIError(400, "metric and period must not be null")
         amount, warn = body["amount"], body.get("warn_percent", 80.0)
         view = await self.service(
             lambda: services.set_budget(
@@ -67,7 +59,7 @@ class LimitsHandler(ResourceHandler):
         """Set the requests and tokens per minute of a subject; null lifts one, and with
         both null the limit is removed."""
         body = self.body()
-        _only(body, _LIMIT_FIELDS)
+        check_fields(body, LIMIT_FIELDS)
         scope = _str(body, "scope", "org") or "org"
         subject = _str(body, "subject")
         rpm, tpm = body.get("rpm"), body.get("tpm")

@@ -68,6 +68,7 @@ _ROUTE_CREATE = {
             "description": "route names tried in order when this route's provider fails",
         },
     },
+    "additionalProperties": False,
 }
 _ROUTE_PATCH = {
     "type": "object",
@@ -105,6 +106,7 @@ _KEY_CREATE = {
         "available_to_all": {"type": "boolean"},
         "max_concurrent": _MAX_CONCURRENT,
     },
+    "additionalProperties": False,
 }
 _SUBJECT = {
     "type": "string",
@@ -141,6 +143,7 @@ _TOKEN_CREATE = {
         "expires_days": {"type": "number", "exclusiveMinimum": 0},
         "user": _STR,
     },
+    "additionalProperties": False,
 }
 
 DOCUMENT: dict[str, Any] = {
@@ -201,13 +204,20 @@ DOCUMENT: dict[str, Any] = {
         "/api/v1/keys/{name}": {
             "parameters": [_path_param("name", _NAME)],
             "patch": _op(
-                "Change who may use an org key, or a key's concurrency cap",
+                "Change who may use an org key, a key's concurrency cap, or its base URL",
                 "200",
                 {
                     "type": "object",
                     "properties": {
                         "available_to_all": {"type": "boolean"},
                         "max_concurrent": _MAX_CONCURRENT,
+                        "base_url": {
+                            "type": "string",
+                            "description": "where the key's calls go from now on; checked as "
+                            "when a key is added (public https unless the operator allows "
+                            "private upstreams, no query, fragment or credentials, never "
+                            "this gateway); a user's own key's only by its owner",
+                        },
                     },
                     "minProperties": 1,
                     "additionalProperties": False,
@@ -226,6 +236,7 @@ DOCUMENT: dict[str, Any] = {
                         "users": {"type": "array", "items": _STR, "minItems": 1},
                         "revoke": {"type": "boolean"},
                     },
+                    "additionalProperties": False,
                 },
             ),
         },
@@ -241,6 +252,7 @@ DOCUMENT: dict[str, Any] = {
                         "role": {"type": "string", "enum": ["admin", "member", "auditor"]},
                         "disabled": {"type": "boolean"},
                     },
+                    "additionalProperties": False,
                 },
             ),
         },

@@ -10,7 +10,39 @@ from __future__ import annotations
 from typing import Any
 
 from tvgate import services
-from tvgate.api.base import APIError, APIHandler, int_arg
+from tvgate.api.base import APIError, APIHandler, check_fields, int_arg
+
+#: The fields each write endpoint takes (and those it needs); anything else is a 400.
+ROUTE_CREATE_FIELDS = {
+    "name",
+    "key",
+    "upstream_model",
+    "description",
+    "for_user",
+    "owner",
+    "enabled",
+    "fallbacks",
+}
+ROUTE_CHANGE_FIELDS = {"name", "key", "upstream_model", "description", "enabled", "fallbacks"}
+KEY_CREATE_FIELDS = {
+    "name",
+    "provider",
+    "secret",
+    "base_url",
+    "owner",
+    "available_to_all",
+    "max_concurrent",
+}
+KEY_CHANGE_FIELDS = {"available_to_all", "max_concurrent", "base_url"}
+GRANT_FIELDS = {"users", "revoke"}
+USER_CHANGE_FIELDS = {"role", "disabled"}
+POLICY_FIELDS = {
+    "allow_user_keys",
+    "allow_user_routes",
+    "capture_bodies",
+    "retention_days",
+    "redaction_patterns",
+}
 
 
 def _str(body: dict[str, Any], name: str, default: str | None = None) -> str | None:
@@ -79,6 +111,7 @@ class RoutesHandler(ResourceHandler):
 
     async def post(self) -> None:
         body = self.body()
+        check_fields(body, ROUTE_CREATE_FIELDS, required=("name", "key"))
         name, key = _required_str(body, "name"), _required_str(body, "key")
         model = _str(body, "upstream_model", "") or ""
         description = _str(body, "description", "") or ""
@@ -114,6 +147,7 @@ class RouteHandler(ResourceHandler):
     async def patch(self, route_id: str) -> None:
         ident = int_arg(route_id, "route id")
         changes = self.body()
+        check_fields(changes, ROUTE_CHANGE_FIELDS)
         route = await self.service(
             lambda: services.update_route(ident, changes, actor=self.principal)
         )
@@ -146,6 +180,7 @@ class KeysHandler(ResourceHandler):
 
     async def post(self) -> None:
         body = self.body()
+        check_fields(body, KEY_CREATE_FIELDS, required=("name", "provider", "secret"))
         name = _required_str(body, "name")
         provider = _required_str(body, "provider")
         secret = _required_str(body, "secret")
@@ -176,18 +211,24 @@ class KeysHandler(ResourceHandler):
 class KeyHandler(ResourceHandler):
     async def patch(self, name: str) -> None:
         body = self.body()
-        unknown = set(body) - {"available_to_all", "max_concurrent"}
-        if unknown:
-            raise APIError(400, f"cannot change {', '.join(sorted(unknown))}")
+        check_fields(body, KEY_CHANGE_FIELDS)
         available = _bool(body, "available_to_all")
         max_concurrent = _int(body, "max_concurrent")
-        if available is None and max_concurrent is None:
-            raise APIError(400, "nothing to change: give available_to_all or max_concurrent")
+        base_url = _str(body, "base_url")
+        if available is None and max_concurrent is None and base_url is None:
+            raise APIError(
+                400, "nothing to change: give available_to_all, max_concurrent or base_url"
+            )
+        settings = self.gateway.settings
         view = await self.service(
             lambda: services.update_key(
                 name,
                 available_to_all=available,
                 max_concurrent=max_concurrent,
+                base_url=base_url,
+                allow_private=settings.allow_private_upstreams,
+                allow_private_user=settings.allow_private_user_upstreams,
+                gateway_urls=settings.gateway_urls,
                 actor=self.principal,
             )
         )
@@ -198,6 +239,7 @@ class KeyHandler(ResourceHandler):
 class KeyGrantsHandler(ResourceHandler):
     async def post(self, name: str) -> None:
         body = self.body()
+        check_fields(body, GRANT_FIELDS, required=("users",))
         users = body.get("users")
         if not isinstance(users, list) or not users or not all(isinstance(u, str) for u in users):
             raise APIError(400, "users must be a non-empty list of emails")
@@ -218,6 +260,7 @@ class UsersHandler(ResourceHandler):
 class UserHandler(ResourceHandler):
     async def patch(self, email: str) -> None:
         body = self.body()
+        check_fields(body, USER_CHANGE_FIELDS)
         role, disabled = _str(body, "role"), _bool(body, "disabled")
         if role is None and disabled is None:
             raise APIError(400, "nothing to change: give role or disabled")
@@ -235,15 +278,7 @@ class PolicyHandler(ResourceHandler):
 
     async def patch(self) -> None:
         body = self.body()
-        unknown = set(body) - {
-            "allow_user_keys",
-            "allow_user_routes",
-            "capture_bodies",
-            "retention_days",
-            "redaction_patterns",
-        }
-        if unknown:
-            raise APIError(400, f"unknown policy fields: {', '.join(sorted(unknown))}")
+        check_fields(body, POLICY_FIELDS)
         keys, routes, capture = (
             _bool(body, "allow_user_keys"),
             _bool(body, "allow_user_routes"),

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from tvgate import services
-from tvgate.api.base import APIError, APIHandler, int_arg
+from tvgate.api.base import APIError, APIHandler, check_fields, int_arg
 from tvgate.identity import VIA_VISDOM
+
+TOKEN_CREATE_FIELDS = {"name", "expires_days", "user"}
 
 
 class TokensHandler(APIHandler):
@@ -19,6 +21,7 @@ class TokensHandler(APIHandler):
 
     async def post(self) -> None:
         body = self.body()
+        check_fields(body, TOKEN_CREATE_FIELDS)
         name = body.get("name", "")
         expires_days = body.get("expires_days")
         email = body.get("user", self.principal.email)

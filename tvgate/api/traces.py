@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tvgate import services
-from tvgate.api.base import APIError, APIHandler, int_arg
+from tvgate.api.base import APIHandler, check_fields, int_arg
 
 
 class TracesHandler(APIHandler):
@@ -45,8 +45,7 @@ class PriceHandler(APIHandler):
 
     async def put(self, model: str) -> None:
         body = self.body()
-        if not body:
-            raise APIError(400, "give input_per_mtok and output_per_mtok (USD per million tokens)")
+        check_fields(body, services.PRICE_FIELDS, required=services.REQUIRED_PRICE_FIELDS)
         price = await self.service(lambda: services.set_price(model, body, actor=self.principal))
         self.send(price)
 

@@ -20,7 +20,7 @@ import time
 
 from tvgate import services
 from tvgate.identity import Principal, SealedOrigin
-from tvgate.keyring import SEALED_SESSION_ORIGIN, Keyring
+from tvgate.keyring import SEALED_SESSION_FLASH, SEALED_SESSION_ORIGIN, KeyContext, Keyring
 from tvgate.models import LoginFailure, Org, ProxyToken, User, WebSession, database
 
 #: Touch ``last_seen_at`` at most this often (seconds): a page view is not a write.
@@ -122,6 +122,37 @@ def _token_alive(token: ProxyToken | None, now: float) -> bool:
         and token.revoked_at is None
         and (token.expires_at is None or token.expires_at > now)
     )
+
+
+def _flash_context(principal: Principal) -> KeyContext:
+    assert principal.session_id is not None, "a web session's principal"
+    return KeyContext(
+        principal.org_id, principal.session_id, principal.user_id, kind=SEALED_SESSION_FLASH
+    )
+
+
+def hold_once(principal: Principal, secret: str, keyring: Keyring) -> None:
+    """Keep ``secret`` in the principal's web session, sealed, for the next page to show
+    once (post/redirect/get without the secret in a URL or a cookie; runs in the pool)."""
+    sealed = keyring.encrypt(secret, _flash_context(principal))
+    WebSession.update(flash=sealed).where(WebSession.id == principal.session_id).execute()
+
+
+def take_once(principal: Principal, keyring: Keyring) -> str:
+    """The secret held in the principal's web session, or ""; it is gone once taken, so a
+    reload or a second tab finds nothing (runs in the pool)."""
+    row = WebSession.get_or_none(WebSession.id == principal.session_id)
+    if row is None or not row.flash:
+        return ""
+    # Opened before it is cleared, so a key store that is away loses nothing; cleared only
+    # while it is still this ciphertext, so of two pages at once one shows it.
+    secret = keyring.decrypt(row.flash, _flash_context(principal))
+    taken = (
+        WebSession.update(flash=None)
+        .where(WebSession.id == row.id, WebSession.flash == row.flash)
+        .execute()
+    )
+    return secret if taken else ""
 
 
 def end_session(session_id: str) -> None:

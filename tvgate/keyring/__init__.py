@@ -29,10 +29,12 @@ class KeyringUnavailable(Exception):
     """The key store could not be reached; requests that need a key get a 503."""
 
 
-#: What a ciphertext holds: a provider key, or a credential tvgate keeps to re-check.
+#: What a ciphertext holds: a provider key, a credential tvgate keeps to re-check, or a
+#: new proxy token a web session shows once.
 SEALED_KEY = "key"
 SEALED_TOKEN_ORIGIN = "token-origin"  # noqa: S105 - a kind of ciphertext, not a secret
 SEALED_SESSION_ORIGIN = "session-origin"
+SEALED_SESSION_FLASH = "session-flash"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +103,8 @@ class KeyringSet:
         self.primary = primary
         self.name = primary.name
         self.readers = {primary.name: primary, **readers}
+        #: The backends a ciphertext needed that this process does not have, warned of once.
+        self._missing_warned: set[str] = set()
 
     def encrypt(self, plaintext: str, context: KeyContext) -> str:
         return self.primary.encrypt(plaintext, context)
@@ -116,10 +120,34 @@ class KeyringSet:
     def backend(self, name: str) -> Keyring:
         reader = self.readers.get(name)
         if reader is None:
+            self._warn_missing(name)
             raise KeyringError(
                 f"this key was encrypted by the {name} keyring, which is not configured here"
             )
         return reader
+
+    def _warn_missing(self, name: str) -> None:
+        """Once per backend: the keys it encrypted cannot be used here, and what to set."""
+        if name in self._missing_warned:
+            return
+        self._missing_warned.add(name)
+        if name == "vault":
+            log.warning(
+                "a key is a Vault ciphertext (vault:v…) and no Vault is configured here: "
+                "set TVGATE_VAULT_ADDR with TVGATE_VAULT_ROLE_ID and TVGATE_VAULT_SECRET_ID "
+                "(or TVGATE_VAULT_TOKEN), or replace the key's secret (tvgate keys rotate)"
+            )
+        elif name == "local":
+            log.warning(
+                "a key is a local-keyring ciphertext (local:v1:…) and this process has no "
+                "master key: set TVGATE_MASTER_KEY (or put master.key in the data directory), "
+                "or replace the key's secret (tvgate keys rotate)"
+            )
+        else:
+            log.warning(
+                "a key's ciphertext has no known keyring prefix (neither local: nor vault:): "
+                "replace the key's secret (tvgate keys rotate)"
+            )
 
 
 def build_keyring(settings: Settings) -> KeyringSet:

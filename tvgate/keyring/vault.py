@@ -389,8 +389,8 @@ class VaultKeyring:
             raise self._unavailable(
                 what, f"vault did not answer within {self.timeout:g} s", _Timeout
             ) from None
-        except requests.exceptions.RequestException:
-            raise self._unavailable(what, "vault is unreachable") from None
+        except requests.exceptions.RequestException as exc:
+            raise self._unavailable(what, _unreachable_cause(exc)) from None
         self._mark_available()
         return result
 
@@ -440,7 +440,8 @@ class VaultKeyring:
         message = f"cannot {what}: {cause}"
         if cause != self._failure:
             self._failure = cause
-            log.warning("%s", message)
+            # The address only in the log: the message also reaches /readyz.
+            log.warning("%s (vault at %s)", message, self.addr)
         return kind(message)
 
     def _denied(self, what: str) -> _Denied:
@@ -449,6 +450,18 @@ class VaultKeyring:
             self._failure = "denied"
             log.warning("%s", message)
         return _Denied(message)
+
+
+def _unreachable_cause(exc: requests.exceptions.RequestException) -> str:
+    """Why a request did not reach Vault, in words: refused, no such host, TLS."""
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "the TLS handshake with vault failed (is its CA in TVGATE_VAULT_CA_CERT?)"
+    text = str(exc)
+    if "Connection refused" in text:
+        return "vault is unreachable: connection refused (is it running on that port?)"
+    if "NameResolutionError" in text or "Name or service not known" in text:
+        return "vault is unreachable: its host name does not resolve"
+    return "vault is unreachable"
 
 
 class _Denied(KeyringUnavailable):

@@ -81,13 +81,25 @@ _OPENAI_TYPES = {
 }
 
 
-def error_body(provider: str, status: int, message: str) -> bytes:
-    """The JSON error envelope of ``provider``'s API for an error tvgate raises."""
+def error_body(
+    provider: str, status: int, message: str, *, kind: str = "", code: str = ""
+) -> bytes:
+    """The JSON error envelope of ``provider``'s API for an error tvgate raises; ``kind``
+    and ``code`` replace the type and (OpenAI's) code the status would give."""
     if provider == PROVIDER_ANTHROPIC:
-        kind = _ANTHROPIC_TYPES.get(status, "api_error")
+        kind = kind or _ANTHROPIC_TYPES.get(status, "api_error")
         return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
-    kind, code = _OPENAI_TYPES.get(status, ("server_error", None))
-    return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
+    status_kind, status_code = _OPENAI_TYPES.get(status, ("server_error", None))
+    return orjson.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": kind or status_kind,
+                "param": None,
+                "code": code or status_code,
+            }
+        }
+    )
 
 
 def stream_error_event(api: str, message: str, kind: str = "api_error") -> bytes:

@@ -57,8 +57,6 @@ from tvgate.proxy.body import BodyError, ParsedBody, decode_content, parse_reque
 from tvgate.proxy.hops import HOP_HEADER, incoming_marks, is_loop, outgoing_marks
 from tvgate.proxy.scrub import KeyScrubber
 from tvgate.proxy.upstream import (
-    CURLE_COULDNT_CONNECT,
-    CURLE_COULDNT_RESOLVE_HOST,
     CURLE_OPERATION_TIMEDOUT,
     UpstreamExchange,
     UpstreamResult,
@@ -430,7 +428,7 @@ class ProxyCall:
             if isinstance(exc, KeyringUnavailable):
                 status, message = 503, "the key store is unavailable; try again shortly"
             else:
-                log.error("key %s of org %d does not decrypt", key.name, key.org_id)
+                log.error("key %s of org %d does not decrypt: %s", key.name, key.org_id, exc)
                 status = 502
                 message = f"the key of route {entry.name!r} cannot be used; ask an admin"
             if is_fallback:
@@ -444,6 +442,7 @@ class ProxyCall:
             self.outcome = self.gone_outcome
             return True
         self.scrubber.add(secret)
+        self.gateway.key_uses.record(key.id)
         return await self._forward(secret)
 
     async def _forward(self, secret: str) -> bool:
@@ -477,6 +476,8 @@ class ProxyCall:
                 "which tvgate neither follows nor relays",
             )
         elapsed = (time.perf_counter() - started) * 1000
+        if result.failed and not self.client_gone:
+            self._log_failure(result)
         held = self.holding
         if held is not None:
             # The provider failed in a way a fallback may mend, and the client has seen none
@@ -510,6 +511,20 @@ class ProxyCall:
                 elapsed,
             )
         return True
+
+    def _log_failure(self, result: UpstreamResult) -> None:
+        """A transfer failed (not the client's doing): a warning an operator can act on."""
+        assert self.route is not None
+        key = self.route.key
+        log.warning(
+            "provider call of org %d on route %r (key %r) failed: %s (curl error %d: %s)",
+            key.org_id,
+            self.route.name,
+            key.name,
+            result.describe(),
+            result.curl_error,
+            self.scrubber.text(result.message),
+        )
 
     def _answer_last_failure(self) -> None:
         """Every route failed: the client gets the last provider failure, as it came."""
@@ -951,11 +966,10 @@ class _HeldAnswer:
 
 
 def _classify(result: UpstreamResult) -> tuple[int, str, str]:
-    """(status, message, outcome) for a transfer that failed."""
+    """(status, message, outcome) for a transfer that failed; the message names the
+    provider's host and the cause (``UpstreamResult.describe``)."""
     if result.refused:
-        return 502, result.refused, OUTCOME_UPSTREAM_ERROR
+        return 502, result.describe(), OUTCOME_UPSTREAM_ERROR
     if result.timed_out or result.curl_error == CURLE_OPERATION_TIMEDOUT:
-        return 504, "timed out waiting for the provider", OUTCOME_TIMEOUT
-    if result.curl_error in (CURLE_COULDNT_RESOLVE_HOST, CURLE_COULDNT_CONNECT):
-        return 502, "could not connect to the provider", OUTCOME_UPSTREAM_ERROR
-    return 502, "the connection to the provider failed", OUTCOME_UPSTREAM_ERROR
+        return 504, result.describe(), OUTCOME_TIMEOUT
+    return 502, result.describe(), OUTCOME_UPSTREAM_ERROR

@@ -15,6 +15,8 @@ exactly as with the stock client; what changes is the work done per request:
   dropped, so the handle holds no reference to the caller), and so are the
   body and the headers (which carry the provider key). An option this module
   does not know how to restore makes it fall back to a full ``curl.reset()``.
+* A failed transfer's ``CurlError`` also carries ``os_errno``, the system's
+  error number of its last socket call (refused, unreachable, ...).
 * The response is not buffered: the caller's ``prepare_curl_callback`` installs
   its own header and write functions (``UpstreamExchange`` does), so the
   ``HTTPResponse`` carries the status code only; no header parsing, no body
@@ -300,7 +302,11 @@ class UpstreamCurlClient(CurlAsyncHTTPClient):
         request, callback, started = self._running.pop(curl)
         self._multi.remove_handle(curl)
         if curl_error:
-            response = HTTPResponse(request, 599, error=CurlError(curl_error, curl_message or ""))
+            error = CurlError(curl_error, curl_message or "")
+            # Why the last socket call failed (ECONNREFUSED, EHOSTUNREACH, ...): curl's own
+            # message no longer tells them apart. Read now: the handle is reused after this.
+            error.os_errno = curl.getinfo(pycurl.OS_ERRNO)  # type: ignore[attr-defined]
+            response = HTTPResponse(request, 599, error=error)
         else:
             # The caller's header and write functions had the headers and the body; what
             # fetch() needs is the status (raise_error=False returns error statuses).

@@ -13,17 +13,24 @@ extra hop per chunk. That also gives tvgate the controls Tornado does not offer:
 * an idle timeout instead of a whole-transfer timeout (``LOW_SPEED_*``), so a
   long stream lives as long as bytes keep coming;
 * an address check on every connection, after DNS (``OPENSOCKETFUNCTION``).
+
+A transfer that fails says where and why (``UpstreamResult.describe``): the
+provider's host and a short cause (DNS, refused, TLS, timeout), which the
+client, the trace and the log are told. Neither is a secret; the URL's path,
+query and user info, and every header, are left out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
 import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import pycurl
 from tornado.curl_httpclient import CurlAsyncHTTPClient, CurlError
@@ -35,7 +42,42 @@ CURLE_COULDNT_RESOLVE_HOST = 6
 CURLE_COULDNT_CONNECT = 7
 CURLE_WRITE_ERROR = 23
 CURLE_OPERATION_TIMEDOUT = 28
+CURLE_SSL_CONNECT_ERROR = 35
 CURLE_ABORTED_BY_CALLBACK = 42
+CURLE_PEER_FAILED_VERIFICATION = 60
+
+#: What each curl error of the connection stage says went wrong, in a few words.
+#: (51 is the verification failure of libcurl before 7.62, which merged it into 60.)
+_CONNECT_CAUSES = {
+    CURLE_COULDNT_RESOLVE_HOST: "DNS lookup failed: the host name does not resolve",
+    CURLE_SSL_CONNECT_ERROR: "TLS handshake failed (is it an https server on that port?)",
+    51: "TLS certificate not trusted (self-signed, expired, or for another host name)",
+    53: "TLS setup failed in tvgate (crypto engine not found)",
+    58: "TLS setup failed in tvgate (client certificate problem)",
+    59: "TLS handshake failed: no cipher in common",
+    CURLE_PEER_FAILED_VERIFICATION: (
+        "TLS certificate not trusted (self-signed, expired, or for another host name)"
+    ),
+    77: "TLS setup failed in tvgate: its CA certificates cannot be read",
+    83: "TLS certificate not trusted (issuer check failed)",
+    90: "TLS certificate does not match the pinned public key",
+    91: "TLS certificate status is invalid",
+}
+#: Failures once connected: the request went out, or was going out, and this came back.
+_EXCHANGE_CAUSES = {
+    1: "the URL's scheme is neither http nor https",
+    8: "the provider's answer is not HTTP",
+    52: "the provider closed the connection without answering",
+    55: "sending the request failed (the connection was reset)",
+    56: "the connection was reset while the answer was coming",
+}
+#: Why a connection attempt failed (curl's 7), by the system's error number.
+_SOCKET_CAUSES = {
+    errno.ECONNREFUSED: "connection refused (nothing listens on that port)",
+    errno.EHOSTUNREACH: "the host is unreachable (no route to it)",
+    errno.ENETUNREACH: "the network is unreachable",
+    errno.ETIMEDOUT: "the connection attempt timed out",
+}
 
 log = logging.getLogger("tvgate.proxy")
 
@@ -56,11 +98,69 @@ class UpstreamResult:
     refused: str = ""
     #: The provider sent nothing for longer than the idle timeout.
     timed_out: bool = False
+    #: Set when the transfer failed: the provider's host (and port, if the URL has one).
+    host: str = ""
+    #: Set when the transfer failed: what went wrong, in a few words (``failure_cause``).
+    cause: str = ""
+    #: The failure happened before the provider was connected to (DNS, TCP, TLS).
+    connecting: bool = False
 
     @property
     def failed(self) -> bool:
         """The transfer did not complete, or what came is not to be passed on (refused)."""
         return self.curl_error != 0 or bool(self.refused)
+
+    def describe(self) -> str:
+        """What the client, the trace and the log are told of a failed transfer."""
+        if self.connecting:
+            return f"could not connect to the provider at {self.host}: {self.cause}"
+        if self.refused:
+            return self.refused  # what came was refused (a redirect, a private address)
+        if self.timed_out or self.curl_error == CURLE_OPERATION_TIMEDOUT:
+            return f"timed out waiting for the provider at {self.host}: {self.cause}"
+        return f"the connection to the provider failed at {self.host}: {self.cause}"
+
+
+def url_host(url: str) -> str:
+    """The host of ``url`` (with its port when the URL names one), without user info."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address, written as in a URL
+    with contextlib.suppress(ValueError):
+        if parts.port is not None:
+            return f"{host}:{parts.port}"
+    return host
+
+
+def failure_cause(
+    curl_error: int,
+    curl_message: str,
+    os_errno: int,
+    *,
+    timed_out: bool,
+    connect_timeout: float,
+    idle_timeout: int,
+) -> tuple[str, bool]:
+    """(cause, while connecting) of a failed transfer, from curl's error code, its message
+    and the system's error number of the last socket call."""
+    if timed_out or "too slow" in curl_message.lower():
+        # tvgate's idle timeout (the progress function), or curl's own low-speed check.
+        return f"nothing received for {idle_timeout} s (TVGATE_IDLE_TIMEOUT)", False
+    if curl_error == CURLE_OPERATION_TIMEDOUT:
+        # CONNECTTIMEOUT covers the DNS lookup, the TCP connection and the TLS handshake.
+        if "resolv" in curl_message.lower():
+            return f"DNS lookup timed out after {connect_timeout:g} s", True
+        return (
+            f"no connection within {connect_timeout:g} s (TVGATE_CONNECT_TIMEOUT): "
+            "the host does not answer, or the TLS handshake did not finish",
+            True,
+        )
+    if curl_error == CURLE_COULDNT_CONNECT:
+        return _SOCKET_CAUSES.get(os_errno, "the connection failed"), True
+    if curl_error in _CONNECT_CAUSES:
+        return _CONNECT_CAUSES[curl_error], True
+    return _EXCHANGE_CAUSES.get(curl_error, f"curl error {curl_error}"), False
 
 
 #: IPv6 ranges that are never a provider: site-local (deprecated), IPv4-compatible
@@ -125,6 +225,8 @@ class UpstreamExchange:
         self.client = client
         self.listener: UpstreamListener | None = listener
         self.allow_private = allow_private
+        self.url = url
+        self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.aborted = False
         self.paused = False
@@ -236,12 +338,29 @@ class UpstreamExchange:
             # raise_error=False returns HTTP error statuses; transport failures still raise.
             await self.client.fetch(request, raise_error=False)
         except CurlError as exc:
-            return UpstreamResult(int(exc.errno), exc.message or "", self.refused, self.timed_out)
+            return self._failure(int(exc.errno), exc.message or "", getattr(exc, "os_errno", 0))
         finally:
             # The curl handle goes back to Tornado's pool; keep it from holding our listener.
             self.listener = None
             self._curl = None
         return UpstreamResult(0, "", self.refused)
+
+    def _failure(self, curl_error: int, message: str, os_errno: int) -> UpstreamResult:
+        host = url_host(self.url)
+        cause, connecting = failure_cause(
+            curl_error,
+            message,
+            os_errno,
+            timed_out=self.timed_out,
+            connect_timeout=self.connect_timeout,
+            idle_timeout=self.idle_timeout,
+        )
+        if self.refused:
+            # The address check (OPENSOCKETFUNCTION) refused every address the host had.
+            cause, connecting = self.refused, True
+        return UpstreamResult(
+            curl_error, message, self.refused, self.timed_out, host, cause, connecting
+        )
 
 
 def upstream_url(base_url: str, path: str, query: str) -> str:
