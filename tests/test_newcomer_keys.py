@@ -147,6 +147,21 @@ PRIVATE_REFUSED = {
 }
 
 
+@pytest.fixture(autouse=True)
+def no_keys_left(gateway: GatewayProcess) -> Iterator[None]:
+    """The keys a test adds to acme on the shared gateway go with it, with their routes:
+    other modules assert the exact list of acme's routes."""
+    yield
+    gateway.bind()
+    added = (
+        ProviderKey.select(ProviderKey.name)
+        .join(Org)
+        .where((Org.name == "acme") & ProviderKey.name.startswith("nk-"))
+    )
+    for key in list(added):
+        services.delete_key(key.name, org_name="acme", force=True)
+
+
 @pytest.fixture(scope="module")
 def strict(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
     """A second gateway on the same database with private upstreams refused (the default)."""

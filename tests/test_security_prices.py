@@ -470,7 +470,7 @@ def test_a_members_private_base_url_needs_the_user_switch(
     dev = user_keys_org.tokens["dev"]
     refused = add_key(user_switch_off, dev, "own-refused", fake_provider.url)
     assert refused.status_code == 400, refused.text
-    assert "allow_private_user_upstreams" in refused.json()["error"]["message"]
+    assert "TVGATE_ALLOW_PRIVATE_USER_UPSTREAMS" in refused.json()["error"]["message"]
     # The admin's org key on the same gateway: the operator's switch is on.
     admin = add_key(
         user_switch_off, user_keys_org.tokens["admin"], "org-private", fake_provider.url
