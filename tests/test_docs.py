@@ -219,7 +219,14 @@ def _check_output(walk: Walk, command: str, out: str) -> None:
         variable = re.search(r"\$(\w+)", command)
         assert variable is not None
         assert words[3] in out and walk.secrets[variable.group(1)][-4:] in out, out
-    elif verb in ("users add", "routes add", "keys disable", "keys enable", "keys delete"):
+    elif verb in (
+        "users add",
+        "routes add",
+        "keys set",
+        "keys disable",
+        "keys enable",
+        "keys delete",
+    ):
         assert words[3] in out, out
     elif verb == "keys list":
         assert "org-anthropic-key" in out and "org-openai-key" in out, out

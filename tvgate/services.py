@@ -1067,12 +1067,14 @@ def update_key(
 
 def record_key_uses(used: dict[int, float]) -> None:
     """Write when keys were last sent upstream (key id -> time), in one statement for the
-    whole batch; a time is never moved back (another process may have written a later one)."""
+    whole batch; a time is never moved back (another process may have written a later one),
+    and never put on a key made after it (SQLite gives a deleted key's id to the next one)."""
     if not used:
         return
     at = peewee.Case(ProviderKey.id, list(used.items()))
     ProviderKey.update(last_used_at=at).where(
         ProviderKey.id.in_(list(used))
+        & (ProviderKey.created_at <= at)
         & (ProviderKey.last_used_at.is_null() | (ProviderKey.last_used_at < at))
     ).execute()
 
