@@ -8,9 +8,15 @@ playbook again, which must change nothing. The gateway it deployed then answers
 ``/readyz`` against PostgreSQL and OpenBao, encrypts a key added with the deployed
 ``tvgate`` command with Vault's transit engine, and streams a call from the fake
 provider through nginx. ``ansible-lint`` passes on the roles and the unit files pass
-``systemd-analyze verify``. Everything the playbook started is stopped at the end
+``systemd-analyze verify``; a variable of the wrong type or choice is refused by the
+role's ``meta/argument_specs.yml`` before any task runs, and every role documents and
+specifies each of its variables. Everything the playbook started is stopped at the end
 (and at the start, if an earlier run was cut short). It needs root (it installs
 Debian packages and writes /etc and /opt).
+
+PID 1 is not systemd here: the playbook runs with ``ansible/tests/bin`` first on PATH,
+whose ``systemctl`` stands in for systemd's, so that the roles' own systemd tasks and
+handlers run as they do on a VM (ansible/tests/README.md).
 """
 
 from __future__ import annotations
@@ -26,17 +32,25 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from subprocess import CompletedProcess
+from typing import Any
 
 import httpx2
 import orjson
 import psycopg2
 import pytest
+import yaml
 
 from tests.conftest import ANTHROPIC_SECRET, ROOT
 from tests.fake_provider import FakeProvider
 
 ANSIBLE_DIR = ROOT / "ansible"
+ROLES = ("postgresql", "openbao", "tvgate", "nginx")
 BIN = Path(sys.executable).parent
+# The stand-in for systemctl (ansible/tests/README.md) and where it keeps its state.
+SYSTEMCTL = ANSIBLE_DIR / "tests" / "bin" / "systemctl"
+SYSTEMCTL_STATE = Path("/run/tvgate-test-systemctl")
+UNITS_STARTED = ("tvgate", "nginx", "openbao", "postgresql@15-tvgate_test")
 # The ports and paths of ansible/inventories/test/group_vars/all.yml.
 GATEWAY = "http://127.0.0.1:18480"
 METRICS_PORTS = (18490, 18491)
@@ -45,6 +59,9 @@ NGINX_CERT = "/etc/nginx/tls/tvgate.crt"
 OPENBAO = "https://127.0.0.1:18200"
 OPENBAO_CERT = "/etc/openbao/tls/openbao.crt"
 BAO = "/opt/openbao/venv/bin/bao"
+# The test inventory's install prefix and operators' command (not the roles' defaults).
+TVGATE_BIN = "/opt/tvgate-test/venv/bin/tvgate"
+TVGATE_CLI = "/usr/local/bin/tvgate-test"
 # Where the tvgate role keeps the AppRole credentials `tvgate vault setup` issued.
 VAULT_ENV = Path("/etc/tvgate/vault.env")
 PG_DSN = (
@@ -68,19 +85,16 @@ def ansible_env() -> dict[str, str]:
             "ANSIBLE_NOCOLOR": "1",
             "ANSIBLE_FORCE_COLOR": "0",
             "PY_COLORS": "0",
-            "PATH": f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}",
+            "PATH": f"{SYSTEMCTL.parent}:{BIN}:{env.get('PATH', '/usr/bin:/bin')}",
         }
     )
     return env
 
 
-def run_playbook(
-    log: Path, *args: str, env: dict[str, str] | None = None
-) -> tuple[dict[str, int], float]:
-    """Run site.yml with the test inventory; the recap counts and the run time."""
-    started = time.monotonic()
-    result = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", "inventories/test", "site.yml", *args],
+def ansible(command: str, *args: str, env: dict[str, str] | None = None) -> CompletedProcess[str]:
+    """Run an Ansible command in ansible/, its output captured."""
+    return subprocess.run(
+        [str(BIN / command), *args],
         cwd=ANSIBLE_DIR,
         env={**ansible_env(), **(env or {})},
         capture_output=True,
@@ -88,6 +102,14 @@ def run_playbook(
         timeout=600,
         check=False,
     )
+
+
+def run_playbook(
+    log: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[dict[str, int], float]:
+    """Run site.yml with the test inventory; the recap counts and the run time."""
+    started = time.monotonic()
+    result = ansible("ansible-playbook", "-i", "inventories/test", "site.yml", *args, env=env)
     elapsed = time.monotonic() - started
     log.write_text(result.stdout + result.stderr)
     recap = re.search(r"^localhost\s+:\s+(.*)$", result.stdout, re.M)
@@ -98,33 +120,10 @@ def run_playbook(
 
 def stop_deployed() -> None:
     """Stop what the playbook started (test machine only): tvgate, nginx, OpenBao, PostgreSQL."""
-    ssd = shutil.which("start-stop-daemon") or "/usr/sbin/start-stop-daemon"
-    for pidfile, schedule in (
-        ("/run/tvgate.pid", "TERM/30/KILL/5"),
-        ("/run/nginx.pid", "QUIT/10/TERM/5/KILL/5"),
-        ("/run/openbao.pid", "INT/30/KILL/5"),
-    ):
-        if Path(pidfile).exists():
-            subprocess.run(
-                [
-                    ssd,
-                    "--stop",
-                    "--quiet",
-                    "--pidfile",
-                    pidfile,
-                    "--remove-pidfile",
-                    "--retry",
-                    schedule,
-                ],
-                check=False,
-                timeout=60,
-            )
     subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", "15", "tvgate_test", "stop"],
-        check=False,
-        capture_output=True,
-        timeout=60,
+        [str(SYSTEMCTL), "stop", *UNITS_STARTED], env=ansible_env(), check=True, timeout=180
     )
+    shutil.rmtree(SYSTEMCTL_STATE, ignore_errors=True)
     # The test's OpenBao was initialised with throw-away keys, and the AppRole credentials
     # belong to it: start the next run afresh.
     raft = Path("/var/lib/openbao/raft")
@@ -200,16 +199,61 @@ def test_the_second_run_changes_nothing(deployed: dict[str, float]) -> None:
 
 
 def test_ansible_lint_passes() -> None:
-    result = subprocess.run(
-        [str(BIN / "ansible-lint")],
-        cwd=ANSIBLE_DIR,
-        env=ansible_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = ansible("ansible-lint")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def role_variables(role: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]], str]:
+    """A role's defaults, the options of its argument_specs' main entry point, its README."""
+    base = ANSIBLE_DIR / "roles" / role
+    defaults = yaml.safe_load((base / "defaults" / "main.yml").read_text())
+    specs = yaml.safe_load((base / "meta" / "argument_specs.yml").read_text())
+    return defaults, specs["argument_specs"]["main"]["options"], (base / "README.md").read_text()
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_every_role_variable_is_specified_defaulted_and_documented(role: str) -> None:
+    defaults, options, readme = role_variables(role)
+    # Every default is specified; what has none must be given (required).
+    assert set(defaults) <= set(options)
+    assert {name for name in options if name not in defaults} == {
+        name for name, option in options.items() if option.get("required")
+    }
+    for name, option in options.items():
+        # A default written in the spec is the one defaults/main.yml gives.
+        if "default" in option:
+            assert option["default"] == defaults[name], name
+        assert f"`{name}`" in readme, f"{role}/README.md does not name {name}"
+        assert option.get("description"), name
+    assert "## Example Playbook" in readme
+
+
+@pytest.mark.parametrize(
+    ("setting", "refusal"),
+    [
+        # A choice, in the tvgate play.
+        (
+            "tvgate_keyring=sideways",
+            "value of tvgate_keyring must be one of: local, vault, got: sideways",
+        ),
+        # A type, in the first play.
+        ("postgresql_port=fifty", "argument 'postgresql_port' is of type str"),
+        ("nginx_listen_ipv6=perhaps", "argument 'nginx_listen_ipv6' is of type str"),
+    ],
+)
+def test_an_invalid_variable_is_refused_before_any_task(setting: str, refusal: str) -> None:
+    role = setting.split("_", 1)[0]
+    # With the role's tag, the plays before it run their argument checks (tagged always).
+    result = ansible(
+        "ansible-playbook", "-i", "inventories/test", "site.yml", "--tags", role, "-e", setting
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-4000:]
+    assert "Validation of arguments failed" in output and refusal in output, output[-4000:]
+    # Argument checks were all that ran, the refusing role's the last.
+    tasks = re.findall(r"^TASK \[(\w+) : (.*?)\]", result.stdout, re.M)
+    assert tasks and tasks[-1][0] == role, tasks
+    assert all(name.startswith("Validating arguments against arg spec 'main'") for _, name in tasks)
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
@@ -223,6 +267,22 @@ def test_unit_files_pass_systemd_analyze_verify(deployed: dict[str, float]) -> N
         for hardening in ("NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes"):
             assert hardening in text, (unit, hardening)
     assert "ReadWritePaths=/var/lib/tvgate\n" in Path(UNITS[0]).read_text()
+
+
+def test_the_install_prefix_and_the_command_path_come_from_the_inventory(
+    deployed: dict[str, float],
+) -> None:
+    # The unit and the operators' command run the virtual environment the inventory
+    # placed (the test's deployed_cli runs that command, and the role ran migrate with it).
+    unit = Path(UNITS[0]).read_text()
+    assert f"ExecStart={TVGATE_BIN} --config /etc/tvgate/tvgate.toml serve\n" in unit
+    assert Path(TVGATE_CLI).read_text().count(f" {TVGATE_BIN} --config ") == 2
+    # Nothing of the role but its defaults names either place.
+    role = ANSIBLE_DIR / "roles" / "tvgate"
+    for path in [*role.glob("tasks/*.yml"), *role.glob("templates/*"), *role.glob("*/main.yml")]:
+        if path.parent.name != "defaults":
+            text = path.read_text()
+            assert "/usr/local/bin" not in text and "/opt/" not in text, path
 
 
 def test_deployed_files_are_private(deployed: dict[str, float]) -> None:
@@ -258,7 +318,7 @@ def test_openbao_runs_with_tls_initialised_and_unsealed(deployed: dict[str, floa
 
 def deployed_cli(*args: str, stdin: str = "") -> str:
     result = subprocess.run(
-        ["/usr/local/bin/tvgate", *args],
+        [TVGATE_CLI, *args],
         input=stdin,
         capture_output=True,
         text=True,
