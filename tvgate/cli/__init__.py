@@ -1160,7 +1160,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Their messages never carry a secret or a token.
         print(f"tvgate: key store: {exc}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
