@@ -8,6 +8,7 @@ import sys
 from tvgate import services
 from tvgate.cli.common import Commands, command, group, on_off, print_listing
 from tvgate.config import Settings
+from tvgate.models import ROLES
 
 
 def cmd_users_add(settings: Settings, args: argparse.Namespace) -> int:
@@ -48,5 +49,5 @@ def register(commands: Commands) -> None:
     p = command(users, "set", cmd_users_set, "change a user's role, or disable them")
     p.add_argument("email")
     p.add_argument("--org")
-    p.add_argument("--role", choices=["admin", "member", "auditor"])
+    p.add_argument("--role", choices=ROLES)
     p.add_argument("--disabled", choices=["on", "off"])
