@@ -11,6 +11,7 @@ from tvgate import services
 from tvgate.db import DatabaseUnavailable
 from tvgate.identity import AuthError, IdentityUnavailable, Principal, SealedOrigin
 from tvgate.identity.sessions import end_session, session_principal
+from tvgate.models import OUTCOME_OK, ROLE_ADMIN, ROLE_AUDITOR
 from tvgate.web import BaseHandler
 
 SESSION_COOKIE = "tvgate_session"
@@ -18,7 +19,7 @@ SESSION_COOKIE = "tvgate_session"
 T = TypeVar("T")
 
 #: Roles that may open the org's admin pages (auditors read them; only admins change).
-READERS = ("admin", "auditor")
+READERS = (ROLE_ADMIN, ROLE_AUDITOR)
 
 #: Messages a redirect after a successful form may ask for, by code: a page shows only
 #: these, never text from the URL (a link cannot make tvgate say something it did not).
@@ -129,7 +130,7 @@ class UIHandler(BaseHandler):
 
     @property
     def is_admin(self) -> bool:
-        return self.current_user is not None and self.current_user.role == "admin"
+        return self.current_user is not None and self.current_user.role == ROLE_ADMIN
 
     def require(self, *roles: str) -> None:
         """Refuse the page (403) to a role not listed; the services check again."""
@@ -162,6 +163,9 @@ class UIHandler(BaseHandler):
             is_admin=self.is_admin,
             is_reader=self.current_user is not None and self.current_user.role in READERS,
             nav_path=self.request.path,
+            # For templates, which compare a role or an outcome with these.
+            ROLE_AUDITOR=ROLE_AUDITOR,
+            OUTCOME_OK=OUTCOME_OK,
         )
         return namespace
 

@@ -12,8 +12,9 @@ from tornado.web import authenticated
 from admin_ui.base import READERS, PageError, UIHandler
 from admin_ui.traces import when
 from tvgate import services
+from tvgate.models import ROLE_ADMIN
 
-ADMIN = ("admin",)
+ADMIN = (ROLE_ADMIN,)
 
 #: The budget form's "measure" choices: (metric, period) by form value, with labels.
 MEASURES = {

@@ -13,8 +13,11 @@ from admin_ui.base import READERS, PageError, UIHandler
 from admin_ui.traces import when
 from tvgate import services
 from tvgate.identity import Principal
+from tvgate.models import ROLE_ADMIN, ROLE_AUDITOR, ROLE_MEMBER
 
-ADMIN = ("admin",)
+ADMIN = (ROLE_ADMIN,)
+#: The role pickers' order: from the one that may do most.
+ROLE_CHOICES = (ROLE_ADMIN, ROLE_AUDITOR, ROLE_MEMBER)
 
 
 def _form_bool(handler: UIHandler, name: str) -> bool:
@@ -283,7 +286,7 @@ class UsersHandler(UIHandler):
         self.require(*READERS)
         user = self.user
         users = await self.call(lambda: services.list_users(actor=user))
-        self.render("users.html", users=users, roles=("admin", "auditor", "member"), when=when)
+        self.render("users.html", users=users, roles=ROLE_CHOICES, when=when)
 
 
 class UserHandler(UIHandler):
@@ -303,14 +306,14 @@ class UserHandler(UIHandler):
                 "routes": [r for r in services.list_routes(actor=user) if r.user == subject.email],
                 "keys": [k for k in services.list_keys(actor=user) if k.owner == subject.email],
                 "tokens": services.list_tokens(subject.email, actor=user)
-                if user.role == "admin"
+                if user.role == ROLE_ADMIN
                 else [],
                 "usage": services.usage_overview("30d", user_email=subject.email, actor=user),
                 "traces": traces,
             }
 
         data = await self.call(load)
-        self.render("user.html", roles=("admin", "auditor", "member"), when=when, **data)
+        self.render("user.html", roles=ROLE_CHOICES, when=when, **data)
 
     @authenticated
     async def post(self, email: str) -> None:

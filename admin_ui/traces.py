@@ -14,8 +14,7 @@ from tornado.web import authenticated
 from admin_ui.base import UIHandler
 from admin_ui.conversation import conversation
 from tvgate import services
-
-OUTCOMES = ("ok", "client_cancelled", "upstream_error", "timeout", "rejected", "gateway_shutdown")
+from tvgate.models import OUTCOME_OK, OUTCOMES
 
 
 def when(at: float | None) -> str:
@@ -80,7 +79,7 @@ class SessionHandler(UIHandler):
             "input": sum(t["usage"]["input_tokens"] for t in traces),
             "output": sum(t["usage"]["output_tokens"] for t in traces),
             "cost": sum(t["cost_usd"] or 0 for t in traces),
-            "errors": sum(1 for t in traces if t["outcome"] != "ok"),
+            "errors": sum(1 for t in traces if t["outcome"] != OUTCOME_OK),
         }
         self.render("session.html", session_id=session_id, traces=traces, totals=totals, when=when)
 

@@ -8,6 +8,7 @@ it shows is checked against a real ``tvgate serve``, its API and its proxy.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import subprocess
@@ -89,20 +90,33 @@ def test_a_command_run_from_another_folder_of_the_checkout_uses_its_database(
     assert emails == {"dev@example.com", "ops@example.com"} and orgs == ["default"]
 
 
+def _stops_without_a_database(cwd: Path, *args: str) -> None:
+    """``tvgate ARGS`` run in ``cwd`` finds no database: it says where it looked, in one
+    line that names --data-dir, and stops."""
+    refused = tvgate(user_env(), *args, cwd=cwd)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    (line,) = refused.stderr.splitlines()
+    assert str(cwd / "data" / "tvgate.db") in line and "--data-dir" in line, line
+    assert "Traceback" not in refused.stderr and refused.stdout == ""
+
+
+def _refused_as_without_a_database(cwd: Path, planted: Path) -> None:
+    """A command run in ``cwd`` does not use the database ``planted`` in a parent folder:
+    it stops as when there is none, and writes nothing anywhere."""
+    before = sql(planted, "SELECT email FROM user")
+    _stops_without_a_database(cwd, "users", "list", "--org", "default")
+    _stops_without_a_database(cwd, "users", "add", "mallory@example.com", "--org", "default")
+    assert sql(planted, "SELECT email FROM user") == before
+    assert not (cwd / "data").exists()
+
+
 def test_a_command_that_finds_no_database_says_where_it_looked_and_stops(
     checkout: Path, tmp_path: Path
 ) -> None:
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    for args in (
-        ("routes", "list", "--org", "default"),
-        ("users", "add", "a@b.test", "--org", "x"),
-    ):
-        refused = tvgate(user_env(), *args, cwd=outside)
-        assert refused.returncode == 1, refused.stdout + refused.stderr
-        (line,) = refused.stderr.splitlines()
-        assert str(outside / "data" / "tvgate.db") in line and "--data-dir" in line, line
-        assert "Traceback" not in refused.stderr and refused.stdout == ""
+    _stops_without_a_database(outside, "routes", "list", "--org", "default")
+    _stops_without_a_database(outside, "users", "add", "a@b.test", "--org", "x")
     assert not (outside / "data").exists()
     # A database URL naming a file that is not there is refused the same way.
     missing = outside / "typo" / "tvgate.db"
@@ -123,6 +137,41 @@ def test_a_command_that_finds_no_database_says_where_it_looked_and_stops(
     # migrate still creates a new database where it is told to.
     created = tvgate(user_env(), "migrate", cwd=outside)
     assert created.returncode == 0 and (outside / "data" / "tvgate.db").is_file()
+
+
+def test_a_database_planted_in_a_parent_folder_is_not_picked_up(
+    checkout: Path, tmp_path: Path
+) -> None:
+    database = checkout / "data" / "tvgate.db"
+    inside = checkout / "docs" / "notes"
+    # A folder that is no tvgate checkout (no setup.cfg naming tvgate), say /tmp, with a
+    # data/tvgate.db someone left there.
+    shared = tmp_path / "shared"
+    (shared / "data").mkdir(parents=True)
+    (shared / "project").mkdir()
+    planted = shared / "data" / "tvgate.db"
+    planted.write_bytes(database.read_bytes())
+    planted.chmod(0o600)
+    _refused_as_without_a_database(shared / "project", planted)
+    # In a checkout: a database that others may write, or in a folder others may write.
+    for path, mode in ((database, 0o666), (database, 0o620), (database.parent, 0o777)):
+        original = path.stat().st_mode & 0o777
+        path.chmod(mode)
+        try:
+            _refused_as_without_a_database(inside, database)
+        finally:
+            path.chmod(original)
+    # One owned by another user (the test runs as root in CI: it can give it away).
+    if os.geteuid() == 0:
+        for path in (database, database.parent):
+            os.chown(path, 65534, 65534)
+            try:
+                _refused_as_without_a_database(inside, database)
+            finally:
+                os.chown(path, 0, 0)
+    # Put right again, it is the checkout's database once more.
+    listed = tvgate(user_env(), "users", "list", "--org", "default", cwd=inside)
+    assert listed.returncode == 0 and "dev@example.com" in listed.stdout, listed.stderr
 
 
 def test_commands_log_no_json_lines_among_their_output(checkout: Path) -> None:

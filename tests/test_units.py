@@ -14,10 +14,10 @@ from tvgate.config import ConfigError, load_settings
 from tvgate.identity import Principal
 from tvgate.keyring import KeyContext, KeyringError
 from tvgate.keyring.local import LocalKeyring
-from tvgate.models import SCOPE_ORG, SCOPE_OWNED, SCOPE_USER
+from tvgate.models import SCOPE_ORG, SCOPE_OWNED, SCOPE_USER, ProviderKey, Route
 from tvgate.proxy.body import BodyError, decode_content, parse_request_body, with_model
 from tvgate.proxy.upstream import is_public_address
-from tvgate.routing import KeyRef, OrgPolicy, OrgSnapshot, _entry_from
+from tvgate.routing import OrgPolicy, OrgSnapshot, _entry
 
 # --- settings ---
 
@@ -202,8 +202,17 @@ def snapshot(
 ) -> OrgSnapshot:
     snap = OrgSnapshot(org_id=1, policy=OrgPolicy(allow_user_routes, allow_user_keys=True))
     for route_id, name, scope, user_id, key_owner in routes:
-        key = KeyRef(route_id, 1, f"k{route_id}", "anthropic", "https://x", "ct", key_owner)
-        entry = _entry_from(route_id, name, "", scope, user_id, key)
+        route = Route(id=route_id, name=name, upstream_model="", scope=scope, user_id=user_id)
+        key = ProviderKey(
+            id=route_id,
+            org_id=1,
+            name=f"k{route_id}",
+            provider="anthropic",
+            base_url="https://x",
+            ciphertext="ct",
+            owner_id=key_owner,
+        )
+        entry = _entry(route, key, frozenset())
         (
             snap.patterns.append(entry)
             if entry.is_pattern

@@ -39,10 +39,18 @@ from tvgate.keyring import (
     vault_admin,
 )
 from tvgate.keyring.local import LocalKeyring
-from tvgate.keyring.vault import VaultKeyring, ciphertext_version, context_b64
+from tvgate.keyring.vault import VaultKeyring, context_b64
 from tvgate.models import ProviderKey, User, database
 
 SECRET = "sk-ant-api03-vault-roundtrip-" + "x" * 20
+
+
+def ciphertext_version(ciphertext: str) -> int | None:
+    """The transit key version of ``vault:v<N>:…``, or None for anything else."""
+    if not ciphertext.startswith("vault:v"):
+        return None
+    number = ciphertext[len("vault:v") :].split(":", 1)[0]
+    return int(number) if number.isdigit() else None
 
 
 @pytest.fixture

@@ -263,16 +263,40 @@ def _is_checkout(folder: Path) -> bool:
     return False
 
 
+def _ours(path: Path, *, others_may_write: int) -> bool:
+    """``path`` belongs to the user running the command, and no one else may write it
+    (``others_may_write``: the mode bits that would let them)."""
+    try:
+        status = path.stat()
+    except OSError:
+        return False
+    return status.st_uid == os.geteuid() and not status.st_mode & others_may_write
+
+
 def discover_data_dir(cwd: Path) -> str:
     """The data directory when no setting names one: ``./data`` if it exists; else, run
     from a folder inside a tvgate checkout, the checkout's ``data/`` if it holds a
     database (the one ``make run`` created); else ``./data``, which serve and migrate
-    create and other commands refuse to (tvgate.cli)."""
+    create and other commands refuse to (tvgate.cli).
+
+    A database found this way is used only if it is the user's own: a ``data/tvgate.db``
+    someone else could have put or changed in a parent folder (``/tmp``, a shared
+    folder) would receive the user's keys and tokens, or hand them routes and keys of
+    the other's choosing. So the file must be the user's and writable by them alone
+    (tvgate creates it 0600), and its folder the user's and not writable by all (a
+    group-writable one is what a umask of 002 makes, and another user's file put there
+    is refused by the first rule)."""
     if (cwd / "data").is_dir():
         return "./data"
     for folder in cwd.parents:
-        if (folder / "data" / "tvgate.db").is_file() and _is_checkout(folder):
-            return str(folder / "data")
+        data = folder / "data"
+        if (
+            (data / "tvgate.db").is_file()
+            and _is_checkout(folder)
+            and _ours(data / "tvgate.db", others_may_write=0o022)
+            and _ours(data, others_may_write=0o002)
+        ):
+            return str(data)
     return "./data"
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from tvgate import __version__
+from tvgate.models import OUTCOME_TIMEOUT, OUTCOME_UPSTREAM_ERROR
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -58,8 +59,8 @@ OVERHEAD_BUCKETS: tuple[float, ...] = (
     1.0,
 )
 
-#: Outcomes that count as an upstream error (see tvgate.proxy.call).
-_UPSTREAM_ERROR_OUTCOMES = frozenset({"upstream_error", "timeout"})
+#: Outcomes that count as an upstream error.
+_UPSTREAM_ERROR_OUTCOMES = frozenset({OUTCOME_UPSTREAM_ERROR, OUTCOME_TIMEOUT})
 #: Token counts a trace row carries, and the ``type`` label each is exported under.
 _TOKEN_FIELDS = (
     ("input_tokens", "input"),

@@ -19,6 +19,23 @@ ROLE_MEMBER = "member"
 ROLE_AUDITOR = "auditor"
 ROLES = (ROLE_ADMIN, ROLE_MEMBER, ROLE_AUDITOR)
 
+#: How a call ended: the ``outcome`` of its trace and of each attempt in it.
+OUTCOME_OK = "ok"
+OUTCOME_CLIENT_CANCELLED = "client_cancelled"
+OUTCOME_UPSTREAM_ERROR = "upstream_error"
+OUTCOME_TIMEOUT = "timeout"
+OUTCOME_REJECTED = "rejected"
+#: The gateway stopped (the drain timeout passed) before the call ended.
+OUTCOME_GATEWAY_SHUTDOWN = "gateway_shutdown"
+OUTCOMES = (
+    OUTCOME_OK,
+    OUTCOME_CLIENT_CANCELLED,
+    OUTCOME_UPSTREAM_ERROR,
+    OUTCOME_TIMEOUT,
+    OUTCOME_REJECTED,
+    OUTCOME_GATEWAY_SHUTDOWN,
+)
+
 PROVIDER_ANTHROPIC = "anthropic"
 PROVIDER_OPENAI = "openai"
 PROVIDERS = (PROVIDER_ANTHROPIC, PROVIDER_OPENAI)
@@ -28,7 +45,6 @@ PROVIDERS = (PROVIDER_ANTHROPIC, PROVIDER_OPENAI)
 SCOPE_ORG = "org"
 SCOPE_USER = "user"
 SCOPE_OWNED = "owned"
-SCOPES = (SCOPE_ORG, SCOPE_USER, SCOPE_OWNED)
 
 
 def now() -> float:
@@ -429,26 +445,3 @@ class BudgetHold(BaseModel):
 class SchemaVersion(BaseModel):
     version = peewee.IntegerField(primary_key=True)
     applied_at = peewee.DoubleField(default=now)
-
-
-ALL_MODELS: tuple[type[BaseModel], ...] = (
-    Org,
-    User,
-    ProviderKey,
-    Route,
-    ProxyToken,
-    WebSession,
-    LoginFailure,
-    KeyGrant,
-    AuditEvent,
-    Trace,
-    Blob,
-    ModelPrice,
-    SinkState,
-    Budget,
-    RateLimit,
-    UsageCounter,
-    ConcurrencySlot,
-    BudgetHold,
-    SchemaVersion,
-)

@@ -159,39 +159,15 @@ class OrgSnapshot:
         return [seen[name] for name in sorted(seen)]
 
 
-def _entry_from(
-    route_id: int,
-    name: str,
-    upstream_model: str,
-    scope: str,
-    user_id: int | None,
-    key: KeyRef,
-    fallbacks: tuple[str, ...] = (),
-) -> RouteEntry:
-    glob = _GLOB_CHARS.search(name)
-    return RouteEntry(
-        id=route_id,
-        name=name,
-        upstream_model=upstream_model,
-        scope=scope,
-        user_id=user_id,
-        key=key,
-        is_pattern=glob is not None,
-        literal_prefix=glob.start() if glob else len(name),
-        # Compiled once per snapshot, never per request.
-        matcher=re.compile(fnmatch.translate(name)) if glob else None,
-        fallbacks=fallbacks,
-    )
-
-
 def _entry(route: Route, key: ProviderKey, granted: frozenset[int]) -> RouteEntry:
-    return _entry_from(
-        route.id,
-        route.name,
-        route.upstream_model,
-        route.scope,
-        route.user_id,
-        KeyRef(
+    glob = _GLOB_CHARS.search(route.name)
+    return RouteEntry(
+        id=route.id,
+        name=route.name,
+        upstream_model=route.upstream_model,
+        scope=route.scope,
+        user_id=route.user_id,
+        key=KeyRef(
             id=key.id,
             org_id=key.org_id,
             name=key.name,
@@ -203,7 +179,11 @@ def _entry(route: Route, key: ProviderKey, granted: frozenset[int]) -> RouteEntr
             granted=granted,
             max_concurrent=key.max_concurrent,
         ),
-        tuple(_fallback_names(route.fallbacks)),
+        is_pattern=glob is not None,
+        literal_prefix=glob.start() if glob else len(route.name),
+        # Compiled once per snapshot, never per request.
+        matcher=re.compile(fnmatch.translate(route.name)) if glob else None,
+        fallbacks=tuple(_fallback_names(route.fallbacks)),
     )
 
 

@@ -321,7 +321,8 @@ def freeze_startup_objects() -> None:
 
     A proxy call's objects are freed by reference counting (no reference cycle holds
     them); what the cyclic collector's full passes walked was mostly this long-lived
-    start-up state, ~50,000 objects, 50-140 ms a pass with the event loop stopped.
+    start-up state, all of it on every pass, with the event loop stopped (figures in
+    bench/README.md).
     Frozen objects are never collected, which long-lived objects are not anyway.
 
     The youngest generation is collected every 7,000 allocations instead of 700: a

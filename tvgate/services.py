@@ -59,6 +59,7 @@ from tvgate.models import (
     LIMIT_SCOPES,
     METRIC_TOKENS,
     METRIC_USD,
+    OUTCOME_OK,
     PERIOD_DAY,
     PERIOD_MONTH,
     PROVIDERS,
@@ -2825,7 +2826,7 @@ def usage_overview(
     start = end - width * count
     query = query.where(Trace.received_at >= start)
     tokens = Trace.input_tokens + Trace.output_tokens
-    errors = peewee.Case(None, [(Trace.outcome != "ok", 1)], 0)
+    errors = peewee.Case(None, [(Trace.outcome != OUTCOME_OK, 1)], 0)
     duration = Trace.finished_at - Trace.received_at
     # CAST(... AS BIGINT) / width is integer division on SQLite and PostgreSQL alike
     # (PostgreSQL rounds the cast, which moves a bucket edge by half a second at most).

@@ -8,6 +8,7 @@ import orjson
 from tornado.web import RequestHandler
 
 from tvgate import __version__
+from tvgate.models import ROLES
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _STR = {"type": "string"}
@@ -249,7 +250,7 @@ DOCUMENT: dict[str, Any] = {
                 {
                     "type": "object",
                     "properties": {
-                        "role": {"type": "string", "enum": ["admin", "member", "auditor"]},
+                        "role": {"type": "string", "enum": list(ROLES)},
                         "disabled": {"type": "boolean"},
                     },
                     "additionalProperties": False,

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from tornado.httputil import HTTPHeaders
 
+from tvgate.models import ROLE_ADMIN
+
 if TYPE_CHECKING:
     from tvgate.identity.provision import Membership
 
@@ -46,7 +48,7 @@ class Principal:
 
     @property
     def is_admin(self) -> bool:
-        return self.role == "admin"
+        return self.role == ROLE_ADMIN
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,14 +77,6 @@ def context_b64(context: KeyContext) -> str:
     return base64.b64encode(context.as_bytes()).decode()
 
 
-def ciphertext_version(ciphertext: str) -> int | None:
-    """The transit key version of ``vault:v<N>:…``, or None for anything else."""
-    if not ciphertext.startswith("vault:v"):
-        return None
-    number = ciphertext[len("vault:v") :].split(":", 1)[0]
-    return int(number) if number.isdigit() else None
-
-
 class VaultKeyring:
     """Encrypt, decrypt and rewrap provider keys with one derived transit key."""
 
@@ -115,7 +107,6 @@ class VaultKeyring:
         self.clock = clock
         self._role_id = role_id
         self._secret_id = secret_id
-        self._static_token = token
         self._token = "" if self.uses_approle else token
         self._lock = threading.Lock()
         self._local = threading.local()

@@ -160,7 +160,6 @@ class VaultAdminError(Exception):
 class SetupResult:
     role_id: str
     secret_id: str
-    secret_id_accessor: str
     steps: list[str] = field(default_factory=list)
 
 
@@ -168,7 +167,6 @@ class SetupResult:
 class KeyStatus:
     name: str
     derived: bool
-    exportable: bool
     latest_version: int
     min_decryption_version: int
     versions: list[int]
@@ -315,7 +313,6 @@ def setup(
     return SetupResult(
         role_id=str((role.get("data") or {}).get("role_id", "")),
         secret_id=str(secret.get("secret_id", "")),
-        secret_id_accessor=str(secret.get("secret_id_accessor", "")),
         steps=steps,
     )
 
@@ -338,7 +335,6 @@ def key_status(client: hvac.Client, *, mount: str = "transit", key: str = "tvgat
     return KeyStatus(
         name=key,
         derived=bool(data.get("derived")),
-        exportable=bool(data.get("exportable")),
         latest_version=int(data.get("latest_version") or 0),
         min_decryption_version=int(data.get("min_decryption_version") or 0),
         versions=sorted(int(v) for v in (data.get("keys") or {})),

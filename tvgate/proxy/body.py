@@ -7,12 +7,12 @@ stops as soon as the limit is crossed, so a compression bomb costs at most
 
 The body is validated and read with simdjson, which checks the whole document
 (structure, strings, UTF-8) into a tape of its own and builds Python objects only
-for what is asked: ``model``, ``stream`` and the output token limit. A coding agent's 190 KB body costs
-about 0.1 ms that way, against 0.5 ms to build it as Python objects with orjson
-and 0.3 ms more to free them. What simdjson refuses is parsed again by orjson, so
-a body is accepted or refused (with orjson's message, which names line and
-column) exactly as orjson would: simdjson refuses a few bodies orjson takes, such
-as integers past 64 bits.
+for what is asked: ``model``, ``stream`` and the output token limit: a fraction of
+what building a coding agent's whole body as Python objects with orjson, and freeing
+them again, costs on the event loop (bench/README.md has the figures). What
+simdjson refuses is parsed again by orjson, so a body is accepted or refused (with
+orjson's message, which names line and column) exactly as orjson would: simdjson
+refuses a few bodies orjson takes, such as integers past 64 bits.
 
 A route that names another upstream model rewrites ``model`` in the bytes: its
 top-level member is found by a literal search and the rewrite is checked by

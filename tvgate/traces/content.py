@@ -86,12 +86,11 @@ Writing order and the sink
 
 Digests
     :func:`blob_digest` is SHA-256 truncated to 16 bytes. SHA-256 runs on the
-    CPU's SHA extensions through OpenSSL, 2.4 times faster than BLAKE2b on the
-    build machine (0.82 against 0.34 GB/s), and the body is hashed in full on every
-    call. 128 bits put an accidental collision out of reach (birthday bound 2**64
-    blobs); a deliberate one needs about 2**64 hash evaluations. A node records its
-    digest size, so moving to 32 bytes (:data:`DIGEST_SIZE`) keeps old trees
-    readable.
+    CPU's SHA extensions through OpenSSL, faster there than BLAKE2b (bench/README.md),
+    and the body is hashed in full on every call. 128 bits put an accidental
+    collision out of reach (birthday bound 2**64 blobs); a deliberate one needs
+    about 2**64 hash evaluations. A node records its digest size, so moving to 32
+    bytes (:data:`DIGEST_SIZE`) keeps old trees readable.
 """
 
 from __future__ import annotations
@@ -529,8 +528,8 @@ def _chunk(digests: list[bytes]) -> list[list[bytes]]:
 
     A node ends after entry *i* when it holds :data:`MAX_FANOUT` entries, or at least
     :data:`MIN_FANOUT` and *i* passes the cut test. The test is run for every entry at
-    once, on the digests' first and second bytes taken as two big integers (a loop over
-    the entries cost 0.3 us each, a tenth of a millisecond for a long conversation).
+    once, on the digests' first and second bytes taken as two big integers, not in a
+    Python loop per entry, which a long conversation made costly (bench/README.md).
     """
     count = len(digests)
     if not count:

@@ -2,9 +2,10 @@
 
 This module owns the trace writer's memory of recent bodies. A coding agent sends
 the whole conversation again on every call, so a body is almost always the body
-before it plus a turn or two. Redacting, splitting and hashing it whole costs about
-2 ms of CPU per 190 KB, under the GIL; done from the last element both bodies
-share, it costs what the new turn costs.
+before it plus a turn or two. Redacting, splitting and hashing it whole costs CPU
+in proportion to the whole conversation on every call, under the GIL
+(bench/README.md); done from the last element both bodies share, it costs what
+the new turn costs.
 
 For each conversation (org, user and the client's session id) the last few bodies
 stored are kept: the body, its redacted form, where it was cut, the digest of each

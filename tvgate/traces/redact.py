@@ -54,13 +54,13 @@ Staying valid JSON
 Speed
     Python's ``re`` searches a pattern that starts with a literal at memchr-like
     speed but walks a pattern that starts with an alternation character by
-    character (more than ten times slower), so the built-ins run as five
+    character (far slower: bench/README.md), so the built-ins run as five
     literal-prefixed passes rather than one alternation, and the case-insensitive
     AWS label is only tried where a literal search found ``ecret`` or ``ECRET``
     (past 64 of those, in one search of a lower-cased copy).
     Literal keys are grouped by their first three bytes (the regex parser factors
     a shared prefix out of an alternation). Everything is compiled in the
-    constructor. About 0.6 ms for a 190 KB body on the build machine.
+    constructor.
     The built-ins are ours and linear: every unbounded repeat is possessive, the
     lookarounds are fixed-width or scan one token run, and the AWS label is matched
     within a bounded reach of each hit.
@@ -88,9 +88,9 @@ Admin patterns
     everything from its next match on (masking too much is safer than letting a
     secret after those matches through). A body then costs each pattern time linear
     in its length: a DFA pass in the common case, and at worst, when RE2's DFA runs
-    out of memory, a simulation costing about 20 ns per byte and instruction (3 s
-    per MB for ``(?:[ab]{0,8}a){8}c`` on random ``a`` and ``b``), which
-    :data:`MAX_PROGRAM_SIZE` bounds. RE2 releases the GIL while it searches.
+    out of memory, a simulation whose cost per byte grows with the program's size,
+    which :data:`MAX_PROGRAM_SIZE` bounds (figures in bench/README.md). RE2 releases
+    the GIL while it searches.
 """
 
 from __future__ import annotations
