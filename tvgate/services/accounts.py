@@ -33,6 +33,7 @@ from tvgate.services.access import (
     get_org,
     get_user,
 )
+from tvgate.services.events import announce
 
 
 def audit_refused_sign_in(
@@ -114,6 +115,7 @@ def link_org(
             org.name,
             {column: [before[column], value] for column, value in binding.items()},
         )
+    announce(org.id, identities=True)
     return OrgView.of(org)
 
 
@@ -281,4 +283,5 @@ def update_user(
         user.save()
         after = UserView.of(user).as_dict()
         audit(actor, org.id, "update user", user.email, _changes(before, after))
+    announce(org.id, identities=True)
     return UserView.of(user)

@@ -46,6 +46,7 @@ from tvgate.services.access import (
     get_key,
     get_user,
 )
+from tvgate.services.events import announce
 
 
 def _drop_rules_of(actor: Principal | None, org_id: int, scope: str, name: str) -> None:
@@ -324,6 +325,7 @@ def _save_rule(
             audit(actor, row.org_id, action, target, change)
     except peewee.IntegrityError:
         raise ServiceError(f"that {what} was changed meanwhile; try again", 409) from None
+    announce(row.org_id)
     return row
 
 
@@ -337,6 +339,7 @@ def _delete_rule(
     with database.atomic():
         row.delete_instance()
         audit(actor, row.org_id, action, target, change)
+    announce(row.org_id)
 
 
 def delete_budget(
@@ -449,6 +452,8 @@ def set_rate_limit(
             if old is not None:
                 old.delete_instance()
                 audit(actor, org.id, "delete limit", target, {"rpm": old.rpm, "tpm": old.tpm})
+        if old is not None:
+            announce(org.id)
         return None
     key = {"org": org, "scope": scope, "subject": stored}
     row = _save_rule(RateLimit, where, key, {"rpm": rpm, "tpm": tpm}, actor, "set limit", target)

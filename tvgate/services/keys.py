@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,7 @@ from tvgate.services.access import (
     get_key,
     get_user,
 )
+from tvgate.services.events import announce
 from tvgate.services.governance import _drop_rules_of
 from tvgate.services.upstreams import _key_base_url, _refuse_base_url
 
@@ -175,6 +176,7 @@ def add_key(
                 "max_concurrent": max_concurrent,
             },
         )
+    announce(org.id)
     return KeyView.of(key)
 
 
@@ -232,6 +234,7 @@ def grant_key(
             name,
             {"users": [u.email for u in users]},
         )
+    announce(org.id)
     return sorted(
         g.user.email for g in KeyGrant.select(KeyGrant, User).join(User).where(KeyGrant.key == key)
     )
@@ -254,6 +257,7 @@ def set_key_availability(
         key.updated_at = time.time()
         key.save()
         audit(actor, org.id, "update key", name, {"available_to_all": available_to_all})
+        announce(org.id)
     return KeyView.of(key)
 
 
@@ -338,8 +342,7 @@ def update_key(
         key = ProviderKey.get_by_id(key.id)
         if "base_url" in changes:
             log.info("key %s of org %d: base URL changed", key.name, key.org_id)
-            # The route snapshot carries the base URL: this process calls the new one at once.
-            _key_changed(key)
+        announce(key.org_id, key_id=key.id if "base_url" in changes else None)
     return KeyView.of(key)
 
 
@@ -362,29 +365,6 @@ def _check_secret(secret: str) -> str:
     if not secret or any(c.isspace() for c in secret) or len(secret) > 4096:
         raise ServiceError("the key must be one line without spaces")
     return secret
-
-
-#: Called with (org_id, key_id) after a key's secret, state or existence changed in this
-#: process, so the gateway drops the plaintext and the route snapshot at once. Listeners
-#: run on the caller's thread (a database pool thread or the CLI).
-KeyListener = Callable[[int, int], None]
-
-
-_key_listeners: list[KeyListener] = []
-
-
-def on_key_change(listener: KeyListener) -> Callable[[], None]:
-    """Register ``listener``; returns the function that unregisters it."""
-    _key_listeners.append(listener)
-    return lambda: _key_listeners.remove(listener)
-
-
-def _key_changed(key: ProviderKey) -> None:
-    for listener in list(_key_listeners):
-        try:
-            listener(key.org_id, key.id)
-        except Exception:  # a listener's failure must not undo a committed change
-            log.exception("key change listener failed")
 
 
 def _key_for(
@@ -440,7 +420,7 @@ def rotate_key(
     key = ProviderKey.get_by_id(key.id)
     audit(actor, key.org_id, "rotate key", key.name, {"fingerprint": key.fingerprint})
     log.info("key %s of org %d: secret replaced", key.name, key.org_id)
-    _key_changed(key)
+    announce(key.org_id, key_id=key.id)
     return KeyView.of(key)
 
 
@@ -458,7 +438,7 @@ def set_key_disabled(
         log.info(
             "key %s of org %d: %s", key.name, key.org_id, "disabled" if disabled else "enabled"
         )
-        _key_changed(key)
+        announce(key.org_id, key_id=key.id)
     return KeyView.of(key)
 
 
@@ -484,5 +464,5 @@ def delete_key(
         for route_name in set(routes):
             _drop_rules_of(actor, key.org_id, GOVERN_ROUTE, route_name)
     log.info("key %s of org %d deleted with %d routes", key.name, key.org_id, len(routes))
-    _key_changed(key)
+    announce(key.org_id, key_id=key.id)
     return sorted(routes)

@@ -15,6 +15,7 @@ from tvgate.models import (
     database,
 )
 from tvgate.services.access import ServiceError, _actor_org, _changes, _require_admin, audit
+from tvgate.services.events import announce
 from tvgate.traces.redact import MAX_PATTERNS, Redactor, invalid_patterns
 
 
@@ -94,6 +95,7 @@ def set_policy(
         org.save()
         after = Policy.of(org).as_dict()
         audit(actor, org.id, "set policy", org.name, _changes(before, after))
+    announce(org.id)
     return Policy.of(org)
 
 

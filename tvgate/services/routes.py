@@ -41,6 +41,7 @@ from tvgate.services.access import (
     get_key,
     get_user,
 )
+from tvgate.services.events import announce
 from tvgate.services.governance import _drop_rules_of
 from tvgate.services.keys import _own_user
 
@@ -256,6 +257,7 @@ def add_route(
                 "fallbacks": fallback_names,
             },
         )
+    announce(org.id)
     return RouteView.of(route, org)
 
 
@@ -351,6 +353,7 @@ def update_route(
         raise ServiceError(
             f"there is already a route named {route.name!r} in this scope", 409
         ) from None
+    announce(route.org_id)
     return RouteView.of(route, org)
 
 
@@ -360,6 +363,7 @@ def delete_route(route_id: int, *, actor: Principal | None = None) -> None:
         route.delete_instance()
         audit(actor, route.org_id, "delete route", route.name, {"scope": route.scope})
         _drop_rules_of(actor, route.org_id, GOVERN_ROUTE, route.name)
+    announce(route.org_id)
 
 
 @dataclass(frozen=True, slots=True)

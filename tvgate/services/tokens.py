@@ -45,6 +45,7 @@ from tvgate.services.access import (
     get_user,
 )
 from tvgate.services.accounts import add_user
+from tvgate.services.events import announce
 
 
 def issue_token(
@@ -292,6 +293,7 @@ def revoke_token(token_id: int, *, actor: Principal | None = None) -> TokenView:
     if token.revoked_at is None:
         token.revoked_at = time.time()
         token.save()
+        announce(token.user.org_id, identities=True)
     return TokenView.of(token)
 
 
