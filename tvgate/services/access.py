@@ -4,6 +4,7 @@ role checks, and the lookups of an org, a user or a key every other module start
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -44,6 +45,11 @@ class Forbidden(ServiceError):
 
 
 OPERATOR = "operator (command line)"
+
+
+def fields_of(view: Any) -> dict[str, Any]:
+    """A view dataclass as its JSON: every field, by name, in order."""
+    return {f.name: getattr(view, f.name) for f in dataclasses.fields(view)}
 
 
 def audit(

@@ -30,6 +30,7 @@ from tvgate.services.access import (
     _require_reader,
     audit,
     ensure_org,
+    fields_of,
     get_org,
     get_user,
 )
@@ -227,15 +228,7 @@ class UserView:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "email": self.email,
-            "name": self.name,
-            "role": self.role,
-            "disabled": self.disabled,
-            "local": self.local,
-            "created_at": self.created_at,
-        }
+        return fields_of(self)
 
 
 def list_users(org_name: str | None = None, *, actor: Principal | None = None) -> list[UserView]:

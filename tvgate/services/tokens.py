@@ -41,6 +41,7 @@ from tvgate.services.access import (
     _missing,
     _require_admin,
     audit,
+    fields_of,
     get_org,
     get_user,
 )
@@ -251,16 +252,7 @@ class TokenView:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "user": self.user,
-            "name": self.name,
-            "prefix": self.prefix,
-            "created_at": self.created_at,
-            "expires_at": self.expires_at,
-            "last_used_at": self.last_used_at,
-            "revoked_at": self.revoked_at,
-        }
+        return fields_of(self)
 
 
 def list_tokens(
