@@ -6,7 +6,8 @@ the database pool. ``actor`` is the principal asking, or None for an operator
 at the command line with direct access to the database.
 
 One module per domain; this package re-exports their public names so that
-callers write ``services.add_route``.
+callers write ``services.add_route``. Every write announces its org's change once it is
+committed (``events``), so that every gateway process drops what it cached of the org.
 """
 
 from tvgate.services.access import (
