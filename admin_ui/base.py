@@ -144,12 +144,6 @@ class UIHandler(BaseHandler):
         except services.ServiceError as exc:
             raise PageError(exc.status, str(exc)) from None
 
-    def changed(self, *, identities: bool = False) -> None:
-        """A write succeeded: this process stops using what it cached of the org."""
-        self.gateway.router.invalidate(self.user.org_id)
-        if identities:
-            self.gateway.auth.forget_all()
-
     def done(self, url: str, notice: str = "saved") -> None:
         """After a successful form: back to a page (post/redirect/get) with a notice."""
         sep = "&" if "?" in url else "?"

@@ -104,7 +104,6 @@ class BudgetsHandler(UIHandler):
                 actor=user,
             )
         )
-        self.changed()
         self.done("/ui/governance")
 
 
@@ -121,7 +120,6 @@ class LimitsHandler(UIHandler):
                 scope=scope, subject=subject, rpm=rpm, tpm=tpm, actor=user
             )
         )
-        self.changed()
         self.done("/ui/governance", "saved" if view is not None else "deleted")
 
 
@@ -138,7 +136,6 @@ class RuleDeleteHandler(UIHandler):
         user = self.user
         ident = _ident(rule_id, self.kind)
         await self.call(lambda: self.delete(ident, actor=user))
-        self.changed()
         self.done("/ui/governance", "deleted")
 
 

@@ -89,7 +89,6 @@ class RoutesHandler(UIHandler):
                 actor=user,
             )
         )
-        self.changed()
         self.done("/ui/routes", "route-added")
 
 
@@ -122,7 +121,6 @@ class RouteHandler(UIHandler):
             "fallbacks": _form_names(self, "fallbacks"),
         }
         await self.call(lambda: services.update_route(int(route_id), changes, actor=user))
-        self.changed()
         self.done("/ui/routes")
 
 
@@ -134,7 +132,6 @@ class RouteToggleHandler(UIHandler):
         await self.call(
             lambda: services.update_route(int(route_id), {"enabled": enabled}, actor=user)
         )
-        self.changed()
         self.done(_back(self, "/ui/routes"))
 
 
@@ -143,7 +140,6 @@ class RouteDeleteHandler(UIHandler):
     async def post(self, route_id: str) -> None:
         user = self.user
         await self.call(lambda: services.delete_route(int(route_id), actor=user))
-        self.changed()
         self.done(_back(self, "/ui/routes"), "deleted")
 
 
@@ -184,7 +180,6 @@ class KeysHandler(UIHandler):
                 actor=user,
             )
         )
-        self.changed()
         # Post/redirect/get: the secret leaves in no page, and a reload does not resend it.
         self.done("/ui/keys", "key-added")
 
@@ -222,22 +217,18 @@ class KeyHandler(UIHandler):
         if action == "rotate":
             secret = self.get_body_argument("secret", "")
             await self.call(lambda: services.rotate_key(name, secret, gateway.keyring, actor=user))
-            self.changed()
             self.done(f"/ui/keys/{url_escape(name, plus=False)}", "key-rotated")
         elif action in ("disable", "enable"):
             off = action == "disable"
             await self.call(lambda: services.set_key_disabled(name, off, actor=user))
-            self.changed()
             self.done(f"/ui/keys/{url_escape(name, plus=False)}")
         elif action == "availability":
             everyone = _form_bool(self, "available_to_all")
             await self.call(lambda: services.set_key_availability(name, everyone, actor=user))
-            self.changed()
             self.done(f"/ui/keys/{url_escape(name, plus=False)}")
         elif action == "max_concurrent":
             cap = _form_int(self, "max_concurrent", "Max concurrent calls")
             await self.call(lambda: services.update_key(name, max_concurrent=cap, actor=user))
-            self.changed()
             self.done(f"/ui/keys/{url_escape(name, plus=False)}")
         elif action == "base_url":
             url = self.get_body_argument("base_url", "").strip()
@@ -254,7 +245,6 @@ class KeyHandler(UIHandler):
                     actor=user,
                 )
             )
-            self.changed()
             self.done(f"/ui/keys/{url_escape(name, plus=False)}")
         elif action in ("grant", "revoke"):
             emails = [
@@ -266,12 +256,10 @@ class KeyHandler(UIHandler):
             holders = await self.call(
                 lambda: services.grant_key(name, emails, revoke=revoke, actor=user)
             )
-            self.changed()
             await self.show(name, holders)
         elif action == "delete":
             force = _form_bool(self, "force")
             await self.call(lambda: services.delete_key(name, force=force, actor=user))
-            self.changed()
             self.done("/ui/keys", "deleted")
         else:
             raise PageError(400, "Unknown action.")
@@ -325,7 +313,6 @@ class UserHandler(UIHandler):
         await self.call(
             lambda: services.update_user(email, role=role, disabled=disabled, actor=user)
         )
-        self.changed(identities=True)
         self.done(_back(self, "/ui/users"))
 
 
@@ -365,7 +352,6 @@ class PolicyHandler(UIHandler):
                 actor=user,
             )
         )
-        self.changed()
         self.done("/ui/policy")
 
 

@@ -121,7 +121,6 @@ class RevokeTokenHandler(UIHandler):
     async def post(self, token_id: str) -> None:
         user = self.user
         await self.call(lambda: services.revoke_token(int(token_id), actor=user))
-        self.gateway.auth.forget_all()
         back = self.get_body_argument("back", "/ui/me")
         self.done(back if back.startswith("/ui/") else "/ui/me", "token-revoked")
 
@@ -151,7 +150,6 @@ class MyKeyHandler(UIHandler):
                 actor=user,
             )
         )
-        self.changed()
         self.done("/ui/me", "key-added")
 
 
@@ -160,7 +158,6 @@ class MyKeyDeleteHandler(UIHandler):
     async def post(self, name: str) -> None:
         user = self.user
         await self.call(lambda: services.delete_key(name, force=True, actor=user))
-        self.changed()
         self.done("/ui/me", "deleted")
 
 
@@ -177,7 +174,6 @@ class MyRouteHandler(UIHandler):
                 name, key, model=model, owner=user.email, fallbacks=fallbacks, actor=user
             )
         )
-        self.changed()
         self.done("/ui/me", "route-added")
 
 

@@ -182,7 +182,8 @@ def gateway_env(database_url: str, data_dir: Path, port: int, **extra: str) -> d
         }
     )
     env.update(extra)
-    return env
+    # A setting given as "" is left at its default (a test of what a deployment runs).
+    return {k: v for k, v in env.items() if k not in extra or v}
 
 
 def start_gateway(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:

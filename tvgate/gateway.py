@@ -54,6 +54,10 @@ log = logging.getLogger("tvgate")
 #: Seconds between two looks at the keys the trace writer waits for.
 WARM_INTERVAL = 1.0
 
+#: Seconds between two looks at the org change counts (``tvgate.services.events``): a change
+#: made in another process (the CLI, another worker or host) is in force within about this.
+CHANGE_POLL_INTERVAL = 0.5
+
 #: Seconds between two writes of when keys were last used (a key's "Last used" lags by
 #: at most this; what a stop cuts short of it is lost, which only ages the time shown).
 KEY_USE_FLUSH_INTERVAL = 5.0
@@ -161,7 +165,10 @@ class Gateway:
     _purger: PeriodicCallback | None = None
     _sweeper: PeriodicCallback | None = None
     _warmer: PeriodicCallback | None = None
+    _change_poller: PeriodicCallback | None = None
     _unsubscribe: Callable[[], None] | None = None
+    #: The org change counts at the last poll, by org id.
+    _change_counts: dict[int, tuple[int, int]] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
     inflight: InFlight = field(default_factory=InFlight)
     #: Index of this worker process (0 when there is one process).
@@ -413,35 +420,75 @@ class Gateway:
         self._purger.start()
         if self.sink is not None:
             self.sink.start()
+        self._watch_changes()
         self._watch_keys()
+
+    def _watch_changes(self) -> None:
+        """Drop what this process cached of an org as soon as the org changes.
+
+        A change made through the services in this process (the API, the UI) is heard at
+        once; one made elsewhere (the CLI, another worker or gateway) when the poll of the
+        change counts sees its org's count move.
+        """
+        loop = IOLoop.current()
+        loop_thread = threading.get_ident()
+
+        def org_changed(change: services.OrgChanged) -> None:
+            def drop() -> None:
+                if change.key_id is not None:
+                    self.keys.forget(change.key_id)
+                self._forget_org(change.org_id, identities=change.identities)
+
+            if threading.get_ident() == loop_thread:
+                drop()
+            else:
+                # Queued before the service call's result, so it runs before the handler
+                # that made the change answers.
+                loop.add_callback(drop)
+
+        self._unsubscribe = services.on_org_change(org_changed)
+        self._change_poller = PeriodicCallback(self._poll_changes, CHANGE_POLL_INTERVAL * 1000)
+        self._change_poller.start()
+
+    def _forget_org(self, org_id: int, *, identities: bool) -> None:
+        self.router.invalidate(org_id)
+        self.traces.settings_changed(org_id)
+        if identities:
+            self.auth.forget_all()
+
+    async def _poll_changes(self) -> None:
+        """One read of the change counts, in the pool; an org whose counts moved since the
+        last poll (every org at the first) is forgotten. Its own changes come back here
+        too, which costs one more snapshot load per change."""
+        try:
+            counts = await self.runner.run(services.change_counts)
+        except Exception as exc:  # noqa: BLE001 - the next poll tries again; the TTL still holds
+            log.debug("change counts not read: %s", exc)
+            return
+        seen, self._change_counts = self._change_counts, counts
+        identities = False
+        for org_id, count in counts.items():
+            before = seen.get(org_id)
+            if before != count:
+                self._forget_org(org_id, identities=False)
+                identities = identities or before is None or before[1] != count[1]
+        if identities:
+            self.auth.forget_all()
 
     def _watch_keys(self) -> None:
         """Keep plaintexts in memory no longer than needed.
 
         A key changed through the services in this process (the API, the UI) is dropped at
-        once, with its org's route snapshot. A key changed elsewhere (the CLI, another
-        gateway) is dropped when the snapshot refresh no longer carries its ciphertext.
-        Expired plaintexts are swept, not kept until the next lookup.
+        once (``_watch_changes``). A key changed elsewhere (the CLI, another gateway) is
+        dropped when the reloaded snapshot no longer carries its ciphertext. Expired
+        plaintexts are swept, not kept until the next lookup.
         """
-        loop = IOLoop.current()
-        loop_thread = threading.get_ident()
-
-        def key_changed(org_id: int, key_id: int) -> None:
-            def drop() -> None:
-                self.keys.forget(key_id)
-                self.router.invalidate(org_id)
-
-            if threading.get_ident() == loop_thread:
-                drop()
-            else:
-                loop.add_callback(drop)
 
         def reloaded(previous: OrgSnapshot | None, snapshot: OrgSnapshot) -> None:
             if previous is not None:
                 for key_id, ciphertext in snapshot_key_refs(previous) - snapshot_key_refs(snapshot):
                     self.keys.forget_version(key_id, ciphertext)
 
-        self._unsubscribe = services.on_key_change(key_changed)
         self.router.on_reload = reloaded
         period = max(1.0, min(self.settings.key_cache_ttl, 60.0))
 
@@ -482,6 +529,7 @@ class Gateway:
             self._purger,
             self._sweeper,
             self._warmer,
+            self._change_poller,
         ):
             if timer is not None:
                 timer.stop()

@@ -442,6 +442,17 @@ class BudgetHold(BaseModel):
         primary_key = peewee.CompositeKey("key", "holder")
 
 
+class OrgChange(BaseModel):
+    """How often each org's routes, keys, policy, rules and users have changed. Every
+    gateway process polls it and drops what it cached of an org whose counts moved
+    (``tvgate.services.events``); one row per org, read whole."""
+
+    org_id = peewee.IntegerField(primary_key=True)
+    serial = peewee.BigIntegerField(default=0)
+    #: Of those, the changes to users' roles and state, and to tokens.
+    identities = peewee.BigIntegerField(default=0)
+
+
 class SchemaVersion(BaseModel):
     version = peewee.IntegerField(primary_key=True)
     applied_at = peewee.DoubleField(default=now)

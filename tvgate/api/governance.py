@@ -5,14 +5,14 @@ requests. The services decide who may do what and write the audit log."""
 from __future__ import annotations
 
 from tvgate import services
-from tvgate.api.base import APIError, check_fields, int_arg
-from tvgate.api.resources import ResourceHandler, _str
+from tvgate.api.base import APIError, APIHandler, check_fields, int_arg
+from tvgate.api.resources import _str
 
 BUDGET_FIELDS = {"scope", "subject", "metric", "period", "amount", "warn_percent"}
 LIMIT_FIELDS = {"scope", "subject", "rpm", "tpm"}
 
 
-class BudgetsHandler(ResourceHandler):
+class BudgetsHandler(APIHandler):
     async def get(self) -> None:
         budgets = await self.service(lambda: services.list_budgets(actor=self.principal))
         self.send({"budgets": [b.as_dict() for b in budgets]})
@@ -38,19 +38,17 @@ class BudgetsHandler(ResourceHandler):
                 actor=self.principal,
             )
         )
-        self.changed()
         self.send(view.as_dict())
 
 
-class BudgetHandler(ResourceHandler):
+class BudgetHandler(APIHandler):
     async def delete(self, budget_id: str) -> None:
         ident = int_arg(budget_id, "budget id")
         await self.service(lambda: services.delete_budget(ident, actor=self.principal))
-        self.changed()
         self.send({"deleted": ident})
 
 
-class LimitsHandler(ResourceHandler):
+class LimitsHandler(APIHandler):
     async def get(self) -> None:
         limits = await self.service(lambda: services.list_rate_limits(actor=self.principal))
         self.send({"limits": [r.as_dict() for r in limits]})
@@ -68,19 +66,17 @@ class LimitsHandler(ResourceHandler):
                 scope=scope, subject=subject, rpm=rpm, tpm=tpm, actor=self.principal
             )
         )
-        self.changed()
         self.send(view.as_dict() if view is not None else {"deleted": True})
 
 
-class LimitHandler(ResourceHandler):
+class LimitHandler(APIHandler):
     async def delete(self, limit_id: str) -> None:
         ident = int_arg(limit_id, "limit id")
         await self.service(lambda: services.delete_rate_limit(ident, actor=self.principal))
-        self.changed()
         self.send({"deleted": ident})
 
 
-class MyBudgetsHandler(ResourceHandler):
+class MyBudgetsHandler(APIHandler):
     async def get(self) -> None:
         mine = await self.service(lambda: services.my_budgets(self.principal))
         self.send(mine.as_dict())

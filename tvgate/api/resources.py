@@ -82,15 +82,7 @@ def _int(body: dict[str, Any], name: str) -> int | None:
     return value
 
 
-class ResourceHandler(APIHandler):
-    def changed(self, *, identities: bool = False) -> None:
-        """A write succeeded: this process stops using what it cached of the org."""
-        self.gateway.router.invalidate(self.principal.org_id)
-        if identities:
-            self.gateway.auth.forget_all()
-
-
-class MeHandler(ResourceHandler):
+class MeHandler(APIHandler):
     async def get(self) -> None:
         p = self.principal
         policy = await self.service(lambda: services.get_policy(actor=p))
@@ -104,7 +96,7 @@ class MeHandler(ResourceHandler):
         )
 
 
-class RoutesHandler(ResourceHandler):
+class RoutesHandler(APIHandler):
     async def get(self) -> None:
         routes = await self.service(lambda: services.list_routes(actor=self.principal))
         self.send({"routes": [r.as_dict() for r in routes]})
@@ -131,11 +123,10 @@ class RoutesHandler(ResourceHandler):
                 actor=self.principal,
             )
         )
-        self.changed()
         self.send(route.as_dict(), status=201)
 
 
-class RouteHandler(ResourceHandler):
+class RouteHandler(APIHandler):
     async def get(self, route_id: str) -> None:
         ident = int_arg(route_id, "route id")
         routes = await self.service(lambda: services.list_routes(actor=self.principal))
@@ -151,17 +142,15 @@ class RouteHandler(ResourceHandler):
         route = await self.service(
             lambda: services.update_route(ident, changes, actor=self.principal)
         )
-        self.changed()
         self.send(route.as_dict())
 
     async def delete(self, route_id: str) -> None:
         ident = int_arg(route_id, "route id")
         await self.service(lambda: services.delete_route(ident, actor=self.principal))
-        self.changed()
         self.send({"deleted": ident})
 
 
-class ResolveHandler(ResourceHandler):
+class ResolveHandler(APIHandler):
     async def get(self) -> None:
         name = self.get_query_argument("name", "")
         email = self.get_query_argument("user", self.principal.email)
@@ -173,7 +162,7 @@ class ResolveHandler(ResourceHandler):
         self.send(resolution.as_dict())
 
 
-class KeysHandler(ResourceHandler):
+class KeysHandler(APIHandler):
     async def get(self) -> None:
         keys = await self.service(lambda: services.list_keys(actor=self.principal))
         self.send({"keys": [k.as_dict() for k in keys]})
@@ -204,11 +193,10 @@ class KeysHandler(ResourceHandler):
                 actor=self.principal,
             )
         )
-        self.changed()
         self.send(view.as_dict(), status=201)
 
 
-class KeyHandler(ResourceHandler):
+class KeyHandler(APIHandler):
     async def patch(self, name: str) -> None:
         body = self.body()
         check_fields(body, KEY_CHANGE_FIELDS)
@@ -232,11 +220,10 @@ class KeyHandler(ResourceHandler):
                 actor=self.principal,
             )
         )
-        self.changed()
         self.send(view.as_dict())
 
 
-class KeyGrantsHandler(ResourceHandler):
+class KeyGrantsHandler(APIHandler):
     async def post(self, name: str) -> None:
         body = self.body()
         check_fields(body, GRANT_FIELDS, required=("users",))
@@ -247,17 +234,16 @@ class KeyGrantsHandler(ResourceHandler):
         holders = await self.service(
             lambda: services.grant_key(name, users, revoke=revoke, actor=self.principal)
         )
-        self.changed()
         self.send({"key": name, "granted_to": holders})
 
 
-class UsersHandler(ResourceHandler):
+class UsersHandler(APIHandler):
     async def get(self) -> None:
         users = await self.service(lambda: services.list_users(actor=self.principal))
         self.send({"users": [u.as_dict() for u in users]})
 
 
-class UserHandler(ResourceHandler):
+class UserHandler(APIHandler):
     async def patch(self, email: str) -> None:
         body = self.body()
         check_fields(body, USER_CHANGE_FIELDS)
@@ -267,11 +253,10 @@ class UserHandler(ResourceHandler):
         view = await self.service(
             lambda: services.update_user(email, role=role, disabled=disabled, actor=self.principal)
         )
-        self.changed(identities=True)
         self.send(view.as_dict())
 
 
-class PolicyHandler(ResourceHandler):
+class PolicyHandler(APIHandler):
     async def get(self) -> None:
         policy = await self.service(lambda: services.get_policy(actor=self.principal))
         self.send(policy.as_dict())
@@ -304,11 +289,10 @@ class PolicyHandler(ResourceHandler):
                 actor=self.principal,
             )
         )
-        self.changed()
         self.send(policy.as_dict())
 
 
-class AuditHandler(ResourceHandler):
+class AuditHandler(APIHandler):
     async def get(self) -> None:
         before = self.get_query_argument("before", None)
         limit = int_arg(self.get_query_argument("limit", "100"), "limit")

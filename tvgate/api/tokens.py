@@ -55,7 +55,6 @@ class TokenHandler(APIHandler):
     async def delete(self, token_id: str) -> None:
         ident = int_arg(token_id, "token id")
         view = await self.service(lambda: services.revoke_token(ident, actor=self.principal))
-        self.gateway.auth.forget_all()
         self.send(view.as_dict())
 
 

@@ -249,6 +249,8 @@ class TraceWriter:
         self.dead_letter_path = spool_dir / f"traces.deadletter.{worker}"
         self.body_budget = body_budget
         self.settings_ttl = settings_ttl
+        #: Orgs whose capture settings changed since they were read (``settings_changed``).
+        self._stale_settings: set[int] = set()
         self.queue_size = queue_size
         self._queue: deque[_Item] = deque()
         self._stopping = threading.Event()
@@ -629,9 +631,17 @@ class TraceWriter:
             )
         self.db.execute_sql(sql, params)
 
+    def settings_changed(self, org_id: int) -> None:
+        """An org's policy or keys changed: its capture settings are read again before its
+        next trace is written (called from the IOLoop; a set is safe across threads)."""
+        self._stale_settings.add(org_id)
+
     def _capture_settings(self, org_id: int) -> CaptureSettings:
         settings = self._settings.get(org_id)
-        if settings is None or time.monotonic() - settings.loaded_at > self.settings_ttl:
+        stale = org_id in self._stale_settings
+        if stale:
+            self._stale_settings.discard(org_id)
+        if stale or settings is None or time.monotonic() - settings.loaded_at > self.settings_ttl:
             settings = load_capture_settings(org_id, self.keys, settings)
             self._settings[org_id] = settings
         return self._known(org_id, settings)
