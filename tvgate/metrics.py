@@ -58,7 +58,7 @@ OVERHEAD_BUCKETS: tuple[float, ...] = (
     1.0,
 )
 
-#: Outcomes that count as an upstream error (see tvgate.proxy.call).
+#: Outcomes that count as an upstream error (see tvgate.proxy.record).
 _UPSTREAM_ERROR_OUTCOMES = frozenset({"upstream_error", "timeout"})
 #: Token counts a trace row carries, and the ``type`` label each is exported under.
 _TOKEN_FIELDS = (
