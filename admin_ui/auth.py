@@ -106,7 +106,7 @@ class LoginHandler(UIHandler):
         """Who signs in, and the Visdom Trace session the web session will be held to."""
         gateway = self.gateway
         if token:
-            principal = await gateway.auth.authenticate(token, org)
+            principal = await self.authenticate_token(token, org)
             return principal, token if principal.via == VIA_VISDOM else None
         if not email or not password:
             raise AuthError("email and password, or a token, are required")
@@ -126,7 +126,7 @@ class LoginHandler(UIHandler):
         # The password goes to Visdom Trace once and is never stored; its session token is
         # kept only sealed by the keyring, to re-check the web session against.
         visdom_token = await gateway.visdom.login(email, password)
-        return await gateway.auth.authenticate(visdom_token, org), visdom_token
+        return await self.authenticate_token(visdom_token, org), visdom_token
 
     def _fail(self, status: int, message: str, email: str, org: str | None) -> None:
         self.set_status(status)

@@ -93,7 +93,7 @@ class ResourceHandler(APIHandler):
 class MeHandler(ResourceHandler):
     async def get(self) -> None:
         p = self.principal
-        policy = await self.service(lambda: services.get_policy(actor=p))
+        policy = await self.run_service(lambda: services.get_policy(actor=p))
         self.send(
             {
                 "email": p.email,
@@ -106,7 +106,7 @@ class MeHandler(ResourceHandler):
 
 class RoutesHandler(ResourceHandler):
     async def get(self) -> None:
-        routes = await self.service(lambda: services.list_routes(actor=self.principal))
+        routes = await self.run_service(lambda: services.list_routes(actor=self.principal))
         self.send({"routes": [r.as_dict() for r in routes]})
 
     async def post(self) -> None:
@@ -118,7 +118,7 @@ class RoutesHandler(ResourceHandler):
         for_user, owner = _str(body, "for_user"), _str(body, "owner")
         enabled = _bool(body, "enabled")
         fallbacks = _str_list(body, "fallbacks")
-        route = await self.service(
+        route = await self.run_service(
             lambda: services.add_route(
                 name,
                 key,
@@ -138,7 +138,7 @@ class RoutesHandler(ResourceHandler):
 class RouteHandler(ResourceHandler):
     async def get(self, route_id: str) -> None:
         ident = int_arg(route_id, "route id")
-        routes = await self.service(lambda: services.list_routes(actor=self.principal))
+        routes = await self.run_service(lambda: services.list_routes(actor=self.principal))
         found = next((r for r in routes if r.id == ident), None)
         if found is None:
             raise APIError(404, f"no route {ident}")
@@ -148,7 +148,7 @@ class RouteHandler(ResourceHandler):
         ident = int_arg(route_id, "route id")
         changes = self.body()
         check_fields(changes, ROUTE_CHANGE_FIELDS)
-        route = await self.service(
+        route = await self.run_service(
             lambda: services.update_route(ident, changes, actor=self.principal)
         )
         self.changed()
@@ -156,7 +156,7 @@ class RouteHandler(ResourceHandler):
 
     async def delete(self, route_id: str) -> None:
         ident = int_arg(route_id, "route id")
-        await self.service(lambda: services.delete_route(ident, actor=self.principal))
+        await self.run_service(lambda: services.delete_route(ident, actor=self.principal))
         self.changed()
         self.send({"deleted": ident})
 
@@ -167,7 +167,7 @@ class ResolveHandler(ResourceHandler):
         email = self.get_query_argument("user", self.principal.email)
         if not name:
             raise APIError(400, "name is required")
-        resolution = await self.service(
+        resolution = await self.run_service(
             lambda: services.resolve_route(name, email, actor=self.principal)
         )
         self.send(resolution.as_dict())
@@ -175,7 +175,7 @@ class ResolveHandler(ResourceHandler):
 
 class KeysHandler(ResourceHandler):
     async def get(self) -> None:
-        keys = await self.service(lambda: services.list_keys(actor=self.principal))
+        keys = await self.run_service(lambda: services.list_keys(actor=self.principal))
         self.send({"keys": [k.as_dict() for k in keys]})
 
     async def post(self) -> None:
@@ -188,7 +188,7 @@ class KeysHandler(ResourceHandler):
         available = _bool(body, "available_to_all")
         max_concurrent = _int(body, "max_concurrent")
         gateway = self.gateway
-        view = await self.service(
+        view = await self.run_service(
             lambda: services.add_key(
                 name,
                 provider,
@@ -220,7 +220,7 @@ class KeyHandler(ResourceHandler):
                 400, "nothing to change: give available_to_all, max_concurrent or base_url"
             )
         settings = self.gateway.settings
-        view = await self.service(
+        view = await self.run_service(
             lambda: services.update_key(
                 name,
                 available_to_all=available,
@@ -244,7 +244,7 @@ class KeyGrantsHandler(ResourceHandler):
         if not isinstance(users, list) or not users or not all(isinstance(u, str) for u in users):
             raise APIError(400, "users must be a non-empty list of emails")
         revoke = bool(_bool(body, "revoke"))
-        holders = await self.service(
+        holders = await self.run_service(
             lambda: services.grant_key(name, users, revoke=revoke, actor=self.principal)
         )
         self.changed()
@@ -253,7 +253,7 @@ class KeyGrantsHandler(ResourceHandler):
 
 class UsersHandler(ResourceHandler):
     async def get(self) -> None:
-        users = await self.service(lambda: services.list_users(actor=self.principal))
+        users = await self.run_service(lambda: services.list_users(actor=self.principal))
         self.send({"users": [u.as_dict() for u in users]})
 
 
@@ -264,7 +264,7 @@ class UserHandler(ResourceHandler):
         role, disabled = _str(body, "role"), _bool(body, "disabled")
         if role is None and disabled is None:
             raise APIError(400, "nothing to change: give role or disabled")
-        view = await self.service(
+        view = await self.run_service(
             lambda: services.update_user(email, role=role, disabled=disabled, actor=self.principal)
         )
         self.changed(identities=True)
@@ -273,7 +273,7 @@ class UserHandler(ResourceHandler):
 
 class PolicyHandler(ResourceHandler):
     async def get(self) -> None:
-        policy = await self.service(lambda: services.get_policy(actor=self.principal))
+        policy = await self.run_service(lambda: services.get_policy(actor=self.principal))
         self.send(policy.as_dict())
 
     async def patch(self) -> None:
@@ -294,7 +294,7 @@ class PolicyHandler(ResourceHandler):
             not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns)
         ):
             raise APIError(400, "redaction_patterns must be a list of strings")
-        policy = await self.service(
+        policy = await self.run_service(
             lambda: services.set_policy(
                 allow_user_keys=keys,
                 allow_user_routes=routes,
@@ -313,7 +313,7 @@ class AuditHandler(ResourceHandler):
         before = self.get_query_argument("before", None)
         limit = int_arg(self.get_query_argument("limit", "100"), "limit")
         before_id = int_arg(before, "before") if before is not None else None
-        events = await self.service(
+        events = await self.run_service(
             lambda: services.list_audit(before_id=before_id, limit=limit, actor=self.principal)
         )
         self.send(

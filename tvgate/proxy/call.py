@@ -28,14 +28,7 @@ from tvgate.governance.governor import (
     key_resource,
 )
 from tvgate.governance.policy import NO_GOVERNANCE, Governance
-from tvgate.identity import (
-    ORG_HEADER,
-    AuthError,
-    IdentityUnavailable,
-    OrgSelectionError,
-    Principal,
-    credential_from_headers,
-)
+from tvgate.identity import IdentityError, Principal
 from tvgate.keyring import KeyContext, KeyringError, KeyringUnavailable
 from tvgate.providers import Endpoint
 from tvgate.proxy.body import BodyError, ParsedBody, decode_content, parse_request_body, with_model
@@ -164,27 +157,11 @@ class ProxyCall:
                 self.gateway.governor.settle(admission)
 
     async def _authenticate(self) -> Principal | None:
-        token = credential_from_headers(self.handler.request.headers)
-        if not token:
-            self.handler.send_api_error(
-                401,
-                "no credential: send your tvgate token as x-api-key or Authorization: Bearer",
-                self.provider,
-            )
-            return None
         try:
-            return await self.gateway.auth.authenticate(
-                token, self.handler.request.headers.get(ORG_HEADER)
-            )
-        except AuthError as exc:
-            self.handler.send_api_error(401, f"invalid credential: {exc}", self.provider)
-        except OrgSelectionError as exc:
-            self.handler.send_api_error(403, str(exc), self.provider)
-        except (IdentityUnavailable, DatabaseUnavailable):
-            self.handler.send_api_error(
-                503, "identity check unavailable; try again shortly", self.provider
-            )
-        return None
+            return await self.handler.authenticate_token()
+        except IdentityError as exc:
+            self.handler.send_api_error(exc.status, exc.public, self.provider)
+            return None
 
     async def _proxy(self, raw_body: bytes) -> None:
         settings = self.gateway.settings
