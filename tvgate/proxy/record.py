@@ -82,8 +82,10 @@ class TraceRecord:
     anomalies: list[Any]
 
     def row(self) -> TraceRow:
-        """The record as the writer's row (a copy: the writer mends it as it stores it)."""
-        return dict(vars(self))
+        """The record as the writer's row: its own attributes' dict, not a copy (a record
+        is dropped once queued, and copying 39 fields cost 2 µs a call)."""
+        row: TraceRow = vars(self)
+        return row
 
 
 def record_call(call: ProxyCall) -> None:
