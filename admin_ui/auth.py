@@ -1,7 +1,9 @@
 """Sign-in and sign-out pages: Visdom Trace email and password, a token, or a local user.
 
 Failed sign-ins are limited per (client address, email): ``identity.sessions.LoginThrottle``,
-with the address from ``BaseHandler.client_ip`` (X-Forwarded-For from trusted proxies only).
+and per client address across emails (password spraying): ``AddressThrottle``, its
+refusals audited; the address from ``BaseHandler.client_ip`` (X-Forwarded-For from
+trusted proxies only).
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from tvgate.identity import (
     OrgSelectionError,
     Principal,
 )
-from tvgate.identity.sessions import end_session, start_session
+from tvgate.identity.sessions import audit_address_locked, end_session, start_session
 from tvgate.keyring import KeyringUnavailable
 
 
 class SignInLocked(Exception):
-    """This (address, email) failed too often lately; the form answers 429."""
+    """This (address, email), or this address, failed too often lately; the form answers
+    429."""
 
 
 class LoginHandler(UIHandler):
@@ -90,13 +93,23 @@ class LoginHandler(UIHandler):
     async def _throttled_sign_in(
         self, address: str, email: str, password: str, token: str, org: str | None
     ) -> tuple[Principal, str | None]:
-        """Sign in unless this (address, email) is locked; a wrong credential counts."""
-        throttle, runner = self.gateway.login_throttle, self.gateway.runner
+        """Sign in unless this address, or this (address, email), is locked; a wrong
+        credential counts for both."""
+        gateway = self.gateway
+        throttle, spraying, runner = (
+            gateway.login_throttle,
+            gateway.address_throttle,
+            gateway.runner,
+        )
+        if spraying.locked(address):
+            await runner.run(lambda: audit_address_locked(address, email))
+            raise SignInLocked
         if await runner.run(lambda: throttle.locked(address, email)):
             raise SignInLocked
         try:
             return await self._sign_in(email, password, token, org)
         except AuthError:
+            spraying.failed(address)
             await runner.run(lambda: throttle.failed(address, email))
             raise
 
@@ -106,7 +119,7 @@ class LoginHandler(UIHandler):
         """Who signs in, and the Visdom Trace session the web session will be held to."""
         gateway = self.gateway
         if token:
-            principal = await gateway.auth.authenticate(token, org)
+            principal = await self.authenticate_token(token, org)
             return principal, token if principal.via == VIA_VISDOM else None
         if not email or not password:
             raise AuthError("email and password, or a token, are required")
@@ -126,7 +139,7 @@ class LoginHandler(UIHandler):
         # The password goes to Visdom Trace once and is never stored; its session token is
         # kept only sealed by the keyring, to re-check the web session against.
         visdom_token = await gateway.visdom.login(email, password)
-        return await gateway.auth.authenticate(visdom_token, org), visdom_token
+        return await self.authenticate_token(visdom_token, org), visdom_token
 
     def _fail(self, status: int, message: str, email: str, org: str | None) -> None:
         self.set_status(status)

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from tornado.web import HTTPError
 
-from tvgate import services
 from tvgate.db import DatabaseUnavailable
 from tvgate.identity import AuthError, IdentityUnavailable, Principal, SealedOrigin
 from tvgate.identity.sessions import end_session, session_principal
 from tvgate.models import OUTCOME_OK, ROLE_ADMIN, ROLE_AUDITOR
-from tvgate.web import BaseHandler
+from tvgate.web import BaseHandler, Refusal
 
 SESSION_COOKIE = "tvgate_session"
-
-T = TypeVar("T")
 
 #: Roles that may open the org's admin pages (auditors read them; only admins change).
 READERS = (ROLE_ADMIN, ROLE_AUDITOR)
@@ -34,12 +30,11 @@ NOTICES = {
 }
 
 
-class PageError(HTTPError):
+class PageError(Refusal):
     """A page or action refused, with a message for the person (shown escaped)."""
 
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(status)
-        self.message = message
+        super().__init__(status, message)
 
 
 #: Nothing inline, nothing from elsewhere: the pages work on an offline network, and an
@@ -52,6 +47,7 @@ CONTENT_SECURITY_POLICY = (
 
 class UIHandler(BaseHandler):
     current_user: Principal | None
+    refusal_type = PageError
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
@@ -112,7 +108,7 @@ class UIHandler(BaseHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.set_header("Content-Type", "text/html; charset=utf-8")
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, PageError):
+        if isinstance(exc, Refusal):
             message = exc.message
         elif status_code == 403 and isinstance(exc, HTTPError) and "xsrf" in str(exc).lower():
             message = "This form has expired or did not come from tvgate. Reload the page."
@@ -136,13 +132,6 @@ class UIHandler(BaseHandler):
         """Refuse the page (403) to a role not listed; the services check again."""
         if self.user.role not in roles:
             raise PageError(403, "Your role may not open this page.")
-
-    async def call(self, fn: Callable[[], T]) -> T:
-        """Run one service call in the database pool; a refusal becomes an error page."""
-        try:
-            return await self.gateway.runner.run(fn)
-        except services.ServiceError as exc:
-            raise PageError(exc.status, str(exc)) from None
 
     def done(self, url: str, notice: str = "saved") -> None:
         """After a successful form: back to a page (post/redirect/get) with a notice."""

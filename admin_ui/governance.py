@@ -75,7 +75,7 @@ class GovernanceHandler(UIHandler):
                 "keys": [k.name for k in services.list_keys(actor=user)],
             }
 
-        data = await self.call(load)
+        data = await self.run_service(load)
         self.render("governance.html", measures=MEASURES, **template_helpers(), **data)
 
 
@@ -93,7 +93,7 @@ class BudgetsHandler(UIHandler):
         value = _number(self, "amount", "The amount")
         warn_text = self.get_body_argument("warn_percent", "").strip()
         warn = _number(self, "warn_percent", "The warning percent") if warn_text else 80.0
-        await self.call(
+        await self.run_service(
             lambda: services.set_budget(
                 scope=scope,
                 subject=subject,
@@ -115,7 +115,7 @@ class LimitsHandler(UIHandler):
         scope = self.get_body_argument("scope", "org")
         subject = self.get_body_argument("subject", "").strip() or None
         rpm, tpm = _per_minute(self, "rpm"), _per_minute(self, "tpm")
-        view = await self.call(
+        view = await self.run_service(
             lambda: services.set_rate_limit(
                 scope=scope, subject=subject, rpm=rpm, tpm=tpm, actor=user
             )
@@ -135,7 +135,7 @@ class RuleDeleteHandler(UIHandler):
         self.require(*ADMIN)
         user = self.user
         ident = _ident(rule_id, self.kind)
-        await self.call(lambda: self.delete(ident, actor=user))
+        await self.run_service(lambda: self.delete(ident, actor=user))
         self.done("/ui/governance", "deleted")
 
 

@@ -65,7 +65,7 @@ class RoutesHandler(UIHandler):
                 else None,
             }
 
-        data = await self.call(load)
+        data = await self.run_service(load)
         self.render("routes.html", q_name=name, q_user=email, **data)
 
     @authenticated
@@ -78,7 +78,7 @@ class RoutesHandler(UIHandler):
         description = self.get_body_argument("description", "").strip()
         for_user = self.get_body_argument("for_user", "").strip() or None
         fallbacks = _form_names(self, "fallbacks")
-        await self.call(
+        await self.run_service(
             lambda: services.add_route(
                 name,
                 key,
@@ -105,7 +105,7 @@ class RouteHandler(UIHandler):
     async def get(self, route_id: str) -> None:
         self.require(*READERS)
         user = self.user
-        data = await self.call(lambda: _find_route(user, int(route_id)))
+        data = await self.run_service(lambda: _find_route(user, int(route_id)))
         self.render("route.html", **data)
 
     @authenticated
@@ -120,7 +120,7 @@ class RouteHandler(UIHandler):
             "enabled": _form_bool(self, "enabled"),
             "fallbacks": _form_names(self, "fallbacks"),
         }
-        await self.call(lambda: services.update_route(int(route_id), changes, actor=user))
+        await self.run_service(lambda: services.update_route(int(route_id), changes, actor=user))
         self.done("/ui/routes")
 
 
@@ -129,7 +129,7 @@ class RouteToggleHandler(UIHandler):
     async def post(self, route_id: str) -> None:
         user = self.user
         enabled = _form_bool(self, "enabled")
-        await self.call(
+        await self.run_service(
             lambda: services.update_route(int(route_id), {"enabled": enabled}, actor=user)
         )
         self.done(_back(self, "/ui/routes"))
@@ -139,7 +139,7 @@ class RouteDeleteHandler(UIHandler):
     @authenticated
     async def post(self, route_id: str) -> None:
         user = self.user
-        await self.call(lambda: services.delete_route(int(route_id), actor=user))
+        await self.run_service(lambda: services.delete_route(int(route_id), actor=user))
         self.done(_back(self, "/ui/routes"), "deleted")
 
 
@@ -151,7 +151,7 @@ class KeysHandler(UIHandler):
     async def get(self) -> None:
         self.require(*READERS)
         user = self.user
-        keys = await self.call(lambda: services.list_keys(actor=user))
+        keys = await self.run_service(lambda: services.list_keys(actor=user))
         self.render("keys.html", keys=keys, when=when)
 
     @authenticated
@@ -165,7 +165,7 @@ class KeysHandler(UIHandler):
         base_url = self.get_body_argument("base_url", "").strip() or None
         available = _form_bool(self, "available_to_all")
         max_concurrent = _form_int(self, "max_concurrent", "Max concurrent calls")
-        await self.call(
+        await self.run_service(
             lambda: services.add_key(
                 name,
                 provider,
@@ -195,11 +195,11 @@ class KeyHandler(UIHandler):
 
     async def show(self, name: str, holders: list[str] | None = None) -> None:
         user = self.user
-        keys = await self.call(lambda: services.list_keys(actor=user))
+        keys = await self.run_service(lambda: services.list_keys(actor=user))
         key = next((k for k in keys if k.name == name), None)
         if key is None:
             raise PageError(404, f"No key named {name!r}.")
-        routes = await self.call(lambda: services.list_routes(actor=user))
+        routes = await self.run_service(lambda: services.list_routes(actor=user))
         self.render(
             "key.html",
             key=key,
@@ -216,26 +216,32 @@ class KeyHandler(UIHandler):
         action = self.get_body_argument("action", "")
         if action == "rotate":
             secret = self.get_body_argument("secret", "")
-            await self.call(lambda: services.rotate_key(name, secret, gateway.keyring, actor=user))
+            await self.run_service(
+                lambda: services.rotate_key(name, secret, gateway.keyring, actor=user)
+            )
             self.done(f"/ui/keys/{url_escape(name, plus=False)}", "key-rotated")
         elif action in ("disable", "enable"):
             off = action == "disable"
-            await self.call(lambda: services.set_key_disabled(name, off, actor=user))
+            await self.run_service(lambda: services.set_key_disabled(name, off, actor=user))
             self.done(f"/ui/keys/{url_escape(name, plus=False)}")
         elif action == "availability":
             everyone = _form_bool(self, "available_to_all")
-            await self.call(lambda: services.set_key_availability(name, everyone, actor=user))
+            await self.run_service(
+                lambda: services.set_key_availability(name, everyone, actor=user)
+            )
             self.done(f"/ui/keys/{url_escape(name, plus=False)}")
         elif action == "max_concurrent":
             cap = _form_int(self, "max_concurrent", "Max concurrent calls")
-            await self.call(lambda: services.update_key(name, max_concurrent=cap, actor=user))
+            await self.run_service(
+                lambda: services.update_key(name, max_concurrent=cap, actor=user)
+            )
             self.done(f"/ui/keys/{url_escape(name, plus=False)}")
         elif action == "base_url":
             url = self.get_body_argument("base_url", "").strip()
             if not url:
                 raise PageError(400, "Give the base URL the key's calls go to.")
             settings = gateway.settings
-            await self.call(
+            await self.run_service(
                 lambda: services.update_key(
                     name,
                     base_url=url,
@@ -253,13 +259,13 @@ class KeyHandler(UIHandler):
             if not emails:
                 raise PageError(400, "Name at least one user by email.")
             revoke = action == "revoke"
-            holders = await self.call(
+            holders = await self.run_service(
                 lambda: services.grant_key(name, emails, revoke=revoke, actor=user)
             )
             await self.show(name, holders)
         elif action == "delete":
             force = _form_bool(self, "force")
-            await self.call(lambda: services.delete_key(name, force=force, actor=user))
+            await self.run_service(lambda: services.delete_key(name, force=force, actor=user))
             self.done("/ui/keys", "deleted")
         else:
             raise PageError(400, "Unknown action.")
@@ -273,7 +279,7 @@ class UsersHandler(UIHandler):
     async def get(self) -> None:
         self.require(*READERS)
         user = self.user
-        users = await self.call(lambda: services.list_users(actor=user))
+        users = await self.run_service(lambda: services.list_users(actor=user))
         self.render("users.html", users=users, roles=ROLE_CHOICES, when=when)
 
 
@@ -300,7 +306,7 @@ class UserHandler(UIHandler):
                 "traces": traces,
             }
 
-        data = await self.call(load)
+        data = await self.run_service(load)
         self.render("user.html", roles=ROLE_CHOICES, when=when, **data)
 
     @authenticated
@@ -310,7 +316,7 @@ class UserHandler(UIHandler):
         role = self.get_body_argument("role", "") or None
         disabled_arg = self.get_body_argument("disabled", "")
         disabled = None if disabled_arg == "" else disabled_arg == "true"
-        await self.call(
+        await self.run_service(
             lambda: services.update_user(email, role=role, disabled=disabled, actor=user)
         )
         self.done(_back(self, "/ui/users"))
@@ -324,8 +330,8 @@ class PolicyHandler(UIHandler):
     async def get(self) -> None:
         self.require(*READERS)
         user = self.user
-        policy = await self.call(lambda: services.get_policy(actor=user))
-        prices = await self.call(lambda: services.list_prices(actor=user))
+        policy = await self.run_service(lambda: services.get_policy(actor=user))
+        prices = await self.run_service(lambda: services.list_prices(actor=user))
         self.render("policy.html", policy=policy, prices=prices)
 
     @authenticated
@@ -342,7 +348,7 @@ class PolicyHandler(UIHandler):
             for line in self.get_body_argument("redaction_patterns", "").splitlines()
             if line.strip()
         ]
-        await self.call(
+        await self.run_service(
             lambda: services.set_policy(
                 allow_user_keys=_form_bool(self, "allow_user_keys"),
                 allow_user_routes=_form_bool(self, "allow_user_routes"),
@@ -368,7 +374,7 @@ class PriceHandler(UIHandler):
                 prices[name] = float(text)
             except ValueError:
                 raise PageError(400, f"{name} must be a number.") from None
-        await self.call(lambda: services.set_price(model, prices, actor=user))
+        await self.run_service(lambda: services.set_price(model, prices, actor=user))
         self.done("/ui/policy")
 
 
@@ -382,7 +388,7 @@ class AuditHandler(UIHandler):
         user = self.user
         before = self.get_query_argument("before", "")
         before_id = int(before) if before.isdigit() else None
-        events = await self.call(
+        events = await self.run_service(
             lambda: services.list_audit(before_id=before_id, limit=100, actor=user)
         )
         self.render(

@@ -52,12 +52,12 @@ class MeHandler(UIHandler):
         new_token = ""
         if self.get_query_argument("ok", "") == "token-minted":
             user, keyring = self.user, self.gateway.keyring
-            new_token = await self.call(lambda: take_once(user, keyring))
+            new_token = await self.run_service(lambda: take_once(user, keyring))
         await self.show(new_token=new_token)
 
     async def show(self, new_token: str = "", status: int = 200) -> None:
         user = self.user
-        data = await self.call(lambda: _my_page(user))
+        data = await self.run_service(lambda: _my_page(user))
         routes = data["routes"]
         claude_names = [r.name for r in routes if r.provider == "anthropic" and "*" not in r.name]
         claude = next(iter(claude_names), "ROUTE")
@@ -94,7 +94,7 @@ class MintTokenHandler(MeHandler):
         except ValueError:
             raise PageError(400, "Expiry must be a number of days.") from None
         gateway = self.gateway
-        token, _row = await self.call(
+        token, _row = await self.run_service(
             lambda: services.issue_token(
                 user.email,
                 user.org_name,
@@ -108,7 +108,7 @@ class MintTokenHandler(MeHandler):
         # Post/redirect/get: the token waits sealed in the web session (never in a URL or
         # a cookie) and the page after the redirect shows it once.
         try:
-            await self.call(lambda: hold_once(user, token, gateway.keyring))
+            await self.run_service(lambda: hold_once(user, token, gateway.keyring))
         except KeyringUnavailable:
             # The key store cannot seal it: shown on this answer instead, not lost.
             await self.show(new_token=token, status=201)
@@ -120,7 +120,7 @@ class RevokeTokenHandler(UIHandler):
     @authenticated
     async def post(self, token_id: str) -> None:
         user = self.user
-        await self.call(lambda: services.revoke_token(int(token_id), actor=user))
+        await self.run_service(lambda: services.revoke_token(int(token_id), actor=user))
         back = self.get_body_argument("back", "/ui/me")
         self.done(back if back.startswith("/ui/") else "/ui/me", "token-revoked")
 
@@ -136,7 +136,7 @@ class MyKeyHandler(UIHandler):
         provider = self.get_body_argument("provider", "")
         secret = self.get_body_argument("secret", "")
         base_url = self.get_body_argument("base_url", "").strip() or None
-        await self.call(
+        await self.run_service(
             lambda: services.add_key(
                 name,
                 provider,
@@ -157,7 +157,7 @@ class MyKeyDeleteHandler(UIHandler):
     @authenticated
     async def post(self, name: str) -> None:
         user = self.user
-        await self.call(lambda: services.delete_key(name, force=True, actor=user))
+        await self.run_service(lambda: services.delete_key(name, force=True, actor=user))
         self.done("/ui/me", "deleted")
 
 
@@ -169,7 +169,7 @@ class MyRouteHandler(UIHandler):
         key = self.get_body_argument("key", "")
         model = self.get_body_argument("model", "").strip()
         fallbacks = self.get_body_argument("fallbacks", "").replace(",", " ").split()
-        await self.call(
+        await self.run_service(
             lambda: services.add_route(
                 name, key, model=model, owner=user.email, fallbacks=fallbacks, actor=user
             )

@@ -27,7 +27,7 @@ class OverviewHandler(UIHandler):
             )
             return usage, budgets
 
-        data, budgets = await self.call(load)
+        data, budgets = await self.run_service(load)
         self.render(
             "overview.html",
             data=data,

@@ -32,7 +32,7 @@ class TracesHandler(UIHandler):
         }
         cursor = self.get_query_argument("cursor", "") or None
         user = self.user
-        page, next_cursor = await self.call(
+        page, next_cursor = await self.run_service(
             lambda: services.list_traces(filters, cursor=cursor, limit=50, actor=user)
         )
         query = urlencode(filters)
@@ -51,7 +51,7 @@ class TraceHandler(UIHandler):
     @authenticated
     async def get(self, trace_id: str) -> None:
         user = self.user
-        trace = await self.call(lambda: services.get_trace(trace_id, actor=user))
+        trace = await self.run_service(lambda: services.get_trace(trace_id, actor=user))
         talk = conversation(
             trace["endpoint"], trace["provider"], trace["request"], trace["response"]
         )
@@ -64,7 +64,7 @@ class TraceRawHandler(UIHandler):
     @authenticated
     async def get(self, trace_id: str) -> None:
         user = self.user
-        trace = await self.call(lambda: services.get_trace(trace_id, actor=user))
+        trace = await self.run_service(lambda: services.get_trace(trace_id, actor=user))
         self.set_header("Content-Type", "application/json; charset=utf-8")
         # A browser shows it as text; nosniff (set for every page) keeps it that way.
         self.finish(orjson.dumps(trace, option=orjson.OPT_INDENT_2))
@@ -74,7 +74,7 @@ class SessionHandler(UIHandler):
     @authenticated
     async def get(self, session_id: str) -> None:
         user = self.user
-        traces = await self.call(lambda: services.session_traces(session_id, actor=user))
+        traces = await self.run_service(lambda: services.session_traces(session_id, actor=user))
         totals: dict[str, Any] = {
             "input": sum(t["usage"]["input_tokens"] for t in traces),
             "output": sum(t["usage"]["output_tokens"] for t in traces),

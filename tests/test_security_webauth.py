@@ -35,6 +35,7 @@ from tests.conftest import (
 )
 from tests.fake_provider import FakeProvider
 from tvgate import services
+from tvgate.identity.sessions import AddressThrottle
 from tvgate.models import AuditEvent, Org, ProviderKey, ProxyToken, Route, User, WebSession
 
 PASSWORD = "correct horse battery staple"
@@ -83,17 +84,22 @@ def forwarded() -> str:
     return f"203.0.113.{secrets.randbelow(250) + 1}"
 
 
-@pytest.fixture(scope="module")
-def behind_nginx(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
-    """Two workers behind a trusted nginx, with a small sign-in limit."""
-    gw = launch_gateway(
+def launch_behind_nginx(gateway: GatewayProcess, **env: str) -> GatewayProcess:
+    """A gateway behind a trusted nginx, with a small sign-in limit."""
+    return launch_gateway(
         gateway.database_url,
         gateway.data_dir,
         gateway.tokens,
         TVGATE_TRUSTED_PROXIES=PROXIES,
         TVGATE_LOGIN_ATTEMPTS=str(LIMIT),
-        TVGATE_WORKERS="2",
+        **env,
     )
+
+
+@pytest.fixture(scope="module")
+def behind_nginx(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
+    """Two workers behind a trusted nginx, with a small sign-in limit."""
+    gw = launch_behind_nginx(gateway, TVGATE_WORKERS="2")
     yield gw
     stop_gateway(gw.proc)
 
@@ -165,6 +171,64 @@ def test_forwarded_for_from_an_untrusted_peer_is_ignored(gateway: GatewayProcess
         assert session.address == "127.0.0.1"
     finally:
         stop_gateway(gw.proc)
+
+
+#: The per-address cap on failed sign-ins across emails in the spraying test.
+SPRAY_LIMIT = 5
+
+
+def test_spraying_many_emails_from_one_address_is_refused_after_the_cap(
+    gateway: GatewayProcess,
+) -> None:
+    """Password spraying: a guess or two at each of many emails stays under the per-email
+    limit; past the address's cap its sign-ins are refused (429, audited in the org of the
+    user aimed at), while another address behind the same trusted nginx signs in."""
+    # One worker: each counts the failures it saw.
+    gw = launch_behind_nginx(
+        gateway, TVGATE_LOGIN_ATTEMPTS_PER_ADDRESS=str(SPRAY_LIMIT), TVGATE_WORKERS="1"
+    )
+    try:
+        sprayer, colleague = forwarded(), "198.51.100.123"
+        sprayed = [local_user(gw) for _ in range(SPRAY_LIMIT)]
+        statuses = [attempt(gw, email, "guess", sprayer) for email in sprayed]
+        assert statuses == [401] * SPRAY_LIMIT  # each email failed once: no pair is locked
+        victim = local_user(gw)
+        # The next email from that address is refused, even with its right password...
+        assert attempt(gw, victim, PASSWORD, sprayer) == 429
+        page = attempt_page(gw, local_user(gw), "guess", sprayer)
+        assert page.status_code == 429
+        assert "Too many sign-in attempts" in page.text
+        # ...and the refusal is in the audit of the victim's org, with the address.
+        gw.bind()
+        [refusal] = _refusals("acme", "sign in", victim)
+        assert sprayer in refusal.change
+        # Another address is not held to the sprayer's count.
+        assert attempt(gw, victim, PASSWORD, colleague) == 302
+        assert attempt(gw, sprayed[0], PASSWORD, colleague) == 302
+    finally:
+        stop_gateway(gw.proc)
+
+
+def test_the_address_count_is_bounded() -> None:
+    """However many addresses fail, the throttle follows at most ``max_addresses``: the one
+    that failed longest ago is forgotten first."""
+    throttle = AddressThrottle(2, max_addresses=3)
+    for _ in range(2):
+        throttle.failed("192.0.2.1")
+    assert throttle.locked("192.0.2.1")
+    for host in range(2, 5):
+        throttle.failed(f"192.0.2.{host}")
+        throttle.failed(f"192.0.2.{host}")
+    assert not throttle.locked("192.0.2.1")
+    assert [throttle.locked(f"192.0.2.{host}") for host in range(2, 5)] == [True] * 3
+
+
+def attempt_page(
+    gw: GatewayProcess, email: str, password: str, forwarded_for: str
+) -> httpx2.Response:
+    """One sign-in from a new browser; the whole answer."""
+    with browser(gw) as client:
+        return sign_in(client, email, password, forwarded_for)
 
 
 def test_successful_sign_ins_do_not_count(behind_nginx: GatewayProcess) -> None:

@@ -170,6 +170,9 @@ class Settings:
     #: Failed sign-ins allowed per client address and email in 15 minutes (successes do not
     #: count); counted in the database, so every worker and gateway sees the same count.
     login_attempts: int = 10
+    #: Failed sign-ins allowed from one client address in 15 minutes whatever the emails
+    #: (password spraying); counted in each worker's memory.
+    login_attempts_per_address: int = 50
     #: Comma-separated addresses or CIDR networks of the reverse proxies (nginx) whose
     #: ``X-Forwarded-For`` names the client; empty: none, the peer is the client.
     trusted_proxies: str = ""
@@ -409,5 +412,7 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"trusted_proxies: {exc}") from None
     if settings.login_attempts <= 0:
         raise ConfigError("login_attempts must be positive")
+    if settings.login_attempts_per_address <= 0:
+        raise ConfigError("login_attempts_per_address must be positive")
     if settings.metrics_listen:
         _check_port("metrics_listen", settings.metrics_listen)

@@ -29,7 +29,7 @@ from tvgate.governance.governor import Governor
 from tvgate.identity.authenticator import Authenticator
 from tvgate.identity.jwt_issuer import JWTAuthenticator
 from tvgate.identity.origin import OriginChecker
-from tvgate.identity.sessions import LoginThrottle
+from tvgate.identity.sessions import AddressThrottle, LoginThrottle
 from tvgate.identity.tokens import ProxyTokenAuthenticator
 from tvgate.identity.visdom import VisdomAuthenticator, VisdomClient
 from tvgate.keyring import (
@@ -156,6 +156,7 @@ class Gateway:
     traces: TraceWriter
     http: UpstreamCurlClient
     login_throttle: LoginThrottle
+    address_throttle: AddressThrottle
     governor: Governor
     key_uses: KeyUses
     sink: PushSink | None = None
@@ -238,6 +239,7 @@ class Gateway:
             traces=writer,
             http=http,
             login_throttle=LoginThrottle(settings.login_attempts),
+            address_throttle=AddressThrottle(settings.login_attempts_per_address),
             governor=Governor(
                 runner,
                 sync_interval=settings.governance_sync_interval,

@@ -1,13 +1,32 @@
-"""BaseHandler: what every tvgate handler gets — its services, and errors in the right envelope."""
+"""BaseHandler: what every tvgate handler gets — its services, its caller, and errors.
+
+Every surface (the proxy, the JSON API, the web UI) signs a token in through one
+method, ``BaseHandler.authenticate_token`` (JupyterHub's single ``get_current_user``;
+``token_required`` is the per-handler flag), runs service calls through one,
+``run_service``, and maps what refuses a request to its HTTP status in one place,
+``refusal_of``. Each surface still answers in its own format: its ``write_error``
+renders the ``Refusal`` it is given (the provider's error envelope here, the API's JSON
+in ``tvgate.api.base``, an HTML page in ``admin_ui.base``).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
-from tornado.web import RequestHandler
+from tornado.web import HTTPError, RequestHandler
 
+from tvgate.db import DatabaseUnavailable
 from tvgate.forwarded import client_address
 from tvgate.gateway import Gateway
+from tvgate.identity import (
+    ORG_HEADER,
+    IdentityError,
+    IdentityUnavailable,
+    MissingCredential,
+    Principal,
+    credential_from_headers,
+)
 from tvgate.models import PROVIDER_ANTHROPIC, PROVIDER_OPENAI
 from tvgate.providers import error_body
 from tvgate.providers.misdirected import (
@@ -16,12 +35,49 @@ from tvgate.providers.misdirected import (
     envelope_is_anthropic,
     unknown_endpoint,
 )
+from tvgate.services import ServiceError
 
 #: Strict-Transport-Security when ``public_url`` is https: a year, subdomains too.
 HSTS = "max-age=31536000; includeSubDomains"
+#: What a request without a credential is told, on every surface.
+NO_CREDENTIAL = "no credential: send your tvgate token as x-api-key or Authorization: Bearer"
+
+T = TypeVar("T")
+
+
+class Refusal(HTTPError):
+    """A request refused, with the message for the client (shown in the surface's format)."""
+
+    def __init__(self, status: int, message: str, *, reason: str | None = None) -> None:
+        super().__init__(status, reason=reason)
+        self.message = message
+
+
+def refusal_of(exc: BaseException) -> tuple[int, str] | None:
+    """The HTTP status and message of an error that refuses a request, whichever surface
+    it reached; None for anything else (a bug: 500, its detail only in the log)."""
+    if isinstance(exc, ServiceError):
+        return exc.status, str(exc)
+    if isinstance(exc, IdentityError):
+        return exc.status, exc.public
+    if isinstance(exc, DatabaseUnavailable):
+        return 503, "database unavailable; try again shortly"
+    return None
 
 
 class BaseHandler(RequestHandler):
+    #: Sign the request in by its token before the handler runs (JupyterHub's per-handler
+    #: auth flags): the JSON API and ``/v1/models`` do. The proxy signs in once the body is
+    #: read (an oversized body gets its 413 first); the UI by its session cookie.
+    token_required = False
+    #: What ``run_service`` and ``token_required`` refuse a request with: this surface's
+    #: ``write_error`` renders it.
+    refusal_type: type[Refusal] = Refusal
+    #: The caller, once signed in by ``authenticate_token``.
+    principal: Principal
+    #: The credential the request came with (only ever passed on to be sealed).
+    credential: str
+
     @property
     def gateway(self) -> Gateway:
         gateway: Gateway = self.application.settings["gateway"]
@@ -32,6 +88,45 @@ class BaseHandler(RequestHandler):
         # where a network attacker could strip TLS and read the session cookie.
         if self.gateway.settings.public_url.startswith("https://"):
             self.set_header("Strict-Transport-Security", HSTS)
+
+    def prepare(self) -> Awaitable[None] | None:
+        return self._require_token() if self.token_required else None
+
+    async def _require_token(self) -> None:
+        try:
+            await self.authenticate_token()
+        except IdentityError as exc:
+            raise self.refusal_type(exc.status, exc.public) from None
+
+    async def authenticate_token(
+        self, token: str | None = None, org: str | None = None
+    ) -> Principal:
+        """Who the request's token is (``x-api-key`` or a Bearer ``Authorization``) in the
+        org its ``x-tvgate-org`` names; or ``token`` in ``org`` when given (a sign-in
+        form's). Sets ``principal`` and ``credential``; raises an ``IdentityError``, which
+        carries its status."""
+        if token is None:
+            token = credential_from_headers(self.request.headers)
+            org = self.request.headers.get(ORG_HEADER)
+        if not token:
+            raise MissingCredential(NO_CREDENTIAL)
+        try:
+            self.principal = await self.gateway.auth.authenticate(token, org)
+        except DatabaseUnavailable:
+            raise IdentityUnavailable("the database is unavailable") from None
+        self.credential = token
+        return self.principal
+
+    async def run_service(self, fn: Callable[[], T]) -> T:
+        """Run one service call in the database pool; a refusal (``refusal_of``) becomes
+        this surface's ``Refusal``."""
+        try:
+            return await self.gateway.runner.run(fn)
+        except Exception as exc:
+            refused = refusal_of(exc)
+            if refused is None:
+                raise
+            raise self.refusal_type(*refused) from None
 
     @property
     def client_ip(self) -> str:
@@ -68,8 +163,13 @@ class BaseHandler(RequestHandler):
         self.finish(error_body(provider or self.error_provider(), status, message))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        # Unhandled exceptions and tornado's own HTTPErrors: the envelope, never a traceback.
-        reason = self._reason if status_code < 500 else "internal error in tvgate"
+        # Refusals, unhandled exceptions and tornado's own HTTPErrors: the envelope, never
+        # a traceback.
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, Refusal):
+            reason = exc.message
+        else:
+            reason = self._reason if status_code < 500 else "internal error in tvgate"
         self.set_header("Content-Type", "application/json")
         self.finish(error_body(self.error_provider(), status_code, reason))
 

@@ -8,25 +8,12 @@ answers ``{"error": {"status": …, "type": …, "message": …}}``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Collection
+from typing import Any
 
 import orjson
-from tornado.web import HTTPError
 
-from tvgate import services
-from tvgate.db import DatabaseUnavailable
-from tvgate.identity import (
-    ORG_HEADER,
-    AuthError,
-    IdentityUnavailable,
-    OrgSelectionError,
-    Principal,
-    credential_from_headers,
-)
-from tvgate.web import BaseHandler
-
-T = TypeVar("T")
+from tvgate.web import BaseHandler, Refusal
 
 _TYPES = {
     400: "invalid_request",
@@ -44,40 +31,27 @@ _TYPES = {
 MAX_API_BODY = 1024 * 1024
 
 
-class APIError(HTTPError):
+class APIError(Refusal):
+    """A refusal in the API's JSON envelope; the status line carries the message too."""
+
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(status, reason=message[:200])
-        self.message = message
+        super().__init__(status, message, reason=message[:200])
 
 
 class APIHandler(BaseHandler):
-    principal: Principal
-    #: The credential the request came with (only ever passed on to be sealed).
-    credential: str
+    token_required = True
+    refusal_type = APIError
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
 
-    async def prepare(self) -> None:
+    def prepare(self) -> Awaitable[None] | None:
         if "%00" in self.request.path:
             # PostgreSQL cannot store NUL in text; nothing tvgate names contains one.
             raise APIError(400, "NUL characters are not allowed")
-        token = credential_from_headers(self.request.headers)
-        if not token:
-            raise APIError(401, "send a token as Authorization: Bearer or x-api-key")
-        self.credential = token
-        try:
-            self.principal = await self.gateway.auth.authenticate(
-                token, self.request.headers.get(ORG_HEADER)
-            )
-        except AuthError as exc:
-            raise APIError(401, f"invalid credential: {exc}") from None
-        except OrgSelectionError as exc:
-            raise APIError(403, str(exc)) from None
-        except (IdentityUnavailable, DatabaseUnavailable):
-            raise APIError(503, "identity check unavailable; try again shortly") from None
+        return super().prepare()
 
     def body(self) -> dict[str, Any]:
         """The JSON object in the request body (an empty body is an empty object)."""
@@ -96,22 +70,13 @@ class APIHandler(BaseHandler):
             raise APIError(400, "body must be a JSON object")
         return document
 
-    async def service(self, fn: Callable[[], T]) -> T:
-        """Run one service call in the database pool, turning its refusals into API errors."""
-        try:
-            return await self.gateway.runner.run(fn)
-        except services.ServiceError as exc:
-            raise APIError(exc.status, str(exc)) from None
-        except DatabaseUnavailable:
-            raise APIError(503, "database unavailable; try again shortly") from None
-
     def send(self, document: Any, status: int = 200) -> None:
         self.set_status(status)
         self.finish(orjson.dumps(document))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, APIError):
+        if isinstance(exc, Refusal):
             message = exc.message
         elif status_code >= 500:
             message = "internal error in tvgate"

@@ -14,7 +14,7 @@ LIMIT_FIELDS = {"scope", "subject", "rpm", "tpm"}
 
 class BudgetsHandler(APIHandler):
     async def get(self) -> None:
-        budgets = await self.service(lambda: services.list_budgets(actor=self.principal))
+        budgets = await self.run_service(lambda: services.list_budgets(actor=self.principal))
         self.send({"budgets": [b.as_dict() for b in budgets]})
 
     async def post(self) -> None:
@@ -27,7 +27,7 @@ class BudgetsHandler(APIHandler):
         if metric is None or period is None:
             raise APIError(400, "metric and period must not be null")
         amount, warn = body["amount"], body.get("warn_percent", 80.0)
-        view = await self.service(
+        view = await self.run_service(
             lambda: services.set_budget(
                 scope=scope,
                 subject=subject,
@@ -44,13 +44,13 @@ class BudgetsHandler(APIHandler):
 class BudgetHandler(APIHandler):
     async def delete(self, budget_id: str) -> None:
         ident = int_arg(budget_id, "budget id")
-        await self.service(lambda: services.delete_budget(ident, actor=self.principal))
+        await self.run_service(lambda: services.delete_budget(ident, actor=self.principal))
         self.send({"deleted": ident})
 
 
 class LimitsHandler(APIHandler):
     async def get(self) -> None:
-        limits = await self.service(lambda: services.list_rate_limits(actor=self.principal))
+        limits = await self.run_service(lambda: services.list_rate_limits(actor=self.principal))
         self.send({"limits": [r.as_dict() for r in limits]})
 
     async def post(self) -> None:
@@ -61,7 +61,7 @@ class LimitsHandler(APIHandler):
         scope = _str(body, "scope", "org") or "org"
         subject = _str(body, "subject")
         rpm, tpm = body.get("rpm"), body.get("tpm")
-        view = await self.service(
+        view = await self.run_service(
             lambda: services.set_rate_limit(
                 scope=scope, subject=subject, rpm=rpm, tpm=tpm, actor=self.principal
             )
@@ -72,13 +72,13 @@ class LimitsHandler(APIHandler):
 class LimitHandler(APIHandler):
     async def delete(self, limit_id: str) -> None:
         ident = int_arg(limit_id, "limit id")
-        await self.service(lambda: services.delete_rate_limit(ident, actor=self.principal))
+        await self.run_service(lambda: services.delete_rate_limit(ident, actor=self.principal))
         self.send({"deleted": ident})
 
 
 class MyBudgetsHandler(APIHandler):
     async def get(self) -> None:
-        mine = await self.service(lambda: services.my_budgets(self.principal))
+        mine = await self.run_service(lambda: services.my_budgets(self.principal))
         self.send(mine.as_dict())
 
 

@@ -85,7 +85,7 @@ def _int(body: dict[str, Any], name: str) -> int | None:
 class MeHandler(APIHandler):
     async def get(self) -> None:
         p = self.principal
-        policy = await self.service(lambda: services.get_policy(actor=p))
+        policy = await self.run_service(lambda: services.get_policy(actor=p))
         self.send(
             {
                 "email": p.email,
@@ -98,7 +98,7 @@ class MeHandler(APIHandler):
 
 class RoutesHandler(APIHandler):
     async def get(self) -> None:
-        routes = await self.service(lambda: services.list_routes(actor=self.principal))
+        routes = await self.run_service(lambda: services.list_routes(actor=self.principal))
         self.send({"routes": [r.as_dict() for r in routes]})
 
     async def post(self) -> None:
@@ -110,7 +110,7 @@ class RoutesHandler(APIHandler):
         for_user, owner = _str(body, "for_user"), _str(body, "owner")
         enabled = _bool(body, "enabled")
         fallbacks = _str_list(body, "fallbacks")
-        route = await self.service(
+        route = await self.run_service(
             lambda: services.add_route(
                 name,
                 key,
@@ -129,7 +129,7 @@ class RoutesHandler(APIHandler):
 class RouteHandler(APIHandler):
     async def get(self, route_id: str) -> None:
         ident = int_arg(route_id, "route id")
-        routes = await self.service(lambda: services.list_routes(actor=self.principal))
+        routes = await self.run_service(lambda: services.list_routes(actor=self.principal))
         found = next((r for r in routes if r.id == ident), None)
         if found is None:
             raise APIError(404, f"no route {ident}")
@@ -139,14 +139,14 @@ class RouteHandler(APIHandler):
         ident = int_arg(route_id, "route id")
         changes = self.body()
         check_fields(changes, ROUTE_CHANGE_FIELDS)
-        route = await self.service(
+        route = await self.run_service(
             lambda: services.update_route(ident, changes, actor=self.principal)
         )
         self.send(route.as_dict())
 
     async def delete(self, route_id: str) -> None:
         ident = int_arg(route_id, "route id")
-        await self.service(lambda: services.delete_route(ident, actor=self.principal))
+        await self.run_service(lambda: services.delete_route(ident, actor=self.principal))
         self.send({"deleted": ident})
 
 
@@ -156,7 +156,7 @@ class ResolveHandler(APIHandler):
         email = self.get_query_argument("user", self.principal.email)
         if not name:
             raise APIError(400, "name is required")
-        resolution = await self.service(
+        resolution = await self.run_service(
             lambda: services.resolve_route(name, email, actor=self.principal)
         )
         self.send(resolution.as_dict())
@@ -164,7 +164,7 @@ class ResolveHandler(APIHandler):
 
 class KeysHandler(APIHandler):
     async def get(self) -> None:
-        keys = await self.service(lambda: services.list_keys(actor=self.principal))
+        keys = await self.run_service(lambda: services.list_keys(actor=self.principal))
         self.send({"keys": [k.as_dict() for k in keys]})
 
     async def post(self) -> None:
@@ -177,7 +177,7 @@ class KeysHandler(APIHandler):
         available = _bool(body, "available_to_all")
         max_concurrent = _int(body, "max_concurrent")
         gateway = self.gateway
-        view = await self.service(
+        view = await self.run_service(
             lambda: services.add_key(
                 name,
                 provider,
@@ -208,7 +208,7 @@ class KeyHandler(APIHandler):
                 400, "nothing to change: give available_to_all, max_concurrent or base_url"
             )
         settings = self.gateway.settings
-        view = await self.service(
+        view = await self.run_service(
             lambda: services.update_key(
                 name,
                 available_to_all=available,
@@ -231,7 +231,7 @@ class KeyGrantsHandler(APIHandler):
         if not isinstance(users, list) or not users or not all(isinstance(u, str) for u in users):
             raise APIError(400, "users must be a non-empty list of emails")
         revoke = bool(_bool(body, "revoke"))
-        holders = await self.service(
+        holders = await self.run_service(
             lambda: services.grant_key(name, users, revoke=revoke, actor=self.principal)
         )
         self.send({"key": name, "granted_to": holders})
@@ -239,7 +239,7 @@ class KeyGrantsHandler(APIHandler):
 
 class UsersHandler(APIHandler):
     async def get(self) -> None:
-        users = await self.service(lambda: services.list_users(actor=self.principal))
+        users = await self.run_service(lambda: services.list_users(actor=self.principal))
         self.send({"users": [u.as_dict() for u in users]})
 
 
@@ -250,7 +250,7 @@ class UserHandler(APIHandler):
         role, disabled = _str(body, "role"), _bool(body, "disabled")
         if role is None and disabled is None:
             raise APIError(400, "nothing to change: give role or disabled")
-        view = await self.service(
+        view = await self.run_service(
             lambda: services.update_user(email, role=role, disabled=disabled, actor=self.principal)
         )
         self.send(view.as_dict())
@@ -258,7 +258,7 @@ class UserHandler(APIHandler):
 
 class PolicyHandler(APIHandler):
     async def get(self) -> None:
-        policy = await self.service(lambda: services.get_policy(actor=self.principal))
+        policy = await self.run_service(lambda: services.get_policy(actor=self.principal))
         self.send(policy.as_dict())
 
     async def patch(self) -> None:
@@ -279,7 +279,7 @@ class PolicyHandler(APIHandler):
             not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns)
         ):
             raise APIError(400, "redaction_patterns must be a list of strings")
-        policy = await self.service(
+        policy = await self.run_service(
             lambda: services.set_policy(
                 allow_user_keys=keys,
                 allow_user_routes=routes,
@@ -297,7 +297,7 @@ class AuditHandler(APIHandler):
         before = self.get_query_argument("before", None)
         limit = int_arg(self.get_query_argument("limit", "100"), "limit")
         before_id = int_arg(before, "before") if before is not None else None
-        events = await self.service(
+        events = await self.run_service(
             lambda: services.list_audit(before_id=before_id, limit=limit, actor=self.principal)
         )
         self.send(

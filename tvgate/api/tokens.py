@@ -16,7 +16,7 @@ class TokensHandler(APIHandler):
         email = self.get_query_argument("user", None)
         if email is None and self.get_query_argument("all", "") == "":
             email = self.principal.email
-        tokens = await self.service(lambda: services.list_tokens(email, actor=self.principal))
+        tokens = await self.run_service(lambda: services.list_tokens(email, actor=self.principal))
         self.send({"tokens": [t.as_dict() for t in tokens]})
 
     async def post(self) -> None:
@@ -34,7 +34,7 @@ class TokensHandler(APIHandler):
         principal, gateway = self.principal, self.gateway
         # A token minted with a Visdom Trace session is held to that session.
         visdom_session = self.credential if principal.via == VIA_VISDOM else None
-        token, row = await self.service(
+        token, row = await self.run_service(
             lambda: services.issue_token(
                 email,
                 principal.org_name,
@@ -54,7 +54,7 @@ class TokensHandler(APIHandler):
 class TokenHandler(APIHandler):
     async def delete(self, token_id: str) -> None:
         ident = int_arg(token_id, "token id")
-        view = await self.service(lambda: services.revoke_token(ident, actor=self.principal))
+        view = await self.run_service(lambda: services.revoke_token(ident, actor=self.principal))
         self.send(view.as_dict())
 
 

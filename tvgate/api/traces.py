@@ -15,7 +15,7 @@ class TracesHandler(APIHandler):
         }
         cursor = self.get_query_argument("cursor", None)
         limit = int_arg(self.get_query_argument("limit", "50"), "limit")
-        page, following = await self.service(
+        page, following = await self.run_service(
             lambda: services.list_traces(filters, cursor=cursor, limit=limit, actor=self.principal)
         )
         self.send({"traces": page, "next_cursor": following})
@@ -23,19 +23,23 @@ class TracesHandler(APIHandler):
 
 class TraceHandler(APIHandler):
     async def get(self, trace_id: str) -> None:
-        document = await self.service(lambda: services.get_trace(trace_id, actor=self.principal))
+        document = await self.run_service(
+            lambda: services.get_trace(trace_id, actor=self.principal)
+        )
         self.send(document)
 
 
 class SessionHandler(APIHandler):
     async def get(self, session: str) -> None:
-        traces = await self.service(lambda: services.session_traces(session, actor=self.principal))
+        traces = await self.run_service(
+            lambda: services.session_traces(session, actor=self.principal)
+        )
         self.send({"session_id": session, "traces": traces})
 
 
 class PricesHandler(APIHandler):
     async def get(self) -> None:
-        prices = await self.service(lambda: services.list_prices(actor=self.principal))
+        prices = await self.run_service(lambda: services.list_prices(actor=self.principal))
         self.send({"prices": prices})
 
 
@@ -46,11 +50,13 @@ class PriceHandler(APIHandler):
     async def put(self, model: str) -> None:
         body = self.body()
         check_fields(body, services.PRICE_FIELDS, required=services.REQUIRED_PRICE_FIELDS)
-        price = await self.service(lambda: services.set_price(model, body, actor=self.principal))
+        price = await self.run_service(
+            lambda: services.set_price(model, body, actor=self.principal)
+        )
         self.send(price)
 
     async def delete(self, model: str) -> None:
-        await self.service(lambda: services.delete_price(model, actor=self.principal))
+        await self.run_service(lambda: services.delete_price(model, actor=self.principal))
         self.send({"deleted": model})
 
 

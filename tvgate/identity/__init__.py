@@ -67,16 +67,51 @@ class SealedOrigin:
     ciphertext: str = field(repr=False)
 
 
-class AuthError(Exception):
-    """The credential is missing, unknown, expired or revoked (401)."""
+class IdentityError(Exception):
+    """Who sent a request is refused or cannot be checked. ``status`` is the HTTP status
+    that says which, as ``services.ServiceError``'s does; ``public`` is what the client is
+    told (each surface answers it in its own format: ``tvgate.web.refusal_of``)."""
+
+    status = 401
+
+    @property
+    def public(self) -> str:
+        return str(self)
 
 
-class IdentityUnavailable(Exception):
+class AuthError(IdentityError):
+    """The credential is unknown, expired or revoked (401)."""
+
+    status = 401
+
+    @property
+    def public(self) -> str:
+        return f"invalid credential: {self}"
+
+
+class MissingCredential(AuthError):
+    """The request carries no credential at all (401)."""
+
+    @property
+    def public(self) -> str:
+        return str(self)
+
+
+class IdentityUnavailable(IdentityError):
     """The identity provider could not be asked (503: an outage is not a revoked login)."""
 
+    status = 503
 
-class OrgSelectionError(Exception):
+    @property
+    def public(self) -> str:
+        # The cause (a JWKS fetch, the database) is the operator's to read in the log.
+        return "identity check unavailable; try again shortly"
+
+
+class OrgSelectionError(IdentityError):
     """The credential is good but the org of the request is not one of the caller's (403)."""
+
+    status = 403
 
 
 class NotLinked(OrgSelectionError):

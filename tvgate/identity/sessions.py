@@ -9,19 +9,24 @@ expires, at a pasted JWT's ``exp``, and when the Visdom Trace session of a
 Visdom Trace sign-in no longer vouches for it (``tvgate.identity.origin``).
 Failed sign-ins are counted per (client address, email) in the database; past
 ``login_attempts`` in 15 minutes the form answers 429 for that pair until the
-window moves on.
+window moves on. Password spraying (one address, a few guesses at each of many
+emails) is capped per address across emails, in memory (``AddressThrottle``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import time
+from collections import OrderedDict
 
 from tvgate import services
 from tvgate.identity import Principal, SealedOrigin
 from tvgate.keyring import SEALED_SESSION_FLASH, SEALED_SESSION_ORIGIN, KeyContext, Keyring
 from tvgate.models import LoginFailure, Org, ProxyToken, User, WebSession, database
+
+log = logging.getLogger("tvgate.identity")
 
 #: Touch ``last_seen_at`` at most this often (seconds): a page view is not a write.
 _TOUCH_EVERY = 60.0
@@ -197,3 +202,69 @@ class LoginThrottle:
     def succeeded(self, address: str, email: str) -> None:
         """The pair signed in: its failures no longer count."""
         LoginFailure.delete().where(LoginFailure.subject == self._subject(address, email)).execute()
+
+
+class AddressThrottle:
+    """At most ``limit`` failed sign-ins from one client address in ``window`` seconds,
+    whatever the emails: the cap on password spraying, which ``LoginThrottle``'s pairs
+    do not see (a few guesses at each of many emails).
+
+    Kept in memory, per process, in bounded space: a count and the start of its window
+    for each of at most ``max_addresses`` addresses, the one that failed longest ago
+    forgotten first (an attacker with that many addresses is past any per-address cap
+    anyway). Each worker counts its own, so the cap is per worker. Successes neither count
+    nor clear the count: one good account must not buy more guesses at the others. Runs
+    on the IOLoop: no I/O.
+    """
+
+    def __init__(self, limit: int, window: float = 900.0, max_addresses: int = 10_000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_addresses = max_addresses
+        #: address -> (start of its window, failures in it); least recently failed first.
+        self._failures: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def locked(self, address: str) -> bool:
+        """True when ``address`` has failed ``limit`` times within its window."""
+        entry = self._failures.get(address)
+        if entry is None:
+            return False
+        started, count = entry
+        if time.monotonic() - started >= self.window:
+            del self._failures[address]
+            return False
+        return count >= self.limit
+
+    def failed(self, address: str) -> None:
+        """Count a failure from ``address``."""
+        now = time.monotonic()
+        started, count = self._failures.pop(address, (now, 0))
+        if now - started >= self.window:
+            started, count = now, 0
+        count += 1
+        self._failures[address] = (started, count)
+        if count == self.limit:
+            log.warning(
+                "%d failed sign-ins from %s in %d minutes: its sign-ins are refused for the "
+                "rest of the window",
+                count,
+                address,
+                self.window // 60,
+            )
+        while len(self._failures) > self.max_addresses:
+            self._failures.popitem(last=False)
+
+
+def audit_address_locked(address: str, email: str) -> None:
+    """A sign-in refused by ``AddressThrottle``: recorded in the org of each user with that
+    email (their admins are the ones to know), never for an email no user has, which may
+    be a password typed into the wrong field."""
+    users = User.select(User.org).where(User.email == email.strip().lower())
+    for user in users:
+        services.audit_refused_sign_in(
+            user.org_id,
+            email,
+            email,
+            "too many failed sign-ins from this client address",
+            {"address": address},
+        )

@@ -1,23 +1,22 @@
-"""One proxied call, stage by stage: identity, body, routing, key, upstream, capture, trace.
+"""One proxied call, stage by stage: identity, body, routing, governance, key, upstream.
 
 ``ProxyCall`` owns a request from the moment its body is complete. Each stage
 either passes on or answers the client with an error in the API's own
-envelope. From authentication on, whatever happens (the client leaves, the
-provider fails, tvgate refuses) the call ends by queueing exactly one trace.
+envelope; then the route and its fallbacks are tried in turn, each attempt
+returning what it came to (``Answered`` or ``Failed``). What goes back to the
+client (headers, body, back-pressure, held failures) is ``ClientRelay``'s
+(``tvgate.proxy.relay``). From authentication on, whatever happens (the client
+leaves, the provider fails, tvgate refuses) the call ends by queueing exactly
+one trace and charging its usage (``tvgate.proxy.record``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import time
-import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import orjson
-from tornado.httputil import HTTPHeaders
-from tornado.iostream import StreamClosedError
 
 from tvgate.db import DatabaseUnavailable
 from tvgate.governance.governor import (
@@ -29,157 +28,72 @@ from tvgate.governance.governor import (
     key_resource,
 )
 from tvgate.governance.policy import NO_GOVERNANCE, Governance
-from tvgate.identity import (
-    ORG_HEADER,
-    AuthError,
-    IdentityUnavailable,
-    OrgSelectionError,
-    Principal,
-    credential_from_headers,
-)
+from tvgate.identity import IdentityError, Principal
 from tvgate.keyring import KeyContext, KeyringError, KeyringUnavailable
-from tvgate.providers import (
-    ANTHROPIC_COUNT_TOKENS,
-    Endpoint,
-    auth_headers,
-    stream_error_event,
+from tvgate.models import (
+    OUTCOME_CLIENT_CANCELLED,
+    OUTCOME_GATEWAY_SHUTDOWN,
+    OUTCOME_OK,
+    OUTCOME_REJECTED,
+    OUTCOME_TIMEOUT,
+    OUTCOME_UPSTREAM_ERROR,
 )
-from tvgate.providers.assemble import (
-    JSON_TAIL_BYTES,
-    Assembled,
-    StreamAssembler,
-    assemble_json,
-    assemble_json_tail,
-    checked_usage,
-    stream_assembler,
-)
+from tvgate.providers import Endpoint
 from tvgate.proxy.body import BodyError, ParsedBody, decode_content, parse_request_body, with_model
-from tvgate.proxy.hops import HOP_HEADER, incoming_marks, is_loop, outgoing_marks
+from tvgate.proxy.hops import incoming_marks, is_loop, outgoing_marks
+from tvgate.proxy.record import record_call
+from tvgate.proxy.relay import ClientRelay, HeldAnswer
 from tvgate.proxy.scrub import KeyScrubber
 from tvgate.proxy.upstream import (
     CURLE_OPERATION_TIMEDOUT,
     UpstreamExchange,
     UpstreamResult,
+    upstream_headers,
     upstream_url,
 )
 from tvgate.routing import RouteEntry, RouteNotFound
-from tvgate.traces.attribution import (
-    ATTRIBUTION_PREFIXES,
-    attribution_header,
-    detect_tool,
-    session_id,
-)
-from tvgate.traces.writer import CapturedBody
 
 if TYPE_CHECKING:
     from tvgate.proxy.handlers import ProxyHandler
 
 log = logging.getLogger("tvgate.proxy")
 
-OUTCOME_OK = "ok"
-OUTCOME_CLIENT_CANCELLED = "client_cancelled"
-OUTCOME_UPSTREAM_ERROR = "upstream_error"
-OUTCOME_TIMEOUT = "timeout"
-OUTCOME_REJECTED = "rejected"
-#: The gateway stopped (the drain timeout passed) before the call ended.
-OUTCOME_GATEWAY_SHUTDOWN = "gateway_shutdown"
 #: What a client cut at the drain timeout is told, in its API's format.
 SHUTDOWN_MESSAGE = "the gateway is shutting down"
 
-#: Request headers that never go upstream: hop-by-hop, the client's own credentials
-#: and cookies, and what tvgate recomputes (length, encoding).
-_DROPPED_REQUEST_HEADERS = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "content-encoding",
-        "accept-encoding",
-        "expect",
-        "x-api-key",
-        "authorization",
-        "cookie",
-    }
-)
-#: Response headers that are the business of each hop, not of the client; and what a
-#: provider must not say on the gateway's origin, which also serves the web UI: cookies,
-#: a content security policy, CORS grants (every ``access-control-*`` header:
-#: ``_CORS_PREFIX``); and the loop mark of an upstream tvgate.
-_DROPPED_RESPONSE_HEADERS = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "content-length",
-        "trailer",
-        "upgrade",
-        "set-cookie",
-        "content-security-policy",
-        "content-security-policy-report-only",
-        HOP_HEADER,
-    }
-)
-_CORS_PREFIX = "access-control-"
-#: A header name (RFC 9110 token), as Tornado checks it.
-_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-#: Stream chunks relayed but not yet parsed, at most: a stream is parsed after its
-#: answer is finished, so the client does not wait for it, or in runs of this size.
-_UNPARSED_LIMIT = 16 * 1024
-#: How much of a failed answer is kept while a fallback is tried.
-_HELD_LIMIT = 64 * 1024
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """What an attempt came to when no further route is tried: the client has its answer
+    (the provider's, or tvgate's error), or is gone.
+
+    ``ms``: how long the provider took, when one answered (then recorded in the trace's
+    attempts once a fallback was tried before)."""
+
+    ms: float | None = None
 
 
-def upstream_headers(
-    client_headers: HTTPHeaders, provider: str, secret: str, hop_marks: str
-) -> dict[str, str] | HTTPHeaders:
-    """The client's headers as the provider should see them, with the provider key injected
-    and the loop mark (``tvgate.proxy.hops``) set.
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """An attempt that failed in a way the next route may mend, as the trace's attempts
+    record it; ``held``: the provider's failure, kept back to be told when no route does
+    better (None when the attempt never reached a provider)."""
 
-    A plain dict when no header name repeats (the usual case): the HTTP client copies it
-    into its own ``HTTPHeaders`` anyway, and building one here too would validate and
-    normalise every header twice more. Names are already normalised by Tornado's parser.
-    """
-    lines = _forwarded_lines(client_headers)
-    headers: dict[str, str] | HTTPHeaders = dict(lines)
-    if len(headers) < len(lines):
-        # A name repeats: every line is kept, as the client sent it.
-        headers = HTTPHeaders()
-        for name, value in lines:
-            headers.add(name, value)
-    for name, value in auth_headers(provider, secret):
-        headers[name] = value
-    headers[HOP_HEADER] = hop_marks
-    return headers
+    route: RouteEntry
+    upstream_model: str
+    status: int
+    outcome: str
+    error: str
+    ms: float = 0.0
+    held: HeldAnswer | None = None
 
 
-def _forwarded_lines(client_headers: HTTPHeaders) -> list[tuple[str, str]]:
-    """The client's header lines less hop-by-hop, credentials and tvgate's own."""
-    connection_listed = {
-        token.strip().lower() for token in client_headers.get("Connection", "").split(",")
-    }
-    return [
-        (name, value)
-        for name, value in client_headers.get_all()
-        if not (
-            (lower := name.lower()) in _DROPPED_REQUEST_HEADERS
-            or lower in connection_listed
-            or lower.startswith(ATTRIBUTION_PREFIXES)
-        )
-    ]
+#: An attempt answered the call without a provider's answer to time.
+_ANSWERED = Answered()
 
 
 class ProxyCall:
-    """A request through the proxy; also the upstream exchange's listener."""
+    """A request through the proxy: its stages and its chain of fallback routes."""
 
     def __init__(self, handler: ProxyHandler, endpoint: Endpoint, started: float) -> None:
         self.handler = handler
@@ -192,30 +106,11 @@ class ProxyCall:
         self.route: RouteEntry | None = None
         self.body: ParsedBody | None = None
         self.upstream_model = ""
-        self.exchange: UpstreamExchange | None = None
         self.upstream_started = 0.0
-        self.first_byte = 0.0
-        self.status = 0
-        self.committed = False
-        self.client_gone = False
         #: The outcome of a call whose client side ended before the call did: the client
         #: hung up, unless the gateway cut it at stop.
         self.gone_outcome = OUTCOME_CLIENT_CANCELLED
-        self.is_stream_response = False
-        self.stream_counted = False
-        self.assembler: StreamAssembler | None = None
-        self.captured: list[bytes] = []
-        self.captured_size = 0
-        #: The end of a non-streamed answer longer than ``capture_max_bytes``, where its
-        #: usage is (empty otherwise).
-        self.captured_tail = bytearray()
-        self.unparsed: list[bytes] = []
-        self.unparsed_size = 0
         self.bytes_in = 0
-        self.bytes_out = 0
-        self.unflushed = 0
-        self.draining = False
-        self.upstream_request_id = ""
         self.outcome = ""
         self.error_type = ""
         self.error_message = ""
@@ -226,16 +121,20 @@ class ProxyCall:
         #: Every admission made for the call (its own, its fallbacks'): settled at its end.
         self.admissions: list[Admission] = []
         self.gateway_slot = False
-        #: True while the route being tried has fallbacks left after it.
-        self.may_fall_back = False
-        self.holding: _HeldAnswer | None = None
-        self.last_failure: _HeldAnswer | None = None
+        self.last_failure: Failed | None = None
         self.attempts: list[dict[str, Any]] = []
         #: The provider keys this call sent, masked in whatever comes back from upstream.
         self.scrubber = KeyScrubber()
-        #: The 3xx status the provider answered the current attempt with (0: none).
-        self.redirected = 0
         self.hop_marks: list[str] = []
+        settings = self.gateway.settings
+        self.relay = ClientRelay(
+            handler,
+            endpoint,
+            self.scrubber,
+            self.gateway.metrics,
+            client_buffer_bytes=settings.client_buffer_bytes,
+            capture_max_bytes=settings.capture_max_bytes,
+        )
 
     # --- stages ---
 
@@ -253,32 +152,16 @@ class ProxyCall:
         finally:
             if self.gateway_slot:
                 self.gateway.governor.release(GATEWAY_RESOURCE)
-            self._queue_trace()  # charges the usage first: settling then frees the rest
+            record_call(self)  # charges the usage first: settling then frees the rest
             for admission in self.admissions:
                 self.gateway.governor.settle(admission)
 
     async def _authenticate(self) -> Principal | None:
-        token = credential_from_headers(self.handler.request.headers)
-        if not token:
-            self.handler.send_api_error(
-                401,
-                "no credential: send your tvgate token as x-api-key or Authorization: Bearer",
-                self.provider,
-            )
-            return None
         try:
-            return await self.gateway.auth.authenticate(
-                token, self.handler.request.headers.get(ORG_HEADER)
-            )
-        except AuthError as exc:
-            self.handler.send_api_error(401, f"invalid credential: {exc}", self.provider)
-        except OrgSelectionError as exc:
-            self.handler.send_api_error(403, str(exc), self.provider)
-        except (IdentityUnavailable, DatabaseUnavailable):
-            self.handler.send_api_error(
-                503, "identity check unavailable; try again shortly", self.provider
-            )
-        return None
+            return await self.handler.authenticate_token()
+        except IdentityError as exc:
+            self.handler.send_api_error(exc.status, exc.public, self.provider)
+            return None
 
     async def _proxy(self, raw_body: bytes) -> None:
         settings = self.gateway.settings
@@ -337,13 +220,34 @@ class ProxyCall:
         chain: list[tuple[str, RouteEntry | None]] = [(route.name, route)]
         chain += [(name, snapshot.named(principal, name)) for name in route.fallbacks]
         for index, (name, entry) in enumerate(chain):
-            self.may_fall_back = index + 1 < len(chain)
             if entry is None:
                 self._record_attempt(None, name, 0, OUTCOME_REJECTED, "no such route for you")
                 continue
-            if await self._attempt(entry, is_fallback=index > 0):
+            tried = await self._attempt(
+                entry, is_fallback=index > 0, may_fall_back=index + 1 < len(chain)
+            )
+            if isinstance(tried, Answered):
+                if tried.ms is not None and self.attempts:
+                    self._record_attempt(
+                        entry,
+                        self.upstream_model,
+                        self.relay.status,
+                        self.outcome,
+                        self.error_message,
+                        tried.ms,
+                    )
                 return
-            if self.client_gone:
+            self._record_attempt(
+                tried.route,
+                tried.upstream_model,
+                tried.status,
+                tried.outcome,
+                tried.error,
+                tried.ms,
+            )
+            if tried.held is not None:
+                self.last_failure = tried
+            if self.relay.client_gone:
                 self.outcome = self.gone_outcome
                 return
         self._answer_last_failure()
@@ -359,8 +263,10 @@ class ProxyCall:
             entry.upstream_model_for(self.body.model),
         )
 
-    async def _attempt(self, entry: RouteEntry, *, is_fallback: bool) -> bool:
-        """One upstream attempt on ``entry``; False when the next fallback should be tried."""
+    async def _attempt(
+        self, entry: RouteEntry, *, is_fallback: bool, may_fall_back: bool
+    ) -> Answered | Failed:
+        """One upstream attempt on ``entry``, with the admission and the key's slot it needs."""
         assert self.body is not None and self.principal is not None
         settings = self.gateway.settings
         governor = self.gateway.governor
@@ -381,10 +287,9 @@ class ProxyCall:
             refusal = (502, f"route {entry.name!r} has a base URL with a query or fragment")
         if refusal is not None:
             if is_fallback:
-                self._record_attempt(entry, model, 0, OUTCOME_REJECTED, refusal[1])
-                return False
+                return Failed(entry, model, 0, OUTCOME_REJECTED, refusal[1])
             self._fail(*refusal, OUTCOME_REJECTED)
-            return True
+            return _ANSWERED
         attempt_admission: Admission | None = None
         key_resource_name = ""
         try:
@@ -404,21 +309,24 @@ class ProxyCall:
                 key_resource_name = key_resource(entry.key.id)
         except Refused as exc:
             if is_fallback:
-                self._record_attempt(entry, model, 429, OUTCOME_REJECTED, str(exc))
-                return False
+                return Failed(entry, model, 429, OUTCOME_REJECTED, str(exc))
             self._refuse(exc)
-            return True
+            return _ANSWERED
         try:
             self.route = entry
             self.upstream_model = model
             if attempt_admission is not None and self.admission is not None:
                 self.serving_admission = self.admission.for_attempt(attempt_admission)
-            return await self._attempt_with_key(entry, is_fallback=is_fallback)
+            return await self._attempt_with_key(
+                entry, is_fallback=is_fallback, may_fall_back=may_fall_back
+            )
         finally:
             if key_resource_name:
                 governor.release(key_resource_name)
 
-    async def _attempt_with_key(self, entry: RouteEntry, *, is_fallback: bool) -> bool:
+    async def _attempt_with_key(
+        self, entry: RouteEntry, *, is_fallback: bool, may_fall_back: bool
+    ) -> Answered | Failed:
         key = entry.key
         try:
             secret = await self.gateway.keys.get(
@@ -432,26 +340,27 @@ class ProxyCall:
                 status = 502
                 message = f"the key of route {entry.name!r} cannot be used; ask an admin"
             if is_fallback:
-                self._record_attempt(
-                    entry, self.upstream_model, status, OUTCOME_UPSTREAM_ERROR, message
-                )
-                return False
+                return Failed(entry, self.upstream_model, status, OUTCOME_UPSTREAM_ERROR, message)
             self._fail(status, message, OUTCOME_UPSTREAM_ERROR)
-            return True
-        if self.client_gone:
+            return _ANSWERED
+        if self.relay.client_gone:
             self.outcome = self.gone_outcome
-            return True
+            return _ANSWERED
         self.scrubber.add(secret)
         self.gateway.key_uses.record(key.id)
-        return await self._forward(secret)
+        return await self._forward(entry, secret, may_fall_back=may_fall_back)
 
-    async def _forward(self, secret: str) -> bool:
-        assert self.route is not None and self.body is not None
+    async def _forward(
+        self, entry: RouteEntry, secret: str, *, may_fall_back: bool
+    ) -> Answered | Failed:
+        """The request to the provider of ``entry``, its answer relayed (or held back)."""
+        assert self.body is not None
         settings = self.gateway.settings
         request = self.handler.request
-        self.exchange = UpstreamExchange(
+        relay = self.relay
+        exchange = UpstreamExchange(
             self.gateway.http,
-            upstream_url(self.route.key.base_url, self.endpoint.upstream_path, request.query),
+            upstream_url(entry.key.base_url, self.endpoint.upstream_path, request.query),
             upstream_headers(
                 request.headers,
                 self.provider,
@@ -459,67 +368,62 @@ class ProxyCall:
                 outgoing_marks(self.hop_marks, self.gateway.hop_id),
             ),
             with_model(self.body, self.upstream_model),
-            self,
+            relay,
             connect_timeout=settings.connect_timeout,
             idle_timeout=settings.idle_timeout,
-            allow_private=settings.allows_private_upstream(self.route.key.owner_id is not None),
+            allow_private=settings.allows_private_upstream(entry.key.owner_id is not None),
         )
         started = time.perf_counter()
         if not self.upstream_started:
             self.upstream_started = started
-        self.redirected = 0
-        result = await self.exchange.run()
-        if self.redirected:
+        relay.attempt(
+            exchange,
+            may_fall_back=may_fall_back,
+            overhead_ms=self.overhead_ms(),
+            warnings=self._budget_warnings(),
+        )
+        result = await exchange.run()
+        if relay.redirected:
             result = dataclasses.replace(
                 result,
-                refused=f"the provider answered with a redirect ({self.redirected}), "
+                refused=f"the provider answered with a redirect ({relay.redirected}), "
                 "which tvgate neither follows nor relays",
             )
         elapsed = (time.perf_counter() - started) * 1000
-        if result.failed and not self.client_gone:
-            self._log_failure(result)
-        held = self.holding
+        if result.failed and not relay.client_gone:
+            self._log_failure(entry, result)
+        held = relay.take_held()
         if held is not None:
             # The provider failed in a way a fallback may mend, and the client has seen none
             # of it: keep the answer in case no fallback does better.
-            self.holding = None
-            self.last_failure = held
-            self._record_attempt(
-                self.route,
+            return Failed(
+                entry,
                 self.upstream_model,
                 held.status,
                 OUTCOME_UPSTREAM_ERROR,
                 held.message(),
                 elapsed,
+                held,
             )
-            return False
-        if self.may_fall_back and result.failed and not self.status and not self.client_gone:
+        if may_fall_back and result.failed and not relay.status and not relay.client_gone:
             status, message, outcome = _classify(result)
-            self.last_failure = _HeldAnswer(
-                self.route, self.upstream_model, status, [], [], (message, outcome)
-            )
-            self._record_attempt(self.route, self.upstream_model, status, outcome, message, elapsed)
-            return False
+            held = HeldAnswer(status, [], [], (message, outcome))
+            return Failed(entry, self.upstream_model, status, outcome, message, elapsed, held)
         self._complete(result)
-        if self.attempts:
-            self._record_attempt(
-                self.route,
-                self.upstream_model,
-                self.status,
-                self.outcome,
-                self.error_message,
-                elapsed,
-            )
-        return True
+        return Answered(elapsed)
 
-    def _log_failure(self, result: UpstreamResult) -> None:
+    def _budget_warnings(self) -> list[str]:
+        """The warnings of the admission that serves the call, for the answer's header."""
+        admission = self.serving_admission or self.admission
+        return admission.warnings if admission is not None else []
+
+    def _log_failure(self, entry: RouteEntry, result: UpstreamResult) -> None:
         """A transfer failed (not the client's doing): a warning an operator can act on."""
-        assert self.route is not None
-        key = self.route.key
+        key = entry.key
         log.warning(
             "provider call of org %d on route %r (key %r) failed: %s (curl error %d: %s)",
             key.org_id,
-            self.route.name,
+            entry.name,
             key.name,
             result.describe(),
             result.curl_error,
@@ -529,20 +433,17 @@ class ProxyCall:
     def _answer_last_failure(self) -> None:
         """Every route failed: the client gets the last provider failure, as it came."""
         failure = self.last_failure
-        if failure is None:
+        if failure is None or failure.held is None:
             self._fail(502, "no route could serve this request", OUTCOME_UPSTREAM_ERROR)
             return
         self.route = failure.route
         self.upstream_model = failure.upstream_model
-        self.may_fall_back = False
-        if failure.classified is not None:
-            message, outcome = failure.classified
-            self._fail(failure.status, message, outcome)
+        held = failure.held
+        if held.classified is not None:
+            message, outcome = held.classified
+            self._fail(held.status, message, outcome)
             return
-        self.on_upstream_headers(failure.status, failure.headers, whole_body=False)
-        for chunk in failure.chunks:
-            self.on_upstream_chunk(chunk)
-        self._complete(UpstreamResult(0, ""))
+        self._end(self.relay.replay(held, self._budget_warnings()), UpstreamResult(0, ""))
 
     def _record_attempt(
         self,
@@ -572,186 +473,21 @@ class ProxyCall:
         self.outcome = OUTCOME_REJECTED
         self.error_type = "rate_limited"
         self.error_message = str(refusal)
-        self.status = 429
-        if not self.client_gone:
+        self.relay.status = 429
+        if not self.relay.client_gone:
             self.handler.send_api_error(
                 429, str(refusal), self.provider, retry_after=str(refusal.retry_after)
             )
 
-    # --- the upstream listener (called synchronously from curl's callbacks) ---
-
-    def on_upstream_headers(
-        self, status: int, headers: list[tuple[str, str]], *, whole_body: bool = True
-    ) -> None:
-        """The provider's status and headers, passed on to the client.
-
-        ``whole_body``: every byte of the body will follow (not a held answer cut at
-        its limit), so a ``Content-Length`` can be kept. A redirect is neither followed nor
-        relayed (its ``Location`` would send the client, credential and all, wherever the
-        provider says): the transfer is stopped and the call fails with a 502. Keys the
-        provider echoes are masked in every header.
-        """
-        if 300 <= status < 400:
-            self.redirected = status
-            if self.exchange is not None:
-                self.exchange.abort()
-            return
-        if self.may_fall_back and (status in (429, 529) or status >= 500):
-            assert self.route is not None
-            self.holding = _HeldAnswer(self.route, self.upstream_model, status, headers, [], None)
-            return
-        handler = self.handler
-        self.status = status
-        handler.set_status(status)
-        length = ""
-        framed = False
-        seen: set[str] = set()
-        mask = self.scrubber.text
-        for raw_name, raw_value in headers:
-            lower = raw_name.lower()
-            if lower in _DROPPED_RESPONSE_HEADERS or lower.startswith(_CORS_PREFIX):
-                if lower == "content-length":
-                    length = raw_value
-                elif lower == "transfer-encoding":
-                    framed = True  # the length, if any, is not the body's (RFC 9112 6.3)
-                continue
-            name, value = mask(raw_name), mask(raw_value)
-            if lower in ("content-type", "server", "date"):
-                handler.set_header(name, value)
-                if lower == "content-type" and value.startswith("text/event-stream"):
-                    self.is_stream_response = True
-            elif lower in seen or not _FIELD_NAME.fullmatch(name):
-                handler.add_header(name, value)  # a repeated line; or refused, as it should be
-            else:
-                # The first line of this name: add_header would validate the name and value
-                # again on top of set_header's check of the value.
-                seen.add(lower)
-                handler.set_header(name, value)
-            if lower in ("request-id", "x-request-id"):
-                self.upstream_request_id = value
-        if (
-            length.isdigit()
-            and not framed
-            and whole_body
-            and not self.is_stream_response
-            and status != 204
-        ):
-            # The body is relayed byte for byte (a masked key is as long as the key): with
-            # its length known, Tornado sends it with the headers in one write, not chunked
-            # with a closing chunk after it.
-            # (A stream is left chunked: a failure may add an error event to it.)
-            handler.set_header("Content-Length", length)
-        handler.set_header("x-tvgate-overhead-ms", f"{self._overhead_ms():.3f}")
-        admission = self.serving_admission or self.admission
-        if admission is not None and admission.warnings:
-            # Names may be any Unicode; a header is Latin-1 on the wire: escape the rest.
-            warning = "; ".join(admission.warnings).encode("ascii", "backslashreplace")
-            handler.set_header("x-tvgate-budget-warning", warning.decode())
-        if self.is_stream_response and not self.stream_counted:
-            self.stream_counted = True  # closed again in _queue_trace
-            self.gateway.metrics.stream_opened()
-        if self.is_stream_response and self.endpoint.api != ANTHROPIC_COUNT_TOKENS:
-            # What the trace keeps of the answer is bounded per call, whatever the stream's
-            # length: past the bound the capture is cut (and the trace marked truncated).
-            self.assembler = stream_assembler(
-                self.endpoint.api, max_retained=self.gateway.settings.capture_max_bytes
-            )
-
-    def on_upstream_chunk(self, chunk: bytes) -> bool:
-        if self.client_gone:
-            return True  # the exchange is aborting; nothing to deliver to
-        if self.holding is not None:
-            self.holding.keep(chunk)
-            return True
-        handler = self.handler
-        if self.unflushed >= self.gateway.settings.client_buffer_bytes:
-            stream = handler.request.connection.stream  # type: ignore[union-attr]
-            if stream.writing():
-                self._wait_for_client(stream)
-                return False
-            self.unflushed = 0
-        # Masked only once taken: a chunk refused above comes again after the pause.
-        self._relay(self.scrubber.chunk(chunk))
-        return True
-
-    def _relay(self, chunk: bytes) -> None:
-        """Send (and keep for the trace) a part of the provider's body, keys masked."""
-        if not chunk:
-            return  # all of it held back by the scrubber until the next chunk
-        handler = self.handler
-        if not self.committed:
-            self.committed = True
-            self.first_byte = time.perf_counter()
-        handler.write(chunk)
-        handler.flush()
-        size = len(chunk)
-        self.bytes_out += size
-        self.unflushed += size
-        if self.assembler is not None:
-            self.unparsed.append(chunk)
-            self.unparsed_size += size
-            if self.unparsed_size >= _UNPARSED_LIMIT:
-                self._parse_unparsed(self.assembler)
-        elif not self.captured_tail and self.captured_size + size <= self._capture_max:
-            self.captured.append(chunk)
-            self.captured_size += size
-        else:
-            self._keep_tail(chunk)
-
-    @property
-    def _capture_max(self) -> int:
-        return self.gateway.settings.capture_max_bytes
-
-    def _keep_tail(self, chunk: bytes) -> None:
-        """Past ``capture_max_bytes`` of a JSON answer, keep only its end, where its usage is:
-        the head cannot be parsed without the rest, so it is let go."""
-        keep = min(JSON_TAIL_BYTES, self._capture_max)
-        tail = self.captured_tail
-        if self.captured:
-            tail += b"".join(self.captured)[-keep:]
-            self.captured.clear()
-            self.captured_size = 0
-        tail += chunk[-keep:]
-        if len(tail) > keep:
-            del tail[: len(tail) - keep]
-
-    def _parse_unparsed(self, assembler: StreamAssembler) -> StreamAssembler:
-        for chunk in self.unparsed:
-            assembler.feed(chunk)
-        self.unparsed.clear()
-        self.unparsed_size = 0
-        return assembler
-
-    def _wait_for_client(self, stream: Any) -> None:
-        """Pause the provider until the client has read what it was sent."""
-        if self.draining:
-            return
-        self.draining = True
-        try:
-            drained = stream.write(b"")
-        except StreamClosedError:
-            self.on_client_gone()
-            return
-
-        def resume(_future: Any) -> None:
-            self.draining = False
-            self.unflushed = 0
-            if self.exchange is not None:
-                self.exchange.resume()
-
-        drained.add_done_callback(resume)
-
     def on_client_gone(self) -> None:
         """The client closed its connection: stop the provider's work at once."""
-        self.client_gone = True
-        if self.exchange is not None:
-            self.exchange.abort()
+        self.relay.on_client_gone()
 
     def shut_down(self) -> None:
         """The gateway stops and the drain timeout passed: tell the client in its API's
         format (the in-band error event once a stream started), stop the provider's work,
         and record the call as ``gateway_shutdown``, not as the client's doing."""
-        if self.client_gone or self.handler._finished:
+        if self.relay.client_gone or self.handler._finished:
             return
         self._fail(503, SHUTDOWN_MESSAGE, OUTCOME_GATEWAY_SHUTDOWN)
         self.gone_outcome = OUTCOME_GATEWAY_SHUTDOWN
@@ -759,210 +495,35 @@ class ProxyCall:
 
     # --- endings ---
 
-    def _overhead_ms(self) -> float:
+    def overhead_ms(self) -> float:
         """tvgate's own time: from the complete request to the upstream request going out."""
         if not self.upstream_started:
             return (time.perf_counter() - self.started) * 1000
         return (self.upstream_started - self.started) * 1000
 
+    def at(self, perf: float) -> float | None:
+        """The wall-clock time of a ``perf_counter`` reading of this call (None for 0)."""
+        return self.received_at + (perf - self.started) if perf else None
+
     def _fail(self, status: int, message: str, outcome: str) -> None:
         """End the call with an error, told the way the client can still hear it."""
-        handler = self.handler
         self.outcome = outcome
         self.error_type = "gateway_error"
         self.error_message = message
-        if handler._finished or self.client_gone:
-            return
-        if not self.committed:
-            self.status = status
-            handler.send_api_error(status, message, self.provider)
-        elif self.is_stream_response:
-            handler.write(stream_error_event(self.endpoint.api, message))
-            handler.finish()
-        else:
-            # A JSON answer cut halfway cannot be mended; make the cut visible to the client.
-            handler.request.connection.stream.close()  # type: ignore[union-attr]
+        self.relay.send_error(status, message)
 
     def _complete(self, result: UpstreamResult) -> None:
-        if not self.client_gone:
-            self._relay(self.scrubber.end())  # what was held back as the possible start of a key
-        # A client that hangs up right after the last event (SDKs do, on [DONE]) got the
-        # whole answer, even if that made tvgate abort the transfer's last empty chunk.
-        answered = not result.failed or (
-            self.assembler is not None and self._parse_unparsed(self.assembler).finish().complete
-        )
+        self._end(self.relay.complete(result), result)
+
+    def _end(self, answered: bool, result: UpstreamResult) -> None:
+        """The outcome of a transfer the relay has ended (``answered``: the client has it)."""
         if answered:
-            self.outcome = OUTCOME_OK if self.status < 400 else OUTCOME_UPSTREAM_ERROR
-            if not self.client_gone:
-                self.handler.finish()
+            self.outcome = OUTCOME_OK if self.relay.status < 400 else OUTCOME_UPSTREAM_ERROR
             return
-        if self.client_gone:
+        if self.relay.client_gone:
             self.outcome = self.gone_outcome
             return
         self._fail(*_classify(result))
-
-    def _queue_trace(self) -> None:
-        principal = self.principal
-        if principal is None:
-            return
-        assembled = self._assembled()
-        if assembled is not None and assembled.error_type and self.outcome == OUTCOME_OK:
-            self.outcome = OUTCOME_UPSTREAM_ERROR
-        headers = self.handler.request.headers
-        tool, tool_version = detect_tool(headers.get("User-Agent", ""))
-        body = self.body
-        # The provider may be a member's own server: an absurd figure counts toward nothing.
-        usage, anomalies = checked_usage(assembled.usage) if assembled is not None else (None, [])
-        finished = time.perf_counter()
-        route = self.route
-        truncated = assembled is not None and (
-            assembled.truncated or (self.assembler is not None and not assembled.complete)
-        )
-        retained = self._retained()
-        metrics = self.gateway.metrics
-        metrics.capture_retained_max = max(metrics.capture_retained_max, retained)
-        response = assembled.response if assembled is not None else None
-        captured = (
-            # The answer is held (as a document) until the writer stores it: its size
-            # counts in the writer's memory budget with the request's.
-            CapturedBody(body.raw, response, retained if response is not None else 0)
-            if body is not None
-            else None
-        )
-        if self.stream_counted:
-            self.gateway.metrics.stream_closed()
-        self.gateway.traces.submit(
-            row := {
-                "id": uuid.uuid4().hex,
-                "org_id": principal.org_id,
-                "user_id": principal.user_id,
-                "route_name": route.name if route else "",
-                "key_name": route.key.name if route else "",
-                "provider": self.provider,
-                "endpoint": self.endpoint.api,
-                "requested_model": body.model if body else "",
-                "upstream_model": self.upstream_model,
-                "response_model": (assembled.model or "") if assembled else "",
-                "stream": bool(body and body.stream),
-                "status_code": self.status,
-                "outcome": self.outcome or self.gone_outcome,
-                "error_type": (assembled.error_type if assembled and assembled.error_type else "")
-                or self.error_type,
-                "error_message": (
-                    (assembled.error_message or "") if assembled and assembled.error_type else ""
-                )
-                or self.error_message,
-                "received_at": self.received_at,
-                "first_byte_at": self._at(self.first_byte),
-                "finished_at": self._at(finished),
-                "overhead_ms": round(self._overhead_ms(), 3),
-                "input_tokens": usage.input_tokens if usage else 0,
-                "output_tokens": usage.output_tokens if usage else 0,
-                "cache_read_tokens": usage.cache_read_tokens if usage else 0,
-                "cache_write_tokens": usage.cache_write_tokens if usage else 0,
-                "reasoning_tokens": usage.reasoning_tokens if usage else 0,
-                "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out,
-                "tool": tool,
-                "tool_version": tool_version,
-                "session_id": session_id(headers),
-                "upstream_request_id": self.upstream_request_id,
-                "message_id": (assembled.message_id or "") if assembled else "",
-                "repo": attribution_header(headers, "repo"),
-                "branch": attribution_header(headers, "branch"),
-                "truncated": truncated,
-                "attempts": orjson.dumps(self.attempts).decode() if len(self.attempts) > 1 else "",
-                "request_blob": "",
-                "response_blob": "",
-                "cost_usd": 0.0,
-                "anomalies": anomalies,
-            },
-            captured,
-        )
-        self.gateway.metrics.observe(row)
-        admission = self.serving_admission or self.admission
-        if admission is not None and usage is not None:
-            self.gateway.governor.charge(
-                admission,
-                principal.org_id,
-                usage.input_tokens
-                + usage.output_tokens
-                + usage.cache_read_tokens
-                + usage.cache_write_tokens,
-                self.provider,
-                (assembled.model if assembled is not None else "") or self.upstream_model,
-                (
-                    usage.input_tokens,
-                    usage.output_tokens,
-                    usage.cache_read_tokens,
-                    usage.cache_write_tokens,
-                ),
-            )
-
-    def _retained(self) -> int:
-        """Bytes of answer this call's capture holds for its trace."""
-        if self.assembler is not None:
-            return self.assembler.retained
-        return self.captured_size + len(self.captured_tail)
-
-    def _at(self, perf: float) -> float | None:
-        return self.received_at + (perf - self.started) if perf else None
-
-    def _assembled(self) -> Assembled | None:
-        if self.assembler is not None:
-            return self._parse_unparsed(self.assembler).finish()
-        if self.endpoint.api == ANTHROPIC_COUNT_TOKENS:
-            return None
-        if self.captured_tail:
-            # Too large to parse whole: the usage (and so the charge) is read from the
-            # end, and the trace is marked truncated.
-            return assemble_json_tail(self.endpoint.api, bytes(self.captured_tail))
-        if self.captured:
-            return assemble_json(self.endpoint.api, b"".join(self.captured))
-        return None
-
-
-class _HeldAnswer:
-    """A provider failure kept back while fallbacks are tried: status, headers and (the start
-    of) its body, or the transfer error it ended with (``classified``)."""
-
-    __slots__ = ("chunks", "classified", "headers", "route", "size", "status", "upstream_model")
-
-    def __init__(
-        self,
-        route: RouteEntry,
-        upstream_model: str,
-        status: int,
-        headers: list[tuple[str, str]],
-        chunks: list[bytes],
-        classified: tuple[str, str] | None,
-    ) -> None:
-        self.route = route
-        self.upstream_model = upstream_model
-        self.status = status
-        self.headers = headers
-        self.chunks = chunks
-        self.classified = classified
-        self.size = 0
-
-    def keep(self, chunk: bytes) -> None:
-        # Error bodies are small; past this much, the rest is not needed to tell the client.
-        if self.size < _HELD_LIMIT:
-            self.chunks.append(chunk)
-            self.size += len(chunk)
-
-    def message(self) -> str:
-        if self.classified is not None:
-            return self.classified[0]
-        body = b"".join(self.chunks)
-        try:
-            document = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return body[:200].decode("utf-8", "replace")
-        error = document.get("error") if isinstance(document, dict) else None
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"]
-        return body[:200].decode("utf-8", "replace")
 
 
 def _classify(result: UpstreamResult) -> tuple[int, str, str]:

@@ -18,17 +18,10 @@ from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
 
 from tvgate.db import DatabaseUnavailable
-from tvgate.identity import (
-    ORG_HEADER,
-    AuthError,
-    IdentityUnavailable,
-    OrgSelectionError,
-    credential_from_headers,
-)
 from tvgate.models import PROVIDER_ANTHROPIC
 from tvgate.providers import ENDPOINTS, Endpoint
 from tvgate.proxy.call import ProxyCall
-from tvgate.web import BaseHandler
+from tvgate.web import BaseHandler, Refusal
 
 
 @stream_request_body
@@ -114,25 +107,15 @@ class ProxyHandler(BaseHandler):
 class ModelsHandler(BaseHandler):
     """``GET /v1/models``: the routes this caller may use, in the format its API uses."""
 
+    SUPPORTED_METHODS = ("GET",)
+    token_required = True
+
     async def get(self, *_args: str) -> None:
-        token = credential_from_headers(self.request.headers)
-        if not token:
-            self.send_api_error(401, "no credential: send your tvgate token")
-            return
+        principal = self.principal
         try:
-            principal = await self.gateway.auth.authenticate(
-                token, self.request.headers.get(ORG_HEADER)
-            )
             snapshot = await self.gateway.router.snapshot(principal.org_id)
-        except AuthError as exc:
-            self.send_api_error(401, f"invalid credential: {exc}")
-            return
-        except OrgSelectionError as exc:
-            self.send_api_error(403, str(exc))
-            return
-        except (IdentityUnavailable, DatabaseUnavailable):
-            self.send_api_error(503, "identity check unavailable; try again shortly")
-            return
+        except DatabaseUnavailable:
+            raise Refusal(503, "route store unavailable; try again shortly") from None
         routes = [r for r in snapshot.available(principal) if not r.is_pattern]
         self.set_header("Content-Type", "application/json")
         if self.error_provider() == PROVIDER_ANTHROPIC:

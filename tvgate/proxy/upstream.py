@@ -18,6 +18,10 @@ A transfer that fails says where and why (``UpstreamResult.describe``): the
 provider's host and a short cause (DNS, refused, TLS, timeout), which the
 client, the trace and the log are told. Neither is a secret; the URL's path,
 query and user info, and every header, are left out.
+
+What goes out is built here too: the URL (``upstream_url``) and the client's headers
+as the provider should see them (``upstream_headers``: credentials, hop-by-hop and
+tvgate's own headers dropped, the provider key and the loop mark set).
 """
 
 from __future__ import annotations
@@ -36,6 +40,35 @@ import pycurl
 from tornado.curl_httpclient import CurlAsyncHTTPClient, CurlError
 from tornado.httpclient import HTTPRequest
 from tornado.httputil import HTTPHeaders
+
+from tvgate.providers import auth_headers
+from tvgate.proxy.hops import HOP_HEADER
+from tvgate.traces.attribution import ATTRIBUTION_PREFIXES
+
+#: Request headers that never go upstream: hop-by-hop, the client's own credentials
+#: and cookies, and what tvgate recomputes (length, encoding).
+_DROPPED_REQUEST_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-encoding",
+        "accept-encoding",
+        "expect",
+        "x-api-key",
+        "authorization",
+        "cookie",
+    }
+)
 
 #: curl error codes tvgate tells apart.
 CURLE_COULDNT_RESOLVE_HOST = 6
@@ -365,3 +398,42 @@ class UpstreamExchange:
 def upstream_url(base_url: str, path: str, query: str) -> str:
     url = base_url.rstrip("/") + path
     return f"{url}?{query}" if query else url
+
+
+def upstream_headers(
+    client_headers: HTTPHeaders, provider: str, secret: str, hop_marks: str
+) -> dict[str, str] | HTTPHeaders:
+    """The client's headers as the provider should see them, with the provider key injected
+    and the loop mark (``tvgate.proxy.hops``) set.
+
+    A plain dict when no header name repeats (the usual case): the HTTP client copies it
+    into its own ``HTTPHeaders`` anyway, and building one here too would validate and
+    normalise every header twice more. Names are already normalised by Tornado's parser.
+    """
+    lines = _forwarded_lines(client_headers)
+    headers: dict[str, str] | HTTPHeaders = dict(lines)
+    if len(headers) < len(lines):
+        # A name repeats: every line is kept, as the client sent it.
+        headers = HTTPHeaders()
+        for name, value in lines:
+            headers.add(name, value)
+    for name, value in auth_headers(provider, secret):
+        headers[name] = value
+    headers[HOP_HEADER] = hop_marks
+    return headers
+
+
+def _forwarded_lines(client_headers: HTTPHeaders) -> list[tuple[str, str]]:
+    """The client's header lines less hop-by-hop, credentials and tvgate's own."""
+    connection_listed = {
+        token.strip().lower() for token in client_headers.get("Connection", "").split(",")
+    }
+    return [
+        (name, value)
+        for name, value in client_headers.get_all()
+        if not (
+            (lower := name.lower()) in _DROPPED_REQUEST_HEADERS
+            or lower in connection_listed
+            or lower.startswith(ATTRIBUTION_PREFIXES)
+        )
+    ]
