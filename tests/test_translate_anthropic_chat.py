@@ -1,0 +1,753 @@
+"""Tests of tvgate.translate.anthropic_to_chat: an Anthropic Messages client on a Chat route.
+
+Requests are shaped like what Claude Code sends (see /work/shared/wire/); upstream answers
+come from ``tests/fake_provider.py`` (the real Chat Completions wire format) or are written
+out as vLLM and OpenAI send them. The translated output is parsed by the ``anthropic`` SDK
+itself, served through an ``httpx2.MockTransport`` (the SDK is the client here).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tvgate.translate.anthropic_to_chat import (
+    TranslationError,
+    translate_request,
+)
+
+JSON = dict[str, Any]
+ROUTE_MODEL = "gpt-4o-2024-08-06"
+
+BASH_TOOL = {
+    "name": "Bash",
+    "description": "Executes a given bash command in a persistent shell session.",
+    "input_schema": {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "type": "object",
+        "properties": {
+            "command": {"type": "string", "description": "The command to execute"},
+            "description": {"type": "string"},
+        },
+        "required": ["command"],
+        "additionalProperties": False,
+    },
+}
+
+# The body fields claude-cli/2.1.197 sends (/work/shared/wire/real-client-requests.json),
+# with a second turn after a Bash tool call.
+CLAUDE_CODE_REQUEST: JSON = {
+    "model": "claude-sonnet-4-6",
+    "messages": [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "<system-reminder>Be brief.</system-reminder>"},
+                {"type": "text", "text": "list the files", "cache_control": {"type": "ephemeral"}},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": "I should run ls.", "signature": "EqQBCkYIBxgC"},
+                {"type": "text", "text": "I'll list them."},
+                {
+                    "type": "tool_use",
+                    "id": "toolu_01A09q90qw90lq917835lq9",
+                    "name": "Bash",
+                    "input": {"command": "ls", "description": "List files"},
+                },
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_01A09q90qw90lq917835lq9",
+                    "content": "README.md\nsetup.cfg",
+                    "is_error": False,
+                }
+            ],
+        },
+    ],
+    "system": [
+        {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197;"},
+        {
+            "type": "text",
+            "text": "You are Claude Code, Anthropic's official CLI for Claude.",
+            "cache_control": {"type": "ephemeral"},
+        },
+    ],
+    "tools": [{**BASH_TOOL, "cache_control": {"type": "ephemeral"}}],
+    "metadata": {"user_id": "user_3f2a_account__session_8f91d5c2"},
+    "max_tokens": 32000,
+    "thinking": {"type": "adaptive"},
+    "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+    "output_config": {"effort": "high"},
+    "stream": True,
+}
+
+
+def chat(body: JSON, **options: Any) -> JSON:
+    return translate_request(body, model=ROUTE_MODEL, **options).body
+
+
+def user(content: Any) -> JSON:
+    return {
+        "model": "claude-sonnet-4-6",
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": content}],
+    }
+
+
+# --------------------------------------------------------------------------- request
+
+
+def test_claude_code_request_maps_every_field() -> None:
+    result = translate_request(CLAUDE_CODE_REQUEST, model=ROUTE_MODEL)
+    assert result.stream is True
+    assert result.body == {
+        "model": ROUTE_MODEL,
+        "messages": [
+            {
+                "role": "system",
+                "content": [
+                    {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197;"},
+                    {
+                        "type": "text",
+                        "text": "You are Claude Code, Anthropic's official CLI for Claude.",
+                    },
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "<system-reminder>Be brief.</system-reminder>"},
+                    {"type": "text", "text": "list the files"},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": [{"type": "text", "text": "I'll list them."}],
+                "tool_calls": [
+                    {
+                        "id": "toolu_01A09q90qw90lq917835lq9",
+                        "type": "function",
+                        "function": {
+                            "name": "Bash",
+                            "arguments": '{"command":"ls","description":"List files"}',
+                        },
+                    }
+                ],
+            },
+            {
+                "role": "tool",
+                "tool_call_id": "toolu_01A09q90qw90lq917835lq9",
+                "content": "README.md\nsetup.cfg",
+            },
+        ],
+        "max_completion_tokens": 32000,
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "Bash",
+                    "description": BASH_TOOL["description"],
+                    "parameters": BASH_TOOL["input_schema"],
+                },
+            }
+        ],
+        "reasoning_effort": "high",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    assert result.dropped == [
+        "metadata",
+        "context_management",
+        "cache_control",
+        "messages[1].content[0]: thinking block (its signature cannot be checked upstream)",
+        "tools.cache_control",
+    ]
+
+
+def test_system_string_and_sampling_fields() -> None:
+    body = {
+        **user("hi"),
+        "system": "Be terse.",
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "stop_sequences": ["\n\nHuman:", "END"],
+    }
+    assert chat(body) == {
+        "model": ROUTE_MODEL,
+        "messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}],
+        "max_completion_tokens": 100,
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "stop": ["\n\nHuman:", "END"],
+    }
+
+
+def test_max_tokens_field_is_the_upstreams() -> None:
+    body = chat(user("hi"), max_tokens_field="max_tokens")
+    assert body["max_tokens"] == 100 and "max_completion_tokens" not in body
+
+
+def test_images_and_documents_become_content_parts() -> None:
+    body = chat(
+        user(
+            [
+                {
+                    "type": "image",
+                    "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0K"},
+                },
+                {"type": "image", "source": {"type": "url", "url": "https://example.com/a.jpg"}},
+                {
+                    "type": "document",
+                    "title": "spec.pdf",
+                    "source": {
+                        "type": "base64",
+                        "media_type": "application/pdf",
+                        "data": "JVBERi0x",
+                    },
+                },
+                {
+                    "type": "document",
+                    "source": {"type": "text", "media_type": "text/plain", "data": "notes"},
+                },
+                {"type": "text", "text": "what are these?"},
+            ]
+        )
+    )
+    assert body["messages"] == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0K"}},
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}},
+                {
+                    "type": "file",
+                    "file": {
+                        "filename": "spec.pdf",
+                        "file_data": "data:application/pdf;base64,JVBERi0x",
+                    },
+                },
+                {"type": "text", "text": "notes"},
+                {"type": "text", "text": "what are these?"},
+            ],
+        }
+    ]
+
+
+def test_parallel_tool_calls_and_results_with_an_image() -> None:
+    body = {
+        "model": "claude-sonnet-4-6",
+        "max_tokens": 100,
+        "messages": [
+            {"role": "user", "content": "read both"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"path": "a"}},
+                    {
+                        "type": "tool_use",
+                        "id": "toolu_2",
+                        "name": "Read",
+                        "input": {"path": "b.png"},
+                    },
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "toolu_1",
+                        "content": [{"type": "text", "text": "A"}],
+                    },
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "toolu_2",
+                        "is_error": True,
+                        "content": [
+                            {"type": "text", "text": "an image"},
+                            {
+                                "type": "image",
+                                "source": {"type": "url", "url": "https://x.test/b.png"},
+                            },
+                        ],
+                    },
+                    {"type": "text", "text": "now compare"},
+                ],
+            },
+        ],
+        "tools": [{"name": "Read", "input_schema": {"type": "object"}}],
+        "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+    }
+    result = translate_request(body, model=ROUTE_MODEL)
+    assert result.body["messages"][1:] == [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "toolu_1",
+                    "type": "function",
+                    "function": {"name": "Read", "arguments": '{"path":"a"}'},
+                },
+                {
+                    "id": "toolu_2",
+                    "type": "function",
+                    "function": {"name": "Read", "arguments": '{"path":"b.png"}'},
+                },
+            ],
+        },
+        {"role": "tool", "tool_call_id": "toolu_1", "content": [{"type": "text", "text": "A"}]},
+        {
+            "role": "tool",
+            "tool_call_id": "toolu_2",
+            "content": [{"type": "text", "text": "an image"}],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": "https://x.test/b.png"}},
+                {"type": "text", "text": "now compare"},
+            ],
+        },
+    ]
+    assert result.body["tool_choice"] == "required"
+    assert result.body["parallel_tool_calls"] is False
+    assert result.dropped == [
+        "messages[2].content[1].is_error",
+        "messages[2].content[1].content[1]: sent in a user message after the tool results",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [
+        ({"type": "auto"}, "auto"),
+        ({"type": "none"}, "none"),
+        ({"type": "tool", "name": "Read"}, {"type": "function", "function": {"name": "Read"}}),
+    ],
+)
+def test_tool_choice(choice: JSON, expected: Any) -> None:
+    body = {
+        **user("hi"),
+        "tools": [{"name": "Read", "input_schema": {"type": "object"}, "strict": True}],
+    }
+    out = chat({**body, "tool_choice": choice})
+    assert out["tool_choice"] == expected
+    assert out["tools"][0]["function"]["strict"] is True
+    assert "parallel_tool_calls" not in out
+
+
+@pytest.mark.parametrize(
+    ("thinking", "output_config", "effort"),
+    [
+        ({"type": "enabled", "budget_tokens": 1024}, {}, "low"),
+        ({"type": "enabled", "budget_tokens": 8000}, {}, "medium"),
+        ({"type": "enabled", "budget_tokens": 32000}, {}, "high"),
+        ({"type": "adaptive"}, {"effort": "low"}, "low"),
+        ({"type": "adaptive"}, {"effort": "max"}, "xhigh"),
+        ({"type": "adaptive"}, {}, None),
+        ({"type": "disabled"}, {}, None),
+    ],
+)
+def test_thinking_becomes_reasoning_effort(
+    thinking: JSON, output_config: JSON, effort: str | None
+) -> None:
+    body = {**user("hi"), "thinking": thinking, "output_config": output_config}
+    assert chat(body).get("reasoning_effort") == effort
+
+
+def test_reasoning_effort_off_for_the_route_is_noted() -> None:
+    result = translate_request(
+        {**user("hi"), "thinking": {"type": "enabled", "budget_tokens": 2048}},
+        model=ROUTE_MODEL,
+        reasoning_effort=False,
+    )
+    assert "reasoning_effort" not in result.body
+    assert result.dropped == ["thinking: the upstream model takes no reasoning effort"]
+
+
+def test_structured_output_becomes_response_format() -> None:
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    body = chat(
+        {**user("count"), "output_config": {"format": {"type": "json_schema", "schema": schema}}}
+    )
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": schema, "strict": True},
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"top_k": 5}, "top_k"),
+        ({"mcp_servers": [{"type": "url", "url": "https://mcp.test", "name": "m"}]}, "mcp_servers"),
+        ({"container": "container_1"}, "container"),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0].type"),
+        (
+            {"tools": [{"name": "X", "input_schema": {"type": "object"}, "frobnicate": 1}]},
+            "tools[0].frobnicate",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image", "source": {"type": "file", "file_id": "f"}}],
+                    }
+                ]
+            },
+            "messages[0].content[0].source.type",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "search_result", "source": "s", "title": "t", "content": []}
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[0].type",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "content": [
+                            {
+                                "type": "server_tool_use",
+                                "id": "s",
+                                "name": "web_search",
+                                "input": {},
+                            }
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[0].type",
+        ),
+        ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+        ({"output_config": {"effort": "extreme"}}, "output_config.effort"),
+        ({"tool_choice": {"type": "sometimes"}}, "tool_choice.type"),
+    ],
+)
+def test_fields_the_route_cannot_express_are_refused(change: JSON, field: str) -> None:
+    with pytest.raises(TranslationError) as caught:
+        translate_request({**user("hi"), **change}, model=ROUTE_MODEL)
+    assert caught.value.status == 400
+    assert caught.value.field == field
+    envelope = orjson.loads(caught.value.body())
+    assert envelope["type"] == "error"
+    assert envelope["error"]["type"] == "invalid_request_error"
+    assert envelope["error"]["message"].startswith(field + ":")
+
+
+def test_a_final_assistant_turn_is_noted() -> None:
+    body = {**user("hi")}
+    body["messages"] = [*body["messages"], {"role": "assistant", "content": "The answer is"}]
+    result = translate_request(body, model=ROUTE_MODEL)
+    assert result.body["messages"][-1] == {"role": "assistant", "content": "The answer is"}
+    assert result.dropped == [
+        "messages[-1]: a final assistant turn is sent as history, not continued"
+    ]
+
+
+# ---- there and back: a reverse mapping, as a test helper
+
+
+def chat_to_anthropic(body: JSON) -> JSON:
+    """A Chat Completions request as an Anthropic one (the reverse of the module's)."""
+    out: JSON = {"model": body["model"], "max_tokens": body["max_completion_tokens"]}
+    messages: list[JSON] = []
+    for message in body["messages"]:
+        role = message["role"]
+        if role == "system":
+            content = message["content"]
+            out["system"] = content if isinstance(content, str) else [_block(p) for p in content]
+        elif role == "tool":
+            block = {"type": "tool_result", "tool_use_id": message["tool_call_id"]}
+            content = message["content"]
+            block["content"] = content if isinstance(content, str) else [_block(p) for p in content]
+            if (
+                messages
+                and messages[-1]["role"] == "user"
+                and isinstance(messages[-1]["content"], list)
+            ):
+                messages[-1]["content"].append(block)
+            else:
+                messages.append({"role": "user", "content": [block]})
+        elif role == "user":
+            content = message["content"]
+            blocks = content if isinstance(content, str) else [_block(p) for p in content]
+            previous = messages[-1] if messages else None
+            if previous and previous["role"] == "user" and _only_results(previous):
+                previous["content"].extend(
+                    blocks if isinstance(blocks, list) else [{"type": "text", "text": blocks}]
+                )
+            else:
+                messages.append({"role": "user", "content": blocks})
+        else:
+            content = message["content"]
+            if isinstance(content, str) and "tool_calls" not in message:
+                messages.append({"role": "assistant", "content": content})
+                continue
+            blocks = [_block(p) for p in content or []]
+            for call in message.get("tool_calls") or []:
+                function = call["function"]
+                blocks.append(
+                    {
+                        "type": "tool_use",
+                        "id": call["id"],
+                        "name": function["name"],
+                        "input": orjson.loads(function["arguments"]),
+                    }
+                )
+            messages.append({"role": "assistant", "content": blocks})
+    out["messages"] = messages
+    for key in ("temperature", "top_p"):
+        if key in body:
+            out[key] = body[key]
+    if "stop" in body:
+        out["stop_sequences"] = body["stop"]
+    if "tools" in body:
+        out["tools"] = [
+            {
+                k: v
+                for k, v in (
+                    ("name", t["function"]["name"]),
+                    ("description", t["function"].get("description")),
+                    ("input_schema", t["function"]["parameters"]),
+                )
+                if v is not None
+            }
+            for t in body["tools"]
+        ]
+    if "tool_choice" in body:
+        choice = body["tool_choice"]
+        out["tool_choice"] = (
+            {"type": "tool", "name": choice["function"]["name"]}
+            if isinstance(choice, dict)
+            else {"type": {"auto": "auto", "required": "any", "none": "none"}[choice]}
+        )
+        if body.get("parallel_tool_calls") is False:
+            out["tool_choice"]["disable_parallel_tool_use"] = True
+    if "response_format" in body:
+        out["output_config"] = {
+            "format": {
+                "type": "json_schema",
+                "schema": body["response_format"]["json_schema"]["schema"],
+            }
+        }
+    if body.get("stream"):
+        out["stream"] = True
+    return out
+
+
+def _only_results(message: JSON) -> bool:
+    return isinstance(message["content"], list) and all(
+        b["type"] == "tool_result" for b in message["content"]
+    )
+
+
+def _block(part: JSON) -> JSON:
+    if part["type"] == "text":
+        return {"type": "text", "text": part["text"]}
+    url = part["image_url"]["url"]
+    if url.startswith("data:"):
+        media_type, data = url[5:].split(";base64,", 1)
+        return {
+            "type": "image",
+            "source": {"type": "base64", "media_type": media_type, "data": data},
+        }
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+def _shared(body: JSON) -> JSON:
+    """``body`` without what only Anthropic has (cache_control, metadata, thinking blocks
+    and config, is_error); the model is the route's."""
+    body = copy.deepcopy(body)
+    body.pop("metadata", None)
+    body.pop("thinking", None)
+    body["model"] = ROUTE_MODEL
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if k not in ("cache_control", "is_error")}
+        if isinstance(value, list):
+            return [
+                clean(v) for v in value if not (isinstance(v, dict) and v.get("type") == "thinking")
+            ]
+        return value
+
+    return clean(body)
+
+
+_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12)
+_cache = st.sampled_from([{}, {"cache_control": {"type": "ephemeral"}}])
+_text_block = st.builds(lambda t, c: {"type": "text", "text": t, **c}, _text, _cache)
+_image = st.one_of(
+    st.builds(
+        lambda d: {
+            "type": "image",
+            "source": {"type": "base64", "media_type": "image/png", "data": d},
+        },
+        st.from_regex(r"[A-Za-z0-9+/]{4,12}", fullmatch=True),
+    ),
+    st.builds(
+        lambda u: {"type": "image", "source": {"type": "url", "url": "https://x.test/" + u}},
+        st.from_regex(r"[a-z]{1,8}\.png", fullmatch=True),
+    ),
+)
+_json_value = st.recursive(
+    st.none() | st.booleans() | st.integers(-1000, 1000) | _text,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+    max_leaves=6,
+)
+_tool_names = st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,10}", fullmatch=True)
+_ids = st.from_regex(r"toolu_[A-Za-z0-9]{4,10}", fullmatch=True)
+
+
+@st.composite
+def anthropic_requests(draw: st.DrawFn) -> JSON:
+    turns = draw(st.integers(1, 5))
+    messages: list[JSON] = []
+    pending: list[str] = []
+    for turn in range(turns):
+        if turn % 2 == 0:
+            results = [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": call_id,
+                    "content": draw(
+                        st.one_of(_text, st.lists(_text_block, min_size=1, max_size=2))
+                    ),
+                    **draw(st.sampled_from([{}, {"is_error": True}])),
+                }
+                for call_id in pending
+            ]
+            rest = draw(
+                st.lists(st.one_of(_text_block, _image), max_size=3, min_size=0 if results else 1)
+            )
+            content: Any = results + rest
+            if not results and draw(st.booleans()):
+                content = draw(_text)
+            messages.append({"role": "user", "content": content})
+            pending = []
+        else:
+            blocks: list[JSON] = draw(st.lists(_text_block, max_size=2))
+            if draw(st.booleans()):
+                blocks.insert(0, {"type": "thinking", "thinking": draw(_text), "signature": "sig"})
+            pending = draw(st.lists(_ids, max_size=3, unique=True))
+            blocks += [
+                {
+                    "type": "tool_use",
+                    "id": i,
+                    "name": draw(_tool_names),
+                    "input": draw(st.dictionaries(_text, _json_value, max_size=3)),
+                }
+                for i in pending
+            ]
+            if not blocks:
+                blocks = [{"type": "text", "text": draw(_text)}]
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": draw(st.just(blocks))
+                    if pending or len(blocks) != 1 or draw(st.booleans())
+                    else blocks[0].get("text", blocks),
+                }
+            )
+    body: JSON = {
+        "model": "claude-sonnet-4-6",
+        "max_tokens": draw(st.integers(1, 64000)),
+        "messages": messages,
+    }
+    optional = {
+        "system": st.one_of(_text, st.lists(_text_block, min_size=1, max_size=2)),
+        "temperature": st.floats(0, 1),
+        "top_p": st.floats(0, 1),
+        "stop_sequences": st.lists(_text, min_size=1, max_size=4),
+        "metadata": st.just({"user_id": "u"}),
+        "thinking": st.just({"type": "enabled", "budget_tokens": 2048}),
+        "stream": st.just(True),
+        "output_config": st.just({"format": {"type": "json_schema", "schema": {"type": "object"}}}),
+        "tools": st.lists(
+            st.builds(
+                lambda n, d: {"name": n, "input_schema": {"type": "object", "properties": {}}, **d},
+                _tool_names,
+                st.sampled_from([{}, {"description": "does it"}]),
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+    }
+    for key, strategy in optional.items():
+        if draw(st.booleans()):
+            body[key] = draw(strategy)
+    if "tools" in body and draw(st.booleans()):
+        choice = draw(
+            st.sampled_from(
+                [
+                    {"type": "auto"},
+                    {"type": "any"},
+                    {"type": "none"},
+                    {"type": "tool", "name": body["tools"][0]["name"]},
+                ]
+            )
+        )
+        if draw(st.booleans()):
+            choice["disable_parallel_tool_use"] = True
+        body["tool_choice"] = choice
+    return body
+
+
+@settings(max_examples=300, deadline=None)
+@given(anthropic_requests())
+def test_there_and_back_keeps_every_shared_field(body: JSON) -> None:
+    result = translate_request(body, model=ROUTE_MODEL)
+    back = chat_to_anthropic(result.body)
+    if "output_config" in body:
+        assert (
+            result.body["response_format"]["json_schema"]["schema"]
+            == body["output_config"]["format"]["schema"]
+        )
+    assert back == _shared(body)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        [{"type": "text"}],
+        [{"type": "image", "source": "x"}],
+        [{"type": "tool_use", "id": "t"}],
+        ["text"],
+    ],
+)
+def test_a_malformed_request_is_a_400(content: Any) -> None:
+    role = "assistant" if content[0] != "text" and content[0].get("type") == "tool_use" else "user"
+    with pytest.raises(TranslationError) as caught:
+        translate_request(
+            {**user("hi"), "messages": [{"role": role, "content": content}]}, model=ROUTE_MODEL
+        )
+    assert caught.value.field == "body"

@@ -1,0 +1,352 @@
+"""An Anthropic Messages client on an OpenAI Chat Completions route (OpenAI, vLLM, Ollama).
+
+This module owns the four phases of that translation, Envoy AI Gateway style:
+
+* :func:`translate_request`: a Messages request body → a Chat Completions body for the
+  route's model, with the notes of what was dropped; a field Chat Completions cannot
+  express raises :class:`TranslationError` (400, naming the field);
+* :func:`translate_response`: a ChatCompletion → an Anthropic Message;
+* :class:`StreamTranslator`: the upstream's ``chat.completion.chunk`` SSE bytes, fed as
+  they arrive, → the Anthropic event sequence (message_start, ping, content_block_*,
+  message_delta, message_stop, or an in-band ``error`` event);
+* :func:`translate_error`: an upstream error answer → Anthropic's error envelope.
+
+Usage comes from the provider's own figures: OpenAI's ``prompt_tokens`` includes the
+cached tokens, Anthropic's ``input_tokens`` does not, so cached (and, where a provider
+reports them, cache-write) tokens are moved out of it. Reasoning the upstream streams
+(``reasoning_content`` from vLLM/DeepSeek, ``reasoning`` from Ollama/OpenRouter) becomes
+thinking blocks whose signature stays empty: a signature is never made up, and thinking
+blocks sent back in the history are dropped (and noted), since no upstream could check them.
+The module is pure (no I/O); it knows nothing of routes beyond the model it is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+JSON = dict[str, Any]
+
+#: Request fields that change nothing in the answer's content, or only server-side
+#: bookkeeping Chat Completions has no equivalent of: dropped, and named in the notes.
+_HARMLESS = frozenset(
+    {
+        "metadata",
+        "service_tier",
+        "context_management",
+        "cache_control",
+        "diagnostics",
+        "inference_geo",
+        "speed",
+    }
+)
+_MAPPED = frozenset(
+    {
+        "model",
+        "max_tokens",
+        "messages",
+        "system",
+        "stream",
+        "temperature",
+        "top_p",
+        "stop_sequences",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "output_config",
+    }
+)
+#: Tool fields that only steer Anthropic's own tool runner or cache.
+_HARMLESS_TOOL = frozenset(
+    {"cache_control", "defer_loading", "eager_input_streaming", "input_examples", "allowed_callers"}
+)
+_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh", "max": "xhigh"}
+#: Thinking budgets (tokens) under which an effort is chosen, smallest first.
+_BUDGET_EFFORT = ((4096, "low"), (16384, "medium"))
+
+
+class TranslationError(Exception):
+    """A client request field the upstream API cannot express: a 400 naming the field."""
+
+    status = 400
+
+    def __init__(self, field: str, why: str) -> None:
+        super().__init__(f"{field}: {why}")
+        self.field = field
+        self.message = f"{field}: {why}"
+
+    def body(self) -> bytes:
+        """The error in Anthropic's envelope, as the client expects it."""
+        return _error_body("invalid_request_error", self.message)
+
+
+def _error_body(kind: str, message: str) -> bytes:
+    return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
+
+
+@dataclass(slots=True)
+class TranslatedRequest:
+    """The upstream body, and what of the client's request could not be carried."""
+
+    body: JSON
+    dropped: list[str] = field(default_factory=list)
+    stream: bool = False
+
+
+# --------------------------------------------------------------------------- request
+
+
+def translate_request(
+    body: JSON,
+    *,
+    model: str,
+    max_tokens_field: str = "max_completion_tokens",
+    reasoning_effort: bool = True,
+) -> TranslatedRequest:
+    """``body`` (an Anthropic Messages request) as a Chat Completions request for ``model``.
+
+    ``max_tokens_field`` is the name the upstream takes the output limit under (older
+    vLLM/Ollama builds know only ``max_tokens``); ``reasoning_effort`` False is for an
+    upstream model that refuses the parameter: the requested thinking is then noted as dropped.
+    """
+    try:
+        return _translate_request(body, model, max_tokens_field, reasoning_effort)
+    except (KeyError, TypeError, AttributeError) as exc:
+        # A malformed request (a block without its text, a list where an object goes):
+        # the client's error, as Anthropic would answer it.
+        raise TranslationError("body", f"malformed request ({exc!r})") from exc
+
+
+def _translate_request(
+    body: JSON, model: str, max_tokens_field: str, reasoning_effort: bool
+) -> TranslatedRequest:
+    notes: dict[str, None] = {}
+    for key in body:
+        if key in _HARMLESS:
+            notes[key] = None
+        elif key not in _MAPPED:
+            raise TranslationError(key, "not supported on an OpenAI Chat Completions route")
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise TranslationError("messages", "must be a list")
+    out: JSON = {"model": model, "messages": _system(body.get("system"), notes)}
+    for i, message in enumerate(messages):
+        _message(message, f"messages[{i}]", out["messages"], notes)
+    if messages and messages[-1].get("role") == "assistant":
+        notes["messages[-1]: a final assistant turn is sent as history, not continued"] = None
+    if "max_tokens" in body:
+        out[max_tokens_field] = body["max_tokens"]
+    for key in ("temperature", "top_p"):
+        if body.get(key) is not None:
+            out[key] = body[key]
+    if body.get("stop_sequences"):
+        out["stop"] = list(body["stop_sequences"])
+    if body.get("tools"):
+        out["tools"] = [_tool(tool, f"tools[{i}]", notes) for i, tool in enumerate(body["tools"])]
+    if body.get("tool_choice"):
+        _tool_choice(body["tool_choice"], out, notes)
+    effort = _effort(body, notes)
+    if effort is not None:
+        if reasoning_effort:
+            out["reasoning_effort"] = effort
+        else:
+            notes["thinking: the upstream model takes no reasoning effort"] = None
+    output_format = (body.get("output_config") or {}).get("format")
+    if output_format:
+        if output_format.get("type") != "json_schema":
+            raise TranslationError("output_config.format.type", "only json_schema is supported")
+        out["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "output", "schema": output_format["schema"], "strict": True},
+        }
+    stream = bool(body.get("stream"))
+    if stream:
+        # Anthropic reports usage on every stream; the upstream only does when asked.
+        out["stream"] = True
+        out["stream_options"] = {"include_usage": True}
+    return TranslatedRequest(out, list(notes), stream)
+
+
+def _system(system: Any, notes: dict[str, None]) -> list[JSON]:
+    if system is None or system == "" or system == []:
+        return []
+    if isinstance(system, str):
+        return [{"role": "system", "content": system}]
+    parts = []
+    for i, block in enumerate(system):
+        if block.get("type") != "text":
+            raise TranslationError(f"system[{i}].type", "only text blocks are supported")
+        parts.append(_text_part(block, f"system[{i}]", notes))
+    return [{"role": "system", "content": parts}]
+
+
+def _text_part(block: JSON, where: str, notes: dict[str, None]) -> JSON:
+    if "cache_control" in block:
+        notes["cache_control"] = None
+    if block.get("citations"):
+        notes[f"{where}.citations"] = None
+    return {"type": "text", "text": block["text"]}
+
+
+def _message(message: JSON, where: str, out: list[JSON], notes: dict[str, None]) -> None:
+    role = message.get("role")
+    content = message.get("content")
+    if role not in ("user", "assistant"):
+        raise TranslationError(f"{where}.role", "must be user or assistant")
+    if isinstance(content, str):
+        out.append({"role": role, "content": content})
+        return
+    if not isinstance(content, list):
+        raise TranslationError(f"{where}.content", "must be a string or a list of blocks")
+    if role == "assistant":
+        out.append(_assistant(content, where, notes))
+        return
+    # Tool results become "tool" messages, which must follow the assistant's tool calls
+    # at once: they go first, the rest of the user turn after them. Chat tool messages
+    # carry text only, so images in a result join that user message.
+    parts: list[JSON] = []
+    carried: list[JSON] = []
+    for j, block in enumerate(content):
+        at = f"{where}.content[{j}]"
+        if block.get("type") == "tool_result":
+            out.append(_tool_result(block, at, carried, notes))
+        else:
+            parts.append(_part(block, at, notes))
+    if carried or parts:
+        out.append({"role": "user", "content": carried + parts})
+
+
+def _part(block: JSON, where: str, notes: dict[str, None]) -> JSON:
+    kind = block.get("type")
+    if kind == "text":
+        return _text_part(block, where, notes)
+    if kind not in ("image", "document"):
+        raise TranslationError(f"{where}.type", f"{kind} blocks not supported in a user turn")
+    if "cache_control" in block:
+        notes["cache_control"] = None
+    source = block["source"]
+    source_type = source.get("type")
+    if kind == "image":
+        if source_type == "base64":
+            url = f"data:{source['media_type']};base64,{source['data']}"
+        elif source_type == "url":
+            url = source["url"]
+        else:
+            raise TranslationError(f"{where}.source.type", f"{source_type} images not supported")
+        return {"type": "image_url", "image_url": {"url": url}}
+    if kind == "document":
+        if source_type == "text":
+            return {"type": "text", "text": source["data"]}
+        if source_type == "base64" and source.get("media_type") == "application/pdf":
+            return {
+                "type": "file",
+                "file": {
+                    "filename": block.get("title") or "document.pdf",
+                    "file_data": f"data:application/pdf;base64,{source['data']}",
+                },
+            }
+    raise TranslationError(f"{where}.source.type", f"{source_type} documents not supported")
+
+
+def _tool_result(block: JSON, where: str, carried: list[JSON], notes: dict[str, None]) -> JSON:
+    if block.get("is_error"):
+        notes[f"{where}.is_error"] = None
+    if "cache_control" in block:
+        notes["cache_control"] = None
+    content = block.get("content", "")
+    if not isinstance(content, str):
+        texts = []
+        for k, item in enumerate(content):
+            if item.get("type") == "text":
+                texts.append(_text_part(item, f"{where}.content[{k}]", notes))
+            else:
+                notes[f"{where}.content[{k}]: sent in a user message after the tool results"] = None
+                carried.append(_part(item, f"{where}.content[{k}]", notes))
+        content = texts
+    return {"role": "tool", "tool_call_id": block["tool_use_id"], "content": content}
+
+
+def _assistant(content: list[JSON], where: str, notes: dict[str, None]) -> JSON:
+    texts: list[JSON] = []
+    calls: list[JSON] = []
+    for j, block in enumerate(content):
+        kind = block.get("type")
+        at = f"{where}.content[{j}]"
+        if kind == "text":
+            texts.append(_text_part(block, at, notes))
+        elif kind == "tool_use":
+            if "cache_control" in block:
+                notes["cache_control"] = None
+            arguments = orjson.dumps(block.get("input") or {}).decode()
+            calls.append(
+                {
+                    "id": block["id"],
+                    "type": "function",
+                    "function": {"name": block["name"], "arguments": arguments},
+                }
+            )
+        elif kind in ("thinking", "redacted_thinking"):
+            notes[f"{at}: {kind} block (its signature cannot be checked upstream)"] = None
+        else:
+            raise TranslationError(f"{at}.type", f"{kind} blocks not supported")
+    message: JSON = {"role": "assistant", "content": texts or None}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _tool(tool: JSON, where: str, notes: dict[str, None]) -> JSON:
+    if tool.get("type") not in (None, "custom"):
+        raise TranslationError(f"{where}.type", f"{tool.get('type')} is an Anthropic server tool")
+    function: JSON = {"name": tool["name"]}
+    for key in tool:
+        if key in _HARMLESS_TOOL:
+            notes[f"tools.{key}"] = None
+        elif key not in ("type", "name", "description", "input_schema", "strict"):
+            raise TranslationError(f"{where}.{key}", "not supported on an OpenAI route")
+    if "description" in tool:
+        function["description"] = tool["description"]
+    function["parameters"] = tool.get("input_schema") or {"type": "object"}
+    if "strict" in tool:
+        function["strict"] = tool["strict"]
+    return {"type": "function", "function": function}
+
+
+def _tool_choice(choice: JSON, out: JSON, notes: dict[str, None]) -> None:
+    kind = choice.get("type")
+    if kind == "auto":
+        out["tool_choice"] = "auto"
+    elif kind == "any":
+        out["tool_choice"] = "required"
+    elif kind == "none":
+        out["tool_choice"] = "none"
+    elif kind == "tool":
+        out["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+    else:
+        raise TranslationError("tool_choice.type", f"{kind} not supported")
+    if choice.get("disable_parallel_tool_use") and "tools" in out:
+        out["parallel_tool_calls"] = False
+
+
+def _effort(body: JSON, notes: dict[str, None]) -> str | None:
+    """The reasoning effort that stands for the request's thinking: ``output_config.effort``
+    where given, else one read off the thinking budget."""
+    thinking = body.get("thinking") or {}
+    if thinking.get("display") == "omitted":
+        notes["thinking.display"] = None
+    effort = (body.get("output_config") or {}).get("effort")
+    if effort is not None:
+        if effort not in _EFFORTS:
+            raise TranslationError("output_config.effort", f"unknown effort {effort!r}")
+        if effort == "max":
+            notes["output_config.effort: max sent as xhigh"] = None
+        return _EFFORTS[effort]
+    if thinking.get("type") == "enabled":
+        budget = thinking.get("budget_tokens") or 0
+        for limit, name in _BUDGET_EFFORT:
+            if budget < limit:
+                return name
+        return "high"
+    return None
