@@ -11,14 +11,19 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import anthropic
+import httpx2
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import OPENAI_SECRET
+from tests.fake_provider import TOOL_INPUT, FakeProvider
 from tvgate.translate.anthropic_to_chat import (
     TranslationError,
     translate_request,
+    translate_response,
 )
 
 JSON = dict[str, Any]
@@ -751,3 +756,188 @@ def test_a_malformed_request_is_a_400(content: Any) -> None:
             {**user("hi"), "messages": [{"role": role, "content": content}]}, model=ROUTE_MODEL
         )
     assert caught.value.field == "body"
+
+
+# --------------------------------------------------------------------------- response
+
+
+def upstream(fake: FakeProvider, body: JSON, scenario: str = "normal") -> httpx2.Response:
+    """The fake provider's Chat Completions answer to ``body``."""
+    return httpx2.post(
+        fake.openai_url + "/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {OPENAI_SECRET}", "x-fake-scenario": scenario},
+        timeout=30,
+    )
+
+
+def sdk(status: int, body: bytes, content_type: str = "application/json") -> anthropic.Anthropic:
+    """An ``anthropic`` client whose every request is answered with ``body``."""
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(status, headers={"content-type": content_type}, content=body)
+
+    return anthropic.Anthropic(
+        base_url="http://gateway.test",
+        api_key="x",
+        max_retries=0,
+        http_client=httpx2.Client(transport=httpx2.MockTransport(handler)),
+    )
+
+
+READ_TOOL = {
+    "name": "Read",
+    "description": "Reads a file",
+    "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}},
+}
+
+
+def sdk_create(answer: JSON) -> anthropic.types.Message:
+    client = sdk(200, orjson.dumps(answer))
+    return client.messages.create(
+        model="claude-sonnet-4-6", max_tokens=100, messages=[{"role": "user", "content": "hi"}]
+    )
+
+
+def test_a_tool_call_answer_parsed_by_the_sdk(fake_provider: FakeProvider) -> None:
+    request = translate_request(
+        {**user("read the readme"), "tools": [READ_TOOL]}, model=ROUTE_MODEL
+    )
+    answer = upstream(fake_provider, request.body, "tool_use")
+    assert answer.status_code == 200
+    upstream_body = answer.json()
+    notes: list[str] = []
+    message = sdk_create(translate_response(upstream_body, notes))
+    call = upstream_body["choices"][0]["message"]["tool_calls"][0]
+    assert [block.type for block in message.content] == ["text", "tool_use"]
+    assert message.content[0].text == "I'll read the file."
+    tool_use = message.content[1]
+    assert tool_use.type == "tool_use"
+    assert (tool_use.id, tool_use.name, tool_use.input) == (call["id"], "Read", TOOL_INPUT)
+    assert message.stop_reason == "tool_use"
+    assert message.id == "msg_" + upstream_body["id"]
+    assert message.model == ROUTE_MODEL
+    usage = upstream_body["usage"]
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    assert cached > 0
+    assert message.usage.input_tokens == usage["prompt_tokens"] - cached
+    assert message.usage.cache_read_input_tokens == cached
+    assert message.usage.cache_creation_input_tokens == 0
+    assert message.usage.output_tokens == usage["completion_tokens"]
+    assert message.usage.output_tokens_details is not None
+    assert (
+        message.usage.output_tokens_details.thinking_tokens
+        == (usage["completion_tokens_details"]["reasoning_tokens"])
+    )
+    assert notes == []
+
+
+def chat_completion(message: JSON, finish_reason: str | None = "stop", **extra: Any) -> JSON:
+    return {
+        "id": "chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT",
+        "object": "chat.completion",
+        "created": 1741569952,
+        "model": "Qwen/Qwen3-8B",
+        "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+        ],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 12, "total_tokens": 32},
+        **extra,
+    }
+
+
+def test_vllm_reasoning_and_parallel_calls() -> None:
+    answer = chat_completion(
+        {
+            "role": "assistant",
+            "reasoning_content": "Two files, two reads.",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "chatcmpl-tool-1",
+                    "type": "function",
+                    "function": {"name": "Read", "arguments": '{"path": "a"}'},
+                },
+                {
+                    "id": "chatcmpl-tool-2",
+                    "type": "function",
+                    "function": {"name": "Read", "arguments": '{"path": "b"}'},
+                },
+            ],
+        },
+        "tool_calls",
+    )
+    notes: list[str] = []
+    message = sdk_create(translate_response(answer, notes))
+    thinking, first, second = message.content
+    assert thinking.type == "thinking"
+    assert (thinking.thinking, thinking.signature) == ("Two files, two reads.", "")
+    assert first.type == second.type == "tool_use"
+    assert [(b.id, b.input) for b in (first, second)] == [
+        ("chatcmpl-tool-1", {"path": "a"}),
+        ("chatcmpl-tool-2", {"path": "b"}),
+    ]
+    assert message.stop_reason == "tool_use"
+    assert notes == ["thinking: the upstream gives no signature"]
+
+
+def test_ollama_reasoning_field_is_thinking() -> None:
+    answer = chat_completion({"role": "assistant", "reasoning": "hm", "content": "4"})
+    content = translate_response(answer)["content"]
+    assert content == [
+        {"type": "thinking", "thinking": "hm", "signature": ""},
+        {"type": "text", "text": "4"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("message", "finish_reason", "stop_reason"),
+    [
+        ({"role": "assistant", "content": "a"}, "stop", "end_turn"),
+        ({"role": "assistant", "content": "a"}, "length", "max_tokens"),
+        ({"role": "assistant", "content": "a"}, "content_filter", "refusal"),
+        (
+            {"role": "assistant", "content": None, "refusal": "I can't help with that."},
+            "stop",
+            "refusal",
+        ),
+        ({"role": "assistant", "content": "a"}, None, "end_turn"),
+    ],
+)
+def test_finish_reasons(message: JSON, finish_reason: str | None, stop_reason: str) -> None:
+    assert (
+        sdk_create(translate_response(chat_completion(message, finish_reason))).stop_reason
+        == stop_reason
+    )
+
+
+def test_cache_write_and_bad_arguments() -> None:
+    answer = chat_completion(
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "Read", "arguments": "{not json"},
+                }
+            ],
+        },
+        "tool_calls",
+        usage={
+            "prompt_tokens": 1000,
+            "completion_tokens": 5,
+            "prompt_tokens_details": {"cached_tokens": 600, "cache_write_tokens": 300},
+        },
+    )
+    notes: list[str] = []
+    translated = translate_response(answer, notes)
+    assert translated["content"] == [{"type": "tool_use", "id": "c1", "name": "Read", "input": {}}]
+    assert translated["usage"] == {
+        "input_tokens": 100,
+        "cache_creation_input_tokens": 300,
+        "cache_read_input_tokens": 600,
+        "output_tokens": 5,
+    }
+    assert notes == ["tool_calls[0]: arguments are not a JSON object, sent as {}"]

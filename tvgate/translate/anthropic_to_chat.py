@@ -350,3 +350,107 @@ def _effort(body: JSON, notes: dict[str, None]) -> str | None:
                 return name
         return "high"
     return None
+
+
+# --------------------------------------------------------------------------- usage, stop
+
+
+_STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "content_filter": "refusal",
+}
+
+
+def anthropic_usage(usage: JSON | None) -> JSON:
+    """Chat Completions ``usage`` in Anthropic's terms: cached (read and, where reported,
+    written) tokens moved out of ``input_tokens``, reasoning tokens as thinking tokens."""
+    usage = usage or {}
+    details = usage.get("prompt_tokens_details") or {}
+    cache_read = details.get("cached_tokens") or 0
+    cache_write = details.get("cache_write_tokens") or details.get("cache_creation_tokens") or 0
+    prompt = usage.get("prompt_tokens") or 0
+    out: JSON = {
+        "input_tokens": max(prompt - cache_read - cache_write, 0),
+        "cache_creation_input_tokens": cache_write,
+        "cache_read_input_tokens": cache_read,
+        "output_tokens": usage.get("completion_tokens") or 0,
+    }
+    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens")
+    if reasoning:
+        out["output_tokens_details"] = {"thinking_tokens": reasoning}
+    return out
+
+
+def _stop_reason(finish_reason: str | None, refused: bool) -> str:
+    if refused:
+        return "refusal"
+    return _STOP_REASONS.get(finish_reason or "stop", "end_turn")
+
+
+def _reasoning(message: JSON) -> str | None:
+    """The reasoning text of a message or delta, under either name upstreams use."""
+    text = message.get("reasoning_content")
+    if text is None:
+        text = message.get("reasoning")
+    return text if isinstance(text, str) and text else None
+
+
+def _tool_input(arguments: str, where: str, notes: list[str]) -> JSON:
+    try:
+        value = orjson.loads(arguments or "{}")
+    except orjson.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        notes.append(f"{where}: arguments are not a JSON object, sent as {{}}")
+        return {}
+    return value
+
+
+# --------------------------------------------------------------------------- response
+
+
+def translate_response(body: JSON, notes: list[str] | None = None) -> JSON:
+    """A ChatCompletion as an Anthropic Message; what could not be carried goes to ``notes``."""
+    notes = notes if notes is not None else []
+    choices = body.get("choices") or [{}]
+    if len(choices) > 1:
+        notes.append("choices[1:]: only the first choice is returned")
+    choice = choices[0]
+    message = choice.get("message") or {}
+    content: list[JSON] = []
+    reasoning = _reasoning(message)
+    if reasoning is not None:
+        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
+        notes.append("thinking: the upstream gives no signature")
+    if message.get("content"):
+        content.append({"type": "text", "text": message["content"]})
+    refusal = message.get("refusal")
+    if refusal:
+        content.append({"type": "text", "text": refusal})
+    for i, call in enumerate(message.get("tool_calls") or []):
+        function = call.get("function") or {}
+        content.append(
+            {
+                "type": "tool_use",
+                "id": call.get("id") or f"toolu_{i}",
+                "name": function.get("name", ""),
+                "input": _tool_input(function.get("arguments", ""), f"tool_calls[{i}]", notes),
+            }
+        )
+    return {
+        "id": _message_id(body.get("id")),
+        "type": "message",
+        "role": "assistant",
+        "model": body.get("model", ""),
+        "content": content,
+        "stop_reason": _stop_reason(choice.get("finish_reason"), bool(refusal)),
+        "stop_sequence": None,
+        "usage": anthropic_usage(body.get("usage")),
+    }
+
+
+def _message_id(upstream_id: Any) -> str:
+    return f"msg_{upstream_id}" if upstream_id else "msg_translated"
