@@ -22,6 +22,7 @@ from tests.conftest import OPENAI_SECRET
 from tests.fake_provider import TOOL_INPUT, FakeProvider
 from tvgate.translate.anthropic_to_chat import (
     TranslationError,
+    translate_error,
     translate_request,
     translate_response,
 )
@@ -941,3 +942,75 @@ def test_cache_write_and_bad_arguments() -> None:
         "output_tokens": 5,
     }
     assert notes == ["tool_calls[0]: arguments are not a JSON object, sent as {}"]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def sdk_error(status: int, body: bytes) -> anthropic.APIStatusError:
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        sdk(status, body).messages.create(
+            model="claude-sonnet-4-6", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+        )
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("scenario", "status", "kind", "sdk_class"),
+    [
+        ("error_429", 429, "rate_limit_error", anthropic.RateLimitError),
+        ("error_529", 503, "overloaded_error", anthropic.InternalServerError),
+        ("error_500", 500, "api_error", anthropic.InternalServerError),
+    ],
+)
+def test_upstream_errors_in_anthropics_envelope(
+    fake_provider: FakeProvider, scenario: str, status: int, kind: str, sdk_class: type
+) -> None:
+    answer = upstream(fake_provider, chat(user("hi")), scenario)
+    assert answer.status_code == status
+    provider_message = answer.json()["error"]["message"]
+    out_status, out_body = translate_error(answer.status_code, answer.content)
+    assert out_status == status
+    assert orjson.loads(out_body) == {
+        "type": "error",
+        "error": {"type": kind, "message": provider_message},
+    }
+    error = sdk_error(out_status, out_body)
+    assert isinstance(error, sdk_class)
+    assert provider_message in str(error)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind", "message"),
+    [
+        (  # vLLM
+            400,
+            b'{"object":"error","message":"max_tokens is too large: 90000","type":"BadRequestError","param":null,"code":400}',
+            "invalid_request_error",
+            "max_tokens is too large: 90000",
+        ),
+        (
+            404,
+            b'{"error":"model \'qwen3:8b\' not found"}',
+            "not_found_error",
+            "model 'qwen3:8b' not found",
+        ),  # Ollama
+        (
+            401,
+            b'{"error":{"message":"Incorrect API key provided","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}',
+            "authentication_error",
+            "Incorrect API key provided",
+        ),
+        (
+            502,
+            b"<html><body>502 Bad Gateway</body></html>",
+            "api_error",
+            "<html><body>502 Bad Gateway</body></html>",
+        ),
+        (503, b"", "overloaded_error", "upstream 503"),
+    ],
+)
+def test_error_shapes_of_other_upstreams(status: int, body: bytes, kind: str, message: str) -> None:
+    out_status, out_body = translate_error(status, body)
+    assert out_status == status
+    assert orjson.loads(out_body) == {"type": "error", "error": {"type": kind, "message": message}}

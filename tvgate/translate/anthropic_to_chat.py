@@ -454,3 +454,64 @@ def translate_response(body: JSON, notes: list[str] | None = None) -> JSON:
 
 def _message_id(upstream_id: Any) -> str:
     return f"msg_{upstream_id}" if upstream_id else "msg_translated"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+#: OpenAI error types (and codes) with a closer Anthropic type than their status gives.
+_OPENAI_ERROR_TYPES = {
+    "invalid_request_error": "invalid_request_error",
+    "rate_limit_exceeded": "rate_limit_error",
+    "insufficient_quota": "billing_error",
+    "server_error": "api_error",
+}
+_MAX_MESSAGE = 2000
+
+
+def _error_type(status: int) -> str:
+    return _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
+def _error_message(body: Any) -> tuple[str | None, str | None]:
+    """The message and type of an error body in OpenAI's envelope (``{"error": {...}}``),
+    vLLM's (``{"object": "error", "message": ...}``) or Ollama's (``{"error": "..."}``)."""
+    if not isinstance(body, dict):
+        return None, None
+    error = body.get("error", body)
+    if isinstance(error, str):
+        return error, None
+    if not isinstance(error, dict):
+        return None, None
+    message = error.get("message")
+    kind = error.get("code") if error.get("code") in _OPENAI_ERROR_TYPES else error.get("type")
+    return (message if isinstance(message, str) else None), (
+        kind if isinstance(kind, str) else None
+    )
+
+
+def translate_error(status: int, body: bytes) -> tuple[int, bytes]:
+    """An upstream error answer as Anthropic's error envelope; the status and the
+    provider's message are kept (a body that is not JSON becomes the message)."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    message, _ = _error_message(parsed)
+    if message is None:
+        message = body[:_MAX_MESSAGE].decode("utf-8", "replace").strip() or f"upstream {status}"
+    return status, _error_body(_error_type(status), message)
