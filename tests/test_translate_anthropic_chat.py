@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 
 from tests.conftest import OPENAI_SECRET
 from tests.fake_provider import TOOL_INPUT, FakeProvider
+from tvgate.traces.sse import SSEParser
 from tvgate.translate.anthropic_to_chat import (
+    StreamTranslator,
     TranslationError,
     translate_error,
     translate_request,
@@ -1014,3 +1016,328 @@ def test_error_shapes_of_other_upstreams(status: int, body: bytes, kind: str, me
     out_status, out_body = translate_error(status, body)
     assert out_status == status
     assert orjson.loads(out_body) == {"type": "error", "error": {"type": kind, "message": message}}
+
+
+# --------------------------------------------------------------------------- stream
+
+
+def translate_stream(
+    upstream_bytes: bytes, chunk_size: int | None = None
+) -> tuple[bytes, StreamTranslator]:
+    translator = StreamTranslator()
+    out = []
+    size = chunk_size or len(upstream_bytes) or 1
+    for i in range(0, len(upstream_bytes), size):
+        out.append(translator.feed(upstream_bytes[i : i + size]))
+    out.append(translator.finish())
+    return b"".join(out), translator
+
+
+def events_of(stream: bytes) -> list[tuple[str, JSON]]:
+    return [(e.event or "", orjson.loads(e.data)) for e in SSEParser().feed(stream)]
+
+
+def assert_anthropic_sequence(stream: bytes) -> list[tuple[str, JSON]]:
+    """The events of ``stream``, checked against Anthropic's grammar: message_start, then
+    blocks one at a time with increasing indices, each delta to the open block and of its
+    type, then message_delta and message_stop (or an error event, which ends it)."""
+    events = events_of(stream)
+    names = [name for name, _ in events]
+    if "error" in names:
+        assert names.index("error") == len(names) - 1
+        events_before = events[:-1]
+    else:
+        assert names[-2:] == ["message_delta", "message_stop"]
+        events_before = events[:-2]
+    if events_before:
+        assert names[0] == "message_start"
+        assert names[1] == "ping"
+    open_block: tuple[int, str] | None = None
+    started = 0
+    delta_types = {
+        "text": "text_delta",
+        "thinking": "thinking_delta",
+        "tool_use": "input_json_delta",
+    }
+    for name, payload in events_before[2:]:
+        assert payload["type"] == name
+        if name == "content_block_start":
+            assert open_block is None
+            assert payload["index"] == started
+            open_block = (started, payload["content_block"]["type"])
+            started += 1
+        elif name == "content_block_delta":
+            assert open_block is not None and payload["index"] == open_block[0]
+            assert payload["delta"]["type"] == delta_types[open_block[1]]
+        else:
+            assert name == "content_block_stop"
+            assert open_block is not None and payload["index"] == open_block[0]
+            open_block = None
+    # As from Anthropic, an error event may cut a block short.
+    assert open_block is None or names[-1] == "error"
+    return events
+
+
+def sdk_stream(stream: bytes) -> tuple[anthropic.types.Message, list[str]]:
+    """What the SDK's own accumulator makes of ``stream``, and its event types."""
+    client = sdk(200, stream, "text/event-stream")
+    seen: list[str] = []
+    with client.messages.stream(
+        model="claude-sonnet-4-6", max_tokens=1024, messages=[{"role": "user", "content": "hi"}]
+    ) as events:
+        for event in events:
+            seen.append(event.type)
+        return events.get_final_message(), seen
+
+
+def fake_stream(fake: FakeProvider, body: JSON, scenario: str = "normal") -> bytes:
+    request = translate_request({**body, "stream": True}, model=ROUTE_MODEL)
+    answer = upstream(fake, request.body, scenario)
+    assert answer.status_code == 200
+    return answer.content
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 7, 64])
+def test_a_text_stream_parsed_by_the_sdk(
+    fake_provider: FakeProvider, chunk_size: int | None
+) -> None:
+    raw = fake_stream(fake_provider, user("tell me a story about the sea"))
+    stream, translator = translate_stream(raw, chunk_size)
+    events = assert_anthropic_sequence(stream)
+    message, seen = sdk_stream(stream)
+    assert [b.type for b in message.content] == ["text"]
+    assert message.content[0].text == "You said: tell me a story about the sea"
+    assert message.stop_reason == "end_turn"
+    usage_chunk = orjson.loads(raw.split(b"data: ")[-2])
+    cached = usage_chunk["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert message.usage.input_tokens == usage_chunk["usage"]["prompt_tokens"] - cached
+    assert message.usage.cache_read_input_tokens == cached
+    assert message.usage.output_tokens == usage_chunk["usage"]["completion_tokens"]
+    assert translator.usage == events[-2][1]["usage"]
+    assert "text" in seen and seen[-1] == "message_stop"
+    assert translator.notes == []
+
+
+def test_a_tool_call_stream_parsed_by_the_sdk(fake_provider: FakeProvider) -> None:
+    raw = fake_stream(fake_provider, {**user("read the readme"), "tools": [READ_TOOL]}, "tool_use")
+    stream, _ = translate_stream(raw, 5)
+    assert_anthropic_sequence(stream)
+    message, seen = sdk_stream(stream)
+    text, tool_use = message.content
+    assert text.type == "text" and text.text == "I'll read the file."
+    assert tool_use.type == "tool_use"
+    assert (tool_use.name, tool_use.input) == ("Read", TOOL_INPUT)
+    assert tool_use.id.startswith("call_")
+    assert message.stop_reason == "tool_use"
+    assert seen.count("input_json") > 1  # the arguments arrived in several deltas
+
+
+def test_an_upstream_error_mid_stream_reaches_the_sdk(fake_provider: FakeProvider) -> None:
+    raw = fake_stream(fake_provider, user("hello there"), "error_event")
+    assert b'data: {"error"' in raw
+    stream, translator = translate_stream(raw, 3)
+    events = assert_anthropic_sequence(stream)
+    assert events[-1] == (
+        "error",
+        {
+            "type": "error",
+            "error": {
+                "type": "api_error",
+                "message": "The server had an error while processing your request. Sorry about that!",
+            },
+        },
+    )
+    assert translator.done
+    with pytest.raises(anthropic.APIStatusError, match="Sorry about that"):
+        sdk_stream(stream)
+
+
+def chunk(delta: JSON | None = None, finish: str | None = None, **extra: Any) -> bytes:
+    obj: JSON = {
+        "id": "chatcmpl-8f1e2a",
+        "object": "chat.completion.chunk",
+        "created": 1741569952,
+        "model": "Qwen/Qwen3-8B",
+        "choices": []
+        if delta is None
+        else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        **extra,
+    }
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def call_delta(
+    index: int, arguments: str, call_id: str | None = None, name: str | None = None
+) -> JSON:
+    call: JSON = {"index": index, "function": {"arguments": arguments}}
+    if call_id:
+        call["id"] = call_id
+        call["type"] = "function"
+        call["function"]["name"] = name
+    return {"tool_calls": [call]}
+
+
+# A vLLM stream (reasoning parser and tool parser on): reasoning, text, two parallel calls.
+VLLM_STREAM = b"".join(
+    [
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"reasoning_content": "The user wants "}),
+        chunk({"reasoning_content": "two files."}),
+        chunk({"content": "Reading "}),
+        chunk({"content": "both."}),
+        chunk(call_delta(0, "", "chatcmpl-tool-a1", "Read")),
+        chunk(call_delta(0, '{"path": ')),
+        chunk(call_delta(0, '"a.txt"}')),
+        chunk(call_delta(1, '{"path": "b', "chatcmpl-tool-b2", "Read")),
+        chunk(call_delta(1, '.txt"}')),
+        chunk({}, "tool_calls"),
+        chunk(
+            usage={
+                "prompt_tokens": 120,
+                "completion_tokens": 40,
+                "total_tokens": 160,
+                "prompt_tokens_details": {"cached_tokens": 64},
+                "completion_tokens_details": {"reasoning_tokens": 9},
+            }
+        ),
+        b"data: [DONE]\n\n",
+    ]
+)
+
+
+def test_reasoning_text_and_parallel_calls_stream() -> None:
+    stream, translator = translate_stream(VLLM_STREAM)
+    events = assert_anthropic_sequence(stream)
+    starts = [p["content_block"] for n, p in events if n == "content_block_start"]
+    assert starts == [
+        {"type": "thinking", "thinking": "", "signature": ""},
+        {"type": "text", "text": ""},
+        {"type": "tool_use", "id": "chatcmpl-tool-a1", "name": "Read", "input": {}},
+        {"type": "tool_use", "id": "chatcmpl-tool-b2", "name": "Read", "input": {}},
+    ]
+    assert "signature_delta" not in stream.decode()
+    message, seen = sdk_stream(stream)
+    thinking, text, first, second = message.content
+    assert thinking.type == "thinking"
+    assert (thinking.thinking, thinking.signature) == ("The user wants two files.", "")
+    assert text.type == "text" and text.text == "Reading both."
+    assert first.type == second.type == "tool_use"
+    assert [first.input, second.input] == [{"path": "a.txt"}, {"path": "b.txt"}]
+    assert message.stop_reason == "tool_use"
+    assert message.id == "msg_chatcmpl-8f1e2a"
+    assert message.usage.model_dump(exclude_none=True) == {
+        "input_tokens": 56,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 64,
+        "output_tokens": 40,
+        "output_tokens_details": {"thinking_tokens": 9},
+    }
+    assert "thinking" in seen
+    assert translator.notes == ["thinking: the upstream gives no signature"]
+
+
+def test_events_split_anywhere_give_the_same_stream() -> None:
+    whole, _ = translate_stream(VLLM_STREAM)
+    for cut in range(1, len(VLLM_STREAM)):
+        translator = StreamTranslator()
+        parts = translator.feed(VLLM_STREAM[:cut]) + translator.feed(VLLM_STREAM[cut:])
+        assert parts + translator.finish() == whole, cut
+
+
+def test_output_is_incremental() -> None:
+    translator = StreamTranslator()
+    first = translator.feed(chunk({"role": "assistant", "content": ""}) + chunk({"content": "Hel"}))
+    names = [name for name, _ in events_of(first)]
+    assert names == ["message_start", "ping", "content_block_start", "content_block_delta"]
+    assert translator.feed(b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"lo"}') == b""
+    assert b'"text":"lo"' in translator.feed(b"}]}\n\n")
+
+
+def test_feed_events_takes_a_shared_parser() -> None:
+    parser = SSEParser()
+    translator = StreamTranslator()
+    out = translator.feed_events(parser.feed(VLLM_STREAM)) + translator.finish()
+    assert out == translate_stream(VLLM_STREAM)[0]
+
+
+def test_a_tool_call_named_after_its_first_fragment() -> None:
+    raw = b"".join(
+        [
+            chunk(
+                {"tool_calls": [{"index": 0, "id": "call_1", "function": {"arguments": '{"a"'}}]}
+            ),
+            chunk(
+                {"tool_calls": [{"index": 0, "function": {"name": "Read", "arguments": ": 1}"}}]}
+            ),
+            chunk({}, "tool_calls"),
+            b"data: [DONE]\n\n",
+        ]
+    )
+    stream, translator = translate_stream(raw)
+    assert_anthropic_sequence(stream)
+    message, _ = sdk_stream(stream)
+    assert message.content[0].type == "tool_use"
+    assert (message.content[0].name, message.content[0].input) == ("Read", {"a": 1})
+    assert translator.notes == ["usage: the upstream reported none"]
+    assert message.usage.output_tokens == 0
+
+
+def test_a_stream_cut_before_its_finish_is_an_error_event() -> None:
+    stream, translator = translate_stream(chunk({"content": "Hal"}))
+    events = assert_anthropic_sequence(stream)
+    assert events[-1][1]["error"]["type"] == "api_error"
+    assert translator.done
+    with pytest.raises(anthropic.APIStatusError, match="ended before"):
+        sdk_stream(stream)
+
+
+def test_a_stream_without_done_ends_at_its_finish_reason() -> None:
+    stream, _ = translate_stream(chunk({"content": "ok"}) + chunk({}, "length"))
+    message, _ = sdk_stream(stream)
+    assert message.stop_reason == "max_tokens"
+
+
+def test_the_gateway_reports_an_upstream_failure_in_band() -> None:
+    translator = StreamTranslator()
+    head = translator.feed(chunk({"content": "Partial"}))
+    tail = translator.error("upstream connection reset", "overloaded_error")
+    assert translator.feed(chunk({"content": "more"})) == b""
+    assert translator.finish() == b""
+    events = assert_anthropic_sequence(head + tail)
+    assert events[-1][1]["error"] == {
+        "type": "overloaded_error",
+        "message": "upstream connection reset",
+    }
+    with pytest.raises(anthropic.APIStatusError, match="upstream connection reset"):
+        sdk_stream(head + tail)
+
+
+def test_refusal_stream_and_model_override() -> None:
+    translator = StreamTranslator(model="claude-sonnet-4-6")
+    raw = chunk({"refusal": "I can't help."}) + chunk({}, "stop") + b"data: [DONE]\n\n"
+    stream = translator.feed(raw) + translator.finish()
+    message, _ = sdk_stream(stream)
+    assert message.model == "claude-sonnet-4-6"
+    assert message.stop_reason == "refusal"
+    assert message.content[0].type == "text" and message.content[0].text == "I can't help."
+
+
+def test_reasoning_under_both_names_is_sent_once() -> None:
+    raw = chunk({"reasoning_content": "hm", "reasoning": "hm"}) + chunk({"reasoning": "m"})
+    stream, _ = translate_stream(raw + chunk({}, "stop") + b"data: [DONE]\n\n")
+    message, _ = sdk_stream(stream)
+    assert message.content[0].type == "thinking" and message.content[0].thinking == "hmm"
+
+
+def test_extra_choices_and_bad_events_are_noted_once() -> None:
+    second = {"id": "x", "choices": [{"index": 1, "delta": {"content": "other"}}]}
+    line = b"data: " + orjson.dumps(second) + b"\n\n"
+    raw = chunk({"content": "one"}) + line + line + b"data: {oops\n\n" * 2 + chunk({}, "stop")
+    stream, translator = translate_stream(raw)
+    message, _ = sdk_stream(stream)
+    assert message.content[0].type == "text" and message.content[0].text == "one"
+    assert translator.notes == [
+        "choices[1:]: only the first choice is returned",
+        "an upstream event that is not JSON was skipped",
+        "usage: the upstream reported none",
+    ]

@@ -18,14 +18,20 @@ reports them, cache-write) tokens are moved out of it. Reasoning the upstream st
 thinking blocks whose signature stays empty: a signature is never made up, and thinking
 blocks sent back in the history are dropped (and noted), since no upstream could check them.
 The module is pure (no I/O); it knows nothing of routes beyond the model it is given.
+It is longer than most (~800 lines) because the four phases share one set of mappings
+(usage, stop reasons, error types, content blocks) that would otherwise be split across
+modules importing each other; DESIGN.md's layout is one module per pair.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+from tvgate.traces.sse import SSEEvent, SSEParser
 
 JSON = dict[str, Any]
 
@@ -515,3 +521,294 @@ def translate_error(status: int, body: bytes) -> tuple[int, bytes]:
     if message is None:
         message = body[:_MAX_MESSAGE].decode("utf-8", "replace").strip() or f"upstream {status}"
     return status, _error_body(_error_type(status), message)
+
+
+# --------------------------------------------------------------------------- stream
+
+_TEXT_DELTA = b'"delta":{"type":"text_delta","text":'
+_THINKING_DELTA = b'"delta":{"type":"thinking_delta","thinking":'
+_JSON_DELTA = b'"delta":{"type":"input_json_delta","partial_json":'
+_PING = b'event: ping\ndata: {"type":"ping"}\n\n'
+_MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+
+
+def _event(name: bytes, payload: bytes) -> bytes:
+    return b"event: " + name + b"\ndata: " + payload + b"\n\n"
+
+
+@dataclass(slots=True)
+class _ToolCall:
+    """A streamed tool call: its block index once its name is known, else its arguments so far."""
+
+    id: str | None = None
+    name: str | None = None
+    index: int | None = None
+    pending: str = ""
+
+
+class StreamTranslator:
+    """Chat Completions chunks (raw SSE bytes) in, Anthropic Messages events out.
+
+    Feed each upstream chunk to :meth:`feed` (or the events of an SSE parser the caller
+    already runs, to :meth:`feed_events`) and send what it returns; :meth:`finish` at the
+    upstream's end; :meth:`error` when the upstream fails mid-stream. One content block is
+    open at a time, as Anthropic streams them: a switch between reasoning, text and a tool
+    call closes the open block. The closing ``message_delta`` waits for the upstream's
+    ``[DONE]`` (or end), since its usage chunk comes after the finish reason.
+    ``notes`` lists what could not be carried; ``usage`` is the final usage sent.
+    """
+
+    __slots__ = (
+        "_block",
+        "_blocks",
+        "_done",
+        "_finish_reason",
+        "_model",
+        "_parser",
+        "_refused",
+        "_started",
+        "_tools",
+        "_upstream_usage",
+        "notes",
+        "usage",
+    )
+
+    def __init__(self, model: str | None = None) -> None:
+        self._parser = SSEParser()
+        #: The model named to the client; the upstream's own when None.
+        self._model = model
+        self._started = False
+        self._done = False
+        self._blocks = 0
+        # The open block: (its index, "text" | "thinking" | "tool") or None.
+        self._block: tuple[int, str] | None = None
+        self._tools: dict[int, _ToolCall] = {}
+        self._finish_reason: str | None = None
+        self._refused = False
+        self._upstream_usage: JSON | None = None
+        self.notes: list[str] = []
+        self.usage: JSON | None = None
+
+    def _note(self, note: str) -> None:
+        # Once each: a note may concern every chunk of a long stream.
+        if note not in self.notes:
+            self.notes.append(note)
+
+    @property
+    def done(self) -> bool:
+        """The client's stream is complete (message_stop or error sent)."""
+        return self._done
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The client bytes that the upstream bytes ``chunk`` complete (often b"")."""
+        return self.feed_events(self._parser.feed(chunk))
+
+    def feed_events(self, events: Iterable[SSEEvent]) -> bytes:
+        """:meth:`feed` for events already parsed from the upstream stream."""
+        out: list[bytes] = []
+        for event in events:
+            if self._done:
+                break
+            data = event.data
+            if data == b"[DONE]":
+                self._close(out)
+                continue
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                self._note("an upstream event that is not JSON was skipped")
+                continue
+            if isinstance(obj, dict):
+                self._chunk(obj, out)
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """The end of the upstream stream: the closing events, or an error event if the
+        upstream stopped before its finish reason."""
+        out: list[bytes] = []
+        self._parser.close()
+        if not self._done:
+            if self._finish_reason is None:
+                return self.error("The upstream stream ended before the answer was complete")
+            self._close(out)
+        return b"".join(out)
+
+    def error(self, message: str, kind: str = "api_error") -> bytes:
+        """An in-band Anthropic ``error`` event, which ends the client's stream."""
+        if self._done:
+            return b""
+        self._done = True
+        return _event(b"error", _error_body(kind, message))
+
+    # ---- one upstream chunk
+
+    def _chunk(self, obj: JSON, out: list[bytes]) -> None:
+        error = obj.get("error")
+        if error is not None:
+            message, kind = _error_message(obj)
+            out.append(
+                self.error(
+                    message or "upstream error",
+                    _OPENAI_ERROR_TYPES.get(kind or "", "api_error"),
+                )
+            )
+            return
+        if not self._started:
+            self._start(obj, out)
+        choices = obj.get("choices")
+        if choices:
+            choice = choices[0]
+            if len(choices) > 1 or choice.get("index", 0):
+                self._note("choices[1:]: only the first choice is returned")
+            if choice.get("index", 0) == 0:
+                delta = choice.get("delta")
+                if delta:
+                    self._delta(delta, out)
+                finish = choice.get("finish_reason")
+                if finish:
+                    self._finish_reason = finish
+                    self._stop_block(out)
+        usage = obj.get("usage")
+        if usage:
+            self._upstream_usage = usage
+
+    def _start(self, obj: JSON, out: list[bytes]) -> None:
+        self._started = True
+        message: JSON = {
+            "id": _message_id(obj.get("id")),
+            "type": "message",
+            "role": "assistant",
+            "model": self._model or obj.get("model", ""),
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            # The upstream tells usage only at the end: message_delta carries all of it.
+            "usage": {
+                "input_tokens": 0,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+                "output_tokens": 0,
+            },
+        }
+        payload = orjson.dumps({"type": "message_start", "message": message})
+        out.append(_event(b"message_start", payload))
+        out.append(_PING)
+
+    def _delta(self, delta: JSON, out: list[bytes]) -> None:
+        # The keys present, in the upstream's order: a delta has one or two, and this is
+        # the per-chunk path (a lookup of each known key would be five).
+        for key, value in delta.items():
+            if not value:
+                continue
+            if key == "content":
+                index = self._open("text", {"type": "text", "text": ""}, out)
+                out.append(_block_delta(index, _TEXT_DELTA, value))
+            elif key == "reasoning_content" or (
+                # vLLM sends the same text under both names; Ollama only as "reasoning".
+                key == "reasoning" and not delta.get("reasoning_content")
+            ):
+                if isinstance(value, str):
+                    thinking = {"type": "thinking", "thinking": "", "signature": ""}
+                    index = self._open("thinking", thinking, out)
+                    out.append(_block_delta(index, _THINKING_DELTA, value))
+            elif key == "tool_calls":
+                for position, call in enumerate(value):
+                    self._tool_delta(call, position, out)
+            elif key == "refusal":
+                self._refused = True
+                index = self._open("text", {"type": "text", "text": ""}, out)
+                out.append(_block_delta(index, _TEXT_DELTA, value))
+
+    def _tool_delta(self, call: JSON, position: int, out: list[bytes]) -> None:
+        key = call.get("index", position)
+        tool = self._tools.get(key)
+        if tool is None:
+            tool = self._tools[key] = _ToolCall()
+        if call.get("id"):
+            tool.id = call["id"]
+        function = call.get("function") or {}
+        if function.get("name"):
+            tool.name = function["name"]
+        arguments = function.get("arguments") or ""
+        if tool.index is None:
+            if tool.name is None:
+                # Some upstreams name the call after its first fragment.
+                tool.pending += arguments
+                return
+            self._stop_block(out)
+            tool.index = self._blocks
+            self._blocks += 1
+            self._block = (tool.index, "tool")
+            block = {
+                "type": "tool_use",
+                "id": tool.id or f"toolu_{key}",
+                "name": tool.name,
+                "input": {},
+            }
+            out.append(_block_start(tool.index, block))
+            arguments = tool.pending + arguments
+            tool.pending = ""
+        elif self._block != (tool.index, "tool"):
+            self._note(f"tool call {key}: arguments after its block closed")
+        if arguments:
+            out.append(_block_delta(tool.index, _JSON_DELTA, arguments))
+
+    def _open(self, kind: str, block: JSON, out: list[bytes]) -> int:
+        """The index of the open block of ``kind``, after starting one if needed."""
+        current = self._block
+        if current is not None and current[1] == kind:
+            return current[0]
+        self._stop_block(out)
+        index = self._blocks
+        self._blocks += 1
+        self._block = (index, kind)
+        if kind == "thinking":
+            self._note("thinking: the upstream gives no signature")
+        out.append(_block_start(index, block))
+        return index
+
+    def _stop_block(self, out: list[bytes]) -> None:
+        if self._block is not None:
+            index = self._block[0]
+            self._block = None
+            out.append(
+                _event(
+                    b"content_block_stop",
+                    b'{"type":"content_block_stop","index":%d}' % index,
+                )
+            )
+
+    def _close(self, out: list[bytes]) -> None:
+        """message_delta (stop reason, usage) and message_stop."""
+        if not self._started:
+            self._start({}, out)
+        self._stop_block(out)
+        if self._upstream_usage is None:
+            self._note("usage: the upstream reported none")
+        self.usage = anthropic_usage(self._upstream_usage)
+        delta = {
+            "type": "message_delta",
+            "delta": {
+                "stop_reason": _stop_reason(self._finish_reason, self._refused),
+                "stop_sequence": None,
+            },
+            "usage": self.usage,
+        }
+        out.append(_event(b"message_delta", orjson.dumps(delta)))
+        out.append(_MESSAGE_STOP)
+        self._done = True
+
+
+def _block_start(index: int, block: JSON) -> bytes:
+    payload = orjson.dumps({"type": "content_block_start", "index": index, "content_block": block})
+    return _event(b"content_block_start", payload)
+
+
+def _block_delta(index: int, head: bytes, value: str) -> bytes:
+    # Built from bytes: one orjson call per delta, for the string alone.
+    return (
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,' % index
+        + head
+        + orjson.dumps(value)
+        + b"}}\n\n"
+    )
