@@ -1341,3 +1341,46 @@ def test_extra_choices_and_bad_events_are_noted_once() -> None:
         "an upstream event that is not JSON was skipped",
         "usage: the upstream reported none",
     ]
+
+
+def test_deepseek_cache_hits_are_cache_reads() -> None:
+    answer = chat_completion(
+        {"role": "assistant", "content": "ok"},
+        usage={
+            "prompt_tokens": 90,
+            "completion_tokens": 3,
+            "prompt_cache_hit_tokens": 64,
+            "prompt_cache_miss_tokens": 26,
+        },
+    )
+    usage = translate_response(answer)["usage"]
+    assert (usage["input_tokens"], usage["cache_read_input_tokens"]) == (26, 64)
+
+
+def test_whole_calls_in_one_delta_without_indices() -> None:
+    # Older Ollama: every call complete, in one chunk, with no "index".
+    calls = [
+        {"id": "call_a", "function": {"name": "Read", "arguments": '{"path":"a"}'}},
+        {"id": "call_b", "function": {"name": "Read", "arguments": '{"path":"b"}'}},
+    ]
+    raw = chunk({"tool_calls": calls}) + chunk({}, "tool_calls") + b"data: [DONE]\n\n"
+    stream, _ = translate_stream(raw)
+    assert_anthropic_sequence(stream)
+    message, _ = sdk_stream(stream)
+    assert [(b.id, b.input) for b in message.content] == [
+        ("call_a", {"path": "a"}),
+        ("call_b", {"path": "b"}),
+    ]
+
+
+def test_arguments_after_a_later_call_started_are_kept_and_noted() -> None:
+    raw = (
+        chunk(call_delta(0, '{"path":', "call_a", "Read"))
+        + chunk(call_delta(1, '{"path":"b"}', "call_b", "Read"))
+        + chunk(call_delta(0, '"a"}'))
+        + chunk({}, "tool_calls")
+    )
+    stream, translator = translate_stream(raw)
+    message, _ = sdk_stream(stream)
+    assert [b.input for b in message.content] == [{"path": "a"}, {"path": "b"}]
+    assert "tool call 0: arguments after its block closed" in translator.notes

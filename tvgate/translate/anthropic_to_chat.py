@@ -375,7 +375,8 @@ def anthropic_usage(usage: JSON | None) -> JSON:
     written) tokens moved out of ``input_tokens``, reasoning tokens as thinking tokens."""
     usage = usage or {}
     details = usage.get("prompt_tokens_details") or {}
-    cache_read = details.get("cached_tokens") or 0
+    # DeepSeek reports its cache hits beside, not inside, prompt_tokens_details.
+    cache_read = details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0
     cache_write = details.get("cache_write_tokens") or details.get("cache_creation_tokens") or 0
     prompt = usage.get("prompt_tokens") or 0
     out: JSON = {
