@@ -457,6 +457,8 @@ def test_structured_output_becomes_response_format() -> None:
         ),
         ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
         ({"output_config": {"effort": "extreme"}}, "output_config.effort"),
+        ({"output_config": {"task_budget": 5}}, "output_config.task_budget"),
+        ({"output_config": {"format": {"type": "grammar"}}}, "output_config.format.type"),
         ({"tool_choice": {"type": "sometimes"}}, "tool_choice.type"),
     ],
 )
@@ -1384,3 +1386,36 @@ def test_arguments_after_a_later_call_started_are_kept_and_noted() -> None:
     message, _ = sdk_stream(stream)
     assert [b.input for b in message.content] == [{"path": "a"}, {"path": "b"}]
     assert "tool call 0: arguments after its block closed" in translator.notes
+
+
+def test_usage_figures_that_are_not_counts_are_zero() -> None:
+    answer = chat_completion(
+        {"role": "assistant", "content": "ok"},
+        usage={"prompt_tokens": "many", "completion_tokens": -4, "prompt_tokens_details": None},
+    )
+    assert translate_response(answer)["usage"] == {
+        "input_tokens": 0,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b'{"choices": {"0": 1}}', b'{"choices": [{"delta": "text"}]}', b"[1, 2]", b'{"choices": [7]}'],
+)
+def test_chunks_of_another_shape_are_skipped(line: bytes) -> None:
+    raw = chunk({"content": "a"}) + b"data: " + line + b"\n\n" + chunk({"content": "b"}, "stop")
+    stream, translator = translate_stream(raw)
+    message, _ = sdk_stream(stream)
+    assert message.content[0].type == "text" and message.content[0].text == "ab"
+    assert "an upstream chunk of unexpected shape was skipped" in translator.notes
+
+
+@pytest.mark.parametrize(
+    "body", [{"choices": "x"}, {"choices": [{"message": {"tool_calls": [1]}}]}]
+)
+def test_an_answer_of_another_shape_is_a_value_error(body: JSON) -> None:
+    with pytest.raises(ValueError, match="not a ChatCompletion"):
+        translate_response(body)

@@ -34,6 +34,8 @@ import orjson
 from tvgate.traces.sse import SSEEvent, SSEParser
 
 JSON = dict[str, Any]
+#: What reading a JSON value of an unexpected shape raises.
+_MALFORMED = (KeyError, TypeError, AttributeError, IndexError)
 
 #: Request fields that change nothing in the answer's content, or only server-side
 #: bookkeeping Chat Completions has no equivalent of: dropped, and named in the notes.
@@ -119,7 +121,7 @@ def translate_request(
     """
     try:
         return _translate_request(body, model, max_tokens_field, reasoning_effort)
-    except (KeyError, TypeError, AttributeError) as exc:
+    except _MALFORMED as exc:
         # A malformed request (a block without its text, a list where an object goes):
         # the client's error, as Anthropic would answer it.
         raise TranslationError("body", f"malformed request ({exc!r})") from exc
@@ -152,14 +154,18 @@ def _translate_request(
     if body.get("tools"):
         out["tools"] = [_tool(tool, f"tools[{i}]", notes) for i, tool in enumerate(body["tools"])]
     if body.get("tool_choice"):
-        _tool_choice(body["tool_choice"], out, notes)
+        _tool_choice(body["tool_choice"], out)
     effort = _effort(body, notes)
     if effort is not None:
         if reasoning_effort:
             out["reasoning_effort"] = effort
         else:
             notes["thinking: the upstream model takes no reasoning effort"] = None
-    output_format = (body.get("output_config") or {}).get("format")
+    output_config = body.get("output_config") or {}
+    for key in output_config:
+        if key not in ("effort", "format"):
+            raise TranslationError(f"output_config.{key}", "not supported on an OpenAI route")
+    output_format = output_config.get("format")
     if output_format:
         if output_format.get("type") != "json_schema":
             raise TranslationError("output_config.format.type", "only json_schema is supported")
@@ -242,17 +248,16 @@ def _part(block: JSON, where: str, notes: dict[str, None]) -> JSON:
         else:
             raise TranslationError(f"{where}.source.type", f"{source_type} images not supported")
         return {"type": "image_url", "image_url": {"url": url}}
-    if kind == "document":
-        if source_type == "text":
-            return {"type": "text", "text": source["data"]}
-        if source_type == "base64" and source.get("media_type") == "application/pdf":
-            return {
-                "type": "file",
-                "file": {
-                    "filename": block.get("title") or "document.pdf",
-                    "file_data": f"data:application/pdf;base64,{source['data']}",
-                },
-            }
+    if source_type == "text":
+        return {"type": "text", "text": source["data"]}
+    if source_type == "base64" and source.get("media_type") == "application/pdf":
+        return {
+            "type": "file",
+            "file": {
+                "filename": block.get("title") or "document.pdf",
+                "file_data": f"data:application/pdf;base64,{source['data']}",
+            },
+        }
     raise TranslationError(f"{where}.source.type", f"{source_type} documents not supported")
 
 
@@ -270,7 +275,8 @@ def _tool_result(block: JSON, where: str, carried: list[JSON], notes: dict[str, 
             else:
                 notes[f"{where}.content[{k}]: sent in a user message after the tool results"] = None
                 carried.append(_part(item, f"{where}.content[{k}]", notes))
-        content = texts
+        # An empty list is refused by some upstreams where an empty string is not.
+        content = texts or ""
     return {"role": "tool", "tool_call_id": block["tool_use_id"], "content": content}
 
 
@@ -320,7 +326,7 @@ def _tool(tool: JSON, where: str, notes: dict[str, None]) -> JSON:
     return {"type": "function", "function": function}
 
 
-def _tool_choice(choice: JSON, out: JSON, notes: dict[str, None]) -> None:
+def _tool_choice(choice: JSON, out: JSON) -> None:
     kind = choice.get("type")
     if kind == "auto":
         out["tool_choice"] = "auto"
@@ -372,23 +378,31 @@ _STOP_REASONS = {
 
 def anthropic_usage(usage: JSON | None) -> JSON:
     """Chat Completions ``usage`` in Anthropic's terms: cached (read and, where reported,
-    written) tokens moved out of ``input_tokens``, reasoning tokens as thinking tokens."""
-    usage = usage or {}
+    written) tokens moved out of ``input_tokens``, reasoning tokens as thinking tokens.
+    A figure that is not a count (an upstream may be a member's own server) counts as 0."""
+    usage = usage if isinstance(usage, dict) else {}
     details = usage.get("prompt_tokens_details") or {}
     # DeepSeek reports its cache hits beside, not inside, prompt_tokens_details.
-    cache_read = details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0
-    cache_write = details.get("cache_write_tokens") or details.get("cache_creation_tokens") or 0
-    prompt = usage.get("prompt_tokens") or 0
+    cache_read = _count(details.get("cached_tokens")) or _count(
+        usage.get("prompt_cache_hit_tokens")
+    )
+    cache_write = _count(details.get("cache_write_tokens")) or _count(
+        details.get("cache_creation_tokens")
+    )
     out: JSON = {
-        "input_tokens": max(prompt - cache_read - cache_write, 0),
+        "input_tokens": max(_count(usage.get("prompt_tokens")) - cache_read - cache_write, 0),
         "cache_creation_input_tokens": cache_write,
         "cache_read_input_tokens": cache_read,
-        "output_tokens": usage.get("completion_tokens") or 0,
+        "output_tokens": _count(usage.get("completion_tokens")),
     }
-    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens")
+    reasoning = _count((usage.get("completion_tokens_details") or {}).get("reasoning_tokens"))
     if reasoning:
         out["output_tokens_details"] = {"thinking_tokens": reasoning}
     return out
+
+
+def _count(value: Any) -> int:
+    return value if type(value) is int and value > 0 else 0
 
 
 def _stop_reason(finish_reason: str | None, refused: bool) -> str:
@@ -399,9 +413,7 @@ def _stop_reason(finish_reason: str | None, refused: bool) -> str:
 
 def _reasoning(message: JSON) -> str | None:
     """The reasoning text of a message or delta, under either name upstreams use."""
-    text = message.get("reasoning_content")
-    if text is None:
-        text = message.get("reasoning")
+    text = message.get("reasoning_content") or message.get("reasoning")
     return text if isinstance(text, str) and text else None
 
 
@@ -420,8 +432,16 @@ def _tool_input(arguments: str, where: str, notes: list[str]) -> JSON:
 
 
 def translate_response(body: JSON, notes: list[str] | None = None) -> JSON:
-    """A ChatCompletion as an Anthropic Message; what could not be carried goes to ``notes``."""
+    """A ChatCompletion as an Anthropic Message; what could not be carried goes to ``notes``.
+    Raises ValueError on a body that is not a ChatCompletion."""
     notes = notes if notes is not None else []
+    try:
+        return _translate_response(body, notes)
+    except _MALFORMED as exc:
+        raise ValueError(f"not a ChatCompletion ({exc!r})") from exc
+
+
+def _translate_response(body: JSON, notes: list[str]) -> JSON:
     choices = body.get("choices") or [{}]
     if len(choices) > 1:
         notes.append("choices[1:]: only the first choice is returned")
@@ -619,8 +639,12 @@ class StreamTranslator:
             except orjson.JSONDecodeError:
                 self._note("an upstream event that is not JSON was skipped")
                 continue
-            if isinstance(obj, dict):
+            try:
                 self._chunk(obj, out)
+            except _MALFORMED:
+                # An upstream may be a member's own server: a chunk of another shape is
+                # skipped, never allowed to break the client's stream.
+                self._note("an upstream chunk of unexpected shape was skipped")
         return b"".join(out)
 
     def finish(self) -> bytes:
