@@ -18,7 +18,7 @@ reports them, cache-write) tokens are moved out of it. Reasoning the upstream st
 thinking blocks whose signature stays empty: a signature is never made up, and thinking
 blocks sent back in the history are dropped (and noted), since no upstream could check them.
 The module is pure (no I/O); it knows nothing of routes beyond the model it is given.
-It is longer than most (~800 lines) because the four phases share one set of mappings
+It is longer than most modules because the four phases share one set of mappings
 (usage, stop reasons, error types, content blocks) that would otherwise be split across
 modules importing each other; DESIGN.md's layout is one module per pair.
 """
