@@ -1,0 +1,1 @@
+"""Translators between client APIs and upstream APIs, one module per (client, upstream) pair."""
