@@ -1,0 +1,460 @@
+"""tvgate.translate.chat_to_anthropic: an OpenAI Chat client on an Anthropic route.
+
+Requests are what the ``openai`` SDK itself puts on the wire (captured through an
+``httpx2.MockTransport``) or Chat bodies as Cursor/Aider send them; upstream answers
+are Anthropic's documented shapes (those ``tests/fake_provider.py`` serves). The
+translated stream is parsed by the ``openai`` SDK's own accumulator, the SDK being
+the client here; the upstream is the fake.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx2
+import openai
+import orjson
+import pytest
+
+from tvgate.translate.chat_to_anthropic import (
+    DEFAULT_MAX_TOKENS,
+    TranslationError,
+    translate_request,
+)
+
+JSON = dict[str, Any]
+MODEL = "claude-sonnet-4-6"
+IMAGE = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYAAAAAMAASsJTYQAAAAASUVORK5CYII="
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "bash",
+            "description": "Run a shell command",
+            "parameters": {
+                "type": "object",
+                "properties": {"command": {"type": "string"}},
+                "required": ["command"],
+            },
+        },
+    },
+    {"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}},
+]
+
+
+def sdk_request(**kwargs: Any) -> JSON:
+    """The body the openai SDK sends for ``chat.completions.create(**kwargs)``."""
+    seen: list[bytes] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        seen.append(request.content)
+        return httpx2.Response(400, json={"error": {"message": "captured"}})
+
+    client = openai.OpenAI(
+        base_url="http://gw.test/v1",
+        api_key="x",
+        max_retries=0,
+        http_client=httpx2.Client(transport=httpx2.MockTransport(handler)),
+    )
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(**kwargs)
+    body: JSON = orjson.loads(seen[0])
+    return body
+
+
+# --- request ------------------------------------------------------------------------
+
+
+def test_request_system_multipart_images_and_sampling() -> None:
+    body = sdk_request(
+        model="claude-route",
+        messages=[
+            {"role": "system", "content": "You are terse."},
+            {"role": "developer", "content": [{"type": "text", "text": "Use tools."}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": IMAGE}},
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": "https://x.test/a.png", "detail": "high"},
+                    },
+                    {
+                        "type": "file",
+                        "file": {
+                            "file_data": "data:application/pdf;base64,JVBERi0=",
+                            "filename": "a.pdf",
+                        },
+                    },
+                ],
+            },
+        ],
+        max_completion_tokens=300,
+        max_tokens=50,
+        temperature=0.2,
+        top_p=0.9,
+        stop="END",
+    )
+    req = translate_request(body, MODEL)
+    assert req.body == {
+        "model": MODEL,
+        "system": [
+            {"type": "text", "text": "You are terse."},
+            {"type": "text", "text": "Use tools."},
+        ],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {
+                        "type": "image",
+                        "source": {
+                            "type": "base64",
+                            "media_type": "image/png",
+                            "data": IMAGE.split(",")[1],
+                        },
+                    },
+                    {"type": "image", "source": {"type": "url", "url": "https://x.test/a.png"}},
+                    {
+                        "type": "document",
+                        "source": {
+                            "type": "base64",
+                            "media_type": "application/pdf",
+                            "data": "JVBERi0=",
+                        },
+                    },
+                ],
+            }
+        ],
+        # max_completion_tokens wins over the deprecated max_tokens, as at OpenAI.
+        "max_tokens": 300,
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "stop_sequences": ["END"],
+    }
+    assert req.dropped == ["messages[2].content[2].image_url.detail"]
+    assert not req.stream
+
+
+def test_request_max_tokens_default_is_noted() -> None:
+    req = translate_request({"model": "m", "messages": [{"role": "user", "content": "hi"}]}, MODEL)
+    assert req.body["max_tokens"] == DEFAULT_MAX_TOKENS
+    assert req.dropped == [f"max_tokens not given: {DEFAULT_MAX_TOKENS} sent"]
+    legacy = {
+        "model": "m",
+        "max_tokens": 77,
+        "stop": ["a", "b"],
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    assert translate_request(legacy, MODEL).body["max_tokens"] == 77
+    assert translate_request(legacy, MODEL).body["stop_sequences"] == ["a", "b"]
+
+
+def test_request_tools_calls_and_parallel_results() -> None:
+    body = sdk_request(
+        model="claude-route",
+        stream=True,
+        stream_options={"include_usage": True},
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        messages=[
+            {"role": "user", "content": "list and read"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "bash", "arguments": '{"command":"ls"}'},
+                    },
+                    {
+                        "id": "call_2",
+                        "type": "function",
+                        "function": {"name": "read_file", "arguments": ""},
+                    },
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "a.txt"},
+            {
+                "role": "tool",
+                "tool_call_id": "call_2",
+                "content": [{"type": "text", "text": "hello"}],
+            },
+            {"role": "user", "content": "thanks"},
+        ],
+    )
+    req = translate_request(body, MODEL)
+    assert req.stream and req.include_usage
+    assert req.body["stream"] is True
+    assert req.body["tools"] == [
+        {
+            "name": "bash",
+            "description": "Run a shell command",
+            "input_schema": TOOLS[0]["function"]["parameters"],
+        },
+        {"name": "read_file", "input_schema": {"type": "object"}},
+    ]
+    assert req.body["tool_choice"] == {"type": "any", "disable_parallel_tool_use": True}
+    assert req.body["messages"][1:] == [
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "tool_use", "id": "call_1", "name": "bash", "input": {"command": "ls"}},
+                {"type": "tool_use", "id": "call_2", "name": "read_file", "input": {}},
+            ],
+        },
+        # Both results in one user turn, before the text that follows them.
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "call_1", "content": "a.txt"},
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "call_2",
+                    "content": [{"type": "text", "text": "hello"}],
+                },
+                {"type": "text", "text": "thanks"},
+            ],
+        },
+    ]
+
+
+@pytest.mark.parametrize(
+    ("choice", "parallel", "expected"),
+    [
+        ("auto", None, {"type": "auto"}),
+        ("none", None, {"type": "none"}),
+        (
+            {"type": "function", "function": {"name": "bash"}},
+            None,
+            {"type": "tool", "name": "bash"},
+        ),
+        (None, False, {"type": "auto", "disable_parallel_tool_use": True}),
+        (None, True, None),
+    ],
+)
+def test_request_tool_choice(choice: object, parallel: object, expected: JSON | None) -> None:
+    body: JSON = {
+        "model": "m",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": "x"}],
+        "tools": TOOLS,
+    }
+    if choice is not None:
+        body["tool_choice"] = choice
+    if parallel is not None:
+        body["parallel_tool_calls"] = parallel
+    assert translate_request(body, MODEL).body.get("tool_choice") == expected
+
+
+def test_request_structured_output_and_strict_tools() -> None:
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
+    body = sdk_request(
+        model="m",
+        max_tokens=10,
+        messages=[{"role": "user", "content": "json"}],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": schema, "strict": True},
+        },
+        tools=[
+            {"type": "function", "function": {"name": "f", "parameters": schema, "strict": True}}
+        ],
+    )
+    out = translate_request(body, MODEL).body
+    assert out["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+    assert out["tools"] == [{"name": "f", "input_schema": schema, "strict": True}]
+    text = {**body, "response_format": {"type": "text"}}
+    assert "output_config" not in translate_request(text, MODEL).body
+
+
+@pytest.mark.parametrize(
+    ("effort", "max_tokens", "thinking", "note"),
+    [
+        ("low", 8000, {"type": "enabled", "budget_tokens": 1024}, None),
+        ("medium", 8000, {"type": "enabled", "budget_tokens": 4096}, None),
+        # The budget stays below max_tokens, which includes the thinking on both APIs.
+        ("high", 8000, {"type": "enabled", "budget_tokens": 7999}, None),
+        ("high", 1000, None, "reasoning_effort: max_tokens 1000 leaves no thinking budget"),
+        ("minimal", 8000, None, "reasoning_effort=minimal: thinking off"),
+        ("none", 8000, None, None),
+    ],
+)
+def test_request_reasoning_effort(
+    effort: str, max_tokens: int, thinking: JSON | None, note: str | None
+) -> None:
+    body = sdk_request(
+        model="m",
+        max_completion_tokens=max_tokens,
+        reasoning_effort=effort,
+        messages=[{"role": "user", "content": "think"}],
+    )
+    req = translate_request(body, MODEL)
+    assert req.body.get("thinking") == thinking
+    assert req.dropped == ([note] if note else [])
+
+
+def test_request_thinking_blocks_keep_their_signature_and_none_is_made_up() -> None:
+    signed = {"type": "thinking", "thinking": "let me see", "signature": "EqQBCkYIBRgCIkD"}
+    body = {
+        "model": "m",
+        "max_tokens": 5000,
+        "messages": [
+            {"role": "user", "content": "q"},
+            {
+                "role": "assistant",
+                "content": "a",
+                "reasoning_content": "let me see",
+                "thinking_blocks": [signed, {"type": "redacted_thinking", "data": "EmwKAhgB"}],
+            },
+            {"role": "user", "content": "q2"},
+            {"role": "assistant", "content": "b", "reasoning_content": "unsigned"},
+            {"role": "user", "content": "q3"},
+        ],
+    }
+    req = translate_request(body, MODEL)
+    assert req.body["messages"][1]["content"] == [
+        signed,
+        {"type": "redacted_thinking", "data": "EmwKAhgB"},
+        {"type": "text", "text": "a"},
+    ]
+    assert req.body["messages"][3]["content"] == [{"type": "text", "text": "b"}]
+    assert req.dropped == ["messages[3].reasoning_content: no signature"]
+
+
+def test_request_harmless_fields_dropped_and_noted() -> None:
+    body = sdk_request(
+        model="m",
+        max_tokens=5,
+        messages=[{"role": "user", "content": "x", "name": "alice"}],
+        user="u-42",
+        metadata={"k": "v"},
+        store=False,
+        seed=7,
+        n=1,
+        presence_penalty=0,
+        logprobs=False,
+        stream=True,
+        stream_options={"include_usage": False, "include_obfuscation": False},
+    )
+    req = translate_request(body, MODEL)
+    assert req.body["metadata"] == {"user_id": "u-42"}
+    assert not req.include_usage
+    assert sorted(req.dropped) == sorted(
+        [
+            "messages[0].name",
+            "metadata",
+            "store",
+            "seed",
+            "n",
+            "presence_penalty",
+            "logprobs",
+            "stream_options.include_obfuscation",
+        ]
+    )
+
+
+USER = [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+        ({"logit_bias": {"50256": -100}}, "logit_bias"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"some_vendor_field": 1}, "some_vendor_field"),
+        ({"response_format": {"type": "json_object"}}, "response_format.type"),
+        ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+        ({"tool_choice": {"type": "custom", "custom": {"name": "x"}}}, "tool_choice"),
+        ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0].type"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "function", "name": "f", "content": "x"}]}, "messages[0].role"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[0].type",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "file", "file": {"file_id": "file-1"}}]}
+                ]
+            },
+            "messages[0].content[0].file",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[0].image_url",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": "c",
+                                "type": "function",
+                                "function": {"name": "f", "arguments": "[1]"},
+                            }
+                        ],
+                    }
+                ]
+            },
+            "messages[0].tool_calls[0].function.arguments",
+        ),
+    ],
+)
+def test_request_refuses_what_anthropic_cannot_express(body: JSON, param: str) -> None:
+    with pytest.raises(TranslationError) as caught:
+        translate_request({"model": "m", "messages": USER, **body}, MODEL)
+    err = caught.value
+    assert err.status == 400 and err.param == param
+    assert param.split("[")[0].split(".")[0] in err.message
+    # The refusal reaches the client in its own envelope: the SDK names the param.
+    client = openai.OpenAI(
+        base_url="http://gw.test/v1",
+        api_key="x",
+        max_retries=0,
+        http_client=httpx2.Client(
+            transport=httpx2.MockTransport(
+                lambda r: httpx2.Response(err.status, content=err.client_body())
+            )
+        ),
+    )
+    with pytest.raises(openai.BadRequestError) as sdk_err:
+        client.chat.completions.create(model="m", messages=USER)  # type: ignore[arg-type]
+    assert sdk_err.value.param == param
+    assert sdk_err.value.message.endswith(err.message)
