@@ -20,12 +20,13 @@ from tvgate.translate.chat_to_anthropic import (
     DEFAULT_MAX_TOKENS,
     TranslationError,
     translate_request,
+    translate_response,
 )
 
 JSON = dict[str, Any]
 MODEL = "claude-sonnet-4-6"
 IMAGE = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYAAAAAMAASsJTYQAAAAASUVORK5CYII="
-TOOLS = [
+TOOLS: list[JSON] = [
     {
         "type": "function",
         "function": {
@@ -40,6 +41,20 @@ TOOLS = [
     },
     {"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}},
 ]
+
+
+def sdk_client(status: int, body: bytes, content_type: str = "application/json") -> openai.OpenAI:
+    """An openai SDK client whose every call is answered with ``body``."""
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(status, headers={"content-type": content_type}, content=body)
+
+    return openai.OpenAI(
+        base_url="http://gw.test/v1",
+        api_key="x",
+        max_retries=0,
+        http_client=httpx2.Client(transport=httpx2.MockTransport(handler)),
+    )
 
 
 def sdk_request(**kwargs: Any) -> JSON:
@@ -444,17 +459,150 @@ def test_request_refuses_what_anthropic_cannot_express(body: JSON, param: str) -
     assert err.status == 400 and err.param == param
     assert param.split("[")[0].split(".")[0] in err.message
     # The refusal reaches the client in its own envelope: the SDK names the param.
-    client = openai.OpenAI(
-        base_url="http://gw.test/v1",
-        api_key="x",
-        max_retries=0,
-        http_client=httpx2.Client(
-            transport=httpx2.MockTransport(
-                lambda r: httpx2.Response(err.status, content=err.client_body())
-            )
-        ),
-    )
+    client = sdk_client(err.status, err.client_body())
     with pytest.raises(openai.BadRequestError) as sdk_err:
         client.chat.completions.create(model="m", messages=USER)  # type: ignore[arg-type]
     assert sdk_err.value.param == param
     assert sdk_err.value.message.endswith(err.message)
+
+
+# --- response -----------------------------------------------------------------------
+
+SIGNATURE = "EqQBCkYIBRgCIkDSxT1hvYrFyA5D"
+USAGE = {
+    "input_tokens": 12,
+    "cache_creation_input_tokens": 100,
+    "cache_read_input_tokens": 2000,
+    "output_tokens": 40,
+    "service_tier": "standard",
+}
+CHAT_USAGE = {
+    "prompt_tokens": 2112,
+    "completion_tokens": 40,
+    "total_tokens": 2152,
+    "prompt_tokens_details": {"cached_tokens": 2000, "cache_write_tokens": 100},
+}
+
+
+def anthropic_message(content: list[JSON], stop_reason: str = "end_turn") -> JSON:
+    return {
+        "id": "msg_01XFDUDYJgAACzvnptvVoYEL",
+        "type": "message",
+        "role": "assistant",
+        "model": MODEL,
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": None,
+        "usage": USAGE,
+    }
+
+
+def test_response_text_thinking_and_parallel_tool_calls() -> None:
+    message = anthropic_message(
+        [
+            {"type": "thinking", "thinking": "Two calls.", "signature": SIGNATURE},
+            {"type": "text", "text": "Running "},
+            {"type": "text", "text": "both."},
+            {"type": "tool_use", "id": "toolu_01A", "name": "bash", "input": {"command": "ls"}},
+            {"type": "tool_use", "id": "toolu_01B", "name": "read_file", "input": {}},
+        ],
+        "tool_use",
+    )
+    dropped: list[str] = []
+    out = translate_response(message, dropped)
+    assert out["id"] == message["id"] and out["model"] == MODEL
+    assert out["object"] == "chat.completion" and isinstance(out["created"], int)
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"] == {
+        "role": "assistant",
+        "content": "Running both.",
+        "refusal": None,
+        "tool_calls": [
+            {
+                "id": "toolu_01A",
+                "type": "function",
+                "function": {"name": "bash", "arguments": '{"command":"ls"}'},
+            },
+            {
+                "id": "toolu_01B",
+                "type": "function",
+                "function": {"name": "read_file", "arguments": "{}"},
+            },
+        ],
+        "reasoning_content": "Two calls.",
+        "thinking_blocks": [{"type": "thinking", "thinking": "Two calls.", "signature": SIGNATURE}],
+    }
+    # Usage from Anthropic's own figures: OpenAI's prompt_tokens include the cached ones.
+    assert out["usage"] == CHAT_USAGE
+    assert dropped == []
+
+    # The SDK reads it as a ChatCompletion, tool calls and all.
+    client = sdk_client(200, orjson.dumps(out))
+    completion = client.chat.completions.create(model="m", messages=USER)  # type: ignore[arg-type]
+    calls = completion.choices[0].message.tool_calls or []
+    assert [(c.id, c.function.name, orjson.loads(c.function.arguments)) for c in calls] == [  # type: ignore[union-attr]
+        ("toolu_01A", "bash", {"command": "ls"}),
+        ("toolu_01B", "read_file", {}),
+    ]
+    assert completion.usage is not None and completion.usage.prompt_tokens_details is not None
+    assert completion.usage.prompt_tokens_details.cached_tokens == 2000
+
+    # A signed thinking block goes back to Anthropic as it came.
+    history = {"model": "m", "max_tokens": 9, "messages": [*USER, choice["message"]]}
+    sent = translate_request(history, MODEL).body["messages"][1]["content"][0]
+    assert sent == message["content"][0]
+
+
+@pytest.mark.parametrize(
+    ("stop_reason", "finish_reason"),
+    [
+        ("end_turn", "stop"),
+        ("stop_sequence", "stop"),
+        ("max_tokens", "length"),
+        ("tool_use", "tool_calls"),
+        ("refusal", "content_filter"),
+        ("model_context_window_exceeded", "length"),
+        ("pause_turn", "stop"),
+    ],
+)
+def test_response_finish_reasons(stop_reason: str, finish_reason: str) -> None:
+    dropped: list[str] = []
+    out = translate_response(
+        anthropic_message([{"type": "text", "text": "x"}], stop_reason), dropped
+    )
+    assert out["choices"][0]["finish_reason"] == finish_reason
+    assert dropped == (["stop_reason: pause_turn"] if stop_reason == "pause_turn" else [])
+
+
+def test_response_what_chat_cannot_carry_is_noted() -> None:
+    message = anthropic_message(
+        [
+            {"type": "redacted_thinking", "data": "EmwKAhgB"},
+            {
+                "type": "server_tool_use",
+                "id": "srvtoolu_1",
+                "name": "web_search",
+                "input": {"query": "q"},
+            },
+            {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []},
+            {
+                "type": "text",
+                "text": "Found.",
+                "citations": [{"type": "web_search_result_location", "url": "https://x.test"}],
+            },
+        ]
+    )
+    dropped: list[str] = []
+    out = translate_response(message, dropped)
+    assert out["choices"][0]["message"]["content"] == "Found."
+    assert out["choices"][0]["message"]["thinking_blocks"] == [
+        {"type": "redacted_thinking", "data": "EmwKAhgB"}
+    ]
+    assert dropped == [
+        "content: server_tool_use block",
+        "content: web_search_tool_result block",
+        "content: citations",
+    ]
+    empty = translate_response(anthropic_message([], "end_turn"))
+    assert empty["choices"][0]["message"]["content"] is None
