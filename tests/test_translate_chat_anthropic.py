@@ -9,15 +9,20 @@ the client here; the upstream is the fake.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import httpx2
 import openai
 import orjson
 import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletionMessageParam
 
+from tvgate.providers.assemble import OPENAI_CHAT, stream_assembler
 from tvgate.translate.chat_to_anthropic import (
     DEFAULT_MAX_TOKENS,
+    StreamTranslator,
     TranslationError,
     translate_request,
     translate_response,
@@ -379,6 +384,7 @@ def test_request_harmless_fields_dropped_and_noted() -> None:
 
 
 USER = [{"role": "user", "content": "x"}]
+CHAT_USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "x"}]
 
 
 @pytest.mark.parametrize(
@@ -461,7 +467,7 @@ def test_request_refuses_what_anthropic_cannot_express(body: JSON, param: str) -
     # The refusal reaches the client in its own envelope: the SDK names the param.
     client = sdk_client(err.status, err.client_body())
     with pytest.raises(openai.BadRequestError) as sdk_err:
-        client.chat.completions.create(model="m", messages=USER)  # type: ignore[arg-type]
+        client.chat.completions.create(model="m", messages=CHAT_USER)
     assert sdk_err.value.param == param
     assert sdk_err.value.message.endswith(err.message)
 
@@ -539,7 +545,7 @@ def test_response_text_thinking_and_parallel_tool_calls() -> None:
 
     # The SDK reads it as a ChatCompletion, tool calls and all.
     client = sdk_client(200, orjson.dumps(out))
-    completion = client.chat.completions.create(model="m", messages=USER)  # type: ignore[arg-type]
+    completion = client.chat.completions.create(model="m", messages=CHAT_USER)
     calls = completion.choices[0].message.tool_calls or []
     assert [(c.id, c.function.name, orjson.loads(c.function.arguments)) for c in calls] == [  # type: ignore[union-attr]
         ("toolu_01A", "bash", {"command": "ls"}),
@@ -606,3 +612,194 @@ def test_response_what_chat_cannot_carry_is_noted() -> None:
     ]
     empty = translate_response(anthropic_message([], "end_turn"))
     assert empty["choices"][0]["message"]["content"] is None
+
+
+# --- stream -------------------------------------------------------------------------
+
+
+def sse(events: Iterable[JSON]) -> bytes:
+    """Anthropic's wire format: ``event: <type>`` then the JSON."""
+    return b"".join(
+        b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n" for e in events
+    )
+
+
+def block(index: int, content_block: JSON, deltas: Iterable[JSON]) -> list[JSON]:
+    return [
+        {"type": "content_block_start", "index": index, "content_block": content_block},
+        *({"type": "content_block_delta", "index": index, "delta": d} for d in deltas),
+        {"type": "content_block_stop", "index": index},
+    ]
+
+
+START = {
+    "type": "message_start",
+    "message": {
+        **anthropic_message([], "end_turn"),
+        "stop_reason": None,
+        "usage": {**USAGE, "output_tokens": 1},
+    },
+}
+THINKING = block(
+    0,
+    {"type": "thinking", "thinking": "", "signature": ""},
+    [
+        {"type": "thinking_delta", "thinking": "Two "},
+        {"type": "thinking_delta", "thinking": "calls."},
+        {"type": "signature_delta", "signature": SIGNATURE},
+    ],
+)
+TEXT = block(
+    1,
+    {"type": "text", "text": ""},
+    [{"type": "text_delta", "text": "Running "}, {"type": "text_delta", "text": "both ✓."}],
+)
+TOOLS_USED = block(
+    2,
+    {"type": "tool_use", "id": "toolu_01A", "name": "bash", "input": {}},
+    [
+        {"type": "input_json_delta", "partial_json": ""},
+        {"type": "input_json_delta", "partial_json": '{"comm'},
+        {"type": "input_json_delta", "partial_json": 'and": "ls -l"}'},
+    ],
+) + block(
+    3,
+    {"type": "tool_use", "id": "toolu_01B", "name": "read_file", "input": {}},
+    [{"type": "input_json_delta", "partial_json": '{"path": "a.txt"}'}],
+)
+END: list[JSON] = [
+    {
+        "type": "message_delta",
+        "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+        "usage": {**USAGE, "output_tokens": 40},
+    },
+    {"type": "message_stop"},
+]
+PING = {"type": "ping"}
+TOOL_STREAM = sse([START, *THINKING[:1], PING, *THINKING[1:], *TEXT, *TOOLS_USED, *END])
+
+
+def translate_stream(
+    body: bytes, chunk_size: int | None = None, include_usage: bool = True
+) -> tuple[bytes, list[str]]:
+    tr = StreamTranslator(include_usage=include_usage)
+    step = chunk_size or len(body)
+    out = b"".join(tr.feed(body[i : i + step]) for i in range(0, len(body), step))
+    return out + tr.finish(), tr.dropped
+
+
+def sdk_stream(body: bytes) -> Any:
+    client = sdk_client(200, body, "text/event-stream")
+    with client.chat.completions.stream(model="m", messages=USER) as stream:  # type: ignore[arg-type]
+        return stream.get_final_completion()
+
+
+def test_stream_tool_calls_parsed_by_the_sdk_accumulator() -> None:
+    out, dropped = translate_stream(TOOL_STREAM)
+    # Split anywhere (inside "✓" too), the stream translates to the same bytes.
+    assert translate_stream(TOOL_STREAM, 1)[0] == out
+    assert translate_stream(TOOL_STREAM, 7)[0] == out
+    assert dropped == ["thinking signature (stream)"]
+    assert out.endswith(b"data: [DONE]\n\n")
+    assert b": ping\n\n" in out
+
+    completion = sdk_stream(out)
+    assert completion.id == "msg_01XFDUDYJgAACzvnptvVoYEL" and completion.model == MODEL
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Running both ✓."
+    calls = choice.message.tool_calls
+    assert [(c.id, c.function.name, orjson.loads(c.function.arguments)) for c in calls] == [
+        ("toolu_01A", "bash", {"command": "ls -l"}),
+        ("toolu_01B", "read_file", {"path": "a.txt"}),
+    ]
+    # The usage chunk carries Anthropic's final figures, cache reads and writes.
+    assert completion.usage.model_dump(exclude_none=True) == CHAT_USAGE
+
+    # create(stream=True) chunk by chunk through the SDK's own state.
+    state = ChatCompletionStreamState()
+    reasoning = []
+    client = sdk_client(200, out, "text/event-stream")
+    stream = client.chat.completions.create(model="m", messages=CHAT_USER, stream=True)
+    for chunk in stream:
+        state.handle_chunk(chunk)
+        for c in chunk.choices:
+            reasoning.append((c.delta.model_extra or {}).get("reasoning_content", ""))
+    assert "".join(reasoning) == "Two calls."
+    final = state.get_final_completion()
+    assert final.choices[0].message.tool_calls == calls
+
+    # tvgate's own trace assembler reads the client's stream with the same figures.
+    asm = stream_assembler(OPENAI_CHAT)
+    asm.feed(out)
+    assembled = asm.finish()
+    assert assembled.complete and assembled.stop_reason == "tool_calls"
+    assert (assembled.usage.input_tokens, assembled.usage.output_tokens) == (2112, 40)
+    assert (assembled.usage.cache_read_tokens, assembled.usage.cache_write_tokens) == (2000, 100)
+
+
+def test_stream_is_incremental() -> None:
+    """Each event is sent on as soon as it is complete; a partial one is held."""
+    tr = StreamTranslator()
+    head = sse([START, *TEXT[:2]])
+    first = tr.feed(head[:-5])
+    assert b'"role":"assistant"' in first and b"Running" not in first
+    assert tr.feed(head[-5:]).startswith(b'data: {"id":"msg_01')
+    assert b'"content":"both \xe2\x9c\x93."' in tr.feed(sse(TEXT[2:3]))
+
+
+def test_stream_usage_only_when_asked() -> None:
+    out, _ = translate_stream(TOOL_STREAM, include_usage=False)
+    assert b'"usage"' not in out
+    assert sdk_stream(out).usage is None
+    lines = [line for line in translate_stream(TOOL_STREAM)[0].split(b"\n\n") if b'"usage"' in line]
+    assert len(lines) == 1 and b'"choices":[]' in lines[0]
+
+
+def test_stream_anthropic_error_event_mid_stream_reaches_the_sdk() -> None:
+    error = {
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": "Overloaded"},
+        "request_id": "req_011CSHoEeqs5C35K2UUqR7Fy",
+    }
+    body = sse([START, *TEXT[:2], error, *TEXT[2:], *END])
+    out, _ = translate_stream(body, 5)
+    assert b"[DONE]" not in out and b"both" not in out
+    assert out.endswith(
+        b'data: {"error":{"message":"Overloaded","type":"overloaded_error","param":null,'
+        b'"code":"overloaded_error"}}\n\n'
+    )
+    with pytest.raises(openai.APIError, match="Overloaded"):
+        sdk_stream(out)
+
+
+def test_stream_upstream_failure_and_early_end_are_in_band_errors() -> None:
+    tr = StreamTranslator()
+    partial = tr.feed(sse([START, *TEXT[:2]]))
+    failed = tr.error("upstream connection reset")
+    assert tr.error("again") == b"" and tr.feed(sse(TEXT[2:])) == b"" and tr.finish() == b""
+    with pytest.raises(openai.APIError, match="upstream connection reset"):
+        sdk_stream(partial + failed)
+
+    cut = StreamTranslator()
+    out = cut.feed(sse([START, *TEXT])[:-3]) + cut.finish()
+    with pytest.raises(openai.APIError, match="ended before message_stop"):
+        sdk_stream(out)
+
+
+def test_stream_finish_reasons_and_skipped_blocks() -> None:
+    server_tool = block(
+        0,
+        {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}},
+        [{"type": "input_json_delta", "partial_json": '{"query": "q"}'}],
+    )
+    end = [{**END[0], "delta": {"stop_reason": "max_tokens", "stop_sequence": None}}, END[1]]
+    out, dropped = translate_stream(sse([START, *server_tool, *TEXT, *end]))
+    # The SDK's stream helper refuses a cut-off answer, and keeps it on the error.
+    with pytest.raises(openai.LengthFinishReasonError) as cut:
+        sdk_stream(out)
+    completion = cut.value.completion
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.choices[0].message.content == "Running both ✓."
+    assert not completion.choices[0].message.tool_calls
+    assert dropped == ["content: server_tool_use block"]
