@@ -16,6 +16,8 @@ import httpx2
 import openai
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionMessageParam
 
@@ -24,6 +26,7 @@ from tvgate.translate.chat_to_anthropic import (
     DEFAULT_MAX_TOKENS,
     StreamTranslator,
     TranslationError,
+    translate_error,
     translate_request,
     translate_response,
 )
@@ -803,3 +806,236 @@ def test_stream_finish_reasons_and_skipped_blocks() -> None:
     assert completion.choices[0].message.content == "Running both ✓."
     assert not completion.choices[0].message.tool_calls
     assert dropped == ["content: server_tool_use block"]
+
+
+# --- errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "message", "sdk_error"),
+    [
+        (
+            400,
+            "invalid_request_error",
+            "messages.1: tool_use ids must be unique",
+            openai.BadRequestError,
+        ),
+        (401, "authentication_error", "invalid x-api-key", openai.AuthenticationError),
+        (
+            429,
+            "rate_limit_error",
+            "Number of request tokens has exceeded your rate limit",
+            openai.RateLimitError,
+        ),
+        (529, "overloaded_error", "Overloaded", openai.InternalServerError),
+    ],
+)
+def test_error_envelope_keeps_the_provider_message(
+    status: int, kind: str, message: str, sdk_error: type[openai.APIStatusError]
+) -> None:
+    upstream = orjson.dumps(
+        {"type": "error", "error": {"type": kind, "message": message}, "request_id": "req_011CS"}
+    )
+    out_status, out = translate_error(status, upstream)
+    assert out_status == status
+    assert orjson.loads(out) == {
+        "error": {"message": message, "type": kind, "param": None, "code": kind}
+    }
+    with pytest.raises(sdk_error) as caught:
+        sdk_client(out_status, out).chat.completions.create(model="m", messages=CHAT_USER)
+    assert caught.value.status_code == status and caught.value.code == kind
+    assert caught.value.message.endswith(message)
+
+
+def test_error_that_is_not_anthropics_envelope_keeps_its_text() -> None:
+    status, out = translate_error(502, b"<html><body>502 Bad Gateway</body></html>\n")
+    assert status == 502
+    assert orjson.loads(out)["error"] == {
+        "message": "<html><body>502 Bad Gateway</body></html>",
+        "type": "api_error",
+        "param": None,
+        "code": "api_error",
+    }
+    assert orjson.loads(translate_error(500, b"")[1])["error"]["message"] == "upstream error"
+
+
+# --- there and back -----------------------------------------------------------------
+
+
+def chat_from_anthropic(body: JSON) -> JSON:
+    """The reverse mapping (Messages to Chat) of every field both APIs have."""
+    messages: list[JSON] = [
+        {"role": "system", "content": b["text"]} for b in body.get("system", ())
+    ]
+    for turn in body["messages"]:
+        blocks = turn["content"]
+        if turn["role"] == "assistant":
+            text = "".join(b["text"] for b in blocks if b["type"] == "text")
+            msg: JSON = {"role": "assistant", "content": text or None}
+            calls = [
+                {
+                    "id": b["id"],
+                    "type": "function",
+                    "function": {"name": b["name"], "arguments": orjson.dumps(b["input"]).decode()},
+                }
+                for b in blocks
+                if b["type"] == "tool_use"
+            ]
+            if calls:
+                msg["tool_calls"] = calls
+            messages.append(msg)
+            continue
+        parts: list[JSON] = []
+        for b in blocks:
+            if b["type"] == "tool_result":
+                messages.append(
+                    {"role": "tool", "tool_call_id": b["tool_use_id"], "content": b["content"]}
+                )
+            elif b["type"] == "text":
+                parts.append({"type": "text", "text": b["text"]})
+            else:
+                src = b["source"]
+                url = (
+                    src["url"]
+                    if src["type"] == "url"
+                    else f"data:{src['media_type']};base64,{src['data']}"
+                )
+                parts.append({"type": "image_url", "image_url": {"url": url}})
+        if parts:
+            messages.append({"role": "user", "content": parts})
+    out: JSON = {"messages": messages, "max_completion_tokens": body["max_tokens"]}
+    for key in ("temperature", "top_p", "stream"):
+        if key in body:
+            out[key] = body[key]
+    if "stop_sequences" in body:
+        out["stop"] = body["stop_sequences"]
+    if "tools" in body:
+        out["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t["name"],
+                    **({"description": t["description"]} if "description" in t else {}),
+                    "parameters": t["input_schema"],
+                },
+            }
+            for t in body["tools"]
+        ]
+    choice = dict(body.get("tool_choice", {}))
+    if choice.pop("disable_parallel_tool_use", False):
+        out["parallel_tool_calls"] = False
+    if choice:
+        kind = choice["type"]
+        out["tool_choice"] = (
+            {"type": "function", "function": {"name": choice["name"]}}
+            if kind == "tool"
+            else {"any": "required"}.get(kind, kind)
+        )
+    return out
+
+
+texts = st.text(min_size=1, max_size=12)
+names = st.from_regex(r"[a-z_]{1,10}", fullmatch=True)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-1000, 1000) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(names, inner, max_size=3),
+    max_leaves=6,
+)
+image_parts = st.builds(
+    lambda url: {"type": "image_url", "image_url": {"url": url}},
+    st.sampled_from(["https://x.test/a.png", IMAGE, "data:image/jpeg;base64,/9j/4AAQ"]),
+)
+user_content = st.lists(
+    st.builds(lambda t: {"type": "text", "text": t}, texts) | image_parts, min_size=1, max_size=3
+)
+
+
+@st.composite
+def chat_requests(draw: st.DrawFn) -> JSON:
+    messages: list[JSON] = [
+        {"role": "system", "content": t} for t in draw(st.lists(texts, max_size=2))
+    ]
+    pending: list[str] = []
+    for turn in range(draw(st.integers(1, 4))):
+        for call_id in pending:
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": draw(texts)})
+        if not pending or draw(st.booleans()):
+            messages.append({"role": "user", "content": draw(user_content)})
+        calls: list[JSON] = [
+            {
+                "id": f"call_{turn}_{k}",
+                "type": "function",
+                "function": {
+                    "name": draw(names),
+                    "arguments": orjson.dumps(
+                        draw(st.dictionaries(names, json_values, max_size=3))
+                    ).decode(),
+                },
+            }
+            for k in range(draw(st.integers(0, 2)))
+        ]
+        assistant: JSON = {
+            "role": "assistant",
+            "content": draw(texts) if not calls or draw(st.booleans()) else None,
+        }
+        if calls:
+            assistant["tool_calls"] = calls
+        messages.append(assistant)
+        pending = [c["id"] for c in calls]
+    for call_id in pending:
+        messages.append({"role": "tool", "tool_call_id": call_id, "content": draw(texts)})
+    body: JSON = {"messages": messages, "max_completion_tokens": draw(st.integers(1, 64000))}
+    optional = {
+        "temperature": st.floats(0, 1),
+        "top_p": st.floats(0, 1),
+        "stop": st.lists(texts, min_size=1, max_size=3),
+        "stream": st.just(True),
+        "parallel_tool_calls": st.just(False),
+        "tool_choice": st.sampled_from(
+            ["auto", "none", "required", {"type": "function", "function": {"name": "tool_a"}}]
+        ),
+        "tools": st.lists(
+            st.builds(
+                lambda name, desc, props: {
+                    "type": "function",
+                    "function": {
+                        "name": name,
+                        **({"description": desc} if desc else {}),
+                        "parameters": {"type": "object", "properties": props},
+                    },
+                },
+                names,
+                st.text(max_size=10),
+                st.dictionaries(names, st.just({"type": "string"}), max_size=2),
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+    }
+    for key, strategy in optional.items():
+        if draw(st.booleans()):
+            body[key] = draw(strategy)
+    if body.get("tool_choice") == "none":
+        body.pop("parallel_tool_calls", None)
+    return body
+
+
+def canonical(body: JSON) -> JSON:
+    """Tool call arguments compared as JSON values, not as their spelling; "auto" is
+    the tool_choice of a request that names none, on both APIs."""
+    out = orjson.loads(orjson.dumps(body))
+    if out.get("tool_choice") == "auto":
+        del out["tool_choice"]
+    for msg in out["messages"]:
+        for call in msg.get("tool_calls", ()):
+            call["function"]["arguments"] = orjson.loads(call["function"]["arguments"])
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(chat_requests())
+def test_request_there_and_back_keeps_every_shared_field(body: JSON) -> None:
+    req = translate_request({"model": "gpt-route", **body}, MODEL)
+    assert req.body["model"] == MODEL
+    assert req.dropped == []
+    assert canonical(chat_from_anthropic(req.body)) == canonical(body)
