@@ -406,6 +406,9 @@ CHAT_USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "x"}]
         ({"tool_choice": {"type": "custom", "custom": {"name": "x"}}}, "tool_choice"),
         ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0].type"),
         ({"max_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": -1}, "max_completion_tokens"),
+        ({"stop": 5}, "stop"),
+        ({"reasoning_effort": ["high"]}, "reasoning_effort"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "function", "name": "f", "content": "x"}]}, "messages[0].role"),
         (
@@ -1039,3 +1042,145 @@ def test_request_there_and_back_keeps_every_shared_field(body: JSON) -> None:
     assert req.body["model"] == MODEL
     assert req.dropped == []
     assert canonical(chat_from_anthropic(req.body)) == canonical(body)
+
+
+# --- what a member's own server (or client) may send ----------------------------------
+
+EVENT_TYPES = [
+    "message_start",
+    "content_block_start",
+    "content_block_delta",
+    "content_block_stop",
+    "message_delta",
+    "message_stop",
+    "ping",
+    "error",
+]
+anything = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                ["type", "index", "delta", "text", "partial_json", "message", "usage", "error"]
+            ),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=10,
+)
+events = st.lists(
+    st.builds(
+        lambda kind, rest: {**rest, "type": kind},
+        st.sampled_from(EVENT_TYPES),
+        st.dictionaries(
+            st.sampled_from(["index", "delta", "content_block", "message", "usage", "error"]),
+            anything,
+            max_size=3,
+        ),
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events, st.integers(1, 40))
+def test_stream_of_any_shape_never_raises_and_stays_sse(evs: list[JSON], chunk_size: int) -> None:
+    body = sse([START, *evs])
+    out, _ = translate_stream(body, chunk_size)
+    assert out.endswith(b"\n\n")
+    for event in out[:-2].split(b"\n\n"):
+        assert event.startswith((b"data: ", b": ping"))
+        if event.startswith(b"data: {"):
+            orjson.loads(event[6:])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from(["content", "usage", "stop_reason", "id", "model"]), anything)
+)
+def test_response_of_any_shape_never_raises(body: JSON) -> None:
+    out = translate_response(body)
+    assert out["object"] == "chat.completion"
+    orjson.dumps(out)
+
+
+any_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool", "function"])},
+    optional={
+        "content": anything
+        | st.lists(
+            st.fixed_dictionaries(
+                {"type": st.sampled_from(["text", "image_url", "file", "refusal", "x"])},
+                optional={"text": anything, "image_url": anything, "file": anything},
+            ),
+            max_size=3,
+        ),
+        "tool_calls": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "type": st.just("function"),
+                    "function": st.fixed_dictionaries(
+                        {}, optional={"name": anything, "arguments": anything | st.just('{"a": 1}')}
+                    ),
+                },
+                optional={"id": anything},
+            ),
+            max_size=2,
+        )
+        | anything,
+        "tool_call_id": anything,
+        "thinking_blocks": anything,
+        "reasoning_content": anything,
+    },
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "tools",
+                "tool_choice",
+                "max_tokens",
+                "reasoning_effort",
+                "response_format",
+                "stop",
+                "parallel_tool_calls",
+                "stream_options",
+                "user",
+            ]
+        ),
+        anything,
+        max_size=2,
+    ),
+    st.lists(any_message, min_size=1, max_size=4),
+)
+def test_request_of_any_shape_is_translated_or_refused(body: JSON, messages: object) -> None:
+    try:
+        orjson.dumps(translate_request({**body, "messages": messages}, MODEL).body)
+    except TranslationError as err:
+        assert err.param and err.message
+
+
+def test_stream_translator_for_request_shares_the_request_notes() -> None:
+    body = {
+        "model": "m",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "seed": 1,
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": IMAGE}]}],
+    }
+    req = translate_request(body, MODEL)
+    # The URL alone, as some clients send it, is an image too.
+    assert req.body["messages"][0]["content"][0]["source"]["type"] == "base64"
+    tr = StreamTranslator.for_request(req)
+    out = tr.feed(TOOL_STREAM) + tr.finish()
+    assert out.count(b'"usage"') == 1
+    assert req.dropped == [
+        "seed",
+        f"max_tokens not given: {DEFAULT_MAX_TOKENS} sent",
+        "thinking signature (stream)",
+    ]

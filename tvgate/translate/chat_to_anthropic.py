@@ -22,6 +22,14 @@ Usage comes from Anthropic's own figures: ``prompt_tokens`` is input plus cache 
 plus cache write (OpenAI's includes cached tokens, Anthropic's ``input_tokens`` does
 not), with ``cached_tokens`` and ``cache_write_tokens`` in ``prompt_tokens_details``.
 
+The module is longer than most (~800 lines) because it is one idea, the mapping
+between two APIs: the four phases share their rules (finish reasons, usage, tool
+calls, the error envelope), and a rule lives in one place for all of them.
+
+Answers may come from a member's own server, so the response and stream phases never
+raise on a wrong shape (a field of the wrong type counts as absent), and the request
+phase raises nothing but :class:`TranslationError`.
+
 The stream phase is on the proxy's hot path: events are found by
 :class:`tvgate.traces.sse.SSEParser`, each event's JSON is parsed once, and a text
 delta is written by splicing its JSON string into a prefix built once per stream.
@@ -159,14 +167,13 @@ def translate_request(
         out["system"] = system
     out["messages"] = turns
 
-    max_tokens = body.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_tokens")
+    limit = "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
+    max_tokens = body.get(limit)
     if max_tokens is None:
         max_tokens = default_max_tokens
         dropped.append(f"max_tokens not given: {default_max_tokens} sent")
     elif not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise TranslationError("max_tokens", "max_tokens must be a positive integer")
+        raise TranslationError(limit, f"{limit} must be a positive integer")
     out["max_tokens"] = max_tokens
 
     for key in ("temperature", "top_p"):
@@ -174,7 +181,11 @@ def translate_request(
             out[key] = body[key]
     stop = body.get("stop")
     if stop is not None:
-        out["stop_sequences"] = [stop] if isinstance(stop, str) else stop
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
+            raise TranslationError("stop", "stop must be a string or an array of strings")
+        out["stop_sequences"] = stop
     stream = bool(body.get("stream"))
     if stream:
         out["stream"] = True
@@ -186,7 +197,7 @@ def translate_request(
 
     tools = body.get("tools")
     if tools:
-        out["tools"] = [_tool(i, t) for i, t in enumerate(tools)]
+        out["tools"] = [_tool(i, t) for i, t in enumerate(_list(tools, "tools"))]
     choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
     if choice is not None:
         out["tool_choice"] = choice
@@ -203,6 +214,14 @@ def translate_request(
     if isinstance(user, str) and user:
         out["metadata"] = {"user_id": user}
     return UpstreamRequest(out, stream, include_usage, dropped)
+
+
+def _list(value: object, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise TranslationError(where, f"{where} must be an array")
+    return value
 
 
 def _short(value: object) -> str:
@@ -278,12 +297,14 @@ def _user_blocks(content: object, where: str, dropped: list[str]) -> list[JSON]:
         if kind == "text":
             out.append(_text(part))
         elif kind == "image_url":
-            image = part.get("image_url") or {}
+            image = part.get("image_url")
+            # Some clients send the URL itself rather than {"url": ...}.
+            image = {"url": image} if isinstance(image, str) else _dict(image)
             if image.get("detail") not in (None, "auto"):
                 dropped.append(f"{at}.image_url.detail")
             out.append({"type": "image", "source": _source(image.get("url"), f"{at}.image_url")})
         elif kind == "file":
-            file = part.get("file") or {}
+            file = _dict(part.get("file"))
             if not file.get("file_data"):
                 raise TranslationError(f"{at}.file", f"{at}.file needs file_data on this route")
             out.append({"type": "document", "source": _source(file["file_data"], f"{at}.file")})
@@ -311,7 +332,7 @@ def _assistant_blocks(msg: JSON, where: str, dropped: list[str]) -> list[JSON]:
         if msg.get(key) is not None:
             raise TranslationError(f"{where}.{key}", f"{where}.{key} is not supported")
     out: list[JSON] = []
-    for k, block in enumerate(msg.get("thinking_blocks") or ()):
+    for k, block in enumerate(_list(msg.get("thinking_blocks"), f"{where}.thinking_blocks")):
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "thinking" and block.get("signature"):
             out.append(
@@ -347,11 +368,11 @@ def _assistant_blocks(msg: JSON, where: str, dropped: list[str]) -> list[JSON]:
                 )
     elif content is not None:
         raise TranslationError(f"{where}.content", f"{where}.content must be a string or array")
-    for k, call in enumerate(msg.get("tool_calls") or ()):
+    for k, call in enumerate(_list(msg.get("tool_calls"), f"{where}.tool_calls")):
         at = f"{where}.tool_calls[{k}]"
         if not isinstance(call, dict) or call.get("type", "function") != "function":
             raise TranslationError(f"{at}.type", f"{at}: only function tool calls are supported")
-        fn = call.get("function") or {}
+        fn = _dict(call.get("function"))
         arguments = fn.get("arguments") or "{}"
         try:
             args = orjson.loads(arguments)
@@ -380,7 +401,7 @@ def _tool_result(msg: JSON, where: str) -> JSON:
 def _tool(i: int, tool: object) -> JSON:
     if not isinstance(tool, dict) or tool.get("type") != "function":
         raise TranslationError(f"tools[{i}].type", f"tools[{i}]: only function tools are supported")
-    fn = tool.get("function") or {}
+    fn = _dict(tool.get("function"))
     out: JSON = {
         "name": fn.get("name"),
         "input_schema": fn.get("parameters") or {"type": "object", "properties": {}},
@@ -402,7 +423,7 @@ def _tool_choice(choice: object, parallel: object) -> JSON | None:
     elif choice == "required":
         out = {"type": "any"}
     elif isinstance(choice, dict) and choice.get("type") == "function":
-        out = {"type": "tool", "name": (choice.get("function") or {}).get("name")}
+        out = {"type": "tool", "name": _dict(choice.get("function")).get("name")}
     else:
         raise TranslationError("tool_choice", f"tool_choice {_short(choice)} is not supported")
     if parallel is False:
@@ -420,7 +441,7 @@ def _response_format(fmt: object) -> JSON | None:
     if kind == "text":
         return None
     if kind == "json_schema":
-        schema = (fmt.get("json_schema") or {}).get("schema")
+        schema = _dict(fmt.get("json_schema")).get("schema")
         if not isinstance(schema, dict):
             raise TranslationError(
                 "response_format.json_schema.schema",
@@ -438,11 +459,11 @@ def _thinking(effort: object, max_tokens: int, dropped: list[str]) -> JSON | Non
         if effort == "minimal":
             dropped.append("reasoning_effort=minimal: thinking off")
         return None
-    if effort not in EFFORT_BUDGET:
+    if not isinstance(effort, str) or effort not in EFFORT_BUDGET:
         raise TranslationError(
             "reasoning_effort", f"reasoning_effort {_short(effort)} is not supported"
         )
-    budget = min(EFFORT_BUDGET[str(effort)], max_tokens - 1)
+    budget = min(EFFORT_BUDGET[effort], max_tokens - 1)
     if budget < _MIN_BUDGET:
         dropped.append(f"reasoning_effort: max_tokens {max_tokens} leaves no thinking budget")
         return None
@@ -460,8 +481,9 @@ def translate_response(body: JSON, dropped: list[str] | None = None) -> JSON:
     reasoning: list[str] = []
     thinking_blocks: list[JSON] = []
     calls: list[JSON] = []
-    for block in body.get("content") or ():
-        kind = block.get("type")
+    content = body.get("content")
+    for block in content if isinstance(content, list) else ():
+        kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
             text.append(block.get("text", ""))
             if block.get("citations"):
@@ -527,21 +549,31 @@ def _finish(stop_reason: object, notes: list[str]) -> str:
 
 def chat_usage(usage: object) -> JSON:
     """Anthropic's usage in Chat's shape, cache reads and writes included."""
-    u = usage if isinstance(usage, dict) else {}
-    read = u.get("cache_read_input_tokens") or 0
-    write = u.get("cache_creation_input_tokens") or 0
-    prompt = (u.get("input_tokens") or 0) + read + write
-    completion = u.get("output_tokens") or 0
+    u = _dict(usage)
+    read = _int(u.get("cache_read_input_tokens"))
+    write = _int(u.get("cache_creation_input_tokens"))
+    prompt = _int(u.get("input_tokens")) + read + write
+    completion = _int(u.get("output_tokens"))
     out: JSON = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": read, "cache_write_tokens": write},
     }
-    details = u.get("output_tokens_details")
-    if isinstance(details, dict) and details.get("thinking_tokens") is not None:
-        out["completion_tokens_details"] = {"reasoning_tokens": details["thinking_tokens"]}
+    thinking = _dict(u.get("output_tokens_details")).get("thinking_tokens")
+    if thinking is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": _int(thinking)}
     return out
+
+
+def _dict(value: object) -> JSON:
+    """``value`` if it is an object, else an empty one: the upstream may be a member's
+    own server, and a wrong shape must not raise."""
+    return value if isinstance(value, dict) else {}
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 # --- stream -------------------------------------------------------------------------
@@ -655,14 +687,14 @@ class StreamTranslator:
         elif kind == "content_block_start":
             self._block_start(obj, out)
         elif kind == "message_start":
-            self._start(obj.get("message") or {})
+            self._start(_dict(obj.get("message")))
             out.append(self._prefix + b'{"role":"assistant","content":""}' + _SUFFIX)
         elif kind == "message_delta":
             usage = obj.get("usage")
             if isinstance(usage, dict):
                 # Cumulative: each figure given replaces the one before.
                 self._usage.update(usage)
-            reason = _finish((obj.get("delta") or {}).get("stop_reason"), self.dropped)
+            reason = _finish(_dict(obj.get("delta")).get("stop_reason"), self.dropped)
             if not self._prefix:
                 self._start({})
             out.append(
@@ -678,11 +710,17 @@ class StreamTranslator:
             out.append(_DONE)
             self._done = True
         elif kind == "error":
-            err = obj.get("error") or {}
-            out.append(self.error(str(err.get("message")), str(err.get("type") or "api_error")))
+            err = _dict(obj.get("error"))
+            message, kind = err.get("message"), err.get("type")
+            out.append(
+                self.error(
+                    message if isinstance(message, str) else "upstream error",
+                    kind if isinstance(kind, str) else "api_error",
+                )
+            )
 
     def _block_start(self, obj: JSON, out: list[bytes]) -> None:
-        block = obj.get("content_block") or {}
+        block = _dict(obj.get("content_block"))
         kind = block.get("type")
         index = _index(obj)
         if kind == "tool_use":
@@ -703,7 +741,7 @@ class StreamTranslator:
             self._note(f"content: {kind} block")
 
     def _block_delta(self, obj: JSON, out: list[bytes]) -> None:
-        delta = obj.get("delta") or {}
+        delta = _dict(obj.get("delta"))
         kind = delta.get("type")
         if kind == "text_delta":
             out.append(self._delta(b'{"content":' + orjson.dumps(delta.get("text", "")) + b"}"))
