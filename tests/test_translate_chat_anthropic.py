@@ -326,6 +326,32 @@ def test_request_reasoning_effort(
     assert req.dropped == ([note] if note else [])
 
 
+def test_request_thinking_off_where_anthropic_would_refuse_it() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "bash", "arguments": "{}"}}
+    signed = {"type": "thinking", "thinking": "t", "signature": "EqQBCkYIBRgCIkD"}
+    loop: list[JSON] = [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": "Running.", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+    ]
+    base = {"model": "m", "max_tokens": 8000, "reasoning_effort": "low", "tools": TOOLS}
+    # A tool loop whose last call came without its thinking block.
+    req = translate_request({**base, "messages": loop}, MODEL)
+    assert "thinking" not in req.body
+    assert req.dropped == [
+        "reasoning_effort: thinking off, the last tool call has no thinking block"
+    ]
+    # With the signed block sent back, thinking stays on.
+    loop[1] = {**loop[1], "thinking_blocks": [signed]}
+    assert (
+        translate_request({**base, "messages": loop}, MODEL).body["thinking"]["type"] == "enabled"
+    )
+    # Forced tool use.
+    forced = translate_request({**base, "messages": loop, "tool_choice": "required"}, MODEL)
+    assert "thinking" not in forced.body
+    assert forced.dropped == ["reasoning_effort: thinking off, a tool is forced"]
+
+
 def test_request_thinking_blocks_keep_their_signature_and_none_is_made_up() -> None:
     signed = {"type": "thinking", "thinking": "let me see", "signature": "EqQBCkYIBRgCIkD"}
     body = {

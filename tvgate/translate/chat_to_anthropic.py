@@ -208,6 +208,8 @@ def translate_request(
     effort = body.get("reasoning_effort")
     if effort is not None:
         thinking = _thinking(effort, max_tokens, dropped)
+        if thinking is not None and _thinking_refused(out, dropped):
+            thinking = None
         if thinking is not None:
             out["thinking"] = thinking
     user = body.get("user")
@@ -468,6 +470,24 @@ def _thinking(effort: object, max_tokens: int, dropped: list[str]) -> JSON | Non
         dropped.append(f"reasoning_effort: max_tokens {max_tokens} leaves no thinking budget")
         return None
     return {"type": "enabled", "budget_tokens": budget}
+
+
+def _thinking_refused(out: JSON, dropped: list[str]) -> bool:
+    """Whether Anthropic would refuse thinking on this request: it forbids forced tool
+    use with thinking, and a tool loop whose last assistant turn does not start with a
+    signed thinking block (one the client did not send back cannot be made up)."""
+    if _dict(out.get("tool_choice")).get("type") in ("any", "tool"):
+        dropped.append("reasoning_effort: thinking off, a tool is forced")
+        return True
+    turns: list[JSON] = out["messages"]
+    last: list[JSON] = next((t["content"] for t in reversed(turns) if t["role"] == "assistant"), [])
+    if any(b["type"] == "tool_use" for b in last) and last[0]["type"] not in (
+        "thinking",
+        "redacted_thinking",
+    ):
+        dropped.append("reasoning_effort: thinking off, the last tool call has no thinking block")
+        return True
+    return False
 
 
 # --- response -----------------------------------------------------------------------
