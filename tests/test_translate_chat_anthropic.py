@@ -9,6 +9,7 @@ the client here; the upstream is the fake.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -711,13 +712,18 @@ PING = {"type": "ping"}
 TOOL_STREAM = sse([START, *THINKING[:1], PING, *THINKING[1:], *TEXT, *TOOLS_USED, *END])
 
 
+CREATED = re.compile(rb'"created":\d+,')
+
+
 def translate_stream(
     body: bytes, chunk_size: int | None = None, include_usage: bool = True
 ) -> tuple[bytes, list[str]]:
+    """The translated stream, its ``created`` clock reading set to 0 so that two
+    translations compare equal even across a second's turn."""
     tr = StreamTranslator(include_usage=include_usage)
-    step = chunk_size or len(body)
+    step = chunk_size or len(body) or 1
     out = b"".join(tr.feed(body[i : i + step]) for i in range(0, len(body), step))
-    return out + tr.finish(), tr.dropped
+    return CREATED.sub(b'"created":0,', out + tr.finish()), tr.dropped
 
 
 def sdk_stream(body: bytes) -> Any:
@@ -778,6 +784,21 @@ def test_stream_is_incremental() -> None:
     assert b'"role":"assistant"' in first and b"Running" not in first
     assert tr.feed(head[-5:]).startswith(b'data: {"id":"msg_01')
     assert b'"content":"both \xe2\x9c\x93."' in tr.feed(sse(TEXT[2:3]))
+
+
+def test_stream_line_endings_and_splits_do_not_change_or_delay_events() -> None:
+    expected = translate_stream(TOOL_STREAM)[0]
+    for line_end in (b"\r\n", b"\r"):
+        body = TOOL_STREAM.replace(b"\n", line_end)
+        for size in (None, 1, 3, 64):
+            assert translate_stream(body, size)[0] == expected
+    # An event is sent on as soon as its blank line arrives, whatever ends its lines.
+    for line_end in (b"\n", b"\r\n"):
+        first = sse([START]).replace(b"\n", line_end)
+        cut = len(first) - len(line_end)
+        tr = StreamTranslator()
+        assert tr.feed(first[:cut]) == b""
+        assert b'"role":"assistant"' in tr.feed(first[cut:] + b"event: ping\n")
 
 
 def test_stream_usage_only_when_asked() -> None:
@@ -1111,10 +1132,13 @@ events = st.lists(
 
 
 @settings(max_examples=300, deadline=None)
-@given(events, st.integers(1, 40))
-def test_stream_of_any_shape_never_raises_and_stays_sse(evs: list[JSON], chunk_size: int) -> None:
-    body = sse([START, *evs])
+@given(events, st.integers(1, 40), st.sampled_from([b"\n", b"\r\n", b"\r"]))
+def test_stream_of_any_shape_never_raises_and_stays_sse(
+    evs: list[JSON], chunk_size: int, line_end: bytes
+) -> None:
+    body = sse([START, *evs]).replace(b"\n", line_end)
     out, _ = translate_stream(body, chunk_size)
+    assert out == translate_stream(body)[0]
     assert out.endswith(b"\n\n")
     for event in out[:-2].split(b"\n\n"):
         assert event.startswith((b"data: ", b": ping"))
