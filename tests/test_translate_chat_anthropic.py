@@ -10,7 +10,8 @@ the client here; the upstream is the fake.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx2
@@ -22,6 +23,8 @@ from hypothesis import strategies as st
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionMessageParam
 
+from tests.conftest import ANTHROPIC_SECRET
+from tests.fake_provider import FakeProvider
 from tvgate.providers.assemble import OPENAI_CHAT, stream_assembler
 from tvgate.translate.chat_to_anthropic import (
     DEFAULT_MAX_TOKENS,
@@ -1234,3 +1237,81 @@ def test_stream_translator_for_request_shares_the_request_notes() -> None:
         f"max_tokens not given: {DEFAULT_MAX_TOKENS} sent",
         "thinking signature (stream)",
     ]
+
+
+# --- against the fake Anthropic provider --------------------------------------------
+
+
+@contextmanager
+def upstream(fake: FakeProvider, scenario: str, body: JSON) -> Iterator[httpx2.Response]:
+    """The translated request sent to the fake provider, its answer unread."""
+    headers = {
+        "x-api-key": ANTHROPIC_SECRET,
+        "anthropic-version": "2023-06-01",
+        "x-fake-scenario": scenario,
+    }
+    with (
+        httpx2.Client(base_url=fake.url, timeout=10) as client,
+        client.stream("POST", "/v1/messages", json=body, headers=headers) as answer,
+    ):
+        yield answer
+
+
+def chat_body(stream: bool) -> JSON:
+    return sdk_request(
+        model="claude-route",
+        messages=[{"role": "user", "content": "read the readme"}],
+        max_completion_tokens=2000,
+        tools=TOOLS[1:],
+        stream=stream,
+        **({"stream_options": {"include_usage": True}} if stream else {}),
+    )
+
+
+@pytest.mark.parametrize("scenario", ["normal", "tool_use", "thinking"])
+def test_fake_provider_stream_through_the_translator_to_the_sdk(
+    fake_provider: FakeProvider, scenario: str
+) -> None:
+    req = translate_request(chat_body(stream=True), MODEL)
+    tr = StreamTranslator.for_request(req)
+    with upstream(fake_provider, scenario, req.body) as answer:
+        assert answer.status_code == 200
+        # As the proxy gets them: each flushed event, split where the socket split it.
+        out = b"".join(tr.feed(chunk) for chunk in answer.iter_raw()) + tr.finish()
+    with upstream(fake_provider, scenario, {**req.body, "stream": False}) as whole:
+        message = orjson.loads(whole.read())
+    completion = sdk_stream(out)
+    expected = translate_response(message)
+    # The stream and the JSON answer agree, as they do at OpenAI.
+    assert completion.choices[0].message.content == expected["choices"][0]["message"]["content"]
+    assert completion.choices[0].finish_reason == expected["choices"][0]["finish_reason"]
+    assert completion.usage.model_dump(exclude_none=True) == expected["usage"]
+    assert completion.usage.prompt_tokens_details.cached_tokens > 0
+    calls = completion.choices[0].message.tool_calls or []
+    assert [(c.id, c.function.name, orjson.loads(c.function.arguments)) for c in calls] == [
+        (c["id"], c["function"]["name"], orjson.loads(c["function"]["arguments"]))
+        for c in expected["choices"][0]["message"].get("tool_calls", ())
+    ]
+    assert bool(calls) == (scenario == "tool_use")
+    if scenario == "thinking":
+        assert expected["choices"][0]["message"]["thinking_blocks"][0]["signature"]
+        assert req.dropped == ["thinking signature (stream)"]
+        reasoning = expected["choices"][0]["message"]["reasoning_content"]
+        assert (completion.choices[0].message.model_extra or {}).get(
+            "reasoning_content"
+        ) == reasoning
+
+
+def test_fake_provider_error_event_and_error_answer(fake_provider: FakeProvider) -> None:
+    req = translate_request(chat_body(stream=True), MODEL)
+    tr = StreamTranslator.for_request(req)
+    with upstream(fake_provider, "error_event", req.body) as answer:
+        out = b"".join(tr.feed(chunk) for chunk in answer.iter_raw()) + tr.finish()
+    with pytest.raises(openai.APIError, match="Overloaded"):
+        sdk_stream(out)
+
+    with upstream(fake_provider, "error_529", req.body) as answer:
+        status, body = translate_error(answer.status_code, answer.read())
+    with pytest.raises(openai.InternalServerError) as caught:
+        sdk_client(status, body).chat.completions.create(model="m", messages=CHAT_USER)
+    assert caught.value.status_code == 529 and caught.value.code == "overloaded_error"
