@@ -356,6 +356,19 @@ def test_request_thinking_off_where_anthropic_would_refuse_it() -> None:
     assert forced.dropped == ["reasoning_effort: thinking off, a tool is forced"]
 
 
+def test_request_thinking_drops_the_sampling_anthropic_forbids_with_it() -> None:
+    body = {"model": "m", "max_tokens": 8000, "reasoning_effort": "low", "messages": USER}
+    req = translate_request({**body, "temperature": 0, "top_p": 0.5}, MODEL)
+    assert req.body["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    assert "temperature" not in req.body and "top_p" not in req.body
+    assert req.dropped == ["temperature=0: thinking is on", "top_p=0.5: thinking is on"]
+    allowed = translate_request({**body, "temperature": 1, "top_p": 0.95}, MODEL)
+    assert (allowed.body["temperature"], allowed.body["top_p"], allowed.dropped) == (1, 0.95, [])
+    # Without thinking, they go as given.
+    plain = translate_request({**body, "reasoning_effort": "none", "temperature": 0}, MODEL)
+    assert plain.body["temperature"] == 0
+
+
 def test_request_thinking_blocks_keep_their_signature_and_none_is_made_up() -> None:
     signed = {"type": "thinking", "thinking": "let me see", "signature": "EqQBCkYIBRgCIkD"}
     body = {

@@ -212,6 +212,7 @@ def translate_request(
             thinking = None
         if thinking is not None:
             out["thinking"] = thinking
+            _sampling_for_thinking(out, dropped)
     user = body.get("user")
     if isinstance(user, str) and user:
         out["metadata"] = {"user_id": user}
@@ -488,6 +489,17 @@ def _thinking_refused(out: JSON, dropped: list[str]) -> bool:
         dropped.append("reasoning_effort: thinking off, the last tool call has no thinking block")
         return True
     return False
+
+
+def _sampling_for_thinking(out: JSON, dropped: list[str]) -> None:
+    """Anthropic refuses thinking with a temperature other than 1 or a top_p below
+    0.95; the client asked for reasoning by name, so those give way (as OpenAI's
+    reasoning models ignore them), noted."""
+    if out.get("temperature", 1) != 1:
+        dropped.append(f"temperature={_short(out.pop('temperature'))}: thinking is on")
+    top_p = out.get("top_p", 1)
+    if not isinstance(top_p, (int, float)) or top_p < 0.95:
+        dropped.append(f"top_p={_short(out.pop('top_p'))}: thinking is on")
 
 
 # --- response -----------------------------------------------------------------------
