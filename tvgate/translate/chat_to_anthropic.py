@@ -22,7 +22,7 @@ Usage comes from Anthropic's own figures: ``prompt_tokens`` is input plus cache 
 plus cache write (OpenAI's includes cached tokens, Anthropic's ``input_tokens`` does
 not), with ``cached_tokens`` and ``cache_write_tokens`` in ``prompt_tokens_details``.
 
-The module is longer than most (~800 lines) because it is one idea, the mapping
+The module is longer than most (~850 lines) because it is one idea, the mapping
 between two APIs: the four phases share their rules (finish reasons, usage, tool
 calls, the error envelope), and a rule lives in one place for all of them.
 
@@ -47,8 +47,6 @@ from tvgate.traces.sse import SSEParser
 
 JSON = dict[str, Any]
 
-#: The upstream endpoint a translated call goes to.
-UPSTREAM_PATH = "/v1/messages"
 #: Anthropic requires ``max_tokens``; Chat does not. Used when the client gave none.
 DEFAULT_MAX_TOKENS = 4096
 #: ``reasoning_effort`` to ``thinking.budget_tokens`` (Anthropic's minimum is 1024).
