@@ -1,1 +1,7 @@
-"""Translators between client APIs and upstream APIs, one module per (client, upstream) pair."""
+"""Translators between provider APIs, one module per (client API, upstream API) pair.
+
+Each module is pure (no I/O): request, response, stream and error phases, for the proxy
+to use when a client's API differs from its route's (``anthropic_to_chat``: an Anthropic
+Messages client on an OpenAI Chat Completions route; ``chat_to_anthropic``: the reverse).
+They are not wired into the proxy yet: that waits for the provider modules (issue 19).
+"""
