@@ -32,15 +32,15 @@ test: $(VENV)/.installed-test browser clients lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## clients: the real coding tools the tests run through tvgate (Claude Code, Codex CLI), at the
-## versions pinned in tests/clients/package-lock.json, from the npm registry into $(CLIENTS_DIR)/.
+## versions pinned in tests/npm/package-lock.json, from the npm registry into $(CLIENTS_DIR)/.
 ## Both ship their native binary as an npm platform package (optionalDependencies); Claude
 ## Code's postinstall only copies it from there, so nothing is fetched from elsewhere.
 clients: $(CLIENTS_DIR)/.installed
 
-$(CLIENTS_DIR)/.installed: tests/clients/package.json tests/clients/package-lock.json
+$(CLIENTS_DIR)/.installed: tests/npm/package.json tests/npm/package-lock.json
 	@command -v npm >/dev/null || { echo "clients: npm (Node.js) is needed to install the real coding tools"; exit 1; }
 	mkdir -p $(CLIENTS_DIR)
-	cp tests/clients/package.json tests/clients/package-lock.json $(CLIENTS_DIR)/
+	cp tests/npm/package.json tests/npm/package-lock.json $(CLIENTS_DIR)/
 	npm ci --prefix $(CLIENTS_DIR) --no-audit --no-fund --loglevel=error
 	touch $@
 
