@@ -37,6 +37,8 @@ class Setup:
     folder: Path
     #: Extra request headers the tool is configured to send.
     headers: dict[str, str] = field(default_factory=dict)
+    #: Extra environment for the tool (a feature switch such as model discovery).
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def work(self) -> Path:
@@ -115,12 +117,18 @@ def _text(output: str | bytes | None) -> str:
 
 
 def run_claude(
-    setup: Setup, prompt: str, *, allowed_tools: str = "Bash", timeout: float = DEFAULT_TIMEOUT
+    setup: Setup,
+    prompt: str,
+    *,
+    credential_env: str = "ANTHROPIC_AUTH_TOKEN",
+    allowed_tools: str = "Bash",
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> ClientRun:
     """``claude -p PROMPT --output-format stream-json`` against the gateway (its base URL).
 
-    The token goes as ``ANTHROPIC_AUTH_TOKEN`` (``Authorization: Bearer``), as a gateway
-    user sets it; the headers as ``ANTHROPIC_CUSTOM_HEADERS``. Every model alias (the
+    The token goes in `credential_env`: ``ANTHROPIC_AUTH_TOKEN`` (sent as ``Authorization:
+    Bearer``) or ``ANTHROPIC_API_KEY`` (sent as ``x-api-key``, as ``tracevault proxy info``
+    sets it up); the headers as ``ANTHROPIC_CUSTOM_HEADERS``. Every model alias (the
     small/fast model Claude Code uses for side tasks too) points at the route, so that no
     call asks for a model the gateway has no route for.
     """
@@ -131,7 +139,7 @@ def run_claude(
         {
             "CLAUDE_CONFIG_DIR": str(home / ".claude"),
             "ANTHROPIC_BASE_URL": setup.base_url,
-            "ANTHROPIC_AUTH_TOKEN": setup.token,
+            credential_env: setup.token,
             "ANTHROPIC_MODEL": model,
             "ANTHROPIC_DEFAULT_OPUS_MODEL": model,
             "ANTHROPIC_DEFAULT_SONNET_MODEL": model,
@@ -147,6 +155,7 @@ def run_claude(
     )
     if setup.headers:
         env["ANTHROPIC_CUSTOM_HEADERS"] = "\n".join(f"{k}: {v}" for k, v in setup.headers.items())
+    env.update(setup.env)
     argv = [
         str(CLAUDE),
         "-p",
@@ -169,8 +178,13 @@ def claude_result(run: ClientRun) -> dict[str, Any]:
     return results[0]
 
 
-def run_codex(setup: Setup, prompt: str, *, timeout: float = DEFAULT_TIMEOUT) -> ClientRun:
+def run_codex(
+    setup: Setup, prompt: str, *, websockets: bool = False, timeout: float = DEFAULT_TIMEOUT
+) -> ClientRun:
     """``codex exec --json PROMPT`` with the gateway as a custom Responses-API provider.
+
+    With `websockets` the provider says ``supports_websockets = true``: Codex then opens
+    ``GET /v1/responses`` with ``Upgrade: websocket`` first (and falls back to HTTP on 426).
 
     The base URL is the gateway's OpenAI one (ending in ``/v1``); the token is read from
     the provider's ``env_key``; the headers go in the provider's ``http_headers``. The sandbox
@@ -181,7 +195,7 @@ def run_codex(setup: Setup, prompt: str, *, timeout: float = DEFAULT_TIMEOUT) ->
     env = _base_env(setup.home)
     codex_home = setup.home / ".codex"
     codex_home.mkdir(parents=True, exist_ok=True)
-    env.update({"CODEX_HOME": str(codex_home), "TVGATE_TOKEN": setup.token})
+    env.update({"CODEX_HOME": str(codex_home), "TVGATE_TOKEN": setup.token, **setup.env})
     http_headers = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in setup.headers.items())
     (codex_home / "config.toml").write_text(
         f"""model = {json.dumps(setup.model)}
@@ -202,6 +216,7 @@ wire_api = "responses"
 http_headers = {{ {http_headers} }}
 request_max_retries = 0
 stream_max_retries = 0
+supports_websockets = {json.dumps(websockets)}
 """
     )
     argv = [

@@ -13,6 +13,8 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+import pytest
+
 from tests.clients import Setup, claude_result, codex_messages, run_claude, run_codex
 from tests.conftest import GatewayProcess
 from tests.fake_provider import FakeProvider
@@ -45,11 +47,20 @@ def _session_traces(
     return traces
 
 
+# Both ways Claude Code sends a gateway token: Authorization: Bearer, and x-api-key (as
+# Visdom Trace's `tracevault proxy info` sets it up).
+@pytest.mark.parametrize("credential_env", ["ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY"])
 def test_claude_code_bash_session_through_gateway(
-    gateway: GatewayProcess, fake_provider: FakeProvider, member_token: str, tmp_path: Path
+    gateway: GatewayProcess,
+    fake_provider: FakeProvider,
+    member_token: str,
+    tmp_path: Path,
+    credential_env: str,
 ) -> None:
     setup, marker = _agent_setup(gateway.url, member_token, "claude-test", tmp_path)
-    run = run_claude(setup, "Write the marker file with the Bash tool.")
+    run = run_claude(
+        setup, "Write the marker file with the Bash tool.", credential_env=credential_env
+    )
     assert run.returncode == 0, run.describe()
     result = claude_result(run)
     assert result["subtype"] == "success" and not result["is_error"], run.describe()
@@ -74,11 +85,18 @@ def test_claude_code_bash_session_through_gateway(
     assert {trace.upstream_model for trace in traces} == {"claude-upstream-1"}
 
 
+# With supports_websockets Codex tries GET /v1/responses + Upgrade first; whatever tvgate
+# answers that with (today a 426, so Codex falls back to HTTP), the session must work.
+@pytest.mark.parametrize("websockets", [False, True], ids=["http", "websocket-mode"])
 def test_codex_exec_tool_call_through_gateway(
-    gateway: GatewayProcess, fake_provider: FakeProvider, member_token: str, tmp_path: Path
+    gateway: GatewayProcess,
+    fake_provider: FakeProvider,
+    member_token: str,
+    tmp_path: Path,
+    websockets: bool,
 ) -> None:
     setup, marker = _agent_setup(gateway.openai_url, member_token, "gpt-test", tmp_path)
-    run = run_codex(setup, "Write the marker file with a shell command.")
+    run = run_codex(setup, "Write the marker file with a shell command.", websockets=websockets)
     assert run.returncode == 0, run.describe()
     assert (setup.work / "out.txt").read_text() == marker + "\n"
     commands = [
