@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 DEV_VAULT_PORT ?= 8200
 DEV_VAULT_DIR ?= data
+CLIENTS_DIR ?= .clients
 
-.PHONY: run test lint format bench bench-quick bench-tools clean dev-vault browser
+.PHONY: run test lint format bench bench-quick bench-tools clean dev-vault browser clients
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +28,21 @@ run: $(VENV)/.installed
 	$(BIN)/tvgate serve
 
 ## test: install what the tests need, lint, and run every test
-test: $(VENV)/.installed-test browser lint
+test: $(VENV)/.installed-test browser clients lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## clients: the real coding tools the tests run through tvgate (Claude Code, Codex CLI), at the
+## versions pinned in tests/npm/package-lock.json, from the npm registry into $(CLIENTS_DIR)/.
+## Both ship their native binary as an npm platform package (optionalDependencies); Claude
+## Code's postinstall only copies it from there, so nothing is fetched from elsewhere.
+clients: $(CLIENTS_DIR)/.installed
+
+$(CLIENTS_DIR)/.installed: tests/npm/package.json tests/npm/package-lock.json
+	@command -v npm >/dev/null || { echo "clients: npm (Node.js) is needed to install the real coding tools"; exit 1; }
+	mkdir -p $(CLIENTS_DIR)
+	cp tests/npm/package.json tests/npm/package-lock.json $(CLIENTS_DIR)/
+	npm ci --prefix $(CLIENTS_DIR) --no-audit --no-fund --loglevel=error
+	touch $@
 
 # The browser tests drive Debian's Chromium through Playwright (never `playwright install`,
 # which would download a browser build of its own).
@@ -91,4 +105,4 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff format tvgate admin_ui tests bench
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CLIENTS_DIR) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

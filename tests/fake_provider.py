@@ -27,6 +27,11 @@ Behaviour is chosen with the request header ``x-fake-scenario`` (default ``norma
 ``normal``       a text answer.
 ``tool_use``     a text block, then a tool call ``{"path": "README.md", "limit": 10}``
                  (Anthropic tool_use, chat ``tool_calls``, Responses ``function_call``).
+``agent``        a coding agent's turn: when the request offers a shell tool (Claude Code's
+                 ``Bash``; Codex's ``exec_command``, ``shell`` or ``shell_command``) and its last
+                 turn carries no tool result, a tool call running ``x-fake-command`` (default
+                 ``AGENT_COMMAND``); when the last turn is a tool result, the text
+                 ``"Tool said: <the result>"``; otherwise as ``normal``.
 ``thinking``     Anthropic: a thinking block (thinking_delta + signature_delta) before the
                  text. Other endpoints answer as ``normal``.
 ``error_529``    Anthropic 529 overloaded_error / OpenAI 503 server_error, ``retry-after: 1``.
@@ -126,11 +131,16 @@ RESET_DELAY = 0.05
 TOOL_INPUT: dict[str, Any] = {"path": "README.md", "limit": 10}
 DEFAULT_TOOL_NAME = "read_file"
 TOOL_PREAMBLE = "I'll read the file."
+AGENT_COMMAND = "echo tvgate-ok > out.txt && cat out.txt"
+AGENT_PREAMBLE = "I'll run the command."
+SHELL_TOOLS = ("Bash", "exec_command", "shell", "shell_command")
+"""The shell tools the ``agent`` scenario calls, by name (Claude Code's first, then Codex's)."""
 
 SCENARIOS = frozenset(
     {
         "normal",
         "tool_use",
+        "agent",
         "thinking",
         "error_529",
         "error_429",
@@ -335,6 +345,62 @@ def _tool_name(body: dict[str, Any]) -> str:
     return DEFAULT_TOOL_NAME
 
 
+def _tool_names(body: dict[str, Any]) -> list[str]:
+    """The names of the tools a request offers (Anthropic, chat and Responses shapes)."""
+    names = []
+    for tool in body.get("tools") or []:
+        if isinstance(tool, dict):
+            function = tool.get("function")
+            name = function.get("name") if isinstance(function, dict) else tool.get("name")
+            if isinstance(name, str):
+                names.append(name)
+    return names
+
+
+def _shell_call(body: dict[str, Any], command: str) -> tuple[str, dict[str, Any]] | None:
+    """A call of the first shell tool the request offers running `command`, or None."""
+    offered = _tool_names(body)
+    for name in SHELL_TOOLS:
+        if name in offered:
+            break
+    else:
+        return None
+    # Each tool's own parameters, as the tools declare them.
+    arguments: dict[str, Any] = {
+        "Bash": {"command": command, "description": "Run the command"},
+        "exec_command": {"cmd": command},
+        "shell": {"command": ["bash", "-lc", command]},
+        "shell_command": {"command": command},
+    }[name]
+    return name, arguments
+
+
+def _tool_result(body: dict[str, Any]) -> str | None:
+    """The text of the tool result the last turn carries (Anthropic ``tool_result`` blocks,
+    a chat ``tool`` message, a Responses ``function_call_output``), or None."""
+    turns = body.get("messages")
+    if turns is None:
+        turns = body.get("input")
+    if not isinstance(turns, list) or not turns or not isinstance(turns[-1], dict):
+        return None
+    last = turns[-1]
+    if last.get("type") == "function_call_output":
+        output = last.get("output")
+        return output if isinstance(output, str) else _text_of(output)
+    if last.get("role") == "tool":
+        return _text_of(last.get("content"))
+    content = last.get("content")
+    if last.get("role") == "user" and isinstance(content, list):
+        results = [
+            _text_of(part.get("content"))
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "tool_result"
+        ]
+        if results:
+            return " ".join(results)
+    return None
+
+
 def _mask_key(key: str) -> str:
     """Mask an API key the way OpenAI echoes it: a short prefix, stars, the last 4."""
     if len(key) <= 8:
@@ -388,6 +454,8 @@ class _Ctx:
     model: str = ""
     #: What ``x-fake-override`` replaces in the answer (Anthropic Messages).
     override: dict[str, Any] = field(default_factory=dict)
+    #: The tool call the answer makes (tool_use and agent scenarios): name, input.
+    tool_call: tuple[str, dict[str, Any]] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -406,14 +474,18 @@ class _Block:
 
 
 def _anthropic_blocks(ctx: _Ctx) -> list[_Block]:
-    if ctx.scenario == "tool_use":
-        encoded = json.dumps(TOOL_INPUT)
+    if ctx.tool_call is not None:
+        name, tool_input = ctx.tool_call
         return [
-            _Block("text", _words(TOOL_PREAMBLE)),
+            _Block("text", ctx.pieces),
             _Block(
                 "tool_use",
-                ["", *_chunks(encoded, 12)],
-                {"id": "toolu_01" + _ident(ctx.seed, "toolu", 22), "name": _tool_name(ctx.body)},
+                ["", *_chunks(json.dumps(tool_input), 12)],
+                {
+                    "id": "toolu_01" + _ident(ctx.seed, "toolu", 22),
+                    "name": name,
+                    "input": tool_input,
+                },
             ),
         ]
     blocks = []
@@ -453,7 +525,7 @@ def _anthropic_block_json(block: _Block, *, final: bool) -> dict[str, Any]:
         "type": "tool_use",
         "id": block.extra["id"],
         "name": block.extra["name"],
-        "input": TOOL_INPUT if final else {},
+        "input": block.extra["input"] if final else {},
     }
 
 
@@ -577,8 +649,8 @@ def _chat_usage(ctx: _Ctx, deltas: int) -> dict[str, Any]:
 
 def _openai_plan(ctx: _Ctx) -> tuple[list[str], list[str] | None]:
     """Text deltas, and argument fragments of a tool call (tool_use scenario)."""
-    if ctx.scenario == "tool_use":
-        return _words(TOOL_PREAMBLE), _chunks(_compact(TOOL_INPUT), 6)
+    if ctx.tool_call is not None:
+        return ctx.pieces, _chunks(_compact(ctx.tool_call[1]), 6)
     return ctx.pieces, None
 
 
@@ -586,7 +658,7 @@ def _chat_completion(ctx: _Ctx) -> _Reply:
     pieces, arg_pieces = _openai_plan(ctx)
     completion_id = "chatcmpl-" + _ident(ctx.seed, "chatcmpl", 29, _B62)
     call_id = "call_" + _ident(ctx.seed, "call", 24, _B62)
-    name = _tool_name(ctx.body)
+    name = ctx.tool_call[0] if ctx.tool_call is not None else ""
     finish_reason = "tool_calls" if arg_pieces is not None else "stop"
     deltas = len(pieces) + len(arg_pieces or [])
     if not ctx.stream:
@@ -742,7 +814,7 @@ def _response(ctx: _Ctx) -> _Reply:
     message_id = "msg_" + _hex(ctx.seed, "msg", 48)
     call_item_id = "fc_" + _hex(ctx.seed, "fc", 48)
     call_id = "call_" + _ident(ctx.seed, "call", 24, _B62)
-    name = _tool_name(ctx.body)
+    name = ctx.tool_call[0] if ctx.tool_call is not None else ""
     text = "".join(pieces)
     arguments = "".join(arg_pieces or [])
     deltas = len(pieces) + len(arg_pieces or [])
@@ -1140,6 +1212,17 @@ class _Handler(tornado.web.RequestHandler):
             pieces = [f"drip {i + 1}/{events} " for i in range(events)] or [""]
         else:
             pieces = _words(_answer_text(body))
+        tool_call = None
+        if scenario == "tool_use":
+            pieces, tool_call = _words(TOOL_PREAMBLE), (_tool_name(body), TOOL_INPUT)
+        elif scenario == "agent":
+            command = self.request.headers.get("x-fake-command", AGENT_COMMAND)
+            result = _tool_result(body)
+            tool_call = _shell_call(body, command) if result is None else None
+            if result is not None:
+                pieces = _words("Tool said: " + " ".join(result.split())[:200])
+            elif tool_call is not None:
+                pieces = _words(AGENT_PREAMBLE)
         return _Ctx(
             api=self.api,
             path=self.request.path.rstrip("/"),
@@ -1153,6 +1236,7 @@ class _Handler(tornado.web.RequestHandler):
             interval=interval,
             model=str(body.get("model", "")),
             override=self._override,
+            tool_call=tool_call,
         )
 
     @property

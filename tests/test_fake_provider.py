@@ -24,6 +24,7 @@ from openai.types.chat import ChatCompletionFunctionToolParam
 from openai.types.responses import FunctionToolParam
 
 from tests.fake_provider import (
+    AGENT_COMMAND,
     ANTHROPIC_CACHE_CREATION_TOKENS,
     ANTHROPIC_CACHE_READ_TOKENS,
     CREATED,
@@ -532,6 +533,75 @@ def test_responses_tool_call(gpt: openai.OpenAI) -> None:
     assert calls[0].call_id.startswith("call_")
     assert json.loads(calls[0].arguments) == TOOL_INPUT
     assert final.output_text == "I'll read the file."
+
+
+BASH_TOOL: dict[str, Any] = {
+    "name": "Bash",
+    "description": "Run a shell command",
+    "input_schema": {
+        "type": "object",
+        "properties": {"command": {"type": "string"}, "description": {"type": "string"}},
+        "required": ["command"],
+    },
+}
+EXEC_TOOL: FunctionToolParam = {
+    "type": "function",
+    "name": "exec_command",
+    "description": "Run a shell command",
+    "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}},
+    "strict": False,
+}
+
+
+def test_agent_anthropic_calls_bash_then_reports_its_result(claude: anthropic.Anthropic) -> None:
+    kwargs: dict[str, Any] = {
+        "model": MODEL,
+        "max_tokens": 64,
+        "tools": [READ_FILE_TOOL, BASH_TOOL],
+    }
+    command = "echo marker-1 > out.txt"
+    headers = scenario("agent", **{"x-fake-command": command})
+    with claude.messages.stream(messages=MESSAGES, extra_headers=headers, **kwargs) as stream:
+        first = stream.get_final_message()
+    assert first.stop_reason == "tool_use"
+    call = first.content[-1]
+    assert call.type == "tool_use" and call.name == "Bash"
+    assert call.input == {"command": command, "description": "Run the command"}
+    result = {"type": "tool_result", "tool_use_id": call.id, "content": "marker-1\n"}
+    turns: list[Any] = [
+        *MESSAGES,
+        {"role": "assistant", "content": first.content},
+        {"role": "user", "content": [result]},
+    ]
+    second = claude.messages.create(messages=turns, extra_headers=headers, **kwargs)
+    assert second.stop_reason == "end_turn"
+    assert [block.type for block in second.content] == ["text"]
+    assert second.content[0].type == "text" and second.content[0].text == "Tool said: marker-1"
+    # No shell tool offered: a plain answer.
+    plain = claude.messages.create(
+        model=MODEL, max_tokens=64, messages=MESSAGES, extra_headers=scenario("agent")
+    )
+    assert plain.stop_reason == "end_turn" and plain.content[0].type == "text"
+
+
+def test_agent_responses_calls_exec_command_then_reports_its_result(gpt: openai.OpenAI) -> None:
+    with gpt.responses.stream(
+        model=GPT, input=PROMPT, tools=[EXEC_TOOL], extra_headers=scenario("agent")
+    ) as stream:
+        first = stream.get_final_response()
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert [(call.name, json.loads(call.arguments)) for call in calls] == [
+        ("exec_command", {"cmd": AGENT_COMMAND})
+    ]
+    output = {"type": "function_call_output", "call_id": calls[0].call_id, "output": "tvgate-ok"}
+    second = gpt.responses.create(
+        model=GPT,
+        input=[{"role": "user", "content": PROMPT}, calls[0].model_dump(), output],  # type: ignore[list-item]
+        tools=[EXEC_TOOL],
+        extra_headers=scenario("agent"),
+    )
+    assert [item.type for item in second.output] == ["message"]
+    assert second.output_text == "Tool said: tvgate-ok"
 
 
 async def test_responses_async(fake: FakeProvider) -> None:

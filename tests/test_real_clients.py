@@ -1,0 +1,118 @@
+"""Real Claude Code and real Codex CLI run tool-using sessions through a real ``tvgate serve``.
+
+The tools are the npm releases ``make clients`` installs (tests/clients.py runs them); the
+provider is the fake one, whose ``agent`` scenario answers a turn that offers a shell tool
+with a call of it and the turn that carries its result with ``Tool said: <result>``. So a
+run passes only if the tool's own request went through tvgate, tvgate's answer made the
+tool run the command on this machine, and the command's output came back through tvgate
+in the next request. Passthrough: the route's provider speaks the tool's API.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.clients import Setup, claude_result, codex_messages, run_claude, run_codex
+from tests.conftest import GatewayProcess
+from tests.fake_provider import FakeProvider
+from tvgate.models import Trace
+
+CLAUDE_VERSION = "2.1.332"
+CODEX_VERSION = "0.171.0"
+
+
+def _agent_setup(base_url: str, token: str, model: str, folder: Path) -> tuple[Setup, str]:
+    """A run whose upstream answers as the fake's agent scenario, running a command that
+    writes a marker of its own to ``out.txt``; the setup and the marker."""
+    marker = "tvgate-ok-" + uuid.uuid4().hex[:8]
+    headers = {
+        "x-fake-scenario": "agent",
+        "x-fake-command": f"echo {marker} > out.txt && cat out.txt",
+    }
+    return Setup(base_url, token, model, folder, headers), marker
+
+
+def _session_traces(
+    gateway: GatewayProcess, fake: FakeProvider, marker: str, session: str
+) -> list[Trace]:
+    """The gateway's traces of a session, once there is one per upstream call the session
+    made (each carried its command); two: the tool call, then the answer to its result."""
+    calls = sum(marker in record.headers.get("x-fake-command", "") for record in fake.requests)
+    assert calls == 2
+    traces = gateway.wait_traces(calls, session_id=session)
+    assert all(trace.outcome == "ok" and trace.status_code == 200 for trace in traces)
+    return traces
+
+
+# Both ways Claude Code sends a gateway token: Authorization: Bearer, and x-api-key (as
+# Visdom Trace's `tracevault proxy info` sets it up).
+@pytest.mark.parametrize("credential_env", ["ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY"])
+def test_claude_code_bash_session_through_gateway(
+    gateway: GatewayProcess,
+    fake_provider: FakeProvider,
+    member_token: str,
+    tmp_path: Path,
+    credential_env: str,
+) -> None:
+    setup, marker = _agent_setup(gateway.url, member_token, "claude-test", tmp_path)
+    run = run_claude(
+        setup, "Write the marker file with the Bash tool.", credential_env=credential_env
+    )
+    assert run.returncode == 0, run.describe()
+    result = claude_result(run)
+    assert result["subtype"] == "success" and not result["is_error"], run.describe()
+    # The Bash tool really ran here, and its output went back up through tvgate.
+    assert (setup.work / "out.txt").read_text() == marker + "\n"
+    assert result["result"] == f"Tool said: {marker}"
+    assert result["num_turns"] == 2
+    tool_uses = [
+        block
+        for event in run.events
+        if event.get("type") == "assistant"
+        for block in event["message"]["content"]
+        if block.get("type") == "tool_use"
+    ]
+    assert [block["name"] for block in tool_uses] == ["Bash"]
+
+    traces = _session_traces(gateway, fake_provider, marker, result["session_id"])
+    assert {(trace.tool, trace.tool_version) for trace in traces} == {
+        ("claude-code", CLAUDE_VERSION)
+    }
+    assert {trace.endpoint for trace in traces} == {"anthropic.messages"}
+    assert {trace.upstream_model for trace in traces} == {"claude-upstream-1"}
+
+
+# With supports_websockets Codex tries GET /v1/responses + Upgrade first; whatever tvgate
+# answers that with (today a 426, so Codex falls back to HTTP), the session must work.
+@pytest.mark.parametrize("websockets", [False, True], ids=["http", "websocket-mode"])
+def test_codex_exec_tool_call_through_gateway(
+    gateway: GatewayProcess,
+    fake_provider: FakeProvider,
+    member_token: str,
+    tmp_path: Path,
+    websockets: bool,
+) -> None:
+    setup, marker = _agent_setup(gateway.openai_url, member_token, "gpt-test", tmp_path)
+    run = run_codex(setup, "Write the marker file with a shell command.", websockets=websockets)
+    assert run.returncode == 0, run.describe()
+    assert (setup.work / "out.txt").read_text() == marker + "\n"
+    commands = [
+        event["item"]
+        for event in run.events
+        if event.get("type") == "item.completed"
+        and event["item"].get("type") == "command_execution"
+    ]
+    assert len(commands) == 1 and commands[0]["exit_code"] == 0, run.describe()
+    # Codex wraps the command's output (exit code, wall time) before "Output: <marker>".
+    messages = codex_messages(run)
+    assert messages[-1].startswith("Tool said: ") and messages[-1].endswith(marker), run.describe()
+    assert run.events[-1]["type"] == "turn.completed", run.describe()
+
+    session = next(e["thread_id"] for e in run.events if e.get("type") == "thread.started")
+    traces = _session_traces(gateway, fake_provider, marker, session)
+    assert {(trace.tool, trace.tool_version) for trace in traces} == {("codex", CODEX_VERSION)}
+    assert {trace.endpoint for trace in traces} == {"openai.responses"}
+    assert {trace.upstream_model for trace in traces} == {"gpt-upstream-1"}
