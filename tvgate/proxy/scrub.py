@@ -7,18 +7,27 @@ occurrence with a masked form of the same length (the key's public prefix, stars
 last four characters, as OpenAI masks keys), so a ``Content-Length`` stays true and a
 body can be masked as it streams, without buffering it.
 
-A key split across two chunks: the end of a chunk that could be the start of a key is
-held back until the next chunk (or the end of the body) tells whether it is one. The
-end of a body is masked as the key it may have begun, so a provider that sends all but
-the last character of a key and stops gets nothing through either. Only the key's
-exact plaintext is recognised, not encodings of it (URL-escaped, base64). Secrets shorter
-than ``MIN_SCRUBBED`` are left alone: masking them would mangle ordinary text, and no
-provider issues keys that short.
+The key is also recognised URL-escaped (as a query or a path would carry it, either case
+of hex digits) and base64-encoded (alone, or inside a longer encoded text such as a
+``Basic`` credential: the characters that encode only the key's bytes, at each of the
+three offsets base64 may meet it, in the standard and the URL-safe alphabet); such a
+form is masked as stars and its last four characters. The base64 forms are looked for
+through one anchor each, a stretch both alphabets write alike, so a chunk without the
+key costs three more searches, not six.
+
+A key split across two chunks: the end of a chunk that could be the start of a key (in
+any of its forms) is held back until the next chunk (or the end of the body) tells
+whether it is one. The end of a body is masked as the key it may have begun, so a
+provider that sends all but the last character of a key and stops gets nothing through
+either. Secrets shorter than ``MIN_SCRUBBED`` are left alone: masking them would mangle
+ordinary text, and no provider issues keys that short.
 """
 
 from __future__ import annotations
 
+import base64
 import re
+from urllib.parse import quote
 
 #: Secrets shorter than this are not masked (see the module docstring).
 MIN_SCRUBBED = 8
@@ -27,6 +36,10 @@ MIN_SCRUBBED = 8
 _PUBLIC_PREFIX = re.compile(r"(?:[a-z]{2,5}-){1,2}")
 #: How many unknown characters a masked key must keep hidden before its last four show.
 _HIDDEN_AT_LEAST = 16
+#: Upper-case hex digits of a percent-escape, to write them in lower case too.
+_ESCAPE = re.compile(r"%[0-9A-F]{2}")
+#: Characters the two base64 alphabets write differently.
+_ALPHABET_SPECIFIC = re.compile(rb"[+/]")
 
 
 def masked(secret: str) -> str:
@@ -39,15 +52,65 @@ def masked(secret: str) -> str:
     return prefix + "*" * (rest - len(tail)) + tail
 
 
+def _masked_encoding(form: str) -> str:
+    """An encoded form of a key, as long as it, all stars but its last four characters."""
+    tail = form[-4:] if len(form) >= _HIDDEN_AT_LEAST + 4 else ""
+    return "*" * (len(form) - len(tail)) + tail
+
+
+def url_forms(secret: str) -> list[str]:
+    """``secret`` URL-escaped in the ways a URL may carry it, where that changes it."""
+    forms: list[str] = []
+    for safe in ("", "/"):
+        escaped = quote(secret, safe=safe)
+        for form in (escaped, _ESCAPE.sub(lambda m: m.group().lower(), escaped)):
+            if form != secret and form not in forms:
+                forms.append(form)
+    return forms
+
+
+def base64_forms(secret: str) -> list[tuple[bytes, list[bytes]]]:
+    """For each offset (0, 1, 2 bytes into a 3-byte group) base64 may meet ``secret`` at:
+    an anchor (a stretch of the form neither alphabet writes differently) and the forms
+    (the characters that encode the secret's bytes alone, in each alphabet)."""
+    raw = secret.encode()
+    out: list[tuple[bytes, list[bytes]]] = []
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + raw)
+        # Character i holds bits 6i..6i+5: keep those within the secret's bytes.
+        form = encoded[-(-8 * offset // 6) : (8 * (offset + len(raw))) // 6]
+        urlsafe = form.replace(b"+", b"-").replace(b"/", b"_")
+        anchor = max(_ALPHABET_SPECIFIC.split(form), key=len)
+        out.append((anchor, [form] if urlsafe == form else [form, urlsafe]))
+    return out
+
+
 class KeyScrubber:
     """The keys one call sent upstream, and what is held back of a body being masked."""
 
-    __slots__ = ("_bytes", "_held", "_last_bytes", "_text")
+    __slots__ = (
+        "_anchored",
+        "_bytes",
+        "_direct",
+        "_held",
+        "_last_bytes",
+        "_plain",
+        "_shortest",
+        "_text",
+    )
 
     def __init__(self) -> None:
         self._text: list[tuple[str, str]] = []
+        #: (form, its mask): the plaintexts and URL forms, looked for as they are ...
+        self._direct: list[tuple[bytes, bytes]] = []
+        #: ... and the base64 forms, looked for once their anchor is found.
+        self._anchored: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
+        #: Every form of every key, plaintexts first; and the plaintexts alone.
         self._bytes: list[tuple[bytes, bytes]] = []
-        #: Every byte value some key contains: a chunk ending in another cannot end in a
+        self._plain: set[bytes] = set()
+        #: The length of the shortest form: a shorter text or chunk holds none whole.
+        self._shortest = 0
+        #: Every byte value some form contains: a chunk ending in another cannot end in a
         #: partial key (SSE events end in a newline), the usual case, checked at once.
         self._last_bytes: set[int] = set()
         self._held = b""
@@ -56,13 +119,27 @@ class KeyScrubber:
         """Mask ``secret`` from now on (a call may try several keys: fallbacks)."""
         if len(secret) < MIN_SCRUBBED or any(secret == known for known, _ in self._text):
             return
-        mask = masked(secret)
-        self._text.append((secret, mask))
-        self._bytes.append((secret.encode(), mask.encode()))
-        self._last_bytes.update(secret.encode())
+        direct = [(secret, masked(secret))]
+        direct += [(form, _masked_encoding(form)) for form in url_forms(secret)]
+        self._text.extend(direct)
+        self._direct.extend((form.encode(), mask.encode()) for form, mask in direct)
+        for anchor, forms in base64_forms(secret):
+            pairs = [(form, _masked_encoding(form.decode()).encode()) for form in forms]
+            self._anchored.append((anchor, pairs))
+            self._text.extend((form.decode(), mask.decode()) for form, mask in pairs)
+        self._plain.add(secret.encode())
+        self._bytes = sorted(
+            self._direct + [pair for _, pairs in self._anchored for pair in pairs],
+            key=lambda pair: pair[0] not in self._plain,
+        )
+        for form, _ in self._bytes:
+            self._last_bytes.update(form)
+        self._shortest = min(len(form) for form, _ in self._bytes)
 
     def text(self, value: str) -> str:
         """``value`` (a header, an error message, a trace field) with every key masked."""
+        if len(value) < self._shortest:
+            return value  # too short to hold any form of a key (also: no key added)
         for secret, mask in self._text:
             if secret in value:
                 value = value.replace(secret, mask)
@@ -75,9 +152,15 @@ class KeyScrubber:
             return data
         if self._held:
             data, self._held = self._held + data, b""
-        for secret, mask in self._bytes:
-            if secret in data:
-                data = data.replace(secret, mask)
+        if len(data) >= self._shortest:
+            for secret, mask in self._direct:
+                if secret in data:
+                    data = data.replace(secret, mask)
+            for anchor, pairs in self._anchored:
+                if anchor in data:
+                    for form, mask in pairs:
+                        if form in data:
+                            data = data.replace(form, mask)
         if data and data[-1] in self._last_bytes:
             keep = self._partial_key_at_end(data)
             if keep:
@@ -85,10 +168,14 @@ class KeyScrubber:
         return data
 
     def end(self) -> bytes:
-        """What was held back when the body ended, masked as the key it began."""
+        """What was held back when the body ended, masked as the key it began (as an
+        encoded form only from a whole base64 group on: fewer characters than that tell
+        less than a masked key shows, and ordinary text often ends like one)."""
         held, self._held = self._held, b""
+        if not held:
+            return held
         for secret, mask in self._bytes:
-            if held and secret.startswith(held):
+            if secret.startswith(held) and (len(held) >= 4 or secret in self._plain):
                 return mask[: len(held)]
         return held
 
