@@ -11,7 +11,9 @@ Review findings 16.6, 16.9 and 16.14, each reproduced against a real ``tvgate se
   gateway of the same deployment (which no address check can know) it ends in one 508
   ``loop_detected`` with two traces and no slot held.
 * A provider's 3xx becomes a 502 in the API's envelope without its ``Location``; its
-  ``Content-Security-Policy`` and ``Access-Control-*`` headers are not relayed.
+  ``Content-Security-Policy`` and ``Access-Control-*`` headers are not relayed, nor what
+  it says of its own origin (HSTS, Alt-Svc, cookies, Clear-Site-Data, reporting).
+* The key echoed URL-escaped or base64-encoded is masked as the plaintext is.
 """
 
 from __future__ import annotations
