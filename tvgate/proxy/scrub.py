@@ -12,8 +12,9 @@ of hex digits) and base64-encoded (alone, or inside a longer encoded text such a
 ``Basic`` credential: the characters that encode only the key's bytes, at each of the
 three offsets base64 may meet it, in the standard and the URL-safe alphabet); such a
 form is masked as stars and its last four characters. The base64 forms are looked for
-through one anchor each, a stretch both alphabets write alike, so a chunk without the
-key costs three more searches, not six.
+through one anchor each, a stretch both alphabets write alike that starts at one of
+its seldomest characters: a chunk without the key costs three memchr calls and a look at
+the few places that character is, not six searches.
 
 A key split across two chunks: the end of a chunk that could be the start of a key (in
 any of its forms) is held back until the next chunk (or the end of the body) tells
@@ -39,7 +40,12 @@ _HIDDEN_AT_LEAST = 16
 #: Upper-case hex digits of a percent-escape, to write them in lower case too.
 _ESCAPE = re.compile(r"%[0-9A-F]{2}")
 #: Characters the two base64 alphabets write differently.
-_ALPHABET_SPECIFIC = re.compile(rb"[+/]")
+_ALPHABET_SPECIFIC = b"+/"
+#: Base64 characters by how seldom they are in what providers send (JSON, prose, code),
+#: rarest first: a base64 form is looked for from one of its rarest characters.
+_SELDOM = b"QZXJKVWYUGHBFqzjxMNRPOLDEICTASkvwbygfpmhcludrnsoieta9876543210"
+#: How long an anchor is: long enough to be the key, short enough to check at once.
+_ANCHOR = 16
 
 
 def masked(secret: str) -> str:
@@ -71,8 +77,9 @@ def url_forms(secret: str) -> list[str]:
 
 def base64_forms(secret: str) -> list[tuple[bytes, list[bytes]]]:
     """For each offset (0, 1, 2 bytes into a 3-byte group) base64 may meet ``secret`` at:
-    an anchor (a stretch of the form neither alphabet writes differently) and the forms
-    (the characters that encode the secret's bytes alone, in each alphabet)."""
+    an anchor and the forms (the characters that encode the secret's bytes alone, in
+    each alphabet). The anchor is a stretch of the form that neither alphabet writes
+    differently, starting at as seldom a character as there is (``_anchor``)."""
     raw = secret.encode()
     out: list[tuple[bytes, list[bytes]]] = []
     for offset in range(3):
@@ -80,9 +87,24 @@ def base64_forms(secret: str) -> list[tuple[bytes, list[bytes]]]:
         # Character i holds bits 6i..6i+5: keep those within the secret's bytes.
         form = encoded[-(-8 * offset // 6) : (8 * (offset + len(raw))) // 6]
         urlsafe = form.replace(b"+", b"-").replace(b"/", b"_")
-        anchor = max(_ALPHABET_SPECIFIC.split(form), key=len)
-        out.append((anchor, [form] if urlsafe == form else [form, urlsafe]))
+        out.append((_anchor(form), [form] if urlsafe == form else [form, urlsafe]))
     return out
+
+
+def _anchor(form: bytes) -> bytes:
+    """``_ANCHOR`` characters of ``form`` with no "+" or "/", starting at the seldomest
+    character such a stretch can start at (the whole form if it is that short)."""
+    starts = [
+        at
+        for at in range(len(form) - _ANCHOR + 1)
+        if not any(c in _ALPHABET_SPECIFIC for c in form[at : at + _ANCHOR])
+    ]
+    if not starts:
+        # "+" or "/" in every stretch that long: the longest stretch without them (none
+        # for a form of nothing else).
+        return max(form.replace(b"/", b"+").split(b"+"), key=len)
+    at = min(starts, key=lambda at: _SELDOM.find(form[at : at + 1]))
+    return form[at : at + _ANCHOR]
 
 
 class KeyScrubber:
@@ -104,7 +126,7 @@ class KeyScrubber:
         #: (form, its mask): the plaintexts and URL forms, looked for as they are ...
         self._direct: list[tuple[bytes, bytes]] = []
         #: ... and the base64 forms, looked for once their anchor is found.
-        self._anchored: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
+        self._anchored: list[tuple[int, bytes, list[tuple[bytes, bytes]]]] = []
         #: Every form of every key, plaintexts first; and the plaintexts alone.
         self._bytes: list[tuple[bytes, bytes]] = []
         self._plain: set[bytes] = set()
@@ -125,11 +147,14 @@ class KeyScrubber:
         self._direct.extend((form.encode(), mask.encode()) for form, mask in direct)
         for anchor, forms in base64_forms(secret):
             pairs = [(form, _masked_encoding(form.decode()).encode()) for form in forms]
-            self._anchored.append((anchor, pairs))
+            if anchor:
+                self._anchored.append((anchor[0], anchor, pairs))
+            else:  # a form of nothing but "+" and "/": looked for as it is
+                self._direct.extend(pairs)
             self._text.extend((form.decode(), mask.decode()) for form, mask in pairs)
         self._plain.add(secret.encode())
         self._bytes = sorted(
-            self._direct + [pair for _, pairs in self._anchored for pair in pairs],
+            self._direct + [pair for _, _, pairs in self._anchored for pair in pairs],
             key=lambda pair: pair[0] not in self._plain,
         )
         for form, _ in self._bytes:
@@ -156,11 +181,18 @@ class KeyScrubber:
             for secret, mask in self._direct:
                 if secret in data:
                     data = data.replace(secret, mask)
-            for anchor, pairs in self._anchored:
-                if anchor in data:
-                    for form, mask in pairs:
-                        if form in data:
-                            data = data.replace(form, mask)
+            for first, anchor, pairs in self._anchored:
+                # The anchor's first character is found by memchr (a seldom one: few
+                # places to look at), where a search for the whole anchor would
+                # prepare a table for it and read every byte.
+                at = data.find(first)
+                while at != -1:
+                    if data.startswith(anchor, at):
+                        for form, mask in pairs:
+                            if form in data:
+                                data = data.replace(form, mask)
+                        break
+                    at = data.find(first, at + 1)
         if data and data[-1] in self._last_bytes:
             keep = self._partial_key_at_end(data)
             if keep:
