@@ -27,7 +27,9 @@ ordinary text, and no provider issues keys that short.
 from __future__ import annotations
 
 import base64
+import functools
 import re
+from dataclasses import dataclass
 from urllib.parse import quote
 
 #: Secrets shorter than this are not masked (see the module docstring).
@@ -92,19 +94,64 @@ def base64_forms(secret: str) -> list[tuple[bytes, list[bytes]]]:
 
 
 def _anchor(form: bytes) -> bytes:
-    """``_ANCHOR`` characters of ``form`` with no "+" or "/", starting at the seldomest
-    character such a stretch can start at (the whole form if it is that short)."""
-    starts = [
-        at
-        for at in range(len(form) - _ANCHOR + 1)
-        if not any(c in _ALPHABET_SPECIFIC for c in form[at : at + _ANCHOR])
-    ]
-    if not starts:
-        # "+" or "/" in every stretch that long: the longest stretch without them (none
-        # for a form of nothing else).
-        return max(form.replace(b"/", b"+").split(b"+"), key=len)
-    at = min(starts, key=lambda at: _SELDOM.find(form[at : at + 1]))
-    return form[at : at + _ANCHOR]
+    """``_ANCHOR`` characters of ``form`` with no "+" or "/", starting at as seldom a
+    character as such a stretch can start at (the whole form if it is that short).
+
+    Worked out for every call (each call makes its own scrubber): a few searches of the
+    form per character tried, seldomest first, not a look at every position."""
+    if len(form) <= _ANCHOR:
+        return form if not (b"+" in form or b"/" in form) else b""
+    last = len(form) - _ANCHOR
+    for char in _SELDOM:
+        at = form.find(char, 0, last + 1)
+        while at != -1:
+            end = at + _ANCHOR
+            if form.find(b"+", at, end) == -1 and form.find(b"/", at, end) == -1:
+                return form[at:end]
+            at = form.find(char, at + 1, last + 1)
+    # "+" or "/" in every stretch that long: the longest stretch without them (none for
+    # a form of nothing else).
+    return max(form.replace(b"/", b"+").split(b"+"), key=len)
+
+
+@dataclass(frozen=True, slots=True)
+class _Forms:
+    """Every form of one key, with its mask, as ``KeyScrubber`` looks for them."""
+
+    #: (form, mask) as text, plaintext first: for headers, messages, trace fields.
+    text: tuple[tuple[str, str], ...]
+    #: As bytes: the plaintext and URL forms, looked for as they are ...
+    direct: tuple[tuple[bytes, bytes], ...]
+    #: ... and the base64 forms, by (the anchor's first byte, the anchor, its forms).
+    anchored: tuple[tuple[int, bytes, tuple[tuple[bytes, bytes], ...]], ...]
+    #: Every byte value some form contains.
+    last_bytes: frozenset[int]
+
+
+@functools.lru_cache(maxsize=128)
+def _forms(secret: str) -> _Forms:
+    """The forms of ``secret``, worked out once per key, not once per call (about 10 us:
+    URL-escaping and base64 are done in Python). Kept for the last 128 keys used, as
+    plaintexts are in the gateway's key cache."""
+    direct = [(secret, masked(secret))]
+    direct += [(form, _masked_encoding(form)) for form in url_forms(secret)]
+    text = list(direct)
+    as_bytes = [(form.encode(), mask.encode()) for form, mask in direct]
+    anchored = []
+    for anchor, forms in base64_forms(secret):
+        pairs = tuple((form, _masked_encoding(form.decode()).encode()) for form in forms)
+        if anchor:
+            anchored.append((anchor[0], anchor, pairs))
+        else:  # a form of nothing but "+" and "/": looked for as it is
+            as_bytes.extend(pairs)
+        text.extend((form.decode(), mask.decode()) for form, mask in pairs)
+    every = as_bytes + [pair for _, _, pairs in anchored for pair in pairs]
+    return _Forms(
+        tuple(text),
+        tuple(as_bytes),
+        tuple(anchored),
+        frozenset(byte for form, _ in every for byte in form),
+    )
 
 
 class KeyScrubber:
@@ -122,43 +169,32 @@ class KeyScrubber:
     )
 
     def __init__(self) -> None:
-        self._text: list[tuple[str, str]] = []
-        #: (form, its mask): the plaintexts and URL forms, looked for as they are ...
-        self._direct: list[tuple[bytes, bytes]] = []
-        #: ... and the base64 forms, looked for once their anchor is found.
-        self._anchored: list[tuple[int, bytes, list[tuple[bytes, bytes]]]] = []
+        #: What ``_Forms`` holds, of every key added.
+        self._text: tuple[tuple[str, str], ...] = ()
+        self._direct: tuple[tuple[bytes, bytes], ...] = ()
+        self._anchored: tuple[tuple[int, bytes, tuple[tuple[bytes, bytes], ...]], ...] = ()
+        self._last_bytes: frozenset[int] = frozenset()
         #: Every form of every key, plaintexts first; and the plaintexts alone.
         self._bytes: list[tuple[bytes, bytes]] = []
         self._plain: set[bytes] = set()
         #: The length of the shortest form: a shorter text or chunk holds none whole.
         self._shortest = 0
-        #: Every byte value some form contains: a chunk ending in another cannot end in a
-        #: partial key (SSE events end in a newline), the usual case, checked at once.
-        self._last_bytes: set[int] = set()
         self._held = b""
 
     def add(self, secret: str) -> None:
         """Mask ``secret`` from now on (a call may try several keys: fallbacks)."""
-        if len(secret) < MIN_SCRUBBED or any(secret == known for known, _ in self._text):
+        if len(secret) < MIN_SCRUBBED or secret.encode() in self._plain:
             return
-        direct = [(secret, masked(secret))]
-        direct += [(form, _masked_encoding(form)) for form in url_forms(secret)]
-        self._text.extend(direct)
-        self._direct.extend((form.encode(), mask.encode()) for form, mask in direct)
-        for anchor, forms in base64_forms(secret):
-            pairs = [(form, _masked_encoding(form.decode()).encode()) for form in forms]
-            if anchor:
-                self._anchored.append((anchor[0], anchor, pairs))
-            else:  # a form of nothing but "+" and "/": looked for as it is
-                self._direct.extend(pairs)
-            self._text.extend((form.decode(), mask.decode()) for form, mask in pairs)
+        forms = _forms(secret)
+        self._text += forms.text
+        self._direct += forms.direct
+        self._anchored += forms.anchored
+        self._last_bytes |= forms.last_bytes
         self._plain.add(secret.encode())
         self._bytes = sorted(
-            self._direct + [pair for _, _, pairs in self._anchored for pair in pairs],
+            [*self._direct, *(pair for _, _, pairs in self._anchored for pair in pairs)],
             key=lambda pair: pair[0] not in self._plain,
         )
-        for form, _ in self._bytes:
-            self._last_bytes.update(form)
         self._shortest = min(len(form) for form, _ in self._bytes)
 
     def text(self, value: str) -> str:
