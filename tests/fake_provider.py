@@ -59,8 +59,14 @@ Knobs that combine with any scenario (request headers):
                  also put it in their message and in their request id header; the in-band
                  error of ``error_event`` puts it in its message, written in two flushed
                  halves so that the key is split across chunks.
+                 ``url`` or ``base64`` instead of ``1`` echoes it encoded so: the header's
+                 ``Bearer <key>``, the request id's ``<key>`` and the message's ``k:<key>``
+                 (so that base64 meets the key at each of its three alignments).
 ``x-fake-cors: 1``  every answer carries ``Content-Security-Policy`` and
                  ``Access-Control-Allow-Origin: *`` (with ``-Credentials: true``).
+``x-fake-origin-headers: 1``  every answer also carries what a site says of its own
+                 origin: ``Set-Cookie``, ``Alt-Svc``, ``Clear-Site-Data``, ``NEL`` and
+                 ``Report-To`` (every answer has ``Strict-Transport-Security`` anyway).
 
 The header ``x-fake-override`` (a JSON object) makes an Anthropic Messages answer
 hostile, as a server of a member's own may be: ``usage`` (fields replacing those of
@@ -103,6 +109,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -970,11 +977,17 @@ class _Handler(tornado.web.RequestHandler):
         self.set_header("x-fake-request-id", self.fake_id)
         headers = self.request.headers
         if headers.get("x-fake-echo-key") and self.sent_key:
-            self.set_header("x-fake-echoed-key", "Bearer " + self.sent_key)
+            self.set_header("x-fake-echoed-key", self.echoed("Bearer ", self.sent_key))
         if headers.get("x-fake-cors"):
             self.set_header("Content-Security-Policy", "default-src 'none'; frame-ancestors *")
             self.set_header("Access-Control-Allow-Origin", "*")
             self.set_header("Access-Control-Allow-Credentials", "true")
+        if headers.get("x-fake-origin-headers"):
+            self.set_header("Set-Cookie", "__cf_bm=fake; path=/; HttpOnly; Secure")
+            self.set_header("Alt-Svc", 'h3=":443"; ma=86400')
+            self.set_header("Clear-Site-Data", '"cookies", "storage"')
+            self.set_header("NEL", '{"report_to": "cf-nel", "max_age": 604800}')
+            self.set_header("Report-To", '{"group": "cf-nel", "max_age": 604800}')
 
     @property
     def sent_key(self) -> str:
@@ -987,6 +1000,21 @@ class _Handler(tornado.web.RequestHandler):
     @property
     def echo_key(self) -> bool:
         return bool(self.request.headers.get("x-fake-echo-key")) and bool(self.sent_key)
+
+    def echoed(self, lead: str, key: str, encoded_lead: str = "") -> str:
+        """``lead + key`` as ``x-fake-echo-key`` asks to echo it: as is, or ``encoded_lead``
+        (else ``lead``) and the key URL-escaped or base64-encoded together."""
+        how = self.request.headers.get("x-fake-echo-key", "")
+        text = (encoded_lead or lead) + key
+        if how == "url":
+            return urllib.parse.quote(text, safe="")
+        if how == "base64":
+            return base64.b64encode(text.encode()).decode()
+        return lead + key
+
+    @property
+    def echoed_in_message(self) -> str:
+        return self.echoed("", self.sent_key, "k:")
 
     def compute_etag(self) -> str | None:
         return None
@@ -1047,7 +1075,7 @@ class _Handler(tornado.web.RequestHandler):
     def upstream_request_id(self) -> str:
         """The provider's own request id header value (unique per request)."""
         if self.echo_key and self.get_status() >= 400:
-            return "req_" + self.sent_key
+            return "req_" + self.echoed("", self.sent_key)
         if self.api == "anthropic":
             with contextlib.suppress(_HTTPError):  # a bad override is answered as an error
                 if "request_id" in self._override:
@@ -1297,7 +1325,7 @@ class _Handler(tornado.web.RequestHandler):
         reason = {529: "Overloaded"}.get(error.status)
         self.set_status(error.status, reason)
         if self.echo_key:
-            error.message += f" (the request was sent with key {self.sent_key})"
+            error.message += f" (the request was sent with key {self.echoed_in_message})"
         retry_after = error.extra.get("retry_after")
         if self.api == "anthropic":
             self._set_anthropic_headers(limited=error.status == 429)
@@ -1451,7 +1479,7 @@ class _Handler(tornado.web.RequestHandler):
                 self.write(MALFORMED_BYTES)
             if interval and frame.delta and await self._sleep(interval):
                 return
-            key = self.sent_key.encode()
+            key = self.echoed_in_message.encode()
             if self.echo_key and key in frame.data:
                 # The key split across two chunks, as a provider might happen to send it.
                 split = frame.data.index(key) + len(key) // 2
@@ -1471,7 +1499,7 @@ class _Handler(tornado.web.RequestHandler):
         event = json.loads(data)
         error = event.get("error", event)
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            error["message"] += f" (the request was sent with key {self.sent_key})"
+            error["message"] += f" (the request was sent with key {self.echoed_in_message})"
         return head + sep + _compact(event).encode() + b"\n\n"
 
 

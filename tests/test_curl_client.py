@@ -20,10 +20,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 from tornado.httpclient import HTTPRequest
+from tornado.httputil import HTTPHeaders
 
 from tests.conftest import ANTHROPIC_SECRET, free_port
 from tests.fake_provider import FakeProvider
-from tvgate.proxy.curl_client import USER_AGENT, UpstreamCurlClient
+from tvgate.proxy.curl_client import USER_AGENT, UpstreamCurlClient, _header_lines
 from tvgate.proxy.upstream import (
     CURLE_ABORTED_BY_CALLBACK,
     CURLE_COULDNT_CONNECT,
@@ -143,6 +144,28 @@ async def test_a_call_is_sent_as_given_and_streamed_back(
     assert sent.headers["user-agent"] == USER_AGENT
     assert "expect" not in sent.headers and "pragma" not in sent.headers
     assert "accept-encoding" not in sent.headers
+
+
+async def test_header_lines_go_up_as_the_stock_client_writes_them(
+    client: UpstreamCurlClient, fake_provider: FakeProvider
+) -> None:
+    """Every line in order, a repeated name on lines of its own, a Latin-1 value as Latin-1."""
+    headers = HTTPHeaders()
+    for name, value in (("X-A", "1"), ("X-Note", "caf\xe9"), ("X-A", "2")):
+        headers.add(name, value)
+    assert _header_lines(headers) == [
+        b"Expect: ",
+        b"Pragma: ",
+        b"X-A: 1",
+        b"X-A: 2",
+        b"X-Note: caf\xe9",
+    ]
+    del headers["X-Note"]
+    assert _header_lines(headers) == [b"Expect: ", b"Pragma: ", b"X-A: 1", b"X-A: 2"]
+    result, _ = await call(
+        client, fake_provider.url + "/v1/messages", headers={"x-note": "caf\xe9"}
+    )
+    assert result.curl_error == 0 and fake_provider.requests[-1].headers["x-note"] == "caf\xe9"
 
 
 async def test_a_reused_handle_carries_nothing_from_the_call_before(

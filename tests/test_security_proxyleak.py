@@ -11,13 +11,18 @@ Review findings 16.6, 16.9 and 16.14, each reproduced against a real ``tvgate se
   gateway of the same deployment (which no address check can know) it ends in one 508
   ``loop_detected`` with two traces and no slot held.
 * A provider's 3xx becomes a 502 in the API's envelope without its ``Location``; its
-  ``Content-Security-Policy`` and ``Access-Control-*`` headers are not relayed.
+  ``Content-Security-Policy`` and ``Access-Control-*`` headers are not relayed, nor what
+  it says of its own origin (HSTS, Alt-Svc, cookies, Clear-Site-Data, reporting).
+* The key echoed URL-escaped or base64-encoded is masked as the plaintext is.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import secrets
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,8 +41,10 @@ from tests.conftest import (
 )
 from tests.fake_provider import FakeProvider
 from tvgate import services
+from tvgate.keyring.local import LocalKeyring
 from tvgate.models import Org, Trace
 from tvgate.proxy.scrub import KeyScrubber, masked
+from tvgate.web import HSTS
 
 MESSAGE = {"model": "leak-echo", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 CHAT = {"model": "leak-echo-gpt", "messages": [{"role": "user", "content": "hi"}]}
@@ -56,10 +63,18 @@ class LeakOrg:
     openai_secret: str
     primary_secret: str
     backup_secret: str
+    #: A secret that URL-escaping changes (base64 keys have "+/="), on route leak-odd.
+    odd_secret: str
 
     @property
     def secrets(self) -> list[str]:
-        return [self.anthropic_secret, self.openai_secret, self.primary_secret, self.backup_secret]
+        return [
+            self.anthropic_secret,
+            self.openai_secret,
+            self.primary_secret,
+            self.backup_secret,
+            self.odd_secret,
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +98,19 @@ def leak(gateway: GatewayProcess, fake_provider: FakeProvider) -> LeakOrg:
     backup_secret = add_fake_key(
         fake_provider, org, "backup", fake_provider.url + "/scenario/error_529"
     )
+    odd_secret = "sk-ant-api03-" + base64.b64encode(secrets.token_bytes(30)).decode() + "+/=="
+    assert fake_provider.accepted_keys is not None
+    fake_provider.accepted_keys.add(odd_secret)
+    services.add_key(
+        "echo-odd",
+        "anthropic",
+        odd_secret,
+        LocalKeyring(b"k" * 32),
+        org_name=org,
+        base_url=fake_provider.url,
+        allow_private=True,
+    )
+    services.add_route("leak-odd", "echo-odd", org_name=org)
     services.add_route("leak-echo", "echo", model="claude-upstream-1", org_name=org)
     services.add_route("leak-echo-gpt", "echo-gpt", model="gpt-upstream-1", org_name=org)
     services.add_route("leak-backup", "backup", org_name=org)
@@ -96,6 +124,7 @@ def leak(gateway: GatewayProcess, fake_provider: FakeProvider) -> LeakOrg:
         openai_secret,
         primary_secret,
         backup_secret,
+        odd_secret,
     )
 
 
@@ -256,6 +285,104 @@ def test_the_scrubber_masks_a_key_split_anywhere_and_a_key_cut_short() -> None:
     # All but the last character of the key, then the body ends: nothing of it gets out.
     out = scrubber.chunk(b"key " + key[:-1].encode()) + scrubber.end()
     assert out == b"key " + masked(key)[:-1].encode()
+
+
+# --- the key echoed URL-escaped or base64-encoded ------------------------------------------
+
+
+def assert_no_encoded_key(text: str, secret: str, where: str) -> None:
+    """Neither the key URL-escaped nor any base64 run that decodes (at any of its four
+    offsets, either alphabet) to the middle of the key, which a masked form does not keep."""
+    assert urllib.parse.quote(secret, safe="") not in text, f"the URL-escaped key reached {where}"
+    middle = secret[8:-8].encode()
+    for alphabet, altchars in ((r"[A-Za-z0-9+/]", b"+/"), (r"[A-Za-z0-9_-]", b"-_")):
+        for run in re.findall(alphabet + "{16,}", text):
+            for shift in range(4):
+                part = run[shift:]
+                part = part[: len(part) - len(part) % 4]
+                decoded = base64.b64decode(part.encode(), altchars=altchars)
+                assert middle not in decoded, f"the base64-encoded key reached {where}"
+
+
+@pytest.mark.parametrize("encoding", ["url", "base64"])
+@pytest.mark.parametrize("stream", [False, True], ids=["error", "stream"])
+def test_a_key_echoed_encoded_is_masked(
+    gateway: GatewayProcess, leak: LeakOrg, encoding: str, stream: bool
+) -> None:
+    odd_secret = leak.odd_secret
+    session = uuid.uuid4().hex
+    response = post(
+        gateway,
+        leak.member,
+        {**MESSAGE, "model": "leak-odd", "stream": stream},
+        **{
+            "x-fake-echo-key": encoding,
+            "x-fake-scenario": "error_event" if stream else "error_500",
+            "x-tvgate-session": session,
+        },
+    )
+    assert response.status_code == (200 if stream else 500)
+    assert "sent with key" in response.text and "x-fake-echoed-key" in response.headers
+    assert_no_encoded_key(response.text, odd_secret, "the client's body")
+    assert_no_encoded_key(str(response.headers.multi_items()), odd_secret, "the client's headers")
+    if not stream:
+        assert int(response.headers["content-length"]) == len(response.content)
+    (trace,) = gateway.wait_traces(1, session_id=session)
+    assert "sent with key" in trace.error_message
+    for field in ("error_message", "upstream_request_id", "attempts", "error_type"):
+        assert_no_encoded_key(getattr(trace, field) or "", odd_secret, f"the trace's {field}")
+    assert_no_encoded_key(gateway.dump_database(), odd_secret, "the database")
+    assert_no_encoded_key(gateway.log_text(), odd_secret, "the log")
+
+
+def test_the_scrubber_masks_every_encoding_of_a_key_split_anywhere() -> None:
+    key = "sk-ant-" + base64.b64encode(secrets.token_bytes(24)).decode() + "+/"
+    forms = [
+        urllib.parse.quote(key, safe=""),
+        base64.b64encode(key.encode()).decode(),
+        base64.b64encode(b"Basic " + key.encode()).decode(),
+        base64.urlsafe_b64encode(b"u:" + key.encode()).decode(),
+    ]
+    for form in forms:
+        body = b'data: {"error": {"message": "bad key ' + form.encode() + b'"}}\n\n'
+        for cut in range(len(body) + 1):
+            scrubber = KeyScrubber()
+            scrubber.add(key)
+            out = scrubber.chunk(body[:cut]) + scrubber.chunk(body[cut:]) + scrubber.end()
+            assert len(out) == len(body)
+            assert_no_encoded_key(out.decode(), key, f"a chunk cut at {cut} of {form[:12]}")
+        scrubber = KeyScrubber()
+        scrubber.add(key)
+        assert_no_encoded_key(scrubber.text(form), key, "a masked text")
+
+
+# --- what a provider says of its own origin ---------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_providers_origin_headers_are_not_relayed(
+    gateway: GatewayProcess, leak: LeakOrg, stream: bool
+) -> None:
+    """HSTS, Alt-Svc, cookies, Clear-Site-Data and reporting endpoints speak for the origin
+    that sends them: the gateway's origin (which serves the web UI too) is tvgate's."""
+    response = post(
+        gateway, leak.member, {**MESSAGE, "stream": stream}, **{"x-fake-origin-headers": "1"}
+    )
+    assert response.status_code == 200
+    assert "x-fake-request-id" in response.headers  # the provider's own headers still pass
+    for name in ("strict-transport-security", "alt-svc", "set-cookie", "clear-site-data"):
+        assert name not in response.headers, name
+    for name in ("nel", "report-to"):
+        assert name not in response.headers, name
+
+
+def test_the_gateways_own_hsts_stays_on_a_proxied_answer(
+    deployment: Deployment, leak: LeakOrg
+) -> None:
+    """With an https public URL tvgate sets HSTS itself; the provider's does not replace it."""
+    response = post(deployment.first, leak.member, MESSAGE)
+    assert response.status_code == 200
+    assert response.headers.get_list("strict-transport-security") == [HSTS]
 
 
 # --- 16.9: a route through the gateway itself ---------------------------------------------

@@ -35,7 +35,7 @@ from tvgate.providers import (
     OPENAI_EMBEDDINGS,
     OPENAI_RESPONSES,
 )
-from tvgate.traces.sse import SSEEvent, SSEParser
+from tvgate.traces.sse import SSEParser
 
 #: Characters of answer an assembler keeps before it cuts (and marks) the rest.
 MAX_RETAINED = 64 * 1024 * 1024
@@ -332,8 +332,22 @@ class _Stream:
     def feed(self, chunk: bytes) -> None:
         if self._result is not None:
             return
+        # One JSON parse per event; this loop runs for every event of every stream.
+        on_event = self._on_event
+        loads = orjson.loads
         for ev in self._parser.feed(chunk):
-            self._dispatch(ev)
+            data = ev.data
+            try:
+                obj = loads(data)
+            except orjson.JSONDecodeError:
+                self._on_text(data)
+                continue
+            if type(obj) is dict:  # orjson makes plain dicts
+                # Not contextlib.suppress: that builds a context manager per event.
+                try:  # noqa: SIM105
+                    on_event(ev.event, obj, len(data))
+                except _MALFORMED:
+                    pass
 
     def finish(self) -> Assembled:
         if self._result is None:
@@ -351,19 +365,6 @@ class _Stream:
     @property
     def retained(self) -> int:
         return self._max_retained - self._budget
-
-    def _dispatch(self, ev: SSEEvent) -> None:
-        try:
-            obj = orjson.loads(ev.data)
-        except orjson.JSONDecodeError:
-            self._on_text(ev.data)
-            return
-        if isinstance(obj, dict):
-            # Not contextlib.suppress: that builds a context manager per event.
-            try:  # noqa: SIM105
-                self._on_event(ev.event, obj, len(ev.data))
-            except _MALFORMED:
-                pass
 
     def _on_text(self, data: bytes) -> None:
         """A non-JSON event, such as ``[DONE]``."""

@@ -42,6 +42,7 @@ import pycurl
 from tornado import ioloop
 from tornado.curl_httpclient import CurlAsyncHTTPClient, CurlError
 from tornado.httpclient import HTTPRequest, HTTPResponse
+from tornado.httputil import HTTPHeaders
 
 log = logging.getLogger("tvgate.proxy")
 
@@ -100,6 +101,29 @@ _RESTORE: dict[int, Callable[[TransferHandle, int], None]] = {
     pycurl.LOW_SPEED_LIMIT: lambda curl, option: _setopt(curl, option, 0),
     pycurl.LOW_SPEED_TIME: lambda curl, option: _setopt(curl, option, 0),
 }
+
+
+def _header_lines(headers: HTTPHeaders) -> list[bytes]:
+    """The request's header lines for HTTPHEADER, as the stock client writes them: names
+    in ASCII, values in Latin-1, no CR or LF anywhere (``ValueError`` otherwise)."""
+    lines = [] if "Expect" in headers else [b"Expect: "]
+    if "Pragma" not in headers:
+        # libcurl adds "Pragma: no-cache" otherwise; "Expect:" off avoids 100-continue.
+        lines.append(b"Pragma: ")
+    fields = list(headers.get_all())
+    if not fields:
+        return lines
+    # All lines written, checked and encoded at once when all are ASCII (the usual case);
+    # else line by line, which says which line is wrong (or encodes Latin-1 values).
+    text = "\n".join([f"{name}: {value}" for name, value in fields])
+    if text.isascii() and "\r" not in text and text.count("\n") == len(fields) - 1:
+        return lines + text.encode("ascii").split(b"\n")
+    for name, value in fields:
+        line = f"{name}: {value}".encode("latin-1")
+        if not name.isascii() or b"\r" in line or b"\n" in line:
+            raise ValueError(f"Illegal characters in header: {line!r}")
+        lines.append(line)
+    return lines
 
 
 class TransferHandle(pycurl.Curl):
@@ -264,18 +288,7 @@ class UpstreamCurlClient(CurlAsyncHTTPClient):
         ):
             raise ValueError("UpstreamCurlClient does not support this request's options")
         _setopt(curl, pycurl.URL, request.url)
-        headers = request.headers
-        lines = [] if "Expect" in headers else [b"Expect: "]
-        if "Pragma" not in headers:
-            # libcurl adds "Pragma: no-cache" otherwise; "Expect:" off avoids 100-continue.
-            lines.append(b"Pragma: ")
-        for name, value in headers.get_all():
-            # As the stock client: names in ASCII, values in Latin-1, no CR or LF anywhere.
-            line = f"{name}: {value}".encode("latin-1")
-            if not name.isascii() or b"\r" in line or b"\n" in line:
-                raise ValueError(f"Illegal characters in header: {line!r}")
-            lines.append(line)
-        _setopt(curl, pycurl.HTTPHEADER, lines)
+        _setopt(curl, pycurl.HTTPHEADER, _header_lines(request.headers))
         method, body = request.method, request.body
         if method == "POST":
             if body is None:

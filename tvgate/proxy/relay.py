@@ -44,7 +44,9 @@ if TYPE_CHECKING:
 #: Response headers that are the business of each hop, not of the client; and what a
 #: provider must not say on the gateway's origin, which also serves the web UI: cookies,
 #: a content security policy, CORS grants (every ``access-control-*`` header:
-#: ``_CORS_PREFIX``); and the loop mark of an upstream tvgate.
+#: ``_CORS_PREFIX``), what a browser keeps for the whole origin (HSTS, which tvgate sets
+#: itself when its public URL is https; alternative services; site data to clear; pins;
+#: where to report errors); and the loop mark of an upstream tvgate.
 _DROPPED_RESPONSE_HEADERS = frozenset(
     {
         "connection",
@@ -55,8 +57,18 @@ _DROPPED_RESPONSE_HEADERS = frozenset(
         "trailer",
         "upgrade",
         "set-cookie",
+        "set-cookie2",
         "content-security-policy",
         "content-security-policy-report-only",
+        "strict-transport-security",
+        "alt-svc",
+        "clear-site-data",
+        "public-key-pins",
+        "public-key-pins-report-only",
+        "expect-ct",
+        "nel",
+        "report-to",
+        "reporting-endpoints",
         HOP_HEADER,
     }
 )

@@ -7,18 +7,30 @@ occurrence with a masked form of the same length (the key's public prefix, stars
 last four characters, as OpenAI masks keys), so a ``Content-Length`` stays true and a
 body can be masked as it streams, without buffering it.
 
-A key split across two chunks: the end of a chunk that could be the start of a key is
-held back until the next chunk (or the end of the body) tells whether it is one. The
-end of a body is masked as the key it may have begun, so a provider that sends all but
-the last character of a key and stops gets nothing through either. Only the key's
-exact plaintext is recognised, not encodings of it (URL-escaped, base64). Secrets shorter
-than ``MIN_SCRUBBED`` are left alone: masking them would mangle ordinary text, and no
-provider issues keys that short.
+The key is also recognised URL-escaped (as a query or a path would carry it, either case
+of hex digits) and base64-encoded (alone, or inside a longer encoded text such as a
+``Basic`` credential: the characters that encode only the key's bytes, at each of the
+three offsets base64 may meet it, in the standard and the URL-safe alphabet); such a
+form is masked as stars and its last four characters. The base64 forms are looked for
+through one anchor each, a stretch both alphabets write alike that starts at one of
+its seldomest characters: a chunk without the key costs three memchr calls and a look at
+the few places that character is, not six searches.
+
+A key split across two chunks: the end of a chunk that could be the start of a key (in
+any of its forms) is held back until the next chunk (or the end of the body) tells
+whether it is one. The end of a body is masked as the key it may have begun, so a
+provider that sends all but the last character of a key and stops gets nothing through
+either. Secrets shorter than ``MIN_SCRUBBED`` are left alone: masking them would mangle
+ordinary text, and no provider issues keys that short.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
 import re
+from dataclasses import dataclass
+from urllib.parse import quote
 
 #: Secrets shorter than this are not masked (see the module docstring).
 MIN_SCRUBBED = 8
@@ -27,6 +39,15 @@ MIN_SCRUBBED = 8
 _PUBLIC_PREFIX = re.compile(r"(?:[a-z]{2,5}-){1,2}")
 #: How many unknown characters a masked key must keep hidden before its last four show.
 _HIDDEN_AT_LEAST = 16
+#: Upper-case hex digits of a percent-escape, to write them in lower case too.
+_ESCAPE = re.compile(r"%[0-9A-F]{2}")
+#: Characters the two base64 alphabets write differently.
+_ALPHABET_SPECIFIC = b"+/"
+#: Base64 characters by how seldom they are in what providers send (JSON, prose, code),
+#: rarest first: a base64 form is looked for from one of its rarest characters.
+_SELDOM = b"QZXJKVWYUGHBFqzjxMNRPOLDEICTASkvwbygfpmhcludrnsoieta9876543210"
+#: How long an anchor is: long enough to be the key, short enough to check at once.
+_ANCHOR = 16
 
 
 def masked(secret: str) -> str:
@@ -39,30 +60,147 @@ def masked(secret: str) -> str:
     return prefix + "*" * (rest - len(tail)) + tail
 
 
+def _masked_encoding(form: str) -> str:
+    """An encoded form of a key, as long as it, all stars but its last four characters."""
+    tail = form[-4:] if len(form) >= _HIDDEN_AT_LEAST + 4 else ""
+    return "*" * (len(form) - len(tail)) + tail
+
+
+def url_forms(secret: str) -> list[str]:
+    """``secret`` URL-escaped in the ways a URL may carry it, where that changes it."""
+    forms: list[str] = []
+    for safe in ("", "/"):
+        escaped = quote(secret, safe=safe)
+        for form in (escaped, _ESCAPE.sub(lambda m: m.group().lower(), escaped)):
+            if form != secret and form not in forms:
+                forms.append(form)
+    return forms
+
+
+def base64_forms(secret: str) -> list[tuple[bytes, list[bytes]]]:
+    """For each offset (0, 1, 2 bytes into a 3-byte group) base64 may meet ``secret`` at:
+    an anchor and the forms (the characters that encode the secret's bytes alone, in
+    each alphabet). The anchor is a stretch of the form that neither alphabet writes
+    differently, starting at as seldom a character as there is (``_anchor``)."""
+    raw = secret.encode()
+    out: list[tuple[bytes, list[bytes]]] = []
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + raw)
+        # Character i holds bits 6i..6i+5: keep those within the secret's bytes.
+        form = encoded[-(-8 * offset // 6) : (8 * (offset + len(raw))) // 6]
+        urlsafe = form.replace(b"+", b"-").replace(b"/", b"_")
+        out.append((_anchor(form), [form] if urlsafe == form else [form, urlsafe]))
+    return out
+
+
+def _anchor(form: bytes) -> bytes:
+    """``_ANCHOR`` characters of ``form`` with no "+" or "/", starting at as seldom a
+    character as such a stretch can start at (the whole form if it is that short).
+
+    Worked out for every call (each call makes its own scrubber): a few searches of the
+    form per character tried, seldomest first, not a look at every position."""
+    if len(form) <= _ANCHOR:
+        return form if not (b"+" in form or b"/" in form) else b""
+    last = len(form) - _ANCHOR
+    for char in _SELDOM:
+        at = form.find(char, 0, last + 1)
+        while at != -1:
+            end = at + _ANCHOR
+            if form.find(b"+", at, end) == -1 and form.find(b"/", at, end) == -1:
+                return form[at:end]
+            at = form.find(char, at + 1, last + 1)
+    # "+" or "/" in every stretch that long: the longest stretch without them (none for
+    # a form of nothing else).
+    return max(form.replace(b"/", b"+").split(b"+"), key=len)
+
+
+@dataclass(frozen=True, slots=True)
+class _Forms:
+    """Every form of one key, with its mask, as ``KeyScrubber`` looks for them."""
+
+    #: (form, mask) as text, plaintext first: for headers, messages, trace fields.
+    text: tuple[tuple[str, str], ...]
+    #: As bytes: the plaintext and URL forms, looked for as they are ...
+    direct: tuple[tuple[bytes, bytes], ...]
+    #: ... and the base64 forms, by (the anchor's first byte, the anchor, its forms).
+    anchored: tuple[tuple[int, bytes, tuple[tuple[bytes, bytes], ...]], ...]
+    #: Every byte value some form contains.
+    last_bytes: frozenset[int]
+
+
+@functools.lru_cache(maxsize=128)
+def _forms(secret: str) -> _Forms:
+    """The forms of ``secret``, worked out once per key, not once per call (about 10 us:
+    URL-escaping and base64 are done in Python). Kept for the last 128 keys used, as
+    plaintexts are in the gateway's key cache."""
+    direct = [(secret, masked(secret))]
+    direct += [(form, _masked_encoding(form)) for form in url_forms(secret)]
+    text = list(direct)
+    as_bytes = [(form.encode(), mask.encode()) for form, mask in direct]
+    anchored = []
+    for anchor, forms in base64_forms(secret):
+        pairs = tuple((form, _masked_encoding(form.decode()).encode()) for form in forms)
+        if anchor:
+            anchored.append((anchor[0], anchor, pairs))
+        else:  # a form of nothing but "+" and "/": looked for as it is
+            as_bytes.extend(pairs)
+        text.extend((form.decode(), mask.decode()) for form, mask in pairs)
+    every = as_bytes + [pair for _, _, pairs in anchored for pair in pairs]
+    return _Forms(
+        tuple(text),
+        tuple(as_bytes),
+        tuple(anchored),
+        frozenset(byte for form, _ in every for byte in form),
+    )
+
+
 class KeyScrubber:
     """The keys one call sent upstream, and what is held back of a body being masked."""
 
-    __slots__ = ("_bytes", "_held", "_last_bytes", "_text")
+    __slots__ = (
+        "_anchored",
+        "_bytes",
+        "_direct",
+        "_held",
+        "_last_bytes",
+        "_plain",
+        "_shortest",
+        "_text",
+    )
 
     def __init__(self) -> None:
-        self._text: list[tuple[str, str]] = []
+        #: What ``_Forms`` holds, of every key added.
+        self._text: tuple[tuple[str, str], ...] = ()
+        self._direct: tuple[tuple[bytes, bytes], ...] = ()
+        self._anchored: tuple[tuple[int, bytes, tuple[tuple[bytes, bytes], ...]], ...] = ()
+        self._last_bytes: frozenset[int] = frozenset()
+        #: Every form of every key, plaintexts first; and the plaintexts alone.
         self._bytes: list[tuple[bytes, bytes]] = []
-        #: Every byte value some key contains: a chunk ending in another cannot end in a
-        #: partial key (SSE events end in a newline), the usual case, checked at once.
-        self._last_bytes: set[int] = set()
+        self._plain: set[bytes] = set()
+        #: The length of the shortest form: a shorter text or chunk holds none whole.
+        self._shortest = 0
         self._held = b""
 
     def add(self, secret: str) -> None:
         """Mask ``secret`` from now on (a call may try several keys: fallbacks)."""
-        if len(secret) < MIN_SCRUBBED or any(secret == known for known, _ in self._text):
+        if len(secret) < MIN_SCRUBBED or secret.encode() in self._plain:
             return
-        mask = masked(secret)
-        self._text.append((secret, mask))
-        self._bytes.append((secret.encode(), mask.encode()))
-        self._last_bytes.update(secret.encode())
+        forms = _forms(secret)
+        self._text += forms.text
+        self._direct += forms.direct
+        self._anchored += forms.anchored
+        self._last_bytes |= forms.last_bytes
+        self._plain.add(secret.encode())
+        self._bytes = sorted(
+            [*self._direct, *(pair for _, _, pairs in self._anchored for pair in pairs)],
+            key=lambda pair: pair[0] not in self._plain,
+        )
+        self._shortest = min(len(form) for form, _ in self._bytes)
 
     def text(self, value: str) -> str:
         """``value`` (a header, an error message, a trace field) with every key masked."""
+        if len(value) < self._shortest:
+            return value  # too short to hold any form of a key (also: no key added)
         for secret, mask in self._text:
             if secret in value:
                 value = value.replace(secret, mask)
@@ -75,9 +213,22 @@ class KeyScrubber:
             return data
         if self._held:
             data, self._held = self._held + data, b""
-        for secret, mask in self._bytes:
-            if secret in data:
-                data = data.replace(secret, mask)
+        if len(data) >= self._shortest:
+            for secret, mask in self._direct:
+                if secret in data:
+                    data = data.replace(secret, mask)
+            for first, anchor, pairs in self._anchored:
+                # The anchor's first character is found by memchr (a seldom one: few
+                # places to look at), where a search for the whole anchor would
+                # prepare a table for it and read every byte.
+                at = data.find(first)
+                while at != -1:
+                    if data.startswith(anchor, at):
+                        for form, mask in pairs:
+                            if form in data:
+                                data = data.replace(form, mask)
+                        break
+                    at = data.find(first, at + 1)
         if data and data[-1] in self._last_bytes:
             keep = self._partial_key_at_end(data)
             if keep:
@@ -85,10 +236,14 @@ class KeyScrubber:
         return data
 
     def end(self) -> bytes:
-        """What was held back when the body ended, masked as the key it began."""
+        """What was held back when the body ended, masked as the key it began (as an
+        encoded form only from a whole base64 group on: fewer characters than that tell
+        less than a masked key shows, and ordinary text often ends like one)."""
         held, self._held = self._held, b""
+        if not held:
+            return held
         for secret, mask in self._bytes:
-            if held and secret.startswith(held):
+            if secret.startswith(held) and (len(held) >= 4 or secret in self._plain):
                 return mask[: len(held)]
         return held
 

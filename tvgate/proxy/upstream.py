@@ -266,7 +266,8 @@ class UpstreamExchange:
         self.timed_out = False
         self.last_activity = time.monotonic()
         self.status = 0
-        self._headers: list[tuple[str, str]] = []
+        #: The field lines of the header block being received, as libcurl gave them.
+        self._lines: list[bytes] = []
         self._curl: pycurl.Curl | None = None
         # The request refers back to this exchange (prepare_curl_callback); only run()
         # holds it, so that no reference cycle keeps a finished call for the collector.
@@ -298,19 +299,20 @@ class UpstreamExchange:
     # --- curl callbacks: run inside curl_multi_socket_action on the IOLoop thread ---
 
     def _on_header_line(self, raw: bytes) -> None:
-        self.last_activity = time.monotonic()
-        line = raw.decode("latin-1").rstrip("\r\n")
-        if line.startswith("HTTP/"):
+        # Called once per line (libcurl hands over whole lines): a field line is only kept,
+        # and the block is read at its blank line, decoded and split once.
+        if raw == b"\r\n" or raw == b"\n":
+            self.last_activity = time.monotonic()
+            if self.status >= 200 and self.listener is not None:
+                self.listener.on_upstream_headers(self.status, _header_fields(self._lines))
+        elif raw.startswith(b"HTTP/"):
             # A new header block (after a 1xx, or the first one).
-            parts = line.split(" ", 2)
+            self.last_activity = time.monotonic()
+            parts = raw.decode("latin-1").rstrip("\r\n").split(" ", 2)
             self.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-            self._headers = []
-        elif line:
-            name, sep, value = line.partition(":")
-            if sep and name and not name[0].isspace():
-                self._headers.append((name.strip(), value.strip()))
-        elif self.status >= 200 and self.listener is not None:
-            self.listener.on_upstream_headers(self.status, self._headers)
+            self._lines = []
+        else:
+            self._lines.append(raw)
 
     def _on_body(self, chunk: bytes) -> int | None:
         if self.aborted or self.listener is None:
@@ -393,6 +395,18 @@ class UpstreamExchange:
         return UpstreamResult(
             curl_error, message, self.refused, self.timed_out, host, cause, connecting
         )
+
+
+def _header_fields(lines: list[bytes]) -> list[tuple[str, str]]:
+    """(name, value) of each field line of a header block, as Latin-1 text, stripped; a
+    line that is not ``name: value`` (an obsolete continuation, a stray line) is skipped.
+    Every line ends in a newline (libcurl's header function is given whole lines)."""
+    fields = []
+    for line in b"".join(lines).decode("latin-1").split("\n"):
+        name, sep, value = line.partition(":")
+        if sep and name and not name[0].isspace():
+            fields.append((name.strip(), value.strip()))
+    return fields
 
 
 def upstream_url(base_url: str, path: str, query: str) -> str:

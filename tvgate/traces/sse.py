@@ -158,22 +158,25 @@ class SSEParser:
         ending in "\\n" only and no event anywhere near ``max_event_bytes``: the rules
         of ``_line``, without its per-line bookkeeping."""
         pos = 0
-        match = _SIMPLE_EVENT.match
-        while pos < end:
-            simple = match(chunk, pos, end)
-            if simple is None:
-                self._blocks(chunk[pos : end - 2], out)
-                return
-            name = simple.group(1)
+        names = _EVENT_NAMES
+        append = out.append
+        # Successive matches, as long as each starts where the last one ended: the first
+        # gap is an event of another shape, and the rest goes through _blocks.
+        for simple in _SIMPLE_EVENT.finditer(chunk, 0, end):
+            if simple.start() != pos:
+                break
+            name, data = simple.groups()
             event = None
             if name:
-                event = _EVENT_NAMES.get(name)
+                event = names.get(name)
                 if event is None:
                     event = name.decode("utf-8", "replace")
-                    if len(_EVENT_NAMES) < _EVENT_NAMES_MAX:
-                        _EVENT_NAMES[name] = event
-            out.append(SSEEvent(event, simple.group(2)))
+                    if len(names) < _EVENT_NAMES_MAX:
+                        names[name] = event
+            append(SSEEvent(event, data))
             pos = simple.end()
+        if pos < end:
+            self._blocks(chunk[pos : end - 2], out)
 
     def _blocks(self, events: bytes, out: list[SSEEvent]) -> None:
         """:meth:`_whole_events` for any shape: ``events`` lacks its last blank line."""
