@@ -8,7 +8,6 @@ import re
 import sqlite3
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import anthropic
@@ -16,21 +15,13 @@ import pytest
 
 from tests.conftest import ROOT, free_port, gateway_env, start_gateway, stop_gateway
 from tests.fake_provider import FakeProvider
+from tests.harness import run_cli
 
 SECRET = "sk-ant-api03-cli-canary-0123456789abcdef"
 
 
 def run(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tvgate.cli", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(env, *args, stdin=stdin, cwd=ROOT)
 
 
 @pytest.fixture

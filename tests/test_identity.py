@@ -15,7 +15,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from tests.conftest import GatewayProcess, launch_gateway, stop_gateway
+from tests.conftest import (
+    GatewayProcess,
+    beside,
+    visdom_env,
+)
 from tests.fake_provider import FakeProvider
 from tests.fake_visdom import FakeVisdom
 from tvgate.models import Org, User
@@ -67,13 +71,9 @@ def visdom(keys: Keys) -> Iterator[FakeVisdom]:
 @pytest.fixture(scope="module")
 def idgate(gateway: GatewayProcess, visdom: FakeVisdom) -> Iterator[GatewayProcess]:
     """A second gateway on the same database, with Visdom Trace and a JWT issuer configured."""
-    gw = launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        gateway.tokens,
-        TVGATE_VISDOM_URL=visdom.url,
-        TVGATE_VISDOM_CACHE_TTL="1",
-        TVGATE_VISDOM_NEGATIVE_TTL="0.5",
+    with beside(
+        gateway,
+        **visdom_env(visdom.url),
         TVGATE_JWT_ISSUER=ISSUER,
         TVGATE_JWT_AUDIENCE=AUDIENCE,
         TVGATE_JWT_ALGORITHMS="RS256,ES256,EdDSA,HS256",
@@ -81,16 +81,15 @@ def idgate(gateway: GatewayProcess, visdom: FakeVisdom) -> Iterator[GatewayProce
         TVGATE_JWT_SECRET=HMAC_SECRET,
         TVGATE_JWT_LEEWAY="0",
         TVGATE_JWT_JWKS_REFETCH_INTERVAL="1",
-    )
-    # acme and other were made in tvgate: only an operator's link lets outside orgs in.
-    links = [("acme", "--jwt-org", "acme")] + [
-        (name, "--visdom-org-id", visdom.orgs[name].org_id) for name in ("acme", "other")
-    ]
-    for name, option, value in links:
-        linked = gw.cli("orgs", "link", name, option, value)
-        assert linked.returncode == 0, linked.stderr
-    yield gw
-    stop_gateway(gw.proc)
+    ) as gw:
+        # acme and other were made in tvgate: only an operator's link lets outside orgs in.
+        links = [("acme", "--jwt-org", "acme")] + [
+            (name, "--visdom-org-id", visdom.orgs[name].org_id) for name in ("acme", "other")
+        ]
+        for name, option, value in links:
+            linked = gw.cli("orgs", "link", name, option, value)
+            assert linked.returncode == 0, linked.stderr
+        yield gw
 
 
 def call(

@@ -29,8 +29,7 @@ import pytest
 from tests.conftest import (
     GatewayProcess,
     add_fake_key,
-    launch_gateway,
-    stop_gateway,
+    beside,
 )
 from tests.fake_provider import FakeProvider
 from tvgate import services
@@ -165,15 +164,12 @@ def no_keys_left(gateway: GatewayProcess) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def strict(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
     """A second gateway on the same database with private upstreams refused (the default)."""
-    gw = launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        gateway.tokens,
+    with beside(
+        gateway,
         TVGATE_ALLOW_PRIVATE_UPSTREAMS="false",
         TVGATE_ALLOW_PRIVATE_USER_UPSTREAMS="false",
-    )
-    yield gw
-    stop_gateway(gw.proc)
+    ) as gw:
+        yield gw
 
 
 # --- 22.3: a key's base URL ---

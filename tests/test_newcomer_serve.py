@@ -25,8 +25,8 @@ from tests.conftest import (
     GatewayProcess,
     free_port,
     gateway_env,
+    launch_gateway,
     seed,
-    start_gateway,
     stop_gateway,
 )
 from tests.fake_provider import FakeProvider
@@ -37,16 +37,8 @@ def launch(data_dir: Path, fake: FakeProvider, **extra_env: str) -> GatewayProce
     """A seeded SQLite gateway of this test's own on a free port."""
     database_url = f"sqlite:///{data_dir / 'tvgate.db'}"
     tokens = seed(database_url, data_dir, fake)
-    env = gateway_env(database_url, data_dir, free_port(), **extra_env)
-    log_path = data_dir / "tvgate.log"
-    return GatewayProcess(
-        url="http://" + env["TVGATE_LISTEN"],
-        database_url=database_url,
-        data_dir=data_dir,
-        env=env,
-        proc=start_gateway(env, log_path),
-        log_path=log_path,
-        tokens=tokens,
+    return launch_gateway(
+        database_url, data_dir, tokens, log_path=data_dir / "tvgate.log", **extra_env
     )
 
 

@@ -31,11 +31,9 @@ import pytest
 from tests.conftest import (
     GatewayProcess,
     free_port,
-    gateway_env,
     launch_gateway,
     scrape,
     seed,
-    start_gateway,
     stop_gateway,
 )
 from tests.fake_provider import FakeProvider
@@ -74,17 +72,8 @@ def launch(
     database_url: str, data_dir: Path, log_dir: Path, tokens: dict[str, str], **env: str
 ) -> GatewayProcess:
     """A gateway whose log is outside its data directory (which may be full)."""
-    gw_env = gateway_env(database_url, data_dir, free_port(), **env)
     log_path = log_dir / f"tvgate-{uuid.uuid4().hex[:8]}.log"
-    return GatewayProcess(
-        url="http://" + gw_env["TVGATE_LISTEN"],
-        database_url=database_url,
-        data_dir=data_dir,
-        env=gw_env,
-        proc=start_gateway(gw_env, log_path),
-        log_path=log_path,
-        tokens=tokens,
-    )
+    return launch_gateway(database_url, data_dir, tokens, log_path=log_path, **env)
 
 
 def ask(gw: GatewayProcess, session: str) -> int:

@@ -23,6 +23,7 @@ import pytest
 from tests.conftest import (
     ANTHROPIC_SECRET,
     GatewayProcess,
+    beside,
     free_port,
     launch_gateway,
     stop_gateway,
@@ -372,29 +373,23 @@ def _org_without_routes() -> PriceOrg:
 @pytest.fixture(scope="module")
 def user_switch_off(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
     """Private upstreams allowed for the operator's and admins' keys, not for members' own."""
-    gw = launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        gateway.tokens,
+    with beside(
+        gateway,
         TVGATE_ALLOW_PRIVATE_UPSTREAMS="true",
         TVGATE_ALLOW_PRIVATE_USER_UPSTREAMS="false",
-    )
-    yield gw
-    stop_gateway(gw.proc)
+    ) as gw:
+        yield gw
 
 
 @pytest.fixture(scope="module")
 def all_switches_off(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
-    gw = launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        gateway.tokens,
+    with beside(
+        gateway,
         TVGATE_ALLOW_PRIVATE_UPSTREAMS="false",
         TVGATE_ALLOW_PRIVATE_USER_UPSTREAMS="false",
         TVGATE_CONNECT_TIMEOUT="3",
-    )
-    yield gw
-    stop_gateway(gw.proc)
+    ) as gw:
+        yield gw
 
 
 def add_key(gw: GatewayProcess, token: str, name: str, base_url: str) -> httpx2.Response:

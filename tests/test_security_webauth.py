@@ -27,6 +27,7 @@ import pytest
 from tests.conftest import (
     ANTHROPIC_SECRET,
     GatewayProcess,
+    beside,
     free_port,
     gateway_env,
     launch_gateway,
@@ -86,16 +87,13 @@ def forwarded() -> str:
 @pytest.fixture(scope="module")
 def behind_nginx(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
     """Two workers behind a trusted nginx, with a small sign-in limit."""
-    gw = launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        gateway.tokens,
+    with beside(
+        gateway,
         TVGATE_TRUSTED_PROXIES=PROXIES,
         TVGATE_LOGIN_ATTEMPTS=str(LIMIT),
         TVGATE_WORKERS="2",
-    )
-    yield gw
-    stop_gateway(gw.proc)
+    ) as gw:
+        yield gw
 
 
 # --- 16.10: sign-in limits behind nginx ---

@@ -27,6 +27,7 @@ from tests.conftest import (
     GatewayProcess,
     free_port,
     gateway_env,
+    launch_gateway,
     scrape,
     seed,
     start_gateway,
@@ -47,17 +48,8 @@ def launch(tmp_path: Path, fake: FakeProvider, **extra_env: str) -> GatewayProce
     data_dir = tmp_path / "data"
     database_url = f"sqlite:///{data_dir / 'tvgate.db'}"
     tokens = seed(database_url, data_dir, fake)
-    env = gateway_env(database_url, data_dir, free_port(), **extra_env)
-    log_path = tmp_path / "tvgate.log"
-    proc = start_gateway(env, log_path)
-    return GatewayProcess(
-        url="http://" + env["TVGATE_LISTEN"],
-        database_url=database_url,
-        data_dir=data_dir,
-        env=env,
-        proc=proc,
-        log_path=log_path,
-        tokens=tokens,
+    return launch_gateway(
+        database_url, data_dir, tokens, log_path=tmp_path / "tvgate.log", **extra_env
     )
 
 
