@@ -242,7 +242,7 @@ def start_tvgate(
     env = harness.serve_env(
         database_url,
         data_dir,
-        free_port(),
+        0,
         MASTER_KEY,
         # Every connection of the load generators comes from 127.0.0.1 (1,000 at once
         # in the drip workload): the per-address cap is for clients, not for them.

@@ -73,8 +73,8 @@ def postgres_database(prefix: str = "tvgate_test_", admin_dsn: str = PG_ADMIN_DS
 
 
 def free_port() -> int:
-    """A port nothing listens on now (for fakes and servers that cannot bind port 0 and
-    report it; another process may take it before they bind it)."""
+    """A port nothing listens on now, for fakes and servers that cannot bind port 0 and
+    report it (another process may take it before they bind it: gateways start on port 0)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -201,17 +201,30 @@ def gateway_env(database_url: str, data_dir: Path, port: int, **extra: str) -> d
 
 def start_gateway(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     """``tvgate serve`` with ``env``, once it answers ``/healthz``; its output goes to
-    ``log_path``."""
+    ``log_path``. On port 0 the gateway binds a port of the kernel's choice and writes it
+    to ``--port-file``: ``env["TVGATE_LISTEN"]`` is then set to that address (so that a
+    restart with ``env`` comes back on the same port)."""
+    host, _, port = env["TVGATE_LISTEN"].rpartition(":")
+    port_file = log_path.with_name(log_path.name + ".port")
+    port_file.unlink(missing_ok=True)
+    args = ["--port-file", str(port_file)] if port == "0" else []
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tvgate.cli", "serve"],
+            [sys.executable, "-m", "tvgate.cli", "serve", *args],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
-    url = "http://" + env["TVGATE_LISTEN"]
     deadline = time.monotonic() + 30
+    while args and not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_process(proc)
+            raise RuntimeError(f"tvgate reported no port:\n{log_path.read_text()}")
+        time.sleep(0.02)
+    if args:
+        env["TVGATE_LISTEN"] = f"{host}:{port_file.read_text().strip()}"
+    url = "http://" + env["TVGATE_LISTEN"]
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"tvgate exited with {proc.returncode}:\n{log_path.read_text()}")
@@ -252,12 +265,12 @@ def launch_gateway(
     """Start ``tvgate serve`` over an already seeded database: the suite's settings without
     ``unset``, then ``extra_env``. The log is ``log_path``, or a file of its
     own in ``data_dir``."""
-    env = gateway_env(database_url, data_dir, free_port())
+    env = gateway_env(database_url, data_dir, 0)
     for name in unset:
         del env[name]
     env.update(extra_env)
     if log_path is None:
-        log_path = data_dir / f"tvgate-{env['TVGATE_LISTEN'].rsplit(':', 1)[1]}.log"
+        log_path = data_dir / f"tvgate-{secrets.token_hex(4)}.log"
     proc = start_gateway(env, log_path)
     return GatewayProcess(
         url="http://" + env["TVGATE_LISTEN"],

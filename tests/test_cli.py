@@ -13,7 +13,7 @@ from pathlib import Path
 import anthropic
 import pytest
 
-from tests.conftest import ROOT, free_port, gateway_env, start_gateway, stop_gateway
+from tests.conftest import ROOT, gateway_env, start_gateway, stop_gateway
 from tests.fake_provider import FakeProvider
 from tests.harness import run_cli
 
@@ -26,9 +26,7 @@ def run(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.Complete
 
 @pytest.fixture
 def fresh_env(tmp_path: Path) -> dict[str, str]:
-    env = gateway_env(
-        f"sqlite:///{tmp_path / 'data' / 'tvgate.db'}", tmp_path / "data", free_port()
-    )
+    env = gateway_env(f"sqlite:///{tmp_path / 'data' / 'tvgate.db'}", tmp_path / "data", 0)
     # The embedded default: a master key file in the data directory, not the environment.
     del env["TVGATE_MASTER_KEY"]
     return env

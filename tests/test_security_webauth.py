@@ -257,7 +257,7 @@ def test_sqlite_files_are_private_to_the_service_user(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     database = data_dir / "tvgate.db"
-    env = gateway_env(f"sqlite:///{database}", data_dir, free_port())
+    env = gateway_env(f"sqlite:///{database}", data_dir, 0)
     proc = start_gateway(env, tmp_path / "tvgate.log")
     try:
         # A request that reads the database, so that the WAL and shared-memory files exist.

@@ -253,7 +253,7 @@ def test_logs_are_json_lines_without_secrets_or_prompts_and_sighup_reloads(
     data_dir = tmp_path / "data"
     database_url = f"sqlite:///{data_dir / 'tvgate.db'}"
     tokens = seed(database_url, data_dir, fake_provider)
-    env = gateway_env(database_url, data_dir, free_port(), TVGATE_CONFIG=str(config))
+    env = gateway_env(database_url, data_dir, 0, TVGATE_CONFIG=str(config))
     del env["TVGATE_LOG_LEVEL"]  # from the file, so that a reload can change it
     log_path = tmp_path / "tvgate.log"
     proc = start_gateway(env, log_path)
@@ -446,3 +446,33 @@ def test_healthz_names_the_worker(gateway: GatewayProcess) -> None:
     ready = httpx2.get(gateway.url + "/readyz", timeout=10).json()
     assert ready["ready"] is True
     assert ready["checks"] == {"database": "ok", "keyring": "ok", "identity": "ok"}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_on_port_0_reports_the_port_it_bound_and_every_worker_serves_there(
+    tmp_path: Path, fake_provider: FakeProvider, workers: int
+) -> None:
+    gw = launch(tmp_path, fake_provider, TVGATE_WORKERS=str(workers))
+    try:
+        assert gw.env["TVGATE_LISTEN"] != "127.0.0.1:0"
+        port = int((tmp_path / "tvgate.log.port").read_text())
+        assert port != 0 and gw.url == f"http://127.0.0.1:{port}"
+        log = gw.log_text()
+        for worker in range(workers):
+            assert re.search(
+                rf"tvgate worker {worker} \(pid \d+\) listening on http://127\.0\.0\.1:{port}\b",
+                log,
+            ), log
+        seen: set[int] = set()
+        for _ in range(200):
+            # A new connection each time: the kernel spreads connections over the workers.
+            seen.add(httpx2.get(gw.url + "/healthz", timeout=5).json()["worker"])
+            if len(seen) == workers:
+                break
+        assert seen == set(range(workers))
+        client = anthropic.Anthropic(
+            base_url=gw.url, api_key=gw.tokens["dev@acme.test"], max_retries=0
+        )
+        assert client.messages.create(**MESSAGE_BODY).content  # type: ignore[arg-type]
+    finally:
+        stop_gateway(gw.proc)
