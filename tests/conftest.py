@@ -32,6 +32,7 @@ from tests.harness import (
     beside,
     free_port,
     gateway_env,
+    gateway_process,
     launch_gateway,
     pg_execute,
     postgres_database,
@@ -55,6 +56,7 @@ __all__ = [
     "beside",
     "free_port",
     "gateway_env",
+    "gateway_process",
     "launch_gateway",
     "pg_execute",
     "running_gateway",
@@ -303,14 +305,10 @@ def vault_gateways(vault: VaultEnv, tmp_path: Path) -> Iterator[GatewayFactory]:
         data_dir = tmp_path / name
         data_dir.mkdir(parents=True, exist_ok=True)
         url = database_url or f"sqlite:///{data_dir / 'tvgate.db'}"
-        gateway = launch_gateway(
-            url,
-            data_dir,
-            seed_users(url),
-            log_path=data_dir / "tvgate.log",
-            unset=("TVGATE_MASTER_KEY",),
-            **{**(vault_env or vault).env(), **env},
-        )
+        gw_env = gateway_env(url, data_dir, 0, **(vault_env or vault).env())
+        del gw_env["TVGATE_MASTER_KEY"]
+        gw_env.update(env)
+        gateway = gateway_process(gw_env, seed_users(url), data_dir / "tvgate.log")
         started.append(gateway)
         return gateway
 

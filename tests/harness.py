@@ -253,29 +253,14 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 stop_gateway = stop_process
 
 
-def launch_gateway(
-    database_url: str,
-    data_dir: Path,
-    tokens: dict[str, str],
-    *,
-    log_path: Path | None = None,
-    unset: tuple[str, ...] = (),
-    **extra_env: str,
-) -> GatewayProcess:
-    """Start ``tvgate serve`` over an already seeded database: the suite's settings without
-    ``unset``, then ``extra_env``. The log is ``log_path``, or a file of its
-    own in ``data_dir``."""
-    env = gateway_env(database_url, data_dir, 0)
-    for name in unset:
-        del env[name]
-    env.update(extra_env)
-    if log_path is None:
-        log_path = data_dir / f"tvgate-{secrets.token_hex(4)}.log"
+def gateway_process(env: dict[str, str], tokens: dict[str, str], log_path: Path) -> GatewayProcess:
+    """``start_gateway(env, log_path)``, as a GatewayProcess over the env's database and data
+    directory, with the tokens the test seeded there."""
     proc = start_gateway(env, log_path)
     return GatewayProcess(
         url="http://" + env["TVGATE_LISTEN"],
-        database_url=database_url,
-        data_dir=data_dir,
+        database_url=env["TVGATE_DATABASE_URL"],
+        data_dir=Path(env["TVGATE_DATA_DIR"]),
         env=env,
         proc=proc,
         log_path=log_path,
@@ -283,9 +268,18 @@ def launch_gateway(
     )
 
 
+def launch_gateway(
+    database_url: str, data_dir: Path, tokens: dict[str, str], **extra_env: str
+) -> GatewayProcess:
+    """Start ``tvgate serve`` over an already seeded database, with ``extra_env`` on top of
+    the suite's settings; its log is a file of its own in ``data_dir``."""
+    env = gateway_env(database_url, data_dir, 0, **extra_env)
+    return gateway_process(env, tokens, data_dir / f"tvgate-{secrets.token_hex(4)}.log")
+
+
 @contextmanager
 def running_gateway(
-    database_url: str, data_dir: Path, tokens: dict[str, str], **extra_env: Any
+    database_url: str, data_dir: Path, tokens: dict[str, str], **extra_env: str
 ) -> Iterator[GatewayProcess]:
     """``launch_gateway``, stopped at the end of the block."""
     gw = launch_gateway(database_url, data_dir, tokens, **extra_env)

@@ -118,6 +118,7 @@ def test_fallback_answers_when_the_primary_fails(
 ) -> None:
     caller = org_with_fallback(gateway, fake_provider, failure)
     client = anthropic.Anthropic(base_url=gateway.url, api_key=caller.token, max_retries=0)
+    message: anthropic.types.Message
     if stream:
         with client.messages.stream(model="primary", max_tokens=64, messages=PROMPT) as events:
             message = events.get_final_message()

@@ -42,12 +42,14 @@ class Keys:
 
     def jwks(self) -> list[dict[str, Any]]:
         keys = []
-        for kid, algorithm, key in (
+        # Any: each algorithm takes its own kind of key, which the tuple's type cannot say.
+        pairs: tuple[tuple[str, Any, Any], ...] = (
             ("rsa-1", jwt.algorithms.RSAAlgorithm, self.rsa),
             ("ec-1", jwt.algorithms.ECAlgorithm, self.ec),
             ("ed-1", jwt.algorithms.OKPAlgorithm, self.ed),
-        ):
-            jwk = orjson.loads(algorithm.to_jwk(key.public_key()))  # type: ignore[attr-defined]
+        )
+        for kid, algorithm, key in pairs:
+            jwk = orjson.loads(algorithm.to_jwk(key.public_key()))
             keys.append({**jwk, "kid": kid})
         return keys
 

@@ -80,6 +80,7 @@ def test_a_command_that_finds_no_database_says_where_it_looked_and_stops(
 ) -> None:
     outside = tmp_path / "elsewhere"
     outside.mkdir()
+    args: tuple[str, ...]
     for args in (
         ("routes", "list", "--org", "default"),
         ("users", "add", "a@b.test", "--org", "x"),

@@ -209,7 +209,9 @@ def test_cli_keys_set_base_url_refuses_what_keys_add_refuses(
     # The gateway's settings allow private upstreams; with the operator's switch off (its
     # default), private and plain-http upstreams are refused too.
     strict_env = {"TVGATE_ALLOW_PRIVATE_UPSTREAMS": "false"}
-    cases = [(url, reason, {}) for url, reason in _always_refused(gateway).items()]
+    cases: list[tuple[str, str, dict[str, str]]] = [
+        (url, reason, {}) for url, reason in _always_refused(gateway).items()
+    ]
     cases += [(url, reason, strict_env) for url, reason in PRIVATE_REFUSED.items()]
     for url, reason, env in cases:
         done = _cli(gateway, "keys", "set", key, "--org", "acme", "--base-url", url, **env)

@@ -25,7 +25,7 @@ from tests.conftest import (
     GatewayProcess,
     free_port,
     gateway_env,
-    launch_gateway,
+    gateway_process,
     seed,
     stop_gateway,
 )
@@ -37,9 +37,8 @@ def launch(data_dir: Path, fake: FakeProvider, **extra_env: str) -> GatewayProce
     """A seeded SQLite gateway of this test's own on a free port."""
     database_url = f"sqlite:///{data_dir / 'tvgate.db'}"
     tokens = seed(database_url, data_dir, fake)
-    return launch_gateway(
-        database_url, data_dir, tokens, log_path=data_dir / "tvgate.log", **extra_env
-    )
+    env = gateway_env(database_url, data_dir, 0, **extra_env)
+    return gateway_process(env, tokens, data_dir / "tvgate.log")
 
 
 def fresh_env(data_dir: Path, listen: str, **extra: str) -> dict[str, str]:

@@ -7,12 +7,13 @@ from typing import Any
 
 import anthropic
 import pytest
+from anthropic.types import MessageParam
 
 from tests.conftest import ANTHROPIC_SECRET, GatewayProcess
 from tests.fake_provider import FakeProvider
 from tests.harness import fake_scenario as scenario
 
-PROMPT = [{"role": "user", "content": "Read the README and summarise it"}]
+PROMPT: list[MessageParam] = [{"role": "user", "content": "Read the README and summarise it"}]
 TOOLS = [
     {
         "name": "read_file",

@@ -7,12 +7,15 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import OPENAI_SECRET, GatewayProcess
 from tests.fake_provider import FakeProvider
 from tests.harness import fake_scenario as headers
 
-MESSAGES = [{"role": "user", "content": "List the files in this repository"}]
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "List the files in this repository"}
+]
 TOOLS = [
     {
         "type": "function",

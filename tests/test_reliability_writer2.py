@@ -31,6 +31,8 @@ import pytest
 from tests.conftest import (
     GatewayProcess,
     free_port,
+    gateway_env,
+    gateway_process,
     launch_gateway,
     scrape,
     seed,
@@ -74,7 +76,7 @@ def launch(
 ) -> GatewayProcess:
     """A gateway whose log is outside its data directory (which may be full)."""
     log_path = log_dir / f"tvgate-{uuid.uuid4().hex[:8]}.log"
-    return launch_gateway(database_url, data_dir, tokens, log_path=log_path, **env)
+    return gateway_process(gateway_env(database_url, data_dir, 0, **env), tokens, log_path)
 
 
 def ask(gw: GatewayProcess, session: str) -> int:

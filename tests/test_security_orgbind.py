@@ -368,7 +368,7 @@ def test_email_linking_opt_in_needs_a_verified_email(linking: GatewayProcess) ->
     email = f"local@{org}.test"
     add_local_user(linking, email, org)
     for verified in (None, False, "true", 1):
-        extra = {} if verified is None else {"email_verified": verified}
+        extra: dict[str, Any] = {} if verified is None else {"email_verified": verified}
         refused = me(linking, make_jwt(unique("sub"), email, org, **extra))
         assert refused.status_code == 403, (verified, refused.text)
     sub = unique("sub")
