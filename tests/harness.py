@@ -3,8 +3,10 @@
 One place owns a scratch PostgreSQL database (created with a random name, its
 backends ended and dropped afterwards: ``postgres_database``) and one owns the
 gateway process (``start_gateway``: ``tvgate serve`` exactly as deployed, in a
-subprocess configured by ``TVGATE_*`` variables; ``launch_gateway`` and
-``running_gateway`` wrap it in a ``GatewayProcess``). The pytest fixtures in
+subprocess configured by ``TVGATE_*`` variables, on port 0: it reports the port
+it bound; ``launch_gateway`` and ``beside`` wrap it in a ``GatewayProcess``,
+which ``with`` stops). tests/inprocess.py runs the same gateway inside the test
+process. The pytest fixtures in
 ``tests/conftest.py`` and the bench's ``bench/gateway.py`` are built on these.
 
 No pytest here: the bench imports this module too.
@@ -21,10 +23,10 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from tvgate.db import open_database
 from tvgate.models import Trace
@@ -80,17 +82,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@dataclass
-class GatewayProcess:
-    """A running ``tvgate serve`` and what the tests set up in its database."""
+@dataclass(kw_only=True)
+class RunningGateway:
+    """A gateway the tests talk to (a process, or in this process: tests/inprocess.py) and
+    what the tests set up in its database; ``with`` it to stop it at the end."""
 
     url: str
     database_url: str
     data_dir: Path
     env: dict[str, str]
-    proc: subprocess.Popen[bytes]
-    log_path: Path
     tokens: dict[str, str] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
     @property
     def openai_url(self) -> str:
@@ -130,6 +140,17 @@ class GatewayProcess:
 
     def cli(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
         return run_cli(self.env, *args, stdin=stdin)
+
+
+@dataclass(kw_only=True)
+class GatewayProcess(RunningGateway):
+    """A running ``tvgate serve``."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self) -> None:
+        stop_process(self.proc)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -277,22 +298,10 @@ def launch_gateway(
     return gateway_process(env, tokens, data_dir / f"tvgate-{secrets.token_hex(4)}.log")
 
 
-@contextmanager
-def running_gateway(
-    database_url: str, data_dir: Path, tokens: dict[str, str], **extra_env: str
-) -> Iterator[GatewayProcess]:
-    """``launch_gateway``, stopped at the end of the block."""
-    gw = launch_gateway(database_url, data_dir, tokens, **extra_env)
-    try:
-        yield gw
-    finally:
-        stop_gateway(gw.proc)
-
-
-def beside(gateway: GatewayProcess, **extra_env: str) -> AbstractContextManager[GatewayProcess]:
-    """Another gateway over ``gateway``'s database, data directory and
-    tokens, with ``extra_env`` on top of the suite's settings."""
-    return running_gateway(gateway.database_url, gateway.data_dir, gateway.tokens, **extra_env)
+def beside(gateway: RunningGateway, **extra_env: str) -> GatewayProcess:
+    """Another gateway over ``gateway``'s database, data directory and tokens, with
+    ``extra_env`` on top of the suite's settings (``with beside(…) as gw:`` stops it)."""
+    return launch_gateway(gateway.database_url, gateway.data_dir, gateway.tokens, **extra_env)
 
 
 def visdom_env(visdom_url: str) -> dict[str, str]:

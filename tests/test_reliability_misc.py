@@ -35,7 +35,6 @@ from tests.conftest import (
     beside,
     launch_gateway,
     own_postgres,
-    running_gateway,
     scrape,
     seed,
     stop_gateway,
@@ -261,7 +260,7 @@ def test_postgresql_connections_unused_for_the_idle_timeout_are_closed(
         tokens = seed(url, tmp_path, fake_provider)
         # Prices and route snapshots are reloaded every 30 s here: nothing else uses the
         # database while the test watches it.
-        with running_gateway(
+        with launch_gateway(
             url, tmp_path, tokens, TVGATE_DB_IDLE_TIMEOUT="1", TVGATE_CACHE_TTL="30"
         ) as gateway:
             client = openai.OpenAI(
