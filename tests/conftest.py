@@ -24,6 +24,7 @@ import psycopg2
 import pytest
 
 from tests.fake_provider import FakeProvider
+from tests.fake_visdom import FakeVisdom
 from tests.harness import (
     MAX_BODY_BYTES,
     PG_ADMIN_DSN,
@@ -200,6 +201,15 @@ def gateway(
     gw = launch_gateway(database_url, data_dir, tokens)
     yield gw
     stop_gateway(gw.proc)
+
+
+@pytest.fixture(scope="module")
+def visdom() -> Iterator[FakeVisdom]:
+    """A fake Visdom Trace of the module's own: its users and orgs stay in the module (a
+    module adds what it needs by overriding this fixture)."""
+    fake = FakeVisdom().start()
+    yield fake
+    fake.stop()
 
 
 @pytest.fixture

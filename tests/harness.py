@@ -304,6 +304,13 @@ def beside(gateway: RunningGateway, **extra_env: str) -> GatewayProcess:
     return launch_gateway(gateway.database_url, gateway.data_dir, gateway.tokens, **extra_env)
 
 
+#: Private and plain-http upstreams refused for every key (the defaults outside the tests).
+PRIVATE_UPSTREAMS_OFF = {
+    "TVGATE_ALLOW_PRIVATE_UPSTREAMS": "false",
+    "TVGATE_ALLOW_PRIVATE_USER_UPSTREAMS": "false",
+}
+
+
 def visdom_env(visdom_url: str) -> dict[str, str]:
     """Settings of a gateway that asks Visdom Trace (caching its answers briefly, so that the
     tests see a change soon)."""

@@ -60,14 +60,12 @@ def keys() -> Keys:
 
 
 @pytest.fixture(scope="module")
-def visdom(keys: Keys) -> Iterator[FakeVisdom]:
-    fake = FakeVisdom()
-    fake.jwks = keys.jwks()
+def visdom(visdom: FakeVisdom, keys: Keys) -> FakeVisdom:
+    """conftest's, with the module's signing keys and orgs acme and other."""
+    visdom.jwks = keys.jwks()
     for name in ("acme", "other"):
-        fake.add_org(name)
-    fake.start()
-    yield fake
-    fake.stop()
+        visdom.add_org(name)
+    return visdom
 
 
 @pytest.fixture(scope="module")

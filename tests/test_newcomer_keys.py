@@ -32,6 +32,7 @@ from tests.conftest import (
     beside,
 )
 from tests.fake_provider import FakeProvider
+from tests.harness import PRIVATE_UPSTREAMS_OFF
 from tvgate import services
 from tvgate.models import AuditEvent, ModelPrice, Org, ProviderKey
 
@@ -164,11 +165,7 @@ def no_keys_left(gateway: GatewayProcess) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def strict(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
     """A second gateway on the same database with private upstreams refused (the default)."""
-    with beside(
-        gateway,
-        TVGATE_ALLOW_PRIVATE_UPSTREAMS="false",
-        TVGATE_ALLOW_PRIVATE_USER_UPSTREAMS="false",
-    ) as gw:
+    with beside(gateway, **PRIVATE_UPSTREAMS_OFF) as gw:
         yield gw
 
 

@@ -61,13 +61,6 @@ def own_database(
         yield url, data_dir, seed_users(url)
 
 
-@pytest.fixture(scope="module")
-def visdom() -> Iterator[FakeVisdom]:
-    fake = FakeVisdom().start()
-    yield fake
-    fake.stop()
-
-
 def _identity_gateway(
     own_database: tuple[str, Path, dict[str, str]], visdom: FakeVisdom, **env: str
 ) -> GatewayProcess:

@@ -29,6 +29,7 @@ from tests.conftest import (
     stop_gateway,
 )
 from tests.fake_provider import FakeProvider
+from tests.harness import PRIVATE_UPSTREAMS_OFF
 from tvgate import services
 from tvgate.keyring.local import LocalKeyring
 from tvgate.models import ProviderKey, Trace, database
@@ -383,12 +384,7 @@ def user_switch_off(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
 
 @pytest.fixture(scope="module")
 def all_switches_off(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
-    with beside(
-        gateway,
-        TVGATE_ALLOW_PRIVATE_UPSTREAMS="false",
-        TVGATE_ALLOW_PRIVATE_USER_UPSTREAMS="false",
-        TVGATE_CONNECT_TIMEOUT="3",
-    ) as gw:
+    with beside(gateway, **PRIVATE_UPSTREAMS_OFF, TVGATE_CONNECT_TIMEOUT="3") as gw:
         yield gw
 
 

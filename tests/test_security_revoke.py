@@ -44,13 +44,6 @@ BODY = orjson.dumps(
 
 
 @pytest.fixture(scope="module")
-def visdom() -> Iterator[FakeVisdom]:
-    fake = FakeVisdom().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture(scope="module")
 def revgate(gateway: GatewayProcess, visdom: FakeVisdom) -> Iterator[GatewayProcess]:
     """A gateway on the shared database with Visdom Trace and an HS256 JWT issuer."""
     with beside(

@@ -23,12 +23,10 @@ PASSWORD = "correct horse battery staple"
 
 
 @pytest.fixture(scope="module")
-def visdom() -> Iterator[FakeVisdom]:
-    fake = FakeVisdom()
-    fake.add_org("acme")
-    fake.start()
-    yield fake
-    fake.stop()
+def visdom(visdom: FakeVisdom) -> FakeVisdom:
+    """conftest's, with an org acme."""
+    visdom.add_org("acme")
+    return visdom
 
 
 @pytest.fixture(scope="module")
