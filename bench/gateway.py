@@ -1,7 +1,8 @@
 """The gateways under test: tvgate itself, seeded through its services, and a bare passthrough.
 
 This module owns starting ``tvgate serve`` exactly as deployed (a subprocess
-configured by ``TVGATE_*`` environment variables) over SQLite or a PostgreSQL
+configured by ``TVGATE_*`` environment variables; the launcher and the scratch
+PostgreSQL database are tests/harness.py's) over SQLite or a PostgreSQL
 database of its own, seeding it the way an operator would (a user, a token,
 keys and routes, through :mod:`tvgate.services`), counting the traces it
 wrote, and reading the trace writer's counters from its log when it stops.
@@ -12,34 +13,26 @@ Tornado and curl with nothing else.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
-import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.payloads import ROUTE_DRIP, ROUTE_JSON, ROUTE_SSE, UPSTREAM_MODEL
 from bench.procs import free_port, stop, wait_port
+from tests import harness
 
 MASTER_KEY = b"b" * 32
 PG_ADMIN_DSN = os.environ.get(
     "TVGATE_BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 PROVIDER_SECRET = "sk-ant-api03-bench-" + "0" * 32
-
-
-def _bin(name: str) -> str:
-    """A console script of the Python running the harness (the project's virtualenv)."""
-    candidate = Path(sys.executable).with_name(name)
-    return str(candidate) if candidate.exists() else name
 
 
 # --- databases ---
@@ -70,31 +63,9 @@ def postgres_version() -> str:
         conn.close()
 
 
-def _pg_execute(sql: str) -> None:
-    import psycopg2
-
-    conn = psycopg2.connect(PG_ADMIN_DSN, connect_timeout=5)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
-
-
-@contextmanager
-def postgres_database() -> Iterator[str]:
+def postgres_database() -> AbstractContextManager[str]:
     """A fresh PostgreSQL database for one gateway, dropped afterwards."""
-    name = "tvgate_bench_" + secrets.token_hex(6)
-    _pg_execute(f"CREATE DATABASE {name}")
-    try:
-        yield PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
-    finally:
-        # The name is ours (hex), not input: formatting it in is safe.
-        _pg_execute(
-            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"  # noqa: S608
-        )
-        _pg_execute(f"DROP DATABASE IF EXISTS {name}")
+    return harness.postgres_database("tvgate_bench_", PG_ADMIN_DSN)
 
 
 # --- seeding and counting, through tvgate's own code ---
@@ -268,31 +239,23 @@ def start_tvgate(
     database_url: str, token: str, data_dir: Path, name: str, **settings: str
 ) -> TvgateProcess:
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TVGATE_")}
-    env.update(
-        {
-            "TVGATE_LISTEN": f"127.0.0.1:{port}",
-            "TVGATE_DATA_DIR": str(data_dir),
-            "TVGATE_DATABASE_URL": database_url,
-            "TVGATE_MASTER_KEY": base64.b64encode(MASTER_KEY).decode(),
-            "TVGATE_ALLOW_PRIVATE_UPSTREAMS": "true",
-            "TVGATE_LOG_LEVEL": "info",
-            # The goals are per process: one worker, measured as the process it is.
-            "TVGATE_WORKERS": "1",
-            # Every connection of the load generators comes from 127.0.0.1 (1,000 at once
-            # in the drip workload): the per-address cap is for clients, not for them.
+    env = harness.serve_env(
+        database_url,
+        data_dir,
+        0,
+        MASTER_KEY,
+        # Every connection of the load generators comes from 127.0.0.1 (1,000 at once
+        # in the drip workload): the per-address cap is for clients, not for them.
+        **{
             "TVGATE_MAX_CONNECTIONS_PER_ADDRESS": "0",
-        }
+            **{"TVGATE_" + k.upper(): v for k, v in settings.items()},
+        },
     )
-    env.update({"TVGATE_" + k.upper(): v for k, v in settings.items()})
     log_path = data_dir / f"{name}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [_bin("tvgate"), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    wait_port(port, proc, log_path)
-    return TvgateProcess(f"http://127.0.0.1:{port}", database_url, token, proc, log_path, env)
+    log_path.unlink(missing_ok=True)  # the writer's counters are read from it at the end
+    proc = harness.start_gateway(env, log_path)
+    url = "http://" + env["TVGATE_LISTEN"]
+    return TvgateProcess(url, database_url, token, proc, log_path, env)
 
 
 def start_bare(upstream: str, log_path: Path) -> tuple[str, subprocess.Popen[bytes]]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx2
 import orjson
 
-from tests.conftest import free_port, gateway_env, seed, start_gateway, stop_gateway
+from tests.conftest import gateway_env, seed, start_gateway, stop_gateway
 from tests.fake_provider import FakeProvider
 from tvgate.db import open_database
 from tvgate.models import Trace
@@ -118,7 +118,7 @@ def main() -> None:
     data = Path(tempfile.mkdtemp(prefix="tvgate-soak-"))
     database_url = f"sqlite:///{data / 'tvgate.db'}"
     tokens = seed(database_url, data, fake)
-    env = gateway_env(database_url, data, free_port(), TVGATE_CACHE_TTL="5")
+    env = gateway_env(database_url, data, 0, TVGATE_CACHE_TTL="5")
     proc = start_gateway(env, data / "tvgate.log")
     session = uuid.uuid4().hex
     try:

@@ -1,4 +1,4 @@
-"""Test fixtures: a real tvgate process on a free port, over SQLite and over PostgreSQL.
+"""Test fixtures: a real tvgate process, over SQLite and over PostgreSQL.
 
 The gateway runs as ``tvgate serve`` in a subprocess, exactly as deployed; the
 fake provider (outside systems only) runs in a thread of the test process. Each
@@ -6,20 +6,16 @@ PostgreSQL run creates its own database and drops it at the end. PostgreSQL
 is required: a missing server fails the suite rather than skipping a tier.
 So is OpenBao (``bao``, tests/openbao.py): one dev server per session, set up
 with tvgate's own ``vault setup``, for the vault keyring and its gateways.
+The processes and databases themselves are started by tests/harness.py, whose
+names are importable from here too (``__all__``).
 """
 
 from __future__ import annotations
 
-import base64
-import os
 import secrets
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +24,50 @@ import psycopg2
 import pytest
 
 from tests.fake_provider import FakeProvider
+from tests.fake_visdom import FakeVisdom
+from tests.harness import (
+    MAX_BODY_BYTES,
+    PG_ADMIN_DSN,
+    ROOT,
+    GatewayProcess,
+    RunningGateway,
+    beside,
+    free_port,
+    gateway_env,
+    gateway_process,
+    launch_gateway,
+    pg_execute,
+    postgres_database,
+    start_gateway,
+    stop_gateway,
+    visdom_env,
+)
 from tests.openbao import OpenBao
 from tvgate import services
 from tvgate.db import migrate, open_database
 from tvgate.keyring import vault_admin
 from tvgate.keyring.local import LocalKeyring
 from tvgate.keyring.vault import VaultKeyring
-from tvgate.models import Trace
 
-ROOT = Path(__file__).resolve().parent.parent
-PG_ADMIN_DSN = os.environ.get("TVGATE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+__all__ = [
+    "MAX_BODY_BYTES",
+    "PG_ADMIN_DSN",
+    "ROOT",
+    "GatewayProcess",
+    "RunningGateway",
+    "beside",
+    "free_port",
+    "gateway_env",
+    "gateway_process",
+    "launch_gateway",
+    "pg_execute",
+    "start_gateway",
+    "stop_gateway",
+    "visdom_env",
+]
+
 ANTHROPIC_SECRET = "sk-ant-api03-test-" + secrets.token_hex(16)
 OPENAI_SECRET = "sk-proj-test-" + secrets.token_hex(16)
-MAX_BODY_BYTES = 2 * 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -56,16 +77,6 @@ def fake_provider() -> Iterator[FakeProvider]:
     fake.stop()
 
 
-def _pg_execute(sql: str) -> None:
-    conn = psycopg2.connect(PG_ADMIN_DSN, connect_timeout=5)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
-
-
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
 def database_url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -73,81 +84,21 @@ def database_url(
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'tvgate.db'}"
         return
-    name = "tvgate_test_" + secrets.token_hex(6)
+    with own_postgres(tmp_path_factory.mktemp("unbind")) as url:
+        yield url
+
+
+@contextmanager
+def own_postgres(tmp: Path) -> Iterator[str]:
+    """``postgres_database``, failing the test (never skipping a tier) without PostgreSQL;
+    this process's models let go of it (a SQLite file in ``tmp``) before it is dropped."""
     try:
-        _pg_execute(f"CREATE DATABASE {name}")
+        pg_execute("SELECT 1")
     except psycopg2.OperationalError as exc:
         pytest.fail(f"PostgreSQL is required for the test suite ({PG_ADMIN_DSN}): {exc}")
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0]
-    yield f"{base}/{name}"
-    # The name is ours (hex), not input: formatting it in is safe.
-    _pg_execute(
-        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"  # noqa: S608
-    )
-    _pg_execute(f"DROP DATABASE IF EXISTS {name}")
-
-
-@dataclass
-class GatewayProcess:
-    """A running ``tvgate serve`` and what the tests set up in its database."""
-
-    url: str
-    database_url: str
-    data_dir: Path
-    env: dict[str, str]
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    tokens: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def openai_url(self) -> str:
-        return self.url + "/v1"
-
-    def bind(self) -> None:
-        """Point this test process's models at the gateway's database."""
-        open_database(self.database_url)
-
-    def traces(self, **where: Any) -> list[Trace]:
-        self.bind()
-        query = Trace.select().order_by(Trace.received_at)
-        for name, value in where.items():
-            query = query.where(getattr(Trace, name) == value)
-        return list(query)
-
-    def dump_database(self) -> str:
-        """Every row of every table, as text: what a stolen database dump would show."""
-        self.bind()
-        from tvgate.models import database
-
-        rows = []
-        for table in database.get_tables():
-            # Table names come from the database itself, not from input.
-            rows.extend(database.execute_sql(f"SELECT * FROM {table}").fetchall())  # noqa: S608
-        return "\n".join(map(str, rows))
-
-    def wait_traces(self, count: int, timeout: float = 10.0, **where: Any) -> list[Trace]:
-        """The traces matching ``where`` once there are ``count`` of them (or fail)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self.traces(**where)
-            if len(found) >= count or time.monotonic() > deadline:
-                assert len(found) == count, f"expected {count} traces for {where}, got {len(found)}"
-                return found
-            time.sleep(0.05)
-
-    def cli(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "tvgate.cli", *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=60,
-            check=False,
-        )
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    with postgres_database() as url:
+        yield url
+        open_database(f"sqlite:///{tmp / 'unbind.db'}")
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -161,63 +112,6 @@ def scrape(url: str) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)
     return samples
-
-
-def gateway_env(database_url: str, data_dir: Path, port: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TVGATE_")}
-    env.update(
-        {
-            "TVGATE_LISTEN": f"127.0.0.1:{port}",
-            "TVGATE_DATA_DIR": str(data_dir),
-            "TVGATE_DATABASE_URL": database_url,
-            "TVGATE_MASTER_KEY": base64.b64encode(b"k" * 32).decode(),
-            "TVGATE_ALLOW_PRIVATE_UPSTREAMS": "true",
-            "TVGATE_ALLOW_PRIVATE_USER_UPSTREAMS": "true",
-            "TVGATE_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
-            "TVGATE_CACHE_TTL": "1",
-            "TVGATE_LOG_LEVEL": "info",
-            # One process, so that a test sees one cache and one set of metrics.
-            "TVGATE_WORKERS": "1",
-            "PYTHONPATH": str(ROOT),
-        }
-    )
-    env.update(extra)
-    # A setting given as "" is left at its default (a test of what a deployment runs).
-    return {k: v for k, v in env.items() if k not in extra or v}
-
-
-def start_gateway(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tvgate.cli", "serve"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-    url = "http://" + env["TVGATE_LISTEN"]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tvgate exited with {proc.returncode}:\n{log_path.read_text()}")
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=1) as response:  # noqa: S310
-                if response.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"tvgate did not come up:\n{log_path.read_text()}")
-
-
-def stop_gateway(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def seed(database_url: str, data_dir: Path, fake: FakeProvider) -> dict[str, str]:
@@ -298,24 +192,6 @@ def add_fake_key(
     return secret
 
 
-def launch_gateway(
-    database_url: str, data_dir: Path, tokens: dict[str, str], **extra_env: str
-) -> GatewayProcess:
-    """Start ``tvgate serve`` on a free port over an already seeded database."""
-    env = gateway_env(database_url, data_dir, free_port(), **extra_env)
-    log_path = data_dir / f"tvgate-{env['TVGATE_LISTEN'].rsplit(':', 1)[1]}.log"
-    proc = start_gateway(env, log_path)
-    return GatewayProcess(
-        url="http://" + env["TVGATE_LISTEN"],
-        database_url=database_url,
-        data_dir=data_dir,
-        env=env,
-        proc=proc,
-        log_path=log_path,
-        tokens=tokens,
-    )
-
-
 @pytest.fixture(scope="session")
 def gateway(
     database_url: str, fake_provider: FakeProvider, tmp_path_factory: pytest.TempPathFactory
@@ -325,6 +201,15 @@ def gateway(
     gw = launch_gateway(database_url, data_dir, tokens)
     yield gw
     stop_gateway(gw.proc)
+
+
+@pytest.fixture(scope="module")
+def visdom() -> Iterator[FakeVisdom]:
+    """A fake Visdom Trace of the module's own: its users and orgs stay in the module (a
+    module adds what it needs by overriding this fixture)."""
+    fake = FakeVisdom().start()
+    yield fake
+    fake.stop()
 
 
 @pytest.fixture
@@ -389,17 +274,8 @@ def fresh_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'own.db'}"
         return
-    name = "tvgate_test_" + secrets.token_hex(6)
-    try:
-        _pg_execute(f"CREATE DATABASE {name}")
-    except psycopg2.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is required for the test suite ({PG_ADMIN_DSN}): {exc}")
-    yield f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{name}"
-    open_database(f"sqlite:///{tmp_path / 'unbind.db'}")  # let go of the dropped database
-    _pg_execute(
-        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"  # noqa: S608
-    )
-    _pg_execute(f"DROP DATABASE IF EXISTS {name}")
+    with own_postgres(tmp_path) as url:
+        yield url
 
 
 def seed_users(database_url: str) -> dict[str, str]:
@@ -439,21 +315,10 @@ def vault_gateways(vault: VaultEnv, tmp_path: Path) -> Iterator[GatewayFactory]:
         data_dir = tmp_path / name
         data_dir.mkdir(parents=True, exist_ok=True)
         url = database_url or f"sqlite:///{data_dir / 'tvgate.db'}"
-        tokens = seed_users(url)
-        gw_env = gateway_env(url, data_dir, free_port(), **(vault_env or vault).env())
+        gw_env = gateway_env(url, data_dir, 0, **(vault_env or vault).env())
         del gw_env["TVGATE_MASTER_KEY"]
         gw_env.update(env)
-        log_path = data_dir / "tvgate.log"
-        proc = start_gateway(gw_env, log_path)
-        gateway = GatewayProcess(
-            url="http://" + gw_env["TVGATE_LISTEN"],
-            database_url=url,
-            data_dir=data_dir,
-            env=gw_env,
-            proc=proc,
-            log_path=log_path,
-            tokens=tokens,
-        )
+        gateway = gateway_process(gw_env, seed_users(url), data_dir / "tvgate.log")
         started.append(gateway)
         return gateway
 

@@ -373,13 +373,13 @@ def _shell_call(body: dict[str, Any], command: str) -> tuple[str, dict[str, Any]
     else:
         return None
     # Each tool's own parameters, as the tools declare them.
-    arguments: dict[str, Any] = {
+    by_tool: dict[str, dict[str, Any]] = {
         "Bash": {"command": command, "description": "Run the command"},
         "exec_command": {"cmd": command},
         "shell": {"command": ["bash", "-lc", command]},
         "shell_command": {"command": command},
-    }[name]
-    return name, arguments
+    }
+    return name, by_tool[name]
 
 
 def _tool_result(body: dict[str, Any]) -> str | None:

@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,11 +29,7 @@ from pathlib import Path
 import hvac
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.harness import free_port, stop_process
 
 
 def bao_binary() -> str:
@@ -106,13 +101,7 @@ class OpenBao:
             return
         if self.paused:
             self.resume()
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc)
         self.proc = None
         self._wait(lambda status: status == 0, 10, "release its port")
 

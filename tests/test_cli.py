@@ -8,36 +8,25 @@ import re
 import sqlite3
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import anthropic
 import pytest
 
-from tests.conftest import ROOT, free_port, gateway_env, start_gateway, stop_gateway
+from tests.conftest import ROOT, gateway_env, start_gateway, stop_gateway
 from tests.fake_provider import FakeProvider
+from tests.harness import run_cli
 
 SECRET = "sk-ant-api03-cli-canary-0123456789abcdef"
 
 
 def run(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tvgate.cli", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(env, *args, stdin=stdin, cwd=ROOT)
 
 
 @pytest.fixture
 def fresh_env(tmp_path: Path) -> dict[str, str]:
-    env = gateway_env(
-        f"sqlite:///{tmp_path / 'data' / 'tvgate.db'}", tmp_path / "data", free_port()
-    )
+    env = gateway_env(f"sqlite:///{tmp_path / 'data' / 'tvgate.db'}", tmp_path / "data", 0)
     # The embedded default: a master key file in the data directory, not the environment.
     del env["TVGATE_MASTER_KEY"]
     return env

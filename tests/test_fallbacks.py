@@ -23,14 +23,10 @@ import pytest
 from anthropic.types import MessageParam
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.conftest import (
-    GatewayProcess,
-    add_fake_key,
-    free_port,
-    launch_gateway,
-    stop_gateway,
-)
+from tests.conftest import add_fake_key, free_port
 from tests.fake_provider import FakeProvider
+from tests.harness import RunningGateway
+from tests.inprocess import start_in_process
 from tvgate import services
 from tvgate.models import Trace, User
 
@@ -52,12 +48,11 @@ CHAT_PROMPT: list[ChatCompletionMessageParam] = [
 @pytest.fixture(scope="module")
 def gateway(
     database_url: str, fake_provider: FakeProvider, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[GatewayProcess]:
+) -> Iterator[RunningGateway]:
     data_dir: Path = tmp_path_factory.mktemp("fallbacks")
     # A short idle timeout: a provider silent before its first byte counts as failed soon.
-    gw = launch_gateway(database_url, data_dir, {}, TVGATE_IDLE_TIMEOUT="1")
-    yield gw
-    stop_gateway(gw.proc)
+    with start_in_process(database_url, data_dir, {}, TVGATE_IDLE_TIMEOUT="1") as gw:
+        yield gw
 
 
 def failing_url(fake: FakeProvider, failure: str, provider: str) -> str:
@@ -69,7 +64,7 @@ def failing_url(fake: FakeProvider, failure: str, provider: str) -> str:
 
 
 def org_with_fallback(
-    gateway: GatewayProcess,
+    gateway: RunningGateway,
     fake: FakeProvider,
     failure: str,
     *,
@@ -96,7 +91,7 @@ def org_with_fallback(
     return Caller(token, User.get(User.email == email).id)
 
 
-def trace_of(gateway: GatewayProcess, caller: Caller) -> tuple[Trace, list[dict[str, Any]]]:
+def trace_of(gateway: RunningGateway, caller: Caller) -> tuple[Trace, list[dict[str, Any]]]:
     """The caller's one trace and its attempts."""
     (trace,) = gateway.wait_traces(1, user_id=caller.user_id)
     return trace, json.loads(trace.attempts) if trace.attempts else []
@@ -114,10 +109,11 @@ FAILURES = {
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("failure", list(FAILURES))
 def test_fallback_answers_when_the_primary_fails(
-    gateway: GatewayProcess, fake_provider: FakeProvider, failure: str, stream: bool
+    gateway: RunningGateway, fake_provider: FakeProvider, failure: str, stream: bool
 ) -> None:
     caller = org_with_fallback(gateway, fake_provider, failure)
     client = anthropic.Anthropic(base_url=gateway.url, api_key=caller.token, max_retries=0)
+    message: anthropic.types.Message
     if stream:
         with client.messages.stream(model="primary", max_tokens=64, messages=PROMPT) as events:
             message = events.get_final_message()
@@ -145,7 +141,7 @@ def test_fallback_answers_when_the_primary_fails(
 
 
 def test_the_last_failure_reaches_the_client_when_every_route_fails(
-    gateway: GatewayProcess, fake_provider: FakeProvider
+    gateway: RunningGateway, fake_provider: FakeProvider
 ) -> None:
     caller = org_with_fallback(gateway, fake_provider, "error_529", backup_scenario="error_500")
     client = anthropic.Anthropic(base_url=gateway.url, api_key=caller.token, max_retries=0)
@@ -158,7 +154,7 @@ def test_the_last_failure_reaches_the_client_when_every_route_fails(
 
 
 def test_no_fallback_once_the_first_byte_was_sent(
-    gateway: GatewayProcess, fake_provider: FakeProvider
+    gateway: RunningGateway, fake_provider: FakeProvider
 ) -> None:
     caller = org_with_fallback(gateway, fake_provider, "error_event")
     client = anthropic.Anthropic(base_url=gateway.url, api_key=caller.token, max_retries=0)
@@ -172,7 +168,7 @@ def test_no_fallback_once_the_first_byte_was_sent(
 
 
 def test_a_fallback_for_another_provider_is_skipped(
-    gateway: GatewayProcess, fake_provider: FakeProvider
+    gateway: RunningGateway, fake_provider: FakeProvider
 ) -> None:
     caller = org_with_fallback(gateway, fake_provider, "error_529", backup_provider="openai")
     client = anthropic.Anthropic(base_url=gateway.url, api_key=caller.token, max_retries=0)
@@ -187,7 +183,7 @@ def test_a_fallback_for_another_provider_is_skipped(
     assert "does not serve" in str(attempts[1]["error"])
 
 
-def test_openai_chat_falls_back(gateway: GatewayProcess, fake_provider: FakeProvider) -> None:
+def test_openai_chat_falls_back(gateway: RunningGateway, fake_provider: FakeProvider) -> None:
     caller = org_with_fallback(gateway, fake_provider, "error_500", provider="openai")
     client = openai.OpenAI(base_url=gateway.openai_url, api_key=caller.token, max_retries=0)
     completion = client.chat.completions.create(model="primary", messages=CHAT_PROMPT)

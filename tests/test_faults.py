@@ -25,6 +25,7 @@ from tests.conftest import (
     stop_gateway,
 )
 from tests.fake_provider import MALFORMED_BYTES, FakeProvider
+from tests.outages import outage, whole_seconds
 from tests.pg_private import PrivatePostgres
 from tvgate import services
 from tvgate.db import open_database
@@ -33,6 +34,8 @@ from tvgate.keyring.local import LocalKeyring
 from tvgate.models import Org, ProviderKey, Route, Trace, database
 
 KEYRING = LocalKeyring(b"k" * 32)
+#: The fault gateways' TVGATE_IDLE_TIMEOUT and TVGATE_CONNECT_TIMEOUT.
+SHORT_TIMEOUT = whole_seconds(2)
 MESSAGE = {
     "model": "claude-test",
     "max_tokens": 16,
@@ -89,8 +92,8 @@ def faulty(gateway: GatewayProcess, fault_token: str) -> Iterator[GatewayProcess
         gateway.database_url,
         gateway.data_dir,
         {**gateway.tokens, "dev@acme.test": fault_token},
-        TVGATE_IDLE_TIMEOUT="2",
-        TVGATE_CONNECT_TIMEOUT="2",
+        TVGATE_IDLE_TIMEOUT=str(SHORT_TIMEOUT),
+        TVGATE_CONNECT_TIMEOUT=str(SHORT_TIMEOUT),
     )
     yield gw
     stop_gateway(gw.proc)
@@ -124,6 +127,7 @@ def test_upstream_refusing_connections(faulty: GatewayProcess) -> None:
     assert post(faulty, MESSAGE, uuid.uuid4().hex).status_code == 200  # still serving
 
 
+@pytest.mark.slow
 def test_upstream_silent_before_the_first_byte_times_out(
     faulty: GatewayProcess, fake_provider: FakeProvider
 ) -> None:
@@ -132,7 +136,7 @@ def test_upstream_silent_before_the_first_byte_times_out(
         faulty,
         MESSAGE,
         session,
-        **{"x-fake-scenario": "hang", "x-fake-hang": "20", "x-test-id": test_id},
+        **{"x-fake-scenario": "hang", "x-fake-hang": str(outage(20)), "x-test-id": test_id},
     )
     assert response.status_code == 504
     assert response.json()["error"]["type"] == "api_error"
@@ -142,6 +146,7 @@ def test_upstream_silent_before_the_first_byte_times_out(
     assert fake_provider.wait_closed(upstream.id, timeout=5) is not None
 
 
+@pytest.mark.slow
 def test_upstream_silent_between_events_ends_the_stream_in_band(
     faulty: GatewayProcess, fake_provider: FakeProvider
 ) -> None:
@@ -151,12 +156,12 @@ def test_upstream_silent_between_events_ends_the_stream_in_band(
         faulty,
         {**MESSAGE, "stream": True},
         session,
-        **{"x-fake-scenario": "drip", "x-fake-interval": "5", "x-fake-events": "3"},
+        **{"x-fake-scenario": "drip", "x-fake-interval": str(outage(5)), "x-fake-events": "3"},
     )
     assert response.status_code == 200
     assert response.text.rstrip().endswith(
         'data: {"type":"error","error":{"type":"api_error","message":"timed out waiting for the '
-        f'provider at {host}: nothing received for 2 s (TVGATE_IDLE_TIMEOUT)"}}}}'
+        f'provider at {host}: nothing received for {SHORT_TIMEOUT} s (TVGATE_IDLE_TIMEOUT)"}}}}'
     )
     assert "message_start" in response.text
     (trace,) = faulty.wait_traces(1, session_id=session)
@@ -226,7 +231,7 @@ def test_a_slow_reader_does_not_make_the_gateway_buffer_the_stream(faulty: Gatew
         time.sleep(0.001)
         if received % (256 * 1024) < 16 * 1024:
             peak = max(peak, _rss_kib(faulty.proc.pid))
-    time.sleep(1.0)  # let the provider push all it can
+    time.sleep(outage(1.0))  # let the provider push all it can
     peak = max(peak, _rss_kib(faulty.proc.pid))
     sock.close()
     assert (peak - before) < 48 * 1024, f"gateway grew {(peak - before) // 1024} MiB"
@@ -253,7 +258,7 @@ def strict(gateway: GatewayProcess, fault_token: str) -> Iterator[GatewayProcess
         gateway.data_dir,
         {**gateway.tokens, "dev@acme.test": fault_token},
         TVGATE_ALLOW_PRIVATE_UPSTREAMS="false",
-        TVGATE_CONNECT_TIMEOUT="2",
+        TVGATE_CONNECT_TIMEOUT=str(SHORT_TIMEOUT),
     )
     yield gw
     stop_gateway(gw.proc)
@@ -285,6 +290,7 @@ def test_private_upstreams_are_refused_on_every_connection(
 # --- the gateway itself: SIGKILL under load, then restart ---
 
 
+@pytest.mark.slow
 def test_sigkill_loses_no_acknowledged_trace(fake_provider: FakeProvider, tmp_path: Path) -> None:
     """With the database away, traces go to the spool; after SIGKILL and a restart, every
     trace the spool held is written."""
@@ -312,7 +318,7 @@ def test_sigkill_loses_no_acknowledged_trace(fake_provider: FakeProvider, tmp_pa
         for worker in workers:
             worker.start()
         # The spool: the file appended to and the one renamed for replay (tvgate.traces.writer).
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + outage(120)
         while len(_spooled_ids(tmp_path)) <= 10:
             assert time.monotonic() < deadline, "fewer than 11 traces spooled in the outage"
             time.sleep(0.1)

@@ -22,13 +22,14 @@ import httpx2
 import pytest
 
 from tests.conftest import (
-    GatewayProcess,
+    RunningGateway,
     add_fake_key,
     launch_gateway,
     scrape,
     stop_gateway,
 )
 from tests.fake_provider import FakeProvider, RecordedRequest
+from tests.inprocess import start_in_process
 from tvgate import services
 from tvgate.governance.store import CounterStore
 from tvgate.governance.windows import (
@@ -46,10 +47,10 @@ _orgs = itertools.count(1)
 
 @dataclass
 class Pair:
-    a: GatewayProcess
-    b: GatewayProcess
+    a: RunningGateway
+    b: RunningGateway
 
-    def __iter__(self) -> Iterator[GatewayProcess]:
+    def __iter__(self) -> Iterator[RunningGateway]:
         return iter((self.a, self.b))
 
 
@@ -83,7 +84,7 @@ class Org_:
     secret: str
 
 
-def new_org(gateway: GatewayProcess, fake: FakeProvider, *, scenario: str = "") -> Org_:
+def new_org(gateway: RunningGateway, fake: FakeProvider, *, scenario: str = "") -> Org_:
     """An org with one member, one key on the fake provider and a route ``claude`` to it."""
     gateway.bind()
     name = f"gov{next(_orgs)}-{secrets.token_hex(3)}"
@@ -99,12 +100,12 @@ def new_org(gateway: GatewayProcess, fake: FakeProvider, *, scenario: str = "") 
     return Org_(name, org.id, user.id, email, token, secret)
 
 
-def client(gateway: GatewayProcess, org: Org_) -> anthropic.Anthropic:
+def client(gateway: RunningGateway, org: Org_) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=gateway.url, api_key=org.token, max_retries=0)
 
 
 def ask(
-    gateway: GatewayProcess, org: Org_, model: str = "claude", **headers: str
+    gateway: RunningGateway, org: Org_, model: str = "claude", **headers: str
 ) -> httpx2.Response:
     return httpx2.post(
         gateway.url + "/v1/messages",
@@ -241,7 +242,7 @@ def test_cost_budget_is_spent_by_the_calls_it_admits(
     services.add_route("gpt-probe", "oa", model="gpt-4o", org_name=org.name)
     headers = {"authorization": f"Bearer {org.token}"}
 
-    def chat(gateway: GatewayProcess, model: str) -> httpx2.Response:
+    def chat(gateway: RunningGateway, model: str) -> httpx2.Response:
         body = {"model": model, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
         return httpx2.post(gateway.url + "/v1/chat/completions", json=body, headers=headers)
 
@@ -336,7 +337,7 @@ def test_tokens_per_minute_of_a_user(pair: Pair, fake_provider: FakeProvider) ->
 # --- concurrency caps ---
 
 
-def _drip_stream(gateway: GatewayProcess, org: Org_, events: int = 5) -> httpx2.Response:
+def _drip_stream(gateway: RunningGateway, org: Org_, events: int = 5) -> httpx2.Response:
     with httpx2.stream(
         "POST",
         gateway.url + "/v1/messages",
@@ -393,7 +394,7 @@ def test_key_concurrency_cap_holds_across_two_processes(
 def test_key_cap_refuses_with_retry_after_when_the_queue_times_out(
     database_url: str, fake_provider: FakeProvider, tmp_path: Path
 ) -> None:
-    gateway = launch_gateway(
+    gateway = start_in_process(
         database_url,
         tmp_path,
         {},
@@ -428,7 +429,7 @@ def test_key_cap_refuses_with_retry_after_when_the_queue_times_out(
         counted = scrape(gateway.url)
         assert counted["tvgate_governance_refused_total"] == 2
     finally:
-        stop_gateway(gateway.proc)
+        gateway.stop()
     # A process that stops gives back every slot it held, at once.
     gateway.bind()
     gateway_slots = ConcurrencySlot.select().where(ConcurrencySlot.resource == "gateway")

@@ -15,8 +15,9 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from tests.conftest import ANTHROPIC_SECRET, GatewayProcess, launch_gateway, stop_gateway
+from tests.conftest import ANTHROPIC_SECRET, GatewayProcess
 from tests.fake_provider import FakeProvider
+from tests.inprocess import start_in_process
 from tvgate import services
 from tvgate.governance.windows import counter_key, window
 from tvgate.keyring.local import LocalKeyring
@@ -250,8 +251,7 @@ def test_a_change_through_the_api_is_in_force_at_once_in_that_process(
 ) -> None:
     """A gateway whose snapshots live five minutes: only the invalidation after each change
     can put a new budget (or its removal) in force before the next request."""
-    slow = launch_gateway(gateway.database_url, tmp_path, {}, TVGATE_CACHE_TTL="300")
-    try:
+    with start_in_process(gateway.database_url, tmp_path, {}, TVGATE_CACHE_TTL="300") as slow:
         api = httpx2.Client(
             base_url=slow.url,
             headers={"Authorization": f"Bearer {gov.tokens['admin']}"},
@@ -283,5 +283,3 @@ def test_a_change_through_the_api_is_in_force_at_once_in_that_process(
         assert api.delete(f"/api/v1/budgets/{budget['id']}").status_code == 200
         assert call() == 200
         api.close()
-    finally:
-        stop_gateway(slow.proc)

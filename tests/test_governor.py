@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -18,6 +19,8 @@ from tvgate.db import DatabaseRunner, migrate, open_database
 from tvgate.governance.governor import Governor, Refused
 from tvgate.governance.policy import Governance, RateRule
 from tvgate.models import ConcurrencySlot, UsageCounter
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -30,13 +33,13 @@ def runner(tmp_path: Path) -> Iterator[DatabaseRunner]:
     db.close()
 
 
-def run_in_thread(coroutine_fn: object, timeout: float = 20.0) -> object:
+def run_in_thread(coroutine_fn: Callable[[], Coroutine[Any, Any, T]], timeout: float = 20.0) -> T:
     """Run a coroutine on a loop of its own in a thread: a loop that spins for ever fails
     the test after ``timeout`` instead of hanging it."""
-    outcome: dict[str, object] = {}
+    outcome: dict[str, T] = {}
 
     def main() -> None:
-        outcome["value"] = asyncio.run(coroutine_fn())  # type: ignore[operator]
+        outcome["value"] = asyncio.run(coroutine_fn())
 
     thread = threading.Thread(target=main, daemon=True)
     thread.start()
@@ -87,7 +90,7 @@ def test_many_concurrent_calls_get_exactly_the_limit(runner: DatabaseRunner) -> 
         await governor.sync()
         return admitted, refused, asked, UsageCounter.select().get().value
 
-    admitted, refused, asked, value = run_in_thread(scenario)  # type: ignore[misc]
+    admitted, refused, asked, value = run_in_thread(scenario)
     assert admitted == 50
     assert refused and not asked
     assert value == 50

@@ -15,7 +15,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from tests.conftest import GatewayProcess, launch_gateway, stop_gateway
+from tests.conftest import (
+    GatewayProcess,
+    beside,
+    visdom_env,
+)
 from tests.fake_provider import FakeProvider
 from tests.fake_visdom import FakeVisdom
 from tvgate.models import Org, User
@@ -38,12 +42,14 @@ class Keys:
 
     def jwks(self) -> list[dict[str, Any]]:
         keys = []
-        for kid, algorithm, key in (
+        # Any: each algorithm takes its own kind of key, which the tuple's type cannot say.
+        pairs: tuple[tuple[str, Any, Any], ...] = (
             ("rsa-1", jwt.algorithms.RSAAlgorithm, self.rsa),
             ("ec-1", jwt.algorithms.ECAlgorithm, self.ec),
             ("ed-1", jwt.algorithms.OKPAlgorithm, self.ed),
-        ):
-            jwk = orjson.loads(algorithm.to_jwk(key.public_key()))  # type: ignore[attr-defined]
+        )
+        for kid, algorithm, key in pairs:
+            jwk = orjson.loads(algorithm.to_jwk(key.public_key()))
             keys.append({**jwk, "kid": kid})
         return keys
 
@@ -54,26 +60,20 @@ def keys() -> Keys:
 
 
 @pytest.fixture(scope="module")
-def visdom(keys: Keys) -> Iterator[FakeVisdom]:
-    fake = FakeVisdom()
-    fake.jwks = keys.jwks()
+def visdom(visdom: FakeVisdom, keys: Keys) -> FakeVisdom:
+    """conftest's, with the module's signing keys and orgs acme and other."""
+    visdom.jwks = keys.jwks()
     for name in ("acme", "other"):
-        fake.add_org(name)
-    fake.start()
-    yield fake
-    fake.stop()
+        visdom.add_org(name)
+    return visdom
 
 
 @pytest.fixture(scope="module")
 def idgate(gateway: GatewayProcess, visdom: FakeVisdom) -> Iterator[GatewayProcess]:
     """A second gateway on the same database, with Visdom Trace and a JWT issuer configured."""
-    gw = launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        gateway.tokens,
-        TVGATE_VISDOM_URL=visdom.url,
-        TVGATE_VISDOM_CACHE_TTL="1",
-        TVGATE_VISDOM_NEGATIVE_TTL="0.5",
+    with beside(
+        gateway,
+        **visdom_env(visdom.url),
         TVGATE_JWT_ISSUER=ISSUER,
         TVGATE_JWT_AUDIENCE=AUDIENCE,
         TVGATE_JWT_ALGORITHMS="RS256,ES256,EdDSA,HS256",
@@ -81,16 +81,15 @@ def idgate(gateway: GatewayProcess, visdom: FakeVisdom) -> Iterator[GatewayProce
         TVGATE_JWT_SECRET=HMAC_SECRET,
         TVGATE_JWT_LEEWAY="0",
         TVGATE_JWT_JWKS_REFETCH_INTERVAL="1",
-    )
-    # acme and other were made in tvgate: only an operator's link lets outside orgs in.
-    links = [("acme", "--jwt-org", "acme")] + [
-        (name, "--visdom-org-id", visdom.orgs[name].org_id) for name in ("acme", "other")
-    ]
-    for name, option, value in links:
-        linked = gw.cli("orgs", "link", name, option, value)
-        assert linked.returncode == 0, linked.stderr
-    yield gw
-    stop_gateway(gw.proc)
+    ) as gw:
+        # acme and other were made in tvgate: only an operator's link lets outside orgs in.
+        links = [("acme", "--jwt-org", "acme")] + [
+            (name, "--visdom-org-id", visdom.orgs[name].org_id) for name in ("acme", "other")
+        ]
+        for name, option, value in links:
+            linked = gw.cli("orgs", "link", name, option, value)
+            assert linked.returncode == 0, linked.stderr
+        yield gw
 
 
 def call(

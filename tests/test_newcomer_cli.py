@@ -24,25 +24,11 @@ import pytest
 
 from tests.conftest import ANTHROPIC_SECRET, ROOT, GatewayProcess, free_port, gateway_env
 from tests.fake_provider import FakeProvider
+from tests.harness import run_cli as tvgate
 
 SECRET = "sk-ant-api03-newcomer-0123456789abcdef"
 #: A log line of the gateway's JSON format: what a person should not find in a command's output.
 JSON_LOG_LINE = re.compile(r'^\{"ts":', re.MULTILINE)
-
-
-def tvgate(
-    env: dict[str, str], *args: str, cwd: Path, stdin: str = ""
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tvgate.cli", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=60,
-        check=False,
-    )
 
 
 def sql(database: Path, statement: str) -> list[tuple[object, ...]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx2
 from setuptools.config.setupcfg import read_configuration
 
-from tests.conftest import ROOT, GatewayProcess, free_port, gateway_env, start_gateway, stop_gateway
+from tests.conftest import ROOT, GatewayProcess, gateway_env, start_gateway, stop_gateway
 from tvgate.db import MIGRATIONS
 
 
@@ -71,7 +71,7 @@ def test_ui_connect_block_sets_the_claude_code_variables_of_the_readme(
 
 
 def test_first_start_logs_the_migrations_applied_in_one_line(tmp_path: Path) -> None:
-    env = gateway_env(f"sqlite:///{tmp_path / 'tvgate.db'}", tmp_path, free_port())
+    env = gateway_env(f"sqlite:///{tmp_path / 'tvgate.db'}", tmp_path, 0)
     log_path = tmp_path / "serve.log"
     proc = start_gateway(env, log_path)
     stop_gateway(proc)

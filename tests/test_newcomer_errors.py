@@ -27,10 +27,12 @@ import httpx2
 import openai
 import orjson
 import pytest
+from anthropic.types import MessageParam
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import (
     ANTHROPIC_SECRET,
@@ -48,7 +50,8 @@ from tvgate.models import Org, ProviderKey, Route, database
 
 KEYRING = LocalKeyring(b"k" * 32)
 CONNECT_TIMEOUT = "2"
-PROMPT = [{"role": "user", "content": "hi"}]
+PROMPT: list[MessageParam] = [{"role": "user", "content": "hi"}]
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 # --- outside systems that fail in the ways a provider can (threads of this process) ---
@@ -346,7 +349,7 @@ def test_openai_base_url_without_v1_is_told_how_to_fix_it(
     """OPENAI_BASE_URL=https://gw: the SDK posts /chat/completions."""
     client = openai.OpenAI(base_url=gateway.url, api_key=member_token, max_retries=0)
     with pytest.raises(openai.APIStatusError) as failed:
-        client.chat.completions.create(model="gpt-test", messages=PROMPT)
+        client.chat.completions.create(model="gpt-test", messages=CHAT)
     assert failed.value.status_code == 404
     body = failed.value.body
     assert isinstance(body, dict)

@@ -29,10 +29,10 @@ import pytest
 from tests.conftest import (
     GatewayProcess,
     add_fake_key,
-    launch_gateway,
-    stop_gateway,
+    beside,
 )
 from tests.fake_provider import FakeProvider
+from tests.harness import PRIVATE_UPSTREAMS_OFF
 from tvgate import services
 from tvgate.models import AuditEvent, ModelPrice, Org, ProviderKey
 
@@ -165,15 +165,8 @@ def no_keys_left(gateway: GatewayProcess) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def strict(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
     """A second gateway on the same database with private upstreams refused (the default)."""
-    gw = launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        gateway.tokens,
-        TVGATE_ALLOW_PRIVATE_UPSTREAMS="false",
-        TVGATE_ALLOW_PRIVATE_USER_UPSTREAMS="false",
-    )
-    yield gw
-    stop_gateway(gw.proc)
+    with beside(gateway, **PRIVATE_UPSTREAMS_OFF) as gw:
+        yield gw
 
 
 # --- 22.3: a key's base URL ---
@@ -213,7 +206,9 @@ def test_cli_keys_set_base_url_refuses_what_keys_add_refuses(
     # The gateway's settings allow private upstreams; with the operator's switch off (its
     # default), private and plain-http upstreams are refused too.
     strict_env = {"TVGATE_ALLOW_PRIVATE_UPSTREAMS": "false"}
-    cases = [(url, reason, {}) for url, reason in _always_refused(gateway).items()]
+    cases: list[tuple[str, str, dict[str, str]]] = [
+        (url, reason, {}) for url, reason in _always_refused(gateway).items()
+    ]
     cases += [(url, reason, strict_env) for url, reason in PRIVATE_REFUSED.items()]
     for url, reason, env in cases:
         done = _cli(gateway, "keys", "set", key, "--org", "acme", "--base-url", url, **env)

@@ -7,11 +7,13 @@ from typing import Any
 
 import anthropic
 import pytest
+from anthropic.types import MessageParam
 
 from tests.conftest import ANTHROPIC_SECRET, GatewayProcess
 from tests.fake_provider import FakeProvider
+from tests.harness import fake_scenario as scenario
 
-PROMPT = [{"role": "user", "content": "Read the README and summarise it"}]
+PROMPT: list[MessageParam] = [{"role": "user", "content": "Read the README and summarise it"}]
 TOOLS = [
     {
         "name": "read_file",
@@ -27,14 +29,6 @@ def via_gateway(gateway: GatewayProcess, token: str) -> anthropic.Anthropic:
 
 def direct(fake: FakeProvider) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=fake.url, api_key=ANTHROPIC_SECRET, max_retries=0)
-
-
-def scenario(name: str, session: str = "") -> dict[str, Any]:
-    """Ask the fake for a scenario; a session tag lets a test find its own traces."""
-    headers = {"x-fake-scenario": name}
-    if session:
-        headers["x-tvgate-session"] = session
-    return {"extra_headers": headers}
 
 
 @pytest.mark.parametrize("name", ["normal", "tool_use", "thinking"])

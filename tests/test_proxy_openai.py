@@ -7,11 +7,15 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import OPENAI_SECRET, GatewayProcess
 from tests.fake_provider import FakeProvider
+from tests.harness import fake_scenario as headers
 
-MESSAGES = [{"role": "user", "content": "List the files in this repository"}]
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "List the files in this repository"}
+]
 TOOLS = [
     {
         "type": "function",
@@ -36,13 +40,6 @@ def via_gateway(gateway: GatewayProcess, token: str) -> openai.OpenAI:
 
 def direct(fake: FakeProvider) -> openai.OpenAI:
     return openai.OpenAI(base_url=fake.openai_url, api_key=OPENAI_SECRET, max_retries=0)
-
-
-def headers(scenario: str, session: str = "") -> dict[str, Any]:
-    extra = {"x-fake-scenario": scenario}
-    if session:
-        extra["x-tvgate-session"] = session
-    return {"extra_headers": extra}
 
 
 @pytest.mark.parametrize("scenario", ["normal", "tool_use"])

@@ -31,9 +31,10 @@ import pytest
 from tests.conftest import (
     PG_ADMIN_DSN,
     GatewayProcess,
-    _pg_execute,
     add_fake_key,
+    beside,
     launch_gateway,
+    own_postgres,
     scrape,
     seed,
     stop_gateway,
@@ -55,15 +56,12 @@ CAPTURE_MAX = 64 * 1024
 @pytest.fixture(scope="module")
 def gw(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
     """A gateway over the session's database that keeps at most CAPTURE_MAX of an answer."""
-    own = launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        gateway.tokens,
+    with beside(
+        gateway,
         TVGATE_GOVERNANCE_SYNC_INTERVAL="0.2",
         TVGATE_CAPTURE_MAX_BYTES=str(CAPTURE_MAX),
-    )
-    yield own
-    stop_gateway(own.proc)
+    ) as own:
+        yield own
 
 
 @dataclass
@@ -257,44 +255,33 @@ def _backends(name: str) -> int:
 def test_postgresql_connections_unused_for_the_idle_timeout_are_closed(
     fake_provider: FakeProvider, tmp_path: Path
 ) -> None:
-    name = "tvgate_test_" + secrets.token_hex(6)
-    _pg_execute(f"CREATE DATABASE {name}")
-    url = f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{name}"
-    gateway = None
-    try:
+    with own_postgres(tmp_path) as url:
+        name = url.rsplit("/", 1)[1]
         tokens = seed(url, tmp_path, fake_provider)
         # Prices and route snapshots are reloaded every 30 s here: nothing else uses the
         # database while the test watches it.
-        gateway = launch_gateway(
+        with launch_gateway(
             url, tmp_path, tokens, TVGATE_DB_IDLE_TIMEOUT="1", TVGATE_CACHE_TTL="30"
-        )
-        client = openai.OpenAI(
-            base_url=gateway.openai_url, api_key=tokens["dev@acme.test"], max_retries=0
-        )
-        for _ in range(3):
-            client.chat.completions.create(
-                model="gpt-test", messages=[{"role": "user", "content": "hello"}]
+        ) as gateway:
+            client = openai.OpenAI(
+                base_url=gateway.openai_url, api_key=tokens["dev@acme.test"], max_retries=0
             )
-        gateway.wait_traces(3, timeout=30)
-        database.close()
-        assert _backends(name) > 0  # the gateway did connect
-        deadline = time.monotonic() + 12
-        while (held := _backends(name)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert held == 0, f"the gateway still holds {held} idle connections"
-        # And it connects again when it needs to.
-        answer = client.chat.completions.create(
-            model="gpt-test", messages=[{"role": "user", "content": "again"}]
-        )
-        assert answer.choices[0].message.content
-    finally:
-        if gateway is not None:
-            stop_gateway(gateway.proc)
-        open_database(f"sqlite:///{tmp_path / 'unbind.db'}")
-        _pg_execute(
-            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"  # noqa: S608
-        )
-        _pg_execute(f"DROP DATABASE IF EXISTS {name}")
+            for _ in range(3):
+                client.chat.completions.create(
+                    model="gpt-test", messages=[{"role": "user", "content": "hello"}]
+                )
+            gateway.wait_traces(3, timeout=30)
+            database.close()
+            assert _backends(name) > 0  # the gateway did connect
+            deadline = time.monotonic() + 12
+            while (held := _backends(name)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert held == 0, f"the gateway still holds {held} idle connections"
+            # And it connects again when it needs to.
+            answer = client.chat.completions.create(
+                model="gpt-test", messages=[{"role": "user", "content": "again"}]
+            )
+            assert answer.choices[0].message.content
 
 
 # --- 17.8: the touched-blob set is bounded ---

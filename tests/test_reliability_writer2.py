@@ -32,13 +32,14 @@ from tests.conftest import (
     GatewayProcess,
     free_port,
     gateway_env,
+    gateway_process,
     launch_gateway,
     scrape,
     seed,
-    start_gateway,
     stop_gateway,
 )
 from tests.fake_provider import FakeProvider
+from tests.outages import outage
 from tests.pg_private import PrivatePostgres
 from tvgate.db import open_database
 from tvgate.models import Trace
@@ -74,17 +75,8 @@ def launch(
     database_url: str, data_dir: Path, log_dir: Path, tokens: dict[str, str], **env: str
 ) -> GatewayProcess:
     """A gateway whose log is outside its data directory (which may be full)."""
-    gw_env = gateway_env(database_url, data_dir, free_port(), **env)
     log_path = log_dir / f"tvgate-{uuid.uuid4().hex[:8]}.log"
-    return GatewayProcess(
-        url="http://" + gw_env["TVGATE_LISTEN"],
-        database_url=database_url,
-        data_dir=data_dir,
-        env=gw_env,
-        proc=start_gateway(gw_env, log_path),
-        log_path=log_path,
-        tokens=tokens,
-    )
+    return gateway_process(gateway_env(database_url, data_dir, 0, **env), tokens, log_path)
 
 
 def ask(gw: GatewayProcess, session: str) -> int:
@@ -145,6 +137,7 @@ def fill(disk: Path) -> Path:
 # --- 17.2: a spool that cannot be written ---
 
 
+@pytest.mark.slow
 def test_a_full_disk_holds_traces_in_memory_and_recording_resumes_by_itself(
     private_pg: PrivatePostgres, fake_provider: FakeProvider, small_disk: Path, tmp_path: Path
 ) -> None:
@@ -159,7 +152,7 @@ def test_a_full_disk_holds_traces_in_memory_and_recording_resumes_by_itself(
         calls = 40
         statuses = [ask(gw, session) for _ in range(calls)]
         assert statuses == [200] * calls
-        time.sleep(2)  # several tries of the database and of the spool
+        time.sleep(outage(2))  # several tries of the database and of the spool
         status_in_outage, in_outage = ready(gw)
         filler.unlink()  # space is back: the spool takes what was held
         wait_for(lambda: ready(gw)[1]["trace_writer"].get("held", 0) == 0, "the spool to take them")
@@ -182,6 +175,7 @@ def test_a_full_disk_holds_traces_in_memory_and_recording_resumes_by_itself(
         stop_gateway(gw.proc)
 
 
+@pytest.mark.slow
 def test_a_read_only_disk_keeps_up_to_the_queue_size_and_counts_the_rest(
     private_pg: PrivatePostgres, fake_provider: FakeProvider, small_disk: Path, tmp_path: Path
 ) -> None:
@@ -197,7 +191,7 @@ def test_a_read_only_disk_keeps_up_to_the_queue_size_and_counts_the_rest(
         for _ in range(calls):
             assert ask(gw, session) == 200
             time.sleep(0.1)  # one at a time: the queue itself never fills
-        time.sleep(1)
+        time.sleep(outage(1))
         status_in_outage, in_outage = ready(gw)
         # The database comes back first, the disk stays read-only: the database takes them.
         private_pg.start()
@@ -217,6 +211,7 @@ def test_a_read_only_disk_keeps_up_to_the_queue_size_and_counts_the_rest(
 # --- 17.4: a spool per worker ---
 
 
+@pytest.mark.slow
 def test_two_workers_spool_apart_and_every_trace_is_written_exactly_once(
     private_pg: PrivatePostgres, fake_provider: FakeProvider, tmp_path: Path
 ) -> None:
@@ -243,7 +238,7 @@ def test_two_workers_spool_apart_and_every_trace_is_written_exactly_once(
         # The database comes back under load (both workers replay while the other spools),
         # and goes again: then the gateway stops with both spools on disk.
         private_pg.start()
-        time.sleep(3)
+        time.sleep(outage(3))
         private_pg.stop()
         mark = len(acknowledged)
         wait_for(lambda: len(acknowledged) > mark + 100, "calls in the second outage")

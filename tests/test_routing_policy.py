@@ -11,7 +11,11 @@ import httpx2
 import orjson
 import pytest
 
-from tests.conftest import ANTHROPIC_SECRET, GatewayProcess, launch_gateway, stop_gateway
+from tests.conftest import (
+    ANTHROPIC_SECRET,
+    GatewayProcess,
+    beside,
+)
 from tests.fake_provider import FakeProvider
 from tvgate import services
 from tvgate.keyring.local import LocalKeyring
@@ -360,9 +364,8 @@ def test_disabling_a_user_takes_effect_at_once(gateway: GatewayProcess, matrix: 
 
 @pytest.fixture(scope="module")
 def second_gateway(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
-    gw = launch_gateway(gateway.database_url, gateway.data_dir, gateway.tokens)
-    yield gw
-    stop_gateway(gw.proc)
+    with beside(gateway) as gw:
+        yield gw
 
 
 def test_a_change_in_one_process_reaches_another_within_the_ttl(

@@ -28,12 +28,12 @@ import peewee
 import pytest
 
 from tests.conftest import (
-    PG_ADMIN_DSN,
     GatewayProcess,
-    _pg_execute,
     launch_gateway,
+    own_postgres,
     seed_users,
     stop_gateway,
+    visdom_env,
 )
 from tests.fake_visdom import FakeVisdom
 from tvgate.db import migrate, open_database
@@ -57,22 +57,8 @@ def own_database(
         url = f"sqlite:///{data_dir / 'tvgate.db'}"
         yield url, data_dir, seed_users(url)
         return
-    name = "tvgate_test_" + secrets.token_hex(6)
-    _pg_execute(f"CREATE DATABASE {name}")
-    url = f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{name}"
-    yield url, data_dir, seed_users(url)
-    open_database(f"sqlite:///{data_dir / 'unbind.db'}")  # let go of the dropped database
-    _pg_execute(
-        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"  # noqa: S608
-    )
-    _pg_execute(f"DROP DATABASE IF EXISTS {name}")
-
-
-@pytest.fixture(scope="module")
-def visdom() -> Iterator[FakeVisdom]:
-    fake = FakeVisdom().start()
-    yield fake
-    fake.stop()
+    with own_postgres(data_dir) as url:
+        yield url, data_dir, seed_users(url)
 
 
 def _identity_gateway(
@@ -83,9 +69,7 @@ def _identity_gateway(
         url,
         data_dir,
         tokens,
-        TVGATE_VISDOM_URL=visdom.url,
-        TVGATE_VISDOM_CACHE_TTL="1",
-        TVGATE_VISDOM_NEGATIVE_TTL="0.5",
+        **visdom_env(visdom.url),
         TVGATE_JWT_ISSUER=ISSUER,
         TVGATE_JWT_ALGORITHMS="HS256",
         TVGATE_JWT_SECRET=HMAC_SECRET,
@@ -377,7 +361,7 @@ def test_email_linking_opt_in_needs_a_verified_email(linking: GatewayProcess) ->
     email = f"local@{org}.test"
     add_local_user(linking, email, org)
     for verified in (None, False, "true", 1):
-        extra = {} if verified is None else {"email_verified": verified}
+        extra: dict[str, Any] = {} if verified is None else {"email_verified": verified}
         refused = me(linking, make_jwt(unique("sub"), email, org, **extra))
         assert refused.status_code == 403, (verified, refused.text)
     sub = unique("sub")

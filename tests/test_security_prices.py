@@ -23,11 +23,13 @@ import pytest
 from tests.conftest import (
     ANTHROPIC_SECRET,
     GatewayProcess,
+    beside,
     free_port,
     launch_gateway,
     stop_gateway,
 )
 from tests.fake_provider import FakeProvider
+from tests.harness import PRIVATE_UPSTREAMS_OFF
 from tvgate import services
 from tvgate.keyring.local import LocalKeyring
 from tvgate.models import ProviderKey, Trace, database
@@ -372,29 +374,18 @@ def _org_without_routes() -> PriceOrg:
 @pytest.fixture(scope="module")
 def user_switch_off(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
     """Private upstreams allowed for the operator's and admins' keys, not for members' own."""
-    gw = launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        gateway.tokens,
+    with beside(
+        gateway,
         TVGATE_ALLOW_PRIVATE_UPSTREAMS="true",
         TVGATE_ALLOW_PRIVATE_USER_UPSTREAMS="false",
-    )
-    yield gw
-    stop_gateway(gw.proc)
+    ) as gw:
+        yield gw
 
 
 @pytest.fixture(scope="module")
 def all_switches_off(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
-    gw = launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        gateway.tokens,
-        TVGATE_ALLOW_PRIVATE_UPSTREAMS="false",
-        TVGATE_ALLOW_PRIVATE_USER_UPSTREAMS="false",
-        TVGATE_CONNECT_TIMEOUT="3",
-    )
-    yield gw
-    stop_gateway(gw.proc)
+    with beside(gateway, **PRIVATE_UPSTREAMS_OFF, TVGATE_CONNECT_TIMEOUT="3") as gw:
+        yield gw
 
 
 def add_key(gw: GatewayProcess, token: str, name: str, base_url: str) -> httpx2.Response:

@@ -22,7 +22,12 @@ import jwt
 import orjson
 import pytest
 
-from tests.conftest import ANTHROPIC_SECRET, GatewayProcess, launch_gateway, stop_gateway
+from tests.conftest import (
+    ANTHROPIC_SECRET,
+    GatewayProcess,
+    beside,
+    visdom_env,
+)
 from tests.fake_visdom import FakeUser, FakeVisdom
 from tvgate.db import migrate, open_database
 from tvgate.models import AuditEvent, ProviderKey, ProxyToken, SchemaVersion, User, WebSession
@@ -39,37 +44,25 @@ BODY = orjson.dumps(
 
 
 @pytest.fixture(scope="module")
-def visdom() -> Iterator[FakeVisdom]:
-    fake = FakeVisdom().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture(scope="module")
 def revgate(gateway: GatewayProcess, visdom: FakeVisdom) -> Iterator[GatewayProcess]:
     """A gateway on the shared database with Visdom Trace and an HS256 JWT issuer."""
-    gw = launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        gateway.tokens,
-        TVGATE_VISDOM_URL=visdom.url,
-        TVGATE_VISDOM_CACHE_TTL="1",
-        TVGATE_VISDOM_NEGATIVE_TTL="0.5",
+    with beside(
+        gateway,
+        **visdom_env(visdom.url),
         TVGATE_JWT_ISSUER=ISSUER,
         TVGATE_JWT_ALGORITHMS="HS256",
         TVGATE_JWT_SECRET=JWT_SECRET,
         TVGATE_LOGIN_ATTEMPTS="1000",
-    )
-    # acme was made in tvgate: only an operator's link lets outside orgs in.
-    links = [
-        ("acme", "--jwt-org", "acme"),
-        ("acme", "--visdom-org-id", visdom.add_org("acme").org_id),
-    ]
-    for name, option, value in links:
-        linked = gw.cli("orgs", "link", name, option, value)
-        assert linked.returncode == 0, linked.stderr
-    yield gw
-    stop_gateway(gw.proc)
+    ) as gw:
+        # acme was made in tvgate: only an operator's link lets outside orgs in.
+        links = [
+            ("acme", "--jwt-org", "acme"),
+            ("acme", "--visdom-org-id", visdom.add_org("acme").org_id),
+        ]
+        for name, option, value in links:
+            linked = gw.cli("orgs", "link", name, option, value)
+            assert linked.returncode == 0, linked.stderr
+        yield gw
 
 
 def proxy(gw: GatewayProcess, token: str) -> httpx2.Response:

@@ -27,6 +27,7 @@ import pytest
 from tests.conftest import (
     ANTHROPIC_SECRET,
     GatewayProcess,
+    beside,
     free_port,
     gateway_env,
     launch_gateway,
@@ -86,22 +87,14 @@ def forwarded() -> str:
 
 def launch_behind_nginx(gateway: GatewayProcess, **env: str) -> GatewayProcess:
     """A gateway behind a trusted nginx, with a small sign-in limit."""
-    return launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        gateway.tokens,
-        TVGATE_TRUSTED_PROXIES=PROXIES,
-        TVGATE_LOGIN_ATTEMPTS=str(LIMIT),
-        **env,
-    )
+    return beside(gateway, TVGATE_TRUSTED_PROXIES=PROXIES, TVGATE_LOGIN_ATTEMPTS=str(LIMIT), **env)
 
 
 @pytest.fixture(scope="module")
 def behind_nginx(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
     """Two workers behind a trusted nginx, with a small sign-in limit."""
-    gw = launch_behind_nginx(gateway, TVGATE_WORKERS="2")
-    yield gw
-    stop_gateway(gw.proc)
+    with launch_behind_nginx(gateway, TVGATE_WORKERS="2") as gw:
+        yield gw
 
 
 # --- 16.10: sign-in limits behind nginx ---
@@ -323,7 +316,7 @@ def test_sqlite_files_are_private_to_the_service_user(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     database = data_dir / "tvgate.db"
-    env = gateway_env(f"sqlite:///{database}", data_dir, free_port())
+    env = gateway_env(f"sqlite:///{database}", data_dir, 0)
     proc = start_gateway(env, tmp_path / "tvgate.log")
     try:
         # A request that reads the database, so that the WAL and shared-memory files exist.

@@ -16,17 +16,20 @@ import socket
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx2
 import orjson
 import pytest
+from anthropic.types import MessageParam
 
 from tests.conftest import (
     ANTHROPIC_SECRET,
     GatewayProcess,
     free_port,
     gateway_env,
+    gateway_process,
     scrape,
     seed,
     start_gateway,
@@ -35,7 +38,7 @@ from tests.conftest import (
 from tests.fake_provider import FakeProvider
 from tvgate.metrics import Histogram, Metrics
 
-MESSAGE_BODY = {
+MESSAGE_BODY: dict[str, Any] = {
     "model": "claude-test",
     "max_tokens": 64,
     "messages": [{"role": "user", "content": "hello"}],
@@ -47,18 +50,8 @@ def launch(tmp_path: Path, fake: FakeProvider, **extra_env: str) -> GatewayProce
     data_dir = tmp_path / "data"
     database_url = f"sqlite:///{data_dir / 'tvgate.db'}"
     tokens = seed(database_url, data_dir, fake)
-    env = gateway_env(database_url, data_dir, free_port(), **extra_env)
-    log_path = tmp_path / "tvgate.log"
-    proc = start_gateway(env, log_path)
-    return GatewayProcess(
-        url="http://" + env["TVGATE_LISTEN"],
-        database_url=database_url,
-        data_dir=data_dir,
-        env=env,
-        proc=proc,
-        log_path=log_path,
-        tokens=tokens,
-    )
+    env = gateway_env(database_url, data_dir, 0, **extra_env)
+    return gateway_process(env, tokens, tmp_path / "tvgate.log")
 
 
 def refuses_connections(url: str) -> bool:
@@ -224,7 +217,7 @@ def test_two_workers_serve_one_port_and_a_dead_worker_is_replaced(
             base_url=gw.url, api_key=gw.tokens["dev@acme.test"], max_retries=0
         )
         for _ in range(4):
-            message = client.messages.create(**MESSAGE_BODY)  # type: ignore[call-overload]
+            message = client.messages.create(**MESSAGE_BODY)
             assert message.content[0].text == "You said: hello"
 
         # Each worker has its own metrics port: worker k on metrics_port + k.
@@ -261,7 +254,7 @@ def test_logs_are_json_lines_without_secrets_or_prompts_and_sighup_reloads(
     data_dir = tmp_path / "data"
     database_url = f"sqlite:///{data_dir / 'tvgate.db'}"
     tokens = seed(database_url, data_dir, fake_provider)
-    env = gateway_env(database_url, data_dir, free_port(), TVGATE_CONFIG=str(config))
+    env = gateway_env(database_url, data_dir, 0, TVGATE_CONFIG=str(config))
     del env["TVGATE_LOG_LEVEL"]  # from the file, so that a reload can change it
     log_path = tmp_path / "tvgate.log"
     proc = start_gateway(env, log_path)
@@ -336,11 +329,11 @@ def test_logs_are_json_lines_without_secrets_or_prompts_and_sighup_reloads(
 def test_metrics_count_each_call_from_its_trace(gateway: GatewayProcess, member_token: str) -> None:
     before = scrape(gateway.url)
     client = anthropic.Anthropic(base_url=gateway.url, api_key=member_token, max_retries=0)
-    client.messages.create(**MESSAGE_BODY)  # type: ignore[call-overload]
-    with client.messages.stream(**MESSAGE_BODY) as stream:  # type: ignore[call-overload]
+    client.messages.create(**MESSAGE_BODY)
+    with client.messages.stream(**MESSAGE_BODY) as stream:
         stream.until_done()
     with pytest.raises(anthropic.InternalServerError):
-        client.messages.create(**MESSAGE_BODY, extra_headers={"x-fake-scenario": "error_529"})  # type: ignore[call-overload]
+        client.messages.create(**MESSAGE_BODY, extra_headers={"x-fake-scenario": "error_529"})
     after = scrape(gateway.url)
 
     def grew(key: str) -> float:
@@ -380,7 +373,7 @@ def test_a_conversation_is_captured_from_what_each_turn_added(
     before = scrape(gateway.url)
     client = anthropic.Anthropic(base_url=gateway.url, api_key=member_token, max_retries=0)
     session = {"X-Claude-Code-Session-Id": "conversation-capture"}
-    messages: list[dict[str, str]] = []
+    messages: list[MessageParam] = []
     for turn in range(4):
         messages.append({"role": "user", "content": f"turn {turn}: " + "lorem ipsum " * 500})
         client.messages.create(
@@ -454,3 +447,33 @@ def test_healthz_names_the_worker(gateway: GatewayProcess) -> None:
     ready = httpx2.get(gateway.url + "/readyz", timeout=10).json()
     assert ready["ready"] is True
     assert ready["checks"] == {"database": "ok", "keyring": "ok", "identity": "ok"}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_on_port_0_reports_the_port_it_bound_and_every_worker_serves_there(
+    tmp_path: Path, fake_provider: FakeProvider, workers: int
+) -> None:
+    gw = launch(tmp_path, fake_provider, TVGATE_WORKERS=str(workers))
+    try:
+        assert gw.env["TVGATE_LISTEN"] != "127.0.0.1:0"
+        port = int((tmp_path / "tvgate.log.port").read_text())
+        assert port != 0 and gw.url == f"http://127.0.0.1:{port}"
+        log = gw.log_text()
+        for worker in range(workers):
+            assert re.search(
+                rf"tvgate worker {worker} \(pid \d+\) listening on http://127\.0\.0\.1:{port}\b",
+                log,
+            ), log
+        seen: set[int] = set()
+        for _ in range(200):
+            # A new connection each time: the kernel spreads connections over the workers.
+            seen.add(httpx2.get(gw.url + "/healthz", timeout=5).json()["worker"])
+            if len(seen) == workers:
+                break
+        assert seen == set(range(workers))
+        client = anthropic.Anthropic(
+            base_url=gw.url, api_key=gw.tokens["dev@acme.test"], max_retries=0
+        )
+        assert client.messages.create(**MESSAGE_BODY).content
+    finally:
+        stop_gateway(gw.proc)

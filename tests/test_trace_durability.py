@@ -26,11 +26,12 @@ from tests.conftest import (
     stop_gateway,
 )
 from tests.fake_provider import FakeProvider
+from tests.outages import outage
 from tests.pg_private import PrivatePostgres
 from tvgate.db import open_database
 from tvgate.models import Trace
 
-OUTAGE_SECONDS = 60
+OUTAGE_SECONDS = outage(60)
 BODY = orjson.dumps(
     {"model": "claude-test", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 )
@@ -45,6 +46,7 @@ def private_pg() -> Iterator[PrivatePostgres]:
     server.destroy()
 
 
+@pytest.mark.slow
 def test_database_stopped_under_load_loses_no_trace(
     private_pg: PrivatePostgres, fake_provider: FakeProvider, tmp_path: Path
 ) -> None:
@@ -68,14 +70,14 @@ def test_database_stopped_under_load_loses_no_trace(
     worker = threading.Thread(target=load)
     try:
         worker.start()
-        time.sleep(1.5)
+        time.sleep(outage(1.5))
         private_pg.stop()
         down_from = len(statuses)
         # A minute, long past the gateway's 1 s caches: routes, tokens and keys are stale.
         time.sleep(OUTAGE_SECONDS)
         down_until = len(statuses)
         private_pg.start()
-        time.sleep(1.5)
+        time.sleep(outage(1.5))
         stop.set()
         worker.join(30)
         assert down_until - down_from > 20, (

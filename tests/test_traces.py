@@ -79,6 +79,7 @@ def test_a_trace_holds_who_what_how_long_and_what_it_cost(
         + (usage.cache_creation_input_tokens or 0) * 3.75
     ) / 1_000_000
     assert trace.cost_usd == pytest.approx(expected)
+    assert trace.first_byte_at is not None and trace.finished_at is not None
     assert trace.received_at <= trace.first_byte_at <= trace.finished_at
     assert trace.overhead_ms > 0 and trace.bytes_in > 0 and trace.bytes_out > 0
 

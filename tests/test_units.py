@@ -221,6 +221,12 @@ def snapshot(
     return snap
 
 
+def resolved_id(snap: OrgSnapshot, user: Principal, model: str) -> int | None:
+    """The id of the route ``model`` resolves to for ``user``; None: no route."""
+    entry = snap.resolve(user, model)
+    return None if entry is None else entry.id
+
+
 def test_exact_beats_pattern_and_scope_order() -> None:
     snap = snapshot(
         (1, "claude-*", SCOPE_ORG, None, None),
@@ -229,10 +235,10 @@ def test_exact_beats_pattern_and_scope_order() -> None:
         (4, "claude-sonnet", SCOPE_USER, 10, None),
         (5, "claude-sonnet", SCOPE_OWNED, 10, 10),
     )
-    assert snap.resolve(ALICE, "claude-sonnet").id == 5
-    assert snap.resolve(BOB, "claude-sonnet").id == 3
-    assert snap.resolve(ALICE, "claude-haiku-4-5").id == 2  # longest literal prefix
-    assert snap.resolve(ALICE, "claude-opus").id == 1
+    assert resolved_id(snap, ALICE, "claude-sonnet") == 5
+    assert resolved_id(snap, BOB, "claude-sonnet") == 3
+    assert resolved_id(snap, ALICE, "claude-haiku-4-5") == 2  # longest literal prefix
+    assert resolved_id(snap, ALICE, "claude-opus") == 1
     assert snap.resolve(ALICE, "gpt-4o") is None
 
 

@@ -10,7 +10,12 @@ from collections.abc import Iterator
 import httpx2
 import pytest
 
-from tests.conftest import GatewayProcess, launch_gateway, stop_gateway
+from tests.conftest import (
+    GatewayProcess,
+    beside,
+    launch_gateway,
+    stop_gateway,
+)
 from tests.fake_visdom import FakeVisdom
 from tvgate.models import WebSession
 
@@ -18,29 +23,24 @@ PASSWORD = "correct horse battery staple"
 
 
 @pytest.fixture(scope="module")
-def visdom() -> Iterator[FakeVisdom]:
-    fake = FakeVisdom()
-    fake.add_org("acme")
-    fake.start()
-    yield fake
-    fake.stop()
+def visdom(visdom: FakeVisdom) -> FakeVisdom:
+    """conftest's, with an org acme."""
+    visdom.add_org("acme")
+    return visdom
 
 
 @pytest.fixture(scope="module")
 def uigate(gateway: GatewayProcess, visdom: FakeVisdom) -> Iterator[GatewayProcess]:
-    gw = launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        gateway.tokens,
+    with beside(
+        gateway,
         TVGATE_VISDOM_URL=visdom.url,
         TVGATE_SESSION_IDLE_TIMEOUT="3",
         TVGATE_LOGIN_ATTEMPTS="1000",
-    )
-    # acme was made in tvgate: only an operator's link lets Visdom Trace's acme in.
-    linked = gw.cli("orgs", "link", "acme", "--visdom-org-id", visdom.orgs["acme"].org_id)
-    assert linked.returncode == 0, linked.stderr
-    yield gw
-    stop_gateway(gw.proc)
+    ) as gw:
+        # acme was made in tvgate: only an operator's link lets Visdom Trace's acme in.
+        linked = gw.cli("orgs", "link", "acme", "--visdom-org-id", visdom.orgs["acme"].org_id)
+        assert linked.returncode == 0, linked.stderr
+        yield gw
 
 
 def browser(gw: GatewayProcess) -> httpx2.Client:

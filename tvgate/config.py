@@ -347,19 +347,20 @@ def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
     return warnings
 
 
-def _check_port(setting: str, address: str) -> None:
-    """``address`` is host:port with a port from 1 to 65535 (a larger one would be cut to
-    16 bits by the socket layer: 80800 listened on 15264)."""
+def _check_port(setting: str, address: str, lowest: int = 1) -> None:
+    """``address`` is host:port with a port from ``lowest`` to 65535 (a larger one would be
+    cut to 16 bits by the socket layer: 80800 listened on 15264)."""
     _host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not sep or not port.isdigit() or not lowest <= int(port) <= 65535:
         raise ConfigError(
-            f"{setting} must be host:port with a port from 1 to 65535, not {address!r}"
+            f"{setting} must be host:port with a port from {lowest} to 65535, not {address!r}"
         )
 
 
 def validate(settings: Settings) -> None:
     """Refuse settings that would fail later in a less clear way."""
-    _check_port("listen", settings.listen)
+    # Port 0: a port the kernel chooses, which serve logs and writes to --port-file.
+    _check_port("listen", settings.listen, lowest=0)
     if settings.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(
             f"log_level must be one of {', '.join(LOG_LEVELS)}, not {settings.log_level!r}"

@@ -521,7 +521,8 @@ class ListenError(Exception):
 
 
 def bind_listeners(settings: Settings) -> list[list[socket.socket]]:
-    """Each worker's listening sockets, or ListenError when the address is taken.
+    """Each worker's listening sockets, or ListenError when the address is taken. On port 0
+    the kernel chooses a free port, which every worker shares (``bound_settings``).
 
     Two starts at the same moment could both pass the probe: after binding, any other
     process's listener on the address makes this start fail too (both fail, rather than
@@ -529,11 +530,14 @@ def bind_listeners(settings: Settings) -> list[list[socket.socket]]:
     try:
         if settings.worker_count == 1:
             return [bind_sockets(settings.port, settings.host, backlog=_BACKLOG)]
-        _probe(settings.port, settings.host)
-        groups = [
-            bind_sockets(settings.port, settings.host, backlog=_BACKLOG, reuse_port=True)
-            for _ in range(settings.worker_count)
-        ]
+        port = settings.port
+        if port:
+            _probe(port, settings.host)
+        groups: list[list[socket.socket]] = []
+        for _ in range(settings.worker_count):
+            groups.append(bind_sockets(port, settings.host, backlog=_BACKLOG, reuse_port=True))
+            # Port 0: the first worker's port, chosen by the kernel, is every worker's.
+            port = groups[0][0].getsockname()[1]
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise ListenError(_in_use(settings, set(_listeners(settings.port)))) from None
@@ -543,7 +547,7 @@ def bind_listeners(settings: Settings) -> list[list[socket.socket]]:
     inodes = {os.fstat(sock.fileno()).st_ino for sock in ours}
     others = {
         inode
-        for inode, address in _listeners(settings.port).items()
+        for inode, address in _listeners(port).items()
         if inode not in inodes and _overlaps(address, addresses)
     }
     if others:
@@ -551,6 +555,23 @@ def bind_listeners(settings: Settings) -> list[list[socket.socket]]:
             sock.close()
         raise ListenError(_in_use(settings, others))
     return groups
+
+
+def bound_settings(settings: Settings, listeners: list[list[socket.socket]]) -> Settings:
+    """``settings`` with the port ``listeners`` are bound to (the kernel's choice when
+    ``listen`` has port 0)."""
+    if settings.port:
+        return settings
+    port = listeners[0][0].getsockname()[1]
+    return dataclasses.replace(settings, listen=f"{settings.host}:{port}")
+
+
+def write_port_file(path: str, port: int) -> None:
+    """The bound port, for whoever started ``serve`` on port 0; renamed into place, so that a
+    reader never sees half of it."""
+    partial = f"{path}.partial"
+    Path(partial).write_text(f"{port}\n")
+    os.replace(partial, path)
 
 
 def _overlaps(address: _Address, ours: set[_Address]) -> bool:

@@ -16,7 +16,14 @@ from tvgate.keyring import build_keyring
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from tvgate.models import database
-    from tvgate.server import ListenError, bind_listeners, cookie_secret, run
+    from tvgate.server import (
+        ListenError,
+        bind_listeners,
+        bound_settings,
+        cookie_secret,
+        run,
+        write_port_file,
+    )
 
     overrides: dict[str, Any] = {}
     if args.workers is not None:
@@ -34,6 +41,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     except ListenError as exc:
         print(f"tvgate: {exc}", file=sys.stderr)
         return 1
+    if not settings.port:
+        # The workers and a reload read the settings again: they keep the bound port.
+        settings = bound_settings(settings, listeners)
+        overrides["listen"] = settings.listen
+    if args.port_file:
+        write_port_file(args.port_file, settings.port)
     open_db(settings, create=True)
     # Before any fork: a keyring that cannot be built fails here once, not in every worker,
     # and the master key and cookie secret files are created by one process only.
@@ -70,6 +83,10 @@ def register(commands: Commands) -> None:
         "--workers",
         type=int,
         help="worker processes on the one port (default: the workers setting; 0: one per core)",
+    )
+    p.add_argument(
+        "--port-file",
+        help="write the port listened on to this file once bound (for listen port 0)",
     )
     command(
         commands,
