@@ -279,7 +279,7 @@ class Gateway:
         metrics.sample(
             "tvgate_traces_written_total",
             "Traces written to the database.",
-            lambda: traces.written,
+            lambda: traces.stats.written,
             kind="counter",
         )
         metrics.sample(
@@ -309,13 +309,13 @@ class Gateway:
         metrics.sample(
             "tvgate_trace_spool_errors_total",
             "Spool writes that failed (a full or read-only disk).",
-            lambda: traces.spool_errors,
+            lambda: traces.stats.spool_errors,
             kind="counter",
         )
         metrics.sample(
             "tvgate_traces_spooled_total",
             "Traces written to the spool while the database was unreachable.",
-            lambda: traces.spooled,
+            lambda: traces.stats.spooled,
             kind="counter",
         )
         metrics.sample_by(
@@ -325,14 +325,14 @@ class Gateway:
             "nor the database took them while more than the queue size was held in memory, or "
             "at stop (spool_error); the writer failed while holding them.",
             "reason",
-            lambda: traces.dropped_by,
+            lambda: traces.stats.dropped_by,
             kind="counter",
         )
         metrics.sample(
             "tvgate_trace_dead_letter_size",
             "Traces in the dead-letter file (rows the database refused), also from before a "
             "restart.",
-            lambda: traces.dead_letters,
+            lambda: traces.stats.dead_letters,
         )
         metrics.sample(
             "tvgate_trace_bodies_held",
@@ -363,13 +363,13 @@ class Gateway:
         metrics.sample(
             "tvgate_trace_writer_restarts_total",
             "Times the trace writer's loop failed and was started again.",
-            lambda: traces.restarts,
+            lambda: traces.stats.restarts,
             kind="counter",
         )
         metrics.sample(
             "tvgate_trace_write_failures_total",
             "Trace batches that failed to write and were retried.",
-            lambda: traces.failures,
+            lambda: traces.stats.failures,
             kind="counter",
         )
 

@@ -105,13 +105,13 @@ class ReadyHandler(BaseHandler):
         )
         writer = {
             "running": traces.running,
-            "restarts": traces.restarts,
+            "restarts": traces.stats.restarts,
             "spool": traces.spool_size,
-            "spool_error": traces.spool_error,
+            "spool_error": traces.stats.spool_error,
             "held": traces.held,
-            "dead_letter": traces.dead_letters,
+            "dead_letter": traces.stats.dead_letters,
             "held_bodies": traces.held_bodies,
-            "dropped": traces.dropped_by,
+            "dropped": traces.stats.dropped_by,
         }
         self.set_status(200 if ready else 503)
         self.set_header("Content-Type", "application/json")
