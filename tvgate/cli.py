@@ -30,21 +30,7 @@ from tvgate.db import DatabaseMissing, migrate, open_database
 from tvgate.keyring import Keyring, KeyringError, KeyringUnavailable, build_keyring, vault_admin
 from tvgate.keyring.local import LocalKeyring
 from tvgate.keyring.vault import VaultKeyring
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line. Messages never carry secrets or prompt bodies."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+from tvgate.logformat import JsonFormatter
 
 
 def setup_logging(level: str, *, serving: bool) -> None:

@@ -45,7 +45,13 @@ from tvgate.traces.rows import (
     spool_entry,
 )
 from tvgate.traces.spool import Spool, append
-from tvgate.traces.store import BlobStore, CaptureSettings, KnownPlaintexts, load_capture_settings
+from tvgate.traces.store import (
+    BlobStore,
+    CaptureSettings,
+    KnownPlaintexts,
+    key_refs,
+    load_capture_settings,
+)
 
 log = logging.getLogger("tvgate.traces")
 
@@ -79,6 +85,8 @@ class BatchWriter:
         self._wanted_lock = threading.Lock()
         self._prices: PriceTable | None = None
         self._prices_at = 0.0
+        #: Orgs whose keys were checked against their settings in the batch being written.
+        self._checked: set[int] = set()
         #: Ids dead-lettered by this process: a replay cut short tries them again.
         self._dead_ids: set[str] = set()
 
@@ -122,6 +130,7 @@ class BatchWriter:
         stores: dict[int, BlobStore] = {}
         rows: list[TraceRow] = []
         written_at = time.time()
+        self._checked.clear()
         with self.db.atomic():
             for item in batch:
                 row = mend_row(item.row)
@@ -207,10 +216,23 @@ class BatchWriter:
 
     def _capture_settings(self, org_id: int) -> CaptureSettings:
         settings = self._settings.get(org_id)
-        if settings is None or time.monotonic() - settings.loaded_at > self.settings_ttl:
+        if (
+            settings is None
+            or time.monotonic() - settings.loaded_at > self.settings_ttl
+            or self._keys_changed(org_id, settings)
+        ):
             settings = load_capture_settings(org_id, self.keys, settings)
             self._settings[org_id] = settings
         return self._known(org_id, settings)
+
+    def _keys_changed(self, org_id: int, settings: CaptureSettings) -> bool:
+        """The org's keys are not those ``settings`` were read with: a key added since the
+        settings were read would otherwise be stored unredacted until they expire. Looked
+        at once per batch (in this process, off the serving one's GIL)."""
+        if org_id in self._checked:
+            return False
+        self._checked.add(org_id)
+        return key_refs(org_id) != settings.refs
 
     def _known(self, org_id: int, settings: CaptureSettings) -> CaptureSettings:
         """``settings`` with the plaintexts the gateway has decrypted since; the keys still

@@ -104,6 +104,11 @@ class HoldingStore:
         self.body_bytes += body.size
         self._bound()
 
+    @property
+    def held_body_bytes(self) -> int:
+        """Bytes of the held bodies alone (the held traces' are the serving process's too)."""
+        return sum(body.size for _, body in self.bodies.values())
+
     def bodies_by_org(self) -> dict[int, list[str]]:
         by_org: dict[int, list[str]] = {}
         for trace_id, (org_id, _) in self.bodies.items():

@@ -65,6 +65,8 @@ class Item:
 
     row: TraceRow
     body: CapturedBody | RedactedBody | None
+    #: Its number from the serving process (0 when there is none): acknowledged back.
+    seq: int = 0
 
     @property
     def body_size(self) -> int:

@@ -214,10 +214,13 @@ def _replay_order(path: Path) -> int:
 
 
 def count_lines(path: Path) -> int:
-    if not path.exists():
+    """Lines in a spool file; 0 when none can be read (it is missing, or not a file: the
+    append that follows fails and says so)."""
+    try:
+        with path.open("rb") as fh:
+            return sum(1 for line in fh if line.strip())
+    except OSError:
         return 0
-    with path.open("rb") as fh:
-        return sum(1 for line in fh if line.strip())
 
 
 def append(path: Path, lines: list[bytes]) -> None:

@@ -37,6 +37,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import peewee
@@ -73,6 +74,8 @@ log = logging.getLogger("tvgate.traces")
 POLL_INTERVAL = 0.05
 #: While the spool is not empty, how often a replay is tried when no trace comes.
 _SPOOL_RETRY = 1.0
+#: Bytes of bodies held in memory, queued or held, at most (past it, traces go bodiless).
+BODY_BUDGET = 256 * 1024 * 1024
 #: How long the supervisor waits before it starts the writer's loop again.
 _RESTART_DELAY = 1.0
 
@@ -88,7 +91,7 @@ class TraceWriter:
         spool_dir: Path,
         settings_ttl: float,
         worker: int = 0,
-        body_budget: int = 256 * 1024 * 1024,
+        body_budget: int = BODY_BUDGET,
         connection_age: ConnectionAge | None = None,
     ) -> None:
         self.db = db
@@ -111,6 +114,11 @@ class TraceWriter:
         self._release_at = 0.0
         #: The batch the writer is working on, for the supervisor if the loop fails.
         self._in_hand: list[Item] = []
+        #: Called (on the writer's thread) with the highest ``seq`` up to which every
+        #: trace taken is in the database or the spool, or counted lost, when it moves
+        #: on, and after a replay.
+        self.on_progress: Callable[[int], None] | None = None
+        self._taken_seq = self._durable_seq = 0
 
     # --- the request path (IOLoop thread) ---
 
@@ -157,7 +165,7 @@ class TraceWriter:
         """The keys (ciphertext, context) whose plaintext held bodies wait for (any thread)."""
         return self.batches.wanted_keys()
 
-    def submit(self, row: TraceRow, body: CapturedBody | None = None) -> None:
+    def submit(self, row: TraceRow, body: CapturedBody | None = None, seq: int = 0) -> None:
         """Queue a trace; never blocks."""
         if len(self._queue) >= self.queue_size:
             self.stats.dropped_by["queue_full"] += 1
@@ -170,7 +178,11 @@ class TraceWriter:
             else:
                 self._pending_body_bytes += body.size
         # deque.append is atomic: the writer thread takes from the other end, no lock.
-        self._queue.append(Item(row, body))
+        self._queue.append(Item(row, body, seq))
+
+    def release_soon(self) -> None:
+        """A key's plaintext came: try the held bodies at the next turn (any thread)."""
+        self._release_at = 0.0
 
     def stop(self, timeout: float = 60.0) -> None:
         """Write (or spool) everything queued so far, then end the thread."""
@@ -199,12 +211,16 @@ class TraceWriter:
                     # No second failure at stop: what is queued goes to the spool, for
                     # the next start to replay.
                     queued = [self._queue.popleft() for _ in range(len(self._queue))]
+                    if queued:
+                        self._taken_seq = queued[-1].seq
                     self.holding.hold(self._spool(queued))
                     self.holding.lose()
                     break
                 self._stopping.wait(_RESTART_DELAY)
                 continue
             break
+        # Everything taken is in the database or the spool now, or counted lost.
+        self._durable()
         if not self.db.is_closed():
             self.db.close()
         self.spool.close()
@@ -227,6 +243,7 @@ class TraceWriter:
         self.stats.peak_depth = max(self.stats.peak_depth, depth)
         popleft = queued.popleft
         self._in_hand = [popleft() for _ in range(min(depth, self.batch_size))]
+        self._taken_seq = self._in_hand[-1].seq
         for item in self._in_hand:
             if isinstance(item.body, CapturedBody):
                 self._pending_body_bytes -= item.body.size
@@ -239,9 +256,12 @@ class TraceWriter:
             # Read before taking a batch: a stop asked for after the queue was found empty
             # still finds every trace queued before it.
             ending = self._stopping.is_set()
+            if not holding.traces:
+                self._durable()
             if holding.bodies and not self.spool.size and time.monotonic() >= self._release_at:
                 self._release_at = time.monotonic() + _SPOOL_RETRY
                 self.batches.release_bodies()
+                self._progress()
             self._in_hand = []
             batch = self._take_batch()
             if holding.traces:
@@ -272,6 +292,21 @@ class TraceWriter:
             holding.hold(self._write_or_spool(batch))
             self.connection_age.note_use(current_connection(self.db))
             close_own_connection_if_due(self.db, self.connection_age)
+
+    @property
+    def taken_seq(self) -> int:
+        """The ``seq`` of the last trace taken from the queue."""
+        return self._taken_seq
+
+    def _progress(self) -> None:
+        """Say how far it is (and so, its counters) after work no new trace marks."""
+        if self.on_progress is not None:
+            self.on_progress(self._durable_seq)
+
+    def _durable(self) -> None:
+        if self._taken_seq != self._durable_seq and self.on_progress is not None:
+            self._durable_seq = self._taken_seq
+            self.on_progress(self._taken_seq)
 
     def _while_held(self, batch: list[Item], ending: bool) -> None:
         """Traces are held in memory: the batch waits behind them, and both the database
@@ -376,6 +411,7 @@ class TraceWriter:
             replayed += self.spool.replayed(path)
         if replayed:
             log.info("replayed %d spooled traces", replayed)
+            self._progress()
         return True
 
     def _replay_file(self, path: Path) -> None:
