@@ -283,7 +283,7 @@ class Gateway:
         )
         metrics.sample(
             "tvgate_trace_queue_depth",
-            "Traces waiting for the writer thread.",
+            "Traces sent to the trace writer process and not taken by it yet.",
             lambda: traces.depth,
         )
         metrics.sample(
@@ -367,12 +367,12 @@ class Gateway:
             )
         metrics.sample(
             "tvgate_trace_writer_up",
-            "1 while the trace writer's thread runs.",
+            "1 while the trace writer process runs (and its writer thread).",
             lambda: 1 if traces.running else 0,
         )
         metrics.sample(
             "tvgate_trace_writer_restarts_total",
-            "Times the trace writer's loop failed and was started again.",
+            "Times the trace writer process died, or its loop failed, and was started again.",
             lambda: traces.stats.restarts,
             kind="counter",
         )

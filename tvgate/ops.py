@@ -5,7 +5,7 @@ process answered. ``/readyz`` asks the database, the keyring, the token store
 and Visdom Trace (when configured), each with a timeout, and says which one
 is not ready; a load balancer takes the VM out of rotation on 503, which
 Visdom Trace alone never causes. It also tells how the trace writer is (not
-ready when its thread has stopped, or while it holds traces in memory that
+ready when its process or thread has stopped, or while it holds traces in memory that
 neither the database nor the spool took), whether the spool fails, and how
 many traces it could not write.
 ``/metrics`` renders this
