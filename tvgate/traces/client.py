@@ -148,6 +148,11 @@ class WriterClient:
     def capture_scanned_bytes(self) -> int:
         return int(self._gauges.get("capture_scanned_bytes", 0))
 
+    @property
+    def pid(self) -> int | None:
+        """The writer process's id (the benchmark reads its memory)."""
+        return self._proc.pid if self._proc is not None else None
+
     def wanted_keys(self) -> list[tuple[str, KeyContext]]:
         """The keys whose plaintext the writer's held bodies wait for (the gateway warms them)."""
         return list(self._wanted)
@@ -175,7 +180,13 @@ class WriterClient:
         except TypeError:
             # An integer past 64 bits (a hostile provider's usage): JSON holds no such
             # number; the row would have it set to 0 before the insert anyway.
-            data = frames.trace_frame(self._seq, _fit_integers(row), body)
+            try:
+                data = frames.trace_frame(self._seq, _fit_integers(row), body)
+            except TypeError as exc:  # a value no JSON holds: nowhere to send it
+                self._base.dropped_by["writer_error"] += 1
+                self._merge()
+                log.error("trace %s lost: it cannot be serialised (%s)", row.get("id"), exc)
+                return
         self._unacked.append((self._seq, data, size))
         self._unacked_body_bytes += size
         self._send(data)
