@@ -60,6 +60,8 @@ log = logging.getLogger("tvgate.traces")
 RESTART_DELAY = 0.5
 #: The counters a writer process reports, added up over the processes of a worker.
 _COUNTERS = ("written", "spooled", "bodies_dropped", "failures", "restarts", "spool_errors")
+#: How much longer than the writer process's own stop a stop waits for it.
+_STOP_GRACE = 10.0
 #: PostgreSQL's ``bigint`` (orjson writes no wider integer): a value past it becomes 0.
 _INT64 = 2**63
 
@@ -423,7 +425,10 @@ class WriterClient:
         if _on_loop(loop):
             self._stop_blocking(timeout)
             return
-        asyncio.run_coroutine_threadsafe(self._stop(), loop.asyncio_loop).result(timeout)  # type: ignore[attr-defined]
+        stopping = asyncio.run_coroutine_threadsafe(self._stop(), loop.asyncio_loop)  # type: ignore[attr-defined]
+        # Beyond the writer process's own wait for its thread (the same timeout), which it
+        # reports before it exits.
+        stopping.result(timeout + _STOP_GRACE)
 
     async def _stop(self) -> None:
         self._stopping = True

@@ -1,9 +1,12 @@
 """The trace writer: a bounded queue drained in batches by one thread, with a spool for outages.
 
-The request path only appends to the queue (never blocks, never touches the
-database or the disk). One thread takes what is queued, up to ``batch_size``
-traces at a time, and hands the batch to the :class:`~tvgate.traces.batch.BatchWriter`
-(redaction, content-addressed bodies, prices, one transaction).
+It runs in the writer process (:mod:`tvgate.traces.child`), fed from the serving
+process's :class:`~tvgate.traces.client.WriterClient`; ``submit`` only appends to the
+queue (never blocks, never touches the database or the disk), and ``on_progress`` says
+up to which trace everything is in the database or the spool. One thread takes what
+is queued, up to ``batch_size`` traces at a time, and hands the batch to the
+:class:`~tvgate.traces.batch.BatchWriter` (redaction, content-addressed bodies,
+prices, one transaction).
 
 The queue is a ``deque`` the writer polls every ``POLL_INTERVAL``: appending
 takes no lock and wakes no thread, and under load a batch holds every trace of
