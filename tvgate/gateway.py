@@ -23,7 +23,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 
 from tvgate import services
 from tvgate.config import Settings
-from tvgate.db import ConnectionAge, DatabaseRunner, migrate, open_database
+from tvgate.db import DatabaseRunner, migrate, open_database
 from tvgate.forwarded import Network, parse_networks
 from tvgate.governance.governor import Governor
 from tvgate.identity.authenticator import Authenticator
@@ -40,14 +40,16 @@ from tvgate.keyring import (
     PlaintextCache,
     build_keyring,
 )
+from tvgate.keyring.local import LocalKeyring
 from tvgate.keyring.vault import VaultKeyring
 from tvgate.metrics import Metrics
 from tvgate.proxy.curl_client import UpstreamCurlClient
 from tvgate.proxy.hops import deployment_id
 from tvgate.routing import OrgSnapshot, Router, snapshot_key_refs
+from tvgate.traces.client import WriterClient, WriterConfig
 from tvgate.traces.retention import purge_all
 from tvgate.traces.sink import PushSink
-from tvgate.traces.writer import TraceWriter
+from tvgate.traces.writer import BODY_BUDGET
 
 log = logging.getLogger("tvgate")
 
@@ -153,7 +155,7 @@ class Gateway:
     origins: OriginChecker
     visdom: VisdomClient | None
     router: Router
-    traces: TraceWriter
+    traces: WriterClient
     http: UpstreamCurlClient
     login_throttle: LoginThrottle
     address_throttle: AddressThrottle
@@ -193,16 +195,24 @@ class Gateway:
         # verbose output prints every request header: the provider key in x-api-key or
         # Authorization. Never let it run, whatever the log level (the canary test).
         logging.getLogger("tornado.curl_httpclient").setLevel(logging.INFO)
-        # Peewee connections are per thread, so the writer thread has its own.
-        writer = TraceWriter(
-            db,
+        # The trace writer is a process of its own (tvgate.traces.child): its batches
+        # never take this process's GIL from the IOLoop.
+        local = keyring.readers.get("local") if isinstance(keyring, KeyringSet) else None
+        writer = WriterClient(
+            WriterConfig(
+                database_url=settings.resolved_database_url,
+                spool_dir=str(Path(settings.data_dir)),
+                worker=worker,
+                queue_size=settings.trace_queue_size,
+                batch_size=settings.trace_batch_size,
+                settings_ttl=settings.cache_ttl,
+                body_budget=BODY_BUDGET,
+                db_idle_timeout=settings.db_idle_timeout,
+                db_max_age=settings.db_max_age,
+                log_level=settings.log_level,
+            ),
             keys,
-            queue_size=settings.trace_queue_size,
-            batch_size=settings.trace_batch_size,
-            spool_dir=Path(settings.data_dir),
-            settings_ttl=settings.cache_ttl,
-            connection_age=ConnectionAge(settings.db_idle_timeout, settings.db_max_age),
-            worker=worker,
+            local if isinstance(local, LocalKeyring) else None,
         )
         # Provider calls only: it streams every response through the caller's callbacks
         # and never buffers a body, so it takes no max_body_size.
@@ -282,13 +292,13 @@ class Gateway:
         )
         metrics.sample(
             "tvgate_trace_queue_depth",
-            "Traces waiting for the writer thread.",
+            "Traces sent to the trace writer process and not taken by it yet.",
             lambda: traces.depth,
         )
         metrics.sample(
             "tvgate_traces_written_total",
             "Traces written to the database.",
-            lambda: traces.written,
+            lambda: traces.stats.written,
             kind="counter",
         )
         metrics.sample(
@@ -318,13 +328,13 @@ class Gateway:
         metrics.sample(
             "tvgate_trace_spool_errors_total",
             "Spool writes that failed (a full or read-only disk).",
-            lambda: traces.spool_errors,
+            lambda: traces.stats.spool_errors,
             kind="counter",
         )
         metrics.sample(
             "tvgate_traces_spooled_total",
             "Traces written to the spool while the database was unreachable.",
-            lambda: traces.spooled,
+            lambda: traces.stats.spooled,
             kind="counter",
         )
         metrics.sample_by(
@@ -334,14 +344,14 @@ class Gateway:
             "nor the database took them while more than the queue size was held in memory, or "
             "at stop (spool_error); the writer failed while holding them.",
             "reason",
-            lambda: traces.dropped_by,
+            lambda: traces.stats.dropped_by,
             kind="counter",
         )
         metrics.sample(
             "tvgate_trace_dead_letter_size",
             "Traces in the dead-letter file (rows the database refused), also from before a "
             "restart.",
-            lambda: traces.dead_letters,
+            lambda: traces.stats.dead_letters,
         )
         metrics.sample(
             "tvgate_trace_bodies_held",
@@ -366,19 +376,19 @@ class Gateway:
             )
         metrics.sample(
             "tvgate_trace_writer_up",
-            "1 while the trace writer's thread runs.",
+            "1 while the trace writer process runs (and its writer thread).",
             lambda: 1 if traces.running else 0,
         )
         metrics.sample(
             "tvgate_trace_writer_restarts_total",
-            "Times the trace writer's loop failed and was started again.",
-            lambda: traces.restarts,
+            "Times the trace writer process died, or its loop failed, and was started again.",
+            lambda: traces.stats.restarts,
             kind="counter",
         )
         metrics.sample(
             "tvgate_trace_write_failures_total",
             "Trace batches that failed to write and were retried.",
-            lambda: traces.failures,
+            lambda: traces.stats.failures,
             kind="counter",
         )
 

@@ -5,7 +5,7 @@ process answered. ``/readyz`` asks the database, the keyring, the token store
 and Visdom Trace (when configured), each with a timeout, and says which one
 is not ready; a load balancer takes the VM out of rotation on 503, which
 Visdom Trace alone never causes. It also tells how the trace writer is (not
-ready when its thread has stopped, or while it holds traces in memory that
+ready when its process or thread has stopped, or while it holds traces in memory that
 neither the database nor the spool took), whether the spool fails, and how
 many traces it could not write.
 ``/metrics`` renders this
@@ -105,13 +105,13 @@ class ReadyHandler(BaseHandler):
         )
         writer = {
             "running": traces.running,
-            "restarts": traces.restarts,
+            "restarts": traces.stats.restarts,
             "spool": traces.spool_size,
-            "spool_error": traces.spool_error,
+            "spool_error": traces.stats.spool_error,
             "held": traces.held,
-            "dead_letter": traces.dead_letters,
+            "dead_letter": traces.stats.dead_letters,
             "held_bodies": traces.held_bodies,
-            "dropped": traces.dropped_by,
+            "dropped": traces.stats.dropped_by,
         }
         self.set_status(200 if ready else 503)
         self.set_header("Content-Type", "application/json")

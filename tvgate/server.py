@@ -380,8 +380,8 @@ async def serve_worker(
     log.info(
         "worker %d stopped: %d traces written, %d dropped",
         worker,
-        gateway.traces.written,
-        gateway.traces.dropped,
+        gateway.traces.stats.written,
+        gateway.traces.stats.dropped,
     )
 
 

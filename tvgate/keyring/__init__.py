@@ -202,6 +202,9 @@ class PlaintextCache:
         # Bumped by forget(): a decryption that started before must not be cached after.
         self._generation = 0
         self.clock: Callable[[], float] = time.monotonic
+        #: Bumped each time a plaintext is cached: the trace writer's process is sent the
+        #: new ones (:meth:`decrypted`) before the next trace.
+        self.stored = 0
         self.hits = 0
         self.misses = 0
 
@@ -237,7 +240,12 @@ class PlaintextCache:
         )
         if generation == self._generation:
             self._entries[cache_key] = _Entry(plaintext, self.clock() + self.ttl)
+            self.stored += 1
         return plaintext
+
+    def decrypted(self) -> list[tuple[tuple[int, str], str]]:
+        """Every plaintext in memory, by (key id, ciphertext)."""
+        return [(cache_key, entry.plaintext) for cache_key, entry in self._entries.items()]
 
     def at_hand(self, ciphertext: str, context: KeyContext) -> str | None:
         """The plaintext if it can be had without waiting on a key store: in memory, or

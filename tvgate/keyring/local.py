@@ -29,6 +29,9 @@ class LocalKeyring:
     def __init__(self, master_key: bytes) -> None:
         if len(master_key) != 32:
             raise ConfigError("the local keyring's master key must be 32 bytes")
+        #: Kept for the trace writer's process, which reads local ciphertexts itself (to
+        #: redact them) as this process would: sent over its socket, never written.
+        self.master_key = master_key
         self._aead = AESGCM(master_key)
 
     @classmethod

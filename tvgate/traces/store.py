@@ -155,6 +155,8 @@ class CaptureSettings:
     patterns: list[str]
     plaintexts: dict[KeyRef, str]
     unknown: dict[KeyRef, KeyContext]
+    #: Every key of the org when they were read (those that do not decrypt too).
+    refs: frozenset[KeyRef] = frozenset()
     redactor: Redactor = field(init=False)
     loaded_at: float = field(default_factory=time.monotonic)
 
@@ -189,8 +191,10 @@ def load_capture_settings(
     remembered = previous.plaintexts if previous is not None else {}
     plaintexts: dict[KeyRef, str] = {}
     unknown: dict[KeyRef, KeyContext] = {}
+    refs: set[KeyRef] = set()
     for key in ProviderKey.select().where(ProviderKey.org == org_id):
         ref = (key.id, key.ciphertext)
+        refs.add(ref)
         context = KeyContext(org_id, key.id, key.owner_id)
         try:
             plaintext = remembered.get(ref) or known.at_hand(key.ciphertext, context)
@@ -210,7 +214,15 @@ def load_capture_settings(
         patterns=_usable_patterns(org_id, patterns),
         plaintexts=plaintexts,
         unknown=unknown,
+        refs=frozenset(refs),
     )
+
+
+def key_refs(org_id: int) -> frozenset[KeyRef]:
+    """The org's keys as they are now: one small query, to see whether settings read
+    earlier still name every key (one added since must be redacted at once)."""
+    query = ProviderKey.select(ProviderKey.id, ProviderKey.ciphertext)
+    return frozenset((key.id, key.ciphertext) for key in query.where(ProviderKey.org == org_id))
 
 
 def _warn_unreadable(context: KeyContext) -> None:
