@@ -67,8 +67,28 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return rss, hwm
 
 
+def family(pid: int) -> list[int]:
+    """``pid`` and its live descendants (a tvgate worker's trace writer process), from /proc."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        try:
+            with open(f"/proc/{current}/task/{current}/children") as fh:
+                todo.extend(int(child) for child in fh.read().split())
+        except OSError:
+            pass
+    return found
+
+
+def family_rss_kib(pid: int) -> int:
+    """The RSS of ``pid`` and its live descendants together, in KiB."""
+    return sum(rss_kib(member)[0] for member in family(pid))
+
+
 class RssSampler:
-    """Samples a process's RSS in a thread; ``peak_mib`` is the largest seen (or VmHWM)."""
+    """Samples the RSS of a process and its children (the trace writer process) together, in
+    a thread; ``peak_mib`` is the largest sum seen (or the process's own VmHWM, if larger)."""
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         self.pid = pid
@@ -89,8 +109,7 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            rss, _hwm = rss_kib(self.pid)
-            self.peak_kib = max(self.peak_kib, rss)
+            self.peak_kib = max(self.peak_kib, family_rss_kib(self.pid))
 
     @property
     def peak_mib(self) -> float:

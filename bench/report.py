@@ -100,7 +100,8 @@ def render(
     add("")
     add(
         "A goal is met on the figure measured, nothing else. In parentheses after a "
-        "throughput: requests per second of the gateway's own CPU time, what one core given "
+        "throughput: requests per second of the gateway's own CPU time (its serving process "
+        "and its trace writer process together), what one core given "
         "to the gateway alone would serve; on this machine the load generator and the "
         "upstream share the two cores with it (and with whatever else runs there), so the "
         "measured figure is the lower one."
@@ -275,9 +276,11 @@ def render(
         "it. Streams start at different moments, so events arrive evenly, "
         f"{plan.streams / plan.stream_interval:.0f} a second with every stream open. "
         "*Steady* counts the events read while every stream was open and none was starting "
-        "or ending; *all* counts every event. The gateway's RSS is sampled every 100 ms. "
+        "or ending; *all* counts every event. The gateway's RSS (the serving process and its "
+        "trace writer process together) is sampled every 100 ms. "
         "*Machine* is how busy both cores were during the run (200% = full), *gateway CPU* "
-        "the proxy process's own share: a gateway well under 100% while the machine is full "
+        "the share of the serving process and its trace writer process together (so it may "
+        "pass 100%): a serving process well under 100% while the machine is full "
         "is kept waiting by the machine (the load generator, the upstream, and whatever "
         "else runs there), not by its own work."
     )

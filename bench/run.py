@@ -44,7 +44,7 @@ from typing import Any
 from bench import gateway as gw
 from bench import payloads, upstream
 from bench.loadgen import LoadResult, run_load, write_headers_file, wrk_available, wrk_version
-from bench.procs import RssSampler, free_port, rss_kib, stop, wait_port
+from bench.procs import RssSampler, family, family_rss_kib, free_port, stop, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -187,14 +187,21 @@ class MachineLoad:
             return [int(x) for x in fh.readline().split()[1:]]
 
     def _proc(self) -> float:
+        """CPU seconds of the process and its children (a worker's trace writer process is
+        part of the gateway): the live ones, and those it has waited for."""
         if self.pid is None:
             return 0.0
-        try:
-            with open(f"/proc/{self.pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return 0.0
+        ticks = 0
+        for member in family(self.pid):
+            try:
+                with open(f"/proc/{member}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks += int(fields[11]) + int(fields[12])
+            if member == self.pid:
+                ticks += int(fields[13]) + int(fields[14])
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def __enter__(self) -> MachineLoad:
         self._t0 = time.monotonic()
@@ -396,7 +403,7 @@ class Bench:
             {**payloads.CLAUDE_CODE_HEADERS, "Authorization": f"Bearer {token}"},
         )
         time.sleep(0.5)
-        idle_kib, _hwm = rss_kib(tvgate.pid)
+        idle_kib = family_rss_kib(tvgate.pid)
         runs: dict[str, list[dict[str, Any]]] = {"direct": [], "bare": [], "tvgate": []}
         peak = 0.0
         try:
