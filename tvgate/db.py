@@ -319,12 +319,18 @@ class ConnectionAge:
         self.opened = 0.0
         self.used = 0.0
 
-    def note_use(self, conn: object | None) -> None:
-        """The thread just used its connection ``conn`` (None: it has none now)."""
+    def note_use(self, conn: object | None, *, keeps_alive: bool = True) -> None:
+        """The thread just used its connection ``conn`` (None: it has none now). A use that
+        does not ``keeps_alive`` (a poll made every second whatever the traffic) leaves an
+        open connection's idle time running, so an idle gateway still lets its connections
+        go (PostgreSQL's smart shutdown waits for them); a connection it opened lives for
+        ``idle_timeout``, as any."""
         now = time.monotonic()
         if conn is not self.conn:
             self.conn = conn
             self.opened = now
+        elif not keeps_alive:
+            return
         self.used = now
 
     def due(self, now: float) -> bool:
@@ -389,7 +395,7 @@ class DatabaseRunner:
             self._connections[threading.get_ident()] = own
         return own
 
-    def _call(self, fn: Callable[[], T]) -> T:
+    def _call(self, fn: Callable[[], T], keeps_alive: bool = True) -> T:
         own = self._own()
         with own.lock:
             if own.closed_by_closer:
@@ -404,7 +410,7 @@ class DatabaseRunner:
                     str(exc).splitlines()[0] if str(exc) else "unavailable"
                 ) from exc
             finally:
-                own.age.note_use(current_connection(self.db))
+                own.age.note_use(current_connection(self.db), keeps_alive=keeps_alive)
 
     def _close_due(self) -> None:
         """The closer thread: every so often, close the pool's connections that are due.
@@ -428,9 +434,13 @@ class DatabaseRunner:
                 finally:
                     own.lock.release()
 
-    async def run(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` in the pool; connection failures become DatabaseUnavailable."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self._call, fn)
+    async def run(self, fn: Callable[[], T], *, keeps_alive: bool = True) -> T:
+        """Run ``fn`` in the pool; connection failures become DatabaseUnavailable. With
+        ``keeps_alive`` False the use does not count against the idle timeout
+        (:meth:`ConnectionAge.note_use`)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._call, fn, keeps_alive
+        )
 
     def close(self) -> None:
         self._stopping.set()

@@ -473,7 +473,8 @@ class Gateway:
         last poll (every org at the first) is forgotten. Its own changes come back here
         too, which costs one more snapshot load per change."""
         try:
-            counts = await self.runner.run(services.change_counts)
+            # Twice a second whatever the traffic: not a use that keeps a connection open.
+            counts = await self.runner.run(services.change_counts, keeps_alive=False)
         except Exception as exc:  # noqa: BLE001 - the next poll tries again; the TTL still holds
             log.debug("change counts not read: %s", exc)
             return

@@ -88,6 +88,8 @@ _CUT_GRACE = 2.0
 _BACKLOG = 1024
 #: A worker that lived less than this counts as crashing at start: its restart is delayed.
 _QUICK_EXIT = 10.0
+#: How long a worker waits for its trace writer process to report before it serves.
+WRITER_START_TIMEOUT = 20.0
 
 
 def cookie_secret(settings: Settings) -> bytes:
@@ -344,6 +346,11 @@ async def serve_worker(
     """One gateway on the given listening sockets, until SIGTERM or SIGINT."""
     gateway = Gateway.build(settings, worker)
     gateway.start()
+    if not await gateway.traces.wait_up(WRITER_START_TIMEOUT):
+        log.warning(
+            "trace writer process not up after %.0f s; serving, readiness says so",
+            WRITER_START_TIMEOUT,
+        )
     server = GatewayHTTPServer(
         make_app(gateway),
         xheaders=False,

@@ -111,6 +111,8 @@ class WriterClient:
         self._in = bytearray()
         #: The writer process has reported since it started (readiness).
         self._up = False
+        #: Set once the first writer process has reported (``wait_up``).
+        self._first_up = asyncio.Event()
         self._done = False
         self._stopping = False
         self._stopped: asyncio.Future[None] | None = None
@@ -208,6 +210,16 @@ class WriterClient:
         dead_letters = Path(self.config.spool_dir) / f"traces.deadletter.{self.config.worker}"
         self.stats.dead_letters = count_lines(dead_letters)
         self._spawn()
+
+    async def wait_up(self, timeout: float) -> bool:
+        """Wait until the first writer process has reported, or ``timeout`` seconds; True
+        when it has. A worker waits for it before it serves, so that a gateway that
+        answers is ready (its calls' traces would wait safely in the meantime anyway)."""
+        try:
+            await asyncio.wait_for(self._first_up.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def _spawn(self) -> None:
         ours, theirs = socket.socketpair()
@@ -318,6 +330,7 @@ class WriterClient:
             self._merge()
             if not self._up:
                 self._up = True
+                self._first_up.set()
                 log.info("trace writer process %d is up", self._proc.pid if self._proc else 0)
             self._done = kind == frames.DONE
             if self.keys.stored != self._keys_stored:
