@@ -79,13 +79,18 @@ class GovernanceHandler(UIHandler):
         self.render("governance.html", measures=MEASURES, **template_helpers(), **data)
 
 
+def _rule_target(handler: UIHandler) -> tuple[str, str | None]:
+    """The scope and subject a budget or limit form names (the org by default)."""
+    subject = handler.get_body_argument("subject", "").strip() or None
+    return handler.get_body_argument("scope", "org"), subject
+
+
 class BudgetsHandler(UIHandler):
     @authenticated
     async def post(self) -> None:
         self.require(*ADMIN)
         user = self.user
-        scope = self.get_body_argument("scope", "org")
-        subject = self.get_body_argument("subject", "").strip() or None
+        scope, subject = _rule_target(self)
         measure = MEASURES.get(self.get_body_argument("measure", ""))
         if measure is None:
             raise PageError(400, "Choose what the budget counts.")
@@ -112,8 +117,7 @@ class LimitsHandler(UIHandler):
     async def post(self) -> None:
         self.require(*ADMIN)
         user = self.user
-        scope = self.get_body_argument("scope", "org")
-        subject = self.get_body_argument("subject", "").strip() or None
+        scope, subject = _rule_target(self)
         rpm, tpm = _per_minute(self, "rpm"), _per_minute(self, "tpm")
         view = await self.run_service(
             lambda: services.set_rate_limit(

@@ -39,6 +39,41 @@ def _form_int(handler: UIHandler, name: str, what: str, default: int = 0) -> int
         raise PageError(400, f"{what} must be a whole number.") from None
 
 
+async def add_key_from_form(
+    handler: UIHandler,
+    user: Principal,
+    *,
+    owner_email: str | None = None,
+    available_to_all: bool = True,
+    max_concurrent: int = 0,
+) -> None:
+    """Add the key the form names (name, provider, secret, base URL) with this gateway's
+    keyring and upstream rules: an org key (shared or granted, with a cap) or, with
+    ``owner_email``, a user's own (the org key page and My gateway)."""
+    gateway = handler.gateway
+    settings = gateway.settings
+    name = handler.get_body_argument("name", "").strip()
+    provider = handler.get_body_argument("provider", "")
+    secret = handler.get_body_argument("secret", "")
+    base_url = handler.get_body_argument("base_url", "").strip() or None
+    await handler.run_service(
+        lambda: services.add_key(
+            name,
+            provider,
+            secret,
+            gateway.keyring,
+            base_url=base_url,
+            allow_private=settings.allow_private_upstreams,
+            allow_private_user=settings.allow_private_user_upstreams,
+            gateway_urls=settings.gateway_urls,
+            owner_email=owner_email,
+            available_to_all=available_to_all,
+            max_concurrent=max_concurrent,
+            actor=user,
+        )
+    )
+
+
 def _back(handler: UIHandler, default: str) -> str:
     back = handler.get_body_argument("back", default)
     return back if back.startswith("/ui/") and "//" not in back else default
@@ -158,27 +193,10 @@ class KeysHandler(UIHandler):
     async def post(self) -> None:
         self.require(*ADMIN)
         user = self.user
-        gateway = self.gateway
-        name = self.get_body_argument("name", "").strip()
-        provider = self.get_body_argument("provider", "")
-        secret = self.get_body_argument("secret", "")
-        base_url = self.get_body_argument("base_url", "").strip() or None
         available = _form_bool(self, "available_to_all")
         max_concurrent = _form_int(self, "max_concurrent", "Max concurrent calls")
-        await self.run_service(
-            lambda: services.add_key(
-                name,
-                provider,
-                secret,
-                gateway.keyring,
-                base_url=base_url,
-                available_to_all=available,
-                max_concurrent=max_concurrent,
-                allow_private=gateway.settings.allow_private_upstreams,
-                allow_private_user=gateway.settings.allow_private_user_upstreams,
-                gateway_urls=gateway.settings.gateway_urls,
-                actor=user,
-            )
+        await add_key_from_form(
+            self, user, available_to_all=available, max_concurrent=max_concurrent
         )
         # Post/redirect/get: the secret leaves in no page, and a reload does not resend it.
         self.done("/ui/keys", "key-added")

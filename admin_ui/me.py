@@ -10,6 +10,7 @@ from tornado.web import authenticated
 from admin_ui.base import PageError, UIHandler
 from admin_ui.connect import tool_configs
 from admin_ui.governance import template_helpers
+from admin_ui.manage import add_key_from_form
 from tvgate import services
 from tvgate.identity import Principal
 from tvgate.identity.sessions import hold_once, take_once
@@ -131,25 +132,7 @@ class MyKeyHandler(UIHandler):
     @authenticated
     async def post(self) -> None:
         user = self.user
-        gateway = self.gateway
-        name = self.get_body_argument("name", "").strip()
-        provider = self.get_body_argument("provider", "")
-        secret = self.get_body_argument("secret", "")
-        base_url = self.get_body_argument("base_url", "").strip() or None
-        await self.run_service(
-            lambda: services.add_key(
-                name,
-                provider,
-                secret,
-                gateway.keyring,
-                base_url=base_url,
-                owner_email=user.email,
-                allow_private=gateway.settings.allow_private_upstreams,
-                allow_private_user=gateway.settings.allow_private_user_upstreams,
-                gateway_urls=gateway.settings.gateway_urls,
-                actor=user,
-            )
-        )
+        await add_key_from_form(self, user, owner_email=user.email)
         self.done("/ui/me", "key-added")
 
 

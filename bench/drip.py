@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from bench.loadgen import read_headers_file
 from bench.payloads import ANTHROPIC_RESPONSE_HEADERS, sse_event
 
 _MARK = b"t=@"
@@ -370,11 +371,7 @@ def main() -> None:
     if args.command == "serve":
         asyncio.run(serve(args.port, args.events, args.interval))
         return
-    headers: dict[str, str] = {}
-    for line in args.headers_file.read_text().splitlines():
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip()] = value.strip()
+    headers = read_headers_file(args.headers_file)
     result = asyncio.run(
         load(
             args.url,

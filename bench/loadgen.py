@@ -88,6 +88,16 @@ def write_headers_file(path: Path, headers: dict[str, str]) -> Path:
     return path
 
 
+def read_headers_file(path: Path) -> dict[str, str]:
+    """The headers of a ``write_headers_file`` file (``Name: value`` lines)."""
+    headers: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip()] = value.strip()
+    return headers
+
+
 def run_load(
     url: str,
     body_file: Path,
@@ -266,11 +276,7 @@ def main() -> None:
     parser.add_argument("-c", "--connections", type=int, default=1)
     parser.add_argument("-d", "--duration", type=float, default=5.0)
     args = parser.parse_args()
-    headers: dict[str, str] = {}
-    for line in args.headers_file.read_text().splitlines():
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip()] = value.strip()
+    headers = read_headers_file(args.headers_file)
     result = asyncio.run(
         builtin_load(
             args.url, args.body_file.read_bytes(), headers, args.connections, args.duration

@@ -58,6 +58,16 @@ def _per_core(fig: Any) -> float:
     return statistics.median(values) if values else 0.0
 
 
+def _medians(result: WorkloadResult, key: str) -> tuple[float, float, float]:
+    """A figure's median against direct, bare (0 without a bare run) and tvgate."""
+    bare = result.targets.get("bare")
+    return (
+        result.targets["direct"].median(key),
+        bare.median(key) if bare else 0.0,
+        result.targets["tvgate"].median(key),
+    )
+
+
 def _median(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(float(r[key]) for r in runs) if runs else 0.0
 
@@ -114,11 +124,8 @@ def render(
         for result, note in ((sqlite.get(name), ""), (governed.get(name), GOVERNED_NOTE)):
             if result is None:
                 continue
-            direct, tvgate = result.targets["direct"], result.targets["tvgate"]
-            bare = result.targets.get("bare")
             if metric == "added p50 latency":
-                d, t = direct.median("lat_p50_us"), tvgate.median("lat_p50_us")
-                b = bare.median("lat_p50_us") if bare else 0.0
+                d, b, t = _medians(result, "lat_p50_us")
                 added = (t - d) / 1000
                 add(
                     f"| {result.workload.title}{note}: p50 latency, ms | {_ms(d)} | {_ms(b)} | "
@@ -126,11 +133,10 @@ def render(
                     f"{_met(added, goal, direction)} |"
                 )
             else:
-                d, t = direct.median("rps"), tvgate.median("rps")
-                b = bare.median("rps") if bare else 0.0
+                d, b, t = _medians(result, "rps")
                 add(
                     f"| {result.workload.title}{note}: requests/s (per gateway CPU-second) | "
-                    f"{d:.0f} | {b:.0f} | {t:.0f} ({_per_core(tvgate):.0f}) | {t / d:.2f}x | "
+                    f"{d:.0f} | {b:.0f} | {t:.0f} ({_per_core(result.targets['tvgate']):.0f}) | {t / d:.2f}x | "
                     f">= {goal:.0f}/s | {_met(t, goal, direction)} |"
                 )
     for stream in streams:
@@ -219,10 +225,8 @@ def render(
         for result in _by_name(results, database).values():
             if result.workload.latency:
                 continue
-            direct, tvgate = result.targets["direct"], result.targets["tvgate"]
-            bare = result.targets.get("bare")
-            d, t = direct.median("rps"), tvgate.median("rps")
-            b = bare.median("rps") if bare else 0.0
+            tvgate, bare = result.targets["tvgate"], "bare" in result.targets
+            d, b, t = _medians(result, "rps")
             add(
                 f"| {result.workload.title} | {database} | {d:.0f} | "
                 f"{f'{b:.0f}' if bare else ''} | {t:.0f} | {t / d:.3f} | "

@@ -113,6 +113,13 @@ class StreamResult:
 # --- the machine ---
 
 
+def _git(*args: str) -> str:
+    """The output of a git command on this checkout."""
+    return subprocess.run(
+        ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False, timeout=10
+    ).stdout.strip()
+
+
 def machine() -> dict[str, str]:
     cpu = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
@@ -146,20 +153,8 @@ def machine() -> dict[str, str]:
         "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
     with contextlib.suppress(subprocess.SubprocessError, OSError):
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=10,
-        ).stdout.strip()
+        commit = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
         if commit:
             info["commit"] = commit + (" (with uncommitted changes)" if dirty else "")
     return info

@@ -156,37 +156,44 @@ class Histogram:
             yield f"{self.name}_count{plain} {cumulative}"
 
 
-class Sampled:
-    """A value read only at scrape time (a queue depth, a counter kept elsewhere)."""
+class _Sampled:
+    """What every value read at scrape time shares: its name, help and kind header."""
 
-    def __init__(self, name: str, help_: str, kind: str, read: Callable[[], float]) -> None:
+    def __init__(self, name: str, help_: str, kind: str) -> None:
         self.name = name
         self.help = help_
         self.kind = kind
+
+    def _header(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} {self.kind}"
+
+
+class Sampled(_Sampled):
+    """A value read only at scrape time (a queue depth, a counter kept elsewhere)."""
+
+    def __init__(self, name: str, help_: str, kind: str, read: Callable[[], float]) -> None:
+        super().__init__(name, help_, kind)
         self.read = read
 
     def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} {self.kind}"
+        yield from self._header()
         yield f"{self.name} {_number(self.read())}"
 
 
-class SampledByLabel:
+class SampledByLabel(_Sampled):
     """Values read only at scrape time, one per value of a label (a count kept elsewhere
     by reason)."""
 
     def __init__(
         self, name: str, help_: str, kind: str, label: str, read: Callable[[], Mapping[str, float]]
     ) -> None:
-        self.name = name
-        self.help = help_
-        self.kind = kind
+        super().__init__(name, help_, kind)
         self.label = label
         self.read = read
 
     def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} {self.kind}"
+        yield from self._header()
         for value, count in sorted(self.read().items()):
             yield f"{self.name}{_labels((self.label,), (value,))} {_number(count)}"
 

@@ -4,12 +4,19 @@ requests. The services decide who may do what and write the audit log."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from tvgate import services
 from tvgate.api.base import APIError, APIHandler, check_fields, int_arg
 from tvgate.api.resources import _str
 
 BUDGET_FIELDS = {"scope", "subject", "metric", "period", "amount", "warn_percent"}
 LIMIT_FIELDS = {"scope", "subject", "rpm", "tpm"}
+
+
+def _rule_target(body: dict[str, Any]) -> tuple[str, str | None]:
+    """The scope and subject a budget or limit names (the org by default)."""
+    return _str(body, "scope", "org") or "org", _str(body, "subject")
 
 
 class BudgetsHandler(APIHandler):
@@ -21,8 +28,7 @@ class BudgetsHandler(APIHandler):
         """Set (create or replace) the budget of a subject for a metric and period."""
         body = self.body()
         check_fields(body, BUDGET_FIELDS, required=("metric", "period", "amount"))
-        scope = _str(body, "scope", "org") or "org"
-        subject = _str(body, "subject")
+        scope, subject = _rule_target(body)
         metric, period = _str(body, "metric"), _str(body, "period")
         if metric is None or period is None:
             raise APIError(400, "metric and period must not be null")
@@ -58,8 +64,7 @@ class LimitsHandler(APIHandler):
         both null the limit is removed."""
         body = self.body()
         check_fields(body, LIMIT_FIELDS)
-        scope = _str(body, "scope", "org") or "org"
-        subject = _str(body, "subject")
+        scope, subject = _rule_target(body)
         rpm, tpm = body.get("rpm"), body.get("tpm")
         view = await self.run_service(
             lambda: services.set_rate_limit(

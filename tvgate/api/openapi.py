@@ -50,43 +50,30 @@ def _query(name: str, schema: dict[str, Any], required: bool = False) -> dict[st
     return {"name": name, "in": "query", "required": required, "schema": schema}
 
 
+#: What a route's create and patch share; create adds who the route is for.
+_ROUTE_FIELDS: dict[str, Any] = {
+    "name": _NAME,
+    "key": _NAME,
+    "upstream_model": {"type": "string", "maxLength": 200},
+    "description": {"type": "string", "maxLength": 2000},
+    "enabled": {"type": "boolean"},
+    "fallbacks": {
+        "type": "array",
+        "items": _NAME,
+        "maxItems": 5,
+        "uniqueItems": True,
+        "description": "route names tried in order when this route's provider fails",
+    },
+}
 _ROUTE_CREATE = {
     "type": "object",
     "required": ["name", "key"],
-    "properties": {
-        "name": _NAME,
-        "key": _NAME,
-        "upstream_model": {"type": "string", "maxLength": 200},
-        "description": {"type": "string", "maxLength": 2000},
-        "for_user": _STR,
-        "owner": _STR,
-        "enabled": {"type": "boolean"},
-        "fallbacks": {
-            "type": "array",
-            "items": _NAME,
-            "maxItems": 5,
-            "uniqueItems": True,
-            "description": "route names tried in order when this route's provider fails",
-        },
-    },
+    "properties": {**_ROUTE_FIELDS, "for_user": _STR, "owner": _STR},
     "additionalProperties": False,
 }
 _ROUTE_PATCH = {
     "type": "object",
-    "properties": {
-        "name": _NAME,
-        "key": _NAME,
-        "upstream_model": {"type": "string", "maxLength": 200},
-        "description": {"type": "string", "maxLength": 2000},
-        "enabled": {"type": "boolean"},
-        "fallbacks": {
-            "type": "array",
-            "items": _NAME,
-            "maxItems": 5,
-            "uniqueItems": True,
-            "description": "route names tried in order when this route's provider fails",
-        },
-    },
+    "properties": _ROUTE_FIELDS,
     "additionalProperties": False,
 }
 _MAX_CONCURRENT = {

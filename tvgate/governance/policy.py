@@ -22,13 +22,22 @@ from tvgate.models import (
 
 
 @dataclass(frozen=True, slots=True)
-class BudgetRule:
+class BudgetTerms:
+    """What a budget says, however it is held: whose it is (scope and subject), what it
+    counts per which period, how much, and from what percent it warns."""
+
     scope: str
     subject: str
     metric: str
     period: str
     amount: float
     warn_percent: float
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRule(BudgetTerms):
+    """A budget as the proxy enforces it."""
+
     #: Whose budget, for people: "the org", "user ada@example.com", "route fast".
     owner: str
 

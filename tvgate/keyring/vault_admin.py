@@ -7,7 +7,7 @@ policy (and the operator policy, where the token may), enables AppRole and
 writes role ``tvgate`` with the gateway policy only, then returns the role_id and
 a new secret_id.
 
-The policies are rendered from the templates below with the configured mount and
+The policies are rendered from the tables below with the configured mount and
 key name; ``vault_policies/*.hcl`` in the repository are these templates rendered
 with the defaults (a test keeps them equal), for operators who apply policies by
 other means (Terraform, Ansible).
@@ -32,124 +32,127 @@ OPERATOR_POLICY = "tvgate-operator"
 ROLE = "tvgate"
 APPROLE_MOUNT = "approle"
 
-_GATEWAY_TEMPLATE = """\
-# tvgate.hcl: what a tvgate gateway may do in Vault (or OpenBao). Nothing else.
-# Rendered by `tvgate vault policy gateway` for mount "$mount" and transit key "$key";
-# `tvgate vault setup` writes it as policy "tvgate" and gives it to AppRole role "tvgate".
+#: A policy: its header comment, then its sections, each a comment and the paths it
+#: grants with their capabilities. ``$mount`` and ``$key`` stand for the transit mount
+#: and key name; :func:`render_policy` writes the HCL.
+_Section = tuple[str, tuple[tuple[str, tuple[str, ...]], ...]]
 
-# Encrypt and decrypt provider keys with its own derived transit key. Every request
-# carries the key's context (org, key id, owner), so a ciphertext copied onto another
-# key row, user or org does not decrypt.
-path "$mount/encrypt/$key" {
-  capabilities = ["update"]
+_UPDATE = ("update",)
+_READ = ("read",)
+_CREATE_READ_UPDATE = ("create", "read", "update")
+_DENY = ("deny",)
+
+_GATEWAY_HEADER = """\
+tvgate.hcl: what a tvgate gateway may do in Vault (or OpenBao). Nothing else.
+Rendered by `tvgate vault policy gateway` for mount "$mount" and transit key "$key";
+`tvgate vault setup` writes it as policy "tvgate" and gives it to AppRole role "tvgate"."""
+
+_GATEWAY_SECTIONS: tuple[_Section, ...] = (
+    (
+        """\
+Encrypt and decrypt provider keys with its own derived transit key. Every request
+carries the key's context (org, key id, owner), so a ciphertext copied onto another
+key row, user or org does not decrypt.""",
+        (("$mount/encrypt/$key", _UPDATE), ("$mount/decrypt/$key", _UPDATE)),
+    ),
+    (
+        """\
+Move stored ciphertexts to the newest key version after a rotation (tvgate keys
+rewrap). Vault rewraps without ever returning the plaintext.""",
+        (("$mount/rewrap/$key", _UPDATE),),
+    ),
+    (
+        "Its own token only: look up its TTL, renew it before it expires.",
+        (("auth/token/lookup-self", _READ), ("auth/token/renew-self", _UPDATE)),
+    ),
+    (
+        """\
+Never the key itself: no reading its configuration, no export, no backup, no
+rotation, no other transit key. (Not granted is already denied; these rules keep it
+denied even if a broader policy is ever attached to the same token.)""",
+        (("$mount/keys/*", _DENY), ("$mount/export/*", _DENY), ("$mount/backup/*", _DENY)),
+    ),
+)
+
+_OPERATOR_HEADER = """\
+tvgate-operator.hcl: what an operator needs to set up tvgate in Vault and rotate its
+transit key. It cannot encrypt or decrypt: an operator never sees a provider key.
+Rendered by `tvgate vault policy operator` for mount "$mount" and transit key "$key".
+
+Note: whoever may create secret_ids for role "tvgate" can log in as the gateway, and
+whoever may write policy "tvgate" can widen it. Give this policy to the people who
+run the gateway, not to every Vault user."""
+
+_OPERATOR_SECTIONS: tuple[_Section, ...] = (
+    (
+        "Enable the transit engine (tvgate vault setup) and check that it is one.",
+        (("sys/mounts/$mount", _CREATE_READ_UPDATE),),
+    ),
+    (
+        """\
+Create the derived key, read its versions, rotate it, retire old versions
+(min_decryption_version) once `tvgate keys rewrap` has moved every ciphertext.""",
+        (
+            ("$mount/keys/$key", _CREATE_READ_UPDATE),
+            ("$mount/keys/$key/rotate", _UPDATE),
+            ("$mount/keys/$key/config", _UPDATE),
+        ),
+    ),
+    (
+        "Write the gateway's policy; read (not change) this one.",
+        (
+            ("sys/policies/acl/tvgate", _CREATE_READ_UPDATE),
+            ("sys/policies/acl/tvgate-operator", _READ),
+        ),
+    ),
+    (
+        """\
+Enable AppRole (enabling an auth method needs sudo), manage role "tvgate", read its
+role_id, issue secret_ids, and destroy one that leaked.""",
+        (
+            ("sys/auth", _READ),
+            ("sys/auth/approle", ("create", "read", "update", "sudo")),
+            ("auth/approle/role/tvgate", _CREATE_READ_UPDATE),
+            ("auth/approle/role/tvgate/role-id", _READ),
+            ("auth/approle/role/tvgate/secret-id", _UPDATE),
+            ("auth/approle/role/tvgate/secret-id-accessor/destroy", _UPDATE),
+        ),
+    ),
+)
+
+_POLICIES = {
+    "gateway": (_GATEWAY_HEADER, _GATEWAY_SECTIONS),
+    "operator": (_OPERATOR_HEADER, _OPERATOR_SECTIONS),
 }
 
-path "$mount/decrypt/$key" {
-  capabilities = ["update"]
-}
 
-# Move stored ciphertexts to the newest key version after a rotation (tvgate keys
-# rewrap). Vault rewraps without ever returning the plaintext.
-path "$mount/rewrap/$key" {
-  capabilities = ["update"]
-}
+def _comment(text: str) -> str:
+    return "".join(f"# {line}\n" if line else "#\n" for line in text.splitlines())
 
-# Its own token only: look up its TTL, renew it before it expires.
-path "auth/token/lookup-self" {
-  capabilities = ["read"]
-}
 
-path "auth/token/renew-self" {
-  capabilities = ["update"]
-}
+def _quoted(text: str) -> str:
+    return f'"{text}"'
 
-# Never the key itself: no reading its configuration, no export, no backup, no
-# rotation, no other transit key. (Not granted is already denied; these rules keep it
-# denied even if a broader policy is ever attached to the same token.)
-path "$mount/keys/*" {
-  capabilities = ["deny"]
-}
 
-path "$mount/export/*" {
-  capabilities = ["deny"]
-}
-
-path "$mount/backup/*" {
-  capabilities = ["deny"]
-}
-"""
-
-_OPERATOR_TEMPLATE = """\
-# tvgate-operator.hcl: what an operator needs to set up tvgate in Vault and rotate its
-# transit key. It cannot encrypt or decrypt: an operator never sees a provider key.
-# Rendered by `tvgate vault policy operator` for mount "$mount" and transit key "$key".
-#
-# Note: whoever may create secret_ids for role "tvgate" can log in as the gateway, and
-# whoever may write policy "tvgate" can widen it. Give this policy to the people who
-# run the gateway, not to every Vault user.
-
-# Enable the transit engine (tvgate vault setup) and check that it is one.
-path "sys/mounts/$mount" {
-  capabilities = ["create", "read", "update"]
-}
-
-# Create the derived key, read its versions, rotate it, retire old versions
-# (min_decryption_version) once `tvgate keys rewrap` has moved every ciphertext.
-path "$mount/keys/$key" {
-  capabilities = ["create", "read", "update"]
-}
-
-path "$mount/keys/$key/rotate" {
-  capabilities = ["update"]
-}
-
-path "$mount/keys/$key/config" {
-  capabilities = ["update"]
-}
-
-# Write the gateway's policy; read (not change) this one.
-path "sys/policies/acl/tvgate" {
-  capabilities = ["create", "read", "update"]
-}
-
-path "sys/policies/acl/tvgate-operator" {
-  capabilities = ["read"]
-}
-
-# Enable AppRole (enabling an auth method needs sudo), manage role "tvgate", read its
-# role_id, issue secret_ids, and destroy one that leaked.
-path "sys/auth" {
-  capabilities = ["read"]
-}
-
-path "sys/auth/approle" {
-  capabilities = ["create", "read", "update", "sudo"]
-}
-
-path "auth/approle/role/tvgate" {
-  capabilities = ["create", "read", "update"]
-}
-
-path "auth/approle/role/tvgate/role-id" {
-  capabilities = ["read"]
-}
-
-path "auth/approle/role/tvgate/secret-id" {
-  capabilities = ["update"]
-}
-
-path "auth/approle/role/tvgate/secret-id-accessor/destroy" {
-  capabilities = ["update"]
-}
-"""
+def _hcl(header: str, sections: tuple[_Section, ...]) -> str:
+    """A policy's HCL: the header, then per section its comment and one ``path`` block
+    per grant, blocks and sections a blank line apart."""
+    parts = [_comment(header)]
+    for comment, grants in sections:
+        blocks = [
+            f'path "{path}" {{\n  capabilities = [{", ".join(_quoted(c) for c in caps)}]\n}}\n'
+            for path, caps in grants
+        ]
+        parts.append(_comment(comment) + "\n".join(blocks))
+    return "\n".join(parts)
 
 
 def render_policy(kind: str, mount: str = "transit", key: str = "tvgate") -> str:
     """The HCL of the ``gateway`` or ``operator`` policy for this mount and key."""
-    templates = {"gateway": _GATEWAY_TEMPLATE, "operator": _OPERATOR_TEMPLATE}
-    if kind not in templates:
+    if kind not in _POLICIES:
         raise ValueError(f"no policy {kind!r}; choose gateway or operator")
-    return string.Template(templates[kind]).substitute(mount=mount.strip("/"), key=key)
+    hcl = _hcl(*_POLICIES[kind])
+    return string.Template(hcl).substitute(mount=mount.strip("/"), key=key)
 
 
 class VaultAdminError(Exception):

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import peewee
 
+from tvgate.governance.policy import BudgetTerms
 from tvgate.governance.windows import (
     budget_counter,
     minute_counters,
@@ -134,17 +135,11 @@ def _counters(keys: list[str]) -> dict[str, float]:
 
 
 @dataclass(frozen=True, slots=True)
-class BudgetView:
+class BudgetView(BudgetTerms):
     """A budget and what has been counted against it in the current window. ``used`` is
     what every gateway process has flushed so far (they flush about every second)."""
 
     id: int
-    scope: str
-    subject: str
-    metric: str
-    period: str
-    amount: float
-    warn_percent: float
     used: float
     resets_at: float
 
