@@ -236,7 +236,13 @@ class TvgateProcess:
 
 
 def start_tvgate(
-    database_url: str, token: str, data_dir: Path, name: str, **settings: str
+    database_url: str,
+    token: str,
+    data_dir: Path,
+    name: str,
+    *,
+    tree: Path = harness.ROOT,
+    **settings: str,
 ) -> TvgateProcess:
     data_dir.mkdir(parents=True, exist_ok=True)
     env = harness.serve_env(
@@ -253,7 +259,7 @@ def start_tvgate(
     )
     log_path = data_dir / f"{name}.log"
     log_path.unlink(missing_ok=True)  # the writer's counters are read from it at the end
-    proc = harness.start_gateway(env, log_path)
+    proc = harness.start_gateway(env, log_path, tree)
     url = "http://" + env["TVGATE_LISTEN"]
     return TvgateProcess(url, database_url, token, proc, log_path, env)
 

@@ -83,7 +83,7 @@ def main() -> None:
                 url = f"sqlite:///{data / 'tvgate.db'}"
                 data.mkdir()
                 token = seed(url, upstream, upstream)
-                gateway = start_tvgate(url, token, data, label)
+                gateway = start_tvgate(url, token, data, label, tree=Path(tree))
                 headers = write_headers_file(
                     data / "h", {**payloads.CLAUDE_CODE_HEADERS, "Authorization": f"Bearer {token}"}
                 )

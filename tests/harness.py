@@ -221,11 +221,12 @@ def gateway_env(database_url: str, data_dir: Path, port: int, **extra: str) -> d
     return {k: v for k, v in env.items() if k not in extra or v}
 
 
-def start_gateway(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+def start_gateway(env: dict[str, str], log_path: Path, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
     """``tvgate serve`` with ``env``, once it answers ``/healthz``; its output goes to
     ``log_path``. On port 0 the gateway binds a port of the kernel's choice and writes it
     to ``--port-file``: ``env["TVGATE_LISTEN"]`` is then set to that address (so that a
-    restart with ``env`` comes back on the same port)."""
+    restart with ``env`` comes back on the same port). ``cwd`` is where ``python -m`` finds
+    tvgate first (another tree, for an A/B)."""
     host, _, port = env["TVGATE_LISTEN"].rpartition(":")
     port_file = log_path.with_name(log_path.name + ".port")
     port_file.unlink(missing_ok=True)
@@ -236,7 +237,7 @@ def start_gateway(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=cwd,
         )
     deadline = time.monotonic() + 30
     while args and not port_file.exists():
