@@ -242,7 +242,7 @@ def start_tvgate(
     name: str,
     *,
     tree: Path = harness.ROOT,
-    **settings: str,
+    settings: dict[str, str] | None = None,
 ) -> TvgateProcess:
     data_dir.mkdir(parents=True, exist_ok=True)
     env = harness.serve_env(
@@ -254,7 +254,7 @@ def start_tvgate(
         # in the drip workload): the per-address cap is for clients, not for them.
         **{
             "TVGATE_MAX_CONNECTIONS_PER_ADDRESS": "0",
-            **{"TVGATE_" + k.upper(): v for k, v in settings.items()},
+            **{"TVGATE_" + k.upper(): v for k, v in (settings or {}).items()},
         },
     )
     log_path = data_dir / f"{name}.log"

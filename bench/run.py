@@ -327,7 +327,7 @@ class Bench:
             self.tmp / "gateway",
             f"{workload.name}-{workload.database}".replace("+", "-"),
             # The gateway-wide cap too, so every call takes a slot.
-            **({"max_concurrent_calls": "100000"} if governed else {}),
+            settings={"max_concurrent_calls": "100000"} if governed else None,
         )
         gw_headers = write_headers_file(
             self.tmp / "tvgate.headers",
