@@ -9,6 +9,7 @@ list of settings that can change while the process runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -467,6 +468,14 @@ class Gateway:
         self.traces.settings_changed(org_id)
         if identities:
             self.auth.forget_all()
+
+    async def read_change_counts(self) -> None:
+        """Read the change counts once before serving, so that the first poll forgets only
+        the orgs changed since (not every org, and every cached identity, of a gateway that
+        has just warmed its caches); when the database cannot be read, the first poll
+        forgets every org, as a gateway that knows no counts must."""
+        with contextlib.suppress(Exception):
+            self._change_counts = await self.runner.run(services.change_counts)
 
     async def _poll_changes(self) -> None:
         """One read of the change counts, in the pool; an org whose counts moved since the

@@ -345,6 +345,7 @@ async def serve_worker(
 ) -> None:
     """One gateway on the given listening sockets, until SIGTERM or SIGINT."""
     gateway = Gateway.build(settings, worker)
+    await gateway.read_change_counts()
     gateway.start()
     if not await gateway.traces.wait_up(WRITER_START_TIMEOUT):
         log.warning(
