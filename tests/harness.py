@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+import httpx2
+
 from tvgate.db import open_database
 from tvgate.models import Trace
 
@@ -321,3 +323,15 @@ def visdom_env(visdom_url: str) -> dict[str, str]:
         "TVGATE_VISDOM_CACHE_TTL": "1",
         "TVGATE_VISDOM_NEGATIVE_TTL": "0.5",
     }
+
+
+def canned_http_client(
+    status: int, body: bytes, content_type: str = "application/json"
+) -> httpx2.Client:
+    """An HTTP client for an SDK whose every request is answered with ``body``: a
+    translated answer handed to the SDK's own parser, no server in between."""
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(status, headers={"content-type": content_type}, content=body)
+
+    return httpx2.Client(transport=httpx2.MockTransport(handler))

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import OPENAI_SECRET
 from tests.fake_provider import TOOL_INPUT, FakeProvider
+from tests.harness import canned_http_client
 from tvgate.traces.sse import SSEParser
 from tvgate.translate.anthropic_to_chat import (
     StreamTranslator,
@@ -781,15 +782,11 @@ def upstream(fake: FakeProvider, body: JSON, scenario: str = "normal") -> httpx2
 
 def sdk(status: int, body: bytes, content_type: str = "application/json") -> anthropic.Anthropic:
     """An ``anthropic`` client whose every request is answered with ``body``."""
-
-    def handler(request: httpx2.Request) -> httpx2.Response:
-        return httpx2.Response(status, headers={"content-type": content_type}, content=body)
-
     return anthropic.Anthropic(
         base_url="http://gateway.test",
         api_key="x",
         max_retries=0,
-        http_client=httpx2.Client(transport=httpx2.MockTransport(handler)),
+        http_client=canned_http_client(status, body, content_type),
     )
 
 

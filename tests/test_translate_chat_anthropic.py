@@ -25,6 +25,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import ANTHROPIC_SECRET
 from tests.fake_provider import FakeProvider
+from tests.harness import canned_http_client
 from tvgate.providers.assemble import OPENAI_CHAT, stream_assembler
 from tvgate.translate.chat_to_anthropic import (
     DEFAULT_MAX_TOKENS,
@@ -57,15 +58,11 @@ TOOLS: list[JSON] = [
 
 def sdk_client(status: int, body: bytes, content_type: str = "application/json") -> openai.OpenAI:
     """An openai SDK client whose every call is answered with ``body``."""
-
-    def handler(request: httpx2.Request) -> httpx2.Response:
-        return httpx2.Response(status, headers={"content-type": content_type}, content=body)
-
     return openai.OpenAI(
         base_url="http://gw.test/v1",
         api_key="x",
         max_retries=0,
-        http_client=httpx2.Client(transport=httpx2.MockTransport(handler)),
+        http_client=canned_http_client(status, body, content_type),
     )
 
 
