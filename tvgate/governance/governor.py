@@ -1,4 +1,7 @@
-"""The per-process side of governance: admit or refuse a call, count what it used, cap concurrency.
+"""The per-process side of governance: admit or refuse a call, count what it used, sync.
+
+What a call is judged by (its plan, demand, admission, refusal) is in ``plan``; the
+concurrency slots are in ``slots``, written to the database in this module's sync.
 
 The proxy never waits on the database in the steady state:
 
@@ -37,114 +40,49 @@ import os
 import secrets
 import socket
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
-from tvgate.db import DatabaseRunner, DatabaseUnavailable
-from tvgate.governance.policy import Governance
-from tvgate.governance.store import CLOSED, EPSILON, GRANTED, CounterStore
-from tvgate.governance.windows import (
-    COUNT_TOKENS,
-    budget_counter,
-    minute_counters,
+from tvgate.db import DatabaseRunner, DatabaseUnavailable, finished_read
+from tvgate.governance.plan import (
+    ALL_SCOPES,
+    ATTEMPT_SCOPES,
+    NO_DEMAND,
+    Admission,
+    Check,
+    Demand,
+    Plan,
+    PlanKey,
+    Refused,
+    build_plan,
+    resets_at,
 )
-from tvgate.models import GOVERN_KEY, GOVERN_ORG, GOVERN_ROUTE, GOVERN_USER
+from tvgate.governance.policy import Governance
+from tvgate.governance.slots import GATEWAY_RESOURCE, Slots, key_resource
+from tvgate.governance.store import CLOSED, EPSILON, GRANTED, CounterStore
+from tvgate.governance.windows import COUNT_TOKENS
 from tvgate.traces.pricing import PriceTable
+
+# What the proxy imports from here, defined beside the Governor.
+__all__ = [
+    "ATTEMPT_SCOPES",
+    "GATEWAY_RESOURCE",
+    "Admission",
+    "Demand",
+    "Governor",
+    "Refused",
+    "key_resource",
+]
 
 log = logging.getLogger("tvgate.governance")
 
-#: The resource name of the gateway-wide concurrency cap.
-GATEWAY_RESOURCE = "gateway"
 #: Distinct (user, route, key) combinations whose plans are kept; past it, all are dropped.
 _PLAN_CACHE_SIZE = 10_000
-
-
-class Refused(Exception):
-    """A call over a budget, a rate limit or a cap: answered 429 with ``retry_after``."""
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = max(1, math.ceil(retry_after))
-
-
-ALL_SCOPES = (GOVERN_ORG, GOVERN_USER, GOVERN_ROUTE, GOVERN_KEY)
 #: ``_ask_headroom``'s answer when the database cannot be reached.
 _UNAVAILABLE = "unavailable"
-#: What a fallback attempt is checked and charged for on its own.
-ATTEMPT_SCOPES = (GOVERN_ROUTE, GOVERN_KEY)
-
-
-@dataclass(frozen=True, slots=True)
-class Demand:
-    """What a call may use, estimated before it goes out: what its budgets reserve."""
-
-    input_tokens: int
-    #: Its ``max_tokens`` (or the API's equivalent); 0 when it sets none.
-    output_tokens: int
-    provider: str
-    model: str
-
-
-NO_DEMAND = Demand(0, 0, "", "")
-
-
-@dataclass(frozen=True, slots=True)
-class _Check:
-    name: str
-    limit: float
-    end: float
-    text: str
-    #: Fraction of the limit from which answers carry a warning; None: no warning.
-    warn: float | None
-    #: What it counts (tokens or usd); a budget's check reserves, a per-minute one does not.
-    counts: str = COUNT_TOKENS
-    reserves: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class _Charge:
-    name: str
-    counts: str
-    scope: str
-
-
-@dataclass(slots=True)
-class _Plan:
-    governance: Governance
-    #: The end of the first of its windows: the plan is worked out again from then on.
-    expires: float
-    checks: tuple[_Check, ...]
-    charges: tuple[_Charge, ...]
-    rpm: tuple[tuple[str, int, float, str], ...]
-    #: False once every counter it checks has been read at least once.
-    unread: bool = True
-
-
-@dataclass(slots=True)
-class Admission:
-    """What one admitted call counts against, and the warnings its answer carries."""
-
-    charges: list[_Charge] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    #: Budget headroom the call holds until it ends (counter, amount): ``Governor.settle``.
-    reservations: list[tuple[str, float]] = field(default_factory=list)
-
-    def for_attempt(self, attempt: Admission) -> Admission:
-        """This call's org and user charges with the route and key charges of ``attempt``."""
-        kept = [c for c in self.charges if c.scope not in ATTEMPT_SCOPES]
-        return Admission(kept + attempt.charges, self.warnings + attempt.warnings)
-
-
-def _when(at: float) -> str:
-    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def key_resource(key_id: int) -> str:
-    return f"key:{key_id}"
 
 
 class Governor:
+    """One process's counters, headroom, request units and slots, synced in one batch."""
+
     def __init__(
         self,
         runner: DatabaseRunner,
@@ -189,14 +127,10 @@ class Governor:
         #: Calls waiting for budget headroom held by calls in progress to come back.
         self._headroom_waiters: list[asyncio.Future[None]] = []
         self._reserving: dict[str, asyncio.Future[int]] = {}
-        self._plans: dict[tuple[int, int, str, str, tuple[str, ...]], _Plan] = {}
+        self._plans: dict[PlanKey, Plan] = {}
         self._reading: dict[str, asyncio.Future[None]] = {}
-        self.held: dict[str, int] = {}
-        self.busy: dict[str, int] = {}
-        #: The most slots busy at once since the last sync: what the process keeps.
-        self.peak: dict[str, int] = {}
-        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
-        self._slot_lock = asyncio.Lock()
+        #: Concurrency caps: slots of the gateway and of provider keys.
+        self.slots = Slots(runner, self.store)
         self._syncing = False
         self._prices: PriceTable | None = None
         self._prices_at = 0.0
@@ -225,7 +159,9 @@ class Governor:
         cache_key = (org_id, user_id, route, key, scopes)
         plan = self._plans.get(cache_key)
         if plan is None or plan.governance is not governance or plan.expires <= now:
-            plan = self._plan(governance, org_id, user_id, route, key, scopes, now)
+            plan = build_plan(governance, cache_key, now)
+            for check in plan.checks:
+                self._watch(check.name, check.end)
             if len(self._plans) >= _PLAN_CACHE_SIZE:
                 self._plans.clear()
             self._plans[cache_key] = plan
@@ -243,7 +179,7 @@ class Governor:
             if not check.reserves and used >= check.limit:
                 self.refused += 1
                 raise Refused(
-                    f"{check.text} is used up; it resets at {_when(check.end)}", check.end - now
+                    f"{check.text} is used up; it resets at {resets_at(check.end)}", check.end - now
                 )
             # A budget of 0 warns of nothing: its reservation below refuses every call.
             if check.warn is not None and check.limit > 0 and used >= check.limit * check.warn:
@@ -275,7 +211,7 @@ class Governor:
                     self.units[earlier] = self.units.get(earlier, 0) + 1
                 self.settle(admission)
                 self.refused += 1
-                raise Refused(f"{text} is reached; it resets at {_when(end)}", end - now)
+                raise Refused(f"{text} is reached; it resets at {resets_at(end)}", end - now)
             spent.append(name)
         return admission
 
@@ -294,7 +230,7 @@ class Governor:
         need = max(need, EPSILON)
         return need, max(want, need)
 
-    def _take(self, check: _Check, need: float, want: float) -> float | None:
+    def _take(self, check: Check, need: float, want: float) -> float | None:
         """Reserve ``want`` (at least ``need``) from headroom held here; None if there is not
         enough (or the budget is closed to such a call)."""
         name = check.name
@@ -309,11 +245,11 @@ class Governor:
         self.running[name] = self.running.get(name, 0.0) + amount
         return amount
 
-    def _is_closed(self, check: _Check, need: float) -> bool:
+    def _is_closed(self, check: Check, need: float) -> bool:
         closed_limit, closed_need = self.closed.get(check.name, (-math.inf, math.inf))
         return check.limit <= closed_limit and need + EPSILON >= closed_need
 
-    async def _reserve(self, check: _Check, need: float, want: float, now: float) -> float:
+    async def _reserve(self, check: Check, need: float, want: float, now: float) -> float:
         """Reserve a call's estimate of ``check``'s budget, capped by what is left and no
         less than what it must find left, asking the shared counter and waiting for
         headroom held by calls in progress; raise ``Refused`` when it is not there."""
@@ -323,7 +259,7 @@ class Governor:
             if self._is_closed(check, need):
                 raise Refused(
                     f"{check.text} has too little left for a call of this size; "
-                    f"it resets at {_when(check.end)}",
+                    f"it resets at {resets_at(check.end)}",
                     check.end - now,
                 )
             amount = self._take(check, need, want)
@@ -345,7 +281,7 @@ class Governor:
                 # serves on, and what the call uses is counted when it ends.
                 if self._used(name) >= check.limit:
                     raise Refused(
-                        f"{check.text} is used up; it resets at {_when(check.end)}",
+                        f"{check.text} is used up; it resets at {resets_at(check.end)}",
                         check.end - now,
                     )
                 return 0.0
@@ -357,7 +293,7 @@ class Governor:
                 )
             await self._wait_for_headroom(min(left, self.sync_interval))
 
-    async def _ask_headroom(self, check: _Check, need: float, want: float) -> str:
+    async def _ask_headroom(self, check: Check, need: float, want: float) -> str:
         """Ask the shared counter for headroom (a tenth of the budget beyond this call's
         estimate, so the next calls need no round trip); credit what it grants."""
         name = check.name
@@ -414,55 +350,6 @@ class Governor:
         admission.reservations = []
         if self._headroom_waiters:
             self._wake_headroom_waiters()
-
-    def _plan(
-        self,
-        governance: Governance,
-        org_id: int,
-        user_id: int,
-        route: str,
-        key: str,
-        scopes: tuple[str, ...],
-        now: float,
-    ) -> _Plan:
-        """The counters a call of this user on this route and key is judged by, until the
-        first of their windows ends (worked out once, not per call)."""
-        checks: list[_Check] = []
-        charges: list[_Charge] = []
-        rpm: list[tuple[str, int, float, str]] = []
-        for scope, subject in Governance.subjects(user_id, route, key):
-            if scope not in scopes:
-                continue
-            for rule in governance.budgets.get((scope, subject), ()):
-                name, counts, end = budget_counter(
-                    org_id, scope, subject, rule.metric, rule.period, now
-                )
-                charges.append(_Charge(name, counts, scope))
-                text = f"{rule.title} ({rule.amount_text(rule.amount)})"
-                checks.append(
-                    _Check(name, rule.amount, end, text, rule.warn_percent / 100, counts, True)
-                )
-            rate = governance.rates.get((scope, subject))
-            if rate is None:
-                continue
-            requests, tokens, end = minute_counters(org_id, scope, subject, now)
-            if rate.tpm:
-                charges.append(_Charge(tokens, COUNT_TOKENS, scope))
-                text = f"the limit of {rate.tpm:,} tokens per minute of {rate.owner}"
-                checks.append(_Check(tokens, rate.tpm, end, text, None))
-            if rate.rpm:
-                text = f"the limit of {rate.rpm:,} requests per minute of {rate.owner}"
-                rpm.append((requests, rate.rpm, end, text))
-        for check in checks:
-            self._watch(check.name, check.end)
-        ends = [c.end for c in checks] + [r[2] for r in rpm]
-        return _Plan(
-            governance,
-            min(ends, default=now + 60),
-            tuple(checks),
-            tuple(charges),
-            tuple(rpm),
-        )
 
     def _used(self, name: str) -> float:
         """The shared total at the last sync, plus what this process counted since."""
@@ -562,11 +449,9 @@ class Governor:
                 return True
 
     def _reserved(self, name: str, end: float, done: asyncio.Future[int]) -> None:
-        if self._reserving.get(name) is done:
-            del self._reserving[name]
-        if done.cancelled() or done.exception() is not None:
+        granted = finished_read(self._reserving, name, done)
+        if granted is None:
             return
-        granted = done.result()
         self._watch(name, end)
         if granted:
             self.units[name] = self.units.get(name, 0) + granted
@@ -578,58 +463,14 @@ class Governor:
     async def acquire(self, resource: str, cap: int) -> None:
         """Take a slot of ``resource`` (at most ``cap`` across every process), waiting up to
         the queue timeout for one to free; raise ``Refused`` after that."""
-        deadline = time.monotonic() + self.queue_timeout
-        while True:
-            busy = self.busy.get(resource, 0)
-            if busy < self.held.get(resource, 0):
-                self.busy[resource] = busy + 1
-                if busy + 1 > self.peak.get(resource, 0):
-                    self.peak[resource] = busy + 1
-                return
-            if await self._grow(resource, cap):
-                continue
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.refused += 1
-                raise Refused(
-                    f"{_resource_name(resource)} has {cap} calls open already (its cap); "
-                    "try again shortly",
-                    1,
-                )
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            queue = self._waiters.setdefault(resource, deque())
-            queue.append(waiter)
-            try:
-                # Woken by a release here; a slot freed by another process shows at a sync.
-                await asyncio.wait_for(waiter, timeout=min(left, self.sync_interval))
-            except TimeoutError:
-                pass
-            finally:
-                if waiter in queue:
-                    queue.remove(waiter)
+        try:
+            await self.slots.acquire(resource, cap, self.queue_timeout, self.sync_interval)
+        except Refused:
+            self.refused += 1
+            raise
 
     def release(self, resource: str) -> None:
-        self.busy[resource] = max(0, self.busy.get(resource, 0) - 1)
-        queue = self._waiters.get(resource)
-        while queue:
-            waiter = queue.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                break
-
-    async def _grow(self, resource: str, cap: int) -> bool:
-        async with self._slot_lock:
-            held = self.held.get(resource, 0)
-            if self.busy.get(resource, 0) < held:
-                return True  # a slot came free while this call waited for the lock
-            try:
-                won = await self.runner.run(lambda: self.store.acquire_slot(resource, held, cap))
-            except DatabaseUnavailable as exc:
-                log.warning("concurrency slots unavailable (%s); capping this process only", exc)
-                won = held < cap
-            if won:
-                self.held[resource] = held + 1
-            return won
+        self.slots.release(resource)
 
     # --- the batch ---
 
@@ -647,7 +488,7 @@ class Governor:
         """The last batch at a stop: flush what was counted and give back every slot."""
         while self._syncing:
             await asyncio.sleep(0.01)
-        self.peak = {}  # nothing is kept for later: every idle slot goes back now
+        self.slots.peak = {}  # nothing is kept for later: every idle slot goes back now
         await self.sync()
 
     async def _sync(self) -> None:
@@ -663,7 +504,7 @@ class Governor:
                 self._budget_locks.pop(name, None)
         if self._prices is None or time.monotonic() - self._prices_at > self.prices_ttl:
             await self._load_prices()
-        if not (self.pending or self.watched or self.held):
+        if not (self.pending or self.watched or self.slots.held):
             return
         add = {name: (amount, self.watched.get(name, now)) for name, amount in self.pending.items()}
         self.flushing, self.pending = self.pending, {}
@@ -682,16 +523,7 @@ class Governor:
         self.units = {}
         self.exhausted = set()
         read = list(self.watched)
-        async with self._slot_lock:
-            # Slots nobody here needed since the last sync go back; the rest are kept (a
-            # steady load does not win them again every second) and heartbeated. Lowered
-            # here, before the write, so no call takes a slot that is being given back.
-            slots = {
-                resource: max(self.busy.get(resource, 0), self.peak.get(resource, 0))
-                for resource in self.held
-            }
-            self.peak = {r: n for r, n in self.busy.items() if n}
-            self.held = {resource: n for resource, n in slots.items() if n}
+        async with self.slots.syncing() as slots:
             try:
                 totals = await self.runner.run(lambda: self.store.sync(add, slots, read, unhold))
             except DatabaseUnavailable as exc:
@@ -707,9 +539,7 @@ class Governor:
                 self.flushing = {}
         self.totals.update(totals)
         self._wake_headroom_waiters()  # other processes may have given headroom back
-        for queue in self._waiters.values():
-            if queue and not queue[0].done():
-                queue[0].set_result(None)  # a slot may have come free elsewhere
+        self.slots.wake()
 
     async def _load_prices(self) -> None:
         self._prices_at = time.monotonic()
@@ -718,7 +548,3 @@ class Governor:
 
     def purge(self) -> int:
         return self.store.purge()
-
-
-def _resource_name(resource: str) -> str:
-    return "the gateway" if resource == GATEWAY_RESOURCE else "this route's provider key"
