@@ -1,7 +1,8 @@
 """The per-process side of governance: admit or refuse a call, count what it used, sync.
 
-What a call is judged by (its plan, demand, admission, refusal) is in ``plan``; the
-concurrency slots are in ``slots``, written to the database in this module's sync.
+What a call is judged by (its plan, demand, admission, refusal) is in ``plan``; budget
+headroom in ``headroom``; the concurrency slots in ``slots``; all written to the
+database in this module's sync.
 
 The proxy never waits on the database in the steady state:
 
@@ -35,19 +36,18 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import os
 import secrets
 import socket
 import time
 
 from tvgate.db import DatabaseRunner, DatabaseUnavailable, finished_read
+from tvgate.governance.headroom import Headroom
 from tvgate.governance.plan import (
     ALL_SCOPES,
     ATTEMPT_SCOPES,
     NO_DEMAND,
     Admission,
-    Check,
     Demand,
     Plan,
     PlanKey,
@@ -57,7 +57,7 @@ from tvgate.governance.plan import (
 )
 from tvgate.governance.policy import Governance
 from tvgate.governance.slots import GATEWAY_RESOURCE, Slots, key_resource
-from tvgate.governance.store import CLOSED, EPSILON, GRANTED, CounterStore
+from tvgate.governance.store import EPSILON, CounterStore
 from tvgate.governance.windows import COUNT_TOKENS
 from tvgate.traces.pricing import PriceTable
 
@@ -76,8 +76,6 @@ log = logging.getLogger("tvgate.governance")
 
 #: Distinct (user, route, key) combinations whose plans are kept; past it, all are dropped.
 _PLAN_CACHE_SIZE = 10_000
-#: ``_ask_headroom``'s answer when the database cannot be reached.
-_UNAVAILABLE = "unavailable"
 
 
 class Governor:
@@ -112,20 +110,8 @@ class Governor:
         #: Per-minute counters found at their limit; asked again after the next sync, when
         #: other processes may have given units back.
         self.exhausted: set[str] = set()
-        #: Budget headroom this process holds at the shared counter; of it, what no running
-        #: call has reserved (negative: calls used more than they reserved), and what the
-        #: running calls reserved.
-        self.hold: dict[str, float] = {}
-        self.free: dict[str, float] = {}
-        self.running: dict[str, float] = {}
-        #: Budgets closed for their window: (the amount they were closed at, the smallest
-        #: need refused). A call needing as much is refused with no round trip, unless the
-        #: budget has been raised since.
-        self.closed: dict[str, tuple[float, float]] = {}
-        #: One round trip at a time per budget counter: calls arriving together share it.
-        self._budget_locks: dict[str, asyncio.Lock] = {}
-        #: Calls waiting for budget headroom held by calls in progress to come back.
-        self._headroom_waiters: list[asyncio.Future[None]] = []
+        #: Budget headroom held at the shared counters.
+        self.headroom = Headroom(runner, self.store, self._used, self._watch)
         self._reserving: dict[str, asyncio.Future[int]] = {}
         self._plans: dict[PlanKey, Plan] = {}
         self._reading: dict[str, asyncio.Future[None]] = {}
@@ -196,9 +182,11 @@ class Governor:
                             check.counts, org_id, demand
                         )
                     need, want = estimate
-                    amount = self._take(check, need, want)
+                    amount = self.headroom.take(check, need, want)
                     if amount is None:  # no headroom held here: the slow path
-                        amount = await self._reserve(check, need, want, now)
+                        amount = await self.headroom.reserve(
+                            check, need, want, now, self.queue_timeout, self.sync_interval
+                        )
                     admission.reservations.append((check.name, amount))
         except Refused:
             self.settle(admission)  # what it reserved on its other budgets goes back
@@ -230,126 +218,12 @@ class Governor:
         need = max(need, EPSILON)
         return need, max(want, need)
 
-    def _take(self, check: Check, need: float, want: float) -> float | None:
-        """Reserve ``want`` (at least ``need``) from headroom held here; None if there is not
-        enough (or the budget is closed to such a call)."""
-        name = check.name
-        free = self.free.get(name, 0.0)
-        if free + EPSILON < need or (self.closed and self._is_closed(check, need)):
-            return None
-        # max(need, min(want, free)), without the two builtin calls (once per budget).
-        amount = want if want <= free else free
-        if amount < need:
-            amount = need
-        self.free[name] = free - amount
-        self.running[name] = self.running.get(name, 0.0) + amount
-        return amount
-
-    def _is_closed(self, check: Check, need: float) -> bool:
-        closed_limit, closed_need = self.closed.get(check.name, (-math.inf, math.inf))
-        return check.limit <= closed_limit and need + EPSILON >= closed_need
-
-    async def _reserve(self, check: Check, need: float, want: float, now: float) -> float:
-        """Reserve a call's estimate of ``check``'s budget, capped by what is left and no
-        less than what it must find left, asking the shared counter and waiting for
-        headroom held by calls in progress; raise ``Refused`` when it is not there."""
-        name = check.name
-        deadline = time.monotonic() + self.queue_timeout
-        while True:
-            if self._is_closed(check, need):
-                raise Refused(
-                    f"{check.text} has too little left for a call of this size; "
-                    f"it resets at {resets_at(check.end)}",
-                    check.end - now,
-                )
-            amount = self._take(check, need, want)
-            if amount is not None:
-                return amount
-            async with self._budget_locks.setdefault(name, asyncio.Lock()):
-                if self.free.get(name, 0.0) + EPSILON >= need:
-                    continue  # another call refilled it while this one waited for the lock
-                answer = await self._ask_headroom(check, need, want)
-            if answer == GRANTED:
-                continue
-            if answer == CLOSED:
-                closed_limit, closed_need = self.closed.get(name, (-math.inf, math.inf))
-                smallest = closed_need if check.limit <= closed_limit else math.inf
-                self.closed[name] = (check.limit, min(need, smallest))
-                continue
-            if answer == _UNAVAILABLE:
-                # Judged on this process's view, as without reservations: the gateway
-                # serves on, and what the call uses is counted when it ends.
-                if self._used(name) >= check.limit:
-                    raise Refused(
-                        f"{check.text} is used up; it resets at {resets_at(check.end)}",
-                        check.end - now,
-                    )
-                return 0.0
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise Refused(
-                    f"the rest of {check.text} is reserved by calls in progress; try again shortly",
-                    1,
-                )
-            await self._wait_for_headroom(min(left, self.sync_interval))
-
-    async def _ask_headroom(self, check: Check, need: float, want: float) -> str:
-        """Ask the shared counter for headroom (a tenth of the budget beyond this call's
-        estimate, so the next calls need no round trip); credit what it grants."""
-        name = check.name
-        free = self.free.get(name, 0.0)
-        try:
-            granted, answer = await self.runner.run(
-                functools.partial(
-                    self.store.reserve_budget,
-                    name,
-                    want - free + check.limit / 10,
-                    need - free,
-                    check.limit,
-                    may_close=self.running.get(name, 0.0) <= EPSILON,
-                    expires_at=check.end,
-                )
-            )
-        except DatabaseUnavailable as exc:
-            log.warning("budget counter unavailable (%s); judging on local counts", exc)
-            return _UNAVAILABLE
-        self._watch(name, check.end)
-        if granted:
-            self.hold[name] = self.hold.get(name, 0.0) + granted
-            self.free[name] = self.free.get(name, 0.0) + granted
-        return answer
-
-    async def _wait_for_headroom(self, timeout: float) -> None:
-        """Until a call here settles or a sync has run (others give headroom back at theirs)."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._headroom_waiters.append(waiter)
-        try:
-            await asyncio.wait_for(waiter, timeout=timeout)
-        except TimeoutError:
-            pass
-        finally:
-            if waiter in self._headroom_waiters:
-                self._headroom_waiters.remove(waiter)
-
-    def _wake_headroom_waiters(self) -> None:
-        waiters, self._headroom_waiters = self._headroom_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
     def settle(self, admission: Admission) -> None:
         """A call has ended (after ``charge``, if it used anything): what it reserved is free
         for this process's next calls, and goes back to the shared counter at the next sync."""
-        if not admission.reservations:
-            return
-        running, free = self.running, self.free
-        for name, amount in admission.reservations:
-            if name in running:  # else its window ended and was dropped meanwhile
-                running[name] -= amount
-                free[name] = free.get(name, 0.0) + amount
-        admission.reservations = []
-        if self._headroom_waiters:
-            self._wake_headroom_waiters()
+        if admission.reservations:
+            self.headroom.settle(admission.reservations)
+            admission.reservations = []
 
     def _used(self, name: str) -> float:
         """The shared total at the last sync, plus what this process counted since."""
@@ -369,7 +243,7 @@ class Governor:
         """Count a finished call's usage against everything it was admitted under, in
         dollars at the prices of the call's org."""
         usd: float | None = None
-        pending, hold, free = self.pending, self.hold, self.free
+        pending, headroom = self.pending, self.headroom
         for charge in admission.charges:
             if charge.counts == COUNT_TOKENS:
                 amount = float(tokens)
@@ -380,9 +254,7 @@ class Governor:
             if amount:
                 name = charge.name
                 pending[name] = pending.get(name, 0.0) + amount
-                if name in hold:
-                    # Spent from headroom held here: it reaches the shared total at the sync.
-                    free[name] = free.get(name, 0.0) - amount
+                headroom.spent(name, amount)
 
     def _cost(
         self, org_id: int, provider: str, model: str, usage: tuple[int, int, int, int]
@@ -498,24 +370,14 @@ class Governor:
                 del self.watched[name]
                 self.totals.pop(name, None)
                 self.units.pop(name, None)
-                for budget_state in (self.hold, self.free, self.running):
-                    budget_state.pop(name, None)
-                self.closed.pop(name, None)
-                self._budget_locks.pop(name, None)
+                self.headroom.forget(name)
         if self._prices is None or time.monotonic() - self._prices_at > self.prices_ttl:
             await self._load_prices()
         if not (self.pending or self.watched or self.slots.held):
             return
         add = {name: (amount, self.watched.get(name, now)) for name, amount in self.pending.items()}
         self.flushing, self.pending = self.pending, {}
-        # Budget headroom beyond what running calls reserved goes back (including what was
-        # spent, which reaches the shared total in this same transaction), or 0 is written
-        # as a heartbeat of what they keep. Lowered here, before the write, so no call
-        # takes headroom that is being given back.
-        unhold = {name: hold - self.running.get(name, 0.0) for name, hold in self.hold.items()}
-        given_back = self.free
-        self.hold = {name: amount for name, amount in self.running.items() if amount > EPSILON}
-        self.free = {}
+        unhold, given_back = self.headroom.give_back()
         for name, units in self.units.items():
             if units:
                 amount, _ = add.get(name, (0.0, 0.0))
@@ -530,15 +392,12 @@ class Governor:
                 log.warning("governance sync failed (%s); counts kept for the next one", exc)
                 for name, amount in self.flushing.items():
                     self.pending[name] = self.pending.get(name, 0.0) + amount
-                for name, amount in unhold.items():  # still held: usable until the next one
-                    self.hold[name] = self.hold.get(name, 0.0) + amount
-                for name, amount in given_back.items():
-                    self.free[name] = self.free.get(name, 0.0) + amount
+                self.headroom.keep(unhold, given_back)
                 return
             finally:
                 self.flushing = {}
         self.totals.update(totals)
-        self._wake_headroom_waiters()  # other processes may have given headroom back
+        self.headroom.wake()  # other processes may have given headroom back
         self.slots.wake()
 
     async def _load_prices(self) -> None:
