@@ -237,15 +237,15 @@ def run(
 ) -> int:
     """Serve on ``listeners`` (from bind_listeners) until SIGTERM or SIGINT with
     ``settings.worker_count`` workers; the exit code."""
-    overrides = dict(overrides or {})
+    kept = dict(overrides or {})
+
+    def work(index: int) -> None:
+        asyncio.run(serve_worker(settings, listeners[index], index, config_file, kept))
+
     if len(listeners) == 1:
-        asyncio.run(serve_worker(settings, listeners[0], 0, config_file, overrides))
+        work(0)
         for sock in listeners[0]:
             sock.close()
         return 0
     log.info("tvgate supervisor (pid %d) starting %d workers", os.getpid(), len(listeners))
-
-    def work(index: int) -> None:
-        asyncio.run(serve_worker(settings, listeners[index], index, config_file, overrides))
-
     return Supervisor(settings, listeners, config_file, work).run()
