@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 from bench.gateway import GOVERNED
 
 if TYPE_CHECKING:
-    from bench.run import Plan, StreamResult, WorkloadResult
+    from bench.run import StreamResult, WorkloadResult
+    from bench.workloads import Plan
 
 #: name -> (metric, goal, direction) where direction "<=" or ">=".
 GOALS = {

@@ -5,7 +5,8 @@ wrk, PostgreSQL), writes the payloads, starts the upstream, the bare
 passthrough and a seeded tvgate per workload (auth, routing, capture and
 traces all on), runs each workload against the three targets in turn,
 ``repeat`` times, and writes the medians and their ratios to
-``bench/RESULTS.md``.
+``bench/RESULTS.md`` (written by ``bench.report``). The plan and the workloads are in
+``bench.workloads``, what is known of the machine in ``bench.machine``.
 
 Workloads (the issue's list):
 
@@ -27,9 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -44,36 +42,17 @@ from typing import Any
 from bench import gateway as gw
 from bench import payloads, upstream
 from bench.loadgen import LoadResult, run_load, write_headers_file, wrk_available, wrk_version
-from bench.procs import RssSampler, family, family_rss_kib, free_port, stop, wait_port
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class Plan:
-    repeat: int
-    latency_seconds: float
-    throughput_seconds: float
-    streams: int
-    stream_events: int
-    stream_interval: float
-    ramp_seconds: float
-    postgres: bool
-
-
-FULL = Plan(3, 4.0, 3.0, 1000, 80, 0.1, 2.0, True)
-QUICK = Plan(1, 2.0, 2.0, 300, 30, 0.1, 1.0, True)
-
-
-@dataclass
-class Workload:
-    name: str
-    title: str
-    body: Path
-    kind: str  # "json" or "sse": which upstream answer
-    connections: int
-    latency: bool  # a latency run (concurrency 1, overhead header read)
-    database: str = "sqlite"
+from bench.machine import ROOT, MachineLoad, machine, raise_fd_limit
+from bench.procs import RssSampler, family_rss_kib, free_port, stop, wait_port
+from bench.workloads import (
+    FULL,
+    QUICK,
+    Plan,
+    Workload,
+    governed_workloads,
+    postgres_workloads,
+    workloads,
+)
 
 
 @dataclass
@@ -108,109 +87,6 @@ class StreamResult:
     traces: dict[str, int]
     expected_traces: int
     writer: gw.WriterStats
-
-
-# --- the machine ---
-
-
-def _git(*args: str) -> str:
-    """The output of a git command on this checkout."""
-    return subprocess.run(
-        ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False, timeout=10
-    ).stdout.strip()
-
-
-def machine() -> dict[str, str]:
-    cpu = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = "?"
-    with contextlib.suppress(OSError), open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemTotal:"):
-                mem = f"{int(line.split()[1]) / 1024 / 1024:.0f} GiB"
-                break
-    import orjson
-    import peewee  # its stubs do not declare __version__
-    import pycurl
-    import tornado
-
-    import tvgate
-
-    info = {
-        "cpu": f"{os.cpu_count()} x {cpu}",
-        "memory": mem,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "tvgate": tvgate.__version__,
-        "tornado": tornado.version,
-        "pycurl": pycurl.version,
-        "orjson": orjson.__version__,
-        "peewee": str(getattr(peewee, "__version__", "?")),
-        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
-    with contextlib.suppress(subprocess.SubprocessError, OSError):
-        commit = _git("rev-parse", "--short", "HEAD")
-        dirty = _git("status", "--porcelain", "--untracked-files=no")
-        if commit:
-            info["commit"] = commit + (" (with uncommitted changes)" if dirty else "")
-    return info
-
-
-def raise_fd_limit() -> None:
-    """1,000 streams need ~2,000 descriptors in the gateway: lift the soft limit (inherited)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 8192 if hard == resource.RLIM_INFINITY else min(hard, 8192)
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-
-
-class MachineLoad:
-    """How busy the machine (all cores, in % of one core) and one process were, over a block."""
-
-    def __init__(self, pid: int | None = None) -> None:
-        self.pid = pid
-        self.busy = 0.0
-        self.cpu = 0.0
-
-    @staticmethod
-    def _stat() -> list[int]:
-        with open("/proc/stat") as fh:
-            return [int(x) for x in fh.readline().split()[1:]]
-
-    def _proc(self) -> float:
-        """CPU seconds of the process and its children (a worker's trace writer process is
-        part of the gateway): the live ones, and those it has waited for."""
-        if self.pid is None:
-            return 0.0
-        ticks = 0
-        for member in family(self.pid):
-            try:
-                with open(f"/proc/{member}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            ticks += int(fields[11]) + int(fields[12])
-            if member == self.pid:
-                ticks += int(fields[13]) + int(fields[14])
-        return ticks / os.sysconf("SC_CLK_TCK")
-
-    def __enter__(self) -> MachineLoad:
-        self._t0 = time.monotonic()
-        self._s0 = self._stat()
-        self._p0 = self._proc()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        elapsed = max(1e-6, time.monotonic() - self._t0)
-        delta = [b - a for a, b in zip(self._s0, self._stat(), strict=False)]
-        total = sum(delta) or 1
-        idle = delta[3] + (delta[4] if len(delta) > 4 else 0)
-        self.busy = 100.0 * (os.cpu_count() or 1) * (total - idle) / total
-        self.cpu = 100.0 * (self._proc() - self._p0) / elapsed
 
 
 # --- the run ---
@@ -458,91 +334,6 @@ class Bench:
                 data: dict[str, Any] = json.loads(line[len("BENCH_JSON ") :])
                 return data
         raise RuntimeError(f"drip client failed ({result.returncode}):\n{result.stderr[-3000:]}")
-
-
-def workloads(bodies: payloads.BodyFiles) -> list[Workload]:
-    out = [
-        Workload("latency-json", "small JSON, c=1", bodies.small_json, "json", 1, True),
-        Workload("latency-sse", "50-event stream, c=1", bodies.small_sse, "sse", 1, True),
-    ]
-    for size, json_body, sse_body in (
-        ("200 B", bodies.small_json, bodies.small_sse),
-        ("190 KB", bodies.large_json, bodies.large_sse),
-    ):
-        for connections in (16, 64):
-            slug = "small" if size == "200 B" else "large"
-            out.append(
-                Workload(
-                    f"tp-{slug}-json-c{connections}",
-                    f"{size} JSON, c={connections}",
-                    json_body,
-                    "json",
-                    connections,
-                    False,
-                )
-            )
-            out.append(
-                Workload(
-                    f"tp-{slug}-sse-c{connections}",
-                    f"{size} SSE, c={connections}",
-                    sse_body,
-                    "sse",
-                    connections,
-                    False,
-                )
-            )
-    return out
-
-
-def postgres_workloads(bodies: payloads.BodyFiles) -> list[Workload]:
-    """The trace writer's heaviest cases, on PostgreSQL."""
-    return [
-        Workload(
-            "latency-json", "small JSON, c=1", bodies.small_json, "json", 1, True, "postgresql"
-        ),
-        Workload(
-            "tp-small-json-c64",
-            "200 B JSON, c=64",
-            bodies.small_json,
-            "json",
-            64,
-            False,
-            "postgresql",
-        ),
-        Workload(
-            "tp-small-sse-c64", "200 B SSE, c=64", bodies.small_sse, "sse", 64, False, "postgresql"
-        ),
-    ]
-
-
-def governed_workloads(bodies: payloads.BodyFiles) -> list[Workload]:
-    """The goals' workloads again, with budgets, rate limits and caps on every call."""
-    return [
-        Workload(
-            "latency-json", "small JSON, c=1", bodies.small_json, "json", 1, True, gw.GOVERNED
-        ),
-        Workload(
-            "latency-sse", "50-event stream, c=1", bodies.small_sse, "sse", 1, True, gw.GOVERNED
-        ),
-        Workload(
-            "tp-small-json-c16",
-            "200 B JSON, c=16",
-            bodies.small_json,
-            "json",
-            16,
-            False,
-            gw.GOVERNED,
-        ),
-        Workload(
-            "tp-large-json-c16",
-            "190 KB JSON, c=16",
-            bodies.large_json,
-            "json",
-            16,
-            False,
-            gw.GOVERNED,
-        ),
-    ]
 
 
 def run(plan: Plan, output: Path, quick: bool) -> int:

@@ -31,8 +31,9 @@ from typing import Any
 import orjson
 import zstandard
 
-from tvgate.traces.content import blob_digest, load_request, split_offsets, store_request
+from tvgate.traces.content import blob_digest, load_request, store_request
 from tvgate.traces.redact import Redactor
+from tvgate.traces.split import split_offsets
 
 TURNS = 100
 SEED = 20240611

@@ -1,4 +1,4 @@
-"""Tests of tvgate.traces.content: byte-exact round trips, where bodies are cut, dedup, the tree."""
+"""Tests of tvgate.traces.content and .split: byte-exact round trips, where bodies are cut, dedup, the tree."""
 
 from __future__ import annotations
 
@@ -17,15 +17,9 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tvgate.traces import content
-from tvgate.traces.content import (
-    BIG_STRING,
-    ROOT_FANOUT,
-    blob_digest,
-    load_request,
-    split_offsets,
-    store_request,
-)
+from tvgate.traces import content, split
+from tvgate.traces.content import ROOT_FANOUT, blob_digest, load_request, store_request
+from tvgate.traces.split import BIG_STRING, split_offsets
 
 ROW_OVERHEAD = 40  # bytes a stored blob costs besides its data and digest
 
@@ -360,7 +354,7 @@ def test_malformed_tail_keeps_the_cuts_before_it() -> None:
 
 def test_huge_parts_are_capped() -> None:
     raw = b'{"messages":["' + b"x" * 5000 + b'"]}'
-    with mock.patch.object(content, "MAX_PART", 1000):
+    with mock.patch.object(split, "MAX_PART", 1000):
         pieces = parts(raw)
         assert max(map(len, pieces)) <= 1000
         assert roundtrip(raw) == raw
@@ -380,7 +374,7 @@ def test_hostile_shapes_cost_a_bounded_scan(raw: bytes) -> None:
     began = time.process_time()
     offsets = split_offsets(raw)
     assert time.process_time() - began < 5  # about 0.1 s; unbounded, tens of seconds
-    assert len(offsets) <= content.SCAN_BUDGET + 3
+    assert len(offsets) <= split.SCAN_BUDGET + 3
     assert roundtrip(raw) == raw
 
 
@@ -450,7 +444,7 @@ def test_any_json_round_trips(
     raw = json.dumps(body, indent=indent, separators=separators, ensure_ascii=ensure_ascii)
     data = raw.encode("utf-8", "surrogatepass")
     # A low threshold cuts out the small strings too, exercising that path.
-    with mock.patch.object(content, "BIG_STRING", big):
+    with mock.patch.object(split, "BIG_STRING", big):
         assert roundtrip(data) == data
         pieces = parts(data)
         assert reference_cuts(data) <= set(split_offsets(data))

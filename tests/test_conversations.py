@@ -9,16 +9,10 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tvgate.traces.content import (
-    BIG_STRING,
-    blob_digest,
-    continue_split,
-    load_request,
-    split_body,
-    store_request,
-)
+from tvgate.traces.content import blob_digest, load_request, store_request
 from tvgate.traces.conversations import PER_CONVERSATION, Conversations
 from tvgate.traces.redact import Redactor
+from tvgate.traces.split import BIG_STRING, continue_split, split_body
 
 PROVIDER_KEY = "sk-ant-api03-" + "Q" * 40
 PEM = (

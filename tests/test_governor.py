@@ -111,7 +111,7 @@ def test_slots_stay_while_needed_and_go_back_when_idle(runner: DatabaseRunner) -
         with pytest.raises(Refused):
             for _ in range(6):
                 await governor.acquire("key:1", 5)
-        held.append(governor.busy["key:1"])
+        held.append(governor.slots.busy["key:1"])
         return held
 
     assert run_in_thread(scenario) == [3, 0, 5]

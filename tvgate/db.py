@@ -34,6 +34,7 @@ from tvgate import models
 
 log = logging.getLogger("tvgate.db")
 T = TypeVar("T")
+K = TypeVar("K")
 
 #: Errors that mean "the database is not reachable right now", not "bad query".
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (peewee.OperationalError, peewee.InterfaceError)
@@ -359,6 +360,17 @@ class _PooledConnection:
         self.lock = threading.Lock()
         self.age = ConnectionAge(idle_timeout, max_age)
         self.closed_by_closer = False
+
+
+def finished_read(reading: dict[K, asyncio.Future[T]], key: K, done: asyncio.Future[T]) -> T | None:
+    """A database read shared by concurrent callers (``reading[key]``, from
+    ``DatabaseRunner.run``) has finished: no longer in flight; its result, or None when it
+    failed (its callers see the error where they await it)."""
+    if reading.get(key) is done:
+        del reading[key]
+    if done.cancelled() or done.exception() is not None:
+        return None
+    return done.result()
 
 
 class DatabaseRunner:

@@ -284,7 +284,7 @@ class Gateway:
         metrics.sample(
             "tvgate_concurrency_slots_held",
             "Concurrency slots this process holds on capped keys and the gateway cap.",
-            lambda: sum(governor.held.values()),
+            lambda: sum(governor.slots.held.values()),
         )
         metrics.sample(
             "tvgate_requests_in_flight",

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import orjson
 from tornado.ioloop import PeriodicCallback
 
-from tvgate.db import DatabaseRunner
+from tvgate.db import DatabaseRunner, finished_read
 from tvgate.governance.policy import NO_GOVERNANCE, Governance, load_governance
 from tvgate.identity import Principal
 from tvgate.models import (
@@ -288,14 +288,12 @@ class Router:
             # The org changed while this load read the database: read it again.
 
     def _loaded(self, org_id: int, generation: int, done: asyncio.Future[OrgSnapshot]) -> None:
-        if self._loading.get(org_id) is done:
-            del self._loading[org_id]
-        if done.cancelled() or done.exception() is not None:
+        snapshot = finished_read(self._loading, org_id, done)
+        if snapshot is None:
             return
         if self._generation.get(org_id, 0) != generation:
             return  # read before a change made in this process: stale already
         previous = self._snapshots.get(org_id)
-        snapshot = done.result()
         self._snapshots[org_id] = snapshot
         if self.on_reload is not None:
             self.on_reload(previous, snapshot)

@@ -15,15 +15,9 @@ from tvgate.keyring import build_keyring
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from tvgate.listeners import ListenError, bind_listeners, bound_settings, write_port_file
     from tvgate.models import database
-    from tvgate.server import (
-        ListenError,
-        bind_listeners,
-        bound_settings,
-        cookie_secret,
-        run,
-        write_port_file,
-    )
+    from tvgate.server import cookie_secret, run
 
     overrides: dict[str, Any] = {}
     if args.workers is not None:

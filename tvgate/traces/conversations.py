@@ -11,12 +11,12 @@ For each conversation (org, user and the client's session id) the last few bodie
 stored are kept: the body, its redacted form, where it was cut, the digest of each
 part and its root. A new body is compared with them (a memcmp per candidate) for
 the longest prefix that ends just after an element of a top-level conversation
-array (:attr:`tvgate.traces.content.Split.resumes`). Then only the bytes after it
+array (:attr:`tvgate.traces.split.Split.resumes`). Then only the bytes after it
 are redacted and scanned, and only the parts after it are hashed; the result is the
 same as for the whole body, byte for byte and digest for digest, because:
 
 * an element that ends in ``}``, ``]`` or ``"`` ends there whatever follows, so
-  the scan of the shared bytes, and its cuts, cannot change (:mod:`.content`);
+  the scan of the shared bytes, and its cuts, cannot change (:mod:`.split`);
 * a secret cannot span such an end when the redactor is
   :attr:`~tvgate.traces.redact.Redactor.element_local` (no admin patterns); with
   admin patterns the body is redacted whole, and only the rest is reused.
@@ -31,8 +31,9 @@ import bisect
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from tvgate.traces.content import BlobSink, Split, continue_split, split_body, store_parts
+from tvgate.traces.content import BlobSink, store_parts
 from tvgate.traces.redact import Redactor
+from tvgate.traces.split import Split, continue_split, split_body
 
 #: Who a body's conversation belongs to: org id, user id, the client's session id.
 ConversationKey = tuple[int, int | None, str]
