@@ -38,7 +38,7 @@ from tvgate.models import (
     OUTCOME_TIMEOUT,
     OUTCOME_UPSTREAM_ERROR,
 )
-from tvgate.providers import Endpoint
+from tvgate.providers import ProviderAPI
 from tvgate.proxy.body import BodyError, ParsedBody, decode_content, parse_request_body, with_model
 from tvgate.proxy.hops import incoming_marks, is_loop, outgoing_marks
 from tvgate.proxy.record import record_call
@@ -95,7 +95,7 @@ _ANSWERED = Answered()
 class ProxyCall:
     """A request through the proxy: its stages and its chain of fallback routes."""
 
-    def __init__(self, handler: ProxyHandler, endpoint: Endpoint, started: float) -> None:
+    def __init__(self, handler: ProxyHandler, endpoint: ProviderAPI, started: float) -> None:
         self.handler = handler
         self.gateway = handler.gateway
         self.endpoint = endpoint
@@ -160,7 +160,7 @@ class ProxyCall:
         try:
             return await self.handler.authenticate_token()
         except IdentityError as exc:
-            self.handler.send_api_error(exc.status, exc.public, self.provider)
+            self.handler.send_api_error(exc.status, exc.public, self.endpoint)
             return None
 
     async def _proxy(self, raw_body: bytes) -> None:
@@ -363,8 +363,7 @@ class ProxyCall:
             upstream_url(entry.key.base_url, self.endpoint.upstream_path, request.query),
             upstream_headers(
                 request.headers,
-                self.provider,
-                secret,
+                self.endpoint.auth_headers(secret),
                 outgoing_marks(self.hop_marks, self.gateway.hop_id),
             ),
             with_model(self.body, self.upstream_model),
@@ -476,7 +475,7 @@ class ProxyCall:
         self.relay.status = 429
         if not self.relay.client_gone:
             self.handler.send_api_error(
-                429, str(refusal), self.provider, retry_after=str(refusal.retry_after)
+                429, str(refusal), self.endpoint, retry_after=str(refusal.retry_after)
             )
 
     def on_client_gone(self) -> None:

@@ -21,7 +21,7 @@ from tvgate.models import (
     OUTCOME_OK,
     OUTCOME_UPSTREAM_ERROR,
 )
-from tvgate.providers.assemble import checked_usage
+from tvgate.providers.common import checked_usage
 from tvgate.traces.attribution import attribution_header, detect_tool, session_id
 from tvgate.traces.writer import CapturedBody, TraceRow
 

@@ -23,14 +23,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from tornado.iostream import StreamClosedError
 
-from tvgate.providers import ANTHROPIC_COUNT_TOKENS, stream_error_event
-from tvgate.providers.assemble import (
+from tvgate.providers.common import (
     JSON_TAIL_BYTES,
     Assembled,
     StreamAssembler,
-    assemble_json,
-    assemble_json_tail,
-    stream_assembler,
+    assemble_body,
+    assemble_tail,
 )
 from tvgate.proxy.hops import HOP_HEADER
 from tvgate.proxy.scrub import KeyScrubber
@@ -38,7 +36,7 @@ from tvgate.proxy.upstream import UpstreamExchange, UpstreamResult
 
 if TYPE_CHECKING:
     from tvgate.metrics import Metrics
-    from tvgate.providers import Endpoint
+    from tvgate.providers import ProviderAPI
     from tvgate.proxy.handlers import ProxyHandler
 
 #: Response headers that are the business of each hop, not of the client; and what a
@@ -127,7 +125,7 @@ class ClientRelay:
     def __init__(
         self,
         handler: ProxyHandler,
-        endpoint: Endpoint,
+        endpoint: ProviderAPI,
         scrubber: KeyScrubber,
         metrics: Metrics,
         *,
@@ -259,12 +257,10 @@ class ClientRelay:
         if self.is_stream_response and not self.stream_counted:
             self.stream_counted = True  # closed again when the trace is queued
             self.metrics.stream_opened()
-        if self.is_stream_response and self.endpoint.api != ANTHROPIC_COUNT_TOKENS:
+        if self.is_stream_response and self.endpoint.charged:
             # What the trace keeps of the answer is bounded per call, whatever the stream's
             # length: past the bound the capture is cut (and the trace marked truncated).
-            self.assembler = stream_assembler(
-                self.endpoint.api, max_retained=self.capture_max_bytes
-            )
+            self.assembler = self.endpoint.stream_assembler(self.capture_max_bytes)
 
     def on_upstream_chunk(self, chunk: bytes) -> bool:
         if self.client_gone:
@@ -384,9 +380,9 @@ class ClientRelay:
             return
         if not self.committed:
             self.status = status
-            handler.send_api_error(status, message, self.endpoint.provider)
+            handler.send_api_error(status, message, self.endpoint)
         elif self.is_stream_response:
-            handler.write(stream_error_event(self.endpoint.api, message))
+            handler.write(self.endpoint.stream_error_event(message))
             handler.finish()
         else:
             # A JSON answer cut halfway cannot be mended; make the cut visible to the client.
@@ -404,12 +400,12 @@ class ClientRelay:
         """The answer as the trace records it: model, ids, usage, error, the document."""
         if self.assembler is not None:
             return self._parse_unparsed(self.assembler).finish()
-        if self.endpoint.api == ANTHROPIC_COUNT_TOKENS:
+        if not self.endpoint.charged:
             return None
         if self.captured_tail:
             # Too large to parse whole: the usage (and so the charge) is read from the
             # end, and the trace is marked truncated.
-            return assemble_json_tail(self.endpoint.api, bytes(self.captured_tail))
+            return assemble_tail(self.endpoint, bytes(self.captured_tail))
         if self.captured:
-            return assemble_json(self.endpoint.api, b"".join(self.captured))
+            return assemble_body(self.endpoint, b"".join(self.captured))
         return None
