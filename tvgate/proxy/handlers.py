@@ -18,6 +18,7 @@ from tornado.web import stream_request_body
 from tvgate.db import DatabaseUnavailable
 from tvgate.providers import ENDPOINTS, ProviderAPI
 from tvgate.proxy.call import ProxyCall
+from tvgate.translate.pairs import pair_for
 from tvgate.web import BaseHandler, Refusal
 
 
@@ -109,9 +110,19 @@ class ModelsHandler(BaseHandler):
             snapshot = await self.gateway.router.snapshot(principal.org_id)
         except DatabaseUnavailable:
             raise Refusal(503, "route store unavailable; try again shortly") from None
-        routes = [r for r in snapshot.available(principal) if not r.is_pattern]
+        api = self.error_api()
+        # A route of the other provider is usable through translation, unless it is off.
+        routes = [
+            (r.name, r.key.provider)
+            for r in snapshot.available(principal)
+            if not r.is_pattern
+            and (
+                r.key.provider == api.provider
+                or (r.translate and pair_for(api, r.key.provider) is not None)
+            )
+        ]
         self.set_header("Content-Type", "application/json")
-        self.finish(self.error_api().models_body([(r.name, r.key.provider) for r in routes]))
+        self.finish(api.models_body(routes))
 
 
 class RootHandler(BaseHandler):
