@@ -153,6 +153,7 @@ class RouteHandler(UIHandler):
             "key": self.get_body_argument("key", ""),
             "description": self.get_body_argument("description", "").strip(),
             "enabled": _form_bool(self, "enabled"),
+            "translate": _form_bool(self, "translate"),
             "fallbacks": _form_names(self, "fallbacks"),
         }
         await self.run_service(lambda: services.update_route(int(route_id), changes, actor=user))

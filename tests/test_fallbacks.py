@@ -167,20 +167,21 @@ def test_no_fallback_once_the_first_byte_was_sent(
     assert trace.route_name == "primary" and attempts == []
 
 
-def test_a_fallback_for_another_provider_is_skipped(
+def test_a_fallback_on_another_provider_serves_through_translation(
     gateway: RunningGateway, fake_provider: FakeProvider
 ) -> None:
     caller = org_with_fallback(gateway, fake_provider, "error_529", backup_provider="openai")
     client = anthropic.Anthropic(base_url=gateway.url, api_key=caller.token, max_retries=0)
-    with pytest.raises(anthropic.APIStatusError) as caught:
-        client.messages.create(model="primary", max_tokens=64, messages=PROMPT)
-    assert caught.value.status_code == 529  # the primary's own answer, passed through
-    _trace, attempts = trace_of(gateway, caller)
-    assert [(a["route"], a["outcome"]) for a in attempts] == [
-        ("primary", "upstream_error"),
-        ("backup", "rejected"),
+    message = client.messages.create(model="primary", max_tokens=64, messages=PROMPT)
+    assert message.content[0].type == "text"
+    assert message.content[0].text == "You said: which route answered"
+    assert message.model == "model-backup"
+    trace, attempts = trace_of(gateway, caller)
+    assert [(a["route"], a["provider"], a["status"]) for a in attempts] == [
+        ("primary", "anthropic", 529),
+        ("backup", "openai", 200),
     ]
-    assert "does not serve" in str(attempts[1]["error"])
+    assert (trace.endpoint, trace.provider) == ("anthropic.messages", "openai")
 
 
 def test_openai_chat_falls_back(gateway: RunningGateway, fake_provider: FakeProvider) -> None:

@@ -316,10 +316,12 @@ def test_compression_bomb_is_413(gateway: GatewayProcess, member_token: str) -> 
 def test_route_of_the_other_provider_is_400_in_the_endpoints_envelope(
     gateway: GatewayProcess, member_token: str
 ) -> None:
+    # Responses on an Anthropic route: a pair no translator serves (tests/test_translate_wired.py
+    # has the pairs one does).
     response = _post(
         gateway,
-        "/v1/chat/completions",
-        orjson.dumps({"model": "claude-test", "messages": []}),
+        "/v1/responses",
+        orjson.dumps({"model": "claude-test", "input": "hi"}),
         authorization=f"Bearer {member_token}",
     )
     assert response.status_code == 400

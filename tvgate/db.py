@@ -166,6 +166,11 @@ def add_column_if_missing(db: peewee.Database, model: type[peewee.Model], name: 
         playhouse.migrate.migrate(migrator.add_column(table, name, model._meta.fields[name]))
 
 
+def _migration_3(db: peewee.Database) -> None:
+    # Translation between provider APIs, on unless a route turns it off (issue 19).
+    add_column_if_missing(db, models.Route, "translate")
+
+
 def _migration_4(db: peewee.Database) -> None:
     add_column_if_missing(db, models.ProviderKey, "available_to_all")
     db.create_tables([models.KeyGrant, models.AuditEvent], safe=True)
@@ -258,12 +263,14 @@ def _migration_19(db: peewee.Database) -> None:
 
 
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
-#: The numbers have gaps: 3 and 12 were reserved by work done in parallel and never used,
-#: so no database has them; 13 came after 14 and 19 (a database that has those gets it). The gaps stay: a database records the numbers it has
-#: applied, and renumbering would run a migration twice or skip it.
+#: The numbers have gaps: 12 was reserved by work done in parallel and never used, so no
+#: database has it; 13 came after 14 and 19, and 3 after all of them (a database that has
+#: the later ones gets it). The gaps stay: a database records the numbers it has applied,
+#: and renumbering would run a migration twice or skip it.
 MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (1, _migration_1),
     (2, _migration_2),
+    (3, _migration_3),
     (4, _migration_4),
     (5, _migration_5),
     (6, _migration_6),

@@ -153,6 +153,9 @@ class Route(BaseModel):
     #: JSON list of route names tried in order when this route's provider fails
     #: (429, 529, 5xx or unreachable) before the first byte reached the client.
     fallbacks = peewee.TextField(default="[]")
+    #: A client of another API than the route's provider is served by translation (off:
+    #: such a client is refused with a 400).
+    translate = peewee.BooleanField(default=True)
     created_at = peewee.DoubleField(default=now)
     updated_at = peewee.DoubleField(default=now)
 

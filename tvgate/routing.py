@@ -91,6 +91,8 @@ class RouteEntry:
     matcher: re.Pattern[str] | None
     #: Names of the routes tried, in order, when this one's provider fails.
     fallbacks: tuple[str, ...] = ()
+    #: A client of another API than the key's provider is served by translation.
+    translate: bool = True
 
     def visible_to(self, principal: Principal, policy: OrgPolicy) -> bool:
         if self.scope == SCOPE_ORG:
@@ -184,6 +186,7 @@ def _entry(route: Route, key: ProviderKey, granted: frozenset[int]) -> RouteEntr
         # Compiled once per snapshot, never per request.
         matcher=re.compile(fnmatch.translate(route.name)) if glob else None,
         fallbacks=tuple(_fallback_names(route.fallbacks)),
+        translate=route.translate,
     )
 
 

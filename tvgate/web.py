@@ -28,13 +28,8 @@ from tvgate.identity import (
     credential_from_headers,
 )
 from tvgate.models import PROVIDER_ANTHROPIC, PROVIDER_OPENAI
-from tvgate.providers import error_body
-from tvgate.providers.misdirected import (
-    ERROR_CODE,
-    ERROR_TYPE,
-    envelope_is_anthropic,
-    unknown_endpoint,
-)
+from tvgate.providers import ProviderAPI, provider_api
+from tvgate.providers.misdirected import ERROR_CODE, ERROR_TYPE, envelope_api, unknown_endpoint
 from tvgate.services import ServiceError
 
 #: Strict-Transport-Security when ``public_url`` is https: a year, subdomains too.
@@ -143,24 +138,24 @@ class BaseHandler(RequestHandler):
         # use cookies (admin_ui) restore the check.
         return None
 
-    def error_provider(self) -> str:
+    def error_api(self) -> ProviderAPI:
         """Which API's envelope an error on this request should use."""
         if "anthropic-version" in self.request.headers or self.request.path.startswith(
             "/anthropic/"
         ):
-            return PROVIDER_ANTHROPIC
-        return PROVIDER_OPENAI
+            return provider_api(PROVIDER_ANTHROPIC)
+        return provider_api(PROVIDER_OPENAI)
 
     def send_api_error(
-        self, status: int, message: str, provider: str | None = None, **headers: str
+        self, status: int, message: str, api: ProviderAPI | None = None, **headers: str
     ) -> None:
-        """Answer with ``status`` and the provider's JSON error envelope."""
+        """Answer with ``status`` and the JSON error envelope of ``api`` (else the request's)."""
         self.clear()
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
         for name, value in headers.items():
             self.set_header(name.replace("_", "-"), value)
-        self.finish(error_body(provider or self.error_provider(), status, message))
+        self.finish((api or self.error_api()).error_body(status, message))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         # Refusals, unhandled exceptions and tornado's own HTTPErrors: the envelope, never
@@ -171,7 +166,7 @@ class BaseHandler(RequestHandler):
         else:
             reason = self._reason if status_code < 500 else "internal error in tvgate"
         self.set_header("Content-Type", "application/json")
-        self.finish(error_body(self.error_provider(), status_code, reason))
+        self.finish(self.error_api().error_body(status_code, reason))
 
 
 class NotFoundHandler(BaseHandler):
@@ -183,18 +178,10 @@ class NotFoundHandler(BaseHandler):
         unknown = unknown_endpoint(
             request.method or "GET", request.path, self.gateway.settings.base_url
         )
-        anthropic = envelope_is_anthropic(
-            unknown, self.error_provider(), "x-api-key" in request.headers
-        )
+        api = envelope_api(unknown, self.error_api(), "x-api-key" in request.headers)
         self.clear()
         self.set_status(unknown.status)
         self.set_header("Content-Type", "application/json")
         self.finish(
-            error_body(
-                PROVIDER_ANTHROPIC if anthropic else PROVIDER_OPENAI,
-                unknown.status,
-                unknown.message,
-                kind=ERROR_TYPE,
-                code=ERROR_CODE,
-            )
+            api.error_body(unknown.status, unknown.message, kind=ERROR_TYPE, code=ERROR_CODE)
         )

@@ -64,6 +64,10 @@ _ROUTE_FIELDS: dict[str, Any] = {
         "uniqueItems": True,
         "description": "route names tried in order when this route's provider fails",
     },
+    "translate": {
+        "type": "boolean",
+        "description": "serve clients of the other provider's API by translation (default on)",
+    },
 }
 _ROUTE_CREATE = {
     "type": "object",

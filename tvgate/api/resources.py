@@ -22,8 +22,17 @@ ROUTE_CREATE_FIELDS = {
     "owner",
     "enabled",
     "fallbacks",
+    "translate",
 }
-ROUTE_CHANGE_FIELDS = {"name", "key", "upstream_model", "description", "enabled", "fallbacks"}
+ROUTE_CHANGE_FIELDS = {
+    "name",
+    "key",
+    "upstream_model",
+    "description",
+    "enabled",
+    "fallbacks",
+    "translate",
+}
 KEY_CREATE_FIELDS = {
     "name",
     "provider",
@@ -109,6 +118,7 @@ class RoutesHandler(APIHandler):
         description = _str(body, "description", "") or ""
         for_user, owner = _str(body, "for_user"), _str(body, "owner")
         enabled = _bool(body, "enabled")
+        translate = _bool(body, "translate")
         fallbacks = _str_list(body, "fallbacks")
         route = await self.run_service(
             lambda: services.add_route(
@@ -120,6 +130,7 @@ class RoutesHandler(APIHandler):
                 owner=owner,
                 enabled=True if enabled is None else enabled,
                 fallbacks=fallbacks,
+                translate=True if translate is None else translate,
                 actor=self.principal,
             )
         )

@@ -20,6 +20,7 @@ def cmd_routes_add(settings: Settings, args: argparse.Namespace) -> int:
         for_user=args.for_user,
         owner=args.owner,
         fallbacks=args.fallback,
+        translate=not args.no_translate,
     )
     _print_route(route)
     return 0
@@ -30,9 +31,10 @@ def _print_route(route: services.RouteView) -> None:
     who = f" for {route.user}" if route.user else ""
     fallbacks = f", then {', '.join(route.fallbacks)}" if route.fallbacks else ""
     state = "" if route.state == services.ROUTE_ENABLED else f" ({route.state})"
+    translate = "" if route.translate else ", translation off"
     print(
         f"{route.scope} route {route.name}{who} -> {route.provider} {target} with key "
-        f"{route.key}{fallbacks}{state}"
+        f"{route.key}{fallbacks}{translate}{state}"
     )
 
 
@@ -61,10 +63,12 @@ def cmd_routes_update(settings: Settings, args: argparse.Namespace) -> int:
         changes["description"] = args.description
     if args.enabled is not None:
         changes["enabled"] = args.enabled == "on"
+    if args.translate is not None:
+        changes["translate"] = args.translate == "on"
     if not changes:
         raise services.ServiceError(
             "nothing to change: give --fallback, --no-fallbacks, --model, --key, "
-            "--description or --enabled"
+            "--description, --enabled or --translate"
         )
     _print_route(services.update_route(routes[0].id, changes))
     return 0
@@ -122,6 +126,11 @@ def register(commands: Commands) -> None:
         metavar="ROUTE",
         help="a route tried when this one's provider fails (repeat for more, in order)",
     )
+    p.add_argument(
+        "--no-translate",
+        action="store_true",
+        help="refuse clients of the other provider's API instead of translating their calls",
+    )
     p = command(routes, "update", cmd_routes_update, "change a route (by id, or by name)")
     p.add_argument("route", help="the route's id (see routes list), or its name if unique")
     p.add_argument("--org")
@@ -137,6 +146,11 @@ def register(commands: Commands) -> None:
     p.add_argument("--key")
     p.add_argument("--description")
     p.add_argument("--enabled", choices=["on", "off"])
+    p.add_argument(
+        "--translate",
+        choices=["on", "off"],
+        help="serve clients of the other provider's API by translation, or refuse them",
+    )
     p = command(routes, "list", cmd_routes_list, "list an org's routes")
     p.add_argument("--org")
     p = command(routes, "resolve", cmd_routes_resolve, "the route a user would get for a name")

@@ -10,7 +10,7 @@ A misplaced Anthropic endpoint (``…/messages``) is answered 400, not 404: Clau
 reports every 404 as "There's an issue with the selected model", whatever the body says,
 and the user would look for a model problem; on a 400 it shows the message. Every other
 unknown path answers 404 (OpenAI's tools show a 404's message). The envelope is the API's
-the request looks like (``error_body``), its type ``not_found_error`` and, in OpenAI's
+the request looks like (``envelope_api``), its type ``not_found_error`` and, in OpenAI's
 envelope, its code ``unknown_endpoint``.
 """
 
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tvgate.models import PROVIDER_ANTHROPIC
-from tvgate.providers import ENDPOINTS
+from tvgate.providers import ENDPOINTS, ProviderAPI, api_for
+from tvgate.providers.base import ANTHROPIC_MESSAGES
 
 ERROR_TYPE = "not_found_error"
 ERROR_CODE = "unknown_endpoint"
@@ -67,8 +67,13 @@ def unknown_endpoint(method: str, path: str, base_url: str) -> UnknownEndpoint:
     return UnknownEndpoint(400 if anthropic_path else 404, f"{head}: {why}; {fix}", anthropic_path)
 
 
-def envelope_is_anthropic(unknown: UnknownEndpoint, provider: str, has_api_key: bool) -> bool:
-    """Anthropic's envelope when the request says it speaks Anthropic (``provider``, from
-    ``anthropic-version`` or the ``/anthropic`` prefix) or sends an ``x-api-key`` to a
-    ``…/messages`` path, as Claude Code and the Anthropic SDKs do; OpenAI's otherwise."""
-    return provider == PROVIDER_ANTHROPIC or (has_api_key and unknown.anthropic_path)
+def envelope_api(
+    unknown: UnknownEndpoint, request_api: ProviderAPI, has_api_key: bool
+) -> ProviderAPI:
+    """The API whose envelope answers: the one the request says it speaks (``request_api``,
+    Anthropic's from ``anthropic-version`` or the ``/anthropic`` prefix), or Anthropic's
+    when it sends an ``x-api-key`` to a ``…/messages`` path, as Claude Code and the
+    Anthropic SDKs do."""
+    if has_api_key and unknown.anthropic_path:
+        return api_for(ANTHROPIC_MESSAGES)
+    return request_api

@@ -3,7 +3,9 @@
 ``ProxyCall`` owns a request from the moment its body is complete. Each stage
 either passes on or answers the client with an error in the API's own
 envelope; then the route and its fallbacks are tried in turn, each attempt
-returning what it came to (``Answered`` or ``Failed``). What goes back to the
+returning what it came to (``Answered`` or ``Failed``). A route of another provider
+than the client's API is served through the translator of that pair
+(``tvgate.translate.pairs``), unless the route turns translation off. What goes back to the
 client (headers, body, back-pressure, held failures) is ``ClientRelay``'s
 (``tvgate.proxy.relay``). From authentication on, whatever happens (the client
 leaves, the provider fails, tvgate refuses) the call ends by queueing exactly
@@ -15,8 +17,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from tvgate.db import DatabaseUnavailable
 from tvgate.governance.governor import (
@@ -38,11 +43,11 @@ from tvgate.models import (
     OUTCOME_TIMEOUT,
     OUTCOME_UPSTREAM_ERROR,
 )
-from tvgate.providers import Endpoint
+from tvgate.providers import ProviderAPI
 from tvgate.proxy.body import BodyError, ParsedBody, decode_content, parse_request_body, with_model
 from tvgate.proxy.hops import incoming_marks, is_loop, outgoing_marks
 from tvgate.proxy.record import record_call
-from tvgate.proxy.relay import ClientRelay, HeldAnswer
+from tvgate.proxy.relay import TRANSLATED_LIMIT, ClientRelay, HeldAnswer
 from tvgate.proxy.scrub import KeyScrubber
 from tvgate.proxy.upstream import (
     CURLE_OPERATION_TIMEDOUT,
@@ -52,6 +57,7 @@ from tvgate.proxy.upstream import (
     upstream_url,
 )
 from tvgate.routing import RouteEntry, RouteNotFound
+from tvgate.translate.pairs import Pair, Translation, Untranslatable, pair_for
 
 if TYPE_CHECKING:
     from tvgate.proxy.handlers import ProxyHandler
@@ -95,7 +101,7 @@ _ANSWERED = Answered()
 class ProxyCall:
     """A request through the proxy: its stages and its chain of fallback routes."""
 
-    def __init__(self, handler: ProxyHandler, endpoint: Endpoint, started: float) -> None:
+    def __init__(self, handler: ProxyHandler, endpoint: ProviderAPI, started: float) -> None:
         self.handler = handler
         self.gateway = handler.gateway
         self.endpoint = endpoint
@@ -105,6 +111,8 @@ class ProxyCall:
         self.principal: Principal | None = None
         self.route: RouteEntry | None = None
         self.body: ParsedBody | None = None
+        #: The client's body as objects, parsed once when a route needs it translated.
+        self.document: dict[str, Any] | None = None
         self.upstream_model = ""
         self.upstream_started = 0.0
         #: The outcome of a call whose client side ended before the call did: the client
@@ -160,7 +168,7 @@ class ProxyCall:
         try:
             return await self.handler.authenticate_token()
         except IdentityError as exc:
-            self.handler.send_api_error(exc.status, exc.public, self.provider)
+            self.handler.send_api_error(exc.status, exc.public, self.endpoint)
             return None
 
     async def _proxy(self, raw_body: bytes) -> None:
@@ -272,19 +280,25 @@ class ProxyCall:
         governor = self.gateway.governor
         model = entry.upstream_model_for(self.body.model)
         refusal: tuple[int, str] | None = None
+        pair: Pair | None = None
         if entry.key.provider != self.endpoint.provider:
-            refusal = (
-                400,
-                f"route {entry.name!r} goes to {entry.key.provider}, which does not serve "
-                f"this {self.endpoint.provider} endpoint",
-            )
-        elif not entry.key.base_url.startswith("https://") and not settings.allows_private_upstream(
-            entry.key.owner_id is not None
-        ):
-            refusal = (502, f"route {entry.name!r} has a non-https upstream, which is not allowed")
-        elif "?" in entry.key.base_url or "#" in entry.key.base_url:
-            # Stored before base URLs with a query or a fragment were refused (add_key).
-            refusal = (502, f"route {entry.name!r} has a base URL with a query or fragment")
+            # Another provider's route: served through the pair's translator, if any.
+            pair = pair_for(self.endpoint, entry.key.provider)
+            if pair is None or not entry.translate:
+                off = " (translation is off for this route)" if pair is not None else ""
+                refusal = (
+                    400,
+                    f"route {entry.name!r} goes to {entry.key.provider}, which does not serve "
+                    f"this {self.endpoint.provider} endpoint{off}",
+                )
+        if refusal is None:
+            refusal = _upstream_refusal(entry, settings.allows_private_upstream)
+        translation: Translation | None = None
+        if refusal is None and pair is not None:
+            try:
+                translation = pair.start(self._document(), model)
+            except Untranslatable as exc:
+                refusal = (400, f"route {entry.name!r} goes to {entry.key.provider}: {exc}")
         if refusal is not None:
             if is_fallback:
                 return Failed(entry, model, 0, OUTCOME_REJECTED, refusal[1])
@@ -314,18 +328,36 @@ class ProxyCall:
             return _ANSWERED
         try:
             self.route = entry
+            self.provider = entry.key.provider
             self.upstream_model = model
             if attempt_admission is not None and self.admission is not None:
                 self.serving_admission = self.admission.for_attempt(attempt_admission)
             return await self._attempt_with_key(
-                entry, is_fallback=is_fallback, may_fall_back=may_fall_back
+                entry,
+                pair,
+                translation,
+                is_fallback=is_fallback,
+                may_fall_back=may_fall_back,
             )
         finally:
             if key_resource_name:
                 governor.release(key_resource_name)
 
+    def _document(self) -> dict[str, Any]:
+        """The client's body as objects (a translator's input), parsed once per call."""
+        if self.document is None:
+            assert self.body is not None
+            self.document = orjson.loads(self.body.raw)
+        return self.document
+
     async def _attempt_with_key(
-        self, entry: RouteEntry, *, is_fallback: bool, may_fall_back: bool
+        self,
+        entry: RouteEntry,
+        pair: Pair | None,
+        translation: Translation | None,
+        *,
+        is_fallback: bool,
+        may_fall_back: bool,
     ) -> Answered | Failed:
         key = entry.key
         try:
@@ -348,26 +380,38 @@ class ProxyCall:
             return _ANSWERED
         self.scrubber.add(secret)
         self.gateway.key_uses.record(key.id)
-        return await self._forward(entry, secret, may_fall_back=may_fall_back)
+        return await self._forward(entry, pair, translation, secret, may_fall_back=may_fall_back)
 
     async def _forward(
-        self, entry: RouteEntry, secret: str, *, may_fall_back: bool
+        self,
+        entry: RouteEntry,
+        pair: Pair | None,
+        translation: Translation | None,
+        secret: str,
+        *,
+        may_fall_back: bool,
     ) -> Answered | Failed:
-        """The request to the provider of ``entry``, its answer relayed (or held back)."""
+        """The request to the provider of ``entry``, its answer relayed (or held back);
+        through ``translation`` to the API of ``pair`` when the route's is not the client's."""
         assert self.body is not None
         settings = self.gateway.settings
         request = self.handler.request
         relay = self.relay
+        if pair is None or translation is None:
+            api = self.endpoint
+            auth = api.auth_headers(secret)
+            body = with_model(self.body, self.upstream_model)
+        else:
+            api = pair.upstream
+            auth = api.auth_headers(secret) + list(pair.required_headers)
+            body = translation.body
         exchange = UpstreamExchange(
             self.gateway.http,
-            upstream_url(entry.key.base_url, self.endpoint.upstream_path, request.query),
+            upstream_url(entry.key.base_url, api.upstream_path, request.query),
             upstream_headers(
-                request.headers,
-                self.provider,
-                secret,
-                outgoing_marks(self.hop_marks, self.gateway.hop_id),
+                request.headers, auth, outgoing_marks(self.hop_marks, self.gateway.hop_id)
             ),
-            with_model(self.body, self.upstream_model),
+            body,
             relay,
             connect_timeout=settings.connect_timeout,
             idle_timeout=settings.idle_timeout,
@@ -381,6 +425,8 @@ class ProxyCall:
             may_fall_back=may_fall_back,
             overhead_ms=self.overhead_ms(),
             warnings=self._budget_warnings(),
+            api=api,
+            translation=translation,
         )
         result = await exchange.run()
         if relay.redirected:
@@ -388,6 +434,12 @@ class ProxyCall:
                 result,
                 refused=f"the provider answered with a redirect ({relay.redirected}), "
                 "which tvgate neither follows nor relays",
+            )
+        elif relay.too_large:
+            result = dataclasses.replace(
+                result,
+                refused=f"the provider's answer is over {TRANSLATED_LIMIT} bytes, "
+                "more than tvgate translates",
             )
         elapsed = (time.perf_counter() - started) * 1000
         if result.failed and not relay.client_gone:
@@ -476,7 +528,7 @@ class ProxyCall:
         self.relay.status = 429
         if not self.relay.client_gone:
             self.handler.send_api_error(
-                429, str(refusal), self.provider, retry_after=str(refusal.retry_after)
+                429, str(refusal), self.endpoint, retry_after=str(refusal.retry_after)
             )
 
     def on_client_gone(self) -> None:
@@ -524,6 +576,21 @@ class ProxyCall:
             self.outcome = self.gone_outcome
             return
         self._fail(*_classify(result))
+
+
+def _upstream_refusal(
+    entry: RouteEntry, allows_private_upstream: Callable[[bool], bool]
+) -> tuple[int, str] | None:
+    """Why the key of ``entry`` may not be called (status, message), if it may not."""
+    base_url = entry.key.base_url
+    if not base_url.startswith("https://") and not allows_private_upstream(
+        entry.key.owner_id is not None
+    ):
+        return 502, f"route {entry.name!r} has a non-https upstream, which is not allowed"
+    if "?" in base_url or "#" in base_url:
+        # Stored before base URLs with a query or a fragment were refused (add_key).
+        return 502, f"route {entry.name!r} has a base URL with a query or fragment"
+    return None
 
 
 def _classify(result: UpstreamResult) -> tuple[int, str, str]:

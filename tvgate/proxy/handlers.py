@@ -10,17 +10,15 @@ from __future__ import annotations
 import contextlib
 import time
 from asyncio import Future
-from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
 
 from tvgate.db import DatabaseUnavailable
-from tvgate.models import PROVIDER_ANTHROPIC
-from tvgate.providers import ENDPOINTS, Endpoint
+from tvgate.providers import ENDPOINTS, ProviderAPI
 from tvgate.proxy.call import ProxyCall
+from tvgate.translate.pairs import pair_for
 from tvgate.web import BaseHandler, Refusal
 
 
@@ -30,7 +28,7 @@ class ProxyHandler(BaseHandler):
 
     SUPPORTED_METHODS = ("POST", "GET")
 
-    def initialize(self, endpoint: Endpoint) -> None:
+    def initialize(self, endpoint: ProviderAPI) -> None:
         self.endpoint = endpoint
         self.call: ProxyCall | None = None
         self._chunks: list[bytes] = []
@@ -63,9 +61,7 @@ class ProxyHandler(BaseHandler):
         started = time.perf_counter()
         if self._too_large:
             limit = self.gateway.settings.max_body_bytes
-            self.send_api_error(
-                413, f"request body is over the {limit}-byte limit", self.endpoint.provider
-            )
+            self.send_api_error(413, f"request body is over the {limit}-byte limit", self.endpoint)
             return
         self.call = ProxyCall(self, self.endpoint, started)
         body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
@@ -93,11 +89,9 @@ class ProxyHandler(BaseHandler):
         if self.request.headers.get("Upgrade", "").lower() == "websocket":
             # Codex tries Responses over WebSocket first; 426 makes it fall back to HTTP at once.
             self.set_header("Connection", "close")
-            self.send_api_error(
-                426, "tvgate serves this endpoint over HTTP only", self.endpoint.provider
-            )
+            self.send_api_error(426, "tvgate serves this endpoint over HTTP only", self.endpoint)
             return
-        self.send_api_error(405, f"use POST for {self.request.path}", self.endpoint.provider)
+        self.send_api_error(405, f"use POST for {self.request.path}", self.endpoint)
 
     def on_connection_close(self) -> None:
         if self.call is not None:
@@ -116,30 +110,19 @@ class ModelsHandler(BaseHandler):
             snapshot = await self.gateway.router.snapshot(principal.org_id)
         except DatabaseUnavailable:
             raise Refusal(503, "route store unavailable; try again shortly") from None
-        routes = [r for r in snapshot.available(principal) if not r.is_pattern]
-        self.set_header("Content-Type", "application/json")
-        if self.error_provider() == PROVIDER_ANTHROPIC:
-            created = datetime.fromtimestamp(0, UTC).isoformat().replace("+00:00", "Z")
-            data: list[dict[str, Any]] = [
-                {"type": "model", "id": r.name, "display_name": r.name, "created_at": created}
-                for r in routes
-            ]
-            self.finish(
-                orjson.dumps(
-                    {
-                        "data": data,
-                        "has_more": False,
-                        "first_id": data[0]["id"] if data else None,
-                        "last_id": data[-1]["id"] if data else None,
-                    }
-                )
+        api = self.error_api()
+        # A route of the other provider is usable through translation, unless it is off.
+        routes = [
+            (r.name, r.key.provider)
+            for r in snapshot.available(principal)
+            if not r.is_pattern
+            and (
+                r.key.provider == api.provider
+                or (r.translate and pair_for(api, r.key.provider) is not None)
             )
-        else:
-            data = [
-                {"id": r.name, "object": "model", "created": 0, "owned_by": r.key.provider}
-                for r in routes
-            ]
-            self.finish(orjson.dumps({"object": "list", "data": data}))
+        ]
+        self.set_header("Content-Type", "application/json")
+        self.finish(api.models_body(routes))
 
 
 class RootHandler(BaseHandler):

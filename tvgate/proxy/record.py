@@ -21,7 +21,7 @@ from tvgate.models import (
     OUTCOME_OK,
     OUTCOME_UPSTREAM_ERROR,
 )
-from tvgate.providers.assemble import checked_usage
+from tvgate.providers.common import checked_usage
 from tvgate.traces.attribution import attribution_header, detect_tool, session_id
 from tvgate.traces.writer import CapturedBody, TraceRow
 
@@ -98,6 +98,14 @@ def record_call(call: ProxyCall) -> None:
     body = call.body
     # The provider may be a member's own server: an absurd figure counts toward nothing.
     usage, anomalies = checked_usage(assembled.usage) if assembled is not None else (None, [])
+    translation = relay.translation
+    if translation is not None:
+        # The client's API, the route's, and what of the call the translation dropped.
+        anomalies = [
+            *anomalies,
+            f"translated: {call.endpoint.api} on {relay.upstream_api.api}",
+            *(f"translation dropped: {note}" for note in translation.notes),
+        ]
     finished = time.perf_counter()
     route = call.route
     truncated = assembled is not None and (

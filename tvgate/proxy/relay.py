@@ -8,6 +8,12 @@ of the answer (a stream parsed as it goes, a JSON body or its tail). While a fal
 route is left, a provider failure the client has not seen is held back (``HeldAnswer``)
 instead of relayed; when no route does better it is replayed as it came.
 
+When the route speaks another API than the client (``tvgate.translate.pairs``), the
+attempt's ``Translation`` turns what the provider sends into what the client gets: each
+stream chunk as it comes, a JSON answer (or an error answer) once it is whole. What
+the trace keeps is still read from the provider's own bytes, in its own API, so usage
+is the provider's figures.
+
 The relay holds no reference to the call that uses it (``tvgate.proxy.call``): what it
 needs of it (the overhead, the budget warnings) is handed in with each attempt, so a
 call's objects are freed by reference counting when the request ends.
@@ -18,19 +24,18 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from tornado.iostream import StreamClosedError
 
-from tvgate.providers import ANTHROPIC_COUNT_TOKENS, stream_error_event
-from tvgate.providers.assemble import (
+from tvgate.providers.common import (
     JSON_TAIL_BYTES,
     Assembled,
     StreamAssembler,
-    assemble_json,
-    assemble_json_tail,
-    stream_assembler,
+    assemble_body,
+    assemble_tail,
 )
 from tvgate.proxy.hops import HOP_HEADER
 from tvgate.proxy.scrub import KeyScrubber
@@ -38,8 +43,9 @@ from tvgate.proxy.upstream import UpstreamExchange, UpstreamResult
 
 if TYPE_CHECKING:
     from tvgate.metrics import Metrics
-    from tvgate.providers import Endpoint
+    from tvgate.providers import ProviderAPI
     from tvgate.proxy.handlers import ProxyHandler
+    from tvgate.translate.pairs import Translation
 
 #: Response headers that are the business of each hop, not of the client; and what a
 #: provider must not say on the gateway's origin, which also serves the web UI: cookies,
@@ -80,13 +86,17 @@ _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _UNPARSED_LIMIT = 16 * 1024
 #: How much of a failed answer is kept while a fallback is tried.
 _HELD_LIMIT = 64 * 1024
+#: The largest JSON answer translated: it is held whole until it can be (streams are
+#: translated as they come).
+TRANSLATED_LIMIT = 64 * 1024 * 1024
 
 
 class HeldAnswer:
     """A provider failure kept back while fallbacks are tried: status, headers and (the start
-    of) its body, or the transfer error it ended with (``classified``)."""
+    of) its body, or the transfer error it ended with (``classified``); and the API it is
+    in, with the translation that makes it the client's."""
 
-    __slots__ = ("chunks", "classified", "headers", "size", "status")
+    __slots__ = ("api", "chunks", "classified", "headers", "size", "status", "translation")
 
     def __init__(
         self,
@@ -94,11 +104,15 @@ class HeldAnswer:
         headers: list[tuple[str, str]],
         chunks: list[bytes],
         classified: tuple[str, str] | None,
+        api: ProviderAPI | None = None,
+        translation: Translation | None = None,
     ) -> None:
         self.status = status
         self.headers = headers
         self.chunks = chunks
         self.classified = classified
+        self.api = api
+        self.translation = translation
         self.size = 0
 
     def keep(self, chunk: bytes) -> None:
@@ -127,7 +141,7 @@ class ClientRelay:
     def __init__(
         self,
         handler: ProxyHandler,
-        endpoint: Endpoint,
+        endpoint: ProviderAPI,
         scrubber: KeyScrubber,
         metrics: Metrics,
         *,
@@ -136,6 +150,15 @@ class ClientRelay:
     ) -> None:
         self.handler = handler
         self.endpoint = endpoint
+        #: The API the provider answers in: the client's, or the route's when translated.
+        self.upstream_api: ProviderAPI = endpoint
+        #: The attempt's translation of the provider's answer into the client's API.
+        self.translation: Translation | None = None
+        #: A translated JSON answer, kept until it is whole; and whether it grew past
+        #: ``TRANSLATED_LIMIT`` (then the transfer is stopped).
+        self.untranslated: list[bytes] = []
+        self.untranslated_size = 0
+        self.too_large = False
         #: The provider keys the call sent, masked in whatever comes back from upstream.
         self.scrubber = scrubber
         self.metrics = metrics
@@ -176,13 +199,23 @@ class ClientRelay:
         may_fall_back: bool,
         overhead_ms: float,
         warnings: Sequence[str],
+        api: ProviderAPI,
+        translation: Translation | None,
     ) -> None:
-        """A request to a provider is about to go out through ``exchange``."""
+        """A request to a provider of ``api`` is about to go out through ``exchange``."""
         self.exchange = exchange
         self.may_fall_back = may_fall_back
         self.overhead_ms = overhead_ms
         self.warnings = warnings
         self.redirected = 0
+        self._translate_with(api, translation)
+
+    def _translate_with(self, api: ProviderAPI, translation: Translation | None) -> None:
+        self.upstream_api = api
+        self.translation = translation
+        self.untranslated = []
+        self.untranslated_size = 0
+        self.too_large = False
 
     def take_held(self) -> HeldAnswer | None:
         """The failure held back during the attempt that just ended, if any."""
@@ -208,7 +241,9 @@ class ClientRelay:
                 self.exchange.abort()
             return
         if self.may_fall_back and (status in (429, 529) or status >= 500):
-            self.holding = HeldAnswer(status, headers, [], None)
+            self.holding = HeldAnswer(
+                status, headers, [], None, self.upstream_api, self.translation
+            )
             return
         handler = self.handler
         self.status = status
@@ -243,6 +278,7 @@ class ClientRelay:
             length.isdigit()
             and not framed
             and whole_body
+            and self.translation is None
             and not self.is_stream_response
             and status != 204
         ):
@@ -259,12 +295,10 @@ class ClientRelay:
         if self.is_stream_response and not self.stream_counted:
             self.stream_counted = True  # closed again when the trace is queued
             self.metrics.stream_opened()
-        if self.is_stream_response and self.endpoint.api != ANTHROPIC_COUNT_TOKENS:
+        if self.is_stream_response and self.upstream_api.charged:
             # What the trace keeps of the answer is bounded per call, whatever the stream's
             # length: past the bound the capture is cut (and the trace marked truncated).
-            self.assembler = stream_assembler(
-                self.endpoint.api, max_retained=self.capture_max_bytes
-            )
+            self.assembler = self.upstream_api.stream_assembler(self.capture_max_bytes)
 
     def on_upstream_chunk(self, chunk: bytes) -> bool:
         if self.client_gone:
@@ -287,15 +321,13 @@ class ClientRelay:
         """Send (and keep for the trace) a part of the provider's body, keys masked."""
         if not chunk:
             return  # all of it held back by the scrubber until the next chunk
-        handler = self.handler
-        if not self.committed:
-            self.committed = True
-            self.first_byte = time.perf_counter()
-        handler.write(chunk)
-        handler.flush()
+        if self.translation is None:
+            self._send(chunk)
+        elif self.is_stream_response:
+            self._send(self.translation.feed(chunk))
+        else:
+            self._hold_for_translation(chunk)
         size = len(chunk)
-        self.bytes_out += size
-        self.unflushed += size
         if self.assembler is not None:
             self.unparsed.append(chunk)
             self.unparsed_size += size
@@ -306,6 +338,42 @@ class ClientRelay:
             self.captured_size += size
         else:
             self._keep_tail(chunk)
+
+    def _send(self, chunk: bytes) -> None:
+        """Write and flush ``chunk`` to the client."""
+        if not chunk:
+            return  # a translated stream event not complete yet
+        handler = self.handler
+        if not self.committed:
+            self.committed = True
+            self.first_byte = time.perf_counter()
+        handler.write(chunk)
+        handler.flush()
+        size = len(chunk)
+        self.bytes_out += size
+        self.unflushed += size
+
+    def _hold_for_translation(self, chunk: bytes) -> None:
+        self.untranslated.append(chunk)
+        self.untranslated_size += len(chunk)
+        if self.untranslated_size > TRANSLATED_LIMIT and self.exchange is not None:
+            self.too_large = True
+            self.untranslated = []
+            self.exchange.abort()
+
+    def _finish_translation(self) -> None:
+        """The provider's answer ended: the rest of the client's (its whole JSON answer)."""
+        translation = self.translation
+        assert translation is not None
+        if self.is_stream_response:
+            self._send(translation.finish())
+            return
+        body = b"".join(self.untranslated)
+        self.untranslated = []
+        if self.status >= 400:
+            self._send(translation.error_answer(self.status, body)[1])
+        else:
+            self._send(translation.response(body))
 
     def _keep_tail(self, chunk: bytes) -> None:
         """Past ``capture_max_bytes`` of a JSON answer, keep only its end, where its usage is:
@@ -358,6 +426,8 @@ class ClientRelay:
         """The transfer ended: True (and the answer finished) when the client got all of it."""
         if not self.client_gone:
             self._relay(self.scrubber.end())  # what was held back as the possible start of a key
+            if self.translation is not None and not result.failed:
+                self._finish_translation()
         # A client that hangs up right after the last event (SDKs do, on [DONE]) got the
         # whole answer, even if that made tvgate abort the transfer's last empty chunk.
         answered = not result.failed or (
@@ -371,6 +441,8 @@ class ClientRelay:
         """Every route failed: relay the held provider failure as it came."""
         self.may_fall_back = False
         self.warnings = warnings
+        if held.api is not None:
+            self._translate_with(held.api, held.translation)
         self.on_upstream_headers(held.status, held.headers, whole_body=False)
         for chunk in held.chunks:
             self.on_upstream_chunk(chunk)
@@ -384,9 +456,12 @@ class ClientRelay:
             return
         if not self.committed:
             self.status = status
-            handler.send_api_error(status, message, self.endpoint.provider)
+            handler.send_api_error(status, message, self.endpoint)
         elif self.is_stream_response:
-            handler.write(stream_error_event(self.endpoint.api, message))
+            if self.translation is not None:
+                handler.write(self.translation.error_event(message))
+            else:
+                handler.write(self.endpoint.stream_error_event(message))
             handler.finish()
         else:
             # A JSON answer cut halfway cannot be mended; make the cut visible to the client.
@@ -402,14 +477,22 @@ class ClientRelay:
 
     def assembled(self) -> Assembled | None:
         """The answer as the trace records it: model, ids, usage, error, the document."""
+        assembled = self._assembled()
+        if self.translation is None or assembled is None or assembled.response is None:
+            return assembled
+        # Read from the provider's bytes (its figures), shown as the client got it.
+        return replace(assembled, response=self.translation.document(assembled.response))
+
+    def _assembled(self) -> Assembled | None:
+        api = self.upstream_api
         if self.assembler is not None:
             return self._parse_unparsed(self.assembler).finish()
-        if self.endpoint.api == ANTHROPIC_COUNT_TOKENS:
+        if not api.charged:
             return None
         if self.captured_tail:
             # Too large to parse whole: the usage (and so the charge) is read from the
             # end, and the trace is marked truncated.
-            return assemble_json_tail(self.endpoint.api, bytes(self.captured_tail))
+            return assemble_tail(api, bytes(self.captured_tail))
         if self.captured:
-            return assemble_json(self.endpoint.api, b"".join(self.captured))
+            return assemble_body(api, b"".join(self.captured))
         return None

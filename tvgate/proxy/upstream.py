@@ -41,7 +41,6 @@ from tornado.curl_httpclient import CurlAsyncHTTPClient, CurlError
 from tornado.httpclient import HTTPRequest
 from tornado.httputil import HTTPHeaders
 
-from tvgate.providers import auth_headers
 from tvgate.proxy.hops import HOP_HEADER
 from tvgate.traces.attribution import ATTRIBUTION_PREFIXES
 
@@ -415,10 +414,11 @@ def upstream_url(base_url: str, path: str, query: str) -> str:
 
 
 def upstream_headers(
-    client_headers: HTTPHeaders, provider: str, secret: str, hop_marks: str
+    client_headers: HTTPHeaders, auth: list[tuple[str, str]], hop_marks: str
 ) -> dict[str, str] | HTTPHeaders:
     """The client's headers as the provider should see them, with the provider key injected
-    and the loop mark (``tvgate.proxy.hops``) set.
+    (``auth``: the headers its API carries it in) and the loop mark (``tvgate.proxy.hops``)
+    set.
 
     A plain dict when no header name repeats (the usual case): the HTTP client copies it
     into its own ``HTTPHeaders`` anyway, and building one here too would validate and
@@ -431,7 +431,7 @@ def upstream_headers(
         headers = HTTPHeaders()
         for name, value in lines:
             headers.add(name, value)
-    for name, value in auth_headers(provider, secret):
+    for name, value in auth:
         headers[name] = value
     headers[HOP_HEADER] = hop_marks
     return headers

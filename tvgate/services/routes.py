@@ -72,6 +72,8 @@ class RouteView:
     description: str
     fallbacks: tuple[str, ...] = ()
     state: str = ROUTE_ENABLED
+    #: Clients of the other provider's API are served by translation.
+    translate: bool = True
 
     @classmethod
     def of(cls, route: Route, org: Org) -> RouteView:
@@ -87,6 +89,7 @@ class RouteView:
             description=route.description,
             fallbacks=route_fallbacks(route),
             state=route_state(route, org),
+            translate=route.translate,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -102,6 +105,7 @@ class RouteView:
             "state": self.state,
             "description": self.description,
             "fallbacks": list(self.fallbacks),
+            "translate": self.translate,
         }
 
 
@@ -183,10 +187,12 @@ def add_route(
     owner: str | None = None,
     enabled: bool = True,
     fallbacks: list[str] | None = None,
+    translate: bool = True,
     actor: Principal | None = None,
 ) -> RouteView:
     """A route: org-wide, made by an admin for one user (``for_user``), or a user's own
-    (``owner``). ``fallbacks`` are route names tried in order when its provider fails."""
+    (``owner``). ``fallbacks`` are route names tried in order when its provider fails;
+    ``translate`` False refuses clients of the other provider's API instead of translating."""
     org = _actor_org(actor, org_name)
     if for_user is not None and owner is not None:
         raise ServiceError("a route is for one user or owned by one user, not both")
@@ -243,6 +249,7 @@ def add_route(
             enabled=enabled,
             description=description,
             fallbacks=orjson.dumps(fallback_names).decode(),
+            translate=translate,
         )
         audit(
             actor,
@@ -255,6 +262,7 @@ def add_route(
                 "key": key.name,
                 "model": model,
                 "fallbacks": fallback_names,
+                "translate": translate,
             },
         )
     announce(org.id)
@@ -297,8 +305,9 @@ def _editable_route(route_id: int, actor: Principal | None, action: str) -> Rout
 def update_route(
     route_id: int, changes: dict[str, Any], *, actor: Principal | None = None
 ) -> RouteView:
-    """Change a route's name, model, key, enabled flag, description or fallbacks."""
-    allowed = {"name", "upstream_model", "key", "enabled", "description", "fallbacks"}
+    """Change a route's name, model, key, enabled flag, description, fallbacks or
+    translation switch."""
+    allowed = {"name", "upstream_model", "key", "enabled", "description", "fallbacks", "translate"}
     unknown = set(changes) - allowed
     if unknown:
         raise ServiceError(f"cannot change {', '.join(sorted(unknown))}")
@@ -319,10 +328,11 @@ def update_route(
         if not isinstance(changes["description"], str) or len(changes["description"]) > 2000:
             raise ServiceError("description must be a string of at most 2000 characters")
         route.description = changes["description"]
-    if "enabled" in changes:
-        if not isinstance(changes["enabled"], bool):
-            raise ServiceError("enabled must be true or false")
-        route.enabled = changes["enabled"]
+    for flag in ("enabled", "translate"):
+        if flag in changes:
+            if not isinstance(changes[flag], bool):
+                raise ServiceError(f"{flag} must be true or false")
+            setattr(route, flag, changes[flag])
     if "key" in changes:
         if not isinstance(changes["key"], str):
             raise ServiceError("key must be a key name")

@@ -13,7 +13,8 @@ import fnmatch
 import re
 from dataclasses import dataclass
 
-from tvgate.models import PROVIDER_ANTHROPIC, ModelPrice
+from tvgate.models import ModelPrice
+from tvgate.providers import provider_api
 
 # Public list prices (USD per million tokens) at the time of writing:
 # (model pattern, input, output, cache read, cache write).
@@ -128,11 +129,8 @@ class PriceTable:
         price = self.find(org_id, model)
         if price is None:
             return 0.0
-        if provider == PROVIDER_ANTHROPIC:
-            uncached = input_tokens
-        else:
-            # OpenAI counts cached tokens inside prompt_tokens.
-            uncached = max(0, input_tokens - cache_read_tokens)
+        # Whether input_tokens includes the cached tokens is the provider's way of counting.
+        uncached = provider_api(provider).uncached_input(input_tokens, cache_read_tokens)
         total = (
             uncached * price.input
             + output_tokens * price.output

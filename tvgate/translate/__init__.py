@@ -3,5 +3,5 @@
 Each module is pure (no I/O): request, response, stream and error phases, for the proxy
 to use when a client's API differs from its route's (``anthropic_to_chat``: an Anthropic
 Messages client on an OpenAI Chat Completions route; ``chat_to_anthropic``: the reverse).
-They are not wired into the proxy yet: that waits for the provider modules (issue 19).
+``pairs`` is the registry the proxy picks a pair's translator from, behind one interface.
 """

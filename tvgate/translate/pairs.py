@@ -1,0 +1,200 @@
+"""The registry of translators: which one serves a (client API, route API) pair, and one
+call's translation state behind one interface.
+
+The two translator modules have phases of their own shape (``chat_to_anthropic``,
+``anthropic_to_chat``); :class:`Translation` puts them behind what the proxy needs of
+any pair: the upstream body, the answer back (a JSON body, stream chunks, an error
+answer, an in-band error), the answer as a trace records it, and the notes of what was
+dropped. The proxy asks :func:`pair_for` only when the client's API and the route's
+provider differ, so a passthrough call runs none of this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from tvgate.models import PROVIDER_ANTHROPIC, PROVIDER_OPENAI
+from tvgate.providers import ANTHROPIC_MESSAGES, OPENAI_CHAT, ProviderAPI, api_for
+from tvgate.translate import anthropic_to_chat, chat_to_anthropic
+
+JSON = dict[str, Any]
+
+#: The Anthropic API version a translated request is sent with (the client, speaking
+#: OpenAI's API, sent none); the one the ``anthropic`` SDKs send.
+ANTHROPIC_VERSION = "2023-06-01"
+
+
+class Untranslatable(Exception):
+    """A client field the route's API cannot express: a 400 naming it, in the client's
+    envelope."""
+
+
+class Translation(Protocol):
+    """One call's translation, from the client's request to the answer it gets."""
+
+    #: The request body for the route's API.
+    body: bytes
+
+    @property
+    def notes(self) -> list[str]:
+        """What could not be carried, from the request and the answer, one note each."""
+        ...
+
+    def response(self, body: bytes) -> bytes:
+        """The route's JSON answer as the client's."""
+        ...
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The client's stream bytes that upstream ``chunk`` completes (often b"")."""
+        ...
+
+    def finish(self) -> bytes:
+        """The end of the upstream stream: the client's closing events (or an error)."""
+        ...
+
+    def error_event(self, message: str) -> bytes:
+        """An in-band error ending the client's stream (once)."""
+        ...
+
+    def error_answer(self, status: int, body: bytes) -> tuple[int, bytes]:
+        """The route's error answer in the client's envelope, its message kept."""
+        ...
+
+    def document(self, answer: JSON) -> JSON:
+        """The route's answer (as its assembler rebuilt it) in the client's format."""
+        ...
+
+
+class _StreamTranslator(Protocol):
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+    def error(self, message: str, kind: str = "api_error") -> bytes: ...
+
+
+class _Phases:
+    """The stream and error phases, which both pairs' modules name alike."""
+
+    def __init__(
+        self,
+        body: JSON,
+        stream: _StreamTranslator,
+        translate_error: Callable[[int, bytes], tuple[int, bytes]],
+    ) -> None:
+        self.body = orjson.dumps(body)
+        self._stream = stream
+        self._translate_error = translate_error
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._stream.feed(chunk)
+
+    def finish(self) -> bytes:
+        return self._stream.finish()
+
+    def error_event(self, message: str) -> bytes:
+        return self._stream.error(message)
+
+    def error_answer(self, status: int, body: bytes) -> tuple[int, bytes]:
+        return self._translate_error(status, body)
+
+
+class _ChatOnAnthropic(_Phases):
+    """An OpenAI Chat Completions client on an Anthropic Messages route."""
+
+    def __init__(self, request: JSON, upstream_model: str) -> None:
+        try:
+            translated = chat_to_anthropic.translate_request(request, upstream_model)
+        except chat_to_anthropic.TranslationError as exc:
+            raise Untranslatable(exc.message) from None
+        # The stream translator adds its notes to the request's list.
+        self._notes = translated.dropped
+        super().__init__(
+            translated.body,
+            chat_to_anthropic.StreamTranslator.for_request(translated),
+            chat_to_anthropic.translate_error,
+        )
+
+    @property
+    def notes(self) -> list[str]:
+        return self._notes
+
+    def response(self, body: bytes) -> bytes:
+        return orjson.dumps(chat_to_anthropic.translate_response(_object(body), self._notes))
+
+    def document(self, answer: JSON) -> JSON:
+        return chat_to_anthropic.translate_response(answer, [])
+
+
+class _AnthropicOnChat(_Phases):
+    """An Anthropic Messages client on an OpenAI Chat Completions route."""
+
+    def __init__(self, request: JSON, upstream_model: str) -> None:
+        try:
+            translated = anthropic_to_chat.translate_request(request, model=upstream_model)
+        except anthropic_to_chat.TranslationError as exc:
+            raise Untranslatable(exc.message) from None
+        self._notes = translated.dropped
+        self._chunks = anthropic_to_chat.StreamTranslator()
+        super().__init__(translated.body, self._chunks, anthropic_to_chat.translate_error)
+
+    @property
+    def notes(self) -> list[str]:
+        return self._notes + [n for n in self._chunks.notes if n not in self._notes]
+
+    def response(self, body: bytes) -> bytes:
+        try:
+            return orjson.dumps(anthropic_to_chat.translate_response(_object(body), self._notes))
+        except ValueError:
+            # Not a ChatCompletion: told as the provider's failure, in Anthropic's envelope.
+            return anthropic_to_chat.translate_error(502, body)[1]
+
+    def document(self, answer: JSON) -> JSON:
+        try:
+            return anthropic_to_chat.translate_response(answer, [])
+        except ValueError:
+            return answer
+
+
+def _object(body: bytes) -> JSON:
+    """A JSON answer as an object (an empty one when it is not: the translators then
+    answer with what little they can, as for any malformed answer)."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """A translator for one (client API, route API) pair."""
+
+    client: str
+    upstream: ProviderAPI
+    start: Callable[[JSON, str], Translation]
+    #: Headers the route's API requires that a client of the other API does not send.
+    required_headers: tuple[tuple[str, str], ...] = ()
+
+
+_PAIRS: dict[tuple[str, str], Pair] = {
+    (OPENAI_CHAT, PROVIDER_ANTHROPIC): Pair(
+        OPENAI_CHAT,
+        api_for(ANTHROPIC_MESSAGES),
+        _ChatOnAnthropic,
+        (("anthropic-version", ANTHROPIC_VERSION),),
+    ),
+    (ANTHROPIC_MESSAGES, PROVIDER_OPENAI): Pair(
+        ANTHROPIC_MESSAGES, api_for(OPENAI_CHAT), _AnthropicOnChat
+    ),
+}
+
+
+def pair_for(client: ProviderAPI, route_provider: str) -> Pair | None:
+    """The translator of a ``client`` API call on a route of ``route_provider``; None when
+    there is none (the call is then refused)."""
+    return _PAIRS.get((client.api, route_provider))
