@@ -17,6 +17,8 @@ import httpx2
 import openai
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.fake_provider import FakeProvider
 from tests.harness import canned_http_client
@@ -29,7 +31,9 @@ from tests.test_translate_chat_anthropic import (
     TEXT,
     TOOL_STREAM,
     anthropic_message,
+    anything,
     block,
+    events,
     sse,
     upstream,
 )
@@ -409,7 +413,7 @@ CREATED_AT = re.compile(rb'"created_at":\d+,')
 def translate_stream(body: bytes, request: ResponsesRequest | None = None, step: int = 0) -> bytes:
     """The translated stream, its ``created_at`` clock readings set to 0."""
     tr = StreamTranslator(request or translate_request(CODEX, MODEL))
-    step = step or len(body)
+    step = step or len(body) or 1
     out = b"".join(tr.feed(body[i : i + step]) for i in range(0, len(body), step))
     return CREATED_AT.sub(b'"created_at":0,', out + tr.finish())
 
@@ -609,3 +613,42 @@ def test_fake_provider_error_event_and_error_answer(fake_provider: FakeProvider)
     with pytest.raises(openai.InternalServerError) as caught:
         sdk_client(status, body).responses.create(model="m", input="x")
     assert caught.value.status_code == 529 and caught.value.code == "overloaded_error"
+
+
+# --- what a member's own server may send ----------------------------------------------
+
+TERMINAL = (b"response.completed", b"response.incomplete", b"response.failed")
+
+
+def assert_responses_sse(out: bytes) -> None:
+    """Responses events (or pings), each JSON, ending with one terminal event."""
+    kinds = []
+    for event in out[:-2].split(b"\n\n"):
+        if event == b": ping":
+            continue
+        head, _, data = event.partition(b"\ndata: ")
+        assert head.startswith(b"event: response.")
+        assert orjson.loads(data)["type"].encode() == head[7:]
+        kinds.append(head[7:])
+    assert [k for k in kinds if k in TERMINAL] == [kinds[-1]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(events, st.integers(1, 40))
+def test_stream_of_any_shape_never_raises_and_stays_responses_sse(
+    evs: list[JSON], chunk_size: int
+) -> None:
+    body = sse([START, *evs])
+    out = translate_stream(body, step=chunk_size)
+    assert out == translate_stream(body)
+    assert_responses_sse(out)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from(["content", "usage", "stop_reason", "id", "model"]), anything)
+)
+def test_response_of_any_shape_never_raises(body: JSON) -> None:
+    out = translate_response(body, translate_request(CODEX, MODEL))
+    assert out["object"] == "response"
+    orjson.dumps(out)

@@ -13,6 +13,8 @@ from typing import Any
 import openai
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.fake_provider import TOOL_INPUT, FakeProvider
 from tests.test_translate_anthropic_chat import (
@@ -22,10 +24,12 @@ from tests.test_translate_anthropic_chat import (
     chunk,
     upstream,
 )
+from tests.test_translate_chat_anthropic import anything
 from tests.test_translate_responses_anthropic import (
     CODEX,
     CREATED_AT,
     SHELL,
+    assert_responses_sse,
     calls_of,
     sdk_client,
     sdk_request,
@@ -300,7 +304,7 @@ def test_an_answer_of_another_shape_is_a_value_error() -> None:
 def translate_stream(body: bytes, step: int = 0) -> tuple[bytes, StreamTranslator]:
     request = translate_request(CODEX, MODEL)
     tr = StreamTranslator(request)
-    step = step or len(body)
+    step = step or len(body) or 1
     out = b"".join(tr.feed(body[i : i + step]) for i in range(0, len(body), step))
     return CREATED_AT.sub(b'"created_at":0,', out + tr.finish()), tr
 
@@ -439,3 +443,36 @@ def test_fake_provider_stream_and_answer_agree(fake_provider: FakeProvider, scen
     assert bool(calls_of(response)) == (scenario == "tool_use")
     if scenario == "tool_use":
         assert calls_of(response)[0][1:] == ("Read", TOOL_INPUT)
+
+
+# --- what a member's own server may send ----------------------------------------------
+
+deltas = st.dictionaries(
+    st.sampled_from(["content", "reasoning_content", "reasoning", "refusal", "tool_calls"]),
+    anything | st.lists(st.fixed_dictionaries({}, optional={"index": anything, "id": anything,
+        "function": st.dictionaries(st.sampled_from(["name", "arguments"]), anything)}), max_size=2),
+    max_size=3,
+)  # fmt: skip
+chunks = st.lists(
+    st.builds(
+        lambda delta, finish, usage: chunk(delta, finish, usage=usage),
+        deltas,
+        st.none() | st.sampled_from(["stop", "length", "tool_calls"]) | anything,
+        anything,
+    )
+    | st.sampled_from(
+        [b"data: [DONE]\n\n", b'data: {"error": {"message": "x"}}\n\n', b"data: [1]\n\n"]
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks, st.integers(1, 40))
+def test_stream_of_any_shape_never_raises_and_stays_responses_sse(
+    parts: list[bytes], step: int
+) -> None:
+    body = b"".join(parts)
+    out, _ = translate_stream(body, step)
+    assert out == translate_stream(body)[0]
+    assert_responses_sse(out)

@@ -79,7 +79,7 @@ ENCRYPTED = "reasoning.encrypted_content"
 #: Reasoning efforts a Responses client may ask for (``none`` and ``minimal``: no thinking).
 EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 #: Chat finish reasons as a Response's status and ``incomplete_details.reason``.
-_STATUS = {
+_STATUS: dict[str, tuple[str, str]] = {
     "length": ("incomplete", "max_output_tokens"),
     "content_filter": ("incomplete", "content_filter"),
 }
@@ -293,10 +293,14 @@ def responses_usage(usage: object) -> JSON:
     }
 
 
-def status_of(finish_reason: str) -> tuple[str, JSON | None]:
-    """A Chat finish reason as a Response's ``status`` and ``incomplete_details``."""
-    status, reason = _STATUS.get(finish_reason, ("completed", None))
-    return status, {"reason": reason} if reason else None
+def status_of(finish_reason: object) -> tuple[str, JSON | None]:
+    """A Chat finish reason as a Response's ``status`` and ``incomplete_details``
+    (anything but a known reason, from a member's own server say, is "completed")."""
+    reason = _STATUS.get(finish_reason) if isinstance(finish_reason, str) else None
+    if reason is None:
+        return "completed", None
+    status, detail = reason
+    return status, {"reason": detail}
 
 
 def message_item(item_id: str, text: str, status: str = "completed") -> JSON:
@@ -488,7 +492,7 @@ class ResponsesWriter:
     def delta(self, key: object, text: str) -> bytes:
         """A delta to the open item ``key`` (nothing if ``key`` is not open or ``text`` empty)."""
         item = self._open.get(key)
-        if item is None or not text:
+        if item is None or not text or not isinstance(text, str):
             return b""
         item.parts.append(text)
         seq = self._seq
@@ -538,7 +542,7 @@ class ResponsesWriter:
             "response.output_item.done", {"output_index": item.index, "item": done}
         )
 
-    def complete(self, finish_reason: str, usage: JSON) -> bytes:
+    def complete(self, finish_reason: object, usage: JSON) -> bytes:
         """Close what is open and end with ``response.completed`` (or ``.incomplete``)."""
         if self.done:
             return b""

@@ -345,6 +345,8 @@ class StreamTranslator:
 
     def _start(self, index: int, block: JSON, out: list[bytes]) -> None:
         kind = block.get("type")
+        if not isinstance(kind, str):
+            kind = repr(kind)
         w = self._writer
         if kind == "tool_use":
             out.append(w.open(index, "function_call", block.get("id"), block.get("name")))
