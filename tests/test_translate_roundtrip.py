@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,6 +36,7 @@ from tvgate.translate import responses_to_chat as r2c
 JSON = dict[str, Any]
 MODEL = "route-model"
 PNG = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYAAAAAMAASsJTYQAAAAASUVORK5CYII="
+USER: JSON = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 IMAGES = [PNG, "data:image/jpeg;base64,/9j/4AAQ", "https://x.test/a.png"]
 
 
@@ -498,3 +500,39 @@ def test_responses_to_anthropic_to_chat_and_to_chat(case: tuple[Conversation, JS
     direct = r2c.translate_request(body, MODEL)
     assert direct.dropped == []
     assert from_chat(direct.body) == c.neutral()
+
+
+@pytest.mark.parametrize("effort", ["low", "medium", "high", "xhigh"])
+def test_reasoning_effort_there_and_back(effort: str) -> None:
+    """An effort comes back as itself where the output limit leaves its whole budget."""
+    chat = {**USER, "max_completion_tokens": 64000, "reasoning_effort": effort}
+    there = chat_to_anthropic.translate_request(chat, MODEL)
+    assert (
+        anthropic_to_chat.translate_request(there.body, model=MODEL).body["reasoning_effort"]
+        == effort
+    )
+    responses = {"input": "hi", "max_output_tokens": 64000, "reasoning": {"effort": effort}}
+    via = r2a.translate_request(responses, MODEL)
+    assert (
+        anthropic_to_chat.translate_request(via.body, model=MODEL).body["reasoning_effort"]
+        == effort
+    )
+    assert r2c.translate_request(responses, MODEL).body["reasoning_effort"] == effort
+
+
+def test_json_schema_output_there_and_back() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    chat = {**USER, "max_tokens": 100, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": True}}}  # fmt: skip
+    there = chat_to_anthropic.translate_request(chat, MODEL).body
+    assert there["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+    back = anthropic_to_chat.translate_request(there, model=MODEL).body
+    assert back["response_format"] == chat["response_format"]
+    responses = {
+        "input": "hi",
+        "text": {"format": {"type": "json_schema", "name": "output", "schema": schema}},
+    }
+    assert r2a.translate_request(responses, MODEL).body["output_config"] == there["output_config"]
+    assert (
+        r2c.translate_request(responses, MODEL).body["response_format"] == chat["response_format"]
+    )
