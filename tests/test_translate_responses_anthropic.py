@@ -652,3 +652,13 @@ def test_response_of_any_shape_never_raises(body: JSON) -> None:
     out = translate_response(body, translate_request(CODEX, MODEL))
     assert out["object"] == "response"
     orjson.dumps(out)
+
+
+def test_a_block_started_twice_ends_its_first_item() -> None:
+    again = block(0, {"type": "text", "text": ""}, [{"type": "text_delta", "text": "b"}])
+    first = [
+        e for e in block(0, {"type": "text", "text": "a"}, []) if e["type"] != "content_block_stop"
+    ]
+    response, _ = sdk_stream(translate_stream(sse([START, *first, *again, *END])))
+    assert [item.type for item in response.output] == ["message", "message"]
+    assert response.output_text == "ab"

@@ -453,7 +453,9 @@ class ResponsesWriter:
 
     def open(self, key: object, kind: str, call_id: object = None, name: object = None) -> bytes:
         """Start an output item of ``kind`` (message, reasoning, function_call) as ``key``."""
-        out = self.start(None, None)
+        # A handle opened again (an upstream repeating a block start) ends its item first:
+        # output indices stay unique, and no item is left unfinished.
+        out = self.start(None, None) + self.close(key)
         index = len(self._output) + len(self._open)
         item = _Item(kind, f"{_ITEM_PREFIX[kind]}_{self._id[5:]}_{index}", index, call_id, name)
         self._open[key] = item
