@@ -27,7 +27,6 @@ import binascii
 
 import orjson
 
-from tvgate.traces.sse import SSEParser
 from tvgate.translate import responses_api as api
 from tvgate.translate.chat_to_anthropic import (
     DEFAULT_MAX_TOKENS,
@@ -44,6 +43,7 @@ from tvgate.translate.chat_to_anthropic import (
     chat_usage,
     translate_error,
 )
+from tvgate.translate.chat_to_anthropic import StreamTranslator as AnthropicReader
 
 __all__ = [
     "StreamTranslator",
@@ -259,51 +259,33 @@ _PING = b": ping\n\n"
 _KINDS = {"text": "message", "thinking": "reasoning", "redacted_thinking": "reasoning"}
 
 
-class StreamTranslator:
+class StreamTranslator(AnthropicReader):
     """Anthropic Messages SSE bytes in, Responses events out.
 
-    :meth:`feed` takes the upstream's chunks as they come (an event may be split
-    anywhere) and returns what to send the client now; :meth:`finish` is called at the
-    end of the upstream stream; :meth:`error` ends the client's stream with
-    ``response.failed`` (the upstream failed mid-stream)."""
+    The upstream's bytes are read as :mod:`.chat_to_anthropic` reads them (its
+    :meth:`feed`, which takes chunks split anywhere and holds only an unfinished event,
+    and :meth:`finish`, which fails a stream that ended before ``message_stop``); what
+    they become is written by :class:`~.responses_api.ResponsesWriter`. :meth:`error`
+    ends the client's stream with ``response.failed`` (the upstream failed mid-stream)."""
 
-    __slots__ = ("_blocks", "_parser", "_request", "_stop", "_usage", "_writer", "dropped")
+    __slots__ = ("_request", "_signed", "_stop", "_writer")
 
     def __init__(self, request: api.ResponsesRequest) -> None:
-        self._parser = SSEParser()
+        super().__init__(False, request.dropped)
         self._request = request
         self._writer = api.ResponsesWriter(request.echo)
-        #: What could not be carried (the request's list).
-        self.dropped = request.dropped
         # Thinking blocks by index: the block sent back sealed (its signature comes last).
-        self._blocks: dict[int, JSON] = {}
-        self._usage: JSON = {}
+        self._signed: dict[int, JSON] = {}
         self._stop: object = None
 
     @property
     def done(self) -> bool:
-        return self._writer.done
-
-    def feed(self, chunk: bytes) -> bytes:
-        out: list[bytes] = []
-        for ev in self._parser.feed(chunk):
-            if self._writer.done:
-                break
-            self._event(ev.event, ev.data, out)
-        return b"".join(out)
-
-    def finish(self) -> bytes:
-        """End of the upstream stream: nothing more if it ended properly, else a failure."""
-        self._parser.close()
-        return self.error("upstream stream ended before message_stop")
+        return self._done
 
     def error(self, message: str, kind: str = "api_error") -> bytes:
         """``response.failed`` with ``message``, which ends the client's stream (once)."""
+        self._done = True
         return self._writer.fail(kind, message)
-
-    def _note(self, note: str) -> None:
-        if note not in self.dropped:
-            self.dropped.append(note)
 
     def _event(self, name: str | None, data: bytes, out: list[bytes]) -> None:
         try:
@@ -318,12 +300,12 @@ class StreamTranslator:
         if kind == "ping":
             out.append(_PING)
         elif kind == "content_block_delta":
-            self._delta(_index(obj), _dict(obj.get("delta")), out)
+            self._add(_index(obj), _dict(obj.get("delta")), out)
         elif kind == "content_block_start":
-            self._start(_index(obj), _dict(obj.get("content_block")), out)
+            self._open_block(_index(obj), _dict(obj.get("content_block")), out)
         elif kind == "content_block_stop":
             index = _index(obj)
-            block = self._blocks.pop(index, None)
+            block = self._signed.pop(index, None)
             if block is not None and block["type"] == "thinking" and w.is_open(index):
                 block["thinking"] = w.text_of(index)
             sealed = _seal(block) if block is not None and self._request.encrypted else None
@@ -339,11 +321,12 @@ class StreamTranslator:
         elif kind == "message_stop":
             usage = api.responses_usage(chat_usage(self._usage))
             out.append(w.complete(_finish(self._stop, self.dropped), usage))
+            self._done = True
         elif kind == "error":
             # Anthropic's in-band error: its message and type, as in an error answer.
             out.append(self.error(*_anthropic_error(data)))
 
-    def _start(self, index: int, block: JSON, out: list[bytes]) -> None:
+    def _open_block(self, index: int, block: JSON, out: list[bytes]) -> None:
         kind = block.get("type")
         if not isinstance(kind, str):
             kind = repr(kind)
@@ -356,13 +339,13 @@ class StreamTranslator:
                 out.append(w.delta(index, str(block.get("text") or "")))
             elif kind == "thinking":
                 out.append(w.delta(index, str(block.get("thinking") or "")))
-                self._blocks[index] = {"type": "thinking", "thinking": "", "signature": ""}
+                self._signed[index] = {"type": "thinking", "thinking": "", "signature": ""}
             else:
-                self._blocks[index] = {"type": "redacted_thinking", "data": block.get("data")}
+                self._signed[index] = {"type": "redacted_thinking", "data": block.get("data")}
         else:
             self._note(f"content: {kind} block")
 
-    def _delta(self, index: int, delta: JSON, out: list[bytes]) -> None:
+    def _add(self, index: int, delta: JSON, out: list[bytes]) -> None:
         kind = delta.get("type")
         w = self._writer
         if kind == "text_delta":
@@ -372,7 +355,7 @@ class StreamTranslator:
         elif kind == "thinking_delta":
             out.append(w.delta(index, str(delta.get("thinking") or "")))
         elif kind == "signature_delta":
-            block = self._blocks.get(index)
+            block = self._signed.get(index)
             if block is not None:
                 block["signature"] = str(delta.get("signature") or "")
         elif kind == "citations_delta":
