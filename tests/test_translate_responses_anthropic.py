@@ -206,7 +206,7 @@ def test_request_sampling_images_files_format_and_tool_choice() -> None:
         "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}},
         "metadata": {"user_id": "u-1"},
     }
-    assert req.dropped == ["user", "input[0].content[2].detail"]
+    assert req.dropped == ["input[0].content[2].detail"]
     assert not req.stream and not req.encrypted
 
 

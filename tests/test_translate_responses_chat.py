@@ -173,7 +173,7 @@ def test_request_images_format_sampling_and_older_upstreams() -> None:
         "tool_choice": {"type": "function", "function": {"name": "shell"}},
         "response_format": {
             "type": "json_schema",
-            "json_schema": {"name": "answer", "schema": {"type": "object"}, "strict": True},
+            "json_schema": {"name": "answer", "schema": {"type": "object"}},
         },
     }
     assert req.dropped == ["reasoning.effort: the upstream model takes no reasoning effort"]

@@ -530,7 +530,9 @@ def test_json_schema_output_there_and_back() -> None:
     assert back["response_format"] == chat["response_format"]
     responses = {
         "input": "hi",
-        "text": {"format": {"type": "json_schema", "name": "output", "schema": schema}},
+        "text": {
+            "format": {"type": "json_schema", "name": "output", "schema": schema, "strict": True}
+        },
     }
     assert r2a.translate_request(responses, MODEL).body["output_config"] == there["output_config"]
     assert (

@@ -42,7 +42,6 @@ _HARMLESS = frozenset(
         "service_tier",
         "client_metadata",
         "stream_options",
-        "user",
     )
 )
 # Fields dropped only at the value that means "off"; any other value is refused. The
@@ -72,6 +71,7 @@ _HANDLED = frozenset(
         "reasoning",
         "stream",
         "include",
+        "user",
     )
 )
 #: ``include`` asks for reasoning the client sends back (Codex always does, store=false).
@@ -228,7 +228,7 @@ def chat_tool_choice(body: JSON) -> object:
 
 
 def json_schema(body: JSON) -> JSON | None:
-    """``text.format`` as ``{"name", "schema", "strict"}`` for a JSON schema, else None."""
+    """``text.format`` as Chat's ``json_schema`` (name, schema, strict if given), else None."""
     fmt = _dict(body.get("text")).get("format")
     if fmt is None:
         return None
@@ -240,7 +240,10 @@ def json_schema(body: JSON) -> JSON | None:
         raise TranslationError("text.format.type", f"text.format.type {kind!r} is not supported")
     if not isinstance(fmt.get("schema"), dict):
         raise TranslationError("text.format.schema", "text.format.schema is required")
-    return {"name": fmt.get("name") or "output", "schema": fmt["schema"], "strict": True}
+    out: JSON = {"name": fmt.get("name") or "output", "schema": fmt["schema"]}
+    if isinstance(fmt.get("strict"), bool):
+        out["strict"] = fmt["strict"]
+    return out
 
 
 def reasoning_effort(body: JSON) -> str | None:

@@ -105,7 +105,7 @@ def translate_request(
     effort = api.reasoning_effort(body)
     if effort is not None:
         add_thinking(out, effort, dropped)
-    user = body.get("user") or body.get("safety_identifier")
+    user = body.get("user")
     if isinstance(user, str) and user:
         out["metadata"] = {"user_id": user}
     include = body.get("include")

@@ -96,9 +96,8 @@ def translate_request(
         out["stream"] = True
         out["stream_options"] = {"include_usage": True}
     include = body.get("include")
-    encrypted = isinstance(include, list) and "reasoning.encrypted_content" in include
-    if encrypted:
-        dropped.append("include: reasoning.encrypted_content (the upstream gives none)")
+    if isinstance(include, list) and api.ENCRYPTED in include:
+        dropped.append(f"include: {api.ENCRYPTED} (the upstream gives none)")
     return api.ResponsesRequest(out, stream, api.request_echo(body), False, dropped)
 
 
@@ -206,20 +205,13 @@ def _translate_response(body: JSON, request: api.ResponsesRequest) -> JSON:
                 arguments if isinstance(arguments, str) else "",
             )
         )
-    finish = choice.get("finish_reason")
-    status, incomplete = _status(finish, message)
+    # A refusal is what Responses reports as stopped by its content filter.
+    finish = "content_filter" if message.get("refusal") else choice.get("finish_reason")
+    status, incomplete = api.status_of(finish)
     usage = api.responses_usage(body.get("usage"))
     return api.response_object(
         request.echo, response_id, body.get("model"), status, output, usage, incomplete=incomplete
     )
-
-
-def _status(finish: object, message: JSON) -> tuple[str, JSON | None]:
-    if finish == "length":
-        return "incomplete", {"reason": "max_output_tokens"}
-    if finish == "content_filter" or message.get("refusal"):
-        return "incomplete", {"reason": "content_filter"}
-    return "completed", None
 
 
 # --- errors -------------------------------------------------------------------------
