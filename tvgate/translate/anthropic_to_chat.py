@@ -72,7 +72,8 @@ _HARMLESS_TOOL = frozenset(
 )
 _EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh", "max": "xhigh"}
 #: Thinking budgets (tokens) under which an effort is chosen, smallest first.
-_BUDGET_EFFORT = ((4096, "low"), (16384, "medium"))
+#: The budgets chat_to_anthropic gives each effort (1024, 4096, 16384, 32768) read back as it.
+_BUDGET_EFFORT = ((4096, "low"), (16384, "medium"), (32768, "high"))
 
 
 class TranslationError(Exception):
@@ -360,7 +361,7 @@ def _effort(body: JSON, notes: dict[str, None]) -> str | None:
         for limit, name in _BUDGET_EFFORT:
             if budget < limit:
                 return name
-        return "high"
+        return "xhigh"
     return None
 
 

@@ -143,18 +143,7 @@ def translate_request(
 
     Raises :class:`TranslationError` for a field Anthropic cannot express."""
     dropped: list[str] = []
-    for key, value in body.items():
-        if key in _HANDLED:
-            continue
-        if key in _HARMLESS:
-            dropped.append(key)
-        elif key in _DEFAULT_ONLY:
-            if value not in _DEFAULT_ONLY[key]:
-                raise TranslationError(key, f"{key}={_short(value)} is not supported on this route")
-            if value is not None:
-                dropped.append(key)
-        else:
-            raise TranslationError(key, f"{key} is not supported on this route")
+    check_fields(body, _HANDLED, _HARMLESS, _DEFAULT_ONLY, dropped)
 
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -205,16 +194,34 @@ def translate_request(
         out["output_config"] = {"format": fmt}
     effort = body.get("reasoning_effort")
     if effort is not None:
-        thinking = _thinking(effort, max_tokens, dropped)
-        if thinking is not None and _thinking_refused(out, dropped):
-            thinking = None
-        if thinking is not None:
-            out["thinking"] = thinking
-            _sampling_for_thinking(out, dropped)
+        add_thinking(out, effort, dropped)
     user = body.get("user")
     if isinstance(user, str) and user:
         out["metadata"] = {"user_id": user}
     return UpstreamRequest(out, stream, include_usage, dropped)
+
+
+def check_fields(
+    body: JSON,
+    handled: frozenset[str],
+    harmless: frozenset[str],
+    default_only: dict[str, tuple[object, ...]],
+    dropped: list[str],
+) -> None:
+    """Refuse a top-level field that is neither ``handled``, ``harmless`` (dropped,
+    noted) nor at the value that means "off" (``default_only``: dropped, noted)."""
+    for key, value in body.items():
+        if key in handled:
+            continue
+        if key in harmless:
+            dropped.append(key)
+        elif key in default_only:
+            if value not in default_only[key]:
+                raise TranslationError(key, f"{key}={_short(value)} is not supported on this route")
+            if value is not None:
+                dropped.append(key)
+        else:
+            raise TranslationError(key, f"{key} is not supported on this route")
 
 
 def _list(value: object, where: str) -> list[Any]:
@@ -453,6 +460,17 @@ def _response_format(fmt: object) -> JSON | None:
     raise TranslationError(
         "response_format.type", f"response_format.type {kind!r} is not supported"
     )
+
+
+def add_thinking(out: JSON, effort: object, dropped: list[str]) -> None:
+    """``thinking`` for a reasoning ``effort`` on the Messages body ``out``, where
+    Anthropic would take it (else noted), and the sampling it forbids dropped."""
+    thinking = _thinking(effort, out["max_tokens"], dropped)
+    if thinking is not None and _thinking_refused(out, dropped):
+        thinking = None
+    if thinking is not None:
+        out["thinking"] = thinking
+        _sampling_for_thinking(out, dropped)
 
 
 def _thinking(effort: object, max_tokens: int, dropped: list[str]) -> JSON | None:
