@@ -301,6 +301,13 @@ class Trace(BaseModel):
     #: JSON list of what was wrong with the call's figures and how the writer mended
     #: them ("usage.input_tokens out of range", "truncated: response_model"); empty if nothing.
     anomalies = peewee.TextField(default="")
+    #: The W3C ``traceparent`` the client sent (version 00, checked strictly); empty if none
+    #: or malformed. The call's OpenTelemetry span is its child (tvgate.traces.otlp).
+    traceparent = peewee.CharField(max_length=55, default="")
+    #: Why the answer ended, as the provider said it (``stop_reason``, ``finish_reason``).
+    finish_reason = peewee.CharField(max_length=64, default="")
+    #: The host of the provider key's base URL the call went to.
+    server_address = peewee.CharField(max_length=255, default="")
 
 
 class Blob(BaseModel):
