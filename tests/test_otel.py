@@ -21,15 +21,18 @@ from typing import Any
 import anthropic
 import httpx2
 import openai
+import orjson
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from tests.conftest import scrape
+from tests.conftest import ANTHROPIC_SECRET, scrape
 from tests.harness import GatewayProcess, beside, fake_scenario, free_port
+from tvgate import services
 from tvgate.metrics import Metrics
 from tvgate.models import Trace
+from tvgate.traces.span_content import CONTENT_MAX, content_attributes
 from tvgate.traces.spans import checked_traceparent, parent_ids
 
 #: The export header the gateway is given: a secret, which must reach the receiver only.
@@ -182,6 +185,8 @@ def test_a_streamed_anthropic_call_is_a_client_span_under_the_callers_traceparen
     assert {name: got.get(name) for name in expected} == expected
     assert got["tvgate.cost_usd"] == pytest.approx(trace.cost_usd)
     assert "error.type" not in got
+    # The org has not turned content on: no prompt, no answer.
+    assert not {"gen_ai.input.messages", "gen_ai.output.messages"} & got.keys()
     assert resource["service.name"] == "tvgate"
     # The export headers reached the receiver, and no log line names the key.
     assert any(h.get("x-api-key") == API_KEY for h in receiver.headers)
@@ -258,6 +263,70 @@ def test_an_openai_chat_call_and_a_failed_call_are_spans(
 
 def _headers(kwargs: dict[str, Any], **extra: str) -> dict[str, Any]:
     return {"extra_headers": {**kwargs["extra_headers"], **extra}}
+
+
+def test_content_goes_into_spans_only_when_the_org_turns_it_on_and_redacted(
+    otel_gateway: GatewayProcess, receiver: Receiver
+) -> None:
+    otel_gateway.bind()
+    services.set_policy("acme", span_content=True)
+    try:
+        # The writer reads the org's settings again once the change is announced.
+        time.sleep(2)
+        session = "otel-" + secrets.token_hex(4)
+        client = anthropic.Anthropic(
+            base_url=otel_gateway.url, api_key=otel_gateway.tokens["dev@acme.test"], max_retries=0
+        )
+        answer = client.messages.create(
+            model="claude-test",
+            max_tokens=64,
+            system="You are terse.",
+            messages=[
+                {"role": "user", "content": "first turn"},
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": f"my key is {ANTHROPIC_SECRET} keep it"},
+            ],
+            extra_headers={"X-Claude-Code-Session-Id": session},
+        )
+        span, _ = receiver.span_of(_one_trace(otel_gateway, session).id)
+    finally:
+        otel_gateway.bind()
+        services.set_policy("acme", span_content=False)
+    got = attributes(span.attributes)
+    assert ANTHROPIC_SECRET not in str(got)
+    system = orjson.loads(got["gen_ai.system_instructions"])
+    assert system == [{"type": "text", "content": "You are terse."}]
+    inputs = orjson.loads(got["gen_ai.input.messages"])
+    assert [m["role"] for m in inputs] == ["user", "assistant", "user"]
+    assert inputs[0]["parts"] == [{"type": "text", "content": "first turn"}]
+    (last,) = inputs[2]["parts"]
+    assert last["content"].startswith("my key is ") and last["content"].endswith(" keep it")
+    (output,) = orjson.loads(got["gen_ai.output.messages"])
+    assert output["role"] == "assistant"
+    assert output["finish_reason"] == answer.stop_reason
+    assert output["parts"] == [
+        {"type": "text", "content": block.text} for block in answer.content if block.type == "text"
+    ]
+    assert "tvgate.content_truncated" not in got
+
+
+def test_content_keeps_the_latest_messages_that_fit() -> None:
+    turns = [{"role": "user", "content": f"turn {i} " + "x" * 1000} for i in range(200)]
+    request = orjson.dumps({"model": "m", "messages": turns})
+    got = content_attributes("anthropic.messages", request, None)
+    kept = orjson.loads(got["gen_ai.input.messages"])
+    assert len(got["gen_ai.input.messages"]) <= CONTENT_MAX
+    assert 50 < len(kept) < 200
+    assert kept[-1]["parts"][0]["content"].startswith("turn 199 ")
+    assert got["tvgate.content_truncated"] is True
+    # One message too long alone: its text is cut, the message kept.
+    huge = orjson.dumps({"messages": [{"role": "user", "content": "y" * (3 * CONTENT_MAX)}]})
+    got = content_attributes("anthropic.messages", huge, None)
+    (message,) = orjson.loads(got["gen_ai.input.messages"])
+    assert 0 < len(message["parts"][0]["content"]) <= CONTENT_MAX // 2
+    # No conversation in an embeddings call; a body that is no JSON gives nothing.
+    assert content_attributes("openai.embeddings", b'{"input": "a"}', None) == {}
+    assert content_attributes("openai.chat", b"not json", None) == {}
 
 
 def test_traceparent_is_checked_strictly() -> None:

@@ -240,10 +240,11 @@ def _migration_11(db: peewee.Database) -> None:
 
 
 def _migration_12(db: peewee.Database) -> None:
-    # A call's span in the org's observability stack (issue 24): the client's traceparent
-    # why the answer ended, and the provider's host.
+    # A call's span in the org's observability stack (issue 24): the client's traceparent,
+    # why the answer ended, the provider's host; the org's switch for content in spans.
     for name in ("traceparent", "finish_reason", "server_address"):
         add_column_if_missing(db, models.Trace, name)
+    add_column_if_missing(db, models.Org, "span_content")
 
 
 def _migration_13(db: peewee.Database) -> None:

@@ -71,6 +71,8 @@ class Org(BaseModel):
     allow_user_keys = peewee.BooleanField(default=False)
     allow_user_routes = peewee.BooleanField(default=False)
     capture_bodies = peewee.BooleanField(default=True)
+    #: Prompts and answers (redacted) go into the calls' OpenTelemetry spans too.
+    span_content = peewee.BooleanField(default=False)
     #: Days traces are kept; 0 keeps them for ever.
     retention_days = peewee.IntegerField(default=90)
     #: JSON list of extra regular expressions redacted from captured bodies.

@@ -185,6 +185,11 @@ class BatchWriter:
     def _capture(self, row: TraceRow, body: CapturedBody, stores: dict[int, BlobStore]) -> None:
         org_id = row["org_id"]
         settings = self._capture_settings(org_id)
+        if settings.span_content and not settings.unknown and self.on_written is not None:
+            # Redacted with every key of the org, for the span only (not a column).
+            redact = settings.redactor.redact
+            answer = None if body.response is None else redact(orjson.dumps(body.response))
+            row["span_content"] = (redact(body.request), answer)
         if not settings.capture_bodies:
             return
         if settings.unknown:

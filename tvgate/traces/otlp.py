@@ -48,6 +48,7 @@ from opentelemetry.trace import (
 from tvgate import __version__
 from tvgate.models import OUTCOME_OK
 from tvgate.traces.rows import TraceRow, WriterStats
+from tvgate.traces.span_content import content_attributes
 from tvgate.traces.spans import parent_ids, span_attributes, span_name
 
 log = logging.getLogger("tvgate.traces")
@@ -152,6 +153,9 @@ class SpanExport:
             remote = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
             context = trace.set_span_in_context(NonRecordingSpan(remote))
         attributes: dict[str, Any] = span_attributes(row)
+        content = row.get("span_content")
+        if content is not None:
+            attributes.update(content_attributes(row.get("endpoint", ""), *content))
         received = row["received_at"]
         span = self._tracer.start_span(
             span_name(row),
