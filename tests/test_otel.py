@@ -11,6 +11,7 @@ receiver down, calls answer as before and the spans lost are counted on ``/metri
 from __future__ import annotations
 
 import gzip
+import re
 import secrets
 import threading
 import time
@@ -27,7 +28,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from tests.conftest import ANTHROPIC_SECRET, scrape
+from tests.conftest import ANTHROPIC_SECRET, ROOT, scrape
 from tests.harness import GatewayProcess, beside, fake_scenario, free_port
 from tvgate import services
 from tvgate.metrics import Metrics
@@ -39,6 +40,8 @@ from tvgate.traces.spans import checked_traceparent, parent_ids
 API_KEY = "otlp-key-" + secrets.token_hex(8)
 TRACE_ID, PARENT_ID = secrets.token_hex(16), secrets.token_hex(8)
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+#: A metric name in a PromQL expression.
+METRIC = re.compile(r"\btvgate_[a-z_]+")
 
 
 class Receiver:
@@ -389,6 +392,18 @@ def test_metrics_after_calls_have_the_histograms_and_counters(
     )
     assert "tvgate_sink_backlog" in after
     assert after["tvgate_otlp_spans_dropped_total"] == 0
+
+
+def test_the_sample_dashboard_queries_only_metrics_tvgate_exports(
+    otel_gateway: GatewayProcess,
+) -> None:
+    dashboard = orjson.loads((ROOT / "docs" / "grafana-tvgate.json").read_bytes())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {re.sub(r"_(bucket|sum|count)$", "", name) for e in exprs for name in METRIC.findall(e)}
+    text = httpx2.get(otel_gateway.url + "/metrics", timeout=5).text
+    exported = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
+    assert len(used) >= 15
+    assert used - exported == set()
 
 
 def test_refusals_and_cost_are_counted_from_the_row() -> None:
