@@ -382,7 +382,13 @@ def test_metrics_after_calls_have_the_histograms_and_counters(
         assert grew(histogram + "_count{", *sonnet) == 1
         assert grew(histogram + "_bucket{", *sonnet, 'le="+Inf"') == 1
     assert grew("tvgate_tokens_total{", 'route="claude-sonnet"', 'type="output"') > 0
-    # The route's model has a price: the counter has it at the org's prices.
+    # The route's model has a price: the counter has it at the org's prices, once the
+    # gateway has read them (within a second of its start).
+    deadline = time.monotonic() + 5
+    while not any(k.startswith("tvgate_cost_usd_total{") for k in after):
+        assert time.monotonic() < deadline, "no cost counted"
+        time.sleep(0.2)
+        after = scrape(otel_gateway.url)
     assert grew("tvgate_cost_usd_total{", 'route="claude-sonnet"') > 0
     assert (
         grew(
@@ -415,7 +421,8 @@ def test_refusals_and_cost_are_counted_from_the_row() -> None:
         priced.append((org_id, provider, model, usage))
         return 0.25
 
-    metrics = Metrics(price=price)
+    ready = False
+    metrics = Metrics(price=price, priced=lambda: ready)
     row: dict[str, Any] = {
         "org_id": 3,
         "provider": "openai",
@@ -447,6 +454,9 @@ def test_refusals_and_cost_are_counted_from_the_row() -> None:
             "cache_read_tokens": 0,
         }
     )
+    # Before the prices are read, nothing is priced at 0: the tokens wait.
+    assert "tvgate_cost_usd_total{" not in metrics.render().decode()
+    ready = True
     text = metrics.render().decode()
     assert priced == [(3, "openai", "gpt-5", (100, 20, 50, 0))]
     assert 'tvgate_cost_usd_total{org_id="3",route="gpt",tool="codex"} 0.25' in text

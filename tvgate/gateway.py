@@ -279,6 +279,7 @@ class Gateway:
             self.governor,
         )
         metrics.price = governor.cost
+        metrics.priced = lambda: governor.prices_read
         metrics.sample(
             "tvgate_sink_backlog",
             "Traces sent to the trace writer process and not yet in the database or the spool "

@@ -205,9 +205,16 @@ class SampledByLabel(_Sampled):
 class Metrics:
     """The registry of one tvgate process."""
 
-    def __init__(self, worker: int = 0, price: Pricer | None = None) -> None:
+    def __init__(
+        self,
+        worker: int = 0,
+        price: Pricer | None = None,
+        priced: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.worker = worker
         self.price = price
+        #: Whether ``price`` knows the prices yet: until then, tokens wait unpriced.
+        self.priced = priced
         self.started = time.time()
         self.open_streams = 0
         self.requests = Counter(
@@ -261,6 +268,9 @@ class Metrics:
             "their first request's headers within the header timeout.",
             ("reason",),
         )
+        #: Tokens not priced yet, by (org id, route, tool, provider, model): what
+        #: ``tvgate_cost_usd_total`` adds at the next scrape, at the prices then.
+        self._unpriced: dict[tuple[Any, ...], list[int]] = {}
         #: The most answer bytes one call's capture has retained (at most capture_max_bytes).
         self.capture_retained_max = 0
         self._sampled: list[Sampled | SampledByLabel] = [
@@ -301,15 +311,22 @@ class Metrics:
             if count:
                 used = True
                 self.tokens.inc((org_id, route, tool, kind), count)
-        if used and self.price is not None:
-            usage = (
-                row["input_tokens"],
-                row["output_tokens"],
-                row["cache_read_tokens"],
-                row["cache_write_tokens"],
+        if used:
+            # Priced at scrape time (render), not here: a few additions per call.
+            key = (
+                org_id,
+                route,
+                tool,
+                row["provider"],
+                row["response_model"] or row["upstream_model"],
             )
-            model = row["response_model"] or row["upstream_model"]
-            self.cost.inc((org_id, route, tool), self.price(org_id, row["provider"], model, usage))
+            pending = self._unpriced.get(key)
+            if pending is None:
+                pending = self._unpriced[key] = [0, 0, 0, 0]
+            pending[0] += row["input_tokens"]
+            pending[1] += row["output_tokens"]
+            pending[2] += row["cache_read_tokens"]
+            pending[3] += row["cache_write_tokens"]
         if outcome in _UPSTREAM_ERROR_OUTCOMES:
             self.upstream_errors.inc((route, outcome, row["error_type"]))
         elif outcome == OUTCOME_REJECTED and row["error_type"] == _GOVERNANCE_REFUSAL:
@@ -338,7 +355,17 @@ class Metrics:
         """Export values read at scrape time, one per value of ``label``."""
         self._sampled.append(SampledByLabel(name, help_, kind, label, read))
 
+    def _price_unpriced(self) -> None:
+        price, unpriced, cost = self.price, self._unpriced, self.cost
+        if price is None or not self.priced():
+            return
+        for (org_id, route, tool, provider, model), usage in unpriced.items():
+            tokens = (usage[0], usage[1], usage[2], usage[3])
+            cost.inc((org_id, route, tool), price(org_id, provider, model, tokens))
+        unpriced.clear()
+
     def render(self) -> bytes:
+        self._price_unpriced()
         lines: list[str] = [
             "# HELP tvgate_worker_info This process: worker index, pid and tvgate version.",
             "# TYPE tvgate_worker_info gauge",

@@ -497,6 +497,11 @@ class Governor:
                     # Spent from headroom held here: it reaches the shared total at the sync.
                     free[name] = free.get(name, 0.0) - amount
 
+    @property
+    def prices_read(self) -> bool:
+        """The price table has been read (``cost`` is 0 until then)."""
+        return self._prices is not None
+
     def cost(
         self, org_id: int, provider: str, model: str, usage: tuple[int, int, int, int]
     ) -> float:
