@@ -351,12 +351,20 @@ def test_metrics_count_each_call_from_its_trace(gateway: GatewayProcess, member_
         )
         == 1
     )
-    assert grew('tvgate_request_duration_seconds_count{route="claude-test"}') == 3
-    assert grew('tvgate_time_to_first_byte_seconds_count{route="claude-test"}') == 3
-    assert grew('tvgate_request_duration_seconds_bucket{route="claude-test",le="+Inf"}') == 3
-    assert grew("tvgate_overhead_seconds_count") == 3
-    assert grew('tvgate_tokens_total{route="claude-test",type="input"}') > 0
-    assert grew('tvgate_tokens_total{route="claude-test",type="output"}') > 0
+    by_route = 'provider="anthropic",route="claude-test"'
+    assert grew(f"tvgate_request_duration_seconds_count{{{by_route}}}") == 3
+    assert grew(f"tvgate_time_to_first_byte_seconds_count{{{by_route}}}") == 3
+    assert grew(f'tvgate_request_duration_seconds_bucket{{{by_route},le="+Inf"}}') == 3
+    assert grew(f"tvgate_overhead_seconds_count{{{by_route}}}") == 3
+
+    def tokens_grew(kind: str) -> float:
+        # Labelled by org id and tool too, which this test does not pin.
+        keys = {k for k in after if k.startswith("tvgate_tokens_total{")}
+        keys = {k for k in keys if 'route="claude-test"' in k and f'type="{kind}"' in k}
+        return sum(grew(key) for key in keys)
+
+    assert tokens_grew("input") > 0
+    assert tokens_grew("output") > 0
     assert after["tvgate_open_streams"] == 0
     assert after["tvgate_requests_in_flight"] == 0
     assert "tvgate_trace_queue_depth" in after
@@ -402,6 +410,11 @@ def test_a_conversation_is_captured_from_what_each_turn_added(
 def test_metrics_text_format() -> None:
     metrics = Metrics(worker=3)
     row = {
+        "org_id": 7,
+        "provider": "anthropic",
+        "tool": "claude-code",
+        "response_model": "",
+        "upstream_model": "claude-test",
         "route_name": 'we"ird\\route',
         "status_code": 200,
         "outcome": "ok",
@@ -419,14 +432,15 @@ def test_metrics_text_format() -> None:
     metrics.observe({**row, "first_byte_at": None, "finished_at": 100.05})
     text = metrics.render().decode()
     label = 'route="we\\"ird\\\\route"'
+    by_route = f'provider="anthropic",{label}'
     assert f'tvgate_requests_total{{{label},status="200",outcome="ok"}} 2' in text
-    assert f"tvgate_time_to_first_byte_seconds_count{{{label}}} 1" in text
-    assert f'tvgate_request_duration_seconds_bucket{{{label},le="0.05"}} 1' in text
-    assert f'tvgate_request_duration_seconds_bucket{{{label},le="1"}} 2' in text
-    assert f'tvgate_request_duration_seconds_bucket{{{label},le="+Inf"}} 2' in text
-    assert f'tvgate_tokens_total{{{label},type="output"}} 10' in text
+    assert f"tvgate_time_to_first_byte_seconds_count{{{by_route}}} 1" in text
+    assert f'tvgate_request_duration_seconds_bucket{{{by_route},le="0.05"}} 1' in text
+    assert f'tvgate_request_duration_seconds_bucket{{{by_route},le="1"}} 2' in text
+    assert f'tvgate_request_duration_seconds_bucket{{{by_route},le="+Inf"}} 2' in text
+    assert f'tvgate_tokens_total{{org_id="7",{label},tool="claude-code",type="output"}} 10' in text
     assert 'tvgate_worker_info{worker="3"' in text
-    assert re.search(r"^tvgate_overhead_seconds_sum 0\.003$", text, re.M)
+    assert re.search(rf"^tvgate_overhead_seconds_sum{{{re.escape(by_route)}}} 0\.003$", text, re.M)
 
 
 def test_histogram_bounds_are_inclusive() -> None:

@@ -184,6 +184,13 @@ class Settings:
     sink_batch_size: int = 100
     #: Seconds between pushes.
     sink_interval: float = 5.0
+    #: OTLP/HTTP traces endpoint each call's span is exported to
+    #: (``https://collector:4318/v1/traces``); empty: no spans.
+    otlp_endpoint: str = ""
+    #: Headers of each export, ``key=value,key=value`` (an API key): never logged.
+    otlp_headers: str = dataclasses.field(default="", repr=False)
+    #: Seconds one export may take, retries included, before its spans are counted dropped.
+    otlp_timeout: float = 10.0
     #: Worker processes sharing the listening socket; 0: one per CPU core (``serve --workers``).
     workers: int = 0
     #: Seconds a stop (SIGTERM) waits for open calls and streams to finish before cutting them.
@@ -347,6 +354,21 @@ def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
     return warnings
 
 
+def otlp_header_pairs(text: str) -> dict[str, str]:
+    """The ``otlp_headers`` setting as a dict; raises ConfigError naming the bad pair only
+    by its position (a value is a secret)."""
+    headers: dict[str, str] = {}
+    for index, pair in enumerate(text.split(","), 1):
+        if not pair.strip():
+            continue
+        name, sep, value = pair.partition("=")
+        name = name.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
+            raise ConfigError(f"otlp_headers: pair {index} is not name=value")
+        headers[name] = value.strip()
+    return headers
+
+
 def _check_port(setting: str, address: str, lowest: int = 1) -> None:
     """``address`` is host:port with a port from ``lowest`` to 65535 (a larger one would be
     cut to 16 bits by the socket layer: 80800 listened on 15264)."""
@@ -417,3 +439,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError("login_attempts_per_address must be positive")
     if settings.metrics_listen:
         _check_port("metrics_listen", settings.metrics_listen)
+    if settings.otlp_endpoint and not settings.otlp_endpoint.startswith(("http://", "https://")):
+        raise ConfigError("otlp_endpoint must be an http(s) URL")
+    if settings.otlp_timeout <= 0:
+        raise ConfigError("otlp_timeout must be positive")
+    otlp_header_pairs(settings.otlp_headers)

@@ -245,6 +245,14 @@ def _migration_11(db: peewee.Database) -> None:
     db.create_tables([models.LoginFailure], safe=True)
 
 
+def _migration_12(db: peewee.Database) -> None:
+    # A call's span in the org's observability stack (issue 24): the client's traceparent,
+    # why the answer ended, the provider's host; the org's switch for content in spans.
+    for name in ("traceparent", "finish_reason", "server_address"):
+        add_column_if_missing(db, models.Trace, name)
+    add_column_if_missing(db, models.Org, "span_content")
+
+
 def _migration_13(db: peewee.Database) -> None:
     # Changes announced to every process (tvgate.services.events).
     db.create_tables([models.OrgChange], safe=True)
@@ -263,10 +271,9 @@ def _migration_19(db: peewee.Database) -> None:
 
 
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
-#: The numbers have gaps: 12 was reserved by work done in parallel and never used, so no
-#: database has it; 13 came after 14 and 19, and 3 after all of them (a database that has
-#: the later ones gets it). The gaps stay: a database records the numbers it has applied,
-#: and renumbering would run a migration twice or skip it.
+#: The numbers have gaps: 13 came after 14 and 19, and 3 and 12 after all of them (a
+#: database that has the later ones gets them). The gaps stay: a database records the
+#: numbers it has applied, and renumbering would run a migration twice or skip it.
 MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (1, _migration_1),
     (2, _migration_2),
@@ -279,6 +286,7 @@ MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (9, _migration_9),
     (10, _migration_10),
     (11, _migration_11),
+    (12, _migration_12),
     (13, _migration_13),
     (14, _migration_14),
     (19, _migration_19),

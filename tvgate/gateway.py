@@ -211,6 +211,9 @@ class Gateway:
                 db_idle_timeout=settings.db_idle_timeout,
                 db_max_age=settings.db_max_age,
                 log_level=settings.log_level,
+                otlp_endpoint=settings.otlp_endpoint,
+                otlp_headers=settings.otlp_headers,
+                otlp_timeout=settings.otlp_timeout,
             ),
             keys,
             local if isinstance(local, LocalKeyring) else None,
@@ -274,6 +277,21 @@ class Gateway:
             self.traces,
             self.inflight,
             self.governor,
+        )
+        metrics.price = governor.cost
+        metrics.priced = lambda: governor.prices_read
+        metrics.sample(
+            "tvgate_sink_backlog",
+            "Traces sent to the trace writer process and not yet in the database or the spool "
+            "(not acknowledged): what a kill -9 of the writer would have it resend.",
+            lambda: traces.backlog,
+        )
+        metrics.sample(
+            "tvgate_otlp_spans_dropped_total",
+            "Spans of written traces the OTLP exporter did not deliver: the export failed "
+            "after its retries, its queue was full, or a stop's wait ran out.",
+            lambda: traces.stats.otlp_dropped,
+            kind="counter",
         )
         metrics.sample(
             "tvgate_governance_refused_total",

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from tvgate import __version__
-from tvgate.models import OUTCOME_TIMEOUT, OUTCOME_UPSTREAM_ERROR
+from tvgate.models import OUTCOME_REJECTED, OUTCOME_TIMEOUT, OUTCOME_UPSTREAM_ERROR
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -61,6 +61,10 @@ OVERHEAD_BUCKETS: tuple[float, ...] = (
 
 #: Outcomes that count as an upstream error.
 _UPSTREAM_ERROR_OUTCOMES = frozenset({OUTCOME_UPSTREAM_ERROR, OUTCOME_TIMEOUT})
+#: The ``error_type`` of a call the governor refused (tvgate.proxy.call, 429).
+_GOVERNANCE_REFUSAL = "rate_limited"
+#: Dollars of (org id, provider, model, usage): the governor's prices (tvgate.governance).
+Pricer = Callable[[int, str, str, tuple[int, int, int, int]], float]
 #: Token counts a trace row carries, and the ``type`` label each is exported under.
 _TOKEN_FIELDS = (
     ("input_tokens", "input"),
@@ -201,8 +205,16 @@ class SampledByLabel(_Sampled):
 class Metrics:
     """The registry of one tvgate process."""
 
-    def __init__(self, worker: int = 0) -> None:
+    def __init__(
+        self,
+        worker: int = 0,
+        price: Pricer | None = None,
+        priced: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.worker = worker
+        self.price = price
+        #: Whether ``price`` knows the prices yet: until then, tokens wait unpriced.
+        self.priced = priced
         self.started = time.time()
         self.open_streams = 0
         self.requests = Counter(
@@ -214,23 +226,36 @@ class Metrics:
             "tvgate_time_to_first_byte_seconds",
             "From the complete client request to the first response byte sent to the client.",
             LATENCY_BUCKETS,
-            ("route",),
+            ("provider", "route"),
         )
         self.duration = Histogram(
             "tvgate_request_duration_seconds",
             "From the complete client request to the end of the call.",
             LATENCY_BUCKETS,
-            ("route",),
+            ("provider", "route"),
         )
         self.overhead = Histogram(
             "tvgate_overhead_seconds",
             "Time tvgate adds before the upstream request goes out (identity, body, routing, key).",
             OVERHEAD_BUCKETS,
+            ("provider", "route"),
         )
         self.tokens = Counter(
             "tvgate_tokens_total",
-            "Tokens reported by the provider, by route and type (input, output, cache_read, cache_write).",
-            ("route", "type"),
+            "Tokens reported by the provider, by org id, route, tool and type (input, output, "
+            "cache_read, cache_write).",
+            ("org_id", "route", "tool", "type"),
+        )
+        self.cost = Counter(
+            "tvgate_cost_usd_total",
+            "Dollars of the calls at their org's prices, by org id, route and tool.",
+            ("org_id", "route", "tool"),
+        )
+        self.governance_refusals = Counter(
+            "tvgate_governance_refusals_total",
+            "Calls refused (429) by a budget, a rate limit or a concurrency cap, by org id "
+            "and route.",
+            ("org_id", "route"),
         )
         self.upstream_errors = Counter(
             "tvgate_upstream_errors_total",
@@ -243,6 +268,9 @@ class Metrics:
             "their first request's headers within the header timeout.",
             ("reason",),
         )
+        #: Tokens not priced yet, by (org id, route, tool, provider, model): what
+        #: ``tvgate_cost_usd_total`` adds at the next scrape, at the prices then.
+        self._unpriced: dict[tuple[Any, ...], list[int]] = {}
         #: The most answer bytes one call's capture has retained (at most capture_max_bytes).
         self.capture_retained_max = 0
         self._sampled: list[Sampled | SampledByLabel] = [
@@ -267,20 +295,42 @@ class Metrics:
         route = row["route_name"]
         outcome = row["outcome"]
         self.requests.inc((route, row["status_code"], outcome))
+        by_route = (row["provider"], route)
         received = row["received_at"]
         first_byte = row["first_byte_at"]
         if first_byte is not None:
-            self.time_to_first_byte.observe(first_byte - received, (route,))
+            self.time_to_first_byte.observe(first_byte - received, by_route)
         finished = row["finished_at"]
         if finished is not None:
-            self.duration.observe(finished - received, (route,))
-        self.overhead.observe(row["overhead_ms"] / 1000.0)
+            self.duration.observe(finished - received, by_route)
+        self.overhead.observe(row["overhead_ms"] / 1000.0, by_route)
+        org_id, tool = row["org_id"], row["tool"]
+        used = False
         for field, kind in _TOKEN_FIELDS:
             count = row[field]
             if count:
-                self.tokens.inc((route, kind), count)
+                used = True
+                self.tokens.inc((org_id, route, tool, kind), count)
+        if used:
+            # Priced at scrape time (render), not here: a few additions per call.
+            key = (
+                org_id,
+                route,
+                tool,
+                row["provider"],
+                row["response_model"] or row["upstream_model"],
+            )
+            pending = self._unpriced.get(key)
+            if pending is None:
+                pending = self._unpriced[key] = [0, 0, 0, 0]
+            pending[0] += row["input_tokens"]
+            pending[1] += row["output_tokens"]
+            pending[2] += row["cache_read_tokens"]
+            pending[3] += row["cache_write_tokens"]
         if outcome in _UPSTREAM_ERROR_OUTCOMES:
             self.upstream_errors.inc((route, outcome, row["error_type"]))
+        elif outcome == OUTCOME_REJECTED and row["error_type"] == _GOVERNANCE_REFUSAL:
+            self.governance_refusals.inc((org_id, route))
 
     def stream_opened(self) -> None:
         self.open_streams += 1
@@ -305,7 +355,17 @@ class Metrics:
         """Export values read at scrape time, one per value of ``label``."""
         self._sampled.append(SampledByLabel(name, help_, kind, label, read))
 
+    def _price_unpriced(self) -> None:
+        price, unpriced, cost = self.price, self._unpriced, self.cost
+        if price is None or not self.priced():
+            return
+        for (org_id, route, tool, provider, model), usage in unpriced.items():
+            tokens = (usage[0], usage[1], usage[2], usage[3])
+            cost.inc((org_id, route, tool), price(org_id, provider, model, tokens))
+        unpriced.clear()
+
     def render(self) -> bytes:
+        self._price_unpriced()
         lines: list[str] = [
             "# HELP tvgate_worker_info This process: worker index, pid and tvgate version.",
             "# TYPE tvgate_worker_info gauge",
@@ -321,7 +381,9 @@ class Metrics:
             self.duration,
             self.overhead,
             self.tokens,
+            self.cost,
             self.upstream_errors,
+            self.governance_refusals,
             self.connections_refused,
         ):
             lines.extend(family.render())

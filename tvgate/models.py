@@ -71,6 +71,8 @@ class Org(BaseModel):
     allow_user_keys = peewee.BooleanField(default=False)
     allow_user_routes = peewee.BooleanField(default=False)
     capture_bodies = peewee.BooleanField(default=True)
+    #: Prompts and answers (redacted) go into the calls' OpenTelemetry spans too.
+    span_content = peewee.BooleanField(default=False)
     #: Days traces are kept; 0 keeps them for ever.
     retention_days = peewee.IntegerField(default=90)
     #: JSON list of extra regular expressions redacted from captured bodies.
@@ -304,6 +306,13 @@ class Trace(BaseModel):
     #: JSON list of what was wrong with the call's figures and how the writer mended
     #: them ("usage.input_tokens out of range", "truncated: response_model"); empty if nothing.
     anomalies = peewee.TextField(default="")
+    #: The W3C ``traceparent`` the client sent (version 00, checked strictly); empty if none
+    #: or malformed. The call's OpenTelemetry span is its child (tvgate.traces.otlp).
+    traceparent = peewee.CharField(max_length=55, default="")
+    #: Why the answer ended, as the provider said it (``stop_reason``, ``finish_reason``).
+    finish_reason = peewee.CharField(max_length=64, default="")
+    #: The host of the provider key's base URL the call went to.
+    server_address = peewee.CharField(max_length=255, default="")
 
 
 class Blob(BaseModel):

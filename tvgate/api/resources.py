@@ -49,6 +49,7 @@ POLICY_FIELDS = {
     "allow_user_keys",
     "allow_user_routes",
     "capture_bodies",
+    "span_content",
     "retention_days",
     "redaction_patterns",
 }
@@ -280,6 +281,7 @@ class PolicyHandler(APIHandler):
             _bool(body, "allow_user_routes"),
             _bool(body, "capture_bodies"),
         )
+        span_content = _bool(body, "span_content")
         retention = body.get("retention_days")
         if retention is not None and (
             isinstance(retention, bool) or not isinstance(retention, int)
@@ -295,6 +297,7 @@ class PolicyHandler(APIHandler):
                 allow_user_keys=keys,
                 allow_user_routes=routes,
                 capture_bodies=capture,
+                span_content=span_content,
                 retention_days=retention,
                 redaction_patterns=patterns,
                 actor=self.principal,

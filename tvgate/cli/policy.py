@@ -16,6 +16,7 @@ def cmd_policy_set(settings: Settings, args: argparse.Namespace) -> int:
         allow_user_keys=on_off(args.user_keys),
         allow_user_routes=on_off(args.user_routes),
         capture_bodies=on_off(args.capture_bodies),
+        span_content=on_off(args.span_content),
         redaction_patterns=args.redaction_patterns,
     )
     print(json.dumps(policy.as_dict(), indent=2))
@@ -34,6 +35,11 @@ def register(commands: Commands) -> None:
     p.add_argument("--user-keys", choices=["on", "off"])
     p.add_argument("--user-routes", choices=["on", "off"])
     p.add_argument("--capture-bodies", choices=["on", "off"])
+    p.add_argument(
+        "--span-content",
+        choices=["on", "off"],
+        help="put the redacted prompt and answer in the calls' OpenTelemetry spans",
+    )
     p.add_argument(
         "--redaction-pattern",
         action="append",

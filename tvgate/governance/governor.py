@@ -212,8 +212,8 @@ class Governor:
             want = float(demand.input_tokens + demand.output_tokens)
         else:
             usage = (demand.input_tokens, demand.output_tokens, 0, 0)
-            need = self._cost(org_id, demand.provider, demand.model, (demand.input_tokens, 0, 0, 0))
-            want = self._cost(org_id, demand.provider, demand.model, usage)
+            need = self.cost(org_id, demand.provider, demand.model, (demand.input_tokens, 0, 0, 0))
+            want = self.cost(org_id, demand.provider, demand.model, usage)
         # Something must be left, even for a call estimated at nothing (no price known).
         need = max(need, EPSILON)
         return need, max(want, need)
@@ -249,16 +249,22 @@ class Governor:
                 amount = float(tokens)
             else:
                 if usd is None:
-                    usd = self._cost(org_id, provider, model, usage)
+                    usd = self.cost(org_id, provider, model, usage)
                 amount = usd
             if amount:
                 name = charge.name
                 pending[name] = pending.get(name, 0.0) + amount
                 headroom.spent(name, amount)
 
-    def _cost(
+    @property
+    def prices_read(self) -> bool:
+        """The price table has been read (``cost`` is 0 until then)."""
+        return self._prices is not None
+
+    def cost(
         self, org_id: int, provider: str, model: str, usage: tuple[int, int, int, int]
     ) -> float:
+        """Dollars of ``usage`` at the org's prices (0 until the prices are read)."""
         if self._prices is None:
             return 0.0
         return self._prices.cost(org_id, provider, model, *usage)

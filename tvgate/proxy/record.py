@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -23,6 +24,7 @@ from tvgate.models import (
 )
 from tvgate.providers.common import checked_usage
 from tvgate.traces.attribution import attribution_header, detect_tool, session_id
+from tvgate.traces.spans import checked_traceparent
 from tvgate.traces.writer import CapturedBody, TraceRow
 
 if TYPE_CHECKING:
@@ -76,6 +78,10 @@ class TraceRecord:
     cost_usd: float
     #: What was off in the figures the provider reported (the writer adds its own mends).
     anomalies: list[Any]
+    #: The client's W3C traceparent when well formed: the parent of the call's span.
+    traceparent: str
+    finish_reason: str
+    server_address: str
 
     def row(self) -> TraceRow:
         """The record as the writer's row: its own attributes' dict, not a copy (a record
@@ -167,6 +173,9 @@ def record_call(call: ProxyCall) -> None:
         response_blob="",
         cost_usd=0.0,
         anomalies=anomalies,
+        traceparent=checked_traceparent(headers.get("traceparent")),
+        finish_reason=(assembled.stop_reason or "") if assembled else "",
+        server_address=(urlsplit(route.key.base_url).hostname or "") if route else "",
     )
     row = record.row()
     gateway.traces.submit(row, captured)

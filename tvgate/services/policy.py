@@ -25,6 +25,8 @@ class Policy:
     allow_user_keys: bool
     allow_user_routes: bool
     capture_bodies: bool
+    #: The (redacted) prompt and answer go into the calls' OpenTelemetry spans.
+    span_content: bool
     retention_days: int
     redaction_patterns: tuple[str, ...]
     #: Stored patterns the trace writer skips, each with why: saved by a tvgate that
@@ -39,6 +41,7 @@ class Policy:
             org.allow_user_keys,
             org.allow_user_routes,
             org.capture_bodies,
+            org.span_content,
             org.retention_days,
             patterns,
             tuple(invalid_patterns(patterns)),
@@ -50,6 +53,7 @@ class Policy:
             "allow_user_keys": self.allow_user_keys,
             "allow_user_routes": self.allow_user_routes,
             "capture_bodies": self.capture_bodies,
+            "span_content": self.span_content,
             "retention_days": self.retention_days,
             "redaction_patterns": list(self.redaction_patterns),
             "invalid_redaction_patterns": [
@@ -69,6 +73,7 @@ def set_policy(
     allow_user_keys: bool | None = None,
     allow_user_routes: bool | None = None,
     capture_bodies: bool | None = None,
+    span_content: bool | None = None,
     retention_days: int | None = None,
     redaction_patterns: list[str] | None = None,
     actor: Principal | None = None,
@@ -84,6 +89,8 @@ def set_policy(
         org.allow_user_routes = allow_user_routes
     if capture_bodies is not None:
         org.capture_bodies = capture_bodies
+    if span_content is not None:
+        org.span_content = span_content
     if retention_days is not None:
         if isinstance(retention_days, bool) or not 0 <= retention_days <= 36500:
             raise ServiceError("retention_days must be 0 (keep for ever) to 36500")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -91,6 +92,8 @@ class BatchWriter:
         self._stale: set[int] = set()
         #: Ids dead-lettered by this process: a replay cut short tries them again.
         self._dead_ids: set[str] = set()
+        #: Handed every batch of rows once committed, priced and mended (the OTLP spans).
+        self.on_written: Callable[[list[TraceRow]], None] | None = None
 
     def wanted_keys(self) -> list[tuple[str, KeyContext]]:
         """The keys (ciphertext, context) whose plaintext held bodies wait for (any thread)."""
@@ -157,6 +160,8 @@ class BatchWriter:
                 self._insert(rows[start : start + _INSERT_ROWS])
         for store in stores.values():
             store.committed()
+        if self.on_written is not None:
+            self.on_written(rows)
 
     def _insert(self, rows: list[TraceRow]) -> None:
         """``INSERT`` the rows, ignoring ids already stored, with one statement built once."""
@@ -180,6 +185,11 @@ class BatchWriter:
     def _capture(self, row: TraceRow, body: CapturedBody, stores: dict[int, BlobStore]) -> None:
         org_id = row["org_id"]
         settings = self._capture_settings(org_id)
+        if settings.span_content and not settings.unknown and self.on_written is not None:
+            # Redacted with every key of the org, for the span only (not a column).
+            redact = settings.redactor.redact
+            answer = None if body.response is None else redact(orjson.dumps(body.response))
+            row["span_content"] = (redact(body.request), answer)
         if not settings.capture_bodies:
             return
         if settings.unknown:

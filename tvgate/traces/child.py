@@ -30,15 +30,20 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 
+from tvgate.config import otlp_header_pairs
 from tvgate.db import ConnectionAge, open_database
 from tvgate.keyring import LOCAL_PREFIX, KeyContext, KeyringError
 from tvgate.keyring.local import LocalKeyring
 from tvgate.logformat import JsonFormatter
 from tvgate.traces import frames
 from tvgate.traces.writer import TraceWriter
+
+if TYPE_CHECKING:
+    from tvgate.traces.otlp import SpanExport
 
 log = logging.getLogger("tvgate.traces")
 
@@ -141,7 +146,12 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def serve(sock: socket.socket, writer: TraceWriter, keys: SentPlaintexts) -> bool:
+def serve(
+    sock: socket.socket,
+    writer: TraceWriter,
+    keys: SentPlaintexts,
+    spans: SpanExport | None = None,
+) -> bool:
     """Read frames until ``STOP`` (True) or the end of the socket (False)."""
     reporter = Reporter(sock, writer)
     writer.on_progress = reporter.ack
@@ -175,6 +185,8 @@ def serve(sock: socket.socket, writer: TraceWriter, keys: SentPlaintexts) -> boo
     if not told:
         log.warning("the serving process is gone; writing what it sent, then stopping")
     writer.stop()
+    if spans is not None:
+        spans.stop()  # before the last STATS: what it dropped at the end is reported
     reporter.finish()
     thread.join()
     reporter.stats(frames.DONE)
@@ -211,8 +223,21 @@ def main() -> int:
         body_budget=config["body_budget"],
         connection_age=ConnectionAge(config["db_idle_timeout"], config["db_max_age"]),
     )
+    spans = None
+    if config["otlp_endpoint"]:
+        # Imported only when used: the SDK costs the writer process memory and start time.
+        from tvgate.traces.otlp import SpanExport
+
+        spans = SpanExport(
+            config["otlp_endpoint"],
+            otlp_header_pairs(config["otlp_headers"]),
+            config["otlp_timeout"],
+            writer.stats,
+            worker=config["worker"],
+        )
+        writer.batches.on_written = spans.export_rows
     started = time.monotonic()
-    serve(sock, writer, keys)
+    serve(sock, writer, keys, spans)
     log.debug("trace writer process ran %.1fs", time.monotonic() - started)
     return 0
 

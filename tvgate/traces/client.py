@@ -59,7 +59,15 @@ log = logging.getLogger("tvgate.traces")
 #: How long after a writer process died the next one is started.
 RESTART_DELAY = 0.5
 #: The counters a writer process reports, added up over the processes of a worker.
-_COUNTERS = ("written", "spooled", "bodies_dropped", "failures", "restarts", "spool_errors")
+_COUNTERS = (
+    "written",
+    "spooled",
+    "bodies_dropped",
+    "failures",
+    "restarts",
+    "spool_errors",
+    "otlp_dropped",
+)
 #: How much longer than the writer process's own stop a stop waits for it.
 _STOP_GRACE = 10.0
 #: PostgreSQL's ``bigint`` (orjson writes no wider integer): a value past it becomes 0.
@@ -81,6 +89,10 @@ class WriterConfig:
     db_idle_timeout: float
     db_max_age: float
     log_level: str
+    #: Where the writer process exports spans (empty: none), with what headers, how long.
+    otlp_endpoint: str = ""
+    otlp_headers: str = ""
+    otlp_timeout: float = 10.0
 
 
 class WriterClient:
@@ -125,6 +137,11 @@ class WriterClient:
     def depth(self) -> int:
         """Traces waiting for the writer process to take them."""
         return self._seq - self._taken
+
+    @property
+    def backlog(self) -> int:
+        """Traces sent and not acknowledged yet (not in the database nor the spool)."""
+        return len(self._unacked)
 
     @property
     def running(self) -> bool:

@@ -107,6 +107,7 @@ def stats_document(
                 "failures": stats.failures,
                 "restarts": stats.restarts,
                 "spool_errors": stats.spool_errors,
+                "otlp_dropped": stats.otlp_dropped,
             },
             "gauges": {
                 **gauges,

@@ -95,6 +95,8 @@ class WriterStats:
     spool_errors: int = 0
     #: The last spool write's error while it fails (readiness reports it).
     spool_error: str | None = None
+    #: Spans of written traces the OTLP exporter did not deliver (tvgate.traces.otlp).
+    otlp_dropped: int = 0
 
     @property
     def dropped(self) -> int:

@@ -157,6 +157,8 @@ class CaptureSettings:
     unknown: dict[KeyRef, KeyContext]
     #: Every key of the org when they were read (those that do not decrypt too).
     refs: frozenset[KeyRef] = frozenset()
+    #: The redacted prompt and answer go into the call's span (tvgate.traces.otlp).
+    span_content: bool = False
     redactor: Redactor = field(init=False)
     loaded_at: float = field(default_factory=time.monotonic)
 
@@ -215,6 +217,7 @@ def load_capture_settings(
         plaintexts=plaintexts,
         unknown=unknown,
         refs=frozenset(refs),
+        span_content=org.span_content,
     )
 
 
