@@ -17,6 +17,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.shapes import chat_tool_call, tool_use
 from tvgate.traces import content
 from tvgate.traces.content import (
     BIG_STRING,
@@ -91,12 +92,11 @@ def anthropic_request() -> dict[str, Any]:
                 "content": [
                     {"type": "thinking", "thinking": "Let me read it.", "signature": "c2ln"},
                     {"type": "text", "text": 'I\'ll read "tests/test_x.py" first.'},
-                    {
-                        "type": "tool_use",
-                        "id": "toolu_01",
-                        "name": "Read",
-                        "input": {"file_path": "tests/test_x.py", "limit": [1, {"deep": [[]]}]},
-                    },
+                    tool_use(
+                        "toolu_01",
+                        "Read",
+                        {"file_path": "tests/test_x.py", "limit": [1, {"deep": [[]]}]},
+                    ),
                 ],
             },
             {
@@ -153,13 +153,7 @@ def openai_chat_request() -> dict[str, Any]:
             {
                 "role": "assistant",
                 "content": None,
-                "tool_calls": [
-                    {
-                        "id": "call_1",
-                        "type": "function",
-                        "function": {"name": "read", "arguments": '{"path": "main.py"}'},
-                    }
-                ],
+                "tool_calls": [chat_tool_call("call_1", "read", '{"path": "main.py"}')],
             },
             {"role": "tool", "tool_call_id": "call_1", "content": SOURCE},
         ],
