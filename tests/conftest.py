@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import orjson
 import psycopg2
 import pytest
 
 from tests.fake_provider import FakeProvider
 from tests.fake_visdom import FakeVisdom
 from tests.harness import (
+    MASTER_KEY,
     MAX_BODY_BYTES,
     PG_ADMIN_DSN,
     ROOT,
@@ -43,11 +45,13 @@ from tests.harness import (
     visdom_env,
 )
 from tests.openbao import OpenBao
+from tests.pg_private import PrivatePostgres
 from tvgate import services
 from tvgate.db import migrate, open_database
 from tvgate.keyring import vault_admin
 from tvgate.keyring.local import LocalKeyring
 from tvgate.keyring.vault import VaultKeyring
+from tvgate.models import database
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -114,13 +118,39 @@ def scrape(url: str) -> dict[str, float]:
     return samples
 
 
+def tokens_of(response: httpx2.Response) -> int:
+    """The tokens an Anthropic Messages answer says it used (what a token budget counts)."""
+    usage = response.json()["usage"]
+    return int(
+        usage["input_tokens"]
+        + usage["output_tokens"]
+        + usage.get("cache_read_input_tokens", 0)
+        + usage.get("cache_creation_input_tokens", 0)
+    )
+
+
+def post_message(
+    gw: RunningGateway, body: dict[str, object], session: str, **headers: str
+) -> httpx2.Response:
+    """One Anthropic Messages call of dev@acme.test in ``session``, ``headers`` on top, on a
+    connection of its own (so that the kernel spreads such calls over a gateway's workers)."""
+    return httpx2.post(
+        gw.url + "/v1/messages",
+        content=orjson.dumps(body),
+        headers={
+            "x-api-key": gw.tokens["dev@acme.test"],
+            "anthropic-version": "2023-06-01",
+            "x-tvgate-session": session,
+            **headers,
+        },
+        timeout=60,
+    )
+
+
 def seed(database_url: str, data_dir: Path, fake: FakeProvider) -> dict[str, str]:
     """Orgs, users, keys and routes the proxy tests use; returns tokens by user."""
     open_database(database_url)
-    from tvgate.models import database
-
     migrate(database.obj)
-    keyring = LocalKeyring(b"k" * 32)
     tokens: dict[str, str] = {}
     services.add_user("admin@acme.test", "acme", admin=True)
     services.add_user("dev@acme.test", "acme")
@@ -131,33 +161,9 @@ def seed(database_url: str, data_dir: Path, fake: FakeProvider) -> dict[str, str
         ("dev@other.test", "other"),
     ):
         tokens[email], _ = services.issue_token(email, org, name="tests")
-    services.add_key(
-        "fake-anthropic",
-        "anthropic",
-        ANTHROPIC_SECRET,
-        keyring,
-        org_name="acme",
-        base_url=fake.url,
-        allow_private=True,
-    )
-    services.add_key(
-        "fake-openai",
-        "openai",
-        OPENAI_SECRET,
-        keyring,
-        org_name="acme",
-        base_url=fake.openai_url,
-        allow_private=True,
-    )
-    services.add_key(
-        "other-anthropic",
-        "anthropic",
-        ANTHROPIC_SECRET,
-        keyring,
-        org_name="other",
-        base_url=fake.url,
-        allow_private=True,
-    )
+    add_test_key("fake-anthropic", "acme", fake.url)
+    add_test_key("fake-openai", "acme", fake.openai_url, OPENAI_SECRET, provider="openai")
+    add_test_key("other-anthropic", "other", fake.url)
     services.add_route("claude-test", "fake-anthropic", model="claude-upstream-1", org_name="acme")
     services.add_route("claude-pass", "fake-anthropic", org_name="acme")
     services.add_route("gpt-test", "fake-openai", model="gpt-upstream-1", org_name="acme")
@@ -171,24 +177,65 @@ def seed(database_url: str, data_dir: Path, fake: FakeProvider) -> dict[str, str
     return tokens
 
 
-def add_fake_key(
-    fake: FakeProvider, org: str, name: str, base_url: str, provider: str = "anthropic"
-) -> str:
-    """A key of ``org`` on the fake provider with a secret of its own (so its calls can be
-    told apart there), which the fake provider accepts; returns the secret."""
-    prefix = "sk-ant-api03-" if provider == "anthropic" else "sk-proj-"
-    secret = prefix + secrets.token_hex(16)
-    if fake.accepted_keys is not None:
-        fake.accepted_keys.add(secret)
+def seeded_gateway(
+    database_url: str, data_dir: Path, fake: FakeProvider, **extra_env: str
+) -> GatewayProcess:
+    """``seed`` the database, then ``launch_gateway`` over it (``with`` stops it)."""
+    return launch_gateway(database_url, data_dir, seed(database_url, data_dir, fake), **extra_env)
+
+
+@pytest.fixture
+def own_gateway(
+    fresh_database_url: str, fake_provider: FakeProvider, tmp_path: Path
+) -> Iterator[GatewayProcess]:
+    """A gateway of this test's own over a fresh database (SQLite, then PostgreSQL), seeded as
+    the suite's gateway is."""
+    with seeded_gateway(fresh_database_url, tmp_path, fake_provider) as gw:
+        yield gw
+    database.close()
+
+
+def add_test_key(
+    name: str,
+    org: str,
+    base_url: str,
+    secret: str = ANTHROPIC_SECRET,
+    *,
+    provider: str = "anthropic",
+    **options: Any,
+) -> None:
+    """``services.add_key`` as the tests store keys: with the gateways' keyring (MASTER_KEY),
+    private upstreams allowed (the fakes listen on 127.0.0.1); ``options`` go on to it."""
     services.add_key(
         name,
         provider,
         secret,
-        LocalKeyring(b"k" * 32),
+        LocalKeyring(MASTER_KEY),
         org_name=org,
         base_url=base_url,
         allow_private=True,
+        **options,
     )
+
+
+def add_fake_key(
+    fake: FakeProvider,
+    org: str,
+    name: str,
+    base_url: str,
+    provider: str = "anthropic",
+    *,
+    secret: str = "",
+    **options: Any,
+) -> str:
+    """A key of ``org`` on the fake provider with a secret of its own (so its calls can be
+    told apart there; a random one unless given), which the fake provider accepts; returns
+    the secret. ``options`` go on to ``services.add_key``."""
+    prefix = "sk-ant-api03-" if provider == "anthropic" else "sk-proj-"
+    secret = secret or prefix + secrets.token_hex(16)
+    if fake.accepted_keys is not None:
+        fake.accepted_keys.add(secret)
+    add_test_key(name, org, base_url, secret, provider=provider, **options)
     return secret
 
 
@@ -196,11 +243,8 @@ def add_fake_key(
 def gateway(
     database_url: str, fake_provider: FakeProvider, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayProcess]:
-    data_dir = tmp_path_factory.mktemp("gateway")
-    tokens = seed(database_url, data_dir, fake_provider)
-    gw = launch_gateway(database_url, data_dir, tokens)
-    yield gw
-    stop_gateway(gw.proc)
+    with seeded_gateway(database_url, tmp_path_factory.mktemp("gateway"), fake_provider) as gw:
+        yield gw
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +312,26 @@ def vault(openbao: OpenBao) -> VaultEnv:
     return setup_vault(openbao)
 
 
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[None]:
+    """A migrated SQLite database of the test's own, this process's models bound to it."""
+    open_database(f"sqlite:///{tmp_path / 'keys.db'}")
+    migrate(database.obj)
+    yield
+    database.close()
+
+
+@pytest.fixture
+def private_pg() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL server of the test's own (tests/pg_private.py), for outages: the test may
+    stop and start it; it is destroyed at the end."""
+    server = PrivatePostgres(free_port())
+    server.start()
+    server.create_database()
+    yield server
+    server.destroy()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def fresh_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty database of its own for one test, on SQLite and on PostgreSQL."""
@@ -281,8 +345,6 @@ def fresh_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
 def seed_users(database_url: str) -> dict[str, str]:
     """Org acme (an admin and a member) and org other (a member); tokens by email."""
     open_database(database_url)
-    from tvgate.models import database
-
     migrate(database.obj)
     tokens: dict[str, str] = {}
     for email, org, admin in (

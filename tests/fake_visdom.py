@@ -65,6 +65,15 @@ class _Handler(tornado.web.RequestHandler):
             user_id = self.fake.sessions.get(digest)
             return self.fake.users.get(user_id) if user_id else None
 
+    def signed_in(self, call: str) -> FakeUser | None:
+        """Count ``call``; the user of the request's session, or None once it is answered
+        401 (a missing or unknown session, as Visdom Trace answers it)."""
+        self.fake.count(call)
+        user = self.user()
+        if user is None:
+            self.send(401, {"error": "unauthorized"})
+        return user
+
 
 class LoginHandler(_Handler):
     def post(self) -> None:
@@ -88,20 +97,16 @@ class LoginHandler(_Handler):
 
 class MeHandler(_Handler):
     def get(self) -> None:
-        self.fake.count("me")
-        user = self.user()
+        user = self.signed_in("me")
         if user is None:
-            self.send(401, {"error": "unauthorized"})
             return
         self.send(200, {"user_id": user.user_id, "email": user.email, "name": user.name})
 
 
 class MyOrgsHandler(_Handler):
     def get(self) -> None:
-        self.fake.count("orgs")
-        user = self.user()
+        user = self.signed_in("orgs")
         if user is None:
-            self.send(401, {"error": "unauthorized"})
             return
         with self.fake.lock:
             orgs = [

@@ -17,10 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ANTHROPIC_SECRET, GatewayProcess
+from tests.conftest import ANTHROPIC_SECRET, GatewayProcess, add_test_key
 from tests.fake_provider import FakeProvider
 from tvgate import services
-from tvgate.keyring.local import LocalKeyring
 from tvgate.models import database
 
 SETTINGS = settings(
@@ -196,15 +195,7 @@ def test_route_names_and_globs_from_the_api(
     gateway.bind()
     services.add_user(f"admin@{org}.test", org, admin=True)
     admin, _ = services.issue_token(f"admin@{org}.test", org)
-    services.add_key(
-        "fake-anthropic",
-        "anthropic",
-        ANTHROPIC_SECRET,
-        LocalKeyring(b"k" * 32),
-        org_name=org,
-        base_url=fake_provider.url,
-        allow_private=True,
-    )
+    add_test_key("fake-anthropic", org, fake_provider.url)
     database.close()
     for name in ["[", "**", "a" * 201, "x y", "\u0000", "../etc", "[!]*", "?" * 50, "é*"]:
         response = httpx2.post(

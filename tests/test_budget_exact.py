@@ -26,7 +26,13 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from tests.conftest import GatewayProcess, add_fake_key, launch_gateway, stop_gateway
+from tests.conftest import (
+    GatewayProcess,
+    add_fake_key,
+    launch_gateway,
+    stop_gateway,
+    tokens_of,
+)
 from tests.fake_provider import FakeProvider
 from tvgate import services
 from tvgate.db import migrate, open_database
@@ -101,16 +107,6 @@ def ask(gateway: GatewayProcess, token: str) -> httpx2.Response:
             },
             content=BODY,
         )
-
-
-def tokens_of(response: httpx2.Response) -> int:
-    usage = response.json()["usage"]
-    return int(
-        usage["input_tokens"]
-        + usage["output_tokens"]
-        + usage.get("cache_read_input_tokens", 0)
-        + usage.get("cache_creation_input_tokens", 0)
-    )
 
 
 def documented_admissions(limit: int, per_call: int) -> int:

@@ -25,7 +25,6 @@ from tests.conftest import GatewayProcess, add_fake_key, launch_gateway, stop_ga
 from tests.fake_provider import FakeProvider
 from tvgate import services
 from tvgate.db import migrate
-from tvgate.keyring.local import LocalKeyring
 from tvgate.models import database
 
 #: Seconds a change made from the CLI may take to reach every worker.
@@ -191,19 +190,8 @@ def test_cli_policy_change_is_in_force_in_every_worker(
 ) -> None:
     name, dev = org["name"], f"dev@{org['name']}.test"
     services.set_policy(name, allow_user_keys=True, allow_user_routes=True)
-    secret = "sk-ant-api03-" + secrets.token_hex(16)
-    if fake_provider.accepted_keys is not None:
-        fake_provider.accepted_keys.add(secret)
-    services.add_key(
-        "mine",
-        "anthropic",
-        secret,
-        LocalKeyring(b"k" * 32),
-        org_name=name,
-        base_url=fake_provider.url,
-        allow_private=True,
-        allow_private_user=True,
-        owner_email=dev,
+    add_fake_key(
+        fake_provider, name, "mine", fake_provider.url, allow_private_user=True, owner_email=dev
     )
     services.add_route("own", "mine", model="claude-upstream-1", org_name=name, owner=dev)
     own = call(gateway, org["dev"], "own")

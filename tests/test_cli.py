@@ -24,6 +24,13 @@ def run(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.Complete
     return run_cli(env, *args, stdin=stdin, cwd=ROOT)
 
 
+def add_key(
+    env: dict[str, str], name: str, *options: str, provider: str = "openai", secret: str = SECRET
+) -> subprocess.CompletedProcess[str]:
+    """``tvgate keys add NAME --provider PROVIDER OPTIONS``, the secret typed in on stdin."""
+    return run(env, "keys", "add", name, "--provider", provider, *options, stdin=secret + "\n")
+
+
 @pytest.fixture
 def fresh_env(tmp_path: Path) -> dict[str, str]:
     env = gateway_env(f"sqlite:///{tmp_path / 'data' / 'tvgate.db'}", tmp_path / "data", 0)
@@ -45,16 +52,8 @@ def test_first_start_bootstraps_once_and_the_token_works(
         assert f"http://{fresh_env['TVGATE_LISTEN']}" in output
         key_file = tmp_path / "data" / "master.key"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-        added = run(
-            fresh_env,
-            "keys",
-            "add",
-            "org-anthropic-key",
-            "--provider",
-            "anthropic",
-            "--base-url",
-            fake_provider.url,
-            stdin=SECRET + "\n",
+        added = add_key(
+            fresh_env, "org-anthropic-key", "--base-url", fake_provider.url, provider="anthropic"
         )
         assert added.returncode == 0, added.stderr
         assert (
@@ -93,19 +92,8 @@ def test_users_tokens_keys_routes(fresh_env: dict[str, str], tmp_path: Path) -> 
     assert re.fullmatch(r"tvg_[A-Za-z0-9_\-]{43}\n", issued.stdout), issued.stdout
     assert run(fresh_env, "tokens", "issue", "nobody@example.com", "--org", "acme").returncode == 1
 
-    added = run(
-        fresh_env,
-        "keys",
-        "add",
-        "openai-main",
-        "--provider",
-        "openai",
-        "--org",
-        "acme",
-        "--base-url",
-        "http://127.0.0.1:9/v1",
-        "--json",
-        stdin=SECRET + "\n",
+    added = add_key(
+        fresh_env, "openai-main", "--org", "acme", "--base-url", "http://127.0.0.1:9/v1", "--json"
     )
     assert added.returncode == 0, added.stderr
     metadata = json.loads(added.stdout)
@@ -145,32 +133,9 @@ def test_private_upstreams_are_refused_unless_allowed(fresh_env: dict[str, str])
     assert run(env, "migrate").returncode == 0
     run(env, "users", "add", "a@example.com", "--org", "acme")
     for url in ("http://api.example.com", "https://127.0.0.1", "https://169.254.169.254/v1"):
-        refused = run(
-            env,
-            "keys",
-            "add",
-            "k",
-            "--provider",
-            "openai",
-            "--org",
-            "acme",
-            "--base-url",
-            url,
-            stdin="sk-test-123456789\n",
-        )
+        refused = add_key(env, "k", "--org", "acme", "--base-url", url, secret="sk-test-123456789")
         assert refused.returncode == 1, url
-    accepted = run(
-        env,
-        "keys",
-        "add",
-        "k",
-        "--provider",
-        "openai",
-        "--org",
-        "acme",
-        "--json",
-        stdin="sk-test-123456789\n",
-    )
+    accepted = add_key(env, "k", "--org", "acme", "--json", secret="sk-test-123456789")
     assert accepted.returncode == 0
     assert json.loads(accepted.stdout)["base_url"] == "https://api.openai.com/v1"
 
@@ -187,20 +152,7 @@ def test_governance_commands(fresh_env: dict[str, str]) -> None:
     env = fresh_env
     assert run(env, "migrate").returncode == 0
     assert run(env, "users", "add", "dev@example.com", "--org", "acme").returncode == 0
-    added = run(
-        env,
-        "keys",
-        "add",
-        "main",
-        "--provider",
-        "openai",
-        "--org",
-        "acme",
-        "--max-concurrent",
-        "2",
-        "--json",
-        stdin=SECRET + "\n",
-    )
+    added = add_key(env, "main", "--org", "acme", "--max-concurrent", "2", "--json")
     assert added.returncode == 0 and json.loads(added.stdout)["max_concurrent"] == 2
     capped = run(env, "keys", "set", "main", "--org", "acme", "--max-concurrent", "5")
     assert capped.returncode == 0 and "at most 5 calls" in capped.stdout, capped.stderr

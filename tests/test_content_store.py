@@ -17,6 +17,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.shapes import chat_tool_call, tool_use
 from tvgate.traces import content, split
 from tvgate.traces.content import ROOT_FANOUT, blob_digest, load_request, store_request
 from tvgate.traces.split import BIG_STRING, split_offsets
@@ -85,12 +86,11 @@ def anthropic_request() -> dict[str, Any]:
                 "content": [
                     {"type": "thinking", "thinking": "Let me read it.", "signature": "c2ln"},
                     {"type": "text", "text": 'I\'ll read "tests/test_x.py" first.'},
-                    {
-                        "type": "tool_use",
-                        "id": "toolu_01",
-                        "name": "Read",
-                        "input": {"file_path": "tests/test_x.py", "limit": [1, {"deep": [[]]}]},
-                    },
+                    tool_use(
+                        "toolu_01",
+                        "Read",
+                        {"file_path": "tests/test_x.py", "limit": [1, {"deep": [[]]}]},
+                    ),
                 ],
             },
             {
@@ -147,13 +147,7 @@ def openai_chat_request() -> dict[str, Any]:
             {
                 "role": "assistant",
                 "content": None,
-                "tool_calls": [
-                    {
-                        "id": "call_1",
-                        "type": "function",
-                        "function": {"name": "read", "arguments": '{"path": "main.py"}'},
-                    }
-                ],
+                "tool_calls": [chat_tool_call("call_1", "read", '{"path": "main.py"}')],
             },
             {"role": "tool", "tool_call_id": "call_1", "content": SOURCE},
         ],

@@ -110,6 +110,15 @@ def exchange(
     return made
 
 
+def scenario_exchange(
+    client: UpstreamCurlClient, fake: FakeProvider, listener: Recorder, name: str, **params: str
+) -> UpstreamExchange:
+    """A Messages call to the fake provider in its scenario ``name``; ``params`` are the
+    scenario's x-fake-* headers (``mb="2"``: ``x-fake-mb: 2``)."""
+    headers = {"x-fake-scenario": name} | {f"x-fake-{k}": v for k, v in params.items()}
+    return exchange(client, fake.url + "/v1/messages", listener, headers=headers)
+
+
 async def call(
     client: UpstreamCurlClient, url: str, **kwargs: object
 ) -> tuple[UpstreamResult, Recorder]:
@@ -252,12 +261,7 @@ async def test_a_paused_transfer_resumes_and_loses_nothing(
     client: UpstreamCurlClient, fake_provider: FakeProvider
 ) -> None:
     listener = Recorder(pause_every=3)
-    made = exchange(
-        client,
-        fake_provider.url + "/v1/messages",
-        listener,
-        headers={"x-fake-scenario": "bulk", "x-fake-mb": "2"},
-    )
+    made = scenario_exchange(client, fake_provider, listener, "bulk", mb="2")
     result = await made.run()
     assert result.curl_error == 0 and listener.pauses > 0
     # What the fake provider's bulk scenario sends for 2 MiB, every byte of it.
@@ -270,12 +274,7 @@ async def test_abort_ends_a_silent_transfer_and_a_paused_one(
     client: UpstreamCurlClient, fake_provider: FakeProvider
 ) -> None:
     listener = Recorder()
-    made = exchange(
-        client,
-        fake_provider.url + "/v1/messages",
-        listener,
-        headers={"x-fake-scenario": "hang", "x-fake-hang": "30"},
-    )
+    made = scenario_exchange(client, fake_provider, listener, "hang", hang="30")
     asyncio.get_running_loop().call_later(0.2, made.abort)
     result = await made.run()
     assert result.curl_error == CURLE_ABORTED_BY_CALLBACK and not result.timed_out
@@ -292,12 +291,7 @@ async def test_abort_ends_a_silent_transfer_and_a_paused_one(
             return False
 
     stalled = Stalled()
-    made = exchange(
-        client,
-        fake_provider.url + "/v1/messages",
-        stalled,
-        headers={"x-fake-scenario": "bulk", "x-fake-mb": "20"},
-    )
+    made = scenario_exchange(client, fake_provider, stalled, "bulk", mb="20")
     result = await made.run()
     assert result.curl_error != 0 and stalled.pauses == 1
     after, got = await call(client, fake_provider.url + "/v1/messages")

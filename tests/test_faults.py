@@ -19,8 +19,10 @@ import pytest
 from tests.conftest import (
     ANTHROPIC_SECRET,
     GatewayProcess,
+    add_test_key,
     free_port,
     launch_gateway,
+    post_message,
     seed,
     stop_gateway,
 )
@@ -53,15 +55,7 @@ def fault_token(gateway: GatewayProcess, fake_provider: FakeProvider) -> str:
     services.add_user(f"dev@{org_name}.test", org_name)
     token, _ = services.issue_token(f"dev@{org_name}.test", org_name)
     for name, url in (("fake", fake_provider.url), ("dead", f"http://127.0.0.1:{free_port()}")):
-        services.add_key(
-            name,
-            "anthropic",
-            ANTHROPIC_SECRET,
-            KEYRING,
-            org_name=org_name,
-            base_url=url,
-            allow_private=True,
-        )
+        add_test_key(name, org_name, url)
     services.add_route("claude-test", "fake", model="claude-upstream-1", org_name=org_name)
     services.add_route("claude-pass", "fake", org_name=org_name)
     services.add_route("dead-upstream", "dead", org_name=org_name)
@@ -85,46 +79,35 @@ def fault_token(gateway: GatewayProcess, fake_provider: FakeProvider) -> str:
     return token
 
 
+def fault_gateway(gateway: GatewayProcess, fault_token: str, **env: str) -> GatewayProcess:
+    """Another gateway over the suite's database, with ``env``: its dev@acme.test is the
+    faults org's member (``with`` stops it)."""
+    tokens = {**gateway.tokens, "dev@acme.test": fault_token}
+    return launch_gateway(gateway.database_url, gateway.data_dir, tokens, **env)
+
+
 @pytest.fixture(scope="module")
 def faulty(gateway: GatewayProcess, fault_token: str) -> Iterator[GatewayProcess]:
     """A gateway with short timeouts."""
-    gw = launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        {**gateway.tokens, "dev@acme.test": fault_token},
+    with fault_gateway(
+        gateway,
+        fault_token,
         TVGATE_IDLE_TIMEOUT=str(SHORT_TIMEOUT),
         TVGATE_CONNECT_TIMEOUT=str(SHORT_TIMEOUT),
-    )
-    yield gw
-    stop_gateway(gw.proc)
-
-
-def post(
-    gw: GatewayProcess, body: dict[str, object], session: str, **headers: str
-) -> httpx2.Response:
-    return httpx2.post(
-        gw.url + "/v1/messages",
-        content=orjson.dumps(body),
-        headers={
-            "x-api-key": gw.tokens["dev@acme.test"],
-            "anthropic-version": "2023-06-01",
-            "x-tvgate-session": session,
-            **headers,
-        },
-        timeout=60,
-    )
+    ) as gw:
+        yield gw
 
 
 def test_upstream_refusing_connections(faulty: GatewayProcess) -> None:
     session = uuid.uuid4().hex
-    response = post(faulty, {**MESSAGE, "model": "dead-upstream"}, session)
+    response = post_message(faulty, {**MESSAGE, "model": "dead-upstream"}, session)
     assert response.status_code == 502
     message = response.json()["error"]["message"]
     assert message.startswith("could not connect to the provider at 127.0.0.1:")
     assert message.endswith(": connection refused (nothing listens on that port)")
     (trace,) = faulty.wait_traces(1, session_id=session)
     assert trace.outcome == "upstream_error" and trace.status_code == 502
-    assert post(faulty, MESSAGE, uuid.uuid4().hex).status_code == 200  # still serving
+    assert post_message(faulty, MESSAGE, uuid.uuid4().hex).status_code == 200  # still serving
 
 
 @pytest.mark.slow
@@ -132,7 +115,7 @@ def test_upstream_silent_before_the_first_byte_times_out(
     faulty: GatewayProcess, fake_provider: FakeProvider
 ) -> None:
     session, test_id = uuid.uuid4().hex, uuid.uuid4().hex
-    response = post(
+    response = post_message(
         faulty,
         MESSAGE,
         session,
@@ -152,7 +135,7 @@ def test_upstream_silent_between_events_ends_the_stream_in_band(
 ) -> None:
     session = uuid.uuid4().hex
     host = fake_provider.url.removeprefix("http://")
-    response = post(
+    response = post_message(
         faulty,
         {**MESSAGE, "stream": True},
         session,
@@ -173,7 +156,7 @@ def test_malformed_sse_passes_through_and_is_traced(
 ) -> None:
     session = uuid.uuid4().hex
     body = {**MESSAGE, "model": "claude-pass", "stream": True}
-    through = post(faulty, body, session, **{"x-fake-scenario": "malformed"})
+    through = post_message(faulty, body, session, **{"x-fake-scenario": "malformed"})
     direct = httpx2.post(
         fake_provider.url + "/v1/messages",
         content=orjson.dumps(body),
@@ -188,7 +171,7 @@ def test_malformed_sse_passes_through_and_is_traced(
 
 def test_redirects_are_never_followed(faulty: GatewayProcess, fake_provider: FakeProvider) -> None:
     test_id = uuid.uuid4().hex
-    response = post(
+    response = post_message(
         faulty, MESSAGE, uuid.uuid4().hex, **{"x-fake-scenario": "redirect", "x-test-id": test_id}
     )
     # Nor relayed: the client gets a 502 in its API's envelope, without the Location.
@@ -235,7 +218,7 @@ def test_a_slow_reader_does_not_make_the_gateway_buffer_the_stream(faulty: Gatew
     peak = max(peak, _rss_kib(faulty.proc.pid))
     sock.close()
     assert (peak - before) < 48 * 1024, f"gateway grew {(peak - before) // 1024} MiB"
-    assert post(faulty, MESSAGE, uuid.uuid4().hex).status_code == 200
+    assert post_message(faulty, MESSAGE, uuid.uuid4().hex).status_code == 200
 
 
 def test_logs_never_carry_secrets(faulty: GatewayProcess) -> None:
@@ -253,15 +236,13 @@ def test_logs_never_carry_secrets(faulty: GatewayProcess) -> None:
 @pytest.fixture(scope="module")
 def strict(gateway: GatewayProcess, fault_token: str) -> Iterator[GatewayProcess]:
     """A gateway that allows only public https upstreams."""
-    gw = launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        {**gateway.tokens, "dev@acme.test": fault_token},
+    with fault_gateway(
+        gateway,
+        fault_token,
         TVGATE_ALLOW_PRIVATE_UPSTREAMS="false",
         TVGATE_CONNECT_TIMEOUT=str(SHORT_TIMEOUT),
-    )
-    yield gw
-    stop_gateway(gw.proc)
+    ) as gw:
+        yield gw
 
 
 @pytest.mark.parametrize(
@@ -279,7 +260,7 @@ def test_private_upstreams_are_refused_on_every_connection(
 ) -> None:
     before = len(fake_provider.requests)
     session = uuid.uuid4().hex
-    response = post(strict, {**MESSAGE, "model": route}, session)
+    response = post_message(strict, {**MESSAGE, "model": route}, session)
     assert response.status_code == 502, response.text
     assert words in response.json()["error"]["message"]
     assert len(fake_provider.requests) == before
@@ -301,7 +282,7 @@ def test_sigkill_loses_no_acknowledged_trace(fake_provider: FakeProvider, tmp_pa
         tokens = seed(pg.url, tmp_path, fake_provider)
         gw = launch_gateway(pg.url, tmp_path, tokens, TVGATE_TRACE_BATCH_SIZE="5")
         session = uuid.uuid4().hex
-        post(gw, MESSAGE, session)  # warm the caches while the database is up
+        post_message(gw, MESSAGE, session)  # warm the caches while the database is up
         pg.stop()
         stop = threading.Event()
 
@@ -310,7 +291,7 @@ def test_sigkill_loses_no_acknowledged_trace(fake_provider: FakeProvider, tmp_pa
             # expected end of a call, not an error of the thread.
             while not stop.is_set():
                 try:
-                    post(gw, MESSAGE, session)
+                    post_message(gw, MESSAGE, session)
                 except httpx2.TransportError:
                     time.sleep(0.05)
 

@@ -27,6 +27,7 @@ from tests.conftest import (
     launch_gateway,
     scrape,
     stop_gateway,
+    tokens_of,
 )
 from tests.fake_provider import FakeProvider, RecordedRequest
 from tests.inprocess import start_in_process
@@ -116,16 +117,6 @@ def ask(
             "messages": [{"role": "user", "content": "count my tokens please"}],
         },
         timeout=30,
-    )
-
-
-def tokens_of(response: httpx2.Response) -> int:
-    usage = response.json()["usage"]
-    return int(
-        usage["input_tokens"]
-        + usage["output_tokens"]
-        + usage.get("cache_read_input_tokens", 0)
-        + usage.get("cache_creation_input_tokens", 0)
     )
 
 

@@ -15,12 +15,11 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from tests.conftest import ANTHROPIC_SECRET, GatewayProcess
+from tests.conftest import ANTHROPIC_SECRET, GatewayProcess, add_test_key
 from tests.fake_provider import FakeProvider
 from tests.inprocess import start_in_process
 from tvgate import services
 from tvgate.governance.windows import counter_key, window
-from tvgate.keyring.local import LocalKeyring
 from tvgate.models import Org, UsageCounter, User, database
 
 
@@ -40,15 +39,7 @@ def gov(gateway: GatewayProcess, fake_provider: FakeProvider) -> GovOrg:
     services.add_user(f"auditor@{org}.test", org)
     services.update_user(f"auditor@{org}.test", role="auditor", org_name=org)
     services.add_user(f"dev@{org}.test", org)
-    services.add_key(
-        "g-key",
-        "anthropic",
-        ANTHROPIC_SECRET,
-        LocalKeyring(b"k" * 32),
-        org_name=org,
-        base_url=fake_provider.url,
-        allow_private=True,
-    )
+    add_test_key("g-key", org, fake_provider.url)
     services.add_route("g-main", "g-key", org_name=org)
     services.add_route("g-spare", "g-key", org_name=org)
     tokens = {

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tvgate import services
 from tvgate.config import load_settings
-from tvgate.db import migrate, open_database
 from tvgate.gateway import Gateway
 from tvgate.identity import Principal
 from tvgate.keyring import KeyContext, PlaintextCache
@@ -27,14 +25,6 @@ from tvgate.models import ProviderKey, Route, User, database
 
 KEYRING = LocalKeyring(b"s" * 32)
 SECRET = "sk-services-" + "a" * 24
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[None]:
-    open_database(f"sqlite:///{tmp_path / 'keys.db'}")
-    migrate(database.obj)
-    yield
-    database.close()
 
 
 def principal(email: str) -> Principal:

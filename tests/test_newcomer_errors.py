@@ -38,17 +38,16 @@ from tests.conftest import (
     ANTHROPIC_SECRET,
     GatewayFactory,
     GatewayProcess,
+    add_test_key,
+    beside,
     free_port,
-    launch_gateway,
     setup_vault,
     stop_gateway,
 )
 from tests.openbao import OpenBao
 from tvgate import services
-from tvgate.keyring.local import LocalKeyring
 from tvgate.models import Org, ProviderKey, Route, database
 
-KEYRING = LocalKeyring(b"k" * 32)
 CONNECT_TIMEOUT = "2"
 PROMPT: list[MessageParam] = [{"role": "user", "content": "hi"}]
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
@@ -182,22 +181,12 @@ def unreachable(
     services.add_user(f"dev@{org_name}.test", org_name)
     token, _ = services.issue_token(f"dev@{org_name}.test", org_name)
     for route, url in urls.items():
-        services.add_key(
-            route + "-key",
-            "anthropic",
-            ANTHROPIC_SECRET,
-            KEYRING,
-            org_name=org_name,
-            base_url=url,
-            allow_private=True,
-        )
+        add_test_key(route + "-key", org_name, url)
         services.add_route(route, route + "-key", org_name=org_name)
     vault_org_token = _vault_ciphertext_route()
     database.close()
-    gw = launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        gateway.tokens,
+    gw = beside(
+        gateway,
         TVGATE_CONNECT_TIMEOUT=CONNECT_TIMEOUT,
     )
     try:

@@ -31,16 +31,16 @@ def direct(fake: FakeProvider) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=fake.url, api_key=ANTHROPIC_SECRET, max_retries=0)
 
 
+def call_kwargs(name: str) -> dict[str, Any]:
+    """What both sides are asked: the prompt, with tools, in the fake's scenario ``name``."""
+    return {"max_tokens": 256, "messages": PROMPT, "tools": TOOLS, **scenario(name)}
+
+
 @pytest.mark.parametrize("name", ["normal", "tool_use", "thinking"])
 def test_create_equals_direct(
     gateway: GatewayProcess, fake_provider: FakeProvider, member_token: str, name: str
 ) -> None:
-    kwargs: dict[str, Any] = {
-        "max_tokens": 256,
-        "messages": PROMPT,
-        "tools": TOOLS,
-        **scenario(name),
-    }
+    kwargs = call_kwargs(name)
     through = via_gateway(gateway, member_token).messages.create(model="claude-test", **kwargs)
     expected = direct(fake_provider).messages.create(model="claude-upstream-1", **kwargs)
     assert through.model_dump() == expected.model_dump()
@@ -54,12 +54,7 @@ def test_create_equals_direct(
 def test_stream_final_message_equals_direct(
     gateway: GatewayProcess, fake_provider: FakeProvider, member_token: str, name: str
 ) -> None:
-    kwargs: dict[str, Any] = {
-        "max_tokens": 256,
-        "messages": PROMPT,
-        "tools": TOOLS,
-        **scenario(name),
-    }
+    kwargs = call_kwargs(name)
     with via_gateway(gateway, member_token).messages.stream(model="claude-test", **kwargs) as s:
         through = s.get_final_message()
     with direct(fake_provider).messages.stream(model="claude-upstream-1", **kwargs) as s:

@@ -55,21 +55,23 @@ def raw_stream_request(
     return sock
 
 
+def tagged_stream(
+    gateway: GatewayProcess, token: str, scenario: str, **params: str
+) -> tuple[socket.socket, str, str]:
+    """``raw_stream_request`` in the fake's ``scenario`` (``params``: its x-fake-* headers),
+    with an x-test-id and a session of its own: the socket, the test id, the session."""
+    test_id, session = uuid.uuid4().hex, uuid.uuid4().hex
+    headers = {f"x-fake-{name}": value for name, value in params.items()}
+    headers.update({"x-fake-scenario": scenario, "x-test-id": test_id, "x-tvgate-session": session})
+    return raw_stream_request(gateway, token, headers), test_id, session
+
+
 def test_client_disconnect_mid_stream_aborts_upstream(
     gateway: GatewayProcess, fake_provider: FakeProvider, member_token: str
 ) -> None:
-    test_id, session = uuid.uuid4().hex, uuid.uuid4().hex
     # 50 events 0.1 s apart: the provider would be busy for 5 s if nobody stopped it.
-    sock = raw_stream_request(
-        gateway,
-        member_token,
-        {
-            "x-fake-scenario": "drip",
-            "x-fake-interval": "0.1",
-            "x-fake-events": "50",
-            "x-test-id": test_id,
-            "x-tvgate-session": session,
-        },
+    sock, test_id, session = tagged_stream(
+        gateway, member_token, "drip", interval="0.1", events="50"
     )
     received = b""
     while b"content_block_delta" not in received:
@@ -105,17 +107,7 @@ def test_client_that_hangs_up_after_the_last_event_got_an_ok_call(
 def test_client_disconnect_before_upstream_answers(
     gateway: GatewayProcess, fake_provider: FakeProvider, member_token: str
 ) -> None:
-    test_id, session = uuid.uuid4().hex, uuid.uuid4().hex
-    sock = raw_stream_request(
-        gateway,
-        member_token,
-        {
-            "x-fake-scenario": "hang",
-            "x-fake-hang": "10",
-            "x-test-id": test_id,
-            "x-tvgate-session": session,
-        },
-    )
+    sock, test_id, session = tagged_stream(gateway, member_token, "hang", hang="10")
     upstream = recorded(fake_provider, test_id)
     sock.close()
     closed_by_client = time.monotonic()

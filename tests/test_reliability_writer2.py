@@ -30,10 +30,10 @@ import pytest
 
 from tests.conftest import (
     GatewayProcess,
-    free_port,
     gateway_env,
     gateway_process,
     launch_gateway,
+    post_message,
     scrape,
     seed,
     stop_gateway,
@@ -49,15 +49,6 @@ MESSAGE = {
     "max_tokens": 8,
     "messages": [{"role": "user", "content": "hi"}],
 }
-
-
-@pytest.fixture
-def private_pg() -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres(free_port())
-    server.start()
-    server.create_database()
-    yield server
-    server.destroy()
 
 
 @pytest.fixture
@@ -81,17 +72,46 @@ def launch(
 
 def ask(gw: GatewayProcess, session: str) -> int:
     """One call on a connection of its own (so that the kernel spreads them over workers)."""
-    response = httpx2.post(
-        gw.url + "/v1/messages",
-        content=orjson.dumps(MESSAGE),
-        headers={
-            "x-api-key": gw.tokens["dev@acme.test"],
-            "anthropic-version": "2023-06-01",
-            "x-tvgate-session": session,
-        },
-        timeout=60,
-    )
-    return response.status_code
+    return post_message(gw, MESSAGE, session).status_code
+
+
+class Load:
+    """Calls in one session from four threads, each on connections of its own, from
+    ``start()`` until ``stop()``; ``answered`` counts the calls answered 200."""
+
+    def __init__(self, gw: GatewayProcess, session: str) -> None:
+        self.gw, self.session = gw, session
+        self._answered: list[int] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run) for _ in range(4)]
+
+    @property
+    def answered(self) -> int:
+        return len(self._answered)
+
+    def call(self) -> int:
+        """One call, counted when answered; its status."""
+        status = ask(self.gw, self.session)
+        if status == 200:
+            self._answered.append(1)
+        return status
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.call()
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def finish(self) -> None:
+        """Stop, and wait for the calls under way."""
+        self.stop()
+        for thread in self._threads:
+            thread.join(60)
 
 
 def ready(gw: GatewayProcess) -> tuple[int, dict[str, Any]]:
@@ -219,32 +239,20 @@ def test_two_workers_spool_apart_and_every_trace_is_written_exactly_once(
     tokens = seed(private_pg.url, data_dir, fake_provider)
     gw = launch(private_pg.url, data_dir, tmp_path, tokens, TVGATE_WORKERS="2")
     session = uuid.uuid4().hex
-    acknowledged: list[int] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        while not stop.is_set():
-            if ask(gw, session) == 200:
-                acknowledged.append(1)
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
+    load = Load(gw, session)
     try:
-        assert ask(gw, session) == 200
-        acknowledged.append(1)
+        assert load.call() == 200
         private_pg.stop()
-        for thread in threads:
-            thread.start()
-        wait_for(lambda: len(acknowledged) > 150, "calls in the outage")
+        load.start()
+        wait_for(lambda: load.answered > 150, "calls in the outage")
         # The database comes back under load (both workers replay while the other spools),
         # and goes again: then the gateway stops with both spools on disk.
         private_pg.start()
         time.sleep(outage(3))
         private_pg.stop()
-        mark = len(acknowledged)
-        wait_for(lambda: len(acknowledged) > mark + 100, "calls in the second outage")
-        stop.set()
-        for thread in threads:
-            thread.join(60)
+        mark = load.answered
+        wait_for(lambda: load.answered > mark + 100, "calls in the second outage")
+        load.finish()
         gw.proc.send_signal(signal.SIGTERM)
         assert gw.proc.wait(60) == 0
         lines_by_worker: dict[str, int] = {}
@@ -256,15 +264,15 @@ def test_two_workers_spool_apart_and_every_trace_is_written_exactly_once(
         assert set(lines_by_worker) == {"0", "1"}, f"spools by worker: {lines_by_worker}"
         assert all(lines > 0 for lines in lines_by_worker.values()), lines_by_worker
     finally:
-        stop.set()
+        load.stop()
         stop_gateway(gw.proc)
     # One worker in their place: it replays its own spool and adopts worker 1's.
     private_pg.start()
     alone = launch(private_pg.url, data_dir, tmp_path, tokens, TVGATE_WORKERS="1")
     try:
-        ids = wait_traces(private_pg.url, session, len(acknowledged))
-        assert len(ids) == len(set(ids)) == len(acknowledged), (
-            f"{len(ids)} traces for {len(acknowledged)} calls"
+        ids = wait_traces(private_pg.url, session, load.answered)
+        assert len(ids) == len(set(ids)) == load.answered, (
+            f"{len(ids)} traces for {load.answered} calls"
         )
         wait_for(lambda: not list(data_dir.glob("traces.spool*")), "every spool replayed")
         assert "adopted" in alone.log_text() and "of worker 1" in alone.log_text()

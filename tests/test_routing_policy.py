@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx2
 import orjson
@@ -14,14 +15,12 @@ import pytest
 from tests.conftest import (
     ANTHROPIC_SECRET,
     GatewayProcess,
+    add_test_key,
     beside,
 )
 from tests.fake_provider import FakeProvider
 from tvgate import services
-from tvgate.keyring.local import LocalKeyring
 from tvgate.models import AuditEvent, Org, database
-
-KEYRING = LocalKeyring(b"k" * 32)
 
 
 @dataclass
@@ -50,18 +49,8 @@ def matrix(gateway: GatewayProcess, fake_provider: FakeProvider) -> Matrix:
     services.update_user(emails["gone"], disabled=True, org_name=org)
     services.set_policy(org, allow_user_keys=True, allow_user_routes=True)
 
-    def key(name: str, **kwargs: object) -> None:
-        services.add_key(
-            name,
-            "anthropic",
-            ANTHROPIC_SECRET,
-            KEYRING,
-            org_name=org,
-            base_url=fake_provider.url,
-            allow_private=True,
-            allow_private_user=True,
-            **kwargs,  # type: ignore[arg-type]
-        )
+    def key(name: str, **kwargs: Any) -> None:
+        add_test_key(name, org, fake_provider.url, allow_private_user=True, **kwargs)
 
     key("all")
     key("granted", available_to_all=False)

@@ -23,6 +23,7 @@ import pytest
 from tests.conftest import (
     ANTHROPIC_SECRET,
     GatewayProcess,
+    add_test_key,
     beside,
     free_port,
     launch_gateway,
@@ -31,11 +32,9 @@ from tests.conftest import (
 from tests.fake_provider import FakeProvider
 from tests.harness import PRIVATE_UPSTREAMS_OFF
 from tvgate import services
-from tvgate.keyring.local import LocalKeyring
 from tvgate.models import ProviderKey, Trace, database
 from tvgate.proxy.upstream import is_public_address
 
-KEYRING = LocalKeyring(b"k" * 32)
 OPERATOR = "operator (command line)"
 #: The operator's default price of the test models (input, output per million tokens).
 DEFAULT = (3.0, 15.0)
@@ -67,15 +66,7 @@ def _org(fake: FakeProvider, models: dict[str, str]) -> PriceOrg:
     services.add_user(f"dev@{name}.test", name)
     services.add_user(f"auditor@{name}.test", name)
     services.update_user(f"auditor@{name}.test", role="auditor", org_name=name)
-    services.add_key(
-        "p-key",
-        "anthropic",
-        ANTHROPIC_SECRET,
-        KEYRING,
-        org_name=name,
-        base_url=fake.url,
-        allow_private=True,
-    )
+    add_test_key("p-key", name, fake.url)
     for route, model in models.items():
         services.add_route(route, "p-key", model=model, org_name=name)
     tokens = {
@@ -536,15 +527,7 @@ def test_a_connection_to_an_embedded_loopback_address_is_refused(
 ) -> None:
     """A key stored earlier on such an address: curl's open-socket check refuses it."""
     all_switches_off.bind()
-    services.add_key(
-        "nat64",
-        "anthropic",
-        ANTHROPIC_SECRET,
-        KEYRING,
-        org_name=user_keys_org.name,
-        base_url=f"https://[64:ff9b::7f00:1]:{free_port()}",
-        allow_private=True,
-    )
+    add_test_key("nat64", user_keys_org.name, f"https://[64:ff9b::7f00:1]:{free_port()}")
     services.add_route("nat64", "nat64", org_name=user_keys_org.name)
     database.close()
     response = call(all_switches_off, user_keys_org.tokens["dev"], "nat64")

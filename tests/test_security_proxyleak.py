@@ -41,7 +41,6 @@ from tests.conftest import (
 )
 from tests.fake_provider import FakeProvider
 from tvgate import services
-from tvgate.keyring.local import LocalKeyring
 from tvgate.models import Org, Trace
 from tvgate.proxy.scrub import KeyScrubber, masked
 from tvgate.web import HSTS
@@ -99,17 +98,7 @@ def leak(gateway: GatewayProcess, fake_provider: FakeProvider) -> LeakOrg:
         fake_provider, org, "backup", fake_provider.url + "/scenario/error_529"
     )
     odd_secret = "sk-ant-api03-" + base64.b64encode(secrets.token_bytes(30)).decode() + "+/=="
-    assert fake_provider.accepted_keys is not None
-    fake_provider.accepted_keys.add(odd_secret)
-    services.add_key(
-        "echo-odd",
-        "anthropic",
-        odd_secret,
-        LocalKeyring(b"k" * 32),
-        org_name=org,
-        base_url=fake_provider.url,
-        allow_private=True,
-    )
+    add_fake_key(fake_provider, org, "echo-odd", fake_provider.url, secret=odd_secret)
     services.add_route("leak-odd", "echo-odd", org_name=org)
     services.add_route("leak-echo", "echo", model="claude-upstream-1", org_name=org)
     services.add_route("leak-echo-gpt", "echo-gpt", model="gpt-upstream-1", org_name=org)
@@ -423,6 +412,15 @@ def api(gw: GatewayProcess, token: str) -> httpx2.Client:
     )
 
 
+def add_token_as_key(
+    client: httpx2.Client, leak: LeakOrg, name: str, base_url: str
+) -> httpx2.Response:
+    """``POST /keys``: a member's own Anthropic key on ``base_url`` whose secret is the
+    member's own ``tvg_`` token (what points a route back at a gateway)."""
+    key = {"name": name, "provider": "anthropic", "secret": leak.member, "base_url": base_url}
+    return client.post("/keys", json=key)
+
+
 @pytest.mark.parametrize(
     "address",
     ["listen", "localhost", "any", "public", "public-default-port"],
@@ -441,15 +439,7 @@ def test_a_key_whose_base_url_is_the_gateway_itself_is_refused(
     }[address]
     name = "self-" + secrets.token_hex(3)
     with api(gw, leak.member) as client:
-        response = client.post(
-            "/keys",
-            json={
-                "name": name,
-                "provider": "anthropic",
-                "secret": leak.member,
-                "base_url": base_url,
-            },
-        )
+        response = add_token_as_key(client, leak, name, base_url)
         assert response.status_code == 400, response.text
         error = response.json()["error"]
         assert error["type"] == "invalid_request" and "this gateway" in error["message"]
@@ -484,15 +474,7 @@ def test_a_route_looping_through_the_deployment_ends_in_one_508(
     first, second = deployment.first, deployment.second
     route = "loop-" + secrets.token_hex(3)
     with api(first, leak.member) as client:
-        created = client.post(
-            "/keys",
-            json={
-                "name": route,
-                "provider": "anthropic",
-                "secret": leak.member,
-                "base_url": second.url,
-            },
-        )
+        created = add_token_as_key(client, leak, route, second.url)
         assert created.status_code == 201, created.text
         made = client.post("/routes", json={"name": route, "key": route})
         assert made.status_code == 201, made.text

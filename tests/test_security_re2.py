@@ -16,7 +16,6 @@ import re
 import threading
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -24,11 +23,7 @@ import httpx2
 import pytest
 
 from tests.conftest import (
-    FakeProvider,
     GatewayProcess,
-    launch_gateway,
-    seed,
-    stop_gateway,
 )
 from tvgate.models import Org, database
 from tvgate.traces.redact import MAX_MATCHES
@@ -44,17 +39,6 @@ AMBIGUOUS = "(a|a)*b"
 #: search reads to the end of the text in case `q.*z` matches after all. (No `q` in the
 #: request's JSON keys, which a pattern matches too.)
 LOOKS_AHEAD = "q.*z|q"
-
-
-@pytest.fixture
-def own_gateway(
-    fresh_database_url: str, fake_provider: FakeProvider, tmp_path: Path
-) -> Iterator[GatewayProcess]:
-    tokens = seed(fresh_database_url, tmp_path, fake_provider)
-    gw = launch_gateway(fresh_database_url, tmp_path, tokens)
-    yield gw
-    stop_gateway(gw.proc)
-    database.close()
 
 
 def admin_headers(gw: GatewayProcess) -> dict[str, str]:

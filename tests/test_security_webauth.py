@@ -30,7 +30,6 @@ from tests.conftest import (
     beside,
     free_port,
     gateway_env,
-    launch_gateway,
     start_gateway,
     stop_gateway,
 )
@@ -143,10 +142,8 @@ def test_a_client_cannot_choose_its_address_behind_trusted_proxies(
 
 
 def test_forwarded_for_from_an_untrusted_peer_is_ignored(gateway: GatewayProcess) -> None:
-    gw = launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        gateway.tokens,
+    gw = beside(
+        gateway,
         # Some other proxy is trusted; the test process (127.0.0.1) is not.
         TVGATE_TRUSTED_PROXIES="10.99.0.0/16",
         TVGATE_LOGIN_ATTEMPTS=str(LIMIT),
@@ -288,10 +285,8 @@ def test_unknown_email_runs_scrypt_like_a_known_one(
 
 
 def test_ready_while_visdom_trace_is_down_and_says_so(gateway: GatewayProcess) -> None:
-    gw = launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        gateway.tokens,
+    gw = beside(
+        gateway,
         TVGATE_VISDOM_URL=f"http://127.0.0.1:{free_port()}",  # nothing listens there
     )
     try:
@@ -329,10 +324,8 @@ def test_sqlite_files_are_private_to_the_service_user(tmp_path: Path) -> None:
 
 
 def test_hsts_only_when_the_public_url_is_https(gateway: GatewayProcess) -> None:
-    gw = launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        gateway.tokens,
+    gw = beside(
+        gateway,
         TVGATE_PUBLIC_URL="https://gate.example.test",
     )
     token = {"Authorization": f"Bearer {gateway.tokens['dev@acme.test']}"}
@@ -419,9 +412,7 @@ def test_a_refused_attempt_on_another_orgs_object_is_audited_in_that_org(
 def test_debug_log_holds_no_ciphertext_and_no_body(
     gateway: GatewayProcess, fake_provider: FakeProvider
 ) -> None:
-    gw = launch_gateway(
-        gateway.database_url, gateway.data_dir, gateway.tokens, TVGATE_LOG_LEVEL="debug"
-    )
+    gw = beside(gateway, TVGATE_LOG_LEVEL="debug")
     marker = "canary-body-" + secrets.token_hex(8)
     secret = "sk-ant-api03-" + secrets.token_hex(16)
     name = "debug-" + uuid.uuid4().hex[:6]

@@ -21,7 +21,6 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from tests.conftest import (
     launch_gateway,
     scrape,
     seed,
+    seeded_gateway,
     stop_gateway,
 )
 from tests.fake_provider import FakeProvider
@@ -42,17 +42,6 @@ from tvgate import services
 from tvgate.models import Trace
 
 SECRET_TEXT = f"my key is {ANTHROPIC_SECRET} keep it safe"
-
-
-@pytest.fixture
-def own(
-    fresh_database_url: str, fake_provider: FakeProvider, tmp_path: Path
-) -> Iterator[GatewayProcess]:
-    """A gateway of this test's own over a fresh database (SQLite, then PostgreSQL)."""
-    tokens = seed(fresh_database_url, tmp_path, fake_provider)
-    gateway = launch_gateway(fresh_database_url, tmp_path, tokens)
-    yield gateway
-    stop_gateway(gateway.proc)
 
 
 def ask(
@@ -92,13 +81,13 @@ def dropped(gateway: GatewayProcess, reason: str) -> float:
 
 @pytest.mark.parametrize("model", ["claude\u0000", "claude-test\n", "claude\x1b[31m"])
 def test_control_characters_in_model_are_refused_and_recording_goes_on(
-    own: GatewayProcess, model: str
+    own_gateway: GatewayProcess, model: str
 ) -> None:
     session = uuid.uuid4().hex
-    hostile = ask(own, session, model=model)
+    hostile = ask(own_gateway, session, model=model)
     # Another org's call after it must still be recorded.
-    assert ask(own, session, user="dev@other.test", model="other-claude").status_code == 200
-    (recorded,) = own.wait_traces(1, session_id=session, route_name="other-claude")
+    assert ask(own_gateway, session, user="dev@other.test", model="other-claude").status_code == 200
+    (recorded,) = own_gateway.wait_traces(1, session_id=session, route_name="other-claude")
     assert recorded.status_code == 200
     assert hostile.status_code == 400, hostile.text
     error = hostile.json()
@@ -120,14 +109,14 @@ HOSTILE: list[tuple[dict[str, Any], str]] = [
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_hostile_provider_values_are_recorded_with_anomalies_and_stop_nothing(
-    own: GatewayProcess, stream: bool
+    own_gateway: GatewayProcess, stream: bool
 ) -> None:
     session = uuid.uuid4().hex
     for override, _ in HOSTILE:
-        response = ask(own, session, override=override, text=str(override), stream=stream)
+        response = ask(own_gateway, session, override=override, text=str(override), stream=stream)
         assert response.status_code == 200, response.text
-    assert ask(own, session, user="dev@other.test", model="other-claude").status_code == 200
-    traces = own.wait_traces(len(HOSTILE) + 1, session_id=session)
+    assert ask(own_gateway, session, user="dev@other.test", model="other-claude").status_code == 200
+    traces = own_gateway.wait_traces(len(HOSTILE) + 1, session_id=session)
     for trace, (_, anomaly) in zip(traces, HOSTILE, strict=False):
         assert anomaly in anomalies(trace), (anomaly, trace.anomalies)
     huge, negative, long_model, long_request_id, nul_id = traces[: len(HOSTILE)]
@@ -139,12 +128,12 @@ def test_hostile_provider_values_are_recorded_with_anomalies_and_stop_nothing(
     assert traces[-1].anomalies == "" and traces[-1].route_name == "other-claude"
     # The trace API shows them.
     shown = httpx2.get(
-        f"{own.url}/api/v1/traces/{huge.id}",
-        headers={"authorization": f"Bearer {own.tokens['admin@acme.test']}"},
+        f"{own_gateway.url}/api/v1/traces/{huge.id}",
+        headers={"authorization": f"Bearer {own_gateway.tokens['admin@acme.test']}"},
         timeout=10,
     ).json()
     assert "usage.input_tokens out of range" in shown["anomalies"]
-    assert dropped(own, "queue_full") == 0 and dropped(own, "dead_letter") == 0
+    assert dropped(own_gateway, "queue_full") == 0 and dropped(own_gateway, "dead_letter") == 0
 
 
 # --- 16.8: negative usage must not lift a budget ---
@@ -155,14 +144,14 @@ def _used(org: str) -> float:
     return budget.used
 
 
-def test_negative_usage_does_not_lift_a_budget(own: GatewayProcess) -> None:
-    own.bind()
+def test_negative_usage_does_not_lift_a_budget(own_gateway: GatewayProcess) -> None:
+    own_gateway.bind()
     services.set_budget("acme", scope="org", metric="tokens", period="day", amount=1e12)
     session = uuid.uuid4().hex
     time.sleep(1.5)  # the gateway's caches (1 s) see the budget
 
     def settled_use(expected_traces: int) -> float:
-        own.wait_traces(expected_traces, timeout=30, session_id=session)
+        own_gateway.wait_traces(expected_traces, timeout=30, session_id=session)
         # Usage is flushed about every second; wait until it stops moving.
         last, deadline = -1.0, time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -173,15 +162,15 @@ def test_negative_usage_does_not_lift_a_budget(own: GatewayProcess) -> None:
             time.sleep(1.5)
         return last
 
-    assert ask(own, session).status_code == 200
+    assert ask(own_gateway, session).status_code == 200
     one_call = settled_use(1)
     assert one_call > 0
-    hostile = ask(own, session, override={"usage": {"input_tokens": -1_000_000_000}})
+    hostile = ask(own_gateway, session, override={"usage": {"input_tokens": -1_000_000_000}})
     assert hostile.status_code == 200
-    assert ask(own, session).status_code == 200
+    assert ask(own_gateway, session).status_code == 200
     after = settled_use(3)
     assert after >= 2 * one_call, f"the budget's use went from {one_call} to {after}"
-    first, lowered, last = own.traces(session_id=session)
+    first, lowered, last = own_gateway.traces(session_id=session)
     assert lowered.input_tokens == 0
     assert "usage.input_tokens out of range" in anomalies(lowered)
     # The hostile call counts for its valid figures only, as its trace says.
@@ -417,13 +406,10 @@ def test_a_poisoned_spool_is_replayed_row_by_row_and_dead_lettered(
 def test_a_spool_that_cannot_be_written_holds_the_trace_and_the_writer_goes_on(
     fake_provider: FakeProvider, tmp_path: Path
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'tvgate.db'}"
-    tokens = seed(url, tmp_path, fake_provider)
-    gateway = launch_gateway(url, tmp_path, tokens)
-    # Where the spool goes, something that is not a file (a full or broken disk).
-    (tmp_path / "traces.spool.0").mkdir()
     session = uuid.uuid4().hex
-    try:
+    with seeded_gateway(f"sqlite:///{tmp_path / 'tvgate.db'}", tmp_path, fake_provider) as gateway:
+        # Where the spool goes, something that is not a file (a full or broken disk).
+        (tmp_path / "traces.spool.0").mkdir()
         with SqliteLock(str(tmp_path / "tvgate.db")):
             assert ask(gateway, session, text="held").status_code == 200
             deadline = time.monotonic() + 60
@@ -442,19 +428,14 @@ def test_a_spool_that_cannot_be_written_holds_the_trace_and_the_writer_goes_on(
         ready = httpx2.get(gateway.url + "/readyz", timeout=10).json()
         assert ready["ready"] is True and ready["trace_writer"]["held"] == 0
         assert "the spool could not be written" in gateway.log_text()
-    finally:
-        stop_gateway(gateway.proc)
 
 
 def test_the_writer_is_restarted_after_a_failure_and_readiness_says_so(
     fake_provider: FakeProvider, tmp_path: Path
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'tvgate.db'}"
-    tokens = seed(url, tmp_path, fake_provider)
-    gateway = launch_gateway(url, tmp_path, tokens)
     aside, loop = tmp_path / "spool.aside", tmp_path / "loop"
     session = uuid.uuid4().hex
-    try:
+    with seeded_gateway(f"sqlite:///{tmp_path / 'tvgate.db'}", tmp_path, fake_provider) as gateway:
         with SqliteLock(str(tmp_path / "tvgate.db")):
             assert ask(gateway, session).status_code == 200
             # The writer renames its spool for the first replay, which fails (locked); the
@@ -483,5 +464,3 @@ def test_the_writer_is_restarted_after_a_failure_and_readiness_says_so(
         assert ask(gateway, session).status_code == 200
         gateway.wait_traces(2, timeout=30, session_id=session)
         assert not list(tmp_path.glob("traces.spool*"))
-    finally:
-        stop_gateway(gateway.proc)

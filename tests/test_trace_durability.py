@@ -8,7 +8,6 @@ import hmac
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2
@@ -20,6 +19,7 @@ from tornado.ioloop import IOLoop
 
 from tests.conftest import (
     GatewayProcess,
+    beside,
     free_port,
     launch_gateway,
     seed,
@@ -35,15 +35,6 @@ OUTAGE_SECONDS = outage(60)
 BODY = orjson.dumps(
     {"model": "claude-test", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 )
-
-
-@pytest.fixture
-def private_pg() -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres(free_port())
-    server.start()
-    server.create_database()
-    yield server
-    server.destroy()
 
 
 @pytest.mark.slow
@@ -158,10 +149,8 @@ class Receiver:
 def test_push_sink_delivers_every_trace_signed_despite_failures(gateway: GatewayProcess) -> None:
     secret = "sink-secret-" + uuid.uuid4().hex
     receiver = Receiver(secret, failures=2)
-    pusher = launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        gateway.tokens,
+    pusher = beside(
+        gateway,
         TVGATE_SINK_URL=receiver.url,
         TVGATE_SINK_SECRET=secret,
         TVGATE_SINK_INTERVAL="0.2",

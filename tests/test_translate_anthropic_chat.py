@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from tests.conftest import OPENAI_SECRET
 from tests.fake_provider import TOOL_INPUT, FakeProvider
 from tests.harness import canned_http_client
+from tests.shapes import JSON, chat_tool_call, tool_use
 from tvgate.traces.sse import SSEParser
 from tvgate.translate.anthropic_to_chat import (
     StreamTranslator,
@@ -30,7 +31,6 @@ from tvgate.translate.anthropic_to_chat import (
     translate_response,
 )
 
-JSON = dict[str, Any]
 ROUTE_MODEL = "gpt-4o-2024-08-06"
 
 BASH_TOOL = {
@@ -65,12 +65,11 @@ CLAUDE_CODE_REQUEST: JSON = {
             "content": [
                 {"type": "thinking", "thinking": "I should run ls.", "signature": "EqQBCkYIBxgC"},
                 {"type": "text", "text": "I'll list them."},
-                {
-                    "type": "tool_use",
-                    "id": "toolu_01A09q90qw90lq917835lq9",
-                    "name": "Bash",
-                    "input": {"command": "ls", "description": "List files"},
-                },
+                tool_use(
+                    "toolu_01A09q90qw90lq917835lq9",
+                    "Bash",
+                    {"command": "ls", "description": "List files"},
+                ),
             ],
         },
         {
@@ -145,14 +144,11 @@ def test_claude_code_request_maps_every_field() -> None:
                 "role": "assistant",
                 "content": [{"type": "text", "text": "I'll list them."}],
                 "tool_calls": [
-                    {
-                        "id": "toolu_01A09q90qw90lq917835lq9",
-                        "type": "function",
-                        "function": {
-                            "name": "Bash",
-                            "arguments": '{"command":"ls","description":"List files"}',
-                        },
-                    }
+                    chat_tool_call(
+                        "toolu_01A09q90qw90lq917835lq9",
+                        "Bash",
+                        '{"command":"ls","description":"List files"}',
+                    )
                 ],
             },
             {
@@ -263,13 +259,8 @@ def test_parallel_tool_calls_and_results_with_an_image() -> None:
             {
                 "role": "assistant",
                 "content": [
-                    {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"path": "a"}},
-                    {
-                        "type": "tool_use",
-                        "id": "toolu_2",
-                        "name": "Read",
-                        "input": {"path": "b.png"},
-                    },
+                    tool_use("toolu_1", "Read", {"path": "a"}),
+                    tool_use("toolu_2", "Read", {"path": "b.png"}),
                 ],
             },
             {
@@ -305,16 +296,8 @@ def test_parallel_tool_calls_and_results_with_an_image() -> None:
             "role": "assistant",
             "content": None,
             "tool_calls": [
-                {
-                    "id": "toolu_1",
-                    "type": "function",
-                    "function": {"name": "Read", "arguments": '{"path":"a"}'},
-                },
-                {
-                    "id": "toolu_2",
-                    "type": "function",
-                    "function": {"name": "Read", "arguments": '{"path":"b.png"}'},
-                },
+                chat_tool_call("toolu_1", "Read", '{"path":"a"}'),
+                chat_tool_call("toolu_2", "Read", '{"path":"b.png"}'),
             ],
         },
         {"role": "tool", "tool_call_id": "toolu_1", "content": [{"type": "text", "text": "A"}]},
@@ -527,12 +510,7 @@ def chat_to_anthropic(body: JSON) -> JSON:
             for call in message.get("tool_calls") or []:
                 function = call["function"]
                 blocks.append(
-                    {
-                        "type": "tool_use",
-                        "id": call["id"],
-                        "name": function["name"],
-                        "input": orjson.loads(function["arguments"]),
-                    }
+                    tool_use(call["id"], function["name"], orjson.loads(function["arguments"]))
                 )
             messages.append({"role": "assistant", "content": blocks})
     out["messages"] = messages
@@ -674,12 +652,9 @@ def anthropic_requests(draw: st.DrawFn) -> JSON:
                 blocks.insert(0, {"type": "thinking", "thinking": draw(_text), "signature": "sig"})
             pending = draw(st.lists(_ids, max_size=3, unique=True))
             blocks += [
-                {
-                    "type": "tool_use",
-                    "id": i,
-                    "name": draw(_tool_names),
-                    "input": draw(st.dictionaries(_text, _json_value, max_size=3)),
-                }
+                tool_use(
+                    i, draw(_tool_names), draw(st.dictionaries(_text, _json_value, max_size=3))
+                )
                 for i in pending
             ]
             if not blocks:
@@ -871,16 +846,8 @@ def test_vllm_reasoning_and_parallel_calls() -> None:
             "reasoning_content": "Two files, two reads.",
             "content": None,
             "tool_calls": [
-                {
-                    "id": "chatcmpl-tool-1",
-                    "type": "function",
-                    "function": {"name": "Read", "arguments": '{"path": "a"}'},
-                },
-                {
-                    "id": "chatcmpl-tool-2",
-                    "type": "function",
-                    "function": {"name": "Read", "arguments": '{"path": "b"}'},
-                },
+                chat_tool_call("chatcmpl-tool-1", "Read", '{"path": "a"}'),
+                chat_tool_call("chatcmpl-tool-2", "Read", '{"path": "b"}'),
             ],
         },
         "tool_calls",
@@ -934,13 +901,7 @@ def test_cache_write_and_bad_arguments() -> None:
         {
             "role": "assistant",
             "content": "",
-            "tool_calls": [
-                {
-                    "id": "c1",
-                    "type": "function",
-                    "function": {"name": "Read", "arguments": "{not json"},
-                }
-            ],
+            "tool_calls": [chat_tool_call("c1", "Read", "{not json")],
         },
         "tool_calls",
         usage={
@@ -951,7 +912,7 @@ def test_cache_write_and_bad_arguments() -> None:
     )
     notes: list[str] = []
     translated = translate_response(answer, notes)
-    assert translated["content"] == [{"type": "tool_use", "id": "c1", "name": "Read", "input": {}}]
+    assert translated["content"] == [tool_use("c1", "Read", {})]
     assert translated["usage"] == {
         "input_tokens": 100,
         "cache_creation_input_tokens": 300,
@@ -1227,8 +1188,8 @@ def test_reasoning_text_and_parallel_calls_stream() -> None:
     assert starts == [
         {"type": "thinking", "thinking": "", "signature": ""},
         {"type": "text", "text": ""},
-        {"type": "tool_use", "id": "chatcmpl-tool-a1", "name": "Read", "input": {}},
-        {"type": "tool_use", "id": "chatcmpl-tool-b2", "name": "Read", "input": {}},
+        tool_use("chatcmpl-tool-a1", "Read", {}),
+        tool_use("chatcmpl-tool-b2", "Read", {}),
     ]
     assert "signature_delta" not in stream.decode()
     message, seen = sdk_stream(stream)

@@ -26,6 +26,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from tests.conftest import ANTHROPIC_SECRET
 from tests.fake_provider import FakeProvider
 from tests.harness import canned_http_client
+from tests.shapes import JSON, chat_tool_call, tool_use
 from tvgate.providers.assemble import OPENAI_CHAT, stream_assembler
 from tvgate.translate.chat_to_anthropic import (
     DEFAULT_MAX_TOKENS,
@@ -36,7 +37,6 @@ from tvgate.translate.chat_to_anthropic import (
     translate_response,
 )
 
-JSON = dict[str, Any]
 MODEL = "claude-sonnet-4-6"
 IMAGE = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYAAAAAMAASsJTYQAAAAASUVORK5CYII="
 TOOLS: list[JSON] = [
@@ -190,16 +190,8 @@ def test_request_tools_calls_and_parallel_results() -> None:
                 "role": "assistant",
                 "content": None,
                 "tool_calls": [
-                    {
-                        "id": "call_1",
-                        "type": "function",
-                        "function": {"name": "bash", "arguments": '{"command":"ls"}'},
-                    },
-                    {
-                        "id": "call_2",
-                        "type": "function",
-                        "function": {"name": "read_file", "arguments": ""},
-                    },
+                    chat_tool_call("call_1", "bash", '{"command":"ls"}'),
+                    chat_tool_call("call_2", "read_file", ""),
                 ],
             },
             {"role": "tool", "tool_call_id": "call_1", "content": "a.txt"},
@@ -227,8 +219,8 @@ def test_request_tools_calls_and_parallel_results() -> None:
         {
             "role": "assistant",
             "content": [
-                {"type": "tool_use", "id": "call_1", "name": "bash", "input": {"command": "ls"}},
-                {"type": "tool_use", "id": "call_2", "name": "read_file", "input": {}},
+                tool_use("call_1", "bash", {"command": "ls"}),
+                tool_use("call_2", "read_file", {}),
             ],
         },
         # Both results in one user turn, before the text that follows them.
@@ -490,13 +482,7 @@ CHAT_USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "x"}]
                 "messages": [
                     {
                         "role": "assistant",
-                        "tool_calls": [
-                            {
-                                "id": "c",
-                                "type": "function",
-                                "function": {"name": "f", "arguments": "[1]"},
-                            }
-                        ],
+                        "tool_calls": [chat_tool_call("c", "f", "[1]")],
                     }
                 ]
             },
@@ -555,8 +541,8 @@ def test_response_text_thinking_and_parallel_tool_calls() -> None:
             {"type": "thinking", "thinking": "Two calls.", "signature": SIGNATURE},
             {"type": "text", "text": "Running "},
             {"type": "text", "text": "both."},
-            {"type": "tool_use", "id": "toolu_01A", "name": "bash", "input": {"command": "ls"}},
-            {"type": "tool_use", "id": "toolu_01B", "name": "read_file", "input": {}},
+            tool_use("toolu_01A", "bash", {"command": "ls"}),
+            tool_use("toolu_01B", "read_file", {}),
         ],
         "tool_use",
     )
@@ -571,16 +557,8 @@ def test_response_text_thinking_and_parallel_tool_calls() -> None:
         "content": "Running both.",
         "refusal": None,
         "tool_calls": [
-            {
-                "id": "toolu_01A",
-                "type": "function",
-                "function": {"name": "bash", "arguments": '{"command":"ls"}'},
-            },
-            {
-                "id": "toolu_01B",
-                "type": "function",
-                "function": {"name": "read_file", "arguments": "{}"},
-            },
+            chat_tool_call("toolu_01A", "bash", '{"command":"ls"}'),
+            chat_tool_call("toolu_01B", "read_file", "{}"),
         ],
         "reasoning_content": "Two calls.",
         "thinking_blocks": [{"type": "thinking", "thinking": "Two calls.", "signature": SIGNATURE}],
@@ -702,7 +680,7 @@ TEXT = block(
 )
 TOOLS_USED = block(
     2,
-    {"type": "tool_use", "id": "toolu_01A", "name": "bash", "input": {}},
+    tool_use("toolu_01A", "bash", {}),
     [
         {"type": "input_json_delta", "partial_json": ""},
         {"type": "input_json_delta", "partial_json": '{"comm'},
@@ -710,7 +688,7 @@ TOOLS_USED = block(
     ],
 ) + block(
     3,
-    {"type": "tool_use", "id": "toolu_01B", "name": "read_file", "input": {}},
+    tool_use("toolu_01B", "read_file", {}),
     [{"type": "input_json_delta", "partial_json": '{"path": "a.txt"}'}],
 )
 END: list[JSON] = [
@@ -936,11 +914,7 @@ def chat_from_anthropic(body: JSON) -> JSON:
             text = "".join(b["text"] for b in blocks if b["type"] == "text")
             msg: JSON = {"role": "assistant", "content": text or None}
             calls = [
-                {
-                    "id": b["id"],
-                    "type": "function",
-                    "function": {"name": b["name"], "arguments": orjson.dumps(b["input"]).decode()},
-                }
+                chat_tool_call(b["id"], b["name"], orjson.dumps(b["input"]).decode())
                 for b in blocks
                 if b["type"] == "tool_use"
             ]

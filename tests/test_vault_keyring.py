@@ -29,7 +29,6 @@ from tests.openbao import OpenBao, free_port
 from tests.test_cli import run
 from tvgate import services
 from tvgate.config import load_settings
-from tvgate.db import migrate, open_database
 from tvgate.keyring import (
     KeyContext,
     KeyringError,
@@ -40,7 +39,7 @@ from tvgate.keyring import (
 )
 from tvgate.keyring.local import LocalKeyring
 from tvgate.keyring.vault import VaultKeyring, context_b64
-from tvgate.models import ProviderKey, User, database
+from tvgate.models import ProviderKey, User
 
 SECRET = "sk-ant-api03-vault-roundtrip-" + "x" * 20
 
@@ -63,14 +62,6 @@ def own_vault(tmp_path: Path) -> Iterator[VaultEnv]:
         yield setup_vault(server)
     finally:
         server.stop()
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[None]:
-    open_database(f"sqlite:///{tmp_path / 'keys.db'}")
-    migrate(database.obj)
-    yield
-    database.close()
 
 
 def short_role(vault: VaultEnv, name: str, ttl: str, max_ttl: str) -> tuple[str, str]:

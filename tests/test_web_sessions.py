@@ -13,7 +13,6 @@ import pytest
 from tests.conftest import (
     GatewayProcess,
     beside,
-    launch_gateway,
     stop_gateway,
 )
 from tests.fake_visdom import FakeVisdom
@@ -152,10 +151,8 @@ def test_idle_session_expires(uigate: GatewayProcess, gateway: GatewayProcess) -
 
 
 def test_sign_in_attempts_are_throttled(gateway: GatewayProcess, visdom: FakeVisdom) -> None:
-    gw = launch_gateway(
-        gateway.database_url,
-        gateway.data_dir,
-        gateway.tokens,
+    gw = beside(
+        gateway,
         TVGATE_VISDOM_URL=visdom.url,
         TVGATE_LOGIN_ATTEMPTS="3",
     )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import uuid
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from tests.conftest import (
     launch_gateway,
     scrape,
     seed,
+    seeded_gateway,
     stop_gateway,
 )
 from tests.fake_provider import FakeProvider
@@ -45,8 +45,8 @@ from tests.test_reliability_vault import (
 )
 from tests.test_reliability_vault import ask as vault_ask
 from tests.test_reliability_writer2 import (
+    Load,
     ask,
-    private_pg,  # noqa: F401 - a fixture
     ready,
     traces_of,
 )
@@ -69,30 +69,19 @@ def writer_process(gw: GatewayProcess) -> int:
 
 
 def test_a_killed_writer_process_is_reported_restarted_and_loses_no_trace(
-    private_pg: PrivatePostgres,  # noqa: F811 - the fixture imported above
+    private_pg: PrivatePostgres,
     fake_provider: FakeProvider,
     tmp_path: Path,
 ) -> None:
-    tokens = seed(private_pg.url, tmp_path, fake_provider)
-    gw = launch_gateway(private_pg.url, tmp_path, tokens, TVGATE_TRACE_BATCH_SIZE="5")
+    gw = seeded_gateway(private_pg.url, tmp_path, fake_provider, TVGATE_TRACE_BATCH_SIZE="5")
     session = uuid.uuid4().hex
-    answered: list[int] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        while not stop.is_set():
-            if ask(gw, session) == 200:
-                answered.append(1)
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
+    load = Load(gw, session)
     try:
-        assert ask(gw, session) == 200
-        answered.append(1)
+        assert load.call() == 200
         first = writer_process(gw)
         # The database goes away: what the writer process took goes to its spool.
         private_pg.stop()
-        for thread in threads:
-            thread.start()
+        load.start()
         wait_for(lambda: ready(gw)[1]["trace_writer"]["spool"] > 10, "traces spooled", 120)
         os.kill(first, signal.SIGKILL)
         # Until a new writer process reports, the gateway is not ready, and says why.
@@ -105,31 +94,29 @@ def test_a_killed_writer_process_is_reported_restarted_and_loses_no_trace(
         samples = scrape(gw.url)
         assert samples["tvgate_trace_writer_restarts_total"] >= 1
         assert samples["tvgate_trace_writer_up"] == 1
-        mark = len(answered)
-        wait_for(lambda: len(answered) > mark + 20, "calls after the restart", 120)
+        mark = load.answered
+        wait_for(lambda: load.answered > mark + 20, "calls after the restart", 120)
         private_pg.start()
-        stop.set()
-        for thread in threads:
-            thread.join(60)
+        load.finish()
         # Every call answered has one trace, no more: the spool replayed, the traces the
         # killed process had not acknowledged sent again, none twice.
         wait_for(
-            lambda: len(traces_of(private_pg.url, session)) >= len(answered),
+            lambda: len(traces_of(private_pg.url, session)) >= load.answered,
             "a trace for every call",
             120,
         )
         wait_for(lambda: ready(gw)[1]["trace_writer"]["spool"] == 0, "the spool replayed")
         ids = traces_of(private_pg.url, session)
-        assert len(ids) == len(set(ids)) == len(answered)
+        assert len(ids) == len(set(ids)) == load.answered
         assert set(dropped(gw).values()) == {0.0}, dropped(gw)
         assert "the trace writer process died" in gw.log_text()
     finally:
-        stop.set()
+        load.stop()
         stop_gateway(gw.proc)
 
 
 def test_a_writer_killed_while_adopting_spools_loses_none_of_their_traces(
-    private_pg: PrivatePostgres,  # noqa: F811 - the fixture imported above
+    private_pg: PrivatePostgres,
     fake_provider: FakeProvider,
     tmp_path: Path,
 ) -> None:

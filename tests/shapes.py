@@ -1,0 +1,25 @@
+"""Pieces of the providers' wire formats that the tests write out by hand, built in one place.
+
+A Chat Completions tool call and an Anthropic ``tool_use`` block stand in many requests
+and expected answers (the translator tests, the content store's); written out each time,
+they bury what a test is about under the shape's keys. These build the documented shapes
+only: what a test checks stays spelled out in the test.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: A JSON object as the tests build and compare them.
+JSON = dict[str, Any]
+
+
+def chat_tool_call(call_id: str, name: str, arguments: str) -> JSON:
+    """One entry of a Chat Completions message's ``tool_calls`` (``arguments``: JSON text, as
+    the API sends it, valid or not)."""
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def tool_use(block_id: str, name: str, tool_input: JSON) -> JSON:
+    """An Anthropic Messages ``tool_use`` content block."""
+    return {"type": "tool_use", "id": block_id, "name": name, "input": tool_input}
