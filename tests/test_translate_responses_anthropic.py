@@ -37,7 +37,8 @@ from tests.test_translate_chat_anthropic import (
     sse,
     upstream,
 )
-from tvgate.providers.assemble import OPENAI_RESPONSES, stream_assembler
+from tvgate.providers import OPENAI_RESPONSES
+from tvgate.providers.assemble import stream_assembler
 from tvgate.translate.chat_to_anthropic import DEFAULT_MAX_TOKENS
 from tvgate.translate.responses_api import ResponsesRequest
 from tvgate.translate.responses_to_anthropic import (

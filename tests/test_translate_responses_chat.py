@@ -35,7 +35,8 @@ from tests.test_translate_responses_anthropic import (
     sdk_request,
     sdk_stream,
 )
-from tvgate.providers.assemble import OPENAI_RESPONSES, stream_assembler
+from tvgate.providers import OPENAI_RESPONSES
+from tvgate.providers.assemble import stream_assembler
 from tvgate.translate.responses_api import ResponsesRequest
 from tvgate.translate.responses_to_chat import (
     StreamTranslator,
