@@ -22,6 +22,7 @@ from tests.conftest import (
 )
 from tests.fake_provider import FakeProvider
 from tests.fake_visdom import FakeVisdom
+from tvgate.gateway import CHANGE_POLL_INTERVAL
 from tvgate.models import Org, User
 
 ISSUER = "https://issuer.example.test"
@@ -89,6 +90,10 @@ def idgate(gateway: GatewayProcess, visdom: FakeVisdom) -> Iterator[GatewayProce
         for name, option, value in links:
             linked = gw.cli("orgs", "link", name, option, value)
             assert linked.returncode == 0, linked.stderr
+        # Each link is an identity change the gateway hears at its next change-count poll,
+        # when it forgets every cached identity: let those polls pass before a test caches
+        # one (test_cache_hit_does_not_ask_visdom_trace saw an extra Visdom Trace call).
+        time.sleep(4 * CHANGE_POLL_INTERVAL)
         yield gw
 
 
