@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import re
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from tests.conftest import ANTHROPIC_SECRET, ROOT, scrape
-from tests.harness import GatewayProcess, beside, fake_scenario, free_port
+from tests.harness import GatewayProcess, beside, fake_scenario
 from tvgate import services
 from tvgate.metrics import Metrics
 from tvgate.models import Trace
@@ -467,31 +468,40 @@ def test_refusals_and_cost_are_counted_from_the_row() -> None:
 def test_a_collector_that_is_down_fails_no_call_and_its_drops_are_counted(
     gateway: GatewayProcess,
 ) -> None:
-    down = f"http://127.0.0.1:{free_port()}/v1/traces"
-    with beside(
-        gateway,
-        TVGATE_OTLP_ENDPOINT=down,
-        TVGATE_OTLP_TIMEOUT="1",
-        TVGATE_OTLP_HEADERS=f"x-api-key={API_KEY}",
-    ) as gw:
-        client = anthropic.Anthropic(
-            base_url=gw.url, api_key=gw.tokens["dev@acme.test"], max_retries=0
+    # A collector that takes the connection and never answers: each export waits out
+    # its whole timeout. A call that waited for the export would take at least that long.
+    export_timeout = 4.0
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(64)
+        down = f"http://127.0.0.1:{hung.getsockname()[1]}/v1/traces"
+        with beside(
+            gateway,
+            TVGATE_OTLP_ENDPOINT=down,
+            TVGATE_OTLP_TIMEOUT=str(export_timeout),
+            TVGATE_OTLP_HEADERS=f"x-api-key={API_KEY}",
+        ) as gw:
+            _calls_while_the_collector_hangs(gw, export_timeout)
+
+
+def _calls_while_the_collector_hangs(gw: GatewayProcess, export_timeout: float) -> None:
+    client = anthropic.Anthropic(base_url=gw.url, api_key=gw.tokens["dev@acme.test"], max_retries=0)
+    took = []
+    for _ in range(3):
+        started = time.monotonic()
+        client.messages.create(
+            model="claude-test", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
         )
-        took = []
-        for _ in range(3):
-            started = time.monotonic()
-            client.messages.create(
-                model="claude-test", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
-            )
-            took.append(time.monotonic() - started)
-        # The export (1 s of retries) is the writer process's: no call waits for it.
-        assert max(took) < 0.9, took
-        deadline = time.monotonic() + 20
-        while scrape(gw.url)["tvgate_otlp_spans_dropped_total"] < 3:
-            assert time.monotonic() < deadline, "the dropped spans were not counted"
-            time.sleep(0.2)
-        assert httpx2.get(gw.url + "/readyz", timeout=5).status_code == 200
-        # One warning for the outage, not one per batch; the key in none.
-        log = gw.log_text()
-        assert log.count("OTLP export failed") == 1, log
-        assert API_KEY not in log
+        took.append(time.monotonic() - started)
+    # The export is the writer process's: no call waits for it (a bound of half the
+    # export's timeout, far above a call's few milliseconds, not a speed figure).
+    assert max(took) < export_timeout / 2, took
+    deadline = time.monotonic() + 20 + 3 * export_timeout
+    while scrape(gw.url)["tvgate_otlp_spans_dropped_total"] < 3:
+        assert time.monotonic() < deadline, "the dropped spans were not counted"
+        time.sleep(0.2)
+    assert httpx2.get(gw.url + "/readyz", timeout=5).status_code == 200
+    # One warning for the outage, not one per batch; the key in none.
+    log = gw.log_text()
+    assert log.count("OTLP export failed") == 1, log
+    assert API_KEY not in log
