@@ -15,10 +15,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.clients import claude_result, run_claude
+from tests.clients import run_claude
 from tests.conftest import GatewayProcess
 from tests.fake_provider import FakeProvider
-from tests.test_real_clients import CLAUDE_VERSION, _agent_setup, _session_traces
+from tests.test_real_clients import (
+    CLAUDE_VERSION,
+    _agent_setup,
+    _checked_bash_session,
+    _session_traces,
+)
 
 
 def test_claude_code_bash_session_on_an_openai_chat_route(
@@ -26,22 +31,8 @@ def test_claude_code_bash_session_on_an_openai_chat_route(
 ) -> None:
     setup, marker = _agent_setup(gateway.url, member_token, "gpt-test", tmp_path)
     run = run_claude(setup, "Write the marker file with the Bash tool.")
-    assert run.returncode == 0, run.describe()
-    result = claude_result(run)
-    assert result["subtype"] == "success" and not result["is_error"], run.describe()
-    # The Bash tool really ran here, from a tool call the upstream made in OpenAI's format.
-    assert (setup.work / "out.txt").read_text() == marker + "\n"
-    assert result["result"] == f"Tool said: {marker}"
-    assert result["num_turns"] == 2
-    tool_uses = [
-        block
-        for event in run.events
-        if event.get("type") == "assistant"
-        for block in event["message"]["content"]
-        if block.get("type") == "tool_use"
-    ]
-    assert [block["name"] for block in tool_uses] == ["Bash"]
-    (tool_use,) = tool_uses
+    result, tool_use = _checked_bash_session(run, setup, marker)
+    # The tool call came from the upstream in OpenAI's format, as Claude Code's Bash call.
     assert tool_use["input"]["command"] == f"echo {marker} > out.txt && cat out.txt"
 
     sent = [r for r in fake_provider.requests if marker in r.headers.get("x-fake-command", "")]

@@ -448,6 +448,22 @@ class ClientRelay:
             self.on_upstream_chunk(chunk)
         return self.complete(UpstreamResult(0, ""))
 
+    def send_own_answer(
+        self, body: bytes, headers: Sequence[tuple[str, str]], overhead_ms: float
+    ) -> None:
+        """A JSON answer tvgate makes itself, without a provider (a token estimate)."""
+        handler = self.handler
+        if handler._finished or self.client_gone:
+            return
+        self.status = 200
+        handler.set_status(200)
+        handler.set_header("Content-Type", "application/json")
+        for name, value in headers:
+            handler.set_header(name, value)
+        handler.set_header("x-tvgate-overhead-ms", f"{overhead_ms:.3f}")
+        self._send(body)
+        handler.finish()
+
     def send_error(self, status: int, message: str) -> None:
         """Tell the client of an error the way it can still hear it: the API's error
         envelope before the answer started, else an error event in a stream."""
