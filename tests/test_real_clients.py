@@ -12,18 +12,10 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.clients import (
-    ClientRun,
-    Setup,
-    claude_result,
-    codex_messages,
-    run_claude,
-    run_codex,
-)
+from tests.clients import Setup, claude_bash_session, codex_messages, run_claude, run_codex
 from tests.conftest import GatewayProcess
 from tests.fake_provider import FakeProvider
 from tvgate.models import Trace
@@ -41,29 +33,6 @@ def _agent_setup(base_url: str, token: str, model: str, folder: Path) -> tuple[S
         "x-fake-command": f"echo {marker} > out.txt && cat out.txt",
     }
     return Setup(base_url, token, model, folder, headers), marker
-
-
-def _checked_bash_session(
-    run: ClientRun, setup: Setup, marker: str
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A Claude Code run of the agent scenario that succeeded: its result event and its
-    one tool call, of the Bash tool."""
-    assert run.returncode == 0, run.describe()
-    result = claude_result(run)
-    assert result["subtype"] == "success" and not result["is_error"], run.describe()
-    # The Bash tool really ran here, and its output went back up through tvgate.
-    assert (setup.work / "out.txt").read_text() == marker + "\n"
-    assert result["result"] == f"Tool said: {marker}"
-    assert result["num_turns"] == 2
-    tool_uses = [
-        block
-        for event in run.events
-        if event.get("type") == "assistant"
-        for block in event["message"]["content"]
-        if block.get("type") == "tool_use"
-    ]
-    assert [block["name"] for block in tool_uses] == ["Bash"]
-    return result, tool_uses[0]
 
 
 def _session_traces(
@@ -92,7 +61,7 @@ def test_claude_code_bash_session_through_gateway(
     run = run_claude(
         setup, "Write the marker file with the Bash tool.", credential_env=credential_env
     )
-    result, _ = _checked_bash_session(run, setup, marker)
+    result, _ = claude_bash_session(run, setup, marker)
     traces = _session_traces(gateway, fake_provider, marker, result["session_id"])
     assert {(trace.tool, trace.tool_version) for trace in traces} == {
         ("claude-code", CLAUDE_VERSION)

@@ -15,15 +15,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.clients import run_claude
+from tests.clients import claude_bash_session, run_claude
 from tests.conftest import GatewayProcess
 from tests.fake_provider import FakeProvider
-from tests.test_real_clients import (
-    CLAUDE_VERSION,
-    _agent_setup,
-    _checked_bash_session,
-    _session_traces,
-)
+from tests.test_real_clients import CLAUDE_VERSION, _agent_setup, _session_traces
 
 
 def test_claude_code_bash_session_on_an_openai_chat_route(
@@ -31,7 +26,7 @@ def test_claude_code_bash_session_on_an_openai_chat_route(
 ) -> None:
     setup, marker = _agent_setup(gateway.url, member_token, "gpt-test", tmp_path)
     run = run_claude(setup, "Write the marker file with the Bash tool.")
-    result, tool_use = _checked_bash_session(run, setup, marker)
+    result, tool_use = claude_bash_session(run, setup, marker)
     # The tool call came from the upstream in OpenAI's format, as Claude Code's Bash call.
     assert tool_use["input"]["command"] == f"echo {marker} > out.txt && cat out.txt"
 
