@@ -1407,7 +1407,12 @@ def test_chunks_of_another_shape_are_skipped(line: bytes) -> None:
 
 
 @pytest.mark.parametrize(
-    "body", [{"choices": "x"}, {"choices": [{"message": {"tool_calls": [1]}}]}]
+    "body",
+    [
+        {"choices": "x"},
+        {"choices": [{"message": {"tool_calls": [1]}}]},
+        {"object": "list", "data": []},
+    ],
 )
 def test_an_answer_of_another_shape_is_a_value_error(body: JSON) -> None:
     with pytest.raises(ValueError, match="not a ChatCompletion"):

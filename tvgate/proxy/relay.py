@@ -40,6 +40,7 @@ from tvgate.providers.common import (
 from tvgate.proxy.hops import HOP_HEADER
 from tvgate.proxy.scrub import KeyScrubber
 from tvgate.proxy.upstream import UpstreamExchange, UpstreamResult
+from tvgate.translate.pairs import NotAnAnswer
 
 if TYPE_CHECKING:
     from tvgate.metrics import Metrics
@@ -372,8 +373,15 @@ class ClientRelay:
         self.untranslated = []
         if self.status >= 400:
             self._send(translation.error_answer(self.status, body)[1])
-        else:
-            self._send(translation.response(body))
+            return
+        try:
+            answer = translation.response(body)
+        except NotAnAnswer as exc:
+            # A 200 that is no answer: the provider failed (nothing was sent yet).
+            self.status = 502
+            self.handler.set_status(502)
+            answer = exc.body
+        self._send(answer)
 
     def _keep_tail(self, chunk: bytes) -> None:
         """Past ``capture_max_bytes`` of a JSON answer, keep only its end, where its usage is:

@@ -442,7 +442,10 @@ def _tool_input(arguments: str, where: str, notes: list[str]) -> JSON:
 
 def translate_response(body: JSON, notes: list[str] | None = None) -> JSON:
     """A ChatCompletion as an Anthropic Message; what could not be carried goes to ``notes``.
-    Raises ValueError on a body that is not a ChatCompletion."""
+    Raises ValueError on a body that is not a ChatCompletion (one without ``choices``:
+    another endpoint's answer, a server's own error)."""
+    if "choices" not in body:
+        raise ValueError("not a ChatCompletion (no choices)")
     notes = notes if notes is not None else []
     try:
         return _translate_response(body, notes)
