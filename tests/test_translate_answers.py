@@ -1,16 +1,18 @@
 """A translated answer tvgate cannot give the client as it came: an upstream 200 that is no
 answer of the route's API, and a JSON answer over what tvgate holds to translate.
 
-An Anthropic Messages client on an OpenAI Chat route (``gpt``), through the gateway of
+An Anthropic Messages client on an OpenAI Chat route (``gpt``), and for a 200 of the
+wrong shape also an OpenAI Chat client on an Anthropic route (``claude``), through the gateway of
 ``test_translate_wired`` (its fixtures: an org per test with its own keys on the fake
 provider, whose ``wrong_shape`` scenario answers 200 with a JSON list object, ``x-fake-mb``
-MiB of it). Both are the provider's failure: a 502 in Anthropic's envelope.
+MiB of it). Both are the provider's failure: a 502 in the client's envelope.
 """
 
 from __future__ import annotations
 
 import anthropic
 import httpx2
+import openai
 import pytest
 
 from tests import test_translate_wired as wired
@@ -43,6 +45,24 @@ def test_a_200_that_is_no_chat_completion_is_a_502(
     assert error["type"] == "error" and error["error"]["type"] == "api_error"
     # The provider's body, as the message: what it said instead of an answer.
     assert error["error"]["message"].startswith('{"object": "list"')
+    trace, _ = wired.trace_of(gateway, org)
+    assert (trace.status_code, trace.outcome) == (502, "upstream_error")
+
+
+def test_a_200_that_is_no_message_is_a_502_for_a_chat_client(
+    gateway: RunningGateway,  # noqa: F811
+    org: Org,  # noqa: F811
+) -> None:
+    # The reverse pair: an OpenAI Chat client on the Anthropic route ``claude``.
+    with pytest.raises(openai.APIStatusError) as caught:
+        wired.chat_client(gateway, org).chat.completions.create(
+            model="claude",
+            messages=wired.CHAT_PROMPT,
+            extra_headers={"x-fake-scenario": "wrong_shape"},
+        )
+    assert caught.value.status_code == 502
+    error = caught.value.body
+    assert isinstance(error, dict) and error["message"].startswith('{"object": "list"'), error
     trace, _ = wired.trace_of(gateway, org)
     assert (trace.status_code, trace.outcome) == (502, "upstream_error")
 

@@ -133,7 +133,11 @@ class _ChatOnAnthropic(_Phases):
         return self._notes
 
     def response(self, body: bytes) -> bytes:
-        return orjson.dumps(chat_to_anthropic.translate_response(_object(body), self._notes))
+        answer = _object(body)
+        if answer.get("type") != "message":
+            # Not a Message: told as the provider's failure, in OpenAI's envelope.
+            raise NotAnAnswer(chat_to_anthropic.translate_error(502, body)[1])
+        return orjson.dumps(chat_to_anthropic.translate_response(answer, self._notes))
 
     def document(self, answer: JSON) -> JSON:
         return chat_to_anthropic.translate_response(answer, [])
