@@ -178,6 +178,30 @@ def claude_result(run: ClientRun) -> dict[str, Any]:
     return results[0]
 
 
+def claude_bash_session(
+    run: ClientRun, setup: Setup, marker: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check a Claude Code run of the fake provider's ``agent`` scenario: it ran the command
+    writing ``marker`` with its Bash tool, and answered the command's output. Its result
+    event and its one tool call."""
+    assert run.returncode == 0, run.describe()
+    result = claude_result(run)
+    assert result["subtype"] == "success" and not result["is_error"], run.describe()
+    # The Bash tool really ran here, and its output went back up through tvgate.
+    assert (setup.work / "out.txt").read_text() == marker + "\n"
+    assert result["result"] == f"Tool said: {marker}"
+    assert result["num_turns"] == 2
+    tool_uses = [
+        block
+        for event in run.events
+        if event.get("type") == "assistant"
+        for block in event["message"]["content"]
+        if block.get("type") == "tool_use"
+    ]
+    assert [block["name"] for block in tool_uses] == ["Bash"], run.describe()
+    return result, tool_uses[0]
+
+
 def run_codex(
     setup: Setup, prompt: str, *, websockets: bool = False, timeout: float = DEFAULT_TIMEOUT
 ) -> ClientRun:

@@ -49,6 +49,9 @@ Behaviour is chosen with the request header ``x-fake-scenario`` (default ``norma
                  Non-streaming requests wait events x interval, then answer.
 ``hang``         nothing at all for ``x-fake-hang`` seconds (default 30), then ``normal``.
 
+``wrong_shape``  a 200 JSON answer of no endpoint's shape, ``{"object": "list", "data": [...]}``
+                 (as a server answers whose path leads elsewhere), whether or not the
+                 request streams; ``data`` holds ``x-fake-mb`` MiB of strings (default 0).
 ``redirect``     a 307 (``x-fake-redirect-status`` picks another 3xx) with a ``Location``
                  on the fake provider itself, and no body.
 
@@ -159,6 +162,7 @@ SCENARIOS = frozenset(
         "malformed",
         "redirect",
         "bulk",
+        "wrong_shape",
     }
 )
 MALFORMED_BYTES = b"data: {not json\n\nevent\x00: \xff\xfe???\r\n: comment\ndata: [1, 2\n\n"
@@ -1108,6 +1112,9 @@ class _Handler(tornado.web.RequestHandler):
             if scenario == "bulk":
                 await self._bulk(int(self._number("x-fake-mb", 20)))
                 return
+            if scenario == "wrong_shape":
+                await self._wrong_shape(int(self._number("x-fake-mb", 0)))
+                return
             ctx = self._context(body, scenario)
             if scenario == "error_event" and not ctx.stream:
                 scenario = "error_529"
@@ -1462,6 +1469,18 @@ class _Handler(tornado.web.RequestHandler):
             self.write(chunk)
             await self.flush()
         await self.finish()
+
+    async def _wrong_shape(self, megabytes: int) -> None:
+        """A 200 JSON answer of no endpoint's shape, with ``megabytes`` MiB of strings."""
+        self.set_header("Content-Type", "application/json")
+        self.write(b'{"object": "list", "data": [')
+        mebibyte = (b'"' + b"x" * 1020 + b'", ') * 1024
+        for _ in range(megabytes):
+            if self.client_gone.is_set():
+                return
+            self.write(mebibyte)
+            await self.flush()
+        await self.finish(b'""]}')
 
     async def _deliver_stream(self, ctx: _Ctx, reply: _Reply, interval: float) -> None:
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.clients import Setup, claude_result, codex_messages, run_claude, run_codex
+from tests.clients import Setup, claude_bash_session, codex_messages, run_claude, run_codex
 from tests.conftest import GatewayProcess
 from tests.fake_provider import FakeProvider
 from tvgate.models import Trace
@@ -61,22 +61,7 @@ def test_claude_code_bash_session_through_gateway(
     run = run_claude(
         setup, "Write the marker file with the Bash tool.", credential_env=credential_env
     )
-    assert run.returncode == 0, run.describe()
-    result = claude_result(run)
-    assert result["subtype"] == "success" and not result["is_error"], run.describe()
-    # The Bash tool really ran here, and its output went back up through tvgate.
-    assert (setup.work / "out.txt").read_text() == marker + "\n"
-    assert result["result"] == f"Tool said: {marker}"
-    assert result["num_turns"] == 2
-    tool_uses = [
-        block
-        for event in run.events
-        if event.get("type") == "assistant"
-        for block in event["message"]["content"]
-        if block.get("type") == "tool_use"
-    ]
-    assert [block["name"] for block in tool_uses] == ["Bash"]
-
+    result, _ = claude_bash_session(run, setup, marker)
     traces = _session_traces(gateway, fake_provider, marker, result["session_id"])
     assert {(trace.tool, trace.tool_version) for trace in traces} == {
         ("claude-code", CLAUDE_VERSION)

@@ -199,6 +199,20 @@ def test_system_string_and_sampling_fields() -> None:
     }
 
 
+def test_a_system_message_within_the_conversation_stays_in_place() -> None:
+    # Claude Code 2.1.332 sends its environment as a system message after the first turn:
+    # its content a string in one request, text blocks in another.
+    reminder = {"role": "system", "content": "# Environment\n - Shell: bash"}
+    blocks = {"role": "system", "content": [{"type": "text", "text": "# Environment"}]}
+    body = user("hi")
+    body["messages"] += [reminder, blocks, {"role": "system", "content": ""}]
+    assert chat(body)["messages"] == [
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": "# Environment\n - Shell: bash"},
+        {"role": "system", "content": [{"type": "text", "text": "# Environment"}]},
+    ]
+
+
 def test_max_tokens_field_is_the_upstreams() -> None:
     body = chat(user("hi"), max_tokens_field="max_tokens")
     assert body["max_tokens"] == 100 and "max_completion_tokens" not in body
@@ -439,7 +453,12 @@ def test_structured_output_becomes_response_format() -> None:
             },
             "messages[0].content[0].type",
         ),
-        ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "system", "content": 5}]}, "messages[0].content"),
+        (
+            {"messages": [{"role": "system", "content": [{"type": "image"}]}]},
+            "messages[0].content[0].type",
+        ),
         ({"output_config": {"effort": "extreme"}}, "output_config.effort"),
         ({"output_config": {"task_budget": 5}}, "output_config.task_budget"),
         ({"output_config": {"format": {"type": "grammar"}}}, "output_config.format.type"),
@@ -1388,7 +1407,12 @@ def test_chunks_of_another_shape_are_skipped(line: bytes) -> None:
 
 
 @pytest.mark.parametrize(
-    "body", [{"choices": "x"}, {"choices": [{"message": {"tool_calls": [1]}}]}]
+    "body",
+    [
+        {"choices": "x"},
+        {"choices": [{"message": {"tool_calls": [1]}}]},
+        {"object": "list", "data": []},
+    ],
 )
 def test_an_answer_of_another_shape_is_a_value_error(body: JSON) -> None:
     with pytest.raises(ValueError, match="not a ChatCompletion"):

@@ -45,6 +45,7 @@ from tvgate.models import (
 )
 from tvgate.providers import ProviderAPI
 from tvgate.proxy.body import BodyError, ParsedBody, decode_content, parse_request_body, with_model
+from tvgate.proxy.estimate import ESTIMATE_NOTE, answer_estimate, counted_api
 from tvgate.proxy.hops import incoming_marks, is_loop, outgoing_marks
 from tvgate.proxy.record import record_call
 from tvgate.proxy.relay import TRANSLATED_LIMIT, ClientRelay, HeldAnswer
@@ -134,6 +135,8 @@ class ProxyCall:
         #: The provider keys this call sent, masked in whatever comes back from upstream.
         self.scrubber = KeyScrubber()
         self.hop_marks: list[str] = []
+        #: What the trace notes of how the call was served (in its anomalies).
+        self.notes: list[str] = []
         settings = self.gateway.settings
         self.relay = ClientRelay(
             handler,
@@ -281,9 +284,12 @@ class ProxyCall:
         model = entry.upstream_model_for(self.body.model)
         refusal: tuple[int, str] | None = None
         pair: Pair | None = None
+        counted: ProviderAPI | None = None
         if entry.key.provider != self.endpoint.provider:
-            # Another provider's route: served through the pair's translator, if any.
-            pair = pair_for(self.endpoint, entry.key.provider)
+            # Another provider's route: served through the pair's translator, if any; a
+            # token count, by an estimate of the request it counts as translated.
+            counted = counted_api(self.endpoint)
+            pair = pair_for(counted or self.endpoint, entry.key.provider)
             if pair is None or not entry.translate:
                 off = " (translation is off for this route)" if pair is not None else ""
                 refusal = (
@@ -303,6 +309,13 @@ class ProxyCall:
             if is_fallback:
                 return Failed(entry, model, 0, OUTCOME_REJECTED, refusal[1])
             self._fail(*refusal, OUTCOME_REJECTED)
+            return _ANSWERED
+        if counted is not None and translation is not None:
+            # No provider call: tvgate's estimate of the count (tvgate.proxy.estimate).
+            self.route, self.provider, self.upstream_model = entry, entry.key.provider, model
+            self.notes.append(ESTIMATE_NOTE)
+            self.outcome = OUTCOME_OK
+            answer_estimate(self.relay, translation.body, self.overhead_ms())
             return _ANSWERED
         attempt_admission: Admission | None = None
         key_resource_name = ""

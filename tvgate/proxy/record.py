@@ -112,6 +112,8 @@ def record_call(call: ProxyCall) -> None:
             f"translated: {call.endpoint.api} on {relay.upstream_api.api}",
             *(f"translation dropped: {note}" for note in translation.notes),
         ]
+    if call.notes:
+        anomalies = [*anomalies, *call.notes]
     finished = time.perf_counter()
     route = call.route
     truncated = assembled is not None and (

@@ -40,6 +40,7 @@ from tvgate.providers.common import (
 from tvgate.proxy.hops import HOP_HEADER
 from tvgate.proxy.scrub import KeyScrubber
 from tvgate.proxy.upstream import UpstreamExchange, UpstreamResult
+from tvgate.translate.pairs import NotAnAnswer
 
 if TYPE_CHECKING:
     from tvgate.metrics import Metrics
@@ -372,8 +373,15 @@ class ClientRelay:
         self.untranslated = []
         if self.status >= 400:
             self._send(translation.error_answer(self.status, body)[1])
-        else:
-            self._send(translation.response(body))
+            return
+        try:
+            answer = translation.response(body)
+        except NotAnAnswer as exc:
+            # A 200 that is no answer: the provider failed (nothing was sent yet).
+            self.status = 502
+            self.handler.set_status(502)
+            answer = exc.body
+        self._send(answer)
 
     def _keep_tail(self, chunk: bytes) -> None:
         """Past ``capture_max_bytes`` of a JSON answer, keep only its end, where its usage is:
@@ -447,6 +455,22 @@ class ClientRelay:
         for chunk in held.chunks:
             self.on_upstream_chunk(chunk)
         return self.complete(UpstreamResult(0, ""))
+
+    def send_own_answer(
+        self, body: bytes, headers: Sequence[tuple[str, str]], overhead_ms: float
+    ) -> None:
+        """A JSON answer tvgate makes itself, without a provider (a token estimate)."""
+        handler = self.handler
+        if handler._finished or self.client_gone:
+            return
+        self.status = 200
+        handler.set_status(200)
+        handler.set_header("Content-Type", "application/json")
+        for name, value in headers:
+            handler.set_header(name, value)
+        handler.set_header("x-tvgate-overhead-ms", f"{overhead_ms:.3f}")
+        self._send(body)
+        handler.finish()
 
     def send_error(self, status: int, message: str) -> None:
         """Tell the client of an error the way it can still hear it: the API's error

@@ -182,16 +182,18 @@ def _translate_request(
     return TranslatedRequest(out, list(notes), stream)
 
 
-def _system(system: Any, notes: dict[str, None]) -> list[JSON]:
+def _system(system: Any, notes: dict[str, None], where: str = "system") -> list[JSON]:
     if system is None or system == "" or system == []:
         return []
     if isinstance(system, str):
         return [{"role": "system", "content": system}]
+    if not isinstance(system, list):
+        raise TranslationError(where, "must be a string or a list of text blocks")
     parts = []
     for i, block in enumerate(system):
         if block.get("type") != "text":
-            raise TranslationError(f"system[{i}].type", "only text blocks are supported")
-        parts.append(_text_part(block, f"system[{i}]", notes))
+            raise TranslationError(f"{where}[{i}].type", "only text blocks are supported")
+        parts.append(_text_part(block, f"{where}[{i}]", notes))
     return [{"role": "system", "content": parts}]
 
 
@@ -206,8 +208,14 @@ def _text_part(block: JSON, where: str, notes: dict[str, None]) -> JSON:
 def _message(message: JSON, where: str, out: list[JSON], notes: dict[str, None]) -> None:
     role = message.get("role")
     content = message.get("content")
+    if role == "system":
+        # A system message within the conversation (Claude Code 2.1 sends its environment
+        # so): Chat Completions takes system messages anywhere, at the same place (an
+        # empty one says nothing and is left out).
+        out.extend(_system(content, notes, where=f"{where}.content"))
+        return
     if role not in ("user", "assistant"):
-        raise TranslationError(f"{where}.role", "must be user or assistant")
+        raise TranslationError(f"{where}.role", "must be user, assistant or system")
     if isinstance(content, str):
         out.append({"role": role, "content": content})
         return
@@ -434,7 +442,10 @@ def _tool_input(arguments: str, where: str, notes: list[str]) -> JSON:
 
 def translate_response(body: JSON, notes: list[str] | None = None) -> JSON:
     """A ChatCompletion as an Anthropic Message; what could not be carried goes to ``notes``.
-    Raises ValueError on a body that is not a ChatCompletion."""
+    Raises ValueError on a body that is not a ChatCompletion (one without ``choices``:
+    another endpoint's answer, a server's own error)."""
+    if "choices" not in body:
+        raise ValueError("not a ChatCompletion (no choices)")
     notes = notes if notes is not None else []
     try:
         return _translate_response(body, notes)

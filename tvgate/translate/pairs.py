@@ -33,6 +33,15 @@ class Untranslatable(Exception):
     envelope."""
 
 
+class NotAnAnswer(Exception):
+    """The route's 200 answer is no answer of its API: the provider failed, and ``body``
+    tells the client so in its envelope (with a 502)."""
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__("not an answer of the route's API")
+        self.body = body
+
+
 class Translation(Protocol):
     """One call's translation, from the client's request to the answer it gets."""
 
@@ -45,7 +54,7 @@ class Translation(Protocol):
         ...
 
     def response(self, body: bytes) -> bytes:
-        """The route's JSON answer as the client's."""
+        """The route's JSON answer as the client's (``NotAnAnswer`` when it is none)."""
         ...
 
     def feed(self, chunk: bytes) -> bytes:
@@ -124,7 +133,11 @@ class _ChatOnAnthropic(_Phases):
         return self._notes
 
     def response(self, body: bytes) -> bytes:
-        return orjson.dumps(chat_to_anthropic.translate_response(_object(body), self._notes))
+        answer = _object(body)
+        if answer.get("type") != "message":
+            # Not a Message: told as the provider's failure, in OpenAI's envelope.
+            raise NotAnAnswer(chat_to_anthropic.translate_error(502, body)[1])
+        return orjson.dumps(chat_to_anthropic.translate_response(answer, self._notes))
 
     def document(self, answer: JSON) -> JSON:
         return chat_to_anthropic.translate_response(answer, [])
@@ -151,7 +164,7 @@ class _AnthropicOnChat(_Phases):
             return orjson.dumps(anthropic_to_chat.translate_response(_object(body), self._notes))
         except ValueError:
             # Not a ChatCompletion: told as the provider's failure, in Anthropic's envelope.
-            return anthropic_to_chat.translate_error(502, body)[1]
+            raise NotAnAnswer(anthropic_to_chat.translate_error(502, body)[1]) from None
 
     def document(self, answer: JSON) -> JSON:
         try:
