@@ -5,17 +5,26 @@ provider is the fake one, whose ``agent`` scenario answers a turn that offers a 
 with a call of it and the turn that carries its result with ``Tool said: <result>``. So a
 run passes only if the tool's own request went through tvgate, tvgate's answer made the
 tool run the command on this machine, and the command's output came back through tvgate
-in the next request. Passthrough: the route's provider speaks the tool's API.
+in the next request. Passthrough (the route's provider speaks the tool's API), and Codex
+on an Anthropic route (translated).
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.clients import Setup, claude_result, codex_messages, run_claude, run_codex
+from tests.clients import (
+    ClientRun,
+    Setup,
+    claude_result,
+    codex_messages,
+    run_claude,
+    run_codex,
+)
 from tests.conftest import GatewayProcess
 from tests.fake_provider import FakeProvider
 from tvgate.models import Trace
@@ -97,6 +106,44 @@ def test_codex_exec_tool_call_through_gateway(
 ) -> None:
     setup, marker = _agent_setup(gateway.openai_url, member_token, "gpt-test", tmp_path)
     run = run_codex(setup, "Write the marker file with a shell command.", websockets=websockets)
+    traces = _codex_ran_the_command(gateway, fake_provider, setup, marker, run)
+    assert {trace.endpoint for trace in traces} == {"openai.responses"}
+    assert {trace.upstream_model for trace in traces} == {"gpt-upstream-1"}
+
+
+def test_codex_exec_tool_call_on_an_anthropic_route(
+    gateway: GatewayProcess, fake_provider: FakeProvider, member_token: str, tmp_path: Path
+) -> None:
+    """Codex's Responses calls translated to Anthropic Messages: the fake answers the first
+    with a tool_use of Codex's shell tool, the second (carrying its tool_result) with text."""
+    setup, marker = _agent_setup(gateway.openai_url, member_token, "claude-test", tmp_path)
+    run = run_codex(setup, "Write the marker file with a shell command.")
+    traces = _codex_ran_the_command(gateway, fake_provider, setup, marker, run)
+    assert {(t.endpoint, t.provider) for t in traces} == {("openai.responses", "anthropic")}
+    assert {trace.upstream_model for trace in traces} == {"claude-upstream-1"}
+    assert all(t.input_tokens > 0 and t.output_tokens > 0 for t in traces)
+    sent = [r for r in fake_provider.requests if marker in r.headers.get("x-fake-command", "")]
+    assert [r.path for r in sent] == ["/v1/messages", "/v1/messages"]
+    # The command's output went back to Anthropic as the tool_use's result.
+    call, result = sent[1].json()["messages"][-2:]
+    (tool_use,) = [block for block in call["content"] if block["type"] == "tool_use"]
+    (tool_result,) = result["content"]
+    assert tool_result["type"] == "tool_result"
+    assert tool_result["tool_use_id"] == tool_use["id"]
+    assert marker in json.dumps(tool_result["content"])
+    for trace in traces:
+        anomalies = json.loads(trace.anomalies)
+        assert "translated: openai.responses on anthropic.messages" in anomalies
+        # Codex's web search, sub-agent tools (and apply_patch, for models that get it)
+        # are dropped, noted; its shell is what it needs.
+        assert any(a.endswith("web_search tool") for a in anomalies), anomalies
+
+
+def _codex_ran_the_command(
+    gateway: GatewayProcess, fake: FakeProvider, setup: Setup, marker: str, run: ClientRun
+) -> list[Trace]:
+    """Check a ``codex exec`` run of the agent scenario: it ran the command once, wrote the
+    marker, ended its turn with the answer to the command's output; its traces."""
     assert run.returncode == 0, run.describe()
     assert (setup.work / "out.txt").read_text() == marker + "\n"
     commands = [
@@ -112,7 +159,6 @@ def test_codex_exec_tool_call_through_gateway(
     assert run.events[-1]["type"] == "turn.completed", run.describe()
 
     session = next(e["thread_id"] for e in run.events if e.get("type") == "thread.started")
-    traces = _session_traces(gateway, fake_provider, marker, session)
+    traces = _session_traces(gateway, fake, marker, session)
     assert {(trace.tool, trace.tool_version) for trace in traces} == {("codex", CODEX_VERSION)}
-    assert {trace.endpoint for trace in traces} == {"openai.responses"}
-    assert {trace.upstream_model for trace in traces} == {"gpt-upstream-1"}
+    return traces

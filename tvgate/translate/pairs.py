@@ -1,9 +1,9 @@
 """The registry of translators: which one serves a (client API, route API) pair, and one
 call's translation state behind one interface.
 
-The two translator modules have phases of their own shape (``chat_to_anthropic``,
-``anthropic_to_chat``); :class:`Translation` puts them behind what the proxy needs of
-any pair: the upstream body, the answer back (a JSON body, stream chunks, an error
+The translator modules have phases of their own shape (``chat_to_anthropic``,
+``anthropic_to_chat``, ``responses_to_anthropic``, ``responses_to_chat``);
+:class:`Translation` puts them behind what the proxy needs of any pair: the upstream body, the answer back (a JSON body, stream chunks, an error
 answer, an in-band error), the answer as a trace records it, and the notes of what was
 dropped. The proxy asks :func:`pair_for` only when the client's API and the route's
 provider differ, so a passthrough call runs none of this.
@@ -11,6 +11,7 @@ provider differ, so a passthrough call runs none of this.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,8 +19,19 @@ from typing import Any, Protocol
 import orjson
 
 from tvgate.models import PROVIDER_ANTHROPIC, PROVIDER_OPENAI
-from tvgate.providers import ANTHROPIC_MESSAGES, OPENAI_CHAT, ProviderAPI, api_for
-from tvgate.translate import anthropic_to_chat, chat_to_anthropic
+from tvgate.providers import (
+    ANTHROPIC_MESSAGES,
+    OPENAI_CHAT,
+    OPENAI_RESPONSES,
+    ProviderAPI,
+    api_for,
+)
+from tvgate.translate import (
+    anthropic_to_chat,
+    chat_to_anthropic,
+    responses_to_anthropic,
+)
+from tvgate.translate.responses_api import ResponsesRequest
 
 JSON = dict[str, Any]
 
@@ -160,6 +172,50 @@ class _AnthropicOnChat(_Phases):
             return answer
 
 
+class _ResponsesOn(_Phases):
+    """An OpenAI Responses client (Codex) on a route of another API: the request as
+    translated, whose ``dropped`` list every phase adds its notes to."""
+
+    def __init__(
+        self,
+        translated: ResponsesRequest,
+        stream: _StreamTranslator,
+        translate_error: Callable[[int, bytes], tuple[int, bytes]],
+    ) -> None:
+        self._request = translated
+        super().__init__(translated.body, stream, translate_error)
+
+    @property
+    def notes(self) -> list[str]:
+        return self._request.dropped
+
+    def _quiet(self) -> ResponsesRequest:
+        """The request with a list of its own for notes: the trace's copy of the answer
+        notes nothing the client's did not."""
+        return dataclasses.replace(self._request, dropped=[])
+
+
+class _ResponsesOnAnthropic(_ResponsesOn):
+    """An OpenAI Responses client on an Anthropic Messages route."""
+
+    def __init__(self, request: JSON, upstream_model: str) -> None:
+        try:
+            translated = responses_to_anthropic.translate_request(request, upstream_model)
+        except responses_to_anthropic.TranslationError as exc:
+            raise Untranslatable(exc.message) from None
+        super().__init__(
+            translated,
+            responses_to_anthropic.StreamTranslator(translated),
+            responses_to_anthropic.translate_error,
+        )
+
+    def response(self, body: bytes) -> bytes:
+        return orjson.dumps(responses_to_anthropic.translate_response(_object(body), self._request))
+
+    def document(self, answer: JSON) -> JSON:
+        return responses_to_anthropic.translate_response(answer, self._quiet())
+
+
 def _object(body: bytes) -> JSON:
     """A JSON answer as an object (an empty one when it is not: the translators then
     answer with what little they can, as for any malformed answer)."""
@@ -190,6 +246,12 @@ _PAIRS: dict[tuple[str, str], Pair] = {
     ),
     (ANTHROPIC_MESSAGES, PROVIDER_OPENAI): Pair(
         ANTHROPIC_MESSAGES, api_for(OPENAI_CHAT), _AnthropicOnChat
+    ),
+    (OPENAI_RESPONSES, PROVIDER_ANTHROPIC): Pair(
+        OPENAI_RESPONSES,
+        api_for(ANTHROPIC_MESSAGES),
+        _ResponsesOnAnthropic,
+        (("anthropic-version", ANTHROPIC_VERSION),),
     ),
 }
 

@@ -93,7 +93,7 @@ def translate_request(
     if stream:
         out["stream"] = True
 
-    tools = api.function_tools(body)
+    tools = api.function_tools(body, dropped)
     if tools:
         out["tools"] = [_tool(i, api.chat_tool(t)) for i, t in enumerate(tools)]
     choice = _tool_choice(api.chat_tool_choice(body), body.get("parallel_tool_calls"))
