@@ -57,7 +57,7 @@ from tvgate.proxy.upstream import (
     upstream_url,
 )
 from tvgate.routing import RouteEntry, RouteNotFound
-from tvgate.translate.pairs import Pair, Translation, Untranslatable, pair_for
+from tvgate.translate.pairs import Pair, Translation, Untranslatable, pair_for, route_speaks
 
 if TYPE_CHECKING:
     from tvgate.proxy.handlers import ProxyHandler
@@ -281,15 +281,16 @@ class ProxyCall:
         model = entry.upstream_model_for(self.body.model)
         refusal: tuple[int, str] | None = None
         pair: Pair | None = None
-        if entry.key.provider != self.endpoint.provider:
-            # Another provider's route: served through the pair's translator, if any.
-            pair = pair_for(self.endpoint, entry.key.provider)
+        speaks = route_speaks(self.endpoint, entry.key.provider, chat_only=entry.key.chat_only)
+        if speaks is not None:
+            # Another API than the client's: served through the pair's translator, if any.
+            pair = pair_for(self.endpoint, speaks)
             if pair is None or not entry.translate:
                 off = " (translation is off for this route)" if pair is not None else ""
                 refusal = (
                     400,
-                    f"route {entry.name!r} goes to {entry.key.provider}, which does not serve "
-                    f"this {self.endpoint.provider} endpoint{off}",
+                    f"route {entry.name!r} goes to {speaks}, which does not serve "
+                    f"this {self.endpoint.api} endpoint{off}",
                 )
         if refusal is None:
             refusal = _upstream_refusal(entry, settings.allows_private_upstream)

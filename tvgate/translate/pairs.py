@@ -5,8 +5,9 @@ The translator modules have phases of their own shape (``chat_to_anthropic``,
 ``anthropic_to_chat``, ``responses_to_anthropic``, ``responses_to_chat``);
 :class:`Translation` puts them behind what the proxy needs of any pair: the upstream body, the answer back (a JSON body, stream chunks, an error
 answer, an in-band error), the answer as a trace records it, and the notes of what was
-dropped. The proxy asks :func:`pair_for` only when the client's API and the route's
-provider differ, so a passthrough call runs none of this.
+dropped. The proxy asks :func:`pair_for` only when the route speaks another API than the
+client (:func:`route_speaks`: another provider's, or Chat Completions alone to a Responses
+client), so a passthrough call runs none of this.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tvgate.translate import (
     anthropic_to_chat,
     chat_to_anthropic,
     responses_to_anthropic,
+    responses_to_chat,
 )
 from tvgate.translate.responses_api import ResponsesRequest
 
@@ -216,6 +218,38 @@ class _ResponsesOnAnthropic(_ResponsesOn):
         return responses_to_anthropic.translate_response(answer, self._quiet())
 
 
+class _ResponsesOnChat(_ResponsesOn):
+    """An OpenAI Responses client on a Chat Completions-only upstream (vLLM, Ollama)."""
+
+    def __init__(self, request: JSON, upstream_model: str) -> None:
+        try:
+            # max_tokens: the name every Chat-compatible server knows (OpenAI's own
+            # max_completion_tokens is not always among them, and OpenAI has Responses).
+            translated = responses_to_chat.translate_request(
+                request, upstream_model, max_tokens_field="max_tokens"
+            )
+        except responses_to_chat.TranslationError as exc:
+            raise Untranslatable(exc.message) from None
+        super().__init__(
+            translated,
+            responses_to_chat.StreamTranslator(translated),
+            responses_to_chat.translate_error,
+        )
+
+    def response(self, body: bytes) -> bytes:
+        try:
+            return orjson.dumps(responses_to_chat.translate_response(_object(body), self._request))
+        except ValueError:
+            # Not a ChatCompletion: told as the provider's failure, in OpenAI's envelope.
+            return responses_to_chat.translate_error(502, body)[1]
+
+    def document(self, answer: JSON) -> JSON:
+        try:
+            return responses_to_chat.translate_response(answer, self._quiet())
+        except ValueError:
+            return answer
+
+
 def _object(body: bytes) -> JSON:
     """A JSON answer as an object (an empty one when it is not: the translators then
     answer with what little they can, as for any malformed answer)."""
@@ -237,6 +271,10 @@ class Pair:
     required_headers: tuple[tuple[str, str], ...] = ()
 
 
+#: What a route speaks when its key is on a Chat Completions-only upstream (vLLM, Ollama),
+#: as the pairs name it and a refusal tells it.
+CHAT_ONLY = "an upstream that serves only Chat Completions"
+
 _PAIRS: dict[tuple[str, str], Pair] = {
     (OPENAI_CHAT, PROVIDER_ANTHROPIC): Pair(
         OPENAI_CHAT,
@@ -253,10 +291,22 @@ _PAIRS: dict[tuple[str, str], Pair] = {
         _ResponsesOnAnthropic,
         (("anthropic-version", ANTHROPIC_VERSION),),
     ),
+    (OPENAI_RESPONSES, CHAT_ONLY): Pair(OPENAI_RESPONSES, api_for(OPENAI_CHAT), _ResponsesOnChat),
 }
 
 
-def pair_for(client: ProviderAPI, route_provider: str) -> Pair | None:
-    """The translator of a ``client`` API call on a route of ``route_provider``; None when
-    there is none (the call is then refused)."""
-    return _PAIRS.get((client.api, route_provider))
+def route_speaks(client: ProviderAPI, provider: str, *, chat_only: bool = False) -> str | None:
+    """What a route whose key is of ``provider`` (``chat_only``: on a Chat-only upstream)
+    speaks to a ``client`` of another API, a pair's second name; None when it speaks the
+    client's own (passthrough, no translation code)."""
+    if provider != client.provider:
+        return provider
+    if chat_only and client.api == OPENAI_RESPONSES:
+        return CHAT_ONLY
+    return None
+
+
+def pair_for(client: ProviderAPI, route: str) -> Pair | None:
+    """The translator of a ``client`` API call on a route that speaks ``route`` (its
+    :func:`route_speaks`); None when there is none (the call is then refused)."""
+    return _PAIRS.get((client.api, route))
