@@ -131,19 +131,19 @@ def test_codex_request_maps_every_field() -> None:
             {"type": "text", "text": "sandbox: read-only"},
         ],
         "messages": [{"role": "user", "content": [{"type": "text", "text": "ls"}]}],
-        "max_tokens": DEFAULT_MAX_TOKENS,
+        # Not given (Codex never does): medium's thinking budget on top of the default.
+        "max_tokens": DEFAULT_MAX_TOKENS + 4096,
         "stream": True,
         "tools": [ANTHROPIC_SHELL],
         "tool_choice": {"type": "auto"},
-        # medium is 4096, kept below max_tokens (which includes the thinking).
-        "thinking": {"type": "enabled", "budget_tokens": DEFAULT_MAX_TOKENS - 1},
+        "thinking": {"type": "enabled", "budget_tokens": 4096},
     }
     assert req.stream and req.encrypted
     assert req.dropped == [
         "store",
         "prompt_cache_key",
         "client_metadata",
-        f"max_output_tokens not given: {DEFAULT_MAX_TOKENS} sent",
+        f"max_output_tokens not given: {DEFAULT_MAX_TOKENS + 4096} sent",
     ]
     assert req.echo["reasoning"] == {"effort": "medium", "summary": "auto"}
 
@@ -469,7 +469,7 @@ def test_stream_tool_calls_and_reasoning_parsed_by_the_sdk_accumulator() -> None
         "store",
         "prompt_cache_key",
         "client_metadata",
-        f"max_output_tokens not given: {DEFAULT_MAX_TOKENS} sent",
+        f"max_output_tokens not given: {DEFAULT_MAX_TOKENS + 4096} sent",
     ]
     # The streamed reasoning item, sent back, is the thinking block Anthropic signed.
     again = translate_request(
