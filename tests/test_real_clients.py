@@ -6,15 +6,18 @@ with a call of it and the turn that carries its result with ``Tool said: <result
 run passes only if the tool's own request went through tvgate, tvgate's answer made the
 tool run the command on this machine, and the command's output came back through tvgate
 in the next request. Passthrough (the route's provider speaks the tool's API), and Codex
-on an Anthropic route (translated).
+translated: on an Anthropic route, and on a key of a Chat Completions-only upstream.
 """
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx2
 import pytest
 
 from tests.clients import (
@@ -25,8 +28,9 @@ from tests.clients import (
     run_claude,
     run_codex,
 )
-from tests.conftest import GatewayProcess
+from tests.conftest import GatewayProcess, add_fake_key
 from tests.fake_provider import FakeProvider
+from tvgate import services
 from tvgate.models import Trace
 
 CLAUDE_VERSION = "2.1.332"
@@ -137,6 +141,58 @@ def test_codex_exec_tool_call_on_an_anthropic_route(
         # Codex's web search, sub-agent tools (and apply_patch, for models that get it)
         # are dropped, noted; its shell is what it needs.
         assert any(a.endswith("web_search tool") for a in anomalies), anomalies
+
+
+@pytest.fixture
+def chat_only_route(gateway: GatewayProcess, fake_provider: FakeProvider) -> Iterator[str]:
+    """A route of acme's on a key marked chat_only (the fake's OpenAI side, as a vLLM
+    server would be), once the gateway serves it; deleted with its key afterwards."""
+    name = "local-" + uuid.uuid4().hex[:8]
+    gateway.bind()
+    add_fake_key(fake_provider, "acme", name, fake_provider.openai_url, "openai", chat_only=True)
+    services.add_route(name, name, model="qwen-upstream-1", org_name="acme")
+    try:
+        yield name
+    finally:
+        gateway.bind()
+        services.delete_key(name, org_name="acme", force=True)
+
+
+def test_codex_exec_tool_call_on_a_chat_only_upstream(
+    gateway: GatewayProcess,
+    fake_provider: FakeProvider,
+    member_token: str,
+    tmp_path: Path,
+    chat_only_route: str,
+) -> None:
+    """Codex's Responses calls translated to Chat Completions for a vLLM/Ollama-like key."""
+    _wait_for_route(gateway, member_token, chat_only_route)
+    setup, marker = _agent_setup(gateway.openai_url, member_token, chat_only_route, tmp_path)
+    run = run_codex(setup, "Write the marker file with a shell command.")
+    traces = _codex_ran_the_command(gateway, fake_provider, setup, marker, run)
+    assert {(t.endpoint, t.provider) for t in traces} == {("openai.responses", "openai")}
+    assert {trace.upstream_model for trace in traces} == {"qwen-upstream-1"}
+    sent = [r for r in fake_provider.requests if marker in r.headers.get("x-fake-command", "")]
+    assert [r.path for r in sent] == ["/v1/chat/completions", "/v1/chat/completions"]
+    # The command's output went back as the tool call's result.
+    call, result = sent[1].json()["messages"][-2:]
+    assert result["role"] == "tool" and result["tool_call_id"] == call["tool_calls"][0]["id"]
+    assert marker in json.dumps(result["content"])
+    for trace in traces:
+        assert "translated: openai.responses on openai.chat" in json.loads(trace.anomalies)
+
+
+def _wait_for_route(gateway: GatewayProcess, token: str, route: str) -> None:
+    """Until the gateway lists ``route`` (it hears of a new route from the database)."""
+    deadline = time.monotonic() + 10
+    while True:
+        listed = httpx2.get(
+            gateway.openai_url + "/models", headers={"Authorization": f"Bearer {token}"}
+        ).json()
+        if any(model["id"] == route for model in listed["data"]):
+            return
+        assert time.monotonic() < deadline, f"route {route} never served: {listed}"
+        time.sleep(0.1)
 
 
 def _codex_ran_the_command(
