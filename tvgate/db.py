@@ -276,8 +276,8 @@ def _migration_19(db: peewee.Database) -> None:
 
 
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
-#: The numbers have gaps: 13 came after 14 and 19, and 3 and 12 after all of them (a
-#: database that has the later ones gets them). The gaps stay: a database records the
+#: The numbers have gaps: 13 came after 14 and 19, 3 and 12 after all of them, 15 after
+#: 19 (a database that has the later ones gets them). The gaps stay: a database records the
 #: numbers it has applied, and renumbering would run a migration twice or skip it.
 MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (1, _migration_1),
