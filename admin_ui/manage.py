@@ -47,7 +47,7 @@ async def add_key_from_form(
     available_to_all: bool = True,
     max_concurrent: int = 0,
 ) -> None:
-    """Add the key the form names (name, provider, secret, base URL) with this gateway's
+    """Add the key the form names (name, provider, secret, base URL, Chat-only) with this gateway's
     keyring and upstream rules: an org key (shared or granted, with a cap) or, with
     ``owner_email``, a user's own (the org key page and My gateway)."""
     gateway = handler.gateway
@@ -56,6 +56,7 @@ async def add_key_from_form(
     provider = handler.get_body_argument("provider", "")
     secret = handler.get_body_argument("secret", "")
     base_url = handler.get_body_argument("base_url", "").strip() or None
+    chat_only = _form_bool(handler, "chat_only")
     await handler.run_service(
         lambda: services.add_key(
             name,
@@ -69,6 +70,7 @@ async def add_key_from_form(
             owner_email=owner_email,
             available_to_all=available_to_all,
             max_concurrent=max_concurrent,
+            chat_only=chat_only,
             actor=user,
         )
     )

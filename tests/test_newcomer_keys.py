@@ -357,6 +357,45 @@ def test_ui_key_page_changes_the_base_url(
     ]
 
 
+def test_chat_only_is_set_by_the_api_and_the_ui_and_only_for_openai(
+    gateway: GatewayProcess, fake_provider: FakeProvider
+) -> None:
+    """A key on a Chat Completions-only upstream (vLLM, Ollama): what the proxy does with
+    it is tests/test_translate_responses_wired.py's."""
+    key = f"nk-{_hex()}"
+    body = {"provider": "openai", "secret": "sk-proj-" + _hex(), "chat_only": True}
+    with _api(gateway) as admin:
+        refused = admin.post("/keys", json={**body, "name": key, "provider": "anthropic"})
+        assert refused.status_code == 400 and "chat_only" in refused.text, refused.text
+        added = admin.post(
+            "/keys", json={**body, "name": key, "base_url": fake_provider.openai_url}
+        )
+        assert added.status_code == 201, added.text
+        assert added.json()["chat_only"] is True
+        changed = admin.patch(f"/keys/{key}", json={"chat_only": False})
+        assert changed.status_code == 200 and changed.json()["chat_only"] is False
+    assert [json.loads(e.change) for e in _key_audit(gateway, key) if e.allowed] == [
+        {"chat_only": [True, False]}
+    ]
+    other = f"nk-{_hex()}"
+    with _sign_in(gateway) as browser:
+        form = {
+            "_xsrf": _form_xsrf(browser.get("/ui/keys").text, "add-key"),
+            "name": other,
+            "provider": "openai",
+            "base_url": fake_provider.openai_url,
+            "secret": "sk-proj-" + _hex(),
+            "available_to_all": "on",
+            "chat_only": "on",
+        }
+        assert browser.post("/ui/keys", data=form).status_code == 302
+        assert "Chat Completions only" in browser.get(f"/ui/keys/{other}").text
+        assert "Chat Completions only" not in browser.get(f"/ui/keys/{key}").text
+    listed = _cli(gateway, "keys", "list", "--org", "acme", "--json")
+    shown = {k["name"]: k["chat_only"] for k in json.loads(listed.stdout)}
+    assert (shown[key], shown[other]) == (False, True)
+
+
 def test_key_delete_refusal_names_the_force_flag(
     gateway: GatewayProcess, fake_provider: FakeProvider
 ) -> None:

@@ -308,16 +308,20 @@ def test_compression_bomb_is_413(gateway: GatewayProcess, member_token: str) -> 
 def test_route_of_the_other_provider_is_400_in_the_endpoints_envelope(
     gateway: GatewayProcess, member_token: str
 ) -> None:
-    # Responses on an Anthropic route: a pair no translator serves (tests/test_translate_wired.py
-    # has the pairs one does).
+    # Embeddings on an Anthropic route: a pair no translator serves (the translate_wired
+    # and translate_responses_wired tests have the pairs one does).
     response = _post(
         gateway,
-        "/v1/responses",
+        "/v1/embeddings",
         orjson.dumps({"model": "claude-test", "input": "hi"}),
         authorization=f"Bearer {member_token}",
     )
     assert response.status_code == 400
-    assert "does not serve" in response.json()["error"]["message"]
+    message = response.json()["error"]["message"]
+    assert message == (
+        "route 'claude-test' goes to anthropic, which does not serve this openai.embeddings "
+        "endpoint"
+    )
 
 
 def test_codex_websocket_probe_gets_426(gateway: GatewayProcess, member_token: str) -> None:

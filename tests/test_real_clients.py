@@ -5,19 +5,32 @@ provider is the fake one, whose ``agent`` scenario answers a turn that offers a 
 with a call of it and the turn that carries its result with ``Tool said: <result>``. So a
 run passes only if the tool's own request went through tvgate, tvgate's answer made the
 tool run the command on this machine, and the command's output came back through tvgate
-in the next request. Passthrough: the route's provider speaks the tool's API.
+in the next request. Passthrough (the route's provider speaks the tool's API), and Codex
+translated: on an Anthropic route, and on a key of a Chat Completions-only upstream.
 """
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx2
 import pytest
 
-from tests.clients import Setup, claude_bash_session, codex_messages, run_claude, run_codex
-from tests.conftest import GatewayProcess
+from tests.clients import (
+    ClientRun,
+    Setup,
+    claude_bash_session,
+    codex_messages,
+    run_claude,
+    run_codex,
+)
+from tests.conftest import GatewayProcess, add_fake_key
 from tests.fake_provider import FakeProvider
+from tvgate import services
 from tvgate.models import Trace
 
 CLAUDE_VERSION = "2.1.332"
@@ -82,6 +95,96 @@ def test_codex_exec_tool_call_through_gateway(
 ) -> None:
     setup, marker = _agent_setup(gateway.openai_url, member_token, "gpt-test", tmp_path)
     run = run_codex(setup, "Write the marker file with a shell command.", websockets=websockets)
+    traces = _codex_ran_the_command(gateway, fake_provider, setup, marker, run)
+    assert {trace.endpoint for trace in traces} == {"openai.responses"}
+    assert {trace.upstream_model for trace in traces} == {"gpt-upstream-1"}
+
+
+def test_codex_exec_tool_call_on_an_anthropic_route(
+    gateway: GatewayProcess, fake_provider: FakeProvider, member_token: str, tmp_path: Path
+) -> None:
+    """Codex's Responses calls translated to Anthropic Messages: the fake answers the first
+    with a tool_use of Codex's shell tool, the second (carrying its tool_result) with text."""
+    setup, marker = _agent_setup(gateway.openai_url, member_token, "claude-test", tmp_path)
+    run = run_codex(setup, "Write the marker file with a shell command.")
+    traces = _codex_ran_the_command(gateway, fake_provider, setup, marker, run)
+    assert {(t.endpoint, t.provider) for t in traces} == {("openai.responses", "anthropic")}
+    assert {trace.upstream_model for trace in traces} == {"claude-upstream-1"}
+    assert all(t.input_tokens > 0 and t.output_tokens > 0 for t in traces)
+    sent = [r for r in fake_provider.requests if marker in r.headers.get("x-fake-command", "")]
+    assert [r.path for r in sent] == ["/v1/messages", "/v1/messages"]
+    # The command's output went back to Anthropic as the tool_use's result.
+    call, result = sent[1].json()["messages"][-2:]
+    (tool_use,) = [block for block in call["content"] if block["type"] == "tool_use"]
+    (tool_result,) = result["content"]
+    assert tool_result["type"] == "tool_result"
+    assert tool_result["tool_use_id"] == tool_use["id"]
+    assert marker in json.dumps(tool_result["content"])
+    for trace in traces:
+        anomalies = json.loads(trace.anomalies)
+        assert "translated: openai.responses on anthropic.messages" in anomalies
+        # Codex's web search, sub-agent tools (and apply_patch, for models that get it)
+        # are dropped, noted; its shell is what it needs.
+        assert any(a.endswith("web_search tool") for a in anomalies), anomalies
+
+
+@pytest.fixture
+def chat_only_route(gateway: GatewayProcess, fake_provider: FakeProvider) -> Iterator[str]:
+    """A route of acme's on a key marked chat_only (the fake's OpenAI side, as a vLLM
+    server would be), once the gateway serves it; deleted with its key afterwards."""
+    name = "local-" + uuid.uuid4().hex[:8]
+    gateway.bind()
+    add_fake_key(fake_provider, "acme", name, fake_provider.openai_url, "openai", chat_only=True)
+    services.add_route(name, name, model="qwen-upstream-1", org_name="acme")
+    try:
+        yield name
+    finally:
+        gateway.bind()
+        services.delete_key(name, org_name="acme", force=True)
+
+
+def test_codex_exec_tool_call_on_a_chat_only_upstream(
+    gateway: GatewayProcess,
+    fake_provider: FakeProvider,
+    member_token: str,
+    tmp_path: Path,
+    chat_only_route: str,
+) -> None:
+    """Codex's Responses calls translated to Chat Completions for a vLLM/Ollama-like key."""
+    _wait_for_route(gateway, member_token, chat_only_route)
+    setup, marker = _agent_setup(gateway.openai_url, member_token, chat_only_route, tmp_path)
+    run = run_codex(setup, "Write the marker file with a shell command.")
+    traces = _codex_ran_the_command(gateway, fake_provider, setup, marker, run)
+    assert {(t.endpoint, t.provider) for t in traces} == {("openai.responses", "openai")}
+    assert {trace.upstream_model for trace in traces} == {"qwen-upstream-1"}
+    sent = [r for r in fake_provider.requests if marker in r.headers.get("x-fake-command", "")]
+    assert [r.path for r in sent] == ["/v1/chat/completions", "/v1/chat/completions"]
+    # The command's output went back as the tool call's result.
+    call, result = sent[1].json()["messages"][-2:]
+    assert result["role"] == "tool" and result["tool_call_id"] == call["tool_calls"][0]["id"]
+    assert marker in json.dumps(result["content"])
+    for trace in traces:
+        assert "translated: openai.responses on openai.chat" in json.loads(trace.anomalies)
+
+
+def _wait_for_route(gateway: GatewayProcess, token: str, route: str) -> None:
+    """Until the gateway lists ``route`` (it hears of a new route from the database)."""
+    deadline = time.monotonic() + 10
+    while True:
+        listed = httpx2.get(
+            gateway.openai_url + "/models", headers={"Authorization": f"Bearer {token}"}
+        ).json()
+        if any(model["id"] == route for model in listed["data"]):
+            return
+        assert time.monotonic() < deadline, f"route {route} never served: {listed}"
+        time.sleep(0.1)
+
+
+def _codex_ran_the_command(
+    gateway: GatewayProcess, fake: FakeProvider, setup: Setup, marker: str, run: ClientRun
+) -> list[Trace]:
+    """Check a ``codex exec`` run of the agent scenario: it ran the command once, wrote the
+    marker, ended its turn with the answer to the command's output; its traces."""
     assert run.returncode == 0, run.describe()
     assert (setup.work / "out.txt").read_text() == marker + "\n"
     commands = [
@@ -97,7 +200,6 @@ def test_codex_exec_tool_call_through_gateway(
     assert run.events[-1]["type"] == "turn.completed", run.describe()
 
     session = next(e["thread_id"] for e in run.events if e.get("type") == "thread.started")
-    traces = _session_traces(gateway, fake_provider, marker, session)
+    traces = _session_traces(gateway, fake, marker, session)
     assert {(trace.tool, trace.tool_version) for trace in traces} == {("codex", CODEX_VERSION)}
-    assert {trace.endpoint for trace in traces} == {"openai.responses"}
-    assert {trace.upstream_model for trace in traces} == {"gpt-upstream-1"}
+    return traces

@@ -131,19 +131,19 @@ def test_codex_request_maps_every_field() -> None:
             {"type": "text", "text": "sandbox: read-only"},
         ],
         "messages": [{"role": "user", "content": [{"type": "text", "text": "ls"}]}],
-        "max_tokens": DEFAULT_MAX_TOKENS,
+        # Not given (Codex never does): medium's thinking budget on top of the default.
+        "max_tokens": DEFAULT_MAX_TOKENS + 4096,
         "stream": True,
         "tools": [ANTHROPIC_SHELL],
         "tool_choice": {"type": "auto"},
-        # medium is 4096, kept below max_tokens (which includes the thinking).
-        "thinking": {"type": "enabled", "budget_tokens": DEFAULT_MAX_TOKENS - 1},
+        "thinking": {"type": "enabled", "budget_tokens": 4096},
     }
     assert req.stream and req.encrypted
     assert req.dropped == [
         "store",
         "prompt_cache_key",
         "client_metadata",
-        f"max_output_tokens not given: {DEFAULT_MAX_TOKENS} sent",
+        f"max_output_tokens not given: {DEFAULT_MAX_TOKENS + 4096} sent",
     ]
     assert req.echo["reasoning"] == {"effort": "medium", "summary": "auto"}
 
@@ -273,6 +273,22 @@ def test_tool_loop_items_become_one_turn_each_with_thinking_unsealed() -> None:
     assert "reasoning_effort: thinking off, the last tool call has no thinking block" in req.dropped
 
 
+def test_the_tools_codex_offers_beside_its_shell_are_dropped_and_noted() -> None:
+    # Codex 0.171 sends these with every request; it works with its shell alone.
+    optional = [
+        {"type": "web_search", "external_web_access": True},
+        {"type": "namespace", "name": "multi_agent_v1", "tools": [SHELL]},
+        {"type": "custom", "name": "apply_patch", "format": {"type": "grammar"}},
+    ]
+    req = translate_request({**CODEX, "tools": [SHELL, *optional]}, MODEL)
+    assert req.body["tools"] == [ANTHROPIC_SHELL]
+    assert req.dropped[-3:] == [
+        "tools[1]: web_search tool",
+        "tools[2]: namespace tool multi_agent_v1",
+        "tools[3]: custom tool apply_patch",
+    ]
+
+
 @pytest.mark.parametrize(
     ("change", "param"),
     [
@@ -284,9 +300,7 @@ def test_tool_loop_items_become_one_turn_each_with_thinking_unsealed() -> None:
         ({"truncation": "auto"}, "truncation"),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"frequency_penalty": 1}, "frequency_penalty"),
-        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"tools": [SHELL, {"type": "file_search", "vector_store_ids": []}]}, "tools[1].type"),
-        ({"tools": [{"type": "custom", "name": "apply_patch"}]}, "tools[0].type"),
         ({"tools": [{"type": "local_shell"}]}, "tools[0].type"),
         ({"tool_choice": {"type": "allowed_tools", "tools": []}}, "tool_choice"),
         ({"text": {"format": {"type": "json_object"}}}, "text.format.type"),
@@ -455,7 +469,7 @@ def test_stream_tool_calls_and_reasoning_parsed_by_the_sdk_accumulator() -> None
         "store",
         "prompt_cache_key",
         "client_metadata",
-        f"max_output_tokens not given: {DEFAULT_MAX_TOKENS} sent",
+        f"max_output_tokens not given: {DEFAULT_MAX_TOKENS + 4096} sent",
     ]
     # The streamed reasoning item, sent back, is the thinking block Anthropic signed.
     again = translate_request(

@@ -185,7 +185,7 @@ def test_request_images_format_sampling_and_older_upstreams() -> None:
     [
         ({"store": True}, "store"),
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
-        ({"tools": [{"type": "web_search_preview"}]}, "tools[0].type"),
+        ({"tools": [{"type": "image_generation"}]}, "tools[0].type"),
         ({"tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]}, "tools[0].type"),
         ({"text": {"format": {"type": "json_object"}}}, "text.format.type"),
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),

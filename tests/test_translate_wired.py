@@ -126,10 +126,33 @@ def upstream_request(fake: FakeProvider, secret: str) -> RecordedRequest:
     return request
 
 
+def anthropic_request(fake: FakeProvider, org: Org) -> dict[str, Any]:
+    """The body of the org's one request to its Anthropic route (``claude``), which went
+    to Messages as the route says, with the API version Anthropic requires."""
+    sent = upstream_request(fake, org.anthropic_secret)
+    assert sent.path == "/v1/messages"
+    assert sent.headers["anthropic-version"] == "2023-06-01"
+    body: dict[str, Any] = sent.json()
+    assert body["model"] == "claude-upstream-9"
+    return body
+
+
 def trace_of(gateway: RunningGateway, org: Org) -> tuple[Trace, dict[str, Any]]:
     """The org's one trace, and its detail (the captured request and answer)."""
     (trace,) = gateway.wait_traces(1, user_id=org.user_id)
     return trace, services.get_trace(trace.id, org_name=org.name)
+
+
+def assert_anthropic_figures(trace: Trace, client_input: int, client_output: int) -> None:
+    """The trace has the fake Anthropic provider's own usage figures, which the client got
+    as OpenAI counts them: Anthropic's input_tokens leaves out the cached ones."""
+    assert trace.cache_read_tokens == ANTHROPIC_CACHE_READ_TOKENS
+    assert trace.cache_write_tokens == ANTHROPIC_CACHE_CREATION_TOKENS
+    assert (
+        client_input
+        == trace.input_tokens + ANTHROPIC_CACHE_READ_TOKENS + ANTHROPIC_CACHE_CREATION_TOKENS
+    )
+    assert trace.output_tokens == client_output
 
 
 def test_openai_chat_stream_with_tools_on_an_anthropic_route(
@@ -154,11 +177,7 @@ def test_openai_chat_stream_with_tools_on_an_anthropic_route(
     assert json.loads(call.function.arguments) == TOOL_INPUT
     assert completion.model == "claude-upstream-9"
     assert completion.usage is not None and completion.usage.completion_tokens > 0
-    sent = upstream_request(fake_provider, org.anthropic_secret)
-    assert sent.path == "/v1/messages"
-    assert sent.headers["anthropic-version"] == "2023-06-01"
-    body = sent.json()
-    assert body["model"] == "claude-upstream-9"
+    body = anthropic_request(fake_provider, org)
     assert body["system"] == [{"type": "text", "text": "be brief"}]
     assert body["tools"][0]["name"] == "read_file"
     assert body["stream"] is True
@@ -166,14 +185,9 @@ def test_openai_chat_stream_with_tools_on_an_anthropic_route(
     trace, detail = trace_of(gateway, org)
     assert (trace.provider, trace.endpoint) == ("anthropic", "openai.chat")
     assert (trace.route_name, trace.upstream_model) == ("claude", "claude-upstream-9")
-    # The provider's own figures: Anthropic's input_tokens leaves out the cached ones.
-    assert trace.cache_read_tokens == ANTHROPIC_CACHE_READ_TOKENS
-    assert trace.cache_write_tokens == ANTHROPIC_CACHE_CREATION_TOKENS
-    assert (
-        completion.usage.prompt_tokens
-        == trace.input_tokens + ANTHROPIC_CACHE_READ_TOKENS + ANTHROPIC_CACHE_CREATION_TOKENS
+    assert_anthropic_figures(
+        trace, completion.usage.prompt_tokens, completion.usage.completion_tokens
     )
-    assert trace.output_tokens == completion.usage.completion_tokens
     # The client's request as it sent it, the answer as it got it (OpenAI's format).
     assert detail["request"]["model"] == "claude"
     assert detail["request"]["messages"][0] == {"role": "system", "content": "be brief"}

@@ -128,6 +128,9 @@ class ProviderKey(BaseModel):
     last_used_at = peewee.DoubleField(null=True)
     #: Calls that may be open on this key at once, across every gateway process; 0: no cap.
     max_concurrent = peewee.IntegerField(default=0)
+    #: An OpenAI-compatible server that serves Chat Completions but not the Responses API
+    #: (vLLM, Ollama): a Responses client (Codex) on its routes is translated to Chat.
+    chat_only = peewee.BooleanField(default=False)
 
     class Meta:
         indexes = ((("org", "name"), True),)

@@ -70,6 +70,8 @@ class KeyRef:
     granted: frozenset[int] = frozenset()
     #: Calls that may be open on this key at once across every process; 0: no cap.
     max_concurrent: int = 0
+    #: The upstream serves Chat Completions but not Responses (vLLM, Ollama).
+    chat_only: bool = False
 
     def usable_by(self, principal: Principal, allow_user_keys: bool) -> bool:
         if self.owner_id is not None:
@@ -180,6 +182,7 @@ def _entry(route: Route, key: ProviderKey, granted: frozenset[int]) -> RouteEntr
             available_to_all=key.available_to_all,
             granted=granted,
             max_concurrent=key.max_concurrent,
+            chat_only=key.chat_only,
         ),
         is_pattern=glob is not None,
         literal_prefix=glob.start() if glob else len(route.name),

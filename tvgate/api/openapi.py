@@ -86,6 +86,11 @@ _MAX_CONCURRENT = {
     "maximum": 100000,
     "description": "calls open on the key at once, across every gateway process; 0: no cap",
 }
+_CHAT_ONLY = {
+    "type": "boolean",
+    "description": "an OpenAI-compatible upstream without the Responses API (vLLM, Ollama): "
+    "Responses clients on its routes are translated to Chat Completions",
+}
 _KEY_CREATE = {
     "type": "object",
     "required": ["name", "provider", "secret"],
@@ -97,6 +102,7 @@ _KEY_CREATE = {
         "owner": _STR,
         "available_to_all": {"type": "boolean"},
         "max_concurrent": _MAX_CONCURRENT,
+        "chat_only": _CHAT_ONLY,
     },
     "additionalProperties": False,
 }
@@ -196,13 +202,14 @@ DOCUMENT: dict[str, Any] = {
         "/api/v1/keys/{name}": {
             "parameters": [_path_param("name", _NAME)],
             "patch": _op(
-                "Change who may use an org key, a key's concurrency cap, or its base URL",
+                "Change who may use an org key, a key's concurrency cap, its base URL, or chat_only",
                 "200",
                 {
                     "type": "object",
                     "properties": {
                         "available_to_all": {"type": "boolean"},
                         "max_concurrent": _MAX_CONCURRENT,
+                        "chat_only": _CHAT_ONLY,
                         "base_url": {
                             "type": "string",
                             "description": "where the key's calls go from now on; checked as "

@@ -41,8 +41,9 @@ KEY_CREATE_FIELDS = {
     "owner",
     "available_to_all",
     "max_concurrent",
+    "chat_only",
 }
-KEY_CHANGE_FIELDS = {"available_to_all", "max_concurrent", "base_url"}
+KEY_CHANGE_FIELDS = {"available_to_all", "max_concurrent", "base_url", "chat_only"}
 GRANT_FIELDS = {"users", "revoke"}
 USER_CHANGE_FIELDS = {"role", "disabled"}
 POLICY_FIELDS = {
@@ -188,6 +189,7 @@ class KeysHandler(APIHandler):
         base_url, owner = _str(body, "base_url"), _str(body, "owner")
         available = _bool(body, "available_to_all")
         max_concurrent = _int(body, "max_concurrent")
+        chat_only = _bool(body, "chat_only")
         gateway = self.gateway
         view = await self.run_service(
             lambda: services.add_key(
@@ -199,6 +201,7 @@ class KeysHandler(APIHandler):
                 owner_email=owner,
                 available_to_all=True if available is None else available,
                 max_concurrent=max_concurrent or 0,
+                chat_only=bool(chat_only),
                 allow_private=gateway.settings.allow_private_upstreams,
                 allow_private_user=gateway.settings.allow_private_user_upstreams,
                 gateway_urls=gateway.settings.gateway_urls,
@@ -215,9 +218,11 @@ class KeyHandler(APIHandler):
         available = _bool(body, "available_to_all")
         max_concurrent = _int(body, "max_concurrent")
         base_url = _str(body, "base_url")
-        if available is None and max_concurrent is None and base_url is None:
+        chat_only = _bool(body, "chat_only")
+        if available is None and max_concurrent is None and base_url is None and chat_only is None:
             raise APIError(
-                400, "nothing to change: give available_to_all, max_concurrent or base_url"
+                400,
+                "nothing to change: give available_to_all, max_concurrent, base_url or chat_only",
             )
         settings = self.gateway.settings
         view = await self.run_service(
@@ -226,6 +231,7 @@ class KeyHandler(APIHandler):
                 available_to_all=available,
                 max_concurrent=max_concurrent,
                 base_url=base_url,
+                chat_only=chat_only,
                 allow_private=settings.allow_private_upstreams,
                 allow_private_user=settings.allow_private_user_upstreams,
                 gateway_urls=settings.gateway_urls,

@@ -27,6 +27,7 @@ def cmd_keys_add(settings: Settings, args: argparse.Namespace) -> int:
         owner_email=args.owner,
         available_to_all=not args.granted_only,
         max_concurrent=args.max_concurrent,
+        chat_only=args.chat_only,
         allow_private=settings.allow_private_upstreams,
         allow_private_user=settings.allow_private_user_upstreams,
         gateway_urls=settings.gateway_urls,
@@ -48,18 +49,29 @@ def _print_key(view: services.KeyView, done: str, *, as_json: bool) -> None:
             ("  owner", view.owner or "the org"),
             ("  state", "disabled" if view.disabled else "enabled"),
             ("  max calls at once", str(view.max_concurrent or "no cap")),
+            ("  upstream APIs", _apis(view)),
             ("  created (UTC)", when(view.created_at)),
         ]
     )
 
 
+def _apis(view: services.KeyView) -> str:
+    if view.chat_only:
+        return "Chat Completions only (Responses clients translated)"
+    return f"all of {view.provider}'s"
+
+
 def cmd_keys_set(settings: Settings, args: argparse.Namespace) -> int:
-    if args.max_concurrent is None and args.base_url is None:
-        raise services.ServiceError("nothing to change: give --max-concurrent or --base-url")
+    chat_only = None if args.chat_only is None else args.chat_only == "on"
+    if args.max_concurrent is None and args.base_url is None and chat_only is None:
+        raise services.ServiceError(
+            "nothing to change: give --max-concurrent, --base-url or --chat-only"
+        )
     view = services.update_key(
         args.name,
         max_concurrent=args.max_concurrent,
         base_url=args.base_url,
+        chat_only=chat_only,
         allow_private=settings.allow_private_upstreams,
         allow_private_user=settings.allow_private_user_upstreams,
         gateway_urls=settings.gateway_urls,
@@ -70,6 +82,8 @@ def cmd_keys_set(settings: Settings, args: argparse.Namespace) -> int:
         print(f"key {view.name}: {cap} calls at once")
     if args.base_url is not None:
         print(f"key {view.name}: calls go to {view.base_url}")
+    if chat_only is not None:
+        print(f"key {view.name}: upstream APIs: {_apis(view)}")
     return 0
 
 
@@ -179,6 +193,12 @@ def cmd_keys_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return code
 
 
+_CHAT_ONLY_HELP = (
+    "an OpenAI-compatible upstream without the Responses API (vLLM, Ollama): "
+    "Responses clients (Codex) on its routes are translated to Chat Completions"
+)
+
+
 def register(commands: Commands) -> None:
     keys = group(commands, "keys", "manage provider keys")
     p = command(keys, "add", cmd_keys_add, "add a key; the secret is read from standard input")
@@ -197,8 +217,11 @@ def register(commands: Commands) -> None:
         metavar="N",
         help="calls open on the key at once, across every gateway process (0: no cap)",
     )
+    p.add_argument("--chat-only", action="store_true", help=_CHAT_ONLY_HELP)
     p.add_argument("--json", action="store_true", help="JSON for scripts")
-    p = command(keys, "set", cmd_keys_set, "change a key's concurrency cap or base URL")
+    p = command(
+        keys, "set", cmd_keys_set, "change a key's concurrency cap, base URL or --chat-only"
+    )
     p.add_argument("name")
     p.add_argument("--org")
     p.add_argument(
@@ -212,6 +235,7 @@ def register(commands: Commands) -> None:
         metavar="N",
         help="calls open on the key at once, across every gateway process (0: no cap)",
     )
+    p.add_argument("--chat-only", choices=["on", "off"], help=_CHAT_ONLY_HELP)
     p = command(keys, "grant", cmd_keys_grant, "let users use an org key (or --revoke)")
     p.add_argument("name")
     p.add_argument("emails", nargs="+")

@@ -58,7 +58,7 @@ from tvgate.proxy.upstream import (
     upstream_url,
 )
 from tvgate.routing import RouteEntry, RouteNotFound
-from tvgate.translate.pairs import Pair, Translation, Untranslatable, pair_for
+from tvgate.translate.pairs import Pair, Translation, Untranslatable, pair_for, route_speaks
 
 if TYPE_CHECKING:
     from tvgate.proxy.handlers import ProxyHandler
@@ -285,17 +285,18 @@ class ProxyCall:
         refusal: tuple[int, str] | None = None
         pair: Pair | None = None
         counted: ProviderAPI | None = None
-        if entry.key.provider != self.endpoint.provider:
-            # Another provider's route: served through the pair's translator, if any; a
-            # token count, by an estimate of the request it counts as translated.
+        speaks = route_speaks(self.endpoint, entry.key.provider, chat_only=entry.key.chat_only)
+        if speaks is not None:
+            # Another API than the client's: served through the pair's translator, if any;
+            # a token count, by an estimate of the request it counts as translated.
             counted = counted_api(self.endpoint)
-            pair = pair_for(counted or self.endpoint, entry.key.provider)
+            pair = pair_for(counted or self.endpoint, speaks)
             if pair is None or not entry.translate:
                 off = " (translation is off for this route)" if pair is not None else ""
                 refusal = (
                     400,
-                    f"route {entry.name!r} goes to {entry.key.provider}, which does not serve "
-                    f"this {self.endpoint.provider} endpoint{off}",
+                    f"route {entry.name!r} goes to {speaks}, which does not serve "
+                    f"this {self.endpoint.api} endpoint{off}",
                 )
         if refusal is None:
             refusal = _upstream_refusal(entry, settings.allows_private_upstream)

@@ -21,6 +21,7 @@ from tvgate.keyring import (
 from tvgate.models import (
     GOVERN_KEY,
     GOVERN_ROUTE,
+    PROVIDER_OPENAI,
     PROVIDERS,
     ROLE_ADMIN,
     ROLE_AUDITOR,
@@ -66,6 +67,7 @@ class KeyView:
     created_at: float
     last_used_at: float | None
     max_concurrent: int = 0
+    chat_only: bool = False
 
     @classmethod
     def of(cls, key: ProviderKey) -> KeyView:
@@ -80,6 +82,7 @@ class KeyView:
             created_at=key.created_at,
             last_used_at=key.last_used_at,
             max_concurrent=key.max_concurrent,
+            chat_only=key.chat_only,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -94,6 +97,7 @@ class KeyView:
             "created_at": self.created_at,
             "last_used_at": self.last_used_at,
             "max_concurrent": self.max_concurrent,
+            "chat_only": self.chat_only,
         }
 
 
@@ -110,6 +114,7 @@ def add_key(
     owner_email: str | None = None,
     available_to_all: bool = True,
     max_concurrent: int = 0,
+    chat_only: bool = False,
     gateway_urls: Collection[str] = (),
     actor: Principal | None = None,
 ) -> KeyView:
@@ -117,7 +122,9 @@ def add_key(
 
     An admin adds org keys; a user adds a private key of their own when the org allows it.
     ``max_concurrent`` caps the calls open on the key at once, across every gateway
-    process (0: no cap). ``allow_private`` lets an org key, ``allow_private_user`` a
+    process (0: no cap). ``chat_only``: an OpenAI-compatible upstream without the
+    Responses API (vLLM, Ollama), whose Responses clients are translated to Chat Completions.
+    ``allow_private`` lets an org key, ``allow_private_user`` a
     user's own key, reach http and private upstreams (the two settings of that name).
     ``gateway_urls``: where this gateway answers (``Settings``), refused as base URLs.
     """
@@ -138,6 +145,7 @@ def add_key(
     secret = _check_secret(secret)
     _check_name(name, "a key")
     max_concurrent = _check_max_concurrent(max_concurrent)
+    chat_only = _check_chat_only(chat_only, provider)
     url = _key_base_url(
         base_url or DEFAULT_BASE_URLS[provider],
         own=owner is not None,
@@ -160,6 +168,7 @@ def add_key(
             available_to_all=available_to_all if owner is None else False,
             created_by=actor.user_id if actor else None,
             max_concurrent=max_concurrent,
+            chat_only=chat_only,
         )
         # The id (and owner) are part of the encryption context, so encrypt once the row exists.
         key.ciphertext = keyring.encrypt(secret, KeyContext(org.id, key.id, key.owner_id))
@@ -174,6 +183,7 @@ def add_key(
                 "base_url": url,
                 "owner": owner_email,
                 "max_concurrent": max_concurrent,
+                "chat_only": chat_only,
             },
         )
     announce(org.id)
@@ -265,6 +275,14 @@ def set_key_availability(
 MAX_CONCURRENT_LIMIT = 100_000
 
 
+def _check_chat_only(value: Any, provider: str) -> bool:
+    if not isinstance(value, bool):
+        raise ServiceError("chat_only must be true or false")
+    if value and provider != PROVIDER_OPENAI:
+        raise ServiceError("chat_only is for an OpenAI-compatible upstream (vLLM, Ollama)")
+    return value
+
+
 def _check_max_concurrent(value: Any) -> int:
     if (
         isinstance(value, bool)
@@ -283,6 +301,7 @@ def update_key(
     available_to_all: bool | None = None,
     max_concurrent: int | None = None,
     base_url: str | None = None,
+    chat_only: bool | None = None,
     allow_private: bool = False,
     allow_private_user: bool = False,
     gateway_urls: Collection[str] = (),
@@ -290,7 +309,8 @@ def update_key(
     actor: Principal | None = None,
 ) -> KeyView:
     """Change who may use an org key, the cap on calls open on a key at once, across
-    every gateway process (0: no cap), and where the key's calls go. An org key is an
+    every gateway process (0: no cap), where the key's calls go, and whether that
+    upstream serves only Chat Completions (``chat_only``, as in ``add_key``). An org key is an
     admin's to change; a user's own key its owner's (or an admin's), and it is only ever
     available to its owner. A new base URL passes the checks of ``add_key`` (the three
     settings of that name); a user's own key's only by its owner, since the owner's
@@ -326,6 +346,8 @@ def update_key(
         max_concurrent = _check_max_concurrent(max_concurrent)
         if key.max_concurrent != max_concurrent:
             changes["max_concurrent"] = max_concurrent
+    if chat_only is not None and key.chat_only != _check_chat_only(chat_only, key.provider):
+        changes["chat_only"] = chat_only
     if changes:
         before = {field: getattr(key, field) for field in changes}
         with database.atomic():

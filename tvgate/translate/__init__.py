@@ -6,5 +6,5 @@ Messages client on an OpenAI Chat Completions route; ``chat_to_anthropic``: the 
 ``responses_to_anthropic`` and ``responses_to_chat``: an OpenAI Responses client, Codex,
 on an Anthropic route or a Chat-only upstream, their Responses side in ``responses_api``).
 ``pairs`` is the registry the proxy picks a pair's translator from, behind one interface;
-the two Responses pairs are not in it yet.
+a passthrough call never reaches it.
 """

@@ -1,16 +1,18 @@
 """The registry of translators: which one serves a (client API, route API) pair, and one
 call's translation state behind one interface.
 
-The two translator modules have phases of their own shape (``chat_to_anthropic``,
-``anthropic_to_chat``); :class:`Translation` puts them behind what the proxy needs of
-any pair: the upstream body, the answer back (a JSON body, stream chunks, an error
+The translator modules have phases of their own shape (``chat_to_anthropic``,
+``anthropic_to_chat``, ``responses_to_anthropic``, ``responses_to_chat``);
+:class:`Translation` puts them behind what the proxy needs of any pair: the upstream body, the answer back (a JSON body, stream chunks, an error
 answer, an in-band error), the answer as a trace records it, and the notes of what was
-dropped. The proxy asks :func:`pair_for` only when the client's API and the route's
-provider differ, so a passthrough call runs none of this.
+dropped. The proxy asks :func:`pair_for` only when the route speaks another API than the
+client (:func:`route_speaks`: another provider's, or Chat Completions alone to a Responses
+client), so a passthrough call runs none of this.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,8 +20,20 @@ from typing import Any, Protocol
 import orjson
 
 from tvgate.models import PROVIDER_ANTHROPIC, PROVIDER_OPENAI
-from tvgate.providers import ANTHROPIC_MESSAGES, OPENAI_CHAT, ProviderAPI, api_for
-from tvgate.translate import anthropic_to_chat, chat_to_anthropic
+from tvgate.providers import (
+    ANTHROPIC_MESSAGES,
+    OPENAI_CHAT,
+    OPENAI_RESPONSES,
+    ProviderAPI,
+    api_for,
+)
+from tvgate.translate import (
+    anthropic_to_chat,
+    chat_to_anthropic,
+    responses_to_anthropic,
+    responses_to_chat,
+)
+from tvgate.translate.responses_api import ResponsesRequest
 
 JSON = dict[str, Any]
 
@@ -173,6 +187,82 @@ class _AnthropicOnChat(_Phases):
             return answer
 
 
+class _ResponsesOn(_Phases):
+    """An OpenAI Responses client (Codex) on a route of another API: the request as
+    translated, whose ``dropped`` list every phase adds its notes to."""
+
+    def __init__(
+        self,
+        translated: ResponsesRequest,
+        stream: _StreamTranslator,
+        translate_error: Callable[[int, bytes], tuple[int, bytes]],
+    ) -> None:
+        self._request = translated
+        super().__init__(translated.body, stream, translate_error)
+
+    @property
+    def notes(self) -> list[str]:
+        return self._request.dropped
+
+    def _quiet(self) -> ResponsesRequest:
+        """The request with a list of its own for notes: the trace's copy of the answer
+        notes nothing the client's did not."""
+        return dataclasses.replace(self._request, dropped=[])
+
+
+class _ResponsesOnAnthropic(_ResponsesOn):
+    """An OpenAI Responses client on an Anthropic Messages route."""
+
+    def __init__(self, request: JSON, upstream_model: str) -> None:
+        try:
+            translated = responses_to_anthropic.translate_request(request, upstream_model)
+        except responses_to_anthropic.TranslationError as exc:
+            raise Untranslatable(exc.message) from None
+        super().__init__(
+            translated,
+            responses_to_anthropic.StreamTranslator(translated),
+            responses_to_anthropic.translate_error,
+        )
+
+    def response(self, body: bytes) -> bytes:
+        return orjson.dumps(responses_to_anthropic.translate_response(_object(body), self._request))
+
+    def document(self, answer: JSON) -> JSON:
+        return responses_to_anthropic.translate_response(answer, self._quiet())
+
+
+class _ResponsesOnChat(_ResponsesOn):
+    """An OpenAI Responses client on a Chat Completions-only upstream (vLLM, Ollama)."""
+
+    def __init__(self, request: JSON, upstream_model: str) -> None:
+        try:
+            # max_tokens: the name every Chat-compatible server knows (OpenAI's own
+            # max_completion_tokens is not always among them, and OpenAI has Responses).
+            translated = responses_to_chat.translate_request(
+                request, upstream_model, max_tokens_field="max_tokens"
+            )
+        except responses_to_chat.TranslationError as exc:
+            raise Untranslatable(exc.message) from None
+        super().__init__(
+            translated,
+            responses_to_chat.StreamTranslator(translated),
+            responses_to_chat.translate_error,
+        )
+
+    def response(self, body: bytes) -> bytes:
+        try:
+            return orjson.dumps(responses_to_chat.translate_response(_object(body), self._request))
+        except ValueError:
+            # Not a ChatCompletion: told as the provider's failure, in OpenAI's envelope.
+            return responses_to_chat.translate_error(502, body)[1]
+
+    def document(self, answer: JSON) -> JSON:
+        try:
+            return responses_to_chat.translate_response(answer, self._quiet())
+        except ValueError:
+            return answer
+
+
 def _object(body: bytes) -> JSON:
     """A JSON answer as an object (an empty one when it is not: the translators then
     answer with what little they can, as for any malformed answer)."""
@@ -194,6 +284,10 @@ class Pair:
     required_headers: tuple[tuple[str, str], ...] = ()
 
 
+#: What a route speaks when its key is on a Chat Completions-only upstream (vLLM, Ollama),
+#: as the pairs name it and a refusal tells it.
+CHAT_ONLY = "an upstream that serves only Chat Completions"
+
 _PAIRS: dict[tuple[str, str], Pair] = {
     (OPENAI_CHAT, PROVIDER_ANTHROPIC): Pair(
         OPENAI_CHAT,
@@ -204,10 +298,28 @@ _PAIRS: dict[tuple[str, str], Pair] = {
     (ANTHROPIC_MESSAGES, PROVIDER_OPENAI): Pair(
         ANTHROPIC_MESSAGES, api_for(OPENAI_CHAT), _AnthropicOnChat
     ),
+    (OPENAI_RESPONSES, PROVIDER_ANTHROPIC): Pair(
+        OPENAI_RESPONSES,
+        api_for(ANTHROPIC_MESSAGES),
+        _ResponsesOnAnthropic,
+        (("anthropic-version", ANTHROPIC_VERSION),),
+    ),
+    (OPENAI_RESPONSES, CHAT_ONLY): Pair(OPENAI_RESPONSES, api_for(OPENAI_CHAT), _ResponsesOnChat),
 }
 
 
-def pair_for(client: ProviderAPI, route_provider: str) -> Pair | None:
-    """The translator of a ``client`` API call on a route of ``route_provider``; None when
-    there is none (the call is then refused)."""
-    return _PAIRS.get((client.api, route_provider))
+def route_speaks(client: ProviderAPI, provider: str, *, chat_only: bool = False) -> str | None:
+    """What a route whose key is of ``provider`` (``chat_only``: on a Chat-only upstream)
+    speaks to a ``client`` of another API, a pair's second name; None when it speaks the
+    client's own (passthrough, no translation code)."""
+    if provider != client.provider:
+        return provider
+    if chat_only and client.api == OPENAI_RESPONSES:
+        return CHAT_ONLY
+    return None
+
+
+def pair_for(client: ProviderAPI, route: str) -> Pair | None:
+    """The translator of a ``client`` API call on a route that speaks ``route`` (its
+    :func:`route_speaks`); None when there is none (the call is then refused)."""
+    return _PAIRS.get((client.api, route))

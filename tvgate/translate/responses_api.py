@@ -74,6 +74,11 @@ _HANDLED = frozenset(
         "user",
     )
 )
+#: Tools Codex offers with every request that no upstream here runs, and that it works
+#: without: web search (OpenAI runs it), its sub-agent tools (a ``namespace`` of
+#: function tools called by a namespaced name) and its freeform ``custom`` apply_patch
+#: (Codex's shell tool edits files as well). Offered, never required: dropped and noted.
+_OPTIONAL_TOOLS = frozenset(("web_search", "web_search_preview", "namespace", "custom"))
 #: ``include`` asks for reasoning the client sends back (Codex always does, store=false).
 ENCRYPTED = "reasoning.encrypted_content"
 #: Reasoning efforts a Responses client may ask for (``none`` and ``minimal``: no thinking).
@@ -186,18 +191,27 @@ def arguments_object(arguments: object, where: str) -> JSON:
     return value
 
 
-def function_tools(body: JSON) -> list[JSON]:
-    """The request's tools, each a function tool (built-in tools are refused)."""
-    tools = _list(body.get("tools"), "tools")
-    for i, tool in enumerate(tools):
+def function_tools(body: JSON, dropped: list[str]) -> list[JSON]:
+    """The request's function tools. The tools Codex offers with every request beside
+    its shell (:data:`_OPTIONAL_TOOLS`) are dropped and noted, so that it works on these
+    routes; any other built-in tool is refused, and so is a ``tool_choice`` naming one."""
+    out: list[JSON] = []
+    for i, tool in enumerate(_list(body.get("tools"), "tools")):
         kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind in _OPTIONAL_TOOLS:
+            name = tool.get("name")
+            dropped.append(
+                f"tools[{i}]: {kind} tool" + (f" {name}" if isinstance(name, str) else "")
+            )
+            continue
         if kind != "function":
             raise TranslationError(
                 f"tools[{i}].type", f"tools[{i}]: {kind!r} tools cannot run on this route"
             )
         if not isinstance(tool.get("name"), str):
             raise TranslationError(f"tools[{i}].name", f"tools[{i}].name is required")
-    return tools
+        out.append(tool)
+    return out
 
 
 def chat_tool(tool: JSON) -> JSON:

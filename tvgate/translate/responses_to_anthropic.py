@@ -30,6 +30,7 @@ import orjson
 from tvgate.translate import responses_api as api
 from tvgate.translate.chat_to_anthropic import (
     DEFAULT_MAX_TOKENS,
+    EFFORT_BUDGET,
     JSON,
     TranslationError,
     _anthropic_error,
@@ -82,9 +83,12 @@ def translate_request(
     out["messages"] = turns
 
     max_tokens = api.max_output_tokens(body)
+    effort = api.reasoning_effort(body)
     if max_tokens is None:
-        max_tokens = default_max_tokens
-        dropped.append(f"max_output_tokens not given: {default_max_tokens} sent")
+        # Codex never gives one. Anthropic's max_tokens counts the thinking too: the
+        # effort's budget comes on top, so that thinking leaves the answer its default.
+        max_tokens = default_max_tokens + EFFORT_BUDGET.get(effort or "", 0)
+        dropped.append(f"max_output_tokens not given: {max_tokens} sent")
     out["max_tokens"] = max_tokens
     for key in ("temperature", "top_p"):
         if body.get(key) is not None:
@@ -93,7 +97,7 @@ def translate_request(
     if stream:
         out["stream"] = True
 
-    tools = api.function_tools(body)
+    tools = api.function_tools(body, dropped)
     if tools:
         out["tools"] = [_tool(i, api.chat_tool(t)) for i, t in enumerate(tools)]
     choice = _tool_choice(api.chat_tool_choice(body), body.get("parallel_tool_calls"))
@@ -102,7 +106,6 @@ def translate_request(
     schema = api.json_schema(body)
     if schema is not None:
         out["output_config"] = {"format": {"type": "json_schema", "schema": schema["schema"]}}
-    effort = api.reasoning_effort(body)
     if effort is not None:
         add_thinking(out, effort, dropped)
     user = body.get("user")

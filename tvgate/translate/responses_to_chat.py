@@ -71,7 +71,7 @@ def translate_request(
     for key in ("temperature", "top_p"):
         if body.get(key) is not None:
             out[key] = body[key]
-    tools = api.function_tools(body)
+    tools = api.function_tools(body, dropped)
     if tools:
         out["tools"] = [api.chat_tool(t) for t in tools]
         if body.get("parallel_tool_calls") is False:
