@@ -29,7 +29,7 @@ class Plan:
 
 
 FULL = Plan(3, 4.0, 3.0, 1000, 80, 0.1, 2.0, True, 2.0)
-QUICK = Plan(1, 2.0, 2.0, 300, 30, 0.1, 1.0, True, 1.0)
+QUICK = Plan(1, 2.0, 2.0, 300, 30, 0.1, 1.0, True, 2.0)
 
 
 @dataclass

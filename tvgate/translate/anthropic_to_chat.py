@@ -25,13 +25,14 @@ modules importing each other; DESIGN.md's layout is one module per pair.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from tvgate.traces.sse import SSEEvent, SSEParser
+from tvgate.traces.sse import FastEvents, SSEEvent
 
 JSON = dict[str, Any]
 #: What reading a JSON value of an unexpected shape raises.
@@ -554,6 +555,21 @@ _PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 _MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
 
+#: A content chunk as OpenAI sends nearly every one: one choice, index 0, a non-empty
+#: ``content`` delta (group 1, its JSON string) and nothing else; other members only
+#: strings or null (so no usage, no error); in the text only the escapes orjson writes
+#: itself and no raw control character, so that the bytes sent do not depend on which
+#: path a chunk took. Any other bytes take the parsing path.
+_PLAIN = rb'"[^"\\\x00-\x1f]*"'
+_MEMBERS = rb'(?:,"(?!error")[a-z_]+":(?:' + _PLAIN + rb"|null))*"
+_TEXT_CHUNK = re.compile(
+    rb'data: \{"id":' + _PLAIN + rb',"object":"chat\.completion\.chunk","created":\d+,'
+    rb'"model":' + _PLAIN + _MEMBERS + rb',"choices":\[\{"index":0,"delta":\{"content":'
+    rb'("(?:[^"\\\x00-\x1f]|\\["\\bfnrt])+")'
+    rb'\},"logprobs":null,"finish_reason":null\}\]' + _MEMBERS + rb"\}\n\n"
+)
+
+
 def _event(name: bytes, payload: bytes) -> bytes:
     return b"event: " + name + b"\ndata: " + payload + b"\n\n"
 
@@ -584,9 +600,9 @@ class StreamTranslator:
         "_block",
         "_blocks",
         "_done",
+        "_events",
         "_finish_reason",
         "_model",
-        "_parser",
         "_refused",
         "_started",
         "_tools",
@@ -596,7 +612,7 @@ class StreamTranslator:
     )
 
     def __init__(self, model: str | None = None) -> None:
-        self._parser = SSEParser()
+        self._events = FastEvents(_TEXT_CHUNK)
         #: The model named to the client; the upstream's own when None.
         self._model = model
         self._started = False
@@ -623,7 +639,19 @@ class StreamTranslator:
 
     def feed(self, chunk: bytes) -> bytes:
         """The client bytes that the upstream bytes ``chunk`` complete (often b"")."""
-        return self.feed_events(self._parser.feed(chunk))
+        out: list[bytes] = []
+        for event in self._events.feed(chunk):
+            if self._done:
+                break
+            if isinstance(event, SSEEvent):
+                self._upstream_event(event, out)
+            elif self._block is not None and self._block[1] == "text":
+                # A text delta of the usual bytes into the open text block: its JSON
+                # string is the client's event's as it is.
+                out.append(_block_delta_raw(self._block[0], _TEXT_DELTA, event[1]))
+            else:
+                self._upstream_event(SSEEvent(None, event[0][6:-2]), out)
+        return b"".join(out)
 
     def feed_events(self, events: Iterable[SSEEvent]) -> bytes:
         """:meth:`feed` for events already parsed from the upstream stream."""
@@ -631,28 +659,31 @@ class StreamTranslator:
         for event in events:
             if self._done:
                 break
-            data = event.data
-            if data == b"[DONE]":
-                self._close(out)
-                continue
-            try:
-                obj = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                self._note("an upstream event that is not JSON was skipped")
-                continue
-            try:
-                self._chunk(obj, out)
-            except _MALFORMED:
-                # An upstream may be a member's own server: a chunk of another shape is
-                # skipped, never allowed to break the client's stream.
-                self._note("an upstream chunk of unexpected shape was skipped")
+            self._upstream_event(event, out)
         return b"".join(out)
+
+    def _upstream_event(self, event: SSEEvent, out: list[bytes]) -> None:
+        data = event.data
+        if data == b"[DONE]":
+            self._close(out)
+            return
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self._note("an upstream event that is not JSON was skipped")
+            return
+        try:
+            self._chunk(obj, out)
+        except _MALFORMED:
+            # An upstream may be a member's own server: a chunk of another shape is
+            # skipped, never allowed to break the client's stream.
+            self._note("an upstream chunk of unexpected shape was skipped")
 
     def finish(self) -> bytes:
         """The end of the upstream stream: the closing events, or an error event if the
         upstream stopped before its finish reason."""
         out: list[bytes] = []
-        self._parser.close()
+        self._events.close()
         if not self._done:
             if self._finish_reason is None:
                 return self.error("The upstream stream ended before the answer was complete")
@@ -832,9 +863,14 @@ def _block_start(index: int, block: JSON) -> bytes:
 
 def _block_delta(index: int, head: bytes, value: str) -> bytes:
     # Built from bytes: one orjson call per delta, for the string alone.
+    return _block_delta_raw(index, head, orjson.dumps(value))
+
+
+def _block_delta_raw(index: int, head: bytes, value: bytes) -> bytes:
+    """A delta event whose value is given as its JSON string's bytes."""
     return (
         b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,' % index
         + head
-        + orjson.dumps(value)
+        + value
         + b"}}\n\n"
     )
