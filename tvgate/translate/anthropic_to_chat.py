@@ -18,6 +18,9 @@ reports them, cache-write) tokens are moved out of it. Reasoning the upstream st
 thinking blocks whose signature stays empty: a signature is never made up, and thinking
 blocks sent back in the history are dropped (and noted), since no upstream could check them.
 The module is pure (no I/O); it knows nothing of routes beyond the model it is given.
+The stream phase is on the proxy's hot path: a content chunk of the bytes OpenAI sends is
+matched whole and its text's JSON string spliced, unparsed, into the client's event
+(:class:`tvgate.traces.sse.FastEvents`); any other chunk is parsed once.
 It is longer than most modules because the four phases share one set of mappings
 (usage, stop reasons, error types, content blocks) that would otherwise be split across
 modules importing each other; DESIGN.md's layout is one module per pair.
@@ -223,11 +226,16 @@ def _message(message: JSON, where: str, out: list[JSON], notes: dict[str, None])
     parts: list[JSON] = []
     carried: list[JSON] = []
     for j, block in enumerate(content):
-        at = f"{where}.content[{j}]"
+        # The usual tool result (text, no flags) inline, its path never written: this
+        # runs for every block of a whole conversation on every call.
         if block.get("type") == "tool_result":
-            out.append(_tool_result(block, at, carried, notes))
+            text = block.get("content", "")
+            if isinstance(text, str) and not ("is_error" in block or "cache_control" in block):
+                out.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text})
+            else:
+                out.append(_tool_result(block, f"{where}.content[{j}]", carried, notes))
         else:
-            parts.append(_part(block, at, notes))
+            parts.append(_part(block, f"{where}.content[{j}]", notes))
     if carried or parts:
         out.append({"role": "user", "content": carried + parts})
 
@@ -287,9 +295,11 @@ def _assistant(content: list[JSON], where: str, notes: dict[str, None]) -> JSON:
     calls: list[JSON] = []
     for j, block in enumerate(content):
         kind = block.get("type")
-        at = f"{where}.content[{j}]"
         if kind == "text":
-            texts.append(_text_part(block, at, notes))
+            if "cache_control" in block or block.get("citations"):
+                texts.append(_text_part(block, f"{where}.content[{j}]", notes))
+            else:
+                texts.append({"type": "text", "text": block["text"]})
         elif kind == "tool_use":
             if "cache_control" in block:
                 notes["cache_control"] = None
@@ -302,9 +312,10 @@ def _assistant(content: list[JSON], where: str, notes: dict[str, None]) -> JSON:
                 }
             )
         elif kind in ("thinking", "redacted_thinking"):
+            at = f"{where}.content[{j}]"
             notes[f"{at}: {kind} block (its signature cannot be checked upstream)"] = None
         else:
-            raise TranslationError(f"{at}.type", f"{kind} blocks not supported")
+            raise TranslationError(f"{where}.content[{j}].type", f"{kind} blocks not supported")
     message: JSON = {"role": "assistant", "content": texts or None}
     if calls:
         message["tool_calls"] = calls

@@ -242,26 +242,32 @@ def _messages(messages: list[Any], dropped: list[str]) -> tuple[list[JSON], list
     system: list[JSON] = []
     turns: list[JSON] = []
     for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
+        # A message's path is written only for an error or a note: this loop runs once per
+        # message of a whole conversation on every call.
         if not isinstance(msg, dict):
-            raise TranslationError(where, f"{where} must be an object")
+            raise TranslationError(f"messages[{i}]", f"messages[{i}] must be an object")
         role = msg.get("role")
         if msg.get("name") is not None:
-            dropped.append(f"{where}.name")
+            dropped.append(f"messages[{i}].name")
         if role in ("system", "developer"):
-            system.extend(_text_blocks(msg.get("content"), where))
+            system.extend(_text_blocks(msg.get("content"), f"messages[{i}]"))
             continue
         if role == "user":
-            blocks = _user_blocks(msg.get("content"), where, dropped)
+            content = msg.get("content")
+            if isinstance(content, str):
+                blocks = [{"type": "text", "text": content}]
+            else:
+                blocks = _user_blocks(content, f"messages[{i}]", dropped)
         elif role == "assistant":
-            blocks = _assistant_blocks(msg, where, dropped)
+            blocks = _assistant_blocks(msg, i, dropped)
             if not blocks:
-                dropped.append(f"{where}: empty assistant message")
+                dropped.append(f"messages[{i}]: empty assistant message")
                 continue
         elif role == "tool":
-            blocks = [_tool_result(msg, where)]
+            blocks = [_tool_result(msg, i)]
             role = "user"
         else:
+            where = f"messages[{i}]"
             raise TranslationError(f"{where}.role", f"{where}.role {role!r} is not supported")
         # Anthropic alternates roles; parallel tool results (one Chat message each)
         # belong in one user turn, before any text that follows them.
@@ -336,12 +342,16 @@ def _source(url: object, where: str) -> JSON:
     raise TranslationError(where, f"{where}: not a data or http(s) URL")
 
 
-def _assistant_blocks(msg: JSON, where: str, dropped: list[str]) -> list[JSON]:
-    for key in ("audio", "function_call"):
-        if msg.get(key) is not None:
-            raise TranslationError(f"{where}.{key}", f"{where}.{key} is not supported")
+def _assistant_blocks(msg: JSON, i: int, dropped: list[str]) -> list[JSON]:
+    where = f"messages[{i}]"
+    if msg.get("audio") is not None or msg.get("function_call") is not None:
+        key = "audio" if msg.get("audio") is not None else "function_call"
+        raise TranslationError(f"{where}.{key}", f"{where}.{key} is not supported")
     out: list[JSON] = []
-    for k, block in enumerate(_list(msg.get("thinking_blocks"), f"{where}.thinking_blocks")):
+    thinking = msg.get("thinking_blocks")
+    for k, block in enumerate(
+        _list(thinking, f"{where}.thinking_blocks") if thinking is not None else ()
+    ):
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "thinking" and block.get("signature"):
             out.append(
@@ -377,34 +387,32 @@ def _assistant_blocks(msg: JSON, where: str, dropped: list[str]) -> list[JSON]:
                 )
     elif content is not None:
         raise TranslationError(f"{where}.content", f"{where}.content must be a string or array")
-    for k, call in enumerate(_list(msg.get("tool_calls"), f"{where}.tool_calls")):
-        at = f"{where}.tool_calls[{k}]"
+    calls = msg.get("tool_calls")
+    for k, call in enumerate(_list(calls, f"{where}.tool_calls") if calls is not None else ()):
         if not isinstance(call, dict) or call.get("type", "function") != "function":
+            at = f"{where}.tool_calls[{k}]"
             raise TranslationError(f"{at}.type", f"{at}: only function tool calls are supported")
-        fn = _dict(call.get("function"))
-        arguments = fn.get("arguments") or "{}"
+        fn = call.get("function")
+        if not isinstance(fn, dict):
+            fn = {}
         try:
-            args = orjson.loads(arguments)
+            args = orjson.loads(fn.get("arguments") or "{}")
         except (orjson.JSONDecodeError, TypeError):
             args = None
         if not isinstance(args, dict):
-            raise TranslationError(
-                f"{at}.function.arguments", f"{at}.function.arguments must be a JSON object"
-            )
+            at = f"{where}.tool_calls[{k}].function.arguments"
+            raise TranslationError(at, f"{at} must be a JSON object")
         out.append(
             {"type": "tool_use", "id": call.get("id"), "name": fn.get("name"), "input": args}
         )
     return out
 
 
-def _tool_result(msg: JSON, where: str) -> JSON:
+def _tool_result(msg: JSON, i: int) -> JSON:
     content = msg.get("content")
-    result: JSON = {"type": "tool_result", "tool_use_id": msg.get("tool_call_id")}
-    if isinstance(content, str):
-        result["content"] = content
-    else:
-        result["content"] = _text_blocks(content, where)
-    return result
+    if not isinstance(content, str):
+        content = _text_blocks(content, f"messages[{i}]")
+    return {"type": "tool_result", "tool_use_id": msg.get("tool_call_id"), "content": content}
 
 
 def _tool(i: int, tool: object) -> JSON:
