@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.chat_payloads import OPENAI_MODEL, ROUTE_CHAT_JSON, ROUTE_CHAT_SSE
 from bench.payloads import ROUTE_DRIP, ROUTE_JSON, ROUTE_SSE, UPSTREAM_MODEL
 from bench.procs import free_port, stop, wait_port
 from tests import harness
@@ -33,6 +34,7 @@ PG_ADMIN_DSN = os.environ.get(
     "TVGATE_BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 PROVIDER_SECRET = "sk-ant-api03-bench-" + "0" * 32
+OPENAI_SECRET = "sk-proj-bench-" + "0" * 40
 
 
 # --- databases ---
@@ -108,6 +110,18 @@ def seed(database_url: str, upstream: str, drip_upstream: str, *, governed: bool
             allow_private=True,
         )
         services.add_route(route, route + "-key", model=UPSTREAM_MODEL, org_name=org)
+    # The OpenAI Chat routes of the translated workloads (``bench.translated``).
+    for route, prefix in ((ROUTE_CHAT_JSON, "/chat-json/v1"), (ROUTE_CHAT_SSE, "/chat-sse/v1")):
+        services.add_key(
+            route + "-key",
+            "openai",
+            OPENAI_SECRET,
+            keyring,
+            org_name=org,
+            base_url=upstream + prefix,
+            allow_private=True,
+        )
+        services.add_route(route, route + "-key", model=OPENAI_MODEL, org_name=org)
     if governed:
         _govern(org, [ROUTE_JSON, ROUTE_SSE, ROUTE_DRIP])
     database.close()

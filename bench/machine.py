@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.procs import family
+from bench.procs import cpu_split
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,19 +91,7 @@ class MachineLoad:
     def _proc(self) -> float:
         """CPU seconds of the process and its children (a worker's trace writer process is
         part of the gateway): the live ones, and those it has waited for."""
-        if self.pid is None:
-            return 0.0
-        ticks = 0
-        for member in family(self.pid):
-            try:
-                with open(f"/proc/{member}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            ticks += int(fields[11]) + int(fields[12])
-            if member == self.pid:
-                ticks += int(fields[13]) + int(fields[14])
-        return ticks / os.sysconf("SC_CLK_TCK")
+        return sum(cpu_split(self.pid)) if self.pid is not None else 0.0
 
     def __enter__(self) -> MachineLoad:
         self._t0 = time.monotonic()

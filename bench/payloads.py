@@ -11,6 +11,7 @@ byte is deterministic, so two runs send and receive the same thing.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,14 +84,14 @@ _USAGE_START = {
 }
 
 
-def _compact(obj: Any) -> bytes:
-    # The API's own framing: compact JSON, UTF-8, no ASCII escaping.
+def compact(obj: Any) -> bytes:
+    """JSON as the APIs frame it: compact, UTF-8, no ASCII escaping."""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def sse_event(name: str, obj: Any) -> bytes:
     """One event exactly as the Anthropic API frames it."""
-    return b"event: " + name.encode() + b"\ndata: " + _compact(obj) + b"\n\n"
+    return b"event: " + name.encode() + b"\ndata: " + compact(obj) + b"\n\n"
 
 
 _ANSWER = (
@@ -99,7 +100,7 @@ _ANSWER = (
 )
 
 
-def _answer_words(count: int) -> list[str]:
+def answer_words(count: int) -> list[str]:
     words = _ANSWER.split(" ")
     return [words[i % len(words)] + " " for i in range(count)]
 
@@ -109,7 +110,7 @@ def anthropic_stream(events: int = SSE_EVENTS) -> bytes:
     deltas = events - 6
     if deltas < 1:
         raise ValueError("a stream needs at least 7 events")
-    words = _answer_words(deltas)
+    words = answer_words(deltas)
     start = {
         "type": "message_start",
         "message": {
@@ -160,13 +161,13 @@ def anthropic_stream(events: int = SSE_EVENTS) -> bytes:
 
 def anthropic_message(words: int = 44) -> bytes:
     """The non-streamed Message the same answer would be."""
-    return _compact(
+    return compact(
         {
             "id": _MESSAGE_ID,
             "type": "message",
             "role": "assistant",
             "model": UPSTREAM_MODEL,
-            "content": [{"type": "text", "text": "".join(_answer_words(words))}],
+            "content": [{"type": "text", "text": "".join(answer_words(words))}],
             "stop_reason": "end_turn",
             "stop_sequence": None,
             "usage": {**_USAGE_START, "output_tokens": words},
@@ -189,14 +190,15 @@ def small_request(route: str, stream: bool, size: int = SMALL_BODY_BYTES) -> byt
     }
     if stream:
         doc["stream"] = True
-    base = len(_compact(doc))
+    base = len(compact(doc))
     mark = SEQUENCE_MARK.decode()
     text = (f"Request {mark}. " + "Write a haiku about retries. " * 20)[: max(1, size - base)]
     doc["messages"][0]["content"] = text
-    return _compact(doc)
+    return compact(doc)
 
 
-_CODE = '''def fetch_with_retry(client, url, attempts=5, base_delay=0.2):
+#: The source file every tool result of the large requests reads.
+SAMPLE_CODE = '''def fetch_with_retry(client, url, attempts=5, base_delay=0.2):
     """GET url, retrying transient failures with exponential backoff."""
     for attempt in range(attempts):
         try:
@@ -212,6 +214,23 @@ _CODE = '''def fetch_with_retry(client, url, attempts=5, base_delay=0.2):
 '''
 
 
+def coding_tools() -> list[tuple[str, str, dict[str, Any]]]:
+    """The large requests' tool definitions: (name, description, JSON schema of the input)."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "path": {"type": "string", "description": "Path relative to the repo root"},
+            "content": {"type": "string"},
+            "limit": {"type": "integer", "minimum": 1},
+        },
+        "required": ["path"],
+    }
+    return [
+        (name, f"{name.replace('_', ' ').capitalize()} in the working tree. " * 4, schema)
+        for name in ("read_file", "write_file", "edit_file", "list_dir", "run_tests", "grep")
+    ]
+
+
 def large_request(route: str, stream: bool, size: int = LARGE_BODY_BYTES) -> bytes:
     """A mid-session coding-agent request of ``size`` bytes (within a few bytes).
 
@@ -219,20 +238,8 @@ def large_request(route: str, stream: bool, size: int = LARGE_BODY_BYTES) -> byt
     assistant tool calls and tool results full of source code.
     """
     tools = [
-        {
-            "name": name,
-            "description": f"{name.replace('_', ' ').capitalize()} in the working tree. " * 4,
-            "input_schema": {
-                "type": "object",
-                "properties": {
-                    "path": {"type": "string", "description": "Path relative to the repo root"},
-                    "content": {"type": "string"},
-                    "limit": {"type": "integer", "minimum": 1},
-                },
-                "required": ["path"],
-            },
-        }
-        for name in ("read_file", "write_file", "edit_file", "list_dir", "run_tests", "grep")
+        {"name": name, "description": description, "input_schema": schema}
+        for name, description, schema in coding_tools()
     ]
     doc: dict[str, Any] = {
         "model": route,
@@ -247,39 +254,44 @@ def large_request(route: str, stream: bool, size: int = LARGE_BODY_BYTES) -> byt
     }
     if stream:
         doc["stream"] = True
+
+    def turn(n: int) -> list[dict[str, Any]]:
+        tool_id = f"toolu_01Bench{n:014d}"
+        call = {
+            "type": "tool_use",
+            "id": tool_id,
+            "name": "read_file",
+            "input": {"path": f"src/module_{n}.py", "limit": 400},
+        }
+        result = {"type": "tool_result", "tool_use_id": tool_id, "content": SAMPLE_CODE * 3}
+        return [
+            {"role": "assistant", "content": [{"type": "text", "text": read_note(n)}, call]},
+            {"role": "user", "content": [result]},
+        ]
+
+    return fill_session(doc, size, turn)
+
+
+def read_note(turn: int) -> str:
+    """What the assistant says before its ``turn``-th tool call."""
+    return f"Let me look at src/module_{turn}.py."
+
+
+def fill_session(
+    doc: dict[str, Any], size: int, turn: Callable[[int], list[dict[str, Any]]]
+) -> bytes:
+    """``doc`` with turns (tool call, tool result) added to its ``messages`` up to ``size``
+    bytes, then a last user message padded to the exact size (within a few bytes)."""
     messages: list[dict[str, Any]] = doc["messages"]
-    turn = 0
-    while len(_compact(doc)) < size - 4000:
-        tool_id = f"toolu_01Bench{turn:014d}"
-        messages.append(
-            {
-                "role": "assistant",
-                "content": [
-                    {"type": "text", "text": f"Let me look at src/module_{turn}.py."},
-                    {
-                        "type": "tool_use",
-                        "id": tool_id,
-                        "name": "read_file",
-                        "input": {"path": f"src/module_{turn}.py", "limit": 400},
-                    },
-                ],
-            }
-        )
-        messages.append(
-            {
-                "role": "user",
-                "content": [
-                    {"type": "tool_result", "tool_use_id": tool_id, "content": _CODE * 3},
-                ],
-            }
-        )
-        turn += 1
-    # Pad the last message to the exact size.
+    n = 0
+    while len(compact(doc)) < size - 4000:
+        messages += turn(n)
+        n += 1
     messages.append({"role": "user", "content": ""})
-    missing = size - len(_compact(doc))
+    missing = size - len(compact(doc))
     pad = f"Request {SEQUENCE_MARK.decode()}. " + "Now fix the failing test. " * (missing // 26 + 1)
     messages[-1]["content"] = pad[: max(1, missing)]
-    return _compact(doc)
+    return compact(doc)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ and every wait is bounded.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import threading
@@ -79,6 +80,25 @@ def family(pid: int) -> list[int]:
         except OSError:
             pass
     return found
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) of ``pid`` itself, and of its descendants (a tvgate
+    worker's trace writer process): the live ones and those it has waited for."""
+    tick = os.sysconf("SC_CLK_TCK")
+    own = descendants = 0
+    for member in family(pid):
+        try:
+            with open(f"/proc/{member}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if member == pid:
+            own = int(fields[11]) + int(fields[12])
+            descendants += int(fields[13]) + int(fields[14])
+        else:
+            descendants += int(fields[11]) + int(fields[12])
+    return own / tick, descendants / tick
 
 
 def family_rss_kib(pid: int) -> int:

@@ -13,9 +13,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from bench.gateway import GOVERNED
+from bench.translated import render as translated_section
 
 if TYPE_CHECKING:
     from bench.run import StreamResult, WorkloadResult
+    from bench.translated import TranslatedResult
     from bench.workloads import Plan
 
 #: name -> (metric, goal, direction) where direction "<=" or ">=".
@@ -80,6 +82,7 @@ def render(
     quick: bool,
     results: list[WorkloadResult],
     streams: list[StreamResult],
+    translated: TranslatedResult | None,
     elapsed: float,
 ) -> str:
     out: list[str] = []
@@ -335,6 +338,9 @@ def render(
             f"{others or 'none'} | {stream.writer.dropped} | {'**no**' if lost else 'yes'} |"
         )
     add("")
+
+    if translated is not None:
+        out += translated_section(translated)
 
     add("## Every run")
     add("")

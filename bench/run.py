@@ -15,12 +15,14 @@ Workloads (the issue's list):
 * 1,000 open streams dripping an event every 100 ms: gateway RSS, per-event
   latency, every trace written;
 * the trace writer under the throughput runs: peak queue depth, traces
-  written against requests answered.
+  written against requests answered;
+* translated calls (``bench.translated``): a client of one API on a route of the other,
+  CPU per call beside the passthrough call of the same size.
 
 A figure for tvgate is only read next to the direct figure of the same run:
 the machine is shared, so absolute numbers move, ratios much less.
 
-``python -m bench.run [--quick] [--repeat N] [--output bench/RESULTS.md]``
+``python -m bench.run [--quick] [--repeat N] [--translated-only] [--output bench/RESULTS.md]``
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from bench import payloads, upstream
 from bench.loadgen import LoadResult, run_load, write_headers_file, wrk_available, wrk_version
 from bench.machine import ROOT, MachineLoad, machine, raise_fd_limit
 from bench.procs import RssSampler, family_rss_kib, free_port, stop, wait_port
+from bench.translated import TranslatedResult, run_translated
+from bench.translated import render as translated_section
 from bench.workloads import (
     FULL,
     QUICK,
@@ -110,7 +114,7 @@ class Bench:
         """The upstream, the dripping upstream and the bare passthrough, for the whole run."""
         tmp = self.tmp
         www = tmp / "www"
-        payloads.write_upstream_files(www)
+        upstream.write_answers(www)
         self.bodies = payloads.write_bodies(tmp / "bodies")
         self.drip_body = tmp / "bodies" / "drip.body"
         self.drip_body.write_bytes(payloads.small_request(payloads.ROUTE_DRIP, stream=True))
@@ -336,7 +340,9 @@ class Bench:
         raise RuntimeError(f"drip client failed ({result.returncode}):\n{result.stderr[-3000:]}")
 
 
-def run(plan: Plan, output: Path, quick: bool) -> int:
+def run(plan: Plan, output: Path | None, quick: bool, translated_only: bool = False) -> int:
+    """The whole benchmark, written to ``output``; or (``translated_only``) the translated
+    workloads alone, their table printed (and written to ``output`` if given)."""
     raise_fd_limit()
     started = time.monotonic()
     info = machine()
@@ -355,9 +361,12 @@ def run(plan: Plan, output: Path, quick: bool) -> int:
     bench.say(f"tvgate bench ({'quick' if quick else 'full'}): {tools}; scratch {tmp}")
     results: list[WorkloadResult] = []
     streams: list[StreamResult] = []
+    translated: TranslatedResult | None = None
     try:
         with bench.services():
             databases = ["sqlite", gw.GOVERNED] + (["postgresql"] if pg else [])
+            if translated_only:
+                databases = ["sqlite"]
             plans = {
                 "sqlite": workloads,
                 gw.GOVERNED: governed_workloads,
@@ -371,23 +380,35 @@ def run(plan: Plan, output: Path, quick: bool) -> int:
                         bench.drip_upstream,
                         governed=database == gw.GOVERNED,
                     )
-                    todo = plans[database](bench.bodies)
+                    todo = [] if translated_only else plans[database](bench.bodies)
                     for workload in todo:
                         bench.say(f"  {database:10s} {workload.title} ...")
                         result = bench.run_workload(workload, url, token)
                         results.append(result)
                         bench.say("    " + one_line(result))
-                    if database == "sqlite":
+                    if database == "sqlite" and not translated_only:
                         bench.say(f"  {database:10s} {plan.streams} open streams ...")
                         stream = bench.run_streams(url, token, database)
                         streams.append(stream)
                         bench.say("    " + stream_line(stream))
+                    if database == "sqlite":
+                        bench.say(f"  {database:10s} translated calls ...")
+                        translated = run_translated(bench, url, token)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.monotonic() - started
+    if translated_only:
+        assert translated is not None
+        table = "\n".join(translated_section(translated))
+        bench.say(table)
+        if output is not None:
+            output.write_text(table)
+        bench.say(f"translated workloads in {elapsed:.0f} s")
+        return 0
     from bench.report import render
 
-    report = render(info, tools, plan, quick, results, streams, elapsed)
+    assert output is not None
+    report = render(info, tools, plan, quick, results, streams, translated, elapsed)
     # The other benchmarks (trace storage, the soak) keep their latest tables in files of
     # their own; RESULTS.md carries them too, so one page has every figure.
     for section in ("storage-results.md", "soak-results.md"):
@@ -436,15 +457,21 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, help="repeats of each figure (median reported)")
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
     parser.add_argument(
-        "--output", type=Path, default=ROOT / "bench" / "RESULTS.md", help="where to write"
+        "--translated-only",
+        action="store_true",
+        help="only the translated workloads; their table printed, RESULTS.md left alone",
     )
+    parser.add_argument("--output", type=Path, help="where to write (bench/RESULTS.md)")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     if args.repeat:
         plan.repeat = args.repeat
     if args.no_postgres:
         plan.postgres = False
-    sys.exit(run(plan, args.output, args.quick))
+    output = args.output
+    if output is None and not args.translated_only:
+        output = ROOT / "bench" / "RESULTS.md"
+    sys.exit(run(plan, output, args.quick, args.translated_only))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ when it is installed (one worker, keep-alive, access log off, the Anthropic
 response headers added), else a built-in asyncio server that speaks just
 enough HTTP/1.1 for curl and the load generators. Either way ``POST
 /json/v1/messages`` answers the Message JSON and ``POST /sse/v1/messages`` the
-50-event stream, whatever the body, so the measured cost is the gateway's and
-the load generator's, not the upstream's.
+50-event stream, and ``POST /chat-json/v1/chat/completions`` and
+``/chat-sse/v1/chat/completions`` their OpenAI Chat twins (``bench.chat_payloads``),
+whatever the body, so the measured cost is the gateway's and the load generator's,
+not the upstream's.
 
 Run the built-in server alone with ``python -m bench.upstream --port 9999 --root DIR``.
 """
@@ -19,6 +21,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from bench import chat_payloads, payloads
+from bench.chat_payloads import OPENAI_RESPONSE_HEADERS
 from bench.payloads import ANTHROPIC_RESPONSE_HEADERS
 from bench.procs import wait_port
 
@@ -47,18 +51,44 @@ http {{
         root {root};
         # The static module refuses POST with 405; answer the file instead.
         error_page 405 =200 $uri;
-        location /json/ {{
-            default_type application/json;
-{headers}
-        }}
-        location /sse/ {{
-            default_type "text/event-stream; charset=utf-8";
-            add_header Cache-Control no-cache always;
-{headers}
-        }}
+{locations}
     }}
 }}
 """
+
+_LOCATION = """        location /{prefix}/ {{
+            default_type "{content_type}";
+{headers}
+        }}"""
+
+_JSON = "application/json"
+_SSE = "text/event-stream; charset=utf-8"
+
+#: Each answer's path prefix, its content type and the provider's response headers:
+#: Anthropic's answers, and the OpenAI Chat ones of the translated workloads.
+ANSWERS: dict[str, tuple[str, dict[str, str]]] = {
+    "json": (_JSON, ANTHROPIC_RESPONSE_HEADERS),
+    "sse": (_SSE, ANTHROPIC_RESPONSE_HEADERS),
+    "chat-json": (_JSON, OPENAI_RESPONSE_HEADERS),
+    "chat-sse": (_SSE, OPENAI_RESPONSE_HEADERS),
+}
+
+
+def write_answers(root: Path) -> None:
+    """The answer files under ``root``, at the path each provider's API is posted to."""
+    payloads.write_upstream_files(root)
+    for prefix, body in (
+        ("chat-json", chat_payloads.chat_completion()),
+        ("chat-sse", chat_payloads.chat_stream()),
+    ):
+        path = root / prefix / "v1" / "chat" / "completions"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body)
+
+
+def _answer_file(root: Path, prefix: str) -> Path:
+    """The one file under ``root/prefix`` (every path of a prefix gets its answer)."""
+    return next(p for p in (root / prefix).rglob("*") if p.is_file())
 
 
 def nginx_available() -> bool:
@@ -71,12 +101,20 @@ def nginx_version() -> str:
 
 
 def start_nginx(tmp: Path, root: Path, port: int) -> subprocess.Popen[bytes]:
-    headers = "\n".join(
-        f"            add_header {name} {value!r} always;".replace("'", '"')
-        for name, value in ANTHROPIC_RESPONSE_HEADERS.items()
-    )
+    locations = []
+    for prefix, (content_type, provider_headers) in ANSWERS.items():
+        headers = {**provider_headers}
+        if content_type == _SSE:
+            headers["Cache-Control"] = "no-cache"
+        lines = "\n".join(
+            f"            add_header {name} {value!r} always;".replace("'", '"')
+            for name, value in headers.items()
+        )
+        locations.append(_LOCATION.format(prefix=prefix, content_type=content_type, headers=lines))
     conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=tmp, root=root, port=port, headers=headers))
+    conf.write_text(
+        NGINX_CONF.format(tmp=tmp, root=root, port=port, locations="\n".join(locations))
+    )
     proc = subprocess.Popen(
         ["nginx", "-c", str(conf), "-p", str(tmp)],
         stdout=subprocess.DEVNULL,
@@ -88,17 +126,15 @@ def start_nginx(tmp: Path, root: Path, port: int) -> subprocess.Popen[bytes]:
 
 # --- the built-in server ---
 
-_HEADER_BLOCK = "".join(f"{k}: {v}\r\n" for k, v in ANTHROPIC_RESPONSE_HEADERS.items()).encode()
 
-
-def _response(body: bytes, content_type: str) -> bytes:
+def _response(body: bytes, content_type: str, headers: dict[str, str]) -> bytes:
     return (
         b"HTTP/1.1 200 OK\r\nContent-Type: "
         + content_type.encode()
         + b"\r\nContent-Length: "
         + str(len(body)).encode()
         + b"\r\n"
-        + _HEADER_BLOCK
+        + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode()
         + b"\r\n"
         + body
     )
@@ -143,10 +179,10 @@ class _StaticProtocol(asyncio.Protocol):
 
 async def _serve_builtin(root: Path, port: int) -> None:
     answers = {
-        b"json": _response((root / "json/v1/messages").read_bytes(), "application/json"),
-        b"sse": _response(
-            (root / "sse/v1/messages").read_bytes(), "text/event-stream; charset=utf-8"
-        ),
+        prefix.encode(): _response(
+            _answer_file(root, prefix).read_bytes(), content_type, provider_headers
+        )
+        for prefix, (content_type, provider_headers) in ANSWERS.items()
     }
     loop = asyncio.get_running_loop()
     server = await loop.create_server(

@@ -24,10 +24,12 @@ class Plan:
     stream_interval: float
     ramp_seconds: float
     postgres: bool
+    #: Seconds of each run of the translated workloads (``bench.translated``).
+    translated_seconds: float
 
 
-FULL = Plan(3, 4.0, 3.0, 1000, 80, 0.1, 2.0, True)
-QUICK = Plan(1, 2.0, 2.0, 300, 30, 0.1, 1.0, True)
+FULL = Plan(3, 4.0, 3.0, 1000, 80, 0.1, 2.0, True, 2.0)
+QUICK = Plan(1, 2.0, 2.0, 300, 30, 0.1, 1.0, True, 2.0)
 
 
 @dataclass

@@ -19,27 +19,8 @@ from pathlib import Path
 from bench import payloads
 from bench.gateway import seed, start_bare, start_tvgate, wait_traces
 from bench.loadgen import LoadResult, run_load, write_headers_file
-from bench.procs import free_port, stop
-from bench.upstream import start_nginx
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(the process's own user+system seconds, its waited-for children's and the live
-    children's)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    own = (int(fields[11]) + int(fields[12])) / _TICK
-    children = (int(fields[13]) + int(fields[14])) / _TICK
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                child = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(child[1]) == pid:
-                children += (int(child[11]) + int(child[12])) / _TICK
-    return own, children
+from bench.procs import cpu_split, free_port, stop
+from bench.upstream import start_nginx, write_answers
 
 
 def line(name: str, result: LoadResult, cpu: tuple[float, float] | None = None) -> str:
@@ -61,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tvgate-ab-"))
     root = tmp / "upstream"
-    payloads.write_upstream_files(root)
+    write_answers(root)
     upstream_port = free_port()
     nginx = start_nginx(tmp, root, upstream_port)
     upstream = f"http://127.0.0.1:{upstream_port}"
@@ -90,11 +71,11 @@ def main() -> None:
                 calls = 0
                 try:
                     for connections in (1, 16):
-                        before = cpu_seconds(gateway.pid)
+                        before = cpu_split(gateway.pid)
                         result = run_load(
                             gateway.url + path, body, headers, connections, args.duration
                         )
-                        after = cpu_seconds(gateway.pid)
+                        after = cpu_split(gateway.pid)
                         calls += result.requests
                         cpu = (after[0] - before[0], after[1] - before[1])
                         print(f"round {round_ + 1} c={connections} {line(label, result, cpu)}")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tvgate.traces.sse import SSEEvent, SSEParser
+from tvgate.traces.sse import FastEvents, SSEEvent, SSEParser
 
 BOM = b"\xef\xbb\xbf"
 
@@ -311,3 +311,41 @@ def test_garbage_never_raises(data: bytes, cuts: list[int]) -> None:
         for event in parser.feed(chunk):
             assert isinstance(event.data, bytes)
     assert parser.close() == []
+
+
+# A fast shape for FastEvents: a data-only event of letters.
+_FAST = re.compile(rb"data: ([a-z]+)\n\n")
+
+
+def feed_fast(chunks: list[bytes]) -> list[SSEEvent]:
+    """FastEvents' output, its matches read as the events they are."""
+    events = FastEvents(_FAST)
+    out: list[SSEEvent] = []
+    for chunk in chunks:
+        for ev in events.feed(chunk):
+            out.append(ev if isinstance(ev, SSEEvent) else SSEEvent(None, ev[1]))
+    events.close()
+    return out
+
+
+fast_tokens = st.sampled_from([*TOKENS, b"data: abc\n\n", b"data: x\n\n", b"\n\n\n"])
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    st.lists(fast_tokens, max_size=60).map(b"".join),
+    st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
+)
+def test_fast_events_split_anywhere_are_the_parser_events(stream: bytes, cuts: list[int]) -> None:
+    assert feed_fast(split(stream, cuts)) == reference(stream)
+
+
+def test_fast_events_hand_over_matches_and_parse_the_rest() -> None:
+    events = FastEvents(_FAST)
+    out = events.feed(b"data: abc\n\nevent: e\ndata: 1\n\ndata: x\n\ndata: A")
+    assert [ev if isinstance(ev, SSEEvent) else ev[0] for ev in out] == [
+        b"data: abc\n\n",
+        SSEEvent("e", b"1"),
+        b"data: x\n\n",
+    ]
+    assert events.feed(b"\n\n") == [SSEEvent(None, b"A")]

@@ -271,3 +271,62 @@ def _field(line: bytes) -> tuple[bytes, bytes]:
     if start < len(line) and line[start] == _SPACE:
         start += 1
     return line[:colon], line[start:]
+
+
+class FastEvents:
+    """A stream's events, with those of one exact byte shape handed over unparsed.
+
+    For a translator whose events are nearly all of one shape (a text delta): an event
+    that ``fast`` matches whole (from its first byte through its blank line) comes back
+    as the match, to be copied from without parsing its JSON; every other event comes
+    back as an :class:`SSEEvent` of an :class:`SSEParser`, in stream order. The bytes
+    after a chunk's last blank line wait for the next chunk; a chunk without a blank line
+    or with a ``\\r`` anywhere goes to the parser whole (so the parser's limit bounds
+    what is held), and so does everything while the parser holds part of an event.
+    """
+
+    __slots__ = ("_fast", "_parser", "_tail")
+
+    def __init__(self, fast: re.Pattern[bytes]) -> None:
+        self._fast = fast
+        self._parser = SSEParser()
+        self._tail = b""
+
+    @property
+    def parser(self) -> SSEParser:
+        return self._parser
+
+    def feed(self, chunk: bytes) -> list[SSEEvent | re.Match[bytes]]:
+        data = self._tail + chunk if self._tail else chunk
+        parser = self._parser
+        end = data.rfind(b"\n\n") + 2
+        busy = parser._partial or parser._data or parser._size or parser._skipping
+        if end == 1 or busy or parser._cr_pending or data.find(b"\r") != -1:
+            self._tail = b""
+            return list(parser.feed(data))
+        self._tail = data[end:]
+        out: list[SSEEvent | re.Match[bytes]] = []
+        match = self._fast.match
+        find = data.find
+        pos = 0
+        while pos < end:
+            found = match(data, pos, end)
+            if found is not None:
+                # The parser never saw this event: a BOM is only the stream's first bytes.
+                parser._first_line = False
+                out.append(found)
+                pos = found.end()
+                continue
+            # Up to the next blank line (or the last one, after a run of "\n"s).
+            nxt = find(b"\n\n", pos, end)
+            nxt = end if nxt == -1 else nxt + 2
+            out.extend(parser.feed(data[pos:nxt]))
+            pos = nxt
+        return out
+
+    def close(self) -> None:
+        """End of stream (an unfinished event is dropped, as the parser drops it)."""
+        if self._tail:
+            self._parser.feed(self._tail)
+            self._tail = b""
+        self._parser.close()

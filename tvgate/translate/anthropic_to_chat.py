@@ -18,6 +18,9 @@ reports them, cache-write) tokens are moved out of it. Reasoning the upstream st
 thinking blocks whose signature stays empty: a signature is never made up, and thinking
 blocks sent back in the history are dropped (and noted), since no upstream could check them.
 The module is pure (no I/O); it knows nothing of routes beyond the model it is given.
+The stream phase is on the proxy's hot path: a content chunk of the bytes OpenAI sends is
+matched whole and its text's JSON string spliced, unparsed, into the client's event
+(:class:`tvgate.traces.sse.FastEvents`); any other chunk is parsed once.
 It is longer than most modules because the four phases share one set of mappings
 (usage, stop reasons, error types, content blocks) that would otherwise be split across
 modules importing each other; DESIGN.md's layout is one module per pair.
@@ -25,13 +28,14 @@ modules importing each other; DESIGN.md's layout is one module per pair.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from tvgate.traces.sse import SSEEvent, SSEParser
+from tvgate.traces.sse import FastEvents, SSEEvent
 
 JSON = dict[str, Any]
 #: What reading a JSON value of an unexpected shape raises.
@@ -230,11 +234,16 @@ def _message(message: JSON, where: str, out: list[JSON], notes: dict[str, None])
     parts: list[JSON] = []
     carried: list[JSON] = []
     for j, block in enumerate(content):
-        at = f"{where}.content[{j}]"
+        # The usual tool result (text, no flags) inline, its path never written: this
+        # runs for every block of a whole conversation on every call.
         if block.get("type") == "tool_result":
-            out.append(_tool_result(block, at, carried, notes))
+            text = block.get("content", "")
+            if isinstance(text, str) and not ("is_error" in block or "cache_control" in block):
+                out.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text})
+            else:
+                out.append(_tool_result(block, f"{where}.content[{j}]", carried, notes))
         else:
-            parts.append(_part(block, at, notes))
+            parts.append(_part(block, f"{where}.content[{j}]", notes))
     if carried or parts:
         out.append({"role": "user", "content": carried + parts})
 
@@ -294,9 +303,11 @@ def _assistant(content: list[JSON], where: str, notes: dict[str, None]) -> JSON:
     calls: list[JSON] = []
     for j, block in enumerate(content):
         kind = block.get("type")
-        at = f"{where}.content[{j}]"
         if kind == "text":
-            texts.append(_text_part(block, at, notes))
+            if "cache_control" in block or block.get("citations"):
+                texts.append(_text_part(block, f"{where}.content[{j}]", notes))
+            else:
+                texts.append({"type": "text", "text": block["text"]})
         elif kind == "tool_use":
             if "cache_control" in block:
                 notes["cache_control"] = None
@@ -309,9 +320,10 @@ def _assistant(content: list[JSON], where: str, notes: dict[str, None]) -> JSON:
                 }
             )
         elif kind in ("thinking", "redacted_thinking"):
+            at = f"{where}.content[{j}]"
             notes[f"{at}: {kind} block (its signature cannot be checked upstream)"] = None
         else:
-            raise TranslationError(f"{at}.type", f"{kind} blocks not supported")
+            raise TranslationError(f"{where}.content[{j}].type", f"{kind} blocks not supported")
     message: JSON = {"role": "assistant", "content": texts or None}
     if calls:
         message["tool_calls"] = calls
@@ -565,6 +577,21 @@ _PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 _MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
 
+#: A content chunk as OpenAI sends nearly every one: one choice, index 0, a non-empty
+#: ``content`` delta (group 1, its JSON string) and nothing else; other members only
+#: strings or null (so no usage, no error); in the text only the escapes orjson writes
+#: itself and no raw control character, so that the bytes sent do not depend on which
+#: path a chunk took. Any other bytes take the parsing path.
+_PLAIN = rb'"[^"\\\x00-\x1f]*"'
+_MEMBERS = rb'(?:,"(?!error")[a-z_]+":(?:' + _PLAIN + rb"|null))*"
+_TEXT_CHUNK = re.compile(
+    rb'data: \{"id":' + _PLAIN + rb',"object":"chat\.completion\.chunk","created":\d+,'
+    rb'"model":' + _PLAIN + _MEMBERS + rb',"choices":\[\{"index":0,"delta":\{"content":'
+    rb'("(?:[^"\\\x00-\x1f]|\\["\\bfnrt])+")'
+    rb'\},"logprobs":null,"finish_reason":null\}\]' + _MEMBERS + rb"\}\n\n"
+)
+
+
 def _event(name: bytes, payload: bytes) -> bytes:
     return b"event: " + name + b"\ndata: " + payload + b"\n\n"
 
@@ -595,9 +622,9 @@ class StreamTranslator:
         "_block",
         "_blocks",
         "_done",
+        "_events",
         "_finish_reason",
         "_model",
-        "_parser",
         "_refused",
         "_started",
         "_tools",
@@ -607,7 +634,7 @@ class StreamTranslator:
     )
 
     def __init__(self, model: str | None = None) -> None:
-        self._parser = SSEParser()
+        self._events = FastEvents(_TEXT_CHUNK)
         #: The model named to the client; the upstream's own when None.
         self._model = model
         self._started = False
@@ -634,7 +661,19 @@ class StreamTranslator:
 
     def feed(self, chunk: bytes) -> bytes:
         """The client bytes that the upstream bytes ``chunk`` complete (often b"")."""
-        return self.feed_events(self._parser.feed(chunk))
+        out: list[bytes] = []
+        for event in self._events.feed(chunk):
+            if self._done:
+                break
+            if isinstance(event, SSEEvent):
+                self._upstream_event(event, out)
+            elif self._block is not None and self._block[1] == "text":
+                # A text delta of the usual bytes into the open text block: its JSON
+                # string is the client's event's as it is.
+                out.append(_block_delta_raw(self._block[0], _TEXT_DELTA, event[1]))
+            else:
+                self._upstream_event(SSEEvent(None, event[0][6:-2]), out)
+        return b"".join(out)
 
     def feed_events(self, events: Iterable[SSEEvent]) -> bytes:
         """:meth:`feed` for events already parsed from the upstream stream."""
@@ -642,28 +681,31 @@ class StreamTranslator:
         for event in events:
             if self._done:
                 break
-            data = event.data
-            if data == b"[DONE]":
-                self._close(out)
-                continue
-            try:
-                obj = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                self._note("an upstream event that is not JSON was skipped")
-                continue
-            try:
-                self._chunk(obj, out)
-            except _MALFORMED:
-                # An upstream may be a member's own server: a chunk of another shape is
-                # skipped, never allowed to break the client's stream.
-                self._note("an upstream chunk of unexpected shape was skipped")
+            self._upstream_event(event, out)
         return b"".join(out)
+
+    def _upstream_event(self, event: SSEEvent, out: list[bytes]) -> None:
+        data = event.data
+        if data == b"[DONE]":
+            self._close(out)
+            return
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self._note("an upstream event that is not JSON was skipped")
+            return
+        try:
+            self._chunk(obj, out)
+        except _MALFORMED:
+            # An upstream may be a member's own server: a chunk of another shape is
+            # skipped, never allowed to break the client's stream.
+            self._note("an upstream chunk of unexpected shape was skipped")
 
     def finish(self) -> bytes:
         """The end of the upstream stream: the closing events, or an error event if the
         upstream stopped before its finish reason."""
         out: list[bytes] = []
-        self._parser.close()
+        self._events.close()
         if not self._done:
             if self._finish_reason is None:
                 return self.error("The upstream stream ended before the answer was complete")
@@ -843,9 +885,14 @@ def _block_start(index: int, block: JSON) -> bytes:
 
 def _block_delta(index: int, head: bytes, value: str) -> bytes:
     # Built from bytes: one orjson call per delta, for the string alone.
+    return _block_delta_raw(index, head, orjson.dumps(value))
+
+
+def _block_delta_raw(index: int, head: bytes, value: bytes) -> bytes:
+    """A delta event whose value is given as its JSON string's bytes."""
     return (
         b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,' % index
         + head
-        + orjson.dumps(value)
+        + value
         + b"}}\n\n"
     )

@@ -30,20 +30,21 @@ Answers may come from a member's own server, so the response and stream phases n
 raise on a wrong shape (a field of the wrong type counts as absent), and the request
 phase raises nothing but :class:`TranslationError`.
 
-The stream phase is on the proxy's hot path: events are found by
-:class:`tvgate.traces.sse.SSEParser`, each event's JSON is parsed once, and a text
-delta is written by splicing its JSON string into a prefix built once per stream.
+The stream phase is on the proxy's hot path: a text delta of the bytes Anthropic sends
+is matched whole and its JSON string spliced, unparsed, into a prefix built once per
+stream (:class:`tvgate.traces.sse.FastEvents`); any other event is parsed once.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from tvgate.traces.sse import SSEParser
+from tvgate.traces.sse import FastEvents, SSEEvent
 
 JSON = dict[str, Any]
 
@@ -241,26 +242,32 @@ def _messages(messages: list[Any], dropped: list[str]) -> tuple[list[JSON], list
     system: list[JSON] = []
     turns: list[JSON] = []
     for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
+        # A message's path is written only for an error or a note: this loop runs once per
+        # message of a whole conversation on every call.
         if not isinstance(msg, dict):
-            raise TranslationError(where, f"{where} must be an object")
+            raise TranslationError(f"messages[{i}]", f"messages[{i}] must be an object")
         role = msg.get("role")
         if msg.get("name") is not None:
-            dropped.append(f"{where}.name")
+            dropped.append(f"messages[{i}].name")
         if role in ("system", "developer"):
-            system.extend(_text_blocks(msg.get("content"), where))
+            system.extend(_text_blocks(msg.get("content"), f"messages[{i}]"))
             continue
         if role == "user":
-            blocks = _user_blocks(msg.get("content"), where, dropped)
+            content = msg.get("content")
+            if isinstance(content, str):
+                blocks = [{"type": "text", "text": content}]
+            else:
+                blocks = _user_blocks(content, f"messages[{i}]", dropped)
         elif role == "assistant":
-            blocks = _assistant_blocks(msg, where, dropped)
+            blocks = _assistant_blocks(msg, i, dropped)
             if not blocks:
-                dropped.append(f"{where}: empty assistant message")
+                dropped.append(f"messages[{i}]: empty assistant message")
                 continue
         elif role == "tool":
-            blocks = [_tool_result(msg, where)]
+            blocks = [_tool_result(msg, i)]
             role = "user"
         else:
+            where = f"messages[{i}]"
             raise TranslationError(f"{where}.role", f"{where}.role {role!r} is not supported")
         # Anthropic alternates roles; parallel tool results (one Chat message each)
         # belong in one user turn, before any text that follows them.
@@ -335,12 +342,16 @@ def _source(url: object, where: str) -> JSON:
     raise TranslationError(where, f"{where}: not a data or http(s) URL")
 
 
-def _assistant_blocks(msg: JSON, where: str, dropped: list[str]) -> list[JSON]:
-    for key in ("audio", "function_call"):
-        if msg.get(key) is not None:
-            raise TranslationError(f"{where}.{key}", f"{where}.{key} is not supported")
+def _assistant_blocks(msg: JSON, i: int, dropped: list[str]) -> list[JSON]:
+    where = f"messages[{i}]"
+    if msg.get("audio") is not None or msg.get("function_call") is not None:
+        key = "audio" if msg.get("audio") is not None else "function_call"
+        raise TranslationError(f"{where}.{key}", f"{where}.{key} is not supported")
     out: list[JSON] = []
-    for k, block in enumerate(_list(msg.get("thinking_blocks"), f"{where}.thinking_blocks")):
+    thinking = msg.get("thinking_blocks")
+    for k, block in enumerate(
+        _list(thinking, f"{where}.thinking_blocks") if thinking is not None else ()
+    ):
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "thinking" and block.get("signature"):
             out.append(
@@ -376,34 +387,32 @@ def _assistant_blocks(msg: JSON, where: str, dropped: list[str]) -> list[JSON]:
                 )
     elif content is not None:
         raise TranslationError(f"{where}.content", f"{where}.content must be a string or array")
-    for k, call in enumerate(_list(msg.get("tool_calls"), f"{where}.tool_calls")):
-        at = f"{where}.tool_calls[{k}]"
+    calls = msg.get("tool_calls")
+    for k, call in enumerate(_list(calls, f"{where}.tool_calls") if calls is not None else ()):
         if not isinstance(call, dict) or call.get("type", "function") != "function":
+            at = f"{where}.tool_calls[{k}]"
             raise TranslationError(f"{at}.type", f"{at}: only function tool calls are supported")
-        fn = _dict(call.get("function"))
-        arguments = fn.get("arguments") or "{}"
+        fn = call.get("function")
+        if not isinstance(fn, dict):
+            fn = {}
         try:
-            args = orjson.loads(arguments)
+            args = orjson.loads(fn.get("arguments") or "{}")
         except (orjson.JSONDecodeError, TypeError):
             args = None
         if not isinstance(args, dict):
-            raise TranslationError(
-                f"{at}.function.arguments", f"{at}.function.arguments must be a JSON object"
-            )
+            at = f"{where}.tool_calls[{k}].function.arguments"
+            raise TranslationError(at, f"{at} must be a JSON object")
         out.append(
             {"type": "tool_use", "id": call.get("id"), "name": fn.get("name"), "input": args}
         )
     return out
 
 
-def _tool_result(msg: JSON, where: str) -> JSON:
+def _tool_result(msg: JSON, i: int) -> JSON:
     content = msg.get("content")
-    result: JSON = {"type": "tool_result", "tool_use_id": msg.get("tool_call_id")}
-    if isinstance(content, str):
-        result["content"] = content
-    else:
-        result["content"] = _text_blocks(content, where)
-    return result
+    if not isinstance(content, str):
+        content = _text_blocks(content, f"messages[{i}]")
+    return {"type": "tool_result", "tool_use_id": msg.get("tool_call_id"), "content": content}
 
 
 def _tool(i: int, tool: object) -> JSON:
@@ -632,6 +641,16 @@ _DONE = b"data: [DONE]\n\n"
 # open and every SSE client ignores it.
 _PING = b": ping\n\n"
 _SKIP = -1
+#: A text delta as Anthropic sends nearly every event: its JSON string goes into the
+#: client's chunk as it is. Only the escapes orjson writes itself and no raw control
+#: character, so that the bytes sent do not depend on which path an event took (the
+#: chunks' cuts decide that); an event of any other bytes takes the parsing path.
+_TEXT_EVENT = re.compile(
+    rb'event: content_block_delta\ndata: (\{"type":"content_block_delta","index":\d+,'
+    rb'"delta":\{"type":"text_delta","text":'
+    rb'("(?:[^"\\\x00-\x1f]|\\["\\bfnrt])*")'
+    rb"\}\})\n\n"
+)
 
 
 class StreamTranslator:
@@ -647,20 +666,17 @@ class StreamTranslator:
     __slots__ = (
         "_blocks",
         "_done",
+        "_events",
         "_head",
         "_include_usage",
-        "_parser",
         "_prefix",
-        "_tail",
         "_tools",
         "_usage",
         "dropped",
     )
 
     def __init__(self, include_usage: bool = False, dropped: list[str] | None = None) -> None:
-        self._parser = SSEParser()
-        # What follows the chunk's last blank line: see feed.
-        self._tail = b""
+        self._events = FastEvents(_TEXT_EVENT)
         self._include_usage = include_usage
         #: What could not be carried (shared with the request's list when given).
         self.dropped = dropped if dropped is not None else []
@@ -680,28 +696,24 @@ class StreamTranslator:
     def feed(self, chunk: bytes) -> bytes:
         if self._done:
             return b""
-        # SSEParser takes whole events in one pass only when a chunk starts at an
-        # event's start; chunks split events anywhere, so the bytes after the last
-        # blank line wait for the next chunk. Only "\n\n" ends an event in bytes
-        # without "\r", so what waits cannot hold a complete event; with no blank
-        # line, or a "\r", everything goes to the parser as it is.
-        data = self._tail + chunk if self._tail else chunk
-        end = data.rfind(b"\n\n") + 2
-        if end == 1 or data.find(b"\r", end) != -1:
-            self._tail = b""
-        else:
-            self._tail = data[end:]
-            data = data[:end]
         out: list[bytes] = []
-        for ev in self._parser.feed(data):
-            self._event(ev.event, ev.data, out)
+        for ev in self._events.feed(chunk):
+            if isinstance(ev, SSEEvent):
+                self._event(ev.event, ev.data, out)
+            else:
+                self._text_event(ev, out)
             if self._done:
                 break
         return b"".join(out)
 
+    def _text_event(self, event: re.Match[bytes], out: list[bytes]) -> None:
+        """A text delta of the usual bytes (``_TEXT_EVENT``: group 1 the event's data,
+        group 2 its text's JSON string, which goes into the client's chunk as it is)."""
+        out.append(self._delta(b'{"content":' + event[2] + b"}"))
+
     def finish(self) -> bytes:
         """End of the upstream stream: nothing more if it ended properly, else an error."""
-        self._parser.close()
+        self._events.close()
         return self.error("upstream stream ended before message_stop")
 
     def error(self, message: str, kind: str = "api_error") -> bytes:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 
 import orjson
 
@@ -328,6 +329,10 @@ class StreamTranslator(AnthropicReader):
         elif kind == "error":
             # Anthropic's in-band error: its message and type, as in an error answer.
             out.append(self.error(*_anthropic_error(data)))
+
+    def _text_event(self, event: re.Match[bytes], out: list[bytes]) -> None:
+        # The reader's fast path for a text delta: here it is written like any delta.
+        self._event("content_block_delta", event[1], out)
 
     def _open_block(self, index: int, block: JSON, out: list[bytes]) -> None:
         kind = block.get("type")
