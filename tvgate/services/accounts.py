@@ -31,6 +31,7 @@ from tvgate.services.access import (
     audit,
     ensure_org,
     fields_of,
+    from_row,
     get_org,
     get_user,
 )
@@ -217,15 +218,7 @@ class UserView:
 
     @classmethod
     def of(cls, user: User) -> UserView:
-        return cls(
-            user.id,
-            user.email,
-            user.name,
-            user.role,
-            user.disabled,
-            user.password_hash is not None,
-            user.created_at,
-        )
+        return from_row(cls, user, local=user.password_hash is not None)
 
     def as_dict(self) -> dict[str, Any]:
         return fields_of(self)

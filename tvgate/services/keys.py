@@ -42,6 +42,8 @@ from tvgate.services.access import (
     _deny,
     _require_admin,
     audit,
+    fields_of,
+    from_row,
     get_key,
     get_user,
 )
@@ -69,32 +71,10 @@ class KeyView:
 
     @classmethod
     def of(cls, key: ProviderKey) -> KeyView:
-        return cls(
-            id=key.id,
-            name=key.name,
-            provider=key.provider,
-            base_url=key.base_url,
-            fingerprint=key.fingerprint,
-            owner=key.owner.email if key.owner is not None else None,
-            disabled=key.disabled,
-            created_at=key.created_at,
-            last_used_at=key.last_used_at,
-            max_concurrent=key.max_concurrent,
-        )
+        return from_row(cls, key, owner=key.owner.email if key.owner is not None else None)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "provider": self.provider,
-            "base_url": self.base_url,
-            "fingerprint": "…" + self.fingerprint,
-            "owner": self.owner,
-            "disabled": self.disabled,
-            "created_at": self.created_at,
-            "last_used_at": self.last_used_at,
-            "max_concurrent": self.max_concurrent,
-        }
+        return fields_of(self, fingerprint="…" + self.fingerprint)
 
 
 def add_key(

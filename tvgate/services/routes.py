@@ -38,6 +38,8 @@ from tvgate.services.access import (
     _require_admin,
     _require_reader,
     audit,
+    fields_of,
+    from_row,
     get_key,
     get_user,
 )
@@ -77,36 +79,18 @@ class RouteView:
 
     @classmethod
     def of(cls, route: Route, org: Org) -> RouteView:
-        return cls(
-            id=route.id,
-            name=route.name,
-            upstream_model=route.upstream_model,
+        return from_row(
+            cls,
+            route,
             key=route.key.name,
             provider=route.key.provider,
-            scope=route.scope,
             user=route.user.email if route.user is not None else None,
-            enabled=route.enabled,
-            description=route.description,
             fallbacks=route_fallbacks(route),
             state=route_state(route, org),
-            translate=route.translate,
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "upstream_model": self.upstream_model,
-            "key": self.key,
-            "provider": self.provider,
-            "scope": self.scope,
-            "user": self.user,
-            "enabled": self.enabled,
-            "state": self.state,
-            "description": self.description,
-            "fallbacks": list(self.fallbacks),
-            "translate": self.translate,
-        }
+        return fields_of(self, fallbacks=list(self.fallbacks))
 
 
 def route_state(route: Route, org: Org) -> str:

@@ -42,6 +42,7 @@ from tvgate.services.access import (
     _require_admin,
     audit,
     fields_of,
+    from_row,
     get_org,
     get_user,
 )
@@ -240,16 +241,7 @@ class TokenView:
 
     @classmethod
     def of(cls, token: ProxyToken) -> TokenView:
-        return cls(
-            id=token.id,
-            user=token.user.email,
-            name=token.name,
-            prefix=token.prefix,
-            created_at=token.created_at,
-            expires_at=token.expires_at,
-            last_used_at=token.last_used_at,
-            revoked_at=token.revoked_at,
-        )
+        return from_row(cls, token, user=token.user.email)
 
     def as_dict(self) -> dict[str, Any]:
         return fields_of(self)
