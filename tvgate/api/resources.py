@@ -199,9 +199,7 @@ class KeysHandler(APIHandler):
                 owner_email=owner,
                 available_to_all=True if available is None else available,
                 max_concurrent=max_concurrent or 0,
-                allow_private=gateway.settings.allow_private_upstreams,
-                allow_private_user=gateway.settings.allow_private_user_upstreams,
-                gateway_urls=gateway.settings.gateway_urls,
+                **gateway.settings.upstream_rules,
                 actor=self.principal,
             )
         )
@@ -226,9 +224,7 @@ class KeyHandler(APIHandler):
                 available_to_all=available,
                 max_concurrent=max_concurrent,
                 base_url=base_url,
-                allow_private=settings.allow_private_upstreams,
-                allow_private_user=settings.allow_private_user_upstreams,
-                gateway_urls=settings.gateway_urls,
+                **settings.upstream_rules,
                 actor=self.principal,
             )
         )

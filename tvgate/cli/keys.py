@@ -27,9 +27,7 @@ def cmd_keys_add(settings: Settings, args: argparse.Namespace) -> int:
         owner_email=args.owner,
         available_to_all=not args.granted_only,
         max_concurrent=args.max_concurrent,
-        allow_private=settings.allow_private_upstreams,
-        allow_private_user=settings.allow_private_user_upstreams,
-        gateway_urls=settings.gateway_urls,
+        **settings.upstream_rules,
     )
     _print_key(view, "added", as_json=args.json)
     return 0
@@ -60,9 +58,7 @@ def cmd_keys_set(settings: Settings, args: argparse.Namespace) -> int:
         args.name,
         max_concurrent=args.max_concurrent,
         base_url=args.base_url,
-        allow_private=settings.allow_private_upstreams,
-        allow_private_user=settings.allow_private_user_upstreams,
-        gateway_urls=settings.gateway_urls,
+        **settings.upstream_rules,
         org_name=args.org,
     )
     if args.max_concurrent is not None:

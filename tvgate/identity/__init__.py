@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tornado.httputil import HTTPHeaders
 
@@ -17,6 +17,7 @@ from tvgate.models import ROLE_ADMIN
 
 if TYPE_CHECKING:
     from tvgate.identity.provision import Membership
+    from tvgate.models import Org, User
 
 #: The header a person in several orgs uses to say which org a request is for.
 ORG_HEADER = "X-Tvgate-Org"
@@ -45,6 +46,13 @@ class Principal:
     session_id: int | None = None
     #: When the credential stops proving anything (a JWT's ``exp``); None: no fixed end.
     expires_at: float | None = None
+
+    @classmethod
+    def of(cls, user: User, org: Org | None = None, **how: Any) -> Principal:
+        """A user row acting in its org (``org`` when the caller has it, else the user's);
+        ``how`` gives the fields after ``role``: what it authenticated with."""
+        org = user.org if org is None else org
+        return cls(user.id, org.id, org.name, user.email, user.role, **how)
 
     @property
     def is_admin(self) -> bool:

@@ -75,15 +75,7 @@ def lookup_token(token_hash: str, at: float) -> TokenLookup:
     user = row.user
     if user.disabled:
         return TokenLookup(None, "user disabled", token_id=row.id)
-    principal = Principal(
-        user_id=user.id,
-        org_id=user.org.id,
-        org_name=user.org.name,
-        email=user.email,
-        role=user.role,
-        via=VIA_TOKEN,
-        token_id=row.id,
-    )
+    principal = Principal.of(user, via=VIA_TOKEN, token_id=row.id)
     origin = None
     if row.visdom_session:
         origin = SealedOrigin(

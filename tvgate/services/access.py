@@ -4,9 +4,8 @@ role checks, and the lookups of an org, a user or a key every other module start
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 import orjson
 
@@ -20,12 +19,7 @@ from tvgate.models import (
     User,
 )
 
-if TYPE_CHECKING:
-    from _typeshed import DataclassInstance
-
 DEFAULT_ORG = "default"
-
-View = TypeVar("View", bound="DataclassInstance")
 
 
 log = logging.getLogger("tvgate.services")
@@ -50,21 +44,6 @@ class Forbidden(ServiceError):
 
 
 OPERATOR = "operator (command line)"
-
-
-def fields_of(view: DataclassInstance, **shown: Any) -> dict[str, Any]:
-    """A view dataclass as its JSON: every field, by name, in order; ``shown`` gives the
-    fields whose JSON is not the value itself (a tuple as a list, a masked fingerprint)."""
-    return {f.name: getattr(view, f.name) for f in dataclasses.fields(view)} | shown
-
-
-def from_row(view: type[View], row: Any, **given: Any) -> View:
-    """A view dataclass of a row: each field is the row's attribute of that name, but for
-    those in ``given`` (the ones the row holds otherwise: a user's email for its id)."""
-    return view(
-        **{f.name: getattr(row, f.name) for f in dataclasses.fields(view) if f.name not in given},
-        **given,
-    )
 
 
 def audit(

@@ -22,6 +22,7 @@ from tvgate.models import (
     User,
     database,
 )
+from tvgate.rows import fields_of, from_row
 from tvgate.services.access import (
     ServiceError,
     _actor_org,
@@ -30,8 +31,6 @@ from tvgate.services.access import (
     _require_reader,
     audit,
     ensure_org,
-    fields_of,
-    from_row,
     get_org,
     get_user,
 )

@@ -33,6 +33,7 @@ from tvgate.models import (
     database,
 )
 from tvgate.providers import DEFAULT_BASE_URLS
+from tvgate.rows import fields_of, from_row
 from tvgate.services.access import (
     Forbidden,
     NotFound,
@@ -42,8 +43,6 @@ from tvgate.services.access import (
     _deny,
     _require_admin,
     audit,
-    fields_of,
-    from_row,
     get_key,
     get_user,
 )

@@ -14,14 +14,13 @@ from tvgate.models import (
     Org,
     database,
 )
+from tvgate.rows import fields_of, from_row
 from tvgate.services.access import (
     ServiceError,
     _actor_org,
     _changes,
     _require_admin,
     audit,
-    fields_of,
-    from_row,
 )
 from tvgate.services.events import announce
 from tvgate.traces.redact import MAX_PATTERNS, Redactor, invalid_patterns

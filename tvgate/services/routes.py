@@ -26,6 +26,7 @@ from tvgate.models import (
     User,
     database,
 )
+from tvgate.rows import fields_of, from_row
 from tvgate.services.access import (
     Forbidden,
     NotFound,
@@ -38,8 +39,6 @@ from tvgate.services.access import (
     _require_admin,
     _require_reader,
     audit,
-    fields_of,
-    from_row,
     get_key,
     get_user,
 )
@@ -392,7 +391,7 @@ def resolve_route(
     user = get_user(email, org)
     if actor is not None and actor.user_id != user.id:
         _require_reader(actor, org)
-    principal = Principal(user.id, org.id, org.name, user.email, user.role)
+    principal = Principal.of(user, org)
     snapshot = load_snapshot(org.id)
     available = [r.name for r in snapshot.available(principal)]
     if user.disabled:

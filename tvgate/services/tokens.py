@@ -34,6 +34,7 @@ from tvgate.models import (
     WebSession,
     database,
 )
+from tvgate.rows import fields_of, from_row
 from tvgate.services.access import (
     DEFAULT_ORG,
     Forbidden,
@@ -41,8 +42,6 @@ from tvgate.services.access import (
     _missing,
     _require_admin,
     audit,
-    fields_of,
-    from_row,
     get_org,
     get_user,
 )
