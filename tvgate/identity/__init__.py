@@ -17,7 +17,7 @@ from tvgate.models import ROLE_ADMIN
 
 if TYPE_CHECKING:
     from tvgate.identity.provision import Membership
-    from tvgate.models import Org, User
+    from tvgate.models import Org, ProxyToken, User, WebSession
 
 #: The header a person in several orgs uses to say which org a request is for.
 ORG_HEADER = "X-Tvgate-Org"
@@ -73,6 +73,15 @@ class SealedOrigin:
     user_id: int
     checked_at: float
     ciphertext: str = field(repr=False)
+
+    @classmethod
+    def of(cls, kind: str, row: ProxyToken | WebSession, org_id: int) -> SealedOrigin | None:
+        """What a token or web session row keeps of the sign-in it was made from; None
+        when it was not made from a Visdom Trace sign-in."""
+        if not row.visdom_session:
+            return None
+        checked_at = row.visdom_checked_at or 0.0
+        return cls(kind, row.id, org_id, row.user_id, checked_at, row.visdom_session)
 
 
 class IdentityError(Exception):

@@ -76,16 +76,7 @@ def lookup_token(token_hash: str, at: float) -> TokenLookup:
     if user.disabled:
         return TokenLookup(None, "user disabled", token_id=row.id)
     principal = Principal.of(user, via=VIA_TOKEN, token_id=row.id)
-    origin = None
-    if row.visdom_session:
-        origin = SealedOrigin(
-            SEALED_TOKEN_ORIGIN,
-            row.id,
-            user.org.id,
-            user.id,
-            row.visdom_checked_at or 0.0,
-            row.visdom_session,
-        )
+    origin = SealedOrigin.of(SEALED_TOKEN_ORIGIN, row, user.org.id)
     return TokenLookup(principal, "", row.expires_at, row.id, origin)
 
 

@@ -145,29 +145,11 @@ def seal_origin(
 
 
 def token_origin(token: ProxyToken, org_id: int) -> SealedOrigin | None:
-    if not token.visdom_session:
-        return None
-    return SealedOrigin(
-        SEALED_TOKEN_ORIGIN,
-        token.id,
-        org_id,
-        token.user_id,
-        token.visdom_checked_at or 0.0,
-        token.visdom_session,
-    )
+    return SealedOrigin.of(SEALED_TOKEN_ORIGIN, token, org_id)
 
 
 def session_origin(session: WebSession, org_id: int) -> SealedOrigin | None:
-    if not session.visdom_session:
-        return None
-    return SealedOrigin(
-        SEALED_SESSION_ORIGIN,
-        session.id,
-        org_id,
-        session.user_id,
-        session.visdom_checked_at or 0.0,
-        session.visdom_session,
-    )
+    return SealedOrigin.of(SEALED_SESSION_ORIGIN, session, org_id)
 
 
 def open_origin(origin: SealedOrigin, keyring: Keyring) -> str:
