@@ -90,39 +90,33 @@ class IdentityError(Exception):
     told (each surface answers it in its own format: ``tvgate.web.refusal_of``)."""
 
     status = 401
+    #: What the client is told, ``{}`` standing for the message.
+    told = "{}"
 
     @property
     def public(self) -> str:
-        return str(self)
+        return self.told.format(self)
 
 
 class AuthError(IdentityError):
     """The credential is unknown, expired or revoked (401)."""
 
-    status = 401
-
-    @property
-    def public(self) -> str:
-        return f"invalid credential: {self}"
+    told = "invalid credential: {}"
 
 
 class MissingCredential(AuthError):
     """The request carries no credential at all (401)."""
 
-    @property
-    def public(self) -> str:
-        return str(self)
+    told = "{}"
 
 
 class IdentityUnavailable(IdentityError):
     """The identity provider could not be asked (503: an outage is not a revoked login)."""
 
     status = 503
-
-    @property
-    def public(self) -> str:
-        # The cause (a JWKS fetch, the database) is the operator's to read in the log.
-        return "identity check unavailable; try again shortly"
+    # Not the message: its cause (a JWKS fetch, the database) is the operator's to read in
+    # the log.
+    told = "identity check unavailable; try again shortly"
 
 
 class OrgSelectionError(IdentityError):
