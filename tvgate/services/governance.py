@@ -36,6 +36,7 @@ from tvgate.models import (
     User,
     database,
 )
+from tvgate.rows import from_row
 from tvgate.services.access import (
     NotFound,
     ServiceError,
@@ -184,17 +185,7 @@ def _budget_views(org_id: int, rows: list[Budget], now: float | None = None) -> 
     used = _counters([key for key, _counts, _end in counters])
     emails = _shown_subjects(org_id, rows)
     return [
-        BudgetView(
-            id=b.id,
-            scope=b.scope,
-            subject=_shown(b, emails),
-            metric=b.metric,
-            period=b.period,
-            amount=b.amount,
-            warn_percent=b.warn_percent,
-            used=used[key],
-            resets_at=end,
-        )
+        from_row(BudgetView, b, subject=_shown(b, emails), used=used[key], resets_at=end)
         for b, (key, _counts, end) in zip(rows, counters, strict=True)
     ]
 
@@ -396,12 +387,10 @@ def _limit_views(
     used = _counters([k for requests, tokens, _end in counters for k in (requests, tokens)])
     emails = _shown_subjects(org_id, rows)
     return [
-        RateLimitView(
-            id=r.id,
-            scope=r.scope,
+        from_row(
+            RateLimitView,
+            r,
             subject=_shown(r, emails),
-            rpm=r.rpm,
-            tpm=r.tpm,
             used_requests=used[requests],
             used_tokens=used[tokens],
             resets_at=end,
