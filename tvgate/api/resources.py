@@ -108,8 +108,7 @@ class MeHandler(APIHandler):
 
 class RoutesHandler(APIHandler):
     async def get(self) -> None:
-        routes = await self.run_service(lambda: services.list_routes(actor=self.principal))
-        self.send({"routes": [r.as_dict() for r in routes]})
+        await self.send_list("routes", services.list_routes)
 
     async def post(self) -> None:
         body = self.body()
@@ -157,9 +156,7 @@ class RouteHandler(APIHandler):
         self.send(route.as_dict())
 
     async def delete(self, route_id: str) -> None:
-        ident = int_arg(route_id, "route id")
-        await self.run_service(lambda: services.delete_route(ident, actor=self.principal))
-        self.send({"deleted": ident})
+        await self.delete_row(route_id, "route", services.delete_route)
 
 
 class ResolveHandler(APIHandler):
@@ -176,8 +173,7 @@ class ResolveHandler(APIHandler):
 
 class KeysHandler(APIHandler):
     async def get(self) -> None:
-        keys = await self.run_service(lambda: services.list_keys(actor=self.principal))
-        self.send({"keys": [k.as_dict() for k in keys]})
+        await self.send_list("keys", services.list_keys)
 
     async def post(self) -> None:
         body = self.body()
@@ -247,8 +243,7 @@ class KeyGrantsHandler(APIHandler):
 
 class UsersHandler(APIHandler):
     async def get(self) -> None:
-        users = await self.run_service(lambda: services.list_users(actor=self.principal))
-        self.send({"users": [u.as_dict() for u in users]})
+        await self.send_list("users", services.list_users)
 
 
 class UserHandler(APIHandler):
