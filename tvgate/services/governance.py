@@ -41,9 +41,10 @@ from tvgate.services.access import (
     NotFound,
     ServiceError,
     _actor_org,
+    _admin_org,
     _missing,
+    _readable_org,
     _require_admin,
-    _require_reader,
     audit,
     get_key,
     get_user,
@@ -266,12 +267,6 @@ def _governed_row(
     return row
 
 
-def _readable_org(actor: Principal | None, org_name: str | None) -> Org:
-    org = _actor_org(actor, org_name)
-    _require_reader(actor, org)
-    return org
-
-
 def _in_order(
     query: peewee.ModelSelect[Rule], model: type[Rule], scopes: tuple[str, ...], *then: Any
 ) -> list[Rule]:
@@ -423,8 +418,7 @@ def set_rate_limit(
     """Set the requests and tokens per minute of the org, a user (by email) or a route (by
     name); None lifts that limit, and with both None the limit is removed (returns None).
     Admins only."""
-    org = _actor_org(actor, org_name)
-    _require_admin(actor, org, "set limit", f"{scope} {subject or ''}".strip())
+    org = _admin_org(actor, org_name, "set limit", f"{scope} {subject or ''}".strip())
     _one_of(scope, LIMIT_SCOPES, "scope")
     rpm, tpm = _per_minute(rpm, "rpm"), _per_minute(tpm, "tpm")
     stored, shown = _subject_row(org, scope, subject)

@@ -39,6 +39,7 @@ from tvgate.services.access import (
     NotFound,
     ServiceError,
     _actor_org,
+    _admin_org,
     _check_name,
     _deny,
     _require_admin,
@@ -194,8 +195,7 @@ def grant_key(
     actor: Principal | None = None,
 ) -> list[str]:
     """Make an org key usable by (or take it from) listed users; returns who holds it now."""
-    org = _actor_org(actor, org_name)
-    _require_admin(actor, org, "revoke key" if revoke else "grant key", name)
+    org = _admin_org(actor, org_name, "revoke key" if revoke else "grant key", name)
     key = get_key(name, org)
     if key.owner_id is not None:
         raise ServiceError("a user's own key cannot be granted to others")
@@ -226,8 +226,7 @@ def set_key_availability(
     *,
     actor: Principal | None = None,
 ) -> KeyView:
-    org = _actor_org(actor, org_name)
-    _require_admin(actor, org, "update key", name)
+    org = _admin_org(actor, org_name, "update key", name)
     key = get_key(name, org)
     if key.owner_id is not None:
         raise ServiceError("a user's own key is only ever available to its owner")
