@@ -130,10 +130,7 @@ class LoginHandler(UIHandler):
                 names = ", ".join(sorted(u.org.name for u in local))
                 raise OrgSelectionError(f"you are a member of several orgs ({names})")
             user = chosen[0]
-            principal = Principal(
-                user.id, user.org.id, user.org.name, user.email, user.role, via=VIA_PASSWORD
-            )
-            return principal, None
+            return Principal.of(user, via=VIA_PASSWORD), None
         if gateway.visdom is None:
             raise AuthError("no such local user")
         # The password goes to Visdom Trace once and is never stored; its session token is

@@ -64,9 +64,7 @@ async def add_key_from_form(
             secret,
             gateway.keyring,
             base_url=base_url,
-            allow_private=settings.allow_private_upstreams,
-            allow_private_user=settings.allow_private_user_upstreams,
-            gateway_urls=settings.gateway_urls,
+            **settings.upstream_rules,
             owner_email=owner_email,
             available_to_all=available_to_all,
             max_concurrent=max_concurrent,
@@ -266,9 +264,7 @@ class KeyHandler(UIHandler):
                 lambda: services.update_key(
                     name,
                     base_url=url,
-                    allow_private=settings.allow_private_upstreams,
-                    allow_private_user=settings.allow_private_user_upstreams,
-                    gateway_urls=settings.gateway_urls,
+                    **settings.upstream_rules,
                     actor=user,
                 )
             )

@@ -21,7 +21,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from tvgate.forwarded import parse_networks
 
@@ -34,6 +34,15 @@ NON_SETTING_NAMES = frozenset(
 )
 #: Log levels ``log_level`` accepts (in any case).
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class UpstreamRules(TypedDict):
+    """Where this gateway lets a provider key point: the keyword arguments of the services'
+    ``add_key`` and ``update_key`` that come from the settings (``Settings.upstream_rules``)."""
+
+    allow_private: bool
+    allow_private_user: bool
+    gateway_urls: tuple[str, ...]
 
 
 class ConfigError(ValueError):
@@ -232,6 +241,14 @@ class Settings:
             host = f"[{host}]"  # an IPv6 address, as a URL writes it
         listen = f"http://{host}:{self.port}"
         return (listen, self.public_url) if self.public_url else (listen,)
+
+    @property
+    def upstream_rules(self) -> UpstreamRules:
+        return UpstreamRules(
+            allow_private=self.allow_private_upstreams,
+            allow_private_user=self.allow_private_user_upstreams,
+            gateway_urls=self.gateway_urls,
+        )
 
     @property
     def resolved_database_url(self) -> str:

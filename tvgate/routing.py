@@ -37,6 +37,7 @@ from tvgate.models import (
     Route,
     User,
 )
+from tvgate.rows import from_row
 
 log = logging.getLogger("tvgate.routing")
 
@@ -165,31 +166,15 @@ class OrgSnapshot:
 
 def _entry(route: Route, key: ProviderKey, granted: frozenset[int]) -> RouteEntry:
     glob = _GLOB_CHARS.search(route.name)
-    return RouteEntry(
-        id=route.id,
-        name=route.name,
-        upstream_model=route.upstream_model,
-        scope=route.scope,
-        user_id=route.user_id,
-        key=KeyRef(
-            id=key.id,
-            org_id=key.org_id,
-            name=key.name,
-            provider=key.provider,
-            base_url=key.base_url,
-            ciphertext=key.ciphertext,
-            owner_id=key.owner_id,
-            available_to_all=key.available_to_all,
-            granted=granted,
-            max_concurrent=key.max_concurrent,
-            chat_only=key.chat_only,
-        ),
+    return from_row(
+        RouteEntry,
+        route,
+        key=from_row(KeyRef, key, granted=granted),
         is_pattern=glob is not None,
         literal_prefix=glob.start() if glob else len(route.name),
         # Compiled once per snapshot, never per request.
         matcher=re.compile(fnmatch.translate(route.name)) if glob else None,
         fallbacks=tuple(_fallback_names(route.fallbacks)),
-        translate=route.translate,
     )
 
 

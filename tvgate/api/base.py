@@ -8,8 +8,8 @@ answers ``{"error": {"status": …, "type": …, "message": …}}``.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Collection
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any, Protocol
 
 import orjson
 
@@ -29,6 +29,10 @@ _TYPES = {
 }
 
 MAX_API_BODY = 1024 * 1024
+
+
+class _Shown(Protocol):
+    def as_dict(self) -> dict[str, Any]: ...
 
 
 class APIError(Refusal):
@@ -73,6 +77,19 @@ class APIHandler(BaseHandler):
     def send(self, document: Any, status: int = 200) -> None:
         self.set_status(status)
         self.finish(orjson.dumps(document))
+
+    async def send_list(self, name: str, listing: Callable[..., Sequence[_Shown]]) -> None:
+        """A collection's GET: ``listing(actor=...)`` as the caller, sent as ``{name: [...]}``
+        with each view's JSON."""
+        views = await self.run_service(lambda: listing(actor=self.principal))
+        self.send({name: [view.as_dict() for view in views]})
+
+    async def delete_row(self, row_id: str, what: str, delete: Callable[..., object]) -> None:
+        """A row's DELETE: ``delete(id, actor=...)`` as the caller for the ``what id`` in
+        the path, answered ``{"deleted": id}``."""
+        ident = int_arg(row_id, f"{what} id")
+        await self.run_service(lambda: delete(ident, actor=self.principal))
+        self.send({"deleted": ident})
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from tvgate import services
-from tvgate.api.base import APIError, APIHandler, check_fields, int_arg
+from tvgate.api.base import APIError, APIHandler, check_fields
 from tvgate.api.resources import _str
 
 BUDGET_FIELDS = {"scope", "subject", "metric", "period", "amount", "warn_percent"}
@@ -21,8 +21,7 @@ def _rule_target(body: dict[str, Any]) -> tuple[str, str | None]:
 
 class BudgetsHandler(APIHandler):
     async def get(self) -> None:
-        budgets = await self.run_service(lambda: services.list_budgets(actor=self.principal))
-        self.send({"budgets": [b.as_dict() for b in budgets]})
+        await self.send_list("budgets", services.list_budgets)
 
     async def post(self) -> None:
         """Set (create or replace) the budget of a subject for a metric and period."""
@@ -49,15 +48,12 @@ class BudgetsHandler(APIHandler):
 
 class BudgetHandler(APIHandler):
     async def delete(self, budget_id: str) -> None:
-        ident = int_arg(budget_id, "budget id")
-        await self.run_service(lambda: services.delete_budget(ident, actor=self.principal))
-        self.send({"deleted": ident})
+        await self.delete_row(budget_id, "budget", services.delete_budget)
 
 
 class LimitsHandler(APIHandler):
     async def get(self) -> None:
-        limits = await self.run_service(lambda: services.list_rate_limits(actor=self.principal))
-        self.send({"limits": [r.as_dict() for r in limits]})
+        await self.send_list("limits", services.list_rate_limits)
 
     async def post(self) -> None:
         """Set the requests and tokens per minute of a subject; null lifts one, and with
@@ -76,9 +72,7 @@ class LimitsHandler(APIHandler):
 
 class LimitHandler(APIHandler):
     async def delete(self, limit_id: str) -> None:
-        ident = int_arg(limit_id, "limit id")
-        await self.run_service(lambda: services.delete_rate_limit(ident, actor=self.principal))
-        self.send({"deleted": ident})
+        await self.delete_row(limit_id, "limit", services.delete_rate_limit)
 
 
 class MyBudgetsHandler(APIHandler):

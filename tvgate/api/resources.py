@@ -109,8 +109,7 @@ class MeHandler(APIHandler):
 
 class RoutesHandler(APIHandler):
     async def get(self) -> None:
-        routes = await self.run_service(lambda: services.list_routes(actor=self.principal))
-        self.send({"routes": [r.as_dict() for r in routes]})
+        await self.send_list("routes", services.list_routes)
 
     async def post(self) -> None:
         body = self.body()
@@ -158,9 +157,7 @@ class RouteHandler(APIHandler):
         self.send(route.as_dict())
 
     async def delete(self, route_id: str) -> None:
-        ident = int_arg(route_id, "route id")
-        await self.run_service(lambda: services.delete_route(ident, actor=self.principal))
-        self.send({"deleted": ident})
+        await self.delete_row(route_id, "route", services.delete_route)
 
 
 class ResolveHandler(APIHandler):
@@ -177,8 +174,7 @@ class ResolveHandler(APIHandler):
 
 class KeysHandler(APIHandler):
     async def get(self) -> None:
-        keys = await self.run_service(lambda: services.list_keys(actor=self.principal))
-        self.send({"keys": [k.as_dict() for k in keys]})
+        await self.send_list("keys", services.list_keys)
 
     async def post(self) -> None:
         body = self.body()
@@ -202,9 +198,7 @@ class KeysHandler(APIHandler):
                 available_to_all=True if available is None else available,
                 max_concurrent=max_concurrent or 0,
                 chat_only=bool(chat_only),
-                allow_private=gateway.settings.allow_private_upstreams,
-                allow_private_user=gateway.settings.allow_private_user_upstreams,
-                gateway_urls=gateway.settings.gateway_urls,
+                **gateway.settings.upstream_rules,
                 actor=self.principal,
             )
         )
@@ -232,9 +226,7 @@ class KeyHandler(APIHandler):
                 max_concurrent=max_concurrent,
                 base_url=base_url,
                 chat_only=chat_only,
-                allow_private=settings.allow_private_upstreams,
-                allow_private_user=settings.allow_private_user_upstreams,
-                gateway_urls=settings.gateway_urls,
+                **settings.upstream_rules,
                 actor=self.principal,
             )
         )
@@ -257,8 +249,7 @@ class KeyGrantsHandler(APIHandler):
 
 class UsersHandler(APIHandler):
     async def get(self) -> None:
-        users = await self.run_service(lambda: services.list_users(actor=self.principal))
-        self.send({"users": [u.as_dict() for u in users]})
+        await self.send_list("users", services.list_users)
 
 
 class UserHandler(APIHandler):

@@ -28,9 +28,7 @@ def cmd_keys_add(settings: Settings, args: argparse.Namespace) -> int:
         available_to_all=not args.granted_only,
         max_concurrent=args.max_concurrent,
         chat_only=args.chat_only,
-        allow_private=settings.allow_private_upstreams,
-        allow_private_user=settings.allow_private_user_upstreams,
-        gateway_urls=settings.gateway_urls,
+        **settings.upstream_rules,
     )
     _print_key(view, "added", as_json=args.json)
     return 0
@@ -72,9 +70,7 @@ def cmd_keys_set(settings: Settings, args: argparse.Namespace) -> int:
         max_concurrent=args.max_concurrent,
         base_url=args.base_url,
         chat_only=chat_only,
-        allow_private=settings.allow_private_upstreams,
-        allow_private_user=settings.allow_private_user_upstreams,
-        gateway_urls=settings.gateway_urls,
+        **settings.upstream_rules,
         org_name=args.org,
     )
     if args.max_concurrent is not None:

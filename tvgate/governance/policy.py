@@ -19,6 +19,7 @@ from tvgate.models import (
     RateLimit,
     User,
 )
+from tvgate.rows import from_row
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,25 +113,13 @@ def load_governance(org_id: int) -> Governance:
     by_subject: dict[tuple[str, str], list[BudgetRule]] = {}
     for row in budgets:
         by_subject.setdefault((row.scope, row.subject), []).append(
-            BudgetRule(
-                scope=row.scope,
-                subject=row.subject,
-                metric=row.metric,
-                period=row.period,
-                amount=row.amount,
-                warn_percent=row.warn_percent,
-                owner=_owner(row.scope, row.subject, emails),
-            )
+            from_row(BudgetRule, row, owner=_owner(row.scope, row.subject, emails))
         )
     return Governance(
         budgets={k: tuple(v) for k, v in by_subject.items()},
         rates={
-            (row.scope, row.subject): RateRule(
-                scope=row.scope,
-                subject=row.subject,
-                rpm=row.rpm,
-                tpm=row.tpm,
-                owner=_owner(row.scope, row.subject, emails),
+            (row.scope, row.subject): from_row(
+                RateRule, row, owner=_owner(row.scope, row.subject, emails)
             )
             for row in rates
             if row.rpm or row.tpm

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tornado.httputil import HTTPHeaders
 
@@ -17,6 +17,7 @@ from tvgate.models import ROLE_ADMIN
 
 if TYPE_CHECKING:
     from tvgate.identity.provision import Membership
+    from tvgate.models import Org, ProxyToken, User, WebSession
 
 #: The header a person in several orgs uses to say which org a request is for.
 ORG_HEADER = "X-Tvgate-Org"
@@ -46,6 +47,13 @@ class Principal:
     #: When the credential stops proving anything (a JWT's ``exp``); None: no fixed end.
     expires_at: float | None = None
 
+    @classmethod
+    def of(cls, user: User, org: Org | None = None, **how: Any) -> Principal:
+        """A user row acting in its org (``org`` when the caller has it, else the user's);
+        ``how`` gives the fields after ``role``: what it authenticated with."""
+        org = user.org if org is None else org
+        return cls(user.id, org.id, org.name, user.email, user.role, **how)
+
     @property
     def is_admin(self) -> bool:
         return self.role == ROLE_ADMIN
@@ -66,6 +74,15 @@ class SealedOrigin:
     checked_at: float
     ciphertext: str = field(repr=False)
 
+    @classmethod
+    def of(cls, kind: str, row: ProxyToken | WebSession, org_id: int) -> SealedOrigin | None:
+        """What a token or web session row keeps of the sign-in it was made from; None
+        when it was not made from a Visdom Trace sign-in."""
+        if not row.visdom_session:
+            return None
+        checked_at = row.visdom_checked_at or 0.0
+        return cls(kind, row.id, org_id, row.user_id, checked_at, row.visdom_session)
+
 
 class IdentityError(Exception):
     """Who sent a request is refused or cannot be checked. ``status`` is the HTTP status
@@ -73,39 +90,33 @@ class IdentityError(Exception):
     told (each surface answers it in its own format: ``tvgate.web.refusal_of``)."""
 
     status = 401
+    #: What the client is told, ``{}`` standing for the message.
+    told = "{}"
 
     @property
     def public(self) -> str:
-        return str(self)
+        return self.told.format(self)
 
 
 class AuthError(IdentityError):
     """The credential is unknown, expired or revoked (401)."""
 
-    status = 401
-
-    @property
-    def public(self) -> str:
-        return f"invalid credential: {self}"
+    told = "invalid credential: {}"
 
 
 class MissingCredential(AuthError):
     """The request carries no credential at all (401)."""
 
-    @property
-    def public(self) -> str:
-        return str(self)
+    told = "{}"
 
 
 class IdentityUnavailable(IdentityError):
     """The identity provider could not be asked (503: an outage is not a revoked login)."""
 
     status = 503
-
-    @property
-    def public(self) -> str:
-        # The cause (a JWKS fetch, the database) is the operator's to read in the log.
-        return "identity check unavailable; try again shortly"
+    # Not the message: its cause (a JWKS fetch, the database) is the operator's to read in
+    # the log.
+    told = "identity check unavailable; try again shortly"
 
 
 class OrgSelectionError(IdentityError):

@@ -7,6 +7,8 @@ authenticator; a kind that is not configured is refused like an unknown token.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvgate.identity import AuthError, OrgSelectionError, Principal
 from tvgate.identity.jwt_issuer import JWTAuthenticator, looks_like_jwt
 from tvgate.identity.tokens import TOKEN_PREFIX as PROXY_PREFIX
@@ -15,18 +17,12 @@ from tvgate.identity.visdom import TOKEN_PREFIX as VISDOM_PREFIX
 from tvgate.identity.visdom import VisdomAuthenticator
 
 
+@dataclass(eq=False)
 class Authenticator:
-    def __init__(
-        self,
-        proxy_tokens: ProxyTokenAuthenticator,
-        visdom: VisdomAuthenticator | None,
-        jwt: JWTAuthenticator | None,
-        pinned_org: str,
-    ) -> None:
-        self.proxy_tokens = proxy_tokens
-        self.visdom = visdom
-        self.jwt = jwt
-        self.pinned_org = pinned_org
+    proxy_tokens: ProxyTokenAuthenticator
+    visdom: VisdomAuthenticator | None
+    jwt: JWTAuthenticator | None
+    pinned_org: str
 
     async def authenticate(self, token: str, requested_org: str | None = None) -> Principal:
         """The principal for a credential, in the org the request asked for (if any)."""

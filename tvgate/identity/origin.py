@@ -25,6 +25,7 @@ never a revocation either (the row works again once Visdom Trace answers).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from tvgate import services
 from tvgate.db import DatabaseRunner
@@ -33,20 +34,14 @@ from tvgate.identity.visdom import VisdomAuthenticator
 from tvgate.keyring import Keyring
 
 
+@dataclass(eq=False)
 class OriginChecker:
     """Re-checks sealed origins with Visdom Trace once their last confirmation is a TTL old."""
 
-    def __init__(
-        self,
-        visdom: VisdomAuthenticator | None,
-        runner: DatabaseRunner,
-        keyring: Keyring,
-        ttl: float,
-    ) -> None:
-        self.visdom = visdom
-        self.runner = runner
-        self.keyring = keyring
-        self.ttl = ttl
+    visdom: VisdomAuthenticator | None
+    runner: DatabaseRunner
+    keyring: Keyring
+    ttl: float
 
     def due(self, origin: SealedOrigin | None) -> bool:
         """True when Visdom Trace must be asked before the row may be used."""

@@ -237,6 +237,4 @@ def provision(
         raise refused.error from None
     if user.disabled:
         raise AuthError("user disabled in tvgate")
-    return Principal(
-        user_id=user.id, org_id=org.id, org_name=org.name, email=user.email, role=user.role
-    )
+    return Principal.of(user, org)

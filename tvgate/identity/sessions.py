@@ -102,12 +102,8 @@ def session_principal(
     if now - row.last_seen_at > _TOUCH_EVERY:
         WebSession.update(last_seen_at=now).where(WebSession.id == row.id).execute()
     user = row.user
-    principal = Principal(
-        user_id=user.id,
-        org_id=user.org.id,
-        org_name=user.org.name,
-        email=user.email,
-        role=user.role,
+    principal = Principal.of(
+        user,
         via=row.via,
         token_id=row.token_id,
         session_id=row.id,

@@ -75,25 +75,8 @@ def lookup_token(token_hash: str, at: float) -> TokenLookup:
     user = row.user
     if user.disabled:
         return TokenLookup(None, "user disabled", token_id=row.id)
-    principal = Principal(
-        user_id=user.id,
-        org_id=user.org.id,
-        org_name=user.org.name,
-        email=user.email,
-        role=user.role,
-        via=VIA_TOKEN,
-        token_id=row.id,
-    )
-    origin = None
-    if row.visdom_session:
-        origin = SealedOrigin(
-            SEALED_TOKEN_ORIGIN,
-            row.id,
-            user.org.id,
-            user.id,
-            row.visdom_checked_at or 0.0,
-            row.visdom_session,
-        )
+    principal = Principal.of(user, via=VIA_TOKEN, token_id=row.id)
+    origin = SealedOrigin.of(SEALED_TOKEN_ORIGIN, row, user.org.id)
     return TokenLookup(principal, "", row.expires_at, row.id, origin)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 
 import orjson
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
@@ -108,24 +108,19 @@ class VisdomClient:
         self.http.close()
 
 
+@dataclass(eq=False)
 class VisdomAuthenticator:
-    def __init__(
-        self,
-        client: VisdomClient,
-        runner: DatabaseRunner,
-        *,
-        ttl: float,
-        negative_ttl: float,
-        pinned_org: str,
-    ) -> None:
-        self.client = client
-        self.runner = runner
-        self.ttl = ttl
-        self.negative_ttl = negative_ttl
-        self.pinned_org = pinned_org
-        self._identities: dict[str, _Cached] = {}
-        #: (token hash, requested org) -> principal, until the identity's expiry.
-        self._principals: dict[tuple[str, str], tuple[Principal, float]] = {}
+    client: VisdomClient
+    runner: DatabaseRunner
+    _: KW_ONLY
+    ttl: float
+    negative_ttl: float
+    pinned_org: str
+    _identities: dict[str, _Cached] = field(default_factory=dict, init=False, repr=False)
+    #: (token hash, requested org) -> principal, until the identity's expiry.
+    _principals: dict[tuple[str, str], tuple[Principal, float]] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     async def _identity(self, token: str, token_hash: str) -> _Cached:
         now = time.monotonic()

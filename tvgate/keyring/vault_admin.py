@@ -135,15 +135,15 @@ def _quoted(text: str) -> str:
 
 
 def _hcl(header: str, sections: tuple[_Section, ...]) -> str:
-    """A policy's HCL: the header, then per section its comment and one ``path`` block
-    per grant, blocks and sections a blank line apart."""
+    """A policy's HCL: the header, then per section its comment and a one-line ``path``
+    block per grant (a table of paths and capabilities), sections a blank line apart."""
     parts = [_comment(header)]
     for comment, grants in sections:
         blocks = [
-            f'path "{path}" {{\n  capabilities = [{", ".join(_quoted(c) for c in caps)}]\n}}\n'
+            f'path "{path}" {{ capabilities = [{", ".join(_quoted(c) for c in caps)}] }}\n'
             for path, caps in grants
         ]
-        parts.append(_comment(comment) + "\n".join(blocks))
+        parts.append(_comment(comment) + "".join(blocks))
     return "\n".join(parts)
 
 

@@ -4,7 +4,6 @@ role checks, and the lookups of an org, a user or a key every other module start
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -45,11 +44,6 @@ class Forbidden(ServiceError):
 
 
 OPERATOR = "operator (command line)"
-
-
-def fields_of(view: Any) -> dict[str, Any]:
-    """A view dataclass as its JSON: every field, by name, in order."""
-    return {f.name: getattr(view, f.name) for f in dataclasses.fields(view)}
 
 
 def audit(
@@ -141,6 +135,20 @@ def _actor_org(actor: Principal | None, org_name: str | None) -> Org:
     return Org.get_by_id(actor.org_id)
 
 
+def _admin_org(actor: Principal | None, org_name: str | None, action: str, target: str) -> Org:
+    """The org an admin's change acts on (as ``_actor_org``), refused to anyone else."""
+    org = _actor_org(actor, org_name)
+    _require_admin(actor, org, action, target)
+    return org
+
+
+def _readable_org(actor: Principal | None, org_name: str | None) -> Org:
+    """The org a read of all of it acts on (as ``_actor_org``), refused to members."""
+    org = _actor_org(actor, org_name)
+    _require_reader(actor, org)
+    return org
+
+
 def get_org(name: str | None) -> Org:
     """The org of that name; without a name, the only org or ``default``."""
     if name is None:
@@ -186,8 +194,7 @@ def list_audit(
     actor: Principal | None = None,
 ) -> list[dict[str, Any]]:
     """Audit events, newest first, a page at a time (``before_id`` is the cursor)."""
-    org = _actor_org(actor, org_name)
-    _require_reader(actor, org)
+    org = _readable_org(actor, org_name)
     query = AuditEvent.select().where(AuditEvent.org_id == org.id)
     if before_id is not None:
         query = query.where(AuditEvent.id < before_id)

@@ -22,15 +22,14 @@ from tvgate.models import (
     User,
     database,
 )
+from tvgate.rows import fields_of, from_row
 from tvgate.services.access import (
     ServiceError,
-    _actor_org,
+    _admin_org,
     _changes,
-    _require_admin,
-    _require_reader,
+    _readable_org,
     audit,
     ensure_org,
-    fields_of,
     get_org,
     get_user,
 )
@@ -217,23 +216,14 @@ class UserView:
 
     @classmethod
     def of(cls, user: User) -> UserView:
-        return cls(
-            user.id,
-            user.email,
-            user.name,
-            user.role,
-            user.disabled,
-            user.password_hash is not None,
-            user.created_at,
-        )
+        return from_row(cls, user, local=user.password_hash is not None)
 
     def as_dict(self) -> dict[str, Any]:
         return fields_of(self)
 
 
 def list_users(org_name: str | None = None, *, actor: Principal | None = None) -> list[UserView]:
-    org = _actor_org(actor, org_name)
-    _require_reader(actor, org)
+    org = _readable_org(actor, org_name)
     return [UserView.of(u) for u in User.select().where(User.org == org).order_by(User.email)]
 
 
@@ -246,8 +236,7 @@ def update_user(
     actor: Principal | None = None,
 ) -> UserView:
     """Change a user's role or disable them; the org always keeps one enabled admin."""
-    org = _actor_org(actor, org_name)
-    _require_admin(actor, org, "update user", email)
+    org = _admin_org(actor, org_name, "update user", email)
     user = get_user(email, org)
     if role is not None and role not in ROLES:
         raise ServiceError(f"role must be one of {', '.join(ROLES)}")

@@ -36,13 +36,15 @@ from tvgate.models import (
     User,
     database,
 )
+from tvgate.rows import from_row
 from tvgate.services.access import (
     NotFound,
     ServiceError,
     _actor_org,
+    _admin_org,
     _missing,
+    _readable_org,
     _require_admin,
-    _require_reader,
     audit,
     get_key,
     get_user,
@@ -184,17 +186,7 @@ def _budget_views(org_id: int, rows: list[Budget], now: float | None = None) -> 
     used = _counters([key for key, _counts, _end in counters])
     emails = _shown_subjects(org_id, rows)
     return [
-        BudgetView(
-            id=b.id,
-            scope=b.scope,
-            subject=_shown(b, emails),
-            metric=b.metric,
-            period=b.period,
-            amount=b.amount,
-            warn_percent=b.warn_percent,
-            used=used[key],
-            resets_at=end,
-        )
+        from_row(BudgetView, b, subject=_shown(b, emails), used=used[key], resets_at=end)
         for b, (key, _counts, end) in zip(rows, counters, strict=True)
     ]
 
@@ -273,12 +265,6 @@ def _governed_row(
         owner = row.org_id if row is not None else None
         raise _missing(actor, action, str(row_id), f"no {what} {row_id}", owner)
     return row
-
-
-def _readable_org(actor: Principal | None, org_name: str | None) -> Org:
-    org = _actor_org(actor, org_name)
-    _require_reader(actor, org)
-    return org
 
 
 def _in_order(
@@ -396,12 +382,10 @@ def _limit_views(
     used = _counters([k for requests, tokens, _end in counters for k in (requests, tokens)])
     emails = _shown_subjects(org_id, rows)
     return [
-        RateLimitView(
-            id=r.id,
-            scope=r.scope,
+        from_row(
+            RateLimitView,
+            r,
             subject=_shown(r, emails),
-            rpm=r.rpm,
-            tpm=r.tpm,
             used_requests=used[requests],
             used_tokens=used[tokens],
             resets_at=end,
@@ -434,8 +418,7 @@ def set_rate_limit(
     """Set the requests and tokens per minute of the org, a user (by email) or a route (by
     name); None lifts that limit, and with both None the limit is removed (returns None).
     Admins only."""
-    org = _actor_org(actor, org_name)
-    _require_admin(actor, org, "set limit", f"{scope} {subject or ''}".strip())
+    org = _admin_org(actor, org_name, "set limit", f"{scope} {subject or ''}".strip())
     _one_of(scope, LIMIT_SCOPES, "scope")
     rpm, tpm = _per_minute(rpm, "rpm"), _per_minute(tpm, "tpm")
     stored, shown = _subject_row(org, scope, subject)

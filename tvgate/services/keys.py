@@ -34,11 +34,13 @@ from tvgate.models import (
     database,
 )
 from tvgate.providers import DEFAULT_BASE_URLS
+from tvgate.rows import fields_of, from_row
 from tvgate.services.access import (
     Forbidden,
     NotFound,
     ServiceError,
     _actor_org,
+    _admin_org,
     _check_name,
     _deny,
     _require_admin,
@@ -71,34 +73,10 @@ class KeyView:
 
     @classmethod
     def of(cls, key: ProviderKey) -> KeyView:
-        return cls(
-            id=key.id,
-            name=key.name,
-            provider=key.provider,
-            base_url=key.base_url,
-            fingerprint=key.fingerprint,
-            owner=key.owner.email if key.owner is not None else None,
-            disabled=key.disabled,
-            created_at=key.created_at,
-            last_used_at=key.last_used_at,
-            max_concurrent=key.max_concurrent,
-            chat_only=key.chat_only,
-        )
+        return from_row(cls, key, owner=key.owner.email if key.owner is not None else None)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "provider": self.provider,
-            "base_url": self.base_url,
-            "fingerprint": "…" + self.fingerprint,
-            "owner": self.owner,
-            "disabled": self.disabled,
-            "created_at": self.created_at,
-            "last_used_at": self.last_used_at,
-            "max_concurrent": self.max_concurrent,
-            "chat_only": self.chat_only,
-        }
+        return fields_of(self, fingerprint="…" + self.fingerprint)
 
 
 def add_key(
@@ -225,8 +203,7 @@ def grant_key(
     actor: Principal | None = None,
 ) -> list[str]:
     """Make an org key usable by (or take it from) listed users; returns who holds it now."""
-    org = _actor_org(actor, org_name)
-    _require_admin(actor, org, "revoke key" if revoke else "grant key", name)
+    org = _admin_org(actor, org_name, "revoke key" if revoke else "grant key", name)
     key = get_key(name, org)
     if key.owner_id is not None:
         raise ServiceError("a user's own key cannot be granted to others")
@@ -257,8 +234,7 @@ def set_key_availability(
     *,
     actor: Principal | None = None,
 ) -> KeyView:
-    org = _actor_org(actor, org_name)
-    _require_admin(actor, org, "update key", name)
+    org = _admin_org(actor, org_name, "update key", name)
     key = get_key(name, org)
     if key.owner_id is not None:
         raise ServiceError("a user's own key is only ever available to its owner")

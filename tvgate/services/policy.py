@@ -14,7 +14,14 @@ from tvgate.models import (
     Org,
     database,
 )
-from tvgate.services.access import ServiceError, _actor_org, _changes, _require_admin, audit
+from tvgate.rows import fields_of, from_row
+from tvgate.services.access import (
+    ServiceError,
+    _actor_org,
+    _changes,
+    _require_admin,
+    audit,
+)
 from tvgate.services.events import announce
 from tvgate.traces.redact import MAX_PATTERNS, Redactor, invalid_patterns
 
@@ -36,31 +43,23 @@ class Policy:
     @classmethod
     def of(cls, org: Org) -> Policy:
         patterns = tuple(orjson.loads(org.redaction_patterns))
-        return cls(
-            org.name,
-            org.allow_user_keys,
-            org.allow_user_routes,
-            org.capture_bodies,
-            org.span_content,
-            org.retention_days,
-            patterns,
-            tuple(invalid_patterns(patterns)),
+        return from_row(
+            cls,
+            org,
+            org=org.name,
+            redaction_patterns=patterns,
+            invalid_redaction_patterns=tuple(invalid_patterns(patterns)),
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "org": self.org,
-            "allow_user_keys": self.allow_user_keys,
-            "allow_user_routes": self.allow_user_routes,
-            "capture_bodies": self.capture_bodies,
-            "span_content": self.span_content,
-            "retention_days": self.retention_days,
-            "redaction_patterns": list(self.redaction_patterns),
-            "invalid_redaction_patterns": [
+        return fields_of(
+            self,
+            redaction_patterns=list(self.redaction_patterns),
+            invalid_redaction_patterns=[
                 {"pattern": pattern, "reason": reason}
                 for pattern, reason in self.invalid_redaction_patterns
             ],
-        }
+        )
 
 
 def get_policy(org_name: str | None = None, *, actor: Principal | None = None) -> Policy:

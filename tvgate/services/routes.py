@@ -26,6 +26,7 @@ from tvgate.models import (
     User,
     database,
 )
+from tvgate.rows import fields_of, from_row
 from tvgate.services.access import (
     Forbidden,
     NotFound,
@@ -77,36 +78,18 @@ class RouteView:
 
     @classmethod
     def of(cls, route: Route, org: Org) -> RouteView:
-        return cls(
-            id=route.id,
-            name=route.name,
-            upstream_model=route.upstream_model,
+        return from_row(
+            cls,
+            route,
             key=route.key.name,
             provider=route.key.provider,
-            scope=route.scope,
             user=route.user.email if route.user is not None else None,
-            enabled=route.enabled,
-            description=route.description,
             fallbacks=route_fallbacks(route),
             state=route_state(route, org),
-            translate=route.translate,
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "upstream_model": self.upstream_model,
-            "key": self.key,
-            "provider": self.provider,
-            "scope": self.scope,
-            "user": self.user,
-            "enabled": self.enabled,
-            "state": self.state,
-            "description": self.description,
-            "fallbacks": list(self.fallbacks),
-            "translate": self.translate,
-        }
+        return fields_of(self, fallbacks=list(self.fallbacks))
 
 
 def route_state(route: Route, org: Org) -> str:
@@ -408,7 +391,7 @@ def resolve_route(
     user = get_user(email, org)
     if actor is not None and actor.user_id != user.id:
         _require_reader(actor, org)
-    principal = Principal(user.id, org.id, org.name, user.email, user.role)
+    principal = Principal.of(user, org)
     snapshot = load_snapshot(org.id)
     available = [r.name for r in snapshot.available(principal)]
     if user.disabled:

@@ -34,6 +34,7 @@ from tvgate.models import (
     WebSession,
     database,
 )
+from tvgate.rows import fields_of, from_row
 from tvgate.services.access import (
     DEFAULT_ORG,
     Forbidden,
@@ -41,7 +42,6 @@ from tvgate.services.access import (
     _missing,
     _require_admin,
     audit,
-    fields_of,
     get_org,
     get_user,
 )
@@ -145,29 +145,11 @@ def seal_origin(
 
 
 def token_origin(token: ProxyToken, org_id: int) -> SealedOrigin | None:
-    if not token.visdom_session:
-        return None
-    return SealedOrigin(
-        SEALED_TOKEN_ORIGIN,
-        token.id,
-        org_id,
-        token.user_id,
-        token.visdom_checked_at or 0.0,
-        token.visdom_session,
-    )
+    return SealedOrigin.of(SEALED_TOKEN_ORIGIN, token, org_id)
 
 
 def session_origin(session: WebSession, org_id: int) -> SealedOrigin | None:
-    if not session.visdom_session:
-        return None
-    return SealedOrigin(
-        SEALED_SESSION_ORIGIN,
-        session.id,
-        org_id,
-        session.user_id,
-        session.visdom_checked_at or 0.0,
-        session.visdom_session,
-    )
+    return SealedOrigin.of(SEALED_SESSION_ORIGIN, session, org_id)
 
 
 def open_origin(origin: SealedOrigin, keyring: Keyring) -> str:
@@ -240,16 +222,7 @@ class TokenView:
 
     @classmethod
     def of(cls, token: ProxyToken) -> TokenView:
-        return cls(
-            id=token.id,
-            user=token.user.email,
-            name=token.name,
-            prefix=token.prefix,
-            created_at=token.created_at,
-            expires_at=token.expires_at,
-            last_used_at=token.last_used_at,
-            revoked_at=token.revoked_at,
-        )
+        return from_row(cls, token, user=token.user.email)
 
     def as_dict(self) -> dict[str, Any]:
         return fields_of(self)

@@ -95,6 +95,17 @@ class WriterConfig:
     otlp_timeout: float = 10.0
 
 
+class _Gauge:
+    """A gauge the writer process reports, read by the name it has on the client (0 until
+    the first report)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, client: WriterClient, owner: type | None = None) -> int:
+        return int(client._gauges.get(self.name, 0))
+
+
 class WriterClient:
     def __init__(
         self, config: WriterConfig, keys: PlaintextCache, local: LocalKeyring | None = None
@@ -149,25 +160,11 @@ class WriterClient:
         reports it)."""
         return self._up and bool(self._gauges.get("running"))
 
-    @property
-    def held(self) -> int:
-        return int(self._gauges.get("held", 0))
-
-    @property
-    def held_bodies(self) -> int:
-        return int(self._gauges.get("held_bodies", 0))
-
-    @property
-    def spool_size(self) -> int:
-        return int(self._gauges.get("spool_size", 0))
-
-    @property
-    def capture_stored_bytes(self) -> int:
-        return int(self._gauges.get("capture_stored_bytes", 0))
-
-    @property
-    def capture_scanned_bytes(self) -> int:
-        return int(self._gauges.get("capture_scanned_bytes", 0))
+    held = _Gauge()
+    held_bodies = _Gauge()
+    spool_size = _Gauge()
+    capture_stored_bytes = _Gauge()
+    capture_scanned_bytes = _Gauge()
 
     @property
     def pid(self) -> int | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from tvgate.models import Blob, Org, Trace, database
 
@@ -30,31 +31,26 @@ def purge_org(org: Org, now: float | None = None, batch: int = _BATCH) -> Purged
     if org.retention_days <= 0:
         return purged
     cutoff = (now or time.time()) - org.retention_days * _DAY
-    while True:
-        with database.atomic():
-            ids = [
-                t.id
-                for t in Trace.select(Trace.id)
-                .where((Trace.org_id == org.id) & (Trace.received_at < cutoff))
-                .limit(batch)
-            ]
-            if not ids:
-                break
-            purged.traces += Trace.delete().where(Trace.id.in_(ids)).execute()
+    purged.traces = _delete_in_batches(
+        Trace, (Trace.org_id == org.id) & (Trace.received_at < cutoff), batch
+    )
     # A blob touched within a day of a kept trace may belong to it; leave a day.
-    blob_cutoff = cutoff - _DAY
+    purged.blobs = _delete_in_batches(
+        Blob, (Blob.org_id == org.id) & (Blob.referenced_at < cutoff - _DAY), batch
+    )
+    return purged
+
+
+def _delete_in_batches(model: type[Trace] | type[Blob], where: Any, batch: int) -> int:
+    """Delete the rows ``where`` selects, ``batch`` at a time, each batch its own
+    transaction (none grows with the backlog); returns how many."""
+    deleted = 0
     while True:
         with database.atomic():
-            blob_ids = [
-                b.id
-                for b in Blob.select(Blob.id)
-                .where((Blob.org_id == org.id) & (Blob.referenced_at < blob_cutoff))
-                .limit(batch)
-            ]
-            if not blob_ids:
-                break
-            purged.blobs += Blob.delete().where(Blob.id.in_(blob_ids)).execute()
-    return purged
+            ids = [row.id for row in model.select(model.id).where(where).limit(batch)]
+            if not ids:
+                return deleted
+            deleted += model.delete().where(model.id.in_(ids)).execute()
 
 
 def purge_all(now: float | None = None) -> dict[str, Purged]:
