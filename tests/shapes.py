@@ -23,3 +23,13 @@ def chat_tool_call(call_id: str, name: str, arguments: str) -> JSON:
 def tool_use(block_id: str, name: str, tool_input: JSON) -> JSON:
     """An Anthropic Messages ``tool_use`` content block."""
     return {"type": "tool_use", "id": block_id, "name": name, "input": tool_input}
+
+
+def text_block(text: str) -> JSON:
+    """An Anthropic Messages ``text`` content block."""
+    return {"type": "text", "text": text}
+
+
+def tool_result(tool_use_id: str, content: str | list[JSON]) -> JSON:
+    """An Anthropic Messages ``tool_result`` content block (``content``: text or blocks)."""
+    return {"type": "tool_result", "tool_use_id": tool_use_id, "content": content}

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import OPENAI_SECRET
 from tests.fake_provider import TOOL_INPUT, FakeProvider
-from tests.harness import canned_http_client
+from tests.sdks import canned_anthropic as sdk
 from tests.shapes import JSON, chat_tool_call, tool_use
 from tvgate.traces.sse import SSEParser
 from tvgate.translate.anthropic_to_chat import (
@@ -752,16 +752,6 @@ def upstream(fake: FakeProvider, body: JSON, scenario: str = "normal") -> httpx2
         json=body,
         headers={"Authorization": f"Bearer {OPENAI_SECRET}", "x-fake-scenario": scenario},
         timeout=30,
-    )
-
-
-def sdk(status: int, body: bytes, content_type: str = "application/json") -> anthropic.Anthropic:
-    """An ``anthropic`` client whose every request is answered with ``body``."""
-    return anthropic.Anthropic(
-        base_url="http://gateway.test",
-        api_key="x",
-        max_retries=0,
-        http_client=canned_http_client(status, body, content_type),
     )
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import httpx2
 import openai
 import orjson
 import pytest
@@ -21,8 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fake_provider import FakeProvider
-from tests.harness import canned_http_client
+from tests.sdks import canned_openai as sdk_client
+from tests.sdks import openai_sent
+from tests.shapes import text_block, tool_result
 from tests.test_translate_chat_anthropic import (
+    ATTACHED,
     END,
     IMAGE,
     MODEL,
@@ -32,13 +34,13 @@ from tests.test_translate_chat_anthropic import (
     TOOL_STREAM,
     anthropic_message,
     anything,
+    assert_assembles_tool_stream,
     block,
     events,
     sse,
     upstream,
 )
 from tvgate.providers import OPENAI_RESPONSES
-from tvgate.providers.assemble import stream_assembler
 from tvgate.translate.chat_to_anthropic import DEFAULT_MAX_TOKENS
 from tvgate.translate.responses_api import ResponsesRequest
 from tvgate.translate.responses_to_anthropic import (
@@ -90,33 +92,9 @@ ANTHROPIC_SHELL = {
 }
 
 
-def sdk_client(status: int, body: bytes, content_type: str = "application/json") -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url="http://gw.test/v1",
-        api_key="x",
-        max_retries=0,
-        http_client=canned_http_client(status, body, content_type),
-    )
-
-
 def sdk_request(**kwargs: Any) -> JSON:
     """The body the openai SDK sends for ``responses.create(**kwargs)``."""
-    seen: list[bytes] = []
-
-    def handler(request: httpx2.Request) -> httpx2.Response:
-        seen.append(request.content)
-        return httpx2.Response(400, json={"error": {"message": "captured"}})
-
-    client = openai.OpenAI(
-        base_url="http://gw.test/v1",
-        api_key="x",
-        max_retries=0,
-        http_client=httpx2.Client(transport=httpx2.MockTransport(handler)),
-    )
-    with pytest.raises(openai.BadRequestError):
-        client.responses.create(**kwargs)
-    body: JSON = orjson.loads(seen[0])
-    return body
+    return openai_sent(lambda client: client.responses.create(**kwargs))
 
 
 # --- request ------------------------------------------------------------------------
@@ -126,10 +104,7 @@ def test_codex_request_maps_every_field() -> None:
     req = translate_request(CODEX, MODEL)
     assert req.body == {
         "model": MODEL,
-        "system": [
-            {"type": "text", "text": "You are Codex."},
-            {"type": "text", "text": "sandbox: read-only"},
-        ],
+        "system": [text_block("You are Codex."), text_block("sandbox: read-only")],
         "messages": [{"role": "user", "content": [{"type": "text", "text": "ls"}]}],
         "max_tokens": DEFAULT_MAX_TOKENS,
         "stream": True,
@@ -174,31 +149,7 @@ def test_request_sampling_images_files_format_and_tool_choice() -> None:
     req = translate_request(body, MODEL)
     assert req.body == {
         "model": MODEL,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "What is this?"},
-                    {
-                        "type": "image",
-                        "source": {
-                            "type": "base64",
-                            "media_type": "image/png",
-                            "data": IMAGE.split(",")[1],
-                        },
-                    },
-                    {"type": "image", "source": {"type": "url", "url": "https://x.test/a.png"}},
-                    {
-                        "type": "document",
-                        "source": {
-                            "type": "base64",
-                            "media_type": "application/pdf",
-                            "data": "JVBERi0=",
-                        },
-                    },
-                ],
-            }
-        ],
+        "messages": [{"role": "user", "content": ATTACHED}],
         "max_tokens": 300,
         "temperature": 0.2,
         "top_p": 0.9,
@@ -254,13 +205,9 @@ def test_tool_loop_items_become_one_turn_each_with_thinking_unsealed() -> None:
         {
             "role": "user",
             "content": [
-                {"type": "tool_result", "tool_use_id": "toolu_A", "content": "a.txt"},
-                {
-                    "type": "tool_result",
-                    "tool_use_id": "toolu_B",
-                    "content": [{"type": "text", "text": "/home"}],
-                },
-                {"type": "text", "text": "and now?"},
+                tool_result("toolu_A", "a.txt"),
+                tool_result("toolu_B", [text_block("/home")]),
+                text_block("and now?"),
             ],
         },
         {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
@@ -468,12 +415,7 @@ def test_stream_tool_calls_and_reasoning_parsed_by_the_sdk_accumulator() -> None
     }
 
     # tvgate's own trace assembler reads the client's stream with the same figures.
-    asm = stream_assembler(OPENAI_RESPONSES)
-    asm.feed(out)
-    assembled = asm.finish()
-    assert assembled.complete and assembled.stop_reason == "completed"
-    assert (assembled.usage.input_tokens, assembled.usage.output_tokens) == (2112, 40)
-    assert (assembled.usage.cache_read_tokens, assembled.usage.cache_write_tokens) == (2000, 100)
+    assert_assembles_tool_stream(OPENAI_RESPONSES, out, "completed")
 
 
 def test_stream_is_incremental() -> None:
