@@ -11,6 +11,7 @@ own Responses parser and stream accumulator (``responses.stream(...)``).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import openai
@@ -91,10 +92,34 @@ ANTHROPIC_SHELL = {
     "input_schema": SHELL["parameters"],
 }
 
+#: Sampling, one forced tool, one call at a time and a JSON schema: the options that both
+#: Responses translators' request tests send (each maps them to its upstream's fields).
+OPTIONS: JSON = {
+    "max_output_tokens": 300,
+    "temperature": 0.2,
+    "top_p": 0.9,
+    "tools": [SHELL],
+    "tool_choice": {"type": "function", "name": "shell"},
+    "parallel_tool_calls": False,
+    "text": {"format": {"type": "json_schema", "name": "answer", "schema": {"type": "object"}}},
+}
+
 
 def sdk_request(**kwargs: Any) -> JSON:
     """The body the openai SDK sends for ``responses.create(**kwargs)``."""
     return openai_sent(lambda client: client.responses.create(**kwargs))
+
+
+def refusal(
+    translate: Callable[[JSON, str], object], body: JSON, model: str
+) -> tuple[str | None, openai.BadRequestError]:
+    """The field ``translate`` names in refusing ``body``, and the ``openai`` SDK's error for
+    that refusal sent on as the gateway sends it."""
+    with pytest.raises(TranslationError) as caught:
+        translate(body, model)
+    with pytest.raises(openai.BadRequestError) as sdk:
+        sdk_client(400, caught.value.client_body()).responses.create(model="m", input="x")
+    return caught.value.param, sdk.value
 
 
 # --- request ------------------------------------------------------------------------
@@ -137,13 +162,7 @@ def test_request_sampling_images_files_format_and_tool_choice() -> None:
                 ],
             }
         ],
-        max_output_tokens=300,
-        temperature=0.2,
-        top_p=0.9,
-        tools=[SHELL],
-        tool_choice={"type": "function", "name": "shell"},
-        parallel_tool_calls=False,
-        text={"format": {"type": "json_schema", "name": "answer", "schema": {"type": "object"}}},
+        **OPTIONS,
         user="u-1",
     )
     req = translate_request(body, MODEL)
@@ -255,13 +274,10 @@ def test_tool_loop_items_become_one_turn_each_with_thinking_unsealed() -> None:
     ],
 )
 def test_request_refuses_what_anthropic_cannot_express(change: JSON, param: str) -> None:
-    with pytest.raises(TranslationError) as caught:
-        translate_request({**CODEX, **change}, MODEL)
-    assert caught.value.param == param
+    named, sdk = refusal(translate_request, {**CODEX, **change}, MODEL)
+    assert named == param
     # The refusal reaches the client as OpenAI's own 400, naming the field.
-    with pytest.raises(openai.BadRequestError) as sdk:
-        sdk_client(400, caught.value.client_body()).responses.create(model="m", input="x")
-    assert sdk.value.param == param and sdk.value.type == "invalid_request_error"
+    assert sdk.param == param and sdk.type == "invalid_request_error"
 
 
 # --- response -----------------------------------------------------------------------
@@ -280,6 +296,9 @@ RESPONSES_USAGE = {
     "total_tokens": 2152,
 }
 
+#: The output items of an answer that thought, said something and called two tools.
+THOUGHT_TEXT_TWO_CALLS = ["reasoning", "message", "function_call", "function_call"]
+
 
 def calls_of(response: Any) -> list[tuple[str, str, JSON]]:
     return [
@@ -295,12 +314,7 @@ def test_response_parsed_by_the_sdk() -> None:
     response = sdk_client(200, orjson.dumps(answer)).responses.create(model="m", input="x")
     assert response.id == "resp_msg_01XFDUDYJgAACzvnptvVoYEL" and response.model == MODEL
     assert response.status == "completed"
-    assert [item.type for item in response.output] == [
-        "reasoning",
-        "message",
-        "function_call",
-        "function_call",
-    ]
+    assert [item.type for item in response.output] == THOUGHT_TEXT_TWO_CALLS
     assert response.output_text == "Running both."
     assert calls_of(response) == [
         ("toolu_A", "shell", {"command": ["ls"]}),
@@ -372,6 +386,17 @@ def sdk_stream(body: bytes) -> tuple[Any, list[Any]]:
     with client.responses.stream(model="m", input="x") as stream:
         events = list(stream)
         return stream.get_final_response(), events
+
+
+def sdk_failed_stream(body: bytes) -> list[Any]:
+    """The events the SDK saw of a stream that ended without ``response.completed`` (which
+    its accumulator refuses to make a final Response of)."""
+    client = sdk_client(200, body, "text/event-stream")
+    with client.responses.stream(model="m", input="x") as stream:
+        events = list(stream)
+        with pytest.raises(RuntimeError, match=r"response\.completed"):
+            stream.get_final_response()
+    return events
 
 
 def test_stream_tool_calls_and_reasoning_parsed_by_the_sdk_accumulator() -> None:
@@ -446,11 +471,7 @@ def test_stream_max_tokens_is_incomplete() -> None:
 def test_stream_anthropic_error_mid_stream_reaches_the_sdk() -> None:
     error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
     out = translate_stream(sse([START, *TEXT[:3], error, *TEXT[3:]]))
-    client = sdk_client(200, out, "text/event-stream")
-    with client.responses.stream(model="m", input="x") as stream:
-        events = list(stream)
-        with pytest.raises(RuntimeError, match=r"response\.completed"):
-            stream.get_final_response()
+    events = sdk_failed_stream(out)
     failed = events[-1]
     assert failed.type == "response.failed"
     assert failed.response.error is not None

@@ -28,10 +28,14 @@ from tests.test_translate_chat_anthropic import anything
 from tests.test_translate_responses_anthropic import (
     CODEX,
     CREATED_AT,
+    OPTIONS,
     SHELL,
+    THOUGHT_TEXT_TWO_CALLS,
     assert_responses_sse,
     calls_of,
+    refusal,
     sdk_client,
+    sdk_failed_stream,
     sdk_request,
     sdk_stream,
 )
@@ -40,7 +44,6 @@ from tvgate.providers.assemble import stream_assembler
 from tvgate.translate.responses_api import ResponsesRequest
 from tvgate.translate.responses_to_chat import (
     StreamTranslator,
-    TranslationError,
     translate_error,
     translate_request,
     translate_response,
@@ -140,13 +143,7 @@ def test_request_images_format_sampling_and_older_upstreams() -> None:
                 ],
             }
         ],
-        max_output_tokens=300,
-        temperature=0.2,
-        top_p=0.9,
-        tools=[SHELL],
-        tool_choice={"type": "function", "name": "shell"},
-        parallel_tool_calls=False,
-        text={"format": {"type": "json_schema", "name": "answer", "schema": {"type": "object"}}},
+        **OPTIONS,
         reasoning={"effort": "low"},
     )
     req = translate_request(
@@ -212,12 +209,9 @@ def test_request_images_format_sampling_and_older_upstreams() -> None:
     ],
 )
 def test_request_refuses_what_chat_cannot_express(change: JSON, param: str) -> None:
-    with pytest.raises(TranslationError) as caught:
-        translate_request({**CODEX, **change}, MODEL)
-    assert caught.value.param == param
-    with pytest.raises(openai.BadRequestError) as sdk:
-        sdk_client(400, caught.value.client_body()).responses.create(model="m", input="x")
-    assert sdk.value.param == param
+    named, sdk = refusal(translate_request, {**CODEX, **change}, MODEL)
+    assert named == param
+    assert sdk.param == param
 
 
 # --- response -----------------------------------------------------------------------
@@ -257,12 +251,7 @@ def test_vllm_reasoning_and_parallel_calls_parsed_by_the_sdk() -> None:
         model="m", input="x"
     )
     assert response.id == "resp_chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT" and response.model == MODEL
-    assert [i.type for i in response.output] == [
-        "reasoning",
-        "message",
-        "function_call",
-        "function_call",
-    ]
+    assert [i.type for i in response.output] == THOUGHT_TEXT_TWO_CALLS
     assert response.output_text == "Reading both."
     assert calls_of(response) == [
         ("call_a", "Read", {"path": "a"}),
@@ -317,12 +306,7 @@ def test_vllm_stream_parsed_by_the_sdk_accumulator() -> None:
     kinds = [e.type for e in events]
     assert kinds[-1] == "response.completed"
     assert kinds.count("response.function_call_arguments.delta") == 4
-    assert [i.type for i in response.output] == [
-        "reasoning",
-        "message",
-        "function_call",
-        "function_call",
-    ]
+    assert [i.type for i in response.output] == THOUGHT_TEXT_TWO_CALLS
     assert response.output[0].summary[0].text == "The user wants two files."
     assert response.output_text == "Reading both."
     assert calls_of(response) == [
@@ -376,11 +360,7 @@ def test_upstream_error_mid_stream_and_cut_stream_are_response_failed(
     raw = upstream(fake_provider, req.body, "error_event").content
     tr = StreamTranslator(req)
     out = tr.feed(raw) + tr.finish()
-    client = sdk_client(200, out, "text/event-stream")
-    with client.responses.stream(model="m", input="x") as stream:
-        events = list(stream)
-        with pytest.raises(RuntimeError, match=r"response\.completed"):
-            stream.get_final_response()
+    events = sdk_failed_stream(out)
     failed = events[-1]
     assert failed.type == "response.failed" and failed.response.error is not None
     assert "Sorry about that" in failed.response.error.message
