@@ -33,3 +33,26 @@ def text_block(text: str) -> JSON:
 def tool_result(tool_use_id: str, content: str | list[JSON]) -> JSON:
     """An Anthropic Messages ``tool_result`` content block (``content``: text or blocks)."""
     return {"type": "tool_result", "tool_use_id": tool_use_id, "content": content}
+
+
+def responses_usage(
+    input_tokens: int,
+    output_tokens: int,
+    total_tokens: int,
+    *,
+    cached: int,
+    reasoning: int,
+    cache_written: int | None = None,
+) -> JSON:
+    """A Responses API ``usage`` object (``cache_written``: the ``cache_write_tokens`` that
+    tvgate adds for an Anthropic upstream, which OpenAI itself does not send)."""
+    details: JSON = {"cached_tokens": cached}
+    if cache_written is not None:
+        details["cache_write_tokens"] = cache_written
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": details,
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": reasoning},
+        "total_tokens": total_tokens,
+    }

@@ -25,6 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.shapes import chat_tool_call, responses_usage
 from tvgate.providers.assemble import (
     Assembled,
     Usage,
@@ -614,11 +615,7 @@ def chat_tool_calls() -> bytes:
         call(0, {"function": {"arguments": 'is, France"}'}}),
         call(
             1,
-            {
-                "id": "call_ABMmbnTLx0nVkBJNf6mDyjLb",
-                "type": "function",
-                "function": {"name": "get_time", "arguments": ""},
-            },
+            chat_tool_call("call_ABMmbnTLx0nVkBJNf6mDyjLb", "get_time", ""),
         ),
         call(1, {"function": {"arguments": '{"tz": '}}),
         call(1, {"function": {"arguments": '"Europe/Paris"}'}}),
@@ -743,16 +740,10 @@ def test_chat_parallel_tool_calls() -> None:
     message = result.response["choices"][0]["message"]
     assert message["content"] is None
     assert message["tool_calls"] == [
-        {
-            "id": "call_DdmO9pD3xa9XTPNJ32zg2hcA",
-            "type": "function",
-            "function": {"name": "get_weather", "arguments": '{"location": "Paris, France"}'},
-        },
-        {
-            "id": "call_ABMmbnTLx0nVkBJNf6mDyjLb",
-            "type": "function",
-            "function": {"name": "get_time", "arguments": '{"tz": "Europe/Paris"}'},
-        },
+        chat_tool_call(
+            "call_DdmO9pD3xa9XTPNJ32zg2hcA", "get_weather", '{"location": "Paris, France"}'
+        ),
+        chat_tool_call("call_ABMmbnTLx0nVkBJNf6mDyjLb", "get_time", '{"tz": "Europe/Paris"}'),
     ]
     assert result.stop_reason == "tool_calls"
 
@@ -894,13 +885,7 @@ R_MESSAGE_DONE = {
     "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": R_TEXT}],
     "role": "assistant",
 }
-R_USAGE = {
-    "input_tokens": 37,
-    "input_tokens_details": {"cached_tokens": 5},
-    "output_tokens": 11,
-    "output_tokens_details": {"reasoning_tokens": 0},
-    "total_tokens": 48,
-}
+R_USAGE = responses_usage(37, 11, 48, cached=5, reasoning=0)
 
 
 def responses_text_events() -> list[JSON]:
@@ -952,13 +937,7 @@ R_CALL_DONE = {
     "call_id": "call_3LxPSnrMY6vlJpM9sYnkCDkE",
     "name": "get_weather",
 }
-R_CALL_USAGE = {
-    "input_tokens": 75,
-    "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 40},
-    "output_tokens": 86,
-    "output_tokens_details": {"reasoning_tokens": 64},
-    "total_tokens": 161,
-}
+R_CALL_USAGE = responses_usage(75, 86, 161, cached=0, cache_written=40, reasoning=64)
 
 
 def responses_function_call_events() -> list[JSON]:

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from tests.fake_provider import FakeProvider
 from tests.sdks import canned_openai as sdk_client
 from tests.sdks import openai_sent
-from tests.shapes import text_block, tool_result
+from tests.shapes import responses_usage, text_block, tool_result
 from tests.test_translate_chat_anthropic import (
     ATTACHED,
     END,
@@ -288,13 +288,7 @@ CONTENT: list[JSON] = [
     {"type": "tool_use", "id": "toolu_A", "name": "shell", "input": {"command": ["ls"]}},
     {"type": "tool_use", "id": "toolu_B", "name": "read_file", "input": {"path": "a.txt"}},
 ]
-RESPONSES_USAGE = {
-    "input_tokens": 2112,
-    "input_tokens_details": {"cached_tokens": 2000, "cache_write_tokens": 100},
-    "output_tokens": 40,
-    "output_tokens_details": {"reasoning_tokens": 0},
-    "total_tokens": 2152,
-}
+RESPONSES_USAGE = responses_usage(2112, 40, 2152, cached=2000, cache_written=100, reasoning=0)
 
 #: The output items of an answer that thought, said something and called two tools.
 THOUGHT_TEXT_TWO_CALLS = ["reasoning", "message", "function_call", "function_call"]

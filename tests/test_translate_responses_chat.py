@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fake_provider import TOOL_INPUT, FakeProvider
+from tests.shapes import chat_tool_call, responses_usage
 from tests.test_translate_anthropic_chat import (
     VLLM_STREAM,
     call_delta,
@@ -99,16 +100,8 @@ def test_codex_request_maps_every_field() -> None:
                 "role": "assistant",
                 "content": "Listing.",
                 "tool_calls": [
-                    {
-                        "id": "call_a",
-                        "type": "function",
-                        "function": {"name": "shell", "arguments": '{"command":["ls"]}'},
-                    },
-                    {
-                        "id": "call_b",
-                        "type": "function",
-                        "function": {"name": "shell", "arguments": "{}"},
-                    },
+                    chat_tool_call("call_a", "shell", '{"command":["ls"]}'),
+                    chat_tool_call("call_b", "shell", "{}"),
                 ],
             },
             {"role": "tool", "tool_call_id": "call_a", "content": "a.txt"},
@@ -226,16 +219,8 @@ def test_vllm_reasoning_and_parallel_calls_parsed_by_the_sdk() -> None:
             "reasoning_content": "Two files.",
             "content": "Reading both.",
             "tool_calls": [
-                {
-                    "id": "call_a",
-                    "type": "function",
-                    "function": {"name": "Read", "arguments": '{"path": "a"}'},
-                },
-                {
-                    "id": "call_b",
-                    "type": "function",
-                    "function": {"name": "Read", "arguments": '{"path": "b"}'},
-                },
+                chat_tool_call("call_a", "Read", '{"path": "a"}'),
+                chat_tool_call("call_b", "Read", '{"path": "b"}'),
             ],
         },
         "tool_calls",
@@ -258,13 +243,9 @@ def test_vllm_reasoning_and_parallel_calls_parsed_by_the_sdk() -> None:
         ("call_b", "Read", {"path": "b"}),
     ]
     assert response.usage is not None
-    assert response.usage.model_dump(exclude_none=True) == {
-        "input_tokens": 120,
-        "input_tokens_details": {"cached_tokens": 64},
-        "output_tokens": 40,
-        "output_tokens_details": {"reasoning_tokens": 9},
-        "total_tokens": 160,
-    }
+    assert response.usage.model_dump(exclude_none=True) == responses_usage(
+        120, 40, 160, cached=64, reasoning=9
+    )
 
 
 @pytest.mark.parametrize(
