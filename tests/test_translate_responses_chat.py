@@ -17,9 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fake_provider import TOOL_INPUT, FakeProvider
-from tests.shapes import chat_tool_call, responses_usage
+from tests.shapes import chat_tool_call, responses_usage, text_block
 from tests.test_translate_anthropic_chat import (
+    CHAT_UPSTREAM_ERRORS,
     VLLM_STREAM,
+    VLLM_USAGE,
     call_delta,
     chat_completion,
     chunk,
@@ -148,7 +150,7 @@ def test_request_images_format_sampling_and_older_upstreams() -> None:
             {
                 "role": "user",
                 "content": [
-                    {"type": "text", "text": "What is this?"},
+                    text_block("What is this?"),
                     {
                         "type": "image_url",
                         "image_url": {"url": "https://x.test/a.png", "detail": "high"},
@@ -224,13 +226,7 @@ def test_vllm_reasoning_and_parallel_calls_parsed_by_the_sdk() -> None:
             ],
         },
         "tool_calls",
-        usage={
-            "prompt_tokens": 120,
-            "completion_tokens": 40,
-            "total_tokens": 160,
-            "prompt_tokens_details": {"cached_tokens": 64},
-            "completion_tokens_details": {"reasoning_tokens": 9},
-        },
+        usage=VLLM_USAGE,
     )
     response = sdk_client(200, orjson.dumps(translate_response(answer, REQUEST))).responses.create(
         model="m", input="x"
@@ -355,24 +351,7 @@ def test_upstream_error_mid_stream_and_cut_stream_are_response_failed(
 # --- errors and the fake provider ---------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("status", "body", "kind", "message"),
-    [
-        (
-            400,
-            b'{"object":"error","message":"bad model","type":"BadRequestError","code":400}',
-            "invalid_request_error",
-            "bad model",
-        ),
-        (
-            404,
-            b'{"error":"model \\"qwen\\" not found"}',
-            "not_found_error",
-            'model "qwen" not found',
-        ),
-        (502, b"<html>Bad Gateway</html>", "api_error", "<html>Bad Gateway</html>"),
-    ],
-)
+@pytest.mark.parametrize(("status", "body", "kind", "message"), CHAT_UPSTREAM_ERRORS)
 def test_error_shapes_of_other_upstreams(status: int, body: bytes, kind: str, message: str) -> None:
     translated_status, translated = translate_error(status, body)
     assert translated_status == status
