@@ -26,7 +26,8 @@ def tool_use(block_id: str, name: str, tool_input: JSON) -> JSON:
 
 
 def text_block(text: str) -> JSON:
-    """An Anthropic Messages ``text`` content block."""
+    """A ``text`` content block of Anthropic Messages, or part of Chat Completions (the same
+    shape)."""
     return {"type": "text", "text": text}
 
 
@@ -56,3 +57,16 @@ def responses_usage(
         "output_tokens_details": {"reasoning_tokens": reasoning},
         "total_tokens": total_tokens,
     }
+
+
+def messages_request(model: str, max_tokens: int, text: str, *, stream: bool = False) -> JSON:
+    """An Anthropic Messages request of one user turn (``stream`` written only when true, as
+    the SDKs do)."""
+    body: JSON = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": text}],
+    }
+    if stream:
+        body["stream"] = True
+    return body
