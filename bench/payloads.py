@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.shapes import messages_request
+
 #: Route names the gateway is seeded with; the upstream path prefix of each key.
 ROUTE_JSON = "bench-json"
 ROUTE_SSE = "bench-sse"
@@ -183,13 +185,7 @@ SEQUENCE_MARK = b"@@@@@@@@@@"
 
 def small_request(route: str, stream: bool, size: int = SMALL_BODY_BYTES) -> bytes:
     """A short one-turn request, padded to ``size`` bytes."""
-    doc: dict[str, Any] = {
-        "model": route,
-        "max_tokens": 1024,
-        "messages": [{"role": "user", "content": ""}],
-    }
-    if stream:
-        doc["stream"] = True
+    doc = messages_request(route, 1024, "", stream=stream)
     base = len(compact(doc))
     mark = SEQUENCE_MARK.decode()
     text = (f"Request {mark}. " + "Write a haiku about retries. " * 20)[: max(1, size - base)]

@@ -48,10 +48,10 @@ from tests.openbao import OpenBao
 from tests.pg_private import PrivatePostgres
 from tvgate import services
 from tvgate.db import migrate, open_database
-from tvgate.keyring import vault_admin
+from tvgate.keyring import KeyContext, Keyring, vault_admin
 from tvgate.keyring.local import LocalKeyring
 from tvgate.keyring.vault import VaultKeyring
-from tvgate.models import database
+from tvgate.models import ProviderKey, User, database
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -319,6 +319,23 @@ def db(tmp_path: Path) -> Iterator[None]:
     migrate(database.obj)
     yield
     database.close()
+
+
+def own_openai_key(keyring: Keyring, name: str, owner: User, secret: str) -> ProviderKey:
+    """``owner``'s own OpenAI key ``name`` as a row, its secret sealed by ``keyring`` to that
+    row and owner: a user's key made without the services' checks, for the keyring tests."""
+    row = ProviderKey.create(
+        org=owner.org_id,
+        name=name,
+        provider="openai",
+        base_url="https://api.openai.com/v1",
+        ciphertext="",
+        fingerprint=secret[-4:],
+        owner=owner,
+    )
+    row.ciphertext = keyring.encrypt(secret, KeyContext(row.org_id, row.id, owner.id))
+    row.save()
+    return row
 
 
 @pytest.fixture

@@ -139,6 +139,12 @@ RESET_DELAY = 0.05
 """Pause between the last flushed bytes and the RST, so the client reads them first."""
 
 TOOL_INPUT: dict[str, Any] = {"path": "README.md", "limit": 10}
+#: The JSON schema of the tool the tool_use scenario calls, which TOOL_INPUT fits.
+TOOL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"path": {"type": "string"}, "limit": {"type": "integer"}},
+    "required": ["path"],
+}
 DEFAULT_TOOL_NAME = "read_file"
 TOOL_PREAMBLE = "I'll read the file."
 AGENT_COMMAND = "echo tvgate-ok > out.txt && cat out.txt"
@@ -173,6 +179,11 @@ ANTHROPIC_RESET_AT = "2023-11-14T22:14:20Z"
 OPENAI_ORGANIZATION = "user-fakeorganization0001"
 OPENAI_PROJECT = "proj_FakeProject0000000001"
 SYSTEM_FINGERPRINT = "fp_f4ke5eed01"
+#: What both providers' CDN edges (Cloudflare) add to every answer.
+EDGE_HEADERS = {
+    "strict-transport-security": "max-age=31536000; includeSubDomains; preload",
+    "cf-cache-status": "DYNAMIC",
+}
 
 ANTHROPIC_MODELS: list[dict[str, Any]] = [
     {
@@ -1378,13 +1389,10 @@ class _Handler(tornado.web.RequestHandler):
             "anthropic-ratelimit-output-tokens-limit": "80000",
             "anthropic-ratelimit-output-tokens-remaining": "80000",
             "anthropic-ratelimit-output-tokens-reset": ANTHROPIC_RESET_AT,
-            "strict-transport-security": "max-age=31536000; includeSubDomains; preload",
             "via": "1.1 google",
-            "cf-cache-status": "DYNAMIC",
             "x-robots-tag": "none",
         }
-        for name, value in headers.items():
-            self.set_header(name, value)
+        self._set_headers(headers)
 
     def _set_openai_headers(self, *, limited: bool = False) -> None:
         headers = {
@@ -1399,11 +1407,13 @@ class _Handler(tornado.web.RequestHandler):
             "x-ratelimit-remaining-tokens": "29999000",
             "x-ratelimit-reset-requests": "2s" if limited else "6ms",
             "x-ratelimit-reset-tokens": "2ms",
-            "strict-transport-security": "max-age=31536000; includeSubDomains; preload",
             "x-content-type-options": "nosniff",
-            "cf-cache-status": "DYNAMIC",
         }
-        for name, value in headers.items():
+        self._set_headers(headers)
+
+    def _set_headers(self, headers: dict[str, str]) -> None:
+        """``headers``, and those that both providers' CDN edges add to every answer."""
+        for name, value in {**headers, **EDGE_HEADERS}.items():
             self.set_header(name, value)
 
     # ---- delivery

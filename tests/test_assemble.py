@@ -25,6 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.shapes import chat_tool_call, responses_usage
 from tvgate.providers.assemble import (
     Assembled,
     Usage,
@@ -614,11 +615,7 @@ def chat_tool_calls() -> bytes:
         call(0, {"function": {"arguments": 'is, France"}'}}),
         call(
             1,
-            {
-                "id": "call_ABMmbnTLx0nVkBJNf6mDyjLb",
-                "type": "function",
-                "function": {"name": "get_time", "arguments": ""},
-            },
+            chat_tool_call("call_ABMmbnTLx0nVkBJNf6mDyjLb", "get_time", ""),
         ),
         call(1, {"function": {"arguments": '{"tz": '}}),
         call(1, {"function": {"arguments": '"Europe/Paris"}'}}),
@@ -743,16 +740,10 @@ def test_chat_parallel_tool_calls() -> None:
     message = result.response["choices"][0]["message"]
     assert message["content"] is None
     assert message["tool_calls"] == [
-        {
-            "id": "call_DdmO9pD3xa9XTPNJ32zg2hcA",
-            "type": "function",
-            "function": {"name": "get_weather", "arguments": '{"location": "Paris, France"}'},
-        },
-        {
-            "id": "call_ABMmbnTLx0nVkBJNf6mDyjLb",
-            "type": "function",
-            "function": {"name": "get_time", "arguments": '{"tz": "Europe/Paris"}'},
-        },
+        chat_tool_call(
+            "call_DdmO9pD3xa9XTPNJ32zg2hcA", "get_weather", '{"location": "Paris, France"}'
+        ),
+        chat_tool_call("call_ABMmbnTLx0nVkBJNf6mDyjLb", "get_time", '{"tz": "Europe/Paris"}'),
     ]
     assert result.stop_reason == "tool_calls"
 
@@ -887,48 +878,54 @@ def r_events(events: list[JSON]) -> list[JSON]:
 
 R_TEXT = "Hi there! How can I help you today?"
 R_PIECES = ["Hi", " there", "!", " How can I", " help you", " today?"]
-R_MESSAGE_DONE = {
+R_MESSAGE_DONE: JSON = {
     "id": "msg_67c9fdcf37fc8190ba82116e33fb28c507b8b0ad4e5eb654",
     "type": "message",
     "status": "completed",
     "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": R_TEXT}],
     "role": "assistant",
 }
-R_USAGE = {
-    "input_tokens": 37,
-    "input_tokens_details": {"cached_tokens": 5},
-    "output_tokens": 11,
-    "output_tokens_details": {"reasoning_tokens": 0},
-    "total_tokens": 48,
-}
+R_USAGE = responses_usage(37, 11, 48, cached=5, reasoning=0)
+
+
+R_EMPTY_PART = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
+
+
+def r_text_deltas(msg_id: str, output_index: int, pieces: list[str]) -> list[JSON]:
+    """The events that open message ``msg_id`` as output item ``output_index`` and stream
+    its text in ``pieces``."""
+    where = {"item_id": msg_id, "output_index": output_index, "content_index": 0}
+    return [
+        {
+            "type": "response.output_item.added",
+            "output_index": output_index,
+            "item": {
+                "id": msg_id,
+                "type": "message",
+                "status": "in_progress",
+                "content": [],
+                "role": "assistant",
+            },
+        },
+        {"type": "response.content_part.added", **where, "part": R_EMPTY_PART},
+        *[
+            {"type": "response.output_text.delta", **where, "delta": p, "logprobs": []}
+            for p in pieces
+        ],
+    ]
 
 
 def responses_text_events() -> list[JSON]:
     msg_id = R_MESSAGE_DONE["id"]
-    part = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
     where = {"item_id": msg_id, "output_index": 0, "content_index": 0}
+    done_part = {**R_EMPTY_PART, "text": R_TEXT}
     return r_events(
         [
             {"type": "response.created", "response": r_response("in_progress", [], None)},
             {"type": "response.in_progress", "response": r_response("in_progress", [], None)},
-            {
-                "type": "response.output_item.added",
-                "output_index": 0,
-                "item": {
-                    "id": msg_id,
-                    "type": "message",
-                    "status": "in_progress",
-                    "content": [],
-                    "role": "assistant",
-                },
-            },
-            {"type": "response.content_part.added", **where, "part": part},
-            *[
-                {"type": "response.output_text.delta", **where, "delta": p, "logprobs": []}
-                for p in R_PIECES
-            ],
+            *r_text_deltas(msg_id, 0, R_PIECES),
             {"type": "response.output_text.done", **where, "text": R_TEXT, "logprobs": []},
-            {"type": "response.content_part.done", **where, "part": {**part, "text": R_TEXT}},
+            {"type": "response.content_part.done", **where, "part": done_part},
             {"type": "response.output_item.done", "output_index": 0, "item": R_MESSAGE_DONE},
             {
                 "type": "response.completed",
@@ -952,13 +949,7 @@ R_CALL_DONE = {
     "call_id": "call_3LxPSnrMY6vlJpM9sYnkCDkE",
     "name": "get_weather",
 }
-R_CALL_USAGE = {
-    "input_tokens": 75,
-    "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 40},
-    "output_tokens": 86,
-    "output_tokens_details": {"reasoning_tokens": 64},
-    "total_tokens": 161,
-}
+R_CALL_USAGE = responses_usage(75, 86, 161, cached=0, cache_written=40, reasoning=64)
 
 
 def responses_function_call_events() -> list[JSON]:
@@ -1023,7 +1014,6 @@ def responses_summary_annotation_events() -> list[JSON]:
     }
     summary_where = {"item_id": reasoning_id, "output_index": 0, "summary_index": 0}
     text_where = {"item_id": msg_id, "output_index": 1, "content_index": 0}
-    part = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
     return r_events(
         [
             {"type": "response.created", "response": r_response("in_progress", [], None)},
@@ -1052,22 +1042,7 @@ def responses_summary_annotation_events() -> list[JSON]:
                 "part": {"type": "summary_text", "text": R_SUMMARY_TEXT},
             },
             {"type": "response.output_item.done", "output_index": 0, "item": reasoning_done},
-            {
-                "type": "response.output_item.added",
-                "output_index": 1,
-                "item": {
-                    "id": msg_id,
-                    "type": "message",
-                    "status": "in_progress",
-                    "content": [],
-                    "role": "assistant",
-                },
-            },
-            {"type": "response.content_part.added", **text_where, "part": part},
-            *[
-                {"type": "response.output_text.delta", **text_where, "delta": p, "logprobs": []}
-                for p in ["Good things", " happened", " today."]
-            ],
+            *r_text_deltas(msg_id, 1, ["Good things", " happened", " today."]),
             {
                 "type": "response.output_text.annotation.added",
                 **text_where,

@@ -24,6 +24,7 @@ from tornado.httputil import HTTPHeaders
 
 from tests.conftest import ANTHROPIC_SECRET, free_port
 from tests.fake_provider import FakeProvider
+from tests.shapes import messages_request
 from tvgate.proxy.curl_client import USER_AGENT, UpstreamCurlClient, _header_lines
 from tvgate.proxy.upstream import (
     CURLE_ABORTED_BY_CALLBACK,
@@ -32,11 +33,7 @@ from tvgate.proxy.upstream import (
     UpstreamResult,
 )
 
-BODY = {
-    "model": "claude-sonnet-4-6",
-    "max_tokens": 64,
-    "messages": [{"role": "user", "content": "hi"}],
-}
+BODY = messages_request("claude-sonnet-4-6", 64, "hi")
 
 
 class Recorder:

@@ -30,6 +30,7 @@ from tests.fake_provider import (
     CREATED,
     OPENAI_REASONING_TOKENS,
     TOOL_INPUT,
+    TOOL_SCHEMA,
     FakeProvider,
     RecordedRequest,
 )
@@ -44,11 +45,7 @@ MESSAGES: list[Any] = [{"role": "user", "content": PROMPT}]
 READ_FILE_TOOL: dict[str, Any] = {
     "name": "read_file",
     "description": "Read a file",
-    "input_schema": {
-        "type": "object",
-        "properties": {"path": {"type": "string"}, "limit": {"type": "integer"}},
-        "required": ["path"],
-    },
+    "input_schema": TOOL_SCHEMA,
 }
 CHAT_TOOL: ChatCompletionFunctionToolParam = {
     "type": "function",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import own_openai_key
 from tvgate import services
 from tvgate.config import load_settings
 from tvgate.gateway import Gateway
@@ -33,19 +34,7 @@ def principal(email: str) -> Principal:
 
 
 def own_key(name: str, owner_email: str, secret: str) -> ProviderKey:
-    owner = User.get(User.email == owner_email)
-    row = ProviderKey.create(
-        org=owner.org_id,
-        name=name,
-        provider="openai",
-        base_url="https://api.openai.com/v1",
-        ciphertext="",
-        fingerprint=secret[-4:],
-        owner=owner,
-    )
-    row.ciphertext = KEYRING.encrypt(secret, KeyContext(row.org_id, row.id, owner.id))
-    row.save()
-    return row
+    return own_openai_key(KEYRING, name, User.get(User.email == owner_email), secret)
 
 
 @pytest.fixture

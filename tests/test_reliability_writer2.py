@@ -41,14 +41,11 @@ from tests.conftest import (
 from tests.fake_provider import FakeProvider
 from tests.outages import outage
 from tests.pg_private import PrivatePostgres
+from tests.shapes import messages_request
 from tvgate.db import open_database
 from tvgate.models import Trace
 
-MESSAGE = {
-    "model": "claude-test",
-    "max_tokens": 8,
-    "messages": [{"role": "user", "content": "hi"}],
-}
+MESSAGE = messages_request("claude-test", 8, "hi")
 
 
 @pytest.fixture

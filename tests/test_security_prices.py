@@ -392,6 +392,18 @@ def add_key(gw: GatewayProcess, token: str, name: str, base_url: str) -> httpx2.
         )
 
 
+def own_key_and_route(gw: GatewayProcess, token: str, name: str, base_url: str) -> int:
+    """A member's own key ``name`` to ``base_url`` and their route of the same name to it,
+    both added through the API; the key's id."""
+    created = add_key(gw, token, name, base_url)
+    assert created.status_code == 201, created.text
+    with api(gw, token) as client:
+        route = client.post("/routes", json={"name": name, "key": name})
+    assert route.status_code == 201, route.text
+    key_id: int = created.json()["id"]
+    return key_id
+
+
 @pytest.mark.parametrize("tail", ["/internal/secret#", "/internal/secret?x=", "/v1?"])
 def test_a_base_url_with_a_query_or_fragment_is_refused(
     gateway: GatewayProcess,
@@ -421,13 +433,10 @@ def test_a_stored_base_url_with_a_fragment_is_refused_by_the_proxy(
 ) -> None:
     """A key stored before add_key refused them: the proxy does not call it."""
     dev = user_keys_org.tokens["dev"]
-    created = add_key(gateway, dev, "own-old", fake_provider.url)
-    assert created.status_code == 201, created.text
-    with api(gateway, dev) as client:
-        assert client.post("/routes", json={"name": "own-old", "key": "own-old"}).status_code == 201
+    key_id = own_key_and_route(gateway, dev, "own-old", fake_provider.url)
     gateway.bind()
     ProviderKey.update(base_url=fake_provider.url + "/internal/secret#").where(
-        ProviderKey.id == created.json()["id"]
+        ProviderKey.id == key_id
     ).execute()
     database.close()
     before = len(fake_provider.requests)
@@ -470,11 +479,7 @@ def test_a_members_private_key_is_refused_on_connection_with_the_user_switch_off
     user_keys_org: PriceOrg,
 ) -> None:
     dev = user_keys_org.tokens["dev"]
-    created = add_key(gateway, dev, "own-conn", fake_provider.url)
-    assert created.status_code == 201, created.text
-    with api(gateway, dev) as client:
-        route = client.post("/routes", json={"name": "own-conn", "key": "own-conn"})
-    assert route.status_code == 201, route.text
+    own_key_and_route(gateway, dev, "own-conn", fake_provider.url)
     assert call(gateway, dev, "own-conn").status_code == 200
     before = len(fake_provider.requests)
     refused = call(user_switch_off, dev, "own-conn")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx2
@@ -91,6 +91,16 @@ def visdom_person(visdom: FakeVisdom, role: str) -> FakeUser:
     return visdom.add_user(f"rv-{uuid.uuid4().hex[:8]}@acme.test", PASSWORD, {"acme": role})
 
 
+def visdom_minted(
+    gw: GatewayProcess, visdom: FakeVisdom, role: str, **body: Any
+) -> tuple[FakeUser, str, str]:
+    """A new person of acme with ``role`` at Visdom Trace, their session there, and a tvgate
+    token minted with that session (``body``: more of the mint request)."""
+    person = visdom_person(visdom, role)
+    session = visdom.issue_session(person)
+    return person, session, mint(gw, session, **body)["token"]
+
+
 def browser(gw: GatewayProcess) -> httpx2.Client:
     return httpx2.Client(base_url=gw.url, follow_redirects=False, timeout=30)
 
@@ -120,15 +130,22 @@ def signed_in(client: httpx2.Client) -> bool:
     return page.status_code == 200
 
 
+def sign_in_visdom_person(client: httpx2.Client, visdom: FakeVisdom, role: str) -> FakeUser:
+    """A new person of acme with ``role`` at Visdom Trace, signed in with ``client`` by their
+    email and password."""
+    person = visdom_person(visdom, role)
+    sign_in(client, email=person.email, password=PASSWORD)
+    assert signed_in(client)
+    return person
+
+
 # --- Visdom Trace users: tokens ---
 
 
 def test_token_minted_by_a_visdom_user_stops_when_they_leave_the_org(
     revgate: GatewayProcess, visdom: FakeVisdom
 ) -> None:
-    person = visdom_person(visdom, "admin")
-    session = visdom.issue_session(person)
-    token = mint(revgate, session)["token"]
+    person, session, token = visdom_minted(revgate, visdom, "admin")
     # A token minted with that token inherits where it came from.
     child = mint(revgate, token)["token"]
     for credential in (token, child):
@@ -155,14 +172,37 @@ def test_token_minted_by_a_visdom_user_stops_when_they_leave_the_org(
     assert session not in revgate.log_text()
 
 
-def test_token_of_an_ended_visdom_session_stops(
-    revgate: GatewayProcess, visdom: FakeVisdom
+#: What ends at Visdom Trace the authority a token was minted with.
+AuthorityEnd = Callable[[FakeVisdom, FakeUser, str], None]
+
+
+@pytest.mark.parametrize(
+    ("role", "mint_body", "end"),
+    [
+        # The Visdom Trace session it was minted with ends.
+        pytest.param(
+            "developer", {}, lambda visdom, _, session: visdom.revoke(session), id="session-ended"
+        ),
+        # An admin minted it for someone else and is demoted: a member could not have
+        # minted it.
+        pytest.param(
+            "admin",
+            {"user": "dev@acme.test"},
+            lambda visdom, admin, _: visdom.set_role(admin, "acme", "developer"),
+            id="minting-admin-demoted",
+        ),
+    ],
+)
+def test_token_stops_when_the_authority_it_was_minted_with_is_gone(
+    revgate: GatewayProcess,
+    visdom: FakeVisdom,
+    role: str,
+    mint_body: dict[str, str],
+    end: AuthorityEnd,
 ) -> None:
-    person = visdom_person(visdom, "developer")
-    session = visdom.issue_session(person)
-    token = mint(revgate, session)["token"]
+    person, session, token = visdom_minted(revgate, visdom, role, **mint_body)
     assert proxy(revgate, token).status_code == 200
-    visdom.revoke(session)
+    end(visdom, person, session)
     time.sleep(PAST_THE_TTL)
     assert proxy(revgate, token).status_code == 401
 
@@ -170,8 +210,7 @@ def test_token_of_an_ended_visdom_session_stops(
 def test_token_of_a_demoted_admin_acts_with_the_current_role(
     revgate: GatewayProcess, visdom: FakeVisdom
 ) -> None:
-    person = visdom_person(visdom, "owner")
-    token = mint(revgate, visdom.issue_session(person))["token"]
+    person, _, token = visdom_minted(revgate, visdom, "owner")
     assert api(revgate, "GET", "/tokens?all=1", token).status_code == 200
     visdom.set_role(person, "acme", "developer")
     time.sleep(PAST_THE_TTL)
@@ -180,23 +219,10 @@ def test_token_of_a_demoted_admin_acts_with_the_current_role(
     assert proxy(revgate, token).status_code == 200
 
 
-def test_token_an_admin_minted_for_someone_else_stops_when_the_admin_is_demoted(
-    revgate: GatewayProcess, visdom: FakeVisdom
-) -> None:
-    admin = visdom_person(visdom, "admin")
-    token = mint(revgate, visdom.issue_session(admin), user="dev@acme.test")["token"]
-    assert proxy(revgate, token).status_code == 200
-    visdom.set_role(admin, "acme", "developer")
-    time.sleep(PAST_THE_TTL)
-    # The authority that minted it is gone; a member could not have minted it.
-    assert proxy(revgate, token).status_code == 401
-
-
 def test_visdom_outage_stops_derived_tokens_after_the_ttl_then_recovers(
     revgate: GatewayProcess, visdom: FakeVisdom
 ) -> None:
-    person = visdom_person(visdom, "developer")
-    token = mint(revgate, visdom.issue_session(person))["token"]
+    _, _, token = visdom_minted(revgate, visdom, "developer")
     assert proxy(revgate, token).status_code == 200
     visdom.stop()
     try:
@@ -238,10 +264,8 @@ def test_sealed_visdom_session_opens_only_on_its_own_row(
 def test_ui_session_of_a_visdom_user_ends_when_they_leave_the_org(
     revgate: GatewayProcess, visdom: FakeVisdom
 ) -> None:
-    person = visdom_person(visdom, "admin")
     with browser(revgate) as client:
-        sign_in(client, email=person.email, password=PASSWORD)
-        assert signed_in(client)
+        person = sign_in_visdom_person(client, visdom, "admin")
         minted = mint_in_ui(client)
         assert minted.status_code == 200, minted.text
         found = re.search(r'id="token-value">(tvg_[^<]+)<', minted.text)
@@ -268,10 +292,8 @@ def test_ui_session_of_a_visdom_user_ends_when_they_leave_the_org(
 def test_ui_session_of_a_visdom_user_ends_with_their_visdom_session(
     revgate: GatewayProcess, visdom: FakeVisdom
 ) -> None:
-    person = visdom_person(visdom, "developer")
     with browser(revgate) as client:
-        sign_in(client, email=person.email, password=PASSWORD)
-        assert signed_in(client)
+        person = sign_in_visdom_person(client, visdom, "developer")
         visdom.revoke_user(person)
         time.sleep(PAST_THE_TTL)
         assert not signed_in(client)

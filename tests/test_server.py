@@ -264,44 +264,27 @@ def test_logs_are_json_lines_without_secrets_or_prompts_and_sighup_reloads(
     try:
         client = anthropic.Anthropic(base_url=url, api_key=token, max_retries=0)
         messages = [{"role": "user", "content": prompt}]
-        client.messages.create(model="claude-test", max_tokens=16, messages=messages)  # type: ignore[arg-type]
-        with client.messages.stream(
-            model="claude-test",
-            max_tokens=16,
-            messages=messages,  # type: ignore[arg-type]
-        ) as stream:
+        # One request, sent as it is and with each failure the fake can make of it.
+        ask: Any = {"model": "claude-test", "max_tokens": 16, "messages": messages}
+        client.messages.create(**ask)
+        with client.messages.stream(**ask) as stream:
             assert prompt[:20] in "".join(stream.text_stream)
         with pytest.raises(anthropic.InternalServerError):
-            client.messages.create(
-                model="claude-test",
-                max_tokens=16,
-                messages=messages,  # type: ignore[arg-type]
-                extra_headers={"x-fake-scenario": "error_529"},
-            )
+            client.messages.create(**ask, extra_headers={"x-fake-scenario": "error_529"})
         with (
             pytest.raises(anthropic.APIError),
             client.messages.stream(
-                model="claude-test",
-                max_tokens=16,
-                messages=messages,  # type: ignore[arg-type]
-                extra_headers={"x-fake-scenario": "error_event"},
+                **ask, extra_headers={"x-fake-scenario": "error_event"}
             ) as stream,
         ):
             stream.until_done()
         with pytest.raises(anthropic.APIConnectionError):
-            client.messages.create(
-                model="claude-test",
-                max_tokens=16,
-                messages=messages,  # type: ignore[arg-type]
-                extra_headers={"x-fake-scenario": "reset"},
-            )
+            client.messages.create(**ask, extra_headers={"x-fake-scenario": "reset"})
         with pytest.raises(anthropic.NotFoundError):
-            client.messages.create(model="no-such-route", max_tokens=16, messages=messages)  # type: ignore[arg-type]
+            client.messages.create(**{**ask, "model": "no-such-route"})
         with pytest.raises(anthropic.AuthenticationError):
             anthropic.Anthropic(base_url=url, api_key=token + "x", max_retries=0).messages.create(
-                model="claude-test",
-                max_tokens=16,
-                messages=messages,  # type: ignore[arg-type]
+                **ask
             )
 
         # SIGHUP: log_level is applied, max_clients needs a restart and the log says so.

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import OPENAI_SECRET
 from tests.fake_provider import TOOL_INPUT, FakeProvider
-from tests.harness import canned_http_client
-from tests.shapes import JSON, chat_tool_call, tool_use
+from tests.sdks import canned_anthropic as sdk
+from tests.shapes import JSON, chat_tool_call, text_block, tool_use
 from tvgate.traces.sse import SSEParser
 from tvgate.translate.anthropic_to_chat import (
     StreamTranslator,
@@ -126,11 +126,8 @@ def test_claude_code_request_maps_every_field() -> None:
             {
                 "role": "system",
                 "content": [
-                    {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197;"},
-                    {
-                        "type": "text",
-                        "text": "You are Claude Code, Anthropic's official CLI for Claude.",
-                    },
+                    text_block("x-anthropic-billing-header: cc_version=2.1.197;"),
+                    text_block("You are Claude Code, Anthropic's official CLI for Claude."),
                 ],
             },
             {
@@ -774,16 +771,6 @@ def upstream(fake: FakeProvider, body: JSON, scenario: str = "normal") -> httpx2
     )
 
 
-def sdk(status: int, body: bytes, content_type: str = "application/json") -> anthropic.Anthropic:
-    """An ``anthropic`` client whose every request is answered with ``body``."""
-    return anthropic.Anthropic(
-        base_url="http://gateway.test",
-        api_key="x",
-        max_retries=0,
-        http_client=canned_http_client(status, body, content_type),
-    )
-
-
 def text_of(block: anthropic.types.ContentBlock) -> str:
     """The text of a block that must be a text block."""
     assert isinstance(block, anthropic.types.TextBlock), block
@@ -977,36 +964,46 @@ def test_upstream_errors_in_anthropics_envelope(
     assert provider_message in str(error)
 
 
-@pytest.mark.parametrize(
-    ("status", "body", "kind", "message"),
-    [
-        (  # vLLM
-            400,
-            b'{"object":"error","message":"max_tokens is too large: 90000","type":"BadRequestError","param":null,"code":400}',
-            "invalid_request_error",
-            "max_tokens is too large: 90000",
-        ),
-        (
-            404,
-            b'{"error":"model \'qwen3:8b\' not found"}',
-            "not_found_error",
-            "model 'qwen3:8b' not found",
-        ),  # Ollama
-        (
-            401,
-            b'{"error":{"message":"Incorrect API key provided","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}',
-            "authentication_error",
-            "Incorrect API key provided",
-        ),
-        (
-            502,
-            b"<html><body>502 Bad Gateway</body></html>",
-            "api_error",
-            "<html><body>502 Bad Gateway</body></html>",
-        ),
-        (503, b"", "overloaded_error", "upstream 503"),
-    ],
-)
+#: Error answers of Chat upstreams other than OpenAI (vLLM, Ollama, a proxy in front), the
+#: kind of error each is for a client, and its message: what both Chat translators map.
+CHAT_UPSTREAM_ERRORS: list[tuple[int, bytes, str, str]] = [
+    (  # vLLM
+        400,
+        b'{"object":"error","message":"max_tokens is too large: 90000","type":"BadRequestError","param":null,"code":400}',
+        "invalid_request_error",
+        "max_tokens is too large: 90000",
+    ),
+    (
+        404,
+        b'{"error":"model \'qwen3:8b\' not found"}',
+        "not_found_error",
+        "model 'qwen3:8b' not found",
+    ),  # Ollama
+    (
+        401,
+        b'{"error":{"message":"Incorrect API key provided","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}',
+        "authentication_error",
+        "Incorrect API key provided",
+    ),
+    (
+        502,
+        b"<html><body>502 Bad Gateway</body></html>",
+        "api_error",
+        "<html><body>502 Bad Gateway</body></html>",
+    ),
+    (503, b"", "overloaded_error", "upstream 503"),
+    (
+        400,
+        b'{"object":"error","message":"bad model","type":"BadRequestError","code":400}',
+        "invalid_request_error",
+        "bad model",
+    ),
+    (404, b'{"error":"model \\"qwen\\" not found"}', "not_found_error", 'model "qwen" not found'),
+    (502, b"<html>Bad Gateway</html>", "api_error", "<html>Bad Gateway</html>"),
+]
+
+
+@pytest.mark.parametrize(("status", "body", "kind", "message"), CHAT_UPSTREAM_ERRORS)
 def test_error_shapes_of_other_upstreams(status: int, body: bytes, kind: str, message: str) -> None:
     out_status, out_body = translate_error(status, body)
     assert out_status == status
@@ -1172,6 +1169,14 @@ def call_delta(
     return {"tool_calls": [call]}
 
 
+#: vLLM's usage of a call that read two files: cached prompt tokens, reasoning tokens.
+VLLM_USAGE = {
+    "prompt_tokens": 120,
+    "completion_tokens": 40,
+    "total_tokens": 160,
+    "prompt_tokens_details": {"cached_tokens": 64},
+    "completion_tokens_details": {"reasoning_tokens": 9},
+}
 # A vLLM stream (reasoning parser and tool parser on): reasoning, text, two parallel calls.
 VLLM_STREAM = b"".join(
     [
@@ -1186,15 +1191,7 @@ VLLM_STREAM = b"".join(
         chunk(call_delta(1, '{"path": "b', "chatcmpl-tool-b2", "Read")),
         chunk(call_delta(1, '.txt"}')),
         chunk({}, "tool_calls"),
-        chunk(
-            usage={
-                "prompt_tokens": 120,
-                "completion_tokens": 40,
-                "total_tokens": 160,
-                "prompt_tokens_details": {"cached_tokens": 64},
-                "completion_tokens_details": {"reasoning_tokens": 9},
-            }
-        ),
+        chunk(usage=VLLM_USAGE),
         b"data: [DONE]\n\n",
     ]
 )

@@ -25,8 +25,9 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import ANTHROPIC_SECRET
 from tests.fake_provider import FakeProvider
-from tests.harness import canned_http_client
-from tests.shapes import JSON, chat_tool_call, tool_use
+from tests.sdks import canned_openai as sdk_client
+from tests.sdks import openai_sent
+from tests.shapes import JSON, chat_tool_call, text_block, tool_result, tool_use
 from tvgate.providers.assemble import OPENAI_CHAT, stream_assembler
 from tvgate.translate.chat_to_anthropic import (
     DEFAULT_MAX_TOKENS,
@@ -39,6 +40,20 @@ from tvgate.translate.chat_to_anthropic import (
 
 MODEL = "claude-sonnet-4-6"
 IMAGE = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYAAAAAMAASsJTYQAAAAASUVORK5CYII="
+#: A question with a data: image, an image by URL and a PDF, as Anthropic content: what the
+#: attachments tests of the Chat and the Responses translators both send, each in its API's parts.
+ATTACHED: list[JSON] = [
+    {"type": "text", "text": "What is this?"},
+    {
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": IMAGE.split(",")[1]},
+    },
+    {"type": "image", "source": {"type": "url", "url": "https://x.test/a.png"}},
+    {
+        "type": "document",
+        "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="},
+    },
+]
 TOOLS: list[JSON] = [
     {
         "type": "function",
@@ -56,34 +71,9 @@ TOOLS: list[JSON] = [
 ]
 
 
-def sdk_client(status: int, body: bytes, content_type: str = "application/json") -> openai.OpenAI:
-    """An openai SDK client whose every call is answered with ``body``."""
-    return openai.OpenAI(
-        base_url="http://gw.test/v1",
-        api_key="x",
-        max_retries=0,
-        http_client=canned_http_client(status, body, content_type),
-    )
-
-
 def sdk_request(**kwargs: Any) -> JSON:
     """The body the openai SDK sends for ``chat.completions.create(**kwargs)``."""
-    seen: list[bytes] = []
-
-    def handler(request: httpx2.Request) -> httpx2.Response:
-        seen.append(request.content)
-        return httpx2.Response(400, json={"error": {"message": "captured"}})
-
-    client = openai.OpenAI(
-        base_url="http://gw.test/v1",
-        api_key="x",
-        max_retries=0,
-        http_client=httpx2.Client(transport=httpx2.MockTransport(handler)),
-    )
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(**kwargs)
-    body: JSON = orjson.loads(seen[0])
-    return body
+    return openai_sent(lambda client: client.chat.completions.create(**kwargs))
 
 
 # --- request ------------------------------------------------------------------------
@@ -123,35 +113,8 @@ def test_request_system_multipart_images_and_sampling() -> None:
     req = translate_request(body, MODEL)
     assert req.body == {
         "model": MODEL,
-        "system": [
-            {"type": "text", "text": "You are terse."},
-            {"type": "text", "text": "Use tools."},
-        ],
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "What is this?"},
-                    {
-                        "type": "image",
-                        "source": {
-                            "type": "base64",
-                            "media_type": "image/png",
-                            "data": IMAGE.split(",")[1],
-                        },
-                    },
-                    {"type": "image", "source": {"type": "url", "url": "https://x.test/a.png"}},
-                    {
-                        "type": "document",
-                        "source": {
-                            "type": "base64",
-                            "media_type": "application/pdf",
-                            "data": "JVBERi0=",
-                        },
-                    },
-                ],
-            }
-        ],
+        "system": [text_block("You are terse."), text_block("Use tools.")],
+        "messages": [{"role": "user", "content": ATTACHED}],
         # max_completion_tokens wins over the deprecated max_tokens, as at OpenAI.
         "max_tokens": 300,
         "temperature": 0.2,
@@ -227,13 +190,9 @@ def test_request_tools_calls_and_parallel_results() -> None:
         {
             "role": "user",
             "content": [
-                {"type": "tool_result", "tool_use_id": "call_1", "content": "a.txt"},
-                {
-                    "type": "tool_result",
-                    "tool_use_id": "call_2",
-                    "content": [{"type": "text", "text": "hello"}],
-                },
-                {"type": "text", "text": "thanks"},
+                tool_result("call_1", "a.txt"),
+                tool_result("call_2", [text_block("hello")]),
+                text_block("thanks"),
             ],
         },
     ]
@@ -717,6 +676,17 @@ def translate_stream(
     return CREATED.sub(b'"created":0,', out + tr.finish()), tr.dropped
 
 
+def assert_assembles_tool_stream(api: str, out: bytes, stop_reason: str) -> None:
+    """tvgate's trace assembler for the client's ``api`` reads ``out`` (``TOOL_STREAM``
+    translated) as complete, with Anthropic's figures: what the trace of such a call holds."""
+    asm = stream_assembler(api)
+    asm.feed(out)
+    assembled = asm.finish()
+    assert assembled.complete and assembled.stop_reason == stop_reason
+    assert (assembled.usage.input_tokens, assembled.usage.output_tokens) == (2112, 40)
+    assert (assembled.usage.cache_read_tokens, assembled.usage.cache_write_tokens) == (2000, 100)
+
+
 def sdk_stream(body: bytes) -> Any:
     client = sdk_client(200, body, "text/event-stream")
     with client.chat.completions.stream(model="m", messages=USER) as stream:  # type: ignore[arg-type]
@@ -759,12 +729,7 @@ def test_stream_tool_calls_parsed_by_the_sdk_accumulator() -> None:
     assert final.choices[0].message.tool_calls == calls
 
     # tvgate's own trace assembler reads the client's stream with the same figures.
-    asm = stream_assembler(OPENAI_CHAT)
-    asm.feed(out)
-    assembled = asm.finish()
-    assert assembled.complete and assembled.stop_reason == "tool_calls"
-    assert (assembled.usage.input_tokens, assembled.usage.output_tokens) == (2112, 40)
-    assert (assembled.usage.cache_read_tokens, assembled.usage.cache_write_tokens) == (2000, 100)
+    assert_assembles_tool_stream(OPENAI_CHAT, out, "tool_calls")
 
 
 def test_stream_is_incremental() -> None:

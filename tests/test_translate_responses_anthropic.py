@@ -11,9 +11,9 @@ own Responses parser and stream accumulator (``responses.stream(...)``).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
-import httpx2
 import openai
 import orjson
 import pytest
@@ -21,8 +21,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fake_provider import FakeProvider
-from tests.harness import canned_http_client
+from tests.sdks import canned_openai as sdk_client
+from tests.sdks import openai_sent
+from tests.shapes import responses_usage, text_block, tool_result
 from tests.test_translate_chat_anthropic import (
+    ATTACHED,
     END,
     IMAGE,
     MODEL,
@@ -32,13 +35,13 @@ from tests.test_translate_chat_anthropic import (
     TOOL_STREAM,
     anthropic_message,
     anything,
+    assert_assembles_tool_stream,
     block,
     events,
     sse,
     upstream,
 )
 from tvgate.providers import OPENAI_RESPONSES
-from tvgate.providers.assemble import stream_assembler
 from tvgate.translate.chat_to_anthropic import DEFAULT_MAX_TOKENS
 from tvgate.translate.responses_api import ResponsesRequest
 from tvgate.translate.responses_to_anthropic import (
@@ -89,34 +92,34 @@ ANTHROPIC_SHELL = {
     "input_schema": SHELL["parameters"],
 }
 
-
-def sdk_client(status: int, body: bytes, content_type: str = "application/json") -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url="http://gw.test/v1",
-        api_key="x",
-        max_retries=0,
-        http_client=canned_http_client(status, body, content_type),
-    )
+#: Sampling, one forced tool, one call at a time and a JSON schema: the options that both
+#: Responses translators' request tests send (each maps them to its upstream's fields).
+OPTIONS: JSON = {
+    "max_output_tokens": 300,
+    "temperature": 0.2,
+    "top_p": 0.9,
+    "tools": [SHELL],
+    "tool_choice": {"type": "function", "name": "shell"},
+    "parallel_tool_calls": False,
+    "text": {"format": {"type": "json_schema", "name": "answer", "schema": {"type": "object"}}},
+}
 
 
 def sdk_request(**kwargs: Any) -> JSON:
     """The body the openai SDK sends for ``responses.create(**kwargs)``."""
-    seen: list[bytes] = []
+    return openai_sent(lambda client: client.responses.create(**kwargs))
 
-    def handler(request: httpx2.Request) -> httpx2.Response:
-        seen.append(request.content)
-        return httpx2.Response(400, json={"error": {"message": "captured"}})
 
-    client = openai.OpenAI(
-        base_url="http://gw.test/v1",
-        api_key="x",
-        max_retries=0,
-        http_client=httpx2.Client(transport=httpx2.MockTransport(handler)),
-    )
-    with pytest.raises(openai.BadRequestError):
-        client.responses.create(**kwargs)
-    body: JSON = orjson.loads(seen[0])
-    return body
+def refusal(
+    translate: Callable[[JSON, str], object], body: JSON, model: str
+) -> tuple[str | None, openai.BadRequestError]:
+    """The field ``translate`` names in refusing ``body``, and the ``openai`` SDK's error for
+    that refusal sent on as the gateway sends it."""
+    with pytest.raises(TranslationError) as caught:
+        translate(body, model)
+    with pytest.raises(openai.BadRequestError) as sdk:
+        sdk_client(400, caught.value.client_body()).responses.create(model="m", input="x")
+    return caught.value.param, sdk.value
 
 
 # --- request ------------------------------------------------------------------------
@@ -126,10 +129,7 @@ def test_codex_request_maps_every_field() -> None:
     req = translate_request(CODEX, MODEL)
     assert req.body == {
         "model": MODEL,
-        "system": [
-            {"type": "text", "text": "You are Codex."},
-            {"type": "text", "text": "sandbox: read-only"},
-        ],
+        "system": [text_block("You are Codex."), text_block("sandbox: read-only")],
         "messages": [{"role": "user", "content": [{"type": "text", "text": "ls"}]}],
         # Not given (Codex never does): medium's thinking budget on top of the default.
         "max_tokens": DEFAULT_MAX_TOKENS + 4096,
@@ -162,43 +162,13 @@ def test_request_sampling_images_files_format_and_tool_choice() -> None:
                 ],
             }
         ],
-        max_output_tokens=300,
-        temperature=0.2,
-        top_p=0.9,
-        tools=[SHELL],
-        tool_choice={"type": "function", "name": "shell"},
-        parallel_tool_calls=False,
-        text={"format": {"type": "json_schema", "name": "answer", "schema": {"type": "object"}}},
+        **OPTIONS,
         user="u-1",
     )
     req = translate_request(body, MODEL)
     assert req.body == {
         "model": MODEL,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "What is this?"},
-                    {
-                        "type": "image",
-                        "source": {
-                            "type": "base64",
-                            "media_type": "image/png",
-                            "data": IMAGE.split(",")[1],
-                        },
-                    },
-                    {"type": "image", "source": {"type": "url", "url": "https://x.test/a.png"}},
-                    {
-                        "type": "document",
-                        "source": {
-                            "type": "base64",
-                            "media_type": "application/pdf",
-                            "data": "JVBERi0=",
-                        },
-                    },
-                ],
-            }
-        ],
+        "messages": [{"role": "user", "content": ATTACHED}],
         "max_tokens": 300,
         "temperature": 0.2,
         "top_p": 0.9,
@@ -254,13 +224,9 @@ def test_tool_loop_items_become_one_turn_each_with_thinking_unsealed() -> None:
         {
             "role": "user",
             "content": [
-                {"type": "tool_result", "tool_use_id": "toolu_A", "content": "a.txt"},
-                {
-                    "type": "tool_result",
-                    "tool_use_id": "toolu_B",
-                    "content": [{"type": "text", "text": "/home"}],
-                },
-                {"type": "text", "text": "and now?"},
+                tool_result("toolu_A", "a.txt"),
+                tool_result("toolu_B", [text_block("/home")]),
+                text_block("and now?"),
             ],
         },
         {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
@@ -322,13 +288,10 @@ def test_the_tools_codex_offers_beside_its_shell_are_dropped_and_noted() -> None
     ],
 )
 def test_request_refuses_what_anthropic_cannot_express(change: JSON, param: str) -> None:
-    with pytest.raises(TranslationError) as caught:
-        translate_request({**CODEX, **change}, MODEL)
-    assert caught.value.param == param
+    named, sdk = refusal(translate_request, {**CODEX, **change}, MODEL)
+    assert named == param
     # The refusal reaches the client as OpenAI's own 400, naming the field.
-    with pytest.raises(openai.BadRequestError) as sdk:
-        sdk_client(400, caught.value.client_body()).responses.create(model="m", input="x")
-    assert sdk.value.param == param and sdk.value.type == "invalid_request_error"
+    assert sdk.param == param and sdk.type == "invalid_request_error"
 
 
 # --- response -----------------------------------------------------------------------
@@ -339,13 +302,10 @@ CONTENT: list[JSON] = [
     {"type": "tool_use", "id": "toolu_A", "name": "shell", "input": {"command": ["ls"]}},
     {"type": "tool_use", "id": "toolu_B", "name": "read_file", "input": {"path": "a.txt"}},
 ]
-RESPONSES_USAGE = {
-    "input_tokens": 2112,
-    "input_tokens_details": {"cached_tokens": 2000, "cache_write_tokens": 100},
-    "output_tokens": 40,
-    "output_tokens_details": {"reasoning_tokens": 0},
-    "total_tokens": 2152,
-}
+RESPONSES_USAGE = responses_usage(2112, 40, 2152, cached=2000, cache_written=100, reasoning=0)
+
+#: The output items of an answer that thought, said something and called two tools.
+THOUGHT_TEXT_TWO_CALLS = ["reasoning", "message", "function_call", "function_call"]
 
 
 def calls_of(response: Any) -> list[tuple[str, str, JSON]]:
@@ -362,12 +322,7 @@ def test_response_parsed_by_the_sdk() -> None:
     response = sdk_client(200, orjson.dumps(answer)).responses.create(model="m", input="x")
     assert response.id == "resp_msg_01XFDUDYJgAACzvnptvVoYEL" and response.model == MODEL
     assert response.status == "completed"
-    assert [item.type for item in response.output] == [
-        "reasoning",
-        "message",
-        "function_call",
-        "function_call",
-    ]
+    assert [item.type for item in response.output] == THOUGHT_TEXT_TWO_CALLS
     assert response.output_text == "Running both."
     assert calls_of(response) == [
         ("toolu_A", "shell", {"command": ["ls"]}),
@@ -441,6 +396,17 @@ def sdk_stream(body: bytes) -> tuple[Any, list[Any]]:
         return stream.get_final_response(), events
 
 
+def sdk_failed_stream(body: bytes) -> list[Any]:
+    """The events the SDK saw of a stream that ended without ``response.completed`` (which
+    its accumulator refuses to make a final Response of)."""
+    client = sdk_client(200, body, "text/event-stream")
+    with client.responses.stream(model="m", input="x") as stream:
+        events = list(stream)
+        with pytest.raises(RuntimeError, match=r"response\.completed"):
+            stream.get_final_response()
+    return events
+
+
 def test_stream_tool_calls_and_reasoning_parsed_by_the_sdk_accumulator() -> None:
     req = translate_request(CODEX, MODEL)
     out = translate_stream(TOOL_STREAM, req)
@@ -482,12 +448,7 @@ def test_stream_tool_calls_and_reasoning_parsed_by_the_sdk_accumulator() -> None
     }
 
     # tvgate's own trace assembler reads the client's stream with the same figures.
-    asm = stream_assembler(OPENAI_RESPONSES)
-    asm.feed(out)
-    assembled = asm.finish()
-    assert assembled.complete and assembled.stop_reason == "completed"
-    assert (assembled.usage.input_tokens, assembled.usage.output_tokens) == (2112, 40)
-    assert (assembled.usage.cache_read_tokens, assembled.usage.cache_write_tokens) == (2000, 100)
+    assert_assembles_tool_stream(OPENAI_RESPONSES, out, "completed")
 
 
 def test_stream_is_incremental() -> None:
@@ -518,11 +479,7 @@ def test_stream_max_tokens_is_incomplete() -> None:
 def test_stream_anthropic_error_mid_stream_reaches_the_sdk() -> None:
     error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
     out = translate_stream(sse([START, *TEXT[:3], error, *TEXT[3:]]))
-    client = sdk_client(200, out, "text/event-stream")
-    with client.responses.stream(model="m", input="x") as stream:
-        events = list(stream)
-        with pytest.raises(RuntimeError, match=r"response\.completed"):
-            stream.get_final_response()
+    events = sdk_failed_stream(out)
     failed = events[-1]
     assert failed.type == "response.failed"
     assert failed.response.error is not None

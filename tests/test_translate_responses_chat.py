@@ -17,8 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fake_provider import TOOL_INPUT, FakeProvider
+from tests.shapes import chat_tool_call, responses_usage, text_block
 from tests.test_translate_anthropic_chat import (
+    CHAT_UPSTREAM_ERRORS,
     VLLM_STREAM,
+    VLLM_USAGE,
     call_delta,
     chat_completion,
     chunk,
@@ -28,10 +31,14 @@ from tests.test_translate_chat_anthropic import anything
 from tests.test_translate_responses_anthropic import (
     CODEX,
     CREATED_AT,
+    OPTIONS,
     SHELL,
+    THOUGHT_TEXT_TWO_CALLS,
     assert_responses_sse,
     calls_of,
+    refusal,
     sdk_client,
+    sdk_failed_stream,
     sdk_request,
     sdk_stream,
 )
@@ -40,7 +47,6 @@ from tvgate.providers.assemble import stream_assembler
 from tvgate.translate.responses_api import ResponsesRequest
 from tvgate.translate.responses_to_chat import (
     StreamTranslator,
-    TranslationError,
     translate_error,
     translate_request,
     translate_response,
@@ -96,16 +102,8 @@ def test_codex_request_maps_every_field() -> None:
                 "role": "assistant",
                 "content": "Listing.",
                 "tool_calls": [
-                    {
-                        "id": "call_a",
-                        "type": "function",
-                        "function": {"name": "shell", "arguments": '{"command":["ls"]}'},
-                    },
-                    {
-                        "id": "call_b",
-                        "type": "function",
-                        "function": {"name": "shell", "arguments": "{}"},
-                    },
+                    chat_tool_call("call_a", "shell", '{"command":["ls"]}'),
+                    chat_tool_call("call_b", "shell", "{}"),
                 ],
             },
             {"role": "tool", "tool_call_id": "call_a", "content": "a.txt"},
@@ -140,13 +138,7 @@ def test_request_images_format_sampling_and_older_upstreams() -> None:
                 ],
             }
         ],
-        max_output_tokens=300,
-        temperature=0.2,
-        top_p=0.9,
-        tools=[SHELL],
-        tool_choice={"type": "function", "name": "shell"},
-        parallel_tool_calls=False,
-        text={"format": {"type": "json_schema", "name": "answer", "schema": {"type": "object"}}},
+        **OPTIONS,
         reasoning={"effort": "low"},
     )
     req = translate_request(
@@ -158,7 +150,7 @@ def test_request_images_format_sampling_and_older_upstreams() -> None:
             {
                 "role": "user",
                 "content": [
-                    {"type": "text", "text": "What is this?"},
+                    text_block("What is this?"),
                     {
                         "type": "image_url",
                         "image_url": {"url": "https://x.test/a.png", "detail": "high"},
@@ -212,12 +204,9 @@ def test_request_images_format_sampling_and_older_upstreams() -> None:
     ],
 )
 def test_request_refuses_what_chat_cannot_express(change: JSON, param: str) -> None:
-    with pytest.raises(TranslationError) as caught:
-        translate_request({**CODEX, **change}, MODEL)
-    assert caught.value.param == param
-    with pytest.raises(openai.BadRequestError) as sdk:
-        sdk_client(400, caught.value.client_body()).responses.create(model="m", input="x")
-    assert sdk.value.param == param
+    named, sdk = refusal(translate_request, {**CODEX, **change}, MODEL)
+    assert named == param
+    assert sdk.param == param
 
 
 # --- response -----------------------------------------------------------------------
@@ -232,50 +221,27 @@ def test_vllm_reasoning_and_parallel_calls_parsed_by_the_sdk() -> None:
             "reasoning_content": "Two files.",
             "content": "Reading both.",
             "tool_calls": [
-                {
-                    "id": "call_a",
-                    "type": "function",
-                    "function": {"name": "Read", "arguments": '{"path": "a"}'},
-                },
-                {
-                    "id": "call_b",
-                    "type": "function",
-                    "function": {"name": "Read", "arguments": '{"path": "b"}'},
-                },
+                chat_tool_call("call_a", "Read", '{"path": "a"}'),
+                chat_tool_call("call_b", "Read", '{"path": "b"}'),
             ],
         },
         "tool_calls",
-        usage={
-            "prompt_tokens": 120,
-            "completion_tokens": 40,
-            "total_tokens": 160,
-            "prompt_tokens_details": {"cached_tokens": 64},
-            "completion_tokens_details": {"reasoning_tokens": 9},
-        },
+        usage=VLLM_USAGE,
     )
     response = sdk_client(200, orjson.dumps(translate_response(answer, REQUEST))).responses.create(
         model="m", input="x"
     )
     assert response.id == "resp_chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT" and response.model == MODEL
-    assert [i.type for i in response.output] == [
-        "reasoning",
-        "message",
-        "function_call",
-        "function_call",
-    ]
+    assert [i.type for i in response.output] == THOUGHT_TEXT_TWO_CALLS
     assert response.output_text == "Reading both."
     assert calls_of(response) == [
         ("call_a", "Read", {"path": "a"}),
         ("call_b", "Read", {"path": "b"}),
     ]
     assert response.usage is not None
-    assert response.usage.model_dump(exclude_none=True) == {
-        "input_tokens": 120,
-        "input_tokens_details": {"cached_tokens": 64},
-        "output_tokens": 40,
-        "output_tokens_details": {"reasoning_tokens": 9},
-        "total_tokens": 160,
-    }
+    assert response.usage.model_dump(exclude_none=True) == responses_usage(
+        120, 40, 160, cached=64, reasoning=9
+    )
 
 
 @pytest.mark.parametrize(
@@ -317,12 +283,7 @@ def test_vllm_stream_parsed_by_the_sdk_accumulator() -> None:
     kinds = [e.type for e in events]
     assert kinds[-1] == "response.completed"
     assert kinds.count("response.function_call_arguments.delta") == 4
-    assert [i.type for i in response.output] == [
-        "reasoning",
-        "message",
-        "function_call",
-        "function_call",
-    ]
+    assert [i.type for i in response.output] == THOUGHT_TEXT_TWO_CALLS
     assert response.output[0].summary[0].text == "The user wants two files."
     assert response.output_text == "Reading both."
     assert calls_of(response) == [
@@ -376,11 +337,7 @@ def test_upstream_error_mid_stream_and_cut_stream_are_response_failed(
     raw = upstream(fake_provider, req.body, "error_event").content
     tr = StreamTranslator(req)
     out = tr.feed(raw) + tr.finish()
-    client = sdk_client(200, out, "text/event-stream")
-    with client.responses.stream(model="m", input="x") as stream:
-        events = list(stream)
-        with pytest.raises(RuntimeError, match=r"response\.completed"):
-            stream.get_final_response()
+    events = sdk_failed_stream(out)
     failed = events[-1]
     assert failed.type == "response.failed" and failed.response.error is not None
     assert "Sorry about that" in failed.response.error.message
@@ -394,24 +351,7 @@ def test_upstream_error_mid_stream_and_cut_stream_are_response_failed(
 # --- errors and the fake provider ---------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("status", "body", "kind", "message"),
-    [
-        (
-            400,
-            b'{"object":"error","message":"bad model","type":"BadRequestError","code":400}',
-            "invalid_request_error",
-            "bad model",
-        ),
-        (
-            404,
-            b'{"error":"model \\"qwen\\" not found"}',
-            "not_found_error",
-            'model "qwen" not found',
-        ),
-        (502, b"<html>Bad Gateway</html>", "api_error", "<html>Bad Gateway</html>"),
-    ],
-)
+@pytest.mark.parametrize(("status", "body", "kind", "message"), CHAT_UPSTREAM_ERRORS)
 def test_error_shapes_of_other_upstreams(status: int, body: bytes, kind: str, message: str) -> None:
     translated_status, translated = translate_error(status, body)
     assert translated_status == status

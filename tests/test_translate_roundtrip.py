@@ -20,6 +20,7 @@ dropped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,12 +199,7 @@ def chat_body(c: Conversation, draw: st.DrawFn) -> JSON:
             {"type": "function", "function": _function(name, desc, schema, "parameters")}
             for name, desc, schema in c.tools
         ]
-    choice = _openai_choice(c.tool_choice)
-    if choice is not None:
-        body["tool_choice"] = choice
-    if not c.parallel:
-        body["parallel_tool_calls"] = False
-    return body
+    return _with_tool_options(body, _openai_choice(c.tool_choice), c)
 
 
 def anthropic_body(c: Conversation, draw: st.DrawFn) -> JSON:
@@ -305,6 +301,12 @@ def responses_body(c: Conversation, draw: st.DrawFn) -> JSON:
     choice = _openai_choice(c.tool_choice)
     if isinstance(choice, dict):
         choice = {"type": "function", "name": choice["function"]["name"]}
+    return _with_tool_options(body, choice, c)
+
+
+def _with_tool_options(body: JSON, choice: object, c: Conversation) -> JSON:
+    """``body`` with the tool choice, when there is one, and ``parallel_tool_calls`` false
+    when the conversation wants one call at a time: as both OpenAI APIs write them."""
     if choice is not None:
         body["tool_choice"] = choice
     if not c.parallel:
@@ -457,6 +459,17 @@ def from_anthropic(body: JSON) -> JSON:
 _FINAL_ASSISTANT = "messages[-1]: a final assistant turn is sent as history, not continued"
 
 
+def lossless(
+    translated: Any, read: Callable[[JSON], object], c: Conversation, *harmless: str
+) -> JSON:
+    """The body of a translation that lost nothing of ``c``: it notes nothing but the
+    ``harmless`` notes, and ``read`` finds the conversation in it again."""
+    assert [n for n in translated.dropped if n not in harmless] == []
+    assert read(translated.body) == c.neutral()
+    body: JSON = translated.body
+    return body
+
+
 @st.composite
 def written(draw: st.DrawFn, api: str) -> tuple[Conversation, JSON]:
     c = draw(conversations(stop=api != "responses"))
@@ -468,38 +481,30 @@ def written(draw: st.DrawFn, api: str) -> tuple[Conversation, JSON]:
 @given(written("chat"))
 def test_chat_to_anthropic_and_back(case: tuple[Conversation, JSON]) -> None:
     c, body = case
-    there = chat_to_anthropic.translate_request(body, MODEL)
-    assert there.dropped == []
-    assert from_anthropic(there.body) == c.neutral()
-    back = anthropic_to_chat.translate_request(there.body, model=MODEL)
-    assert [n for n in back.dropped if n != _FINAL_ASSISTANT] == []
-    assert from_chat(back.body) == c.neutral()
+    there = lossless(chat_to_anthropic.translate_request(body, MODEL), from_anthropic, c)
+    lossless(
+        anthropic_to_chat.translate_request(there, model=MODEL), from_chat, c, _FINAL_ASSISTANT
+    )
 
 
 @settings(max_examples=200, deadline=None)
 @given(written("anthropic"))
 def test_anthropic_to_chat_and_back(case: tuple[Conversation, JSON]) -> None:
     c, body = case
-    there = anthropic_to_chat.translate_request(body, model=MODEL)
-    assert [n for n in there.dropped if n != _FINAL_ASSISTANT] == []
-    assert from_chat(there.body) == c.neutral()
-    back = chat_to_anthropic.translate_request(there.body, MODEL)
-    assert back.dropped == []
-    assert from_anthropic(back.body) == c.neutral()
+    there = lossless(
+        anthropic_to_chat.translate_request(body, model=MODEL), from_chat, c, _FINAL_ASSISTANT
+    )
+    lossless(chat_to_anthropic.translate_request(there, MODEL), from_anthropic, c)
 
 
 @settings(max_examples=200, deadline=None)
 @given(written("responses"))
 def test_responses_to_anthropic_to_chat_and_to_chat(case: tuple[Conversation, JSON]) -> None:
     c, body = case
-    there = r2a.translate_request(body, MODEL)
-    assert there.dropped == []
-    assert from_anthropic(there.body) == c.neutral()
-    on = anthropic_to_chat.translate_request(there.body, model=MODEL)
+    there = lossless(r2a.translate_request(body, MODEL), from_anthropic, c)
+    on = anthropic_to_chat.translate_request(there, model=MODEL)
     assert from_chat(on.body) == c.neutral()
-    direct = r2c.translate_request(body, MODEL)
-    assert direct.dropped == []
-    assert from_chat(direct.body) == c.neutral()
+    lossless(r2c.translate_request(body, MODEL), from_chat, c)
 
 
 @pytest.mark.parametrize("effort", ["low", "medium", "high", "xhigh"])

@@ -29,6 +29,7 @@ from tests.fake_provider import (
     ANTHROPIC_CACHE_READ_TOKENS,
     TOOL_INPUT,
     TOOL_PREAMBLE,
+    TOOL_SCHEMA,
     FakeProvider,
     RecordedRequest,
 )
@@ -50,11 +51,7 @@ CHAT_TOOLS: list[ChatCompletionToolParam] = [
         "function": {
             "name": "read_file",
             "description": "Read a file",
-            "parameters": {
-                "type": "object",
-                "properties": {"path": {"type": "string"}, "limit": {"type": "integer"}},
-                "required": ["path"],
-            },
+            "parameters": TOOL_SCHEMA,
         },
     }
 ]
@@ -62,11 +59,7 @@ TOOLS: list[ToolParam] = [
     {
         "name": "read_file",
         "description": "Read a file",
-        "input_schema": {
-            "type": "object",
-            "properties": {"path": {"type": "string"}, "limit": {"type": "integer"}},
-            "required": ["path"],
-        },
+        "input_schema": TOOL_SCHEMA,
     }
 ]
 

@@ -53,6 +53,21 @@ def record(page: Page) -> str:
     return html
 
 
+def submit(page: Page, form: str, fields: dict[str, str], landing: str) -> str:
+    """Fill the form ``form`` (a CSS selector) as a person would, choosing in its selects and
+    typing in its inputs; submit it and record the page it lands on (``landing``: a regex of
+    its URL, the redirect that says what happened)."""
+    for name, value in fields.items():
+        field = page.locator(f"{form} [name={name}]")
+        if field.evaluate("element => element.tagName") == "SELECT":
+            field.select_option(value)
+        else:
+            field.fill(value)
+    page.click(f"{form} button[type=submit]")
+    page.wait_for_url(re.compile(landing))
+    return record(page)
+
+
 def visit(page: Page, url: str, status: int = 200) -> str:
     response = page.goto(url)
     assert response is not None
@@ -104,34 +119,32 @@ def test_admin_adds_a_key_and_an_org_route(
     secret_field = page.locator("#add-key input[name=secret]")
     assert secret_field.get_attribute("type") == "password"
     assert secret_field.get_attribute("autocomplete") == "off"
-    page.fill("#add-key input[name=name]", "ui-anthropic")
-    page.select_option("#add-key select[name=provider]", "anthropic")
-    page.fill("#add-key input[name=base_url]", fake_provider.url)
-    page.fill("#add-key input[name=secret]", ANTHROPIC_SECRET)
-    page.fill("#add-key input[name=max_concurrent]", "50")
-    page.click("#add-key button[type=submit]")
-    page.wait_for_url(re.compile(r".*/ui/keys\?ok=key-added"))
-    html = record(page)
+    fields = {
+        "name": "ui-anthropic",
+        "provider": "anthropic",
+        "base_url": fake_provider.url,
+        "secret": ANTHROPIC_SECRET,
+        "max_concurrent": "50",
+    }
+    html = submit(page, "#add-key", fields, r".*/ui/keys\?ok=key-added")
     assert "ui-anthropic" in html and "…" + ANTHROPIC_SECRET[-4:] in html
     assert "50" in page.locator("tr", has_text="ui-anthropic").inner_text()
     shoot(page, "keys")
 
     visit(page, gateway.url + "/ui/keys/ui-anthropic")
     shoot(page, "key")
-    page.fill("#key-cap input[name=max_concurrent]", "60")
-    page.click("#key-cap button[type=submit]")
-    page.wait_for_url(re.compile(r".*/ui/keys/ui-anthropic\?ok=saved"))
+    submit(page, "#key-cap", {"max_concurrent": "60"}, r".*/ui/keys/ui-anthropic\?ok=saved")
     assert "60" in page.locator("dl.facts").inner_text()
 
     visit(page, gateway.url + "/ui/routes")
-    page.fill("#add-route input[name=name]", "ui-claude")
-    page.select_option("#add-route select[name=key]", "ui-anthropic")
-    page.fill("#add-route input[name=model]", "claude-ui-upstream")
-    page.fill("#add-route input[name=description]", "Made in the browser test")
-    page.fill("#add-route input[name=fallbacks]", "claude-test, claude-pass")
-    page.click("#add-route button[type=submit]")
-    page.wait_for_url(re.compile(r".*/ui/routes\?ok=route-added"))
-    assert "ui-claude" in record(page)
+    fields = {
+        "name": "ui-claude",
+        "key": "ui-anthropic",
+        "model": "claude-ui-upstream",
+        "description": "Made in the browser test",
+        "fallbacks": "claude-test, claude-pass",
+    }
+    assert "ui-claude" in submit(page, "#add-route", fields, r".*/ui/routes\?ok=route-added")
     row = page.locator("tr", has_text="ui-claude").inner_text()
     assert "claude-test, claude-pass" in row
     shoot(page, "routes")
@@ -156,23 +169,19 @@ def test_admin_sets_budgets_and_limits_and_the_member_sees_them(
 ) -> None:
     page = admin_page
     visit(page, gateway.url + "/ui/governance")
-    page.select_option("#set-budget select[name=scope]", "user")
-    page.fill("#set-budget input[name=subject]", MEMBER)
-    page.select_option("#set-budget select[name=measure]", "usd-month")
-    page.fill("#set-budget input[name=amount]", "1000000")
-    page.fill("#set-budget input[name=warn_percent]", "90")
-    page.click("#set-budget button[type=submit]")
-    page.wait_for_url(re.compile(r".*/ui/governance\?ok=saved"))
-    record(page)
+    fields = {
+        "scope": "user",
+        "subject": MEMBER,
+        "measure": "usd-month",
+        "amount": "1000000",
+        "warn_percent": "90",
+    }
+    submit(page, "#set-budget", fields, r".*/ui/governance\?ok=saved")
     budget = page.locator("#budgets tbody tr", has_text=MEMBER)
     assert "cost per month" in budget.inner_text() and "$1,000,000.00" in budget.inner_text()
     assert budget.locator("meter").count() == 1
-    page.select_option("#set-limit select[name=scope]", "route")
-    page.fill("#set-limit input[name=subject]", "claude-test")
-    page.fill("#set-limit input[name=rpm]", "100000")
-    page.click("#set-limit button[type=submit]")
-    page.wait_for_url(re.compile(r".*/ui/governance\?ok=saved"))
-    record(page)
+    fields = {"scope": "route", "subject": "claude-test", "rpm": "100000"}
+    submit(page, "#set-limit", fields, r".*/ui/governance\?ok=saved")
     assert "100,000" in page.locator("#limits tbody tr", has_text="claude-test").inner_text()
     shoot(page, "governance")
     # A refusal comes back as a page saying why.

@@ -28,6 +28,7 @@ import pytest
 from tests.conftest import GatewayFactory, GatewayProcess, VaultEnv, setup_vault
 from tests.fake_provider import FakeProvider
 from tests.openbao import OpenBao
+from tests.shapes import messages_request
 from tvgate.models import Org, ProviderKey, Route, database
 
 KEY_STORE_DOWN = "the key store is unavailable; try again shortly"
@@ -74,13 +75,7 @@ def call(
     on_first_chunk: Callable[[], None] | None = None,
 ) -> Exchange:
     """One Anthropic call through the gateway, read to the end (or to a broken connection)."""
-    body: dict[str, Any] = {
-        "model": route,
-        "max_tokens": 32,
-        "messages": [{"role": "user", "content": "hello from the vault tests"}],
-    }
-    if stream:
-        body["stream"] = True
+    body = messages_request(route, 32, "hello from the vault tests", stream=stream)
     sent = {
         "x-api-key": token or gateway.tokens["dev@acme.test"],
         "anthropic-version": "2023-06-01",

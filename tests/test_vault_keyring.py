@@ -19,12 +19,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import hvac
 import hvac.exceptions
 import pytest
 
-from tests.conftest import ROOT, VaultEnv, setup_vault
+from tests.conftest import ROOT, VaultEnv, own_openai_key, setup_vault
 from tests.openbao import OpenBao, free_port
 from tests.test_cli import run
 from tvgate import services
@@ -64,8 +65,11 @@ def own_vault(tmp_path: Path) -> Iterator[VaultEnv]:
         server.stop()
 
 
-def short_role(vault: VaultEnv, name: str, ttl: str, max_ttl: str) -> tuple[str, str]:
-    """An AppRole role like ``tvgate`` (same policy) with short token TTLs."""
+def short_role_keyring(
+    vault: VaultEnv, name: str, ttl: str, max_ttl: str, **keyring_args: Any
+) -> VaultKeyring:
+    """A keyring (``keyring_args``: a clock, say) logged in by a new AppRole role ``name``
+    like ``tvgate`` (same policy) whose tokens live ``ttl``, renewed up to ``max_ttl``."""
     root = vault.server.client()
     path = f"/v1/auth/approle/role/{name}"
     root.adapter.post(
@@ -79,7 +83,7 @@ def short_role(vault: VaultEnv, name: str, ttl: str, max_ttl: str) -> tuple[str,
     )
     role_id = root.adapter.get(path + "/role-id")["data"]["role_id"]
     secret_id = root.adapter.post(path + "/secret-id", json={})["data"]["secret_id"]
-    return role_id, secret_id
+    return vault.keyring(role_id=role_id, secret_id=secret_id, **keyring_args)
 
 
 class FakeClock:
@@ -122,18 +126,7 @@ def test_ciphertext_only_decrypts_for_its_own_key_user_and_org(vault: VaultEnv, 
     rows = {k.name: k for k in ProviderKey.select()}
     # Two users' own keys: same org, owned by different people.
     for name, owner in (("alice-own", alice), ("bob-own", bob)):
-        row = ProviderKey.create(
-            org=alice.org_id,
-            name=name,
-            provider="openai",
-            base_url="https://api.openai.com/v1",
-            ciphertext="",
-            fingerprint="",
-            owner=owner,
-        )
-        row.ciphertext = keyring.encrypt(SECRET + name, KeyContext(row.org_id, row.id, owner.id))
-        row.save()
-        rows[name] = row
+        rows[name] = own_openai_key(keyring, name, owner, SECRET + name)
 
     def context(row: ProviderKey) -> KeyContext:
         return KeyContext(row.org_id, row.id, row.owner_id)
@@ -243,9 +236,8 @@ def test_the_approle_gives_a_token_with_the_gateway_policy_only(vault: VaultEnv)
 
 
 def test_approle_token_is_renewed_before_it_expires(vault: VaultEnv) -> None:
-    role_id, secret_id = short_role(vault, "tvgate-renew", "60s", "1h")
     clock = FakeClock()
-    keyring = vault.keyring(role_id=role_id, secret_id=secret_id, clock=clock)
+    keyring = short_role_keyring(vault, "tvgate-renew", "60s", "1h", clock=clock)
     context = KeyContext(3, 3, None)
     ciphertext = keyring.encrypt(SECRET, context)
     accessor = keyring.token_accessor
@@ -266,9 +258,8 @@ def test_approle_token_is_renewed_before_it_expires(vault: VaultEnv) -> None:
 
 
 def test_approle_logs_in_again_when_the_token_is_revoked(vault: VaultEnv) -> None:
-    role_id, secret_id = short_role(vault, "tvgate-revoke", "60s", "1h")
     clock = FakeClock()
-    keyring = vault.keyring(role_id=role_id, secret_id=secret_id, clock=clock)
+    keyring = short_role_keyring(vault, "tvgate-revoke", "60s", "1h", clock=clock)
     context = KeyContext(4, 4, None)
     ciphertext = keyring.encrypt(SECRET, context)
     root = vault.server.client()
@@ -289,8 +280,7 @@ def test_approle_logs_in_again_when_the_token_is_revoked(vault: VaultEnv) -> Non
 
 def test_approle_logs_in_again_when_the_token_reaches_its_max_ttl(vault: VaultEnv) -> None:
     """Real time: a 2 s token that may live 3 s at most cannot be renewed for ever."""
-    role_id, secret_id = short_role(vault, "tvgate-maxttl", "2s", "3s")
-    keyring = vault.keyring(role_id=role_id, secret_id=secret_id)
+    keyring = short_role_keyring(vault, "tvgate-maxttl", "2s", "3s")
     context = KeyContext(5, 5, None)
     ciphertext = keyring.encrypt(SECRET, context)
     first = keyring.token_accessor
