@@ -399,6 +399,13 @@ class Gateway:
             lambda: 1 if traces.running else 0,
         )
         metrics.sample(
+            "tvgate_trace_writer_raised_total",
+            "Times the trace writer process, waiting behind the calls at SCHED_IDLE, was "
+            "raised to SCHED_BATCH because its traces waited.",
+            lambda: traces.raises,
+            kind="counter",
+        )
+        metrics.sample(
             "tvgate_trace_writer_restarts_total",
             "Times the trace writer process died, or its loop failed, and was started again.",
             lambda: traces.stats.restarts,

@@ -20,7 +20,6 @@ would read them itself; the writer never asks a key store anything.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -39,7 +38,7 @@ from tvgate.db import ConnectionAge, open_database
 from tvgate.keyring import LOCAL_PREFIX, KeyContext, KeyringError
 from tvgate.keyring.local import LocalKeyring
 from tvgate.logformat import JsonFormatter
-from tvgate.traces import frames
+from tvgate.traces import frames, schedule
 from tvgate.traces.writer import TraceWriter
 
 if TYPE_CHECKING:
@@ -184,6 +183,9 @@ def serve(
             break
     if not told:
         log.warning("the serving process is gone; writing what it sent, then stopping")
+    # The drain is not left waiting behind other work (the serving process raises it
+    # too when it stops; when it is gone, no one else would).
+    schedule.raise_own()
     writer.stop()
     if spans is not None:
         spans.stop()  # before the last STATS: what it dropped at the end is reported
@@ -202,13 +204,9 @@ def main() -> int:
     root.setLevel(config["log_level"].upper())
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    # The calls first: a batch that wakes up does not take a core from the serving process
-    # (SCHED_BATCH: no wake-up preemption), and under contention it gets the smaller share
-    # (nice 10). On an idle core it runs at full speed; its queue is bounded and counted.
-    with contextlib.suppress(OSError, AttributeError):
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    with contextlib.suppress(OSError):
-        os.nice(10)
+    # The calls first (tvgate.traces.schedule): SCHED_BATCH at nice 10 from the start;
+    # the serving process puts it to SCHED_IDLE while it keeps up.
+    schedule.start_behind()
     sock = socket.socket(fileno=sys.stdin.fileno())
     sock.setblocking(True)
     keys = SentPlaintexts()

@@ -5,7 +5,9 @@ batches (splitting, redaction, hashing, SQL) never take the GIL from the IOLoop.
 :meth:`WriterClient.submit` keeps the request path's interface: it serialises the row
 and the body (:func:`~tvgate.traces.frames.trace_frame`, a few µs) and writes the frame
 to a non-blocking socketpair; what the kernel does not take at once is written when
-the IOLoop says the socket is writable. Nothing here ever blocks the loop.
+the IOLoop says the socket is writable. Nothing here ever blocks the loop. For the CPU,
+the writer process waits behind this one (SCHED_IDLE) while it keeps up, and is raised
+(SCHED_BATCH, nice 10) when its traces wait and for the drain (:mod:`tvgate.traces.schedule`).
 
 Each frame carries a sequence number and is kept until the writer process acknowledges
 it (it acks once a trace is in the database or the spool). When that process dies
@@ -45,11 +47,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from tornado.ioloop import IOLoop
+from tornado.ioloop import IOLoop, PeriodicCallback
 
 from tvgate.keyring import KeyContext, KeyringError, PlaintextCache
 from tvgate.keyring.local import LocalKeyring
-from tvgate.traces import frames
+from tvgate.traces import frames, schedule
 from tvgate.traces.child import CONFIG_ENV
 from tvgate.traces.rows import DROP_REASONS, CapturedBody, TraceRow, WriterStats
 from tvgate.traces.spool import count_lines
@@ -141,6 +143,13 @@ class WriterClient:
         self._stopped: asyncio.Future[None] | None = None
         self._sent_keys: set[tuple[int, str]] = set()
         self._keys_stored = -1
+        #: Its scheduling (tvgate.traces.schedule): idle while it keeps up.
+        self._idle_allowed = schedule.may_leave_idle()
+        self._priority = schedule.WriterPriority(None, idle_allowed=False)
+        self._stall_check: PeriodicCallback | None = None
+        self._acked_at_check = 0
+        #: Times a writer process was raised from SCHED_IDLE because its traces waited.
+        self.raises = 0
 
     # --- what the gateway reads ---
 
@@ -213,6 +222,8 @@ class WriterClient:
                 return
         self._unacked.append((self._seq, data, size))
         self._unacked_body_bytes += size
+        if self._priority.idle and len(self._unacked) >= schedule.RAISE_BACKLOG:
+            self._raise()
         self._send(data)
 
     # --- the writer process ---
@@ -224,6 +235,8 @@ class WriterClient:
         dead_letters = Path(self.config.spool_dir) / f"traces.deadletter.{self.config.worker}"
         self.stats.dead_letters = count_lines(dead_letters)
         self._spawn()
+        self._stall_check = PeriodicCallback(self._check_stall, schedule.STALL_SECONDS * 1000)
+        self._stall_check.start()
 
     async def wait_up(self, timeout: float) -> bool:
         """Wait until the first writer process has reported, or ``timeout`` seconds; True
@@ -247,6 +260,8 @@ class WriterClient:
             close_fds=True,
         )
         theirs.close()
+        # It starts at SCHED_BATCH; put behind the serving process once it has reported.
+        self._priority = schedule.WriterPriority(self._proc.pid, idle_allowed=self._idle_allowed)
         ours.setblocking(False)
         self._sock, self._out, self._in = ours, deque(), bytearray()
         self._up = self._done = False
@@ -347,6 +362,11 @@ class WriterClient:
                 self._first_up.set()
                 log.info("trace writer process %d is up", self._proc.pid if self._proc else 0)
             self._done = kind == frames.DONE
+            if self._priority.idle:
+                if self.spool_size or self.held:
+                    self._raise()  # a spool to replay (adopted, or left by an outage)
+            else:
+                self._pace()
             if self.keys.stored != self._keys_stored:
                 self._push_keys()
             self._answer_wanted()
@@ -356,6 +376,35 @@ class WriterClient:
         unacked = self._unacked
         while unacked and unacked[0][0] <= seq:
             self._unacked_body_bytes -= unacked.popleft()[2]
+        if not self._priority.idle:
+            self._pace()
+
+    # --- its scheduling (tvgate.traces.schedule) ---
+
+    def _pace(self) -> None:
+        """Caught up (or just up): behind the serving process again, unless stopping or
+        it has work of its own (a spool to replay, traces held in memory)."""
+        if (
+            self._up
+            and not self._stopping
+            and len(self._unacked) <= schedule.LOWER_BACKLOG
+            and not self.spool_size
+            and not self.held
+        ):
+            self._priority.behind()
+
+    def _check_stall(self) -> None:
+        """Every ``STALL_SECONDS``: traces wait and none was acknowledged since the last
+        look (a writer left without a core at SCHED_IDLE): raise it."""
+        if self._priority.idle and self._unacked and self._acked == self._acked_at_check:
+            self._raise()
+        self._acked_at_check = self._acked
+
+    def _raise(self) -> None:
+        """Its traces wait: SCHED_BATCH until it caught up (counted: a gateway raising it
+        all the time has no idle core for it)."""
+        if self._priority.raised():
+            self.raises += 1
 
     def _gone(self) -> None:
         """The writer process's socket ended: it stopped when told, or it died."""
@@ -465,12 +514,20 @@ class WriterClient:
 
     async def _stop(self) -> None:
         self._stopping = True
+        self._drain_raised()
         self._stopped = asyncio.get_running_loop().create_future()
         self._send(frames.frame(frames.STOP))
         await self._stopped
 
+    def _drain_raised(self) -> None:
+        """At stop: the writer drains at SCHED_BATCH, not behind whatever else runs."""
+        if self._stall_check is not None:
+            self._stall_check.stop()
+        self._priority.raised()
+
     def _stop_blocking(self, timeout: float) -> None:
         self._stopping = True
+        self._drain_raised()
         sock, proc = self._sock, self._proc
         if sock is None or proc is None:
             return
