@@ -2,10 +2,11 @@
 answer of the route's API, and a JSON answer over what tvgate holds to translate.
 
 An Anthropic Messages client on an OpenAI Chat route (``gpt``), and for a 200 of the
-wrong shape also an OpenAI Chat client on an Anthropic route (``claude``), through the gateway of
-``test_translate_wired`` (its fixtures: an org per test with its own keys on the fake
-provider, whose ``wrong_shape`` scenario answers 200 with a JSON list object, ``x-fake-mb``
-MiB of it). Both are the provider's failure: a 502 in the client's envelope.
+wrong shape also an OpenAI Chat client on an Anthropic route (``claude``) and an OpenAI
+Responses client on it and on a Chat Completions-only upstream (``local``), through the
+gateway of ``test_translate_wired`` (its fixtures: an org per test with its own keys on the
+fake provider, whose ``wrong_shape`` scenario answers 200 with a JSON list object,
+``x-fake-mb`` MiB of it). Both are the provider's failure: a 502 in the client's envelope.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 from tests import test_translate_wired as wired
 from tests.fake_provider import FakeProvider
 from tests.harness import RunningGateway
+from tests.test_translate_responses_wired import local_secret  # noqa: F401 (a fixture)
 from tests.test_translate_wired import Org, gateway, org  # noqa: F401 (the fixtures)
 from tvgate.proxy.relay import TRANSLATED_LIMIT
 
@@ -65,6 +67,39 @@ def test_a_200_that_is_no_message_is_a_502_for_a_chat_client(
     assert isinstance(error, dict) and error["message"].startswith('{"object": "list"'), error
     trace, _ = wired.trace_of(gateway, org)
     assert (trace.status_code, trace.outcome) == (502, "upstream_error")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream-asked"])
+@pytest.mark.parametrize(
+    ("route", "path"), [("claude", "/v1/messages"), ("local", "/v1/chat/completions")]
+)
+def test_a_200_that_is_no_answer_is_a_502_for_a_responses_client(
+    gateway: RunningGateway,  # noqa: F811
+    fake_provider: FakeProvider,
+    org: Org,  # noqa: F811
+    local_secret: str,  # noqa: F811
+    route: str,
+    path: str,
+    stream: bool,
+) -> None:
+    # What Codex speaks, on an Anthropic route and on a key of a Chat Completions-only upstream.
+    with pytest.raises(openai.APIStatusError) as caught:
+        wired.chat_client(gateway, org).responses.create(
+            model=route,
+            input="hi",
+            stream=stream,
+            extra_headers={"x-fake-scenario": "wrong_shape"},
+        )
+    assert caught.value.status_code == 502
+    assert caught.value.response.headers["content-type"] == "application/json"
+    error = caught.value.body
+    assert isinstance(error, dict) and error["message"].startswith('{"object": "list"'), error
+    assert error["type"] == "api_error"
+    secret = org.anthropic_secret if route == "claude" else local_secret
+    assert [r.path for r in wired.sent_with(fake_provider, secret)] == [path]
+    trace, _ = wired.trace_of(gateway, org)
+    assert (trace.status_code, trace.outcome) == (502, "upstream_error")
+    assert trace.endpoint == "openai.responses"
 
 
 def test_a_json_answer_over_the_translation_limit_is_a_502(

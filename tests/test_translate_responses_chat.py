@@ -260,9 +260,18 @@ def test_response_status(message: JSON, finish: str, status: str, reason: str | 
     assert answer["output"][0]["content"][0]["text"] in ("hi", "I can't.")
 
 
-def test_an_answer_of_another_shape_is_a_value_error() -> None:
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"choices": [{"message": {"tool_calls": [None]}}]},
+        # Another endpoint's answer (a server whose path leads elsewhere): no choices at all.
+        {"object": "list", "data": []},
+    ],
+    ids=["bad-tool-call", "no-choices"],
+)
+def test_an_answer_of_another_shape_is_a_value_error(body: JSON) -> None:
     with pytest.raises(ValueError, match="not a ChatCompletion"):
-        translate_response({"choices": [{"message": {"tool_calls": [None]}}]}, REQUEST)
+        translate_response(body, REQUEST)
 
 
 # --- stream -------------------------------------------------------------------------

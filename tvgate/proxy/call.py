@@ -5,7 +5,8 @@ either passes on or answers the client with an error in the API's own
 envelope; then the route and its fallbacks are tried in turn, each attempt
 returning what it came to (``Answered`` or ``Failed``). A route of another provider
 than the client's API is served through the translator of that pair
-(``tvgate.translate.pairs``), unless the route turns translation off. What goes back to the
+(``tvgate.translate.pairs``), unless the route turns translation off; what an attempt may do
+is planned, or refused, before any key or slot (``tvgate.proxy.plan``). What goes back to the
 client (headers, body, back-pressure, held failures) is ``ClientRelay``'s
 (``tvgate.proxy.relay``). From authentication on, whatever happens (the client
 leaves, the provider fails, tvgate refuses) the call ends by queueing exactly
@@ -17,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,8 +45,9 @@ from tvgate.models import (
 )
 from tvgate.providers import ProviderAPI
 from tvgate.proxy.body import BodyError, ParsedBody, decode_content, parse_request_body, with_model
-from tvgate.proxy.estimate import ESTIMATE_NOTE, answer_estimate, counted_api
+from tvgate.proxy.estimate import ESTIMATE_NOTE, answer_estimate
 from tvgate.proxy.hops import incoming_marks, is_loop, outgoing_marks
+from tvgate.proxy.plan import Refusal, plan_attempt
 from tvgate.proxy.record import record_call
 from tvgate.proxy.relay import TRANSLATED_LIMIT, ClientRelay, HeldAnswer
 from tvgate.proxy.scrub import KeyScrubber
@@ -58,7 +59,7 @@ from tvgate.proxy.upstream import (
     upstream_url,
 )
 from tvgate.routing import RouteEntry, RouteNotFound
-from tvgate.translate.pairs import Pair, Translation, Untranslatable, pair_for, route_speaks
+from tvgate.translate.pairs import Pair, Translation
 
 if TYPE_CHECKING:
     from tvgate.proxy.handlers import ProxyHandler
@@ -280,36 +281,16 @@ class ProxyCall:
         settings = self.gateway.settings
         governor = self.gateway.governor
         model = entry.upstream_model_for(self.body.model)
-        refusal: tuple[int, str] | None = None
-        pair: Pair | None = None
-        counted: ProviderAPI | None = None
-        speaks = route_speaks(self.endpoint, entry.key.provider, chat_only=entry.key.chat_only)
-        if speaks is not None:
-            # Another API than the client's: served through the pair's translator, if any;
-            # a token count, by an estimate of the request it counts as translated.
-            counted = counted_api(self.endpoint)
-            pair = pair_for(counted or self.endpoint, speaks)
-            if pair is None or not entry.translate:
-                off = " (translation is off for this route)" if pair is not None else ""
-                refusal = (
-                    400,
-                    f"route {entry.name!r} goes to {speaks}, which does not serve "
-                    f"this {self.endpoint.api} endpoint{off}",
-                )
-        if refusal is None:
-            refusal = _upstream_refusal(entry, settings.allows_private_upstream)
-        translation: Translation | None = None
-        if refusal is None and pair is not None:
-            try:
-                translation = pair.start(self._document(), model)
-            except Untranslatable as exc:
-                refusal = (400, f"route {entry.name!r} goes to {entry.key.provider}: {exc}")
-        if refusal is not None:
+        plan = plan_attempt(
+            self.endpoint, entry, model, self._document, settings.allows_private_upstream
+        )
+        if isinstance(plan, Refusal):
             if is_fallback:
-                return Failed(entry, model, 0, OUTCOME_REJECTED, refusal[1])
-            self._fail(*refusal, OUTCOME_REJECTED)
+                return Failed(entry, model, 0, OUTCOME_REJECTED, plan.message)
+            self._fail(plan.status, plan.message, OUTCOME_REJECTED)
             return _ANSWERED
-        if counted is not None and translation is not None:
+        pair, translation = plan.pair, plan.translation
+        if plan.counted is not None and translation is not None:
             # No provider call: tvgate's estimate of the count (tvgate.proxy.estimate).
             self.route, self.provider, self.upstream_model = entry, entry.key.provider, model
             self.notes.append(ESTIMATE_NOTE)
@@ -590,21 +571,6 @@ class ProxyCall:
             self.outcome = self.gone_outcome
             return
         self._fail(*_classify(result))
-
-
-def _upstream_refusal(
-    entry: RouteEntry, allows_private_upstream: Callable[[bool], bool]
-) -> tuple[int, str] | None:
-    """Why the key of ``entry`` may not be called (status, message), if it may not."""
-    base_url = entry.key.base_url
-    if not base_url.startswith("https://") and not allows_private_upstream(
-        entry.key.owner_id is not None
-    ):
-        return 502, f"route {entry.name!r} has a non-https upstream, which is not allowed"
-    if "?" in base_url or "#" in base_url:
-        # Stored before base URLs with a query or a fragment were refused (add_key).
-        return 502, f"route {entry.name!r} has a base URL with a query or fragment"
-    return None
 
 
 def _classify(result: UpstreamResult) -> tuple[int, str, str]:

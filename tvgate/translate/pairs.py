@@ -147,11 +147,7 @@ class _ChatOnAnthropic(_Phases):
         return self._notes
 
     def response(self, body: bytes) -> bytes:
-        answer = _object(body)
-        if answer.get("type") != "message":
-            # Not a Message: told as the provider's failure, in OpenAI's envelope.
-            raise NotAnAnswer(chat_to_anthropic.translate_error(502, body)[1])
-        return orjson.dumps(chat_to_anthropic.translate_response(answer, self._notes))
+        return orjson.dumps(chat_to_anthropic.translate_response(_message(body), self._notes))
 
     def document(self, answer: JSON) -> JSON:
         return chat_to_anthropic.translate_response(answer, [])
@@ -225,7 +221,8 @@ class _ResponsesOnAnthropic(_ResponsesOn):
         )
 
     def response(self, body: bytes) -> bytes:
-        return orjson.dumps(responses_to_anthropic.translate_response(_object(body), self._request))
+        answer = _message(body)
+        return orjson.dumps(responses_to_anthropic.translate_response(answer, self._request))
 
     def document(self, answer: JSON) -> JSON:
         return responses_to_anthropic.translate_response(answer, self._quiet())
@@ -254,13 +251,23 @@ class _ResponsesOnChat(_ResponsesOn):
             return orjson.dumps(responses_to_chat.translate_response(_object(body), self._request))
         except ValueError:
             # Not a ChatCompletion: told as the provider's failure, in OpenAI's envelope.
-            return responses_to_chat.translate_error(502, body)[1]
+            raise NotAnAnswer(responses_to_chat.translate_error(502, body)[1]) from None
 
     def document(self, answer: JSON) -> JSON:
         try:
             return responses_to_chat.translate_response(answer, self._quiet())
         except ValueError:
             return answer
+
+
+def _message(body: bytes) -> JSON:
+    """An Anthropic route's JSON answer, which must be a Message: anything else is told as
+    the provider's failure (``NotAnAnswer``), in OpenAI's envelope, the one both pairs on
+    such a route answer in (Chat Completions and Responses clients)."""
+    answer = _object(body)
+    if answer.get("type") != "message":
+        raise NotAnAnswer(chat_to_anthropic.translate_error(502, body)[1])
+    return answer
 
 
 def _object(body: bytes) -> JSON:

@@ -172,7 +172,10 @@ def _content(content: object, where: str, role: str, dropped: list[str]) -> str 
 
 def translate_response(body: JSON, request: api.ResponsesRequest) -> JSON:
     """The Response for a ChatCompletion ``body``; what it could not carry goes to
-    ``request.dropped``. Raises ValueError on a body that is not a ChatCompletion."""
+    ``request.dropped``. Raises ValueError on a body that is not a ChatCompletion (one
+    without ``choices``: another endpoint's answer, a server's own error)."""
+    if "choices" not in body:
+        raise ValueError("not a ChatCompletion (no choices)")
     try:
         return _translate_response(body, request)
     except _MALFORMED as exc:
