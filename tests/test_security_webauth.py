@@ -22,6 +22,7 @@ from typing import Any
 
 import anthropic
 import httpx2
+import peewee
 import pytest
 
 from tests.conftest import (
@@ -345,11 +346,15 @@ def test_hsts_only_when_the_public_url_is_https(gateway: GatewayProcess) -> None
         assert "strict-transport-security" not in response.headers, url
 
 
-def _refusals(org_name: str, action: str, target: str) -> list[AuditEvent]:
+def _refusals(org_name: str, action: str, target: str, after: int = 0) -> list[AuditEvent]:
+    """The refusals audited in an org for an action on a target, since audit row ``after``
+    (SQLite gives a deleted row's id again, so an earlier test's refusal on another object
+    may share this one's target)."""
     org = Org.get(Org.name == org_name)
     return list(
         AuditEvent.select().where(
-            (AuditEvent.org_id == org.id)
+            (AuditEvent.id > after)
+            & (AuditEvent.org_id == org.id)
             & (AuditEvent.action == action)
             & (AuditEvent.target == target)
             & (AuditEvent.allowed == False)  # noqa: E712 - a SQL comparison
@@ -361,6 +366,7 @@ def test_a_refused_attempt_on_another_orgs_object_is_audited_in_that_org(
     gateway: GatewayProcess,
 ) -> None:
     gateway.bind()
+    before = AuditEvent.select(peewee.fn.MAX(AuditEvent.id)).scalar() or 0
     route = Route.get(Route.name == "other-claude")
     token = (
         ProxyToken.select().join(User).where(User.email == "dev@other.test").order_by(ProxyToken.id)
@@ -402,8 +408,8 @@ def test_a_refused_attempt_on_another_orgs_object_is_audited_in_that_org(
         assert response.status_code == 404, (action, response.text)
         # The envelope says "not found", never whose it is.
         assert "other" not in response.text
-        assert len(_refusals("acme", action, target)) == 1, action
-        [refusal] = _refusals("other", action, target)
+        assert len(_refusals("acme", action, target, before)) == 1, action
+        [refusal] = _refusals("other", action, target, before)
         assert refusal.actor == "admin@acme.test"
     assert Route.get_by_id(route.id).upstream_model == "claude-other"
     assert ProxyToken.get_by_id(token.id).revoked_at is None
