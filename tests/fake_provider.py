@@ -33,7 +33,8 @@ Behaviour is chosen with the request header ``x-fake-scenario`` (default ``norma
                  ``AGENT_COMMAND``); when the last turn is a tool result, the text
                  ``"Tool said: <the result>"``; otherwise as ``normal``.
 ``thinking``     Anthropic: a thinking block (thinking_delta + signature_delta) before the
-                 text. Other endpoints answer as ``normal``.
+                 text. chat/completions: the reasoning first, as vLLM and DeepSeek send it
+                 (``reasoning_content``, streamed a word a chunk). Others answer as ``normal``.
 ``error_529``    Anthropic 529 overloaded_error / OpenAI 503 server_error, ``retry-after: 1``.
 ``error_429``    429 rate-limit error in the API's envelope, ``retry-after: 2``.
 ``error_500``    500 api_error / server_error.
@@ -669,6 +670,10 @@ def _chat_usage(ctx: _Ctx, deltas: int) -> dict[str, Any]:
     }
 
 
+#: The reasoning a chat/completions answer of the thinking scenario starts with.
+CHAT_REASONING = "The user wants their words echoed back. I will repeat them."
+
+
 def _openai_plan(ctx: _Ctx) -> tuple[list[str], list[str] | None]:
     """Text deltas, and argument fragments of a tool call (tool_use scenario)."""
     if ctx.tool_call is not None:
@@ -690,6 +695,8 @@ def _chat_completion(ctx: _Ctx) -> _Reply:
             "refusal": None,
             "annotations": [],
         }
+        if ctx.scenario == "thinking":
+            message["reasoning_content"] = CHAT_REASONING
         if arg_pieces is not None:
             message["tool_calls"] = [
                 {
@@ -733,6 +740,11 @@ def _chat_completion(ctx: _Ctx) -> _Reply:
         return obj
 
     frames = [_Frame(_data_sse(chunk({"role": "assistant", "content": "", "refusal": None})))]
+    if ctx.scenario == "thinking":
+        frames += [
+            _Frame(_data_sse(chunk({"reasoning_content": word})), delta=True)
+            for word in _words(CHAT_REASONING)
+        ]
     frames += [_Frame(_data_sse(chunk({"content": piece})), delta=True) for piece in pieces]
     if arg_pieces is not None:
         first = {

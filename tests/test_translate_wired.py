@@ -27,6 +27,7 @@ from tests.conftest import add_fake_key
 from tests.fake_provider import (
     ANTHROPIC_CACHE_CREATION_TOKENS,
     ANTHROPIC_CACHE_READ_TOKENS,
+    CHAT_REASONING,
     TOOL_INPUT,
     TOOL_PREAMBLE,
     TOOL_SCHEMA,
@@ -345,3 +346,38 @@ def test_models_lists_every_route_in_the_clients_format(gateway: RunningGateway,
     ).json()
     assert sorted(m["id"] for m in listed["data"]) == ["claude", "gpt"]
     assert {m["type"] for m in listed["data"]} == {"model"}
+
+
+def test_anthropic_stream_with_thinking_on_an_openai_chat_route(
+    gateway: RunningGateway, org: Org
+) -> None:
+    """An upstream's reasoning (vLLM's ``reasoning_content``) reaches an Anthropic client as
+    a thinking block its SDK assembles, before the text, with no signature made up."""
+    client = messages_client(gateway, org)
+    with client.messages.stream(
+        model="gpt",
+        max_tokens=2048,
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        messages=PROMPT,
+        **fake_scenario("thinking"),
+    ) as stream:
+        message = stream.get_final_message()
+    thinking, text = message.content
+    assert thinking.type == "thinking"
+    assert thinking.thinking == CHAT_REASONING
+    assert thinking.signature == ""
+    assert text.type == "text" and text.text
+    assert message.stop_reason == "end_turn"
+    created = client.messages.create(
+        model="gpt",
+        max_tokens=2048,
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        messages=PROMPT,
+        **fake_scenario("thinking"),
+    )
+    assert [block.type for block in created.content] == ["thinking", "text"]
+    assert created.content[0].thinking == CHAT_REASONING
+    traces = gateway.wait_traces(2, user_id=org.user_id)
+    assert sorted(t.output_tokens for t in traces) == sorted(
+        (message.usage.output_tokens, created.usage.output_tokens)
+    )
