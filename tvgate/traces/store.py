@@ -59,7 +59,7 @@ def insert_chunks(count: int, largest: int) -> list[tuple[int, int]]:
     a few statements of at most log2(``largest``) + 1 sizes. The ORM takes ~0.2 ms CPU per
     row to write a multi-row statement (22 ms for 100 trace rows), once per size: with a
     statement per batch size, a fresh writer paid it for each of up to 100 sizes as its
-    batches happened to reach them (bench/README.md, "Translated calls")."""
+    batches happened to reach them."""
     chunks: list[tuple[int, int]] = []
     start = 0
     size = largest
