@@ -21,6 +21,7 @@ from tests.shapes import chat_tool_call, tool_use
 from tvgate.traces import content, split
 from tvgate.traces.content import ROOT_FANOUT, blob_digest, load_request, store_request
 from tvgate.traces.split import BIG_STRING, split_offsets
+from tvgate.traces.store import insert_chunks
 
 ROW_OVERHEAD = 40  # bytes a stored blob costs besides its data and digest
 
@@ -620,3 +621,14 @@ def test_nodes_end_where_the_entry_by_entry_rule_ends_them(
             digest[0] = (digest[0] & 0xF0) | (low if passes else low ^ 1)
         digests.append(bytes(digest))
     assert content._chunk(digests) == reference_chunk(digests)
+
+
+def test_insert_chunks_cover_the_rows_in_few_sizes() -> None:
+    """Every row once, in order, in chunks of the largest size or a power of two below it:
+    the statements a writer builds stay at log2(largest) + 1 sizes whatever its batches."""
+    sizes: set[int] = set()
+    for count in range(300):
+        chunks = insert_chunks(count, 64)
+        assert [row for start, end in chunks for row in range(start, end)] == list(range(count))
+        sizes.update(end - start for start, end in chunks)
+    assert sizes == {1, 2, 4, 8, 16, 32, 64}

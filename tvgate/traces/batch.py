@@ -50,14 +50,15 @@ from tvgate.traces.store import (
     BlobStore,
     CaptureSettings,
     KnownPlaintexts,
+    insert_chunks,
     key_refs,
     load_capture_settings,
 )
 
 log = logging.getLogger("tvgate.traces")
 
-#: Rows per INSERT statement.
-_INSERT_ROWS = 100
+#: Rows per INSERT statement at most (a power of two: see ``insert_chunks``).
+_INSERT_ROWS = 64
 #: A row of every column, in the model's order, from which the INSERT of each size is built.
 _SAMPLE_ROW = (None,) * len(COLUMNS)
 
@@ -156,8 +157,8 @@ class BatchWriter:
                 rows.append(row)
             for store in stores.values():
                 store.flush()
-            for start in range(0, len(rows), _INSERT_ROWS):
-                self._insert(rows[start : start + _INSERT_ROWS])
+            for start, end in insert_chunks(len(rows), _INSERT_ROWS):
+                self._insert(rows[start:end])
         for store in stores.values():
             store.committed()
         if self.on_written is not None:

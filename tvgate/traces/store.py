@@ -43,14 +43,32 @@ _DECOMPRESS = zstandard.ZstdDecompressor()
 TOUCHED_MAX = 50_000
 #: (org, digest) -> when this process last stored or touched that blob; oldest first.
 _TOUCHED: OrderedDict[tuple[int, bytes], float] = OrderedDict()
-#: Rows per INSERT statement, and the columns each gives, in order.
-_INSERT_ROWS = 200
+#: Rows per INSERT statement at most (a power of two), and the columns each gives, in order.
+_INSERT_ROWS = 128
 _BLOB_COLUMNS = ("org_id", "digest", "data", "size", "referenced_at")
 _INSERTS: dict[tuple[type, int], str] = {}
 #: (org, pattern) of the stored redaction patterns already logged as skipped.
 _WARNED: set[tuple[int, str]] = set()
 #: (org, key id) of the keys already logged as not redactable (they do not decrypt).
 _UNREADABLE_WARNED: set[tuple[int, int]] = set()
+
+
+def insert_chunks(count: int, largest: int) -> list[tuple[int, int]]:
+    """``count`` rows cut into (start, end) chunks of ``largest`` rows, then of the powers
+    of two of the rest (``largest`` a power of two): a batch's rows go in through at most
+    a few statements of at most log2(``largest``) + 1 sizes. The ORM takes ~0.2 ms CPU per
+    row to write a multi-row statement (22 ms for 100 trace rows), once per size: with a
+    statement per batch size, a fresh writer paid it for each of up to 100 sizes as its
+    batches happened to reach them."""
+    chunks: list[tuple[int, int]] = []
+    start = 0
+    size = largest
+    while start < count:
+        while size > count - start:
+            size //= 2
+        chunks.append((start, start + size))
+        start += size
+    return chunks
 
 
 def _insert_sql(rows: int) -> str:
@@ -104,8 +122,8 @@ class BlobStore:
             for digest, data in self._pending.items()
         ]
         execute = Blob._meta.database.execute_sql
-        for start in range(0, len(rows), _INSERT_ROWS):
-            chunk = rows[start : start + _INSERT_ROWS]
+        for start, end in insert_chunks(len(rows), _INSERT_ROWS):
+            chunk = rows[start:end]
             execute(_insert_sql(len(chunk)), [*itertools.chain.from_iterable(chunk), now])
         self._flushed.extend(self._pending)
         self._pending.clear()
