@@ -270,15 +270,20 @@ def _migration_15(db: peewee.Database) -> None:
     add_column_if_missing(db, models.ProviderKey, "chat_only")
 
 
+def _migration_18(db: peewee.Database) -> None:
+    # The non-secret settings of a cloud key (Bedrock, Vertex AI, Azure OpenAI), issue 20.
+    add_column_if_missing(db, models.ProviderKey, "settings")
+
+
 def _migration_19(db: peewee.Database) -> None:
     # A minted token waits sealed in its web session for the page after the redirect.
     add_column_if_missing(db, models.WebSession, "flash")
 
 
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
-#: The numbers have gaps: 13 came after 14 and 19, 3 and 12 after all of them, 15 after
-#: 19 (a database that has the later ones gets them). The gaps stay: a database records the
-#: numbers it has applied, and renumbering would run a migration twice or skip it.
+#: The numbers have gaps: 13 came after 14 and 19, 3 and 12 after all of them, 15 and 18
+#: after 19 (a database that has the later ones gets them). The gaps stay: a database
+#: records the numbers it has applied, and renumbering would run a migration twice or skip it.
 MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (1, _migration_1),
     (2, _migration_2),
@@ -295,6 +300,7 @@ MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (13, _migration_13),
     (14, _migration_14),
     (15, _migration_15),
+    (18, _migration_18),
     (19, _migration_19),
 ]
 

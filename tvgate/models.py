@@ -131,6 +131,9 @@ class ProviderKey(BaseModel):
     #: An OpenAI-compatible server that serves Chat Completions but not the Responses API
     #: (vLLM, Ollama): a Responses client (Codex) on its routes is translated to Chat.
     chat_only = peewee.BooleanField(default=False)
+    #: A cloud key's settings that are not secret (region, project, API version...), a JSON
+    #: object; its secret part is in ``ciphertext`` like any key's.
+    settings = peewee.TextField(default="{}")
 
     class Meta:
         indexes = ((("org", "name"), True),)

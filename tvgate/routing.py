@@ -73,6 +73,8 @@ class KeyRef:
     max_concurrent: int = 0
     #: The upstream serves Chat Completions but not Responses (vLLM, Ollama).
     chat_only: bool = False
+    #: A cloud key's non-secret settings, as the JSON object text the key row holds.
+    settings: str = "{}"
 
     def usable_by(self, principal: Principal, allow_user_keys: bool) -> bool:
         if self.owner_id is not None:
