@@ -394,8 +394,11 @@ def run(plan: Plan, output: Path | None, quick: bool, translated_only: bool = Fa
                     if database == "sqlite":
                         bench.say(f"  {database:10s} translated calls ...")
                         translated = run_translated(bench, url, token)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        # The gateways' and upstreams' logs say why a run failed: keep them.
+        bench.say(f"the run failed: its scratch directory (logs included) is kept at {tmp}")
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.monotonic() - started
     if translated_only:
         assert translated is not None
