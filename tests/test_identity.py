@@ -320,12 +320,16 @@ def test_unknown_kid_refetches_the_rotated_jwks(
     strangers = [make_jwt(stranger, "RS256", "rsa-9") for _ in range(3)]
     fetched = visdom.calls["jwks"]
     response = call(idgate, token)
+    fetched_at = time.monotonic()
     assert response.status_code == 200, response.text
     assert visdom.calls["jwks"] == fetched + 1
-    # An unknown kid right after a fetch does not make tvgate hammer the issuer.
+    # Unknown kids right after a fetch do not make tvgate hammer the issuer: at most one
+    # fetch per refetch interval (1 s here) since the last. Counted against the time the
+    # calls took, so a busy machine that makes them slower than the interval is not an error.
     for unknown in strangers:
         assert call(idgate, unknown).status_code == 401
-    assert visdom.calls["jwks"] == fetched + 1
+    intervals = int(time.monotonic() - fetched_at)
+    assert visdom.calls["jwks"] <= fetched + 1 + intervals, (visdom.calls["jwks"], intervals)
 
 
 # --- proxy tokens and orgs ---
