@@ -1,12 +1,23 @@
 """A fake Visdom Trace server that behaves like the real one, for identity tests.
 
-It keeps users with passwords and org memberships, issues ``tvs_`` + 64 hex
-session tokens at login and stores only their SHA-256, and answers the three
-calls tvgate makes. Tests can revoke a session (or every session of a user),
-change a role, remove a user from an org, see the tokens it issued and the
-credentials sent to it, count the calls, stop the server (connections
-refused) and start it again on the same port. It also serves a JWKS document
-at ``/jwks.json`` for the JWT tests.
+Multi-org (the default, the public server of mid 2026): it keeps users with
+passwords and org memberships, issues ``tvs_`` + 64 hex session tokens at login
+and stores only their SHA-256, and answers the three calls tvgate makes. Tests
+can revoke a session (or every session of a user), change a role, remove a user
+from an org, see the tokens it issued and the credentials sent to it, count the
+calls, stop the server (connections refused) and start it again on the same
+port. It also serves a JWKS document at ``/jwks.json`` for the JWT tests.
+
+Single tenant (``FakeVisdom(single_tenant=True)``, today's server as its CLI shows
+it): no ``/api/v1/me/orgs`` (404); people sign in at a Keycloak-like OIDC issuer
+this server also plays (``/realms/tracevault``: discovery and JWKS), whose RS256
+access tokens the server checks itself; ``/api/v1/auth/me`` adds ``role`` and
+answers 403 to an account without the ``tracing`` or ``tracing-admin`` realm role;
+``/api/v1/auth/public-config`` says where the issuer is.
+
+Both modes answer as the real extractor does: a text/plain 401 for a missing or
+unknown credential, and a ``tvk_`` org key passes it but has no user (``/auth/me``
+500, ``/me/orgs`` ``[]``).
 """
 
 from __future__ import annotations
@@ -16,13 +27,16 @@ import hashlib
 import secrets
 import socket
 import threading
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import jwt
 import orjson
 import tornado.web
+from cryptography.hazmat.primitives.asymmetric import rsa
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 
@@ -35,6 +49,8 @@ class FakeUser:
     name: str | None
     #: org name -> role
     roles: dict[str, str] = field(default_factory=dict)
+    #: Keycloak realm roles (single tenant): ``tracing``, ``tracing-admin``.
+    realm_roles: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -55,23 +71,41 @@ class _Handler(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(orjson.dumps(document))
 
-    def user(self) -> FakeUser | None:
+    def plain(self, status: int, text: str) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(text)
+
+    def bearer(self) -> str | None:
         header = self.request.headers.get("Authorization", "")
-        if not header.startswith("Bearer "):
+        if not header.startswith("Bearer ") or not header[7:]:
             return None
-        digest = hashlib.sha256(header[7:].encode()).hexdigest()
         with self.fake.lock:
             self.fake.bearers.add(header[7:])
+        return header[7:]
+
+    def user(self, token: str) -> FakeUser | None:
+        if self.fake.single_tenant:
+            return self.fake.user_of_jwt(token)
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        with self.fake.lock:
             user_id = self.fake.sessions.get(digest)
             return self.fake.users.get(user_id) if user_id else None
 
-    def signed_in(self, call: str) -> FakeUser | None:
-        """Count ``call``; the user of the request's session, or None once it is answered
-        401 (a missing or unknown session, as Visdom Trace answers it)."""
+    def signed_in(self, call: str) -> FakeUser | str | None:
+        """Count ``call``; the user of the request's credential, ``tvk_`` for an org key
+        (it passes the extractor but is no person), or None once it is answered 401 as
+        the extractor answers it: text/plain."""
         self.fake.count(call)
-        user = self.user()
+        token = self.bearer()
+        if token is None:
+            self.plain(401, "Missing or invalid Authorization header")
+            return None
+        if token in self.fake.org_keys:
+            return "tvk_"
+        user = self.user(token)
         if user is None:
-            self.send(401, {"error": "unauthorized"})
+            self.plain(401, "Invalid or expired token")
         return user
 
 
@@ -100,13 +134,32 @@ class MeHandler(_Handler):
         user = self.signed_in("me")
         if user is None:
             return
-        self.send(200, {"user_id": user.user_id, "email": user.email, "name": user.name})
+        if isinstance(user, str):
+            self.send(500, {"error": "Internal server error"})
+            return
+        me: dict[str, Any] = {"user_id": user.user_id, "email": user.email, "name": user.name}
+        if self.fake.single_tenant:
+            if "tracing-admin" in user.realm_roles:
+                me["role"] = "tracing-admin"
+            elif "tracing" in user.realm_roles:
+                me["role"] = "tracing"
+            else:
+                self.send(403, {"error": self.fake.no_role_message})
+                return
+        self.send(200, me)
 
 
 class MyOrgsHandler(_Handler):
     def get(self) -> None:
+        if self.fake.single_tenant:
+            self.fake.count("orgs")
+            self.send(404, {"error": "Not found"})
+            return
         user = self.signed_in("orgs")
         if user is None:
+            return
+        if isinstance(user, str):
+            self.send(200, [])
             return
         with self.fake.lock:
             orgs = [
@@ -127,8 +180,42 @@ class JWKSHandler(_Handler):
         self.send(200, {"keys": list(self.fake.jwks)})
 
 
+class PublicConfigHandler(_Handler):
+    def get(self) -> None:
+        self.fake.count("public-config")
+        config = self.fake.public_config
+        if config is None:
+            self.send(404, {"error": "Not found"})
+            return
+        self.send(200, config)
+
+
+class DiscoveryHandler(_Handler):
+    def get(self) -> None:
+        self.fake.count("discovery")
+        self.send(200, self.fake.discovery)
+
+
+class CertsHandler(_Handler):
+    def get(self) -> None:
+        self.fake.count("certs")
+        raw = self.fake.certs_body
+        if raw is not None:
+            self.set_header("Content-Type", "application/json")
+            self.finish(raw)
+            return
+        self.send(200, {"keys": self.fake.issuer_jwks()})
+
+
+#: Where the fake's OIDC issuer lives (Keycloak's layout), and the audience it mints for.
+REALM_PATH = "/realms/tracevault"
+AUDIENCE = "tracevault-api"
+CLI_CLIENT_ID = "tracevault-cli"
+
+
 class FakeVisdom:
-    def __init__(self) -> None:
+    def __init__(self, *, single_tenant: bool = False) -> None:
+        self.single_tenant = single_tenant
         self.lock = threading.Lock()
         self.users: dict[str, FakeUser] = {}
         self.orgs: dict[str, FakeOrg] = {}
@@ -139,10 +226,39 @@ class FakeVisdom:
         self.bearers: set[str] = set()
         self.calls: Counter[str] = Counter()
         self.jwks: list[dict[str, Any]] = []
+        #: ``tvk_`` org API keys: they pass the extractor, but are no person.
+        self.org_keys: set[str] = set()
+        self.no_role_message = "Your account does not have the tracing role"
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = int(sock.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
+        # The OIDC issuer (single tenant): its signing keys by kid, the one it signs with.
+        self.issuer = self.url + REALM_PATH
+        self.signing_keys: dict[str, rsa.RSAPrivateKey] = {}
+        self.signing_kid = ""
+        #: What ``/api/v1/auth/public-config`` answers (None: 404, as a multi-org server).
+        self.public_config: dict[str, Any] | None = None
+        #: The issuer's discovery document, which a test may replace with a hostile one.
+        self.discovery: dict[str, Any] = {}
+        #: A raw body the JWKS endpoint answers instead of the keys (a hostile issuer).
+        self.certs_body: bytes | None = None
+        if single_tenant:
+            self.rotate_key()
+            self.public_config = {
+                "oidc_enabled": True,
+                "issuer": self.issuer,
+                "cli_client_id": CLI_CLIENT_ID,
+                "audience": AUDIENCE,
+            }
+            self.discovery = {
+                "issuer": self.issuer,
+                "jwks_uri": self.issuer + "/protocol/openid-connect/certs",
+                "token_endpoint": self.issuer + "/protocol/openid-connect/token",
+                "device_authorization_endpoint": self.issuer
+                + "/protocol/openid-connect/auth/device",
+                "id_token_signing_alg_values_supported": ["RS256"],
+            }
         self._loop: IOLoop | None = None
         self._server: HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -165,6 +281,75 @@ class FakeVisdom:
         with self.lock:
             self.users[user.user_id] = user
         return user
+
+    def add_tracing_user(
+        self, email: str, realm_roles: list[str], name: str | None = None
+    ) -> FakeUser:
+        """A single-tenant account with these Keycloak realm roles."""
+        user = FakeUser(str(uuid.uuid4()), email, "", name, {}, list(realm_roles))
+        with self.lock:
+            self.users[user.user_id] = user
+        return user
+
+    def add_org_key(self) -> str:
+        """A new ``tvk_`` org API key (automation credential, no user behind it)."""
+        key = "tvk_" + secrets.token_hex(32)
+        with self.lock:
+            self.org_keys.add(key)
+        return key
+
+    # --- the OIDC issuer (single tenant) ---
+
+    def rotate_key(self) -> str:
+        """Sign with a new RSA key from now on (the old ones stay published); its kid."""
+        kid = "kc-" + uuid.uuid4().hex[:8]
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        with self.lock:
+            self.signing_keys[kid] = key
+            self.signing_kid = kid
+        return kid
+
+    def issuer_jwks(self) -> list[dict[str, Any]]:
+        with self.lock:
+            keys = list(self.signing_keys.items())
+        published = []
+        for kid, key in keys:
+            jwk = orjson.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+            published.append({**jwk, "kid": kid, "use": "sig", "alg": "RS256"})
+        return published
+
+    def mint(self, user: FakeUser, *, lifetime: float = 300, **overrides: Any) -> str:
+        """A Keycloak access token for ``user``, as the CLI's device flow gets one; an
+        override of None leaves a claim out."""
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "aud": AUDIENCE,
+            "azp": CLI_CLIENT_ID,
+            "sub": user.user_id,
+            "email": user.email,
+            "name": user.name,
+            "realm_access": {"roles": list(user.realm_roles)},
+            "iat": now,
+            "exp": now + int(lifetime),
+            **overrides,
+        }
+        kid = self.signing_kid
+        claims = {k: v for k, v in claims.items() if v is not None}
+        return jwt.encode(claims, self.signing_keys[kid], algorithm="RS256", headers={"kid": kid})
+
+    def user_of_jwt(self, token: str) -> FakeUser | None:
+        """The user of a valid access token, as Visdom Trace's server checks it."""
+        try:
+            kid = str(jwt.get_unverified_header(token).get("kid"))
+            key = self.signing_keys[kid]
+            claims = jwt.decode(
+                token, key.public_key(), algorithms=["RS256"], issuer=self.issuer, audience=AUDIENCE
+            )
+        except (jwt.PyJWTError, KeyError):
+            return None
+        with self.lock:
+            return self.users.get(claims["sub"])
 
     def issue_session(self, user: FakeUser) -> str:
         token = "tvs_" + secrets.token_hex(32)
@@ -208,6 +393,9 @@ class FakeVisdom:
                     (r"/api/v1/auth/me", MeHandler),
                     (r"/api/v1/me/orgs", MyOrgsHandler),
                     (r"/jwks.json", JWKSHandler),
+                    (r"/api/v1/auth/public-config", PublicConfigHandler),
+                    (REALM_PATH + r"/\.well-known/openid-configuration", DiscoveryHandler),
+                    (REALM_PATH + r"/protocol/openid-connect/certs", CertsHandler),
                 ],
                 fake=self,
                 log_function=lambda _h: None,

@@ -29,6 +29,7 @@ from tvgate.forwarded import Network, parse_networks
 from tvgate.governance.governor import Governor
 from tvgate.identity.authenticator import Authenticator
 from tvgate.identity.jwt_issuer import JWTAuthenticator
+from tvgate.identity.oidc import OIDCVerifier
 from tvgate.identity.origin import OriginChecker
 from tvgate.identity.sessions import AddressThrottle, LoginThrottle
 from tvgate.identity.tokens import ProxyTokenAuthenticator
@@ -221,7 +222,11 @@ class Gateway:
         # Provider calls only: it streams every response through the caller's callbacks
         # and never buffers a body, so it takes no max_body_size.
         http = UpstreamCurlClient(max_clients=settings.max_clients, force_instance=True)
-        visdom = VisdomClient(settings.visdom_url) if settings.visdom_url else None
+        visdom = (
+            VisdomClient(settings.visdom_url, tenant_org=settings.pinned_org)
+            if settings.visdom_url
+            else None
+        )
         visdom_auth = (
             VisdomAuthenticator(
                 visdom,
@@ -229,6 +234,8 @@ class Gateway:
                 ttl=settings.visdom_cache_ttl,
                 negative_ttl=settings.visdom_negative_ttl,
                 pinned_org=settings.pinned_org,
+                # A single-tenant server's Keycloak sign-in, learnt from the server itself.
+                oidc=OIDCVerifier(settings.visdom_url, settings),
             )
             if visdom is not None
             else None

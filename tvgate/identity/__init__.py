@@ -104,6 +104,15 @@ class AuthError(IdentityError):
     told = "invalid credential: {}"
 
 
+class NoAccess(AuthError):
+    """The credential is good, but the identity provider refuses the account access (403):
+    Visdom Trace's ``/auth/me`` answering 403 to a person without the ``tracing`` role.
+    The provider's own message is told; what is made from such a sign-in ends with it."""
+
+    status = 403
+    told = "{}"
+
+
 class MissingCredential(AuthError):
     """The request carries no credential at all (401)."""
 

@@ -1,20 +1,41 @@
 """The front door of identity: which authenticator a credential goes to, and the org it acts in.
 
 ``tvg_`` tokens are tvgate's own, ``tvs_`` tokens are Visdom Trace sessions,
-and three dot-separated base64 parts are a JWT. Each kind is checked by its own
-authenticator; a kind that is not configured is refused like an unknown token.
+and three dot-separated base64 parts are a JWT: the configured issuer's
+(``TVGATE_JWT_ISSUER``) when its unverified ``iss`` says so, else a single-tenant
+Visdom Trace's Keycloak token when a Visdom Trace server is configured. Each kind
+is checked by its own authenticator; a kind that is not configured is refused
+like an unknown token. A ``tvk_`` Visdom Trace org key is refused by its prefix
+alone (no call to Visdom Trace, never logged): it acts for no person.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jwt
+
 from tvgate.identity import AuthError, OrgSelectionError, Principal
 from tvgate.identity.jwt_issuer import JWTAuthenticator, looks_like_jwt
 from tvgate.identity.tokens import TOKEN_PREFIX as PROXY_PREFIX
 from tvgate.identity.tokens import ProxyTokenAuthenticator
+from tvgate.identity.visdom import ORG_KEY_PREFIX, VisdomAuthenticator
 from tvgate.identity.visdom import TOKEN_PREFIX as VISDOM_PREFIX
-from tvgate.identity.visdom import VisdomAuthenticator
+
+#: What a ``tvk_`` key sent as a proxy credential is told.
+ORG_KEY_REFUSED = (
+    "a Visdom Trace org API key (tvk_…) acts for no person, and tvgate needs one: send "
+    "your personal Visdom Trace token (`tracevault login`, then `tracevault proxy info`) "
+    "or a tvgate token (tvg_…)"
+)
+
+
+def _unverified_issuer(token: str) -> object:
+    """The ``iss`` a JWT claims, unchecked: only which authenticator checks it."""
+    try:
+        return jwt.decode(token, options={"verify_signature": False}).get("iss")
+    except jwt.PyJWTError:
+        return None
 
 
 @dataclass(eq=False)
@@ -40,9 +61,15 @@ class Authenticator:
                 raise AuthError("Visdom Trace sign-in is not configured on this gateway")
             return await self.visdom.authenticate(token, requested_org)
         if looks_like_jwt(token):
-            if self.jwt is None:
-                raise AuthError("JWT sign-in is not configured on this gateway")
-            return await self.jwt.authenticate(token, requested_org)
+            if self.jwt is not None and (
+                self.visdom is None or _unverified_issuer(token) == self.jwt.settings.jwt_issuer
+            ):
+                return await self.jwt.authenticate(token, requested_org)
+            if self.visdom is not None:
+                return await self.visdom.authenticate_jwt(token, requested_org)
+            raise AuthError("JWT sign-in is not configured on this gateway")
+        if token.startswith(ORG_KEY_PREFIX):
+            raise AuthError(ORG_KEY_REFUSED)
         raise AuthError("unknown credential")
 
     def forget_all(self) -> None:

@@ -37,6 +37,20 @@ def looks_like_jwt(token: str) -> bool:
     return token.startswith("eyJ") and token.count(".") == 2
 
 
+def signing_header(token: str, accepted: list[str]) -> tuple[str, str | None]:
+    """The algorithm a JWT's header names, refused (AuthError) unless it is one of
+    ``accepted``, and the header's ``kid`` (None when it names none, or not a string)."""
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        raise AuthError("malformed JWT") from None
+    algorithm = header.get("alg")
+    if not isinstance(algorithm, str) or algorithm not in accepted:
+        raise AuthError(f"JWT algorithm {algorithm!r} is not accepted")
+    kid = header.get("kid")
+    return algorithm, kid if isinstance(kid, str) else None
+
+
 class JWTAuthenticator:
     def __init__(self, settings: Settings, runner: DatabaseRunner) -> None:
         self.settings = settings
@@ -92,20 +106,14 @@ class JWTAuthenticator:
         self.jwks = keys
 
     async def _claims(self, token: str) -> dict[str, Any]:
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise AuthError("malformed JWT") from None
-        algorithm = header.get("alg")
-        if algorithm not in self.algorithms:
-            raise AuthError(f"JWT algorithm {algorithm!r} is not accepted")
+        algorithm, kid = signing_header(token, self.algorithms)
         if algorithm in HMAC_ALGORITHMS:
             if not self.settings.jwt_secret:
                 raise AuthError("no shared secret is configured for HMAC tokens")
             key: Any = self.settings.jwt_secret
             allowed = self.hmac_algorithms
         else:
-            key = await self._public_key(header.get("kid"))
+            key = await self._public_key(kid)
             allowed = self.public_algorithms
         required = ["exp", "iss"] + (["aud"] if self.settings.jwt_audience else [])
         try:

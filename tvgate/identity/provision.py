@@ -13,7 +13,8 @@ is never rebound. A row made without one (``tvgate users add``) with the same em
 is linked only when the operator turned ``link_users_by_email`` on and the email is
 verified: a JWT's ``email_verified: true``; Visdom Trace's answer never says so.
 Names, emails and roles are refreshed on every sight; the outside role is mapped to
-tvgate's: owner and admin → admin, auditor → auditor, anything else → member.
+tvgate's: owner and admin (and a single-tenant Visdom Trace's tracing-admin) → admin,
+auditor → auditor, anything else (tracing, developer, …) → member.
 Refusals are audited in the tvgate org they were refused from. Runs in the database pool.
 """
 
@@ -32,7 +33,7 @@ from tvgate.models import ROLE_ADMIN, ROLE_AUDITOR, ROLE_MEMBER, Org, User, data
 
 def map_role(external_role: str) -> str:
     role = external_role.strip().lower()
-    if role in ("owner", "admin"):
+    if role in ("owner", "admin", "tracing-admin"):
         return ROLE_ADMIN
     if role == "auditor":
         return ROLE_AUDITOR

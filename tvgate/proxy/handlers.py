@@ -2,7 +2,11 @@
 
 Each handler reads the request and hands it to ``ProxyCall``. The paths are
 those of the providers' APIs, also under ``/anthropic`` and ``/openai`` for
-tools that want a provider-specific base URL.
+tools that want a provider-specific base URL, and under ``/proxy/anthropic`` and
+``/proxy/openai``: Visdom Trace's own proxy path, so that the settings
+``tracevault proxy info`` prints (``ANTHROPIC_BASE_URL=<server>/proxy/anthropic``)
+work against tvgate unchanged. Every alias is the same handler: same pipeline,
+same identity from ``x-api-key`` or ``Authorization``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
 
 from tvgate.db import DatabaseUnavailable
+from tvgate.models import PROVIDER_ANTHROPIC, PROVIDER_OPENAI
 from tvgate.providers import ENDPOINTS, ProviderAPI
 from tvgate.proxy.call import ProxyCall
 from tvgate.translate.pairs import pair_for
@@ -139,10 +144,14 @@ class RootHandler(BaseHandler):
         )
 
 
+#: Where each provider's endpoints are served, before ``/v1/``.
+PREFIXES = {p: ("", "/" + p, "/proxy/" + p) for p in (PROVIDER_ANTHROPIC, PROVIDER_OPENAI)}
+
+
 def _endpoint_routes() -> list[tuple[str, type, dict[str, Any]]]:
     routes: list[tuple[str, type, dict[str, Any]]] = []
     for suffix, endpoint in ENDPOINTS.items():
-        for prefix in ("", "/" + endpoint.provider):
+        for prefix in PREFIXES[endpoint.provider]:
             routes.append((f"{prefix}/v1/{suffix}", ProxyHandler, {"endpoint": endpoint}))
     return routes
 
@@ -150,5 +159,5 @@ def _endpoint_routes() -> list[tuple[str, type, dict[str, Any]]]:
 default_handlers: list[tuple[str, type, dict[str, Any]] | tuple[str, type]] = [
     ("/", RootHandler),
     *_endpoint_routes(),
-    (r"(?:/anthropic|/openai)?/v1/models", ModelsHandler),
+    (r"(?:(?:/proxy)?/anthropic|(?:/proxy)?/openai)?/v1/models", ModelsHandler),
 ]
