@@ -177,10 +177,14 @@ def _top_level_orjson(raw: bytes) -> tuple[object, int, bool, int]:
     return document.get("model"), count, document.get("stream") is True, _max_output(document)
 
 
-def parse_request_body(raw: bytes) -> ParsedBody:
-    """Parse a decoded JSON body and read its ``model``."""
+def parse_request_body(raw: bytes, named: str = "") -> ParsedBody:
+    """Parse a decoded JSON body and read its ``model``; ``named``: the route the client's
+    path names (Azure OpenAI's ``/openai/deployments/{name}/…``), which becomes the body's
+    ``model`` whatever it had."""
     if not raw:
         raise BodyError(400, "request body is empty; expected a JSON object")
+    if named:
+        raw = _named_model(raw, named)
     model, count, stream, max_output = _top_level(raw)
     if not isinstance(model, str) or not model:
         raise BodyError(400, "request body has no 'model' (a route name)")
@@ -191,6 +195,18 @@ def parse_request_body(raw: bytes) -> ParsedBody:
     if _CONTROL.search(model):
         raise BodyError(400, "'model' contains control characters")
     return ParsedBody(raw=raw, model=model, stream=stream, max_output=max_output)
+
+
+def _named_model(raw: bytes, model: str) -> bytes:
+    """``raw`` with ``model`` as its top level's ``model`` (one, whatever it had)."""
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BodyError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise BodyError(400, "request body must be a JSON object")
+    document["model"] = model
+    return orjson.dumps(document)
 
 
 def with_model(body: ParsedBody, upstream_model: str) -> bytes:
