@@ -43,6 +43,7 @@ from tests.fake_azure import DEFAULT_DEPLOYMENTS, FakeAzure
 from tests.fake_provider import FakeProvider
 from tvgate import services
 from tvgate.models import Org
+from tvgate.traces.spans import span_attributes
 
 API_VERSION = "2025-04-01-preview"
 DEPLOYMENT = "gpt4o-prod"
@@ -551,3 +552,9 @@ def test_the_api_adds_an_azure_key(gateway: GatewayProcess, org: AzureOrg) -> No
         )
         assert bad.status_code == 400 and said in bad.json()["error"]["message"], bad.text
         assert org.client_secret not in bad.text
+
+
+def test_an_azure_call_is_named_as_the_genai_conventions_name_it() -> None:
+    row: dict[str, object] = {"provider": "azure", "endpoint": "openai.chat"}
+    attributes = span_attributes(row)
+    assert attributes["gen_ai.provider.name"] == "azure.ai.openai"
