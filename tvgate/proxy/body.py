@@ -156,14 +156,20 @@ def _top_level(raw: bytes) -> tuple[object, int, bool, int]:
         del document
 
 
-def _top_level_orjson(raw: bytes) -> tuple[object, int, bool, int]:
-    """:func:`_top_level` for the rare body simdjson refuses (it may still be valid)."""
+def _document(raw: bytes) -> dict[str, object]:
+    """The body as objects (orjson's); BodyError for one that is not a JSON object."""
     try:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BodyError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise BodyError(400, "request body must be a JSON object")
+    return document
+
+
+def _top_level_orjson(raw: bytes) -> tuple[object, int, bool, int]:
+    """:func:`_top_level` for the rare body simdjson refuses (it may still be valid)."""
+    document = _document(raw)
     # A dict keeps only the last of duplicate members; the json module shows them all.
     # The outermost object is the last one it completes.
     count = 0
@@ -199,12 +205,7 @@ def parse_request_body(raw: bytes, named: str = "") -> ParsedBody:
 
 def _named_model(raw: bytes, model: str) -> bytes:
     """``raw`` with ``model`` as its top level's ``model`` (one, whatever it had)."""
-    try:
-        document = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BodyError(400, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise BodyError(400, "request body must be a JSON object")
+    document = _document(raw)
     document["model"] = model
     return orjson.dumps(document)
 
