@@ -29,6 +29,7 @@ import json
 import secrets
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,7 @@ MODEL = DEFAULT_DEPLOYMENTS[DEPLOYMENT]
 TENANT = "contoso.onmicrosoft.com"
 CLIENT_ID = "5f1c3e2a-9b7d-4c8e-a1f0-2b3c4d5e6f70"
 SHORT_CLIENT_ID = "0a1b2c3d-0000-4000-8000-000000000001"
+BURST_CLIENT_ID = "0a1b2c3d-0000-4000-8000-000000000002"
 USER_TEXT = "hello from azure"
 
 
@@ -89,6 +91,7 @@ def org(gateway: GatewayProcess, azure: FakeAzure, fake_provider: FakeProvider) 
     azure.api_keys.add(api_key)
     azure.apps[(TENANT, CLIENT_ID)] = client_secret
     azure.apps[(TENANT, SHORT_CLIENT_ID)] = short_secret
+    azure.apps[(TENANT, BURST_CLIENT_ID)] = short_secret
     entra = {"tenant_id": TENANT, "client_id": CLIENT_ID, "client_secret": client_secret}
 
     def key(key_name: str, secret: dict[str, str], **settings: str) -> None:
@@ -106,14 +109,19 @@ def org(gateway: GatewayProcess, azure: FakeAzure, fake_provider: FakeProvider) 
     key("az-entra", entra, api_version=API_VERSION)
     key("az-short", {**entra, "client_id": SHORT_CLIENT_ID, "client_secret": short_secret})
     key("az-wrong", {**entra, "client_secret": "not-the-" + client_secret})
+    key("az-burst", {**entra, "client_id": BURST_CLIENT_ID, "client_secret": short_secret})
     for route, key_name in (
         ("gpt4o", "az"),
         ("gpt4o-v1", "az-v1"),
         ("gpt4o-entra", "az-entra"),
         ("gpt4o-short", "az-short"),
         ("gpt4o-wrong", "az-wrong"),
+        ("gpt4o-burst", "az-burst"),
     ):
         services.add_route(route, key_name, model=DEPLOYMENT, org_name=name)
+    services.add_route(
+        "gpt4o-mended", "az-wrong", model=DEPLOYMENT, org_name=name, fallbacks=["gpt4o"]
+    )
     services.add_route("gpt-missing", "az", model="no-such-deployment", org_name=name)
     add_fake_key(fake_provider, name, "plain", fake_provider.openai_url, provider="openai")
     services.add_route("plain-gpt", "plain", model="gpt-upstream-1", org_name=name)
@@ -414,6 +422,42 @@ def test_one_token_per_credential_until_it_nears_expiry(
         )
     finally:
         org.fake.token_lifetime = 3599
+
+
+def test_calls_at_once_on_a_new_credential_mint_one_token(
+    gateway: GatewayProcess, org: AzureOrg
+) -> None:
+    sdk = client(gateway, org)
+    seen = len(org.fake.requests)  # the fake also served the other database's gateway
+
+    def call(_: int) -> str | None:
+        answer = sdk.chat.completions.create(
+            model="gpt4o-burst", messages=[{"role": "user", "content": USER_TEXT}]
+        )
+        return answer.choices[0].message.content
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(call, range(6)))
+    assert answers == [f"You said: {USER_TEXT}"] * 6
+    mints = [r for r in org.fake.requests[seen:] if r.path.endswith("/token")]
+    assert sum(1 for r in mints if BURST_CLIENT_ID.encode() in r.body) == 1
+
+
+def test_a_refused_credential_falls_back_to_the_next_route(
+    gateway: GatewayProcess, org: AzureOrg
+) -> None:
+    answer = client(gateway, org).chat.completions.create(
+        model="gpt4o-mended", messages=[{"role": "user", "content": USER_TEXT}]
+    )
+    assert answer.choices[0].message.content == f"You said: {USER_TEXT}"
+    deadline = time.monotonic() + 30
+    while not (mended := [t for t in gateway.traces() if "gpt4o-mended" in (t.attempts or "")]):
+        assert time.monotonic() < deadline, "no trace of the fallback"
+        time.sleep(0.2)
+    assert mended[-1].route_name == "gpt4o" and mended[-1].outcome == "ok"
+    attempts = [a for a in json.loads(mended[-1].attempts) if a["route"] == "gpt4o-mended"]
+    assert "AADSTS7000215" in attempts[0]["error"]
+    assert org.client_secret not in mended[-1].attempts
 
 
 # --- the canary ------------------------------------------------------------------------------
