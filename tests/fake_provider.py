@@ -986,6 +986,8 @@ class _Handler(tornado.web.RequestHandler):
 
     provider: FakeProvider
     record: RecordedRequest | None = None
+    #: The scenarios this handler knows (a fake of another service adds its own).
+    scenarios: frozenset[str] = SCENARIOS
 
     def initialize(self, provider: FakeProvider) -> None:
         self.provider = provider
@@ -1120,7 +1122,7 @@ class _Handler(tornado.web.RequestHandler):
                 or self.request.headers.get("x-fake-scenario", "normal").strip()
                 or "normal"
             )
-            if scenario not in SCENARIOS:
+            if scenario not in self.scenarios:
                 raise _HTTPError(
                     400, "invalid_request_error", f"unknown x-fake-scenario: {scenario}"
                 )
@@ -1552,6 +1554,9 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
 class FakeProvider:
     """A fake Anthropic + OpenAI upstream on 127.0.0.1, served from a daemon thread."""
 
+    #: What answers each request (a fake of another service built on this one has its own).
+    handler_class: type[tornado.web.RequestHandler] = _Handler
+
     def __init__(
         self,
         accepted_keys: set[str] | None = None,
@@ -1624,7 +1629,7 @@ class FakeProvider:
 
     async def _serve(self, sockets: list[socket.socket]) -> None:
         app = tornado.web.Application(
-            [(r"/.*", _Handler, {"provider": self})], log_function=_log_request
+            [(r"/.*", self.handler_class, {"provider": self})], log_function=_log_request
         )
         server = tornado.httpserver.HTTPServer(app, idle_connection_timeout=60)
         server.add_sockets(sockets)

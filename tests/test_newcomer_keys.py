@@ -396,6 +396,29 @@ def test_chat_only_is_set_by_the_api_and_the_ui_and_only_for_openai(
     assert (shown[key], shown[other]) == (False, True)
 
 
+def test_an_azure_key_is_added_from_the_ui(gateway: GatewayProcess) -> None:
+    """The add-key form takes an Azure OpenAI key's settings; what the proxy does with it is
+    tests/test_cloud_azure.py's."""
+    key, api_key = f"nk-{_hex()}", _hex()
+    with _sign_in(gateway) as browser:
+        form = {
+            "_xsrf": _form_xsrf(browser.get("/ui/keys").text, "add-key"),
+            "name": key,
+            "provider": "azure",
+            "base_url": "https://contoso.openai.azure.com",
+            "secret": json.dumps({"api_key": api_key}),
+            "available_to_all": "on",
+            "style": "v1",
+            "api_version": "",
+        }
+        assert browser.post("/ui/keys", data=form).status_code == 302
+        page = browser.get(f"/ui/keys/{key}").text
+        assert "Settings" in page and "v1" in page
+        assert api_key not in page and api_key not in browser.get("/ui/keys").text
+        refused = browser.post("/ui/keys", data={**form, "name": key + "-2", "style": "v2"})
+        assert "style must be one of" in refused.text
+
+
 def test_key_delete_refusal_names_the_force_flag(
     gateway: GatewayProcess, fake_provider: FakeProvider
 ) -> None:

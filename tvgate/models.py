@@ -38,7 +38,9 @@ OUTCOMES = (
 
 PROVIDER_ANTHROPIC = "anthropic"
 PROVIDER_OPENAI = "openai"
-PROVIDERS = (PROVIDER_ANTHROPIC, PROVIDER_OPENAI)
+#: Azure OpenAI (issue 20): OpenAI's APIs under Azure's endpoints and credentials.
+PROVIDER_AZURE = "azure"
+PROVIDERS = (PROVIDER_ANTHROPIC, PROVIDER_OPENAI, PROVIDER_AZURE)
 
 #: Route scopes: visible to the whole org, made by an admin for one user,
 #: made by a user for themselves.

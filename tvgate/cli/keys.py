@@ -13,6 +13,7 @@ from tvgate.config import Settings
 from tvgate.keyring import Keyring, build_keyring
 from tvgate.keyring.local import LocalKeyring
 from tvgate.keyring.vault import VaultKeyring
+from tvgate.models import PROVIDERS
 
 
 def cmd_keys_add(settings: Settings, args: argparse.Namespace) -> int:
@@ -28,10 +29,25 @@ def cmd_keys_add(settings: Settings, args: argparse.Namespace) -> int:
         available_to_all=not args.granted_only,
         max_concurrent=args.max_concurrent,
         chat_only=args.chat_only,
+        settings=_cloud_settings(args),
         **settings.upstream_rules,
     )
     _print_key(view, "added", as_json=args.json)
     return 0
+
+
+def _cloud_settings(args: argparse.Namespace) -> dict[str, str] | None:
+    """The cloud settings given as flags (Azure OpenAI's), checked by the service."""
+    given = {
+        name: value
+        for name, value in (
+            ("api_version", args.api_version),
+            ("style", args.style),
+            ("authority", args.authority),
+        )
+        if value is not None
+    }
+    return given or None
 
 
 def _print_key(view: services.KeyView, done: str, *, as_json: bool) -> None:
@@ -48,6 +64,7 @@ def _print_key(view: services.KeyView, done: str, *, as_json: bool) -> None:
             ("  state", "disabled" if view.disabled else "enabled"),
             ("  max calls at once", str(view.max_concurrent or "no cap")),
             ("  upstream APIs", _apis(view)),
+            *((f"  {name}", str(value)) for name, value in shown["settings"].items()),
             ("  created (UTC)", when(view.created_at)),
         ]
     )
@@ -84,7 +101,10 @@ def cmd_keys_set(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _read_secret() -> str:
-    secret = sys.stdin.readline().strip()
+    secret = sys.stdin.readline()
+    if secret.lstrip().startswith("{") and not sys.stdin.isatty():
+        secret += sys.stdin.read()  # a cloud key's JSON object, which may span lines
+    secret = secret.strip()
     if not secret:
         raise services.ServiceError("give the key's secret on standard input")
     return secret
@@ -199,8 +219,10 @@ def register(commands: Commands) -> None:
     keys = group(commands, "keys", "manage provider keys")
     p = command(keys, "add", cmd_keys_add, "add a key; the secret is read from standard input")
     p.add_argument("name")
-    p.add_argument("--provider", required=True, choices=["anthropic", "openai"])
-    p.add_argument("--base-url")
+    p.add_argument("--provider", required=True, choices=list(PROVIDERS))
+    p.add_argument(
+        "--base-url", help="where calls go (Azure OpenAI: https://RESOURCE.openai.azure.com)"
+    )
     p.add_argument("--org")
     p.add_argument("--owner", help="a user's own key (when the org allows user keys)")
     p.add_argument(
@@ -214,6 +236,24 @@ def register(commands: Commands) -> None:
         help="calls open on the key at once, across every gateway process (0: no cap)",
     )
     p.add_argument("--chat-only", action="store_true", help=_CHAT_ONLY_HELP)
+    azure = p.add_argument_group(
+        'Azure OpenAI (--provider azure; the secret is {"api_key": …} or Entra ID\'s '
+        '{"tenant_id", "client_id", "client_secret"})'
+    )
+    azure.add_argument(
+        "--style",
+        choices=["deployments", "v1"],
+        help="/openai/deployments/{deployment}/… (default) or the v1 endpoint /openai/v1/…",
+    )
+    azure.add_argument(
+        "--api-version", metavar="VERSION", help="default 2025-04-01-preview (deployments)"
+    )
+    azure.add_argument(
+        "--authority",
+        metavar="URL",
+        help="the Entra ID authority tokens are minted at "
+        "(default https://login.microsoftonline.com)",
+    )
     p.add_argument("--json", action="store_true", help="JSON for scripts")
     p = command(
         keys, "set", cmd_keys_set, "change a key's concurrency cap, base URL or --chat-only"

@@ -1,6 +1,6 @@
 """Who is calling: the Principal, the errors identity raises, and the token reader.
 
-A request's credential comes as ``x-api-key`` or ``Authorization: Bearer``,
+A request's credential comes as ``x-api-key`` (``api-key``) or ``Authorization: Bearer``,
 whichever the tool sends. Each kind of credential has an authenticator that
 turns it into a Principal or refuses it.
 """
@@ -165,8 +165,9 @@ def select_membership(
 
 
 def credential_from_headers(headers: HTTPHeaders) -> str | None:
-    """The token the client sent, from ``x-api-key`` or a Bearer ``Authorization``."""
-    token = headers.get("x-api-key")
+    """The token the client sent, from ``x-api-key``, ``api-key`` (as the ``openai`` SDK's
+    ``AzureOpenAI`` client sends it) or a Bearer ``Authorization``."""
+    token = headers.get("x-api-key") or headers.get("api-key")
     if token:
         return token.strip()
     authorization = headers.get("Authorization")

@@ -17,6 +17,7 @@ only be told in-band, as an event in that API's stream format.
 
 from __future__ import annotations
 
+from tvgate.models import PROVIDER_AZURE, PROVIDER_OPENAI
 from tvgate.providers import anthropic, openai_chat, openai_legacy, openai_responses
 from tvgate.providers.base import (
     ANTHROPIC_COUNT_TOKENS,
@@ -40,6 +41,7 @@ __all__ = [
     "ProviderAPI",
     "api_for",
     "provider_api",
+    "speaks",
 ]
 
 _APIS: tuple[ProviderAPI, ...] = (
@@ -58,6 +60,14 @@ _BY_PROVIDER: dict[str, ProviderAPI] = {
     api.provider: api for api in (anthropic.MESSAGES, openai_chat.CHAT)
 }
 DEFAULT_BASE_URLS: dict[str, str] = {p: api.default_base_url for p, api in _BY_PROVIDER.items()}
+#: The clouds (issue 20), by the provider whose APIs each serves under its own endpoints
+#: and credentials (``tvgate.providers.clouds``): a route on one speaks that provider's.
+_CLOUD_SPEAKS: dict[str, str] = {PROVIDER_AZURE: PROVIDER_OPENAI}
+
+
+def speaks(provider: str) -> str:
+    """The provider whose APIs a key of ``provider`` serves (itself, unless a cloud)."""
+    return _CLOUD_SPEAKS.get(provider, provider)
 
 
 def api_for(name: str) -> ProviderAPI:
@@ -70,7 +80,7 @@ def api_for(name: str) -> ProviderAPI:
 
 def provider_api(provider: str) -> ProviderAPI:
     """The main API of ``provider`` (a key's or a route's); ValueError if none."""
-    api = _BY_PROVIDER.get(provider)
+    api = _BY_PROVIDER.get(speaks(provider))
     if api is None:
         raise ValueError(f"no provider {provider!r}")
     return api

@@ -156,14 +156,20 @@ def _top_level(raw: bytes) -> tuple[object, int, bool, int]:
         del document
 
 
-def _top_level_orjson(raw: bytes) -> tuple[object, int, bool, int]:
-    """:func:`_top_level` for the rare body simdjson refuses (it may still be valid)."""
+def _document(raw: bytes) -> dict[str, object]:
+    """The body as objects (orjson's); BodyError for one that is not a JSON object."""
     try:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BodyError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise BodyError(400, "request body must be a JSON object")
+    return document
+
+
+def _top_level_orjson(raw: bytes) -> tuple[object, int, bool, int]:
+    """:func:`_top_level` for the rare body simdjson refuses (it may still be valid)."""
+    document = _document(raw)
     # A dict keeps only the last of duplicate members; the json module shows them all.
     # The outermost object is the last one it completes.
     count = 0
@@ -177,10 +183,14 @@ def _top_level_orjson(raw: bytes) -> tuple[object, int, bool, int]:
     return document.get("model"), count, document.get("stream") is True, _max_output(document)
 
 
-def parse_request_body(raw: bytes) -> ParsedBody:
-    """Parse a decoded JSON body and read its ``model``."""
+def parse_request_body(raw: bytes, named: str = "") -> ParsedBody:
+    """Parse a decoded JSON body and read its ``model``; ``named``: the route the client's
+    path names (Azure OpenAI's ``/openai/deployments/{name}/…``), which becomes the body's
+    ``model`` whatever it had."""
     if not raw:
         raise BodyError(400, "request body is empty; expected a JSON object")
+    if named:
+        raw = _named_model(raw, named)
     model, count, stream, max_output = _top_level(raw)
     if not isinstance(model, str) or not model:
         raise BodyError(400, "request body has no 'model' (a route name)")
@@ -191,6 +201,13 @@ def parse_request_body(raw: bytes) -> ParsedBody:
     if _CONTROL.search(model):
         raise BodyError(400, "'model' contains control characters")
     return ParsedBody(raw=raw, model=model, stream=stream, max_output=max_output)
+
+
+def _named_model(raw: bytes, model: str) -> bytes:
+    """``raw`` with ``model`` as its top level's ``model`` (one, whatever it had)."""
+    document = _document(raw)
+    document["model"] = model
+    return orjson.dumps(document)
 
 
 def with_model(body: ParsedBody, upstream_model: str) -> bytes:

@@ -44,6 +44,8 @@ from tvgate.models import (
     OUTCOME_UPSTREAM_ERROR,
 )
 from tvgate.providers import ProviderAPI
+from tvgate.providers.clouds import credentials_for
+from tvgate.providers.clouds.base import CloudCall, CloudError
 from tvgate.proxy.body import BodyError, ParsedBody, decode_content, parse_request_body, with_model
 from tvgate.proxy.estimate import ESTIMATE_NOTE, answer_estimate
 from tvgate.proxy.hops import incoming_marks, is_loop, outgoing_marks
@@ -180,7 +182,7 @@ class ProxyCall:
             decoded = decode_content(
                 raw_body, headers.get("Content-Encoding"), settings.max_body_bytes
             )
-            self.body = parse_request_body(decoded)
+            self.body = parse_request_body(decoded, self.handler.path_route)
         except BodyError as exc:
             self._fail(exc.status, str(exc), OUTCOME_REJECTED)
             return
@@ -393,16 +395,29 @@ class ProxyCall:
         request = self.handler.request
         relay = self.relay
         if pair is None or translation is None:
-            api = self.endpoint
-            auth = api.auth_headers(secret)
-            body = with_model(self.body, self.upstream_model)
+            api, auth, body = self.endpoint, [], with_model(self.body, self.upstream_model)
         else:
-            api = pair.upstream
-            auth = api.auth_headers(secret) + list(pair.required_headers)
-            body = translation.body
+            api, auth, body = pair.upstream, list(pair.required_headers), translation.body
+        url = upstream_url(entry.key.base_url, api.upstream_path, self.handler.forwarded_query)
+        allow_private = settings.allows_private_upstream(entry.key.owner_id is not None)
+        cloud = credentials_for(entry.key.provider)
+        if cloud is None:
+            auth = api.auth_headers(secret) + auth
+        else:
+            # A cloud's module says where the call goes and what credential it carries.
+            try:
+                sent = await cloud.prepare(
+                    CloudCall(entry.key.settings, entry.key.base_url, secret, api,
+                              self.upstream_model, self.body.stream, body, self.scrubber.add,
+                              self.gateway.http, allow_private, settings.connect_timeout)
+                )  # fmt: skip
+            except CloudError as exc:
+                log.warning("key %r of org %d: %s", entry.key.name, entry.key.org_id, exc.message)
+                return self._unsent(entry, exc.status, exc.message, may_fall_back)
+            url, auth, body = sent.url, sent.auth + auth, sent.body
         exchange = UpstreamExchange(
             self.gateway.http,
-            upstream_url(entry.key.base_url, api.upstream_path, request.query),
+            url,
             upstream_headers(
                 request.headers, auth, outgoing_marks(self.hop_marks, self.gateway.hop_id)
             ),
@@ -410,7 +425,7 @@ class ProxyCall:
             relay,
             connect_timeout=settings.connect_timeout,
             idle_timeout=settings.idle_timeout,
-            allow_private=settings.allows_private_upstream(entry.key.owner_id is not None),
+            allow_private=allow_private,
         )
         started = time.perf_counter()
         if not self.upstream_started:
@@ -458,6 +473,20 @@ class ProxyCall:
             return Failed(entry, self.upstream_model, status, outcome, message, elapsed, held)
         self._complete(result)
         return Answered(elapsed)
+
+    def _unsent(
+        self, entry: RouteEntry, status: int, message: str, may_fall_back: bool
+    ) -> Answered | Failed:
+        """The call could not be sent with the key of ``entry`` (a cloud's token refused):
+        held for a fallback to mend, else told to the client."""
+        message = self.scrubber.text(message)
+        if may_fall_back:
+            held = HeldAnswer(status, [], [], (message, OUTCOME_UPSTREAM_ERROR))
+            return Failed(
+                entry, self.upstream_model, status, OUTCOME_UPSTREAM_ERROR, message, 0, held
+            )
+        self._fail(status, message, OUTCOME_UPSTREAM_ERROR)
+        return _ANSWERED
 
     def _budget_warnings(self) -> list[str]:
         """The warnings of the admission that serves the call, for the answer's header."""

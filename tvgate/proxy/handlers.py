@@ -5,8 +5,12 @@ those of the providers' APIs, also under ``/anthropic`` and ``/openai`` for
 tools that want a provider-specific base URL, and under ``/proxy/anthropic`` and
 ``/proxy/openai``: Visdom Trace's own proxy path, so that the settings
 ``tracevault proxy info`` prints (``ANTHROPIC_BASE_URL=<server>/proxy/anthropic``)
-work against tvgate unchanged. Every alias is the same handler: same pipeline,
-same identity from ``x-api-key`` or ``Authorization``.
+work against tvgate unchanged; and Azure OpenAI's, for the ``openai`` SDK's
+``AzureOpenAI`` client pointed at tvgate as its endpoint:
+``/openai/deployments/{route}/chat/completions`` (the path names the route, as Azure's
+names the deployment) and ``/openai/responses``, with the ``api-version`` query such a
+client sends, which tvgate does not pass on (an Azure key sends its own). Every alias is
+the same handler: same pipeline, same identity from ``x-api-key`` or ``Authorization``.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import contextlib
 import time
 from asyncio import Future
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
 
 from tvgate.db import DatabaseUnavailable
 from tvgate.models import PROVIDER_ANTHROPIC, PROVIDER_OPENAI
-from tvgate.providers import ENDPOINTS, ProviderAPI
+from tvgate.providers import ENDPOINTS, ProviderAPI, speaks
 from tvgate.proxy.call import ProxyCall
 from tvgate.translate.pairs import pair_for
 from tvgate.web import BaseHandler, Refusal
@@ -40,8 +45,20 @@ class ProxyHandler(BaseHandler):
         self._size = 0
         self._too_large = False
         self._sent: Future[None] | None = None
+        #: The route an Azure OpenAI path names (``/openai/deployments/{route}/…``), or "".
+        self.path_route = ""
+
+    @property
+    def forwarded_query(self) -> str:
+        """The client's query as it goes upstream: without Azure's ``api-version``."""
+        query = self.request.query
+        if "api-version" not in query:
+            return query
+        return urlencode([(k, v) for k, v in parse_qsl(query) if k != "api-version"])
 
     def prepare(self) -> None:
+        if self.path_args:
+            self.path_route = self.path_args[0]
         if self.request.method != "POST":
             return
         limit = self.gateway.settings.max_body_bytes
@@ -122,8 +139,8 @@ class ModelsHandler(BaseHandler):
             for r in snapshot.available(principal)
             if not r.is_pattern
             and (
-                r.key.provider == api.provider
-                or (r.translate and pair_for(api, r.key.provider) is not None)
+                speaks(r.key.provider) == api.provider
+                or (r.translate and pair_for(api, speaks(r.key.provider)) is not None)
             )
         ]
         self.set_header("Content-Type", "application/json")
@@ -146,6 +163,8 @@ class RootHandler(BaseHandler):
 
 #: Where each provider's endpoints are served, before ``/v1/``.
 PREFIXES = {p: ("", "/" + p, "/proxy/" + p) for p in (PROVIDER_ANTHROPIC, PROVIDER_OPENAI)}
+#: The operations Azure OpenAI serves under a deployment, which the path names.
+_DEPLOYMENT_OPERATIONS = ("chat/completions", "completions", "embeddings")
 
 
 def _endpoint_routes() -> list[tuple[str, type, dict[str, Any]]]:
@@ -153,6 +172,10 @@ def _endpoint_routes() -> list[tuple[str, type, dict[str, Any]]]:
     for suffix, endpoint in ENDPOINTS.items():
         for prefix in PREFIXES[endpoint.provider]:
             routes.append((f"{prefix}/v1/{suffix}", ProxyHandler, {"endpoint": endpoint}))
+        if suffix in _DEPLOYMENT_OPERATIONS:
+            path = f"/openai/deployments/([^/]+)/{suffix}"
+            routes.append((path, ProxyHandler, {"endpoint": endpoint}))
+    routes.append(("/openai/responses", ProxyHandler, {"endpoint": ENDPOINTS["responses"]}))
     return routes
 
 

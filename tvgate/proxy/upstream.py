@@ -64,6 +64,7 @@ _DROPPED_REQUEST_HEADERS = frozenset(
         "accept-encoding",
         "expect",
         "x-api-key",
+        "api-key",  # Azure OpenAI's, which its SDK sends the tvgate token in
         "authorization",
         "cookie",
     }

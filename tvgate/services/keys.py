@@ -10,6 +10,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import peewee
 
 from tvgate.identity import Principal
@@ -34,6 +35,7 @@ from tvgate.models import (
     database,
 )
 from tvgate.providers import DEFAULT_BASE_URLS
+from tvgate.providers.clouds import credentials_for
 from tvgate.rows import fields_of, from_row
 from tvgate.services.access import (
     Forbidden,
@@ -70,13 +72,17 @@ class KeyView:
     last_used_at: float | None
     max_concurrent: int = 0
     chat_only: bool = False
+    #: A cloud key's settings (none of them secret), the JSON object text stored.
+    settings: str = "{}"
 
     @classmethod
     def of(cls, key: ProviderKey) -> KeyView:
         return from_row(cls, key, owner=key.owner.email if key.owner is not None else None)
 
     def as_dict(self) -> dict[str, Any]:
-        return fields_of(self, fingerprint="…" + self.fingerprint)
+        return fields_of(
+            self, fingerprint="…" + self.fingerprint, settings=orjson.loads(self.settings or "{}")
+        )
 
 
 def add_key(
@@ -93,10 +99,15 @@ def add_key(
     available_to_all: bool = True,
     max_concurrent: int = 0,
     chat_only: bool = False,
+    settings: dict[str, Any] | None = None,
     gateway_urls: Collection[str] = (),
     actor: Principal | None = None,
 ) -> KeyView:
     """Store a provider key encrypted; only ciphertext and fingerprint reach the database.
+
+    A cloud key (Azure OpenAI) has ``settings`` of its own (none secret: an API version, an
+    endpoint style), its endpoint as the base URL and a JSON object as its secret, each
+    checked by the cloud's credential module (``tvgate.providers.clouds``).
 
     An admin adds org keys; a user adds a private key of their own when the org allows it.
     ``max_concurrent`` caps the calls open on the key at once, across every gateway
@@ -120,18 +131,25 @@ def add_key(
         _require_admin(actor, org, "add key", name)
     if provider not in PROVIDERS:
         raise ServiceError(f"provider must be one of {', '.join(PROVIDERS)}")
-    secret = _check_secret(secret)
     _check_name(name, "a key")
     max_concurrent = _check_max_concurrent(max_concurrent)
     chat_only = _check_chat_only(chat_only, provider)
-    url = _key_base_url(
-        base_url or DEFAULT_BASE_URLS[provider],
-        own=owner is not None,
-        allow_private=allow_private,
-        allow_private_user=allow_private_user,
-        gateway_urls=gateway_urls,
-        refused=lambda error: _refuse_base_url(actor, org.id, "add key", name, error),
-    )
+    stored, base_url, setting_urls = _check_settings(provider, settings, base_url)
+    secret, shown = _check_cloud_secret(provider, secret)
+
+    def checked_url(url: str) -> str:
+        return _key_base_url(
+            url,
+            own=owner is not None,
+            allow_private=allow_private,
+            allow_private_user=allow_private_user,
+            gateway_urls=gateway_urls,
+            refused=lambda error: _refuse_base_url(actor, org.id, "add key", name, error),
+        )
+
+    url = checked_url(base_url or DEFAULT_BASE_URLS[provider])
+    for setting_url in setting_urls:
+        checked_url(setting_url)  # where a cloud's token is minted: a base URL's rules
     with database.atomic():
         if ProviderKey.get_or_none((ProviderKey.org == org) & (ProviderKey.name == name)):
             raise ServiceError(f"a key named {name!r} already exists in org {org.name!r}", 409)
@@ -141,12 +159,13 @@ def add_key(
             provider=provider,
             base_url=url,
             ciphertext="",
-            fingerprint=fingerprint(secret),
+            fingerprint=fingerprint(shown),
             owner=owner,
             available_to_all=available_to_all if owner is None else False,
             created_by=actor.user_id if actor else None,
             max_concurrent=max_concurrent,
             chat_only=chat_only,
+            settings=stored,
         )
         # The id (and owner) are part of the encryption context, so encrypt once the row exists.
         key.ciphertext = keyring.encrypt(secret, KeyContext(org.id, key.id, key.owner_id))
@@ -162,6 +181,7 @@ def add_key(
                 "owner": owner_email,
                 "max_concurrent": max_concurrent,
                 "chat_only": chat_only,
+                **({"settings": orjson.loads(stored)} if settings else {}),
             },
         )
     announce(org.id)
@@ -358,6 +378,46 @@ def record_key_uses(used: dict[int, float]) -> None:
     ).execute()
 
 
+#: The most a cloud key's settings object may hold, as JSON text.
+_SETTINGS_LIMIT = 4096
+
+
+def _check_settings(
+    provider: str, settings: Any, base_url: str | None
+) -> tuple[str, str | None, list[str]]:
+    """A key's settings as stored (JSON object text), its base URL, and the URLs among the
+    settings that must pass the base URL rules; only a cloud's key has settings."""
+    if settings is not None and not isinstance(settings, dict):
+        raise ServiceError("settings must be an object")
+    cloud = credentials_for(provider)
+    if cloud is None:
+        if settings:
+            raise ServiceError(f"a key of provider {provider} has no settings")
+        return "{}", base_url, []
+    if len(orjson.dumps(settings or {})) > _SETTINGS_LIMIT:
+        raise ServiceError(f"settings must be under {_SETTINGS_LIMIT} bytes as JSON")
+    try:
+        checked, url, urls = cloud.check_settings(settings or {}, base_url)
+    except ValueError as exc:
+        raise ServiceError(str(exc)) from None
+    return orjson.dumps(checked).decode(), url, urls
+
+
+def _check_cloud_secret(provider: str, secret: str) -> tuple[str, str]:
+    """The secret to store and the part its fingerprint shows: a cloud's JSON object, as
+    its credential module reads it, or a provider key (one line without spaces)."""
+    cloud = credentials_for(provider)
+    if cloud is None:
+        secret = _check_secret(secret)
+        return secret, secret
+    if len(secret) > _SETTINGS_LIMIT:
+        raise ServiceError(f"the key's secret must be under {_SETTINGS_LIMIT} characters")
+    try:
+        return cloud.check_secret(secret)
+    except ValueError as exc:
+        raise ServiceError(str(exc)) from None
+
+
 def _check_secret(secret: str) -> str:
     secret = secret.strip()
     if not secret or any(c.isspace() for c in secret) or len(secret) > 4096:
@@ -404,11 +464,11 @@ def rotate_key(
     """Replace a key's secret. The row (and so its id and routes) stays; requests already
     under way finish with the old secret, later ones get the new one."""
     key = _key_for(name, org_name, actor, owner_only=True)
-    secret = _check_secret(secret)
+    secret, shown = _check_cloud_secret(key.provider, secret)
     ciphertext = keyring.encrypt(secret, KeyContext(key.org_id, key.id, key.owner_id))
     updated = (
         ProviderKey.update(
-            ciphertext=ciphertext, fingerprint=fingerprint(secret), updated_at=time.time()
+            ciphertext=ciphertext, fingerprint=fingerprint(shown), updated_at=time.time()
         )
         .where(ProviderKey.id == key.id)
         .execute()

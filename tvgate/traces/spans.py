@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from tvgate.models import OUTCOME_OK, PROVIDER_ANTHROPIC
+from tvgate.models import OUTCOME_OK, PROVIDER_ANTHROPIC, PROVIDER_AZURE
 from tvgate.providers import (
     ANTHROPIC_COUNT_TOKENS,
     ANTHROPIC_MESSAGES,
@@ -40,6 +40,9 @@ OPERATIONS = {
     OPENAI_COMPLETIONS: "text_completion",
     OPENAI_EMBEDDINGS: "embeddings",
 }
+
+#: ``gen_ai.provider.name`` where the conventions name a provider otherwise than tvgate.
+PROVIDER_NAMES = {PROVIDER_AZURE: "azure.ai.openai"}
 
 
 def checked_traceparent(value: str | None) -> str:
@@ -77,7 +80,9 @@ def span_attributes(row: TraceRow) -> dict[str, Any]:
         input_tokens += cache_read + cache_write
     attributes: dict[str, Any] = {
         "gen_ai.operation.name": OPERATIONS.get(row.get("endpoint", ""), "chat"),
-        "gen_ai.provider.name": row.get("provider") or "",
+        "gen_ai.provider.name": PROVIDER_NAMES.get(row.get("provider") or "")
+        or row.get("provider")
+        or "",
         "gen_ai.request.model": row.get("upstream_model") or row.get("requested_model") or "",
         "gen_ai.usage.input_tokens": input_tokens,
         "gen_ai.usage.output_tokens": int(row.get("output_tokens") or 0),
