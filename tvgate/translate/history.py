@@ -109,16 +109,22 @@ class _Entry:
     #: Offset just after the ``[`` of ``messages``, and just after each of its elements.
     opened: int
     ends: list[int]
-    #: The output messages of all input messages, serialised and joined by ``,``.
-    fragment: bytes
+    #: The translated body, and where in it the output of the input messages is (their
+    #: output messages, serialised and joined by ``,``).
+    translated: bytes
+    start: int
     marks: list[Mark]
     notes: list[str]
+
+    def output(self, size: int) -> memoryview:
+        """The first ``size`` bytes of the messages' output (a mark's)."""
+        return memoryview(self.translated)[self.start : self.start + size]
 
     @property
     def size(self) -> int:
         return (
             len(self.raw)
-            + len(self.fragment)
+            + len(self.translated)
             + _MARK_OVERHEAD * (len(self.marks) + len(self.ends) + len(self.split.cuts))
         )
 
@@ -189,10 +195,10 @@ class Histories:
         result, out, output = translate(document, None)
         split = split_body(raw)
         found = _messages(split, raw, document)
-        body, fragment, marks = _assemble(out, output, b"", [])
+        body, start, marks = _assemble(out, output, b"", [])
         if found is not None:
             opened, ends = found
-            entry = _Entry(raw, split, opened, ends, fragment, marks, output.notes)
+            entry = _Entry(raw, split, opened, ends, body, start, marks, output.notes)
             self._keep(owner, entry, None)
         return Translated(body, result)
 
@@ -256,9 +262,8 @@ class Histories:
             return None
         prefix = Prefix(mark.index, entry.notes[: mark.notes], mark.state)
         result, out, output = translate(document, prefix)
-        reused = entry.fragment[: mark.size]
-        body, fragment, marks = _assemble(out, output, reused, entry.marks[: at + 1])
-        kept = _Entry(raw, split, found[0], found[1], fragment, marks, output.notes)
+        body, start, marks = _assemble(out, output, entry.output(mark.size), entry.marks[: at + 1])
+        kept = _Entry(raw, split, found[0], found[1], body, start, marks, output.notes)
         self._keep(owner, kept, entry)
         return Translated(body, result, mark.index)
 
@@ -315,30 +320,22 @@ def _messages(
 
 
 def _assemble(
-    out: JSON, output: Output, reused: bytes, kept: list[Mark]
-) -> tuple[bytes, bytes, list[Mark]]:
-    """The body's bytes, the fragment of all its messages' output, and its marks."""
+    out: JSON, output: Output, reused: bytes | memoryview, kept: list[Mark]
+) -> tuple[bytes, int, list[Mark]]:
+    """``orjson.dumps(out)`` written from the bytes, its ``messages`` the head, then the
+    ``reused`` output, then the turns (``out['messages']`` is not read); where the output
+    of the conversation's messages starts in it; and the body's marks."""
     pieces = [orjson.dumps(turn) for turn in output.turns]
-    sizes = [0]
     base = len(reused)
+    sizes = [0]
     for piece in pieces:
         # Each piece after the first (or after reused bytes) is preceded by its comma.
         sizes.append(sizes[-1] + len(piece) + (1 if base or len(sizes) > 1 else 0))
-    new = b",".join(pieces)
-    fragment = reused + b"," + new if reused and new else reused or new
     marks = kept + [
         Mark(index, base + sizes[turns], notes, state)
         for index, turns, notes, state in output.marks
         if not kept or index > kept[-1].index
     ]
-    return _serialise(out, output, fragment), fragment, marks
-
-
-def _serialise(out: JSON, output: Output, fragment: bytes) -> bytes:
-    """``orjson.dumps(out)`` with its ``messages`` the head, then ``fragment``, written from
-    the bytes (``out['messages']`` is not read)."""
-    parts = [p for p in (orjson.dumps(output.head)[1:-1], fragment) if p]
-    inner = b",".join(parts)
     before: JSON = {}
     after: JSON = {}
     seen = False
@@ -349,6 +346,18 @@ def _serialise(out: JSON, output: Output, fragment: bytes) -> bytes:
             after[key] = value
         else:
             before[key] = value
-    head = orjson.dumps(before)[:-1] + b"," if before else b"{"
-    tail = b"," + orjson.dumps(after)[1:] if after else b"}"
-    return head + b'"messages":[' + inner + b"]" + tail
+    parts: list[bytes | memoryview] = [
+        orjson.dumps(before)[:-1] + b',"messages":[' if before else b'{"messages":['
+    ]
+    head = orjson.dumps(output.head)[1:-1]
+    if head:
+        parts.append(head + b"," if base or pieces else head)
+    start = sum(map(len, parts))
+    if base:
+        parts.append(reused)
+    for j, piece in enumerate(pieces):
+        if base or j:
+            parts.append(b",")
+        parts.append(piece)
+    parts.append(b"]," + orjson.dumps(after)[1:] if after else b"]}")
+    return b"".join(parts), start, marks
