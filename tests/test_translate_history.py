@@ -35,6 +35,8 @@ ANTHROPIC_ON_CHAT = _pair(ANTHROPIC_MESSAGES, PROVIDER_OPENAI)
 def fresh_histories(monkeypatch: pytest.MonkeyPatch) -> Iterator[history.Histories]:
     kept = history.Histories()
     monkeypatch.setattr(pairs, "HISTORIES", kept)
+    # Small bodies are kept too, so that short conversations show every case.
+    monkeypatch.setattr(history, "MIN_BODY", 0)
     yield kept
 
 
@@ -58,9 +60,10 @@ def outcome(pair: Pair, raw: bytes) -> tuple[bytes, list[str]] | str:
 
 def check_session(pair: Pair, bodies: list[bytes]) -> int:
     """Every body translated in turn as one caller's equals it translated whole; the
-    number translated from a kept history."""
+    number translated from a kept history. The first body is sent twice: a body is
+    scanned and kept once its caller sent one like it before."""
     kept = pairs.HISTORIES
-    for raw in bodies:
+    for raw in bodies[:1] + bodies:
         expected = whole(pair, raw)
         assert outcome(pair, raw) == expected
     return kept.resumed
@@ -78,9 +81,34 @@ def check_session(pair: Pair, bodies: list[bytes]) -> int:
 def test_bench_bodies_continue_from_the_last(pair: Pair, make: Any, stream: bool) -> None:
     template = make("bench-route", stream)
     bodies = [template.replace(payloads.SEQUENCE_MARK, b"%010d" % n) for n in range(5)]
-    assert check_session(pair, bodies) == 4  # all but the first
+    assert check_session(pair, bodies) == 4  # all but the first (sent twice)
     # The same body again: its last message is translated again, the rest reused.
-    assert check_session(pair, [bodies[-1]]) == 5
+    assert check_session(pair, [bodies[-1]]) == 6
+
+
+def test_a_one_off_body_is_not_scanned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large body unlike any its caller sent before is translated whole and kept
+    unscanned; a small one is not kept at all."""
+    monkeypatch.setattr(history, "MIN_BODY", 16 * 1024)
+    kept = pairs.HISTORIES
+    large = chat_payloads.large_chat_request("r", False)
+    small = chat_payloads.small_chat_request("r", False)
+    scans: list[bytes] = []
+    real_split = history.split_body
+
+    def counting(raw: bytes) -> Any:
+        scans.append(raw)
+        return real_split(raw)
+
+    monkeypatch.setattr(history, "split_body", counting)
+    outcome(CHAT_ON_ANTHROPIC, small)
+    assert kept.size == 0
+    outcome(CHAT_ON_ANTHROPIC, large)
+    assert scans == [] and kept.size == len(large)
+    outcome(CHAT_ON_ANTHROPIC, large.replace(payloads.SEQUENCE_MARK, b"0000000001"))
+    assert len(scans) == 1 and kept.resumed == 0
+    outcome(CHAT_ON_ANTHROPIC, large.replace(payloads.SEQUENCE_MARK, b"0000000002"))
+    assert len(scans) == 1 and kept.resumed == 1
 
 
 def anthropic_session(turns: int, seed: int) -> list[bytes]:
@@ -246,9 +274,9 @@ def test_memory_is_bounded() -> None:
         return done, done.body, done.output
 
     for owner in range(20):
-        for n in range(history.PER_OWNER + 2):
-            # Each of an owner's bodies in a conversation of its own: none continues another.
-            raw = template.replace(b"You are", b"You are %d" % n, 1)
-            kept.translate(owner, raw, translate)
+        for n in range(3 * history.PER_OWNER):
+            # Each owner's bodies in several conversations, each continued.
+            raw = template.replace(b"You are", b"You are %d" % (n % 3), 1)
+            kept.translate(owner, raw.replace(payloads.SEQUENCE_MARK, b"%010d" % n), translate)
             assert kept.size <= kept.budget
-    assert kept.size > 0
+    assert kept.resumed > 0 and kept.size > kept.budget // 2

@@ -57,6 +57,9 @@ JSON = dict[str, Any]
 PER_OWNER = 4
 #: Bytes of bodies and translations kept in all, per serving process.
 DEFAULT_BUDGET = 32 * 1024 * 1024
+#: Bodies shorter than this are translated whole and not kept: their translation costs
+#: less than keeping them would.
+MIN_BODY = 16 * 1024
 #: Rough bytes of bookkeeping per mark and per message offset.
 _MARK_OVERHEAD = 100
 _WS = b" \t\r\n"
@@ -148,6 +151,17 @@ class _Entry:
         return low
 
 
+@dataclass(slots=True, eq=False)
+class _Seen:
+    """A body translated whole and not scanned (none of its caller's before it was like it)."""
+
+    raw: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
+
+
 #: A translator of a document (cut short or whole) from a prefix (None: from the first
 #: message): its own result, the output body as objects, and the output's messages.
 Translate = Callable[[JSON, "Prefix | None"], tuple[Any, JSON, Output]]
@@ -173,7 +187,7 @@ class Histories:
         #: Calls translated whole, and from a kept body's history.
         self.whole = 0
         self.resumed = 0
-        self._entries: OrderedDict[Hashable, list[_Entry]] = OrderedDict()
+        self._entries: OrderedDict[Hashable, list[_Entry | _Seen]] = OrderedDict()
 
     def translate(
         self,
@@ -193,9 +207,16 @@ class Histories:
         self.whole += 1
         document = orjson.loads(raw)
         result, out, output = translate(document, None)
+        if len(raw) < MIN_BODY:
+            return Translated(orjson.dumps(out), result)
+        body, start, marks = _assemble(out, output, b"", [])
+        if not self._continues(owner, raw):
+            # Scanning a body costs more than translating it: only once the caller's
+            # bodies are seen to repeat (a one-off large request never pays for it).
+            self._keep(owner, _Seen(raw), None)
+            return Translated(body, result)
         split = split_body(raw)
         found = _messages(split, raw, document)
-        body, start, marks = _assemble(out, output, b"", [])
         if found is not None:
             opened, ends = found
             entry = _Entry(raw, split, opened, ends, body, start, marks, output.notes)
@@ -206,10 +227,18 @@ class Histories:
         best: _Entry | None = None
         most = 0
         for entry in self._entries.get(owner, ()):
-            count = entry.shared(raw)
-            if count > most:
-                best, most = entry, count
+            if isinstance(entry, _Entry):
+                count = entry.shared(raw)
+                if count > most:
+                    best, most = entry, count
         return best, most
+
+    def _continues(self, owner: Hashable, raw: bytes) -> bool:
+        """Whether ``raw`` starts with the first half of a body of ``owner`` kept here."""
+        return any(
+            raw.startswith(memoryview(entry.raw)[: len(entry.raw) // 2])
+            for entry in self._entries.get(owner, ())
+        )
 
     def _resume(
         self, owner: Hashable, entry: _Entry, count: int, raw: bytes, translate: Translate
@@ -267,7 +296,7 @@ class Histories:
         self._keep(owner, kept, entry)
         return Translated(body, result, mark.index)
 
-    def _keep(self, owner: Hashable, entry: _Entry, replacing: _Entry | None) -> None:
+    def _keep(self, owner: Hashable, entry: _Entry | _Seen, replacing: _Entry | None) -> None:
         if entry.size > self.budget // 4:
             return
         entries = self._entries.setdefault(owner, [])
