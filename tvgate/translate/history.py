@@ -32,6 +32,11 @@ result is the same bytes, notes and errors as translating the whole body, becaus
 * orjson writes a list as its elements' own serialisations joined by ``,``, so the
   spliced bytes are what serialising the whole output would write.
 
+Finding a body's message ends is a scan of the whole body (:func:`split_body`, about
+twice what translating it costs), so a body is scanned only once its caller has sent
+one whose first half it starts with: a one-off request is translated whole and kept
+unscanned, and bodies under :data:`MIN_BODY` are not kept at all.
+
 Memory is bounded: at most :data:`PER_OWNER` bodies per caller and pair, and
 :data:`DEFAULT_BUDGET` bytes in all (bodies and their translations), oldest dropped
 first. Everything runs on the event loop, one call at a time, and entries are never
@@ -164,7 +169,7 @@ class _Seen:
 
 #: A translator of a document (cut short or whole) from a prefix (None: from the first
 #: message): its own result, the output body as objects, and the output's messages.
-Translate = Callable[[JSON, "Prefix | None"], tuple[Any, JSON, Output]]
+Translate = Callable[[JSON, Prefix | None], tuple[Any, JSON, Output]]
 
 
 @dataclass(slots=True)
