@@ -4,8 +4,9 @@
 that tree (one worker, SQLite, the benchmark's seed and routes) runs under valgrind's
 callgrind behind nginx's static upstream; after a warm-up, instruction counting is
 switched on for a fixed number of calls at concurrency 1 (small JSON, then the
-50-event stream) and off again, and the instructions each thread executed are read
-from callgrind's dump. On a machine shared with other work, wall-clock figures are
+50-event stream; with ``--translated``, each case of :mod:`bench.translated`, its
+passthrough side and its translated side) and off again, and the instructions each
+thread executed are read from callgrind's dump. On a machine shared with other work, wall-clock figures are
 noise; an instruction count is the same from run to run within a fraction of a
 percent.
 
