@@ -102,9 +102,9 @@ def test_a_one_off_body_is_not_scanned(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(history, "split_body", counting)
     outcome(CHAT_ON_ANTHROPIC, small)
-    assert kept.size == 0
+    assert kept.recent.size == 0
     outcome(CHAT_ON_ANTHROPIC, large)
-    assert scans == [] and kept.size == len(large)
+    assert scans == [] and kept.recent.size == len(large)
     outcome(CHAT_ON_ANTHROPIC, large.replace(payloads.SEQUENCE_MARK, b"0000000001"))
     assert len(scans) == 1 and kept.resumed == 0
     outcome(CHAT_ON_ANTHROPIC, large.replace(payloads.SEQUENCE_MARK, b"0000000002"))
@@ -278,5 +278,5 @@ def test_memory_is_bounded() -> None:
             # Each owner's bodies in several conversations, each continued.
             raw = template.replace(b"You are", b"You are %d" % (n % 3), 1)
             kept.translate(owner, raw.replace(payloads.SEQUENCE_MARK, b"%010d" % n), translate)
-            assert kept.size <= kept.budget
-    assert kept.resumed > 0 and kept.size > kept.budget // 2
+            assert kept.recent.size <= kept.recent.budget
+    assert kept.resumed > 0 and kept.recent.size > kept.recent.budget // 2

@@ -47,13 +47,13 @@ entry and add their own.
 from __future__ import annotations
 
 import bisect
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from tvgate.traces.recent import Recent
 from tvgate.traces.split import Split, continue_split, split_body
 
 JSON = dict[str, Any]
@@ -187,12 +187,11 @@ class Histories:
     """The last translated bodies per owner (a caller and a pair), bounded in bytes."""
 
     def __init__(self, budget: int = DEFAULT_BUDGET) -> None:
-        self.budget = budget
-        self.size = 0
         #: Calls translated whole, and from a kept body's history.
         self.whole = 0
         self.resumed = 0
-        self._entries: OrderedDict[Hashable, list[_Entry | _Seen]] = OrderedDict()
+        #: The bodies kept (``recent.size`` bytes, at most ``recent.budget``).
+        self.recent: Recent[Hashable, _Entry | _Seen] = Recent(budget, PER_OWNER)
 
     def translate(
         self,
@@ -218,20 +217,20 @@ class Histories:
         if not self._continues(owner, raw):
             # Scanning a body costs more than translating it: only once the caller's
             # bodies are seen to repeat (a one-off large request never pays for it).
-            self._keep(owner, _Seen(raw), None)
+            self.recent.add(owner, _Seen(raw))
             return Translated(body, result)
         split = split_body(raw)
         found = _messages(split, raw, document)
         if found is not None:
             opened, ends = found
             entry = _Entry(raw, split, opened, ends, body, start, marks, output.notes)
-            self._keep(owner, entry, None)
+            self.recent.add(owner, entry)
         return Translated(body, result)
 
     def _best(self, owner: Hashable, raw: bytes) -> tuple[_Entry | None, int]:
         best: _Entry | None = None
         most = 0
-        for entry in self._entries.get(owner, ()):
+        for entry in self.recent.get(owner):
             if isinstance(entry, _Entry):
                 count = entry.shared(raw)
                 if count > most:
@@ -242,7 +241,7 @@ class Histories:
         """Whether ``raw`` starts with the first half of a body of ``owner`` kept here."""
         return any(
             raw.startswith(memoryview(entry.raw)[: len(entry.raw) // 2])
-            for entry in self._entries.get(owner, ())
+            for entry in self.recent.get(owner)
         )
 
     def _resume(
@@ -298,27 +297,8 @@ class Histories:
         result, out, output = translate(document, prefix)
         body, start, marks = _assemble(out, output, entry.output(mark.size), entry.marks[: at + 1])
         kept = _Entry(raw, split, found[0], found[1], body, start, marks, output.notes)
-        self._keep(owner, kept, entry)
+        self.recent.add(owner, kept, replacing=entry)
         return Translated(body, result, mark.index)
-
-    def _keep(self, owner: Hashable, entry: _Entry | _Seen, replacing: _Entry | None) -> None:
-        if entry.size > self.budget // 4:
-            return
-        entries = self._entries.setdefault(owner, [])
-        self._entries.move_to_end(owner)
-        if replacing is not None and replacing in entries:
-            # The conversation went on from it: the new body holds the history it shared.
-            entries.remove(replacing)
-            self.size -= replacing.size
-        entries.insert(0, entry)
-        self.size += entry.size
-        while len(entries) > PER_OWNER:
-            self.size -= entries.pop().size
-        while self.size > self.budget:
-            oldest_owner, oldest = next(iter(self._entries.items()))
-            self.size -= oldest.pop().size
-            if not oldest:
-                del self._entries[oldest_owner]
 
 
 def _skip(raw: bytes, pos: int) -> int:
