@@ -4,8 +4,9 @@
 that tree (one worker, SQLite, the benchmark's seed and routes) runs under valgrind's
 callgrind behind nginx's static upstream; after a warm-up, instruction counting is
 switched on for a fixed number of calls at concurrency 1 (small JSON, then the
-50-event stream) and off again, and the instructions each thread executed are read
-from callgrind's dump. On a machine shared with other work, wall-clock figures are
+50-event stream; with ``--translated``, each case of :mod:`bench.translated`, its
+passthrough side and its translated side) and off again, and the instructions each
+thread executed are read from callgrind's dump. On a machine shared with other work, wall-clock figures are
 noise; an instruction count is the same from run to run within a fraction of a
 percent.
 
@@ -35,8 +36,10 @@ from pathlib import Path
 
 from bench import payloads
 from bench.gateway import MASTER_KEY
+from bench.loadgen import read_headers_file
 from bench.procs import free_port, stop
-from bench.upstream import start_nginx
+from bench.translated import Side, cases
+from bench.upstream import start_nginx, write_answers
 from tests import harness
 
 #: How long a gateway under valgrind gets to start (the interpreter runs ~50x slower).
@@ -167,20 +170,52 @@ class Caller:
     """One keep-alive client connection, calls made one after another (concurrency 1)."""
 
     def __init__(self, url: str, token: str) -> None:
-        self.conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=120)
+        self.conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=600)
         self.headers = {**payloads.CLAUDE_CODE_HEADERS, "Authorization": f"Bearer {token}"}
         self.seq = 0
 
     def calls(self, route: str, stream: bool, n: int) -> None:
-        template = payloads.small_request(route, stream=stream)
+        self.post(_PATH, payloads.small_request(route, stream=stream), self.headers, n)
+
+    def post(self, path: str, template: bytes, headers: dict[str, str], n: int) -> None:
+        """``n`` calls of ``template``, each with its own sequence number (as wrk's)."""
         for _ in range(n):
             self.seq += 1
             body = template.replace(payloads.SEQUENCE_MARK, b"%010d" % self.seq)
-            self.conn.request("POST", _PATH, body=body, headers=self.headers)
+            self.conn.request("POST", path, body=body, headers=headers)
             response = self.conn.getresponse()
             data = response.read()
             if response.status != 200:
-                raise RuntimeError(f"{route}: {response.status} {data[:300]!r}")
+                raise RuntimeError(f"{path}: {response.status} {data[:300]!r}")
+
+
+def _workloads(caller: Caller, data: Path, token: str, translated: bool) -> list[Workload]:
+    """(name, the calls of a window) of each workload: small JSON and SSE, or with
+    ``translated`` the cases of ``bench.translated``, passthrough and translated side."""
+    if not translated:
+        return [
+            (name, partial(caller.calls, route, stream))
+            for name, route, stream in (
+                ("json", payloads.ROUTE_JSON, False),
+                ("sse", payloads.ROUTE_SSE, True),
+            )
+        ]
+    out: list[Workload] = []
+    for case in cases(data / "bodies", token):
+        for side_name in ("passthrough", "translated"):
+            side: Side = getattr(case, side_name)
+            headers = read_headers_file(side.headers)
+            out.append(
+                (
+                    f"{case.name}-{side_name}",
+                    partial(caller.post, side.path, side.body.read_bytes(), headers),
+                )
+            )
+    return out
+
+
+#: A workload's name, and its calls: ``calls(n)`` makes ``n`` of them.
+Workload = tuple[str, Callable[[int], None]]
 
 
 def measure(tree: Path, tmp: Path, upstream: str, args: argparse.Namespace) -> None:
@@ -191,22 +226,24 @@ def measure(tree: Path, tmp: Path, upstream: str, args: argparse.Namespace) -> N
     gateway = Gateway(tree, data, database_url, writer=args.writer)
     try:
         caller = Caller(gateway.url, token)
-        workloads = [("json", payloads.ROUTE_JSON, False), ("sse", payloads.ROUTE_SSE, True)]
-        for name, route, stream in workloads:
-            caller.calls(route, stream, args.warm)
+        for name, calls in _workloads(caller, data, token, args.translated):
+            if args.only and not any(part in name for part in args.only):
+                continue
+            calls(args.warm)
             time.sleep(1.0)  # the warm-up's traces written before counting starts
 
-            def window(route: str = route, stream: bool = stream) -> None:
-                caller.calls(route, stream, args.calls)
+            def window(calls: Callable[[int], None] = calls) -> None:
+                calls(args.calls)
                 time.sleep(args.settle)  # the writer's batches of these calls
 
-            calls = gateway.count(window, name)
-            idle = gateway.count(partial(time.sleep, calls.seconds), name + "-idle")
+            counted = gateway.count(window, name)
+            idle = gateway.count(partial(time.sleep, counted.seconds), name + "-idle")
             n = args.calls
             print(
-                f"{tree.name:>12} {name:>4}: serving {calls.serving / n:10,.0f} Ir/call  "
-                f"other threads {calls.threads / n:9,.0f}  writer process {calls.writer / n:9,.0f}"
-                f"  | idle window {calls.seconds:5.1f} s: serving {idle.serving / n:8,.0f}, "
+                f"{tree.name:>12} {name:>4}: serving {counted.serving / n:10,.0f} Ir/call  "
+                f"other threads {counted.threads / n:9,.0f}  writer process "
+                f"{counted.writer / n:9,.0f}"
+                f"  | idle window {counted.seconds:5.1f} s: serving {idle.serving / n:8,.0f}, "
                 f"threads {idle.threads / n:8,.0f}, writer {idle.writer / n:8,.0f} per call",
                 flush=True,
             )
@@ -223,11 +260,19 @@ def main() -> None:
         "--settle", type=float, default=2.0, help="seconds counted after the last call"
     )
     parser.add_argument("--writer", action="store_true", help="count the writer process too")
+    parser.add_argument(
+        "--translated",
+        action="store_true",
+        help="the translated workloads (bench.translated's cases) instead of small JSON and SSE",
+    )
+    parser.add_argument(
+        "--only", action="append", help="only the workloads whose name holds this (repeatable)"
+    )
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tvgate-instr-"))
     tmp.chmod(0o755)  # nginx's worker (another user) reads the upstream's files
     root = tmp / "upstream"
-    payloads.write_upstream_files(root)
+    write_answers(root)
     upstream_port = free_port()
     nginx = start_nginx(tmp, root, upstream_port)
     try:

@@ -12,9 +12,8 @@ express (400 naming it). ``ProxyCall._attempt`` answers a refusal, or tries the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
 
 from tvgate.providers import ProviderAPI
 from tvgate.proxy.estimate import counted_api
@@ -45,11 +44,13 @@ def plan_attempt(
     client: ProviderAPI,
     entry: RouteEntry,
     model: str,
-    document: Callable[[], dict[str, Any]],
+    raw: bytes,
+    owner: Hashable,
     allows_private_upstream: Callable[[bool], bool],
 ) -> Plan | Refusal:
     """The plan of a ``client`` API call on ``entry`` (its upstream ``model``), or why there
-    is none; ``document``: the client's body as objects, asked only to start a translation."""
+    is none; ``raw``: the client's body, translated for ``owner`` (the caller) when the
+    route speaks another API."""
     pair: Pair | None = None
     counted: ProviderAPI | None = None
     speaks = route_speaks(client, entry.key.provider, chat_only=entry.key.chat_only)
@@ -71,7 +72,7 @@ def plan_attempt(
     if pair is None:
         return Plan()
     try:
-        translation = pair.start(document(), model)
+        translation = pair.start(raw, model, owner)
     except Untranslatable as exc:
         return Refusal(400, f"route {entry.name!r} goes to {entry.key.provider}: {exc}")
     return Plan(pair, translation, counted)

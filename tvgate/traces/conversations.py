@@ -28,10 +28,10 @@ long as the store still has it.
 from __future__ import annotations
 
 import bisect
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from tvgate.traces.content import BlobSink, store_parts
+from tvgate.traces.recent import Recent
 from tvgate.traces.redact import Redactor
 from tvgate.traces.split import Split, continue_split, split_body
 
@@ -110,20 +110,19 @@ class Conversations:
     """The last bodies stored per conversation; bounded by ``budget`` bytes in all."""
 
     def __init__(self, budget: int = DEFAULT_BUDGET) -> None:
-        self.budget = budget
-        self.size = 0
         #: Bytes of every body stored; of those, the bytes that were redacted and
         #: scanned (the rest continued from a conversation's previous body); and the
         #: bodies that continued so.
         self.stored = 0
         self.scanned = 0
         self.continued = 0
-        self._bodies: OrderedDict[ConversationKey, list[_Body]] = OrderedDict()
+        #: The bodies kept (``recent.size`` bytes, at most ``recent.budget``).
+        self.recent: Recent[ConversationKey, _Body] = Recent(budget, PER_CONVERSATION)
 
     def store(self, key: ConversationKey, redactor: Redactor, raw: bytes, sink: BlobSink) -> bytes:
         """Redact ``raw``, store it through ``sink``; return its root digest."""
         self.stored += len(raw)
-        bodies = self._bodies.get(key, [])
+        bodies = self.recent.get(key)
         base: _Body | None = None
         shared: tuple[int, int] | None = None
         for body in bodies:
@@ -131,7 +130,7 @@ class Conversations:
                 continue
             found = body.shared_resume(raw)
             if body.same_as(raw, found) and sink.has(body.root):
-                self._bodies.move_to_end(key)
+                self.recent.touch(key)
                 return body.root
             if found is not None and (shared is None or found[0] > shared[0]):
                 base, shared = body, found
@@ -142,7 +141,7 @@ class Conversations:
         else:
             stored = self._store_whole(redactor, raw, sink)
             self.scanned += len(raw)
-        self._remember(key, stored, replacing=base)
+        self.recent.add(key, stored, replacing=base)
         return stored.root
 
     @staticmethod
@@ -177,24 +176,4 @@ class Conversations:
     def forget(self) -> None:
         """Drop every body kept: a transaction that stored their blobs was rolled back,
         and a later body must not continue from blobs that are not there."""
-        self._bodies.clear()
-        self.size = 0
-
-    def _remember(self, key: ConversationKey, body: _Body, replacing: _Body | None) -> None:
-        if body.size > self.budget // 4:
-            return
-        bodies = self._bodies.setdefault(key, [])
-        self._bodies.move_to_end(key)
-        if replacing is not None and replacing in bodies:
-            # The conversation went on from it: the new body holds all it held.
-            bodies.remove(replacing)
-            self.size -= replacing.size
-        bodies.insert(0, body)
-        self.size += body.size
-        while len(bodies) > PER_CONVERSATION:
-            self.size -= bodies.pop().size
-        while self.size > self.budget:
-            oldest_key, oldest = next(iter(self._bodies.items()))
-            self.size -= oldest.pop().size
-            if not oldest:
-                del self._bodies[oldest_key]
+        self.recent.clear()

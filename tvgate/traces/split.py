@@ -60,7 +60,7 @@ import bisect
 import contextlib
 import operator
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "BIG_STRING",
@@ -143,6 +143,11 @@ class Split:
     #: so a body that starts with the same bytes up to one of these offsets is cut
     #: there exactly as this one was: :func:`continue_split` scans only the rest.
     resumes: list[int]
+    #: The top-level members the scan read, in order: each key's bytes as written
+    #: (escapes undone by no one) and the offset its value starts at. Complete only when
+    #: the scan reached the end of the object (``tvgate.translate.history`` checks it
+    #: against the parsed body).
+    members: list[tuple[bytes, int]] = field(default_factory=list)
 
 
 def split_offsets(raw: bytes) -> list[int]:
@@ -155,7 +160,7 @@ def split_offsets(raw: bytes) -> list[int]:
 
 def split_body(raw: bytes) -> Split:
     """Scan a whole body: its cuts, and the offsets a later body may resume at."""
-    return _split(raw, 0, [0], [])
+    return _split(raw, 0, [0], [], [])
 
 
 def continue_split(raw: bytes, previous: Split, resume: int) -> Split:
@@ -171,10 +176,13 @@ def continue_split(raw: bytes, previous: Split, resume: int) -> Split:
     resumes = previous.resumes[: bisect.bisect_right(previous.resumes, resume)]
     if not resumes or resumes[-1] != resume:
         raise ValueError(f"offset {resume} is not where the previous body's scan can resume")
-    return _split(raw, resume, previous.cuts[: index + 1], resumes)
+    members = [member for member in previous.members if member[1] < resume]
+    return _split(raw, resume, previous.cuts[: index + 1], resumes, members)
 
 
-def _split(raw: bytes, start: int, cuts: list[int], resumes: list[int]) -> Split:
+def _split(
+    raw: bytes, start: int, cuts: list[int], resumes: list[int], members: list[tuple[bytes, int]]
+) -> Split:
     """Scan ``raw[start:]`` (the whole body from 0, or the rest after a resume offset)."""
     # The big strings are most of a body's bytes. One pass finds them; the structure
     # is then parsed in a skeleton where each is an empty string `""`, a tenth of the
@@ -211,9 +219,10 @@ def _split(raw: bytes, start: int, cuts: list[int], resumes: list[int]) -> Split
     kept = len(cuts) - 1  # the cuts before it were capped already
     cuts.extend(to_raw(cut) for cut in scan.cuts[1:])
     resumes.extend(to_raw(offset) for offset in scan.resumes)
+    members.extend((key, to_raw(offset)) for key, offset in scan.seen)
     if cuts[-1] != len(raw):
         cuts.append(len(raw))
-    return Split(_cap_parts(cuts, kept), resumes)
+    return Split(_cap_parts(cuts, kept), resumes, members)
 
 
 _big_scans: dict[int, re.Pattern[bytes]] = {}
@@ -259,13 +268,14 @@ def _raw_offset(
 class _Scan:
     """The structural scan of one skeleton: where it cuts, within a step budget."""
 
-    __slots__ = ("budget", "cuts", "data", "holes", "resumes")
+    __slots__ = ("budget", "cuts", "data", "holes", "resumes", "seen")
 
     def __init__(self, data: bytes, holes: list[int]) -> None:
         self.data = data
         self.holes = holes
         self.cuts = [0]
         self.resumes: list[int] = []
+        self.seen: list[tuple[bytes, int]] = []  # the members read: (key, value offset)
         self.budget = SCAN_BUDGET
 
     def step(self) -> None:
@@ -306,6 +316,7 @@ class _Scan:
                 raise _Unparsable
             key = member.group(1)
             start = member.end()
+            self.seen.append((key, start))
             if key in CONVERSATION_KEYS and data[start : start + 1] == b"[":
                 end = self.array(start + 1)
             else:

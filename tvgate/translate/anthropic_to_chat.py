@@ -36,6 +36,7 @@ from typing import Any
 import orjson
 
 from tvgate.traces.sse import FastEvents, SSEEvent
+from tvgate.translate.history import Output, Prefix
 
 JSON = dict[str, Any]
 #: What reading a JSON value of an unexpected shape raises.
@@ -106,6 +107,9 @@ class TranslatedRequest:
     body: JSON
     dropped: list[str] = field(default_factory=list)
     stream: bool = False
+    #: The output's messages as :mod:`tvgate.translate.history` keeps them (``body``'s
+    #: ``messages`` are ``head`` + ``turns`` unless it started from a prefix).
+    output: Output = field(default_factory=Output)
 
 
 # --------------------------------------------------------------------------- request
@@ -117,15 +121,18 @@ def translate_request(
     model: str,
     max_tokens_field: str = "max_completion_tokens",
     reasoning_effort: bool = True,
+    prefix: Prefix | None = None,
 ) -> TranslatedRequest:
     """``body`` (an Anthropic Messages request) as a Chat Completions request for ``model``.
 
     ``max_tokens_field`` is the name the upstream takes the output limit under (older
     vLLM/Ollama builds know only ``max_tokens``); ``reasoning_effort`` False is for an
     upstream model that refuses the parameter: the requested thinking is then noted as dropped.
+    ``prefix``: ``body['messages']`` are the conversation's from ``prefix.index`` on, the
+    ones before translated already (:mod:`tvgate.translate.history`).
     """
     try:
-        return _translate_request(body, model, max_tokens_field, reasoning_effort)
+        return _translate_request(body, model, max_tokens_field, reasoning_effort, prefix)
     except _MALFORMED as exc:
         # A malformed request (a block without its text, a list where an object goes):
         # the client's error, as Anthropic would answer it.
@@ -133,7 +140,7 @@ def translate_request(
 
 
 def _translate_request(
-    body: JSON, model: str, max_tokens_field: str, reasoning_effort: bool
+    body: JSON, model: str, max_tokens_field: str, reasoning_effort: bool, prefix: Prefix | None
 ) -> TranslatedRequest:
     notes: dict[str, None] = {}
     for key in body:
@@ -144,9 +151,12 @@ def _translate_request(
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise TranslationError("messages", "must be a list")
-    out: JSON = {"model": model, "messages": _system(body.get("system"), notes)}
-    for i, message in enumerate(messages):
-        _message(message, f"messages[{i}]", out["messages"], notes)
+    head = _system(body.get("system"), notes)
+    output = _messages(messages, prefix)
+    out: JSON = {"model": model, "messages": head + output.turns}
+    output.head = head
+    # The messages' notes after the system prompt's, each once, as if made in one pass.
+    notes.update(dict.fromkeys(output.notes))
     if messages and messages[-1].get("role") == "assistant":
         notes["messages[-1]: a final assistant turn is sent as history, not continued"] = None
     if "max_tokens" in body:
@@ -183,7 +193,21 @@ def _translate_request(
         # Anthropic reports usage on every stream; the upstream only does when asked.
         out["stream"] = True
         out["stream_options"] = {"include_usage": True}
-    return TranslatedRequest(out, list(notes), stream)
+    return TranslatedRequest(out, list(notes), stream, output)
+
+
+def _messages(messages: list[Any], prefix: Prefix | None) -> Output:
+    """The Chat messages of ``messages`` (the conversation's from ``prefix.index`` on);
+    each input message's output stands alone, so a later call may start before any."""
+    start = prefix.index if prefix is not None else 0
+    notes: dict[str, None] = dict.fromkeys(prefix.notes) if prefix is not None else {}
+    turns: list[JSON] = []
+    marks: list[tuple[int, int, int, Any]] = []
+    for i, message in enumerate(messages, start):
+        marks.append((i, len(turns), len(notes), None))
+        _message(message, f"messages[{i}]", turns, notes)
+    marks.append((start + len(messages), len(turns), len(notes), None))
+    return Output(turns=turns, marks=marks, notes=list(notes))
 
 
 def _system(system: Any, notes: dict[str, None], where: str = "system") -> list[JSON]:

@@ -45,6 +45,7 @@ from typing import Any
 import orjson
 
 from tvgate.traces.sse import FastEvents, SSEEvent
+from tvgate.translate.history import Output, Prefix, Unresumable
 
 JSON = dict[str, Any]
 
@@ -132,15 +133,24 @@ class UpstreamRequest:
     include_usage: bool
     #: What could not be carried, one note each, for the trace.
     dropped: list[str] = field(default_factory=list)
+    #: The output's messages as :mod:`tvgate.translate.history` keeps them (``body``'s
+    #: ``messages`` are ``turns`` unless it started from a prefix).
+    output: Output = field(default_factory=Output)
 
 
 # --- request ------------------------------------------------------------------------
 
 
 def translate_request(
-    body: JSON, upstream_model: str, *, default_max_tokens: int = DEFAULT_MAX_TOKENS
+    body: JSON,
+    upstream_model: str,
+    *,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    prefix: Prefix | None = None,
 ) -> UpstreamRequest:
-    """The Anthropic Messages body for a Chat Completions ``body``, on ``upstream_model``.
+    """The Anthropic Messages body for a Chat Completions ``body``, on ``upstream_model``;
+    ``prefix``: ``body['messages']`` are the conversation's from ``prefix.index`` on, the
+    ones before translated already (:mod:`tvgate.translate.history`).
 
     Raises :class:`TranslationError` for a field Anthropic cannot express."""
     dropped: list[str] = []
@@ -149,7 +159,9 @@ def translate_request(
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise TranslationError("messages", "messages must be a non-empty array")
-    system, turns = _messages(messages, dropped)
+    output = _messages(messages, prefix)
+    system, turns = output.system, output.turns
+    dropped.extend(output.notes)
     out: JSON = {"model": upstream_model}
     if system:
         out["system"] = system
@@ -195,11 +207,11 @@ def translate_request(
         out["output_config"] = {"format": fmt}
     effort = body.get("reasoning_effort")
     if effort is not None:
-        add_thinking(out, effort, dropped)
+        add_thinking(out, effort, dropped, output.tool_loop)
     user = body.get("user")
     if isinstance(user, str) and user:
         out["metadata"] = {"user_id": user}
-    return UpstreamRequest(out, stream, include_usage, dropped)
+    return UpstreamRequest(out, stream, include_usage, dropped, output)
 
 
 def check_fields(
@@ -238,10 +250,42 @@ def _short(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _messages(messages: list[Any], dropped: list[str]) -> tuple[list[JSON], list[JSON]]:
-    system: list[JSON] = []
+@dataclass(slots=True)
+class _State:
+    """What the messages before a mark leave for the ones after it: the system blocks
+    they hoisted, the role of their last turn, and whether their last assistant turn is
+    a tool call without thinking (:func:`_thinking_refused`)."""
+
+    #: The first ``hoisted`` of ``system`` (a list never changed once kept).
+    system: list[JSON] = field(default_factory=list)
+    hoisted: int = 0
+    role: str | None = None
+    tool_loop: bool = False
+
+
+@dataclass(slots=True)
+class _Messages(Output):
+    """The output of a Chat conversation: its turns, and the system blocks it hoists."""
+
+    system: list[JSON] = field(default_factory=list)
+    #: The last assistant turn before ``turns`` is a tool call without thinking.
+    tool_loop: bool = False
+
+
+def _messages(messages: list[Any], prefix: Prefix | None) -> _Messages:
+    """The Anthropic turns of ``messages`` (the conversation's from ``prefix.index`` on).
+    A mark goes where a message starts a new turn: the turns before it are final."""
+    start = 0
+    state = _State()
+    dropped: list[str] = []
+    if prefix is not None:
+        start, state, dropped = prefix.index, prefix.state, list(prefix.notes)
+    system: list[JSON] = state.system[: state.hoisted]
     turns: list[JSON] = []
-    for i, msg in enumerate(messages):
+    marks: list[tuple[int, int, int, Any]] = []
+    tool_loop = state.tool_loop
+    for i, msg in enumerate(messages, start):
+        notes_before = len(dropped)
         # A message's path is written only for an error or a note: this loop runs once per
         # message of a whole conversation on every call.
         if not isinstance(msg, dict):
@@ -273,9 +317,47 @@ def _messages(messages: list[Any], dropped: list[str]) -> tuple[list[JSON], list
         # belong in one user turn, before any text that follows them.
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"].extend(blocks)
-        else:
-            turns.append({"role": role, "content": blocks})
-    return system, turns
+            continue
+        if not turns and role == state.role:
+            raise Unresumable  # it would join the last turn before the prefix's mark
+        tool_loop = _mark(marks, i, turns, notes_before, system, state, tool_loop)
+        turns.append({"role": role, "content": blocks})
+    # After the last message: its turn is final unless the next call's first message joins
+    # it (then that call is translated whole).
+    tool_loop = _mark(marks, start + len(messages), turns, len(dropped), system, state, tool_loop)
+    return _Messages(
+        turns=turns,
+        marks=marks,
+        notes=dropped,
+        system=system,
+        tool_loop=tool_loop,
+    )
+
+
+def _mark(
+    marks: list[tuple[int, int, int, Any]],
+    index: int,
+    turns: list[JSON],
+    notes: int,
+    system: list[JSON],
+    state: _State,
+    tool_loop: bool,
+) -> bool:
+    """A mark before message ``index``, where ``turns`` are final; whether the last
+    assistant turn so far is a tool call without thinking."""
+    if turns and turns[-1]["role"] == "assistant":
+        tool_loop = _tool_loop(turns[-1]["content"])
+    role = turns[-1]["role"] if turns else state.role
+    marks.append((index, len(turns), notes, _State(system, len(system), role, tool_loop)))
+    return tool_loop
+
+
+def _tool_loop(content: list[JSON]) -> bool:
+    """Whether an assistant turn calls a tool without starting with a thinking block."""
+    return any(b["type"] == "tool_use" for b in content) and content[0]["type"] not in (
+        "thinking",
+        "redacted_thinking",
+    )
 
 
 def _text_blocks(content: object, where: str) -> list[JSON]:
@@ -471,11 +553,15 @@ def _response_format(fmt: object) -> JSON | None:
     )
 
 
-def add_thinking(out: JSON, effort: object, dropped: list[str]) -> None:
+def add_thinking(
+    out: JSON, effort: object, dropped: list[str], tool_loop: bool | None = None
+) -> None:
     """``thinking`` for a reasoning ``effort`` on the Messages body ``out``, where
-    Anthropic would take it (else noted), and the sampling it forbids dropped."""
+    Anthropic would take it (else noted), and the sampling it forbids dropped;
+    ``tool_loop``: whether the conversation's last assistant turn is a tool call without
+    thinking, when ``out['messages']`` may not hold it (None: read it there)."""
     thinking = _thinking(effort, out["max_tokens"], dropped)
-    if thinking is not None and _thinking_refused(out, dropped):
+    if thinking is not None and _thinking_refused(out, dropped, tool_loop):
         thinking = None
     if thinking is not None:
         out["thinking"] = thinking
@@ -498,19 +584,20 @@ def _thinking(effort: object, max_tokens: int, dropped: list[str]) -> JSON | Non
     return {"type": "enabled", "budget_tokens": budget}
 
 
-def _thinking_refused(out: JSON, dropped: list[str]) -> bool:
+def _thinking_refused(out: JSON, dropped: list[str], tool_loop: bool | None) -> bool:
     """Whether Anthropic would refuse thinking on this request: it forbids forced tool
     use with thinking, and a tool loop whose last assistant turn does not start with a
     signed thinking block (one the client did not send back cannot be made up)."""
     if _dict(out.get("tool_choice")).get("type") in ("any", "tool"):
         dropped.append("reasoning_effort: thinking off, a tool is forced")
         return True
-    turns: list[JSON] = out["messages"]
-    last: list[JSON] = next((t["content"] for t in reversed(turns) if t["role"] == "assistant"), [])
-    if any(b["type"] == "tool_use" for b in last) and last[0]["type"] not in (
-        "thinking",
-        "redacted_thinking",
-    ):
+    if tool_loop is None:
+        turns: list[JSON] = out["messages"]
+        last: list[JSON] = next(
+            (t["content"] for t in reversed(turns) if t["role"] == "assistant"), []
+        )
+        tool_loop = _tool_loop(last)
+    if tool_loop:
         dropped.append("reasoning_effort: thinking off, the last tool call has no thinking block")
         return True
     return False

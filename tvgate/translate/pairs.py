@@ -13,7 +13,7 @@ client), so a passthrough call runs none of this.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,9 +34,14 @@ from tvgate.translate import (
     responses_to_anthropic,
     responses_to_chat,
 )
+from tvgate.translate.history import Histories, Output, Prefix
 from tvgate.translate.responses_api import ResponsesRequest
 
 JSON = dict[str, Any]
+
+#: The serving process's recent translated conversations, continued by the next call of
+#: each (the Chat and Anthropic Messages pairs: ``tvgate.translate.history``).
+HISTORIES = Histories()
 
 #: The Anthropic API version a translated request is sent with (the client, speaking
 #: OpenAI's API, sent none); the one the ``anthropic`` SDKs send.
@@ -106,11 +111,11 @@ class _Phases:
 
     def __init__(
         self,
-        body: JSON,
+        body: JSON | bytes,
         stream: _StreamTranslator,
         translate_error: Callable[[int, bytes], tuple[int, bytes]],
     ) -> None:
-        self.body = orjson.dumps(body)
+        self.body = body if isinstance(body, bytes) else orjson.dumps(body)
         self._stream = stream
         self._translate_error = translate_error
 
@@ -130,15 +135,22 @@ class _Phases:
 class _ChatOnAnthropic(_Phases):
     """An OpenAI Chat Completions client on an Anthropic Messages route."""
 
-    def __init__(self, request: JSON, upstream_model: str) -> None:
-        try:
-            translated = chat_to_anthropic.translate_request(request, upstream_model)
-        except chat_to_anthropic.TranslationError as exc:
-            raise Untranslatable(exc.message) from None
+    def __init__(self, raw: bytes, upstream_model: str, owner: Hashable) -> None:
+        def translate(
+            document: JSON, prefix: Prefix | None
+        ) -> tuple[chat_to_anthropic.UpstreamRequest, JSON, Output]:
+            try:
+                done = chat_to_anthropic.translate_request(document, upstream_model, prefix=prefix)
+            except chat_to_anthropic.TranslationError as exc:
+                raise Untranslatable(exc.message) from None
+            return done, done.body, done.output
+
+        made = HISTORIES.translate((owner, OPENAI_CHAT), raw, translate)
+        translated: chat_to_anthropic.UpstreamRequest = made.result
         # The stream translator adds its notes to the request's list.
         self._notes = translated.dropped
         super().__init__(
-            translated.body,
+            made.body,
             chat_to_anthropic.StreamTranslator.for_request(translated),
             chat_to_anthropic.translate_error,
         )
@@ -157,14 +169,23 @@ class _ChatOnAnthropic(_Phases):
 class _AnthropicOnChat(_Phases):
     """An Anthropic Messages client on an OpenAI Chat Completions route."""
 
-    def __init__(self, request: JSON, upstream_model: str) -> None:
-        try:
-            translated = anthropic_to_chat.translate_request(request, model=upstream_model)
-        except anthropic_to_chat.TranslationError as exc:
-            raise Untranslatable(exc.message) from None
+    def __init__(self, raw: bytes, upstream_model: str, owner: Hashable) -> None:
+        def translate(
+            document: JSON, prefix: Prefix | None
+        ) -> tuple[anthropic_to_chat.TranslatedRequest, JSON, Output]:
+            try:
+                done = anthropic_to_chat.translate_request(
+                    document, model=upstream_model, prefix=prefix
+                )
+            except anthropic_to_chat.TranslationError as exc:
+                raise Untranslatable(exc.message) from None
+            return done, done.body, done.output
+
+        made = HISTORIES.translate((owner, ANTHROPIC_MESSAGES), raw, translate)
+        translated: anthropic_to_chat.TranslatedRequest = made.result
         self._notes = translated.dropped
         self._chunks = anthropic_to_chat.StreamTranslator()
-        super().__init__(translated.body, self._chunks, anthropic_to_chat.translate_error)
+        super().__init__(made.body, self._chunks, anthropic_to_chat.translate_error)
 
     @property
     def notes(self) -> list[str]:
@@ -210,9 +231,9 @@ class _ResponsesOn(_Phases):
 class _ResponsesOnAnthropic(_ResponsesOn):
     """An OpenAI Responses client on an Anthropic Messages route."""
 
-    def __init__(self, request: JSON, upstream_model: str) -> None:
+    def __init__(self, raw: bytes, upstream_model: str, owner: Hashable) -> None:
         try:
-            translated = responses_to_anthropic.translate_request(request, upstream_model)
+            translated = responses_to_anthropic.translate_request(orjson.loads(raw), upstream_model)
         except responses_to_anthropic.TranslationError as exc:
             raise Untranslatable(exc.message) from None
         super().__init__(
@@ -232,12 +253,12 @@ class _ResponsesOnAnthropic(_ResponsesOn):
 class _ResponsesOnChat(_ResponsesOn):
     """An OpenAI Responses client on a Chat Completions-only upstream (vLLM, Ollama)."""
 
-    def __init__(self, request: JSON, upstream_model: str) -> None:
+    def __init__(self, raw: bytes, upstream_model: str, owner: Hashable) -> None:
         try:
             # max_tokens: the name every Chat-compatible server knows (OpenAI's own
             # max_completion_tokens is not always among them, and OpenAI has Responses).
             translated = responses_to_chat.translate_request(
-                request, upstream_model, max_tokens_field="max_tokens"
+                orjson.loads(raw), upstream_model, max_tokens_field="max_tokens"
             )
         except responses_to_chat.TranslationError as exc:
             raise Untranslatable(exc.message) from None
@@ -287,7 +308,9 @@ class Pair:
 
     client: str
     upstream: ProviderAPI
-    start: Callable[[JSON, str], Translation]
+    #: The translation of a client's body (its bytes) for the route's model, for a
+    #: caller (whose conversations it may continue: ``tvgate.translate.history``).
+    start: Callable[[bytes, str, Hashable], Translation]
     #: Headers the route's API requires that a client of the other API does not send.
     required_headers: tuple[tuple[str, str], ...] = ()
 
