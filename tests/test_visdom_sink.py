@@ -1,0 +1,343 @@
+"""Traces reach Visdom Trace (issue 18): a real ``tvgate serve`` connected with
+``tvgate visdom connect`` pushes tool sessions to the strict ingestion stand-in
+(tests/fake_visdom_ingest.py), on SQLite and PostgreSQL: a Claude-Code-shaped tool
+session and a Codex (Responses) one, each one session with its lines, tool events and
+usage; the stand-in away and back; a 422 parked, shown and retried after a reconnect;
+two gateways over one database; body capture off.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import orjson
+import pytest
+
+from tests.conftest import ANTHROPIC_SECRET, scrape, seed
+from tests.fake_provider import FakeProvider
+from tests.fake_visdom_ingest import FakeVisdomIngest, Session
+from tests.harness import GatewayProcess, beside, gateway_env, launch_gateway, run_cli
+from tests.outages import outage
+from tvgate import services
+from tvgate.models import database
+
+INGEST_KEY = "tvk_" + secrets.token_hex(32)
+REPO = "8f14e45f-ceea-467f-a0e6-6f1b0c0d2a11"
+PUSH = {"TVGATE_VISDOM_PUSH_INTERVAL": "0.2", "TVGATE_VISDOM_IDLE_TIMEOUT": "3"}
+BASH = {
+    "name": "Bash",
+    "description": "run a command",
+    "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}},
+}
+SHELL = {
+    "type": "function",
+    "name": "shell",
+    "parameters": {"type": "object", "properties": {"command": {"type": "array"}}},
+}
+
+
+@pytest.fixture
+def ingest() -> Iterator[FakeVisdomIngest]:
+    fake = FakeVisdomIngest(INGEST_KEY).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def seeded(
+    fresh_database_url: str, fake_provider: FakeProvider, tmp_path: Path
+) -> Iterator[tuple[str, Path, dict[str, str]]]:
+    tokens = seed(fresh_database_url, tmp_path, fake_provider)
+    yield fresh_database_url, tmp_path, tokens
+    database.close()
+
+
+def connect(gw: GatewayProcess, ingest: FakeVisdomIngest, *extra: str) -> str:
+    done = gw.cli(
+        "visdom", "connect", "--org", "acme", "--url", ingest.url, *extra, "--key-stdin",
+        stdin=INGEST_KEY + "\n",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert INGEST_KEY not in done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.fixture
+def gateway(
+    seeded: tuple[str, Path, dict[str, str]], ingest: FakeVisdomIngest
+) -> Iterator[GatewayProcess]:
+    url, data_dir, tokens = seeded
+    with launch_gateway(url, data_dir, tokens, **PUSH) as gw:
+        connect(gw, ingest, "--project", "proj-1")
+        yield gw
+
+
+def claude_call(gw: GatewayProcess, session: str, messages: list[Any], **headers: str) -> Any:
+    response = httpx2.post(
+        gw.url + "/v1/messages",
+        content=orjson.dumps(
+            {"model": "claude-test", "max_tokens": 64, "messages": messages, "tools": [BASH]}
+        ),
+        headers={
+            "x-api-key": gw.tokens["dev@acme.test"],
+            "anthropic-version": "2023-06-01",
+            "user-agent": "claude-cli/2.0.14 (external, cli)",
+            "x-claude-code-session-id": session,
+            "x-fake-scenario": "agent",
+            **headers,
+        },
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def claude_session(gw: GatewayProcess, session: str, prompt: str, **headers: str) -> list[Any]:
+    """A Claude Code turn: the prompt, a Bash tool call, its result, the final answer."""
+    ask = {"role": "user", "content": [{"type": "text", "text": prompt}]}
+    first = claude_call(gw, session, [ask], **headers)
+    (use,) = [b for b in first["content"] if b["type"] == "tool_use"]
+    result = {
+        "role": "user",
+        "content": [{"type": "tool_result", "tool_use_id": use["id"], "content": "tvgate-ok"}],
+    }
+    assistant = {"role": "assistant", "content": first["content"]}
+    second = claude_call(gw, session, [ask, assistant, result], **headers)
+    return [first, second]
+
+
+def codex_call(gw: GatewayProcess, session: str, items: list[Any]) -> Any:
+    response = httpx2.post(
+        gw.url + "/v1/responses",
+        content=orjson.dumps({"model": "gpt-test", "input": items, "tools": [SHELL]}),
+        headers={
+            "authorization": "Bearer " + gw.tokens["dev@acme.test"],
+            "user-agent": "codex_cli_rs/0.46.0 (Linux; x86_64)",
+            "session-id": session,
+            "x-fake-scenario": "agent",
+        },
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def codex_session(gw: GatewayProcess, session: str) -> list[Any]:
+    env = {
+        "type": "message",
+        "role": "user",
+        "content": [{"type": "input_text", "text": "<environment_context><cwd>/work/app</cwd>"}],
+    }
+    ask = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "go"}]}
+    first = codex_call(gw, session, [env, ask])
+    (call,) = [i for i in first["output"] if i["type"] == "function_call"]
+    output = {"type": "function_call_output", "call_id": call["call_id"], "output": "tvgate-ok"}
+    second = codex_call(gw, session, [env, ask, call, output])
+    return [first, second]
+
+
+def wait_for(what: Callable[[], bool], timeout: float, say: Callable[[], str]) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, say()
+        time.sleep(0.1)
+
+
+def ended(ingest: FakeVisdomIngest, *sessions: str) -> Callable[[], bool]:
+    def check() -> bool:
+        with ingest.lock:
+            done = {sid for (_scope, sid), s in ingest.sessions.items() if s.ended}
+        return set(sessions) <= done
+
+    return check
+
+
+def status(gw: GatewayProcess) -> dict[str, Any]:
+    done = gw.cli("visdom", "status", "--org", "acme", "--json")
+    assert done.returncode in (0, 1), done.stderr
+    result: dict[str, Any] = orjson.loads(done.stdout)
+    return result
+
+
+def assert_clean(ingest: FakeVisdomIngest) -> None:
+    assert ingest.problems == []
+    assert ingest.gaps() == []
+    uuids = [e["event_uuid"] for _path, _headers, e in ingest.received if "event_uuid" in e]
+    assert len(uuids) == len(set(uuids)), "an event was delivered twice"
+
+
+def assert_claude_session(session: Session, answers: list[Any], prompt: str) -> None:
+    lines = session.lines()
+    assert [line["type"] for line in lines] == ["user", "assistant", "user", "assistant"]
+    assert lines[0]["message"]["content"] == [{"type": "text", "text": prompt}]
+    assert [lines[1]["message"]["id"], lines[3]["message"]["id"]] == [a["id"] for a in answers]
+    for line, answer in ((lines[1], answers[0]), (lines[3], answers[1])):
+        usage = line["message"]["usage"]
+        assert usage["output_tokens"] == answer["usage"]["output_tokens"]
+        assert usage["input_tokens"] == answer["usage"]["input_tokens"]
+    (use,) = [b for b in answers[0]["content"] if b["type"] == "tool_use"]
+    tools = [
+        (e["hook_event_name"], e["tool_use_id"], e["tool_name"]) for e in session.tool_events()
+    ]
+    assert tools == [("PreToolUse", use["id"], "Bash"), ("PostToolUse", use["id"], "Bash")]
+    post = session.tool_events()[1]
+    assert post["tool_response"] == "tvgate-ok" and post["tool_is_error"] is False
+    assert session.tool == "claude-code"
+    stats = session.final_stats
+    assert stats is not None
+    assert stats["assistant_messages"] == 2 and stats["user_messages"] == 1
+    assert stats["total_tool_calls"] == 1
+    assert stats["output_tokens"] == sum(a["usage"]["output_tokens"] for a in answers)
+
+
+def test_a_claude_code_and_a_codex_session_arrive_as_one_session_each(
+    gateway: GatewayProcess, ingest: FakeVisdomIngest
+) -> None:
+    prompt = "run the tests; my key is " + ANTHROPIC_SECRET
+    answers = claude_session(
+        gateway, "cc-1", prompt, **{"x-tracevault-repo": REPO, "x-tracevault-branch": "main"}
+    )
+    codex = codex_session(gateway, "codex-1")
+    wait_for(
+        ended(ingest, "cc-1", "codex-1"), 60, lambda: f"{list(ingest.sessions)} {ingest.problems}"
+    )
+    assert_clean(ingest)
+    claude = ingest.session("cc-1")
+    assert claude.key == (f"repos:{REPO}", "cc-1")
+    # Redacted exactly as the stored body is: the org's own key never leaves.
+    trace = gateway.traces(session_id="cc-1")[0]
+    stored = services.get_trace(trace.id, org_name="acme")
+    stored_prompt = stored["request"]["messages"][0]["content"][0]["text"]
+    assert ANTHROPIC_SECRET not in stored_prompt
+    assert_claude_session(claude, answers, stored_prompt)
+    assert claude.lines()[0]["gitBranch"] == "main"
+    for _path, headers, event in ingest.received:
+        assert headers["Authorization"] == f"Bearer {INGEST_KEY}"
+        assert ANTHROPIC_SECRET not in orjson.dumps(event).decode()
+
+    session = ingest.session("codex-1")
+    assert session.key == ("projects:proj-1", "codex-1")
+    assert session.tool == "codex"
+    lines = session.lines()
+    assert [line["type"] for line in lines] == ["user", "user", "assistant", "user", "assistant"]
+    assert [lines[2]["message"]["id"], lines[4]["message"]["id"]] == [a["id"] for a in codex]
+    assert lines[2]["message"]["content"][-1]["type"] == "tool_use"
+    assert lines[3]["message"]["content"][0]["type"] == "tool_result"
+    assert all(e["cwd"] == "/work/app" for e in session.events)
+    hooks = [e["hook_event_name"] for e in session.tool_events()]
+    assert hooks == ["PreToolUse", "PostToolUse"]
+
+    shown = status(gateway)
+    assert shown["pending"] == 0 and shown["parked_count"] == 0
+    assert shown["sent"] == len(ingest.received)
+    assert INGEST_KEY not in orjson.dumps(shown).decode()
+    metrics = scrape(gateway.url)
+    assert metrics['tvgate_visdom_events_total{outcome="sent"}'] == len(ingest.received)
+    assert metrics['tvgate_visdom_events_total{outcome="parked"}'] == 0
+    assert INGEST_KEY not in gateway.dump_database() + gateway.log_text()
+
+
+def test_a_refused_event_is_parked_shown_and_sent_after_a_reconnect(
+    gateway: GatewayProcess, ingest: FakeVisdomIngest
+) -> None:
+    ingest.refuse = lambda e: 422 if e.get("hook_event_name") == "PreToolUse" else None
+    answers = claude_session(gateway, "cc-park", "park me", **{"x-tracevault-repo": REPO})
+    wait_for(lambda: status(gateway)["parked_count"] == 1, 60, lambda: str(status(gateway)))
+    shown = status(gateway)
+    (parked,) = shown["parked"]
+    assert parked["event_type"] == "tool_use" and parked["session_id"] == "cc-park"
+    assert "422" in parked["error"] and "refused by the test" in parked["error"]
+    text = gateway.cli("visdom", "status", "--org", "acme")
+    assert text.returncode == 1 and "parked event" in text.stdout
+    # The session's later events wait behind it, in order.
+    session = ingest.session("cc-park")
+    assert [line["type"] for line in session.lines()] == ["user", "assistant"]
+    assert session.tool_events() == []
+    assert scrape(gateway.url)['tvgate_visdom_events_total{outcome="parked"}'] == 1
+
+    ingest.refuse = None
+    connect(gateway, ingest, "--project", "proj-1")
+    wait_for(ended(ingest, "cc-park"), 60, lambda: str(status(gateway)))
+    assert_clean(ingest)
+    assert_claude_session(ingest.session("cc-park"), answers, "park me")
+    assert status(gateway)["parked_count"] == 0
+
+
+@pytest.mark.slow
+def test_visdom_away_for_a_minute_loses_and_duplicates_nothing(
+    gateway: GatewayProcess, ingest: FakeVisdomIngest
+) -> None:
+    ingest.stop()
+    answers = claude_session(gateway, "cc-away", "while away", **{"x-tracevault-repo": REPO})
+    codex_session(gateway, "codex-away")
+    wait_for(
+        lambda: scrape(gateway.url)['tvgate_visdom_events_total{outcome="retried"}'] >= 1,
+        30,
+        lambda: str(status(gateway)),
+    )
+    time.sleep(outage(60))
+    shown = status(gateway)
+    assert "unreachable" in shown["last_error"] and shown["pending"] > 0
+    assert shown["parked_count"] == 0
+    ingest.start()
+    wait_for(ended(ingest, "cc-away", "codex-away"), 90, lambda: str(status(gateway)))
+    assert_clean(ingest)
+    assert_claude_session(ingest.session("cc-away"), answers, "while away")
+    assert status(gateway)["pending"] == 0
+
+
+def test_two_gateways_push_each_event_once(
+    seeded: tuple[str, Path, dict[str, str]], ingest: FakeVisdomIngest
+) -> None:
+    url, data_dir, tokens = seeded
+    with launch_gateway(url, data_dir, tokens, **PUSH) as first, beside(first, **PUSH) as second:
+        connect(first, ingest)
+        sessions = [f"cc-two-{i}" for i in range(4)]
+        answers = {
+            sid: claude_session(
+                (first, second)[i % 2], sid, f"prompt {i}", **{"x-tracevault-repo": REPO}
+            )
+            for i, sid in enumerate(sessions)
+        }
+        wait_for(ended(ingest, *sessions), 60, lambda: str(status(first)))
+        assert_clean(ingest)
+        for sid in sessions:
+            assert_claude_session(
+                ingest.session(sid), answers[sid], f"prompt {sessions.index(sid)}"
+            )
+        sent = sum(
+            scrape(gw.url)['tvgate_visdom_events_total{outcome="sent"}'] for gw in (first, second)
+        )
+        assert sent == len(ingest.received)
+
+
+def test_without_body_capture_lines_carry_ids_models_and_usage_only(
+    seeded: tuple[str, Path, dict[str, str]], ingest: FakeVisdomIngest
+) -> None:
+    url, data_dir, tokens = seeded
+    off = run_cli(
+        gateway_env(url, data_dir, 0), "policy", "set", "--org", "acme", "--capture-bodies", "off"
+    )
+    assert off.returncode == 0, off.stderr
+    with launch_gateway(url, data_dir, tokens, **PUSH) as gw:
+        connect(gw, ingest, "--legacy-org-slug", "acme-slug")
+        answers = claude_session(gw, "cc-off", "a secret plan", **{"x-tracevault-repo": REPO})
+        wait_for(ended(ingest, "cc-off"), 60, lambda: str(status(gw)))
+    assert_clean(ingest)
+    session = ingest.session("cc-off")
+    assert {path for path, _h, _e in ingest.received} == {
+        f"/api/v1/orgs/acme-slug/repos/{REPO}/stream"
+    }
+    lines = session.lines()
+    assert [line["type"] for line in lines] == ["assistant", "assistant"]
+    assert [line["message"]["id"] for line in lines] == [a["id"] for a in answers]
+    assert all(line["message"]["content"] == [] for line in lines)
+    assert lines[0]["message"]["usage"]["output_tokens"] == answers[0]["usage"]["output_tokens"]
+    assert session.tool_events() == []
+    for _path, _headers, event in ingest.received:
+        assert "secret plan" not in orjson.dumps(event).decode()
