@@ -8,6 +8,7 @@ two gateways over one database; body capture off.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from tvgate.models import database
 
 INGEST_KEY = "tvk_" + secrets.token_hex(32)
 REPO = "8f14e45f-ceea-467f-a0e6-6f1b0c0d2a11"
-PUSH = {"TVGATE_VISDOM_PUSH_INTERVAL": "0.2", "TVGATE_VISDOM_IDLE_TIMEOUT": "3"}
+PUSH = {"TVGATE_VISDOM_PUSH_INTERVAL": "0.2", "TVGATE_VISDOM_IDLE_TIMEOUT": "5"}
 BASH = {
     "name": "Bash",
     "description": "run a command",
@@ -77,24 +78,32 @@ def gateway(
         yield gw
 
 
-def claude_call(gw: GatewayProcess, session: str, messages: list[Any], **headers: str) -> Any:
+def agent_call(gw: GatewayProcess, path: str, body: dict[str, Any], headers: dict[str, str]) -> Any:
+    """One call of dev@acme.test that the fake provider answers as a coding agent."""
     response = httpx2.post(
-        gw.url + "/v1/messages",
-        content=orjson.dumps(
-            {"model": "claude-test", "max_tokens": 64, "messages": messages, "tools": [BASH]}
-        ),
-        headers={
-            "x-api-key": gw.tokens["dev@acme.test"],
-            "anthropic-version": "2023-06-01",
-            "user-agent": "claude-cli/2.0.14 (external, cli)",
-            "x-claude-code-session-id": session,
-            "x-fake-scenario": "agent",
-            **headers,
-        },
+        gw.url + path,
+        content=orjson.dumps(body),
+        headers={"x-fake-scenario": "agent", **headers},
         timeout=60,
     )
     assert response.status_code == 200, response.text
     return response.json()
+
+
+def claude_call(gw: GatewayProcess, session: str, messages: list[Any], **headers: str) -> Any:
+    body = {"model": "claude-test", "max_tokens": 64, "messages": messages, "tools": [BASH]}
+    return agent_call(
+        gw,
+        "/v1/messages",
+        body,
+        {
+            "x-api-key": gw.tokens["dev@acme.test"],
+            "anthropic-version": "2023-06-01",
+            "user-agent": "claude-cli/2.0.14 (external, cli)",
+            "x-claude-code-session-id": session,
+            **headers,
+        },
+    )
 
 
 def claude_session(gw: GatewayProcess, session: str, prompt: str, **headers: str) -> list[Any]:
@@ -112,19 +121,17 @@ def claude_session(gw: GatewayProcess, session: str, prompt: str, **headers: str
 
 
 def codex_call(gw: GatewayProcess, session: str, items: list[Any]) -> Any:
-    response = httpx2.post(
-        gw.url + "/v1/responses",
-        content=orjson.dumps({"model": "gpt-test", "input": items, "tools": [SHELL]}),
-        headers={
+    body = {"model": "gpt-test", "input": items, "tools": [SHELL]}
+    return agent_call(
+        gw,
+        "/v1/responses",
+        body,
+        {
             "authorization": "Bearer " + gw.tokens["dev@acme.test"],
             "user-agent": "codex_cli_rs/0.46.0 (Linux; x86_64)",
             "session-id": session,
-            "x-fake-scenario": "agent",
         },
-        timeout=60,
     )
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def codex_session(gw: GatewayProcess, session: str) -> list[Any]:
@@ -341,3 +348,78 @@ def test_without_body_capture_lines_carry_ids_models_and_usage_only(
     assert session.tool_events() == []
     for _path, _headers, event in ingest.received:
         assert "secret plan" not in orjson.dumps(event).decode()
+
+
+def _xsrf(page: str, form_id: str = "") -> str:
+    if form_id:
+        found_form = re.search(rf'<form[^>]*id="{form_id}".*?</form>', page, re.S)
+        assert found_form is not None, page
+        page = found_form.group(0)
+    found = re.search(r'name="_xsrf" value="([^"]+)"', page)
+    assert found is not None, page
+    return found.group(1)
+
+
+def test_the_api_and_the_ui_connect_show_parked_events_and_never_the_key(
+    gateway: GatewayProcess, ingest: FakeVisdomIngest
+) -> None:
+    api = gateway.url + "/api/v1/visdom"
+    admin = {"authorization": "Bearer " + gateway.tokens["admin@acme.test"]}
+    member = {"authorization": "Bearer " + gateway.tokens["dev@acme.test"]}
+    assert httpx2.get(api, headers=member).status_code == 403
+    refused = httpx2.put(api, headers=member, json={"url": ingest.url, "key": INGEST_KEY})
+    assert refused.status_code == 403
+    bad = httpx2.put(api, headers=admin, json={"url": ingest.url, "key": "sk-not-an-org-key"})
+    assert bad.status_code == 400 and "tvk_" in bad.json()["error"]["message"]
+    unknown = httpx2.put(api, headers=admin, json={"url": ingest.url, "key": INGEST_KEY, "x": 1})
+    assert unknown.status_code == 400
+    ok = httpx2.put(api, headers=admin, json={"url": ingest.url, "key": INGEST_KEY})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["connected"] and ok.json()["project"] == ""
+    assert INGEST_KEY not in ok.text and ok.json()["key"] == "…" + INGEST_KEY[-4:]
+
+    # No repo and no project: parked with its reason; the session id is the client's.
+    hostile = "<i>s1</i>"
+    claude_session(gateway, hostile, "no repo here")
+    wait_for(lambda: status(gateway)["parked_count"] >= 1, 60, lambda: str(status(gateway)))
+    shown = httpx2.get(api, headers=admin).json()
+    assert (
+        "no repo" in shown["parked"][0]["error"] and INGEST_KEY not in orjson.dumps(shown).decode()
+    )
+
+    with httpx2.Client(base_url=gateway.url, timeout=30) as browser:
+        form = {
+            "_xsrf": _xsrf(browser.get("/ui/login").text),
+            "token": gateway.tokens["admin@acme.test"],
+        }
+        assert browser.post("/ui/login", data=form).status_code == 302
+        page = browser.get("/ui/visdom")
+        assert page.status_code == 200
+        assert "&lt;i&gt;s1&lt;/i&gt;" in page.text and hostile not in page.text
+        assert "no repo" in page.text and INGEST_KEY not in page.text
+        without = browser.post("/ui/visdom", data={"url": ingest.url, "key": INGEST_KEY})
+        assert without.status_code == 403
+        # Reconnect with a project: the parked event is released and the session goes out.
+        form = {
+            "_xsrf": _xsrf(page.text, "visdom-connect"),
+            "url": ingest.url,
+            "project": "proj-ui",
+            "key": INGEST_KEY,
+        }
+        saved = browser.post("/ui/visdom", data=form)
+        assert saved.status_code == 302, saved.text
+        wait_for(ended(ingest, hostile), 60, lambda: str(status(gateway)))
+        assert ingest.session(hostile).key == ("projects:proj-ui", hostile)
+        assert_clean(ingest)
+        assert 'id="parked-count">0<' in browser.get("/ui/visdom").text
+    with httpx2.Client(base_url=gateway.url, timeout=30) as browser:
+        form = {
+            "_xsrf": _xsrf(browser.get("/ui/login").text),
+            "token": gateway.tokens["dev@acme.test"],
+        }
+        assert browser.post("/ui/login", data=form).status_code == 302
+        assert browser.get("/ui/visdom").status_code == 403
+
+    gone = httpx2.delete(api, headers=admin)
+    assert gone.status_code == 200 and gone.json()["disconnected"]
+    assert httpx2.get(api, headers=admin).json()["connected"] is False

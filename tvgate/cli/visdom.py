@@ -71,7 +71,7 @@ def _print_status(status: services.VisdomStatus, *, as_json: bool) -> None:
 
 def cmd_visdom_disconnect(settings: Settings, args: argparse.Namespace) -> int:
     dropped = services.disconnect_visdom(org_name=args.org)
-    print(f"org {args.org or ''} no longer sends traces to Visdom Trace".replace("  ", " "))
+    print(f"org {args.org or 'the org'} no longer sends traces to Visdom Trace")
     if dropped:
         print(f"{dropped} events not yet delivered were dropped", file=sys.stderr)
     return 0

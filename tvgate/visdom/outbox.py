@@ -124,6 +124,7 @@ def plan(org_id: int, holder: str, now: float, idle_timeout: float) -> int:
             return 0
         sessions: dict[str, tuple[VisdomSession, SessionState]] = {}
         events: list[dict[str, object]] = []
+        written: dict[str, float] = {}
         for trace, record in sorted(records, key=lambda pair: pair[1].received_at):
             sid = record.session_id
             if sid not in sessions:
@@ -135,15 +136,23 @@ def plan(org_id: int, holder: str, now: float, idle_timeout: float) -> int:
             for event in call_events(record, state):
                 events.append(_outbox_row(org_id, row, event))
             row.open = True
+            written[sid] = max(written.get(sid, 0.0), trace.written_at)
         for row, state in sessions.values():
             row.state = state.dumps()
-            row.last_at = state.last_at
+            # Idle from the later of its last call and the writing of its trace: a trace
+            # written late (the writer's batches, a spool replayed) must not find its
+            # session sealed by a wait that only the writing made.
+            row.last_at = max(state.last_at, written.get(row.session_id, 0.0))
             row.save()
+        cursor = (traces[-1].written_at, traces[-1].id) if traces else (at, ident)
+        waiting = _sessions_after(org_id, cursor)
         for row in VisdomSession.select().where(
             (VisdomSession.org_id == org_id)
             & VisdomSession.open
             & (VisdomSession.last_at < now - idle_timeout)
         ):
+            if _raw_session(row.session_id) in waiting:
+                continue  # a call of it is written and not read yet: not idle
             state = SessionState.loads(row.state)
             key = f"{org_id}/{row.session_id}/{state.first_at!r}"
             events.append(_outbox_row(org_id, row, session_end(row.session_id, state, key)))
@@ -156,6 +165,42 @@ def plan(org_id: int, holder: str, now: float, idle_timeout: float) -> int:
                 VisdomSink.org_id == org_id
             ).execute()
     return len(traces)
+
+
+#: Sessions of the traces after the cursor looked at, at most; past it none is sealed.
+_WAITING_LIMIT = 1000
+_SYNTHETIC = "tvgate-user-"
+
+
+def _raw_session(session_id: str) -> str:
+    """The trace's session id a session row stands for ("" for a user's day session)."""
+    return "" if session_id.startswith(_SYNTHETIC) else session_id
+
+
+def _sessions_after(org_id: int, cursor: tuple[float, str]) -> set[str] | _All:
+    """The session ids of the org's traces written after ``cursor`` (lag or not): their
+    sessions are not idle, whatever their last call's time says (a trace can be written
+    well after its call: the writer's batches, a spool replayed after an outage)."""
+    at, ident = cursor
+    rows = list(
+        Trace.select(Trace.session_id)
+        .where(
+            (Trace.org_id == org_id)
+            & ((Trace.written_at > at) | ((Trace.written_at == at) & (Trace.id > ident)))
+        )
+        .distinct()
+        .limit(_WAITING_LIMIT + 1)
+    )
+    if len(rows) > _WAITING_LIMIT:
+        return _All()
+    return {row.session_id for row in rows}
+
+
+class _All:
+    """Every session: too many are waiting to list (a backlog); none is sealed now."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
 
 
 def _outbox_row(org_id: int, session: VisdomSession, event: dict[str, object]) -> dict[str, object]:
@@ -216,14 +261,21 @@ def delivered(org_id: int, ids: list[int], now: float) -> None:
         ).execute()
 
 
-def park(org_id: int, event_id: int, error: str) -> None:
+def park(org_id: int, event_id: int, error: str, ciphertext: str) -> bool:
+    """Park an event refused under the settings whose key is ``ciphertext``; not if the
+    org was reconnected meanwhile (every connect seals the key anew): then the event is
+    tried again with the new settings."""
     with database.atomic():
+        current = VisdomSink.get_or_none(VisdomSink.org_id == org_id)
+        if current is None or current.ciphertext != ciphertext:
+            return False
         VisdomEvent.update(
             parked=True, error=error[:ERROR_CHARS], attempts=VisdomEvent.attempts + 1
         ).where(VisdomEvent.id == event_id).execute()
         VisdomSink.update(last_error=f"event {event_id} parked: {error}"[:ERROR_CHARS]).where(
             VisdomSink.org_id == org_id
         ).execute()
+    return True
 
 
 def failed(org_id: int, event_id: int, error: str) -> None:

@@ -21,19 +21,17 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import socket
 import time
 from collections import Counter
 
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
-from tornado.ioloop import IOLoop, PeriodicCallback
+from tornado.httpclient import HTTPRequest
 
 from tvgate.config import Settings
 from tvgate.db import DatabaseRunner
 from tvgate.keyring import Keyring
 from tvgate.models import VisdomEvent, VisdomSink
 from tvgate.services.visdom import ingest_context
+from tvgate.traces.sink import PeriodicPusher
 from tvgate.visdom import outbox
 
 log = logging.getLogger("tvgate.visdom")
@@ -49,28 +47,15 @@ class _Retry(Exception):
     """Visdom Trace did not take an event now; the org's round stops and backs off."""
 
 
-class VisdomPusher:
+class VisdomPusher(PeriodicPusher):
     def __init__(self, settings: Settings, runner: DatabaseRunner, keyring: Keyring) -> None:
+        super().__init__(settings.visdom_push_interval)
         self.settings = settings
         self.runner = runner
         self.keyring = keyring
-        self.holder = f"{socket.gethostname()}:{os.getpid()}"
-        self.http = AsyncHTTPClient(force_instance=True)
         self.outcomes: Counter[str] = Counter({name: 0 for name in OUTCOMES})
-        self._timer: PeriodicCallback | None = None
-        self._busy = False
         #: org id -> (backoff seconds, monotonic time of the next try).
         self._backoff: dict[int, tuple[float, float]] = {}
-
-    def start(self) -> None:
-        self._timer = PeriodicCallback(self._tick, self.settings.visdom_push_interval * 1000)
-        self._timer.start()
-        IOLoop.current().add_callback(self._tick)
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.stop()
-        self.http.close()
 
     async def _tick(self) -> None:
         if self._busy:
@@ -106,14 +91,17 @@ class VisdomPusher:
             made = await self.runner.run(lambda: outbox.plan(org_id, self.holder, now, idle))
             if made < outbox.PLAN_BATCH:
                 break
-        key = await self.runner.run(
-            functools.partial(self.keyring.decrypt, sink.ciphertext, ingest_context(org_id))
-        )
+        key = ""
         after = 0
         while True:
             events = await self.runner.run(functools.partial(outbox.next_events, org_id, after))
             if not events:
                 return
+            if not key:
+                # Only for a round that sends (a Vault keyring asks Vault each time).
+                key = await self.runner.run(
+                    functools.partial(self.keyring.decrypt, sink.ciphertext, ingest_context(org_id))
+                )
             parked_sessions: set[str] = set()
             done: list[int] = []
             try:
@@ -122,16 +110,21 @@ class VisdomPusher:
                     if event.session_id in parked_sessions:
                         continue
                     outcome, error = await self._send(sink, key, event)
-                    self.outcomes[outcome] += 1
                     if outcome == "sent":
+                        self.outcomes["sent"] += 1
                         done.append(event.id)
                     elif outcome == "parked":
                         parked_sessions.add(event.session_id)
-                        log.warning("visdom event %d of org %d parked: %s", event.id, org_id, error)
-                        await self.runner.run(
-                            functools.partial(outbox.park, org_id, event.id, error)
+                        parked = await self.runner.run(
+                            functools.partial(outbox.park, org_id, event.id, error, sink.ciphertext)
                         )
+                        if parked:
+                            self.outcomes["parked"] += 1
+                            log.warning(
+                                "visdom event %d of org %d parked: %s", event.id, org_id, error
+                            )
                     else:
+                        self.outcomes["retried"] += 1
                         await self.runner.run(
                             functools.partial(outbox.failed, org_id, event.id, error)
                         )
@@ -146,6 +139,8 @@ class VisdomPusher:
             )
             if renewed is None:
                 return
+            if renewed.ciphertext != sink.ciphertext:
+                key = ""  # reconnected meanwhile: the new key
             sink = renewed
 
     async def _send(self, sink: VisdomSink, key: str, event: VisdomEvent) -> tuple[str, str]:
