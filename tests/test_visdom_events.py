@@ -331,3 +331,11 @@ def test_without_captured_bodies_lines_carry_no_text() -> None:
     assert line["type"] == "assistant"
     assert line["message"]["content"] == [] and line["message"]["id"] == "msg_g1"
     assert line["message"]["usage"]["output_tokens"] == 20
+
+
+def test_the_working_directory_is_read_from_the_json_text_of_the_request() -> None:
+    claude = orjson.dumps({"system": [{"text": "Primary working directory: /src/a b\nIs git"}]})
+    assert cwd_of(claude) == "/src/a"
+    assert cwd_of(orjson.dumps({"system": "Working directory: /w/x\nmore"})) == "/w/x"
+    assert cwd_of(orjson.dumps({"input": "<cwd>C:\\work\\app</cwd>"})) == "C:\\work\\app"
+    assert cwd_of(b'{"messages": []}') == ""

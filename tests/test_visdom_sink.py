@@ -3,14 +3,16 @@
 (tests/fake_visdom_ingest.py), on SQLite and PostgreSQL: a Claude-Code-shaped tool
 session and a Codex (Responses) one, each one session with its lines, tool events and
 usage; the stand-in away and back; a 422 parked, shown and retried after a reconnect;
-two gateways over one database; body capture off.
+two gateways over one database; body capture off; then the real Claude Code and Codex.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import httpx2
 import orjson
 import pytest
 
+from tests.clients import Setup, claude_bash_session, run_claude, run_codex
 from tests.conftest import ANTHROPIC_SECRET, scrape, seed
 from tests.fake_provider import FakeProvider
 from tests.fake_visdom_ingest import FakeVisdomIngest, Session
@@ -423,3 +426,75 @@ def test_the_api_and_the_ui_connect_show_parked_events_and_never_the_key(
     gone = httpx2.delete(api, headers=admin)
     assert gone.status_code == 200 and gone.json()["disconnected"]
     assert httpx2.get(api, headers=admin).json()["connected"] is False
+
+
+# --- the real tools (the npm releases make clients installs: tests/clients.py) ---
+
+
+def _agent(base_url: str, gw: GatewayProcess, model: str, folder: Path) -> tuple[Setup, str]:
+    marker = "tvgate-ok-" + uuid.uuid4().hex[:8]
+    headers = {
+        "x-fake-scenario": "agent",
+        "x-fake-command": f"echo {marker} > out.txt && cat out.txt",
+        "x-tracevault-repo": REPO,
+    }
+    return Setup(base_url, gw.tokens["dev@acme.test"], model, folder, headers), marker
+
+
+def _arrived(gw: GatewayProcess, fake: FakeVisdomIngest, session_id: str) -> Session:
+    """The session once sealed, checked against the gateway's traces of it."""
+    wait_for(ended(fake, session_id), 120, lambda: str(status(gw)))
+    assert_clean(fake)
+    session = fake.session(session_id)
+    assert session.key == (f"repos:{REPO}", session_id)
+    answered = [line for line in session.lines() if line["type"] == "assistant"]
+    traces = gw.traces(session_id=session_id)
+    assert sorted(line["message"]["id"] for line in answered) == sorted(
+        t.message_id for t in traces
+    )
+    for line in answered:
+        trace = next(t for t in traces if t.message_id == line["message"]["id"])
+        assert line["message"]["usage"]["output_tokens"] == trace.output_tokens
+    return session
+
+
+def _tool_pair(session: Session, marker: str) -> None:
+    pre = [e for e in session.tool_events() if e["hook_event_name"] == "PreToolUse"]
+    post = [e for e in session.tool_events() if e["hook_event_name"] == "PostToolUse"]
+    assert len(pre) == len(post) == 1, session.tool_events()
+    assert pre[0]["tool_use_id"] == post[0]["tool_use_id"]
+    assert marker in json.dumps(pre[0]["tool_input"])
+    assert marker in json.dumps(post[0]["tool_response"])
+    assert session.final_stats is not None and session.final_stats["total_tool_calls"] == 1
+
+
+def test_a_real_claude_code_session_arrives_as_one_session(
+    gateway: GatewayProcess, ingest: FakeVisdomIngest, tmp_path: Path
+) -> None:
+    setup, marker = _agent(gateway.url, gateway, "claude-test", tmp_path)
+    run = run_claude(setup, "Write the marker file with the Bash tool.")
+    result, tool_use = claude_bash_session(run, setup, marker)
+    session = _arrived(gateway, ingest, result["session_id"])
+    assert session.tool == "claude-code"
+    _tool_pair(session, marker)
+    assert session.tool_events()[0]["tool_use_id"] == tool_use["id"]
+    assert session.tool_events()[0]["tool_name"] == "Bash"
+    # Known from the system prompt of its main conversation; a side call before it (the
+    # title of the session) does not say it.
+    cwds = [e.get("cwd") for e in session.events]
+    assert set(cwds) <= {str(setup.work), None} and cwds[-1] == str(setup.work), cwds
+
+
+def test_a_real_codex_session_arrives_as_one_session(
+    gateway: GatewayProcess, ingest: FakeVisdomIngest, tmp_path: Path
+) -> None:
+    setup, marker = _agent(gateway.openai_url, gateway, "gpt-test", tmp_path)
+    run = run_codex(setup, "Write the marker file with a shell command.")
+    assert run.returncode == 0, run.describe()
+    assert (setup.work / "out.txt").read_text() == marker + "\n"
+    (session_id,) = {t.session_id for t in gateway.traces(tool="codex")}
+    assert session_id
+    session = _arrived(gateway, ingest, session_id)
+    assert session.tool == "codex"
+    _tool_pair(session, marker)
+    assert all(e.get("cwd") == str(setup.work) for e in session.events)

@@ -278,7 +278,9 @@ def answer_of(document: object) -> Answer | None:
 
 # Where the clients say their working directory: Claude Code's system prompt, Codex's
 # environment context message. Bounded: a path of at most 1000 characters.
-_CWD = re.compile(r"(?:Working directory: |<cwd>)([^\s<]{1,1000})")
+# The request is JSON text: a path ends at a quote, an escape (``\n``) or whitespace; an
+# escaped backslash (``\\``, a Windows path) is part of it.
+_CWD = re.compile(r'(?:(?i:working directory): |<cwd>)((?:[^\s<"\\]|\\\\){1,1000})')
 #: Characters of a request searched for the working directory.
 _CWD_SCAN = 200_000
 
