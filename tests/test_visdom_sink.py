@@ -492,6 +492,8 @@ def test_a_real_codex_session_arrives_as_one_session(
     run = run_codex(setup, "Write the marker file with a shell command.")
     assert run.returncode == 0, run.describe()
     assert (setup.work / "out.txt").read_text() == marker + "\n"
+    # Its two calls (the shell call, then the answer to its output), once written.
+    wait_for(lambda: len(gateway.traces(tool="codex")) == 2, 30, lambda: str(status(gateway)))
     (session_id,) = {t.session_id for t in gateway.traces(tool="codex")}
     assert session_id
     session = _arrived(gateway, ingest, session_id)
