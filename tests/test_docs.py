@@ -74,6 +74,8 @@ NOT_RUN = {
     "export ANTHROPIC_BASE_URL=": "starts Claude Code; its variables are checked against the "
     "UI's Connect block (tests/test_newcomer_docs.py)",
     "make test": "the test suite itself",
+    "tvgate visdom connect": "needs a Visdom Trace: run against the ingestion stand-in "
+    "(tests/test_visdom_sink.py)",
 }
 
 PLACEHOLDER_URL = "https://gate.example.com"

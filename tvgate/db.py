@@ -270,6 +270,12 @@ def _migration_15(db: peewee.Database) -> None:
     add_column_if_missing(db, models.ProviderKey, "chat_only")
 
 
+def _migration_16(db: peewee.Database) -> None:
+    # Traces pushed to Visdom Trace per org (issue 18): its settings and cursor, the
+    # sessions' state and the outbox.
+    db.create_tables([models.VisdomSink, models.VisdomSession, models.VisdomEvent], safe=True)
+
+
 def _migration_18(db: peewee.Database) -> None:
     # The non-secret settings of a cloud key (Bedrock, Vertex AI, Azure OpenAI), issue 20.
     add_column_if_missing(db, models.ProviderKey, "settings")
@@ -282,7 +288,7 @@ def _migration_19(db: peewee.Database) -> None:
 
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
 #: The numbers have gaps: 13 came after 14 and 19, 3 and 12 after all of them, 15 and 18
-#: after 19 (a database that has the later ones gets them). The gaps stay: a database
+#: after 19, 16 after 18 (a database that has the later ones gets them). The gaps stay: a database
 #: records the numbers it has applied, and renumbering would run a migration twice or skip it.
 MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (1, _migration_1),
@@ -300,6 +306,7 @@ MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (13, _migration_13),
     (14, _migration_14),
     (15, _migration_15),
+    (16, _migration_16),
     (18, _migration_18),
     (19, _migration_19),
 ]

@@ -52,6 +52,7 @@ from tvgate.traces.client import WriterClient, WriterConfig
 from tvgate.traces.retention import purge_all
 from tvgate.traces.sink import PushSink
 from tvgate.traces.writer import BODY_BUDGET
+from tvgate.visdom.pusher import VisdomPusher
 
 log = logging.getLogger("tvgate")
 
@@ -164,6 +165,8 @@ class Gateway:
     governor: Governor
     key_uses: KeyUses
     sink: PushSink | None = None
+    #: Delivers the traces of orgs connected to Visdom Trace (tvgate visdom connect).
+    visdom_pusher: VisdomPusher | None = None
     _governance_syncer: PeriodicCallback | None = None
     _token_flusher: PeriodicCallback | None = None
     _key_use_flusher: PeriodicCallback | None = None
@@ -270,6 +273,7 @@ class Gateway:
             ),
             key_uses=KeyUses(runner),
             sink=PushSink(settings, runner) if settings.sink_url else None,
+            visdom_pusher=VisdomPusher(settings, runner, keyring),
             metrics=Metrics(worker),
             worker=worker,
             trusted_proxies=parse_networks(settings.trusted_proxies),
@@ -287,6 +291,17 @@ class Gateway:
         )
         metrics.price = governor.cost
         metrics.priced = lambda: governor.prices_read
+        if self.visdom_pusher is not None:
+            outcomes = self.visdom_pusher.outcomes
+            metrics.sample_by(
+                "tvgate_visdom_events_total",
+                "Events this process tried to deliver to Visdom Trace, by outcome: sent, "
+                "retried (429, 5xx, timeout, unreachable: tried again with backoff) or parked "
+                "(another 4xx: held until an admin reconnects; tvgate visdom status).",
+                "outcome",
+                lambda: dict(outcomes),
+                kind="counter",
+            )
         metrics.sample(
             "tvgate_sink_backlog",
             "Traces sent to the trace writer process and not yet in the database or the spool "
@@ -465,6 +480,8 @@ class Gateway:
         self._purger.start()
         if self.sink is not None:
             self.sink.start()
+        if self.visdom_pusher is not None:
+            self.visdom_pusher.start()
         self._watch_changes()
         self._watch_keys()
 
@@ -591,6 +608,8 @@ class Gateway:
             self._unsubscribe()
         if self.sink is not None:
             self.sink.stop()
+        if self.visdom_pusher is not None:
+            self.visdom_pusher.stop()
         self.router.stop()
         self.http.close()
         self.traces.stop()

@@ -367,6 +367,66 @@ class SinkState(BaseModel):
     lease_until = peewee.DoubleField(default=0.0)
 
 
+class VisdomSink(BaseModel):
+    """An org's Visdom Trace ingestion (tvgate.visdom): where, with which org ingest key
+    (a ciphertext of the keyring, never readable back), and the pusher's lease and
+    durable cursor over the org's traces."""
+
+    org_id = peewee.IntegerField(primary_key=True)
+    url = peewee.CharField(max_length=2000)
+    project = peewee.CharField(max_length=200, default="")
+    #: The multi-org server's org slug: events go to /api/v1/orgs/{slug}/repos/... then.
+    legacy_slug = peewee.CharField(max_length=200, default="")
+    ciphertext = peewee.TextField()
+    fingerprint = peewee.CharField(max_length=8)
+    connected_at = peewee.DoubleField(default=now)
+    cursor_at = peewee.DoubleField(default=0.0)
+    cursor_id = peewee.CharField(max_length=32, default="")
+    holder = peewee.CharField(max_length=200, default="")
+    lease_until = peewee.DoubleField(default=0.0)
+    sent = peewee.BigIntegerField(default=0)
+    last_sent_at = peewee.DoubleField(null=True)
+    #: The last failure to deliver (a retry or a park), for the status; "" after a success.
+    last_error = peewee.TextField(default="")
+
+
+class VisdomSession(BaseModel):
+    """A tool session as the Visdom pusher knows it: its transcript offset, open tool
+    uses and totals (tvgate.visdom.events.SessionState, as JSON)."""
+
+    id = peewee.AutoField()
+    org_id = peewee.IntegerField()
+    session_id = peewee.CharField(max_length=200)
+    repo = peewee.CharField(max_length=200, default="")
+    state = peewee.TextField(default="")
+    last_at = peewee.DoubleField(default=0.0)
+    #: Started and not yet sealed by a session_end.
+    open = peewee.BooleanField(default=False)
+
+    class Meta:
+        indexes = ((("org_id", "session_id"), True), (("org_id", "open", "last_at"), False))
+
+
+class VisdomEvent(BaseModel):
+    """An event made and not yet delivered: the outbox, in order (id) per session."""
+
+    id = peewee.AutoField()
+    org_id = peewee.IntegerField()
+    session_id = peewee.CharField(max_length=200)
+    repo = peewee.CharField(max_length=200, default="")
+    event_type = peewee.CharField(max_length=32)
+    body = peewee.BlobField()
+    created_at = peewee.DoubleField(default=now)
+    attempts = peewee.IntegerField(default=0)
+    #: Refused with a 4xx other than 429: held, with the later events of its session,
+    #: until an admin reconnects.
+    parked = peewee.BooleanField(default=False)
+    error = peewee.TextField(default="")
+
+    class Meta:
+        indexes = ((("org_id", "parked", "id"), False),)
+
+
 #: Governance scopes: what a budget or a rate limit applies to.
 GOVERN_ORG = "org"
 GOVERN_USER = "user"

@@ -40,6 +40,7 @@ from admin_ui import manage as ui_manage
 from admin_ui import me as ui_me
 from admin_ui import overview as ui_overview
 from admin_ui import traces as ui_traces
+from admin_ui import visdom as ui_visdom
 from tvgate import ops
 from tvgate.api import handlers as api_handlers
 from tvgate.config import ConfigError, Settings, load_settings
@@ -74,6 +75,7 @@ def make_app(gateway: Gateway) -> tornado.web.Application:
         *ui_me.default_handlers,
         *ui_traces.default_handlers,
         *ui_manage.default_handlers,
+        *ui_visdom.default_handlers,
         *ui_governance.default_handlers,
         *ui_base.not_found_handlers,
         *api_handlers.default_handlers,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tvgate.api import governance, openapi, resources, tokens, traces
+from tvgate.api import governance, openapi, resources, tokens, traces, visdom
 from tvgate.api.base import APIError, APIHandler
 
 
@@ -19,5 +19,6 @@ default_handlers: list[Any] = [
     *resources.default_handlers,
     *governance.default_handlers,
     *traces.default_handlers,
+    *visdom.default_handlers,
     (r"/api/.*", APINotFoundHandler),
 ]

@@ -279,6 +279,28 @@ DOCUMENT: dict[str, Any] = {
                 },
             ),
         },
+        "/api/v1/visdom": {
+            "get": _op(
+                "The org's Visdom Trace ingestion: where, what was sent, parked events (admins)",
+                "200",
+            ),
+            "put": _op(
+                "Connect (or reconnect, releasing parked events) the org to Visdom Trace",
+                "200",
+                {
+                    "type": "object",
+                    "properties": {
+                        "url": {"type": "string", "minLength": 1, "maxLength": 2000},
+                        "key": {"type": "string", "pattern": "^tvk_[A-Za-z0-9_-]{16,200}$"},
+                        "project": {"type": "string", "maxLength": 200},
+                        "legacy_org_slug": {"type": "string", "maxLength": 200},
+                    },
+                    "required": ["url", "key"],
+                    "additionalProperties": False,
+                },
+            ),
+            "delete": _op("Stop sending the org's traces to Visdom Trace", "200"),
+        },
         "/api/v1/audit": {
             "get": _op(
                 "Audit events, newest first",

@@ -35,6 +35,7 @@ from tvgate.cli import (
     traces,
     users,
     vault,
+    visdom,
 )
 from tvgate.cli.common import DATA_DIR_HELP, open_db
 from tvgate.cli.logs import setup_logging
@@ -42,7 +43,20 @@ from tvgate.config import ConfigError, load_settings, unknown_environment, valid
 from tvgate.keyring import KeyringError, KeyringUnavailable, vault_admin
 
 #: The command groups in the order ``tvgate --help`` lists them.
-GROUPS = (serve, users, orgs, tokens, keys, vault, policy, traces, routes, governance, prices)
+GROUPS = (
+    serve,
+    users,
+    orgs,
+    tokens,
+    keys,
+    vault,
+    policy,
+    traces,
+    visdom,
+    routes,
+    governance,
+    prices,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,6 +35,8 @@ SEALED_KEY = "key"
 SEALED_TOKEN_ORIGIN = "token-origin"  # noqa: S105 - a kind of ciphertext, not a secret
 SEALED_SESSION_ORIGIN = "session-origin"
 SEALED_SESSION_FLASH = "session-flash"
+#: An org's Visdom Trace ingest key (``tvk_``), bound to the org (row: the org id).
+SEALED_VISDOM_INGEST = "visdom-ingest"
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,6 +122,12 @@ from tvgate.services.traces import (
     trace_summary,
 )
 from tvgate.services.upstreams import check_base_url, check_not_this_gateway
+from tvgate.services.visdom import (
+    VisdomStatus,
+    connect_visdom,
+    disconnect_visdom,
+    visdom_status,
+)
 
 __all__ = [
     "BUDGET_METRICS",
@@ -158,6 +164,7 @@ __all__ = [
     "ServiceError",
     "TokenView",
     "UserView",
+    "VisdomStatus",
     "add_key",
     "add_route",
     "add_user",
@@ -169,11 +176,13 @@ __all__ = [
     "check_base_url",
     "check_not_this_gateway",
     "check_password",
+    "connect_visdom",
     "delete_budget",
     "delete_key",
     "delete_price",
     "delete_rate_limit",
     "delete_route",
+    "disconnect_visdom",
     "end_origin",
     "ensure_org",
     "export_traces",
@@ -226,4 +235,5 @@ __all__ = [
     "update_user",
     "usage_overview",
     "verify_local_password",
+    "visdom_status",
 ]

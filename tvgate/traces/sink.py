@@ -92,21 +92,22 @@ def _advance(holder: str, trace: Trace) -> None:
     ).execute()
 
 
-class PushSink:
-    def __init__(self, settings: Settings, runner: DatabaseRunner) -> None:
-        self.settings = settings
-        self.runner = runner
+class PeriodicPusher:
+    """What a pusher off the request path has: a round every ``interval`` seconds on the
+    IOLoop (and one at start), an HTTP client of its own, a lease holder name."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
         self.http = AsyncHTTPClient(force_instance=True)
         self._timer: PeriodicCallback | None = None
         self._busy = False
-        self._backoff = 0.0
-        self._retry_at = 0.0
-        self.sent = 0
-        self.failures = 0
+
+    async def _tick(self) -> None:
+        raise NotImplementedError
 
     def start(self) -> None:
-        self._timer = PeriodicCallback(self._tick, self.settings.sink_interval * 1000)
+        self._timer = PeriodicCallback(self._tick, self.interval * 1000)
         self._timer.start()
         IOLoop.current().add_callback(self._tick)
 
@@ -114,6 +115,17 @@ class PushSink:
         if self._timer is not None:
             self._timer.stop()
         self.http.close()
+
+
+class PushSink(PeriodicPusher):
+    def __init__(self, settings: Settings, runner: DatabaseRunner) -> None:
+        super().__init__(settings.sink_interval)
+        self.settings = settings
+        self.runner = runner
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self.sent = 0
+        self.failures = 0
 
     async def _tick(self) -> None:
         if self._busy or time.monotonic() < self._retry_at:
