@@ -59,8 +59,11 @@ def pg_execute(sql: str, admin_dsn: str = PG_ADMIN_DSN) -> None:
 @contextmanager
 def postgres_database(prefix: str = "tvgate_test_", admin_dsn: str = PG_ADMIN_DSN) -> Iterator[str]:
     """A new, empty PostgreSQL database: its URL; its connections ended and it dropped at the
-    end. Raises psycopg2.OperationalError when the server cannot be reached."""
-    name = prefix + secrets.token_hex(6)
+    end. Raises psycopg2.OperationalError when the server cannot be reached. Under
+    pytest-xdist the name carries the worker's id (``tvgate_test_gw1_…``), so that a
+    database left behind by a cut-short run says which worker made it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    name = prefix + (f"{worker}_" if worker.isalnum() else "") + secrets.token_hex(6)
     pg_execute(f"CREATE DATABASE {name}", admin_dsn)
     try:
         yield f"{admin_dsn.rsplit('/', 1)[0]}/{name}"
