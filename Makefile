@@ -6,6 +6,9 @@ PYTEST_ARGS ?=
 # Test processes for `make test` (pytest-xdist; tests/parallel.py groups the tests). Most
 # of the suite waits on processes, sockets and timeouts rather than computing, so more
 # workers than the machine's 2 cores pay (measured in tests/parallel.py); 0 runs serially.
+# Bytecode is written even where PYTHONDONTWRITEBYTECODE is set: every worker imports the
+# whole suite (its plugins assertion-rewritten) and every `tvgate serve` the package, and
+# without .pyc files each does it from source again.
 TEST_WORKERS ?= 4
 DEV_VAULT_PORT ?= 8200
 DEV_VAULT_DIR ?= data
@@ -33,7 +36,7 @@ run: $(VENV)/.installed
 
 ## test: install what the tests need, lint, and run every test
 test: $(VENV)/.installed-test browser clients lint
-	$(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 ## clients: the real coding tools the tests run through tvgate (Claude Code, Codex CLI), at the
 ## versions pinned in tests/npm/package-lock.json, from the npm registry into $(CLIENTS_DIR)/.

@@ -244,7 +244,9 @@ def start_gateway(env: dict[str, str], log_path: Path, cwd: Path = ROOT) -> subp
             stderr=subprocess.STDOUT,
             cwd=cwd,
         )
-    deadline = time.monotonic() + 30
+    # Two minutes: a start waits for nothing but the process itself, and on a loaded machine
+    # (the suite's own workers, other jobs) an interpreter's imports alone can take half that.
+    deadline = time.monotonic() + 120
     while args and not port_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_process(proc)
