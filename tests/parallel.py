@@ -10,12 +10,14 @@ tests go together, and that is this module's ``xdist_group`` mark:
   any other session or module parameter): a file's module fixtures, and the order its
   tests were written in, stay in one process, as in a serial run; the SQLite and the
   PostgreSQL halves of a file may run at once in two workers. Each worker starts its
-  session gateways once per tier, not once per file, since its first groups are all of
-  one tier (the collection order pytest gives, tier by tier).
+  session gateways about once per tier, not once per file (the order below).
 - A few files are one group whole (``WHOLE``): their tiers share module state (the
   browser test's record of every page shown, and the screenshots it writes in the tree).
 - The groups that take longest start first (``FIRST``: longest processing time first),
-  so that the run does not end on one worker with the deploy test still going.
+  so that the run does not end on one worker with the deploy test still going; then
+  every SQLite group, then every PostgreSQL one. pytest's own order goes file by file,
+  each file's tiers in turn, and a session gateway is started again at every change of
+  tier: in this order a worker changes tier about once.
 
 A run without ``-n`` (one file, a developer's run) is untouched: no mark, no reordering.
 """
@@ -54,9 +56,13 @@ def group_of(item: pytest.Item) -> str:
     return "-".join([name, *tiers])
 
 
-def _rank(item: pytest.Item) -> int:
+def _rank(item: pytest.Item) -> tuple[int, bool]:
+    """``FIRST`` first; then the SQLite tier's groups (and those of no tier) before the
+    PostgreSQL tier's, so that a worker switches its session gateway's tier about once."""
     name = item.path.name
-    return FIRST.index(name) if name in FIRST else len(FIRST)
+    callspec = getattr(item, "callspec", None)
+    postgresql = callspec is not None and callspec.params.get("database_url") == "postgresql"
+    return (FIRST.index(name) if name in FIRST else len(FIRST), postgresql)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -69,7 +75,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """The longest groups first; the rest in pytest's order (tier by tier), before xdist
+    """The items in ``_rank``'s order (the longest groups first, then tier by tier), before xdist
     sends the worker's collection to the scheduler, which queues the groups in that order.
     The sort is stable: every group keeps its tests in the order pytest collected them."""
     if _distributing(session.config):
