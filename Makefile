@@ -3,13 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
-# Test processes for `make test` (pytest-xdist; tests/parallel.py groups the tests). Most
-# of the suite waits on processes, sockets and timeouts rather than computing, so more
-# workers than the machine's 2 cores pay (measured in tests/parallel.py); 0 runs serially.
+# Test processes for `make test` (pytest-xdist; tests/parallel.py groups the tests); 0 runs
+# in one process. 0 until a measurement shows more pays: on this 2-core machine, 6 files
+# (101 tests) took 195 s in one process and 189-216 s with -n 4, CPU-bound (every test
+# starts tvgate processes), and a loaded -n 4 run failed more timing-sensitive tests.
 # Bytecode is written even where PYTHONDONTWRITEBYTECODE is set: every worker imports the
 # whole suite (its plugins assertion-rewritten) and every `tvgate serve` the package, and
 # without .pyc files each does it from source again.
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 0
 DEV_VAULT_PORT ?= 8200
 DEV_VAULT_DIR ?= data
 CLIENTS_DIR ?= .clients
