@@ -45,6 +45,9 @@ from tests.harness import (
     visdom_env,
 )
 from tests.openbao import OpenBao
+
+# The hooks that group the tests for pytest-xdist's workers (``make test``'s ``-n``).
+from tests.parallel import pytest_collection_finish, pytest_collection_modifyitems
 from tests.pg_private import PrivatePostgres
 from tvgate import services
 from tvgate.db import migrate, open_database
@@ -65,6 +68,8 @@ __all__ = [
     "gateway_process",
     "launch_gateway",
     "pg_execute",
+    "pytest_collection_finish",
+    "pytest_collection_modifyitems",
     "start_gateway",
     "stop_gateway",
     "visdom_env",

@@ -59,8 +59,11 @@ def pg_execute(sql: str, admin_dsn: str = PG_ADMIN_DSN) -> None:
 @contextmanager
 def postgres_database(prefix: str = "tvgate_test_", admin_dsn: str = PG_ADMIN_DSN) -> Iterator[str]:
     """A new, empty PostgreSQL database: its URL; its connections ended and it dropped at the
-    end. Raises psycopg2.OperationalError when the server cannot be reached."""
-    name = prefix + secrets.token_hex(6)
+    end. Raises psycopg2.OperationalError when the server cannot be reached. Under
+    pytest-xdist the name carries the worker's id (``tvgate_test_gw1_…``), so that a
+    database left behind by a cut-short run says which worker made it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    name = prefix + (f"{worker}_" if worker.isalnum() else "") + secrets.token_hex(6)
     pg_execute(f"CREATE DATABASE {name}", admin_dsn)
     try:
         yield f"{admin_dsn.rsplit('/', 1)[0]}/{name}"
@@ -241,7 +244,9 @@ def start_gateway(env: dict[str, str], log_path: Path, cwd: Path = ROOT) -> subp
             stderr=subprocess.STDOUT,
             cwd=cwd,
         )
-    deadline = time.monotonic() + 30
+    # Two minutes: a start waits for nothing but the process itself, and on a loaded machine
+    # (the suite's own workers, other jobs) an interpreter's imports alone can take half that.
+    deadline = time.monotonic() + 120
     while args and not port_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_process(proc)

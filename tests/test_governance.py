@@ -359,6 +359,27 @@ def _requests_with(fake: FakeProvider, secret: str) -> list[RecordedRequest]:
     ]
 
 
+def _wait_upstream(fake: FakeProvider, secret: str, count: int) -> None:
+    """Until ``count`` calls with ``secret`` have reached the fake provider (their slots are
+    held then): a fixed sleep is not enough on a loaded machine."""
+    deadline = time.monotonic() + 30
+    while len(_requests_with(fake, secret)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _held_key_slots(gateway: RunningGateway) -> int:
+    """The key concurrency slots held in ``gateway``'s database, once every process has
+    given back what it holds (or 30 s have passed)."""
+    deadline = time.monotonic() + 30
+    while True:
+        gateway.bind()
+        held = ConcurrencySlot.select().where(ConcurrencySlot.resource.startswith("key:"))
+        slots = sum(s.slots for s in held)
+        if slots == 0 or time.monotonic() > deadline:
+            return slots
+        time.sleep(0.1)
+
+
 def test_key_concurrency_cap_holds_across_two_processes(
     pair: Pair, fake_provider: FakeProvider
 ) -> None:
@@ -377,9 +398,7 @@ def test_key_concurrency_cap_holds_across_two_processes(
     assert max_open(seen) == 2
     assert took >= 2.5  # three waves of two
     settle()
-    pair.a.bind()
-    held = ConcurrencySlot.select().where(ConcurrencySlot.resource.startswith("key:"))
-    assert sum(s.slots for s in held) == 0  # every slot given back
+    assert _held_key_slots(pair.a) == 0  # every slot given back
 
 
 def test_key_cap_refuses_with_retry_after_when_the_queue_times_out(
@@ -399,7 +418,7 @@ def test_key_cap_refuses_with_retry_after_when_the_queue_times_out(
         settle()
         holder = threading.Thread(target=_drip_stream, args=(gateway, org, 25))
         holder.start()
-        time.sleep(0.5)
+        _wait_upstream(fake_provider, org.secret, 1)
         refused = ask(gateway, org)
         assert refused.status_code == 429
         assert refused.json()["error"]["message"].startswith("this route's provider key has 1")
@@ -409,7 +428,7 @@ def test_key_cap_refuses_with_retry_after_when_the_queue_times_out(
         streams = [threading.Thread(target=_drip_stream, args=(gateway, others, 25)) for _ in "ab"]
         for stream in streams:
             stream.start()
-        time.sleep(0.6)
+        _wait_upstream(fake_provider, others.secret, 2)
         over = ask(gateway, others)
         assert over.status_code == 429
         assert "the gateway has 3 calls open" in over.json()["error"]["message"]
