@@ -236,7 +236,9 @@ class KeyHandler(UIHandler):
         if action == "rotate":
             secret = self.get_body_argument("secret", "")
             await self.run_service(
-                lambda: services.rotate_key(name, secret, gateway.keyring, actor=user)
+                lambda: services.rotate_key(
+                    name, secret, gateway.keyring, **gateway.settings.upstream_rules, actor=user
+                )
             )
             self.done(f"/ui/keys/{url_escape(name, plus=False)}", "key-rotated")
         elif action in ("disable", "enable"):

@@ -1552,6 +1552,9 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
 class FakeProvider:
     """A fake Anthropic + OpenAI upstream on 127.0.0.1, served from a daemon thread."""
 
+    #: What answers every request (a fake of another service extends it).
+    handler_class: type[_Handler] = _Handler
+
     def __init__(
         self,
         accepted_keys: set[str] | None = None,
@@ -1624,7 +1627,7 @@ class FakeProvider:
 
     async def _serve(self, sockets: list[socket.socket]) -> None:
         app = tornado.web.Application(
-            [(r"/.*", _Handler, {"provider": self})], log_function=_log_request
+            [(r"/.*", self.handler_class, {"provider": self})], log_function=_log_request
         )
         server = tornado.httpserver.HTTPServer(app, idle_connection_timeout=60)
         server.add_sockets(sockets)

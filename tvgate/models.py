@@ -38,7 +38,9 @@ OUTCOMES = (
 
 PROVIDER_ANTHROPIC = "anthropic"
 PROVIDER_OPENAI = "openai"
-PROVIDERS = (PROVIDER_ANTHROPIC, PROVIDER_OPENAI)
+#: Claude on Google Vertex AI: a service account's key, the project and region in settings.
+PROVIDER_VERTEX = "vertex"
+PROVIDERS = (PROVIDER_ANTHROPIC, PROVIDER_OPENAI, PROVIDER_VERTEX)
 
 #: Route scopes: visible to the whole org, made by an admin for one user,
 #: made by a user for themselves.

@@ -17,6 +17,7 @@ from tvgate.keyring.vault import VaultKeyring
 
 def cmd_keys_add(settings: Settings, args: argparse.Namespace) -> int:
     secret = _read_secret()
+    cloud = {name: value for name in ("project", "region") if (value := getattr(args, name))}
     view = services.add_key(
         args.name,
         args.provider,
@@ -28,6 +29,7 @@ def cmd_keys_add(settings: Settings, args: argparse.Namespace) -> int:
         available_to_all=not args.granted_only,
         max_concurrent=args.max_concurrent,
         chat_only=args.chat_only,
+        settings=cloud or None,
         **settings.upstream_rules,
     )
     _print_key(view, "added", as_json=args.json)
@@ -48,6 +50,7 @@ def _print_key(view: services.KeyView, done: str, *, as_json: bool) -> None:
             ("  state", "disabled" if view.disabled else "enabled"),
             ("  max calls at once", str(view.max_concurrent or "no cap")),
             ("  upstream APIs", _apis(view)),
+            *((f"  {name}", str(value)) for name, value in (view.settings or {}).items()),
             ("  created (UTC)", when(view.created_at)),
         ]
     )
@@ -85,6 +88,9 @@ def cmd_keys_set(settings: Settings, args: argparse.Namespace) -> int:
 
 def _read_secret() -> str:
     secret = sys.stdin.readline().strip()
+    if secret.startswith("{"):
+        # A cloud key's JSON (a service account's key file) spans lines: all of it.
+        secret += sys.stdin.read(64 * 1024)
     if not secret:
         raise services.ServiceError("give the key's secret on standard input")
     return secret
@@ -122,7 +128,11 @@ def _key_row(view: services.KeyView) -> tuple[str, ...]:
 
 def cmd_keys_rotate(settings: Settings, args: argparse.Namespace) -> int:
     view = services.rotate_key(
-        args.name, _read_secret(), build_keyring(settings), org_name=args.org
+        args.name,
+        _read_secret(),
+        build_keyring(settings),
+        org_name=args.org,
+        **settings.upstream_rules,
     )
     _print_key(view, "rotated", as_json=args.json)
     return 0
@@ -199,7 +209,7 @@ def register(commands: Commands) -> None:
     keys = group(commands, "keys", "manage provider keys")
     p = command(keys, "add", cmd_keys_add, "add a key; the secret is read from standard input")
     p.add_argument("name")
-    p.add_argument("--provider", required=True, choices=["anthropic", "openai"])
+    p.add_argument("--provider", required=True, choices=["anthropic", "openai", "vertex"])
     p.add_argument("--base-url")
     p.add_argument("--org")
     p.add_argument("--owner", help="a user's own key (when the org allows user keys)")
@@ -214,6 +224,10 @@ def register(commands: Commands) -> None:
         help="calls open on the key at once, across every gateway process (0: no cap)",
     )
     p.add_argument("--chat-only", action="store_true", help=_CHAT_ONLY_HELP)
+    p.add_argument("--project", help="vertex: the Google Cloud project id")
+    p.add_argument(
+        "--region", help="vertex: the region whose endpoint serves the calls (us-east5, global)"
+    )
     p.add_argument("--json", action="store_true", help="JSON for scripts")
     p = command(
         keys, "set", cmd_keys_set, "change a key's concurrency cap, base URL or --chat-only"

@@ -8,6 +8,11 @@ proxy looks the module up here, by the client's path (``ENDPOINTS``), by an API'
 name (``api_for``) or by a route's provider (``provider_api``), and asks it; nothing
 outside these modules branches on a provider's name.
 
+A cloud that serves a provider's models (Google Vertex AI: Claude) speaks that provider's
+API to tvgate's clients (``speaks``): its routes are Anthropic routes to the proxy and the
+translators, and what differs on the wire (the URL, the credentials, the body's few
+fields, the error envelope) is its module's in ``tvgate.providers.clouds``.
+
 Errors that tvgate itself raises must look like the API the client speaks, so
 that an SDK surfaces them as it would the provider's own: the Anthropic
 envelope on ``/v1/messages``, the OpenAI envelope on ``/v1/chat/completions``
@@ -17,6 +22,7 @@ only be told in-band, as an event in that API's stream format.
 
 from __future__ import annotations
 
+from tvgate.models import PROVIDER_ANTHROPIC, PROVIDER_VERTEX
 from tvgate.providers import anthropic, openai_chat, openai_legacy, openai_responses
 from tvgate.providers.base import (
     ANTHROPIC_COUNT_TOKENS,
@@ -40,6 +46,7 @@ __all__ = [
     "ProviderAPI",
     "api_for",
     "provider_api",
+    "speaks",
 ]
 
 _APIS: tuple[ProviderAPI, ...] = (
@@ -58,6 +65,14 @@ _BY_PROVIDER: dict[str, ProviderAPI] = {
     api.provider: api for api in (anthropic.MESSAGES, openai_chat.CHAT)
 }
 DEFAULT_BASE_URLS: dict[str, str] = {p: api.default_base_url for p, api in _BY_PROVIDER.items()}
+#: The provider whose API a cloud's keys speak.
+_CLOUD_SPEAKS: dict[str, str] = {PROVIDER_VERTEX: PROVIDER_ANTHROPIC}
+
+
+def speaks(provider: str) -> str:
+    """The provider whose API a key of ``provider`` speaks: itself, or for a cloud
+    (``vertex``) the provider whose models it serves (``anthropic``)."""
+    return _CLOUD_SPEAKS.get(provider, provider)
 
 
 def api_for(name: str) -> ProviderAPI:
@@ -70,7 +85,7 @@ def api_for(name: str) -> ProviderAPI:
 
 def provider_api(provider: str) -> ProviderAPI:
     """The main API of ``provider`` (a key's or a route's); ValueError if none."""
-    api = _BY_PROVIDER.get(provider)
+    api = _BY_PROVIDER.get(speaks(provider))
     if api is None:
         raise ValueError(f"no provider {provider!r}")
     return api

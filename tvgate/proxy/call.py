@@ -44,6 +44,8 @@ from tvgate.models import (
     OUTCOME_UPSTREAM_ERROR,
 )
 from tvgate.providers import ProviderAPI
+from tvgate.providers.clouds import credentials_for
+from tvgate.providers.clouds.base import CloudError, CloudRequest, MappedAnswer
 from tvgate.proxy.body import BodyError, ParsedBody, decode_content, parse_request_body, with_model
 from tvgate.proxy.estimate import ESTIMATE_NOTE, answer_estimate
 from tvgate.proxy.hops import incoming_marks, is_loop, outgoing_marks
@@ -180,7 +182,7 @@ class ProxyCall:
             decoded = decode_content(
                 raw_body, headers.get("Content-Encoding"), settings.max_body_bytes
             )
-            self.body = parse_request_body(decoded)
+            self.body = parse_request_body(self.handler.client_body(decoded))
         except BodyError as exc:
             self._fail(exc.status, str(exc), OUTCOME_REJECTED)
             return
@@ -393,18 +395,37 @@ class ProxyCall:
         request = self.handler.request
         relay = self.relay
         if pair is None or translation is None:
-            api = self.endpoint
-            auth = api.auth_headers(secret)
-            body = with_model(self.body, self.upstream_model)
+            api, body, required = self.endpoint, with_model(self.body, self.upstream_model), []
         else:
-            api = pair.upstream
-            auth = api.auth_headers(secret) + list(pair.required_headers)
-            body = translation.body
+            api, body, required = pair.upstream, translation.body, list(pair.required_headers)
+        url = upstream_url(entry.key.base_url, api.upstream_path, request.query)
+        auth = api.auth_headers(secret)
+        cloud = credentials_for(entry.key.provider)
+        if cloud is not None:
+            # The cloud's URL, credentials and body; its answer mapped to the API's.
+            try:
+                call = await cloud.prepare(
+                    CloudRequest(
+                        entry.key,
+                        secret,
+                        api,
+                        self.upstream_model,
+                        body,
+                        request.headers,
+                        self.scrubber,
+                    )
+                )
+            except CloudError as exc:
+                return self._unprepared(entry, exc, may_fall_back=may_fall_back)
+            url, auth, body = call.url, call.auth, call.body
+            translation = MappedAnswer(call, api, translation)
         exchange = UpstreamExchange(
             self.gateway.http,
-            upstream_url(entry.key.base_url, api.upstream_path, request.query),
+            url,
             upstream_headers(
-                request.headers, auth, outgoing_marks(self.hop_marks, self.gateway.hop_id)
+                request.headers,
+                auth + required,
+                outgoing_marks(self.hop_marks, self.gateway.hop_id),
             ),
             body,
             relay,
@@ -458,6 +479,22 @@ class ProxyCall:
             return Failed(entry, self.upstream_model, status, outcome, message, elapsed, held)
         self._complete(result)
         return Answered(elapsed)
+
+    def _unprepared(
+        self, entry: RouteEntry, exc: CloudError, *, may_fall_back: bool
+    ) -> Failed | Answered:
+        """The cloud call of ``entry`` cannot be made (no token): told, or the next route tried."""
+        if self.relay.client_gone:
+            self.outcome = self.gone_outcome
+            return _ANSWERED
+        message = self.scrubber.text(exc.message)
+        if may_fall_back:
+            held = HeldAnswer(exc.status, [], [], (message, OUTCOME_UPSTREAM_ERROR))
+            return Failed(
+                entry, self.upstream_model, exc.status, OUTCOME_UPSTREAM_ERROR, message, 0.0, held
+            )
+        self._fail(exc.status, message, OUTCOME_UPSTREAM_ERROR)
+        return _ANSWERED
 
     def _budget_warnings(self) -> list[str]:
         """The warnings of the admission that serves the call, for the answer's header."""

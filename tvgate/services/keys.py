@@ -10,6 +10,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import peewee
 
 from tvgate.identity import Principal
@@ -34,6 +35,8 @@ from tvgate.models import (
     database,
 )
 from tvgate.providers import DEFAULT_BASE_URLS
+from tvgate.providers.clouds import credentials_for
+from tvgate.providers.clouds.base import CheckedKey
 from tvgate.rows import fields_of, from_row
 from tvgate.services.access import (
     Forbidden,
@@ -50,7 +53,7 @@ from tvgate.services.access import (
 )
 from tvgate.services.events import announce
 from tvgate.services.governance import _drop_rules_of
-from tvgate.services.upstreams import _key_base_url, _refuse_base_url
+from tvgate.services.upstreams import _key_base_url, _refuse_base_url, check_base_url
 
 log = logging.getLogger("tvgate.services")
 
@@ -70,10 +73,13 @@ class KeyView:
     last_used_at: float | None
     max_concurrent: int = 0
     chat_only: bool = False
+    #: A cloud key's settings (project, region ...): none of them secret.
+    settings: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, key: ProviderKey) -> KeyView:
-        return from_row(cls, key, owner=key.owner.email if key.owner is not None else None)
+        owner = key.owner.email if key.owner is not None else None
+        return from_row(cls, key, owner=owner, settings=orjson.loads(key.settings or "{}"))
 
     def as_dict(self) -> dict[str, Any]:
         return fields_of(self, fingerprint="…" + self.fingerprint)
@@ -93,6 +99,7 @@ def add_key(
     available_to_all: bool = True,
     max_concurrent: int = 0,
     chat_only: bool = False,
+    settings: dict[str, Any] | None = None,
     gateway_urls: Collection[str] = (),
     actor: Principal | None = None,
 ) -> KeyView:
@@ -105,6 +112,9 @@ def add_key(
     ``allow_private`` lets an org key, ``allow_private_user`` a
     user's own key, reach http and private upstreams (the two settings of that name).
     ``gateway_urls``: where this gateway answers (``Settings``), refused as base URLs.
+    ``settings``: a cloud key's (``tvgate.providers.clouds``), checked by its cloud, whose
+    secret is its own shape (a service account's JSON) and whose base URL defaults to the
+    cloud's endpoint of those settings.
     """
     org = _actor_org(actor, org_name)
     owner: User | None = None
@@ -120,12 +130,14 @@ def add_key(
         _require_admin(actor, org, "add key", name)
     if provider not in PROVIDERS:
         raise ServiceError(f"provider must be one of {', '.join(PROVIDERS)}")
-    secret = _check_secret(secret)
+    private_ok = allow_private_user if owner is not None else allow_private
+    cloud = _cloud_key(provider, settings, secret, private_ok)
+    secret = cloud.secret if cloud is not None else _check_secret(secret)
     _check_name(name, "a key")
     max_concurrent = _check_max_concurrent(max_concurrent)
     chat_only = _check_chat_only(chat_only, provider)
     url = _key_base_url(
-        base_url or DEFAULT_BASE_URLS[provider],
+        base_url or (cloud.base_url if cloud is not None else DEFAULT_BASE_URLS[provider]),
         own=owner is not None,
         allow_private=allow_private,
         allow_private_user=allow_private_user,
@@ -141,12 +153,13 @@ def add_key(
             provider=provider,
             base_url=url,
             ciphertext="",
-            fingerprint=fingerprint(secret),
+            fingerprint=fingerprint(cloud.shown if cloud is not None else secret),
             owner=owner,
             available_to_all=available_to_all if owner is None else False,
             created_by=actor.user_id if actor else None,
             max_concurrent=max_concurrent,
             chat_only=chat_only,
+            settings=orjson.dumps(cloud.settings if cloud is not None else {}).decode(),
         )
         # The id (and owner) are part of the encryption context, so encrypt once the row exists.
         key.ciphertext = keyring.encrypt(secret, KeyContext(org.id, key.id, key.owner_id))
@@ -162,10 +175,36 @@ def add_key(
                 "owner": owner_email,
                 "max_concurrent": max_concurrent,
                 "chat_only": chat_only,
+                **({"settings": cloud.settings} if cloud is not None else {}),
             },
         )
     announce(org.id)
     return KeyView.of(key)
+
+
+def _cloud_key(
+    provider: str, settings: dict[str, Any] | None, secret: str, private_ok: bool
+) -> CheckedKey | None:
+    """A cloud key's secret and settings as its cloud checks them (None: not a cloud's
+    key, which takes no settings). The URLs its secret is sent to besides the base URL (a
+    token endpoint) pass the checks a base URL does."""
+    cloud = credentials_for(provider)
+    if cloud is None:
+        if settings:
+            raise ServiceError(f"a {provider} key takes no settings")
+        return None
+    if not isinstance(secret, str):
+        raise ServiceError("the key's secret must be a string")
+    try:
+        checked = cloud.check_key(settings or {}, secret)
+    except ValueError as exc:
+        raise ServiceError(str(exc)) from None
+    for url in checked.secret_urls:
+        try:
+            check_base_url(url, allow_private=private_ok)
+        except ServiceError as exc:
+            raise ServiceError(f"the key's token endpoint is refused: {exc}") from None
+    return checked
 
 
 def _own_user(actor: Principal, email: str | None, action: str, target: str) -> User:
@@ -399,17 +438,24 @@ def rotate_key(
     keyring: Keyring,
     *,
     org_name: str | None = None,
+    allow_private: bool = False,
+    allow_private_user: bool = False,
+    gateway_urls: Collection[str] = (),
     actor: Principal | None = None,
 ) -> KeyView:
     """Replace a key's secret. The row (and so its id and routes) stays; requests already
-    under way finish with the old secret, later ones get the new one."""
+    under way finish with the old secret, later ones get the new one. A cloud key's new
+    secret is checked by its cloud, with the key's settings (the private-upstream settings
+    as ``add_key`` has them)."""
+    del gateway_urls  # a secret names no base URL
     key = _key_for(name, org_name, actor, owner_only=True)
-    secret = _check_secret(secret)
+    private_ok = allow_private_user if key.owner_id is not None else allow_private
+    cloud = _cloud_key(key.provider, orjson.loads(key.settings or "{}"), secret, private_ok)
+    secret = cloud.secret if cloud is not None else _check_secret(secret)
     ciphertext = keyring.encrypt(secret, KeyContext(key.org_id, key.id, key.owner_id))
+    shown = fingerprint(cloud.shown if cloud is not None else secret)
     updated = (
-        ProviderKey.update(
-            ciphertext=ciphertext, fingerprint=fingerprint(secret), updated_at=time.time()
-        )
+        ProviderKey.update(ciphertext=ciphertext, fingerprint=shown, updated_at=time.time())
         .where(ProviderKey.id == key.id)
         .execute()
     )

@@ -26,6 +26,7 @@ from tvgate.providers import (
     OPENAI_RESPONSES,
     ProviderAPI,
     api_for,
+    speaks,
 )
 from tvgate.translate import (
     anthropic_to_chat,
@@ -318,7 +319,9 @@ _PAIRS: dict[tuple[str, str], Pair] = {
 def route_speaks(client: ProviderAPI, provider: str, *, chat_only: bool = False) -> str | None:
     """What a route whose key is of ``provider`` (``chat_only``: on a Chat-only upstream)
     speaks to a ``client`` of another API, a pair's second name; None when it speaks the
-    client's own (passthrough, no translation code)."""
+    client's own (passthrough, no translation code). A cloud's key speaks the API of the
+    provider whose models it serves (``tvgate.providers.speaks``)."""
+    provider = speaks(provider)
     if provider != client.provider:
         return provider
     if chat_only and client.api == OPENAI_RESPONSES:

@@ -1,0 +1,129 @@
+"""What every cloud's credential module answers, and the shapes it answers in.
+
+A cloud key (Vertex AI's) is a key like any other: one secret, encrypted by the keyring,
+plus settings that are not secret (``ProviderKey.settings``: project, region). Its module
+checks both when the key is stored (``check_key``: a ``ValueError`` names what is wrong,
+never a secret's value) and, for each call, turns the call the proxy would make to the
+provider whose API the cloud speaks into the cloud's (``prepare``): the URL, the auth
+headers (which may be minted, off the IOLoop, and cached), the body the cloud takes, and
+the answer's mapping back (``MappedAnswer``: the cloud's error envelope as the API's).
+Every secret string it sends or derives is given to the call's scrubber, so none can come
+back to the client, a trace or a log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from tornado.httputil import HTTPHeaders
+
+from tvgate.providers.base import ProviderAPI
+from tvgate.proxy.scrub import KeyScrubber
+
+if TYPE_CHECKING:
+    from tvgate.routing import KeyRef
+    from tvgate.translate.pairs import Translation
+
+
+class CloudError(Exception):
+    """The cloud's call cannot be made (its credential cannot be minted, the key's secret
+    or settings are unusable): ``status`` and a message the client may read, which names
+    no secret."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedKey:
+    """A cloud key as it is stored: its settings (a JSON object's members), its secret
+    (normalised), the text whose last four characters may be shown of it (``shown``), its
+    default base URL, and the other URLs its secret is sent to (checked as base URLs are)."""
+
+    settings: dict[str, Any]
+    secret: str
+    shown: str
+    base_url: str
+    secret_urls: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CloudRequest:
+    """One call as the proxy would make it to the provider whose API the cloud speaks."""
+
+    #: The key (its id, base URL and settings, the JSON object text checked when stored).
+    key: KeyRef
+    secret: str
+    #: The API of the call (``anthropic.messages``, ``anthropic.count_tokens``).
+    api: ProviderAPI
+    upstream_model: str
+    #: The body as that API takes it (``model`` in it).
+    body: bytes
+    client_headers: HTTPHeaders
+    scrubber: KeyScrubber
+
+
+@dataclass(frozen=True, slots=True)
+class CloudCall:
+    """The call as the cloud takes it, and how its answer becomes the API's."""
+
+    url: str
+    auth: list[tuple[str, str]]
+    body: bytes
+    #: The cloud's error answer (status, body) as the API's error body.
+    map_error: Callable[[int, bytes], bytes]
+
+
+class CloudCredentials(Protocol):
+    """A cloud's credential module."""
+
+    def check_key(self, settings: object, secret: str) -> CheckedKey:
+        """The key as stored, or ValueError saying what is wrong (never a secret's value)."""
+        ...
+
+    async def prepare(self, request: CloudRequest) -> CloudCall:
+        """The call as the cloud takes it; CloudError when it cannot be made."""
+        ...
+
+
+class MappedAnswer:
+    """A cloud's answer as the client's: its error answers in the envelope of the API the
+    cloud speaks (``CloudCall.map_error``), then through the pair's translation when the
+    client speaks another API (``inner``); everything else as the API's own bytes."""
+
+    def __init__(self, call: CloudCall, api: ProviderAPI, inner: Translation | None = None) -> None:
+        self.body = call.body
+        self._map_error = call.map_error
+        self._api = api
+        self._inner = inner
+
+    @property
+    def notes(self) -> list[str]:
+        return self._inner.notes if self._inner is not None else []
+
+    def response(self, body: bytes) -> bytes:
+        return self._inner.response(body) if self._inner is not None else body
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._inner.feed(chunk) if self._inner is not None else chunk
+
+    def finish(self) -> bytes:
+        return self._inner.finish() if self._inner is not None else b""
+
+    def error_event(self, message: str) -> bytes:
+        if self._inner is not None:
+            return self._inner.error_event(message)
+        return self._api.stream_error_event(message)
+
+    def error_answer(self, status: int, body: bytes) -> tuple[int, bytes]:
+        mapped = self._map_error(status, body)
+        if self._inner is not None:
+            return self._inner.error_answer(status, mapped)
+        return status, mapped
+
+    def document(self, answer: dict[str, Any]) -> dict[str, Any]:
+        return self._inner.document(answer) if self._inner is not None else answer
