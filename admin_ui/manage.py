@@ -57,6 +57,8 @@ async def add_key_from_form(
     secret = handler.get_body_argument("secret", "")
     base_url = handler.get_body_argument("base_url", "").strip() or None
     chat_only = _form_bool(handler, "chat_only")
+    # A cloud key's settings (Vertex AI's project and region), where the form gave them.
+    cloud = {f: v for f in ("project", "region") if (v := handler.get_body_argument(f, "").strip())}
     await handler.run_service(
         lambda: services.add_key(
             name,
@@ -69,6 +71,7 @@ async def add_key_from_form(
             available_to_all=available_to_all,
             max_concurrent=max_concurrent,
             chat_only=chat_only,
+            settings=cloud or None,
             actor=user,
         )
     )

@@ -48,7 +48,7 @@ ANTHROPIC_VERSION = "vertex-2023-10-16"
 _PATH = re.compile(
     r"/v1/projects/([^/]+)/locations/([^/]+)/publishers/anthropic/models/([^/]+):([A-Za-z]+)"
 )
-_UNAUTHENTICATED = (
+UNAUTHENTICATED = (
     "Request had invalid authentication credentials. Expected OAuth 2 access token, login "
     "cookie or other valid authentication credential. See "
     "https://developers.google.com/identity/sign-in/web/devconsole-project."
@@ -164,7 +164,7 @@ class _VertexHandler(_Handler):
                 "https://developers.google.com/identity/sign-in/web/devconsole-project.",
             )
         if not self.provider.valid(authorization[7:]):
-            raise _GoogleError(401, "UNAUTHENTICATED", _UNAUTHENTICATED)
+            raise _GoogleError(401, "UNAUTHENTICATED", UNAUTHENTICATED)
         found = _PATH.fullmatch(self.request.path)
         if found is None or found[4] not in ("rawPredict", "streamRawPredict"):
             raise _GoogleError(

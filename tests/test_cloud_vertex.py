@@ -27,12 +27,13 @@ import pytest
 
 from tests.conftest import ANTHROPIC_SECRET, GatewayProcess, add_test_key, launch_gateway
 from tests.fake_provider import FakeProvider
-from tests.fake_vertex import ANTHROPIC_VERSION, FakeVertex
+from tests.fake_vertex import ANTHROPIC_VERSION, UNAUTHENTICATED, FakeVertex
 from tests.harness import run_cli
 from tvgate import services
 from tvgate.db import migrate, open_database
 from tvgate.models import Org, Trace, database
 from tvgate.providers.clouds.vertex import secret_strings
+from tvgate.traces.pricing import Price, PriceTable
 
 PROMPT: list[anthropic.types.MessageParam] = [{"role": "user", "content": "hello vertex"}]
 VERTEX_MODEL = "claude-sonnet-4-5@20250929"
@@ -333,6 +334,24 @@ def test_vertex_errors_come_in_the_clients_envelope(
     assert limited.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
 
 
+def test_a_token_vertex_refuses_is_minted_anew(
+    gateway: GatewayProcess, org: VertexOrg, vertex: FakeVertex
+) -> None:
+    email = org.accounts["gcp"]["client_email"]
+    client = messages(gateway, org)
+    client.messages.create(model="claude-vertex", max_tokens=8, messages=PROMPT)
+    minted = vertex.mints.count(email)
+    vertex.expire_tokens()  # before tvgate's clock says so (revoked, or the clocks differ)
+    with pytest.raises(anthropic.AuthenticationError) as refused:
+        client.messages.create(model="claude-vertex", max_tokens=8, messages=PROMPT)
+    assert refused.value.body == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": UNAUTHENTICATED},
+    }
+    client.messages.create(model="claude-vertex", max_tokens=8, messages=PROMPT)
+    assert vertex.mints.count(email) == minted + 1
+
+
 def test_cli_and_api_take_a_vertex_key(
     gateway: GatewayProcess, org: VertexOrg, vertex: FakeVertex, tmp_path: Path
 ) -> None:
@@ -487,3 +506,18 @@ def test_canary_no_key_file_secret_nor_minted_token_leaks(
                 assert form not in text
     org_id = Org.get(Org.name == org.name).id
     assert Trace.select().where(Trace.org_id == org_id).count() >= 5
+
+
+def test_vertex_model_ids_are_priced_as_the_anthropic_models() -> None:
+    sonnet = Price("claude-sonnet-4*", 3.0, 15.0, 0.3, 3.75)
+    exact = Price("claude-sonnet-4-5-20250929", 2.0, 10.0, 0.2, 2.5)
+    own_id = Price("claude-haiku-4-5@20251001", 0.5, 2.5, 0.05, 0.6)
+    table = PriceTable([sonnet, exact, own_id])
+    assert table.find(1, "claude-sonnet-4-5@20250929") == exact
+    assert table.find(1, "claude-sonnet-4@20250514") == sonnet
+    assert table.find(1, "claude-haiku-4-5@20251001") == own_id
+    assert table.find(1, "claude-opus-4-5@20251101") is None
+    # Counted as Anthropic counts (input_tokens leaves the cached ones out).
+    assert table.cost(1, "vertex", "claude-sonnet-4-5@20250929", 1000, 100, 500, 0) == round(
+        (1000 * 2.0 + 100 * 10.0 + 500 * 0.2) / 1_000_000, 8
+    )

@@ -20,7 +20,8 @@ another). For each call:
   the client's ``anthropic-beta`` header as ``anthropic_beta`` (unless the body has it);
 * its errors: Google's envelope (``{"error": {"code", "message", "status"}}``, or a list
   of them) becomes Anthropic's, Google's message kept; Vertex passes Anthropic's own
-  errors and streams on as they are.
+  errors and streams on as they are. A token Vertex refuses (401) is dropped: the next
+  call mints another.
 
 The key's private key, its id, the account's email and client id, and every minted token
 are given to the call's scrubber.
@@ -37,6 +38,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -136,9 +138,12 @@ def secret_strings(info: dict[str, str]) -> list[str]:
     return strings
 
 
-def _map_error(status: int, body: bytes) -> bytes:
+def _map_error(status: int, body: bytes, *, forget: Callable[[], None]) -> bytes:
     """A Vertex AI error answer in Anthropic's envelope, Google's message kept; Anthropic's
-    own error (Vertex passes the model's errors on) as it is."""
+    own error (Vertex passes the model's errors on) as it is. A 401 refused the token
+    (revoked, or expired before its time): it is ``forget``-ten."""
+    if status == 401:
+        forget()
     try:
         document: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -188,6 +193,11 @@ def _why(exc: BaseException) -> str:
     return " ".join(reason.split())[:300] or type(exc).__name__
 
 
+def _slot(key_id: int, secret: str) -> tuple[int, str]:
+    """Where a key's token is kept: a rotated secret is another account's key."""
+    return key_id, hashlib.sha256(secret.encode()).hexdigest()
+
+
 class TokenCache:
     """Access tokens by key (and secret), minted in a thread pool, one mint at a time per
     key, kept until ``REFRESH_MARGIN`` before they expire."""
@@ -201,7 +211,7 @@ class TokenCache:
 
     async def token(self, key_id: int, secret: str, info: dict[str, str]) -> str:
         """A token for the key's service account; google-auth's errors pass through."""
-        slot = (key_id, hashlib.sha256(secret.encode()).hexdigest())
+        slot = _slot(key_id, secret)
         now = time.monotonic()
         cached = self._tokens.get(slot)
         if cached is not None and now < cached.refresh_at:
@@ -225,6 +235,10 @@ class TokenCache:
                 return cached.value
             raise
         return value
+
+    def forget(self, key_id: int, secret: str) -> None:
+        """Drop the key's token (Vertex AI refused it): the next call mints another."""
+        self._tokens.pop(_slot(key_id, secret), None)
 
     def _minted(
         self, slot: tuple[int, str], started: float, done: asyncio.Future[tuple[str, float]]
@@ -293,7 +307,13 @@ class VertexCredentials:
             f"{request.key.base_url.rstrip('/')}/v1/projects/{project}/locations/{region}"
             f"/publishers/anthropic/models/{operation}"
         )
-        return CloudCall(url, [("Authorization", f"Bearer {token}")], body, _map_error)
+        forget = functools.partial(self.tokens.forget, request.key.id, request.secret)
+        return CloudCall(
+            url,
+            [("Authorization", f"Bearer {token}")],
+            body,
+            functools.partial(_map_error, forget=forget),
+        )
 
 
 def _mask(scrubber: KeyScrubber, info: dict[str, str]) -> None:
