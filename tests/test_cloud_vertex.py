@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import secrets
 import threading
 from collections.abc import Iterator
@@ -352,26 +353,24 @@ def test_a_token_vertex_refuses_is_minted_anew(
     assert vertex.mints.count(email) == minted + 1
 
 
+def add_by_cli(
+    env: dict[str, str], org: VertexOrg, name: str, region: str, key_file: dict[str, str]
+) -> Any:
+    """``tvgate keys add NAME --provider vertex …`` with the key file on standard input."""
+    project = key_file.get("project_id", "")
+    return run_cli(
+        env,
+        *("keys", "add", name, "--org", org.name, "--provider", "vertex", "--json"),
+        *("--project", project, "--region", region),
+        stdin=json.dumps(key_file, indent=2) + "\n",
+    )
+
+
 def test_cli_and_api_take_a_vertex_key(
-    gateway: GatewayProcess, org: VertexOrg, vertex: FakeVertex, tmp_path: Path
+    gateway: GatewayProcess, org: VertexOrg, vertex: FakeVertex
 ) -> None:
     account = vertex.service_account("cli")
-    added = run_cli(
-        gateway.env,
-        "keys",
-        "add",
-        "gcp-cli",
-        "--org",
-        org.name,
-        "--provider",
-        "vertex",
-        "--project",
-        vertex.project,
-        "--region",
-        "europe-west1",
-        "--json",
-        stdin=json.dumps(account, indent=2) + "\n",
-    )
+    added = add_by_cli(gateway.env, org, "gcp-cli", "europe-west1", account)
     assert added.returncode == 0, added.stderr
     view = json.loads(added.stdout)
     assert view["base_url"] == "https://europe-west1-aiplatform.googleapis.com"
@@ -380,64 +379,67 @@ def test_cli_and_api_take_a_vertex_key(
     for secret in secret_strings(account):
         assert secret not in added.stdout + added.stderr
     broken = {k: v for k, v in account.items() if k != "private_key"}
-    refused = run_cli(
-        gateway.env,
-        "keys",
-        "add",
-        "gcp-broken",
-        "--org",
-        org.name,
-        "--provider",
-        "vertex",
-        "--project",
-        vertex.project,
-        "--region",
-        "us-east5",
-        stdin=json.dumps(broken),
-    )
+    refused = add_by_cli(gateway.env, org, "gcp-broken", "us-east5", broken)
     assert refused.returncode != 0
     assert "the service account JSON has no 'private_key'" in refused.stderr
     assert account["private_key_id"] not in refused.stdout + refused.stderr
-    api = httpx2.Client(base_url=gateway.url, headers={"authorization": f"Bearer {org.admin}"})
-    created = api.post(
-        "/api/v1/keys",
-        json={
-            "name": "gcp-api",
-            "provider": "vertex",
-            "secret": json.dumps(vertex.service_account("api")),
-            "settings": {"project": vertex.project, "region": "global"},
-        },
+    # The token endpoint is a URL the key's secret goes to: checked as a base URL is.
+    public = add_by_cli(
+        {**gateway.env, "TVGATE_ALLOW_PRIVATE_UPSTREAMS": "false"},
+        org,
+        "gcp-private",
+        "us-east5",
+        vertex.service_account("private"),
     )
+    assert public.returncode != 0 and "token endpoint is refused" in public.stderr
+    api = httpx2.Client(base_url=gateway.url, headers={"authorization": f"Bearer {org.admin}"})
+
+    def add_by_api(name: str, project: str, region: str) -> httpx2.Response:
+        secret = json.dumps(vertex.service_account(name))
+        settings = {"project": project, "region": region}
+        body = {"name": name, "provider": "vertex", "secret": secret, "settings": settings}
+        return api.post("/api/v1/keys", json=body)
+
+    created = add_by_api("gcp-api", vertex.project, "global")
     assert created.status_code == 201, created.text
     assert created.json()["base_url"] == "https://aiplatform.googleapis.com"
     assert "private_key" not in created.text
-    bad = api.post(
-        "/api/v1/keys",
-        json={
-            "name": "gcp-bad",
-            "provider": "vertex",
-            "secret": json.dumps(vertex.service_account("bad")),
-            "settings": {"project": "Not A Project/..", "region": "us-east5"},
-        },
-    )
+    bad = add_by_api("gcp-bad", "Not A Project/..", "us-east5")
     assert bad.status_code == 400 and "project" in bad.json()["error"]["message"]
-    # The token endpoint is a URL the key's secret goes to: checked as a base URL is.
-    public = run_cli(
-        {**gateway.env, "TVGATE_ALLOW_PRIVATE_UPSTREAMS": "false"},
-        "keys",
-        "add",
-        "gcp-private",
-        "--org",
-        org.name,
-        "--provider",
-        "vertex",
-        "--project",
-        vertex.project,
-        "--region",
-        "us-east5",
-        stdin=json.dumps(vertex.service_account("private")),
-    )
-    assert public.returncode != 0 and "token endpoint is refused" in public.stderr
+
+
+def _xsrf(page: httpx2.Response) -> str:
+    found = re.search(r'name="_xsrf" value="([^"]+)"', page.text)
+    assert found is not None, page.text
+    return found.group(1)
+
+
+def test_the_web_ui_adds_a_vertex_key(
+    gateway: GatewayProcess, org: VertexOrg, vertex: FakeVertex
+) -> None:
+    account = vertex.service_account("ui")
+    with httpx2.Client(base_url=gateway.url, follow_redirects=False, timeout=30) as browser:
+        login = browser.get("/ui/login")
+        signed_in = browser.post("/ui/login", data={"_xsrf": _xsrf(login), "token": org.admin})
+        assert signed_in.status_code == 302, signed_in.text
+        form = {
+            "_xsrf": _xsrf(browser.get("/ui/keys")),
+            "name": "gcp-ui",
+            "provider": "vertex",
+            # Pasted into the password field, which keeps no line breaks: still the JSON.
+            "secret": json.dumps(account),
+            "project": vertex.project,
+            "region": "europe-west4",
+            "max_concurrent": "0",
+            "available_to_all": "on",
+        }
+        added = browser.post("/ui/keys", data=form)
+        assert added.status_code in (302, 303), added.text
+        shown = browser.get("/ui/keys/gcp-ui").text
+    assert "europe-west4-aiplatform.googleapis.com" in shown and vertex.project in shown
+    assert "…" + account["private_key_id"][-4:] in shown
+    for secret in secret_strings(account):
+        assert secret not in shown
 
 
 def _forms(secret: str) -> list[str]:
