@@ -500,7 +500,11 @@ def test_canary_no_key_file_secret_nor_minted_token_leaks(
     ]
     forbidden = [token for token in vertex.tokens]
     for account in org.accounts.values():
+        # What the scrubber masks, and what no one is ever sent: the key as written, each
+        # of its lines, the account's email and id.
         forbidden += secret_strings(account)
+        forbidden += [account["private_key"], account["client_email"], account["client_id"]]
+        forbidden += [line for line in account["private_key"].splitlines() if len(line) > 40]
     assert len(forbidden) > 10
     for text in seen:
         for secret in forbidden:
