@@ -247,6 +247,36 @@ def test_the_sdks_vertex_client_reaches_any_route_through_the_vertex_paths(
     assert counted.json()["model"] == VERTEX_MODEL
 
 
+def test_the_vertex_paths_refuse_bad_input_in_anthropics_envelope(
+    gateway: GatewayProcess, org: VertexOrg
+) -> None:
+    path = "/vertex/v1/projects/p/locations/us-east5/publishers/anthropic/models/"
+    body = {"anthropic_version": ANTHROPIC_VERSION, "max_tokens": 8, "messages": PROMPT}
+    auth = {"authorization": f"Bearer {org.member}"}
+
+    def post(model: str, sent: object, headers: dict[str, str]) -> tuple[int, Any]:
+        response = httpx2.post(gateway.url + path + model, json=sent, headers=headers, timeout=60)
+        return response.status_code, response.json()
+
+    refusals = [
+        (post("claude-vertex:rawPredict", body, {}), 401, "authentication_error"),
+        (post("nope:rawPredict", body, auth), 404, "not_found_error"),
+        (post("claude-vertex:rawPredict", [1], auth), 400, "invalid_request_error"),
+        (
+            post("claude-vertex:rawPredict", {**body, "anthropic_beta": "one"}, auth),
+            400,
+            "invalid_request_error",
+        ),
+        (post("count-tokens:rawPredict", body, auth), 400, "invalid_request_error"),
+    ]
+    for (status, answer), expected, kind in refusals:
+        assert status == expected and answer["type"] == "error", answer
+        assert answer["error"]["type"] == kind, answer
+    assert "no route named 'nope'" in refusals[1][0][1]["error"]["message"]
+    assert "anthropic_beta must be a list" in refusals[3][0][1]["error"]["message"]
+    assert "no 'model'" in refusals[4][0][1]["error"]["message"]
+
+
 def test_a_token_is_minted_once_for_many_calls_at_once(
     gateway: GatewayProcess, org: VertexOrg, vertex: FakeVertex
 ) -> None:
