@@ -96,13 +96,24 @@ _KEY_CREATE = {
     "required": ["name", "provider", "secret"],
     "properties": {
         "name": _NAME,
-        "provider": {"type": "string", "enum": ["anthropic", "openai"]},
-        "secret": {"type": "string", "writeOnly": True, "minLength": 1},
+        "provider": {"type": "string", "enum": ["anthropic", "openai", "vertex"]},
+        "secret": {
+            "type": "string",
+            "writeOnly": True,
+            "minLength": 1,
+            "description": "the provider key; vertex: the service account's JSON key file",
+        },
         "base_url": _STR,
         "owner": _STR,
         "available_to_all": {"type": "boolean"},
         "max_concurrent": _MAX_CONCURRENT,
         "chat_only": _CHAT_ONLY,
+        "settings": {
+            "type": "object",
+            "description": "a cloud key's settings, none secret; vertex: project (the Google "
+            "Cloud project id) and region (us-east5, europe-west1, global ...)",
+            "properties": {"project": _STR, "region": _STR},
+        },
     },
     "additionalProperties": False,
 }
