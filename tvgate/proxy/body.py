@@ -156,14 +156,20 @@ def _top_level(raw: bytes) -> tuple[object, int, bool, int]:
         del document
 
 
-def _top_level_orjson(raw: bytes) -> tuple[object, int, bool, int]:
-    """:func:`_top_level` for the rare body simdjson refuses (it may still be valid)."""
+def json_object(raw: bytes) -> dict[str, object]:
+    """The body as a JSON object, parsed by orjson; BodyError (400) for anything else."""
     try:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BodyError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise BodyError(400, "request body must be a JSON object")
+    return document
+
+
+def _top_level_orjson(raw: bytes) -> tuple[object, int, bool, int]:
+    """:func:`_top_level` for the rare body simdjson refuses (it may still be valid)."""
+    document = json_object(raw)
     # A dict keeps only the last of duplicate members; the json module shows them all.
     # The outermost object is the last one it completes.
     count = 0

@@ -32,7 +32,7 @@ from tornado.web import stream_request_body
 
 from tvgate.providers import ProviderAPI
 from tvgate.providers.anthropic import COUNT_TOKENS, MESSAGES
-from tvgate.proxy.body import BodyError
+from tvgate.proxy.body import BodyError, json_object
 from tvgate.proxy.handlers import ProxyHandler
 from tvgate.translate.pairs import ANTHROPIC_VERSION
 
@@ -58,12 +58,7 @@ class VertexHandler(ProxyHandler):
         await super().post(*args)
 
     def client_body(self, decoded: bytes) -> bytes:
-        try:
-            document = orjson.loads(decoded)
-        except orjson.JSONDecodeError as exc:
-            raise BodyError(400, f"request body is not valid JSON: {exc}") from None
-        if not isinstance(document, dict):
-            raise BodyError(400, "request body must be a JSON object")
+        document = json_object(decoded)
         version = document.pop("anthropic_version", None)
         if version is not None and not isinstance(version, str):
             raise BodyError(400, "anthropic_version must be a string")
