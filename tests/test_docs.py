@@ -74,6 +74,10 @@ NOT_RUN = {
     "export ANTHROPIC_BASE_URL=": "starts Claude Code; its variables are checked against the "
     "UI's Connect block (tests/test_newcomer_docs.py)",
     "make test": "the test suite itself",
+    "tvgate keys add gcp-claude --provider vertex": "needs a Google service account's key "
+    "file; keys add --provider vertex runs on the fake Vertex AI's (tests/test_cloud_vertex.py)",
+    "export CLAUDE_CODE_USE_VERTEX=1": "starts Claude Code in its Vertex AI mode, as "
+    "tests/test_real_clients.py does against the fake Vertex AI",
 }
 
 PLACEHOLDER_URL = "https://gate.example.com"
