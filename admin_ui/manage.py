@@ -57,10 +57,10 @@ async def add_key_from_form(
     secret = handler.get_body_argument("secret", "")
     base_url = handler.get_body_argument("base_url", "").strip() or None
     chat_only = _form_bool(handler, "chat_only")
-    # A cloud key's settings (Azure OpenAI's), those the form was given.
+    # A cloud key's settings (Azure OpenAI's, Vertex AI's), those the form was given.
     cloud = {
         field: value
-        for field in ("style", "api_version", "authority")
+        for field in ("style", "api_version", "authority", "project", "region")
         if (value := handler.get_body_argument(field, "").strip())
     }
     await handler.run_service(
@@ -243,7 +243,9 @@ class KeyHandler(UIHandler):
         if action == "rotate":
             secret = self.get_body_argument("secret", "")
             await self.run_service(
-                lambda: services.rotate_key(name, secret, gateway.keyring, actor=user)
+                lambda: services.rotate_key(
+                    name, secret, gateway.keyring, **gateway.settings.upstream_rules, actor=user
+                )
             )
             self.done(f"/ui/keys/{url_escape(name, plus=False)}", "key-rotated")
         elif action in ("disable", "enable"):

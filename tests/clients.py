@@ -128,7 +128,8 @@ def run_claude(
 
     The token goes in `credential_env`: ``ANTHROPIC_AUTH_TOKEN`` (sent as ``Authorization:
     Bearer``) or ``ANTHROPIC_API_KEY`` (sent as ``x-api-key``, as ``tracevault proxy info``
-    sets it up); the headers as ``ANTHROPIC_CUSTOM_HEADERS``. Every model alias (the
+    sets it up), or nowhere ("": a cloud mode's run sends it in a header); the headers as
+    ``ANTHROPIC_CUSTOM_HEADERS``. Every model alias (the
     small/fast model Claude Code uses for side tasks too) points at the route, so that no
     call asks for a model the gateway has no route for.
     """
@@ -139,7 +140,6 @@ def run_claude(
         {
             "CLAUDE_CONFIG_DIR": str(home / ".claude"),
             "ANTHROPIC_BASE_URL": setup.base_url,
-            credential_env: setup.token,
             "ANTHROPIC_MODEL": model,
             "ANTHROPIC_DEFAULT_OPUS_MODEL": model,
             "ANTHROPIC_DEFAULT_SONNET_MODEL": model,
@@ -153,6 +153,8 @@ def run_claude(
             "CLAUDE_CODE_DISABLE_TERMINAL_TITLE": "1",
         }
     )
+    if credential_env:
+        env[credential_env] = setup.token
     if setup.headers:
         env["ANTHROPIC_CUSTOM_HEADERS"] = "\n".join(f"{k}: {v}" for k, v in setup.headers.items())
     env.update(setup.env)

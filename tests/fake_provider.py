@@ -1554,8 +1554,8 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
 class FakeProvider:
     """A fake Anthropic + OpenAI upstream on 127.0.0.1, served from a daemon thread."""
 
-    #: What answers each request (a fake of another service built on this one has its own).
-    handler_class: type[tornado.web.RequestHandler] = _Handler
+    #: What answers every request (a fake of another service extends it).
+    handler_class: type[_Handler] = _Handler
 
     def __init__(
         self,

@@ -76,6 +76,10 @@ NOT_RUN = {
     "make test": "the test suite itself",
     "tvgate visdom connect": "needs a Visdom Trace: run against the ingestion stand-in "
     "(tests/test_visdom_sink.py)",
+    "tvgate keys add gcp-claude --provider vertex": "needs a Google service account's key "
+    "file; keys add --provider vertex runs on the fake Vertex AI's (tests/test_cloud_vertex.py)",
+    "export CLAUDE_CODE_USE_VERTEX=1": "starts Claude Code in its Vertex AI mode, as "
+    "tests/test_real_clients.py does against the fake Vertex AI",
 }
 
 PLACEHOLDER_URL = "https://gate.example.com"

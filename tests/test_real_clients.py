@@ -28,8 +28,9 @@ from tests.clients import (
     run_claude,
     run_codex,
 )
-from tests.conftest import GatewayProcess, add_fake_key
+from tests.conftest import GatewayProcess, add_fake_key, add_test_key
 from tests.fake_provider import FakeProvider
+from tests.fake_vertex import ANTHROPIC_VERSION, FakeVertex
 from tvgate import services
 from tvgate.models import Trace
 
@@ -203,3 +204,63 @@ def _codex_ran_the_command(
     traces = _session_traces(gateway, fake, marker, session)
     assert {(trace.tool, trace.tool_version) for trace in traces} == {("codex", CODEX_VERSION)}
     return traces
+
+
+@pytest.fixture
+def vertex_route(gateway: GatewayProcess) -> Iterator[tuple[str, FakeVertex]]:
+    """A route of acme's on a Vertex AI key (a service account of the fake Vertex AI's)."""
+    fake = FakeVertex()
+    fake.start()
+    name = "vertex-" + uuid.uuid4().hex[:8]
+    gateway.bind()
+    secret = json.dumps(fake.service_account(), indent=2)
+    settings = {"project": fake.project, "region": fake.region}
+    add_test_key(name, "acme", fake.url, secret, provider="vertex", settings=settings)
+    services.add_route(name, name, model="claude-sonnet-4-5@20250929", org_name="acme")
+    try:
+        yield name, fake
+    finally:
+        gateway.bind()
+        services.delete_key(name, org_name="acme", force=True)
+        fake.stop()
+
+
+def test_claude_code_in_vertex_mode_through_gateway(
+    gateway: GatewayProcess,
+    vertex_route: tuple[str, FakeVertex],
+    member_token: str,
+    tmp_path: Path,
+) -> None:
+    """Claude Code in its Vertex AI mode, pointed at tvgate's /vertex (no Google credential:
+    the tvgate token in ANTHROPIC_CUSTOM_HEADERS), on a route of a Vertex AI key."""
+    route, fake = vertex_route
+    _wait_for_route(gateway, member_token, route)
+    setup, marker = _agent_setup(gateway.url, member_token, route, tmp_path)
+    setup.headers["Authorization"] = f"Bearer {member_token}"
+    setup.env.update(
+        {
+            "CLAUDE_CODE_USE_VERTEX": "1",
+            "ANTHROPIC_VERTEX_BASE_URL": gateway.url + "/vertex",
+            "CLAUDE_CODE_SKIP_VERTEX_AUTH": "1",
+            "ANTHROPIC_VERTEX_PROJECT_ID": "any-project",
+            "CLOUD_ML_REGION": "us-east5",
+        }
+    )
+    run = run_claude(setup, "Write the marker file with the Bash tool.", credential_env="")
+    result, _ = claude_bash_session(run, setup, marker)
+    traces = _session_traces(gateway, fake, marker, result["session_id"])
+    assert {(trace.tool, trace.tool_version) for trace in traces} == {
+        ("claude-code", CLAUDE_VERSION)
+    }
+    assert {(t.endpoint, t.provider, t.route_name) for t in traces} == {
+        ("anthropic.messages", "vertex", route)
+    }
+    assert {trace.upstream_model for trace in traces} == {"claude-sonnet-4-5@20250929"}
+    assert all(t.input_tokens > 0 and t.output_tokens > 0 and t.cost_usd > 0 for t in traces)
+    sent = [r for r in fake.requests if marker in r.headers.get("x-fake-command", "")]
+    assert all(r.path.endswith("/models/claude-sonnet-4-5@20250929:streamRawPredict") for r in sent)
+    for request in sent:
+        body = request.json()
+        assert "model" not in body and body["anthropic_version"] == ANTHROPIC_VERSION
+        # Claude Code's betas (its anthropic-beta header) reach Vertex AI in the body.
+        assert "claude-code-20250219" in body["anthropic_beta"]

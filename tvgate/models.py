@@ -40,7 +40,9 @@ PROVIDER_ANTHROPIC = "anthropic"
 PROVIDER_OPENAI = "openai"
 #: Azure OpenAI (issue 20): OpenAI's APIs under Azure's endpoints and credentials.
 PROVIDER_AZURE = "azure"
-PROVIDERS = (PROVIDER_ANTHROPIC, PROVIDER_OPENAI, PROVIDER_AZURE)
+#: Claude on Google Vertex AI: a service account's key, the project and region in settings.
+PROVIDER_VERTEX = "vertex"
+PROVIDERS = (PROVIDER_ANTHROPIC, PROVIDER_OPENAI, PROVIDER_AZURE, PROVIDER_VERTEX)
 
 #: Route scopes: visible to the whole org, made by an admin for one user,
 #: made by a user for themselves.

@@ -141,7 +141,7 @@ class BaseHandler(RequestHandler):
     def error_api(self) -> ProviderAPI:
         """Which API's envelope an error on this request should use."""
         if "anthropic-version" in self.request.headers or self.request.path.startswith(
-            ("/anthropic/", "/proxy/anthropic/")
+            ("/anthropic/", "/proxy/anthropic/", "/vertex/")
         ):
             return provider_api(PROVIDER_ANTHROPIC)
         return provider_api(PROVIDER_OPENAI)

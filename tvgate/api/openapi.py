@@ -97,7 +97,14 @@ _KEY_CREATE = {
     "properties": {
         "name": _NAME,
         "provider": {"type": "string", "enum": list(PROVIDERS)},
-        "secret": {"type": "string", "writeOnly": True, "minLength": 1},
+        "secret": {
+            "type": "string",
+            "writeOnly": True,
+            "minLength": 1,
+            "description": "the provider key; a cloud's is a JSON object (azure: "
+            '{"api_key"} or {"tenant_id", "client_id", "client_secret"}; vertex: the service '
+            "account's JSON key file)",
+        },
         "base_url": _STR,
         "owner": _STR,
         "available_to_all": {"type": "boolean"},
@@ -105,8 +112,16 @@ _KEY_CREATE = {
         "chat_only": _CHAT_ONLY,
         "settings": {
             "type": "object",
-            "description": "a cloud key's settings, none secret (Azure OpenAI: style "
-            "deployments|v1, api_version, authority); its secret is a JSON object",
+            "description": "a cloud key's settings, none secret (azure: style "
+            "deployments|v1, api_version, authority; vertex: project, the Google Cloud "
+            "project id, and region: us-east5, europe-west1, global ...)",
+            "properties": {
+                "style": {"type": "string", "enum": ["deployments", "v1"]},
+                "api_version": _STR,
+                "authority": _STR,
+                "project": _STR,
+                "region": _STR,
+            },
         },
     },
     "additionalProperties": False,

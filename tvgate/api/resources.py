@@ -189,7 +189,7 @@ class KeysHandler(APIHandler):
         chat_only = _bool(body, "chat_only")
         settings = body.get("settings")
         if settings is not None and not isinstance(settings, dict):
-            raise APIError(400, "settings must be an object")
+            raise APIError(400, "settings must be an object (a cloud key's project, region ...)")
         gateway = self.gateway
         view = await self.run_service(
             lambda: services.add_key(

@@ -37,15 +37,12 @@ def cmd_keys_add(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cloud_settings(args: argparse.Namespace) -> dict[str, str] | None:
-    """The cloud settings given as flags (Azure OpenAI's), checked by the service."""
+    """The cloud settings given as flags (each cloud's, ``--region`` shared by those with
+    regions), checked by the service."""
     given = {
         name: value
-        for name, value in (
-            ("api_version", args.api_version),
-            ("style", args.style),
-            ("authority", args.authority),
-        )
-        if value is not None
+        for name in ("api_version", "style", "authority", "project", "region")
+        if (value := getattr(args, name)) is not None
     }
     return given or None
 
@@ -64,7 +61,7 @@ def _print_key(view: services.KeyView, done: str, *, as_json: bool) -> None:
             ("  state", "disabled" if view.disabled else "enabled"),
             ("  max calls at once", str(view.max_concurrent or "no cap")),
             ("  upstream APIs", _apis(view)),
-            *((f"  {name}", str(value)) for name, value in shown["settings"].items()),
+            *((f"  {name}", str(value)) for name, value in (view.settings or {}).items()),
             ("  created (UTC)", when(view.created_at)),
         ]
     )
@@ -103,7 +100,8 @@ def cmd_keys_set(settings: Settings, args: argparse.Namespace) -> int:
 def _read_secret() -> str:
     secret = sys.stdin.readline()
     if secret.lstrip().startswith("{") and not sys.stdin.isatty():
-        secret += sys.stdin.read()  # a cloud key's JSON object, which may span lines
+        # A cloud key's JSON object (a service account's key file) may span lines: all of it.
+        secret += sys.stdin.read(64 * 1024)
     secret = secret.strip()
     if not secret:
         raise services.ServiceError("give the key's secret on standard input")
@@ -142,7 +140,11 @@ def _key_row(view: services.KeyView) -> tuple[str, ...]:
 
 def cmd_keys_rotate(settings: Settings, args: argparse.Namespace) -> int:
     view = services.rotate_key(
-        args.name, _read_secret(), build_keyring(settings), org_name=args.org
+        args.name,
+        _read_secret(),
+        build_keyring(settings),
+        org_name=args.org,
+        **settings.upstream_rules,
     )
     _print_key(view, "rotated", as_json=args.json)
     return 0
@@ -221,7 +223,9 @@ def register(commands: Commands) -> None:
     p.add_argument("name")
     p.add_argument("--provider", required=True, choices=list(PROVIDERS))
     p.add_argument(
-        "--base-url", help="where calls go (Azure OpenAI: https://RESOURCE.openai.azure.com)"
+        "--base-url",
+        help="where calls go (Azure OpenAI: https://RESOURCE.openai.azure.com; "
+        "Vertex AI: its region's endpoint by default)",
     )
     p.add_argument("--org")
     p.add_argument("--owner", help="a user's own key (when the org allows user keys)")
@@ -253,6 +257,14 @@ def register(commands: Commands) -> None:
         metavar="URL",
         help="the Entra ID authority tokens are minted at "
         "(default https://login.microsoftonline.com)",
+    )
+    vertex = p.add_argument_group(
+        "Vertex AI (--provider vertex; the secret is the service account's JSON key file)"
+    )
+    vertex.add_argument("--project", help="the Google Cloud project id")
+    clouds = p.add_argument_group("clouds with regions (Vertex AI), one --region for all")
+    clouds.add_argument(
+        "--region", help="the region whose endpoint serves the calls (us-east5, global)"
     )
     p.add_argument("--json", action="store_true", help="JSON for scripts")
     p = command(

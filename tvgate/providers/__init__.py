@@ -8,6 +8,11 @@ proxy looks the module up here, by the client's path (``ENDPOINTS``), by an API'
 name (``api_for``) or by a route's provider (``provider_api``), and asks it; nothing
 outside these modules branches on a provider's name.
 
+A cloud that serves a provider's models (Azure OpenAI: OpenAI's; Google Vertex AI: Claude)
+speaks that provider's API to tvgate's clients (``speaks``): its routes are that
+provider's routes to the proxy and the translators, and what differs on the wire (the URL, the credentials, the body's few
+fields, the error envelope) is its module's in ``tvgate.providers.clouds``.
+
 Errors that tvgate itself raises must look like the API the client speaks, so
 that an SDK surfaces them as it would the provider's own: the Anthropic
 envelope on ``/v1/messages``, the OpenAI envelope on ``/v1/chat/completions``
@@ -17,7 +22,7 @@ only be told in-band, as an event in that API's stream format.
 
 from __future__ import annotations
 
-from tvgate.models import PROVIDER_AZURE, PROVIDER_OPENAI
+from tvgate.models import PROVIDER_ANTHROPIC, PROVIDER_AZURE, PROVIDER_OPENAI, PROVIDER_VERTEX
 from tvgate.providers import anthropic, openai_chat, openai_legacy, openai_responses
 from tvgate.providers.base import (
     ANTHROPIC_COUNT_TOKENS,
@@ -62,11 +67,15 @@ _BY_PROVIDER: dict[str, ProviderAPI] = {
 DEFAULT_BASE_URLS: dict[str, str] = {p: api.default_base_url for p, api in _BY_PROVIDER.items()}
 #: The clouds (issue 20), by the provider whose APIs each serves under its own endpoints
 #: and credentials (``tvgate.providers.clouds``): a route on one speaks that provider's.
-_CLOUD_SPEAKS: dict[str, str] = {PROVIDER_AZURE: PROVIDER_OPENAI}
+_CLOUD_SPEAKS: dict[str, str] = {
+    PROVIDER_AZURE: PROVIDER_OPENAI,
+    PROVIDER_VERTEX: PROVIDER_ANTHROPIC,
+}
 
 
 def speaks(provider: str) -> str:
-    """The provider whose APIs a key of ``provider`` serves (itself, unless a cloud)."""
+    """The provider whose APIs a key of ``provider`` serves: itself, or for a cloud
+    (``azure``, ``vertex``) the provider whose models it serves (``openai``, ``anthropic``)."""
     return _CLOUD_SPEAKS.get(provider, provider)
 
 

@@ -156,8 +156,8 @@ def _top_level(raw: bytes) -> tuple[object, int, bool, int]:
         del document
 
 
-def _document(raw: bytes) -> dict[str, object]:
-    """The body as objects (orjson's); BodyError for one that is not a JSON object."""
+def json_object(raw: bytes) -> dict[str, object]:
+    """The body as a JSON object, parsed by orjson; BodyError (400) for anything else."""
     try:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -169,7 +169,7 @@ def _document(raw: bytes) -> dict[str, object]:
 
 def _top_level_orjson(raw: bytes) -> tuple[object, int, bool, int]:
     """:func:`_top_level` for the rare body simdjson refuses (it may still be valid)."""
-    document = _document(raw)
+    document = json_object(raw)
     # A dict keeps only the last of duplicate members; the json module shows them all.
     # The outermost object is the last one it completes.
     count = 0
@@ -205,7 +205,7 @@ def parse_request_body(raw: bytes, named: str = "") -> ParsedBody:
 
 def _named_model(raw: bytes, model: str) -> bytes:
     """``raw`` with ``model`` as its top level's ``model`` (one, whatever it had)."""
-    document = _document(raw)
+    document = json_object(raw)
     document["model"] = model
     return orjson.dumps(document)
 

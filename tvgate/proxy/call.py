@@ -43,7 +43,7 @@ from tvgate.models import (
 )
 from tvgate.providers import ProviderAPI
 from tvgate.providers.clouds import credentials_for
-from tvgate.providers.clouds.base import CloudCall, CloudError
+from tvgate.providers.clouds.base import CloudError, CloudRequest
 from tvgate.proxy.body import BodyError, ParsedBody, decode_content, parse_request_body, with_model
 from tvgate.proxy.estimate import ESTIMATE_NOTE, answer_estimate
 from tvgate.proxy.hops import incoming_marks, is_loop, outgoing_marks
@@ -180,7 +180,9 @@ class ProxyCall:
             decoded = decode_content(
                 raw_body, headers.get("Content-Encoding"), settings.max_body_bytes
             )
-            self.body = parse_request_body(decoded, self.handler.path_route)
+            self.body = parse_request_body(
+                self.handler.client_body(decoded), self.handler.path_route
+            )
         except BodyError as exc:
             self._fail(exc.status, str(exc), OUTCOME_REJECTED)
             return
@@ -398,17 +400,17 @@ class ProxyCall:
         if cloud is None:
             auth = api.auth_headers(secret) + auth
         else:
-            # A cloud's module says where the call goes and what credential it carries.
+            # The cloud's URL, credentials and body; its answer mapped to the API's.
             try:
-                sent = await cloud.prepare(
-                    CloudCall(entry.key.settings, entry.key.base_url, secret, api,
-                              self.upstream_model, self.body.stream, body, self.scrubber.add,
-                              self.gateway.http, allow_private, settings.connect_timeout)
+                call = await cloud.prepare(
+                    CloudRequest(entry.key, secret, api, self.upstream_model, body,
+                                 request.headers, self.scrubber, self.gateway.http,
+                                 allow_private, settings.connect_timeout)
                 )  # fmt: skip
             except CloudError as exc:
-                log.warning("key %r of org %d: %s", entry.key.name, entry.key.org_id, exc.message)
-                return self._unsent(entry, exc.status, exc.message, may_fall_back)
-            url, auth, body = sent.url, sent.auth + auth, sent.body
+                return self._unprepared(entry, exc, may_fall_back=may_fall_back)
+            url, auth, body = call.url, call.auth + auth, call.body
+            translation = call.answer(api, translation)
         exchange = UpstreamExchange(
             self.gateway.http,
             url,
@@ -468,18 +470,22 @@ class ProxyCall:
         self._complete(result)
         return Answered(elapsed)
 
-    def _unsent(
-        self, entry: RouteEntry, status: int, message: str, may_fall_back: bool
-    ) -> Answered | Failed:
-        """The call could not be sent with the key of ``entry`` (a cloud's token refused):
-        held for a fallback to mend, else told to the client."""
-        message = self.scrubber.text(message)
+    def _unprepared(
+        self, entry: RouteEntry, exc: CloudError, *, may_fall_back: bool
+    ) -> Failed | Answered:
+        """The cloud call of ``entry`` cannot be made (its key unreadable, no token): held
+        for a fallback to mend, else told to the client."""
+        if self.relay.client_gone:
+            self.outcome = self.gone_outcome
+            return _ANSWERED
+        message = self.scrubber.text(exc.message)
+        log.warning("key %r of org %d: %s", entry.key.name, entry.key.org_id, message)
         if may_fall_back:
-            held = HeldAnswer(status, [], [], (message, OUTCOME_UPSTREAM_ERROR))
+            held = HeldAnswer(exc.status, [], [], (message, OUTCOME_UPSTREAM_ERROR))
             return Failed(
-                entry, self.upstream_model, status, OUTCOME_UPSTREAM_ERROR, message, 0, held
+                entry, self.upstream_model, exc.status, OUTCOME_UPSTREAM_ERROR, message, 0.0, held
             )
-        self._fail(status, message, OUTCOME_UPSTREAM_ERROR)
+        self._fail(exc.status, message, OUTCOME_UPSTREAM_ERROR)
         return _ANSWERED
 
     def _budget_warnings(self) -> list[str]:

@@ -45,7 +45,8 @@ class ProxyHandler(BaseHandler):
         self._size = 0
         self._too_large = False
         self._sent: Future[None] | None = None
-        #: The route an Azure OpenAI path names (``/openai/deployments/{route}/…``), or "".
+        #: The route an Azure OpenAI path (``/openai/deployments/{route}/…``) or a Vertex AI
+        #: one (``…/models/{route}:rawPredict``, ``tvgate.proxy.vertex_mode``) names, or "".
         self.path_route = ""
 
     @property
@@ -101,6 +102,12 @@ class ProxyHandler(BaseHandler):
             # The call refers to this handler: drop the reference back so that both are
             # freed when the request ends, not by the cyclic garbage collector.
             self.call = None
+
+    def client_body(self, decoded: bytes) -> bytes:
+        """The request body (its Content-Encoding undone) as the endpoint's API has it: as
+        it came, unless a path of another shape carries the call (``tvgate.proxy.vertex_mode``);
+        raises ``BodyError``."""
+        return decoded
 
     def finish(self, chunk: str | bytes | dict[str, Any] | None = None) -> Future[None]:
         # Keep the future that resolves once the response has been written to the socket.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ from tvgate.models import (
 )
 from tvgate.providers import DEFAULT_BASE_URLS
 from tvgate.providers.clouds import credentials_for
+from tvgate.providers.clouds.base import CheckedKey
 from tvgate.rows import fields_of, from_row
 from tvgate.services.access import (
     Forbidden,
@@ -72,17 +73,16 @@ class KeyView:
     last_used_at: float | None
     max_concurrent: int = 0
     chat_only: bool = False
-    #: A cloud key's settings (none of them secret), the JSON object text stored.
-    settings: str = "{}"
+    #: A cloud key's settings (an API version, a project, a region ...): none of them secret.
+    settings: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, key: ProviderKey) -> KeyView:
-        return from_row(cls, key, owner=key.owner.email if key.owner is not None else None)
+        owner = key.owner.email if key.owner is not None else None
+        return from_row(cls, key, owner=owner, settings=orjson.loads(key.settings or "{}"))
 
     def as_dict(self) -> dict[str, Any]:
-        return fields_of(
-            self, fingerprint="…" + self.fingerprint, settings=orjson.loads(self.settings or "{}")
-        )
+        return fields_of(self, fingerprint="…" + self.fingerprint, settings=self.settings or {})
 
 
 def add_key(
@@ -105,9 +105,11 @@ def add_key(
 ) -> KeyView:
     """Store a provider key encrypted; only ciphertext and fingerprint reach the database.
 
-    A cloud key (Azure OpenAI) has ``settings`` of its own (none secret: an API version, an
-    endpoint style), its endpoint as the base URL and a JSON object as its secret, each
-    checked by the cloud's credential module (``tvgate.providers.clouds``).
+    A cloud key (Azure OpenAI, Vertex AI) has ``settings`` of its own (none secret: an API
+    version, an endpoint style, a project and region), its endpoint as the base URL (Vertex
+    AI's region's by default) and a JSON object as its secret (Vertex AI's: a service
+    account's key file), each checked by the cloud's credential module
+    (``tvgate.providers.clouds``).
 
     An admin adds org keys; a user adds a private key of their own when the org allows it.
     ``max_concurrent`` caps the calls open on the key at once, across every gateway
@@ -134,22 +136,13 @@ def add_key(
     _check_name(name, "a key")
     max_concurrent = _check_max_concurrent(max_concurrent)
     chat_only = _check_chat_only(chat_only, provider)
-    stored, base_url, setting_urls = _check_settings(provider, settings, base_url)
-    secret, shown = _check_cloud_secret(provider, secret)
-
-    def checked_url(url: str) -> str:
-        return _key_base_url(
-            url,
-            own=owner is not None,
-            allow_private=allow_private,
-            allow_private_user=allow_private_user,
-            gateway_urls=gateway_urls,
-            refused=lambda error: _refuse_base_url(actor, org.id, "add key", name, error),
-        )
-
-    url = checked_url(base_url or DEFAULT_BASE_URLS[provider])
-    for setting_url in setting_urls:
-        checked_url(setting_url)  # where a cloud's token is minted: a base URL's rules
+    checked = _checked_key(provider, settings, secret, base_url)
+    checked_url = _url_checker(
+        actor, org.id, "add key", name, owner is not None,
+        allow_private, allow_private_user, gateway_urls,
+    )  # fmt: skip
+    url = checked_url(checked.base_url)
+    _check_secret_urls(checked, checked_url)
     with database.atomic():
         if ProviderKey.get_or_none((ProviderKey.org == org) & (ProviderKey.name == name)):
             raise ServiceError(f"a key named {name!r} already exists in org {org.name!r}", 409)
@@ -159,13 +152,13 @@ def add_key(
             provider=provider,
             base_url=url,
             ciphertext="",
-            fingerprint=fingerprint(shown),
+            fingerprint=fingerprint(checked.shown),
             owner=owner,
             available_to_all=available_to_all if owner is None else False,
             created_by=actor.user_id if actor else None,
             max_concurrent=max_concurrent,
             chat_only=chat_only,
-            settings=stored,
+            settings=orjson.dumps(checked.settings).decode(),
         )
         # The id (and owner) are part of the encryption context, so encrypt once the row exists.
         key.ciphertext = keyring.encrypt(secret, KeyContext(org.id, key.id, key.owner_id))
@@ -181,11 +174,71 @@ def add_key(
                 "owner": owner_email,
                 "max_concurrent": max_concurrent,
                 "chat_only": chat_only,
-                **({"settings": orjson.loads(stored)} if settings else {}),
+                **({"settings": checked.settings} if checked.settings else {}),
             },
         )
     announce(org.id)
     return KeyView.of(key)
+
+
+def _checked_key(provider: str, settings: Any, secret: Any, base_url: str | None) -> CheckedKey:
+    """A key's settings, secret and base URL as stored: a cloud's as its credential module
+    checks them (``tvgate.providers.clouds``), any other's secret one word, its base URL the
+    provider's by default, and no settings."""
+    if settings is not None and not isinstance(settings, dict):
+        raise ServiceError("settings must be an object")
+    if not isinstance(secret, str):
+        raise ServiceError("the key's secret must be a string")
+    cloud = credentials_for(provider)
+    if cloud is None:
+        if settings:
+            raise ServiceError(f"a key of provider {provider} has no settings")
+        secret = _check_secret(secret)
+        return CheckedKey({}, secret, secret, base_url or DEFAULT_BASE_URLS[provider])
+    if len(orjson.dumps(settings or {})) > _SETTINGS_LIMIT:
+        raise ServiceError(f"settings must be under {_SETTINGS_LIMIT} bytes as JSON")
+    if len(secret) > _SECRET_LIMIT:
+        raise ServiceError(f"the key's secret must be under {_SECRET_LIMIT} characters")
+    try:
+        return cloud.check_key(settings or {}, secret, base_url)
+    except ValueError as exc:
+        raise ServiceError(str(exc)) from None
+
+
+def _url_checker(
+    actor: Principal | None,
+    org_id: int,
+    action: str,
+    name: str,
+    own: bool,
+    allow_private: bool,
+    allow_private_user: bool,
+    gateway_urls: Collection[str],
+) -> Callable[[str], str]:
+    """The checks a key's base URL (and any other URL its secret goes to) passes, for
+    ``action`` on key ``name``: the URL as stored, or the refusal audited and raised."""
+
+    def checked_url(url: str) -> str:
+        return _key_base_url(
+            url,
+            own=own,
+            allow_private=allow_private,
+            allow_private_user=allow_private_user,
+            gateway_urls=gateway_urls,
+            refused=lambda error: _refuse_base_url(actor, org_id, action, name, error),
+        )
+
+    return checked_url
+
+
+def _check_secret_urls(checked: CheckedKey, checked_url: Callable[[str], str]) -> None:
+    """The URLs a cloud key's secret is sent to besides its base URL (a token endpoint)
+    pass the checks a base URL does (``checked_url``)."""
+    for url in checked.secret_urls:
+        try:
+            checked_url(url)
+        except ServiceError as exc:
+            raise ServiceError(f"the key's token endpoint is refused: {exc}") from None
 
 
 def _own_user(actor: Principal, email: str | None, action: str, target: str) -> User:
@@ -321,14 +374,10 @@ def update_key(
             raise _deny(actor, "update key", name, error)
         if not isinstance(base_url, str):
             raise ServiceError("base_url must be a string")
-        url = _key_base_url(
-            base_url,
-            own=key.owner_id is not None,
-            allow_private=allow_private,
-            allow_private_user=allow_private_user,
-            gateway_urls=gateway_urls,
-            refused=lambda error: _refuse_base_url(actor, key.org_id, "update key", name, error),
-        )
+        url = _url_checker(
+            actor, key.org_id, "update key", name, key.owner_id is not None,
+            allow_private, allow_private_user, gateway_urls,
+        )(base_url)  # fmt: skip
         if key.base_url != url:
             changes["base_url"] = url
     if available_to_all is not None:
@@ -380,42 +429,8 @@ def record_key_uses(used: dict[int, float]) -> None:
 
 #: The most a cloud key's settings object may hold, as JSON text.
 _SETTINGS_LIMIT = 4096
-
-
-def _check_settings(
-    provider: str, settings: Any, base_url: str | None
-) -> tuple[str, str | None, list[str]]:
-    """A key's settings as stored (JSON object text), its base URL, and the URLs among the
-    settings that must pass the base URL rules; only a cloud's key has settings."""
-    if settings is not None and not isinstance(settings, dict):
-        raise ServiceError("settings must be an object")
-    cloud = credentials_for(provider)
-    if cloud is None:
-        if settings:
-            raise ServiceError(f"a key of provider {provider} has no settings")
-        return "{}", base_url, []
-    if len(orjson.dumps(settings or {})) > _SETTINGS_LIMIT:
-        raise ServiceError(f"settings must be under {_SETTINGS_LIMIT} bytes as JSON")
-    try:
-        checked, url, urls = cloud.check_settings(settings or {}, base_url)
-    except ValueError as exc:
-        raise ServiceError(str(exc)) from None
-    return orjson.dumps(checked).decode(), url, urls
-
-
-def _check_cloud_secret(provider: str, secret: str) -> tuple[str, str]:
-    """The secret to store and the part its fingerprint shows: a cloud's JSON object, as
-    its credential module reads it, or a provider key (one line without spaces)."""
-    cloud = credentials_for(provider)
-    if cloud is None:
-        secret = _check_secret(secret)
-        return secret, secret
-    if len(secret) > _SETTINGS_LIMIT:
-        raise ServiceError(f"the key's secret must be under {_SETTINGS_LIMIT} characters")
-    try:
-        return cloud.check_secret(secret)
-    except ValueError as exc:
-        raise ServiceError(str(exc)) from None
+#: A cloud key's secret at most (a service account's key file is about 2.3 KB).
+_SECRET_LIMIT = 16 * 1024
 
 
 def _check_secret(secret: str) -> str:
@@ -459,16 +474,29 @@ def rotate_key(
     keyring: Keyring,
     *,
     org_name: str | None = None,
+    allow_private: bool = False,
+    allow_private_user: bool = False,
+    gateway_urls: Collection[str] = (),
     actor: Principal | None = None,
 ) -> KeyView:
     """Replace a key's secret. The row (and so its id and routes) stays; requests already
-    under way finish with the old secret, later ones get the new one."""
+    under way finish with the old secret, later ones get the new one. A cloud key's new
+    secret is checked by its cloud, with the key's settings (the private-upstream settings
+    as ``add_key`` has them)."""
     key = _key_for(name, org_name, actor, owner_only=True)
-    secret, shown = _check_cloud_secret(key.provider, secret)
+    checked = _checked_key(key.provider, orjson.loads(key.settings or "{}"), secret, key.base_url)
+    _check_secret_urls(
+        checked,
+        _url_checker(
+            actor, key.org_id, "rotate key", name, key.owner_id is not None,
+            allow_private, allow_private_user, gateway_urls,
+        ),
+    )  # fmt: skip
+    secret = checked.secret
     ciphertext = keyring.encrypt(secret, KeyContext(key.org_id, key.id, key.owner_id))
     updated = (
         ProviderKey.update(
-            ciphertext=ciphertext, fingerprint=fingerprint(shown), updated_at=time.time()
+            ciphertext=ciphertext, fingerprint=fingerprint(checked.shown), updated_at=time.time()
         )
         .where(ProviderKey.id == key.id)
         .execute()

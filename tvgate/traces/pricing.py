@@ -2,7 +2,8 @@
 
 Prices are USD per million tokens. The default table (rows with no org) is the
 operator's; an org's admins set their own org's prices, which win over the default
-for that org's calls. Anthropic reports input tokens without the cached ones;
+for that org's calls. A cloud's id of a model (Vertex AI's ``claude-…@date``) is priced
+as the model's own name (``price_name``) is, unless a more specific price names the id. Anthropic reports input tokens without the cached ones;
 OpenAI's prompt tokens include them; ``cost`` takes each provider's way of counting
 into account.
 """
@@ -57,6 +58,12 @@ def seed_prices() -> None:
             )
 
 
+def price_name(model: str) -> str:
+    """A cloud's id of a model as the price table names it (the model's own name): Vertex
+    AI's ``claude-sonnet-4-5@20250929`` is ``claude-sonnet-4-5-20250929``."""
+    return model.replace("@", "-", 1)
+
+
 @dataclass(frozen=True, slots=True)
 class Price:
     model: str
@@ -83,7 +90,16 @@ class _Patterns:
         # A table lives seconds (cache_ttl) and sees few distinct models: match each once.
         if model in self._found:
             return self._found[model]
-        found = next((price for pattern, price in self._compiled if pattern.match(model)), None)
+        # The most specific pattern that matches the model's id or its own name.
+        name = price_name(model)
+        found = next(
+            (
+                price
+                for pattern, price in self._compiled
+                if pattern.match(model) or pattern.match(name)
+            ),
+            None,
+        )
         if len(self._found) < 1000:
             self._found[model] = found
         return found

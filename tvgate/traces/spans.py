@@ -23,6 +23,7 @@ from tvgate.providers import (
     OPENAI_COMPLETIONS,
     OPENAI_EMBEDDINGS,
     OPENAI_RESPONSES,
+    speaks,
 )
 from tvgate.traces.rows import TraceRow
 
@@ -76,7 +77,7 @@ def span_attributes(row: TraceRow) -> dict[str, Any]:
     cache_read = int(row.get("cache_read_tokens") or 0)
     cache_write = int(row.get("cache_write_tokens") or 0)
     input_tokens = int(row.get("input_tokens") or 0)
-    if row.get("provider") == PROVIDER_ANTHROPIC:
+    if speaks(row.get("provider") or "") == PROVIDER_ANTHROPIC:
         input_tokens += cache_read + cache_write
     attributes: dict[str, Any] = {
         "gen_ai.operation.name": OPERATIONS.get(row.get("endpoint", ""), "chat"),

@@ -342,8 +342,9 @@ _PAIRS: dict[tuple[str, str], Pair] = {
 def route_speaks(client: ProviderAPI, provider: str, *, chat_only: bool = False) -> str | None:
     """What a route whose key is of ``provider`` (``chat_only``: on a Chat-only upstream)
     speaks to a ``client`` of another API, a pair's second name; None when it speaks the
-    client's own (passthrough, no translation code). A cloud speaks the API of the provider
-    whose models it serves (Azure OpenAI: OpenAI's)."""
+    client's own (passthrough, no translation code). A cloud's key speaks the API of the
+    provider whose models it serves (``tvgate.providers.speaks``: Azure OpenAI, OpenAI's;
+    Vertex AI, Anthropic's)."""
     provider = speaks(provider)
     if provider != client.provider:
         return provider

@@ -1,22 +1,25 @@
-"""The clouds that sell the providers' models under their own endpoints and credentials:
-Azure OpenAI (and, beside it, Bedrock and Vertex AI; issue 20).
+"""The clouds that serve a provider's models under their own endpoints and credentials
+(issue 20): Azure OpenAI (OpenAI's APIs) and Google Vertex AI (Claude).
 
-A key whose provider is a cloud is sent by that cloud's credential module, which answers
-for one call the upstream URL and the auth headers (``base.CloudCredentials``); the proxy
-asks :func:`credentials_for` the key's provider, and uses the provider API module's own
-``auth_headers`` and URL when it answers None.
+A key whose provider is a cloud is checked when stored and sent by that cloud's credential
+module (``base.CloudCredentials``), which answers for one call the upstream URL, the auth
+headers and the body the cloud takes; the proxy asks :func:`credentials_for` the key's
+provider, and uses the provider API module's own ``auth_headers`` and URL when it answers
+None (Anthropic, OpenAI). A cloud adds its one entry to ``_CLOUDS``.
 """
 
 from __future__ import annotations
 
-from tvgate.providers.clouds import azure
+from tvgate.models import PROVIDER_AZURE, PROVIDER_VERTEX
+from tvgate.providers.clouds import azure, vertex
 from tvgate.providers.clouds.base import CloudCredentials
 
 _CLOUDS: dict[str, CloudCredentials] = {
-    azure.PROVIDER: azure.CREDENTIALS,
+    PROVIDER_AZURE: azure.CREDENTIALS,
+    PROVIDER_VERTEX: vertex.CREDENTIALS,
 }
 
 
 def credentials_for(provider: str) -> CloudCredentials | None:
-    """The credential module of the cloud ``provider`` (None: not a cloud)."""
+    """The credential module of ``provider``'s keys (None: not a cloud)."""
     return _CLOUDS.get(provider)

@@ -37,7 +37,7 @@ from urllib.parse import quote, urlencode
 import orjson
 from tornado.httputil import HTTPHeaders
 
-from tvgate.providers.clouds.base import CloudCall, CloudError, CloudRequest
+from tvgate.providers.clouds.base import CheckedKey, CloudCall, CloudError, CloudRequest
 from tvgate.proxy.upstream import UpstreamExchange, url_host
 
 PROVIDER = "azure"
@@ -134,9 +134,7 @@ class AzureCredentials:
         #: Mints under way: calls that need the same token wait for the one request.
         self._minting: dict[tuple[str, str, str, str], asyncio.Future[_Token]] = {}
 
-    def check_settings(
-        self, settings: dict[str, Any], base_url: str | None
-    ) -> tuple[dict[str, Any], str, list[str]]:
+    def check_key(self, settings: dict[str, Any], secret: str, base_url: str | None) -> CheckedKey:
         unknown = sorted(set(settings) - _SETTINGS)
         if unknown:
             raise ValueError(
@@ -157,13 +155,13 @@ class AzureCredentials:
         checked: dict[str, Any] = {"style": style}
         if version:
             checked["api_version"] = version
-        urls: list[str] = []
+        urls: tuple[str, ...] = ()
         authority = settings.get("authority")
         if authority is not None:
             if not isinstance(authority, str) or not authority or len(authority) > 500:
                 raise ValueError("authority must be the Entra ID authority's URL")
             checked["authority"] = authority.rstrip("/")
-            urls.append(checked["authority"])
+            urls = (checked["authority"],)
         if not base_url:
             raise ValueError(
                 "an Azure OpenAI key needs its resource's endpoint as the base URL "
@@ -173,30 +171,29 @@ class AzureCredentials:
         endpoint = base_url.rstrip("/")
         for suffix in ("/openai/v1", "/openai"):
             endpoint = endpoint.removesuffix(suffix)
-        return checked, endpoint, urls
-
-    def check_secret(self, secret: str) -> tuple[str, str]:
         fields = _secret_fields(secret.strip())
         shown = fields.get("api_key") or fields["client_secret"]
-        return orjson.dumps(fields).decode(), shown
+        return CheckedKey(checked, orjson.dumps(fields).decode(), shown, endpoint, urls)
 
-    async def prepare(self, call: CloudCall) -> CloudRequest:
+    async def prepare(self, request: CloudRequest) -> CloudCall:
         try:
-            fields = _secret_fields(call.secret)
+            fields = _secret_fields(request.secret)
         except ValueError as exc:
             raise CloudError(502, f"the key cannot be used: {exc}; ask an admin") from None
         for value in fields.values():
-            call.scrub(value)
-        settings = _settings(call.settings)
+            request.scrubber.add(value)
+        settings = _settings(request.key.settings)
         if "api_key" in fields:
             auth = [("api-key", fields["api_key"])]
         else:
-            token = await self._token(call, fields, settings.get("authority") or DEFAULT_AUTHORITY)
-            call.scrub(token)
+            token = await self._token(
+                request, fields, settings.get("authority") or DEFAULT_AUTHORITY
+            )
+            request.scrubber.add(token)
             auth = [("Authorization", "Bearer " + token)]
-        return CloudRequest(_url(call, settings), auth, call.body)
+        return CloudCall(_url(request, settings), auth, request.body)
 
-    async def _token(self, call: CloudCall, fields: dict[str, str], authority: str) -> str:
+    async def _token(self, request: CloudRequest, fields: dict[str, str], authority: str) -> str:
         digest = hashlib.sha256(fields["client_secret"].encode()).hexdigest()
         cache_key = (authority, fields["tenant_id"], fields["client_id"], digest)
         token = self._tokens.get(cache_key)
@@ -204,7 +201,7 @@ class AzureCredentials:
             return token.value
         minting = self._minting.get(cache_key)
         if minting is None:
-            minting = asyncio.ensure_future(self._mint(call, fields, authority))
+            minting = asyncio.ensure_future(self._mint(request, fields, authority))
             self._minting[cache_key] = minting
             try:
                 token = await minting
@@ -216,7 +213,7 @@ class AzureCredentials:
             return token.value
         return (await asyncio.shield(minting)).value
 
-    async def _mint(self, call: CloudCall, fields: dict[str, str], authority: str) -> _Token:
+    async def _mint(self, request: CloudRequest, fields: dict[str, str], authority: str) -> _Token:
         url = f"{authority}/{quote(fields['tenant_id'], safe='')}/oauth2/v2.0/token"
         form = urlencode(
             {
@@ -231,14 +228,14 @@ class AzureCredentials:
             {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
         )
         exchange = UpstreamExchange(
-            call.http,
+            request.http,
             url,
             headers,
             form,
             answer,
-            connect_timeout=call.connect_timeout,
+            connect_timeout=request.connect_timeout,
             idle_timeout=_TOKEN_TIMEOUT,
-            allow_private=call.allow_private,
+            allow_private=request.allow_private,
         )
         result = await exchange.run()
         where = url_host(url)
@@ -281,16 +278,16 @@ def _refusal(where: str, status: int, obj: dict[str, Any]) -> str:
     )
 
 
-def _url(call: CloudCall, settings: dict[str, Any]) -> str:
+def _url(request: CloudRequest, settings: dict[str, Any]) -> str:
     """The call's URL on the resource (see the module docstring)."""
-    base, path = call.base_url.rstrip("/"), call.api.upstream_path
+    base, path = request.key.base_url.rstrip("/"), request.api.upstream_path
     version = settings.get("api_version", "")
     if settings.get("style") == "v1":
         url = f"{base}/openai/v1{path}"
     elif path == "/responses":
         url = f"{base}/openai/responses"
     else:
-        url = f"{base}/openai/deployments/{quote(call.model, safe='')}{path}"
+        url = f"{base}/openai/deployments/{quote(request.upstream_model, safe='')}{path}"
     return f"{url}?{urlencode({'api-version': version})}" if version else url
 
 
