@@ -110,6 +110,38 @@ def test_single_tenant_org_is_pinned_and_role_comes_from_auth_me(
     assert tenant.calls["orgs"] >= 1  # asked, answered 404, and the pinned org was taken
 
 
+def test_without_a_pinned_org_the_one_org_connected_to_this_server_is_taken(
+    gateway: GatewayProcess, tenant: FakeVisdom
+) -> None:
+    """No TVGATE_PINNED_ORG: the org whose ingestion is connected to the gateway's
+    TVGATE_VISDOM_URL, when there is exactly one; none or two of them, the 403."""
+
+    def connect(org: str) -> None:
+        done = gw.cli(
+            "visdom", "connect", "--org", org, "--url", tenant.url + "/", "--key-stdin",
+            stdin="tvk_" + "k" * 32 + "\n",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+    with beside(gateway, **visdom_env(tenant.url)) as gw:
+        alone = call(gw, tenant.mint(tracing_user(tenant, "unpinned", "tracing")))
+        assert alone.status_code == 403, alone.text
+        assert "TVGATE_PINNED_ORG" in alone.json()["error"]["message"]
+        try:
+            connect("acme")
+            person = tracing_user(tenant, "unpinned", "tracing")
+            response = call(gw, tenant.mint(person))
+            assert response.status_code == 200, response.text
+            gw.bind()
+            assert User.get(User.external_id == person.user_id).org.name == "acme"
+            connect("other")
+            two = call(gw, tenant.mint(tracing_user(tenant, "unpinned", "tracing")))
+            assert two.status_code == 403, two.text
+        finally:
+            for org in ("acme", "other"):
+                gw.cli("visdom", "disconnect", "--org", org)
+
+
 def test_null_name_is_an_empty_name(stgate: GatewayProcess, tenant: FakeVisdom) -> None:
     person = tracing_user(tenant, "noname", "tracing", name=None)
     assert call(stgate, tenant.mint(person)).status_code == 200

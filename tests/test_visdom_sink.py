@@ -326,6 +326,30 @@ def test_two_gateways_push_each_event_once(
         assert sent == len(ingest.received)
 
 
+def test_two_workers_of_one_gateway_push_each_event_exactly_once(
+    seeded: tuple[str, Path, dict[str, str]], ingest: FakeVisdomIngest
+) -> None:
+    """``TVGATE_WORKERS=2``: both worker processes run a pusher over the one outbox (the
+    lease decides which pushes); calls on connections of their own spread over both."""
+    url, data_dir, tokens = seeded
+    with launch_gateway(url, data_dir, tokens, TVGATE_WORKERS="2", **PUSH) as gw:
+        connect(gw, ingest)
+        sessions = [f"cc-workers-{i}" for i in range(6)]
+        answers = {
+            sid: claude_session(gw, sid, f"prompt {i}", **{"x-tracevault-repo": REPO})
+            for i, sid in enumerate(sessions)
+        }
+        wait_for(ended(ingest, *sessions), 60, lambda: str(status(gw)))
+        wait_for(lambda: status(gw)["pending"] == 0, 60, lambda: str(status(gw)))
+    assert_clean(ingest)
+    with ingest.lock:
+        bodies = [orjson.dumps(e, option=orjson.OPT_SORT_KEYS) for _p, _h, e in ingest.received]
+    assert len(bodies) == len(set(bodies)), "an event was delivered twice"
+    for i, sid in enumerate(sessions):
+        assert_claude_session(ingest.session(sid), answers[sid], f"prompt {i}")
+        assert sorted(ingest.session(sid).chunks) == [0, 1, 2, 3]
+
+
 def test_without_body_capture_lines_carry_ids_models_and_usage_only(
     seeded: tuple[str, Path, dict[str, str]], ingest: FakeVisdomIngest
 ) -> None:

@@ -48,6 +48,7 @@ from tvgate.metrics import Metrics
 from tvgate.proxy.curl_client import UpstreamCurlClient
 from tvgate.proxy.hops import deployment_id
 from tvgate.routing import OrgSnapshot, Router, snapshot_key_refs
+from tvgate.services.visdom import tenant_org_of
 from tvgate.traces.client import WriterClient, WriterConfig
 from tvgate.traces.retention import purge_all
 from tvgate.traces.sink import PushSink
@@ -226,7 +227,12 @@ class Gateway:
         # and never buffers a body, so it takes no max_body_size.
         http = UpstreamCurlClient(max_clients=settings.max_clients, force_instance=True)
         visdom = (
-            VisdomClient(settings.visdom_url, tenant_org=settings.pinned_org)
+            VisdomClient(
+                settings.visdom_url,
+                tenant_org=settings.pinned_org,
+                # Without a pinned org: the one org connected to this server's ingestion.
+                tenant_lookup=lambda: runner.run(lambda: tenant_org_of(settings.visdom_url)),
+            )
             if settings.visdom_url
             else None
         )

@@ -8,7 +8,9 @@ reached, a cached answer keeps serving until its TTL; after that the request
 gets a 503, never a 401: an outage must not look like a revoked sign-in.
 
 A single-tenant server (today's) has no ``/me/orgs`` (404): its people act in
-the operator's pinned org, with the role ``/auth/me`` gives (``tracing-admin``
+the operator's pinned org, or without one in the one tvgate org connected to this
+server's ingestion (``tvgate visdom connect --url`` the gateway's TVGATE_VISDOM_URL),
+with the role ``/auth/me`` gives (``tracing-admin``
 → admin, ``tracing`` → member), and ``/auth/me`` answering 403 (no tracing
 role) is a 403 with Visdom Trace's message. Its credentials are Keycloak access
 tokens, checked against the issuer it names first (``tvgate.identity.oidc``):
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
@@ -83,12 +86,20 @@ class _Cached:
 
 class VisdomClient:
     """The calls tvgate makes to Visdom Trace. ``tenant_org`` is the tvgate org a
-    single-tenant server's people act in (the pinned org); empty: none is set."""
+    single-tenant server's people act in (the pinned org); empty: ``tenant_lookup``
+    names it (the one org connected to this server; "" for none or several)."""
 
-    def __init__(self, base_url: str, timeout: float = 5.0, tenant_org: str = "") -> None:
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float = 5.0,
+        tenant_org: str = "",
+        tenant_lookup: Callable[[], Awaitable[str]] | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.tenant_org = tenant_org
+        self.tenant_lookup = tenant_lookup
         self.http = bounded_client()
 
     async def _call(
@@ -134,22 +145,28 @@ class VisdomClient:
         except orjson.JSONDecodeError:
             raise IdentityUnavailable("Visdom Trace sent an answer tvgate cannot read") from None
 
-    def _tenant(self, me: dict[str, Any]) -> tuple[Membership, ...]:
-        """A single-tenant server's one membership: the pinned org, ``/auth/me``'s role."""
-        if not self.tenant_org:
+    async def _tenant(self, me: dict[str, Any]) -> tuple[Membership, ...]:
+        """A single-tenant server's one membership: the pinned org (else the one org
+        connected to this server), ``/auth/me``'s role."""
+        org = self.tenant_org
+        if not org and self.tenant_lookup is not None:
+            org = await self.tenant_lookup()
+        if not org:
             raise OrgSelectionError(
-                "this Visdom Trace server has a single tenant (no /api/v1/me/orgs); the "
-                "operator sets TVGATE_PINNED_ORG to the tvgate org its people act in"
+                "this Visdom Trace server has a single tenant (no /api/v1/me/orgs) and "
+                "no one tvgate org is connected to it; the operator sets "
+                "TVGATE_PINNED_ORG to the tvgate org its people act in"
             )
-        return (Membership(self.tenant_org, None, "", _tenant_role(me.get("role"))),)
+        return (Membership(org, None, "", _tenant_role(me.get("role"))),)
 
     async def identity(self, token: str) -> OutsideIdentity:
         me = await self._json("/api/v1/auth/me", token)
         orgs = await self._json("/api/v1/me/orgs", token, gone=True)
+        tenant = await self._tenant(me) if orgs is None and isinstance(me, dict) else None
         try:
             memberships = (
-                self._tenant(me)
-                if orgs is None
+                tenant
+                if tenant is not None
                 else tuple(
                     Membership(
                         org_name=str(o["org_name"]),

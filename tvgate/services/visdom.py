@@ -17,7 +17,7 @@ from typing import Any
 
 from tvgate.identity import Principal
 from tvgate.keyring import SEALED_VISDOM_INGEST, KeyContext, Keyring, fingerprint
-from tvgate.models import VisdomEvent, VisdomSession, VisdomSink, database
+from tvgate.models import Org, VisdomEvent, VisdomSession, VisdomSink, database
 from tvgate.rows import fields_of
 from tvgate.services.access import NotFound, ServiceError, _admin_org, audit
 from tvgate.services.upstreams import check_base_url
@@ -27,6 +27,7 @@ __all__ = [
     "connect_visdom",
     "disconnect_visdom",
     "ingest_context",
+    "tenant_org_of",
     "visdom_status",
 ]
 
@@ -39,6 +40,20 @@ PARKED_SHOWN = 20
 def ingest_context(org_id: int) -> KeyContext:
     """What an org's ingest key ciphertext is bound to."""
     return KeyContext(org_id, org_id, None, SEALED_VISDOM_INGEST)
+
+
+def tenant_org_of(url: str) -> str:
+    """The tvgate org a single-tenant Visdom Trace server's people act in when no org is
+    pinned: the one org whose ingestion is connected to ``url``; "" for none or several
+    (which of them would be a guess)."""
+    names = [
+        org.name
+        for org in Org.select(Org.name)
+        .join(VisdomSink, on=VisdomSink.org_id == Org.id)
+        .where(VisdomSink.url == url.rstrip("/"))
+        .limit(2)
+    ]
+    return names[0] if len(names) == 1 else ""
 
 
 @dataclass(frozen=True, slots=True)

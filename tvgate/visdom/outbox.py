@@ -8,7 +8,11 @@ state (``VisdomSession``: transcript offset, open tool uses, totals) and moves t
 cursor. So a restart, a crash or another process taking the lease over resumes exactly
 where the last commit left: an event is never made twice (its chunk offsets and uuid
 are fixed in the outbox) and never skipped. The cursor follows ``written_at`` with a
-short lag for other processes' transactions still committing (as tvgate.traces.sink).
+short lag for other processes' transactions still committing (as tvgate.traces.sink),
+and a call is read no sooner than ``HOLD`` seconds after it ended: the worker processes
+and gateways each write their own traces, so a session's next call (served by another
+process) can be written before the call before it; read first, it would put its turn
+ahead of the earlier one in the transcript.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ from tvgate.visdom.lines import cwd_of
 
 #: Traces written less than this long ago wait: another process may still be committing.
 LAG = 2.0
+#: Seconds after a call ends before it is made into events: more than LAG and the time
+#: a writer takes to write a trace, so that the calls before it in its session (ended
+#: earlier, written perhaps later, by another process's writer) are read with it or first.
+HOLD = LAG + 3.0
 LEASE = 30.0
 #: Traces turned into events per transaction.
 PLAN_BATCH = 100
@@ -98,6 +106,19 @@ def _record(trace: Trace, store: BlobStore) -> CallRecord:
     )
 
 
+def _held_from(traces: list[Trace], now: float) -> int:
+    """Where the traces that wait start: at the first call that ended less than HOLD ago
+    (another process's writer may not have written the call before it in its session
+    yet), back to the start of its writer's batch (one ``written_at``: a batch is read
+    whole, then in the order of the calls, never split by the order of its ids)."""
+    for index, trace in enumerate(traces):
+        if (trace.finished_at or trace.received_at) >= now - HOLD:
+            while index > 0 and traces[index - 1].written_at == trace.written_at:
+                index -= 1
+            return index
+    return len(traces)
+
+
 def plan(org_id: int, holder: str, now: float, idle_timeout: float) -> int:
     """Make the events of the org's next traces and the ``session_end`` of its idle
     sessions, in one transaction; the number of traces read (PLAN_BATCH: maybe more)."""
@@ -115,6 +136,7 @@ def plan(org_id: int, holder: str, now: float, idle_timeout: float) -> int:
         .order_by(Trace.written_at, Trace.id)
         .limit(PLAN_BATCH)
     )
+    del traces[_held_from(traces, now) :]
     store = BlobStore(org_id)
     records = [(trace, _record(trace, store)) for trace in traces]
     with database.atomic():
