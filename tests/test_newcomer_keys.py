@@ -509,6 +509,12 @@ def _valid_bodies(gw: GatewayProcess, fake: FakeProvider) -> dict[tuple[str, str
             f"/prices/nk-model-{_hex()}",
             {"input_per_mtok": 1, "output_per_mtok": 2},
         ),
+        # Nothing listens on port 9: the pusher's sends fail and are retried, harmlessly,
+        # until the test disconnects the org again.
+        ("put", "/api/v1/visdom"): (
+            "/visdom",
+            {"url": "http://127.0.0.1:9", "key": "tvk_" + uuid.uuid4().hex * 2},
+        ),
     }
 
 
@@ -541,6 +547,7 @@ def test_every_write_endpoint_refuses_an_unknown_field(
                 )
                 assert missing.status_code == 400, (method, path, name, missing.text)
                 assert name in missing.json()["error"]["message"], (method, path, name)
+        assert admin.delete("/visdom").status_code == 200
 
 
 # --- 22.6: last used ---
