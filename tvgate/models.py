@@ -38,7 +38,8 @@ OUTCOMES = (
 
 PROVIDER_ANTHROPIC = "anthropic"
 PROVIDER_OPENAI = "openai"
-PROVIDERS = (PROVIDER_ANTHROPIC, PROVIDER_OPENAI)
+PROVIDER_BEDROCK = "bedrock"
+PROVIDERS = (PROVIDER_ANTHROPIC, PROVIDER_OPENAI, PROVIDER_BEDROCK)
 
 #: Route scopes: visible to the whole org, made by an admin for one user,
 #: made by a user for themselves.

@@ -8,7 +8,7 @@ import orjson
 from tornado.web import RequestHandler
 
 from tvgate import __version__
-from tvgate.models import ROLES
+from tvgate.models import PROVIDERS, ROLES
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _STR = {"type": "string"}
@@ -96,13 +96,24 @@ _KEY_CREATE = {
     "required": ["name", "provider", "secret"],
     "properties": {
         "name": _NAME,
-        "provider": {"type": "string", "enum": ["anthropic", "openai"]},
-        "secret": {"type": "string", "writeOnly": True, "minLength": 1},
+        "provider": {"type": "string", "enum": list(PROVIDERS)},
+        "secret": {
+            "type": "string",
+            "writeOnly": True,
+            "minLength": 1,
+            "description": "the key; for a cloud key a JSON object (Bedrock: access_key_id, "
+            "secret_access_key and session_token, or api_key)",
+        },
         "base_url": _STR,
         "owner": _STR,
         "available_to_all": {"type": "boolean"},
         "max_concurrent": _MAX_CONCURRENT,
         "chat_only": _CHAT_ONLY,
+        "settings": {
+            "type": "object",
+            "description": "a cloud key's settings (Bedrock: region, role_arn, external_id, "
+            "sts_endpoint)",
+        },
     },
     "additionalProperties": False,
 }

@@ -42,6 +42,7 @@ KEY_CREATE_FIELDS = {
     "available_to_all",
     "max_concurrent",
     "chat_only",
+    "settings",
 }
 KEY_CHANGE_FIELDS = {"available_to_all", "max_concurrent", "base_url", "chat_only"}
 GRANT_FIELDS = {"users", "revoke"}
@@ -186,6 +187,9 @@ class KeysHandler(APIHandler):
         available = _bool(body, "available_to_all")
         max_concurrent = _int(body, "max_concurrent")
         chat_only = _bool(body, "chat_only")
+        cloud_settings = body.get("settings")
+        if cloud_settings is not None and not isinstance(cloud_settings, dict):
+            raise APIError(400, "settings must be a JSON object (a cloud key's region...)")
         gateway = self.gateway
         view = await self.run_service(
             lambda: services.add_key(
@@ -198,6 +202,7 @@ class KeysHandler(APIHandler):
                 available_to_all=True if available is None else available,
                 max_concurrent=max_concurrent or 0,
                 chat_only=bool(chat_only),
+                settings=cloud_settings,
                 **gateway.settings.upstream_rules,
                 actor=self.principal,
             )

@@ -28,10 +28,24 @@ def cmd_keys_add(settings: Settings, args: argparse.Namespace) -> int:
         available_to_all=not args.granted_only,
         max_concurrent=args.max_concurrent,
         chat_only=args.chat_only,
+        settings=_cloud_settings(args),
         **settings.upstream_rules,
     )
     _print_key(view, "added", as_json=args.json)
     return 0
+
+
+#: The flags of a cloud key's settings (``tvgate.providers.clouds``), by setting.
+_CLOUD_FLAGS = {
+    "region": "AWS region of a Bedrock key (us-east-1)",
+    "role_arn": "Bedrock: an IAM role to assume with STS, the secret's access key as its base",
+    "external_id": "Bedrock: the external id the role's trust policy asks for",
+    "sts_endpoint": "Bedrock: the STS endpoint (default https://sts.REGION.amazonaws.com/)",
+}
+
+
+def _cloud_settings(args: argparse.Namespace) -> dict[str, str]:
+    return {name: value for name in _CLOUD_FLAGS if (value := getattr(args, name)) is not None}
 
 
 def _print_key(view: services.KeyView, done: str, *, as_json: bool) -> None:
@@ -48,6 +62,7 @@ def _print_key(view: services.KeyView, done: str, *, as_json: bool) -> None:
             ("  state", "disabled" if view.disabled else "enabled"),
             ("  max calls at once", str(view.max_concurrent or "no cap")),
             ("  upstream APIs", _apis(view)),
+            *((f"  {name}", str(value)) for name, value in view.settings.items()),
             ("  created (UTC)", when(view.created_at)),
         ]
     )
@@ -85,6 +100,9 @@ def cmd_keys_set(settings: Settings, args: argparse.Namespace) -> int:
 
 def _read_secret() -> str:
     secret = sys.stdin.readline().strip()
+    if secret.startswith("{") and not secret.endswith("}"):
+        # A cloud key's secret, a JSON object written over several lines: the rest of it.
+        secret += sys.stdin.read().strip()
     if not secret:
         raise services.ServiceError("give the key's secret on standard input")
     return secret
@@ -199,8 +217,10 @@ def register(commands: Commands) -> None:
     keys = group(commands, "keys", "manage provider keys")
     p = command(keys, "add", cmd_keys_add, "add a key; the secret is read from standard input")
     p.add_argument("name")
-    p.add_argument("--provider", required=True, choices=["anthropic", "openai"])
+    p.add_argument("--provider", required=True, choices=["anthropic", "openai", "bedrock"])
     p.add_argument("--base-url")
+    for name, help_text in _CLOUD_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, help=help_text)
     p.add_argument("--org")
     p.add_argument("--owner", help="a user's own key (when the org allows user keys)")
     p.add_argument(

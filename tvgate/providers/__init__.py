@@ -17,6 +17,7 @@ only be told in-band, as an event in that API's stream format.
 
 from __future__ import annotations
 
+from tvgate.models import PROVIDER_BEDROCK
 from tvgate.providers import anthropic, openai_chat, openai_legacy, openai_responses
 from tvgate.providers.base import (
     ANTHROPIC_COUNT_TOKENS,
@@ -40,6 +41,7 @@ __all__ = [
     "ProviderAPI",
     "api_for",
     "provider_api",
+    "speaks",
 ]
 
 _APIS: tuple[ProviderAPI, ...] = (
@@ -58,6 +60,8 @@ _BY_PROVIDER: dict[str, ProviderAPI] = {
     api.provider: api for api in (anthropic.MESSAGES, openai_chat.CHAT)
 }
 DEFAULT_BASE_URLS: dict[str, str] = {p: api.default_base_url for p, api in _BY_PROVIDER.items()}
+#: The clouds' providers (``tvgate.providers.clouds``) and the API their models speak.
+_BY_PROVIDER[PROVIDER_BEDROCK] = anthropic.MESSAGES
 
 
 def api_for(name: str) -> ProviderAPI:
@@ -66,6 +70,13 @@ def api_for(name: str) -> ProviderAPI:
     if api is None:
         raise ValueError(f"no provider API {name!r}")
     return api
+
+
+def speaks(provider: str) -> str:
+    """The provider whose API a key of ``provider`` speaks (a cloud's: ``bedrock`` speaks
+    ``anthropic``); itself for any other."""
+    api = _BY_PROVIDER.get(provider)
+    return api.provider if api is not None else provider
 
 
 def provider_api(provider: str) -> ProviderAPI:

@@ -44,7 +44,9 @@ from tvgate.models import (
     OUTCOME_UPSTREAM_ERROR,
 )
 from tvgate.providers import ProviderAPI
+from tvgate.providers.clouds import CloudReader
 from tvgate.proxy.body import BodyError, ParsedBody, decode_content, parse_request_body, with_model
+from tvgate.proxy.cloud import CLOUDS, cloud_request
 from tvgate.proxy.estimate import ESTIMATE_NOTE, answer_estimate
 from tvgate.proxy.hops import incoming_marks, is_loop, outgoing_marks
 from tvgate.proxy.plan import Refusal, plan_attempt
@@ -54,6 +56,7 @@ from tvgate.proxy.scrub import KeyScrubber
 from tvgate.proxy.upstream import (
     CURLE_OPERATION_TIMEDOUT,
     UpstreamExchange,
+    UpstreamListener,
     UpstreamResult,
     upstream_headers,
     upstream_url,
@@ -180,7 +183,7 @@ class ProxyCall:
             decoded = decode_content(
                 raw_body, headers.get("Content-Encoding"), settings.max_body_bytes
             )
-            self.body = parse_request_body(decoded)
+            self.body = parse_request_body(self.handler.client_body(decoded))
         except BodyError as exc:
             self._fail(exc.status, str(exc), OUTCOME_REJECTED)
             return
@@ -400,14 +403,22 @@ class ProxyCall:
             api = pair.upstream
             auth = api.auth_headers(secret) + list(pair.required_headers)
             body = translation.body
+        url = upstream_url(entry.key.base_url, api.upstream_path, request.query)
+        listener: UpstreamListener | CloudReader = relay
+        if entry.key.provider in CLOUDS:
+            # Addressed and signed by the cloud's rules (tvgate.providers.clouds).
+            cloud = await cloud_request(self, entry, api, secret, body)
+            if isinstance(cloud, str):
+                return self._no_request(entry, cloud, may_fall_back=may_fall_back)
+            url, auth, body, listener = cloud
         exchange = UpstreamExchange(
             self.gateway.http,
-            upstream_url(entry.key.base_url, api.upstream_path, request.query),
+            url,
             upstream_headers(
                 request.headers, auth, outgoing_marks(self.hop_marks, self.gateway.hop_id)
             ),
             body,
-            relay,
+            listener,
             connect_timeout=settings.connect_timeout,
             idle_timeout=settings.idle_timeout,
             allow_private=settings.allows_private_upstream(entry.key.owner_id is not None),
@@ -424,6 +435,8 @@ class ProxyCall:
             translation=translation,
         )
         result = await exchange.run()
+        if listener is not relay and isinstance(listener, CloudReader):
+            listener.end()  # the cloud's reader tells what it held back
         if relay.redirected:
             result = dataclasses.replace(
                 result,
@@ -458,6 +471,15 @@ class ProxyCall:
             return Failed(entry, self.upstream_model, status, outcome, message, elapsed, held)
         self._complete(result)
         return Answered(elapsed)
+
+    def _no_request(
+        self, entry: RouteEntry, message: str, *, may_fall_back: bool
+    ) -> Failed | Answered:
+        """The cloud key of ``entry`` could not make its request (``message`` says why)."""
+        if may_fall_back:
+            return Failed(entry, self.upstream_model, 502, OUTCOME_UPSTREAM_ERROR, message)
+        self._fail(502, message, OUTCOME_UPSTREAM_ERROR)
+        return _ANSWERED
 
     def _budget_warnings(self) -> list[str]:
         """The warnings of the admission that serves the call, for the answer's header."""

@@ -16,7 +16,7 @@ from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
 
 from tvgate.db import DatabaseUnavailable
-from tvgate.providers import ENDPOINTS, ProviderAPI
+from tvgate.providers import ENDPOINTS, ProviderAPI, speaks
 from tvgate.proxy.call import ProxyCall
 from tvgate.translate.pairs import pair_for
 from tvgate.web import BaseHandler, Refusal
@@ -80,6 +80,10 @@ class ProxyHandler(BaseHandler):
             # freed when the request ends, not by the cyclic garbage collector.
             self.call = None
 
+    def client_body(self, body: bytes) -> bytes:
+        """The client's (decoded) body as the proxy reads it: as sent, on these paths."""
+        return body
+
     def finish(self, chunk: str | bytes | dict[str, Any] | None = None) -> Future[None]:
         # Keep the future that resolves once the response has been written to the socket.
         self._sent = super().finish(chunk)
@@ -117,8 +121,8 @@ class ModelsHandler(BaseHandler):
             for r in snapshot.available(principal)
             if not r.is_pattern
             and (
-                r.key.provider == api.provider
-                or (r.translate and pair_for(api, r.key.provider) is not None)
+                speaks(r.key.provider) == api.provider
+                or (r.translate and pair_for(api, speaks(r.key.provider)) is not None)
             )
         ]
         self.set_header("Content-Type", "application/json")

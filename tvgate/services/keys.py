@@ -7,9 +7,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import peewee
 
 from tvgate.identity import Principal
@@ -34,6 +35,7 @@ from tvgate.models import (
     database,
 )
 from tvgate.providers import DEFAULT_BASE_URLS
+from tvgate.providers.clouds import credentials_for
 from tvgate.rows import fields_of, from_row
 from tvgate.services.access import (
     Forbidden,
@@ -70,10 +72,17 @@ class KeyView:
     last_used_at: float | None
     max_concurrent: int = 0
     chat_only: bool = False
+    #: A cloud key's settings (region, role...), none of them secret.
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, key: ProviderKey) -> KeyView:
-        return from_row(cls, key, owner=key.owner.email if key.owner is not None else None)
+        return from_row(
+            cls,
+            key,
+            owner=key.owner.email if key.owner is not None else None,
+            settings=orjson.loads(key.settings or "{}"),
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return fields_of(self, fingerprint="…" + self.fingerprint)
@@ -93,6 +102,7 @@ def add_key(
     available_to_all: bool = True,
     max_concurrent: int = 0,
     chat_only: bool = False,
+    settings: dict[str, Any] | None = None,
     gateway_urls: Collection[str] = (),
     actor: Principal | None = None,
 ) -> KeyView:
@@ -105,6 +115,8 @@ def add_key(
     ``allow_private`` lets an org key, ``allow_private_user`` a
     user's own key, reach http and private upstreams (the two settings of that name).
     ``gateway_urls``: where this gateway answers (``Settings``), refused as base URLs.
+    ``settings``: a cloud key's (``tvgate.providers.clouds``), which its cloud checks, as it
+    does its secret (a JSON object); its default base URL is the cloud's for them.
     """
     org = _actor_org(actor, org_name)
     owner: User | None = None
@@ -120,12 +132,14 @@ def add_key(
         _require_admin(actor, org, "add key", name)
     if provider not in PROVIDERS:
         raise ServiceError(f"provider must be one of {', '.join(PROVIDERS)}")
-    secret = _check_secret(secret)
+    checked = _check_settings(provider, settings or {})
+    secret, shown = _check_key_secret(provider, secret, checked)
     _check_name(name, "a key")
     max_concurrent = _check_max_concurrent(max_concurrent)
     chat_only = _check_chat_only(chat_only, provider)
+    cloud = credentials_for(provider)
     url = _key_base_url(
-        base_url or DEFAULT_BASE_URLS[provider],
+        base_url or (cloud.default_base_url(checked) if cloud else DEFAULT_BASE_URLS[provider]),
         own=owner is not None,
         allow_private=allow_private,
         allow_private_user=allow_private_user,
@@ -141,12 +155,13 @@ def add_key(
             provider=provider,
             base_url=url,
             ciphertext="",
-            fingerprint=fingerprint(secret),
+            fingerprint=fingerprint(shown),
             owner=owner,
             available_to_all=available_to_all if owner is None else False,
             created_by=actor.user_id if actor else None,
             max_concurrent=max_concurrent,
             chat_only=chat_only,
+            settings=orjson.dumps(checked).decode(),
         )
         # The id (and owner) are part of the encryption context, so encrypt once the row exists.
         key.ciphertext = keyring.encrypt(secret, KeyContext(org.id, key.id, key.owner_id))
@@ -162,10 +177,50 @@ def add_key(
                 "owner": owner_email,
                 "max_concurrent": max_concurrent,
                 "chat_only": chat_only,
+                "settings": checked,
             },
         )
     announce(org.id)
     return KeyView.of(key)
+
+
+def _check_settings(provider: str, settings: Any) -> dict[str, Any]:
+    """A cloud key's settings, checked by its cloud (``tvgate.providers.clouds``); other keys
+    have none."""
+    cloud = credentials_for(provider)
+    if not isinstance(settings, dict):
+        raise ServiceError("settings must be a JSON object")
+    if cloud is None:
+        if settings:
+            raise ServiceError(f"a {provider} key has no settings (they are for cloud keys)")
+        return {}
+    if len(orjson.dumps(settings)) > _MAX_SETTINGS:
+        raise ServiceError(f"settings are over {_MAX_SETTINGS} bytes")
+    try:
+        return cloud.check_settings(settings)
+    except ValueError as exc:
+        raise ServiceError(str(exc)) from None
+
+
+def _check_key_secret(provider: str, secret: str, settings: dict[str, Any]) -> tuple[str, str]:
+    """(the secret as stored, what its fingerprint is of): a cloud's secret is a JSON object
+    its cloud checks (the error names a field, never a value)."""
+    cloud = credentials_for(provider)
+    if cloud is None:
+        secret = _check_secret(secret)
+        return secret, secret
+    secret = secret.strip()
+    if not secret or len(secret) > _MAX_CLOUD_SECRET:
+        raise ServiceError(f"the secret must be a JSON object of at most {_MAX_CLOUD_SECRET} bytes")
+    try:
+        return secret, cloud.check_secret(secret, settings)
+    except ValueError as exc:
+        raise ServiceError(str(exc)) from None
+
+
+#: Bounds of a cloud key's settings (JSON text) and secret.
+_MAX_SETTINGS = 4096
+_MAX_CLOUD_SECRET = 16384
 
 
 def _own_user(actor: Principal, email: str | None, action: str, target: str) -> User:
@@ -404,11 +459,11 @@ def rotate_key(
     """Replace a key's secret. The row (and so its id and routes) stays; requests already
     under way finish with the old secret, later ones get the new one."""
     key = _key_for(name, org_name, actor, owner_only=True)
-    secret = _check_secret(secret)
+    secret, shown = _check_key_secret(key.provider, secret, orjson.loads(key.settings))
     ciphertext = keyring.encrypt(secret, KeyContext(key.org_id, key.id, key.owner_id))
     updated = (
         ProviderKey.update(
-            ciphertext=ciphertext, fingerprint=fingerprint(secret), updated_at=time.time()
+            ciphertext=ciphertext, fingerprint=fingerprint(shown), updated_at=time.time()
         )
         .where(ProviderKey.id == key.id)
         .execute()

@@ -40,6 +40,22 @@ SEED_PRICES: tuple[tuple[str, float, float, float, float], ...] = (
 )
 
 
+#: A Bedrock model id, as a foundation model, a cross-region inference profile or their
+#: ARNs: ``[arn:aws:bedrock:REGION:ACCOUNT:inference-profile/][us.]anthropic.NAME-v1[:0]``.
+_BEDROCK_ID = re.compile(
+    r"(?:arn:aws[a-z-]*:bedrock:[a-z0-9-]*:\d*:(?:foundation-model|inference-profile|"
+    r"application-inference-profile)/)?(?:[a-z]{2,6}(?:-[a-z]+)?\.)?anthropic\."
+    r"(?P<name>[a-z0-9.-]+?)(?:-v\d+(?::\d+)?)?"
+)
+
+
+def cloud_model(model: str) -> str:
+    """The model a cloud's id of it names (Bedrock's ``us.anthropic.claude-sonnet-4-5-
+    20250929-v1:0`` names ``claude-sonnet-4-5-20250929``); ``model`` when it is none."""
+    found = _BEDROCK_ID.fullmatch(model)
+    return found.group("name") if found else model
+
+
 def seed_prices() -> None:
     """Insert the seed prices that are not in the default table (the operator's edits are
     kept)."""
@@ -112,6 +128,16 @@ class PriceTable:
         return cls(defaults, orgs)
 
     def find(self, org_id: int, model: str) -> Price | None:
+        """The price of ``model``; a cloud's id of a model (``us.anthropic.claude-...-v1:0``)
+        has the price of the model it names unless it is priced itself."""
+        found = self._find(org_id, model)
+        if found is None:
+            named = cloud_model(model)
+            if named != model:
+                found = self._find(org_id, named)
+        return found
+
+    def _find(self, org_id: int, model: str) -> Price | None:
         own = self._orgs.get(org_id)
         found = own.find(model) if own is not None else None
         return found if found is not None else self._default.find(model)

@@ -26,6 +26,7 @@ from tvgate.providers import (
     OPENAI_RESPONSES,
     ProviderAPI,
     api_for,
+    speaks,
 )
 from tvgate.translate import (
     anthropic_to_chat,
@@ -319,6 +320,7 @@ def route_speaks(client: ProviderAPI, provider: str, *, chat_only: bool = False)
     """What a route whose key is of ``provider`` (``chat_only``: on a Chat-only upstream)
     speaks to a ``client`` of another API, a pair's second name; None when it speaks the
     client's own (passthrough, no translation code)."""
+    provider = speaks(provider)  # a cloud's key speaks its models' API
     if provider != client.provider:
         return provider
     if chat_only and client.api == OPENAI_RESPONSES:
