@@ -24,12 +24,9 @@ signs with a key it knows (service ``sts``) and gives the role's external id.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import re
 import secrets
-import socket
-import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -41,10 +38,9 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
-from tornado.httpserver import HTTPServer
-from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 
+from tests.served import ServedApp
 from tvgate.providers.clouds.eventstream import CONTENT_TYPE, chunk_frame, exception_frame
 from tvgate.traces.sse import SSEParser
 
@@ -100,9 +96,7 @@ class FakeBedrock:
     #: Every AssumeRole it answered, by role ARN.
     assumed: list[str] = field(default_factory=list)
     url: str = ""
-    _loop: IOLoop | None = None
-    _server: HTTPServer | None = None
-    _thread: threading.Thread | None = None
+    _served: ServedApp | None = None
 
     def add_key(self, token: str | None = None) -> tuple[str, str]:
         """A new access key (id, secret) it accepts (with ``token`` as its session token)."""
@@ -117,51 +111,24 @@ class FakeBedrock:
         return key
 
     def start(self) -> FakeBedrock:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        self.url = f"http://127.0.0.1:{port}"
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(asyncio.new_event_loop())
-            self._loop = IOLoop.current()
-            app = tornado.web.Application(
-                [
-                    (r"/sts/", _STSHandler, {"fake": self}),
-                    (
-                        r"(/scenario/[a-z_0-9]+)?/model/([^/]+)/(invoke|invoke-with-response-stream)",
-                        _InvokeHandler,
-                        {"fake": self},
-                    ),
-                ],
-                log_function=lambda _h: None,
-            )
-            self._server = HTTPServer(app)
-            self._server.listen(port, "127.0.0.1")
-            ready.set()
-            self._loop.start()
-            self._loop.close(all_fds=True)
-
-        self._thread = threading.Thread(target=run, name="fake-bedrock", daemon=True)
-        self._thread.start()
-        ready.wait(10)
+        self._served = ServedApp("fake-bedrock")
+        self.url = self._served.url
+        self._served.start(
+            [
+                (r"/sts/", _STSHandler, {"fake": self}),
+                (
+                    r"(/scenario/[a-z_0-9]+)?/model/([^/]+)/"
+                    r"(invoke|invoke-with-response-stream|count-tokens)",
+                    _InvokeHandler,
+                    {"fake": self},
+                ),
+            ]
+        )
         return self
 
     def stop(self) -> None:
-        loop, server = self._loop, self._server
-        if loop is None or server is None:
-            return
-
-        async def shutdown() -> None:
-            server.stop()
-            await server.close_all_connections()
-            IOLoop.current().stop()
-
-        loop.add_callback(shutdown)
-        if self._thread is not None:
-            self._thread.join(10)
-        self._loop = self._server = self._thread = None
+        if self._served is not None:
+            self._served.stop()
 
     def __enter__(self) -> FakeBedrock:
         return self.start()
@@ -284,7 +251,10 @@ class _InvokeHandler(_Handler):
     async def post(self, scenario: str | None, model: str, action: str) -> None:
         try:
             self.authenticate("bedrock")
-            body = _bedrock_body(self.request.body)
+            raw = self.request.body
+            if action == "count-tokens":
+                raw = _counted_body(raw)
+            body = _bedrock_body(raw)
         except _AWSError as error:
             self.aws_error(error)
             return
@@ -304,9 +274,13 @@ class _InvokeHandler(_Handler):
         anthropic_body["model"] = urllib.parse.unquote(model)
         if stream:
             anthropic_body["stream"] = True
-        relay = _Relay(self, stream)
+        path = "/v1/messages"
+        if action == "count-tokens":
+            path += "/count_tokens"
+            anthropic_body.pop("max_tokens", None)
+        relay = _Relay(self, stream, counting=action == "count-tokens")
         request = HTTPRequest(
-            self.fake.upstream_url + (scenario or "") + "/v1/messages",
+            self.fake.upstream_url + (scenario or "") + path,
             method="POST",
             headers=headers,
             body=orjson.dumps(anthropic_body),
@@ -320,6 +294,17 @@ class _InvokeHandler(_Handler):
             self.request.connection.close()  # type: ignore[union-attr]
             return
         relay.end()
+
+
+def _counted_body(raw: bytes) -> bytes:
+    """The InvokeModel body a CountTokens request counts."""
+    try:
+        counted = orjson.loads(raw)["input"]["invokeModel"]["body"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        raise _AWSError(400, "ValidationException", "input.invokeModel.body is required") from None
+    if not isinstance(counted, str):
+        raise _AWSError(400, "ValidationException", "input.invokeModel.body must be a string")
+    return counted.encode()
 
 
 def _bedrock_body(raw: bytes) -> dict[str, Any]:
@@ -358,9 +343,10 @@ def _bedrock_body(raw: bytes) -> dict[str, Any]:
 class _Relay:
     """The fake provider's Anthropic answer, as Bedrock sends it."""
 
-    def __init__(self, handler: _InvokeHandler, stream: bool) -> None:
+    def __init__(self, handler: _InvokeHandler, stream: bool, *, counting: bool = False) -> None:
         self.handler = handler
         self.stream = stream
+        self.counting = counting
         self.status = 0
         self.body = bytearray()
         self.parser = SSEParser()
@@ -414,6 +400,11 @@ class _Relay:
         handler = self.handler
         if self.status == 200 and self.stream:
             handler.finish()
+            return
+        if self.status == 200 and self.counting:
+            handler.set_header("Content-Type", "application/json")
+            counted = orjson.loads(self.body)["input_tokens"]
+            handler.finish(orjson.dumps({"inputTokens": counted}))
             return
         if self.status == 200:
             answer = orjson.loads(self.body)

@@ -11,10 +11,8 @@ at ``/jwks.json`` for the JWT tests.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import secrets
-import socket
 import threading
 import uuid
 from collections import Counter
@@ -23,8 +21,8 @@ from typing import Any
 
 import orjson
 import tornado.web
-from tornado.httpserver import HTTPServer
-from tornado.ioloop import IOLoop
+
+from tests.served import ServedApp
 
 
 @dataclass
@@ -139,13 +137,9 @@ class FakeVisdom:
         self.bearers: set[str] = set()
         self.calls: Counter[str] = Counter()
         self.jwks: list[dict[str, Any]] = []
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._loop: IOLoop | None = None
-        self._server: HTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._served = ServedApp("fake-visdom")
+        self.port = self._served.port
+        self.url = self._served.url
 
     # --- directory ---
 
@@ -197,44 +191,17 @@ class FakeVisdom:
     # --- lifecycle ---
 
     def start(self) -> FakeVisdom:
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(asyncio.new_event_loop())
-            self._loop = IOLoop.current()
-            app = tornado.web.Application(
-                [
-                    (r"/api/v1/auth/login", LoginHandler),
-                    (r"/api/v1/auth/me", MeHandler),
-                    (r"/api/v1/me/orgs", MyOrgsHandler),
-                    (r"/jwks.json", JWKSHandler),
-                ],
-                fake=self,
-                log_function=lambda _h: None,
-            )
-            self._server = HTTPServer(app)
-            self._server.listen(self.port, "127.0.0.1")
-            ready.set()
-            self._loop.start()
-            self._loop.close(all_fds=True)
-
-        self._thread = threading.Thread(target=run, name="fake-visdom", daemon=True)
-        self._thread.start()
-        ready.wait(10)
+        self._served.start(
+            [
+                (r"/api/v1/auth/login", LoginHandler),
+                (r"/api/v1/auth/me", MeHandler),
+                (r"/api/v1/me/orgs", MyOrgsHandler),
+                (r"/jwks.json", JWKSHandler),
+            ],
+            fake=self,
+        )
         return self
 
     def stop(self) -> None:
         """Stop listening and drop connections: Visdom Trace is down until start()."""
-        loop, server = self._loop, self._server
-        if loop is None or server is None:
-            return
-
-        async def shutdown() -> None:
-            server.stop()
-            await server.close_all_connections()
-            IOLoop.current().stop()
-
-        loop.add_callback(shutdown)
-        if self._thread is not None:
-            self._thread.join(10)
-        self._loop = self._server = self._thread = None
+        self._served.stop()

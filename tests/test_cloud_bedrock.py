@@ -42,6 +42,7 @@ from tvgate import services
 from tvgate.db import open_database
 from tvgate.keyring.local import LocalKeyring
 from tvgate.models import database
+from tvgate.providers import anthropic as anthropic_api
 from tvgate.providers.clouds.eventstream import (
     EventStreamToSSE,
     FrameReader,
@@ -205,6 +206,16 @@ def test_an_anthropic_client_on_a_bedrock_route(bedrock: Bedrock, route: str) ->
         assert trace.input_tokens == answer.usage.input_tokens > 0
         assert trace.output_tokens == answer.usage.output_tokens > 0
         assert trace.cost_usd > 0  # priced as claude-sonnet-4-5
+
+
+def test_a_token_count_on_a_bedrock_route_is_bedrocks_count_tokens(bedrock: Bedrock) -> None:
+    client = _messages(bedrock)
+    messages: list[anthropic.types.MessageParam] = [{"role": "user", "content": "count me"}]
+    counted = client.messages.count_tokens(model="claude-br-keys", messages=messages)
+    direct = client.messages.count_tokens(model="claude-test", messages=messages)
+    assert counted.input_tokens == direct.input_tokens > 0
+    assert bedrock.fake.requests[-1].path.endswith("%3A0/count-tokens")
+    assert bedrock.fake.requests[-1].body["max_tokens"] == 1
 
 
 def test_the_role_is_assumed_once_and_its_credentials_reused(bedrock: Bedrock) -> None:
@@ -477,3 +488,16 @@ def test_a_bad_bedrock_key_is_refused_naming_the_field(
 
 def _keyring() -> LocalKeyring:
     return LocalKeyring(MASTER_KEY)
+
+
+def test_usage_left_out_of_the_answer_comes_from_bedrocks_invocation_metrics() -> None:
+    assembler = anthropic_api.MESSAGES.stream_assembler(1 << 20)
+    assert assembler is not None
+    metrics = {"inputTokenCount": 12, "outputTokenCount": 3, "invocationLatency": 5}
+    for event in (
+        {"type": "message_start", "message": {"id": "msg_1", "model": "m", "content": []}},
+        {"type": "message_stop", "amazon-bedrock-invocationMetrics": metrics},
+    ):
+        assembler.feed(b"event: x\ndata: " + orjson.dumps(event) + b"\n\n")
+    usage = assembler.finish().usage
+    assert (usage.input_tokens, usage.output_tokens) == (12, 3)

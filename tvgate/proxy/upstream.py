@@ -66,6 +66,10 @@ _DROPPED_REQUEST_HEADERS = frozenset(
         "x-api-key",
         "authorization",
         "cookie",
+        # A client's own AWS signature (a cloud key signs its calls itself).
+        "x-amz-date",
+        "x-amz-security-token",
+        "x-amz-content-sha256",
     }
 )
 

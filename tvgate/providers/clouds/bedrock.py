@@ -32,6 +32,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
+from tvgate.providers.base import ANTHROPIC_COUNT_TOKENS
 from tvgate.providers.clouds import CloudCall, CloudError, CloudRequest
 from tvgate.providers.clouds.eventstream import CONTENT_TYPE, EventStreamToSSE, anthropic_type
 from tvgate.proxy.upstream import UpstreamExchange, UpstreamListener
@@ -102,6 +103,16 @@ class Bedrock:
             raise CloudError(f"the Bedrock key {call.key.name!r} cannot be used: {exc}") from None
         body, stream = _bedrock_body(call.body, call.client_headers.get("anthropic-beta", ""))
         action = "invoke-with-response-stream" if stream else "invoke"
+        count = call.api.api == ANTHROPIC_COUNT_TOKENS
+        if count:
+            # CountTokens counts an InvokeModel body (which needs max_tokens), as a string.
+            document = orjson.loads(body)
+            document.setdefault("max_tokens", 1)
+            invoke = orjson.dumps(document).decode()
+            body, action = (
+                orjson.dumps({"input": {"invokeModel": {"body": invoke}}}),
+                "count-tokens",
+            )
         url = f"{call.key.base_url.rstrip('/')}/model/{quote(call.model, safe='')}/{action}"
         headers = [
             ("Content-Type", "application/json"),
@@ -117,7 +128,11 @@ class Bedrock:
                 secrets += (credentials.access_key, credentials.secret_key, credentials.token)
             headers = sign(credentials, "bedrock", region, url, headers, body)
         return CloudRequest(
-            url, headers, body, secrets, lambda relay: BedrockAnswer(relay, max_error=_MAX_ERROR)
+            url,
+            headers,
+            body,
+            secrets,
+            lambda relay: BedrockAnswer(relay, max_error=_MAX_ERROR, count=count),
         )
 
 
@@ -241,6 +256,9 @@ class _Collect:
 async def _assume_role(call: CloudCall, settings: dict[str, Any], base: Credentials) -> _Role:
     region = settings["region"]
     url = settings.get("sts_endpoint") or f"https://sts.{region}.amazonaws.com/"
+    if not url.startswith("https://") and not call.allow_private:
+        # A signed AssumeRole can be replayed for minutes: never over plain http.
+        raise CloudError("the key's sts_endpoint is not https, which is not allowed")
     form = {
         "Action": "AssumeRole",
         "Version": "2011-06-15",
@@ -302,10 +320,12 @@ class BedrockAnswer:
     stream as SSE (frames decoded as they come, each bounded), an error as the Anthropic
     envelope with AWS's message and its type mapped; an answer JSON passes as it is."""
 
-    __slots__ = ("_error", "_error_type", "_pending", "_relay", "_stream", "max_error")
+    __slots__ = ("_count", "_error", "_error_type", "_pending", "_relay", "_stream", "max_error")
 
-    def __init__(self, relay: UpstreamListener, *, max_error: int) -> None:
+    def __init__(self, relay: UpstreamListener, *, max_error: int, count: bool = False) -> None:
         self._relay = relay
+        #: A CountTokens answer (``{"inputTokens"}``), kept whole to be told as Anthropic's.
+        self._count: bytearray | None = bytearray() if count else None
         self._stream: EventStreamToSSE | None = None
         self._error: bytearray | None = None
         self._error_type = ""
@@ -324,6 +344,8 @@ class BedrockAnswer:
             self._error = bytearray()
             self._error_type = next((v for n, v in headers if n.lower() == "x-amzn-errortype"), "")
             rewrite = "application/json"
+        elif self._count is not None:
+            rewrite = "application/json"
         if rewrite is not None:
             headers = [
                 (n, v) for n, v in headers if n.lower() not in ("content-type", "content-length")
@@ -335,6 +357,10 @@ class BedrockAnswer:
         if self._error is not None:
             if len(self._error) < self.max_error:
                 self._error += chunk[: self.max_error - len(self._error)]
+            return True
+        if self._count is not None:
+            if len(self._count) < self.max_error:
+                self._count += chunk[: self.max_error - len(self._count)]
             return True
         if self._stream is None:
             return self._relay.on_upstream_chunk(chunk)
@@ -355,6 +381,14 @@ class BedrockAnswer:
         elif self._error is not None:
             self._relay.on_upstream_chunk(_anthropic_error(bytes(self._error), self._error_type))
             self._error = None
+        elif self._count is not None:
+            try:
+                counted = orjson.loads(self._count).get("inputTokens")
+            except (orjson.JSONDecodeError, AttributeError):
+                counted = None
+            self._count = None
+            if isinstance(counted, int):
+                self._relay.on_upstream_chunk(orjson.dumps({"input_tokens": counted}))
 
 
 def _anthropic_error(body: bytes, aws_type: str) -> bytes:
