@@ -57,6 +57,12 @@ async def add_key_from_form(
     secret = handler.get_body_argument("secret", "")
     base_url = handler.get_body_argument("base_url", "").strip() or None
     chat_only = _form_bool(handler, "chat_only")
+    # A cloud key's settings (tvgate.providers.clouds): the fields its form filled in.
+    cloud = {
+        field: value
+        for field in ("region", "role_arn", "external_id")
+        if (value := handler.get_body_argument(field, "").strip())
+    }
     await handler.run_service(
         lambda: services.add_key(
             name,
@@ -69,6 +75,7 @@ async def add_key_from_form(
             available_to_all=available_to_all,
             max_concurrent=max_concurrent,
             chat_only=chat_only,
+            settings=cloud,
             actor=user,
         )
     )

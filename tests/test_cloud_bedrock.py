@@ -38,6 +38,8 @@ from tests.conftest import (
 from tests.fake_bedrock import BAD_SIGNATURE, FakeBedrock
 from tests.fake_provider import FakeProvider
 from tests.harness import MASTER_KEY
+from tests.test_newcomer_keys import _form_xsrf as form_xsrf
+from tests.test_newcomer_keys import _sign_in as sign_in
 from tvgate import services
 from tvgate.db import open_database
 from tvgate.keyring.local import LocalKeyring
@@ -501,3 +503,29 @@ def test_usage_left_out_of_the_answer_comes_from_bedrocks_invocation_metrics() -
         assembler.feed(b"event: x\ndata: " + orjson.dumps(event) + b"\n\n")
     usage = assembler.finish().usage
     assert (usage.input_tokens, usage.output_tokens) == (12, 3)
+
+
+def test_the_ui_adds_a_bedrock_key(bedrock: Bedrock) -> None:
+    """The admin's key form takes a Bedrock key: provider, region, the JSON secret; the key's
+    page shows its settings and never the secret."""
+    key_id, secret = bedrock.fake.add_key()
+    name = "br-ui-" + uuid.uuid4().hex[:6]
+    with sign_in(bedrock.gw) as browser:
+        xsrf = form_xsrf(browser.get("/ui/keys").text, "add-key")
+        added = browser.post(
+            "/ui/keys",
+            data={
+                "_xsrf": xsrf,
+                "name": name,
+                "provider": "bedrock",
+                "secret": json.dumps({"access_key_id": key_id, "secret_access_key": secret}),
+                "region": "eu-west-1",
+                "base_url": bedrock.fake.url,
+                "max_concurrent": "0",
+                "available_to_all": "on",
+            },
+        )
+        assert added.status_code in (200, 302, 303), added.text
+        page = browser.get(f"/ui/keys/{name}").text
+    assert "eu-west-1" in page and key_id[-4:] in page
+    assert secret not in page and secret not in added.text

@@ -23,6 +23,7 @@ from tvgate.providers import (
     OPENAI_COMPLETIONS,
     OPENAI_EMBEDDINGS,
     OPENAI_RESPONSES,
+    speaks,
 )
 from tvgate.traces.rows import TraceRow
 
@@ -67,17 +68,22 @@ def span_name(row: TraceRow) -> str:
     return f"{operation} {model}" if model else operation
 
 
+#: The conventions' names of providers whose tvgate name is not theirs.
+_PROVIDER_NAMES = {"bedrock": "aws.bedrock"}
+
+
 def span_attributes(row: TraceRow) -> dict[str, Any]:
     """The span's attributes: the GenAI conventions' where they have a name, else
     ``tvgate.``; a figure or a name the call did not have is left out."""
     cache_read = int(row.get("cache_read_tokens") or 0)
     cache_write = int(row.get("cache_write_tokens") or 0)
     input_tokens = int(row.get("input_tokens") or 0)
-    if row.get("provider") == PROVIDER_ANTHROPIC:
+    provider = row.get("provider") or ""
+    if speaks(provider) == PROVIDER_ANTHROPIC:  # a Bedrock key counts as Anthropic does
         input_tokens += cache_read + cache_write
     attributes: dict[str, Any] = {
         "gen_ai.operation.name": OPERATIONS.get(row.get("endpoint", ""), "chat"),
-        "gen_ai.provider.name": row.get("provider") or "",
+        "gen_ai.provider.name": _PROVIDER_NAMES.get(provider, provider),
         "gen_ai.request.model": row.get("upstream_model") or row.get("requested_model") or "",
         "gen_ai.usage.input_tokens": input_tokens,
         "gen_ai.usage.output_tokens": int(row.get("output_tokens") or 0),
