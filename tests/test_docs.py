@@ -74,6 +74,10 @@ NOT_RUN = {
     "export ANTHROPIC_BASE_URL=": "starts Claude Code; its variables are checked against the "
     "UI's Connect block (tests/test_newcomer_docs.py)",
     "make test": "the test suite itself",
+    "# an IAM user's access key": "needs AWS; tests/test_cloud_bedrock.py adds such keys (CLI "
+    "flags and secrets as written here) on the fake Bedrock",
+    "export CLAUDE_CODE_USE_BEDROCK=": "starts Claude Code in Bedrock mode, which "
+    "tests/test_cloud_bedrock.py runs with these variables",
 }
 
 PLACEHOLDER_URL = "https://gate.example.com"
