@@ -509,6 +509,11 @@ def _valid_bodies(gw: GatewayProcess, fake: FakeProvider) -> dict[tuple[str, str
             f"/prices/nk-model-{_hex()}",
             {"input_per_mtok": 1, "output_per_mtok": 2},
         ),
+        # Refused for its unknown field before any connection is tried.
+        ("put", "/api/v1/visdom"): (
+            "/visdom",
+            {"url": "http://127.0.0.1:9", "key": "tvk_" + uuid.uuid4().hex},
+        ),
     }
 
 
