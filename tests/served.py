@@ -1,10 +1,10 @@
 """A Tornado application served on 127.0.0.1 from a daemon thread with its own IOLoop: how
-the fakes of outside services (tests/fake_visdom.py, tests/fake_bedrock.py) run."""
+the fakes of outside services (tests/fake_visdom.py, tests/fake_visdom_ingest.py,
+tests/fake_bedrock.py) run."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from typing import Any
 
@@ -12,11 +12,7 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 
-
-def free_local_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.harness import free_port
 
 
 class ServedApp:
@@ -25,20 +21,22 @@ class ServedApp:
 
     def __init__(self, name: str, port: int = 0) -> None:
         self.name = name
-        self.port = port or free_local_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._loop: IOLoop | None = None
         self._server: HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self, handlers: list[Any], **settings: Any) -> None:
+    def start(
+        self, handlers: list[Any], *, max_body_size: int | None = None, **settings: Any
+    ) -> None:
         ready = threading.Event()
 
         def run() -> None:
             asyncio.set_event_loop(asyncio.new_event_loop())
             self._loop = IOLoop.current()
             app = tornado.web.Application(handlers, log_function=lambda _h: None, **settings)
-            self._server = HTTPServer(app)
+            self._server = HTTPServer(app, max_body_size=max_body_size)
             self._server.listen(self.port, "127.0.0.1")
             ready.set()
             self._loop.start()
