@@ -57,10 +57,18 @@ async def add_key_from_form(
     secret = handler.get_body_argument("secret", "")
     base_url = handler.get_body_argument("base_url", "").strip() or None
     chat_only = _form_bool(handler, "chat_only")
-    # A cloud key's settings (Azure OpenAI's, Vertex AI's), those the form was given.
+    # A cloud key's settings (Azure OpenAI's, Vertex AI's, Bedrock's), those the form was given.
     cloud = {
         field: value
-        for field in ("style", "api_version", "authority", "project", "region")
+        for field in (
+            "style",
+            "api_version",
+            "authority",
+            "project",
+            "region",
+            "role_arn",
+            "external_id",
+        )
         if (value := handler.get_body_argument(field, "").strip())
     }
     await handler.run_service(

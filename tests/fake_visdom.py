@@ -22,10 +22,8 @@ unknown credential, and a ``tvk_`` org key passes it but has no user (``/auth/me
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import secrets
-import socket
 import threading
 import time
 import uuid
@@ -37,8 +35,8 @@ import jwt
 import orjson
 import tornado.web
 from cryptography.hazmat.primitives.asymmetric import rsa
-from tornado.httpserver import HTTPServer
-from tornado.ioloop import IOLoop
+
+from tests.served import ServedApp
 
 
 @dataclass
@@ -229,10 +227,9 @@ class FakeVisdom:
         #: ``tvk_`` org API keys: they pass the extractor, but are no person.
         self.org_keys: set[str] = set()
         self.no_role_message = "Your account does not have the tracing role"
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
-        self.url = f"http://127.0.0.1:{self.port}"
+        self._served = ServedApp("fake-visdom")
+        self.port = self._served.port
+        self.url = self._served.url
         # The OIDC issuer (single tenant): its signing keys by kid, the one it signs with.
         self.issuer = self.url + REALM_PATH
         self.signing_keys: dict[str, rsa.RSAPrivateKey] = {}
@@ -259,9 +256,6 @@ class FakeVisdom:
                 + "/protocol/openid-connect/auth/device",
                 "id_token_signing_alg_values_supported": ["RS256"],
             }
-        self._loop: IOLoop | None = None
-        self._server: HTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     # --- directory ---
 
@@ -382,47 +376,20 @@ class FakeVisdom:
     # --- lifecycle ---
 
     def start(self) -> FakeVisdom:
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(asyncio.new_event_loop())
-            self._loop = IOLoop.current()
-            app = tornado.web.Application(
-                [
-                    (r"/api/v1/auth/login", LoginHandler),
-                    (r"/api/v1/auth/me", MeHandler),
-                    (r"/api/v1/me/orgs", MyOrgsHandler),
-                    (r"/jwks.json", JWKSHandler),
-                    (r"/api/v1/auth/public-config", PublicConfigHandler),
-                    (REALM_PATH + r"/\.well-known/openid-configuration", DiscoveryHandler),
-                    (REALM_PATH + r"/protocol/openid-connect/certs", CertsHandler),
-                ],
-                fake=self,
-                log_function=lambda _h: None,
-            )
-            self._server = HTTPServer(app)
-            self._server.listen(self.port, "127.0.0.1")
-            ready.set()
-            self._loop.start()
-            self._loop.close(all_fds=True)
-
-        self._thread = threading.Thread(target=run, name="fake-visdom", daemon=True)
-        self._thread.start()
-        ready.wait(10)
+        self._served.start(
+            [
+                (r"/api/v1/auth/login", LoginHandler),
+                (r"/api/v1/auth/me", MeHandler),
+                (r"/api/v1/me/orgs", MyOrgsHandler),
+                (r"/jwks.json", JWKSHandler),
+                (r"/api/v1/auth/public-config", PublicConfigHandler),
+                (REALM_PATH + r"/\.well-known/openid-configuration", DiscoveryHandler),
+                (REALM_PATH + r"/protocol/openid-connect/certs", CertsHandler),
+            ],
+            fake=self,
+        )
         return self
 
     def stop(self) -> None:
         """Stop listening and drop connections: Visdom Trace is down until start()."""
-        loop, server = self._loop, self._server
-        if loop is None or server is None:
-            return
-
-        async def shutdown() -> None:
-            server.stop()
-            await server.close_all_connections()
-            IOLoop.current().stop()
-
-        loop.add_callback(shutdown)
-        if self._thread is not None:
-            self._thread.join(10)
-        self._loop = self._server = self._thread = None
+        self._served.stop()

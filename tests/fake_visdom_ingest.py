@@ -13,22 +13,18 @@ events (``refuse``), or stop it and start it again on the same port.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import threading
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 import orjson
 import tornado.web
-from tornado.httpserver import HTTPServer
-from tornado.ioloop import IOLoop
 
-from tests.fake_visdom import FakeVisdom
-from tests.harness import free_port
+from tests.served import ServedApp
 
 MAX_BODY = 512 * 1024
 TOOLS = {"claude-code", "codex", "gsd", "opencode"}
@@ -223,8 +219,9 @@ class _StreamHandler(tornado.web.RequestHandler):
 class FakeVisdomIngest:
     def __init__(self, key: str) -> None:
         self.key = key
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self._served = ServedApp("fake-visdom-ingest")
+        self.port = self._served.port
+        self.url = self._served.url
         self.lock = threading.Lock()
         self.sessions: dict[tuple[str, str], Session] = {}
         #: Every breach of the protocol seen; a test asserts it stays empty.
@@ -237,9 +234,6 @@ class FakeVisdomIngest:
         self.refuse: Any = None
         self._uuids: dict[str, bytes] = {}
         self._tool_keys: set[tuple[str, str, str]] = set()
-        self._loop: IOLoop | None = None
-        self._server: HTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self._next_id = 0
 
     # --- the endpoint ---
@@ -348,35 +342,20 @@ class FakeVisdomIngest:
     # --- lifecycle ---
 
     def start(self) -> FakeVisdomIngest:
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(asyncio.new_event_loop())
-            self._loop = IOLoop.current()
-            app = tornado.web.Application(
-                [
-                    (
-                        r"/api/v1/(?:orgs/[^/]+/)?repos/([^/]+)/stream",
-                        _StreamHandler,
-                        {"kind": "repos"},
-                    ),
-                    (r"/api/v1/projects/([^/]+)/stream", _StreamHandler, {"kind": "projects"}),
-                ],
-                fake=self,
-                log_function=lambda _h: None,
-            )
-            self._server = HTTPServer(app, max_body_size=4 * MAX_BODY)
-            self._server.listen(self.port, "127.0.0.1")
-            ready.set()
-            self._loop.start()
-            self._loop.close(all_fds=True)
-
-        self._thread = threading.Thread(target=run, name="fake-visdom-ingest", daemon=True)
-        self._thread.start()
-        ready.wait(10)
+        self._served.start(
+            [
+                (
+                    r"/api/v1/(?:orgs/[^/]+/)?repos/([^/]+)/stream",
+                    _StreamHandler,
+                    {"kind": "repos"},
+                ),
+                (r"/api/v1/projects/([^/]+)/stream", _StreamHandler, {"kind": "projects"}),
+            ],
+            max_body_size=4 * MAX_BODY,
+            fake=self,
+        )
         return self
 
     def stop(self) -> None:
         """Stop listening and drop connections: Visdom Trace is down until start()."""
-        # The same server thread as FakeVisdom's, stopped the same way.
-        FakeVisdom.stop(cast(FakeVisdom, self))
+        self._served.stop()

@@ -80,6 +80,10 @@ NOT_RUN = {
     "file; keys add --provider vertex runs on the fake Vertex AI's (tests/test_cloud_vertex.py)",
     "export CLAUDE_CODE_USE_VERTEX=1": "starts Claude Code in its Vertex AI mode, as "
     "tests/test_real_clients.py does against the fake Vertex AI",
+    "# an IAM user's access key": "needs AWS; tests/test_cloud_bedrock.py adds such keys (CLI "
+    "flags and secrets as written here) on the fake Bedrock",
+    "export CLAUDE_CODE_USE_BEDROCK=": "starts Claude Code in Bedrock mode, which "
+    "tests/test_cloud_bedrock.py runs with these variables",
 }
 
 PLACEHOLDER_URL = "https://gate.example.com"

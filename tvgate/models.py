@@ -42,7 +42,15 @@ PROVIDER_OPENAI = "openai"
 PROVIDER_AZURE = "azure"
 #: Claude on Google Vertex AI: a service account's key, the project and region in settings.
 PROVIDER_VERTEX = "vertex"
-PROVIDERS = (PROVIDER_ANTHROPIC, PROVIDER_OPENAI, PROVIDER_AZURE, PROVIDER_VERTEX)
+#: Claude on AWS Bedrock: an access key, an STS role or a Bedrock API key; region in settings.
+PROVIDER_BEDROCK = "bedrock"
+PROVIDERS = (
+    PROVIDER_ANTHROPIC,
+    PROVIDER_OPENAI,
+    PROVIDER_AZURE,
+    PROVIDER_VERTEX,
+    PROVIDER_BEDROCK,
+)
 
 #: Route scopes: visible to the whole org, made by an admin for one user,
 #: made by a user for themselves.

@@ -47,8 +47,8 @@ from tvgate.config import ConfigError, Settings, load_settings
 from tvgate.gateway import Gateway
 from tvgate.httpserver import GatewayHTTPServer
 from tvgate.keyring.local import load_or_create_key_file
+from tvgate.proxy import bedrock_mode, vertex_mode
 from tvgate.proxy import handlers as proxy_handlers
-from tvgate.proxy import vertex_mode
 from tvgate.supervisor import Supervisor
 from tvgate.web import NotFoundHandler
 
@@ -72,6 +72,7 @@ def make_app(gateway: Gateway) -> tornado.web.Application:
         *ops.default_handlers,
         *proxy_handlers.default_handlers,
         *vertex_mode.default_handlers,
+        *bedrock_mode.default_handlers,
         *ui_auth.default_handlers,
         *ui_overview.default_handlers,
         *ui_me.default_handlers,

@@ -103,7 +103,8 @@ _KEY_CREATE = {
             "minLength": 1,
             "description": "the provider key; a cloud's is a JSON object (azure: "
             '{"api_key"} or {"tenant_id", "client_id", "client_secret"}; vertex: the service '
-            "account's JSON key file)",
+            "account's JSON key file; bedrock: "
+            '{"access_key_id", "secret_access_key", "session_token" (optional)} or {"api_key"})',
         },
         "base_url": _STR,
         "owner": _STR,
@@ -114,13 +115,17 @@ _KEY_CREATE = {
             "type": "object",
             "description": "a cloud key's settings, none secret (azure: style "
             "deployments|v1, api_version, authority; vertex: project, the Google Cloud "
-            "project id, and region: us-east5, europe-west1, global ...)",
+            "project id, and region: us-east5, europe-west1, global ...; bedrock: region, "
+            "us-east-1 ..., role_arn, external_id, sts_endpoint)",
             "properties": {
                 "style": {"type": "string", "enum": ["deployments", "v1"]},
                 "api_version": _STR,
                 "authority": _STR,
                 "project": _STR,
                 "region": _STR,
+                "role_arn": _STR,
+                "external_id": _STR,
+                "sts_endpoint": _STR,
             },
         },
     },

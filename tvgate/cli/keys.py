@@ -36,14 +36,23 @@ def cmd_keys_add(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+#: The flags of a cloud key's settings (``tvgate.providers.clouds``), each a setting.
+_CLOUD_FLAGS = (
+    "api_version",
+    "style",
+    "authority",
+    "project",
+    "region",
+    "role_arn",
+    "external_id",
+    "sts_endpoint",
+)
+
+
 def _cloud_settings(args: argparse.Namespace) -> dict[str, str] | None:
     """The cloud settings given as flags (each cloud's, ``--region`` shared by those with
     regions), checked by the service."""
-    given = {
-        name: value
-        for name in ("api_version", "style", "authority", "project", "region")
-        if (value := getattr(args, name)) is not None
-    }
+    given = {name: value for name in _CLOUD_FLAGS if (value := getattr(args, name)) is not None}
     return given or None
 
 
@@ -225,7 +234,7 @@ def register(commands: Commands) -> None:
     p.add_argument(
         "--base-url",
         help="where calls go (Azure OpenAI: https://RESOURCE.openai.azure.com; "
-        "Vertex AI: its region's endpoint by default)",
+        "Vertex AI, Bedrock: the region's endpoint by default)",
     )
     p.add_argument("--org")
     p.add_argument("--owner", help="a user's own key (when the org allows user keys)")
@@ -262,9 +271,23 @@ def register(commands: Commands) -> None:
         "Vertex AI (--provider vertex; the secret is the service account's JSON key file)"
     )
     vertex.add_argument("--project", help="the Google Cloud project id")
-    clouds = p.add_argument_group("clouds with regions (Vertex AI), one --region for all")
+    bedrock = p.add_argument_group(
+        'AWS Bedrock (--provider bedrock; the secret is {"access_key_id", '
+        '"secret_access_key", "session_token" (optional)} or {"api_key": …})'
+    )
+    bedrock.add_argument(
+        "--role-arn", help="an IAM role to assume with STS, the secret's access key as its base"
+    )
+    bedrock.add_argument("--external-id", help="the external id the role's trust policy asks for")
+    bedrock.add_argument(
+        "--sts-endpoint",
+        metavar="URL",
+        help="the STS endpoint (default https://sts.REGION.amazonaws.com/)",
+    )
+    clouds = p.add_argument_group("clouds with regions (Vertex AI, Bedrock), one --region for all")
     clouds.add_argument(
-        "--region", help="the region whose endpoint serves the calls (us-east5, global)"
+        "--region",
+        help="the region whose endpoint serves the calls (us-east5, global; us-east-1)",
     )
     p.add_argument("--json", action="store_true", help="JSON for scripts")
     p = command(

@@ -22,7 +22,13 @@ only be told in-band, as an event in that API's stream format.
 
 from __future__ import annotations
 
-from tvgate.models import PROVIDER_ANTHROPIC, PROVIDER_AZURE, PROVIDER_OPENAI, PROVIDER_VERTEX
+from tvgate.models import (
+    PROVIDER_ANTHROPIC,
+    PROVIDER_AZURE,
+    PROVIDER_BEDROCK,
+    PROVIDER_OPENAI,
+    PROVIDER_VERTEX,
+)
 from tvgate.providers import anthropic, openai_chat, openai_legacy, openai_responses
 from tvgate.providers.base import (
     ANTHROPIC_COUNT_TOKENS,
@@ -70,12 +76,14 @@ DEFAULT_BASE_URLS: dict[str, str] = {p: api.default_base_url for p, api in _BY_P
 _CLOUD_SPEAKS: dict[str, str] = {
     PROVIDER_AZURE: PROVIDER_OPENAI,
     PROVIDER_VERTEX: PROVIDER_ANTHROPIC,
+    PROVIDER_BEDROCK: PROVIDER_ANTHROPIC,
 }
 
 
 def speaks(provider: str) -> str:
     """The provider whose APIs a key of ``provider`` serves: itself, or for a cloud
-    (``azure``, ``vertex``) the provider whose models it serves (``openai``, ``anthropic``)."""
+    (``azure``, ``vertex``, ``bedrock``) the provider whose models it serves (``openai``,
+    ``anthropic``)."""
     return _CLOUD_SPEAKS.get(provider, provider)
 
 

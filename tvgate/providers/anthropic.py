@@ -212,8 +212,25 @@ class _AnthropicStream(SSEStream):
                     usage[key] = value
         elif kind == "message_stop":
             self._done = True
+            metrics = obj.get("amazon-bedrock-invocationMetrics")
+            if isinstance(metrics, dict):
+                self._bedrock_usage(metrics)
         elif kind == "error":
             self._error = error_fields(obj.get("error"))
+
+    def _bedrock_usage(self, metrics: JSON) -> None:
+        """Bedrock's own count of the call (its last event's ``invocationMetrics``): the
+        figures the answer's usage left out."""
+        usage = self._msg().setdefault("usage", {})
+        if isinstance(usage, dict):
+            for field, metric in (
+                ("input_tokens", "inputTokenCount"),
+                ("output_tokens", "outputTokenCount"),
+                ("cache_read_input_tokens", "cacheReadInputTokenCount"),
+                ("cache_creation_input_tokens", "cacheWriteInputTokenCount"),
+            ):
+                if not usage.get(field) and isinstance(metrics.get(metric), int):
+                    usage[field] = metrics[metric]
 
     def _close_block(self, idx: object) -> None:
         if not isinstance(idx, int):

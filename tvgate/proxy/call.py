@@ -43,7 +43,7 @@ from tvgate.models import (
 )
 from tvgate.providers import ProviderAPI
 from tvgate.providers.clouds import credentials_for
-from tvgate.providers.clouds.base import CloudError, CloudRequest
+from tvgate.providers.clouds.base import CloudError, CloudReader, CloudRequest
 from tvgate.proxy.body import BodyError, ParsedBody, decode_content, parse_request_body, with_model
 from tvgate.proxy.estimate import ESTIMATE_NOTE, answer_estimate
 from tvgate.proxy.hops import incoming_marks, is_loop, outgoing_marks
@@ -54,6 +54,7 @@ from tvgate.proxy.scrub import KeyScrubber
 from tvgate.proxy.upstream import (
     CURLE_OPERATION_TIMEDOUT,
     UpstreamExchange,
+    UpstreamListener,
     UpstreamResult,
     upstream_headers,
     upstream_url,
@@ -396,6 +397,7 @@ class ProxyCall:
             api, auth, body = pair.upstream, list(pair.required_headers), translation.body
         url = upstream_url(entry.key.base_url, api.upstream_path, self.handler.forwarded_query)
         allow_private = settings.allows_private_upstream(entry.key.owner_id is not None)
+        listener: UpstreamListener = relay
         cloud = credentials_for(entry.key.provider)
         if cloud is None:
             auth = api.auth_headers(secret) + auth
@@ -411,6 +413,7 @@ class ProxyCall:
                 return self._unprepared(entry, exc, may_fall_back=may_fall_back)
             url, auth, body = call.url, call.auth + auth, call.body
             translation = call.answer(api, translation)
+            listener = call.listener(relay)
         exchange = UpstreamExchange(
             self.gateway.http,
             url,
@@ -418,7 +421,7 @@ class ProxyCall:
                 request.headers, auth, outgoing_marks(self.hop_marks, self.gateway.hop_id)
             ),
             body,
-            relay,
+            listener,
             connect_timeout=settings.connect_timeout,
             idle_timeout=settings.idle_timeout,
             allow_private=allow_private,
@@ -435,6 +438,8 @@ class ProxyCall:
             translation=translation,
         )
         result = await exchange.run()
+        if isinstance(listener, CloudReader):
+            listener.end()  # the cloud's reader passes on what it held back
         if relay.redirected:
             result = dataclasses.replace(
                 result,

@@ -67,6 +67,10 @@ _DROPPED_REQUEST_HEADERS = frozenset(
         "api-key",  # Azure OpenAI's, which its SDK sends the tvgate token in
         "authorization",
         "cookie",
+        # A client's own AWS signature (a cloud key signs its calls itself).
+        "x-amz-date",
+        "x-amz-security-token",
+        "x-amz-content-sha256",
     }
 )
 

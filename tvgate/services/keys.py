@@ -118,6 +118,8 @@ def add_key(
     ``allow_private`` lets an org key, ``allow_private_user`` a
     user's own key, reach http and private upstreams (the two settings of that name).
     ``gateway_urls``: where this gateway answers (``Settings``), refused as base URLs.
+    ``settings``: a cloud key's (``tvgate.providers.clouds``), which its cloud checks, as it
+    does its secret (a JSON object); its default base URL is the cloud's for them.
     """
     org = _actor_org(actor, org_name)
     owner: User | None = None

@@ -2,8 +2,10 @@
 
 Prices are USD per million tokens. The default table (rows with no org) is the
 operator's; an org's admins set their own org's prices, which win over the default
-for that org's calls. A cloud's id of a model (Vertex AI's ``claude-…@date``) is priced
-as the model's own name (``price_name``) is, unless a more specific price names the id. Anthropic reports input tokens without the cached ones;
+for that org's calls. A cloud's id of a model (Vertex AI's ``claude-…@date``, Bedrock's
+``us.anthropic.claude-…-v1:0``) is priced as the model's own name (``price_name``) is,
+unless a more specific price names the id. Anthropic reports input tokens without the
+cached ones;
 OpenAI's prompt tokens include them; ``cost`` takes each provider's way of counting
 into account.
 """
@@ -58,10 +60,21 @@ def seed_prices() -> None:
             )
 
 
+#: A Bedrock model id, as a foundation model, a cross-region inference profile or their
+#: ARNs: ``[arn:aws:bedrock:REGION:ACCOUNT:inference-profile/][us.]anthropic.NAME-v1[:0]``.
+_BEDROCK_ID = re.compile(
+    r"(?:arn:aws[a-z-]*:bedrock:[a-z0-9-]*:\d*:(?:foundation-model|inference-profile|"
+    r"application-inference-profile)/)?(?:[a-z]{2,6}(?:-[a-z]+)?\.)?anthropic\."
+    r"(?P<name>[a-z0-9.-]+?)(?:-v\d+(?::\d+)?)?"
+)
+
+
 def price_name(model: str) -> str:
     """A cloud's id of a model as the price table names it (the model's own name): Vertex
-    AI's ``claude-sonnet-4-5@20250929`` is ``claude-sonnet-4-5-20250929``."""
-    return model.replace("@", "-", 1)
+    AI's ``claude-sonnet-4-5@20250929`` and Bedrock's
+    ``us.anthropic.claude-sonnet-4-5-20250929-v1:0`` are ``claude-sonnet-4-5-20250929``."""
+    found = _BEDROCK_ID.fullmatch(model)
+    return found.group("name") if found else model.replace("@", "-", 1)
 
 
 @dataclass(frozen=True, slots=True)

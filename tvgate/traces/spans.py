@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from tvgate.models import OUTCOME_OK, PROVIDER_ANTHROPIC, PROVIDER_AZURE
+from tvgate.models import OUTCOME_OK, PROVIDER_ANTHROPIC, PROVIDER_AZURE, PROVIDER_BEDROCK
 from tvgate.providers import (
     ANTHROPIC_COUNT_TOKENS,
     ANTHROPIC_MESSAGES,
@@ -43,7 +43,7 @@ OPERATIONS = {
 }
 
 #: ``gen_ai.provider.name`` where the conventions name a provider otherwise than tvgate.
-PROVIDER_NAMES = {PROVIDER_AZURE: "azure.ai.openai"}
+PROVIDER_NAMES = {PROVIDER_AZURE: "azure.ai.openai", PROVIDER_BEDROCK: "aws.bedrock"}
 
 
 def checked_traceparent(value: str | None) -> str:
@@ -77,13 +77,12 @@ def span_attributes(row: TraceRow) -> dict[str, Any]:
     cache_read = int(row.get("cache_read_tokens") or 0)
     cache_write = int(row.get("cache_write_tokens") or 0)
     input_tokens = int(row.get("input_tokens") or 0)
-    if speaks(row.get("provider") or "") == PROVIDER_ANTHROPIC:
+    provider = row.get("provider") or ""
+    if speaks(provider) == PROVIDER_ANTHROPIC:  # a Bedrock key counts as Anthropic does
         input_tokens += cache_read + cache_write
     attributes: dict[str, Any] = {
         "gen_ai.operation.name": OPERATIONS.get(row.get("endpoint", ""), "chat"),
-        "gen_ai.provider.name": PROVIDER_NAMES.get(row.get("provider") or "")
-        or row.get("provider")
-        or "",
+        "gen_ai.provider.name": PROVIDER_NAMES.get(provider, provider),
         "gen_ai.request.model": row.get("upstream_model") or row.get("requested_model") or "",
         "gen_ai.usage.input_tokens": input_tokens,
         "gen_ai.usage.output_tokens": int(row.get("output_tokens") or 0),

@@ -344,7 +344,7 @@ def route_speaks(client: ProviderAPI, provider: str, *, chat_only: bool = False)
     speaks to a ``client`` of another API, a pair's second name; None when it speaks the
     client's own (passthrough, no translation code). A cloud's key speaks the API of the
     provider whose models it serves (``tvgate.providers.speaks``: Azure OpenAI, OpenAI's;
-    Vertex AI, Anthropic's)."""
+    Vertex AI's and Bedrock's, Anthropic's)."""
     provider = speaks(provider)
     if provider != client.provider:
         return provider

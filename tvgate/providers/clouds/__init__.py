@@ -1,5 +1,5 @@
 """The clouds that serve a provider's models under their own endpoints and credentials
-(issue 20): Azure OpenAI (OpenAI's APIs) and Google Vertex AI (Claude).
+(issue 20): Azure OpenAI (OpenAI's APIs), Google Vertex AI and AWS Bedrock (Claude).
 
 A key whose provider is a cloud is checked when stored and sent by that cloud's credential
 module (``base.CloudCredentials``), which answers for one call the upstream URL, the auth
@@ -10,13 +10,14 @@ None (Anthropic, OpenAI). A cloud adds its one entry to ``_CLOUDS``.
 
 from __future__ import annotations
 
-from tvgate.models import PROVIDER_AZURE, PROVIDER_VERTEX
-from tvgate.providers.clouds import azure, vertex
+from tvgate.models import PROVIDER_AZURE, PROVIDER_BEDROCK, PROVIDER_VERTEX
+from tvgate.providers.clouds import azure, bedrock, vertex
 from tvgate.providers.clouds.base import CloudCredentials
 
 _CLOUDS: dict[str, CloudCredentials] = {
     PROVIDER_AZURE: azure.CREDENTIALS,
     PROVIDER_VERTEX: vertex.CREDENTIALS,
+    PROVIDER_BEDROCK: bedrock.CREDENTIALS,
 }
 
 

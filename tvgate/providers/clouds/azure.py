@@ -37,7 +37,13 @@ from urllib.parse import quote, urlencode
 import orjson
 from tornado.httputil import HTTPHeaders
 
-from tvgate.providers.clouds.base import CheckedKey, CloudCall, CloudError, CloudRequest
+from tvgate.providers.clouds.base import (
+    CheckedKey,
+    CloudCall,
+    CloudError,
+    CloudRequest,
+    secret_object,
+)
 from tvgate.proxy.upstream import UpstreamExchange, url_host
 
 PROVIDER = "azure"
@@ -71,15 +77,11 @@ def _settings(text: str) -> dict[str, Any]:
 
 def _secret_fields(secret: str) -> dict[str, str]:
     """The secret's fields by kind; ValueError naming what is missing (never a value)."""
-    try:
-        fields = orjson.loads(secret)
-    except orjson.JSONDecodeError:
-        raise ValueError(
-            'an Azure OpenAI secret is a JSON object: {"api_key": "…"} or '
-            '{"tenant_id": "…", "client_id": "…", "client_secret": "…"}'
-        ) from None
-    if not isinstance(fields, dict):
-        raise ValueError("an Azure OpenAI secret is a JSON object")
+    fields = secret_object(
+        secret,
+        "an Azure OpenAI secret",
+        '{"api_key": "…"} or {"tenant_id": "…", "client_id": "…", "client_secret": "…"}',
+    )
     kind = "api_key" if "api_key" in fields else "entra"
     names = _SECRET_FIELDS[kind]
     unknown = sorted(set(fields) - set(names))

@@ -8,7 +8,9 @@ names what is wrong, never a secret's value) and, for each call, turns the call 
 would make to the provider whose API the cloud speaks into the cloud's (``prepare``): the
 URL, the auth headers (which may be minted without blocking the IOLoop, through the
 gateway's HTTP client or in a thread, and cached), the body the cloud takes, and the
-answer's mapping back (``CloudCall.map_error``: the cloud's error envelope as the API's).
+answer's mapping back (``CloudCall.map_error``: the cloud's error envelope as the API's;
+``CloudCall.reader``: a cloud whose answer is not in the API's wire at all, Bedrock's
+event stream, reads it into that wire before the relay sees a byte).
 Every secret string it sends or derives is given to the call's scrubber, so none can come
 back to the client, a trace or a log.
 """
@@ -17,13 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import orjson
 from tornado.curl_httpclient import CurlAsyncHTTPClient
 from tornado.httputil import HTTPHeaders
 
 from tvgate.providers.base import ProviderAPI
 from tvgate.proxy.scrub import KeyScrubber
+from tvgate.proxy.upstream import UpstreamListener
 
 if TYPE_CHECKING:
     from tvgate.routing import KeyRef
@@ -39,6 +43,18 @@ class CloudError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def secret_object(secret: str, described: str, shape: str) -> dict[str, Any]:
+    """A cloud key's secret as the JSON object it must be; ValueError saying what it should
+    look like (``described``: "a Bedrock secret", ``shape``: its fields), never quoting it."""
+    try:
+        fields = orjson.loads(secret)
+    except orjson.JSONDecodeError:
+        raise ValueError(f"{described} is a JSON object: {shape}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{described} is a JSON object")
+    return fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +96,18 @@ def _unmapped(status: int, body: bytes) -> bytes:
     return body
 
 
+@runtime_checkable
+class CloudReader(Protocol):
+    """An upstream listener in front of the relay, reading the cloud's answer into the API's
+    wire; ``end`` is told the transfer ended (what it held back goes on then)."""
+
+    def on_upstream_headers(self, status: int, headers: list[tuple[str, str]]) -> None: ...
+
+    def on_upstream_chunk(self, chunk: bytes) -> bool: ...
+
+    def end(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class CloudCall:
     """The call as the cloud takes it (its auth headers set over the client's), and how
@@ -91,6 +119,13 @@ class CloudCall:
     body: bytes
     #: The cloud's error answer (status, body) as the API's error body.
     map_error: Callable[[int, bytes], bytes] = _unmapped
+    #: What reads the cloud's answer, in front of the relay (None: the relay, the answer
+    #: being in the API's wire already).
+    reader: Callable[[UpstreamListener], CloudReader] | None = None
+
+    def listener(self, relay: UpstreamListener) -> UpstreamListener:
+        """Who the exchange hands the answer to: the cloud's reader before ``relay``."""
+        return relay if self.reader is None else self.reader(relay)
 
     def answer(self, api: ProviderAPI, inner: Translation | None) -> Translation | None:
         """What reads the answer: ``inner`` (the pair's translation, if any) when the cloud
