@@ -405,10 +405,19 @@ class ProxyCall:
             # The cloud's URL, credentials and body; its answer mapped to the API's.
             try:
                 call = await cloud.prepare(
-                    CloudRequest(entry.key, secret, api, self.upstream_model, body,
-                                 request.headers, self.scrubber, self.gateway.http,
-                                 allow_private, settings.connect_timeout)
-                )  # fmt: skip
+                    CloudRequest(
+                        key=entry.key,
+                        secret=secret,
+                        api=api,
+                        upstream_model=self.upstream_model,
+                        body=body,
+                        client_headers=request.headers,
+                        scrubber=self.scrubber,
+                        http=self.gateway.http,
+                        allow_private=allow_private,
+                        connect_timeout=settings.connect_timeout,
+                    )
+                )
             except CloudError as exc:
                 return self._unprepared(entry, exc, may_fall_back=may_fall_back)
             url, auth, body = call.url, call.auth + auth, call.body
