@@ -24,6 +24,7 @@ from urllib.parse import quote
 import orjson
 
 from tvgate.models import Trace, VisdomEvent, VisdomSession, VisdomSink, database
+from tvgate.rows import from_row
 from tvgate.traces.content import load_request
 from tvgate.traces.store import BlobStore
 from tvgate.visdom.events import CallRecord, SessionState, call_events, session_end
@@ -83,22 +84,13 @@ def _record(trace: Trace, store: BlobStore) -> CallRecord:
         except (KeyError, ValueError):
             # Swept by retention, or not JSON: sent as a call whose bodies are not kept.
             captured, request, response = False, None, None
-    return CallRecord(
+    return from_row(
+        CallRecord,
+        trace,
         trace_id=trace.id,
         session_id=_session_of(trace),
-        tool=trace.tool,
-        endpoint=trace.endpoint,
-        provider=trace.provider,
         model=trace.response_model or trace.upstream_model or trace.requested_model,
-        received_at=trace.received_at,
-        finished_at=trace.finished_at,
-        message_id=trace.message_id,
         request_id=trace.upstream_request_id,
-        input_tokens=trace.input_tokens,
-        output_tokens=trace.output_tokens,
-        cache_read_tokens=trace.cache_read_tokens,
-        cache_write_tokens=trace.cache_write_tokens,
-        branch=trace.branch,
         cwd=cwd,
         request=request,
         response=response,
