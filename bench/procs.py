@@ -106,14 +106,35 @@ def family_rss_kib(pid: int) -> int:
     return sum(rss_kib(member)[0] for member in family(pid))
 
 
+def pss_kib(pid: int) -> int:
+    """A process's proportional set size in KiB (0 when unknown): its RSS with each page it
+    shares divided among the processes that map it. The serving process and its trace
+    writer process map the same libraries, so their RSS figures added count those twice."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def family_pss_kib(pid: int) -> int:
+    """The PSS of ``pid`` and its live descendants together, in KiB."""
+    return sum(pss_kib(member) for member in family(pid))
+
+
 class RssSampler:
     """Samples the RSS of a process and its children (the trace writer process) together, in
-    a thread; ``peak_mib`` is the largest sum seen (or the process's own VmHWM, if larger)."""
+    a thread; ``peak_mib`` is the largest sum seen (or the process's own VmHWM, if larger),
+    ``peak_pss_mib`` the largest sum of their PSS (shared pages counted once)."""
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         self.pid = pid
         self.interval = interval
         self.peak_kib = 0
+        self.peak_pss_kib = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -130,7 +151,12 @@ class RssSampler:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self.peak_kib = max(self.peak_kib, family_rss_kib(self.pid))
+            self.peak_pss_kib = max(self.peak_pss_kib, family_pss_kib(self.pid))
 
     @property
     def peak_mib(self) -> float:
         return self.peak_kib / 1024
+
+    @property
+    def peak_pss_mib(self) -> float:
+        return self.peak_pss_kib / 1024

@@ -285,7 +285,9 @@ def render(
         f"{plan.streams / plan.stream_interval:.0f} a second with every stream open. "
         "*Steady* counts the events read while every stream was open and none was starting "
         "or ending; *all* counts every event. The gateway's RSS (the serving process and its "
-        "trace writer process together) is sampled every 100 ms. "
+        "trace writer process together) is sampled every 100 ms, and their PSS beside it: "
+        "the two processes map the same libraries, which their RSS figures added count "
+        "twice and PSS once. "
         "*Machine* is how busy both cores were during the run (200% = full), *gateway CPU* "
         "the share of the serving process and its trace writer process together (so it may "
         "pass 100%): a serving process well under 100% while the machine is full "
@@ -321,10 +323,10 @@ def render(
             )
     add("")
     add(
-        "| database | gateway RSS idle MB | gateway RSS peak MB | streams | traces written | ok "
-        "| other outcomes | dropped | no trace lost |"
+        "| database | gateway RSS idle MB | gateway RSS peak MB | gateway PSS peak MB | streams "
+        "| traces written | ok | other outcomes | dropped | no trace lost |"
     )
-    add("|---|---|---|---|---|---|---|---|---|")
+    add("|---|---|---|---|---|---|---|---|---|---|")
     for stream in streams:
         total = stream.traces.get("total", 0)
         ok = stream.traces.get("ok", 0)
@@ -334,7 +336,8 @@ def render(
         lost = total != stream.expected_traces or stream.writer.dropped > 0
         add(
             f"| {stream.database} | {stream.rss_idle_mib * 1.048576:.0f} | "
-            f"{stream.rss_peak_mib * 1.048576:.0f} | {stream.expected_traces} | {total} | {ok} | "
+            f"{stream.rss_peak_mib * 1.048576:.0f} | {stream.pss_peak_mib * 1.048576:.0f} | "
+            f"{stream.expected_traces} | {total} | {ok} | "
             f"{others or 'none'} | {stream.writer.dropped} | {'**no**' if lost else 'yes'} |"
         )
     add("")

@@ -88,6 +88,7 @@ class StreamResult:
     bare: list[dict[str, Any]]
     rss_idle_mib: float
     rss_peak_mib: float
+    pss_peak_mib: float
     traces: dict[str, int]
     expected_traces: int
     writer: gw.WriterStats
@@ -280,7 +281,7 @@ class Bench:
         time.sleep(0.5)
         idle_kib = family_rss_kib(tvgate.pid)
         runs: dict[str, list[dict[str, Any]]] = {"direct": [], "bare": [], "tvgate": []}
-        peak = 0.0
+        peak = peak_pss = 0.0
         try:
             for _ in range(plan.repeat):
                 with MachineLoad() as load:
@@ -296,6 +297,7 @@ class Bench:
                     run = self.drip_load(tvgate.url + "/v1/messages?beta=true", gw_headers)
                 runs["tvgate"].append({**run, "machine_busy": load.busy, "proxy_cpu": load.cpu})
                 peak = max(peak, rss.peak_mib)
+                peak_pss = max(peak_pss, rss.peak_pss_mib)
         finally:
             writer = tvgate.stop()
         after = gw.trace_counts(database_url, payloads.ROUTE_DRIP)
@@ -307,6 +309,7 @@ class Bench:
             runs["bare"],
             idle_kib / 1024,
             peak,
+            peak_pss,
             traces,
             plan.streams * plan.repeat,
             writer,
@@ -445,7 +448,8 @@ def stream_line(stream: StreamResult) -> str:
         return statistics.median(float(r[key]) for r in runs) if runs else 0.0
 
     return (
-        f"RSS {stream.rss_peak_mib:.0f} MiB (idle {stream.rss_idle_mib:.0f}); steady per-event p99 "
+        f"RSS {stream.rss_peak_mib:.0f} MiB (idle {stream.rss_idle_mib:.0f}, "
+        f"PSS {stream.pss_peak_mib:.0f}); steady per-event p99 "
         f"direct {med(stream.direct, 'steady_p99_ms'):.2f} ms, bare "
         f"{med(stream.bare, 'steady_p99_ms'):.2f} ms, tvgate {med(stream.tvgate, 'steady_p99_ms'):.2f} ms "
         f"(gateway CPU {med(stream.tvgate, 'proxy_cpu'):.0f}%, machine "
