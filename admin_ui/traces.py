@@ -1,6 +1,6 @@
 """Trace pages: a filterable list, one trace as a readable conversation, its raw JSON,
-and a tool session's traces in order. Members see their own traces; admins and
-auditors their org's (the services decide)."""
+and a tool session's tree of agents and traces in order. Members see their own traces;
+admins and auditors their org's (the services decide)."""
 
 from __future__ import annotations
 
@@ -70,18 +70,38 @@ class TraceRawHandler(UIHandler):
         self.finish(orjson.dumps(trace, option=orjson.OPT_INDENT_2))
 
 
+def nested(agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The agents (depth-first, with their depths) with what the page's nested list needs
+    after each one: ``opens`` (its subagents follow in a list of their own) or ``closes``
+    (how many enclosing lists end with it)."""
+    rows = []
+    for index, agent in enumerate(agents):
+        following = agents[index + 1]["depth"] if index + 1 < len(agents) else 0
+        opens = following > agent["depth"]
+        rows.append({**agent, "opens": opens, "closes": 0 if opens else agent["depth"] - following})
+    return rows
+
+
 class SessionHandler(UIHandler):
     @authenticated
     async def get(self, session_id: str) -> None:
         user = self.user
-        traces = await self.run_service(lambda: services.session_traces(session_id, actor=user))
+        view = await self.run_service(lambda: services.session_view(session_id, actor=user))
+        traces = view["traces"]
         totals: dict[str, Any] = {
             "input": sum(t["usage"]["input_tokens"] for t in traces),
             "output": sum(t["usage"]["output_tokens"] for t in traces),
             "cost": sum(t["cost_usd"] or 0 for t in traces),
             "errors": sum(1 for t in traces if t["outcome"] != OUTCOME_OK),
         }
-        self.render("session.html", session_id=session_id, traces=traces, totals=totals, when=when)
+        self.render(
+            "session.html",
+            session_id=session_id,
+            traces=traces,
+            agents=nested(view["agents"]),
+            totals=totals,
+            when=when,
+        )
 
 
 default_handlers = [

@@ -49,6 +49,9 @@ Behaviour is chosen with the request header ``x-fake-scenario`` (default ``norma
                  (default 0.2) before each one; every event is flushed on its own.
                  Non-streaming requests wait events x interval, then answer.
 ``hang``         nothing at all for ``x-fake-hang`` seconds (default 30), then ``normal``.
+``stall``        streams: the headers and the first event, flushed, then nothing at all for
+                 ``x-fake-hang`` seconds (default 30), then the rest (a provider gone quiet
+                 mid-stream). Non-streaming requests wait that long, then answer.
 
 ``wrong_shape``  a 200 JSON answer of no endpoint's shape, ``{"object": "list", "data": [...]}``
                  (as a server answers whose path leads elsewhere), whether or not the
@@ -166,6 +169,7 @@ SCENARIOS = frozenset(
         "reset",
         "drip",
         "hang",
+        "stall",
         "malformed",
         "redirect",
         "bulk",
@@ -1272,6 +1276,8 @@ class _Handler(tornado.web.RequestHandler):
             pieces = [f"drip {i + 1}/{events} " for i in range(events)] or [""]
         else:
             pieces = _words(_answer_text(body))
+        if scenario == "stall":
+            interval = self._number("x-fake-hang", DEFAULT_HANG)
         tool_call = None
         if scenario == "tool_use":
             pieces, tool_call = _words(TOOL_PREAMBLE), (_tool_name(body), TOOL_INPUT)
@@ -1458,7 +1464,8 @@ class _Handler(tornado.web.RequestHandler):
             self._set_openai_headers()
         try:
             if reply.frames is None:
-                await self._deliver_json(ctx, reply.body, ctx.interval * len(ctx.pieces))
+                delay = ctx.interval if ctx.scenario == "stall" else ctx.interval * len(ctx.pieces)
+                await self._deliver_json(ctx, reply.body, delay)
             else:
                 await self._deliver_stream(ctx, reply, ctx.interval)
         except tornado.iostream.StreamClosedError:
@@ -1520,7 +1527,9 @@ class _Handler(tornado.web.RequestHandler):
                 return
             if ctx.scenario == "malformed" and index == cut:
                 self.write(MALFORMED_BYTES)
-            if interval and frame.delta and await self._sleep(interval):
+            if ctx.scenario == "stall" and index == 1 and await self._sleep(interval):
+                return
+            if ctx.scenario == "drip" and interval and frame.delta and await self._sleep(interval):
                 return
             key = self.echoed_in_message.encode()
             if self.echo_key and key in frame.data:

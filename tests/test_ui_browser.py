@@ -13,13 +13,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx2
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
-from tests.conftest import ANTHROPIC_SECRET, OPENAI_SECRET, GatewayProcess
+from tests.conftest import ANTHROPIC_SECRET, OPENAI_SECRET, GatewayProcess, post_message
 from tests.fake_provider import FakeProvider
 
 CHROMIUM = "/usr/bin/chromium"
@@ -278,6 +279,91 @@ def test_member_connects_claude_code_and_reads_the_answer(
     visit(page, gateway.url + "/ui/")
     assert page.locator("svg rect.bar").count() > 0
     shoot(page, "overview-member")
+
+
+def _agent_call(gateway: GatewayProcess, session: str, words: str, **headers: str) -> None:
+    body = {
+        "model": "claude-sonnet",
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": words}],
+    }
+    assert post_message(gateway, body, session, **headers).status_code == 200
+
+
+def _agents_of(gateway: GatewayProcess, session: str, count: int) -> list[dict[str, Any]]:
+    """The session's agents as the JSON API gives them, once its ``count`` traces are in."""
+    gateway.wait_traces(count, session_id=session)
+    view = httpx2.get(
+        f"{gateway.url}/api/v1/sessions/{session}",
+        headers={"Authorization": f"Bearer {gateway.tokens[MEMBER]}"},
+        timeout=10,
+    ).json()
+    agents: list[dict[str, Any]] = view["agents"]
+    return agents
+
+
+def test_session_page_shows_the_tree_of_agents_with_their_usage(
+    member_page: Page, gateway: GatewayProcess
+) -> None:
+    page = member_page
+    session = "ui-agents-1"
+    subagent = "agent-b " + XSS
+    _agent_call(gateway, session, "plan the whole change")
+    _agent_call(gateway, session, "explore", **{"X-Claude-Code-Agent-Id": "agent-a"})
+    _agent_call(gateway, session, "explore more of it", **{"X-Claude-Code-Agent-Id": "agent-a"})
+    _agent_call(
+        gateway, session, "review it all for me please", **{"X-Claude-Code-Agent-Id": subagent}
+    )
+    agents = _agents_of(gateway, session, 4)
+    visit(page, gateway.url + f"/ui/sessions/{session}")
+    assert page.evaluate("window.__xss") is None
+    # A nested list: the main agent, and under it its two subagents.
+    main = page.locator("#agents > li")
+    assert main.count() == 1
+    assert page.locator("#agents > li > ul > li").count() == 2
+    rows = [main.locator(":scope > .agent"), *page.locator("#agents > li > ul > li > .agent").all()]
+    for row, agent, name in zip(rows, agents, ("Main agent", "agent-a", subagent), strict=True):
+        text = row.inner_text()
+        usage, calls = agent["usage"], agent["calls"]
+        assert name in text  # the id shown as text, the payload inert
+        assert (
+            f"{calls} {'call' if calls == 1 else 'calls'} · {usage['input_tokens']} tokens in"
+            f" · {usage['output_tokens']} out · ${agent['cost_usd']:.4f}"
+        ) in text
+    # Each with its own figures: no two agents' rows say the same.
+    assert len({row.locator(".usage").inner_text() for row in rows}) == 3
+    assert page.locator(".agent img").count() == 0
+    shoot(page, "session-agents")
+
+    # Hostile headers (an unknown parent, a cycle) do not break the page: every agent
+    # shows once, those whose parent is not above them under the main agent.
+    hostile = "ui-agents-hostile"
+    _agent_call(
+        gateway,
+        hostile,
+        "one",
+        **{"X-Claude-Code-Agent-Id": "orphan", "X-Claude-Code-Parent-Agent-Id": "ghost"},
+    )
+    _agent_call(
+        gateway,
+        hostile,
+        "two",
+        **{"X-Claude-Code-Agent-Id": "d", "X-Claude-Code-Parent-Agent-Id": "e"},
+    )
+    _agent_call(
+        gateway,
+        hostile,
+        "three",
+        **{"X-Claude-Code-Agent-Id": "e", "X-Claude-Code-Parent-Agent-Id": "d"},
+    )
+    tree = _agents_of(gateway, hostile, 3)
+    visit(page, gateway.url + f"/ui/sessions/{hostile}")
+    assert [a["agent_id"] for a in tree] == ["", "orphan", "d", "e"]
+    assert page.locator("#agents li").count() == 4
+    under_main = page.locator("#agents > li > ul > li")
+    assert [li.get_attribute("data-agent") for li in under_main.all()] == ["orphan", "d"]
+    assert page.locator("#agents li[data-agent=d] > ul > li[data-agent=e]").count() == 1
+    assert "ghost" in page.locator("#agents li[data-agent=orphan] > .agent").inner_text()
 
 
 def test_member_mints_a_token_shown_once_and_revokes_it(

@@ -286,6 +286,12 @@ def _migration_19(db: peewee.Database) -> None:
     add_column_if_missing(db, models.WebSession, "flash")
 
 
+def _migration_20(db: peewee.Database) -> None:
+    # Claude Code's agent and parent agent per call: a session as a tree of agents (issue 21).
+    for name in ("agent_id", "parent_agent_id"):
+        add_column_if_missing(db, models.Trace, name)
+
+
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
 #: The numbers have gaps: 13 came after 14 and 19, 3 and 12 after all of them, 15 and 18
 #: after 19, 16 after 18 (a database that has the later ones gets them). The gaps stay: a database
@@ -309,6 +315,7 @@ MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (16, _migration_16),
     (18, _migration_18),
     (19, _migration_19),
+    (20, _migration_20),
 ]
 
 

@@ -305,6 +305,10 @@ class Trace(BaseModel):
     tool = peewee.CharField(max_length=32, default="")
     tool_version = peewee.CharField(max_length=64, default="")
     session_id = peewee.CharField(max_length=200, default="", index=True)
+    #: The client's agent within the session (Claude Code's ``X-Claude-Code-Agent-Id``, a
+    #: subagent's) and the agent that started it; both empty for the session's main agent.
+    agent_id = peewee.CharField(max_length=200, default="")
+    parent_agent_id = peewee.CharField(max_length=200, default="")
     upstream_request_id = peewee.CharField(max_length=200, default="")
     message_id = peewee.CharField(max_length=200, default="")
     repo = peewee.CharField(max_length=200, default="")

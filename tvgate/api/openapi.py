@@ -390,7 +390,11 @@ DOCUMENT: dict[str, Any] = {
         },
         "/api/v1/sessions/{session_id}": {
             "parameters": [_path_param("session_id", _STR)],
-            "get": _op("A tool session's traces, oldest first", "200"),
+            "get": _op(
+                "A tool session's traces, oldest first, and its agents as a tree (main agent"
+                " first, each followed by its subagents): parent, calls, usage and cost of each",
+                "200",
+            ),
         },
         "/api/v1/prices": {
             "get": _op(

@@ -31,10 +31,8 @@ class TraceHandler(APIHandler):
 
 class SessionHandler(APIHandler):
     async def get(self, session: str) -> None:
-        traces = await self.run_service(
-            lambda: services.session_traces(session, actor=self.principal)
-        )
-        self.send({"session_id": session, "traces": traces})
+        view = await self.run_service(lambda: services.session_view(session, actor=self.principal))
+        self.send(view)
 
 
 class PricesHandler(APIHandler):

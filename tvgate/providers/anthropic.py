@@ -64,7 +64,7 @@ class AnthropicMessages:
         payload = {"type": "error", "error": {"type": kind, "message": message}}
         return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"
 
-    def models_body(self, routes: Sequence[tuple[str, str]]) -> bytes:
+    def models_body(self, routes: Sequence[tuple[str, str]], *, has_more: bool = False) -> bytes:
         data = [
             {"type": "model", "id": name, "display_name": name, "created_at": _CREATED}
             for name, _provider in routes
@@ -72,7 +72,7 @@ class AnthropicMessages:
         return orjson.dumps(
             {
                 "data": data,
-                "has_more": False,
+                "has_more": has_more,
                 "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None,
             }

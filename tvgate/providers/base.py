@@ -69,8 +69,9 @@ class ProviderAPI(Protocol):
         """An in-band error event ending a stream that already started."""
         ...
 
-    def models_body(self, routes: Sequence[tuple[str, str]]) -> bytes:
-        """``GET /v1/models`` in this API's format: ``routes`` are (name, provider) pairs."""
+    def models_body(self, routes: Sequence[tuple[str, str]], *, has_more: bool = False) -> bytes:
+        """``GET /v1/models`` in this API's format: ``routes`` are (name, provider) pairs, a
+        page of the list when the format has pages (``has_more``: more follow)."""
         ...
 
     def uncached_input(self, input_tokens: int, cache_read_tokens: int) -> int:

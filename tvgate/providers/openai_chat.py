@@ -71,7 +71,8 @@ class OpenAIAPI:
         payload = {"error": {"message": message, "type": kind, "param": None, "code": None}}
         return b"data: " + orjson.dumps(payload) + b"\n\n"
 
-    def models_body(self, routes: Sequence[tuple[str, str]]) -> bytes:
+    def models_body(self, routes: Sequence[tuple[str, str]], *, has_more: bool = False) -> bytes:
+        # OpenAI's list has no pages: every route is in it.
         data = [
             {"id": name, "object": "model", "created": 0, "owned_by": provider}
             for name, provider in routes

@@ -16,6 +16,7 @@ the same handler: same pipeline, same identity from ``x-api-key`` or ``Authoriza
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from asyncio import Future
 from typing import Any
@@ -26,10 +27,13 @@ from tornado.web import stream_request_body
 
 from tvgate.db import DatabaseUnavailable
 from tvgate.models import PROVIDER_ANTHROPIC, PROVIDER_OPENAI
-from tvgate.providers import ENDPOINTS, ProviderAPI, speaks
+from tvgate.providers import ENDPOINTS, ProviderAPI
 from tvgate.proxy.call import ProxyCall
-from tvgate.translate.pairs import pair_for
+from tvgate.proxy.model_list import PageError, PageRequest, listed_routes
+from tvgate.traces.attribution import detect_tool
 from tvgate.web import BaseHandler, Refusal
+
+log = logging.getLogger("tvgate.proxy")
 
 
 @stream_request_body
@@ -128,7 +132,8 @@ class ProxyHandler(BaseHandler):
 
 
 class ModelsHandler(BaseHandler):
-    """``GET /v1/models``: the routes this caller may use, in the format its API uses."""
+    """``GET /v1/models``: the routes this caller may use, in the format its API uses, a
+    page at a time in Anthropic's (``tvgate.proxy.model_list``)."""
 
     SUPPORTED_METHODS = ("GET",)
     token_required = True
@@ -140,18 +145,30 @@ class ModelsHandler(BaseHandler):
         except DatabaseUnavailable:
             raise Refusal(503, "route store unavailable; try again shortly") from None
         api = self.error_api()
-        # A route of the other provider is usable through translation, unless it is off.
-        routes = [
-            (r.name, r.key.provider)
-            for r in snapshot.available(principal)
-            if not r.is_pattern
-            and (
-                speaks(r.key.provider) == api.provider
-                or (r.translate and pair_for(api, speaks(r.key.provider)) is not None)
+        routes = listed_routes(snapshot.available(principal), api)
+        has_more, limit = False, 0
+        if api.provider == PROVIDER_ANTHROPIC:
+            try:
+                request = PageRequest.parse(lambda name: self.get_query_argument(name, None))
+            except PageError as exc:
+                raise Refusal(400, str(exc)) from None
+            routes, has_more = request.page(routes)
+            limit = request.limit
+        if log.isEnabledFor(logging.DEBUG):
+            # Whether a tool's model discovery reached the gateway and what it was shown
+            # (names its user may see anyway; never the query's cursors as sent).
+            log.debug(
+                "model list for user %d (%s, %s format, limit %d): %d routes%s: %s",
+                principal.user_id,
+                detect_tool(self.request.headers.get("User-Agent", ""))[0],
+                api.provider,
+                limit,
+                len(routes),
+                ", more follow" if has_more else "",
+                ", ".join(name for name, _ in routes[:50]),
             )
-        ]
         self.set_header("Content-Type", "application/json")
-        self.finish(api.models_body(routes))
+        self.finish(api.models_body(routes, has_more=has_more))
 
 
 class RootHandler(BaseHandler):

@@ -23,7 +23,7 @@ from tvgate.models import (
     OUTCOME_UPSTREAM_ERROR,
 )
 from tvgate.providers.common import checked_usage
-from tvgate.traces.attribution import attribution_header, detect_tool, session_id
+from tvgate.traces.attribution import agent_ids, attribution_header, detect_tool, session_id
 from tvgate.traces.spans import checked_traceparent
 from tvgate.traces.writer import CapturedBody, TraceRow
 
@@ -64,6 +64,8 @@ class TraceRecord:
     tool: str
     tool_version: str
     session_id: str
+    agent_id: str
+    parent_agent_id: str
     upstream_request_id: str
     message_id: str
     repo: str
@@ -85,7 +87,7 @@ class TraceRecord:
 
     def row(self) -> TraceRow:
         """The record as the writer's row: its own attributes' dict, not a copy (a record
-        is dropped once queued, and copying 39 fields cost 2 µs a call)."""
+        is dropped once queued, and copying 41 fields cost 2 µs a call)."""
         row: TraceRow = vars(self)
         return row
 
@@ -134,6 +136,7 @@ def record_call(call: ProxyCall) -> None:
     if relay.stream_counted:
         metrics.stream_closed()
     failed = assembled is not None and bool(assembled.error_type)
+    agent, parent_agent = agent_ids(headers)
     record = TraceRecord(
         id=uuid.uuid4().hex,
         org_id=principal.org_id,
@@ -165,6 +168,8 @@ def record_call(call: ProxyCall) -> None:
         tool=tool,
         tool_version=tool_version,
         session_id=session_id(headers),
+        agent_id=agent,
+        parent_agent_id=parent_agent,
         upstream_request_id=relay.upstream_request_id,
         message_id=(assembled.message_id or "") if assembled else "",
         repo=attribution_header(headers, "repo"),

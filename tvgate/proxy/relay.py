@@ -14,6 +14,14 @@ stream chunk as it comes, a JSON answer (or an error answer) once it is whole. W
 the trace keeps is still read from the provider's own bytes, in its own API, so usage
 is the provider's figures.
 
+No keep-alive of tvgate's own, ever: while the provider is silent, the client gets
+nothing (no ``ping`` event, no SSE comment, no whitespace). Only what the provider sends
+is written (``_send``), so a client's idle watchdog (Claude Code's) sees the provider's
+silence as it is, gives up and retries; bytes of ours would reset that watchdog and keep
+a dead stream looking alive. The one thing tvgate adds to a stream is the error event
+that ends it (``send_error``), once the provider has been silent past
+``TVGATE_IDLE_TIMEOUT`` (``tvgate.proxy.upstream``).
+
 The relay holds no reference to the call that uses it (``tvgate.proxy.call``): what it
 needs of it (the overhead, the budget warnings) is handed in with each attempt, so a
 call's objects are freed by reference counting when the request ends.
@@ -341,7 +349,8 @@ class ClientRelay:
             self._keep_tail(chunk)
 
     def _send(self, chunk: bytes) -> None:
-        """Write and flush ``chunk`` to the client."""
+        """Write and flush ``chunk`` to the client: what the provider sent (or its
+        translation), never bytes of tvgate's own to keep a silent stream alive."""
         if not chunk:
             return  # a translated stream event not complete yet
         handler = self.handler

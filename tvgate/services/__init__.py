@@ -119,6 +119,7 @@ from tvgate.services.traces import (
     list_traces,
     parse_time,
     session_traces,
+    session_view,
     trace_summary,
 )
 from tvgate.services.upstreams import check_base_url, check_not_this_gateway
@@ -220,6 +221,7 @@ __all__ = [
     "seal_origin",
     "session_origin",
     "session_traces",
+    "session_view",
     "set_budget",
     "set_key_availability",
     "set_key_disabled",

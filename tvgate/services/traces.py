@@ -1,5 +1,6 @@
 """Reading traces: the filtered, paged list, one trace with its bodies, a session's
-traces and the export; members see their own, admins and auditors their org's.
+traces with its tree of agents (``tvgate.services.agents``) and the export; members see
+their own, admins and auditors their org's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tvgate.models import (
     User,
 )
 from tvgate.services.access import NotFound, ServiceError, _actor_org, _deny, get_org
+from tvgate.services.agents import agent_tree
 
 TRACE_FILTERS = ("user", "route", "tool", "session", "outcome", "since", "until")
 
@@ -136,6 +138,8 @@ def trace_summary(trace: Trace, email: str) -> dict[str, Any]:
         "tool": trace.tool,
         "tool_version": trace.tool_version,
         "session_id": trace.session_id,
+        "agent_id": trace.agent_id,
+        "parent_agent_id": trace.parent_agent_id,
         "repo": trace.repo,
         "branch": trace.branch,
         "upstream_request_id": trace.upstream_request_id,
@@ -201,6 +205,14 @@ def session_traces(
     if not rows:
         raise NotFound(f"no session {session}")
     return [trace_summary(t, users.get(t.user_id or 0, "")) for t in rows]
+
+
+def session_view(
+    session: str, *, actor: Principal | None = None, org_name: str | None = None
+) -> dict[str, Any]:
+    """A tool session: its traces, oldest first, and its agents as a tree (``agent_tree``)."""
+    traces = session_traces(session, actor=actor, org_name=org_name)
+    return {"session_id": session, "traces": traces, "agents": agent_tree(traces)}
 
 
 def export_traces(

@@ -1,4 +1,5 @@
-"""Who and what made a call: the tool from its User-Agent, the client's session, repo and branch."""
+"""Who and what made a call: the tool from its User-Agent, the client's session and agent,
+repo and branch."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from tornado.httputil import HTTPHeaders
 _TOOLS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (name, re.compile(pattern, re.IGNORECASE))
     for name, pattern in (
-        ("claude-code", r"claude-cli/([\w.\-]+)"),
+        # claude-cli/ on its model calls, claude-code/ on its gateway model discovery.
+        ("claude-code", r"claude-(?:cli|code)/([\w.\-]+)"),
         ("codex", r"codex[_\w-]*/([\w.\-]+)"),
         ("cursor", r"cursor/([\w.\-]+)"),
         ("gsd2", r"gsd2?/([\w.\-]+)"),
@@ -51,11 +53,28 @@ def attribution_header(headers: HTTPHeaders, name: str) -> str:
     return ""
 
 
+#: The longest client id kept (a session's, an agent's): the trace column's size.
+CLIENT_ID_LENGTH = 200
+
+
+def _client_id(value: str | None) -> str:
+    """A client-chosen id as a trace keeps it: stripped, at most ``CLIENT_ID_LENGTH``."""
+    return value.strip()[:CLIENT_ID_LENGTH] if value else ""
+
+
 def session_id(headers: HTTPHeaders) -> str:
     """The client's own session id: Claude Code's, Codex's, or one the user set."""
-    value = (
+    return _client_id(
         headers.get("X-Claude-Code-Session-Id")
         or headers.get("Session-Id")
         or attribution_header(headers, "session")
     )
-    return value[:200] if value else ""
+
+
+def agent_ids(headers: HTTPHeaders) -> tuple[str, str]:
+    """(agent, parent agent) of the call within its session: Claude Code sends them for a
+    subagent's calls (``X-Claude-Code-Agent-Id``, ``X-Claude-Code-Parent-Agent-Id``), none
+    for its main agent's. An agent named as its own parent has none."""
+    agent = _client_id(headers.get("X-Claude-Code-Agent-Id"))
+    parent = _client_id(headers.get("X-Claude-Code-Parent-Agent-Id"))
+    return agent, ("" if parent == agent else parent)

@@ -100,6 +100,8 @@ def span_attributes(row: TraceRow) -> dict[str, Any]:
         "gen_ai.response.model": row.get("response_model"),
         "gen_ai.response.id": row.get("message_id"),
         "gen_ai.conversation.id": row.get("session_id"),
+        "gen_ai.agent.id": row.get("agent_id"),
+        "tvgate.parent_agent_id": row.get("parent_agent_id"),
         "server.address": row.get("server_address"),
         "tvgate.user_id": row.get("user_id"),
         "tvgate.tool": row.get("tool"),
