@@ -21,13 +21,16 @@ from asyncio import Future
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
+from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
+from tornado.routing import Rule
 from tornado.web import stream_request_body
 
 from tvgate.db import DatabaseUnavailable
 from tvgate.models import PROVIDER_ANTHROPIC, PROVIDER_OPENAI
 from tvgate.providers import ENDPOINTS, ProviderAPI, speaks
 from tvgate.proxy.call import ProxyCall
+from tvgate.proxy.websocket import ResponsesSocket, UpgradeMatches
 from tvgate.translate.pairs import pair_for
 from tvgate.web import BaseHandler, Refusal
 
@@ -37,6 +40,7 @@ class ProxyHandler(BaseHandler):
     """``POST /v1/<endpoint>``: authenticate, route, stream to the provider and back."""
 
     SUPPORTED_METHODS = ("POST", "GET")
+    transport = ""
 
     def initialize(self, endpoint: ProviderAPI) -> None:
         self.endpoint = endpoint
@@ -48,6 +52,17 @@ class ProxyHandler(BaseHandler):
         #: The route an Azure OpenAI path (``/openai/deployments/{route}/…``) or a Vertex AI
         #: one (``…/models/{route}:rawPredict``, ``tvgate.proxy.vertex_mode``) names, or "".
         self.path_route = ""
+
+    @property
+    def client_headers(self) -> HTTPHeaders:
+        return self.request.headers
+
+    def pending_write(self) -> Future[None] | None:
+        stream = self.request.connection.stream  # type: ignore[union-attr]
+        return stream.write(b"") if stream.writing() else None
+
+    def cut(self) -> None:
+        self.request.connection.stream.close()  # type: ignore[union-attr]
 
     @property
     def forwarded_query(self) -> str:
@@ -116,7 +131,8 @@ class ProxyHandler(BaseHandler):
 
     async def get(self, *_args: str) -> None:
         if self.request.headers.get("Upgrade", "").lower() == "websocket":
-            # Codex tries Responses over WebSocket first; 426 makes it fall back to HTTP at once.
+            # Responses is served over WebSocket (tvgate.proxy.websocket); for any other
+            # endpoint, 426 makes a client fall back to HTTP at once.
             self.set_header("Connection", "close")
             self.send_api_error(426, "tvgate serves this endpoint over HTTP only", self.endpoint)
             return
@@ -174,8 +190,12 @@ PREFIXES = {p: ("", "/" + p, "/proxy/" + p) for p in (PROVIDER_ANTHROPIC, PROVID
 _DEPLOYMENT_OPERATIONS = ("chat/completions", "completions", "embeddings")
 
 
-def _endpoint_routes() -> list[tuple[str, type, dict[str, Any]]]:
-    routes: list[tuple[str, type, dict[str, Any]]] = []
+def _endpoint_routes() -> list[Rule | tuple[str, type, dict[str, Any]]]:
+    routes: list[Rule | tuple[str, type, dict[str, Any]]] = []
+    responses_paths = [f"{prefix}/v1/responses" for prefix in PREFIXES[PROVIDER_OPENAI]]
+    responses_paths.append("/openai/responses")
+    # Responses over WebSocket on the same paths (an upgrade request goes there, a POST here).
+    routes += [Rule(UpgradeMatches(path), ResponsesSocket) for path in responses_paths]
     for suffix, endpoint in ENDPOINTS.items():
         for prefix in PREFIXES[endpoint.provider]:
             routes.append((f"{prefix}/v1/{suffix}", ProxyHandler, {"endpoint": endpoint}))
@@ -186,7 +206,7 @@ def _endpoint_routes() -> list[tuple[str, type, dict[str, Any]]]:
     return routes
 
 
-default_handlers: list[tuple[str, type, dict[str, Any]] | tuple[str, type]] = [
+default_handlers: list[Rule | tuple[str, type, dict[str, Any]] | tuple[str, type]] = [
     ("/", RootHandler),
     *_endpoint_routes(),
     (r"(?:(?:/proxy)?/anthropic|(?:/proxy)?/openai)?/v1/models", ModelsHandler),
