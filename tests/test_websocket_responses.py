@@ -10,10 +10,12 @@ SDK hides: the refused upgrade, a client gone mid-stream, frames that are not a 
 
 from __future__ import annotations
 
+import signal
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -23,8 +25,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 from websockets.sync.connection import Connection
 
-from tests.conftest import GatewayProcess
+from tests.conftest import GatewayProcess, stop_gateway
 from tests.fake_provider import FakeProvider, RecordedRequest
+from tests.test_server import launch
 from tvgate import services
 
 TOOLS: list[Any] = [
@@ -69,11 +72,15 @@ def events_until_done(ws: Connection, timeout: float = 20) -> list[dict[str, Any
             return events
 
 
+def fake_requests(fake: FakeProvider, test_id: str) -> list[RecordedRequest]:
+    return [r for r in list(fake.requests) if r.headers.get("x-test-id") == test_id]
+
+
 def provider_requests(fake: FakeProvider, test_id: str, count: int) -> list[RecordedRequest]:
     """The requests the fake received carrying ``x-test-id``, once there are ``count``."""
     deadline = time.monotonic() + 10
     while True:
-        found = [r for r in list(fake.requests) if r.headers.get("x-test-id") == test_id]
+        found = fake_requests(fake, test_id)
         if len(found) >= count or time.monotonic() > deadline:
             assert len(found) == count
             return found
@@ -279,10 +286,6 @@ def test_a_member_over_budget_gets_the_error_event(
     assert {t.transport for t in traces} == {"websocket"}
 
 
-def fake_requests(fake: FakeProvider, test_id: str) -> list[RecordedRequest]:
-    return [r for r in list(fake.requests) if r.headers.get("x-test-id") == test_id]
-
-
 def test_client_gone_mid_stream_cancels_the_upstream(
     gateway: GatewayProcess, fake_provider: FakeProvider, member_token: str
 ) -> None:
@@ -299,3 +302,32 @@ def test_client_gone_mid_stream_cancels_the_upstream(
     assert fake_provider.wait_closed(upstream.id, timeout=5) is not None
     (trace,) = gateway.wait_traces(1, session_id=session)
     assert trace.outcome == "client_cancelled" and trace.transport == "websocket"
+
+
+def test_a_stop_closes_idle_sockets_and_cuts_a_running_response_at_the_drain_timeout(
+    tmp_path: Path, fake_provider: FakeProvider
+) -> None:
+    gw = launch(tmp_path, fake_provider, TVGATE_DRAIN_TIMEOUT="1")
+    token = gw.tokens["dev@acme.test"]
+    headers, _, session = tagged("drip", events="200", interval="0.25")
+    try:
+        with raw_socket(gw, token) as idle, raw_socket(gw, token, **headers) as busy:
+            create(busy, model="gpt-test", input="hi")
+            assert orjson.loads(busy.recv(timeout=10))["type"] == "response.created"
+            gw.proc.send_signal(signal.SIGTERM)
+            # The idle socket is closed at once, "going away", as keep-alive is refused.
+            with pytest.raises(ConnectionClosed) as idle_closed:
+                idle.recv(timeout=10)
+            assert idle_closed.value.rcvd is not None and idle_closed.value.rcvd.code == 1001
+            # The running response goes on until the drain timeout, then ends in band.
+            events = events_until_done(busy)
+            assert events[-1]["type"] == "error"
+            assert "the gateway is shutting down" in orjson.dumps(events[-1]).decode()
+            with pytest.raises(ConnectionClosed) as busy_closed:
+                busy.recv(timeout=10)
+            assert busy_closed.value.rcvd is not None and busy_closed.value.rcvd.code == 1001
+        assert gw.proc.wait(30) == 0
+    finally:
+        stop_gateway(gw.proc)
+    (trace,) = gw.traces(session_id=session)
+    assert trace.outcome == "gateway_shutdown" and trace.transport == "websocket"
