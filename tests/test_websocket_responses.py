@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import openai
 import orjson
 import pytest
@@ -160,6 +161,14 @@ def test_sdk_multi_turn_with_a_function_call_sends_the_whole_input(
     assert traces[1].message_id == second[-1].response.id
     assert f"websocket: continues {done.response.id} (3 input items kept)" in traces[1].anomalies
     assert "websocket: continues" not in traces[0].anomalies
+    shown = httpx2.get(
+        f"{gateway.url}/api/v1/traces/{traces[1].id}",
+        headers={"Authorization": f"Bearer {member_token}"},
+        timeout=10,
+    ).json()
+    assert shown["transport"] == "websocket"
+    # The request recorded is the whole input that went upstream.
+    assert [item["type"] for item in shown["request"]["input"]][-1] == "function_call_output"
 
 
 def test_warm_up_answers_without_a_provider_and_starts_the_conversation(

@@ -11,6 +11,8 @@ work against tvgate unchanged; and Azure OpenAI's, for the ``openai`` SDK's
 names the deployment) and ``/openai/responses``, with the ``api-version`` query such a
 client sends, which tvgate does not pass on (an Azure key sends its own). Every alias is
 the same handler: same pipeline, same identity from ``x-api-key`` or ``Authorization``.
+A WebSocket upgrade on a Responses path (each of its aliases) goes to
+``tvgate.proxy.websocket.ResponsesSocket`` instead, Codex's Responses API over WebSocket.
 """
 
 from __future__ import annotations
