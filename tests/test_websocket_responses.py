@@ -28,6 +28,8 @@ from websockets.sync.connection import Connection
 
 from tests.conftest import GatewayProcess, stop_gateway
 from tests.fake_provider import FakeProvider, RecordedRequest
+from tests.outages import outage
+from tests.test_faults import _rss_kib
 from tests.test_server import launch
 from tvgate import services
 
@@ -340,3 +342,23 @@ def test_a_stop_closes_idle_sockets_and_cuts_a_running_response_at_the_drain_tim
         stop_gateway(gw.proc)
     (trace,) = gw.traces(session_id=session)
     assert trace.outcome == "gateway_shutdown" and trace.transport == "websocket"
+
+
+def test_a_client_that_stops_reading_pauses_the_provider(
+    gateway: GatewayProcess, fake_provider: FakeProvider, member_token: str
+) -> None:
+    """The provider pushes 96 MiB of events as fast as it can; the client reads a few
+    messages, then none: tvgate waits on its last message's write instead of reading on."""
+    headers, test_id, _ = tagged("bulk", mb="96")
+    with raw_socket(gateway, member_token, **headers) as ws:
+        create(ws, model="gpt-test", input="hi")
+        for _ in range(64):
+            assert orjson.loads(ws.recv(timeout=10))["type"] == "ping"
+        before = _rss_kib(gateway.proc.pid)
+        (upstream,) = provider_requests(fake_provider, test_id, 1)
+        # Unpaused, the gateway takes in over 100 MiB in this time (holding it for the client).
+        time.sleep(outage(4.0))
+        assert upstream.finished_at is None and upstream.closed_at is None
+        grown = _rss_kib(gateway.proc.pid) - before
+        assert grown < 48 * 1024, f"gateway grew {grown // 1024} MiB"
+    assert fake_provider.wait_closed(upstream.id, timeout=5) is not None
