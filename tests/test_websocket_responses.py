@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 from websockets.sync.connection import Connection
 
-from tests.conftest import GatewayProcess, stop_gateway
+from tests.conftest import OPENAI_SECRET, GatewayProcess, stop_gateway
 from tests.fake_provider import FakeProvider, RecordedRequest
 from tests.outages import outage
 from tests.test_faults import _rss_kib
@@ -363,3 +363,19 @@ def test_a_client_that_stops_reading_pauses_the_provider(
         grown = _rss_kib(gateway.proc.pid) - before
         assert grown < 48 * 1024, f"gateway grew {grown // 1024} MiB"
     assert fake_provider.wait_closed(upstream.id, timeout=5) is not None
+
+
+@pytest.mark.parametrize("scenario", ["error_event", "error_500"])
+def test_a_provider_that_echoes_its_key_never_shows_it_on_the_socket(
+    gateway: GatewayProcess, member_token: str, scenario: str
+) -> None:
+    headers, _, session = tagged(scenario, **{"echo-key": "1"})
+    with raw_socket(gateway, member_token, **headers) as ws:
+        create(ws, model="gpt-test", input="hi")
+        events = events_until_done(ws)
+    sent = b"".join(orjson.dumps(event) for event in events)
+    # The provider's echo reached the client, masked: all stars but its last four.
+    assert events[-1]["type"] == "error" and b"****" + OPENAI_SECRET[-4:].encode() in sent
+    assert OPENAI_SECRET.encode() not in sent and member_token.encode() not in sent
+    (trace,) = gateway.wait_traces(1, session_id=session)
+    assert trace.outcome == "upstream_error" and trace.transport == "websocket"
