@@ -379,3 +379,29 @@ def test_a_provider_that_echoes_its_key_never_shows_it_on_the_socket(
     assert OPENAI_SECRET.encode() not in sent and member_token.encode() not in sent
     (trace,) = gateway.wait_traces(1, session_id=session)
     assert trace.outcome == "upstream_error" and trace.transport == "websocket"
+
+
+def test_frames_and_the_kept_conversation_are_bounded_by_the_body_limit(
+    tmp_path: Path, fake_provider: FakeProvider
+) -> None:
+    gw = launch(tmp_path, fake_provider, TVGATE_MAX_BODY_BYTES="65536")
+    token = gw.tokens["dev@acme.test"]
+    try:
+        with raw_socket(gw, token) as ws:
+            # Each turn is under the limit; the conversation grows past it with the second,
+            # which is served whole and then let go, not kept in part.
+            previous = None
+            for _ in range(2):
+                create(ws, model="gpt-test", input="x" * 40_000, previous_response_id=previous)
+                done = events_until_done(ws)[-1]
+                assert done["type"] == "response.completed"
+                previous = done["response"]["id"]
+            create(ws, model="gpt-test", input="more", previous_response_id=previous)
+            assert events_until_done(ws)[-1]["error"]["code"] == "previous_response_not_found"
+            # A frame over the limit closes the connection: message too big.
+            create(ws, model="gpt-test", input="x" * 70_000)
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+    finally:
+        stop_gateway(gw.proc)
