@@ -317,13 +317,23 @@ def test_client_gone_mid_stream_cancels_the_upstream(
     assert trace.outcome == "client_cancelled" and trace.transport == "websocket"
 
 
+@contextmanager
+def own_gateway(
+    tmp_path: Path, fake: FakeProvider, **env: str
+) -> Iterator[tuple[GatewayProcess, str]]:
+    """A gateway of the test's own with ``env`` (the test may stop it), and a member's token."""
+    gw = launch(tmp_path, fake, **env)
+    try:
+        yield gw, gw.tokens["dev@acme.test"]
+    finally:
+        stop_gateway(gw.proc)
+
+
 def test_a_stop_closes_idle_sockets_and_cuts_a_running_response_at_the_drain_timeout(
     tmp_path: Path, fake_provider: FakeProvider
 ) -> None:
-    gw = launch(tmp_path, fake_provider, TVGATE_DRAIN_TIMEOUT="1")
-    token = gw.tokens["dev@acme.test"]
     headers, _, session = tagged("drip", events="200", interval="0.25")
-    try:
+    with own_gateway(tmp_path, fake_provider, TVGATE_DRAIN_TIMEOUT="1") as (gw, token):
         with raw_socket(gw, token) as idle, raw_socket(gw, token, **headers) as busy:
             started(busy, "hi")
             gw.proc.send_signal(signal.SIGTERM)
@@ -339,8 +349,6 @@ def test_a_stop_closes_idle_sockets_and_cuts_a_running_response_at_the_drain_tim
                 busy.recv(timeout=10)
             assert busy_closed.value.rcvd is not None and busy_closed.value.rcvd.code == 1001
         assert gw.proc.wait(30) == 0
-    finally:
-        stop_gateway(gw.proc)
     (trace,) = gw.traces(session_id=session)
     assert trace.outcome == "gateway_shutdown" and trace.transport == "websocket"
 
@@ -384,9 +392,7 @@ def test_a_provider_that_echoes_its_key_never_shows_it_on_the_socket(
 def test_frames_and_the_kept_conversation_are_bounded_by_the_body_limit(
     tmp_path: Path, fake_provider: FakeProvider
 ) -> None:
-    gw = launch(tmp_path, fake_provider, TVGATE_MAX_BODY_BYTES="65536")
-    token = gw.tokens["dev@acme.test"]
-    try:
+    with own_gateway(tmp_path, fake_provider, TVGATE_MAX_BODY_BYTES="65536") as (gw, token):
         with raw_socket(gw, token) as ws:
             # Each turn is under the limit; the conversation grows past it with the second,
             # which is served whole and then let go, not kept in part.
@@ -403,5 +409,3 @@ def test_frames_and_the_kept_conversation_are_bounded_by_the_body_limit(
             with pytest.raises(ConnectionClosed) as closed:
                 ws.recv(timeout=10)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
-    finally:
-        stop_gateway(gw.proc)
