@@ -210,7 +210,8 @@ def run_codex(
     """``codex exec --json PROMPT`` with the gateway as a custom Responses-API provider.
 
     With `websockets` the provider says ``supports_websockets = true``: Codex then opens
-    ``GET /v1/responses`` with ``Upgrade: websocket`` first (and falls back to HTTP on 426).
+    ``GET /v1/responses`` with ``Upgrade: websocket`` and sends its turns on that socket
+    (tvgate.proxy.websocket).
 
     The base URL is the gateway's OpenAI one (ending in ``/v1``); the token is read from
     the provider's ``env_key``; the headers go in the provider's ``http_headers``. The sandbox

@@ -324,9 +324,12 @@ def test_route_of_the_other_provider_is_400_in_the_endpoints_envelope(
     )
 
 
-def test_codex_websocket_probe_gets_426(gateway: GatewayProcess, member_token: str) -> None:
+def test_websocket_upgrade_of_an_http_only_endpoint_gets_426(
+    gateway: GatewayProcess, member_token: str
+) -> None:
+    # Responses is served over WebSocket (test_websocket_responses); the others fall back.
     response = httpx2.get(
-        gateway.url + "/v1/responses",
+        gateway.url + "/v1/chat/completions",
         headers={
             "Upgrade": "websocket",
             "Connection": "Upgrade",

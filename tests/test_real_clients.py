@@ -84,8 +84,8 @@ def test_claude_code_bash_session_through_gateway(
     assert {trace.upstream_model for trace in traces} == {"claude-upstream-1"}
 
 
-# With supports_websockets Codex tries GET /v1/responses + Upgrade first; whatever tvgate
-# answers that with (today a 426, so Codex falls back to HTTP), the session must work.
+# With supports_websockets Codex opens GET /v1/responses + Upgrade: websocket and sends each
+# turn as a response.create frame on it: the new items and the previous response's id.
 @pytest.mark.parametrize("websockets", [False, True], ids=["http", "websocket-mode"])
 def test_codex_exec_tool_call_through_gateway(
     gateway: GatewayProcess,
@@ -99,16 +99,44 @@ def test_codex_exec_tool_call_through_gateway(
     traces = _codex_ran_the_command(gateway, fake_provider, setup, marker, run)
     assert {trace.endpoint for trace in traces} == {"openai.responses"}
     assert {trace.upstream_model for trace in traces} == {"gpt-upstream-1"}
+    _check_transport(fake_provider, marker, traces, websockets)
 
 
+def _check_transport(
+    fake: FakeProvider, marker: str, traces: list[Trace], websockets: bool
+) -> None:
+    """The session's two calls came over WebSocket (or HTTP), and either way the provider
+    got the whole input on the second: the shell call and its output after the first."""
+    assert {trace.transport for trace in traces} == {"websocket" if websockets else ""}
+    # Over WebSocket Codex sent only the new items with previous_response_id; tvgate
+    # sent the conversation the connection kept, and the trace says so.
+    continued = ["websocket: continues" in trace.anomalies for trace in traces]
+    assert continued[1] is websockets
+    sent = [r for r in fake.requests if marker in r.headers.get("x-fake-command", "")]
+    body = sent[1].json()
+    assert "previous_response_id" not in body
+    if sent[1].path == "/v1/responses":
+        first_input = sent[0].json()["input"]
+        assert body["input"][: len(first_input)] == first_input
+        kinds = [item.get("type") for item in body["input"][len(first_input) :]]
+        assert "function_call" in kinds and kinds[-1] == "function_call_output", kinds
+        assert marker in json.dumps(body["input"][-1])
+
+
+@pytest.mark.parametrize("websockets", [False, True], ids=["http", "websocket-mode"])
 def test_codex_exec_tool_call_on_an_anthropic_route(
-    gateway: GatewayProcess, fake_provider: FakeProvider, member_token: str, tmp_path: Path
+    gateway: GatewayProcess,
+    fake_provider: FakeProvider,
+    member_token: str,
+    tmp_path: Path,
+    websockets: bool,
 ) -> None:
     """Codex's Responses calls translated to Anthropic Messages: the fake answers the first
     with a tool_use of Codex's shell tool, the second (carrying its tool_result) with text."""
     setup, marker = _agent_setup(gateway.openai_url, member_token, "claude-test", tmp_path)
-    run = run_codex(setup, "Write the marker file with a shell command.")
+    run = run_codex(setup, "Write the marker file with a shell command.", websockets=websockets)
     traces = _codex_ran_the_command(gateway, fake_provider, setup, marker, run)
+    _check_transport(fake_provider, marker, traces, websockets)
     assert {(t.endpoint, t.provider) for t in traces} == {("openai.responses", "anthropic")}
     assert {trace.upstream_model for trace in traces} == {"claude-upstream-1"}
     assert all(t.input_tokens > 0 and t.output_tokens > 0 for t in traces)

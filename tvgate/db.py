@@ -292,6 +292,11 @@ def _migration_20(db: peewee.Database) -> None:
         add_column_if_missing(db, models.Trace, name)
 
 
+def _migration_22(db: peewee.Database) -> None:
+    # Codex's Responses API over WebSocket (issue 21.2): how the client called.
+    add_column_if_missing(db, models.Trace, "transport")
+
+
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
 #: The numbers have gaps: 13 came after 14 and 19, 3 and 12 after all of them, 15 and 18
 #: after 19, 16 after 18 (a database that has the later ones gets them). The gaps stay: a database
@@ -316,6 +321,7 @@ MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (18, _migration_18),
     (19, _migration_19),
     (20, _migration_20),
+    (22, _migration_22),
 ]
 
 

@@ -91,6 +91,12 @@ class Interruptible(Protocol):
     def shut_down(self) -> None: ...
 
 
+class Closable(Protocol):
+    """An open client connection that a stop closes once it is idle."""
+
+    def close_if_idle(self) -> None: ...
+
+
 class KeyUses:
     """When this process last sent each provider key upstream. The proxy notes a use in
     memory; ``flush`` writes them in one statement, from a timer, in the database pool."""
@@ -118,10 +124,15 @@ class KeyUses:
 
 class InFlight:
     """Proxy calls in progress in this process, so that a stop can wait for them, and end
-    those still open at the drain timeout."""
+    those still open at the drain timeout; and the open Responses WebSockets
+    (``tvgate.proxy.websocket``), closed at a stop once they have no call running, as an
+    HTTP keep-alive connection is told ``Connection: close``."""
 
     def __init__(self) -> None:
         self.calls: set[Interruptible] = set()
+        self.sockets: set[Closable] = set()
+        #: True once the process stops: a socket serves no new call and is closed.
+        self.stopping = False
 
     @property
     def count(self) -> int:
@@ -132,6 +143,13 @@ class InFlight:
 
     def leave(self, call: Interruptible) -> None:
         self.calls.discard(call)
+
+    def stop_sockets(self) -> None:
+        """The process stops: close every socket with no call running; the others close
+        when their call ends."""
+        self.stopping = True
+        for socket in list(self.sockets):
+            socket.close_if_idle()
 
     def shut_down(self) -> None:
         """End every call still open: each tells its client the gateway is stopping."""

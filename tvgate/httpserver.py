@@ -25,6 +25,10 @@ from tornado.iostream import IOStream
 from tvgate.forwarded import Network, is_trusted_peer
 from tvgate.metrics import Counter
 
+#: Seconds a client connection may stay open with no request (an HTTP keep-alive one, a
+#: Responses WebSocket with no response running) before the gateway closes it.
+IDLE_CONNECTION_TIMEOUT = 3600
+
 
 class GatewayHTTPServer(HTTPServer):
     """Tornado's HTTP server with Nagle's algorithm off for good on every connection, a

@@ -335,6 +335,9 @@ class Trace(BaseModel):
     finish_reason = peewee.CharField(max_length=64, default="")
     #: The host of the provider key's base URL the call went to.
     server_address = peewee.CharField(max_length=255, default="")
+    #: How the client called: "" over HTTP, "websocket" for a Responses WebSocket
+    #: (tvgate.proxy.websocket), where each ``response.create`` is one trace.
+    transport = peewee.CharField(max_length=16, default="")
 
 
 class Blob(BaseModel):

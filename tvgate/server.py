@@ -45,7 +45,7 @@ from tvgate import ops
 from tvgate.api import handlers as api_handlers
 from tvgate.config import ConfigError, Settings, load_settings
 from tvgate.gateway import Gateway
-from tvgate.httpserver import GatewayHTTPServer
+from tvgate.httpserver import IDLE_CONNECTION_TIMEOUT, GatewayHTTPServer
 from tvgate.keyring.local import load_or_create_key_file
 from tvgate.proxy import bedrock_mode, vertex_mode
 from tvgate.proxy import handlers as proxy_handlers
@@ -137,6 +137,7 @@ async def drain(server: HTTPServer, gateway: Gateway) -> None:
     # Every request read from now on is answered with "Connection: close", so keep-alive
     # clients (nginx included) reconnect, and land on a worker that is not stopping.
     server.conn_params.no_keep_alive = True
+    gateway.inflight.stop_sockets()  # and Responses WebSockets are closed (going away)
     timeout = gateway.settings.drain_timeout
     log.info(
         "stopping: %d calls in flight, waiting up to %.0fs for them",
@@ -198,7 +199,7 @@ async def serve_worker(
         xheaders=False,
         # Proxy handlers stream their bodies and enforce the limit themselves.
         max_body_size=max(settings.max_body_bytes * 4, 64 * 1024 * 1024),
-        idle_connection_timeout=3600,
+        idle_connection_timeout=IDLE_CONNECTION_TIMEOUT,
         header_timeout=settings.header_timeout,
         max_per_address=settings.max_connections_per_address,
         uncapped=gateway.trusted_proxies,

@@ -63,7 +63,7 @@ from tvgate.routing import RouteEntry, RouteNotFound
 from tvgate.translate.pairs import Pair, Translation
 
 if TYPE_CHECKING:
-    from tvgate.proxy.handlers import ProxyHandler
+    from tvgate.proxy.client import ClientSide
 
 log = logging.getLogger("tvgate.proxy")
 
@@ -104,7 +104,7 @@ _ANSWERED = Answered()
 class ProxyCall:
     """A request through the proxy: its stages and its chain of fallback routes."""
 
-    def __init__(self, handler: ProxyHandler, endpoint: ProviderAPI, started: float) -> None:
+    def __init__(self, handler: ClientSide, endpoint: ProviderAPI, started: float) -> None:
         self.handler = handler
         self.gateway = handler.gateway
         self.endpoint = endpoint
@@ -176,7 +176,7 @@ class ProxyCall:
 
     async def _proxy(self, raw_body: bytes) -> None:
         settings = self.gateway.settings
-        headers = self.handler.request.headers
+        headers = self.handler.client_headers
         try:
             decoded = decode_content(
                 raw_body, headers.get("Content-Encoding"), settings.max_body_bytes
@@ -389,7 +389,7 @@ class ProxyCall:
         through ``translation`` to the API of ``pair`` when the route's is not the client's."""
         assert self.body is not None
         settings = self.gateway.settings
-        request = self.handler.request
+        client_headers = self.handler.client_headers
         relay = self.relay
         if pair is None or translation is None:
             api, auth, body = self.endpoint, [], with_model(self.body, self.upstream_model)
@@ -411,7 +411,7 @@ class ProxyCall:
                         api=api,
                         upstream_model=self.upstream_model,
                         body=body,
-                        client_headers=request.headers,
+                        client_headers=client_headers,
                         scrubber=self.scrubber,
                         http=self.gateway.http,
                         allow_private=allow_private,
@@ -427,7 +427,7 @@ class ProxyCall:
             self.gateway.http,
             url,
             upstream_headers(
-                request.headers, auth, outgoing_marks(self.hop_marks, self.gateway.hop_id)
+                client_headers, auth, outgoing_marks(self.hop_marks, self.gateway.hop_id)
             ),
             body,
             listener,

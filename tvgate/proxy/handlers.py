@@ -11,6 +11,8 @@ work against tvgate unchanged; and Azure OpenAI's, for the ``openai`` SDK's
 names the deployment) and ``/openai/responses``, with the ``api-version`` query such a
 client sends, which tvgate does not pass on (an Azure key sends its own). Every alias is
 the same handler: same pipeline, same identity from ``x-api-key`` or ``Authorization``.
+A WebSocket upgrade on a Responses path (each of its aliases) goes to
+``tvgate.proxy.websocket.ResponsesSocket`` instead, Codex's Responses API over WebSocket.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from asyncio import Future
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
+from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
+from tornado.routing import Rule
 from tornado.web import stream_request_body
 
 from tvgate.db import DatabaseUnavailable
@@ -30,6 +34,7 @@ from tvgate.models import PROVIDER_ANTHROPIC, PROVIDER_OPENAI
 from tvgate.providers import ENDPOINTS, ProviderAPI
 from tvgate.proxy.call import ProxyCall
 from tvgate.proxy.model_list import PageError, PageRequest, listed_routes
+from tvgate.proxy.websocket import ResponsesSocket, UpgradeMatches
 from tvgate.traces.attribution import detect_tool
 from tvgate.web import BaseHandler, Refusal
 
@@ -41,6 +46,7 @@ class ProxyHandler(BaseHandler):
     """``POST /v1/<endpoint>``: authenticate, route, stream to the provider and back."""
 
     SUPPORTED_METHODS = ("POST", "GET")
+    transport = ""
 
     def initialize(self, endpoint: ProviderAPI) -> None:
         self.endpoint = endpoint
@@ -52,6 +58,17 @@ class ProxyHandler(BaseHandler):
         #: The route an Azure OpenAI path (``/openai/deployments/{route}/…``) or a Vertex AI
         #: one (``…/models/{route}:rawPredict``, ``tvgate.proxy.vertex_mode``) names, or "".
         self.path_route = ""
+
+    @property
+    def client_headers(self) -> HTTPHeaders:
+        return self.request.headers
+
+    def pending_write(self) -> Future[None] | None:
+        stream = self.request.connection.stream  # type: ignore[union-attr]
+        return stream.write(b"") if stream.writing() else None
+
+    def cut(self) -> None:
+        self.request.connection.stream.close()  # type: ignore[union-attr]
 
     @property
     def forwarded_query(self) -> str:
@@ -120,7 +137,8 @@ class ProxyHandler(BaseHandler):
 
     async def get(self, *_args: str) -> None:
         if self.request.headers.get("Upgrade", "").lower() == "websocket":
-            # Codex tries Responses over WebSocket first; 426 makes it fall back to HTTP at once.
+            # Responses is served over WebSocket (tvgate.proxy.websocket); for any other
+            # endpoint, 426 makes a client fall back to HTTP at once.
             self.set_header("Connection", "close")
             self.send_api_error(426, "tvgate serves this endpoint over HTTP only", self.endpoint)
             return
@@ -191,8 +209,12 @@ PREFIXES = {p: ("", "/" + p, "/proxy/" + p) for p in (PROVIDER_ANTHROPIC, PROVID
 _DEPLOYMENT_OPERATIONS = ("chat/completions", "completions", "embeddings")
 
 
-def _endpoint_routes() -> list[tuple[str, type, dict[str, Any]]]:
-    routes: list[tuple[str, type, dict[str, Any]]] = []
+def _endpoint_routes() -> list[Rule | tuple[str, type, dict[str, Any]]]:
+    routes: list[Rule | tuple[str, type, dict[str, Any]]] = []
+    responses_paths = [f"{prefix}/v1/responses" for prefix in PREFIXES[PROVIDER_OPENAI]]
+    responses_paths.append("/openai/responses")
+    # Responses over WebSocket on the same paths (an upgrade request goes there, a POST here).
+    routes += [Rule(UpgradeMatches(path), ResponsesSocket) for path in responses_paths]
     for suffix, endpoint in ENDPOINTS.items():
         for prefix in PREFIXES[endpoint.provider]:
             routes.append((f"{prefix}/v1/{suffix}", ProxyHandler, {"endpoint": endpoint}))
@@ -203,7 +225,7 @@ def _endpoint_routes() -> list[tuple[str, type, dict[str, Any]]]:
     return routes
 
 
-default_handlers: list[tuple[str, type, dict[str, Any]] | tuple[str, type]] = [
+default_handlers: list[Rule | tuple[str, type, dict[str, Any]] | tuple[str, type]] = [
     ("/", RootHandler),
     *_endpoint_routes(),
     (r"(?:(?:/proxy)?/anthropic|(?:/proxy)?/openai)?/v1/models", ModelsHandler),

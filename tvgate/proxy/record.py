@@ -84,6 +84,8 @@ class TraceRecord:
     traceparent: str
     finish_reason: str
     server_address: str
+    #: How the client called: "" over HTTP, "websocket" for a Responses WebSocket.
+    transport: str
 
     def row(self) -> TraceRow:
         """The record as the writer's row: its own attributes' dict, not a copy (a record
@@ -101,7 +103,7 @@ def record_call(call: ProxyCall) -> None:
     assembled = relay.assembled()
     if assembled is not None and assembled.error_type and call.outcome == OUTCOME_OK:
         call.outcome = OUTCOME_UPSTREAM_ERROR
-    headers = call.handler.request.headers
+    headers = call.handler.client_headers
     tool, tool_version = detect_tool(headers.get("User-Agent", ""))
     body = call.body
     # The provider may be a member's own server: an absurd figure counts toward nothing.
@@ -183,6 +185,7 @@ def record_call(call: ProxyCall) -> None:
         traceparent=checked_traceparent(headers.get("traceparent")),
         finish_reason=(assembled.stop_reason or "") if assembled else "",
         server_address=(urlsplit(route.key.base_url).hostname or "") if route else "",
+        transport=call.handler.transport,
     )
     row = record.row()
     gateway.traces.submit(row, captured)

@@ -53,7 +53,7 @@ from tvgate.translate.pairs import NotAnAnswer
 if TYPE_CHECKING:
     from tvgate.metrics import Metrics
     from tvgate.providers import ProviderAPI
-    from tvgate.proxy.handlers import ProxyHandler
+    from tvgate.proxy.client import ClientSide
     from tvgate.translate.pairs import Translation
 
 #: Response headers that are the business of each hop, not of the client; and what a
@@ -149,7 +149,7 @@ class ClientRelay:
 
     def __init__(
         self,
-        handler: ProxyHandler,
+        handler: ClientSide,
         endpoint: ProviderAPI,
         scrubber: KeyScrubber,
         metrics: Metrics,
@@ -315,11 +315,8 @@ class ClientRelay:
         if self.holding is not None:
             self.holding.keep(chunk)
             return True
-        handler = self.handler
         if self.unflushed >= self.client_buffer_bytes:
-            stream = handler.request.connection.stream  # type: ignore[union-attr]
-            if stream.writing():
-                self._wait_for_client(stream)
+            if self._wait_for_client():
                 return False
             self.unflushed = 0
         # Masked only once taken: a chunk refused above comes again after the pause.
@@ -412,16 +409,19 @@ class ClientRelay:
         self.unparsed_size = 0
         return assembler
 
-    def _wait_for_client(self, stream: Any) -> None:
-        """Pause the provider until the client has read what it was sent."""
+    def _wait_for_client(self) -> bool:
+        """Pause the provider until the client has read what it was sent; False when it
+        has already."""
         if self.draining:
-            return
-        self.draining = True
+            return True
         try:
-            drained = stream.write(b"")
+            drained = self.handler.pending_write()
         except StreamClosedError:
             self.on_client_gone()
-            return
+            return True
+        if drained is None:
+            return False
+        self.draining = True
 
         def resume(_future: Any) -> None:
             self.draining = False
@@ -430,6 +430,7 @@ class ClientRelay:
                 self.exchange.resume()
 
         drained.add_done_callback(resume)
+        return True
 
     def on_client_gone(self) -> None:
         """The client closed its connection: stop the provider's work at once."""
@@ -498,7 +499,7 @@ class ClientRelay:
             handler.finish()
         else:
             # A JSON answer cut halfway cannot be mended; make the cut visible to the client.
-            handler.request.connection.stream.close()  # type: ignore[union-attr]
+            handler.cut()
 
     # --- what the trace keeps ---
 

@@ -119,6 +119,7 @@ def trace_summary(trace: Trace, email: str) -> dict[str, Any]:
         "upstream_model": trace.upstream_model,
         "response_model": trace.response_model,
         "stream": trace.stream,
+        "transport": trace.transport,
         "status": trace.status_code,
         "outcome": trace.outcome,
         "error_type": trace.error_type,
