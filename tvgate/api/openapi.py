@@ -292,6 +292,7 @@ DOCUMENT: dict[str, Any] = {
                         "allow_user_routes": {"type": "boolean"},
                         "capture_bodies": {"type": "boolean"},
                         "span_content": {"type": "boolean"},
+                        "subscription_passthrough": {"type": "boolean"},
                         "retention_days": {"type": "integer", "minimum": 0, "maximum": 36500},
                         "redaction_patterns": {"type": "array", "items": _STR, "maxItems": 100},
                     },

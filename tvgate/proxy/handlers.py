@@ -37,6 +37,10 @@ class ProxyHandler(BaseHandler):
     """``POST /v1/<endpoint>``: authenticate, route, stream to the provider and back."""
 
     SUPPORTED_METHODS = ("POST", "GET")
+    takes_subscription = True
+    #: A caller's own Claude subscription may pass through this path (the Anthropic API's
+    #: own; a cloud mode's path refuses it: tvgate.proxy.subscription).
+    serves_subscriptions = True
 
     def initialize(self, endpoint: ProviderAPI) -> None:
         self.endpoint = endpoint
@@ -132,8 +136,17 @@ class ModelsHandler(BaseHandler):
 
     SUPPORTED_METHODS = ("GET",)
     token_required = True
+    takes_subscription = True
 
     async def get(self, *_args: str) -> None:
+        if self.subscription:
+            # Its calls take the model as sent to Anthropic, not a route of tvgate's.
+            raise Refusal(
+                400,
+                "GET /v1/models lists tvgate's routes, which a Claude subscription does not "
+                "use: its calls go to Anthropic with the model as sent; send your tvgate "
+                "token as the credential to list the routes",
+            )
         principal = self.principal
         try:
             snapshot = await self.gateway.router.snapshot(principal.org_id)
