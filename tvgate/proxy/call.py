@@ -204,15 +204,7 @@ class ProxyCall:
         try:
             if self.handler.subscription:
                 # The caller's own Claude subscription (tvgate.proxy.subscription).
-                snapshot = await self.gateway.router.snapshot(principal.org_id)
-                route = subscription_route(
-                    principal,
-                    snapshot.policy,
-                    self.endpoint,
-                    self.handler.request.path,
-                    serves=self.handler.serves_subscriptions,
-                    base_url=settings.subscription_base_url,
-                )
+                snapshot, route = await subscription_route(self.gateway, principal, self.handler)
             else:
                 snapshot, route = await self.gateway.router.resolve(principal, self.body.model)
         except RouteNotFound as exc:

@@ -19,10 +19,16 @@ by it or under it, and it is never stored, logged or exported.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tvgate.identity import Principal
 from tvgate.models import PROVIDER_ANTHROPIC, SCOPE_ORG
 from tvgate.providers import ANTHROPIC_COUNT_TOKENS, ANTHROPIC_MESSAGES, ProviderAPI
-from tvgate.routing import KeyRef, OrgPolicy, RouteEntry
+from tvgate.routing import KeyRef, OrgPolicy, OrgSnapshot, RouteEntry
+
+if TYPE_CHECKING:
+    from tvgate.gateway import Gateway
+    from tvgate.proxy.handlers import ProxyHandler
 
 #: The APIs a subscription's calls may use: the ones Claude Code calls with it.
 SUBSCRIPTION_APIS = frozenset({ANTHROPIC_MESSAGES, ANTHROPIC_COUNT_TOKENS})
@@ -36,7 +42,25 @@ class SubscriptionRefused(Exception):
         self.status = status
 
 
-def subscription_route(
+async def subscription_route(
+    gateway: Gateway, principal: Principal, handler: ProxyHandler
+) -> tuple[OrgSnapshot, RouteEntry]:
+    """The org's snapshot and the route a call of ``principal``'s own subscription takes to
+    ``TVGATE_SUBSCRIPTION_BASE_URL``; raises ``SubscriptionRefused`` on an endpoint that
+    takes none (another API's, or a cloud mode's path) or where the org's switch is off."""
+    snapshot = await gateway.router.snapshot(principal.org_id)
+    route = _route(
+        principal,
+        snapshot.policy,
+        handler.endpoint,
+        handler.request.path,
+        serves=handler.serves_subscriptions,
+        base_url=gateway.settings.subscription_base_url,
+    )
+    return snapshot, route
+
+
+def _route(
     principal: Principal,
     policy: OrgPolicy,
     endpoint: ProviderAPI,
@@ -45,9 +69,6 @@ def subscription_route(
     serves: bool,
     base_url: str,
 ) -> RouteEntry:
-    """The route a call of ``principal``'s own subscription takes to ``base_url``; raises
-    ``SubscriptionRefused`` on an endpoint that takes none (``serves``: the path is an
-    Anthropic API one, not a cloud mode's) or where the org's switch is off."""
     if not serves or endpoint.api not in SUBSCRIPTION_APIS:
         raise SubscriptionRefused(
             400,
