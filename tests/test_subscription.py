@@ -33,8 +33,10 @@ from typing import Any
 
 import anthropic
 import httpx2
+import jwt
 import orjson
 import pytest
+from tornado.httputil import HTTPHeaders
 
 from tests.clients import Setup, claude_bash_session, run_claude
 from tests.conftest import ANTHROPIC_SECRET, GatewayProcess, scrape, seed
@@ -43,6 +45,7 @@ from tests.harness import beside, launch_gateway, stop_gateway
 from tests.test_otel import Receiver
 from tests.test_security_writer import SqliteLock, _decoded_strings
 from tvgate import services
+from tvgate.identity.authenticator import subscription_credentials
 from tvgate.models import CLIENT_SUBSCRIPTION, Trace, User, database
 
 #: A subscription's OAuth bearer, as Claude Code holds one (``claude setup-token``).
@@ -155,6 +158,26 @@ def test_the_fake_takes_only_a_subscriptions_bearer_with_its_beta(
         assert status(as_key)[0] == status(as_bearer)[0] == 401
 
 
+@pytest.mark.parametrize(
+    ("authorization", "named", "read"),
+    [
+        (f"Bearer {OAUTH}", "tvg_me", ("tvg_me", OAUTH)),
+        (f"bearer  {OAUTH} ", " tvg_me ", ("tvg_me", OAUTH)),
+        (f"Bearer {OAUTH}", "", None),  # no one named: signs in (and fails) as usual
+        ("Bearer tvg_other", "tvg_me", None),  # a tvgate credential: the usual sign-in
+        ("Bearer tvs_session", "tvg_me", None),
+        (f"Bearer {jwt.encode({'sub': 'me'}, 'k' * 32, algorithm='HS256')}", "tvg_me", None),
+        (f"Basic {OAUTH}", "tvg_me", None),
+        ("", "tvg_me", None),
+    ],
+)
+def test_which_requests_carry_a_subscription(
+    authorization: str, named: str, read: tuple[str, str] | None
+) -> None:
+    headers = HTTPHeaders({"Authorization": authorization, "x-tvgate-token": named})
+    assert subscription_credentials(headers) == read
+
+
 def test_with_the_switch_off_a_subscription_is_refused_in_anthropics_envelope(
     gw: GatewayProcess, anthropic_api: FakeProvider
 ) -> None:
@@ -200,7 +223,10 @@ def _forwarded(fake: FakeProvider, marker: str) -> list[Any]:
 
 
 def test_the_sdk_passes_a_subscription_through_streamed_and_not(
-    gw: GatewayProcess, anthropic_api: FakeProvider, passthrough: None
+    gw: GatewayProcess,
+    anthropic_api: FakeProvider,
+    fake_provider: FakeProvider,
+    passthrough: None,
 ) -> None:
     session, marker = uuid.uuid4().hex, "marker-" + uuid.uuid4().hex[:8]
     client = subscribed(gw, "dev@acme.test", session)
@@ -244,6 +270,17 @@ def test_the_sdk_passes_a_subscription_through_streamed_and_not(
     assert all(t.input_tokens > 0 and t.output_tokens > 0 for t in traces[:2])
     shown = services.get_trace(traces[0].id, org_name="acme")
     assert shown["client_credential"] == CLIENT_SUBSCRIPTION
+    # The member's next call on a route of the org's goes out with the org's key alone.
+    routed = httpx2.post(
+        gw.url + "/v1/messages",
+        json={"model": "claude-test", "max_tokens": 8, "messages": messages},
+        headers={"x-api-key": member_token, "anthropic-version": "2023-06-01"},
+        timeout=30,
+    )
+    assert routed.status_code == 200, routed.text
+    (to_route,) = [r for r in fake_provider.requests if marker.encode() in r.body]
+    assert to_route.headers["x-api-key"] == ANTHROPIC_SECRET
+    assert "authorization" not in to_route.headers
 
 
 def test_the_members_rate_limit_applies_to_their_subscription(
