@@ -16,7 +16,8 @@ token and a bearer without the beta. The member names themselves in ``x-tvgate-t
 * The users list (API and UI) shows who routes a subscription through tvgate, how often.
 * Canary: the bearer is in no answer, trace row, body, log line, spool entry, metric, OTLP
   span or file of the data directory, even when the provider echoes it back.
-* Real Claude Code with ``CLAUDE_CODE_OAUTH_TOKEN`` runs a Bash session through tvgate.
+* Real Claude Code with ``CLAUDE_CODE_OAUTH_TOKEN`` runs a Bash session through tvgate; with
+  the switch off it reports the 403's message.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import orjson
 import pytest
 from tornado.httputil import HTTPHeaders
 
-from tests.clients import Setup, claude_bash_session, run_claude
+from tests.clients import Setup, claude_bash_session, claude_result, run_claude
 from tests.conftest import ANTHROPIC_SECRET, GatewayProcess, scrape, seed
 from tests.fake_provider import OAUTH_BETA, OAUTH_UNSUPPORTED, FakeProvider
 from tests.harness import beside, launch_gateway, stop_gateway
@@ -422,6 +423,21 @@ def test_real_claude_code_signed_in_with_a_subscription_runs_a_bash_session(
     }
     assert all(t.outcome == "ok" and t.input_tokens > 0 and t.output_tokens > 0 for t in traces)
     assert {t.requested_model for t in traces} == {"claude-sonnet-4-6"}
+
+
+def test_real_claude_code_with_the_switch_off_reports_the_403(
+    gw: GatewayProcess, anthropic_api: FakeProvider, tmp_path: Path
+) -> None:
+    """Claude Code reports tvgate's 403 with its message; nothing reaches Anthropic."""
+    token = gw.tokens["dev@acme.test"]
+    setup = Setup(gw.url, token, "claude-sonnet-4-6", tmp_path, {"x-tvgate-token": token})
+    setup.env["CLAUDE_CODE_OAUTH_TOKEN"] = OAUTH
+    before = len(anthropic_api.requests)
+    run = run_claude(setup, "Say hello.", credential_env="")
+    result = claude_result(run)
+    assert result["is_error"], run.describe()
+    assert "subscription passthrough is off for org 'acme'" in result["result"], run.describe()
+    assert len(anthropic_api.requests) == before
 
 
 # --- the canary --------------------------------------------------------------------------------
