@@ -387,6 +387,7 @@ class PolicyHandler(UIHandler):
                 allow_user_keys=_form_bool(self, "allow_user_keys"),
                 allow_user_routes=_form_bool(self, "allow_user_routes"),
                 capture_bodies=_form_bool(self, "capture_bodies"),
+                subscription_passthrough=_form_bool(self, "subscription_passthrough"),
                 retention_days=retention,
                 redaction_patterns=patterns,
                 actor=user,

@@ -95,6 +95,12 @@ everything else is OpenAI. Anthropic requests authenticate with ``x-api-key`` *o
 key outside ``accepted_keys`` too unless ``accepted_keys`` is None. A body that is not a
 JSON object gets the API's 400. Content-Encoding is ignored.
 
+Given ``oauth_tokens``, the Anthropic side checks what Anthropic checks of a Claude
+subscription (Claude Code signed in to claude.ai, Pro/Max): it takes only ``Authorization:
+Bearer <one of oauth_tokens>`` with ``OAUTH_BETA`` among the ``anthropic-beta`` values, and
+refuses (401 ``authentication_error``) an ``x-api-key``, another bearer (an API key, a
+tvgate token) and an OAuth bearer without that beta, with Anthropic's own message.
+
 Every request is recorded (`FakeProvider.requests`) with our own id, which is also sent
 back as the ``x-fake-request-id`` response header; `FakeProvider.wait_closed` waits for
 the client (say, a gateway) to drop a request's connection before the answer was done.
@@ -178,6 +184,11 @@ SCENARIOS = frozenset(
 )
 MALFORMED_BYTES = b"data: {not json\n\nevent\x00: \xff\xfe???\r\n: comment\ndata: [1, 2\n\n"
 """What ``malformed`` puts in the middle of a stream: broken JSON, NUL, invalid UTF-8."""
+
+#: The ``anthropic-beta`` value an OAuth (subscription) bearer must come with.
+OAUTH_BETA = "oauth-2025-04-20"
+#: What Anthropic answers an OAuth bearer sent without ``OAUTH_BETA``.
+OAUTH_UNSUPPORTED = "OAuth authentication is currently not supported."
 
 ANTHROPIC_ORGANIZATION_ID = "8f2d1c3e-5b4a-4f6e-9d7c-0a1b2c3d4e5f"
 ANTHROPIC_RESET_AT = "2023-11-14T22:14:20Z"
@@ -1200,6 +1211,9 @@ class _Handler(tornado.web.RequestHandler):
         authorization = headers.get("Authorization", "")
         bearer = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
         accepted = self.provider.accepted_keys
+        if api == "anthropic" and self.provider.oauth_tokens is not None:
+            self._authenticate_oauth(bearer)
+            return
         if api == "anthropic":
             key = headers.get("x-api-key", "").strip() or bearer
             if not key:
@@ -1225,6 +1239,16 @@ class _Handler(tornado.web.RequestHandler):
                 "at https://platform.openai.com/account/api-keys.",
                 code="invalid_api_key",
             )
+
+    def _authenticate_oauth(self, bearer: str) -> None:
+        """A Claude subscription's call: its OAuth bearer, with the OAuth beta."""
+        headers = self.request.headers
+        tokens = self.provider.oauth_tokens or set()
+        if headers.get("x-api-key") or bearer not in tokens:
+            raise _HTTPError(401, "authentication_error", "Invalid bearer token")
+        betas = {b.strip() for b in ",".join(headers.get_list("anthropic-beta")).split(",")}
+        if OAUTH_BETA not in betas:
+            raise _HTTPError(401, "authentication_error", OAUTH_UNSUPPORTED)
 
     def _parse_body(self) -> dict[str, Any]:
         if self.request.method != "POST":
@@ -1572,8 +1596,11 @@ class FakeProvider:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        oauth_tokens: set[str] | None = None,
     ) -> None:
         self.accepted_keys = accepted_keys
+        #: The Claude subscriptions' OAuth bearers the Anthropic side takes, and only them.
+        self.oauth_tokens = oauth_tokens
         self.requests: list[RecordedRequest] = []
         self.url = ""
         self.openai_url = ""

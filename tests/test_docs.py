@@ -240,6 +240,8 @@ def _check_output(walk: Walk, command: str, out: str) -> None:
         assert words[3] in out, out
     elif verb == "keys list":
         assert "org-anthropic-key" in out and "org-openai-key" in out, out
+    elif verb == "policy set":
+        assert json.loads(out)["subscription_passthrough"] is True, out
     elif "/v1/messages" in command:
         assert json.loads(out)["type"] == "message", out
     elif "/v1/models" in command:

@@ -425,6 +425,34 @@ def test_form_without_xsrf_token_is_refused(admin_page: Page, gateway: GatewayPr
     record(page)
 
 
+def test_admin_turns_the_subscription_passthrough_on_in_the_policy_page(
+    admin_page: Page, gateway: GatewayProcess
+) -> None:
+    page = admin_page
+    visit(page, gateway.url + "/ui/policy")
+    box = page.locator("#policy input[name=subscription_passthrough]")
+    assert not box.is_checked()
+    box.check()
+    page.click("#policy button[type=submit]")
+    page.wait_for_url(re.compile(r".*/ui/policy\?ok=saved"))
+    record(page)
+    try:
+        assert page.locator("#policy input[name=subscription_passthrough]").is_checked()
+        with httpx2.Client(
+            base_url=gateway.url, headers={"Authorization": f"Bearer {gateway.tokens[ADMIN]}"}
+        ) as api:
+            assert api.get("/api/v1/policy").json()["subscription_passthrough"] is True
+            # Unticked and saved: off again.
+            page.locator("#policy input[name=subscription_passthrough]").uncheck()
+            page.click("#policy button[type=submit]")
+            page.wait_for_url(re.compile(r".*/ui/policy\?ok=saved"))
+            assert api.get("/api/v1/policy").json()["subscription_passthrough"] is False
+    finally:
+        gateway.cli("policy", "set", "--org", "acme", "--subscription-passthrough", "off")
+    visit(page, gateway.url + "/ui/users")
+    assert "Subscription calls" in page.inner_text("table thead")
+
+
 def test_admin_pages_render_at_both_widths(admin_page: Page, gateway: GatewayProcess) -> None:
     page = admin_page
     for name, path in (

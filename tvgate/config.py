@@ -85,6 +85,9 @@ class Settings:
     vault_timeout: float = 5.0
     #: Seconds to wait for a TCP/TLS connection to a provider.
     connect_timeout: float = 10.0
+    #: Where a Claude subscription's calls go when an org passes them through
+    #: (``subscription_passthrough``): the Anthropic API, which checks the OAuth bearer.
+    subscription_base_url: str = "https://api.anthropic.com"
     #: Seconds an upstream transfer may go without receiving a byte before it is aborted.
     idle_timeout: int = 300
     #: Largest request body accepted, in bytes, checked before and after decompression.
@@ -423,6 +426,13 @@ def validate(settings: Settings) -> None:
         raise ConfigError("vault_addr must be an http(s) URL")
     if settings.vault_timeout <= 0:
         raise ConfigError("vault_timeout must be positive")
+    subscription = settings.subscription_base_url
+    if (
+        not subscription.startswith(("https://", "http://"))
+        or "?" in subscription
+        or "#" in subscription
+    ):
+        raise ConfigError("subscription_base_url must be an http(s) URL without query or fragment")
     url = settings.resolved_database_url
     if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ConfigError("database_url must start with sqlite:/// or postgresql://")

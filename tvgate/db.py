@@ -297,10 +297,22 @@ def _migration_22(db: peewee.Database) -> None:
     add_column_if_missing(db, models.Trace, "transport")
 
 
+def _migration_21(db: peewee.Database) -> None:
+    # Claude subscriptions passed through (issue 21.1): the org's switch, the trace's mark,
+    # and an index of the marked traces alone for the users list's count and last use.
+    add_column_if_missing(db, models.Org, "subscription_passthrough")
+    add_column_if_missing(db, models.Trace, "client_credential")
+    db.execute_sql(
+        "CREATE INDEX IF NOT EXISTS trace_subscription_use ON trace (org_id, user_id, received_at)"
+        f" WHERE client_credential = '{models.CLIENT_SUBSCRIPTION}'"
+    )
+
+
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
 #: The numbers have gaps: 13 came after 14 and 19, 3 and 12 after all of them, 15 and 18
-#: after 19, 16 after 18 (a database that has the later ones gets them). The gaps stay: a database
-#: records the numbers it has applied, and renumbering would run a migration twice or skip it.
+#: after 19, 16 after 18 (a database that has the later ones gets them). The
+#: gaps stay: a database records the numbers it has applied, and renumbering would run a
+#: migration twice or skip it.
 MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (1, _migration_1),
     (2, _migration_2),
@@ -321,6 +333,7 @@ MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (18, _migration_18),
     (19, _migration_19),
     (20, _migration_20),
+    (21, _migration_21),
     (22, _migration_22),
 ]
 

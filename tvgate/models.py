@@ -58,6 +58,10 @@ SCOPE_ORG = "org"
 SCOPE_USER = "user"
 SCOPE_OWNED = "owned"
 
+#: A trace's ``client_credential`` when the call went out with the caller's own Claude
+#: subscription instead of a provider key tvgate holds.
+CLIENT_SUBSCRIPTION = "subscription"
+
 
 def now() -> float:
     return time.time()
@@ -85,6 +89,9 @@ class Org(BaseModel):
     capture_bodies = peewee.BooleanField(default=True)
     #: Prompts and answers (redacted) go into the calls' OpenTelemetry spans too.
     span_content = peewee.BooleanField(default=False)
+    #: Members' own Claude subscriptions (an OAuth bearer) may pass through to Anthropic,
+    #: the member named by ``x-tvgate-token`` (tvgate.proxy.subscription).
+    subscription_passthrough = peewee.BooleanField(default=False)
     #: Days traces are kept; 0 keeps them for ever.
     retention_days = peewee.IntegerField(default=90)
     #: JSON list of extra regular expressions redacted from captured bodies.
@@ -338,6 +345,9 @@ class Trace(BaseModel):
     #: How the client called: "" over HTTP, "websocket" for a Responses WebSocket
     #: (tvgate.proxy.websocket), where each ``response.create`` is one trace.
     transport = peewee.CharField(max_length=16, default="")
+    #: Whose credential reached the provider: "" a key of tvgate's, CLIENT_SUBSCRIPTION the
+    #: caller's own Claude subscription (never stored itself).
+    client_credential = peewee.CharField(max_length=16, default="")
 
 
 class Blob(BaseModel):

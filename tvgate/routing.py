@@ -117,6 +117,8 @@ class RouteEntry:
 class OrgPolicy:
     allow_user_routes: bool = False
     allow_user_keys: bool = False
+    #: Members' own Claude subscriptions may pass through (tvgate.proxy.subscription).
+    subscription_passthrough: bool = False
 
 
 @dataclass(slots=True)
@@ -193,9 +195,7 @@ def load_snapshot(org_id: int) -> OrgSnapshot:
     org = Org.get_by_id(org_id)
     snapshot = OrgSnapshot(
         org_id=org_id,
-        policy=OrgPolicy(
-            allow_user_routes=org.allow_user_routes, allow_user_keys=org.allow_user_keys
-        ),
+        policy=from_row(OrgPolicy, org),
         governance=load_governance(org_id),
     )
     grants: dict[int, set[int]] = {}

@@ -27,6 +27,7 @@ from tvgate.identity import (
     Principal,
     credential_from_headers,
 )
+from tvgate.identity.authenticator import subscription_credentials
 from tvgate.models import PROVIDER_ANTHROPIC, PROVIDER_OPENAI
 from tvgate.providers import ProviderAPI, provider_api
 from tvgate.providers.misdirected import ERROR_CODE, ERROR_TYPE, envelope_api, unknown_endpoint
@@ -72,6 +73,12 @@ class BaseHandler(RequestHandler):
     principal: Principal
     #: The credential the request came with (only ever passed on to be sealed).
     credential: str
+    #: The surface passes a caller's own Claude subscription on (the proxy's endpoints):
+    #: such a request names its caller in ``x-tvgate-token`` instead of ``Authorization``.
+    takes_subscription = False
+    #: The bearer of the caller's own subscription, when the request carries one: only ever
+    #: sent to the provider, never stored or logged (tvgate.proxy.subscription).
+    subscription = ""
 
     @property
     def gateway(self) -> Gateway:
@@ -96,13 +103,19 @@ class BaseHandler(RequestHandler):
     async def authenticate_token(
         self, token: str | None = None, org: str | None = None
     ) -> Principal:
-        """Who the request's token is (``x-api-key`` or a Bearer ``Authorization``) in the
-        org its ``x-tvgate-org`` names; or ``token`` in ``org`` when given (a sign-in
-        form's). Sets ``principal`` and ``credential``; raises an ``IdentityError``, which
-        carries its status."""
+        """Who the request's token is (``x-api-key`` or a Bearer ``Authorization``, or
+        ``x-tvgate-token`` beside a subscription's bearer where the surface takes one) in
+        the org its ``x-tvgate-org`` names; or ``token`` in ``org`` when given (a sign-in
+        form's). Sets ``principal`` and ``credential`` (and ``subscription``); raises an
+        ``IdentityError``, which carries its status."""
         if token is None:
-            token = credential_from_headers(self.request.headers)
-            org = self.request.headers.get(ORG_HEADER)
+            headers = self.request.headers
+            org = headers.get(ORG_HEADER)
+            passed = subscription_credentials(headers) if self.takes_subscription else None
+            if passed is None:
+                token = credential_from_headers(headers)
+            else:
+                token, self.subscription = passed
         if not token:
             raise MissingCredential(NO_CREDENTIAL)
         try:

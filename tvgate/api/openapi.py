@@ -264,7 +264,13 @@ DOCUMENT: dict[str, Any] = {
                 },
             ),
         },
-        "/api/v1/users": {"get": _op("Users of the org (admins and auditors)", "200")},
+        "/api/v1/users": {
+            "get": _op(
+                "Users of the org (admins and auditors), with their calls through their own "
+                "Claude subscription (subscription_calls, subscription_last_at)",
+                "200",
+            )
+        },
         "/api/v1/users/{email}": {
             "parameters": [_path_param("email", _STR)],
             "patch": _op(
@@ -292,6 +298,7 @@ DOCUMENT: dict[str, Any] = {
                         "allow_user_routes": {"type": "boolean"},
                         "capture_bodies": {"type": "boolean"},
                         "span_content": {"type": "boolean"},
+                        "subscription_passthrough": {"type": "boolean"},
                         "retention_days": {"type": "integer", "minimum": 0, "maximum": 36500},
                         "redaction_patterns": {"type": "array", "items": _STR, "maxItems": 100},
                     },

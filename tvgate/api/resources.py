@@ -52,6 +52,7 @@ POLICY_FIELDS = {
     "allow_user_routes",
     "capture_bodies",
     "span_content",
+    "subscription_passthrough",
     "retention_days",
     "redaction_patterns",
 }
@@ -284,6 +285,7 @@ class PolicyHandler(APIHandler):
             _bool(body, "capture_bodies"),
         )
         span_content = _bool(body, "span_content")
+        subscription = _bool(body, "subscription_passthrough")
         retention = body.get("retention_days")
         if retention is not None and (
             isinstance(retention, bool) or not isinstance(retention, int)
@@ -300,6 +302,7 @@ class PolicyHandler(APIHandler):
                 allow_user_routes=routes,
                 capture_bodies=capture,
                 span_content=span_content,
+                subscription_passthrough=subscription,
                 retention_days=retention,
                 redaction_patterns=patterns,
                 actor=self.principal,

@@ -1,4 +1,5 @@
-"""``tvgate policy``: an org's switches (user keys, user routes, body capture, redaction)."""
+"""``tvgate policy``: an org's switches (user keys, user routes, body capture, redaction,
+Claude subscriptions)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ def cmd_policy_set(settings: Settings, args: argparse.Namespace) -> int:
         allow_user_routes=on_off(args.user_routes),
         capture_bodies=on_off(args.capture_bodies),
         span_content=on_off(args.span_content),
+        subscription_passthrough=on_off(args.subscription_passthrough),
         redaction_patterns=args.redaction_patterns,
     )
     print(json.dumps(policy.as_dict(), indent=2))
@@ -39,6 +41,11 @@ def register(commands: Commands) -> None:
         "--span-content",
         choices=["on", "off"],
         help="put the redacted prompt and answer in the calls' OpenTelemetry spans",
+    )
+    p.add_argument(
+        "--subscription-passthrough",
+        choices=["on", "off"],
+        help="let members' own Claude subscriptions (Pro/Max) pass through to Anthropic",
     )
     p.add_argument(
         "--redaction-pattern",

@@ -7,6 +7,11 @@ Visdom Trace's Keycloak token when a Visdom Trace server is configured. Each kin
 is checked by its own authenticator; a kind that is not configured is refused
 like an unknown token. A ``tvk_`` Visdom Trace org key is refused by its prefix
 alone (no call to Visdom Trace, never logged): it acts for no person.
+
+A caller whose ``Authorization`` carries a credential of none of these kinds (their own
+Claude subscription's OAuth bearer) names themselves in ``x-tvgate-token`` instead
+(``subscription_credentials``); that token goes through ``Authenticator.authenticate``
+like any other, and the bearer is only ever passed on (tvgate.proxy.subscription).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jwt
+from tornado.httputil import HTTPHeaders
 
 from tvgate.identity import AuthError, OrgSelectionError, Principal
 from tvgate.identity.jwt_issuer import JWTAuthenticator, looks_like_jwt
@@ -28,6 +34,27 @@ ORG_KEY_REFUSED = (
     "your personal Visdom Trace token (`tracevault login`, then `tracevault proxy info`) "
     "or a tvgate token (tvg_…)"
 )
+
+
+#: The header that names the caller when ``Authorization`` carries their own subscription.
+IDENTITY_HEADER = "x-tvgate-token"
+
+
+def is_tvgate_credential(token: str) -> bool:
+    """Whether ``token`` is of a kind tvgate checks (not a provider's own credential)."""
+    return token.startswith((PROXY_PREFIX, VISDOM_PREFIX, ORG_KEY_PREFIX)) or looks_like_jwt(token)
+
+
+def subscription_credentials(headers: HTTPHeaders) -> tuple[str, str] | None:
+    """(the caller's tvgate credential, the bearer of their own subscription) when the
+    request names the caller in ``x-tvgate-token`` and its ``Authorization: Bearer`` is no
+    credential of tvgate's; None otherwise (the request signs in as usual)."""
+    named = headers.get(IDENTITY_HEADER, "").strip()
+    scheme, _, bearer = headers.get("Authorization", "").partition(" ")
+    bearer = bearer.strip()
+    if not named or scheme.lower() != "bearer" or not bearer or is_tvgate_credential(bearer):
+        return None
+    return named, bearer
 
 
 def _unverified_issuer(token: str) -> object:

@@ -53,6 +53,7 @@ class BedrockModeHandler(ProxyHandler):
     """``POST /bedrock/model/{model}/invoke[-with-response-stream]``."""
 
     SUPPORTED_METHODS = ("POST", "GET")
+    serves_subscriptions = False
 
     def initialize(self) -> None:  # type: ignore[override]
         super().initialize(anthropic.MESSAGES)

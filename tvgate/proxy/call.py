@@ -51,6 +51,7 @@ from tvgate.proxy.plan import Refusal, plan_attempt
 from tvgate.proxy.record import record_call
 from tvgate.proxy.relay import TRANSLATED_LIMIT, ClientRelay, HeldAnswer
 from tvgate.proxy.scrub import KeyScrubber
+from tvgate.proxy.subscription import SubscriptionRefused, subscription_auth, subscription_route
 from tvgate.proxy.upstream import (
     CURLE_OPERATION_TIMEDOUT,
     UpstreamExchange,
@@ -201,9 +202,18 @@ class ProxyCall:
         principal = self.principal
         assert principal is not None
         try:
-            snapshot, route = await self.gateway.router.resolve(principal, self.body.model)
+            if self.handler.subscription:
+                # The caller's own Claude subscription (tvgate.proxy.subscription).
+                snapshot, route = await subscription_route(
+                    self.gateway, principal, self.endpoint, self.handler
+                )
+            else:
+                snapshot, route = await self.gateway.router.resolve(principal, self.body.model)
         except RouteNotFound as exc:
             self._fail(404, str(exc), OUTCOME_REJECTED)
+            return
+        except SubscriptionRefused as exc:
+            self._fail(exc.status, str(exc), OUTCOME_REJECTED)
             return
         except DatabaseUnavailable:
             self._fail(503, "route store unavailable; try again shortly", OUTCOME_REJECTED)
@@ -354,6 +364,12 @@ class ProxyCall:
         may_fall_back: bool,
     ) -> Answered | Failed:
         key = entry.key
+        if self.handler.subscription:
+            # The caller's own credential: no key of tvgate's to decrypt or count as used.
+            self.scrubber.add(self.handler.subscription)
+            return await self._forward(
+                entry, pair, translation, self.handler.subscription, may_fall_back=may_fall_back
+            )
         try:
             secret = await self.gateway.keys.get(
                 key.ciphertext, KeyContext(key.org_id, key.id, key.owner_id)
@@ -400,7 +416,8 @@ class ProxyCall:
         listener: UpstreamListener = relay
         cloud = credentials_for(entry.key.provider)
         if cloud is None:
-            auth = api.auth_headers(secret) + auth
+            sent = subscription_auth if self.handler.subscription else api.auth_headers
+            auth = sent(secret) + auth
         else:
             # The cloud's URL, credentials and body; its answer mapped to the API's.
             try:

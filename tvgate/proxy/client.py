@@ -27,6 +27,10 @@ class ClientSide(Protocol):
     transport: str
     #: The route a path names (Azure's deployment, Vertex AI's model), or "".
     path_route: str
+    #: The bearer of the caller's own Claude subscription, or "" (tvgate.proxy.subscription).
+    subscription: str
+    #: Whether this path may carry a caller's own subscription (the Anthropic API's own).
+    serves_subscriptions: bool
     _finished: bool
 
     @property
@@ -39,6 +43,10 @@ class ClientSide(Protocol):
     @property
     def forwarded_query(self) -> str:
         """The client's query string as it goes upstream."""
+
+    @property
+    def request_path(self) -> str:
+        """The path the client asked for, as errors name it."""
 
     async def authenticate_token(self) -> Principal: ...
 

@@ -47,6 +47,10 @@ class ProxyHandler(BaseHandler):
 
     SUPPORTED_METHODS = ("POST", "GET")
     transport = ""
+    takes_subscription = True
+    #: A caller's own Claude subscription may pass through this path (the Anthropic API's
+    #: own; a cloud mode's path refuses it: tvgate.proxy.subscription).
+    serves_subscriptions = True
 
     def initialize(self, endpoint: ProviderAPI) -> None:
         self.endpoint = endpoint
@@ -77,6 +81,10 @@ class ProxyHandler(BaseHandler):
         if "api-version" not in query:
             return query
         return urlencode([(k, v) for k, v in parse_qsl(query) if k != "api-version"])
+
+    @property
+    def request_path(self) -> str:
+        return self.request.path
 
     def prepare(self) -> None:
         if self.path_args:
@@ -155,8 +163,17 @@ class ModelsHandler(BaseHandler):
 
     SUPPORTED_METHODS = ("GET",)
     token_required = True
+    takes_subscription = True
 
     async def get(self, *_args: str) -> None:
+        if self.subscription:
+            # Its calls take the model as sent to Anthropic, not a route of tvgate's.
+            raise Refusal(
+                400,
+                "GET /v1/models lists tvgate's routes, which a Claude subscription does not "
+                "use: its calls go to Anthropic with the model as sent; send your tvgate "
+                "token as the credential to list the routes",
+            )
         principal = self.principal
         try:
             snapshot = await self.gateway.router.snapshot(principal.org_id)

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from tvgate.models import (
+    CLIENT_SUBSCRIPTION,
     OUTCOME_OK,
     OUTCOME_UPSTREAM_ERROR,
 )
@@ -86,6 +87,8 @@ class TraceRecord:
     server_address: str
     #: How the client called: "" over HTTP, "websocket" for a Responses WebSocket.
     transport: str
+    #: CLIENT_SUBSCRIPTION when the caller's own subscription was the credential, else "".
+    client_credential: str
 
     def row(self) -> TraceRow:
         """The record as the writer's row: its own attributes' dict, not a copy (a record
@@ -186,6 +189,7 @@ def record_call(call: ProxyCall) -> None:
         finish_reason=(assembled.stop_reason or "") if assembled else "",
         server_address=(urlsplit(route.key.base_url).hostname or "") if route else "",
         transport=call.handler.transport,
+        client_credential=CLIENT_SUBSCRIPTION if call.handler.subscription else "",
     )
     row = record.row()
     gateway.traces.submit(row, captured)

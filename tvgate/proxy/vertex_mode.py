@@ -48,6 +48,8 @@ class VertexHandler(ProxyHandler):
     """``POST …/models/{model}:rawPredict`` (and the others): a Messages call on route
     ``{model}``, or a token count (``count-tokens``, whose body names the route)."""
 
+    serves_subscriptions = False
+
     def client_body(self, decoded: bytes) -> bytes:
         document = json_object(decoded)
         version = document.pop("anthropic_version", None)

@@ -183,6 +183,9 @@ class SocketResponse:
     transport = "websocket"
     path_route = ""
     forwarded_query = ""
+    # The Responses API takes no Claude subscription (tvgate.proxy.subscription).
+    subscription = ""
+    serves_subscriptions = False
 
     def __init__(self, socket: ResponsesSocket, headers: HTTPHeaders) -> None:
         self.socket = socket
@@ -204,6 +207,10 @@ class SocketResponse:
     @property
     def client_headers(self) -> HTTPHeaders:
         return self.headers
+
+    @property
+    def request_path(self) -> str:
+        return self.socket.request.path
 
     async def authenticate_token(self) -> Principal:
         return self.socket.principal  # signed in once, at the upgrade

@@ -7,18 +7,22 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
+import peewee
 
 from tvgate.identity import Principal
 from tvgate.models import (
+    CLIENT_SUBSCRIPTION,
     ROLE_ADMIN,
     ROLE_MEMBER,
     ROLES,
     AuditEvent,
     Org,
+    Trace,
     User,
     database,
 )
@@ -213,18 +217,57 @@ class UserView:
     disabled: bool
     local: bool
     created_at: float
+    #: Calls the user made with their own Claude subscription through tvgate, and when the
+    #: last one came (None: never), from the traces kept.
+    subscription_calls: int
+    subscription_last_at: float | None
 
     @classmethod
-    def of(cls, user: User) -> UserView:
-        return from_row(cls, user, local=user.password_hash is not None)
+    def of(cls, user: User, use: SubscriptionUse | None = None) -> UserView:
+        """The view of ``user``, with their subscription ``use`` (else read for them)."""
+        if use is None:
+            use = subscription_use(user.org_id, user.id).get(user.id, (0, None))
+        calls, last = use
+        return from_row(
+            cls,
+            user,
+            local=user.password_hash is not None,
+            subscription_calls=calls,
+            subscription_last_at=last,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return fields_of(self)
 
 
+#: (calls, when the last one came) of a user's own Claude subscription through tvgate.
+SubscriptionUse = tuple[int, float | None]
+#: The traces of subscription calls, as the partial index of migration 21 is defined: a
+#: literal, so that SQLite's planner sees it implies the index's condition.
+_SUBSCRIPTION_TRACES = peewee.SQL(f"client_credential = '{CLIENT_SUBSCRIPTION}'")
+
+
+def subscription_use(org_id: int, user_id: int | None = None) -> dict[int, SubscriptionUse]:
+    """Each user of the org (or only ``user_id``) who passed their own Claude subscription
+    through tvgate: their calls and the last one's time, counted from the traces."""
+    query = (
+        Trace.select(Trace.user_id, peewee.fn.COUNT(Trace.id), peewee.fn.MAX(Trace.received_at))
+        .where((Trace.org_id == org_id) & _SUBSCRIPTION_TRACES)
+        .group_by(Trace.user_id)
+    )
+    if user_id is not None:
+        query = query.where(Trace.user_id == user_id)
+    rows = cast("Iterable[tuple[int | None, int, float]]", query.tuples())
+    return {uid: (calls, last) for uid, calls, last in rows if uid is not None}
+
+
 def list_users(org_name: str | None = None, *, actor: Principal | None = None) -> list[UserView]:
     org = _readable_org(actor, org_name)
-    return [UserView.of(u) for u in User.select().where(User.org == org).order_by(User.email)]
+    uses = subscription_use(org.id)
+    return [
+        UserView.of(u, uses.get(u.id, (0, None)))
+        for u in User.select().where(User.org == org).order_by(User.email)
+    ]
 
 
 def update_user(

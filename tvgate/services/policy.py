@@ -1,5 +1,5 @@
 """An org's policy: user keys allowed, what traces capture and keep, the redaction
-patterns.
+patterns, whether members' Claude subscriptions pass through.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ class Policy:
     capture_bodies: bool
     #: The (redacted) prompt and answer go into the calls' OpenTelemetry spans.
     span_content: bool
+    #: Members' own Claude subscriptions may pass through to Anthropic (tvgate.proxy.subscription).
+    subscription_passthrough: bool
     retention_days: int
     redaction_patterns: tuple[str, ...]
     #: Stored patterns the trace writer skips, each with why: saved by a tvgate that
@@ -73,6 +75,7 @@ def set_policy(
     allow_user_routes: bool | None = None,
     capture_bodies: bool | None = None,
     span_content: bool | None = None,
+    subscription_passthrough: bool | None = None,
     retention_days: int | None = None,
     redaction_patterns: list[str] | None = None,
     actor: Principal | None = None,
@@ -90,6 +93,8 @@ def set_policy(
         org.capture_bodies = capture_bodies
     if span_content is not None:
         org.span_content = span_content
+    if subscription_passthrough is not None:
+        org.subscription_passthrough = subscription_passthrough
     if retention_days is not None:
         if isinstance(retention_days, bool) or not 0 <= retention_days <= 36500:
             raise ServiceError("retention_days must be 0 (keep for ever) to 36500")

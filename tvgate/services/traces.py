@@ -147,6 +147,8 @@ def trace_summary(trace: Trace, email: str) -> dict[str, Any]:
         "message_id": trace.message_id,
         "bytes_in": trace.bytes_in,
         "bytes_out": trace.bytes_out,
+        # "subscription": the call went out with the caller's own Claude subscription.
+        "client_credential": trace.client_credential,
         "truncated": trace.truncated,
         "captured": bool(trace.request_blob),
         # Every upstream attempt when fallbacks were tried; empty when the first route answered.
