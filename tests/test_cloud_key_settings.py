@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -264,3 +265,41 @@ def test_the_endpoints_a_key_names_are_checked_as_base_urls(keys: Keys) -> None:
         assert called.status_code == 502, called.text
         assert "upstream address 127.0.0.1 is not a public address" in called.text
         assert len(keys.vertex.requests) == requests
+
+
+def _xsrf(page: httpx2.Response) -> str:
+    found = re.search(r'name="_xsrf" value="([^"]+)"', page.text)
+    assert found is not None, page.text
+    return found.group(1)
+
+
+def test_the_key_page_changes_a_bedrock_keys_region(keys: Keys) -> None:
+    with httpx2.Client(base_url=keys.gw.url, follow_redirects=False, timeout=30) as browser:
+        login = browser.get("/ui/login")
+        signed_in = browser.post(
+            "/ui/login", data={"_xsrf": _xsrf(login), "token": keys.tokens["admin"]}
+        )
+        assert signed_in.status_code == 302, signed_in.text
+        page = browser.get("/ui/keys/br")
+        # The form shows the key's settings (its region filled in), never its secret.
+        assert 'name="region" value="us-east-1"' in page.text
+        assert 'name="role_arn" value=""' in page.text
+        assert keys.secrets["br"] not in page.text
+        form = {
+            "_xsrf": _xsrf(page),
+            "action": "rotate",
+            "secret": keys.secrets["br"],
+            "region": "eu-west-1",
+            "role_arn": "",
+            "external_id": "",
+            "sts_endpoint": "",
+        }
+        changed = browser.post("/ui/keys/br", data=form)
+        assert changed.status_code in (302, 303), changed.text
+        shown = browser.get("/ui/keys/br").text
+        assert 'name="region" value="eu-west-1"' in shown
+        # The fake Bedrock signs in us-east-1 only: the new region is in force.
+        wait_for(lambda: ask(keys, "br").status_code != 200, "the new region in force")
+        form = {**form, "_xsrf": _xsrf(browser.get("/ui/keys/br")), "region": "us-east-1"}
+        assert browser.post("/ui/keys/br", data=form).status_code in (302, 303)
+    wait_for(lambda: ask(keys, "br").status_code == 200, "the old region again")
