@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from tests.fake_bedrock import FakeBedrock
 from tests.fake_provider import FakeProvider
 from tests.fake_vertex import FakeVertex
 from tests.harness import PRIVATE_UPSTREAMS_OFF, beside
+from tests.test_cloud_vertex import _xsrf, signed_in
 from tests.test_vault_gateway import wait_for
 from tvgate import services
 from tvgate.db import migrate, open_database
@@ -80,11 +80,12 @@ def keys(
             "az": json.dumps({"api_key": api_key}),
             "br": json.dumps({"access_key_id": key_id, "secret_access_key": secret}),
         }
+        at_vertex = {"project": vertex.project, "region": vertex.region}
         for name, provider, base_url, settings, model in (
-            ("gcp", "vertex", vertex.url, {"project": vertex.project, "region": vertex.region}, VERTEX_MODEL),
+            ("gcp", "vertex", vertex.url, at_vertex, VERTEX_MODEL),
             ("az", "azure", azure.url, {"api_version": "2024-10-21"}, "gpt4o-prod"),
             ("br", "bedrock", bedrock.url, {"region": "us-east-1"}, BEDROCK_MODEL),
-        ):  # fmt: skip
+        ):
             add_test_key(name, org, base_url, given[name], provider=provider, settings=settings)
             services.add_route(name, name, model=model, org_name=org)
         # Google's endpoint (never called: the token endpoint comes first): the fake's
@@ -227,12 +228,15 @@ def test_the_endpoints_a_key_names_are_checked_as_base_urls(keys: Keys) -> None:
         )
         account = keys.vertex.service_account("internal")
         account["token_uri"] = "http://10.20.30.40/token"
+        access_key = {"access_key_id": "AKIAX", "secret_access_key": "s"}
+        role = {"region": "us-east-1", "role_arn": ROLE, "sts_endpoint": "https://127.0.0.1/sts/"}
+        place = {"project": "p-1", "region": "us-east5"}
+        metadata = {"authority": "http://169.254.169.254"}
         for name, provider, secret, settings, field in (
-            ("v-internal", "vertex", account, {"project": "p-1", "region": "us-east5"}, "token_uri"),
-            ("a-internal", "azure", {"api_key": "k" * 32}, {"authority": "http://169.254.169.254"}, "authority"),
-            ("b-internal", "bedrock", {"access_key_id": "AKIAX", "secret_access_key": "s"},
-             {"region": "us-east-1", "role_arn": ROLE, "sts_endpoint": "https://127.0.0.1/sts/"}, "sts_endpoint"),
-        ):  # fmt: skip
+            ("v-internal", "vertex", account, place, "token_uri"),
+            ("a-internal", "azure", {"api_key": "k" * 32}, metadata, "authority"),
+            ("b-internal", "bedrock", access_key, role, "sts_endpoint"),
+        ):
             body = {
                 "name": name,
                 "provider": provider,
@@ -267,33 +271,18 @@ def test_the_endpoints_a_key_names_are_checked_as_base_urls(keys: Keys) -> None:
         assert len(keys.vertex.requests) == requests
 
 
-def _xsrf(page: httpx2.Response) -> str:
-    found = re.search(r'name="_xsrf" value="([^"]+)"', page.text)
-    assert found is not None, page.text
-    return found.group(1)
-
-
 def test_the_key_page_changes_a_bedrock_keys_region(keys: Keys) -> None:
-    with httpx2.Client(base_url=keys.gw.url, follow_redirects=False, timeout=30) as browser:
-        login = browser.get("/ui/login")
-        signed_in = browser.post(
-            "/ui/login", data={"_xsrf": _xsrf(login), "token": keys.tokens["admin"]}
-        )
-        assert signed_in.status_code == 302, signed_in.text
+    with signed_in(keys.gw, keys.tokens["admin"]) as browser:
         page = browser.get("/ui/keys/br")
         # The form shows the key's settings (its region filled in), never its secret.
         assert 'name="region" value="us-east-1"' in page.text
         assert 'name="role_arn" value=""' in page.text
         assert keys.secrets["br"] not in page.text
-        form = {
-            "_xsrf": _xsrf(page),
-            "action": "rotate",
-            "secret": keys.secrets["br"],
-            "region": "eu-west-1",
-            "role_arn": "",
-            "external_id": "",
-            "sts_endpoint": "",
-        }
+        # The form as a browser sends it: every setting field, the empty ones too.
+        form = dict.fromkeys(("role_arn", "external_id", "sts_endpoint"), "")
+        form.update(
+            _xsrf=_xsrf(page), action="rotate", secret=keys.secrets["br"], region="eu-west-1"
+        )
         changed = browser.post("/ui/keys/br", data=form)
         assert changed.status_code in (302, 303), changed.text
         shown = browser.get("/ui/keys/br").text

@@ -11,9 +11,9 @@ another). For each call:
   the key file's ``token_uri`` by the JWT bearer grant). google-auth's refresh blocks, so it
   runs in a thread of its own pool, never on the IOLoop; its HTTP exchange is ours
   (``_Transport``: the gateway's HTTP client, bounded by ``tokenfetch`` in size and in
-  total time, ``TVGATE_TOKEN_TIMEOUT``, no redirect followed, the answer checked); one refresh at a time per key (the
-  calls that need it meanwhile wait for the same one), the token cached (a bounded LRU)
-  until ``REFRESH_MARGIN`` before it expires;
+  total time, ``TVGATE_TOKEN_TIMEOUT``, no redirect followed, the answer checked); one
+  refresh at a time per key (the calls that need it meanwhile wait for the same one), the
+  token cached (a bounded LRU) until ``REFRESH_MARGIN`` before it expires;
 * the URL ``{base}/v1/projects/{project}/locations/{region}/publishers/anthropic/models/
   {model}:rawPredict`` (``:streamRawPredict`` for a stream; ``count-tokens:rawPredict``
   counts tokens, with the model in the body);
