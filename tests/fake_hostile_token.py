@@ -14,6 +14,8 @@ was sent (the secret in it, which must not come back either). ``/{mode}/...``:
 * ``html``: a 200 sign-in page, echoing the request;
 * ``noexpiry``: a token without ``expires_in`` (STS: credentials without ``Expiration``);
 * ``absurd``: a token said to live 10^12 s (STS: expiring in the year 9999);
+* ``echo``: a 400 OAuth error (STS: an ``InvalidGrant`` error) whose description quotes
+  what it was sent (a signed JWT, a client secret);
 * ``ok``: a well-formed answer.
 """
 
@@ -24,13 +26,14 @@ import json
 import secrets
 import threading
 import time
+import urllib.parse
 
 import tornado.iostream
 import tornado.web
 
 from tests.served import ServedApp
 
-MODES = ("big", "drip", "badjson", "redirect", "html", "noexpiry", "absurd")
+MODES = ("big", "drip", "badjson", "redirect", "html", "noexpiry", "absurd", "echo")
 
 
 def _sts(expiration: str | None, padding: str = "") -> str:
@@ -52,6 +55,7 @@ class _Handler(tornado.web.RequestHandler):
     async def post(self, mode: str, rest: str) -> None:
         with self.fake.lock:
             self.fake.hits.append(mode)
+            self.fake.sent.append(self.request.body.decode("latin-1"))
         sts = rest.startswith("sts")
         raw, echoed = self.fake.raw, self.request.body.decode("latin-1")
         later = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
@@ -69,7 +73,21 @@ class _Handler(tornado.web.RequestHandler):
             )
             return
         self.set_header("Content-Type", "text/xml" if sts else "application/json")
-        if mode == "big":
+        if mode == "echo":
+            self.set_status(400)
+            if sts:
+                self.finish(
+                    f"<ErrorResponse><Error><Code>InvalidGrant</Code><Message>sent {echoed}"
+                    f"</Message></Error><Note>{raw}</Note></ErrorResponse>"
+                )
+            else:
+                # The secret part first: a description cut short still quotes it.
+                form = urllib.parse.parse_qs(echoed)
+                signed = form.get("assertion", [""])[0].rsplit(".", 1)[-1]
+                quoted = f"{signed}{form.get('client_secret', [''])[0]} from {echoed}"
+                said = {"error": "invalid_grant", "error_description": quoted}
+                self.finish(json.dumps({**said, "note": raw}))
+        elif mode == "big":
             padding = raw * (200_000 // len(raw))
             if sts:
                 self.finish(_sts(later, f"<Padding>{padding}</Padding>"))
@@ -105,12 +123,14 @@ class _Handler(tornado.web.RequestHandler):
 
 
 class HostileTokenEndpoint:
-    """The endpoint: ``url``, what it was asked (``hits``: the mode of each request), how
-    many dripping answers the client hung up on (``hung_up``)."""
+    """The endpoint: ``url``, what it was asked (``hits``: the mode of each request;
+    ``sent``: its body), how many dripping answers the client hung up on (``hung_up``)."""
 
     def __init__(self) -> None:
         self.raw = "hostile-raw-" + secrets.token_hex(6)
         self.hits: list[str] = []
+        #: The body of each request, as sent.
+        self.sent: list[str] = []
         self.hung_up = 0
         self.dripping = threading.Event()
         self.lock = threading.Lock()

@@ -43,7 +43,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote
 
 import google.auth.exceptions
 import google.auth.transport
@@ -224,6 +224,11 @@ class _Transport(google.auth.transport.Request):
     async def _exchange(
         self, url: str, headers: dict[str, str], body: bytes, left: float
     ) -> _Answer:
+        # The signed assertion (and its signature) is a credential derived from the key:
+        # masked like one, should the endpoint quote it back.
+        for assertion in parse_qs(body.decode("latin-1")).get("assertion", []):
+            self._request.scrubber.add(assertion)
+            self._request.scrubber.add(assertion.rsplit(".", 1)[-1])
         what = "the service account's token endpoint"
         answer = await tokenfetch.fetch(self._request, url, headers, body, what, left)
         where = f"{what} ({url_host(url)})"
@@ -237,11 +242,13 @@ class _Transport(google.auth.transport.Request):
         else:
             code = document.get("error")
             described = document.get("error_description")
+            # Masked before it is cut short: a cut would leave a secret's start unmasked.
+            said = self._request.scrubber.text(described) if isinstance(described, str) else ""
+            said = " ".join(said.split())[:200]
             checked = {
                 "error": re.sub(r"[^\w.-]", "", code)[:60] if isinstance(code, str) else "",
-                "error_description": " ".join(described.split())[:200]
-                if isinstance(described, str)
-                else f"HTTP {answer.status}",
+                # Google's own words ("Invalid JWT Signature."), and who said them.
+                "error_description": f"{said or f'HTTP {answer.status}'} ({where})",
             }
         return _Answer(answer.status, {"content-type": "application/json"}, orjson.dumps(checked))
 
