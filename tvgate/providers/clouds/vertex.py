@@ -209,6 +209,7 @@ class _Transport(google.auth.transport.Request):
         timeout: float | None = None,
         **kwargs: Any,
     ) -> _Answer:
+        # ``method`` is POST: google-auth's token requests are (tokenfetch only POSTs).
         left = self._deadline - time.monotonic()
         exchange = self._exchange(url, dict(headers or {}), body or b"", left)
         future = asyncio.run_coroutine_threadsafe(exchange, self._loop)
