@@ -14,6 +14,10 @@ from admin_ui.traces import when
 from tvgate import services
 from tvgate.identity import Principal
 from tvgate.models import ROLE_ADMIN, ROLE_AUDITOR, ROLE_MEMBER
+from tvgate.providers.clouds import CLOUD_SETTINGS
+
+#: Every cloud key setting a form may carry (a key's own cloud checks them).
+_CLOUD_FORM_FIELDS = tuple(dict.fromkeys(f for fields in CLOUD_SETTINGS.values() for f in fields))
 
 ADMIN = (ROLE_ADMIN,)
 #: The role pickers' order: from the one that may do most.
@@ -60,15 +64,7 @@ async def add_key_from_form(
     # A cloud key's settings (Azure OpenAI's, Vertex AI's, Bedrock's), those the form was given.
     cloud = {
         field: value
-        for field in (
-            "style",
-            "api_version",
-            "authority",
-            "project",
-            "region",
-            "role_arn",
-            "external_id",
-        )
+        for field in _CLOUD_FORM_FIELDS
         if (value := handler.get_body_argument(field, "").strip())
     }
     await handler.run_service(
@@ -238,6 +234,7 @@ class KeyHandler(UIHandler):
             "key.html",
             key=key,
             routes=[r for r in routes if r.key == name],
+            cloud_fields=CLOUD_SETTINGS.get(key.provider, ()),
             holders=holders,
             when=when,
         )
@@ -250,9 +247,20 @@ class KeyHandler(UIHandler):
         action = self.get_body_argument("action", "")
         if action == "rotate":
             secret = self.get_body_argument("secret", "")
+            # A cloud key's settings as the form shows them (an emptied one is removed).
+            given = {
+                field: self.get_body_argument(field, "").strip() or None
+                for field in _CLOUD_FORM_FIELDS
+                if field in self.request.body_arguments
+            }
             await self.run_service(
                 lambda: services.rotate_key(
-                    name, secret, gateway.keyring, **gateway.settings.upstream_rules, actor=user
+                    name,
+                    secret,
+                    gateway.keyring,
+                    settings=given or None,
+                    **gateway.settings.upstream_rules,
+                    actor=user,
                 )
             )
             self.done(f"/ui/keys/{url_escape(name, plus=False)}", "key-rotated")

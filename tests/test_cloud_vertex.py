@@ -17,6 +17,7 @@ import re
 import secrets
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -444,14 +445,21 @@ def _xsrf(page: httpx2.Response) -> str:
     return found.group(1)
 
 
+@contextmanager
+def signed_in(gateway: GatewayProcess, token: str) -> Iterator[httpx2.Client]:
+    """A browser signed in to the web UI with an admin's tvgate token."""
+    with httpx2.Client(base_url=gateway.url, follow_redirects=False, timeout=30) as browser:
+        login = browser.get("/ui/login")
+        answer = browser.post("/ui/login", data={"_xsrf": _xsrf(login), "token": token})
+        assert answer.status_code == 302, answer.text
+        yield browser
+
+
 def test_the_web_ui_adds_a_vertex_key(
     gateway: GatewayProcess, org: VertexOrg, vertex: FakeVertex
 ) -> None:
     account = vertex.service_account("ui")
-    with httpx2.Client(base_url=gateway.url, follow_redirects=False, timeout=30) as browser:
-        login = browser.get("/ui/login")
-        signed_in = browser.post("/ui/login", data={"_xsrf": _xsrf(login), "token": org.admin})
-        assert signed_in.status_code == 302, signed_in.text
+    with signed_in(gateway, org.admin) as browser:
         form = {
             "_xsrf": _xsrf(browser.get("/ui/keys")),
             "name": "gcp-ui",

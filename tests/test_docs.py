@@ -84,6 +84,8 @@ NOT_RUN = {
     "flags and secrets as written here) on the fake Bedrock",
     "export CLAUDE_CODE_USE_BEDROCK=": "starts Claude Code in Bedrock mode, which "
     "tests/test_cloud_bedrock.py runs with these variables",
+    "tvgate keys rotate gcp-claude --region": "needs cloud keys; keys rotate and PATCH "
+    "/api/v1/keys with cloud settings run on the fake clouds (tests/test_cloud_key_settings.py)",
 }
 
 PLACEHOLDER_URL = "https://gate.example.com"

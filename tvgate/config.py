@@ -90,6 +90,8 @@ class Settings:
     subscription_base_url: str = "https://api.anthropic.com"
     #: Seconds an upstream transfer may go without receiving a byte before it is aborted.
     idle_timeout: int = 300
+    #: Seconds a cloud key's credential exchange (a token endpoint, STS) may take, whole.
+    token_timeout: float = 30.0
     #: Largest request body accepted, in bytes, checked before and after decompression.
     max_body_bytes: int = 32 * 1024 * 1024
     #: Simultaneous upstream transfers per process (curl's max_clients).
@@ -433,6 +435,8 @@ def validate(settings: Settings) -> None:
         or "#" in subscription
     ):
         raise ConfigError("subscription_base_url must be an http(s) URL without query or fragment")
+    if settings.token_timeout <= 0:
+        raise ConfigError("token_timeout must be positive")
     url = settings.resolved_database_url
     if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ConfigError("database_url must start with sqlite:/// or postgresql://")

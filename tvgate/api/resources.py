@@ -44,7 +44,14 @@ KEY_CREATE_FIELDS = {
     "chat_only",
     "settings",
 }
-KEY_CHANGE_FIELDS = {"available_to_all", "max_concurrent", "base_url", "chat_only"}
+KEY_CHANGE_FIELDS = {
+    "available_to_all",
+    "max_concurrent",
+    "base_url",
+    "chat_only",
+    "secret",
+    "settings",
+}
 GRANT_FIELDS = {"users", "revoke"}
 USER_CHANGE_FIELDS = {"role", "disabled"}
 POLICY_FIELDS = {
@@ -219,23 +226,40 @@ class KeyHandler(APIHandler):
         max_concurrent = _int(body, "max_concurrent")
         base_url = _str(body, "base_url")
         chat_only = _bool(body, "chat_only")
-        if available is None and max_concurrent is None and base_url is None and chat_only is None:
+        secret, cloud_settings = _str(body, "secret"), body.get("settings")
+        if cloud_settings is not None and not isinstance(cloud_settings, dict):
+            raise APIError(400, "settings must be an object (a cloud key's project, region ...)")
+        if cloud_settings is not None and secret is None:
+            # Its cloud checks the settings against the secret, and a changed endpoint is
+            # sent it: whoever changes them gives the secret (as keys rotate does).
+            raise APIError(400, "settings are changed with the key's secret: give secret too")
+        changed = (available, max_concurrent, base_url, chat_only)
+        if secret is None and all(value is None for value in changed):
             raise APIError(
                 400,
-                "nothing to change: give available_to_all, max_concurrent, base_url or chat_only",
+                "nothing to change: give available_to_all, max_concurrent, base_url, "
+                "chat_only, or secret (with a cloud key's settings)",
             )
-        settings = self.gateway.settings
-        view = await self.run_service(
-            lambda: services.update_key(
-                name,
-                available_to_all=available,
-                max_concurrent=max_concurrent,
-                base_url=base_url,
-                chat_only=chat_only,
-                **settings.upstream_rules,
-                actor=self.principal,
+        gateway, principal = self.gateway, self.principal
+        rules = gateway.settings.upstream_rules
+        if secret is not None:
+            view = await self.run_service(
+                lambda: services.rotate_key(
+                    name, secret, gateway.keyring, settings=cloud_settings, **rules, actor=principal
+                )
             )
-        )
+        if secret is None or any(value is not None for value in changed):
+            view = await self.run_service(
+                lambda: services.update_key(
+                    name,
+                    available_to_all=available,
+                    max_concurrent=max_concurrent,
+                    base_url=base_url,
+                    chat_only=chat_only,
+                    **rules,
+                    actor=principal,
+                )
+            )
         self.send(view.as_dict())
 
 

@@ -148,10 +148,13 @@ def _key_row(view: services.KeyView) -> tuple[str, ...]:
 
 
 def cmd_keys_rotate(settings: Settings, args: argparse.Namespace) -> int:
+    given = _cloud_settings(args)
     view = services.rotate_key(
         args.name,
         _read_secret(),
         build_keyring(settings),
+        # An empty value removes the setting (--role-arn "": no role to assume any more).
+        settings={k: v or None for k, v in given.items()} if given else None,
         org_name=args.org,
         **settings.upstream_rules,
     )
@@ -226,29 +229,8 @@ _CHAT_ONLY_HELP = (
 )
 
 
-def register(commands: Commands) -> None:
-    keys = group(commands, "keys", "manage provider keys")
-    p = command(keys, "add", cmd_keys_add, "add a key; the secret is read from standard input")
-    p.add_argument("name")
-    p.add_argument("--provider", required=True, choices=list(PROVIDERS))
-    p.add_argument(
-        "--base-url",
-        help="where calls go (Azure OpenAI: https://RESOURCE.openai.azure.com; "
-        "Vertex AI, Bedrock: the region's endpoint by default)",
-    )
-    p.add_argument("--org")
-    p.add_argument("--owner", help="a user's own key (when the org allows user keys)")
-    p.add_argument(
-        "--granted-only", action="store_true", help="only users granted the key may use it"
-    )
-    p.add_argument(
-        "--max-concurrent",
-        type=int,
-        default=0,
-        metavar="N",
-        help="calls open on the key at once, across every gateway process (0: no cap)",
-    )
-    p.add_argument("--chat-only", action="store_true", help=_CHAT_ONLY_HELP)
+def _cloud_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of a cloud key's settings, for ``keys add`` and ``keys rotate``."""
     azure = p.add_argument_group(
         'Azure OpenAI (--provider azure; the secret is {"api_key": …} or Entra ID\'s '
         '{"tenant_id", "client_id", "client_secret"})'
@@ -289,6 +271,32 @@ def register(commands: Commands) -> None:
         "--region",
         help="the region whose endpoint serves the calls (us-east5, global; us-east-1)",
     )
+
+
+def register(commands: Commands) -> None:
+    keys = group(commands, "keys", "manage provider keys")
+    p = command(keys, "add", cmd_keys_add, "add a key; the secret is read from standard input")
+    p.add_argument("name")
+    p.add_argument("--provider", required=True, choices=list(PROVIDERS))
+    p.add_argument(
+        "--base-url",
+        help="where calls go (Azure OpenAI: https://RESOURCE.openai.azure.com; "
+        "Vertex AI, Bedrock: the region's endpoint by default)",
+    )
+    p.add_argument("--org")
+    p.add_argument("--owner", help="a user's own key (when the org allows user keys)")
+    p.add_argument(
+        "--granted-only", action="store_true", help="only users granted the key may use it"
+    )
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=0,
+        metavar="N",
+        help="calls open on the key at once, across every gateway process (0: no cap)",
+    )
+    p.add_argument("--chat-only", action="store_true", help=_CHAT_ONLY_HELP)
+    _cloud_flags(p)
     p.add_argument("--json", action="store_true", help="JSON for scripts")
     p = command(
         keys, "set", cmd_keys_set, "change a key's concurrency cap, base URL or --chat-only"
@@ -316,9 +324,16 @@ def register(commands: Commands) -> None:
     p = command(keys, "list", cmd_keys_list, "list keys (metadata only, never a secret)")
     p.add_argument("--org")
     p.add_argument("--json", action="store_true", help="JSON for scripts")
-    p = command(keys, "rotate", cmd_keys_rotate, "replace a key's secret (read from stdin)")
+    p = command(
+        keys,
+        "rotate",
+        cmd_keys_rotate,
+        "replace a key's secret (read from stdin), and a cloud key's settings with it "
+        "(a setting given replaces the stored one, an empty value removes it)",
+    )
     p.add_argument("name")
     p.add_argument("--org")
+    _cloud_flags(p)
     p.add_argument("--json", action="store_true", help="JSON for scripts")
     p = command(keys, "disable", cmd_keys_disable, "switch a key off; its routes stop working")
     p.add_argument("name")

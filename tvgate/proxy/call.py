@@ -433,6 +433,7 @@ class ProxyCall:
                         http=self.gateway.http,
                         allow_private=allow_private,
                         connect_timeout=settings.connect_timeout,
+                        token_timeout=settings.token_timeout,
                     )
                 )
             except CloudError as exc:

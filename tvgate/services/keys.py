@@ -143,7 +143,7 @@ def add_key(
         actor, org.id, "add key", name, owner is not None,
         allow_private, allow_private_user, gateway_urls,
     )  # fmt: skip
-    url = checked_url(checked.base_url)
+    url = checked_url(checked.base_url, "base URL")
     _check_secret_urls(checked, checked_url)
     with database.atomic():
         if ProviderKey.get_or_none((ProviderKey.org == org) & (ProviderKey.name == name)):
@@ -216,11 +216,11 @@ def _url_checker(
     allow_private: bool,
     allow_private_user: bool,
     gateway_urls: Collection[str],
-) -> Callable[[str], str]:
+) -> Callable[[str, str], str]:
     """The checks a key's base URL (and any other URL its secret goes to) passes, for
     ``action`` on key ``name``: the URL as stored, or the refusal audited and raised."""
 
-    def checked_url(url: str) -> str:
+    def checked_url(url: str, what: str) -> str:
         return _key_base_url(
             url,
             own=own,
@@ -228,17 +228,18 @@ def _url_checker(
             allow_private_user=allow_private_user,
             gateway_urls=gateway_urls,
             refused=lambda error: _refuse_base_url(actor, org_id, action, name, error),
+            what=what,
         )
 
     return checked_url
 
 
-def _check_secret_urls(checked: CheckedKey, checked_url: Callable[[str], str]) -> None:
+def _check_secret_urls(checked: CheckedKey, checked_url: Callable[[str, str], str]) -> None:
     """The URLs a cloud key's secret is sent to besides its base URL (a token endpoint)
-    pass the checks a base URL does (``checked_url``)."""
-    for url in checked.secret_urls:
+    pass the checks a base URL does (``checked_url``), a refusal naming the field."""
+    for name, url in checked.secret_urls.items():
         try:
-            checked_url(url)
+            checked_url(url, name)
         except ServiceError as exc:
             raise ServiceError(f"the key's token endpoint is refused: {exc}") from None
 
@@ -379,7 +380,7 @@ def update_key(
         url = _url_checker(
             actor, key.org_id, "update key", name, key.owner_id is not None,
             allow_private, allow_private_user, gateway_urls,
-        )(base_url)  # fmt: skip
+        )(base_url, "base URL")  # fmt: skip
         if key.base_url != url:
             changes["base_url"] = url
     if available_to_all is not None:
@@ -475,41 +476,87 @@ def rotate_key(
     secret: str,
     keyring: Keyring,
     *,
+    settings: dict[str, Any] | None = None,
     org_name: str | None = None,
     allow_private: bool = False,
     allow_private_user: bool = False,
     gateway_urls: Collection[str] = (),
     actor: Principal | None = None,
 ) -> KeyView:
-    """Replace a key's secret. The row (and so its id and routes) stays; requests already
-    under way finish with the old secret, later ones get the new one. A cloud key's new
-    secret is checked by its cloud, with the key's settings (the private-upstream settings
-    as ``add_key`` has them)."""
+    """Replace a key's secret, and a cloud key's ``settings`` with it (those given over the
+    stored ones; a null removes one). The row (and so its id and routes) stays; requests
+    already under way finish with the old secret and settings, later ones get the new. A
+    cloud key's new secret and settings are checked by its cloud together, as when it was
+    added (the private-upstream settings as ``add_key`` has them): the settings are given
+    with the secret because its cloud checks them against it, and because a changed
+    endpoint (an STS endpoint, an authority) is sent it. A base URL that was the old
+    region's default follows the new region."""
     key = _key_for(name, org_name, actor, owner_only=True)
-    checked = _checked_key(key.provider, orjson.loads(key.settings or "{}"), secret, key.base_url)
-    _check_secret_urls(
-        checked,
-        _url_checker(
-            actor, key.org_id, "rotate key", name, key.owner_id is not None,
-            allow_private, allow_private_user, gateway_urls,
-        ),
+    stored = orjson.loads(key.settings or "{}")
+    if settings is not None:
+        if not isinstance(settings, dict):
+            raise ServiceError("settings must be an object")
+        if credentials_for(key.provider) is None:
+            raise ServiceError(f"a key of provider {key.provider} has no settings")
+    wanted = _merged_settings(stored, settings)
+    base_url: str | None = key.base_url
+    if wanted != stored and base_url == _default_base_url(key.provider, stored, secret):
+        base_url = None  # the old settings' default: the new settings' default now
+    checked = _checked_key(key.provider, wanted, secret, base_url)
+    checked_url = _url_checker(
+        actor, key.org_id, "rotate key", name, key.owner_id is not None,
+        allow_private, allow_private_user, gateway_urls,
     )  # fmt: skip
-    secret = checked.secret
-    ciphertext = keyring.encrypt(secret, KeyContext(key.org_id, key.id, key.owner_id))
+    url = checked.base_url
+    if url != key.base_url:
+        url = checked_url(url, "base URL")
+    _check_secret_urls(checked, checked_url)
+    ciphertext = keyring.encrypt(checked.secret, KeyContext(key.org_id, key.id, key.owner_id))
+    changes: dict[str, Any] = {"fingerprint": fingerprint(checked.shown)}
+    if checked.settings != stored:
+        changes["settings"] = orjson.dumps(checked.settings).decode()
+    if url != key.base_url:
+        changes["base_url"] = url
     updated = (
-        ProviderKey.update(
-            ciphertext=ciphertext, fingerprint=fingerprint(checked.shown), updated_at=time.time()
-        )
+        ProviderKey.update(ciphertext=ciphertext, updated_at=time.time(), **changes)
         .where(ProviderKey.id == key.id)
         .execute()
     )
     if not updated:
         raise NotFound(f"key {name!r} was deleted meanwhile")
     key = ProviderKey.get_by_id(key.id)
-    audit(actor, key.org_id, "rotate key", key.name, {"fingerprint": key.fingerprint})
-    log.info("key %s of org %d: secret replaced", key.name, key.org_id)
+    told: dict[str, Any] = {"fingerprint": key.fingerprint}
+    if "settings" in changes:
+        told["settings"] = [stored, checked.settings]
+    if "base_url" in changes:
+        told["base_url"] = url
+    audit(actor, key.org_id, "rotate key", key.name, told)
+    log.info(
+        "key %s of org %d: secret replaced%s",
+        key.name,
+        key.org_id,
+        ", settings changed" if "settings" in changes else "",
+    )
     announce(key.org_id, key_id=key.id)
     return KeyView.of(key)
+
+
+def _merged_settings(stored: dict[str, Any], given: dict[str, Any] | None) -> dict[str, Any]:
+    """A cloud key's settings with those ``given`` over the ``stored`` ones (None removes)."""
+    merged = {**stored, **(given or {})}
+    return {name: value for name, value in merged.items() if value is not None}
+
+
+def _default_base_url(provider: str, settings: dict[str, Any], secret: str) -> str | None:
+    """The base URL a cloud key of these settings gets when it names none (None: none, or
+    the settings do not check)."""
+    cloud = credentials_for(provider)
+    if cloud is None:
+        return None
+    try:
+        return cloud.check_key(settings, secret, None).base_url
+    except ValueError:
+        return None
 
 
 def set_key_disabled(

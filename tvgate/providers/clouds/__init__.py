@@ -24,3 +24,12 @@ _CLOUDS: dict[str, CloudCredentials] = {
 def credentials_for(provider: str) -> CloudCredentials | None:
     """The credential module of ``provider``'s keys (None: not a cloud)."""
     return _CLOUDS.get(provider)
+
+
+#: The settings a key of each cloud has, in the order a form shows them (each module
+#: checks its own).
+CLOUD_SETTINGS: dict[str, tuple[str, ...]] = {
+    PROVIDER_AZURE: ("style", "api_version", "authority"),
+    PROVIDER_VERTEX: ("project", "region"),
+    PROVIDER_BEDROCK: ("region", "role_arn", "external_id", "sts_endpoint"),
+}

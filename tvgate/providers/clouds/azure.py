@@ -17,8 +17,9 @@ Entra ID client credentials ``{"tenant_id", "client_id", "client_secret"}``, for
 token is minted with the client-credentials grant at
 ``{authority}/{tenant}/oauth2/v2.0/token`` (``authority`` in the settings, by default
 ``https://login.microsoftonline.com``) for the Cognitive Services scope, through the
-gateway's own HTTP client (asynchronous, the provider calls' address rules), and cached
-per credential until shortly before it expires. Each secret value and each token goes to
+gateway's own HTTP client (asynchronous, the provider calls' address rules, bounded in
+size and time by ``tokenfetch``; an answer without a sane ``expires_in`` is refused), and
+cached per credential until shortly before it expires. Each secret value and each token goes to
 the call's scrubber before anything is sent.
 
 The answers are OpenAI's: the provider API modules read their usage and errors.
@@ -35,8 +36,8 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import orjson
-from tornado.httputil import HTTPHeaders
 
+from tvgate.providers.clouds import tokenfetch
 from tvgate.providers.clouds.base import (
     CheckedKey,
     CloudCall,
@@ -44,7 +45,7 @@ from tvgate.providers.clouds.base import (
     CloudRequest,
     secret_object,
 )
-from tvgate.proxy.upstream import UpstreamExchange, url_host
+from tvgate.proxy.upstream import url_host
 
 PROVIDER = "azure"
 STYLES = ("deployments", "v1")
@@ -59,12 +60,9 @@ _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,99}")
 _CLIENT_ID = re.compile(r"[A-Za-z0-9-]{1,100}")
 _SETTINGS = frozenset({"style", "api_version", "authority"})
 _SECRET_FIELDS = {"api_key": ("api_key",), "entra": ("tenant_id", "client_id", "client_secret")}
-#: The most a token endpoint's answer may be (a token is a few KB).
-_TOKEN_ANSWER_LIMIT = 64 * 1024
 #: A token is minted again this long before it expires (or halfway, for a short one).
 _REFRESH_AHEAD = 300.0
 _TOKEN_CACHE_LIMIT = 1000
-_TOKEN_TIMEOUT = 30
 
 
 def _settings(text: str) -> dict[str, Any]:
@@ -108,25 +106,6 @@ class _Token:
     refresh_at: float
 
 
-class _TokenAnswer:
-    """A token endpoint's answer, collected (``UpstreamListener``), bounded."""
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.body = bytearray()
-        self.too_large = False
-
-    def on_upstream_headers(self, status: int, headers: list[tuple[str, str]]) -> None:
-        self.status = status
-
-    def on_upstream_chunk(self, chunk: bytes) -> bool:
-        if len(self.body) + len(chunk) > _TOKEN_ANSWER_LIMIT:
-            self.too_large = True
-            return True  # taken and dropped: the answer is refused whole below
-        self.body += chunk
-        return True
-
-
 class AzureCredentials:
     """The ``CloudCredentials`` of Azure OpenAI."""
 
@@ -157,13 +136,13 @@ class AzureCredentials:
         checked: dict[str, Any] = {"style": style}
         if version:
             checked["api_version"] = version
-        urls: tuple[str, ...] = ()
+        urls: dict[str, str] = {}
         authority = settings.get("authority")
         if authority is not None:
             if not isinstance(authority, str) or not authority or len(authority) > 500:
                 raise ValueError("authority must be the Entra ID authority's URL")
             checked["authority"] = authority.rstrip("/")
-            urls = (checked["authority"],)
+            urls = {"authority": checked["authority"]}
         if not base_url:
             raise ValueError(
                 "an Azure OpenAI key needs its resource's endpoint as the base URL "
@@ -225,45 +204,20 @@ class AzureCredentials:
                 "scope": SCOPE,
             }
         ).encode()
-        answer = _TokenAnswer()
-        headers = HTTPHeaders(
-            {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
-        )
-        exchange = UpstreamExchange(
-            request.http,
-            url,
-            headers,
-            form,
-            answer,
-            connect_timeout=request.connect_timeout,
-            idle_timeout=_TOKEN_TIMEOUT,
-            allow_private=request.allow_private,
-        )
-        result = await exchange.run()
-        where = url_host(url)
-        if result.failed:
-            raise CloudError(
-                502,
-                f"the Entra ID token endpoint ({where}) could not be reached: {result.describe()}",
-            )
-        obj = _object(bytes(answer.body)) if not answer.too_large else {}
-        token, lifetime = obj.get("access_token"), obj.get("expires_in")
+        headers = {
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Accept": "application/json",
+        }
+        where = f"Entra ID ({url_host(url)})"
+        answer = await tokenfetch.fetch(request, url, headers, form, "the Entra ID token endpoint")
+        obj = tokenfetch.json_object(answer, where)
+        token = obj.get("access_token")
         if answer.status != 200 or not isinstance(token, str) or not token:
             raise CloudError(502, _refusal(where, answer.status, obj))
-        if isinstance(lifetime, str) and lifetime.isdigit():
-            lifetime = int(lifetime)  # Entra ID's v1 endpoint sends it as a string
-        seconds = float(lifetime) if isinstance(lifetime, int | float) else 0.0
+        seconds = tokenfetch.lifetime(obj.get("expires_in"), where)
         # Kept until shortly before it expires; a token of under a second is used once.
         ahead = min(_REFRESH_AHEAD, seconds / 2)
         return _Token(token, time.monotonic() + max(0.0, seconds - ahead))
-
-
-def _object(body: bytes) -> dict[str, Any]:
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return {}
-    return obj if isinstance(obj, dict) else {}
 
 
 def _refusal(where: str, status: int, obj: dict[str, Any]) -> str:
@@ -271,11 +225,13 @@ def _refusal(where: str, status: int, obj: dict[str, Any]) -> str:
     description may quote what was sent, so it is not repeated)."""
     error = obj.get("error")
     codes = obj.get("error_codes")
-    said = error[:60] if isinstance(error, str) else "no token in the answer"
+    # Its code alone, in the characters codes have (the endpoint may be anyone's).
+    said = re.sub(r"[^\w.-]", "", error)[:60] if isinstance(error, str) else ""
+    said = said or "no token in the answer"
     if isinstance(codes, list) and all(isinstance(c, int) for c in codes[:3]):
         said += "".join(f" AADSTS{c}" for c in codes[:3])
     return (
-        f"Entra ID ({where}) minted no token for the key's client credentials "
+        f"{where} minted no token for the key's client credentials "
         f"(HTTP {status}: {said}); ask an admin"
     )
 

@@ -18,7 +18,7 @@ back to the client, a trace or a log.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import orjson
@@ -61,14 +61,14 @@ def secret_object(secret: str, described: str, shape: str) -> dict[str, Any]:
 class CheckedKey:
     """A key as it is stored: its settings (a JSON object's members), its secret
     (normalised), the text whose last four characters may be shown of it (``shown``), its
-    base URL, and the other URLs its secret is sent to (a token endpoint: checked as base
-    URLs are)."""
+    base URL, and the other URLs its secret is sent to, by the field that names them (a
+    token endpoint: ``{"token_uri": URL}``, checked as base URLs are)."""
 
     settings: dict[str, Any]
     secret: str
     shown: str
     base_url: str
-    secret_urls: tuple[str, ...] = ()
+    secret_urls: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +90,8 @@ class CloudRequest:
     http: CurlAsyncHTTPClient
     allow_private: bool
     connect_timeout: float
+    #: The whole exchange with a token endpoint or STS may take this long (seconds).
+    token_timeout: float = 30.0
 
 
 def _unmapped(status: int, body: bytes) -> bytes:

@@ -22,6 +22,7 @@ message kept. Signing costs ~150 us of CPU for a small body and ~300 us for 190 
 from __future__ import annotations
 
 import asyncio
+import calendar
 import re
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from tvgate.providers.base import ANTHROPIC_COUNT_TOKENS
+from tvgate.providers.clouds import tokenfetch
 from tvgate.providers.clouds.base import (
     CheckedKey,
     CloudCall,
@@ -42,7 +44,7 @@ from tvgate.providers.clouds.base import (
     secret_object,
 )
 from tvgate.providers.clouds.eventstream import CONTENT_TYPE, EventStreamToSSE, anthropic_type
-from tvgate.proxy.upstream import UpstreamExchange, UpstreamListener
+from tvgate.proxy.upstream import UpstreamListener, url_host
 
 ANTHROPIC_VERSION = "bedrock-2023-05-31"
 _REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d{1,2}")
@@ -55,7 +57,6 @@ _MAX_FIELD = 8192
 #: STS credentials are renewed this long before they expire.
 _RENEW_BEFORE = 300.0
 _ROLE_SECONDS = 3600
-_MAX_STS_ANSWER = 64 * 1024
 _MAX_CACHED_ROLES = 4096
 #: The largest Bedrock error body read to tell the client.
 _MAX_ERROR = 64 * 1024
@@ -77,7 +78,7 @@ class BedrockCredentials:
             fields.get("access_key_id") or fields["api_key"],
             base_url or f"https://bedrock-runtime.{checked['region']}.amazonaws.com",
             # A given STS endpoint is sent the (signed) access key: checked as base URLs are.
-            tuple(u for u in (checked.get("sts_endpoint"),) if u is not None),
+            {"sts_endpoint": checked["sts_endpoint"]} if "sts_endpoint" in checked else {},
         )
 
     async def prepare(self, request: CloudRequest) -> CloudCall:
@@ -252,29 +253,9 @@ class _RoleCache:
 _ROLES = _RoleCache()
 
 
-class _Collect:
-    """An upstream listener that keeps a small answer whole."""
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.body = bytearray()
-
-    def on_upstream_headers(self, status: int, headers: list[tuple[str, str]]) -> None:
-        self.status = status
-
-    def on_upstream_chunk(self, chunk: bytes) -> bool:
-        if len(self.body) + len(chunk) > _MAX_STS_ANSWER:
-            raise ValueError("the STS answer is too long")
-        self.body += chunk
-        return True
-
-
 async def _assume_role(call: CloudRequest, settings: dict[str, Any], base: Credentials) -> _Role:
     region = settings["region"]
     url = settings.get("sts_endpoint") or f"https://sts.{region}.amazonaws.com/"
-    if not url.startswith("https://") and not call.allow_private:
-        # A signed AssumeRole can be replayed for minutes: never over plain http.
-        raise CloudError(502, "the key's sts_endpoint is not https, which is not allowed")
     form = {
         "Action": "AssumeRole",
         "Version": "2011-06-15",
@@ -293,36 +274,23 @@ async def _assume_role(call: CloudRequest, settings: dict[str, Any], base: Crede
         [("Content-Type", "application/x-www-form-urlencoded; charset=utf-8")],
         body,
     )
-    answer = _Collect()
-    exchange = UpstreamExchange(
-        call.http,
-        url,
-        dict(headers),
-        body,
-        answer,
-        connect_timeout=call.connect_timeout,
-        idle_timeout=20,
-        allow_private=call.allow_private,
-    )
-    result = await exchange.run()
-    if result.failed:
-        raise CloudError(502, f"assuming the key's role failed: {result.describe()}")
+    where = f"STS ({url_host(url)})"
+    answer = await tokenfetch.fetch(call, url, dict(headers), body, "STS")
     text = answer.body.decode("utf-8", "replace")
     if answer.status != 200:
-        code = _xml_field(text, "Code") or f"HTTP {answer.status}"
-        raise CloudError(
-            502,
-            f"STS refused to assume the key's role ({code}): "
-            f"{_xml_field(text, 'Message') or 'no message'}",
-        )
+        code = re.sub(r"[^\w.-]", "", _xml_field(text, "Code"))[:60] or f"HTTP {answer.status}"
+        message = " ".join(_xml_field(text, "Message").split())[:200] or "no message"
+        raise CloudError(502, f"{where} refused to assume the key's role ({code}): {message}")
     values = [_xml_field(text, n) for n in ("AccessKeyId", "SecretAccessKey", "SessionToken")]
     expiration = _xml_field(text, "Expiration")
     if not all(values) or not expiration:
-        raise CloudError(502, "STS answered AssumeRole without credentials")
+        raise CloudError(502, f"{where} answered AssumeRole without credentials")
     try:
-        expires = time.mktime(time.strptime(expiration[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+        expires = calendar.timegm(time.strptime(expiration[:19], "%Y-%m-%dT%H:%M:%S"))
     except ValueError:
-        expires = time.time() + _ROLE_SECONDS / 2
+        raise CloudError(502, f"{where} answered AssumeRole with no expiry it can read") from None
+    # Checked as a token's lifetime: none, past, or beyond reason is refused.
+    tokenfetch.lifetime(expires - time.time(), where)
     return _Role(Credentials(values[0], values[1], values[2]), expires)
 
 

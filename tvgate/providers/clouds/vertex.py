@@ -9,9 +9,11 @@ another). For each call:
 * an access token for the ``cloud-platform`` scope, minted by google-auth
   (``google.oauth2.service_account.Credentials``: a JWT signed with the key, exchanged at
   the key file's ``token_uri`` by the JWT bearer grant). google-auth's refresh blocks, so it
-  runs in a thread of its own pool, never on the IOLoop; one refresh at a time per key (the
-  calls that need it meanwhile wait for the same one), the token cached (a bounded LRU)
-  until ``REFRESH_MARGIN`` before it expires;
+  runs in a thread of its own pool, never on the IOLoop; its HTTP exchange is ours
+  (``_Transport``: the gateway's HTTP client, bounded by ``tokenfetch`` in size and in
+  total time, ``TVGATE_TOKEN_TIMEOUT``, no redirect followed, the answer checked); one
+  refresh at a time per key (the calls that need it meanwhile wait for the same one), the
+  token cached (a bounded LRU) until ``REFRESH_MARGIN`` before it expires;
 * the URL ``{base}/v1/projects/{project}/locations/{region}/publishers/anthropic/models/
   {model}:rawPredict`` (``:streamRawPredict`` for a stream; ``count-tokens:rawPredict``
   counts tokens, with the model in the body);
@@ -41,13 +43,17 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote
 
+import google.auth.exceptions
+import google.auth.transport
 import orjson
 
 from tvgate.providers.anthropic import COUNT_TOKENS, MESSAGES
+from tvgate.providers.clouds import tokenfetch
 from tvgate.providers.clouds.base import CheckedKey, CloudCall, CloudError, CloudRequest
 from tvgate.proxy.scrub import KeyScrubber
+from tvgate.proxy.upstream import url_host
 
 log = logging.getLogger("tvgate.proxy")
 
@@ -59,8 +65,6 @@ SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 REFRESH_MARGIN = 300.0
 #: Tokens kept, one per key (and secret): the least recently used goes first.
 CACHE_SIZE = 256
-#: How long a token request may take (google-auth retries a 5xx within it).
-MINT_TIMEOUT = 30.0
 #: Threads that mint tokens (each a blocking HTTP exchange with the token endpoint).
 MINT_THREADS = 4
 #: The largest service account key file taken (a real one is about 2.3 KB).
@@ -168,19 +172,94 @@ class _Token:
     expires_at: float
 
 
-def _mint(info: dict[str, str]) -> tuple[str, float]:
+class _Refused(google.auth.exceptions.TransportError):
+    """A token exchange refused by ``tokenfetch`` (or its answer by ``_Transport``): the
+    status the client gets, and what it is told."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status: int
+    headers: dict[str, str]
+    data: bytes
+
+
+class _Transport(google.auth.transport.Request):
+    """google-auth's HTTP transport for one mint, in its thread: each exchange is made on
+    the IOLoop by ``tokenfetch`` (the gateway's HTTP client and address rules, the answer
+    bounded, no redirect), all of them within one ``token_timeout`` (google-auth retries a
+    5xx), the thread waiting. What google-auth reads is rebuilt from what was checked: a
+    token with a sane lifetime, or an OAuth error's code and one line of its description."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, request: CloudRequest) -> None:
+        self._loop = loop
+        self._request = request
+        self._deadline = time.monotonic() + request.token_timeout
+
+    def __call__(
+        self,
+        url: str,
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> _Answer:
+        # ``method`` is POST: google-auth's token requests are (tokenfetch only POSTs).
+        left = self._deadline - time.monotonic()
+        exchange = self._exchange(url, dict(headers or {}), body or b"", left)
+        future = asyncio.run_coroutine_threadsafe(exchange, self._loop)
+        try:
+            # tokenfetch ends the exchange at the deadline; the margin is for the IOLoop.
+            return future.result(max(0.0, left) + 5.0)
+        except CloudError as exc:
+            raise _Refused(exc.status, exc.message) from None
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise _Refused(503, "the token endpoint did not answer in time") from None
+
+    async def _exchange(
+        self, url: str, headers: dict[str, str], body: bytes, left: float
+    ) -> _Answer:
+        # The signed assertion (and its signature) is a credential derived from the key:
+        # masked like one, should the endpoint quote it back.
+        for assertion in parse_qs(body.decode("latin-1")).get("assertion", []):
+            self._request.scrubber.add(assertion)
+            self._request.scrubber.add(assertion.rsplit(".", 1)[-1])
+        what = "the service account's token endpoint"
+        answer = await tokenfetch.fetch(self._request, url, headers, body, what, left)
+        where = f"{what} ({url_host(url)})"
+        document = tokenfetch.json_object(answer, where)
+        if answer.status == 200:
+            token = document.get("access_token")
+            if not isinstance(token, str) or not token or len(token) > 8192:
+                raise CloudError(502, f"{where} answered without an access token")
+            seconds = tokenfetch.lifetime(document.get("expires_in"), where)
+            checked: dict[str, Any] = {"access_token": token, "expires_in": int(max(1, seconds))}
+        else:
+            code = document.get("error")
+            described = document.get("error_description")
+            # Masked before it is cut short: a cut would leave a secret's start unmasked.
+            said = self._request.scrubber.text(described) if isinstance(described, str) else ""
+            said = " ".join(said.split())[:200]
+            checked = {
+                "error": re.sub(r"[^\w.-]", "", code)[:60] if isinstance(code, str) else "",
+                # Google's own words ("Invalid JWT Signature."), and who said them.
+                "error_description": f"{said or f'HTTP {answer.status}'} ({where})",
+            }
+        return _Answer(answer.status, {"content-type": "application/json"}, orjson.dumps(checked))
+
+
+def _mint(info: dict[str, str], transport: _Transport) -> tuple[str, float]:
     """A new access token and the seconds it lives: google-auth, blocking (in a thread)."""
-    import google.auth.transport.requests
-    import requests
     from google.oauth2 import service_account
 
     credentials = service_account.Credentials.from_service_account_info(info, scopes=[SCOPE])
-    session = requests.Session()
-    try:
-        request = google.auth.transport.requests.Request(session)
-        credentials.refresh(functools.partial(request, timeout=MINT_TIMEOUT))
-    finally:
-        session.close()
+    credentials.refresh(transport)
     expiry = credentials.expiry
     now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
     lifetime = (expiry - now).total_seconds() if expiry is not None else 3600.0
@@ -209,8 +288,9 @@ class TokenCache:
         #: Tokens minted by this process (what the tests count).
         self.minted = 0
 
-    async def token(self, key_id: int, secret: str, info: dict[str, str]) -> str:
+    async def token(self, request: CloudRequest, info: dict[str, str]) -> str:
         """A token for the key's service account; google-auth's errors pass through."""
+        key_id, secret = request.key.id, request.secret
         slot = _slot(key_id, secret)
         now = time.monotonic()
         cached = self._tokens.get(slot)
@@ -223,7 +303,9 @@ class TokenCache:
                 self._pool = concurrent.futures.ThreadPoolExecutor(
                     MINT_THREADS, thread_name_prefix="tvgate-vertex-token"
                 )
-            minting = asyncio.get_running_loop().run_in_executor(self._pool, _mint, info)
+            loop = asyncio.get_running_loop()
+            transport = _Transport(loop, request)
+            minting = loop.run_in_executor(self._pool, _mint, info, transport)
             self._minting[slot] = minting
             minting.add_done_callback(functools.partial(self._minted, slot, now))
         try:
@@ -277,7 +359,7 @@ class VertexCredentials:
             # The key's id is what the console lists: its last four characters are shown.
             info.get("private_key_id") or "",
             base_url or base_url_for(region),
-            (info["token_uri"],),
+            {"token_uri": info["token_uri"]},
         )
 
     async def prepare(self, request: CloudRequest) -> CloudCall:
@@ -289,12 +371,13 @@ class VertexCredentials:
             raise CloudError(502, message) from None
         _mask(request.scrubber, info)
         try:
-            token = await self.tokens.token(request.key.id, request.secret, info)
+            token = await self.tokens.token(request, info)
         except Exception as exc:  # noqa: BLE001 - google-auth's, the transport's: all told
             reason = request.scrubber.text(_why(exc))
             log.warning("vertex key %d: no access token: %s", request.key.id, reason)
             raise CloudError(
-                502, f"Vertex AI: the service account's access token could not be minted: {reason}"
+                exc.status if isinstance(exc, _Refused) else 502,
+                f"Vertex AI: the service account's access token could not be minted: {reason}",
             ) from None
         request.scrubber.add(token)
         body, stream = _vertex_body(request)
