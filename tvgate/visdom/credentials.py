@@ -5,9 +5,9 @@ single-tenant server's Keycloak access token tvgate checked), the pusher sends t
 user's events with it instead of the org ingest key, as Visdom Trace's own hooks would.
 
 :class:`CredentialKeeper` (IOLoop) remembers, by the token's hash, what it last kept for
-each (org, user); only a token it has not kept (or once an hour, to see that the row is
-still there and to move a ``tvs_`` token's expiry) makes it run :func:`keep` in the
-database pool: the token sealed by the keyring (kind ``SEALED_VISDOM_USER``, bound to
+each (org, user); only a token it has not kept (at most one a minute per user; or once
+an hour, to see that the row is still there and to move a ``tvs_`` token's expiry)
+makes it run :func:`keep` in the database pool: the token sealed by the keyring (kind ``SEALED_VISDOM_USER``, bound to
 the org and the user; a Vault keyring's transit path as provider keys), never stored in
 plaintext, with its expiry: a JWT's ``exp``; for a ``tvs_`` token the 30-day sliding
 expiry Visdom Trace gives it, counted from the last time Visdom Trace accepted it (a
@@ -44,6 +44,9 @@ SESSION_LIFETIME = 30 * 86400.0
 RECHECK = 3600.0
 #: Seconds before a call of an org not connected to Visdom Trace's ingestion is looked at again.
 RECHECK_UNCONNECTED = 60.0
+#: Seconds a credential kept is not replaced by another token of the same user: one who
+#: calls from two machines (two sessions) has one sealed a minute at most, not per call.
+REPLACE_AFTER = 60.0
 #: What :func:`keep` did.
 SEALED, EXTENDED, UNCHANGED, REFUSED, NOT_CONNECTED = (
     "sealed",
@@ -167,6 +170,8 @@ def drop_org(org_id: int) -> None:
 class _Kept:
     token_hash: str
     recheck_at: float
+    #: Monotonic time it was kept.
+    kept_at: float
 
 
 class CredentialKeeper:
@@ -189,12 +194,11 @@ class CredentialKeeper:
         the authenticator has made already). Returns at once; storing runs in the pool."""
         key = (principal.org_id, principal.user_id)
         kept = self._kept.get(key)
-        if (
-            kept is not None
-            and kept.token_hash == token_hash
-            and time.monotonic() < kept.recheck_at
-        ):
-            return
+        now = time.monotonic()
+        if kept is not None:
+            same = kept.token_hash == token_hash
+            if now < (kept.recheck_at if same else kept.kept_at + REPLACE_AFTER):
+                return
         if key in self._busy:
             return
         self._busy.add(key)
@@ -220,6 +224,7 @@ class CredentialKeeper:
         wait = RECHECK_UNCONNECTED if done == NOT_CONNECTED else RECHECK
         if len(self._kept) >= self.MAX_ENTRIES:
             self._kept.clear()
-        self._kept[key] = _Kept(token_hash, time.monotonic() + wait)
+        now = time.monotonic()
+        self._kept[key] = _Kept(token_hash, now + wait, now)
         if done == SEALED:
             log.info("kept the Visdom Trace credential of user %d for pushing", sighting.user_id)
