@@ -18,7 +18,7 @@ import httpx2
 import orjson
 import pytest
 
-from tests.conftest import scrape
+from tests.conftest import VaultEnv, scrape
 from tests.fake_visdom import FakeUser, FakeVisdom
 from tests.fake_visdom_ingest import FakeVisdomIngest
 from tests.harness import GatewayProcess, launch_gateway, visdom_env
@@ -215,3 +215,28 @@ def test_a_keycloak_token_is_used_until_it_expires_then_the_org_key(
     finally:
         ingest.stop()
         tenant.stop()
+
+
+def test_with_vault_the_credential_is_sealed_by_vault_transit(
+    seeded: tuple[str, Path, dict[str, str]],
+    visdom: FakeVisdom,
+    ingest: FakeVisdomIngest,
+    vault: VaultEnv,
+) -> None:
+    """On a Vault keyring the user's token is sealed by Vault's transit engine, as provider
+    keys are, and opened there to push their session."""
+    url, data_dir, tokens = seeded
+    env = {**PUSH, **visdom_env(visdom.url), **vault.env()}
+    with launch_gateway(url, data_dir, tokens, **env) as gw:
+        linked = gw.cli("orgs", "link", "acme", "--visdom-org-id", visdom.orgs["acme"].org_id)
+        assert linked.returncode == 0, linked.stderr
+        connect(gw, ingest)
+        person, token = developer(visdom, "vera")
+        answers = signed_in_session(gw, "cc-vault", token)
+        wait_for(ended(ingest, "cc-vault"), 60, lambda: str(status(gw)))
+        assert_clean(ingest)
+        assert_claude_session(ingest.session("cc-vault"), answers, "prompt of cc-vault")
+        assert set(ingest.credentials("cc-vault")) == {person.user_id}
+        (row,) = credential_rows(gw)
+        assert row.ciphertext.startswith("vault:v")
+        assert token.encode() not in everything_stored(gw)
