@@ -9,6 +9,7 @@ line or in an answer. On SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,6 +133,10 @@ def test_each_users_session_is_pushed_with_their_own_visdom_token(
 
     rows = credential_rows(gateway)
     assert len(rows) == 2 and all(row.ciphertext.startswith("local:v1:") for row in rows)
+    # Good for Visdom Trace's 30 days from the push that last used it.
+    assert all(row.kind == "tvs" and row.expires_at > time.time() + 29 * 86400 for row in rows)
+    # Sealed once per user, not on each of their calls.
+    assert gateway.log_text().count("kept the Visdom Trace credential of user") == 2
     shown = status(gateway)
     assert shown["sent_with_user_credential"] == len(ada_events) + len(bob_events)
     assert shown["sent_with_org_key"] == len(org_events)
