@@ -190,6 +190,18 @@ def seeded_gateway(
 
 
 @pytest.fixture
+def seeded(
+    fresh_database_url: str, fake_provider: FakeProvider, tmp_path: Path
+) -> Iterator[tuple[str, Path, dict[str, str]]]:
+    """A fresh database (SQLite, then PostgreSQL) ``seed``-ed in ``tmp_path`` (the data
+    directory): its URL, the data directory and the tokens, for a test that starts its
+    own gateways over it (the Visdom Trace push tests)."""
+    tokens = seed(fresh_database_url, tmp_path, fake_provider)
+    yield fresh_database_url, tmp_path, tokens
+    database.close()
+
+
+@pytest.fixture
 def own_gateway(
     fresh_database_url: str, fake_provider: FakeProvider, tmp_path: Path
 ) -> Iterator[GatewayProcess]:

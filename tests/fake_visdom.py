@@ -83,12 +83,7 @@ class _Handler(tornado.web.RequestHandler):
         return header[7:]
 
     def user(self, token: str) -> FakeUser | None:
-        if self.fake.single_tenant:
-            return self.fake.user_of_jwt(token)
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        with self.fake.lock:
-            user_id = self.fake.sessions.get(digest)
-            return self.fake.users.get(user_id) if user_id else None
+        return self.fake.person_of(token)
 
     def signed_in(self, call: str) -> FakeUser | str | None:
         """Count ``call``; the user of the request's credential, ``tvk_`` for an org key
@@ -344,6 +339,17 @@ class FakeVisdom:
             return None
         with self.lock:
             return self.users.get(claims["sub"])
+
+    def person_of(self, token: str) -> FakeUser | None:
+        """Whose credential ``token`` is, as the server's extractor finds it (a session of
+        a multi-org server, an access token of a single-tenant one); None: a 401. The
+        ingestion stand-in (tests/fake_visdom_ingest.py) asks this too."""
+        if self.single_tenant:
+            return self.user_of_jwt(token)
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        with self.lock:
+            user_id = self.sessions.get(digest)
+            return self.users.get(user_id) if user_id else None
 
     def issue_session(self, user: FakeUser) -> str:
         token = "tvs_" + secrets.token_hex(32)

@@ -9,10 +9,19 @@ is a no-op, with different content an error), tool events deduplicated by
 ``event_uuid`` and by (session_id, tool_use_id, hook_event_name). Tests read
 ``problems`` (every protocol breach seen: it must stay empty), make it refuse some
 events (``refuse``), or stop it and start it again on the same port.
+
+Credentials are checked as Visdom Trace's extractor does: the org ingest key, or a user
+token the login stand-in (tests/fake_visdom.py, ``login``) issued and still honours (a
+session not revoked, an access token signed and unexpired); anything else is a
+text/plain 401. ``delivered_with`` says which credential each stored event came with
+("org", or the Visdom Trace user id). ``misbehave`` makes it answer an event in a
+hostile way (tests of the pusher's bounds), ``hold`` keeps an answer back (the event
+stored) until the test releases it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import uuid
@@ -22,8 +31,10 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+import tornado.iostream
 import tornado.web
 
+from tests.fake_visdom import FakeVisdom
 from tests.served import ServedApp
 
 MAX_BODY = 512 * 1024
@@ -210,15 +221,61 @@ class _StreamHandler(tornado.web.RequestHandler):
     def initialize(self, kind: str) -> None:
         self.kind = kind
 
-    def post(self, scope: str) -> None:
-        status = self.fake.answer_post(self, self.kind, scope)
-        with self.fake.lock:
-            self.fake.answers[status] += 1
+    async def post(self, scope: str) -> None:
+        fake = self.fake
+        hostile = fake.misbehave(self.request) if fake.misbehave is not None else None
+        if hostile is not None:
+            with fake.lock:
+                fake.hostile_answers[hostile] += 1
+            await HOSTILE[hostile](self)
+            return
+        status = fake.answer_post(self, self.kind, scope)
+        with fake.lock:
+            fake.answers[status] += 1
+
+    async def drip(self) -> None:
+        """A 200 whose body never ends: a byte a second, until the client goes."""
+        self.set_header("Content-Type", "application/json")
+        self.write(b'{"status": ')
+        try:
+            while True:
+                await self.flush()
+                await asyncio.sleep(1)
+                self.write(b" ")
+        except tornado.iostream.StreamClosedError:
+            return
+
+
+async def _huge(handler: _StreamHandler) -> None:
+    """A 200 with a 10 MB body."""
+    handler.set_header("Content-Type", "application/json")
+    handler.finish(b'{"status": "ok", "pad": "' + b"x" * (10 * 1024 * 1024) + b'"}')
+
+
+async def _redirect(handler: _StreamHandler) -> None:
+    handler.redirect(handler.fake.redirect_to + handler.request.path, status=307)
+
+
+async def _html(handler: _StreamHandler) -> None:
+    """A sign-in page in front of the server (a proxy's), answering 200."""
+    handler.set_header("Content-Type", "text/html; charset=utf-8")
+    handler.finish(b"<html><body><form>Sign in</form></body></html>")
+
+
+#: The hostile answers ``misbehave`` can pick.
+HOSTILE = {
+    "huge": _huge,
+    "drip": _StreamHandler.drip,
+    "redirect": _redirect,
+    "html": _html,
+}
 
 
 class FakeVisdomIngest:
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, login: FakeVisdom | None = None) -> None:
         self.key = key
+        #: The login stand-in whose user tokens are taken too.
+        self.login = login
         self._served = ServedApp("fake-visdom-ingest")
         self.port = self._served.port
         self.url = self._served.url
@@ -232,6 +289,19 @@ class FakeVisdomIngest:
         self.largest = 0
         #: Events for which refuse(event) returns a status are answered with it.
         self.refuse: Any = None
+        #: (credential, event) of every event stored: "org" for the org key, else the
+        #: Visdom Trace user id of the token it came with.
+        self.delivered_with: list[tuple[str, dict[str, Any]]] = []
+        #: Requests for which misbehave(request) names a HOSTILE answer get it.
+        self.misbehave: Any = None
+        self.hostile_answers: Counter[str] = Counter()
+        #: Where the "redirect" answer points.
+        self.redirect_to = ""
+        #: Events for which hold(event) is true are stored, then answered only once
+        #: ``released`` is set (a POST in flight, for a kill in the middle of a push).
+        self.hold: Any = None
+        self.held = threading.Event()
+        self.released = threading.Event()
         self._uuids: dict[str, bytes] = {}
         self._tool_keys: set[tuple[str, str, str]] = set()
         self._next_id = 0
@@ -241,7 +311,8 @@ class FakeVisdomIngest:
     def answer_post(self, handler: _StreamHandler, kind: str, scope: str) -> int:
         """Check and store one POST; the status answered."""
         request = handler.request
-        if request.headers.get("Authorization") != f"Bearer {self.key}":
+        credential = self.credential_of(request.headers.get("Authorization", ""))
+        if credential is None:
             handler.answer(401, "Invalid or expired token", plain=True)
             return 401
         body = request.body
@@ -279,8 +350,28 @@ class FakeVisdomIngest:
             return 422
         with self.lock:
             self.received.append((request.path, dict(request.headers), event))
+            self.delivered_with.append((credential, event))
+        if self.hold is not None and self.hold(event):
+            self.held.set()
+            # Answered later, or never: the gateway is killed before it reads an answer.
+            self.released.wait(120)
         handler.answer(200, {"session_db_id": session_id, "event_db_id": event_id, "status": "ok"})
         return 200
+
+    def credential_of(self, authorization: str) -> str | None:
+        """ "org" for the org key, the user id for a user token the login stand-in honours."""
+        scheme, _, token = authorization.partition(" ")
+        if scheme != "Bearer" or not token:
+            return None
+        if token == self.key:
+            return "org"
+        person = self.login.person_of(token) if self.login is not None else None
+        return person.user_id if person is not None else None
+
+    def credentials(self, session_id: str) -> list[str]:
+        """The credential each stored event of a session came with, in order."""
+        with self.lock:
+            return [who for who, e in self.delivered_with if e["session_id"] == session_id]
 
     def _problem(self, text: str) -> None:
         with self.lock:

@@ -22,13 +22,11 @@ import orjson
 import pytest
 
 from tests.clients import Setup, claude_bash_session, run_claude, run_codex
-from tests.conftest import ANTHROPIC_SECRET, scrape, seed
-from tests.fake_provider import FakeProvider
+from tests.conftest import ANTHROPIC_SECRET, scrape
 from tests.fake_visdom_ingest import FakeVisdomIngest, Session
 from tests.harness import GatewayProcess, beside, gateway_env, launch_gateway, run_cli
 from tests.outages import outage
 from tvgate import services
-from tvgate.models import database
 
 INGEST_KEY = "tvk_" + secrets.token_hex(32)
 REPO = "8f14e45f-ceea-467f-a0e6-6f1b0c0d2a11"
@@ -50,15 +48,6 @@ def ingest() -> Iterator[FakeVisdomIngest]:
     fake = FakeVisdomIngest(INGEST_KEY).start()
     yield fake
     fake.stop()
-
-
-@pytest.fixture
-def seeded(
-    fresh_database_url: str, fake_provider: FakeProvider, tmp_path: Path
-) -> Iterator[tuple[str, Path, dict[str, str]]]:
-    tokens = seed(fresh_database_url, tmp_path, fake_provider)
-    yield fresh_database_url, tmp_path, tokens
-    database.close()
 
 
 def connect(gw: GatewayProcess, ingest: FakeVisdomIngest, *extra: str) -> str:

@@ -149,6 +149,8 @@ class Settings:
     visdom_push_interval: float = 2.0
     #: Seconds a tool session may be idle before its ``session_end`` is sent.
     visdom_idle_timeout: float = 1800.0
+    #: Seconds one POST to Visdom Trace's ingestion may take, its whole answer included.
+    visdom_push_timeout: float = 30.0
     #: Expected ``iss`` of JWTs; empty: JWT sign-in is off.
     jwt_issuer: str = ""
     #: Expected ``aud`` of JWTs; empty: not checked.
@@ -448,8 +450,17 @@ def validate(settings: Settings) -> None:
             raise ConfigError("JWT sign-in needs jwt_jwks_url, jwt_public_key or jwt_secret")
     if settings.jwt_token_max_age <= 0:
         raise ConfigError("jwt_token_max_age must be a positive number of seconds")
-    if settings.visdom_push_interval <= 0 or settings.visdom_idle_timeout <= 0:
-        raise ConfigError("visdom_push_interval and visdom_idle_timeout must be positive")
+    if (
+        min(
+            settings.visdom_push_interval,
+            settings.visdom_idle_timeout,
+            settings.visdom_push_timeout,
+        )
+        <= 0
+    ):
+        raise ConfigError(
+            "visdom_push_interval, visdom_idle_timeout and visdom_push_timeout must be positive"
+        )
     if settings.sink_url and not settings.sink_secret:
         raise ConfigError("sink_url needs sink_secret, so receivers can check what they get")
     if settings.max_body_bytes <= 0 or settings.max_clients <= 0 or settings.idle_timeout <= 0:

@@ -276,6 +276,16 @@ def _migration_16(db: peewee.Database) -> None:
     db.create_tables([models.VisdomSink, models.VisdomSession, models.VisdomEvent], safe=True)
 
 
+def _migration_17(db: peewee.Database) -> None:
+    # Visdom Trace events pushed with their user's own credential (issue 18): the users'
+    # sealed credentials, whose each event and session is, and the counts by credential.
+    db.create_tables([models.VisdomCredential], safe=True)
+    add_column_if_missing(db, models.VisdomEvent, "user_id")
+    add_column_if_missing(db, models.VisdomSession, "user_id")
+    for name in ("sent_user", "sent_org"):
+        add_column_if_missing(db, models.VisdomSink, name)
+
+
 def _migration_18(db: peewee.Database) -> None:
     # The non-secret settings of a cloud key (Bedrock, Vertex AI, Azure OpenAI), issue 20.
     add_column_if_missing(db, models.ProviderKey, "settings")
@@ -292,11 +302,6 @@ def _migration_20(db: peewee.Database) -> None:
         add_column_if_missing(db, models.Trace, name)
 
 
-def _migration_22(db: peewee.Database) -> None:
-    # Codex's Responses API over WebSocket (issue 21.2): how the client called.
-    add_column_if_missing(db, models.Trace, "transport")
-
-
 def _migration_21(db: peewee.Database) -> None:
     # Claude subscriptions passed through (issue 21.1): the org's switch, the trace's mark,
     # and an index of the marked traces alone for the users list's count and last use.
@@ -308,9 +313,14 @@ def _migration_21(db: peewee.Database) -> None:
     )
 
 
+def _migration_22(db: peewee.Database) -> None:
+    # Codex's Responses API over WebSocket (issue 21.2): how the client called.
+    add_column_if_missing(db, models.Trace, "transport")
+
+
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
 #: The numbers have gaps: 13 came after 14 and 19, 3 and 12 after all of them, 15 and 18
-#: after 19, 16 after 18 (a database that has the later ones gets them). The
+#: after 19, 16 after 18, 17 after 22 (a database that has the later ones gets them). The
 #: gaps stay: a database records the numbers it has applied, and renumbering would run a
 #: migration twice or skip it.
 MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
@@ -330,6 +340,7 @@ MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (14, _migration_14),
     (15, _migration_15),
     (16, _migration_16),
+    (17, _migration_17),
     (18, _migration_18),
     (19, _migration_19),
     (20, _migration_20),

@@ -51,6 +51,7 @@ from tvgate.traces.client import WriterClient, WriterConfig
 from tvgate.traces.retention import purge_all
 from tvgate.traces.sink import PushSink
 from tvgate.traces.writer import BODY_BUDGET
+from tvgate.visdom.credentials import CredentialKeeper
 from tvgate.visdom.pusher import VisdomPusher
 
 log = logging.getLogger("tvgate")
@@ -190,6 +191,7 @@ class Gateway:
                 pinned_org=settings.pinned_org,
                 # A single-tenant server's Keycloak sign-in, learnt from the server itself.
                 oidc=OIDCVerifier(settings.visdom_url, settings),
+                keeper=CredentialKeeper(runner, keyring),
             )
             if visdom is not None
             else None
@@ -251,6 +253,15 @@ class Gateway:
                 "(another 4xx: held until an admin reconnects; tvgate visdom status).",
                 "outcome",
                 lambda: dict(outcomes),
+                kind="counter",
+            )
+            sent_with = self.visdom_pusher.sent_with
+            metrics.sample_by(
+                "tvgate_visdom_sent_total",
+                "Events this process delivered to Visdom Trace, by the credential they went "
+                "with: user (the user's own Visdom Trace token) or org (the org ingest key).",
+                "credential",
+                lambda: dict(sent_with),
                 kind="counter",
             )
         metrics.sample(

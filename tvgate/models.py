@@ -412,6 +412,10 @@ class VisdomSink(BaseModel):
     holder = peewee.CharField(max_length=200, default="")
     lease_until = peewee.DoubleField(default=0.0)
     sent = peewee.BigIntegerField(default=0)
+    #: Of ``sent``: how many went with their user's own Visdom Trace credential, and how
+    #: many with the org ingest key.
+    sent_user = peewee.BigIntegerField(default=0)
+    sent_org = peewee.BigIntegerField(default=0)
     last_sent_at = peewee.DoubleField(null=True)
     #: The last failure to deliver (a retry or a park), for the status; "" after a success.
     last_error = peewee.TextField(default="")
@@ -425,6 +429,8 @@ class VisdomSession(BaseModel):
     org_id = peewee.IntegerField()
     session_id = peewee.CharField(max_length=200)
     repo = peewee.CharField(max_length=200, default="")
+    #: The tvgate user of its latest call: whose credential its session_end goes with.
+    user_id = peewee.IntegerField(null=True)
     state = peewee.TextField(default="")
     last_at = peewee.DoubleField(default=0.0)
     #: Started and not yet sealed by a session_end.
@@ -441,6 +447,8 @@ class VisdomEvent(BaseModel):
     org_id = peewee.IntegerField()
     session_id = peewee.CharField(max_length=200)
     repo = peewee.CharField(max_length=200, default="")
+    #: The tvgate user of the call it was made from: whose credential it goes with.
+    user_id = peewee.IntegerField(null=True)
     event_type = peewee.CharField(max_length=32)
     body = peewee.BlobField()
     created_at = peewee.DoubleField(default=now)
@@ -452,6 +460,27 @@ class VisdomEvent(BaseModel):
 
     class Meta:
         indexes = ((("org_id", "parked", "id"), False),)
+
+
+class VisdomCredential(BaseModel):
+    """A user's own Visdom Trace credential in an org (tvgate.visdom.credentials): the
+    ``tvs_`` session or Keycloak access token their calls came with, sealed by the
+    keyring (bound to the org and user), with when it stops being good. ``ciphertext``
+    empty: Visdom Trace refused it, and ``fingerprint`` keeps it from being kept again."""
+
+    id = peewee.AutoField()
+    org_id = peewee.IntegerField()
+    user_id = peewee.IntegerField()
+    #: ``tvs`` (30-day sliding expiry) or ``jwt`` (its ``exp``).
+    kind = peewee.CharField(max_length=8)
+    ciphertext = peewee.TextField(default="")
+    #: SHA-256 of the token, to tell whether a call came with the one kept (never the token).
+    fingerprint = peewee.CharField(max_length=64)
+    expires_at = peewee.DoubleField()
+    stored_at = peewee.DoubleField(default=now)
+
+    class Meta:
+        indexes = ((("org_id", "user_id"), True),)
 
 
 #: Governance scopes: what a budget or a rate limit applies to.

@@ -16,6 +16,10 @@ role) is a 403 with Visdom Trace's message. Its credentials are Keycloak access
 tokens, checked against the issuer it names first (``tvgate.identity.oidc``):
 a forged one never reaches Visdom Trace. The extractor's text/plain 401s and a
 ``name`` or ``display_name`` of null are read as what they are.
+
+Each call's token is handed to a ``CredentialKeeper`` (tvgate.visdom.credentials), which
+keeps it sealed when it is new, so that the user's sessions are pushed to Visdom Trace
+with their own credential.
 """
 
 from __future__ import annotations
@@ -42,6 +46,12 @@ from tvgate.identity import (
 )
 from tvgate.identity.oidc import OIDCVerifier, bounded_client
 from tvgate.identity.provision import Membership, OutsideIdentity, provision
+from tvgate.visdom.credentials import (
+    KIND_JWT,
+    KIND_SESSION,
+    SESSION_LIFETIME,
+    CredentialKeeper,
+)
 
 TOKEN_PREFIX = "tvs_"  # noqa: S105 - a prefix, not a secret
 #: Visdom Trace's org API keys: automation credentials that act for no person.
@@ -220,6 +230,8 @@ class VisdomAuthenticator:
     pinned_org: str
     #: Checks a single-tenant server's Keycloak tokens; None: JWTs are not Visdom Trace's.
     oidc: OIDCVerifier | None = None
+    #: Keeps the token a call came with, for pushing its user's sessions to Visdom Trace.
+    keeper: CredentialKeeper | None = None
     _identities: dict[str, _Cached] = field(default_factory=dict, init=False, repr=False)
     #: (token hash, requested org) -> principal, until the identity's expiry.
     _principals: dict[tuple[str, str], tuple[Principal, float]] = field(
@@ -283,6 +295,7 @@ class VisdomAuthenticator:
         key = (token_hash, requested_org or "")
         known = self._principals.get(key)
         if known is not None and known[1] > time.monotonic():
+            self._keep(known[0], token, token_hash, cached, expires_at)
             return known[0]
         try:
             # The org is chosen among the tvgate orgs the memberships are bound to, so it
@@ -297,7 +310,26 @@ class VisdomAuthenticator:
             raise
         principal = dataclasses.replace(provisioned, via=via, expires_at=expires_at)
         self._principals[key] = (principal, cached.expires)
+        self._keep(principal, token, token_hash, cached, expires_at)
         return principal
+
+    def _keep(
+        self,
+        principal: Principal,
+        token: str,
+        token_hash: str,
+        cached: _Cached,
+        expires_at: float | None,
+    ) -> None:
+        """Hand the token to the keeper: a JWT good until its ``exp``, a ``tvs_`` session
+        for Visdom Trace's sliding lifetime from when Visdom Trace last accepted it."""
+        if self.keeper is None:
+            return
+        if expires_at is not None:
+            self.keeper.note(principal, token, token_hash, KIND_JWT, expires_at)
+        else:
+            lifetime = cached.seen_at + SESSION_LIFETIME
+            self.keeper.note(principal, token, token_hash, KIND_SESSION, lifetime)
 
     def forget_all(self) -> None:
         self._identities.clear()

@@ -37,6 +37,8 @@ SEALED_SESSION_ORIGIN = "session-origin"
 SEALED_SESSION_FLASH = "session-flash"
 #: An org's Visdom Trace ingest key (``tvk_``), bound to the org (row: the org id).
 SEALED_VISDOM_INGEST = "visdom-ingest"
+#: A user's own Visdom Trace credential, bound to the org and user (row and owner: the user).
+SEALED_VISDOM_USER = "visdom-user"
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,8 @@ The ``tvk_`` key is encrypted by the keyring (bound to the org) before it is sto
 and is never returned: the status shows its last four characters. Reconnecting an org
 that is connected replaces its settings and key and releases its parked events for
 another try (the admin fixed what Visdom Trace refused); the cursor stays, so nothing
-already sent is sent again and nothing not yet sent is skipped.
+already sent is sent again and nothing not yet sent is skipped. Disconnecting drops the
+users' own Visdom Trace credentials kept for pushing (tvgate.visdom.credentials) too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tvgate.models import Org, VisdomEvent, VisdomSession, VisdomSink, database
 from tvgate.rows import fields_of
 from tvgate.services.access import NotFound, ServiceError, _admin_org, audit
 from tvgate.services.upstreams import check_base_url
+from tvgate.visdom import credentials
 
 __all__ = [
     "VisdomStatus",
@@ -68,6 +70,11 @@ class VisdomStatus:
     key: str = ""
     connected_at: float | None = None
     sent: int = 0
+    #: Of ``sent``: with the user's own Visdom Trace credential, with the org ingest key.
+    sent_with_user_credential: int = 0
+    sent_with_org_key: int = 0
+    #: Users whose own credential is held now (unexpired): counts, never a token.
+    user_credentials: int = 0
     last_sent_at: float | None = None
     last_error: str = ""
     pending: int = 0
@@ -165,6 +172,9 @@ def visdom_status(*, org_name: str | None = None, actor: Principal | None = None
         key="…" + sink.fingerprint,
         connected_at=sink.connected_at,
         sent=sink.sent,
+        sent_with_user_credential=sink.sent_user,
+        sent_with_org_key=sink.sent_org,
+        user_credentials=credentials.held_count(org.id, time.time()),
         last_sent_at=sink.last_sent_at,
         last_error=sink.last_error,
         pending=events.count(),
@@ -184,5 +194,6 @@ def disconnect_visdom(*, org_name: str | None = None, actor: Principal | None = 
             raise NotFound(f"org {org.name} is not connected to Visdom Trace")
         dropped = VisdomEvent.delete().where(VisdomEvent.org_id == org.id).execute()
         VisdomSession.delete().where(VisdomSession.org_id == org.id).execute()
+        credentials.drop_org(org.id)
         audit(actor, org.id, "disconnect visdom", "", {"undelivered_dropped": dropped})
     return int(dropped)

@@ -27,6 +27,7 @@ from tvgate.models import Trace, VisdomEvent, VisdomSession, VisdomSink, databas
 from tvgate.rows import from_row
 from tvgate.traces.content import load_request
 from tvgate.traces.store import BlobStore
+from tvgate.visdom import credentials
 from tvgate.visdom.events import CallRecord, SessionState, call_events, session_end
 from tvgate.visdom.lines import cwd_of
 
@@ -147,6 +148,7 @@ def plan(org_id: int, holder: str, now: float, idle_timeout: float) -> int:
                 ) or VisdomSession(org_id=org_id, session_id=sid, repo=trace.repo)
                 sessions[sid] = (row, SessionState.loads(row.state))
             row, state = sessions[sid]
+            row.user_id = trace.user_id
             for event in call_events(record, state):
                 events.append(_outbox_row(org_id, row, event))
             row.open = True
@@ -222,6 +224,9 @@ def _outbox_row(org_id: int, session: VisdomSession, event: dict[str, object]) -
         "org_id": org_id,
         "session_id": session.session_id,
         "repo": session.repo,
+        # Whose credential it goes with: the user of the call it was made from (of the
+        # session's latest call, for a session_end).
+        "user_id": session.user_id,
         "event_type": event["event_type"],
         "body": orjson.dumps(event),
         "created_at": time.time(),
@@ -265,14 +270,21 @@ def stream_target(sink: VisdomSink, repo: str) -> tuple[str, dict[str, str]] | N
     return None
 
 
-def delivered(org_id: int, ids: list[int], now: float) -> None:
+def delivered(org_id: int, ids: list[int], by_user: list[int], now: float) -> None:
+    """Events ``ids`` are delivered; ``by_user``: the user of each that went with its
+    user's own credential (the others went with the org key)."""
     if not ids:
         return
     with database.atomic():
         VisdomEvent.delete().where(VisdomEvent.id.in_(ids)).execute()
-        VisdomSink.update(sent=VisdomSink.sent + len(ids), last_sent_at=now, last_error="").where(
-            VisdomSink.org_id == org_id
-        ).execute()
+        VisdomSink.update(
+            sent=VisdomSink.sent + len(ids),
+            sent_user=VisdomSink.sent_user + len(by_user),
+            sent_org=VisdomSink.sent_org + len(ids) - len(by_user),
+            last_sent_at=now,
+            last_error="",
+        ).where(VisdomSink.org_id == org_id).execute()
+        credentials.accepted(org_id, by_user, now)
 
 
 def park(org_id: int, event_id: int, error: str, ciphertext: str) -> bool:
