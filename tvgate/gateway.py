@@ -1,23 +1,20 @@
 """The Gateway: every long-lived service of one tvgate process, built once, stopped once.
 
 Handlers reach these through ``BaseHandler`` properties; the CLI builds only
-the parts it needs. Nothing here runs per request. It also owns what a
-graceful stop and a reload need: the count of proxy calls in flight and the
-list of settings that can change while the process runs.
+the parts it needs. Nothing here runs per request. What a graceful stop and a
+reload need of it (the calls in flight, the settings a reload applies) is
+``tvgate.lifecycle``'s.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import peewee
 from tornado.ioloop import IOLoop, PeriodicCallback
@@ -44,6 +41,7 @@ from tvgate.keyring import (
 )
 from tvgate.keyring.local import LocalKeyring
 from tvgate.keyring.vault import VaultKeyring
+from tvgate.lifecycle import InFlight
 from tvgate.metrics import Metrics
 from tvgate.proxy.curl_client import UpstreamCurlClient
 from tvgate.proxy.hops import deployment_id
@@ -69,34 +67,6 @@ CHANGE_POLL_INTERVAL = 0.5
 #: at most this; what a stop cuts short of it is lost, which only ages the time shown).
 KEY_USE_FLUSH_INTERVAL = 5.0
 
-#: Settings a SIGHUP applies to a running process. Everything else (listen,
-#: database, keyring, workers, queue sizes, max_clients) is built once at start
-#: and needs a restart; a reload that changes one of those says so in the log.
-RELOADABLE_SETTINGS = (
-    "log_level",
-    "cache_ttl",
-    "key_cache_ttl",
-    "connect_timeout",
-    "idle_timeout",
-    "max_body_bytes",
-    "client_buffer_bytes",
-    "capture_max_bytes",
-    "drain_timeout",
-    "queue_timeout",
-)
-
-
-class Interruptible(Protocol):
-    """A call in progress that a stop can end (``ProxyCall``)."""
-
-    def shut_down(self) -> None: ...
-
-
-class Closable(Protocol):
-    """An open client connection that a stop closes once it is idle."""
-
-    def close_if_idle(self) -> None: ...
-
 
 class KeyUses:
     """When this process last sent each provider key upstream. The proxy notes a use in
@@ -121,49 +91,6 @@ class KeyUses:
             for key_id, at in used.items():
                 # A use noted meanwhile is later than the one that was not written.
                 self._used.setdefault(key_id, at)
-
-
-class InFlight:
-    """Proxy calls in progress in this process, so that a stop can wait for them, and end
-    those still open at the drain timeout; and the open Responses WebSockets
-    (``tvgate.proxy.websocket``), closed at a stop once they have no call running, as an
-    HTTP keep-alive connection is told ``Connection: close``."""
-
-    def __init__(self) -> None:
-        self.calls: set[Interruptible] = set()
-        self.sockets: set[Closable] = set()
-        #: True once the process stops: a socket serves no new call and is closed.
-        self.stopping = False
-
-    @property
-    def count(self) -> int:
-        return len(self.calls)
-
-    def enter(self, call: Interruptible) -> None:
-        self.calls.add(call)
-
-    def leave(self, call: Interruptible) -> None:
-        self.calls.discard(call)
-
-    def stop_sockets(self) -> None:
-        """The process stops: close every socket with no call running; the others close
-        when their call ends."""
-        self.stopping = True
-        for socket in list(self.sockets):
-            socket.close_if_idle()
-
-    def shut_down(self) -> None:
-        """End every call still open: each tells its client the gateway is stopping."""
-        for call in list(self.calls):
-            call.shut_down()
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no call is in flight or ``timeout`` seconds pass; True when idle."""
-        deadline = time.monotonic() + timeout
-        # Polling only runs during a stop, never on the request path.
-        while self.count > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return self.count <= 0
 
 
 @dataclass
@@ -474,31 +401,6 @@ class Gateway:
             lambda: traces.stats.failures,
             kind="counter",
         )
-
-    def reload(self, new: Settings) -> list[str]:
-        """Apply the reloadable settings of ``new``; returns the changed ones that need a restart."""
-        current = self.settings
-        for name in RELOADABLE_SETTINGS:
-            value = getattr(new, name)
-            if getattr(current, name) != value:
-                log.info("reload: %s changed", name)
-                setattr(current, name, value)
-        logging.getLogger().setLevel(current.log_level.upper())
-        self.auth.proxy_tokens.ttl = current.cache_ttl
-        self.keys.ttl = current.key_cache_ttl
-        self.governor.queue_timeout = current.queue_timeout
-        self.governor.prices_ttl = current.cache_ttl
-        if self.router.ttl != current.cache_ttl:
-            # The refresh period follows the TTL, so restart the refresher.
-            self.router.stop()
-            self.router.ttl = current.cache_ttl
-            self.router.start()
-        return [
-            f.name
-            for f in dataclasses.fields(new)
-            if f.name not in RELOADABLE_SETTINGS
-            and getattr(new, f.name) != getattr(current, f.name)
-        ]
 
     def start(self) -> None:
         self.traces.start()

@@ -47,6 +47,7 @@ from tvgate.config import ConfigError, Settings, load_settings
 from tvgate.gateway import Gateway
 from tvgate.httpserver import IDLE_CONNECTION_TIMEOUT, GatewayHTTPServer
 from tvgate.keyring.local import load_or_create_key_file
+from tvgate.lifecycle import reload
 from tvgate.proxy import bedrock_mode, vertex_mode
 from tvgate.proxy import handlers as proxy_handlers
 from tvgate.supervisor import Supervisor
@@ -125,7 +126,7 @@ def reload_settings(
     except ConfigError as exc:
         log.error("reload refused, settings unchanged: %s", exc)
         return
-    restart = gateway.reload(new)
+    restart = reload(gateway, new)
     if restart:
         log.warning("reload: changed settings need a restart to apply: %s", ", ".join(restart))
     log.info("settings reloaded")

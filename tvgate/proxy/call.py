@@ -1,16 +1,17 @@
 """One proxied call, stage by stage: identity, body, routing, governance, key, upstream.
 
-``ProxyCall`` owns a request from the moment its body is complete. Each stage
-either passes on or answers the client with an error in the API's own
-envelope; then the route and its fallbacks are tried in turn, each attempt
-returning what it came to (``Answered`` or ``Failed``). A route of another provider
-than the client's API is served through the translator of that pair
-(``tvgate.translate.pairs``), unless the route turns translation off; what an attempt may do
-is planned, or refused, before any key or slot (``tvgate.proxy.plan``). What goes back to the
-client (headers, body, back-pressure, held failures) is ``ClientRelay``'s
-(``tvgate.proxy.relay``). From authentication on, whatever happens (the client
-leaves, the provider fails, tvgate refuses) the call ends by queueing exactly
-one trace and charging its usage (``tvgate.proxy.record``).
+``ProxyCall`` owns a request from the moment its body is complete. Each stage either passes
+on or answers the client with an error in the API's own envelope; then the route and its
+fallbacks are tried in turn, each attempt returning what it came to (``Answered`` or
+``Failed``); how the call ends (the attempts recorded, tvgate's errors told, a failed
+transfer mapped to its status and outcome) is ``CallOutcome``'s (``tvgate.proxy.outcome``),
+which ``ProxyCall`` builds on. A route of another provider than the client's API is served
+through the translator of that pair (``tvgate.translate.pairs``), unless the route turns
+translation off; what an attempt may do is planned, or refused, before any key or slot
+(``tvgate.proxy.plan``). What goes back to the client (headers, body, back-pressure, held
+failures) is ``ClientRelay``'s (``tvgate.proxy.relay``). From authentication on, whatever
+happens (the client leaves, the provider fails, tvgate refuses) the call ends by queueing
+exactly one trace and charging its usage (``tvgate.proxy.record``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tvgate.db import DatabaseUnavailable
@@ -35,10 +35,8 @@ from tvgate.identity import IdentityError, Principal
 from tvgate.keyring import KeyContext, KeyringError, KeyringUnavailable
 from tvgate.models import (
     OUTCOME_CLIENT_CANCELLED,
-    OUTCOME_GATEWAY_SHUTDOWN,
     OUTCOME_OK,
     OUTCOME_REJECTED,
-    OUTCOME_TIMEOUT,
     OUTCOME_UPSTREAM_ERROR,
 )
 from tvgate.providers import ProviderAPI
@@ -47,13 +45,13 @@ from tvgate.providers.clouds.base import CloudError, CloudReader, CloudRequest
 from tvgate.proxy.body import BodyError, ParsedBody, decode_content, parse_request_body, with_model
 from tvgate.proxy.estimate import ESTIMATE_NOTE, answer_estimate
 from tvgate.proxy.hops import incoming_marks, is_loop, outgoing_marks
+from tvgate.proxy.outcome import _ANSWERED, Answered, CallOutcome, Failed, _classify
 from tvgate.proxy.plan import Refusal, plan_attempt
 from tvgate.proxy.record import record_call
 from tvgate.proxy.relay import TRANSLATED_LIMIT, ClientRelay, HeldAnswer
 from tvgate.proxy.scrub import KeyScrubber
 from tvgate.proxy.subscription import SubscriptionRefused, subscription_auth, subscription_route
 from tvgate.proxy.upstream import (
-    CURLE_OPERATION_TIMEDOUT,
     UpstreamExchange,
     UpstreamListener,
     UpstreamResult,
@@ -68,41 +66,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tvgate.proxy")
 
-#: What a client cut at the drain timeout is told, in its API's format.
-SHUTDOWN_MESSAGE = "the gateway is shutting down"
 
-
-@dataclass(frozen=True, slots=True)
-class Answered:
-    """What an attempt came to when no further route is tried: the client has its answer
-    (the provider's, or tvgate's error), or is gone.
-
-    ``ms``: how long the provider took, when one answered (then recorded in the trace's
-    attempts once a fallback was tried before)."""
-
-    ms: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    """An attempt that failed in a way the next route may mend, as the trace's attempts
-    record it; ``held``: the provider's failure, kept back to be told when no route does
-    better (None when the attempt never reached a provider)."""
-
-    route: RouteEntry
-    upstream_model: str
-    status: int
-    outcome: str
-    error: str
-    ms: float = 0.0
-    held: HeldAnswer | None = None
-
-
-#: An attempt answered the call without a provider's answer to time.
-_ANSWERED = Answered()
-
-
-class ProxyCall:
+class ProxyCall(CallOutcome):
     """A request through the proxy: its stages and its chain of fallback routes."""
 
     def __init__(self, handler: ClientSide, endpoint: ProviderAPI, started: float) -> None:
@@ -520,11 +485,6 @@ class ProxyCall:
         self._fail(exc.status, message, OUTCOME_UPSTREAM_ERROR)
         return _ANSWERED
 
-    def _budget_warnings(self) -> list[str]:
-        """The warnings of the admission that serves the call, for the answer's header."""
-        admission = self.serving_admission or self.admission
-        return admission.warnings if admission is not None else []
-
     def _log_failure(self, entry: RouteEntry, result: UpstreamResult) -> None:
         """A transfer failed (not the client's doing): a warning an operator can act on."""
         key = entry.key
@@ -538,71 +498,6 @@ class ProxyCall:
             self.scrubber.text(result.message),
         )
 
-    def _answer_last_failure(self) -> None:
-        """Every route failed: the client gets the last provider failure, as it came."""
-        failure = self.last_failure
-        if failure is None or failure.held is None:
-            self._fail(502, "no route could serve this request", OUTCOME_UPSTREAM_ERROR)
-            return
-        self.route = failure.route
-        self.upstream_model = failure.upstream_model
-        held = failure.held
-        if held.classified is not None:
-            message, outcome = held.classified
-            self._fail(held.status, message, outcome)
-            return
-        self._end(self.relay.replay(held, self._budget_warnings()), UpstreamResult(0, ""))
-
-    def _record_attempt(
-        self,
-        route: RouteEntry | None,
-        name_or_model: str,
-        status: int,
-        outcome: str,
-        error: str,
-        ms: float = 0.0,
-    ) -> None:
-        self.attempts.append(
-            {
-                "route": route.name if route is not None else name_or_model,
-                "key": route.key.name if route is not None else "",
-                "provider": route.key.provider if route is not None else "",
-                "upstream_model": name_or_model if route is not None else "",
-                "status": status,
-                "outcome": outcome,
-                # Masked before it is cut: a cut key would no longer be recognised.
-                "error": self.scrubber.text(error)[:500],
-                "ms": round(ms, 1),
-            }
-        )
-
-    def _refuse(self, refusal: Refused) -> None:
-        """Over a budget, a rate limit or a cap: 429 in the API's envelope, with retry-after."""
-        self.outcome = OUTCOME_REJECTED
-        self.error_type = "rate_limited"
-        self.error_message = str(refusal)
-        self.relay.status = 429
-        if not self.relay.client_gone:
-            self.handler.send_api_error(
-                429, str(refusal), self.endpoint, retry_after=str(refusal.retry_after)
-            )
-
-    def on_client_gone(self) -> None:
-        """The client closed its connection: stop the provider's work at once."""
-        self.relay.on_client_gone()
-
-    def shut_down(self) -> None:
-        """The gateway stops and the drain timeout passed: tell the client in its API's
-        format (the in-band error event once a stream started), stop the provider's work,
-        and record the call as ``gateway_shutdown``, not as the client's doing."""
-        if self.relay.client_gone or self.handler._finished:
-            return
-        self._fail(503, SHUTDOWN_MESSAGE, OUTCOME_GATEWAY_SHUTDOWN)
-        self.gone_outcome = OUTCOME_GATEWAY_SHUTDOWN
-        self.on_client_gone()
-
-    # --- endings ---
-
     def overhead_ms(self) -> float:
         """tvgate's own time: from the complete request to the upstream request going out."""
         if not self.upstream_started:
@@ -612,33 +507,3 @@ class ProxyCall:
     def at(self, perf: float) -> float | None:
         """The wall-clock time of a ``perf_counter`` reading of this call (None for 0)."""
         return self.received_at + (perf - self.started) if perf else None
-
-    def _fail(self, status: int, message: str, outcome: str) -> None:
-        """End the call with an error, told the way the client can still hear it."""
-        self.outcome = outcome
-        self.error_type = "gateway_error"
-        self.error_message = message
-        self.relay.send_error(status, message)
-
-    def _complete(self, result: UpstreamResult) -> None:
-        self._end(self.relay.complete(result), result)
-
-    def _end(self, answered: bool, result: UpstreamResult) -> None:
-        """The outcome of a transfer the relay has ended (``answered``: the client has it)."""
-        if answered:
-            self.outcome = OUTCOME_OK if self.relay.status < 400 else OUTCOME_UPSTREAM_ERROR
-            return
-        if self.relay.client_gone:
-            self.outcome = self.gone_outcome
-            return
-        self._fail(*_classify(result))
-
-
-def _classify(result: UpstreamResult) -> tuple[int, str, str]:
-    """(status, message, outcome) for a transfer that failed; the message names the
-    provider's host and the cause (``UpstreamResult.describe``)."""
-    if result.refused:
-        return 502, result.describe(), OUTCOME_UPSTREAM_ERROR
-    if result.timed_out or result.curl_error == CURLE_OPERATION_TIMEDOUT:
-        return 504, result.describe(), OUTCOME_TIMEOUT
-    return 502, result.describe(), OUTCOME_UPSTREAM_ERROR
