@@ -455,12 +455,16 @@ def test_serve_on_port_0_reports_the_port_it_bound_and_every_worker_serves_there
         assert gw.env["TVGATE_LISTEN"] != "127.0.0.1:0"
         port = int((tmp_path / "tvgate.log.port").read_text())
         assert port != 0 and gw.url == f"http://127.0.0.1:{port}"
-        log = gw.log_text()
-        for worker in range(workers):
-            assert re.search(
-                rf"tvgate worker {worker} \(pid \d+\) listening on http://127\.0\.0\.1:{port}\b",
-                log,
-            ), log
+        # Each worker logs its line once it listens; the gateway answers /healthz as soon as
+        # one of them does, so the others' lines may come a moment later.
+        lines = [
+            re.compile(rf"tvgate worker {w} \(pid \d+\) listening on http://127\.0\.0\.1:{port}\b")
+            for w in range(workers)
+        ]
+        deadline = time.monotonic() + 60
+        while not all(line.search(gw.log_text()) for line in lines):
+            assert time.monotonic() < deadline, gw.log_text()
+            time.sleep(0.1)
         seen: set[int] = set()
         for _ in range(200):
             # A new connection each time: the kernel spreads connections over the workers.
