@@ -447,7 +447,8 @@ class ProxyCall:
             translation=translation,
         )
         result = await exchange.run()
-        if isinstance(listener, CloudReader):
+        # The relay itself first: an isinstance of a Protocol walks its members each time.
+        if listener is not relay and isinstance(listener, CloudReader):
             listener.end()  # the cloud's reader passes on what it held back
         if relay.redirected:
             result = dataclasses.replace(
