@@ -10,8 +10,10 @@ from pathlib import Path
 import orjson
 import pytest
 import zstandard
+from tornado.httputil import HTTPHeaders
 
 from tvgate.config import ConfigError, load_settings
+from tvgate.headers import header
 from tvgate.identity import Principal
 from tvgate.keyring import KeyContext, KeyringError
 from tvgate.keyring.local import LocalKeyring
@@ -308,3 +310,16 @@ def test_trace_ids_are_random_version_4_uuids_in_hex() -> None:
 def test_server_address_is_the_base_urls_host(base_url: str, host: str) -> None:
     assert server_address(base_url) == host
     assert server_address(base_url) == host  # cached, the same
+
+
+# --- reading a header ---
+
+
+def test_header_reads_a_field_as_tornado_does() -> None:
+    headers = HTTPHeaders.parse(
+        "User-Agent: claude-cli/2.1.0\r\nX-Multi: a\r\nx-multi: b, c\r\nX-Empty: \r\n"
+    )
+    for name in ("User-Agent", "user-agent", "X-MULTI", "X-Empty"):
+        assert header(headers, name) == headers.get(name)
+    assert header(headers, "x-multi") == "a,b, c"
+    assert header(headers, "Traceparent") == "" and headers.get("Traceparent") is None

@@ -31,6 +31,7 @@ from tvgate.governance.governor import (
     key_resource,
 )
 from tvgate.governance.policy import NO_GOVERNANCE, Governance
+from tvgate.headers import header
 from tvgate.identity import IdentityError, Principal
 from tvgate.keyring import KeyContext, KeyringError, KeyringUnavailable
 from tvgate.models import (
@@ -179,7 +180,7 @@ class ProxyCall:
         headers = self.handler.request.headers
         try:
             decoded = decode_content(
-                raw_body, headers.get("Content-Encoding"), settings.max_body_bytes
+                raw_body, header(headers, "Content-Encoding"), settings.max_body_bytes
             )
             self.body = parse_request_body(
                 self.handler.client_body(decoded), self.handler.path_route

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from tvgate.headers import header
 from tvgate.models import (
     OUTCOME_OK,
     OUTCOME_UPSTREAM_ERROR,
@@ -119,7 +120,7 @@ def record_call(call: ProxyCall) -> None:
     if assembled is not None and assembled.error_type and call.outcome == OUTCOME_OK:
         call.outcome = OUTCOME_UPSTREAM_ERROR
     headers = call.handler.request.headers
-    tool, tool_version = detect_tool(headers.get("User-Agent", ""))
+    tool, tool_version = detect_tool(header(headers, "User-Agent"))
     body = call.body
     # The provider may be a member's own server: an absurd figure counts toward nothing.
     usage, anomalies = checked_usage(assembled.usage) if assembled is not None else (None, [])
@@ -197,7 +198,7 @@ def record_call(call: ProxyCall) -> None:
         response_blob="",
         cost_usd=0.0,
         anomalies=anomalies,
-        traceparent=checked_traceparent(headers.get("traceparent")),
+        traceparent=checked_traceparent(header(headers, "traceparent")),
         finish_reason=(assembled.stop_reason or "") if assembled else "",
         server_address=server_address(route.key.base_url) if route else "",
     )
