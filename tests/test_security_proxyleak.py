@@ -345,6 +345,31 @@ def test_the_scrubber_masks_every_encoding_of_a_key_split_anywhere() -> None:
         assert_no_encoded_key(scrubber.text(form), key, "a masked text")
 
 
+def test_a_key_is_masked_alike_as_a_calls_first_key_and_after_another() -> None:
+    key = "sk-ant-" + base64.b64encode(secrets.token_bytes(24)).decode() + "+/"
+    other = "sk-proj-" + secrets.token_hex(20)
+    body = b" ".join(
+        [
+            key.encode(),
+            urllib.parse.quote(key, safe="").encode(),
+            base64.b64encode(b"Basic " + key.encode()),
+            other.encode(),
+        ]
+    )
+    for cut in range(len(body) + 1):
+        outs = []
+        for keys in ([key], [key, key], [other, key], [key, other]):
+            scrubber = KeyScrubber()
+            for secret in keys:
+                scrubber.add(secret)
+            outs.append(scrubber.chunk(body[:cut]) + scrubber.chunk(body[cut:]) + scrubber.end())
+        first, again, after, both = outs
+        assert first == again and after == both, cut
+        assert first.startswith(masked(key).encode()) and first.endswith(other.encode())
+        assert after == first.replace(other.encode(), masked(other).encode())
+        assert_no_encoded_key(first.decode(), key, f"a chunk cut at {cut}")
+
+
 # --- what a provider says of its own origin ---------------------------------------------
 
 

@@ -8,6 +8,7 @@ gateway of the suite and looks at differences only.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import os
 import re
@@ -444,6 +445,24 @@ def test_healthz_names_the_worker(gateway: GatewayProcess) -> None:
     ready = httpx2.get(gateway.url + "/readyz", timeout=10).json()
     assert ready["ready"] is True
     assert ready["checks"] == {"database": "ok", "keyring": "ok", "identity": "ok"}
+
+
+def test_every_answer_has_the_date_of_its_second_and_tornados_server_header(
+    gateway: GatewayProcess,
+) -> None:
+    seen = set()
+    for _ in range(3):
+        for answer in (
+            httpx2.get(gateway.url + "/", timeout=5),
+            httpx2.post(gateway.url + "/v1/messages", json=MESSAGE_BODY, timeout=5),  # 401
+        ):
+            after = time.time()
+            date = email.utils.parsedate_to_datetime(answer.headers["date"]).timestamp()
+            assert after - 2 <= date <= after
+            assert answer.headers["server"].startswith("TornadoServer/")
+            seen.add(answer.headers["date"])
+        time.sleep(1.05)
+    assert len(seen) >= 3  # a new second, a new date
 
 
 @pytest.mark.parametrize("workers", [1, 2])

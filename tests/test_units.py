@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import base64
 import gzip
+import uuid
 from pathlib import Path
 
 import orjson
 import pytest
 import zstandard
+from tornado.httputil import HTTPHeaders
 
 from tvgate.config import ConfigError, load_settings
+from tvgate.headers import header
 from tvgate.identity import Principal
 from tvgate.keyring import KeyContext, KeyringError
 from tvgate.keyring.local import LocalKeyring
 from tvgate.models import SCOPE_ORG, SCOPE_OWNED, SCOPE_USER, ProviderKey, Route
 from tvgate.proxy.body import BodyError, decode_content, parse_request_body, with_model
+from tvgate.proxy.record import new_trace_id, server_address
 from tvgate.proxy.upstream import is_public_address
 from tvgate.routing import OrgPolicy, OrgSnapshot, _entry
 
@@ -275,3 +279,47 @@ def test_owned_routes_follow_the_org_switch_and_key_ownership() -> None:
 )
 def test_public_address_check(host: str, public: bool) -> None:
     assert is_public_address(host) is public
+
+
+# --- trace ids and server addresses ---
+
+
+def test_trace_ids_are_random_version_4_uuids_in_hex() -> None:
+    ids = {new_trace_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for trace_id in ids:
+        parsed = uuid.UUID(hex=trace_id)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        assert parsed.hex == trace_id  # 32 lower-case hex digits, as uuid4().hex
+    # Every bit but the version's and the variant's varies.
+    assert {int(trace_id[12], 16) for trace_id in ids} == {4}
+    assert {int(trace_id[16], 16) for trace_id in ids} == {8, 9, 10, 11}
+    assert {trace_id[0] for trace_id in ids} == set("0123456789abcdef")
+
+
+@pytest.mark.parametrize(
+    ("base_url", "host"),
+    [
+        ("https://api.anthropic.com", "api.anthropic.com"),
+        ("https://API.OpenAI.com/v1", "api.openai.com"),
+        ("http://user:pw@vllm.internal:8000/v1", "vllm.internal"),
+        ("http://[2001:db8::1]:8000/v1", "2001:db8::1"),
+        ("not a url", ""),
+    ],
+)
+def test_server_address_is_the_base_urls_host(base_url: str, host: str) -> None:
+    assert server_address(base_url) == host
+    assert server_address(base_url) == host  # cached, the same
+
+
+# --- reading a header ---
+
+
+def test_header_reads_a_field_as_tornado_does() -> None:
+    headers = HTTPHeaders.parse(
+        "User-Agent: claude-cli/2.1.0\r\nX-Multi: a\r\nx-multi: b, c\r\nX-Empty: \r\n"
+    )
+    for name in ("User-Agent", "user-agent", "X-MULTI", "X-Empty"):
+        assert header(headers, name) == headers.get(name)
+    assert header(headers, "x-multi") == "a,b, c"
+    assert header(headers, "Traceparent") == "" and headers.get("Traceparent") is None

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from tornado.httputil import HTTPHeaders
 
+from tvgate.headers import header
 from tvgate.models import ROLE_ADMIN
 
 if TYPE_CHECKING:
@@ -167,10 +168,10 @@ def select_membership(
 def credential_from_headers(headers: HTTPHeaders) -> str | None:
     """The token the client sent, from ``x-api-key``, ``api-key`` (as the ``openai`` SDK's
     ``AzureOpenAI`` client sends it) or a Bearer ``Authorization``."""
-    token = headers.get("x-api-key") or headers.get("api-key")
+    token = header(headers, "x-api-key") or header(headers, "api-key")
     if token:
         return token.strip()
-    authorization = headers.get("Authorization")
+    authorization = header(headers, "Authorization")
     if authorization:
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() == "bearer" and value.strip():

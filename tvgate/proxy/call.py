@@ -31,6 +31,7 @@ from tvgate.governance.governor import (
     key_resource,
 )
 from tvgate.governance.policy import NO_GOVERNANCE, Governance
+from tvgate.headers import header
 from tvgate.identity import IdentityError, Principal
 from tvgate.keyring import KeyContext, KeyringError, KeyringUnavailable
 from tvgate.models import (
@@ -145,7 +146,7 @@ class ProxyCall(CallOutcome):
         headers = self.handler.client_headers
         try:
             decoded = decode_content(
-                raw_body, headers.get("Content-Encoding"), settings.max_body_bytes
+                raw_body, header(headers, "Content-Encoding"), settings.max_body_bytes
             )
             self.body = parse_request_body(
                 self.handler.client_body(decoded), self.handler.path_route
@@ -430,7 +431,8 @@ class ProxyCall(CallOutcome):
             translation=translation,
         )
         result = await exchange.run()
-        if isinstance(listener, CloudReader):
+        # The relay itself first: an isinstance of a Protocol walks its members each time.
+        if listener is not relay and isinstance(listener, CloudReader):
             listener.end()  # the cloud's reader passes on what it held back
         if relay.redirected:
             result = dataclasses.replace(

@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import functools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -126,6 +127,10 @@ class _Forms:
     anchored: tuple[tuple[int, bytes, tuple[tuple[bytes, bytes], ...]], ...]
     #: Every byte value some form contains.
     last_bytes: frozenset[int]
+    #: The plaintext as bytes; every byte form, the plaintext first; the shortest's length.
+    plain: bytes
+    ordered: tuple[tuple[bytes, bytes], ...]
+    shortest: int
 
 
 @functools.lru_cache(maxsize=128)
@@ -151,6 +156,9 @@ def _forms(secret: str) -> _Forms:
         tuple(as_bytes),
         tuple(anchored),
         frozenset(byte for form, _ in every for byte in form),
+        secret.encode(),
+        tuple(every),  # the plaintext is the first of as_bytes
+        min(len(form) for form, _ in every),
     )
 
 
@@ -175,22 +183,31 @@ class KeyScrubber:
         self._anchored: tuple[tuple[int, bytes, tuple[tuple[bytes, bytes], ...]], ...] = ()
         self._last_bytes: frozenset[int] = frozenset()
         #: Every form of every key, plaintexts first; and the plaintexts alone.
-        self._bytes: list[tuple[bytes, bytes]] = []
-        self._plain: set[bytes] = set()
+        self._bytes: Sequence[tuple[bytes, bytes]] = ()
+        self._plain: tuple[bytes, ...] = ()
         #: The length of the shortest form: a shorter text or chunk holds none whole.
         self._shortest = 0
         self._held = b""
 
     def add(self, secret: str) -> None:
         """Mask ``secret`` from now on (a call may try several keys: fallbacks)."""
-        if len(secret) < MIN_SCRUBBED or secret.encode() in self._plain:
+        if len(secret) < MIN_SCRUBBED:
             return
         forms = _forms(secret)
+        if not self._plain:
+            # The first key (a call mostly sends one): its cached forms serve as they are,
+            # shared, not copied into sets and lists of the call's own.
+            self._text, self._direct, self._anchored = forms.text, forms.direct, forms.anchored
+            self._last_bytes, self._plain = forms.last_bytes, (forms.plain,)
+            self._bytes, self._shortest = forms.ordered, forms.shortest
+            return
+        if forms.plain in self._plain:
+            return
         self._text += forms.text
         self._direct += forms.direct
         self._anchored += forms.anchored
         self._last_bytes |= forms.last_bytes
-        self._plain.add(secret.encode())
+        self._plain += (forms.plain,)
         self._bytes = sorted(
             [*self._direct, *(pair for _, _, pairs in self._anchored for pair in pairs)],
             key=lambda pair: pair[0] not in self._plain,

@@ -41,6 +41,7 @@ from tornado.curl_httpclient import CurlAsyncHTTPClient, CurlError
 from tornado.httpclient import HTTPRequest
 from tornado.httputil import HTTPHeaders
 
+from tvgate.headers import header
 from tvgate.proxy.hops import HOP_HEADER
 from tvgate.traces.attribution import ATTRIBUTION_PREFIXES
 
@@ -445,7 +446,7 @@ def upstream_headers(
 def _forwarded_lines(client_headers: HTTPHeaders) -> list[tuple[str, str]]:
     """The client's header lines less hop-by-hop, credentials and tvgate's own."""
     connection_listed = {
-        token.strip().lower() for token in client_headers.get("Connection", "").split(",")
+        token.strip().lower() for token in header(client_headers, "Connection").split(",")
     }
     return [
         (name, value)

@@ -8,6 +8,8 @@ import re
 
 from tornado.httputil import HTTPHeaders
 
+from tvgate.headers import header
+
 # Order matters: the first pattern that matches names the tool. Tools built on an
 # SDK send the SDK's User-Agent with their own name in front.
 _TOOLS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
@@ -47,7 +49,7 @@ def detect_tool(user_agent: str) -> tuple[str, str]:
 
 def attribution_header(headers: HTTPHeaders, name: str) -> str:
     for prefix in ATTRIBUTION_PREFIXES:
-        value = headers.get(prefix + name)
+        value = header(headers, prefix + name)
         if value:
             return value[:200]
     return ""
@@ -65,8 +67,8 @@ def _client_id(value: str | None) -> str:
 def session_id(headers: HTTPHeaders) -> str:
     """The client's own session id: Claude Code's, Codex's, or one the user set."""
     return _client_id(
-        headers.get("X-Claude-Code-Session-Id")
-        or headers.get("Session-Id")
+        header(headers, "X-Claude-Code-Session-Id")
+        or header(headers, "Session-Id")
         or attribution_header(headers, "session")
     )
 
@@ -75,6 +77,6 @@ def agent_ids(headers: HTTPHeaders) -> tuple[str, str]:
     """(agent, parent agent) of the call within its session: Claude Code sends them for a
     subagent's calls (``X-Claude-Code-Agent-Id``, ``X-Claude-Code-Parent-Agent-Id``), none
     for its main agent's. An agent named as its own parent has none."""
-    agent = _client_id(headers.get("X-Claude-Code-Agent-Id"))
-    parent = _client_id(headers.get("X-Claude-Code-Parent-Agent-Id"))
+    agent = _client_id(header(headers, "X-Claude-Code-Agent-Id"))
+    parent = _client_id(header(headers, "X-Claude-Code-Parent-Agent-Id"))
     return agent, ("" if parent == agent else parent)
