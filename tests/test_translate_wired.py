@@ -254,6 +254,29 @@ def test_non_streaming_both_ways(gateway: RunningGateway, org: Org) -> None:
     assert all(t.input_tokens > 0 and t.output_tokens > 0 for t in traces)
 
 
+def test_a_translated_json_answer_has_its_length_not_chunks(
+    gateway: RunningGateway, org: Org
+) -> None:
+    """A translated JSON answer is whole before it is sent: it goes with its
+    Content-Length, as a passthrough answer does, not chunked (an answer, an error
+    answer, both ways)."""
+    chat = chat_client(gateway, org).chat.completions.with_raw_response
+    messages = messages_client(gateway, org).messages.with_raw_response
+    responses = [
+        chat.create(model="claude", messages=CHAT_PROMPT, max_completion_tokens=100).http_response,
+        messages.create(model="gpt", max_tokens=100, messages=PROMPT).http_response,
+    ]
+    with pytest.raises(openai.RateLimitError) as chat_error:
+        chat.create(model="claude", messages=CHAT_PROMPT, **fake_scenario("error_429"))
+    with pytest.raises(anthropic.RateLimitError) as messages_error:
+        messages.create(model="gpt", max_tokens=100, messages=PROMPT, **fake_scenario("error_429"))
+    responses += [chat_error.value.response, messages_error.value.response]
+    assert [r.status_code for r in responses] == [200, 200, 429, 429]
+    for response in responses:
+        assert "transfer-encoding" not in response.headers
+        assert response.headers["content-length"] == str(len(response.content))
+
+
 def test_an_upstream_error_mid_stream_arrives_as_the_clients_error(
     gateway: RunningGateway, org: Org
 ) -> None:

@@ -378,15 +378,18 @@ class ClientRelay:
         body = b"".join(self.untranslated)
         self.untranslated = []
         if self.status >= 400:
-            self._send(translation.error_answer(self.status, body)[1])
-            return
-        try:
-            answer = translation.response(body)
-        except NotAnAnswer as exc:
-            # A 200 that is no answer: the provider failed (nothing was sent yet).
-            self.status = 502
-            self.handler.set_status(502)
-            answer = exc.body
+            answer = translation.error_answer(self.status, body)[1]
+        else:
+            try:
+                answer = translation.response(body)
+            except NotAnAnswer as exc:
+                # A 200 that is no answer: the provider failed (nothing was sent yet).
+                self.status = 502
+                self.handler.set_status(502)
+                answer = exc.body
+        # Whole before any of it is sent: with its length, Tornado writes it with the
+        # headers at once, not chunked with a closing chunk in a second write.
+        self.handler.set_header("Content-Length", str(len(answer)))
         self._send(answer)
 
     def _keep_tail(self, chunk: bytes) -> None:
