@@ -4,15 +4,21 @@ sends and never reads)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import os
 import socket
+import struct
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import httpx2
+import orjson
 
+from tests.conftest import GatewayProcess
 from tests.fake_provider import FakeProvider
+from tests.test_faults import _rss_kib
 from tests.test_reliability_misc import _closed_by_server
 from tests.test_websocket_responses import own_gateway, raw_socket
 
@@ -41,3 +47,61 @@ def test_upgraded_sockets_count_against_the_per_address_cap(
                     break
             assert time.monotonic() < deadline, "no connection admitted after a socket closed"
             time.sleep(0.1)
+
+
+def _upgraded(gateway: GatewayProcess, token: str) -> socket.socket:
+    """A TCP connection upgraded to a Responses WebSocket, by hand: the test decides when
+    (if ever) it reads."""
+    host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    # A small receive window: what the client leaves unread waits in the gateway.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /v1/responses HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(1)
+    assert answer.startswith(b"HTTP/1.1 101"), answer
+    return sock
+
+
+def _text_frame(payload: bytes) -> bytes:
+    """A client's text frame (masked, as RFC 6455 has clients send them)."""
+    mask = os.urandom(4)
+    length = len(payload)
+    if length < 126:
+        head = struct.pack("!BB", 0x81, 0x80 | length)
+    elif length < 1 << 16:
+        head = struct.pack("!BBH", 0x81, 0x80 | 126, length)
+    else:
+        head = struct.pack("!BBQ", 0x81, 0x80 | 127, length)
+    # Masking a large payload byte by byte is slow: XOR it as one integer.
+    whole = (mask * (length // 4 + 1))[:length]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(whole, "big")).to_bytes(length, "big")
+    return head + mask + masked
+
+
+def test_a_client_that_sends_and_never_reads_is_not_buffered_for(
+    gateway: GatewayProcess, member_token: str
+) -> None:
+    """Each refused frame is answered with an error event (this one, 1 MiB, quotes its
+    event type back). A client that sends 128 of them and reads nothing must find the
+    gateway stops reading its frames, rather than holding 128 MiB of answers for it."""
+    frame = _text_frame(orjson.dumps({"type": "x" * (1 << 20)}))
+    sock = _upgraded(gateway, member_token)
+    with sock:
+        before = _rss_kib(gateway.proc.pid)
+        sock.settimeout(5)
+        with contextlib.suppress(TimeoutError):
+            for _ in range(128):
+                sock.sendall(frame)
+        grown = _rss_kib(gateway.proc.pid) - before
+        assert grown < 48 * 1024, f"gateway grew {grown // 1024} MiB for a client not reading"
+        # Reading again, the client gets its answers: the connection was only paused.
+        sock.settimeout(10)
+        assert sock.recv(2)[:1] == b"\x81"

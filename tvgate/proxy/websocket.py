@@ -28,7 +28,9 @@ Per-frame errors are ``error`` events and the connection stays open: a frame tha
 connection), an unknown previous response, and whatever the call itself refuses (401, 404,
 429 over a budget, …, in the HTTP status the event's ``status`` carries). A frame larger
 than the HTTP body limit closes the connection (1009, Tornado's own check). Back-pressure
-is the relay's: the provider is paused while the last message's write future is pending.
+is the relay's: the provider is paused while the last message's write future is pending;
+and the client's next frame is not read while it is (a client that sends and never reads
+is not answered into the gateway's memory).
 The provider's silence past the idle timeout ends a response with the error event, as for
 an HTTP stream; a connection with no response for ``IDLE_CONNECTION_TIMEOUT`` is closed, as
 an idle keep-alive one is. The client leaving cancels the upstream transfer (trace
@@ -43,6 +45,7 @@ import logging
 import time
 import uuid
 from asyncio import Future
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -169,6 +172,11 @@ def _done() -> Future[None]:
     done: Future[None] = asyncio.get_running_loop().create_future()
     done.set_result(None)
     return done
+
+
+async def _written(sent: Future[None]) -> None:
+    """Once ``sent`` is written (or its connection closed: never raises)."""
+    await asyncio.wait([sent])
 
 
 def _ignore_closed(sent: Future[None]) -> None:
@@ -334,6 +342,8 @@ class ResponsesSocket(WebSocketHandler, BaseHandler):
         self.task: Future[None] | None = None
         self.closed = False
         self.idle: object | None = None
+        #: The last message's write: the next frame is read once it is done.
+        self.last_sent: Future[None] | None = None
 
     @property
     def max_message_size(self) -> int:
@@ -370,7 +380,15 @@ class ResponsesSocket(WebSocketHandler, BaseHandler):
         if not self.busy:
             self.close(1000, "idle timeout")
 
-    def on_message(self, message: str | bytes) -> None:
+    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
+        self._take(message)
+        # Tornado reads the next frame once what this returns is done: while the client
+        # leaves our last message unread, its frames wait in its own socket, not their
+        # answers in our memory.
+        pending = self.last_sent
+        return _written(pending) if pending is not None and not pending.done() else None
+
+    def _take(self, message: str | bytes) -> None:
         response = self.response
         if self.busy and self.queued is None and response is not None and response._finished:
             self.queued = message  # the client has the whole answer: the next one is due
@@ -477,6 +495,7 @@ class ResponsesSocket(WebSocketHandler, BaseHandler):
             return None
         # A write to a connection that closes meanwhile fails its future; on_close says so.
         sent.add_done_callback(_ignore_closed)
+        self.last_sent = sent
         return sent
 
     def close_if_idle(self) -> None:
