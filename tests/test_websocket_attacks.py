@@ -20,7 +20,13 @@ from tests.conftest import GatewayProcess
 from tests.fake_provider import FakeProvider
 from tests.test_faults import _rss_kib
 from tests.test_reliability_misc import _closed_by_server
-from tests.test_websocket_responses import own_gateway, raw_socket
+from tests.test_websocket_responses import (
+    create,
+    own_gateway,
+    provider_requests,
+    raw_socket,
+    tagged,
+)
 
 
 def test_upgraded_sockets_count_against_the_per_address_cap(
@@ -105,3 +111,30 @@ def test_a_client_that_sends_and_never_reads_is_not_buffered_for(
         # Reading again, the client gets its answers: the connection was only paused.
         sock.settimeout(10)
         assert sock.recv(2)[:1] == b"\x81"
+
+
+def test_a_providers_endless_event_is_cut_at_the_body_limit(
+    tmp_path: Path, fake_provider: FakeProvider
+) -> None:
+    """A hostile provider's event that never ends (8 MiB, no blank line): the socket makes
+    no message of it past the body limit (1 MiB here), tells the client in an error event,
+    stops the provider and says so in the trace."""
+    headers, test_id, session = tagged("bulk", mb="8", endless="1")
+    limit = 1 << 20
+    env = {"TVGATE_MAX_BODY_BYTES": str(limit)}
+    with own_gateway(tmp_path, fake_provider, **env) as (gw, token):
+        with raw_socket(gw, token, **headers) as ws:
+            create(ws, model="gpt-test", input="hi")
+            messages = []
+            while True:
+                message = ws.recv(timeout=20)
+                messages.append(message)
+                if orjson.loads(message)["type"] == "error":
+                    break
+        assert max(len(m) for m in messages) < limit
+        error = orjson.loads(messages[-1])
+        assert "larger than" in error["error"]["message"], error
+        (upstream,) = provider_requests(fake_provider, test_id, 1)
+        assert fake_provider.wait_closed(upstream.id, timeout=5) is not None
+        (trace,) = gw.wait_traces(1, session_id=session)
+        assert trace.outcome == "upstream_error" and trace.transport == "websocket"

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from asyncio import Future
@@ -56,7 +57,7 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from tvgate.httpserver import IDLE_CONNECTION_TIMEOUT
 from tvgate.identity import IdentityError, Principal
-from tvgate.models import OUTCOME_GATEWAY_SHUTDOWN
+from tvgate.models import OUTCOME_GATEWAY_SHUTDOWN, OUTCOME_UPSTREAM_ERROR
 from tvgate.providers import ENDPOINTS, ProviderAPI
 from tvgate.proxy.call import ProxyCall
 from tvgate.web import BaseHandler
@@ -72,6 +73,8 @@ RESPONSES = ENDPOINTS["responses"]
 _WEBSOCKET_BETA = "responses_websockets"
 #: The fields of a ``response.create`` that are the socket's, not ``POST /v1/responses``'s.
 _ENVELOPE_FIELDS = ("type", "generate", "stream_id", "previous_response_id")
+#: Where a server-sent event ends (a blank line, its line ends LF or CRLF).
+_EVENT_END = re.compile(rb"\n\r?\n")
 #: Events that end a response and carry its output items.
 _FINAL_EVENTS = frozenset({"response.completed", "response.incomplete"})
 
@@ -202,6 +205,10 @@ class SocketResponse:
         self.status = 200
         self.streaming = False
         self.unparsed = b""
+        #: What came of an event after ``unparsed`` while no event ended (joined when one does).
+        self.unparsed_pieces: list[bytes] = []
+        self.unparsed_size = 0
+        self.oversized = False
         self.body: list[bytes] = []
         self.last_write: Future[None] | None = None
         #: The response's id and, once it completed, its output items.
@@ -264,11 +271,53 @@ class SocketResponse:
         if not self.streaming:
             self.body.append(data)
             return
+        if self.oversized:
+            return  # the rest of an event past the limit: the call is being cut
         # One message per server-sent event: its data lines, as the Responses API sends.
-        events = (self.unparsed + data).replace(b"\r\n", b"\n").split(b"\n\n")
+        # The part of an event not ended yet is kept in pieces and joined once its end
+        # comes, so that a long event costs its length once, not once per chunk.
+        if not _EVENT_END.search(self._tail() + data):
+            self.unparsed_pieces.append(data)
+            self.unparsed_size += len(data)
+            if len(self.unparsed) + self.unparsed_size > self.socket.max_message_size:
+                self._oversized()
+            return
+        whole = b"".join((self.unparsed, *self.unparsed_pieces, data))
+        self.unparsed_pieces, self.unparsed_size = [], 0
+        events = whole.replace(b"\r\n", b"\n").split(b"\n\n")
         self.unparsed = events.pop()
         for event in events:
             self._event(event)
+        if len(self.unparsed) > self.socket.max_message_size:
+            self._oversized()
+
+    def _tail(self) -> bytes:
+        """The last two bytes of what an event has sent so far (where its end may begin)."""
+        tail = b""
+        for piece in reversed(self.unparsed_pieces):
+            tail = piece[-2:] + tail
+            if len(tail) >= 2:
+                return tail[-2:]
+        return (self.unparsed[-2:] + tail)[-2:]
+
+    def _oversized(self) -> None:
+        """A provider's event longer than a message may be: no message is made of it; the
+        call is cut with an error event (once the relay is out of this write)."""
+        self.oversized = True
+        self.unparsed, self.unparsed_pieces, self.unparsed_size = b"", [], 0
+        IOLoop.current().add_callback(self._cut_off)
+
+    def _oversized_message(self) -> str:
+        return (
+            f"the provider sent an event larger than {self.socket.max_message_size} bytes "
+            "(the body limit), which is not passed on"
+        )
+
+    def _cut_off(self) -> None:
+        call = self.socket.call
+        self.oversized = False  # what comes now is tvgate's error event
+        if call is not None and call.handler is self:
+            call.cut_off(502, self._oversized_message(), OUTCOME_UPSTREAM_ERROR)
 
     def _event(self, block: bytes) -> None:
         data = b"\n".join(
@@ -297,8 +346,14 @@ class SocketResponse:
     def finish(self, chunk: str | bytes | dict[str, Any] | None = None) -> Future[None]:
         if chunk is not None:
             self.write(chunk)
-        if self.streaming and self.unparsed.strip():
-            self._event(self.unparsed)
+        if self.oversized and not self._finished:
+            # The provider ended before the call could be cut: the client is told still.
+            self.oversized = False
+            self._event(RESPONSES.stream_error_event(self._oversized_message()).strip())
+        elif self.streaming:
+            last = b"".join((self.unparsed, *self.unparsed_pieces))
+            if last.strip():
+                self._event(last)
         elif not self.streaming and self.body and not self._finished:
             body = b"".join(self.body)
             if self.status >= 400:
@@ -307,7 +362,7 @@ class SocketResponse:
                 # A provider that answered a streamed request with one JSON document.
                 completed = {"type": "response.completed", "response": orjson.Fragment(body)}
                 self._message(orjson.dumps(completed))
-        self.unparsed, self.body = b"", []
+        self.unparsed, self.unparsed_pieces, self.body = b"", [], []
         self._finished = True
         return self.flush()
 
