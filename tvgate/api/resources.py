@@ -242,13 +242,28 @@ class KeyHandler(APIHandler):
             )
         gateway, principal = self.gateway, self.principal
         rules = gateway.settings.upstream_rules
-        if secret is not None:
+        if secret is not None and any(value is not None for value in changed):
+            view = await self.run_service(
+                lambda: services.change_key(
+                    name,
+                    secret,
+                    gateway.keyring,
+                    settings=cloud_settings,
+                    available_to_all=available,
+                    max_concurrent=max_concurrent,
+                    base_url=base_url,
+                    chat_only=chat_only,
+                    **rules,
+                    actor=principal,
+                )
+            )
+        elif secret is not None:
             view = await self.run_service(
                 lambda: services.rotate_key(
                     name, secret, gateway.keyring, settings=cloud_settings, **rules, actor=principal
                 )
             )
-        if secret is None or any(value is not None for value in changed):
+        else:
             view = await self.run_service(
                 lambda: services.update_key(
                     name,
