@@ -15,9 +15,13 @@ from pathlib import Path
 
 import httpx2
 import orjson
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from tests.conftest import GatewayProcess
 from tests.fake_provider import FakeProvider
+from tests.test_cloud_vertex import signed_in
 from tests.test_faults import _rss_kib
 from tests.test_reliability_misc import _closed_by_server
 from tests.test_websocket_responses import (
@@ -25,6 +29,7 @@ from tests.test_websocket_responses import (
     own_gateway,
     provider_requests,
     raw_socket,
+    socket_url,
     tagged,
 )
 
@@ -138,3 +143,23 @@ def test_a_providers_endless_event_is_cut_at_the_body_limit(
         assert fake_provider.wait_closed(upstream.id, timeout=5) is not None
         (trace,) = gw.wait_traces(1, session_id=session)
         assert trace.outcome == "upstream_error" and trace.transport == "websocket"
+
+
+def test_a_signed_in_browser_cannot_open_a_socket_for_another_site(
+    gateway: GatewayProcess, member_token: str
+) -> None:
+    """Cross-site WebSocket hijacking: a page elsewhere opens the socket in the browser of
+    someone signed in to the web UI. Its cookies are no credential at the upgrade (a
+    browser cannot add a token header to a WebSocket), and a foreign Origin is refused."""
+    with signed_in(gateway, member_token) as browser:
+        cookies = "; ".join(f"{name}={value}" for name, value in browser.cookies.items())
+    assert cookies
+    site = {"Origin": "https://evil.example"}
+    for headers, status in (
+        ({"Cookie": cookies, **site}, 401),
+        ({"Cookie": cookies}, 401),
+        ({"Authorization": f"Bearer {member_token}", **site}, 403),
+    ):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(socket_url(gateway), additional_headers=headers, open_timeout=10)
+        assert refused.value.response.status_code == status, headers
