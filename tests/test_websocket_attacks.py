@@ -163,3 +163,27 @@ def test_a_signed_in_browser_cannot_open_a_socket_for_another_site(
         with pytest.raises(InvalidStatus) as refused:
             connect(socket_url(gateway), additional_headers=headers, open_timeout=10)
         assert refused.value.response.status_code == status, headers
+
+
+def test_a_credential_in_the_socket_urls_query_is_refused_and_never_logged(
+    tmp_path: Path, fake_provider: FakeProvider
+) -> None:
+    """Some clients put a key in a WebSocket URL (``?api_key=``): tvgate signs in by header
+    only, and the URL, query and all, is in no log line, whatever the upgrade comes to."""
+    with own_gateway(tmp_path, fake_provider, TVGATE_LOG_LEVEL="debug") as (gw, token):
+        url = socket_url(gw) + f"?api_key={token}&access_token={token}"
+        with pytest.raises(InvalidStatus) as refused:
+            connect(url, open_timeout=10)
+        assert refused.value.response.status_code == 401
+        # A malformed upgrade (Tornado's own refusals) and a foreign Origin.
+        plain = gw.url + f"/v1/responses?api_key={token}"
+        upgrade = {"Upgrade": "websocket", "Connection": "Upgrade"}
+        bad = httpx2.get(plain, headers={**upgrade, "Authorization": f"Bearer {token}"})
+        assert bad.status_code in (400, 426)  # no key: refused, before any socket
+        with pytest.raises(InvalidStatus):
+            connect(url, additional_headers={"Origin": "https://evil.example"}, open_timeout=10)
+        with raw_socket(gw, token, path=f"/v1/responses?api_key={token}") as ws:
+            create(ws, model="no-such-route", input="hi")
+            assert orjson.loads(ws.recv(timeout=10))["status"] == 404
+        log = gw.log_text()
+        assert token not in log and token[-12:] not in log
