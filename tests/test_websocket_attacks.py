@@ -26,6 +26,7 @@ from tests.test_faults import _rss_kib
 from tests.test_reliability_misc import _closed_by_server
 from tests.test_websocket_responses import (
     create,
+    events_until_done,
     own_gateway,
     provider_requests,
     raw_socket,
@@ -187,3 +188,23 @@ def test_a_credential_in_the_socket_urls_query_is_refused_and_never_logged(
             assert orjson.loads(ws.recv(timeout=10))["status"] == 404
         log = gw.log_text()
         assert token not in log and token[-12:] not in log
+
+
+def test_a_response_id_of_another_connection_continues_nothing(
+    gateway: GatewayProcess, fake_provider: FakeProvider, member_token: str
+) -> None:
+    """A conversation is its connection's: another user's socket, or the same user's next
+    one, sending that response's id is refused, and nothing of its input goes upstream."""
+    headers, test_id, _ = tagged("normal")
+    with raw_socket(gateway, member_token, **headers) as first:
+        create(first, model="gpt-test", input="the secret plan")
+        done = events_until_done(first)[-1]
+        assert done["type"] == "response.completed"
+        kept = done["response"]["id"]
+        for token in (gateway.tokens["admin@acme.test"], member_token):
+            with raw_socket(gateway, token, **headers) as other:
+                create(other, model="gpt-test", input="go on", previous_response_id=kept)
+                (error,) = events_until_done(other)
+                assert error["error"]["code"] == "previous_response_not_found"
+    (upstream,) = provider_requests(fake_provider, test_id, 1)
+    assert b"the secret plan" in upstream.body
