@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import peewee
 
+from tvgate.config import UpstreamRules
 from tvgate.identity import Principal
 from tvgate.keyring import (
     KeyContext,
@@ -473,47 +474,37 @@ def _key_for(
 
 def change_key(
     name: str,
-    secret: str,
+    secret: str | None,
     keyring: Keyring,
     *,
     settings: dict[str, Any] | None = None,
-    available_to_all: bool | None = None,
-    max_concurrent: int | None = None,
-    base_url: str | None = None,
-    chat_only: bool | None = None,
-    allow_private: bool = False,
-    allow_private_user: bool = False,
-    gateway_urls: Collection[str] = (),
+    changes: dict[str, Any],
+    rules: UpstreamRules,
     actor: Principal | None = None,
 ) -> KeyView:
-    """``rotate_key`` and ``update_key``'s changes as one change (``PATCH`` with a secret
-    and more): stored together, or, when either is refused, none of it (refusal audited)."""
-    rules: dict[str, Any] = {
-        "allow_private": allow_private,
-        "allow_private_user": allow_private_user,
-        "gateway_urls": gateway_urls,
-    }
+    """A new secret (``rotate_key``, with a cloud key's ``settings``) and ``update_key``'s
+    ``changes`` (its keywords; None leaves one as it is) as one change, under the
+    private-upstream ``rules``: stored together or, when either is refused, none of it,
+    the refusal audited."""
+    wanted = {field: value for field, value in changes.items() if value is not None}
     with database.atomic() as transaction:
+        if secret is not None:
+            try:
+                view = rotate_key(name, secret, keyring, settings=settings, **rules, actor=actor)
+            except Exception:
+                transaction.commit()  # nothing changed; its refusal's audit event stays
+                raise
+            if not wanted:
+                return view
         try:
-            rotate_key(name, secret, keyring, settings=settings, **rules, actor=actor)
-        except Exception:
-            transaction.commit()  # nothing changed; its refusal's audit event stays
-            raise
-        try:
-            return update_key(
-                name,
-                available_to_all=available_to_all,
-                max_concurrent=max_concurrent,
-                base_url=base_url,
-                chat_only=chat_only,
-                **rules,
-                actor=actor,
-            )
+            return update_key(name, **wanted, **rules, actor=actor)
         except Exception as exc:
-            transaction.rollback()  # the secret and settings as they were
-            if actor is not None and isinstance(exc, ServiceError):
-                audit(actor, actor.org_id, "update key", name, {"refused": str(exc)}, allowed=False)
-                transaction.commit()  # the refusal kept, as update_key alone keeps it
+            if secret is not None:
+                transaction.rollback()  # the secret and settings as they were
+                if actor is not None and isinstance(exc, ServiceError):
+                    refused = {"refused": str(exc)}
+                    audit(actor, actor.org_id, "update key", name, refused, allowed=False)
+            transaction.commit()  # the refusal kept, as update_key alone keeps it
             raise
 
 
