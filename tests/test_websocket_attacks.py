@@ -101,10 +101,11 @@ def _text_frame(payload: bytes) -> bytes:
 def test_a_client_that_sends_and_never_reads_is_not_buffered_for(
     gateway: GatewayProcess, member_token: str
 ) -> None:
-    """Each refused frame is answered with an error event (this one, 1 MiB, quotes its
-    event type back). A client that sends 128 of them and reads nothing must find the
-    gateway stops reading its frames, rather than holding 128 MiB of answers for it."""
-    frame = _text_frame(orjson.dumps({"type": "x" * (1 << 20)}))
+    """A warm-up is answered with two events naming its model, as the API does (this one's
+    is 1 MiB). A client that sends 128 of them and reads nothing must find the gateway
+    stops reading its frames, rather than holding 256 MiB of answers for it."""
+    warm_up = {"type": "response.create", "generate": False, "model": "x" * (1 << 20)}
+    frame = _text_frame(orjson.dumps(warm_up))
     sock = _upgraded(gateway, member_token)
     with sock:
         before = _rss_kib(gateway.proc.pid)
@@ -208,3 +209,22 @@ def test_a_response_id_of_another_connection_continues_nothing(
                 assert error["error"]["code"] == "previous_response_not_found"
     (upstream,) = provider_requests(fake_provider, test_id, 1)
     assert b"the secret plan" in upstream.body
+
+
+def test_an_error_event_quotes_a_bounded_part_of_what_the_client_sent(
+    gateway: GatewayProcess, member_token: str
+) -> None:
+    """An unknown event type or previous response id of 100,000 characters: the error event
+    names its beginning, not the whole of it back."""
+    with raw_socket(gateway, member_token) as ws:
+        for code, event in (
+            ("unknown_event_type", {"type": "t" * 100_000}),
+            (
+                "previous_response_not_found",
+                {"type": "response.create", "previous_response_id": "p" * 100_000},
+            ),
+        ):
+            ws.send(orjson.dumps(event).decode())
+            (error,) = events_until_done(ws)
+            assert error["error"]["code"] == code
+            assert len(error["error"]["message"]) < 300, error["error"]["message"][:80]

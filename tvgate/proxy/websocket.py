@@ -110,7 +110,7 @@ class Conversation:
             raise FrameError(
                 400,
                 "previous_response_not_found",
-                f"Previous response with id '{previous_id}' not found.",
+                f"Previous response with id '{_quoted(previous_id)}' not found.",
                 "previous_response_id",
             )
         return [*self.items, *new_items]
@@ -123,6 +123,12 @@ class Conversation:
             self.response_id, self.items = "", []
             return
         self.response_id, self.items = response_id, whole
+
+
+def _quoted(value: object) -> str:
+    """What the client sent, as an error message quotes it: its first 100 characters."""
+    text = str(value)
+    return text if len(text) <= 100 else text[:100] + "…"
 
 
 def input_items(value: Any) -> list[Any]:
@@ -147,7 +153,9 @@ def parse_frame(message: str | bytes) -> dict[str, Any]:
     kind = event.get("type")
     if kind != "response.create":
         raise FrameError(
-            400, "unknown_event_type", f"unsupported event type {kind!r}: send response.create"
+            400,
+            "unknown_event_type",
+            f"unsupported event type {_quoted(repr(kind))}: send response.create",
         )
     return event
 
