@@ -101,6 +101,8 @@ class SessionHandler(UIHandler):
             agents=nested(view["agents"]),
             totals=totals,
             when=when,
+            truncated=view["truncated"],
+            traces_limit=view["traces_limit"],
         )
 
 

@@ -1514,10 +1514,14 @@ class _Handler(tornado.web.RequestHandler):
         await self.finish(payload)
 
     async def _bulk(self, megabytes: int) -> None:
-        """An SSE stream of ``megabytes`` MiB of ping events, as fast as the client takes it."""
+        """An SSE stream of ``megabytes`` MiB of ping events, as fast as the client takes it;
+        with ``x-fake-endless: 1``, one event that never ends (no blank line, ever)."""
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         event = b'event: ping\ndata: {"type": "ping", "pad": "' + b"x" * 1000 + b'"}\n\n'
         chunk = event * 64
+        if self.request.headers.get("x-fake-endless") == "1":
+            self.write(b'event: ping\ndata: {"type": "ping", "pad": "')
+            chunk = b"x" * len(chunk)
         for _ in range(megabytes * 1024 * 1024 // len(chunk)):
             if self.client_gone.is_set():
                 return

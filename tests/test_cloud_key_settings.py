@@ -292,3 +292,39 @@ def test_the_key_page_changes_a_bedrock_keys_region(keys: Keys) -> None:
         form = {**form, "_xsrf": _xsrf(browser.get("/ui/keys/br")), "region": "us-east-1"}
         assert browser.post("/ui/keys/br", data=form).status_code in (302, 303)
     wait_for(lambda: ask(keys, "br").status_code == 200, "the old region again")
+
+
+def test_a_refused_change_changes_nothing(keys: Keys) -> None:
+    """One PATCH with a new secret and region and a base URL that is refused: a 400, and the
+    key's secret and settings are as they were (not rotated on the way to the refusal)."""
+
+    def stored() -> dict[str, Any]:
+        listed = httpx2.get(
+            f"{keys.gw.url}/api/v1/keys",
+            headers={"Authorization": f"Bearer {keys.tokens['admin']}"},
+            timeout=30,
+        )
+        assert listed.status_code == 200, listed.text
+        (key,) = [k for k in listed.json()["keys"] if k["name"] == "br"]
+        return dict(key)
+
+    before = stored()
+    key_id, secret = keys.bedrock.add_key()
+    new_secret = json.dumps({"access_key_id": key_id, "secret_access_key": secret})
+    for refused_part in ({"base_url": "ftp://bedrock.example"}, {"max_concurrent": -1}):
+        body = {"secret": new_secret, "settings": {"region": "eu-west-1"}, **refused_part}
+        refused = patch(keys, "br", body)
+        assert refused.status_code == 400, refused.text
+        assert stored() == before
+        # The refusal is in the audit log; the rotation it undid is not.
+        events = httpx2.get(
+            f"{keys.gw.url}/api/v1/audit",
+            params={"limit": "1"},
+            headers={"Authorization": f"Bearer {keys.tokens['admin']}"},
+            timeout=30,
+        ).json()["events"]
+        assert [(e["action"], e["target"], e["allowed"]) for e in events] == [
+            ("update key", "br", False)
+        ]
+        assert refused.json()["error"]["message"] in events[0]["change"]["refused"]
+    assert ask(keys, "br").status_code == 200

@@ -9,8 +9,11 @@ import uuid
 from typing import Any
 
 import httpx2
+from peewee import chunked
+from playhouse.shortcuts import model_to_dict
 
 from tests.conftest import GatewayProcess, post_message
+from tvgate.models import Trace, database
 from tvgate.services.agents import agent_tree
 
 AGENT, PARENT = "X-Claude-Code-Agent-Id", "X-Claude-Code-Parent-Agent-Id"
@@ -127,3 +130,43 @@ def test_a_chain_of_thousands_of_agents_is_no_recursion() -> None:
     assert len(agents) == 5001 and agents[-1]["depth"] == 5000
     assert [a["agent_id"] for a in agents[1:4]] == ["a0", "a1", "a2"]
     assert sum(a["calls"] for a in agents) == 5000
+
+
+def test_a_session_of_ten_thousand_agents_is_one_bounded_page_that_says_so(
+    gateway: GatewayProcess,
+) -> None:
+    """A hostile client names a new agent on each of 10,000 calls in one session: the
+    session view is its first 5,000 calls (oldest first) and their agents, and says it is
+    cut, so that no reader takes its sums for the session's."""
+    session = "agents-many-" + uuid.uuid4().hex
+    _call(gateway, session, "the main agent's call")
+    (first,) = gateway.wait_traces(1, session_id=session)
+    # The 10,000 calls' traces as the writer would store them: rows like the real one.
+    row = model_to_dict(first, recurse=False)
+    rows = [
+        {
+            **row,
+            "id": uuid.uuid4().hex,
+            "agent_id": f"agent-{i}",
+            "received_at": first.received_at + i + 1,
+        }
+        for i in range(10_000)
+    ]
+    with database.atomic():
+        for batch in chunked(rows, 100):
+            Trace.insert_many(batch).execute()
+    response = httpx2.get(
+        f"{gateway.url}/api/v1/sessions/{session}",
+        headers={"Authorization": f"Bearer {gateway.tokens['dev@acme.test']}"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    view = response.json()
+    assert (view["truncated"], view["traces_limit"], len(view["traces"])) == (True, 5000, 5000)
+    assert view["traces"][0]["id"] == first.id
+    assert view["traces"][-1]["agent_id"] == "agent-4998"
+    assert len(view["agents"]) == 5000  # the main agent and the 4,999 that called in the page
+    # A session within the cap says it is whole.
+    small = "agents-few-" + uuid.uuid4().hex
+    _call(gateway, small, "one call")
+    assert _session(gateway, small, 1)["truncated"] is False

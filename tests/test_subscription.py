@@ -545,3 +545,62 @@ def _spool_entries(folder: Path) -> list[dict[str, Any]]:
         line for path in folder.glob("traces.spool*") for line in path.read_bytes().splitlines()
     ]
     return [orjson.loads(line) for line in lines]
+
+
+def test_a_members_own_route_cannot_take_their_subscription_to_their_host(
+    gw: GatewayProcess, anthropic_api: FakeProvider, passthrough: None
+) -> None:
+    """A member's own key at a host of theirs, and their own route named as the model: a
+    subscription's call still goes to Anthropic (the route is not used), on every prefix,
+    and nothing reaches their host; without the subscription their route takes the call,
+    with their key and no credential of the caller's."""
+    theirs = FakeProvider(accepted_keys={"sk-ant-theirs"}).start()
+    name = "theirs-" + uuid.uuid4().hex[:8]
+    route_id = 0
+    try:
+        with api(gw, "admin@acme.test") as admin:
+            allowed = admin.patch(
+                "/policy", json={"allow_user_keys": True, "allow_user_routes": True}
+            )
+            assert allowed.status_code == 200, allowed.text
+        with api(gw, "dev@acme.test") as member:
+            key = {"name": name, "provider": "anthropic", "secret": "sk-ant-theirs"}
+            added = member.post(
+                "/keys", json=key | {"base_url": theirs.url, "owner": "dev@acme.test"}
+            )
+            assert added.status_code in (200, 201), added.text
+            route = member.post(
+                "/routes", json={"name": MODEL, "key": name, "owner": "dev@acme.test"}
+            )
+            assert route.status_code in (200, 201), route.text
+            route_id = route.json()["id"]
+        before = len(anthropic_api.requests)
+        body = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+        for prefix in ("", "/anthropic", "/proxy/anthropic"):
+            answer = httpx2.post(
+                gw.url + prefix + "/v1/messages",
+                json=body,
+                headers=raw_headers(gw, "dev@acme.test"),
+                timeout=30,
+            )
+            assert answer.status_code == 200, (prefix, answer.text)
+        assert len(anthropic_api.requests) == before + 3
+        assert not theirs.requests
+        own = httpx2.post(
+            gw.url + "/v1/messages",
+            json=body,
+            headers={"x-api-key": gw.tokens["dev@acme.test"], "anthropic-version": "2023-06-01"},
+            timeout=30,
+        )
+        assert own.status_code == 200, own.text
+        (sent,) = theirs.requests
+        assert sent.headers.get("x-api-key") == "sk-ant-theirs"
+        assert gw.tokens["dev@acme.test"] not in str(sent.headers) and OAUTH not in str(
+            sent.headers
+        )
+    finally:
+        with api(gw, "admin@acme.test") as admin:
+            if route_id:
+                admin.delete(f"/routes/{route_id}")
+            admin.patch("/policy", json={"allow_user_keys": False, "allow_user_routes": False})
+        theirs.stop()

@@ -1,7 +1,8 @@
 """The gateway's HTTP server: what it does to each connection before Tornado reads requests.
 
 Nagle's algorithm off for good, a deadline for a new connection's first request headers,
-and a cap on the connections open at once from one peer address (``GatewayHTTPServer``).
+and a cap on the connections open at once from one peer address, upgraded WebSockets
+included (``GatewayHTTPServer``).
 """
 
 from __future__ import annotations
@@ -120,7 +121,16 @@ class GatewayHTTPServer(HTTPServer):
         super().on_close(server_conn)
         stream = getattr(server_conn, "stream", None)
         self._headers_arrived(stream)  # type: ignore[arg-type]
-        peer = self._peer_of.pop(stream, None)  # type: ignore[arg-type]
+        if isinstance(stream, IOStream) and not stream.closed():
+            # Tornado is done with a connection it handed over (a WebSocket upgrade
+            # detaches the stream), but the connection is still open: it stays one of
+            # its address's until it closes.
+            stream.set_close_callback(lambda: self._release(stream))
+            return
+        self._release(stream)  # type: ignore[arg-type]
+
+    def _release(self, stream: IOStream) -> None:
+        peer = self._peer_of.pop(stream, None)
         if peer is not None:
             left = self._per_address[peer] - 1
             if left:

@@ -399,7 +399,8 @@ DOCUMENT: dict[str, Any] = {
             "parameters": [_path_param("session_id", _STR)],
             "get": _op(
                 "A tool session's traces, oldest first, and its agents as a tree (main agent"
-                " first, each followed by its subagents): parent, calls, usage and cost of each",
+                " first, each followed by its subagents): parent, calls, usage and cost of each;"
+                " of its first traces_limit (5000) calls, truncated true when it has more",
                 "200",
             ),
         },

@@ -233,33 +233,32 @@ class KeyHandler(APIHandler):
             # Its cloud checks the settings against the secret, and a changed endpoint is
             # sent it: whoever changes them gives the secret (as keys rotate does).
             raise APIError(400, "settings are changed with the key's secret: give secret too")
-        changed = (available, max_concurrent, base_url, chat_only)
-        if secret is None and all(value is None for value in changed):
+        if secret is None and all(
+            v is None for v in (available, max_concurrent, base_url, chat_only)
+        ):
             raise APIError(
                 400,
                 "nothing to change: give available_to_all, max_concurrent, base_url, "
                 "chat_only, or secret (with a cloud key's settings)",
             )
+        changes = {
+            "available_to_all": available,
+            "max_concurrent": max_concurrent,
+            "base_url": base_url,
+            "chat_only": chat_only,
+        }
         gateway, principal = self.gateway, self.principal
-        rules = gateway.settings.upstream_rules
-        if secret is not None:
-            view = await self.run_service(
-                lambda: services.rotate_key(
-                    name, secret, gateway.keyring, settings=cloud_settings, **rules, actor=principal
-                )
+        view = await self.run_service(
+            lambda: services.change_key(
+                name,
+                secret,
+                gateway.keyring,
+                settings=cloud_settings,
+                changes=changes,
+                rules=gateway.settings.upstream_rules,
+                actor=principal,
             )
-        if secret is None or any(value is not None for value in changed):
-            view = await self.run_service(
-                lambda: services.update_key(
-                    name,
-                    available_to_all=available,
-                    max_concurrent=max_concurrent,
-                    base_url=base_url,
-                    chat_only=chat_only,
-                    **rules,
-                    actor=principal,
-                )
-            )
+        )
         self.send(view.as_dict())
 
 

@@ -147,10 +147,15 @@ class CallOutcome:
         """The gateway stops and the drain timeout passed: tell the client in its API's
         format (the in-band error event once a stream started), stop the provider's work,
         and record the call as ``gateway_shutdown``, not as the client's doing."""
+        self.cut_off(503, SHUTDOWN_MESSAGE, OUTCOME_GATEWAY_SHUTDOWN)
+
+    def cut_off(self, status: int, message: str, outcome: str) -> None:
+        """End the call from tvgate's side: ``message`` told the client as ``_fail`` tells
+        it, the provider's work stopped, the trace's outcome ``outcome``."""
         if self.relay.client_gone or self.handler._finished:
             return
-        self._fail(503, SHUTDOWN_MESSAGE, OUTCOME_GATEWAY_SHUTDOWN)
-        self.gone_outcome = OUTCOME_GATEWAY_SHUTDOWN
+        self._fail(status, message, outcome)
+        self.gone_outcome = outcome
         self.on_client_gone()
 
     def _fail(self, status: int, message: str, outcome: str) -> None:

@@ -28,7 +28,9 @@ Per-frame errors are ``error`` events and the connection stays open: a frame tha
 connection), an unknown previous response, and whatever the call itself refuses (401, 404,
 429 over a budget, …, in the HTTP status the event's ``status`` carries). A frame larger
 than the HTTP body limit closes the connection (1009, Tornado's own check). Back-pressure
-is the relay's: the provider is paused while the last message's write future is pending.
+is the relay's: the provider is paused while the last message's write future is pending;
+and the client's next frame is not read while it is (a client that sends and never reads
+is not answered into the gateway's memory).
 The provider's silence past the idle timeout ends a response with the error event, as for
 an HTTP stream; a connection with no response for ``IDLE_CONNECTION_TIMEOUT`` is closed, as
 an idle keep-alive one is. The client leaving cancels the upstream transfer (trace
@@ -40,9 +42,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from asyncio import Future
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -53,7 +57,7 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from tvgate.httpserver import IDLE_CONNECTION_TIMEOUT
 from tvgate.identity import IdentityError, Principal
-from tvgate.models import OUTCOME_GATEWAY_SHUTDOWN
+from tvgate.models import OUTCOME_GATEWAY_SHUTDOWN, OUTCOME_UPSTREAM_ERROR
 from tvgate.providers import ENDPOINTS, ProviderAPI
 from tvgate.proxy.call import ProxyCall
 from tvgate.web import BaseHandler
@@ -69,6 +73,8 @@ RESPONSES = ENDPOINTS["responses"]
 _WEBSOCKET_BETA = "responses_websockets"
 #: The fields of a ``response.create`` that are the socket's, not ``POST /v1/responses``'s.
 _ENVELOPE_FIELDS = ("type", "generate", "stream_id", "previous_response_id")
+#: Where a server-sent event ends (a blank line, its line ends LF or CRLF).
+_EVENT_END = re.compile(rb"\n\r?\n")
 #: Events that end a response and carry its output items.
 _FINAL_EVENTS = frozenset({"response.completed", "response.incomplete"})
 
@@ -104,7 +110,7 @@ class Conversation:
             raise FrameError(
                 400,
                 "previous_response_not_found",
-                f"Previous response with id '{previous_id}' not found.",
+                f"Previous response with id '{_quoted(previous_id)}' not found.",
                 "previous_response_id",
             )
         return [*self.items, *new_items]
@@ -117,6 +123,12 @@ class Conversation:
             self.response_id, self.items = "", []
             return
         self.response_id, self.items = response_id, whole
+
+
+def _quoted(value: object) -> str:
+    """What the client sent, as an error message quotes it: its first 100 characters."""
+    text = str(value)
+    return text if len(text) <= 100 else text[:100] + "…"
 
 
 def input_items(value: Any) -> list[Any]:
@@ -141,7 +153,9 @@ def parse_frame(message: str | bytes) -> dict[str, Any]:
     kind = event.get("type")
     if kind != "response.create":
         raise FrameError(
-            400, "unknown_event_type", f"unsupported event type {kind!r}: send response.create"
+            400,
+            "unknown_event_type",
+            f"unsupported event type {_quoted(repr(kind))}: send response.create",
         )
     return event
 
@@ -171,6 +185,11 @@ def _done() -> Future[None]:
     return done
 
 
+async def _written(sent: Future[None]) -> None:
+    """Once ``sent`` is written (or its connection closed: never raises)."""
+    await asyncio.wait([sent])
+
+
 def _ignore_closed(sent: Future[None]) -> None:
     if not sent.cancelled():
         sent.exception()
@@ -194,6 +213,10 @@ class SocketResponse:
         self.status = 200
         self.streaming = False
         self.unparsed = b""
+        #: What came of an event after ``unparsed`` while no event ended (joined when one does).
+        self.unparsed_pieces: list[bytes] = []
+        self.unparsed_size = 0
+        self.oversized = False
         self.body: list[bytes] = []
         self.last_write: Future[None] | None = None
         #: The response's id and, once it completed, its output items.
@@ -256,11 +279,53 @@ class SocketResponse:
         if not self.streaming:
             self.body.append(data)
             return
+        if self.oversized:
+            return  # the rest of an event past the limit: the call is being cut
         # One message per server-sent event: its data lines, as the Responses API sends.
-        events = (self.unparsed + data).replace(b"\r\n", b"\n").split(b"\n\n")
+        # The part of an event not ended yet is kept in pieces and joined once its end
+        # comes, so that a long event costs its length once, not once per chunk.
+        if not _EVENT_END.search(self._tail() + data):
+            self.unparsed_pieces.append(data)
+            self.unparsed_size += len(data)
+            if len(self.unparsed) + self.unparsed_size > self.socket.max_message_size:
+                self._oversized()
+            return
+        whole = b"".join((self.unparsed, *self.unparsed_pieces, data))
+        self.unparsed_pieces, self.unparsed_size = [], 0
+        events = whole.replace(b"\r\n", b"\n").split(b"\n\n")
         self.unparsed = events.pop()
         for event in events:
             self._event(event)
+        if len(self.unparsed) > self.socket.max_message_size:
+            self._oversized()
+
+    def _tail(self) -> bytes:
+        """The last two bytes of what an event has sent so far (where its end may begin)."""
+        tail = b""
+        for piece in reversed(self.unparsed_pieces):
+            tail = piece[-2:] + tail
+            if len(tail) >= 2:
+                return tail[-2:]
+        return (self.unparsed[-2:] + tail)[-2:]
+
+    def _oversized(self) -> None:
+        """A provider's event longer than a message may be: no message is made of it; the
+        call is cut with an error event (once the relay is out of this write)."""
+        self.oversized = True
+        self.unparsed, self.unparsed_pieces, self.unparsed_size = b"", [], 0
+        IOLoop.current().add_callback(self._cut_off)
+
+    def _oversized_message(self) -> str:
+        return (
+            f"the provider sent an event larger than {self.socket.max_message_size} bytes "
+            "(the body limit), which is not passed on"
+        )
+
+    def _cut_off(self) -> None:
+        call = self.socket.call
+        self.oversized = False  # what comes now is tvgate's error event
+        if call is not None and call.handler is self:
+            call.cut_off(502, self._oversized_message(), OUTCOME_UPSTREAM_ERROR)
 
     def _event(self, block: bytes) -> None:
         data = b"\n".join(
@@ -289,8 +354,14 @@ class SocketResponse:
     def finish(self, chunk: str | bytes | dict[str, Any] | None = None) -> Future[None]:
         if chunk is not None:
             self.write(chunk)
-        if self.streaming and self.unparsed.strip():
-            self._event(self.unparsed)
+        if self.oversized and not self._finished:
+            # The provider ended before the call could be cut: the client is told still.
+            self.oversized = False
+            self._event(RESPONSES.stream_error_event(self._oversized_message()).strip())
+        elif self.streaming:
+            last = b"".join((self.unparsed, *self.unparsed_pieces))
+            if last.strip():
+                self._event(last)
         elif not self.streaming and self.body and not self._finished:
             body = b"".join(self.body)
             if self.status >= 400:
@@ -299,7 +370,7 @@ class SocketResponse:
                 # A provider that answered a streamed request with one JSON document.
                 completed = {"type": "response.completed", "response": orjson.Fragment(body)}
                 self._message(orjson.dumps(completed))
-        self.unparsed, self.body = b"", []
+        self.unparsed, self.unparsed_pieces, self.body = b"", [], []
         self._finished = True
         return self.flush()
 
@@ -334,6 +405,8 @@ class ResponsesSocket(WebSocketHandler, BaseHandler):
         self.task: Future[None] | None = None
         self.closed = False
         self.idle: object | None = None
+        #: The last message's write: the next frame is read once it is done.
+        self.last_sent: Future[None] | None = None
 
     @property
     def max_message_size(self) -> int:
@@ -370,7 +443,15 @@ class ResponsesSocket(WebSocketHandler, BaseHandler):
         if not self.busy:
             self.close(1000, "idle timeout")
 
-    def on_message(self, message: str | bytes) -> None:
+    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
+        self._take(message)
+        # Tornado reads the next frame once what this returns is done: while the client
+        # leaves our last message unread, its frames wait in its own socket, not their
+        # answers in our memory.
+        pending = self.last_sent
+        return _written(pending) if pending is not None and not pending.done() else None
+
+    def _take(self, message: str | bytes) -> None:
         response = self.response
         if self.busy and self.queued is None and response is not None and response._finished:
             self.queued = message  # the client has the whole answer: the next one is due
@@ -477,6 +558,7 @@ class ResponsesSocket(WebSocketHandler, BaseHandler):
             return None
         # A write to a connection that closes meanwhile fails its future; on_close says so.
         sent.add_done_callback(_ignore_closed)
+        self.last_sent = sent
         return sent
 
     def close_if_idle(self) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import peewee
 
+from tvgate.config import UpstreamRules
 from tvgate.identity import Principal
 from tvgate.keyring import (
     KeyContext,
@@ -469,6 +470,42 @@ def _key_for(
             )
         raise _deny(actor, "change key", name, Forbidden("only an admin of this org may do that"))
     return key
+
+
+def change_key(
+    name: str,
+    secret: str | None,
+    keyring: Keyring,
+    *,
+    settings: dict[str, Any] | None = None,
+    changes: dict[str, Any],
+    rules: UpstreamRules,
+    actor: Principal | None = None,
+) -> KeyView:
+    """A new secret (``rotate_key``, with a cloud key's ``settings``) and ``update_key``'s
+    ``changes`` (its keywords; None leaves one as it is) as one change, under the
+    private-upstream ``rules``: stored together or, when either is refused, none of it,
+    the refusal audited."""
+    wanted = {field: value for field, value in changes.items() if value is not None}
+    with database.atomic() as transaction:
+        if secret is not None:
+            try:
+                view = rotate_key(name, secret, keyring, settings=settings, **rules, actor=actor)
+            except Exception:
+                transaction.commit()  # nothing changed; its refusal's audit event stays
+                raise
+            if not wanted:
+                return view
+        try:
+            return update_key(name, **wanted, **rules, actor=actor)
+        except Exception as exc:
+            if secret is not None:
+                transaction.rollback()  # the secret and settings as they were
+                if actor is not None and isinstance(exc, ServiceError):
+                    refused = {"refused": str(exc)}
+                    audit(actor, actor.org_id, "update key", name, refused, allowed=False)
+            transaction.commit()  # the refusal kept, as update_key alone keeps it
+            raise
 
 
 def rotate_key(

@@ -197,25 +197,39 @@ def get_trace(
     return document
 
 
+#: The most traces a session view holds (its first ones): a client names its sessions and
+#: agents, and one that makes a session of endless calls gets a bounded page.
+SESSION_TRACES_LIMIT = 5000
+
+
 def session_traces(
     session: str, *, actor: Principal | None = None, org_name: str | None = None
-) -> list[dict[str, Any]]:
-    """A tool session's traces, oldest first."""
+) -> tuple[list[dict[str, Any]], bool]:
+    """A tool session's first ``SESSION_TRACES_LIMIT`` traces, oldest first, and whether
+    it has more."""
     org = _actor_org(actor, org_name)
     users = {u.id: u.email for u in User.select(User.id, User.email).where(User.org == org)}
     query = _trace_scope(actor, org).where(Trace.session_id == session)
-    rows = list(query.order_by(Trace.received_at, Trace.id).limit(5000))
+    rows = list(query.order_by(Trace.received_at, Trace.id).limit(SESSION_TRACES_LIMIT + 1))
     if not rows:
         raise NotFound(f"no session {session}")
-    return [trace_summary(t, users.get(t.user_id or 0, "")) for t in rows]
+    kept = rows[:SESSION_TRACES_LIMIT]
+    return [trace_summary(t, users.get(t.user_id or 0, "")) for t in kept], len(rows) > len(kept)
 
 
 def session_view(
     session: str, *, actor: Principal | None = None, org_name: str | None = None
 ) -> dict[str, Any]:
-    """A tool session: its traces, oldest first, and its agents as a tree (``agent_tree``)."""
-    traces = session_traces(session, actor=actor, org_name=org_name)
-    return {"session_id": session, "traces": traces, "agents": agent_tree(traces)}
+    """A tool session: its traces, oldest first, and its agents as a tree (``agent_tree``),
+    of its first ``SESSION_TRACES_LIMIT`` calls (``truncated`` when it has more)."""
+    traces, truncated = session_traces(session, actor=actor, org_name=org_name)
+    return {
+        "session_id": session,
+        "traces": traces,
+        "agents": agent_tree(traces),
+        "truncated": truncated,
+        "traces_limit": SESSION_TRACES_LIMIT,
+    }
 
 
 def export_traces(
