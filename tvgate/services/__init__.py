@@ -53,8 +53,8 @@ from tvgate.services.governance import (
     set_budget,
     set_rate_limit,
 )
+from tvgate.services.key_checks import MAX_CONCURRENT_LIMIT
 from tvgate.services.keys import (
-    MAX_CONCURRENT_LIMIT,
     KeyView,
     add_key,
     change_key,

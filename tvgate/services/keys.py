@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,6 @@ from tvgate.keyring import (
 from tvgate.models import (
     GOVERN_KEY,
     GOVERN_ROUTE,
-    PROVIDER_OPENAI,
     PROVIDERS,
     ROLE_ADMIN,
     ROLE_AUDITOR,
@@ -35,9 +34,7 @@ from tvgate.models import (
     User,
     database,
 )
-from tvgate.providers import DEFAULT_BASE_URLS
 from tvgate.providers.clouds import credentials_for
-from tvgate.providers.clouds.base import CheckedKey
 from tvgate.rows import fields_of, from_row
 from tvgate.services.access import (
     Forbidden,
@@ -54,7 +51,15 @@ from tvgate.services.access import (
 )
 from tvgate.services.events import announce
 from tvgate.services.governance import _drop_rules_of
-from tvgate.services.upstreams import _key_base_url, _refuse_base_url
+from tvgate.services.key_checks import (
+    check_chat_only,
+    check_max_concurrent,
+    check_secret_urls,
+    checked_key,
+    default_base_url,
+    merged_settings,
+    url_checker,
+)
 
 log = logging.getLogger("tvgate.services")
 
@@ -137,15 +142,15 @@ def add_key(
     if provider not in PROVIDERS:
         raise ServiceError(f"provider must be one of {', '.join(PROVIDERS)}")
     _check_name(name, "a key")
-    max_concurrent = _check_max_concurrent(max_concurrent)
-    chat_only = _check_chat_only(chat_only, provider)
-    checked = _checked_key(provider, settings, secret, base_url)
-    checked_url = _url_checker(
+    max_concurrent = check_max_concurrent(max_concurrent)
+    chat_only = check_chat_only(chat_only, provider)
+    checked = checked_key(provider, settings, secret, base_url)
+    checked_url = url_checker(
         actor, org.id, "add key", name, owner is not None,
         allow_private, allow_private_user, gateway_urls,
     )  # fmt: skip
     url = checked_url(checked.base_url, "base URL")
-    _check_secret_urls(checked, checked_url)
+    check_secret_urls(checked, checked_url)
     with database.atomic():
         if ProviderKey.get_or_none((ProviderKey.org == org) & (ProviderKey.name == name)):
             raise ServiceError(f"a key named {name!r} already exists in org {org.name!r}", 409)
@@ -182,67 +187,6 @@ def add_key(
         )
     announce(org.id)
     return KeyView.of(key)
-
-
-def _checked_key(provider: str, settings: Any, secret: Any, base_url: str | None) -> CheckedKey:
-    """A key's settings, secret and base URL as stored: a cloud's as its credential module
-    checks them (``tvgate.providers.clouds``), any other's secret one word, its base URL the
-    provider's by default, and no settings."""
-    if settings is not None and not isinstance(settings, dict):
-        raise ServiceError("settings must be an object")
-    if not isinstance(secret, str):
-        raise ServiceError("the key's secret must be a string")
-    cloud = credentials_for(provider)
-    if cloud is None:
-        if settings:
-            raise ServiceError(f"a key of provider {provider} has no settings")
-        secret = _check_secret(secret)
-        return CheckedKey({}, secret, secret, base_url or DEFAULT_BASE_URLS[provider])
-    if len(orjson.dumps(settings or {})) > _SETTINGS_LIMIT:
-        raise ServiceError(f"settings must be under {_SETTINGS_LIMIT} bytes as JSON")
-    if len(secret) > _SECRET_LIMIT:
-        raise ServiceError(f"the key's secret must be under {_SECRET_LIMIT} characters")
-    try:
-        return cloud.check_key(settings or {}, secret, base_url)
-    except ValueError as exc:
-        raise ServiceError(str(exc)) from None
-
-
-def _url_checker(
-    actor: Principal | None,
-    org_id: int,
-    action: str,
-    name: str,
-    own: bool,
-    allow_private: bool,
-    allow_private_user: bool,
-    gateway_urls: Collection[str],
-) -> Callable[[str, str], str]:
-    """The checks a key's base URL (and any other URL its secret goes to) passes, for
-    ``action`` on key ``name``: the URL as stored, or the refusal audited and raised."""
-
-    def checked_url(url: str, what: str) -> str:
-        return _key_base_url(
-            url,
-            own=own,
-            allow_private=allow_private,
-            allow_private_user=allow_private_user,
-            gateway_urls=gateway_urls,
-            refused=lambda error: _refuse_base_url(actor, org_id, action, name, error),
-            what=what,
-        )
-
-    return checked_url
-
-
-def _check_secret_urls(checked: CheckedKey, checked_url: Callable[[str, str], str]) -> None:
-    """The URLs a cloud key's secret is sent to besides its base URL (a token endpoint)
-    pass the checks a base URL does (``checked_url``), a refusal naming the field."""
-    for name, url in checked.secret_urls.items():
-        try:
-            checked_url(url, name)
-        except ServiceError as exc:
-            raise ServiceError(f"the key's token endpoint is refused: {exc}") from None
 
 
 def _own_user(actor: Principal, email: str | None, action: str, target: str) -> User:
@@ -325,29 +269,6 @@ def set_key_availability(
 
 
 #: The highest concurrency cap a key may have (0 means no cap at all).
-MAX_CONCURRENT_LIMIT = 100_000
-
-
-def _check_chat_only(value: Any, provider: str) -> bool:
-    if not isinstance(value, bool):
-        raise ServiceError("chat_only must be true or false")
-    if value and provider != PROVIDER_OPENAI:
-        raise ServiceError("chat_only is for an OpenAI-compatible upstream (vLLM, Ollama)")
-    return value
-
-
-def _check_max_concurrent(value: Any) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or not 0 <= value <= MAX_CONCURRENT_LIMIT
-    ):
-        raise ServiceError(
-            f"max_concurrent must be a whole number from 0 (no cap) to {MAX_CONCURRENT_LIMIT}"
-        )
-    return value
-
-
 def update_key(
     name: str,
     *,
@@ -378,7 +299,7 @@ def update_key(
             raise _deny(actor, "update key", name, error)
         if not isinstance(base_url, str):
             raise ServiceError("base_url must be a string")
-        url = _url_checker(
+        url = url_checker(
             actor, key.org_id, "update key", name, key.owner_id is not None,
             allow_private, allow_private_user, gateway_urls,
         )(base_url, "base URL")  # fmt: skip
@@ -392,10 +313,10 @@ def update_key(
         if key.available_to_all != available_to_all:
             changes["available_to_all"] = available_to_all
     if max_concurrent is not None:
-        max_concurrent = _check_max_concurrent(max_concurrent)
+        max_concurrent = check_max_concurrent(max_concurrent)
         if key.max_concurrent != max_concurrent:
             changes["max_concurrent"] = max_concurrent
-    if chat_only is not None and key.chat_only != _check_chat_only(chat_only, key.provider):
+    if chat_only is not None and key.chat_only != check_chat_only(chat_only, key.provider):
         changes["chat_only"] = chat_only
     if changes:
         before = {field: getattr(key, field) for field in changes}
@@ -432,18 +353,6 @@ def record_key_uses(used: dict[int, float]) -> None:
 
 
 #: The most a cloud key's settings object may hold, as JSON text.
-_SETTINGS_LIMIT = 4096
-#: A cloud key's secret at most (a service account's key file is about 2.3 KB).
-_SECRET_LIMIT = 16 * 1024
-
-
-def _check_secret(secret: str) -> str:
-    secret = secret.strip()
-    if not secret or any(c.isspace() for c in secret) or len(secret) > 4096:
-        raise ServiceError("the key must be one line without spaces")
-    return secret
-
-
 def _key_for(
     name: str, org_name: str | None, actor: Principal | None, *, owner_only: bool = False
 ) -> ProviderKey:
@@ -535,19 +444,19 @@ def rotate_key(
             raise ServiceError("settings must be an object")
         if credentials_for(key.provider) is None:
             raise ServiceError(f"a key of provider {key.provider} has no settings")
-    wanted = _merged_settings(stored, settings)
+    wanted = merged_settings(stored, settings)
     base_url: str | None = key.base_url
-    if wanted != stored and base_url == _default_base_url(key.provider, stored, secret):
+    if wanted != stored and base_url == default_base_url(key.provider, stored, secret):
         base_url = None  # the old settings' default: the new settings' default now
-    checked = _checked_key(key.provider, wanted, secret, base_url)
-    checked_url = _url_checker(
+    checked = checked_key(key.provider, wanted, secret, base_url)
+    checked_url = url_checker(
         actor, key.org_id, "rotate key", name, key.owner_id is not None,
         allow_private, allow_private_user, gateway_urls,
     )  # fmt: skip
     url = checked.base_url
     if url != key.base_url:
         url = checked_url(url, "base URL")
-    _check_secret_urls(checked, checked_url)
+    check_secret_urls(checked, checked_url)
     ciphertext = keyring.encrypt(checked.secret, KeyContext(key.org_id, key.id, key.owner_id))
     changes: dict[str, Any] = {"fingerprint": fingerprint(checked.shown)}
     if checked.settings != stored:
@@ -576,24 +485,6 @@ def rotate_key(
     )
     announce(key.org_id, key_id=key.id)
     return KeyView.of(key)
-
-
-def _merged_settings(stored: dict[str, Any], given: dict[str, Any] | None) -> dict[str, Any]:
-    """A cloud key's settings with those ``given`` over the ``stored`` ones (None removes)."""
-    merged = {**stored, **(given or {})}
-    return {name: value for name, value in merged.items() if value is not None}
-
-
-def _default_base_url(provider: str, settings: dict[str, Any], secret: str) -> str | None:
-    """The base URL a cloud key of these settings gets when it names none (None: none, or
-    the settings do not check)."""
-    cloud = credentials_for(provider)
-    if cloud is None:
-        return None
-    try:
-        return cloud.check_key(settings, secret, None).base_url
-    except ValueError:
-        return None
 
 
 def set_key_disabled(
