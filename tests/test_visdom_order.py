@@ -16,6 +16,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx2
+
 from tests.fake_visdom_ingest import FakeVisdomIngest
 from tests.harness import GatewayProcess, launch_gateway
 from tests.test_visdom_sink import (
@@ -133,7 +135,13 @@ def test_a_lagging_writer_holds_its_sessions_later_calls_back_until_it_writes(
             raise AssertionError("the two calls never went to different workers")
         wait_for(ended(ingest, sid), 60, lambda: str(status(gw)))
         wait_for(lambda: status(gw)["pending"] == 0, 60, lambda: str(status(gw)))
+        # What the outbox waits for: every live writer, by host, worker and pid for the
+        # operator; by worker alone for an org admin.
         shown = status(gw)["waiting_for"]
-        assert shown and all(mark["writer"] and mark["upto"] > 0 for mark in shown), shown
+        assert len(shown) == 2 and all(mark["upto"] > 0 for mark in shown), shown
+        assert {mark["writer"].split("/")[2] for mark in shown} == {str(p) for p in writers}
+        admin = {"authorization": "Bearer " + gw.tokens["admin@acme.test"]}
+        seen = httpx2.get(gw.url + "/api/v1/visdom", headers=admin).json()["waiting_for"]
+        assert {mark["writer"] for mark in seen} == {"worker 0", "worker 1"}, seen
     assert_clean(ingest)
     assert_claude_session(ingest.session(sid), [first, second], prompt)

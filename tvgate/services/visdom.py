@@ -188,7 +188,13 @@ def visdom_status(*, org_name: str | None = None, actor: Principal | None = None
         parked_count=parked.count(),
         parked=shown,
         waiting_for=[
-            {"writer": mark.writer, "upto": mark.upto, "updated_at": mark.updated_at}
+            {
+                # The deployment's hosts and pids are the operator's to see (the CLI),
+                # not an org admin's: the API names the worker only.
+                "writer": mark.writer if actor is None else watermark.worker_of(mark.writer),
+                "upto": mark.upto,
+                "updated_at": mark.updated_at,
+            }
             for mark in watermark.live(time.time())
         ],
     )

@@ -36,6 +36,12 @@ def writer_identity(worker: int) -> str:
     return f"{socket.gethostname()[:150]}/{worker}/{os.getpid()}"
 
 
+def worker_of(writer: str) -> str:
+    """A writer's identity without its host and pid: "worker N"."""
+    parts = writer.rsplit("/", 2)
+    return f"worker {parts[-2]}" if len(parts) == 3 else "worker"
+
+
 def publish(writer: str, upto: float, now: float) -> None:
     WriterWatermark.insert(writer=writer, upto=upto, updated_at=now).on_conflict(
         conflict_target=[WriterWatermark.writer],
