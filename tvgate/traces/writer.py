@@ -347,8 +347,7 @@ class TraceWriter:
         upto = self._sent_upto
         for items in (self._queue.copy(), self.holding.traces):
             for item in items:
-                row = item.row
-                upto = min(upto, row.get("finished_at") or row["received_at"])
+                upto = min(upto, _ended(item))
         if self._spooled_from is not None:
             upto = min(upto, self._spooled_from)
         return upto
@@ -450,7 +449,7 @@ class TraceWriter:
             log.info("the spool is written again")
             stats.spool_error = None
         stats.spooled += len(lines)
-        ended = min(item.row.get("finished_at") or item.row["received_at"] for item in kept)
+        ended = min(_ended(item) for item in kept)
         self._spooled_from = min(
             ended, self._spooled_from if self._spooled_from is not None else ended
         )
@@ -508,3 +507,8 @@ class TraceWriter:
                 batch = []
         if batch:
             self.batches.store(batch)
+
+
+def _ended(item: Item) -> float:
+    """When the item's call ended (when it came, for one that never finished)."""
+    return float(item.row.get("finished_at") or item.row["received_at"])
