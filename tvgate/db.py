@@ -318,6 +318,11 @@ def _migration_22(db: peewee.Database) -> None:
     add_column_if_missing(db, models.Trace, "transport")
 
 
+def _migration_24(db: peewee.Database) -> None:
+    # Visdom Trace reads a session's calls in order (issue 18): each trace writer's watermark.
+    db.create_tables([models.WriterWatermark], safe=True)
+
+
 #: Numbered migrations, applied in order, each once. Append; never edit a released one.
 #: The numbers have gaps: 13 came after 14 and 19, 3 and 12 after all of them, 15 and 18
 #: after 19, 16 after 18, 17 after 22 (a database that has the later ones gets them). The
@@ -346,6 +351,7 @@ MIGRATIONS: list[tuple[int, Callable[[peewee.Database], None]]] = [
     (20, _migration_20),
     (21, _migration_21),
     (22, _migration_22),
+    (24, _migration_24),
 ]
 
 

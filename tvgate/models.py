@@ -394,6 +394,17 @@ class SinkState(BaseModel):
     lease_until = peewee.DoubleField(default=0.0)
 
 
+class WriterWatermark(BaseModel):
+    """A trace writer's promise (tvgate.traces.watermark): every call of its worker that
+    finished before ``upto`` is in the database. Refreshed with each batch and while idle;
+    one not refreshed for a while belongs to a writer that is gone."""
+
+    #: The writer process: host, worker number and pid.
+    writer = peewee.CharField(max_length=200, primary_key=True)
+    upto = peewee.DoubleField()
+    updated_at = peewee.DoubleField()
+
+
 class VisdomSink(BaseModel):
     """An org's Visdom Trace ingestion (tvgate.visdom): where, with which org ingest key
     (a ciphertext of the keyring, never readable back), and the pusher's lease and

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from tvgate import services
 from tvgate.cli.common import Commands, command, group, table, when
@@ -63,6 +64,7 @@ def _print_status(status: services.VisdomStatus, *, as_json: bool) -> None:
             ("  last error", status.last_error or "-"),
         ]
     )
+    print(f"  waits for calls ended before: {_waiting_for(status.waiting_for)}")
     for parked in status.parked:
         print(
             f"  parked event {parked['id']} ({parked['event_type']}, session "
@@ -70,6 +72,16 @@ def _print_status(status: services.VisdomStatus, *, as_json: bool) -> None:
         )
     if status.parked_count:
         print("  fix what Visdom Trace refused, then run visdom connect again to retry them")
+
+
+def _waiting_for(marks: list[dict[str, object]]) -> str:
+    """The lowest live watermark: how far behind, and whose (the order waits for it)."""
+    if not marks:
+        return "nothing (no trace writer is running)"
+    first = marks[0]
+    upto, writer = float(str(first["upto"])), first["writer"]
+    behind = max(0.0, time.time() - upto)
+    return f"{behind:.1f}s ago, trace writer {writer} ({len(marks)} live)"
 
 
 def cmd_visdom_disconnect(settings: Settings, args: argparse.Namespace) -> int:

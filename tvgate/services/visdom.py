@@ -22,6 +22,7 @@ from tvgate.models import Org, VisdomEvent, VisdomSession, VisdomSink, database
 from tvgate.rows import fields_of
 from tvgate.services.access import NotFound, ServiceError, _admin_org, audit
 from tvgate.services.upstreams import check_base_url
+from tvgate.traces import watermark
 from tvgate.visdom import credentials
 
 __all__ = [
@@ -81,6 +82,9 @@ class VisdomStatus:
     open_sessions: int = 0
     parked_count: int = 0
     parked: list[dict[str, Any]] = field(default_factory=list)
+    #: The live trace writers' watermarks, the one the outbox waits for first (calls that
+    #: ended after it are not read yet): {"writer", "upto", "updated_at"}.
+    waiting_for: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return fields_of(self)
@@ -183,6 +187,16 @@ def visdom_status(*, org_name: str | None = None, actor: Principal | None = None
         .count(),
         parked_count=parked.count(),
         parked=shown,
+        waiting_for=[
+            {
+                # The deployment's hosts and pids are the operator's to see (the CLI),
+                # not an org admin's: the API names the worker only.
+                "writer": mark.writer if actor is None else watermark.worker_of(mark.writer),
+                "upto": mark.upto,
+                "updated_at": mark.updated_at,
+            }
+            for mark in watermark.live(time.time())
+        ],
     )
 
 

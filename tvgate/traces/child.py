@@ -178,6 +178,8 @@ def serve(
             writer.release_soon()
         elif kind == frames.CHANGED:
             writer.settings_changed(frames.read_changed(payload))
+        elif kind == frames.CLOCK:
+            writer.clock(frames.read_clock(payload))
         elif kind == frames.STOP:
             told = True
             break

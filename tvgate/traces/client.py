@@ -41,6 +41,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,8 @@ _COUNTERS = (
     "spool_errors",
     "otlp_dropped",
 )
+#: How often the writer process is told this process's clock (its watermark follows it).
+CLOCK_INTERVAL = 0.5
 #: How much longer than the writer process's own stop a stop waits for it.
 _STOP_GRACE = 10.0
 #: PostgreSQL's ``bigint`` (orjson writes no wider integer): a value past it becomes 0.
@@ -147,6 +150,7 @@ class WriterClient:
         self._idle_allowed = schedule.may_leave_idle()
         self._priority = schedule.WriterPriority(None, idle_allowed=False)
         self._stall_check: PeriodicCallback | None = None
+        self._clock: PeriodicCallback | None = None
         self._acked_at_check = 0
         #: Times a writer process was raised from SCHED_IDLE because its traces waited.
         self.raises = 0
@@ -237,6 +241,13 @@ class WriterClient:
         self._spawn()
         self._stall_check = PeriodicCallback(self._check_stall, schedule.STALL_SECONDS * 1000)
         self._stall_check.start()
+        self._clock = PeriodicCallback(self._send_clock, CLOCK_INTERVAL * 1000)
+        self._clock.start()
+
+    def _send_clock(self) -> None:
+        """Behind every trace sent so far: each call that ended before now was recorded (and
+        sent) on this loop already, so the writer may say it holds all of them."""
+        self._send(frames.clock_frame(time.time()))
 
     async def wait_up(self, timeout: float) -> bool:
         """Wait until the first writer process has reported, or ``timeout`` seconds; True
@@ -521,8 +532,9 @@ class WriterClient:
 
     def _drain_raised(self) -> None:
         """At stop: the writer drains at SCHED_BATCH, not behind whatever else runs."""
-        if self._stall_check is not None:
-            self._stall_check.stop()
+        for periodic in (self._stall_check, self._clock):
+            if periodic is not None:
+                periodic.stop()
         self._priority.raised()
 
     def _stop_blocking(self, timeout: float) -> None:

@@ -12,6 +12,9 @@ From the serving process:
   only ever held in the writer's memory: never logged, spooled or stored.
 - ``CHANGED``: an org id (8 bytes): its policy or keys changed (``tvgate.services``
   announced it), so its capture settings are read again before its next trace.
+- ``CLOCK``: the serving process's wall clock (a double, 8 bytes) as it sent the frame:
+  every trace of a call that ended before it was sent before it (the writer's watermark,
+  :mod:`tvgate.traces.watermark`).
 - ``STOP``: write or spool everything sent so far, report, and exit.
 
 From the writer process:
@@ -32,11 +35,12 @@ import orjson
 from tvgate.keyring import KeyContext
 from tvgate.traces.rows import CapturedBody, TraceRow, WriterStats
 
-TRACE, KEY, LOCAL, CHANGED, STOP = b"T"[0], b"K"[0], b"L"[0], b"C"[0], b"S"[0]
+TRACE, KEY, LOCAL, CHANGED, CLOCK, STOP = b"T"[0], b"K"[0], b"L"[0], b"C"[0], b"W"[0], b"S"[0]
 ACK, STATS, DONE = b"A"[0], b"M"[0], b"D"[0]
 _HEADER = struct.Struct(">IB")
 _TRACE = struct.Struct(">QI")
 _SEQ = struct.Struct(">Q")
+_CLOCK = struct.Struct(">d")
 HEADER_SIZE = _HEADER.size
 
 
@@ -57,6 +61,15 @@ def changed_frame(org_id: int) -> bytes:
 def read_changed(payload: bytes) -> int:
     (org_id,) = _SEQ.unpack(payload)
     return int(org_id)
+
+
+def clock_frame(now: float) -> bytes:
+    return frame(CLOCK, _CLOCK.pack(now))
+
+
+def read_clock(payload: bytes) -> float:
+    (now,) = _CLOCK.unpack(payload)
+    return float(now)
 
 
 def trace_frame(seq: int, row: TraceRow, body: CapturedBody | None) -> bytes:

@@ -32,6 +32,10 @@ Bodies of an org with a key not known in plaintext wait in the holding store (th
 traces are written at once); those still held at stop are dropped (counted in
 ``bodies_dropped``), the traces themselves are kept.
 
+With each batch, and every ``HEARTBEAT`` while idle, the writer publishes its watermark
+(:mod:`tvgate.traces.watermark`): every call of its worker that ended before it is in the
+database. Readers that need a session's calls in order (the Visdom outbox) wait for it.
+
 No row can stop the writer (see :mod:`tvgate.traces.batch`), and the thread itself is
 supervised: an error that escapes is logged, counted and the loop started again.
 """
@@ -57,6 +61,7 @@ from tvgate.db import (
     reset_connection,
 )
 from tvgate.keyring import KeyContext
+from tvgate.traces import watermark
 from tvgate.traces.batch import BatchWriter
 from tvgate.traces.holding import HoldingStore
 from tvgate.traces.rows import (
@@ -83,6 +88,8 @@ _SPOOL_RETRY = 1.0
 BODY_BUDGET = 256 * 1024 * 1024
 #: How long the supervisor waits before it starts the writer's loop again.
 _RESTART_DELAY = 1.0
+#: Seconds between watermarks after batches at most (one more statement per batch).
+_MARK_AFTER_BATCH = 0.2
 
 
 class TraceWriter:
@@ -124,6 +131,13 @@ class TraceWriter:
         #: on, and after a replay.
         self.on_progress: Callable[[int], None] | None = None
         self._taken_seq = self._durable_seq = 0
+        self.identity = watermark.writer_identity(worker)
+        #: The serving process's clock as of the last CLOCK read (0: none yet).
+        self._sent_upto = 0.0
+        #: The earliest end of what is in the spool (None: it is empty; 0: not known, as
+        #: for a spool left by an earlier run or adopted).
+        self._spooled_from: float | None = None
+        self._marked_at = 0.0
 
     # --- the request path (IOLoop thread) ---
 
@@ -185,6 +199,11 @@ class TraceWriter:
         # deque.append is atomic: the writer thread takes from the other end, no lock.
         self._queue.append(Item(row, body, seq))
 
+    def clock(self, now: float) -> None:
+        """The serving process's clock, read behind every trace it sent before (reader
+        thread): each call of it that ended before ``now`` is queued here by now."""
+        self._sent_upto = now
+
     def settings_changed(self, org_id: int) -> None:
         """An org's policy or keys changed: its capture settings are read again before its
         next trace is written."""
@@ -204,6 +223,8 @@ class TraceWriter:
     def _supervise(self) -> None:
         """Run the loop; if an error escapes it, count it, keep what it held, run it again."""
         self.spool.open()
+        if self.spool.size:
+            self._spooled_from = 0.0
         # Counted again: the slot taken may not be the worker's.
         self.stats.dead_letters = count_lines(self.spool.dead_letter_path)
         while True:
@@ -231,6 +252,8 @@ class TraceWriter:
             break
         # Everything taken is in the database or the spool now, or counted lost.
         self._durable()
+        if not self.spool.size and not self.holding.traces:
+            self._try_watermark(watermark.withdraw, self.identity)
         if not self.db.is_closed():
             self.db.close()
         self.spool.close()
@@ -290,6 +313,7 @@ class TraceWriter:
                     last_replay = time.monotonic()
                     self._replay_spool()
                     continue
+                self._mark(watermark.HEARTBEAT)
                 close_own_connection_if_due(self.db, self.connection_age)
                 self._stopping.wait(POLL_INTERVAL)
                 continue
@@ -300,6 +324,7 @@ class TraceWriter:
                     holding.hold(self._spool(batch))
                     continue
             holding.hold(self._write_or_spool(batch))
+            self._mark(_MARK_AFTER_BATCH)
             self.connection_age.note_use(current_connection(self.db))
             close_own_connection_if_due(self.db, self.connection_age)
             if len(batch) < self.batch_size and not holding.traces and not ending:
@@ -324,6 +349,39 @@ class TraceWriter:
         if self._taken_seq != self._durable_seq and self.on_progress is not None:
             self._durable_seq = self._taken_seq
             self.on_progress(self._taken_seq)
+
+    def _watermark(self) -> float:
+        """Every call of this worker that ended before the time returned is written."""
+        # The clock first: a trace queued before it was read is in the queue copied next.
+        upto = self._sent_upto
+        for items in (self._queue.copy(), self.holding.traces):
+            for item in items:
+                upto = min(upto, _ended(item))
+        if self._spooled_from is not None:
+            upto = min(upto, self._spooled_from)
+        return upto
+
+    def _mark(self, every: float) -> None:
+        """Publish the watermark if ``every`` seconds passed since the last (not while the
+        spool or memory holds traces: it cannot move then, and the database is away)."""
+        if self.spool.size or self.holding.traces or time.monotonic() - self._marked_at < every:
+            return
+        self._marked_at = time.monotonic()
+        self._try_watermark(watermark.publish, self.identity, self._watermark(), time.time())
+
+    def _try_watermark(self, step: Callable[..., None], *args: object) -> bool:
+        """Write the watermark; a failure costs the traces nothing (it is tried again)."""
+        try:
+            step(*args)
+        except CONNECTION_ERRORS:
+            reset_connection(self.db)
+            return False
+        except peewee.DatabaseError as exc:
+            # Not migrated yet (tvgate migrate): readers find no watermark of this writer.
+            log.warning("trace writer watermark not written: %s", exc)
+            reset_connection(self.db)
+            return False
+        return True
 
     def _while_held(self, batch: list[Item], ending: bool) -> None:
         """Traces are held in memory: the batch waits behind them, and both the database
@@ -400,6 +458,10 @@ class TraceWriter:
             log.info("the spool is written again")
             stats.spool_error = None
         stats.spooled += len(lines)
+        ended = min(_ended(item) for item in kept)
+        self._spooled_from = min(
+            ended, self._spooled_from if self._spooled_from is not None else ended
+        )
         return []
 
     def _replay_spool(self) -> bool:
@@ -411,11 +473,21 @@ class TraceWriter:
         one renamed file, not one per try. What a writer stopping beside this one leaves
         is not adopted while this one stops: it is for the next start."""
         if not self._stopping.is_set():
+            adopted = self.spool.size
             self.spool.adopt()
+            if self.spool.size != adopted:
+                self._spooled_from = 0.0  # a gone worker's traces: their times not known
+        # Readers wait for these first (the watermark may have gone stale meanwhile).
+        upto = self._watermark()
+        if not self._try_watermark(watermark.publish, self.identity, upto, time.time()):
+            return False
         if not self._replay_frozen():
             return False
         self.spool.freeze()
-        return self._replay_frozen()
+        if not self._replay_frozen():
+            return False
+        self._spooled_from = None
+        return True
 
     def _replay_frozen(self) -> bool:
         replayed = 0
@@ -444,3 +516,8 @@ class TraceWriter:
                 batch = []
         if batch:
             self.batches.store(batch)
+
+
+def _ended(item: Item) -> float:
+    """When the item's call ended (when it came, for one that never finished)."""
+    return float(item.row.get("finished_at") or item.row["received_at"])

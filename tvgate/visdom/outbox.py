@@ -8,11 +8,16 @@ state (``VisdomSession``: transcript offset, open tool uses, totals) and moves t
 cursor. So a restart, a crash or another process taking the lease over resumes exactly
 where the last commit left: an event is never made twice (its chunk offsets and uuid
 are fixed in the outbox) and never skipped. The cursor follows ``written_at`` with a
-short lag for other processes' transactions still committing (as tvgate.traces.sink),
-and a call is read no sooner than ``HOLD`` seconds after it ended: the worker processes
-and gateways each write their own traces, so a session's next call (served by another
-process) can be written before the call before it; read first, it would put its turn
-ahead of the earlier one in the transcript.
+short lag for other processes' transactions still committing (as tvgate.traces.sink).
+
+A session's calls are read in order: the worker processes and gateways each have their
+own trace writer, so a session's next call (served by another worker) can be written
+before the call before it; read first, it would put its turn ahead of the earlier one in
+the transcript. So a call is read only once every live writer's watermark
+(:mod:`tvgate.traces.watermark`) is past its end, and no trace written but not read yet
+(past the lag, past this batch) ended before it. A writer that is slow, paused or cut
+from the database holds every org's outbox back until it catches up or its watermark goes
+stale (order over latency); ``tvgate visdom status`` shows what it waits for.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from datetime import UTC, datetime
 from urllib.parse import quote
 
 import orjson
+import peewee
 
 from tvgate.models import Trace, VisdomEvent, VisdomSession, VisdomSink, database
 from tvgate.rows import from_row
+from tvgate.traces import watermark
 from tvgate.traces.content import load_request
 from tvgate.traces.store import BlobStore
 from tvgate.visdom import credentials
@@ -33,10 +40,6 @@ from tvgate.visdom.lines import cwd_of
 
 #: Traces written less than this long ago wait: another process may still be committing.
 LAG = 2.0
-#: Seconds after a call ends before it is made into events: more than LAG and the time
-#: a writer takes to write a trace, so that the calls before it in its session (ended
-#: earlier, written perhaps later, by another process's writer) are read with it or first.
-HOLD = LAG + 3.0
 LEASE = 30.0
 #: Traces turned into events per transaction.
 PLAN_BATCH = 100
@@ -99,13 +102,35 @@ def _record(trace: Trace, store: BlobStore) -> CallRecord:
     )
 
 
-def _held_from(traces: list[Trace], now: float) -> int:
-    """Where the traces that wait start: at the first call that ended less than HOLD ago
-    (another process's writer may not have written the call before it in its session
-    yet), back to the start of its writer's batch (one ``written_at``: a batch is read
-    whole, then in the order of the calls, never split by the order of its ids)."""
+def _ended(trace: Trace) -> float:
+    return float(trace.finished_at or trace.received_at)
+
+
+def read_up_to(org_id: int, after: tuple[float, str], now: float) -> float:
+    """Calls that ended before the time returned may be read now: every live writer has
+    written them, and none of the org's traces after ``after`` (not read in this plan:
+    within the lag, or past the batch) ended before it."""
+    # The watermarks first: a trace they cover is committed, so the query below sees it.
+    upto = watermark.written_before(now)
+    at, ident = after
+    later = (
+        Trace.select(peewee.fn.MIN(peewee.fn.COALESCE(Trace.finished_at, Trace.received_at)))
+        .where(
+            (Trace.org_id == org_id)
+            & ((Trace.written_at > at) | ((Trace.written_at == at) & (Trace.id > ident)))
+        )
+        .scalar()
+    )
+    return min(upto, later) if later is not None else upto
+
+
+def _held_from(traces: list[Trace], upto: float) -> int:
+    """Where the traces that wait start: at the first call that ended at or after
+    ``upto`` (a call before it in its session may not be written yet), back to the start
+    of its writer's batch (one ``written_at``: a batch is read whole, then in the order
+    of the calls, never split by the order of its ids)."""
     for index, trace in enumerate(traces):
-        if (trace.finished_at or trace.received_at) >= now - HOLD:
+        if _ended(trace) >= upto:
             while index > 0 and traces[index - 1].written_at == trace.written_at:
                 index -= 1
             return index
@@ -129,7 +154,8 @@ def plan(org_id: int, holder: str, now: float, idle_timeout: float) -> int:
         .order_by(Trace.written_at, Trace.id)
         .limit(PLAN_BATCH)
     )
-    del traces[_held_from(traces, now) :]
+    last = (traces[-1].written_at, traces[-1].id) if traces else (at, ident)
+    del traces[_held_from(traces, read_up_to(org_id, last, now)) :]
     store = BlobStore(org_id)
     records = [(trace, _record(trace, store)) for trace in traces]
     with database.atomic():
