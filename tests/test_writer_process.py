@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import uuid
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from tests.test_reliability_writer2 import (
     traces_of,
 )
 from tests.test_vault_gateway import add_key_and_route, get, wait_for
+from tvgate.traces.child import _read_exactly
 
 
 def writer_process(gw: GatewayProcess) -> int:
@@ -209,3 +211,17 @@ def test_vault_frozen_before_any_key_is_cached_still_records_every_trace(
     assert len(gateway.traces(route_name="route-cold")) == calls
     assert set(dropped(gateway).values()) == {0.0}
     assert secret not in gateway.log_text()
+
+
+def test_a_serving_process_gone_with_acknowledgements_unread_ends_the_frames() -> None:
+    """A worker that exits (or dies) with the writer's acknowledgements unread in its
+    buffer resets the socket: what it sent before is read, then the frames end, as at an
+    end of the socket, rather than the writer process dying with a traceback in the log
+    (seen in the deploy test's JSON log)."""
+    serving, writer = socket.socketpair()
+    with serving, writer:
+        writer.sendall(b"ack")  # never read by the serving process
+        serving.sendall(b"frame")
+        serving.close()
+        assert _read_exactly(writer, 5) == b"frame"
+        assert _read_exactly(writer, 5) is None

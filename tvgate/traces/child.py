@@ -135,9 +135,15 @@ class Reporter:
 
 
 def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
+    """``size`` bytes from the serving process, or None once it is gone: the end of the
+    socket, or a reset (it died, or exited with our acknowledgements unread in its
+    buffer), which ends the frames as an end does, not the writer with a traceback."""
     chunks = []
     while size:
-        chunk = sock.recv(min(size, 1 << 20))
+        try:
+            chunk = sock.recv(min(size, 1 << 20))
+        except ConnectionResetError:
+            return None
         if not chunk:
             return None
         chunks.append(chunk)
