@@ -64,6 +64,9 @@ TVGATE_BIN = "/opt/tvgate-test/venv/bin/tvgate"
 TVGATE_CLI = "/usr/local/bin/tvgate-test"
 # Where the tvgate role keeps the AppRole credentials `tvgate vault setup` issued.
 VAULT_ENV = Path("/etc/tvgate/vault.env")
+#: The deployed gateway's output, where the test's systemctl (ansible/tests/bin/systemctl)
+#: appends it in place of the journal, across runs.
+DEPLOYED_LOG = Path("/var/log/tvgate/tvgate.log")
 PG_DSN = (
     "host=127.0.0.1 port=55433 user=tvgate dbname=tvgate password=test-only-password-not-secret"
 )
@@ -131,6 +134,9 @@ def stop_deployed() -> None:
         for child in raft.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     VAULT_ENV.unlink(missing_ok=True)
+    # The next run's log starts empty: test_deployed_logs_are_json reads that run's lines,
+    # not what an earlier run on this machine left (its code may have been older).
+    DEPLOYED_LOG.unlink(missing_ok=True)
 
 
 def bao(*args: str, token: str = "") -> str:
@@ -421,7 +427,7 @@ def test_a_stream_through_nginx_from_the_deployed_gateway(
 
 
 def test_deployed_logs_are_json(deployed: dict[str, float]) -> None:
-    lines = Path("/var/log/tvgate/tvgate.log").read_text().splitlines()
+    lines = DEPLOYED_LOG.read_text().splitlines()
     assert lines
     for line in lines:
         entry = json.loads(line)
