@@ -311,6 +311,8 @@ def test_traces_that_come_while_a_batch_is_written_wait_for_the_next_interval(
             "endpoint": "anthropic.messages",
             "upstream_model": "claude-test",
             "response_model": "claude-test",
+            # Every trace has it: the writer's watermark reads each queued trace's end.
+            "received_at": time.time(),
             **dict.fromkeys(
                 ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"), 1
             ),

@@ -477,10 +477,6 @@ class TraceWriter:
             self.spool.adopt()
             if self.spool.size != adopted:
                 self._spooled_from = 0.0  # a gone worker's traces: their times not known
-        # Readers wait for these first (the watermark may have gone stale meanwhile).
-        upto = self._watermark()
-        if not self._try_watermark(watermark.publish, self.identity, upto, time.time()):
-            return False
         if not self._replay_frozen():
             return False
         self.spool.freeze()
@@ -497,6 +493,8 @@ class TraceWriter:
             except CONNECTION_ERRORS:
                 reset_connection(self.db)
                 return False
+            except _WatermarkNotWritten:
+                return False
             replayed += self.spool.replayed(path)
         if replayed:
             log.info("replayed %d spooled traces", replayed)
@@ -505,6 +503,21 @@ class TraceWriter:
 
     def _replay_file(self, path: Path) -> None:
         batch: list[Item] = []
+        published = False
+
+        def store(batch: list[Item]) -> None:
+            nonlocal published
+            # Readers wait for the spooled traces first (the watermark may have gone stale
+            # meanwhile): it is published before the first of them is written, not before
+            # the file is read (one that cannot be read fails the writer, restarted and
+            # reported, whether the database is there or not).
+            if not published:
+                upto = self._watermark()
+                if not self._try_watermark(watermark.publish, self.identity, upto, time.time()):
+                    raise _WatermarkNotWritten
+                published = True
+            self.batches.store(batch)
+
         for line in read_lines(path):
             try:
                 batch.append(read_entry(line))
@@ -512,10 +525,14 @@ class TraceWriter:
                 self.batches.dead_letter_line(line, exc)
                 continue
             if len(batch) >= self.batch_size:
-                self.batches.store(batch)
+                store(batch)
                 batch = []
         if batch:
-            self.batches.store(batch)
+            store(batch)
+
+
+class _WatermarkNotWritten(Exception):
+    """The watermark could not be published before a replay (the database is away)."""
 
 
 def _ended(item: Item) -> float:
