@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import jwt
 from tornado.httputil import HTTPHeaders
 
+from tvgate.headers import header
 from tvgate.identity import AuthError, OrgSelectionError, Principal
 from tvgate.identity.jwt_issuer import JWTAuthenticator, looks_like_jwt
 from tvgate.identity.tokens import TOKEN_PREFIX as PROXY_PREFIX
@@ -49,10 +50,14 @@ def subscription_credentials(headers: HTTPHeaders) -> tuple[str, str] | None:
     """(the caller's tvgate credential, the bearer of their own subscription) when the
     request names the caller in ``x-tvgate-token`` and its ``Authorization: Bearer`` is no
     credential of tvgate's; None otherwise (the request signs in as usual)."""
-    named = headers.get(IDENTITY_HEADER, "").strip()
-    scheme, _, bearer = headers.get("Authorization", "").partition(" ")
+    # Every proxy request asks, and nearly none has the header: header() reads a missing
+    # one without the KeyError HTTPHeaders.get raises and catches.
+    named = header(headers, IDENTITY_HEADER).strip()
+    if not named:
+        return None
+    scheme, _, bearer = header(headers, "Authorization").partition(" ")
     bearer = bearer.strip()
-    if not named or scheme.lower() != "bearer" or not bearer or is_tvgate_credential(bearer):
+    if scheme.lower() != "bearer" or not bearer or is_tvgate_credential(bearer):
         return None
     return named, bearer
 
